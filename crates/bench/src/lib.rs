@@ -1,0 +1,2 @@
+//! See docs/architecture.md for what this crate owns.
+pub mod cli;

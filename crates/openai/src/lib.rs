@@ -1,0 +1,1 @@
+//! OpenAI API types as used by colocate: completions, chat, embeddings, streaming chunks, usage, error body.
