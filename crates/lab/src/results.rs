@@ -1,0 +1,275 @@
+//! `results.json`: everything a run measured, with what produced it.
+//!
+//! The file is rewritten atomically (temporary file, fsync, rename) after every condition,
+//! so an interrupted run keeps every finished condition and `lab run --resume` continues
+//! from it. It carries a schema version, the full experiment (parsed, and the file's text)
+//! and the environment, so any table in a report can be traced to what produced it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::matrix::Condition;
+use crate::spec::{Experiment, Kind};
+
+/// Version of the results.json layout; bumped on incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The name of the results file inside a run folder.
+pub const RESULTS_FILE: &str = "results.json";
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Results {
+    /// [`SCHEMA_VERSION`] of the writer.
+    pub schema_version: u32,
+    /// The experiment, parsed.
+    pub experiment: Experiment,
+    /// The experiment file's text, verbatim.
+    pub experiment_text: String,
+    /// Where the experiment file was read from.
+    pub experiment_path: String,
+    /// Machine, GPU, driver, versions.
+    pub environment: Environment,
+    /// RFC 3339 time the run started.
+    pub started_at: String,
+    /// RFC 3339 time of the last write.
+    pub updated_at: String,
+    /// True once every planned condition has a result.
+    pub complete: bool,
+    /// The command line that started the run.
+    pub command: String,
+    /// One entry per finished condition (measured or failed), in run order.
+    pub conditions: Vec<ConditionResult>,
+}
+
+/// Where the run happened.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Environment {
+    /// Host name.
+    pub host: String,
+    /// OS and architecture.
+    pub os: String,
+    /// Logical CPUs.
+    pub cpus: usize,
+    /// Version of colocate.
+    pub colocate_version: String,
+    /// GPUs seen (name, UUID, memory, driver, CUDA), empty without a GPU.
+    #[serde(default)]
+    pub gpus: Vec<GpuEnv>,
+    /// Why GPU information is missing, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_unavailable: Option<String>,
+}
+
+/// One GPU of the environment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GpuEnv {
+    /// Product name.
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// Total memory in bytes.
+    pub memory_bytes: u64,
+    /// Driver version.
+    pub driver: String,
+    /// CUDA version the driver supports.
+    pub cuda: String,
+}
+
+/// The result of one condition (one repetition).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConditionResult {
+    /// What was measured.
+    pub condition: Condition,
+    /// `None` when measured; the reason when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+    /// Unix seconds the measurement window began and ended.
+    #[serde(default)]
+    pub window: Option<(f64, f64)>,
+    /// Open-loop rates used, in requests/s (after resolving `% of solo`).
+    #[serde(default)]
+    pub resolved_rates: BTreeMap<String, f64>,
+    /// Per workload.
+    #[serde(default)]
+    pub workloads: BTreeMap<String, WorkloadMetrics>,
+    /// GPU counters over the same window.
+    #[serde(default)]
+    pub gpu: GpuWindow,
+}
+
+impl ConditionResult {
+    /// A failed condition with its reason.
+    pub fn failed(condition: Condition, reason: String) -> Self {
+        ConditionResult {
+            condition,
+            failed: Some(reason),
+            window: None,
+            resolved_rates: BTreeMap::new(),
+            workloads: BTreeMap::new(),
+            gpu: GpuWindow::default(),
+        }
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Percentiles {
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// What one workload achieved in the window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadMetrics {
+    /// generate or embed.
+    pub kind: Option<Kind>,
+    /// Engine driven.
+    pub engine: String,
+    /// The headline throughput: output tokens/s (generate) or sequences/s (embed).
+    pub throughput: f64,
+    /// Requests completed per second.
+    pub requests_per_s: f64,
+    /// Requests completed in the window.
+    pub completed: u64,
+    /// Failed requests in the window, by kind.
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
+    /// Generate: prompt + output tokens/s; embed: input tokens/s.
+    pub tokens_per_s: f64,
+    /// Generate: time to first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<Percentiles>,
+    /// Generate: time per output token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpot_ms: Option<Percentiles>,
+    /// Generate: inter-token latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub itl_ms: Option<Percentiles>,
+    /// Request latency (E2EL for generate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<Percentiles>,
+    /// Headline throughput per second of the window: (Unix seconds, value).
+    #[serde(default)]
+    pub timeseries: Vec<(f64, f64)>,
+}
+
+impl WorkloadMetrics {
+    /// Unit of [`WorkloadMetrics::throughput`].
+    pub fn unit(&self) -> &'static str {
+        match self.kind {
+            Some(Kind::Embed) => "seq/s",
+            _ => "tok/s",
+        }
+    }
+}
+
+/// GPU counters over a window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GpuWindow {
+    /// Whether counters were sampled.
+    pub available: bool,
+    /// Why not, when they were not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Per counter (sm_active, sm_occupancy, tensor_active, dram_bw, power_w): summary.
+    #[serde(default)]
+    pub counters: BTreeMap<String, CounterStat>,
+    /// The samples in the window: (Unix seconds, counter -> value).
+    #[serde(default)]
+    pub samples: Vec<(f64, BTreeMap<String, f64>)>,
+}
+
+/// Summary of one counter over a window.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct CounterStat {
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// The counters reported, in table order, with their headings.
+pub const COUNTERS: [(&str, &str); 5] = [
+    ("sm_active", "SM active %"),
+    ("sm_occupancy", "SM occ. %"),
+    ("tensor_active", "tensor %"),
+    ("dram_bw", "DRAM BW %"),
+    ("power_w", "power W"),
+];
+
+impl Results {
+    /// Reads a run's results.json (a run folder or the file itself).
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() {
+            path.join(RESULTS_FILE)
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+        let version = v.get("schema_version").and_then(|s| s.as_u64());
+        if version != Some(SCHEMA_VERSION as u64) {
+            bail!(
+                "{}: schema_version {:?}, this colocate reads {SCHEMA_VERSION}",
+                file.display(),
+                version
+            );
+        }
+        serde_json::from_value(v).with_context(|| format!("{} is not a lab results file", file.display()))
+    }
+
+    /// Writes results.json into `dir` atomically: a reader sees the old or the new file.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let file = dir.join(RESULTS_FILE);
+        let tmp = dir.join(format!(".{RESULTS_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(self)?;
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &file)
+            .with_context(|| format!("cannot replace {}", file.display()))?;
+        Ok(())
+    }
+
+    /// The result recorded for a condition id, if any.
+    pub fn find(&self, id: &str) -> Option<&ConditionResult> {
+        self.conditions.iter().find(|c| c.condition.id() == id)
+    }
+}
+
+/// Collects host, OS and version; GPU fields are filled by the caller.
+pub fn host_environment() -> Environment {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    Environment {
+        host,
+        os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        colocate_version: env!("CARGO_PKG_VERSION").to_string(),
+        gpus: Vec::new(),
+        gpu_unavailable: None,
+    }
+}

@@ -1,0 +1,681 @@
+//! The experiment file: what to deploy, which load to apply, which axes to sweep.
+//!
+//! The file is TOML with unknown keys rejected everywhere, so a typo is an error that names
+//! the key instead of a silently ignored setting. The `[deployment]` table is kept as raw
+//! TOML: it is a `colocate up` deployment file (owned by the `deploy` crate) that the lab
+//! only patches per condition (sharing mode, SM split, memory split) before handing it over.
+//!
+//! ```toml
+//! name = "quickstart"
+//! repetitions = 1
+//! warmup = "3s"
+//! duration = "10s"
+//!
+//! [deployment]                 # a `colocate up` file used as the template
+//! sharing = "timeslice"
+//! [[deployment.engines]]
+//! name = "gen"
+//! # ...
+//!
+//! [[workloads]]
+//! name = "chat"
+//! engine = "gen"
+//! kind = "generate"
+//! concurrency = 4
+//!
+//! [axes]
+//! sharing = ["timeslice", "mps"]
+//! mps_split = [[70, 30], [50, 50]]
+//! [axes.load.chat]
+//! concurrency = [4, 16]
+//!
+//! [slo.chat]
+//! ttft_p99 = "2s"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// A whole experiment file, validated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Name of the study; the run folder is `runs/<name>-<time>`.
+    pub name: String,
+    /// Free text shown at the top of the report.
+    #[serde(default)]
+    pub description: String,
+    /// How many times every condition is measured (mean and sigma in the report).
+    #[serde(default = "one")]
+    pub repetitions: u32,
+    /// Load applied before the measurement window; not measured.
+    #[serde(with = "humantime_serde_compat")]
+    pub warmup: Duration,
+    /// The measurement window; load and GPU counters cover the same window.
+    #[serde(with = "humantime_serde_compat")]
+    pub duration: Duration,
+    /// Expected time for a deployment to come up (only for the dry-run estimate).
+    #[serde(default = "default_startup", with = "humantime_serde_compat")]
+    pub startup_estimate: Duration,
+    /// GPU sampling interval for the counters.
+    #[serde(default = "default_sample", with = "humantime_serde_compat")]
+    pub sample_interval: Duration,
+    /// Base folder for runs (default `runs`, relative to the working directory).
+    #[serde(default)]
+    pub runs_dir: Option<String>,
+    /// The `colocate up` deployment file used as the template of every condition.
+    pub deployment: toml::Table,
+    /// The load, one entry per workload, each tied to an engine by name.
+    pub workloads: Vec<WorkloadDef>,
+    /// Axes to sweep (their cross product is the plan), unless `conditions` lists them.
+    #[serde(default)]
+    pub axes: Option<Axes>,
+    /// An explicit list of co-located conditions instead of `axes`.
+    #[serde(default)]
+    pub conditions: Option<Vec<ConditionDef>>,
+    /// Latency objectives per workload, for the recommendation.
+    #[serde(default)]
+    pub slo: BTreeMap<String, Slo>,
+    /// Workload plotted over time in the counters plot: the condition to show
+    /// (its label); by default the recommended one.
+    #[serde(default)]
+    pub timeline_condition: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_startup() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_sample() -> Duration {
+    Duration::from_millis(500)
+}
+
+/// Serde glue for `"5s"`-style durations (humantime), both ways.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
+    }
+}
+
+/// Kind of a workload: text generation or embeddings.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// `/v1/completions`, throughput in output tokens/s.
+    Generate,
+    /// `/v1/embeddings`, throughput in sequences/s.
+    Embed,
+}
+
+/// One workload of the experiment, as in `colocate bench`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadDef {
+    /// Name used in axes, SLOs and the report.
+    pub name: String,
+    /// The engine (name in `deployment.engines`) this workload drives.
+    pub engine: String,
+    /// generate or embed.
+    pub kind: Kind,
+    /// Closed loop: requests in flight (the base load).
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// Open loop: requests per second (absolute or relative to solo).
+    #[serde(default)]
+    pub rate: Option<Rate>,
+    /// Embed: inputs per request.
+    #[serde(default)]
+    pub batch: Option<u32>,
+    /// Prompt / input length in tokens.
+    #[serde(default = "default_input")]
+    pub input_tokens: u32,
+    /// Generate: tokens to produce per request.
+    #[serde(default = "default_output")]
+    pub output_tokens: u32,
+    /// Generate: keep generating past EOS so every request has `output_tokens`.
+    #[serde(default = "yes")]
+    pub ignore_eos: bool,
+    /// Model name sent in requests (default: the engine's served name, left to bench).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Seed of the synthetic prompts and arrivals.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn default_input() -> u32 {
+    128
+}
+fn default_output() -> u32 {
+    128
+}
+fn yes() -> bool {
+    true
+}
+
+/// An offered request rate: absolute (`12.5` or `"12.5/s"`) or `"50% of solo"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RateText", into = "RateText")]
+pub enum Rate {
+    /// Requests per second.
+    PerSecond(f64),
+    /// A percentage of what the engine achieved solo with this workload's base load.
+    OfSolo(f64),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum RateText {
+    Number(f64),
+    Text(String),
+}
+
+impl TryFrom<RateText> for Rate {
+    type Error = String;
+    fn try_from(value: RateText) -> Result<Self, String> {
+        let r = match value {
+            RateText::Number(n) => Rate::PerSecond(n),
+            RateText::Text(t) => parse_rate(&t)?,
+        };
+        match r {
+            Rate::PerSecond(n) | Rate::OfSolo(n) if !(n.is_finite() && n > 0.0) => {
+                Err(format!("rate must be positive, got {n}"))
+            }
+            r => Ok(r),
+        }
+    }
+}
+
+impl From<Rate> for RateText {
+    fn from(r: Rate) -> Self {
+        match r {
+            Rate::PerSecond(n) => RateText::Number(n),
+            Rate::OfSolo(p) => RateText::Text(format!("{p}% of solo")),
+        }
+    }
+}
+
+fn parse_rate(text: &str) -> Result<Rate, String> {
+    let t = text.trim();
+    let bad = || format!("bad rate {text:?}: expected requests/s (e.g. 12 or \"12/s\") or \"50% of solo\"");
+    if let Some(pct) = t.strip_suffix("of solo") {
+        let pct = pct.trim().strip_suffix('%').ok_or_else(bad)?;
+        return pct.trim().parse::<f64>().map(Rate::OfSolo).map_err(|_| bad());
+    }
+    let n = t.strip_suffix("/s").unwrap_or(t).trim();
+    n.parse::<f64>().map(Rate::PerSecond).map_err(|_| bad())
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rate::PerSecond(n) => write!(f, "{n}/s"),
+            Rate::OfSolo(p) => write!(f, "{p}% of solo"),
+        }
+    }
+}
+
+/// The axes swept; their cross product (plus implied solo baselines) is the plan.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Axes {
+    /// Sharing modes of the co-located conditions: timeslice, mps, mig.
+    #[serde(default)]
+    pub sharing: Vec<String>,
+    /// MPS active-thread percentages, one per engine in `deployment.engines` order.
+    #[serde(default)]
+    pub mps_split: Vec<Vec<u32>>,
+    /// Also measure MPS with default limits (no thread percentage) when `mps` is swept.
+    #[serde(default = "yes")]
+    pub mps_default: bool,
+    /// GPU memory fractions, one per engine in `deployment.engines` order.
+    #[serde(default)]
+    pub memory_split: Vec<Vec<f64>>,
+    /// Load levels per workload name.
+    #[serde(default)]
+    pub load: BTreeMap<String, LoadAxis>,
+}
+
+/// Load levels of one workload: each concurrency (closed loop) and each rate (open loop)
+/// is one level, crossed with each batch size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadAxis {
+    /// Closed-loop levels.
+    #[serde(default)]
+    pub concurrency: Vec<u32>,
+    /// Open-loop levels.
+    #[serde(default)]
+    pub rate: Vec<Rate>,
+    /// Embed batch sizes.
+    #[serde(default)]
+    pub batch: Vec<u32>,
+}
+
+/// One explicit co-located condition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionDef {
+    /// timeslice, mps or mig.
+    pub sharing: String,
+    /// MPS thread percentages per engine.
+    #[serde(default)]
+    pub mps_split: Option<Vec<u32>>,
+    /// Memory fractions per engine.
+    #[serde(default)]
+    pub memory_split: Option<Vec<f64>>,
+    /// Load per workload name (missing workloads keep their base load).
+    #[serde(default)]
+    pub load: BTreeMap<String, LoadOverride>,
+}
+
+/// The load of one workload in one condition.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadOverride {
+    /// Closed loop.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// Open loop.
+    #[serde(default)]
+    pub rate: Option<Rate>,
+    /// Embed batch.
+    #[serde(default)]
+    pub batch: Option<u32>,
+}
+
+/// Latency objectives of one workload (all optional; percentiles of the window).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Slo {
+    /// Time to first token, 99th percentile.
+    #[serde(default, with = "opt_duration")]
+    pub ttft_p99: Option<Duration>,
+    /// Time to first token, median.
+    #[serde(default, with = "opt_duration")]
+    pub ttft_p50: Option<Duration>,
+    /// Time per output token, 99th percentile.
+    #[serde(default, with = "opt_duration")]
+    pub tpot_p99: Option<Duration>,
+    /// Time per output token, median.
+    #[serde(default, with = "opt_duration")]
+    pub tpot_p50: Option<Duration>,
+    /// Request latency (E2EL for generate, request latency for embed), 99th percentile.
+    #[serde(default, with = "opt_duration")]
+    pub latency_p99: Option<Duration>,
+    /// Request latency, median.
+    #[serde(default, with = "opt_duration")]
+    pub latency_p50: Option<Duration>,
+    /// Minimum throughput as a fraction of solo (e.g. 0.8 = keep 80%).
+    #[serde(default)]
+    pub min_fraction_of_solo: Option<f64>,
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| {
+            humantime::parse_duration(&t)
+                .map_err(|e| serde::de::Error::custom(format!("bad duration {t:?}: {e}")))
+        })
+        .transpose()
+    }
+}
+
+impl Experiment {
+    /// Reads and validates an experiment file; errors name the file and the field.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read experiment file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in experiment file {}", path.display()))
+    }
+
+    /// Parses and validates experiment TOML text.
+    pub fn parse(text: &str) -> Result<Self> {
+        let exp: Experiment = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        exp.validate()?;
+        Ok(exp)
+    }
+
+    /// Engine names of the deployment template, in file order.
+    pub fn engines(&self) -> Vec<String> {
+        engine_names(&self.deployment).unwrap_or_default()
+    }
+
+    /// The workload definition by name.
+    pub fn workload(&self, name: &str) -> Option<&WorkloadDef> {
+        self.workloads.iter().find(|w| w.name == name)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.name.trim().is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            bail!("name: {:?} must be non-empty letters, digits, '-', '_' or '.' (it names the run folder)", self.name);
+        }
+        if self.repetitions == 0 {
+            bail!("repetitions: must be at least 1");
+        }
+        if self.duration.is_zero() {
+            bail!("duration: must be longer than zero");
+        }
+        let engines = engine_names(&self.deployment)?;
+        if self.workloads.is_empty() {
+            bail!("workloads: at least one workload is needed");
+        }
+        let mut seen = Vec::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = format!("workloads[{i}] ({})", w.name);
+            if w.name.is_empty() {
+                bail!("workloads[{i}].name: must not be empty");
+            }
+            if seen.contains(&&w.name) {
+                bail!("{at}.name: duplicate workload name");
+            }
+            seen.push(&w.name);
+            if !engines.contains(&w.engine) {
+                bail!(
+                    "{at}.engine: no engine {:?} in deployment.engines (have: {})",
+                    w.engine,
+                    engines.join(", ")
+                );
+            }
+            if w.concurrency.is_none() && w.rate.is_none() {
+                bail!("{at}: give `concurrency` (closed loop) or `rate` (open loop)");
+            }
+            if w.concurrency == Some(0) {
+                bail!("{at}.concurrency: must be at least 1");
+            }
+            if matches!(w.rate, Some(Rate::OfSolo(_))) {
+                bail!("{at}.rate: a base load cannot be relative to solo; use it in axes or conditions");
+            }
+            if w.batch.is_some() && w.kind == Kind::Generate {
+                bail!("{at}.batch: only embed workloads take a batch");
+            }
+            if w.batch == Some(0) {
+                bail!("{at}.batch: must be at least 1");
+            }
+            if w.input_tokens == 0 || (w.kind == Kind::Generate && w.output_tokens == 0) {
+                bail!("{at}: input_tokens and output_tokens must be at least 1");
+            }
+        }
+        for name in self.slo.keys() {
+            if self.workload(name).is_none() {
+                bail!("slo.{name}: no workload named {name:?}");
+            }
+        }
+        for (name, slo) in &self.slo {
+            if let Some(f) = slo.min_fraction_of_solo {
+                if !(0.0..=2.0).contains(&f) {
+                    bail!("slo.{name}.min_fraction_of_solo: {f} is not a fraction");
+                }
+            }
+        }
+        match (&self.axes, &self.conditions) {
+            (Some(_), Some(_)) => {
+                bail!("axes and conditions: give one of them (the cross product of axes, or an explicit list)")
+            }
+            (Some(axes), None) => self.validate_axes(axes, &engines)?,
+            (None, Some(list)) => {
+                if list.is_empty() {
+                    bail!("conditions: the list is empty");
+                }
+                for (i, c) in list.iter().enumerate() {
+                    let at = format!("conditions[{i}]");
+                    check_sharing(&c.sharing, &format!("{at}.sharing"))?;
+                    if c.mps_split.is_some() && c.sharing != "mps" {
+                        bail!("{at}.mps_split: only with sharing = \"mps\"");
+                    }
+                    if let Some(s) = &c.mps_split {
+                        check_split_u(s, &engines, &format!("{at}.mps_split"))?;
+                    }
+                    if let Some(s) = &c.memory_split {
+                        check_split_f(s, &engines, &format!("{at}.memory_split"))?;
+                    }
+                    for (w, l) in &c.load {
+                        self.check_load(w, l, &format!("{at}.load.{w}"))?;
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+        if let Some(t) = &self.timeline_condition {
+            if t.trim().is_empty() {
+                bail!("timeline_condition: must not be empty");
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_axes(&self, axes: &Axes, engines: &[String]) -> Result<()> {
+        for (i, s) in axes.sharing.iter().enumerate() {
+            check_sharing(s, &format!("axes.sharing[{i}]"))?;
+        }
+        if !axes.mps_split.is_empty() && !axes.sharing.iter().any(|s| s == "mps") {
+            bail!("axes.mps_split: needs \"mps\" in axes.sharing");
+        }
+        for (i, s) in axes.mps_split.iter().enumerate() {
+            check_split_u(s, engines, &format!("axes.mps_split[{i}]"))?;
+        }
+        for (i, s) in axes.memory_split.iter().enumerate() {
+            check_split_f(s, engines, &format!("axes.memory_split[{i}]"))?;
+        }
+        for (w, axis) in &axes.load {
+            let at = format!("axes.load.{w}");
+            let def = self
+                .workload(w)
+                .ok_or_else(|| anyhow::anyhow!("{at}: no workload named {w:?}"))?;
+            if axis.concurrency.contains(&0) {
+                bail!("{at}.concurrency: levels must be at least 1");
+            }
+            if !axis.batch.is_empty() && def.kind == Kind::Generate {
+                bail!("{at}.batch: only embed workloads take a batch");
+            }
+            if axis.batch.contains(&0) {
+                bail!("{at}.batch: must be at least 1");
+            }
+            if axis.rate.iter().any(|r| matches!(r, Rate::OfSolo(_))) && def.concurrency.is_none() {
+                bail!("{at}.rate: \"% of solo\" needs a closed-loop base load (workloads.{w}.concurrency) to measure solo capacity");
+            }
+        }
+        Ok(())
+    }
+
+    fn check_load(&self, w: &str, l: &LoadOverride, at: &str) -> Result<()> {
+        let def = self
+            .workload(w)
+            .ok_or_else(|| anyhow::anyhow!("{at}: no workload named {w:?}"))?;
+        if l.concurrency.is_some() && l.rate.is_some() {
+            bail!("{at}: give concurrency or rate, not both");
+        }
+        if l.concurrency == Some(0) || l.batch == Some(0) {
+            bail!("{at}: concurrency and batch must be at least 1");
+        }
+        if l.batch.is_some() && def.kind == Kind::Generate {
+            bail!("{at}.batch: only embed workloads take a batch");
+        }
+        if matches!(l.rate, Some(Rate::OfSolo(_))) && def.concurrency.is_none() {
+            bail!("{at}.rate: \"% of solo\" needs a closed-loop base load (workloads.{w}.concurrency)");
+        }
+        Ok(())
+    }
+}
+
+fn check_sharing(s: &str, at: &str) -> Result<()> {
+    match s {
+        "timeslice" | "mps" | "mig" => Ok(()),
+        "solo" => bail!("{at}: solo baselines are implied for every engine; list only co-located modes (timeslice, mps, mig)"),
+        other => bail!("{at}: unknown sharing mode {other:?} (timeslice, mps or mig)"),
+    }
+}
+
+fn check_split_u(s: &[u32], engines: &[String], at: &str) -> Result<()> {
+    if s.len() != engines.len() {
+        bail!(
+            "{at}: {} values for {} engines ({}); give one percentage per engine",
+            s.len(),
+            engines.len(),
+            engines.join(", ")
+        );
+    }
+    if s.iter().any(|&p| p == 0 || p > 100) {
+        bail!("{at}: each percentage must be in 1..=100");
+    }
+    Ok(())
+}
+
+fn check_split_f(s: &[f64], engines: &[String], at: &str) -> Result<()> {
+    if s.len() != engines.len() {
+        bail!(
+            "{at}: {} values for {} engines ({}); give one fraction per engine",
+            s.len(),
+            engines.len(),
+            engines.join(", ")
+        );
+    }
+    if s.iter().any(|&f| !(f > 0.0 && f <= 1.0)) {
+        bail!("{at}: each fraction must be in (0, 1]");
+    }
+    let sum: f64 = s.iter().sum();
+    if sum > 1.0 + 1e-9 {
+        bail!("{at}: fractions add up to {sum:.2}, over the whole GPU");
+    }
+    Ok(())
+}
+
+/// Engine names of a deployment template (`deployment.engines[].name`).
+pub fn engine_names(deployment: &toml::Table) -> Result<Vec<String>> {
+    let engines = deployment
+        .get("engines")
+        .and_then(|e| e.as_array())
+        .ok_or_else(|| anyhow::anyhow!("deployment.engines: missing (a list of [[deployment.engines]] tables)"))?;
+    if engines.is_empty() {
+        bail!("deployment.engines: at least one engine is needed");
+    }
+    let mut names: Vec<String> = Vec::new();
+    for (i, e) in engines.iter().enumerate() {
+        let name = e
+            .as_table()
+            .and_then(|t| t.get("name"))
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| anyhow::anyhow!("deployment.engines[{i}].name: missing or not a string"))?;
+        if names.iter().any(|n| n == name) {
+            bail!("deployment.engines[{i}].name: duplicate engine name {name:?}");
+        }
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const BASE: &str = r#"
+name = "t"
+warmup = "1s"
+duration = "2s"
+[deployment]
+sharing = "timeslice"
+[[deployment.engines]]
+name = "gen"
+kind = "builtin"
+model = "preset:qwen3-tiny"
+task = "generate"
+port = 18100
+[[deployment.engines]]
+name = "emb"
+kind = "builtin"
+model = "preset:qwen3-tiny"
+task = "embed"
+port = 18200
+[[workloads]]
+name = "chat"
+engine = "gen"
+kind = "generate"
+concurrency = 4
+[[workloads]]
+name = "vec"
+engine = "emb"
+kind = "embed"
+concurrency = 2
+batch = 8
+"#;
+
+    fn err(extra: &str) -> String {
+        format!("{:#}", Experiment::parse(&format!("{BASE}{extra}")).unwrap_err())
+    }
+
+    #[test]
+    fn parses_base_and_rates() {
+        let e = Experiment::parse(&format!(
+            "{BASE}[axes]\nsharing=[\"mps\"]\nmps_split=[[70,30]]\n[axes.load.vec]\nrate=[\"50% of solo\", 3, \"2.5/s\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(e.engines(), vec!["gen", "emb"]);
+        let axes = e.axes.unwrap();
+        assert_eq!(
+            axes.load["vec"].rate,
+            vec![Rate::OfSolo(50.0), Rate::PerSecond(3.0), Rate::PerSecond(2.5)]
+        );
+        assert_eq!(e.warmup, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let m = err("[axes]\nsharng = [\"mps\"]\n");
+        assert!(m.contains("sharng"), "{m}");
+        let m = Experiment::parse(&BASE.replace("concurrency = 4", "concurency = 4")).unwrap_err();
+        assert!(format!("{m:#}").contains("concurency"), "{m:#}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        assert!(err("[axes]\nsharing=[\"solo\"]\n").contains("axes.sharing[0]"));
+        assert!(err("[axes]\nsharing=[\"mps\"]\nmps_split=[[70]]\n").contains("axes.mps_split[0]"));
+        assert!(err("[axes]\nsharing=[\"timeslice\"]\nmps_split=[[70,30]]\n").contains("needs \"mps\""));
+        assert!(err("[axes]\nmemory_split=[[0.7,0.6]]\n").contains("over the whole GPU"));
+        assert!(err("[axes.load.nope]\nconcurrency=[1]\n").contains("axes.load.nope"));
+        assert!(err("[axes.load.chat]\nbatch=[2]\n").contains("only embed"));
+        assert!(err("[slo.nope]\nttft_p99=\"1s\"\n").contains("slo.nope"));
+        assert!(err("[slo.chat]\nttft_p99=\"fast\"\n").contains("bad duration"));
+        assert!(err("[axes.load.vec]\nrate=[\"half of solo\"]\n").contains("bad rate"));
+        assert!(err("[axes]\n[[conditions]]\nsharing=\"mps\"\n").contains("give one of them"));
+        let m = Experiment::parse(&BASE.replace("engine = \"emb\"", "engine = \"embx\"")).unwrap_err();
+        assert!(format!("{m:#}").contains("workloads[1] (vec).engine"), "{m:#}");
+        let m = Experiment::parse(&BASE.replace("name = \"t\"", "name = \"a b\"")).unwrap_err();
+        assert!(format!("{m:#}").contains("name:"), "{m:#}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let m = Experiment::load(Path::new("/nonexistent/x.toml")).unwrap_err();
+        assert!(format!("{m:#}").contains("/nonexistent/x.toml"));
+    }
+}
