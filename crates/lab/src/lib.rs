@@ -9,4 +9,6 @@ pub mod analysis;
 pub mod cli;
 pub mod matrix;
 pub mod results;
+pub mod runner;
 pub mod spec;
+pub mod template;

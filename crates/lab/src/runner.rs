@@ -1,0 +1,449 @@
+//! Runs a plan: one condition after the other, recording each as it finishes.
+//!
+//! The runner owns the order and the bookkeeping (deployment reuse, failure recording,
+//! resume, `% of solo` rates, progress); the actual work (start engines, drive load,
+//! sample the GPU) is behind [`Harness`], whose real implementation is `measure` — the
+//! one module that knows the `deploy`, `bench` and `gpu` crates.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+
+use crate::matrix::{plan, Condition, Load};
+use crate::results::{ConditionResult, GpuWindow, Results, WorkloadMetrics};
+use crate::spec::{Experiment, Kind, Rate, WorkloadDef};
+use crate::template;
+
+/// A workload ready to run in one condition.
+#[derive(Debug, Clone)]
+pub struct ResolvedWorkload {
+    /// Its definition.
+    pub def: WorkloadDef,
+    /// The load of this condition.
+    pub load: Load,
+    /// Open loop: requests/s after resolving `% of solo`.
+    pub rate_per_s: Option<f64>,
+}
+
+/// What one window measured.
+#[derive(Debug, Clone, Default)]
+pub struct Measurement {
+    /// Unix seconds of the window.
+    pub window: (f64, f64),
+    /// Per workload.
+    pub workloads: BTreeMap<String, WorkloadMetrics>,
+    /// GPU counters over the same window.
+    pub gpu: GpuWindow,
+    /// True when the window was cut short by Ctrl-C (the result is then not kept).
+    pub interrupted: bool,
+}
+
+/// Does the real work of a condition. Calls come in the order `up`, `measure`*, `down`.
+pub trait Harness {
+    /// Brings up `deployment` (a `colocate up` file, already patched for the condition)
+    /// in `run_dir`; the previous deployment has been taken down.
+    fn up(&mut self, deployment: &toml::Table, run_dir: &Path) -> Result<()>;
+    /// Warms up, then measures `workloads` and the GPU over one window.
+    fn measure(
+        &mut self,
+        workloads: &[ResolvedWorkload],
+        warmup: Duration,
+        duration: Duration,
+        live: &dyn Fn(String),
+        cancel: &AtomicBool,
+    ) -> Result<Measurement>;
+    /// Stops whatever `up` started (idempotent).
+    fn down(&mut self);
+}
+
+/// Resolves the open-loop rate of `w` under `load`: absolute as written, or a percentage
+/// of the requests/s the engine achieved solo at the workload's base load.
+pub fn resolve_rate(w: &WorkloadDef, load: &Load, done: &[ConditionResult]) -> Result<Option<f64>> {
+    match load.rate {
+        None => Ok(None),
+        Some(Rate::PerSecond(r)) => Ok(Some(r)),
+        Some(Rate::OfSolo(pct)) => {
+            let base = Load::base(w);
+            let caps: Vec<f64> = done
+                .iter()
+                .filter(|r| r.failed.is_none() && r.condition.is_solo())
+                .filter(|r| r.condition.loads.get(&w.name) == Some(&base))
+                .filter_map(|r| r.workloads.get(&w.name))
+                .map(|m| match w.kind {
+                    // capacity in inputs/s, converted to requests at this batch size
+                    Kind::Embed => m.throughput / load.batch.unwrap_or(1).max(1) as f64,
+                    Kind::Generate => m.requests_per_s,
+                })
+                .collect();
+            if caps.is_empty() {
+                return Err(anyhow!(
+                    "\"{pct}% of solo\" for {}: its solo capacity ({} solo at {}) was not measured",
+                    w.name,
+                    w.engine,
+                    base.short()
+                ));
+            }
+            let cap = caps.iter().sum::<f64>() / caps.len() as f64;
+            if cap <= 0.0 {
+                return Err(anyhow!("solo capacity of {} was zero; cannot derive \"{pct}% of solo\"", w.name));
+            }
+            Ok(Some(cap * pct / 100.0))
+        }
+    }
+}
+
+/// Progress display: a bar over conditions with the live figures of the current one.
+pub struct ProgressView {
+    bar: indicatif::ProgressBar,
+}
+
+impl ProgressView {
+    /// A bar of `total` conditions, `done` already finished; hidden when `quiet`.
+    pub fn new(total: usize, done: usize, quiet: bool) -> Self {
+        let bar = if quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(total as u64)
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} conditions  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_position(done as u64);
+        ProgressView { bar }
+    }
+}
+
+/// Runs every planned condition not yet in `results`, saving `results` into `run_dir`
+/// after each one. Returns when the plan is done or `cancel` is set.
+pub fn run(
+    results: &mut Results,
+    run_dir: &Path,
+    harness: &mut dyn Harness,
+    cancel: &AtomicBool,
+    view: &ProgressView,
+) -> Result<()> {
+    let exp: Experiment = results.experiment.clone();
+    let planned = plan(&exp);
+    let mut current: Option<String> = None;
+    let mut up_failed: BTreeMap<String, String> = BTreeMap::new();
+    for cond in &planned {
+        if cancel.load(Ordering::SeqCst) {
+            break;
+        }
+        if results.find(&cond.id()).is_some() {
+            continue;
+        }
+        view.bar.set_message(cond.id());
+        let record = run_one(&exp, cond, run_dir, harness, cancel, view, &mut current, &mut up_failed, &results.conditions);
+        match record {
+            None => break, // interrupted: not recorded, resume redoes it
+            Some(r) => {
+                if let Some(reason) = &r.failed {
+                    view.bar.println(format!("condition {} failed: {reason}", cond.id()));
+                }
+                results.conditions.push(r);
+                results.updated_at = now_rfc3339();
+                results.complete = planned.iter().all(|c| results.find(&c.id()).is_some());
+                results.save(run_dir)?;
+                view.bar.inc(1);
+            }
+        }
+    }
+    harness.down();
+    view.bar.finish_and_clear();
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    exp: &Experiment,
+    cond: &Condition,
+    run_dir: &Path,
+    harness: &mut dyn Harness,
+    cancel: &AtomicBool,
+    view: &ProgressView,
+    current: &mut Option<String>,
+    up_failed: &mut BTreeMap<String, String>,
+    done: &[ConditionResult],
+) -> Option<ConditionResult> {
+    // workloads and rates first: a missing solo capacity fails before any start-up
+    let mut workloads = Vec::new();
+    for (name, load) in &cond.loads {
+        let Some(def) = exp.workload(name) else {
+            return Some(ConditionResult::failed(cond.clone(), format!("no workload {name}")));
+        };
+        match resolve_rate(def, load, done) {
+            Ok(rate_per_s) => workloads.push(ResolvedWorkload {
+                def: def.clone(),
+                load: *load,
+                rate_per_s,
+            }),
+            Err(e) => return Some(ConditionResult::failed(cond.clone(), format!("{e:#}"))),
+        }
+    }
+    let key = cond.deployment_key();
+    if let Some(reason) = up_failed.get(&key) {
+        return Some(ConditionResult::failed(cond.clone(), reason.clone()));
+    }
+    if current.as_ref() != Some(&key) {
+        harness.down();
+        *current = None;
+        let deployment = match template::for_condition(exp, cond) {
+            Ok(d) => d,
+            Err(e) => return Some(ConditionResult::failed(cond.clone(), format!("{e:#}"))),
+        };
+        let dir = run_dir.join("deployments").join(sanitize(&key));
+        view.bar.set_message(format!("{}: starting {}", cond.id(), cond.engines.join(", ")));
+        if let Err(e) = harness.up(&deployment, &dir) {
+            harness.down();
+            let reason = format!("deployment did not come up: {e:#}");
+            up_failed.insert(key, reason.clone());
+            return Some(ConditionResult::failed(cond.clone(), reason));
+        }
+        *current = Some(key);
+    }
+    let id = cond.id();
+    let live = |s: String| view.bar.set_message(format!("{id}: {s}"));
+    match harness.measure(&workloads, exp.warmup, exp.duration, &live, cancel) {
+        Ok(m) if m.interrupted || cancel.load(Ordering::SeqCst) => None,
+        Ok(m) => Some(ConditionResult {
+            condition: cond.clone(),
+            failed: None,
+            window: Some(m.window),
+            resolved_rates: workloads
+                .iter()
+                .filter_map(|w| w.rate_per_s.map(|r| (w.def.name.clone(), r)))
+                .collect(),
+            workloads: m.workloads,
+            gpu: m.gpu,
+        }),
+        Err(e) => {
+            // the engines may be broken: start afresh for the next condition
+            harness.down();
+            *current = None;
+            if cancel.load(Ordering::SeqCst) {
+                return None;
+            }
+            Some(ConditionResult::failed(cond.clone(), format!("{e:#}")))
+        }
+    }
+}
+
+/// A folder name from a label.
+pub fn sanitize(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect();
+    while out.contains("__") {
+        out = out.replace("__", "_");
+    }
+    out.trim_matches('_').to_string()
+}
+
+/// The current time, RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::{host_environment, SCHEMA_VERSION};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    const EXP: &str = r#"
+name = "t"
+warmup = "0s"
+duration = "1s"
+repetitions = 2
+[deployment]
+[[deployment.engines]]
+name = "gen"
+port = 1
+[[deployment.engines]]
+name = "emb"
+port = 2
+[[workloads]]
+name = "chat"
+engine = "gen"
+kind = "generate"
+concurrency = 4
+[[workloads]]
+name = "vec"
+engine = "emb"
+kind = "embed"
+concurrency = 2
+batch = 4
+[axes]
+sharing = ["timeslice", "mps"]
+mps_default = false
+mps_split = [[60, 40]]
+[axes.load.vec]
+rate = ["50% of solo"]
+"#;
+
+    /// Records the calls; produces figures derived from the load so rates can be checked.
+    #[derive(Default)]
+    struct Log {
+        ups: Vec<String>,
+        measured: Vec<Vec<(String, Option<f64>)>>,
+        fail_up_with_mps: bool,
+        cancel_after: Option<usize>,
+    }
+    struct Fake(Rc<RefCell<Log>>);
+
+    impl Harness for Fake {
+        fn up(&mut self, d: &toml::Table, _dir: &Path) -> Result<()> {
+            let mut log = self.0.borrow_mut();
+            let sharing = d.get("sharing").and_then(|s| s.as_str()).unwrap_or("?").to_string();
+            let n = d["engines"].as_array().unwrap().len();
+            log.ups.push(format!("{sharing}/{n}"));
+            if log.fail_up_with_mps && sharing == "mps" {
+                anyhow::bail!("MPS daemon refused");
+            }
+            Ok(())
+        }
+        fn measure(
+            &mut self,
+            ws: &[ResolvedWorkload],
+            _w: Duration,
+            _d: Duration,
+            _live: &dyn Fn(String),
+            cancel: &AtomicBool,
+        ) -> Result<Measurement> {
+            let mut log = self.0.borrow_mut();
+            log.measured.push(ws.iter().map(|w| (w.def.name.clone(), w.rate_per_s)).collect());
+            if log.cancel_after == Some(log.measured.len()) {
+                cancel.store(true, Ordering::SeqCst);
+                return Ok(Measurement { interrupted: true, ..Default::default() });
+            }
+            let mut m = Measurement::default();
+            for w in ws {
+                let (thr, rps) = match w.def.kind {
+                    Kind::Generate => (1000.0, 10.0),
+                    Kind::Embed => (w.rate_per_s.map(|r| r * 4.0).unwrap_or(80.0), 20.0),
+                };
+                m.workloads.insert(
+                    w.def.name.clone(),
+                    WorkloadMetrics {
+                        kind: Some(w.def.kind),
+                        engine: w.def.engine.clone(),
+                        throughput: thr,
+                        requests_per_s: rps,
+                        ..Default::default()
+                    },
+                );
+            }
+            Ok(m)
+        }
+        fn down(&mut self) {}
+    }
+
+    fn fresh(exp: &Experiment) -> Results {
+        Results {
+            schema_version: SCHEMA_VERSION,
+            experiment: exp.clone(),
+            experiment_text: EXP.into(),
+            experiment_path: "t.toml".into(),
+            environment: host_environment(),
+            started_at: now_rfc3339(),
+            updated_at: now_rfc3339(),
+            complete: false,
+            command: "test".into(),
+            conditions: vec![],
+        }
+    }
+
+    #[test]
+    fn runs_reuses_deployments_and_resolves_relative_rates() {
+        let exp = Experiment::parse(EXP).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Rc::new(RefCell::new(Log::default()));
+        let mut results = fresh(&exp);
+        let view = ProgressView::new(0, 0, true);
+        run(&mut results, dir.path(), &mut Fake(log.clone()), &AtomicBool::new(false), &view).unwrap();
+        let planned = plan(&exp);
+        assert_eq!(results.conditions.len(), planned.len());
+        assert!(results.complete);
+        // solo gen, solo emb (base + 50%), timeslice, mps 60/40: one start-up each
+        assert_eq!(log.borrow().ups, vec!["timeslice/1", "timeslice/1", "timeslice/2", "mps/2"]);
+        // 50% of solo: emb solo throughput 80 inputs/s at batch 4 = 20 req/s -> 10 req/s
+        let rates: Vec<Option<f64>> = log
+            .borrow()
+            .measured
+            .iter()
+            .flatten()
+            .filter(|(n, _)| n == "vec")
+            .map(|(_, r)| *r)
+            .collect();
+        assert_eq!(rates[0], None);
+        assert!(rates[2..].iter().all(|r| *r == Some(10.0)), "{rates:?}");
+        // written to disk and readable
+        let back = Results::load(dir.path()).unwrap();
+        assert_eq!(back, results);
+        // efficiency from these figures: gen kept all (1.0) + emb same as its solo at 50% (1.0)
+        let a = crate::analysis::analyse(&back);
+        let ts = a.cells.iter().find(|c| c.label.starts_with("timeslice")).unwrap();
+        assert!((ts.efficiency.unwrap().mean - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn failed_deployment_is_recorded_and_the_run_goes_on() {
+        let exp = Experiment::parse(EXP).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Rc::new(RefCell::new(Log { fail_up_with_mps: true, ..Default::default() }));
+        let mut results = fresh(&exp);
+        run(&mut results, dir.path(), &mut Fake(log.clone()), &AtomicBool::new(false), &ProgressView::new(0, 0, true)).unwrap();
+        let failed: Vec<_> = results.conditions.iter().filter(|c| c.failed.is_some()).collect();
+        assert_eq!(failed.len(), 2); // the mps condition, both repetitions
+        assert!(failed[0].failed.as_ref().unwrap().contains("MPS daemon refused"));
+        // tried once, not once per repetition
+        assert_eq!(log.borrow().ups.iter().filter(|u| u.starts_with("mps")).count(), 1);
+        assert!(results.complete);
+    }
+
+    #[test]
+    fn resume_after_interruption_loses_nothing() {
+        let exp = Experiment::parse(EXP).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Rc::new(RefCell::new(Log { cancel_after: Some(5), ..Default::default() }));
+        let mut results = fresh(&exp);
+        let cancel = AtomicBool::new(false);
+        run(&mut results, dir.path(), &mut Fake(log.clone()), &cancel, &ProgressView::new(0, 0, true)).unwrap();
+        let on_disk = Results::load(dir.path()).unwrap();
+        assert_eq!(on_disk.conditions.len(), 4, "the interrupted 5th is not recorded");
+        assert!(!on_disk.complete);
+        let first_four: Vec<String> = on_disk.conditions.iter().map(|c| c.condition.id()).collect();
+
+        // resume from the file alone
+        let mut resumed = Results::load(dir.path()).unwrap();
+        let log2 = Rc::new(RefCell::new(Log::default()));
+        run(&mut resumed, dir.path(), &mut Fake(log2.clone()), &AtomicBool::new(false), &ProgressView::new(0, 0, true)).unwrap();
+        let total = plan(&exp).len();
+        assert_eq!(resumed.conditions.len(), total);
+        assert!(resumed.complete);
+        assert_eq!(log2.borrow().measured.len(), total - 4, "finished conditions are not measured again");
+        let ids: Vec<String> = resumed.conditions.iter().map(|c| c.condition.id()).collect();
+        assert_eq!(&ids[..4], &first_four[..]);
+        // and the earlier figures are kept as they were
+        assert_eq!(&resumed.conditions[..4], &on_disk.conditions[..]);
+    }
+
+    #[test]
+    fn relative_rate_without_capacity_fails_clearly() {
+        let exp = Experiment::parse(EXP).unwrap();
+        let w = exp.workload("vec").unwrap();
+        let load = Load { rate: Some(Rate::OfSolo(50.0)), concurrency: None, batch: Some(4) };
+        let e = resolve_rate(w, &load, &[]).unwrap_err();
+        assert!(format!("{e}").contains("solo capacity"), "{e}");
+    }
+}
