@@ -8,6 +8,8 @@
 pub mod analysis;
 pub mod cli;
 pub mod matrix;
+pub mod plots;
+pub mod report;
 pub mod results;
 pub mod runner;
 pub mod spec;

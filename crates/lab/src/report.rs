@@ -1,0 +1,523 @@
+//! `report.md` and its plots, rendered from results.json alone (so `lab report` can redo
+//! it at any time): environment, a headline table, the recommendation with its
+//! `colocate up` file, every condition in detail, the plots, the experiment file.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::analysis::{analyse, Analysis, CellSummary, Stat};
+use crate::plots;
+use crate::results::{Results, COUNTERS};
+use crate::template;
+
+/// The report file name inside a run folder.
+pub const REPORT_FILE: &str = "report.md";
+/// The recommended deployment, a runnable `colocate up` file.
+pub const RECOMMENDED_FILE: &str = "recommended-deployment.toml";
+
+/// Renders command lines of a deployment (the `deploy` crate's plan); `None` when not
+/// available in this build.
+pub type CommandLines<'a> = Option<&'a dyn Fn(&toml::Table) -> Result<String>>;
+
+/// What a render produced.
+#[derive(Debug)]
+pub struct Rendered {
+    /// Path of report.md.
+    pub report: PathBuf,
+    /// The headline table (markdown).
+    pub headline: String,
+    /// One line: the recommendation.
+    pub recommendation: String,
+}
+
+fn cid(i: usize) -> String {
+    format!("C{}", i + 1)
+}
+
+fn pct(v: Option<f64>) -> String {
+    match v {
+        Some(v) => format!("{:+.1}%", (v - 1.0) * 100.0),
+        None => "–".into(),
+    }
+}
+
+fn lat(s: Option<&Stat>) -> String {
+    s.map(|s| s.show(1)).unwrap_or_else(|| "–".into())
+}
+
+/// The headline table: one row per condition, each workload's throughput and change
+/// against solo, the efficiency and the SLO verdict.
+pub fn headline(results: &Results, a: &Analysis) -> String {
+    let names: Vec<String> = results.experiment.workloads.iter().map(|w| w.name.clone()).collect();
+    let mut s = String::from("| # | condition |");
+    for w in &names {
+        let _ = write!(s, " {w} | vs solo |");
+    }
+    s.push_str(" efficiency | SLOs |\n|---|---|");
+    for _ in &names {
+        s.push_str("---:|---:|");
+    }
+    s.push_str("---:|---|\n");
+    for (i, c) in a.cells.iter().enumerate() {
+        let _ = write!(s, "| {} | {} |", cid(i), c.label);
+        for w in &names {
+            match c.workloads.get(w) {
+                Some(ws) => {
+                    let _ = write!(s, " {} {} | {} |", ws.throughput.show(1), ws.unit, if c.is_solo() { "solo".into() } else { pct(ws.vs_solo) });
+                }
+                None => s.push_str(" | |"),
+            }
+        }
+        let eff = c.efficiency.map(|e| e.show(2)).unwrap_or_else(|| "–".into());
+        let slo = if !c.failures.is_empty() && c.reps_ok == 0 {
+            format!("failed: {}", c.failures[0].replace('|', "/"))
+        } else if results.experiment.slo.is_empty() {
+            "–".into()
+        } else if c.slo_misses.is_empty() {
+            "met".into()
+        } else {
+            format!("missed: {}", c.slo_misses.join("; "))
+        };
+        let _ = writeln!(s, " {eff} | {slo} |");
+    }
+    s
+}
+
+fn condition_detail(out: &mut String, i: usize, c: &CellSummary, results: &Results) {
+    let _ = writeln!(out, "### {} — {}\n", cid(i), c.label);
+    let reps = results.experiment.repetitions;
+    let _ = write!(out, "Repetitions measured: {}/{reps}", c.reps_ok);
+    if let Some(e) = c.efficiency {
+        let _ = write!(out, "; co-location efficiency **{}**", e.show(2));
+    }
+    out.push_str(".\n\n");
+    for f in &c.failures {
+        let _ = writeln!(out, "- failed: {f}");
+    }
+    if !c.failures.is_empty() {
+        out.push('\n');
+    }
+    let rates: Vec<String> = results
+        .conditions
+        .iter()
+        .filter(|r| r.condition.label == c.label)
+        .flat_map(|r| r.resolved_rates.iter().map(|(w, v)| format!("{w} {v:.2} req/s")))
+        .collect();
+    if !rates.is_empty() {
+        let _ = writeln!(out, "Open-loop rates used: {}.\n", rates.join(", "));
+    }
+    if c.workloads.is_empty() {
+        return;
+    }
+    out.push_str("| workload | engine | throughput | req/s | vs solo | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ITL p50 ms | latency p50 ms | latency p99 ms | errors |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (w, s) in &c.workloads {
+        let _ = writeln!(
+            out,
+            "| {w} | {} | {} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.engine,
+            s.throughput.show(1),
+            s.unit,
+            s.requests_per_s.show(2),
+            if c.is_solo() { "solo".into() } else { pct(s.vs_solo) },
+            lat(s.latency.get("ttft_p50")),
+            lat(s.latency.get("ttft_p99")),
+            lat(s.latency.get("tpot_p50")),
+            lat(s.latency.get("tpot_p99")),
+            lat(s.latency.get("itl_p50")),
+            lat(s.latency.get("latency_p50")),
+            lat(s.latency.get("latency_p99")),
+            s.errors
+        );
+    }
+    out.push('\n');
+    if c.gpu.is_empty() {
+        let _ = writeln!(
+            out,
+            "GPU counters: unavailable ({}).\n",
+            c.gpu_unavailable.as_deref().unwrap_or("not sampled")
+        );
+    } else {
+        out.push_str("| GPU counter | mean over window |\n|---|---:|\n");
+        for (key, head) in COUNTERS {
+            if let Some(s) = c.gpu.get(key) {
+                let _ = writeln!(out, "| {head} | {} |", s.show(1));
+            }
+        }
+        out.push('\n');
+    }
+    if !c.slo_misses.is_empty() {
+        let _ = writeln!(out, "SLO misses: {}.\n", c.slo_misses.join("; "));
+    }
+}
+
+/// Renders report.md, the plots and the recommended deployment into `run_dir`.
+pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> Result<Rendered> {
+    let a = analyse(results);
+    let exp = &results.experiment;
+    let mut out = String::new();
+    let _ = writeln!(out, "# {}: co-location report\n", exp.name);
+    if !exp.description.is_empty() {
+        let _ = writeln!(out, "{}\n", exp.description.trim());
+    }
+    let done = results.conditions.len();
+    let planned = crate::matrix::plan(exp).len();
+    let _ = writeln!(
+        out,
+        "Run started {}, last updated {}; {done}/{planned} conditions finished{}. Command: `{}`.\n",
+        results.started_at,
+        results.updated_at,
+        if results.complete { "" } else { " (incomplete: `colocate lab run --resume` continues it)" },
+        results.command
+    );
+
+    out.push_str("## Environment\n\n");
+    let env = &results.environment;
+    let _ = writeln!(out, "- host: {} ({}, {} CPUs)", env.host, env.os, env.cpus);
+    let _ = writeln!(out, "- colocate {}", env.colocate_version);
+    if env.gpus.is_empty() {
+        let _ = writeln!(
+            out,
+            "- GPU: none ({})",
+            env.gpu_unavailable.as_deref().unwrap_or("not detected")
+        );
+    }
+    for g in &env.gpus {
+        let _ = writeln!(
+            out,
+            "- GPU: {} ({}), {:.1} GiB, driver {}, CUDA {}",
+            g.name,
+            g.uuid,
+            g.memory_bytes as f64 / (1u64 << 30) as f64,
+            g.driver,
+            g.cuda
+        );
+    }
+    let _ = writeln!(
+        out,
+        "- windows: warm-up {}, measurement {}, {} repetition(s); experiment file `{}` (at the end)\n",
+        humantime::format_duration(exp.warmup),
+        humantime::format_duration(exp.duration),
+        exp.repetitions,
+        results.experiment_path
+    );
+
+    out.push_str("## Headline\n\n");
+    out.push_str("Throughput is output tokens/s for generate workloads and sequences/s for embed workloads (mean ± sigma over repetitions). *vs solo* is the change against the same engine alone at the same offered load. Co-location efficiency = Σ over engines of co-located / solo throughput: 2.0 means each engine kept everything it had alone, 1.0 is no better than taking turns.\n\n");
+    let head = headline(results, &a);
+    out.push_str(&head);
+    out.push('\n');
+
+    out.push_str("## Recommendation\n\n");
+    let _ = writeln!(out, "{}\n", a.recommendation.reason);
+    let rec_cell = a
+        .recommendation
+        .label
+        .as_ref()
+        .and_then(|l| a.cells.iter().position(|c| &c.label == l));
+    if let Some(i) = rec_cell {
+        let cond = a.cells[i].condition.clone().context("recommended cell without condition")?;
+        let deployment = template::for_condition(exp, &cond)?;
+        let text = toml::to_string_pretty(&deployment).context("cannot write the deployment as TOML")?;
+        let header = format!(
+            "# Recommended by `colocate lab` ({}, {}): {}\n# Run it with: colocate up {RECOMMENDED_FILE}\n",
+            exp.name, results.updated_at, cond.label
+        );
+        std::fs::write(run_dir.join(RECOMMENDED_FILE), format!("{header}{text}"))
+            .with_context(|| format!("cannot write {}", run_dir.join(RECOMMENDED_FILE).display()))?;
+        let _ = writeln!(
+            out,
+            "Deployment ({}, run with `colocate up {RECOMMENDED_FILE}`):\n\n```toml\n{text}```\n",
+            cid(i)
+        );
+        if let Some(cmds) = commands {
+            match cmds(&deployment) {
+                Ok(c) => {
+                    let _ = writeln!(out, "Engine command lines (`colocate plan`):\n\n```\n{}\n```\n", c.trim_end());
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "Engine command lines: not available ({e:#}).\n");
+                }
+            }
+        }
+    }
+
+    out.push_str("## Plots\n\n");
+    let names: Vec<String> = exp.workloads.iter().map(|w| w.name.clone()).collect();
+    let mut plot_errors = Vec::new();
+    match plots::throughput(&a, &names, &run_dir.join(plots::THROUGHPUT_SVG)) {
+        Ok(()) => {
+            let _ = writeln!(out, "Throughput per condition (grey: solo baselines):\n\n![throughput per condition]({})\n", plots::THROUGHPUT_SVG);
+        }
+        Err(e) => plot_errors.push(format!("throughput: {e:#}")),
+    }
+    if let Some((x, y)) = plots::tradeoff_pair(results) {
+        match plots::tradeoff(&a, (&x, &y), &run_dir.join(plots::TRADEOFF_SVG)) {
+            Ok(()) => {
+                let _ = writeln!(out, "Trade-off, each normalised to its solo throughput (points above the red line beat taking turns):\n\n![{x} vs {y}]({})\n", plots::TRADEOFF_SVG);
+            }
+            Err(e) => plot_errors.push(format!("trade-off: {e:#}")),
+        }
+    }
+    if let Some((i, rep)) = timeline_choice(results, &a) {
+        match plots::timeline(&a.cells[i], i, rep, &run_dir.join(plots::TIMELINE_SVG)) {
+            Ok(()) => {
+                let _ = writeln!(out, "{} over time (throughput per second and GPU counters):\n\n![{} over time]({})\n", cid(i), cid(i), plots::TIMELINE_SVG);
+            }
+            Err(e) => plot_errors.push(format!("timeline: {e:#}")),
+        }
+    }
+    for e in &plot_errors {
+        let _ = writeln!(out, "- plot failed: {e}");
+    }
+
+    out.push_str("## Conditions\n\n");
+    for (i, c) in a.cells.iter().enumerate() {
+        condition_detail(&mut out, i, c, results);
+    }
+
+    out.push_str("## Experiment file\n\n```toml\n");
+    out.push_str(results.experiment_text.trim_end());
+    out.push_str("\n```\n");
+
+    let report = run_dir.join(REPORT_FILE);
+    std::fs::write(&report, out).with_context(|| format!("cannot write {}", report.display()))?;
+    std::fs::write(
+        run_dir.join("analysis.json"),
+        serde_json::to_vec_pretty(&a).unwrap_or_default(),
+    )
+    .ok();
+    Ok(Rendered {
+        report,
+        headline: head,
+        recommendation: a.recommendation.reason.clone(),
+    })
+}
+
+/// The condition shown over time: `timeline_condition` (a label or `C<n>`), else the
+/// recommended one, else the first co-located one measured.
+fn timeline_choice<'a>(
+    results: &'a Results,
+    a: &Analysis,
+) -> Option<(usize, &'a crate::results::ConditionResult)> {
+    let wanted = results.experiment.timeline_condition.as_ref();
+    let by_name = wanted.and_then(|w| {
+        a.cells
+            .iter()
+            .enumerate()
+            .position(|(i, c)| &c.label == w || &cid(i) == w)
+    });
+    let idx = by_name
+        .or_else(|| {
+            a.recommendation
+                .label
+                .as_ref()
+                .and_then(|l| a.cells.iter().position(|c| &c.label == l))
+        })
+        .or_else(|| a.cells.iter().position(|c| !c.is_solo() && c.reps_ok > 0))
+        .or_else(|| a.cells.iter().position(|c| c.reps_ok > 0))?;
+    let label = &a.cells[idx].label;
+    let rep = results
+        .conditions
+        .iter()
+        .find(|r| &r.condition.label == label && r.failed.is_none())?;
+    Some((idx, rep))
+}
+
+/// A side-by-side table of two runs: per condition label present in both, each
+/// workload's throughput and the efficiency.
+pub fn compare(a: &Results, b: &Results) -> String {
+    let aa = analyse(a);
+    let bb = analyse(b);
+    let mut s = format!(
+        "| condition | workload | {} | {} | change |\n|---|---|---:|---:|---:|\n",
+        a.experiment.name, b.experiment.name
+    );
+    let mut only = Vec::new();
+    for ca in &aa.cells {
+        let Some(cb) = bb.cells.iter().find(|c| c.label == ca.label) else {
+            only.push(format!("only in {}: {}", a.experiment.name, ca.label));
+            continue;
+        };
+        for (w, wa) in &ca.workloads {
+            let Some(wb) = cb.workloads.get(w) else { continue };
+            let ch = if wa.throughput.mean > 0.0 {
+                format!("{:+.1}%", (wb.throughput.mean / wa.throughput.mean - 1.0) * 100.0)
+            } else {
+                "–".into()
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {w} | {} {} | {} {} | {ch} |",
+                ca.label,
+                wa.throughput.show(1),
+                wa.unit,
+                wb.throughput.show(1),
+                wb.unit
+            );
+        }
+        if let (Some(ea), Some(eb)) = (ca.efficiency, cb.efficiency) {
+            let _ = writeln!(
+                s,
+                "| {} | efficiency | {} | {} | {:+.2} |",
+                ca.label,
+                ea.show(2),
+                eb.show(2),
+                eb.mean - ea.mean
+            );
+        }
+    }
+    for cb in &bb.cells {
+        if !aa.cells.iter().any(|c| c.label == cb.label) {
+            only.push(format!("only in {}: {}", b.experiment.name, cb.label));
+        }
+    }
+    for o in only {
+        let _ = writeln!(s, "\n{o}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matrix::plan;
+    use crate::results::{host_environment, ConditionResult, CounterStat, GpuWindow, WorkloadMetrics, SCHEMA_VERSION};
+    use crate::spec::{Experiment, Kind};
+    use std::collections::BTreeMap;
+
+    const EXP: &str = r#"
+name = "r"
+warmup = "0s"
+duration = "2s"
+repetitions = 2
+[deployment]
+[[deployment.engines]]
+name = "gen"
+kind = "builtin"
+model = "preset:qwen3-tiny"
+port = 18100
+[[deployment.engines]]
+name = "emb"
+kind = "builtin"
+model = "preset:qwen3-tiny"
+task = "embed"
+port = 18200
+[[workloads]]
+name = "chat"
+engine = "gen"
+kind = "generate"
+concurrency = 4
+[[workloads]]
+name = "vec"
+engine = "emb"
+kind = "embed"
+concurrency = 2
+[axes]
+sharing = ["timeslice", "mps"]
+mps_default = false
+mps_split = [[50, 50]]
+[slo.chat]
+ttft_p99 = "100ms"
+"#;
+
+    /// Synthetic results: mps keeps more than timeslice; timeslice misses the TTFT SLO.
+    fn synthetic() -> Results {
+        let exp = Experiment::parse(EXP).unwrap();
+        let mut conditions = Vec::new();
+        for (k, c) in plan(&exp).into_iter().enumerate() {
+            let jitter = if c.repetition == 1 { 1.0 } else { 1.02 };
+            let (fg, fe, ttft) = match c.sharing.as_str() {
+                "solo" => (1.0, 1.0, 50.0),
+                "timeslice" => (0.6, 0.5, 150.0),
+                _ => (0.9, 0.7, 80.0),
+            };
+            let mut workloads = BTreeMap::new();
+            for (w, _) in &c.loads {
+                let (kind, engine, base) = if w == "chat" { (Kind::Generate, "gen", 1000.0 * fg) } else { (Kind::Embed, "emb", 200.0 * fe) };
+                let t0 = 1000.0 + k as f64 * 10.0;
+                workloads.insert(
+                    w.clone(),
+                    WorkloadMetrics {
+                        kind: Some(kind),
+                        engine: engine.into(),
+                        throughput: base * jitter,
+                        requests_per_s: base / 100.0,
+                        completed: 10,
+                        ttft_ms: (kind == Kind::Generate).then(|| crate::results::Percentiles { mean: ttft, p50: ttft, p90: ttft, p95: ttft, p99: ttft }),
+                        latency_ms: Some(crate::results::Percentiles { mean: 200.0, p50: 200.0, p90: 250.0, p95: 260.0, p99: 300.0 }),
+                        timeseries: vec![(t0, base), (t0 + 1.0, base * 0.9)],
+                        ..Default::default()
+                    },
+                );
+            }
+            let mut counters = BTreeMap::new();
+            counters.insert("sm_active".to_string(), CounterStat { mean: 40.0, p50: 41.0, max: 60.0 });
+            let samples = vec![(1000.0 + k as f64 * 10.0, BTreeMap::from([("sm_active".to_string(), 40.0)]))];
+            conditions.push(ConditionResult {
+                condition: c,
+                failed: None,
+                window: Some((1000.0 + k as f64 * 10.0, 1002.0 + k as f64 * 10.0)),
+                resolved_rates: BTreeMap::new(),
+                workloads,
+                gpu: GpuWindow { available: true, reason: None, counters, samples },
+            });
+        }
+        Results {
+            schema_version: SCHEMA_VERSION,
+            experiment: exp,
+            experiment_text: EXP.into(),
+            experiment_path: "r.toml".into(),
+            environment: host_environment(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            updated_at: "2026-01-01T00:01:00Z".into(),
+            complete: true,
+            command: "colocate lab run r.toml".into(),
+            conditions,
+        }
+    }
+
+    #[test]
+    fn renders_tables_plots_and_recommendation() {
+        let results = synthetic();
+        let dir = tempfile::tempdir().unwrap();
+        let cmds = |d: &toml::Table| -> Result<String> {
+            Ok(format!("{} engines", d["engines"].as_array().unwrap().len()))
+        };
+        let r = render(&results, dir.path(), Some(&cmds)).unwrap();
+        let md = std::fs::read_to_string(&r.report).unwrap();
+        for needle in ["## Environment", "## Headline", "## Recommendation", "## Conditions", "| # | condition |", "TTFT p99 ms", "SM active %", "throughput.svg", "tradeoff.svg", "timeline.svg", "```toml", "2 engines"] {
+            assert!(md.contains(needle), "missing {needle} in\n{md}");
+        }
+        // mps 50/50 keeps 0.9 + 0.7 = 1.6 (mean over reps, solo is also jittered); timeslice misses the SLO
+        assert!(r.recommendation.contains("mps sm 50/50"), "{}", r.recommendation);
+        assert!(r.headline.contains("missed: chat ttft_p99 150.0 ms > 100.0 ms"), "{}", r.headline);
+        assert!(r.headline.contains("1.60"), "{}", r.headline);
+        for f in ["throughput.svg", "tradeoff.svg", "timeline.svg"] {
+            let svg = std::fs::read_to_string(dir.path().join(f)).unwrap();
+            assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{f}");
+            assert!(svg.len() > 1000, "{f} is nearly empty");
+        }
+        let rec = std::fs::read_to_string(dir.path().join(RECOMMENDED_FILE)).unwrap();
+        let t: toml::Table = toml::from_str(&rec).unwrap();
+        assert_eq!(t["sharing"].as_str(), Some("mps"));
+        assert_eq!(t["engines"].as_array().unwrap()[0]["sm_percent"].as_integer(), Some(50));
+    }
+
+    #[test]
+    fn compare_two_runs() {
+        let a = synthetic();
+        let mut b = synthetic();
+        b.experiment.name = "r2".into();
+        for c in &mut b.conditions {
+            for m in c.workloads.values_mut() {
+                m.throughput *= 1.1;
+            }
+        }
+        let t = compare(&a, &b);
+        assert!(t.contains("| r | r2 | change |"), "{t}");
+        assert!(t.contains("+10.0%"), "{t}");
+    }
+}
