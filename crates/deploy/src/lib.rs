@@ -1,2 +1,25 @@
-//! See docs/architecture.md for what this crate owns.
+//! Deployments: "these engines on this GPU, shared this way" turned into running,
+//! supervised processes behind one OpenAI endpoint.
+//!
+//! - [`spec`]: the deployment file and its validation.
+//! - [`model`]: model shapes (presets, `config.json`) for the memory plan.
+//! - [`plan`]: the memory table and each engine's own flags.
+//! - [`adapters`]: command lines per engine kind.
+//! - [`process`]: one child process: own process group, parent-death signal, logs.
+//! - [`supervisor`]: start in order behind `/health`, restart with backoff, MPS fault model.
+//! - [`gateway`]: the OpenAI endpoint in front: routing, balancing, health, metrics.
+//! - [`deployment`]: `Deployment::up` / `shutdown`, the API the lab uses.
+//! - [`state`]: the state file `colocate status` reads.
+pub mod adapters;
 pub mod cli;
+pub mod gpu_glue;
+pub mod model;
+pub mod plan;
+pub mod spec;
+pub mod units;
+
+pub use plan::{plan, EnginePlan, GpuFacts, Plan};
+pub use spec::{
+    load, validate, DeploymentSpec, EngineKind, EngineSpec, GatewaySpec, GpuSelector, MemoryBudget, Sharing,
+    SuperviseSpec, Task,
+};

@@ -1,0 +1,642 @@
+//! The deployment file: what runs where, shared how.
+//!
+//! A deployment is "these engines on this GPU, shared this way, behind this gateway".
+//! The structs are plain serde data so the lab can build them in code as well as read
+//! them from TOML. `load` parses with `deny_unknown_fields` (a misspelt key is an error,
+//! not a silently ignored setting) and then runs `validate`, whose every message names the
+//! file, the field and the reason.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Which device the engines run on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuSelector {
+    /// A GPU by its index as `nvidia-smi` numbers it.
+    Index(u32),
+    /// A GPU (or a MIG instance) by its UUID (`GPU-...` or `MIG-...`).
+    Uuid(String),
+    /// No GPU: engines run on the CPU; the only sharing is "together" (timeslice).
+    Cpu,
+}
+
+impl Default for GpuSelector {
+    fn default() -> Self {
+        GpuSelector::Cpu
+    }
+}
+
+impl GpuSelector {
+    /// True when the engines run on the CPU.
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, GpuSelector::Cpu)
+    }
+
+    /// The value of `CUDA_VISIBLE_DEVICES` that selects this GPU; `None` on the CPU.
+    pub fn cuda_visible_devices(&self) -> Option<String> {
+        match self {
+            GpuSelector::Index(i) => Some(i.to_string()),
+            GpuSelector::Uuid(u) => Some(u.clone()),
+            GpuSelector::Cpu => None,
+        }
+    }
+}
+
+impl fmt::Display for GpuSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuSelector::Index(i) => write!(f, "{i}"),
+            GpuSelector::Uuid(u) => f.write_str(u),
+            GpuSelector::Cpu => f.write_str("cpu"),
+        }
+    }
+}
+
+impl Serialize for GpuSelector {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            GpuSelector::Index(i) => s.serialize_u32(*i),
+            other => s.serialize_str(&other.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GpuSelector {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(i) => u32::try_from(i)
+                .map(GpuSelector::Index)
+                .map_err(|_| serde::de::Error::custom(format!("GPU index {i} is negative or too large"))),
+            Raw::Str(s) if s.eq_ignore_ascii_case("cpu") => Ok(GpuSelector::Cpu),
+            Raw::Str(s) => match s.parse::<u32>() {
+                Ok(i) => Ok(GpuSelector::Index(i)),
+                Err(_) if s.starts_with("GPU-") || s.starts_with("MIG-") => Ok(GpuSelector::Uuid(s)),
+                Err(_) => Err(serde::de::Error::custom(format!(
+                    "`{s}` is not a GPU: use an index (0), a UUID (GPU-..., MIG-...) or \"cpu\""
+                ))),
+            },
+        }
+    }
+}
+
+/// How the engines share the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharing {
+    /// The driver's default time-slicing: engines take turns; on the CPU, "together".
+    #[default]
+    Timeslice,
+    /// One MPS daemon; each engine is a client with its own SM and memory limits.
+    Mps,
+    /// Each engine on its own MIG instance (`mig_device`).
+    Mig,
+}
+
+impl fmt::Display for Sharing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Sharing::Timeslice => "timeslice",
+            Sharing::Mps => "mps",
+            Sharing::Mig => "mig",
+        })
+    }
+}
+
+/// Which program serves an engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// `colocate serve`.
+    #[default]
+    Builtin,
+    /// `vllm serve`.
+    Vllm,
+    /// `python3 -m sglang.launch_server`.
+    Sglang,
+    /// Hugging Face text-embeddings-inference (`text-embeddings-router`).
+    Tei,
+    /// Any command line; `{port}`, `{model}`, `{name}` are substituted.
+    Command,
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineKind::Builtin => "builtin",
+            EngineKind::Vllm => "vllm",
+            EngineKind::Sglang => "sglang",
+            EngineKind::Tei => "tei",
+            EngineKind::Command => "command",
+        })
+    }
+}
+
+/// What an engine does with its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Text generation (`/v1/completions`, `/v1/chat/completions`).
+    #[default]
+    Generate,
+    /// Embeddings (`/v1/embeddings`).
+    Embed,
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Task::Generate => "generate",
+            Task::Embed => "embed",
+        })
+    }
+}
+
+/// An engine's memory budget: absolute, or a fraction of the GPU's total memory.
+///
+/// In TOML: an integer (bytes), a size string (`"12GiB"`, `"500MB"`), a float in (0, 1]
+/// (`0.4`) or a percentage string (`"40%"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryBudget {
+    /// Bytes.
+    Bytes(u64),
+    /// A fraction of the GPU's total memory, in (0, 1].
+    Fraction(f64),
+}
+
+impl MemoryBudget {
+    /// The budget in bytes given the GPU's total memory (needed for a fraction).
+    pub fn bytes(&self, gpu_total: Option<u64>) -> Option<u64> {
+        match *self {
+            MemoryBudget::Bytes(b) => Some(b),
+            MemoryBudget::Fraction(f) => gpu_total.map(|t| (t as f64 * f) as u64),
+        }
+    }
+}
+
+impl fmt::Display for MemoryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            MemoryBudget::Bytes(b) => f.write_str(&crate::units::human_bytes(b)),
+            MemoryBudget::Fraction(x) => write!(f, "{:.1}%", x * 100.0),
+        }
+    }
+}
+
+impl Serialize for MemoryBudget {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            MemoryBudget::Bytes(b) => s.serialize_u64(b),
+            MemoryBudget::Fraction(f) => s.serialize_f64(f),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryBudget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Float(f64),
+            Str(String),
+        }
+        let bad = |what: String| serde::de::Error::custom(what);
+        match Raw::deserialize(d)? {
+            Raw::Int(i) if i > 0 => Ok(MemoryBudget::Bytes(i as u64)),
+            Raw::Int(i) => Err(bad(format!("memory budget {i} must be positive"))),
+            Raw::Float(f) if f > 0.0 && f <= 1.0 => Ok(MemoryBudget::Fraction(f)),
+            Raw::Float(f) => Err(bad(format!(
+                "memory fraction {f} must be in (0, 1]; give bytes as an integer or a string like \"12GiB\""
+            ))),
+            Raw::Str(s) => parse_budget(&s).map_err(bad),
+        }
+    }
+}
+
+/// Parses `"40%"`, `"12GiB"`, `"500MB"`, `"1024"`.
+fn parse_budget(s: &str) -> Result<MemoryBudget, String> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let v: f64 = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a percentage"))?;
+        if v <= 0.0 || v > 100.0 {
+            return Err(format!("`{s}`: a percentage must be in (0, 100]"));
+        }
+        return Ok(MemoryBudget::Fraction(v / 100.0));
+    }
+    crate::units::parse_bytes(t).map(MemoryBudget::Bytes)
+}
+
+/// Durations in TOML are humantime strings (`"90s"`, `"2m"`) or integer seconds.
+mod duration_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Str(s) => humantime::parse_duration(&s)
+                .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"90s\""))),
+        }
+    }
+}
+
+/// One engine: a model served by one program, possibly as several replicas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSpec {
+    /// Unique name; replicas are named `NAME-0`, `NAME-1`, ...
+    pub name: String,
+    /// Which program serves it.
+    pub kind: EngineKind,
+    /// The model: `preset:NAME`, a Hugging Face folder or id.
+    pub model: String,
+    /// The name clients put in `model`; default: `model`.
+    pub served_model_name: Option<String>,
+    /// Generate or embed.
+    pub task: Task,
+    /// Port of the first replica; replica `i` listens on `port + i`.
+    pub port: u16,
+    /// Memory budget (bytes or fraction of the GPU).
+    pub memory: Option<MemoryBudget>,
+    /// MPS only: `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`.
+    pub sm_percent: Option<u32>,
+    /// MIG only: the MIG instance UUID (`MIG-...`) this engine runs on.
+    pub mig_device: Option<String>,
+    /// How many copies of this engine to run (each on its own port).
+    pub replicas: u32,
+    /// Extra arguments appended to the engine's command line.
+    pub args: Vec<String>,
+    /// Extra environment variables for the engine.
+    pub env: BTreeMap<String, String>,
+    /// `kind = "command"`: the command line; `{port}`, `{model}`, `{name}` substituted.
+    pub command: Option<Vec<String>>,
+    /// `--load-format` (e.g. `dummy` for random weights of the real shapes).
+    pub load_format: Option<String>,
+    /// Override the device flag of the built-in engine (`cpu` or `cuda`).
+    pub device: Option<String>,
+    /// How long the engine may take to answer `/health` after it is started.
+    #[serde(with = "duration_serde")]
+    pub start_timeout: Duration,
+}
+
+impl Default for EngineSpec {
+    fn default() -> Self {
+        EngineSpec {
+            name: String::new(),
+            kind: EngineKind::Builtin,
+            model: String::new(),
+            served_model_name: None,
+            task: Task::Generate,
+            port: 0,
+            memory: None,
+            sm_percent: None,
+            mig_device: None,
+            replicas: 1,
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            command: None,
+            load_format: None,
+            device: None,
+            start_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl EngineSpec {
+    /// The model name clients use.
+    pub fn served_name(&self) -> &str {
+        self.served_model_name.as_deref().unwrap_or(&self.model)
+    }
+
+    /// Names and ports of this engine's replicas.
+    pub fn instances(&self) -> Vec<(String, u16)> {
+        let n = self.replicas.max(1);
+        (0..n)
+            .map(|i| {
+                let name = if n == 1 {
+                    self.name.clone()
+                } else {
+                    format!("{}-{i}", self.name)
+                };
+                (name, self.port.saturating_add(i as u16))
+            })
+            .collect()
+    }
+}
+
+/// The gateway: one OpenAI endpoint in front of every engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySpec {
+    /// `HOST:PORT` to listen on; default `127.0.0.1:8080`.
+    pub address: String,
+    /// Served model names it routes; empty = every engine's model.
+    pub models: Vec<String>,
+    /// How long in-flight requests may take to finish at shutdown.
+    #[serde(with = "duration_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        GatewaySpec {
+            address: "127.0.0.1:8080".into(),
+            models: Vec::new(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl GatewaySpec {
+    /// The port part of `address`, if it parses.
+    pub fn port(&self) -> Option<u16> {
+        self.address.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+    }
+}
+
+/// How the supervisor treats crashes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuperviseSpec {
+    /// Give up on an engine after this many crashes (the deployment then reports why).
+    pub max_failures: u32,
+    /// First restart delay; doubles with each failure.
+    #[serde(with = "duration_serde")]
+    pub backoff_initial: Duration,
+    /// Longest restart delay.
+    #[serde(with = "duration_serde")]
+    pub backoff_max: Duration,
+    /// Time between SIGTERM and SIGKILL when stopping an engine.
+    #[serde(with = "duration_serde")]
+    pub stop_timeout: Duration,
+}
+
+impl Default for SuperviseSpec {
+    fn default() -> Self {
+        SuperviseSpec {
+            max_failures: 5,
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A whole deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeploymentSpec {
+    /// Name (used for the run folder).
+    pub name: String,
+    /// The GPU (index, UUID) or `"cpu"`.
+    pub gpu: GpuSelector,
+    /// A GPU model name from the catalogue (e.g. `"H100-SXM-80GB"`), for `plan` on a machine
+    /// without that GPU.
+    pub gpu_name: Option<String>,
+    /// How engines share the GPU.
+    pub sharing: Sharing,
+    /// The engines, in start order.
+    pub engines: Vec<EngineSpec>,
+    /// The gateway; none = engines are reached directly.
+    pub gateway: Option<GatewaySpec>,
+    /// Where `up` writes logs and state; default `runs/up-<time>`.
+    pub run_dir: Option<PathBuf>,
+    /// Crash handling.
+    pub supervise: SuperviseSpec,
+}
+
+impl Default for DeploymentSpec {
+    fn default() -> Self {
+        DeploymentSpec {
+            name: "deployment".into(),
+            gpu: GpuSelector::Cpu,
+            gpu_name: None,
+            sharing: Sharing::Timeslice,
+            engines: Vec::new(),
+            gateway: None,
+            run_dir: None,
+            supervise: SuperviseSpec::default(),
+        }
+    }
+}
+
+/// Reads, parses and validates a deployment file. Errors name the file, the field and the
+/// reason.
+pub fn load(path: &Path) -> anyhow::Result<DeploymentSpec> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read the deployment file: {e}", path.display()))?;
+    let spec = parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    validate(&spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(spec)
+}
+
+/// Parses TOML text into a spec (no validation).
+pub fn parse(text: &str) -> anyhow::Result<DeploymentSpec> {
+    toml::from_str::<DeploymentSpec>(text).map_err(|e| {
+        // toml's message already names the key and shows the line; keep it on one block.
+        anyhow::anyhow!("{}", e.to_string().trim_end())
+    })
+}
+
+/// Every problem found in a spec, one per line, each `field: reason`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationErrors(pub Vec<(String, String)>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (field, reason)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{field}: {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ValidationErrors {}
+
+/// Checks what the types cannot: names, ports, budgets, sharing-mode settings.
+pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
+    let mut errs: Vec<(String, String)> = Vec::new();
+    let mut err = |field: String, reason: String| errs.push((field, reason));
+
+    if spec.engines.is_empty() {
+        err("engines".into(), "no engine: add at least one [[engines]] table".into());
+    }
+    if spec.gpu.is_cpu() && spec.sharing != Sharing::Timeslice {
+        err(
+            "sharing".into(),
+            format!(
+                "sharing = \"{}\" needs a GPU; on gpu = \"cpu\" engines can only run together (sharing = \"timeslice\")",
+                spec.sharing
+            ),
+        );
+    }
+
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+    let mut fraction_sum = 0.0f64;
+    let mut bytes_sum: u64 = 0;
+    for (i, e) in spec.engines.iter().enumerate() {
+        let at = |f: &str| format!("engines[{i}].{f}");
+        if e.name.trim().is_empty() {
+            err(at("name"), "missing: every engine needs a name".into());
+        } else if !e
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            err(at("name"), format!("`{}`: use letters, digits, '-', '_' or '.'", e.name));
+        } else if let Some(j) = names.insert(e.name.clone(), i) {
+            err(at("name"), format!("`{}` is already the name of engines[{j}]", e.name));
+        }
+        if e.model.trim().is_empty() && e.kind != EngineKind::Command {
+            err(at("model"), "missing: the model to serve (`preset:NAME`, a folder or a Hugging Face id)".into());
+        }
+        if e.kind == EngineKind::Command {
+            match &e.command {
+                None => err(at("command"), "missing: kind = \"command\" needs command = [\"prog\", \"arg\", ...]".into()),
+                Some(c) if c.is_empty() => err(at("command"), "empty command".into()),
+                _ => {}
+            }
+        } else if e.command.is_some() {
+            err(at("command"), format!("only kind = \"command\" takes a command (kind is \"{}\")", e.kind));
+        }
+        if e.replicas == 0 {
+            err(at("replicas"), "must be at least 1".into());
+        }
+        if e.port == 0 {
+            err(at("port"), "missing: every engine needs a port (1-65535)".into());
+        } else {
+            if e.port as u32 + e.replicas.max(1) - 1 > u16::MAX as u32 {
+                err(at("port"), "replica ports run past 65535".into());
+            }
+            for (inst, port) in e.instances() {
+                if let Some(other) = ports.insert(port, inst.clone()) {
+                    err(at("port"), format!("port {port} clashes with {other}"));
+                }
+            }
+        }
+        if e.task == Task::Embed && e.kind == EngineKind::Tei {
+            // fine: TEI is embed-only
+        } else if e.task == Task::Generate && e.kind == EngineKind::Tei {
+            err(at("task"), "TEI only serves embeddings: use task = \"embed\"".into());
+        }
+        if let Some(sm) = e.sm_percent {
+            if spec.sharing != Sharing::Mps {
+                err(
+                    at("sm_percent"),
+                    format!("MPS setting with sharing = \"{}\": sm_percent needs sharing = \"mps\"", spec.sharing),
+                );
+            } else if sm == 0 || sm > 100 {
+                err(at("sm_percent"), format!("{sm} is not a percentage in 1..=100"));
+            }
+        }
+        if let Some(m) = &e.mig_device {
+            if spec.sharing != Sharing::Mig {
+                err(
+                    at("mig_device"),
+                    format!("MIG instance with sharing = \"{}\": mig_device needs sharing = \"mig\"", spec.sharing),
+                );
+            } else if !m.starts_with("MIG-") {
+                err(at("mig_device"), format!("`{m}` is not a MIG instance UUID (MIG-...)"));
+            }
+        } else if spec.sharing == Sharing::Mig {
+            err(at("mig_device"), "missing: sharing = \"mig\" needs each engine's MIG instance UUID".into());
+        }
+        if let Some(d) = &e.device {
+            if d != "cpu" && d != "cuda" {
+                err(at("device"), format!("`{d}`: use \"cpu\" or \"cuda\""));
+            } else if d == "cuda" && spec.gpu.is_cpu() {
+                err(at("device"), "device = \"cuda\" with gpu = \"cpu\"".into());
+            }
+        }
+        if e.start_timeout.is_zero() {
+            err(at("start_timeout"), "must be longer than zero".into());
+        }
+        for k in e.env.keys() {
+            if k.is_empty() || k.contains('=') {
+                err(at("env"), format!("`{k}` is not an environment variable name"));
+            }
+        }
+        match e.memory {
+            Some(MemoryBudget::Fraction(f)) => {
+                if spec.gpu.is_cpu() {
+                    err(
+                        at("memory"),
+                        "a fraction of GPU memory with gpu = \"cpu\": give bytes (e.g. \"512MiB\")".into(),
+                    );
+                }
+                fraction_sum += f * e.replicas.max(1) as f64;
+            }
+            Some(MemoryBudget::Bytes(b)) => bytes_sum = bytes_sum.saturating_add(b * e.replicas.max(1) as u64),
+            None => {}
+        }
+    }
+    if fraction_sum > 1.0 + 1e-9 {
+        err(
+            "engines[*].memory".into(),
+            format!(
+                "budgets over 100%: the engines' memory fractions (times replicas) add up to {:.1}%",
+                fraction_sum * 100.0
+            ),
+        );
+    }
+    if let Some(total) = spec.gpu_name.as_deref().and_then(crate::plan::catalogue_memory) {
+        let sum = bytes_sum as f64 + fraction_sum * total as f64;
+        if sum > total as f64 && fraction_sum <= 1.0 + 1e-9 {
+            err(
+                "engines[*].memory".into(),
+                format!(
+                    "budgets over 100%: {} of {} on {}",
+                    crate::units::human_bytes(sum as u64),
+                    crate::units::human_bytes(total),
+                    spec.gpu_name.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+    }
+    if let Some(g) = &spec.gateway {
+        match g.port() {
+            None => err("gateway.address".into(), format!("`{}` is not HOST:PORT", g.address)),
+            Some(p) => {
+                if let Some(other) = ports.get(&p) {
+                    err("gateway.address".into(), format!("port {p} clashes with {other}"));
+                }
+            }
+        }
+        for m in &g.models {
+            if !spec.engines.iter().any(|e| e.served_name() == m) {
+                err("gateway.models".into(), format!("no engine serves `{m}`"));
+            }
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors(errs).into())
+    }
+}

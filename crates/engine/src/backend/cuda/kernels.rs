@@ -1,0 +1,231 @@
+//! The engine's CUDA kernels (`kernels/engine.cu`), compiled once at start-up by NVRTC for
+//! the device's architecture, with the model's head size and GQA group as compile-time
+//! constants so the attention kernel keeps its per-lane state in registers.
+//!
+//! Launch helpers take raw device addresses (`u64`): buffers are allocated once and the
+//! same addresses are baked into captured CUDA graphs, so there is nothing to borrow-check
+//! per launch and no host work beyond the launch itself.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+use super::device::{CudaDevice, CudaError};
+
+const SOURCE: &str = include_str!("kernels/engine.cu");
+
+/// Device address of a buffer.
+pub type DevPtr = u64;
+
+/// The compiled kernel set of one model shape.
+pub struct Kernels {
+    stream: Arc<CudaStream>,
+    embed_gather: CudaFunction,
+    add_rmsnorm: CudaFunction,
+    rmsnorm_rows_f32: CudaFunction,
+    qk_norm_rope_kv: CudaFunction,
+    silu_mul: CudaFunction,
+    paged_attention: CudaFunction,
+    argmax_rows: CudaFunction,
+    fill_uniform: CudaFunction,
+    head_dim: usize,
+    group: usize,
+}
+
+/// Include folders tried for `cuda_bf16.h` (NVRTC also ships built-in copies in CUDA 12+).
+fn include_paths() -> Vec<String> {
+    let mut v = Vec::new();
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(p) = std::env::var(var) {
+            v.push(format!("{p}/include"));
+        }
+    }
+    v.push("/usr/local/cuda/include".to_string());
+    v.into_iter()
+        .filter(|p| std::path::Path::new(p).is_dir())
+        .collect()
+}
+
+fn launch_err(source: cudarc::driver::DriverError) -> CudaError {
+    CudaError::Driver {
+        what: "kernel launch",
+        source,
+    }
+}
+
+impl Kernels {
+    /// Compiles the kernels for `dev`'s architecture and a model with `head_dim` and
+    /// `group` query heads per KV head. Takes about 100 ms.
+    pub fn compile(dev: &CudaDevice, head_dim: usize, group: usize) -> Result<Self, CudaError> {
+        if head_dim > 256 || head_dim % 2 != 0 || group == 0 || group > 16 {
+            return Err(CudaError::Compile {
+                arch: dev.arch.clone(),
+                message: format!("unsupported attention shape: head_dim {head_dim}, group {group}"),
+            });
+        }
+        let opts = CompileOptions {
+            include_paths: include_paths(),
+            options: vec![
+                format!("--gpu-architecture={}", dev.arch),
+                format!("-DHEAD_DIM={head_dim}"),
+                format!("-DGQA={group}"),
+                "--use_fast_math".to_string(),
+            ],
+            name: Some("engine.cu".to_string()),
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| CudaError::Compile {
+            arch: dev.arch.clone(),
+            message: e.to_string(),
+        })?;
+        let module = dev.ctx.load_module(ptx).map_err(|source| CudaError::Driver {
+            what: "loading the compiled kernels",
+            source,
+        })?;
+        let f = |name: &str| {
+            module.load_function(name).map_err(|source| CudaError::Driver {
+                what: "finding a kernel",
+                source,
+            })
+        };
+        Ok(Self {
+            stream: dev.stream.clone(),
+            embed_gather: f("embed_gather")?,
+            add_rmsnorm: f("add_rmsnorm")?,
+            rmsnorm_rows_f32: f("rmsnorm_rows_f32")?,
+            qk_norm_rope_kv: f("qk_norm_rope_kv")?,
+            silu_mul: f("silu_mul")?,
+            paged_attention: f("paged_attention")?,
+            argmax_rows: f("argmax_rows")?,
+            fill_uniform: f("fill_uniform")?,
+            head_dim,
+            group,
+        })
+    }
+
+    fn cfg(grid: (u32, u32), block: u32, smem: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem,
+        }
+    }
+
+    /// residual[t] = table[ids[t]] in fp32.
+    pub fn embed_gather(&self, table: DevPtr, ids: DevPtr, residual: DevPtr, rows: usize, hidden: usize) -> Result<(), CudaError> {
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(&self.embed_gather);
+        b.arg(&table).arg(&ids).arg(&residual).arg(&h);
+        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+    }
+
+    /// residual += delta (when `delta != 0`); out = rmsnorm(residual) * w. With `rows != 0`,
+    /// output row r normalises input row rows[r] (and `delta` must be 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rmsnorm(
+        &self,
+        residual: DevPtr,
+        delta: DevPtr,
+        w: DevPtr,
+        out: DevPtr,
+        rows_map: DevPtr,
+        rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(&self.add_rmsnorm);
+        b.arg(&residual).arg(&delta).arg(&w).arg(&out).arg(&rows_map).arg(&h).arg(&eps);
+        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+    }
+
+    /// out[r] = rmsnorm(residual[rows[r]]) * w in fp32 (pooling).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_rows_f32(&self, residual: DevPtr, w: DevPtr, out: DevPtr, rows_map: DevPtr, rows: usize, hidden: usize, eps: f32) -> Result<(), CudaError> {
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(&self.rmsnorm_rows_f32);
+        b.arg(&residual).arg(&w).arg(&out).arg(&rows_map).arg(&h).arg(&eps);
+        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+    }
+
+    /// Per-head q/k RMSNorm + RoPE in place on `qkv`, K/V written to the caches by slot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_norm_rope_kv(
+        &self,
+        qkv: DevPtr,
+        qw: DevPtr,
+        kw: DevPtr,
+        positions: DevPtr,
+        slots: DevPtr,
+        kcache: DevPtr,
+        vcache: DevPtr,
+        tokens: usize,
+        nq: usize,
+        nkv: usize,
+        eps: f32,
+        theta: f32,
+    ) -> Result<(), CudaError> {
+        let (nq_, nkv_, d) = (nq as i32, nkv as i32, self.head_dim as i32);
+        let warps = (nq + 2 * nkv).min(32) as u32;
+        let mut b = self.stream.launch_builder(&self.qk_norm_rope_kv);
+        b.arg(&qkv).arg(&qw).arg(&kw).arg(&positions).arg(&slots).arg(&kcache).arg(&vcache);
+        b.arg(&nq_).arg(&nkv_).arg(&d).arg(&eps).arg(&theta);
+        unsafe { b.launch(Self::cfg((tokens as u32, 1), warps * 32, 0)) }.map(|_| ()).map_err(launch_err)
+    }
+
+    /// out = silu(gate) * up from the fused [T, 2I] projection.
+    pub fn silu_mul(&self, gu: DevPtr, out: DevPtr, tokens: usize, inter: usize) -> Result<(), CudaError> {
+        let total = tokens * inter;
+        let (i, n) = (inter as i32, total as i32);
+        let mut b = self.stream.launch_builder(&self.silu_mul);
+        b.arg(&gu).arg(&out).arg(&i).arg(&n);
+        let blocks = total.div_ceil(256) as u32;
+        unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+    }
+
+    /// Paged causal attention for every token of the step (prefill and decode alike).
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(
+        &self,
+        qkv: DevPtr,
+        out: DevPtr,
+        kcache: DevPtr,
+        vcache: DevPtr,
+        block_tables: DevPtr,
+        max_blocks: usize,
+        seq_of: DevPtr,
+        positions: DevPtr,
+        tokens: usize,
+        block_size: usize,
+        nkv: usize,
+    ) -> Result<(), CudaError> {
+        let warps: u32 = 4;
+        let smem = warps as usize * self.group * (self.head_dim + 2) * 4;
+        let scale = 1.0f32 / (self.head_dim as f32).sqrt();
+        let (mb, bs, nkv_) = (max_blocks as i32, block_size as i32, nkv as i32);
+        let mut b = self.stream.launch_builder(&self.paged_attention);
+        b.arg(&qkv).arg(&out).arg(&kcache).arg(&vcache).arg(&block_tables).arg(&mb);
+        b.arg(&seq_of).arg(&positions).arg(&bs).arg(&nkv_).arg(&scale);
+        unsafe { b.launch(Self::cfg((tokens as u32, nkv as u32), warps * 32, smem as u32)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// out[r] = argmax(logits[r]) over fp32 logits.
+    pub fn argmax_rows(&self, logits: DevPtr, out: DevPtr, rows: usize, vocab: usize) -> Result<(), CudaError> {
+        let v = vocab as i32;
+        let mut b = self.stream.launch_builder(&self.argmax_rows);
+        b.arg(&logits).arg(&out).arg(&v);
+        unsafe { b.launch(Self::cfg((rows as u32, 1), 1024, 0)) }.map(|_| ()).map_err(launch_err)
+    }
+
+    /// Fills `n` bf16 values with offset + uniform(-a, a) from `seed` (dummy weights).
+    pub fn fill_uniform(&self, out: DevPtr, n: usize, seed: u64, a: f32, offset: f32) -> Result<(), CudaError> {
+        let n_ = n as u64;
+        let mut b = self.stream.launch_builder(&self.fill_uniform);
+        b.arg(&out).arg(&n_).arg(&seed).arg(&a).arg(&offset);
+        let blocks = n.div_ceil(256).min(65_536) as u32;
+        unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+    }
+}

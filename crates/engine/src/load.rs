@@ -1,0 +1,205 @@
+//! Turns `--model` / `--task` / `--load-format` / `--device` into a ready model: reads the
+//! config (file or preset), the tokenizer, the weights (safetensors or dummy), and builds
+//! the architecture on the chosen backend.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::{bert, qwen3};
+use crate::runner::{Embedder, Generator, ModelInfo, Task};
+use crate::tokenizer::{self, Tokenizer};
+use crate::weights::WeightSource;
+
+/// Where weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadFormat {
+    /// Safetensors from the model folder; a preset (which has no files) gets dummy weights.
+    #[default]
+    Auto,
+    /// Seeded random weights of the model's real shapes.
+    Dummy,
+}
+
+/// Which backend runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// CUDA device index.
+    Cuda(usize),
+}
+
+/// What to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `preset:NAME` or a Hugging Face folder path.
+    pub model: String,
+    /// `None`: the model's own task (BERT and Qwen3-Embedding embed, Qwen3 generates).
+    pub task: Option<Task>,
+    pub load_format: LoadFormat,
+    pub device: Device,
+    /// Seed of dummy weights.
+    pub seed: u64,
+}
+
+/// A loaded model, by task.
+pub enum LoadedModel {
+    Generator(Box<dyn Generator>),
+    Embedder(Box<dyn Embedder>),
+}
+
+/// A loaded model with its tokenizer and description.
+pub struct Loaded {
+    pub model: LoadedModel,
+    pub tokenizer: Tokenizer,
+    pub info: ModelInfo,
+}
+
+/// Names accepted after `preset:`.
+pub fn preset_names() -> &'static [&'static str] {
+    crate::model::config::preset_names()
+}
+
+/// Where a model comes from, resolved.
+struct Resolved {
+    config: ModelConfig,
+    dir: Option<PathBuf>,
+}
+
+fn resolve(model: &str) -> anyhow::Result<Resolved> {
+    if let Some(name) = model.strip_prefix("preset:") {
+        return Ok(Resolved { config: ModelConfig::from_preset(name)?, dir: None });
+    }
+    let dir = Path::new(model);
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "--model {model:?}: not a folder (expected a Hugging Face model folder or preset:NAME with NAME one of {})",
+            preset_names().join(", ")
+        );
+    }
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    Ok(Resolved { config, dir: Some(dir.to_path_buf()) })
+}
+
+/// `generation_config.json`'s `eos_token_id`, when the folder has one.
+fn generation_eos(dir: &Path) -> anyhow::Result<Option<Vec<u32>>> {
+    #[derive(serde::Deserialize)]
+    struct Gen {
+        eos_token_id: Option<crate::model::config::EosIds>,
+    }
+    let path = dir.join("generation_config.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let gen: Gen = serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+    Ok(gen.eos_token_id.map(|e| e.into_vec()))
+}
+
+/// sentence-transformers' `max_seq_length`, when the folder has one.
+fn sentence_max_seq_length(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("sentence_bert_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("max_seq_length")?.as_u64().map(|n| n as usize)
+}
+
+/// Loads a model. Errors name the file or flag and the reason.
+pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
+    let Resolved { config, dir } = resolve(&opts.model)?;
+    let task = opts.task.unwrap_or(config.default_task);
+    if config.arch == Arch::Bert && task == Task::Generate {
+        anyhow::bail!("--model {}: a BERT encoder cannot --task generate (use --task embed)", opts.model);
+    }
+
+    let source = match (&dir, opts.load_format) {
+        (Some(dir), LoadFormat::Auto) => WeightSource::open_dir(dir)?,
+        (_, LoadFormat::Dummy) | (None, LoadFormat::Auto) => WeightSource::Dummy { seed: opts.seed },
+    };
+
+    // Encoders truncate like sentence-transformers; generators check prompt lengths instead.
+    let truncate_to = match config.arch {
+        Arch::Bert => Some(
+            dir.as_deref()
+                .and_then(sentence_max_seq_length)
+                .unwrap_or(config.max_position_embeddings)
+                .min(config.max_position_embeddings),
+        ),
+        Arch::Qwen3 => None,
+    };
+    let tok = match &dir {
+        Some(d) => tokenizer::load_dir(d, truncate_to)?,
+        None => None,
+    };
+    let tokenizer = tok.unwrap_or_else(Tokenizer::byte_level);
+
+    let mut eos = config.eos_token_ids.clone();
+    if let Some(d) = &dir {
+        if let Some(e) = generation_eos(d)? {
+            eos = e;
+        }
+    }
+    if tokenizer.is_byte_level() {
+        eos = vec![tokenizer::BYTE_LEVEL_EOS];
+    }
+    if tokenizer.vocab_size() > config.vocab_size && !tokenizer.is_byte_level() {
+        anyhow::bail!(
+            "--model {}: tokenizer has {} tokens but config.json vocab_size is {}",
+            opts.model,
+            tokenizer.vocab_size(),
+            config.vocab_size
+        );
+    }
+    if tokenizer.is_byte_level() && config.vocab_size < tokenizer.vocab_size() {
+        anyhow::bail!(
+            "--model {}: no tokenizer.json and vocab_size {} is too small for the byte-level tokenizer ({} ids)",
+            opts.model,
+            config.vocab_size,
+            tokenizer.vocab_size()
+        );
+    }
+
+    let backend = match opts.device {
+        Device::Cpu => CpuBackend::new(),
+        Device::Cuda(i) => anyhow::bail!("--device cuda:{i}: the CUDA backend is not built into this binary yet"),
+    };
+    let info = ModelInfo {
+        architecture: config.arch.name().to_string(),
+        task,
+        vocab_size: config.vocab_size,
+        max_position_embeddings: config.max_position_embeddings,
+        eos_token_ids: eos,
+        kv_bytes_per_token: if task == Task::Generate {
+            config.kv_bytes_per_token(backend.compute_dtype_bytes())
+        } else {
+            0
+        },
+        weight_bytes: config.weight_bytes(backend.compute_dtype_bytes()),
+    };
+    let model = build(backend, &config, &source, info.clone())
+        .with_context(|| format!("loading weights of {}", opts.model))?;
+    Ok(Loaded { model, tokenizer, info })
+}
+
+/// Builds the architecture on a backend (generic, so the CUDA backend reuses it).
+pub fn build<B: Backend>(
+    backend: B,
+    config: &ModelConfig,
+    source: &WeightSource,
+    info: ModelInfo,
+) -> anyhow::Result<LoadedModel> {
+    Ok(match (config.arch, info.task) {
+        (Arch::Qwen3, Task::Generate) => {
+            LoadedModel::Generator(Box::new(qwen3::Qwen3Generator::new(backend, config, source, info)?))
+        }
+        (Arch::Qwen3, Task::Embed) => {
+            LoadedModel::Embedder(Box::new(qwen3::Qwen3Embedder::new(backend, config, source, info)?))
+        }
+        (Arch::Bert, Task::Embed) => LoadedModel::Embedder(Box::new(bert::Bert::new(backend, config, source, info)?)),
+        (Arch::Bert, Task::Generate) => anyhow::bail!("a BERT encoder cannot generate"),
+    })
+}

@@ -1,0 +1,295 @@
+//! Model configuration: read from a Hugging Face `config.json` or built from a preset that
+//! mirrors a released model's config, plus the memory formulas the planner (`deploy`)
+//! shares with the engine.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+use crate::runner::Task;
+
+/// Architectures the engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Qwen3 dense decoder (`model_type: qwen3`).
+    Qwen3,
+    /// BERT encoder (`model_type: bert`).
+    Bert,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Qwen3 => "qwen3",
+            Arch::Bert => "bert",
+        }
+    }
+}
+
+/// The fields of a model config the engine uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    /// RMSNorm eps (Qwen3) or LayerNorm eps (BERT).
+    pub norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    /// BERT token types.
+    pub type_vocab_size: usize,
+    /// End-of-sequence ids from `config.json` (`generation_config.json` overrides at load).
+    pub eos_token_ids: Vec<u32>,
+    /// Bytes per weight element as stored (bf16 = 2, f32 = 4).
+    pub stored_dtype_bytes: usize,
+    /// The task this model is for when `--task` is not given.
+    pub default_task: Task,
+}
+
+/// Presets (`preset:NAME`) with the configs of the released models.
+const PRESETS: &[&str] = &[
+    "qwen3-tiny",
+    "qwen3-0.6b",
+    "qwen3-1.7b",
+    "qwen3-4b",
+    "qwen3-8b",
+    "qwen3-embedding-0.6b",
+    "qwen3-embedding-8b",
+];
+
+/// Names accepted after `preset:`.
+pub fn preset_names() -> &'static [&'static str] {
+    PRESETS
+}
+
+/// Raw `config.json` fields (both transformers 4 and 5 spellings).
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    max_position_embeddings: usize,
+    rms_norm_eps: Option<f64>,
+    layer_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    tie_word_embeddings: Option<bool>,
+    type_vocab_size: Option<usize>,
+    eos_token_id: Option<EosIds>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+    hidden_act: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f64>,
+}
+
+/// `eos_token_id` is an int or a list in HF configs.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum EosIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl EosIds {
+    pub(crate) fn into_vec(self) -> Vec<u32> {
+        match self {
+            EosIds::One(i) => vec![i],
+            EosIds::Many(v) => v,
+        }
+    }
+}
+
+fn dtype_bytes(name: Option<&str>) -> usize {
+    match name {
+        Some("float32") => 4,
+        _ => 2,
+    }
+}
+
+impl ModelConfig {
+    /// Reads a Hugging Face `config.json`. Errors name the file and the problem.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_json(&text).with_context(|| format!("invalid model config {}", path.display()))
+    }
+
+    /// Parses `config.json` text.
+    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+        let raw: RawConfig = serde_json::from_str(text)?;
+        let model_type = raw.model_type.clone().unwrap_or_default();
+        let arch = match model_type.as_str() {
+            "qwen3" => Arch::Qwen3,
+            "bert" => Arch::Bert,
+            other => anyhow::bail!(
+                "unsupported model_type {other:?} (architectures {:?}); supported: qwen3, bert",
+                raw.architectures
+            ),
+        };
+        if raw.num_attention_heads == 0 || raw.num_hidden_layers == 0 || raw.hidden_size == 0 {
+            anyhow::bail!("hidden_size, num_hidden_layers and num_attention_heads must be > 0");
+        }
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        let num_kv = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if num_kv == 0 || raw.num_attention_heads % num_kv != 0 {
+            anyhow::bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv}",
+                raw.num_attention_heads
+            );
+        }
+        if arch == Arch::Bert {
+            if let Some(act) = raw.hidden_act.as_deref() {
+                if act != "gelu" {
+                    anyhow::bail!("unsupported BERT hidden_act {act:?} (only gelu)");
+                }
+            }
+        }
+        let rope_theta = raw
+            .rope_theta
+            .or(raw.rope_parameters.and_then(|r| r.rope_theta))
+            .unwrap_or(10_000.0);
+        let is_embedding = raw.architectures.iter().any(|a| a.ends_with("Model") && arch == Arch::Qwen3);
+        let default_task = match arch {
+            Arch::Bert => Task::Embed,
+            Arch::Qwen3 if is_embedding => Task::Embed,
+            Arch::Qwen3 => Task::Generate,
+        };
+        Ok(Self {
+            arch,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            num_key_value_heads: num_kv,
+            head_dim,
+            max_position_embeddings: raw.max_position_embeddings,
+            norm_eps: match arch {
+                Arch::Qwen3 => raw.rms_norm_eps.unwrap_or(1e-6),
+                Arch::Bert => raw.layer_norm_eps.unwrap_or(1e-12),
+            },
+            rope_theta,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(arch == Arch::Bert),
+            type_vocab_size: raw.type_vocab_size.unwrap_or(2),
+            eos_token_ids: raw.eos_token_id.map(EosIds::into_vec).unwrap_or_default(),
+            stored_dtype_bytes: dtype_bytes(raw.torch_dtype.as_deref().or(raw.dtype.as_deref())),
+            default_task,
+        })
+    }
+
+    /// The config of a preset (see [`preset_names`]); `name` without the `preset:` prefix.
+    pub fn from_preset(name: &str) -> anyhow::Result<Self> {
+        // (hidden, intermediate, layers, heads, kv heads, vocab, max positions, tied, task)
+        let (h, i, l, nh, nkv, vocab, max_pos, tied, task) = match name {
+            "qwen3-tiny" => (64, 128, 2, 4, 2, 512, 4096, false, Task::Generate),
+            "qwen3-0.6b" => (1024, 3072, 28, 16, 8, 151_936, 40_960, true, Task::Generate),
+            "qwen3-1.7b" => (2048, 6144, 28, 16, 8, 151_936, 40_960, true, Task::Generate),
+            "qwen3-4b" => (2560, 9728, 36, 32, 8, 151_936, 40_960, true, Task::Generate),
+            "qwen3-8b" => (4096, 12_288, 36, 32, 8, 151_936, 40_960, false, Task::Generate),
+            "qwen3-embedding-0.6b" => (1024, 3072, 28, 16, 8, 151_669, 32_768, true, Task::Embed),
+            "qwen3-embedding-8b" => (4096, 12_288, 36, 32, 8, 151_665, 40_960, false, Task::Embed),
+            other => anyhow::bail!("unknown preset {other:?}; presets: {}", PRESETS.join(", ")),
+        };
+        let tiny = name == "qwen3-tiny";
+        Ok(Self {
+            arch: Arch::Qwen3,
+            vocab_size: vocab,
+            hidden_size: h,
+            intermediate_size: i,
+            num_hidden_layers: l,
+            num_attention_heads: nh,
+            num_key_value_heads: nkv,
+            head_dim: if tiny { 16 } else { 128 },
+            max_position_embeddings: max_pos,
+            norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            tie_word_embeddings: tied,
+            type_vocab_size: 0,
+            eos_token_ids: if tiny { vec![crate::tokenizer::BYTE_LEVEL_EOS] } else { vec![151_645, 151_643] },
+            stored_dtype_bytes: if tiny { 4 } else { 2 },
+            default_task: task,
+        })
+    }
+
+    /// Number of parameters the engine loads (BERT's unused pooler excluded).
+    pub fn num_parameters(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        match self.arch {
+            Arch::Qwen3 => {
+                let q = self.num_attention_heads * self.head_dim;
+                let kv = self.num_key_value_heads * self.head_dim;
+                let per_layer = h * q + 2 * h * kv + q * h + 2 * self.head_dim + 2 * h + 3 * h * i;
+                let head = if self.tie_word_embeddings { 0 } else { v * h };
+                v * h + self.num_hidden_layers * per_layer + h + head
+            }
+            Arch::Bert => {
+                let emb = (v + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h;
+                let per_layer = 4 * (h * h + h) + 2 * (2 * h) + (h * i + i) + (i * h + h);
+                emb + self.num_hidden_layers * per_layer
+            }
+        }
+    }
+
+    /// Bytes the weights take with `dtype_bytes` per element.
+    pub fn weight_bytes(&self, dtype_bytes: usize) -> usize {
+        self.num_parameters() * dtype_bytes
+    }
+
+    /// Bytes of K and V for one token over all layers with `dtype_bytes` per element
+    /// (0 for encoders, which keep no KV cache).
+    pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
+        match self.arch {
+            Arch::Qwen3 => 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes,
+            Arch::Bert => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_have_the_published_sizes() {
+        // Parameter counts published on the model cards (incl. embeddings): 0.6B, 1.7B, 4.0B, 8.2B.
+        let billions = |n: &str| ModelConfig::from_preset(n).unwrap().num_parameters() as f64 / 1e9;
+        assert!((billions("qwen3-0.6b") - 0.596).abs() < 0.01, "{}", billions("qwen3-0.6b"));
+        assert!((billions("qwen3-1.7b") - 1.72).abs() < 0.02, "{}", billions("qwen3-1.7b"));
+        assert!((billions("qwen3-4b") - 4.02).abs() < 0.03, "{}", billions("qwen3-4b"));
+        assert!((billions("qwen3-8b") - 8.19).abs() < 0.03, "{}", billions("qwen3-8b"));
+        // Qwen3-8B bf16 KV: 36 layers * 8 kv heads * 128 * 2 (K,V) * 2 bytes = 147456 bytes/token.
+        assert_eq!(ModelConfig::from_preset("qwen3-8b").unwrap().kv_bytes_per_token(2), 147_456);
+        assert!(ModelConfig::from_preset("nope").is_err());
+        for n in preset_names() {
+            ModelConfig::from_preset(n).unwrap();
+        }
+    }
+
+    #[test]
+    fn reads_rope_theta_in_both_spellings() {
+        let base = r#""model_type":"qwen3","vocab_size":8,"hidden_size":4,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":2,"max_position_embeddings":16"#;
+        let top = ModelConfig::from_json(&format!("{{{base},\"rope_theta\":5.0}}")).unwrap();
+        assert_eq!(top.rope_theta, 5.0);
+        let nested = ModelConfig::from_json(&format!("{{{base},\"rope_parameters\":{{\"rope_theta\":7.0}}}}")).unwrap();
+        assert_eq!(nested.rope_theta, 7.0);
+        let err = ModelConfig::from_json(&format!("{{{}}}", base.replace("qwen3", "llama"))).unwrap_err();
+        assert!(err.to_string().contains("llama"), "{err}");
+    }
+}

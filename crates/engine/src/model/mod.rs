@@ -1,0 +1,130 @@
+//! Model architectures, written only against [`crate::backend::Backend`] ops, with names
+//! mirroring the Hugging Face parameter names. `config` holds the configs and the memory
+//! formulas; [`StepBuilder`] flattens a step's sequences into the varlen layout
+//! ([`StepMeta`]) the backend receives once per step.
+
+pub mod bert;
+pub mod config;
+pub mod qwen3;
+
+use crate::backend::StepMeta;
+use crate::runner::{SampleSpec, SeqStep};
+
+/// Reusable host buffers for a step's metadata: no allocation per step once warm.
+#[derive(Debug, Default)]
+pub struct StepBuilder {
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    seq_starts: Vec<u32>,
+    context_lens: Vec<u32>,
+    block_tables: Vec<u32>,
+    slot_mapping: Vec<u32>,
+    sample_rows: Vec<u32>,
+}
+
+impl StepBuilder {
+    fn clear(&mut self) {
+        self.tokens.clear();
+        self.positions.clear();
+        self.seq_starts.clear();
+        self.context_lens.clear();
+        self.block_tables.clear();
+        self.slot_mapping.clear();
+        self.sample_rows.clear();
+    }
+
+    /// A paged step from the scheduler's sequences. Checks token ids against `vocab` and
+    /// block tables against `num_blocks`, so bad input is an error, never a panic.
+    pub fn paged<'a>(
+        &'a mut self,
+        seqs: &[SeqStep<'_>],
+        samples: &'a [SampleSpec<'a>],
+        block_size: usize,
+        num_blocks: usize,
+        vocab: usize,
+    ) -> anyhow::Result<StepMeta<'a>> {
+        self.clear();
+        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0);
+        self.seq_starts.push(0);
+        for s in seqs {
+            if s.tokens.is_empty() {
+                anyhow::bail!("a step sequence has no tokens");
+            }
+            let ctx = s.start_pos + s.tokens.len();
+            if s.block_table.len() * block_size < ctx {
+                anyhow::bail!(
+                    "block table of {} blocks x {block_size} does not cover {ctx} tokens",
+                    s.block_table.len()
+                );
+            }
+            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= num_blocks) {
+                anyhow::bail!("block id {b} out of range (cache has {num_blocks} blocks)");
+            }
+            for (i, &t) in s.tokens.iter().enumerate() {
+                if t as usize >= vocab {
+                    anyhow::bail!("token id {t} out of range (vocab size {vocab})");
+                }
+                let p = s.start_pos + i;
+                self.tokens.push(t);
+                self.positions.push(p as u32);
+                let block = s.block_table[p / block_size];
+                self.slot_mapping.push(block * block_size as u32 + (p % block_size) as u32);
+            }
+            self.block_tables.extend_from_slice(s.block_table);
+            self.block_tables.resize(self.block_tables.len() + max_blocks - s.block_table.len(), 0);
+            self.context_lens.push(ctx as u32);
+            self.seq_starts.push(self.tokens.len() as u32);
+            if s.sample.is_some() {
+                self.sample_rows.push(self.tokens.len() as u32 - 1);
+            }
+        }
+        Ok(StepMeta {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            seq_starts: &self.seq_starts,
+            context_lens: &self.context_lens,
+            block_tables: &self.block_tables,
+            max_blocks_per_seq: max_blocks,
+            block_size,
+            slot_mapping: &self.slot_mapping,
+            sample_rows: &self.sample_rows,
+            samples,
+        })
+    }
+
+    /// A dense (no KV cache) step over whole inputs, positions from 0: encoders and
+    /// decoders used as embedders. The last row of each input is a sample row.
+    pub fn dense<'a>(&'a mut self, inputs: &[&[u32]], vocab: usize, max_len: usize) -> anyhow::Result<StepMeta<'a>> {
+        self.clear();
+        self.seq_starts.push(0);
+        for (n, input) in inputs.iter().enumerate() {
+            if input.is_empty() {
+                anyhow::bail!("input {n} is empty");
+            }
+            if input.len() > max_len {
+                anyhow::bail!("input {n} has {} tokens, more than the model's maximum of {max_len}", input.len());
+            }
+            for (p, &t) in input.iter().enumerate() {
+                if t as usize >= vocab {
+                    anyhow::bail!("token id {t} out of range (vocab size {vocab})");
+                }
+                self.tokens.push(t);
+                self.positions.push(p as u32);
+            }
+            self.seq_starts.push(self.tokens.len() as u32);
+            self.sample_rows.push(self.tokens.len() as u32 - 1);
+        }
+        Ok(StepMeta {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            seq_starts: &self.seq_starts,
+            context_lens: &[],
+            block_tables: &[],
+            max_blocks_per_seq: 0,
+            block_size: 0,
+            slot_mapping: &[],
+            sample_rows: &self.sample_rows,
+            samples: &[],
+        })
+    }
+}
