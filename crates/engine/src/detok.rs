@@ -1,0 +1,181 @@
+//! Incremental detokenization and stop strings for one generated sequence.
+//!
+//! Port of vLLM's incremental detokenizer: decode a short window of recent tokens twice
+//! (with and without the newest) and take the difference, holding the text back while it
+//! ends in U+FFFD (a UTF-8 character split across tokens), so a stream never carries broken
+//! characters. Stop strings are searched in the decoded text; the output is truncated at
+//! the stop string. While streaming, the last `max_stop_len - 1` bytes are held back so a
+//! stop string that arrives split over tokens is never half-sent.
+
+/// Anything that turns token ids back into text (the engine's tokenizer, or a test one).
+pub trait Detokenize: Send + Sync {
+    fn decode(&self, ids: &[u32]) -> anyhow::Result<String>;
+}
+
+/// The text state of one sequence's output.
+#[derive(Debug, Default)]
+pub struct OutputText {
+    /// Everything decoded so far (truncated at a stop string once one is found).
+    text: String,
+    /// Bytes of `text` already handed out.
+    sent: usize,
+    prefix_offset: usize,
+    read_offset: usize,
+    stop: Vec<String>,
+    /// Longest stop string in bytes.
+    max_stop_len: usize,
+}
+
+impl OutputText {
+    pub fn new(stop: Vec<String>) -> Self {
+        let max_stop_len = stop.iter().map(String::len).max().unwrap_or(0);
+        OutputText {
+            stop,
+            max_stop_len,
+            ..Default::default()
+        }
+    }
+
+    /// Decodes the newest of `output` (all output ids so far). Returns true when a stop
+    /// string was found (the text is then truncated before it) and `check_stop` is true.
+    pub fn push(
+        &mut self,
+        tok: &dyn Detokenize,
+        output: &[u32],
+        check_stop: bool,
+    ) -> anyhow::Result<bool> {
+        let prefix = tok.decode(&output[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&output[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
+            // The window's prefix can re-decode differently (rare with byte-level BPE);
+            // fall back to the common prefix so nothing is duplicated or split.
+            let cut = if full.starts_with(&prefix) {
+                prefix.len()
+            } else {
+                common_prefix_len(&prefix, &full)
+            };
+            let old_len = self.text.len();
+            self.text.push_str(&full[cut..]);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = output.len();
+            if check_stop && !self.stop.is_empty() {
+                let from = floor_char_boundary(
+                    &self.text,
+                    old_len.saturating_sub(self.max_stop_len.saturating_sub(1)),
+                );
+                let hit = self
+                    .stop
+                    .iter()
+                    .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
+                    .min();
+                if let Some(pos) = hit {
+                    self.text.truncate(pos);
+                    self.sent = self.sent.min(pos);
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// The text that may be sent now: everything when `finished`, else all but what could
+    /// still become the start of a stop string. Advances the sent mark.
+    pub fn take_delta(&mut self, finished: bool) -> &str {
+        let limit = if finished || self.max_stop_len <= 1 {
+            self.text.len()
+        } else {
+            floor_char_boundary(
+                &self.text,
+                self.text.len().saturating_sub(self.max_stop_len - 1),
+            )
+        };
+        if limit <= self.sent {
+            return "";
+        }
+        let start = self.sent;
+        self.sent = limit;
+        &self.text[start..limit]
+    }
+
+    /// All text decoded so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    floor_char_boundary(b, n)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// One token per byte; ids >= 256 are specials that decode to nothing (like the
+    /// engine's byte-level tokenizer).
+    pub struct Bytes;
+
+    impl Detokenize for Bytes {
+        fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+            let b: Vec<u8> = ids.iter().filter(|&&i| i < 256).map(|&i| i as u8).collect();
+            Ok(String::from_utf8_lossy(&b).into_owned())
+        }
+    }
+
+    fn feed(o: &mut OutputText, ids: &[u32]) -> (String, bool) {
+        let mut out = String::new();
+        for n in 1..=ids.len() {
+            let stopped = o.push(&Bytes, &ids[..n], true).unwrap();
+            out.push_str(o.take_delta(stopped));
+            if stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(o.take_delta(true));
+        (out, false)
+    }
+
+    #[test]
+    fn multibyte_characters_are_never_split() {
+        let s = "a€b😀";
+        let ids: Vec<u32> = s.bytes().map(u32::from).collect();
+        let mut o = OutputText::new(vec![]);
+        let mut deltas = vec![];
+        for n in 1..=ids.len() {
+            o.push(&Bytes, &ids[..n], true).unwrap();
+            let d = o.take_delta(false).to_string();
+            assert!(!d.contains('\u{FFFD}'));
+            deltas.push(d);
+        }
+        assert_eq!(deltas.concat(), s);
+        assert_eq!(deltas[1], "", "first byte of € held back");
+    }
+
+    #[test]
+    fn stop_string_truncates_and_is_not_sent() {
+        let ids: Vec<u32> = "hello world, bye".bytes().map(u32::from).collect();
+        let mut o = OutputText::new(vec!["wor".into(), "zz".into()]);
+        let (out, stopped) = feed(&mut o, &ids);
+        assert!(stopped);
+        assert_eq!(out, "hello ");
+        assert_eq!(o.text(), "hello ");
+    }
+
+    #[test]
+    fn no_stop_sends_everything() {
+        let ids: Vec<u32> = "abc".bytes().map(u32::from).chain([256]).collect();
+        let mut o = OutputText::new(vec!["xyz".into()]);
+        let (out, stopped) = feed(&mut o, &ids);
+        assert!(!stopped);
+        assert_eq!(out, "abc");
+    }
+}

@@ -1,0 +1,248 @@
+//! Prometheus metrics of the engine, named like vLLM's (`vllm:` becomes `colocate:`), so
+//! dashboards and the bench's cross-check read the same counters.
+//!
+//! Written by the scheduler thread, read by `GET /metrics`: every value is a relaxed atomic,
+//! so the hot path never takes a lock. The text exposition format is rendered by hand (a
+//! few dozen lines) because the Rust Prometheus clients either rewrite metric names (the
+//! `:` namespace separator, `_total` suffixes) or lock per observation.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A cumulative histogram over fixed bucket bounds (seconds).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Non-cumulative counts per bucket, plus one for +Inf.
+    counts: Vec<AtomicU64>,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation of `secs` seconds.
+    pub fn observe(&self, secs: f64) {
+        let i = self.bounds.partition_point(|b| *b < secs);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add((secs * 1e9) as u64, Relaxed);
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cum += c.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        cum += self.counts[self.bounds.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cum}");
+    }
+}
+
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+];
+const TPOT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+    0.75, 1.0, 2.5,
+];
+const E2E_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+    60.0, 120.0,
+];
+
+/// All engine metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    pub requests_running: AtomicU64,
+    pub requests_waiting: AtomicU64,
+    pub kv_blocks_used: AtomicU64,
+    pub kv_blocks_total: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub requests_finished_stop: AtomicU64,
+    pub requests_finished_length: AtomicU64,
+    pub requests_aborted: AtomicU64,
+    pub requests_rejected: AtomicU64,
+    pub embedding_sequences: AtomicU64,
+    pub ttft: Histogram,
+    pub tpot: Histogram,
+    pub e2e: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests_running: AtomicU64::new(0),
+            requests_waiting: AtomicU64::new(0),
+            kv_blocks_used: AtomicU64::new(0),
+            kv_blocks_total: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            generation_tokens: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
+            requests_finished_stop: AtomicU64::new(0),
+            requests_finished_length: AtomicU64::new(0),
+            requests_aborted: AtomicU64::new(0),
+            requests_rejected: AtomicU64::new(0),
+            embedding_sequences: AtomicU64::new(0),
+            ttft: Histogram::new(TTFT_BUCKETS),
+            tpot: Histogram::new(TPOT_BUCKETS),
+            e2e: Histogram::new(E2E_BUCKETS),
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric, labelled with the served model name.
+    pub fn render(&self, model_name: &str) -> String {
+        let mut out = String::with_capacity(8192);
+        let label = format!("{{model_name=\"{}\"}}", model_name.replace('"', "'"));
+        let gauge = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(
+                out,
+                "# HELP colocate:{name} {help}\n# TYPE colocate:{name} gauge\ncolocate:{name}{label} {}",
+                v.load(Relaxed)
+            );
+        };
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(
+                out,
+                "# HELP colocate:{name} {help}\n# TYPE colocate:{name} counter\ncolocate:{name}{label} {}",
+                v.load(Relaxed)
+            );
+        };
+        gauge(
+            &mut out,
+            "num_requests_running",
+            "Requests in the running batch.",
+            &self.requests_running,
+        );
+        gauge(
+            &mut out,
+            "num_requests_waiting",
+            "Requests waiting to be scheduled (including preempted ones).",
+            &self.requests_waiting,
+        );
+        gauge(
+            &mut out,
+            "kv_cache_blocks_used",
+            "KV cache blocks held by sequences.",
+            &self.kv_blocks_used,
+        );
+        gauge(
+            &mut out,
+            "kv_cache_blocks_total",
+            "KV cache blocks in the budget.",
+            &self.kv_blocks_total,
+        );
+        let total = self.kv_blocks_total.load(Relaxed);
+        let used = self.kv_blocks_used.load(Relaxed);
+        let perc = if total == 0 {
+            0.0
+        } else {
+            used as f64 / total as f64
+        };
+        let _ = writeln!(
+            out,
+            "# HELP colocate:kv_cache_usage_perc Fraction of KV cache blocks in use.\n# TYPE colocate:kv_cache_usage_perc gauge\ncolocate:kv_cache_usage_perc{label} {perc}"
+        );
+        counter(
+            &mut out,
+            "prompt_tokens_total",
+            "Prompt tokens admitted (each request counted once, recomputation not).",
+            &self.prompt_tokens,
+        );
+        counter(
+            &mut out,
+            "generation_tokens_total",
+            "Tokens generated.",
+            &self.generation_tokens,
+        );
+        counter(
+            &mut out,
+            "num_preemptions_total",
+            "Sequences preempted (KV freed, recomputed later).",
+            &self.preemptions,
+        );
+        counter(
+            &mut out,
+            "request_rejected_total",
+            "Requests refused because the waiting queue was full.",
+            &self.requests_rejected,
+        );
+        counter(
+            &mut out,
+            "embedding_sequences_total",
+            "Sequences embedded.",
+            &self.embedding_sequences,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP colocate:request_success_total Finished requests by reason.\n# TYPE colocate:request_success_total counter"
+        );
+        let m = model_name.replace('"', "'");
+        for (reason, v) in [
+            ("stop", &self.requests_finished_stop),
+            ("length", &self.requests_finished_length),
+            ("abort", &self.requests_aborted),
+        ] {
+            let _ = writeln!(
+                out,
+                "colocate:request_success_total{{model_name=\"{m}\",finished_reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        self.ttft.render(
+            &mut out,
+            "colocate:time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+        );
+        self.tpot.render(
+            &mut out,
+            "colocate:time_per_output_token_seconds",
+            "Time between consecutive generated tokens of a request.",
+        );
+        self.e2e.render(
+            &mut out,
+            "colocate:e2e_request_latency_seconds",
+            "Time from arrival to the last token.",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.generation_tokens.fetch_add(5, Relaxed);
+        m.ttft.observe(0.003);
+        m.ttft.observe(100.0);
+        let t = m.render("qwen");
+        assert!(t.contains("colocate:generation_tokens_total{model_name=\"qwen\"} 5\n"));
+        assert!(t.contains("colocate:time_to_first_token_seconds_bucket{le=\"0.001\"} 0\n"));
+        assert!(t.contains("colocate:time_to_first_token_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(t.contains("colocate:time_to_first_token_seconds_bucket{le=\"80\"} 1\n"));
+        assert!(t.contains("colocate:time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(t.contains("colocate:time_to_first_token_seconds_count 2\n"));
+    }
+}
