@@ -5,3 +5,8 @@ pub mod kv;
 pub mod metrics;
 pub mod scheduler;
 pub mod runner;
+pub mod backend;
+pub mod load;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
