@@ -1,0 +1,86 @@
+//! `colocate gpu` end to end. Without a GPU (CI) every subcommand must fail with the
+//! plain no-GPU message and a non-zero exit, never a panic; the ignored test runs the
+//! real round trip on the GPU machine (scripts/gpu/gpu-tests.sh).
+use std::process::{Command, Output};
+
+fn colocate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_colocate")).args(args).output().expect("running colocate")
+}
+
+fn has_gpu() -> bool {
+    std::path::Path::new("/dev/nvidiactl").exists()
+}
+
+#[test]
+fn every_gpu_subcommand_says_no_gpu_without_one() {
+    if has_gpu() {
+        eprintln!("skipped: this machine has an NVIDIA driver (the GPU round trip covers it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["gpu", "info"],
+        vec!["gpu", "info", "--json"],
+        vec!["gpu", "monitor", "--duration", "1s"],
+        vec!["gpu", "monitor", "--out", "x.csv", "--duration", "1s"],
+        vec!["gpu", "mps", "start", "--dir", dir],
+        vec!["gpu", "mps", "status", "--dir", dir],
+        vec!["gpu", "mps", "stop", "--dir", dir],
+        vec!["gpu", "mig", "list"],
+    ];
+    for args in cases {
+        let out = colocate(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("no NVIDIA driver or GPU found"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let out = colocate(&["gpu", "monitor", "--interval", "fast"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--interval"), "{stderr}");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU with MPS"]
+fn cli_round_trip_on_the_gpu() {
+    let out = colocate(&["gpu", "info", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("{}", serde_json::to_string_pretty(&info).unwrap());
+    assert!(info[0]["memory_total_bytes"].as_u64().unwrap() > 0);
+
+    let tmp = tempfile::Builder::new().prefix("mpscli").tempdir_in("/tmp").unwrap();
+    let csv = tmp.path().join("t.csv");
+    let out = colocate(&["gpu", "monitor", "--interval", "250ms", "--duration", "2s", "--out", csv.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(text.lines().count() >= 5, "{text}");
+    println!("monitor: {}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tmp.path().join("mps");
+    let dir = dir.to_str().unwrap();
+    let out = colocate(&["gpu", "mps", "start", "--dir", dir, "--active-thread-percentage", "40", "--pinned-mem", "0=8GiB"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE='40'"), "{stdout}");
+    assert!(stdout.contains("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT='0=8192M'"), "{stdout}");
+    let pid: u32 = std::fs::read_to_string(format!("{dir}/pipe/nvidia-cuda-mps-control.pid")).unwrap().trim().parse().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let again = colocate(&["gpu", "mps", "start", "--dir", dir]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already serves"));
+    let out = colocate(&["gpu", "mps", "status", "--dir", dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    println!("status: {}", String::from_utf8_lossy(&out.stdout));
+    let out = colocate(&["gpu", "mps", "stop", "--dir", dir, "--drain", "2s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "daemon {pid} left running");
+    let out = colocate(&["gpu", "mps", "status", "--dir", dir]);
+    assert_eq!(out.status.code(), Some(1));
+}
