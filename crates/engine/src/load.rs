@@ -143,7 +143,8 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
             eos = e;
         }
     }
-    if tokenizer.is_byte_level() {
+    // A preset's dummy model speaks the byte-level tokenizer; a folder keeps its own EOS.
+    if tokenizer.is_byte_level() && dir.is_none() {
         eos = vec![tokenizer::BYTE_LEVEL_EOS];
     }
     if tokenizer.vocab_size() > config.vocab_size && !tokenizer.is_byte_level() {

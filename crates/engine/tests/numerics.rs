@@ -1,0 +1,279 @@
+//! Numerics of the model side against Hugging Face references (`testdata/`, copied from
+//! the shared fixtures: transformers for a tiny Qwen3, sentence-transformers for
+//! all-MiniLM-L6-v2), and self-consistency of paged attention across chunkings and
+//! scattered block tables. Everything goes through `engine::load::load`, the same path
+//! as `colocate serve`.
+
+use std::path::{Path, PathBuf};
+
+use engine::load::{load, Device, LoadFormat, LoadOptions, Loaded, LoadedModel};
+use engine::runner::{Embedder, Generator, SampleSpec, SeqStep, Task};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn opts(model: &str, task: Option<Task>, load_format: LoadFormat) -> LoadOptions {
+    LoadOptions { model: model.to_string(), task, load_format, device: Device::Cpu, seed: 7 }
+}
+
+fn generator(l: Loaded) -> Box<dyn Generator> {
+    match l.model {
+        LoadedModel::Generator(g) => g,
+        LoadedModel::Embedder(_) => panic!("expected a generator"),
+    }
+}
+
+fn embedder(l: Loaded) -> Box<dyn Embedder> {
+    match l.model {
+        LoadedModel::Embedder(e) => e,
+        LoadedModel::Generator(_) => panic!("expected an embedder"),
+    }
+}
+
+fn tiny_dir() -> String {
+    root().join("testdata/qwen3-tiny").display().to_string()
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+    let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
+    diff / norm
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+const GREEDY: SampleSpec<'static> = SampleSpec { temperature: 0.0, top_p: 1.0, top_k: 0, uniform: 0.5, masked: &[] };
+
+/// A block table that is deliberately not in order: blocks of a sequence are scattered.
+fn scattered_table(n: usize, offset: u32, num_blocks: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7 + offset) % num_blocks).collect()
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn reference(path: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join(path)).unwrap()).unwrap()
+}
+
+#[test]
+fn qwen3_tiny_matches_transformers() {
+    let r = reference("testdata/qwen3-tiny/reference.json");
+    let loaded = load(&opts(&tiny_dir(), Some(Task::Generate), LoadFormat::Auto)).unwrap();
+    assert_eq!(loaded.info.eos_token_ids, vec![2]);
+    assert_eq!(loaded.info.vocab_size, 512);
+    // 2 layers * 2 kv heads * 16 * (K, V) * 4 bytes
+    assert_eq!(loaded.info.kv_bytes_per_token, 2 * 2 * 16 * 2 * 4);
+    let mut g = generator(loaded);
+    g.init_kv_cache(61, 4).unwrap();
+    for item in r["items"].as_array().unwrap() {
+        let ids = u32s(&item["input_ids"]);
+        let table = scattered_table(ids.len().div_ceil(4) + 2, 3, 61);
+
+        // Whole prompt in one prefill: last-position logits.
+        let seq = SeqStep { tokens: &ids, start_pos: 0, block_table: &table, sample: Some(GREEDY) };
+        let logits = g.step_logits(&[seq]).unwrap().remove(0);
+        let want = f32s(&item["last_logits"]);
+        let err = rel_err(&logits, &want);
+        eprintln!("qwen3-tiny prompt of {} tokens: last-logits rel err {err:.2e}", ids.len());
+        assert!(err < 1e-4, "prompt of {} tokens: logits rel err {err}", ids.len());
+
+        // Token by token through the decode path: the argmax at every position.
+        let argmax_want = u32s(&item["argmax_per_position"]);
+        for (p, &t) in ids.iter().enumerate() {
+            let seq = SeqStep { tokens: std::slice::from_ref(&t), start_pos: p, block_table: &table, sample: Some(GREEDY) };
+            let l = g.step_logits(&[seq]).unwrap().remove(0);
+            assert_eq!(argmax(&l), argmax_want[p], "argmax at position {p}");
+        }
+
+        // Greedy generation: prefill samples the first token, decode the rest.
+        let want_tokens = u32s(&item["greedy_8"]);
+        let table = scattered_table((ids.len() + 8).div_ceil(4), 11, 61);
+        let mut got = Vec::new();
+        let seq = SeqStep { tokens: &ids, start_pos: 0, block_table: &table, sample: Some(GREEDY) };
+        got.push(g.step(&[seq]).unwrap()[0]);
+        while got.len() < want_tokens.len() {
+            let pos = ids.len() + got.len() - 1;
+            let last = [*got.last().unwrap()];
+            let seq = SeqStep { tokens: &last, start_pos: pos, block_table: &table, sample: Some(GREEDY) };
+            got.push(g.step(&[seq]).unwrap()[0]);
+        }
+        assert_eq!(got, want_tokens, "greedy tokens");
+    }
+}
+
+#[test]
+fn qwen3_tiny_embedding_matches_transformers() {
+    let r = reference("testdata/qwen3-tiny/reference.json");
+    let mut e = embedder(load(&opts(&tiny_dir(), Some(Task::Embed), LoadFormat::Auto)).unwrap());
+    let items = r["items"].as_array().unwrap();
+    let inputs: Vec<Vec<u32>> = items.iter().map(|i| u32s(&i["input_ids"])).collect();
+    let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+    // All prompts in one batch: packing must not mix sequences.
+    let got = e.embed(&refs).unwrap();
+    for (item, emb) in items.iter().zip(&got) {
+        let want = f32s(&item["embedding_last_token"]);
+        assert!(rel_err(emb, &want) < 1e-4, "embedding rel err {}", rel_err(emb, &want));
+        assert!(cosine(emb, &want) > 0.99999);
+    }
+}
+
+/// Logits of the last position of `ids` after feeding it in `chunks` (sizes), each chunk
+/// one step, with the given block table.
+fn chunked_logits(g: &mut dyn Generator, ids: &[u32], chunks: &[usize], table: &[u32]) -> Vec<f32> {
+    let mut pos = 0;
+    let mut out = Vec::new();
+    for &n in chunks {
+        let last = pos + n == ids.len();
+        let seq = SeqStep { tokens: &ids[pos..pos + n], start_pos: pos, block_table: table, sample: last.then_some(GREEDY) };
+        let l = g.step_logits(&[seq]).unwrap();
+        assert_eq!(l.len(), usize::from(last));
+        out = l.into_iter().next().unwrap_or_default();
+        pos += n;
+    }
+    assert_eq!(pos, ids.len());
+    out
+}
+
+#[test]
+fn paged_attention_is_independent_of_chunking_and_block_layout() {
+    let mut g = generator(load(&opts("preset:qwen3-tiny", None, LoadFormat::Dummy)).unwrap());
+    g.init_kv_cache(97, 4).unwrap();
+    let ids: Vec<u32> = (0..37u32).map(|i| (i * 31 + 5) % 256).collect();
+    let whole = chunked_logits(&mut *g, &ids, &[37], &scattered_table(10, 1, 97));
+    let chunks = chunked_logits(&mut *g, &ids, &[5, 7, 13, 12], &scattered_table(10, 40, 97));
+    let mut singles = vec![1; 37];
+    singles[0] = 3;
+    singles.truncate(35);
+    let decode = chunked_logits(&mut *g, &ids, &singles, &scattered_table(10, 77, 97));
+    assert!(rel_err(&chunks, &whole) < 1e-5, "chunked vs whole {}", rel_err(&chunks, &whole));
+    assert!(rel_err(&decode, &whole) < 1e-5, "token by token vs whole {}", rel_err(&decode, &whole));
+
+    // Two sequences in one step (one prefill chunk with prior context, one decode token)
+    // give the same logits as each alone.
+    let t1 = scattered_table(10, 2, 97);
+    let t2 = scattered_table(10, 50, 97);
+    chunked_logits(&mut *g, &ids[..20], &[20], &t1);
+    let other: Vec<u32> = (0..9u32).map(|i| (i * 13 + 1) % 256).collect();
+    chunked_logits(&mut *g, &other[..8], &[8], &t2);
+    let batch = g
+        .step_logits(&[
+            SeqStep { tokens: &ids[20..], start_pos: 20, block_table: &t1, sample: Some(GREEDY) },
+            SeqStep { tokens: &other[8..], start_pos: 8, block_table: &t2, sample: Some(GREEDY) },
+        ])
+        .unwrap();
+    let alone = chunked_logits(&mut *g, &other, &[9], &scattered_table(10, 60, 97));
+    assert!(rel_err(&batch[0], &whole) < 1e-5);
+    assert!(rel_err(&batch[1], &alone) < 1e-5);
+}
+
+#[test]
+fn dummy_weights_are_seeded() {
+    let logits = |seed: u64| {
+        let mut o = opts("preset:qwen3-tiny", None, LoadFormat::Dummy);
+        o.seed = seed;
+        let mut g = generator(load(&o).unwrap());
+        g.init_kv_cache(8, 16).unwrap();
+        let seq = SeqStep { tokens: &[1, 2, 3], start_pos: 0, block_table: &[5], sample: Some(GREEDY) };
+        g.step_logits(&[seq]).unwrap().remove(0)
+    };
+    assert_eq!(logits(1), logits(1));
+    assert!(rel_err(&logits(1), &logits(2)) > 0.1);
+}
+
+#[test]
+fn bad_steps_are_errors_not_panics() {
+    let mut g = generator(load(&opts("preset:qwen3-tiny", None, LoadFormat::Dummy)).unwrap());
+    let seq = SeqStep { tokens: &[1, 2], start_pos: 0, block_table: &[0], sample: Some(GREEDY) };
+    assert!(g.step(&[seq]).unwrap_err().to_string().contains("init_kv_cache"));
+    g.init_kv_cache(4, 4).unwrap();
+    let bad_token = SeqStep { tokens: &[100_000], start_pos: 0, block_table: &[0], sample: Some(GREEDY) };
+    assert!(g.step(&[bad_token]).unwrap_err().to_string().contains("token id"));
+    let short_table = SeqStep { tokens: &[1; 9], start_pos: 0, block_table: &[0, 1], sample: Some(GREEDY) };
+    assert!(g.step(&[short_table]).is_err());
+    let bad_block = SeqStep { tokens: &[1], start_pos: 0, block_table: &[9], sample: Some(GREEDY) };
+    assert!(g.step(&[bad_block]).unwrap_err().to_string().contains("block id"));
+}
+
+#[test]
+fn load_errors_name_the_path_or_flag() {
+    let err = load(&opts("/nonexistent/model", None, LoadFormat::Auto)).err().unwrap();
+    assert!(format!("{err:#}").contains("/nonexistent/model"), "{err:#}");
+    let err = load(&opts("preset:qwen3-99b", None, LoadFormat::Dummy)).err().unwrap();
+    assert!(format!("{err:#}").contains("qwen3-tiny"), "lists presets: {err:#}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
+    let err = load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Auto)).err().unwrap();
+    assert!(format!("{err:#}").contains("config.json"), "{err:#}");
+    // Config fine but no weights: the message says so and names the folder.
+    std::fs::copy(root().join("testdata/qwen3-tiny/config.json"), dir.path().join("config.json")).unwrap();
+    let err = load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Auto)).err().unwrap();
+    assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
+    // ... and the same folder loads with dummy weights.
+    assert!(load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Dummy)).is_ok());
+}
+
+fn fetch_minilm() -> PathBuf {
+    let status = std::process::Command::new("bash")
+        .arg("scripts/fetch-minilm.sh")
+        .current_dir(root())
+        .status()
+        .expect("run scripts/fetch-minilm.sh");
+    assert!(status.success(), "scripts/fetch-minilm.sh failed");
+    root().join("models/all-minilm-l6-v2")
+}
+
+#[test]
+fn minilm_matches_sentence_transformers() {
+    let dir = fetch_minilm();
+    let r = reference("testdata/minilm-reference.json");
+    let loaded = load(&opts(dir.to_str().unwrap(), None, LoadFormat::Auto)).unwrap();
+    assert_eq!(loaded.info.task, Task::Embed);
+    assert_eq!(loaded.info.kv_bytes_per_token, 0);
+    let tok = loaded.tokenizer.clone();
+    let mut e = embedder(loaded);
+    let items = r["items"].as_array().unwrap();
+    let mut inputs = Vec::new();
+    for item in items {
+        let ids = tok.encode(item["text"].as_str().unwrap(), true).unwrap();
+        assert_eq!(ids, u32s(&item["input_ids"]), "ids of {:?}", item["text"]);
+        inputs.push(ids);
+    }
+    // The reference describes its input as "token repeated 400 times".
+    assert_eq!(r["truncation"]["text"], "token repeated 400 times");
+    let long = tok.encode(&vec!["token"; 400].join(" "), true).unwrap();
+    assert_eq!(long.len(), r["max_seq_length"].as_u64().unwrap() as usize, "truncated to max_seq_length");
+    assert_eq!(*long.last().unwrap(), 102, "[SEP] kept after truncation");
+    inputs.push(long);
+    let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+    let got = e.embed(&refs).unwrap();
+    let mut wants: Vec<Vec<f32>> = items.iter().map(|i| f32s(&i["embedding"])).collect();
+    wants.push(f32s(&r["truncation"]["embedding"]));
+    for (n, (g, w)) in got.iter().zip(&wants).enumerate() {
+        let c = cosine(g, w);
+        eprintln!("minilm input {n} ({} tokens): cosine {c:.7}", inputs[n].len());
+        assert!(c >= 0.9999, "input {n}: cosine {c}");
+    }
+}
