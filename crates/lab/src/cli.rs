@@ -1,11 +1,260 @@
 //! Command-line arguments of `colocate lab` and the function that runs it.
-//! PLACEHOLDER: the owner of this crate replaces this file.
+//!
+//! ```text
+//! colocate lab run examples/quickstart.toml [--dry-run] [--warmup 1s --duration 3s]
+//! colocate lab run --resume runs/<run>
+//! colocate lab report runs/<run>
+//! colocate lab compare runs/<a> runs/<b>
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::matrix::{describe, plan};
+use crate::report::{compare, render, CommandLines};
+use crate::results::{Results, SCHEMA_VERSION};
+use crate::runner::{now_rfc3339, run as run_plan, ProgressView};
+use crate::spec::Experiment;
 
 /// Arguments of `colocate lab`.
 #[derive(Debug, clap::Args)]
-pub struct LabArgs {}
+pub struct LabArgs {
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum LabCommand {
+    /// Run an experiment: every condition, then the report.
+    Run(RunArgs),
+    /// Re-render report.md and the plots of a run from its results.json.
+    Report {
+        /// The run folder (or its results.json).
+        run: PathBuf,
+    },
+    /// Print a comparison table of two runs.
+    Compare {
+        /// First run folder.
+        a: PathBuf,
+        /// Second run folder.
+        b: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The experiment file (TOML).
+    #[arg(required_unless_present = "resume")]
+    experiment: Option<PathBuf>,
+    /// Print the plan with its estimated time and exit.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue an interrupted run (its folder); finished conditions are kept.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "experiment")]
+    resume: Option<PathBuf>,
+    /// With --resume: measure failed conditions again.
+    #[arg(long, requires = "resume")]
+    retry_failed: bool,
+    /// Override the warm-up of every condition (e.g. `1s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    warmup: Option<Duration>,
+    /// Override the measurement window of every condition (e.g. `3s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Override the number of repetitions.
+    #[arg(long)]
+    repetitions: Option<u32>,
+    /// Folder the run folder is created in (default: the experiment's `runs_dir`, else `runs`).
+    #[arg(long)]
+    runs_dir: Option<PathBuf>,
+    /// Exact run folder to create instead of `<runs_dir>/<name>-<time>`.
+    #[arg(long, conflicts_with = "runs_dir")]
+    out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
 
 /// Runs `colocate lab`.
-pub fn run(_args: LabArgs) -> anyhow::Result<()> {
-    anyhow::bail!("colocate lab is not built yet")
+pub fn run(args: LabArgs) -> Result<()> {
+    match args.command {
+        LabCommand::Run(a) => run_cmd(a),
+        LabCommand::Report { run } => {
+            let results = Results::load(&run)?;
+            let dir = run_dir_of(&run);
+            let r = render(&results, &dir, command_lines())?;
+            println!("{}", r.headline);
+            println!("{}", r.recommendation);
+            println!("report: {}", r.report.display());
+            Ok(())
+        }
+        LabCommand::Compare { a, b } => {
+            let ra = Results::load(&a)?;
+            let rb = Results::load(&b)?;
+            println!("{}", compare(&ra, &rb));
+            Ok(())
+        }
+    }
+}
+
+fn run_dir_of(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.to_path_buf()
+    } else {
+        p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+fn run_cmd(a: RunArgs) -> Result<()> {
+    let (mut results, dir) = if let Some(dir) = &a.resume {
+        if a.warmup.is_some() || a.duration.is_some() || a.repetitions.is_some() {
+            bail!("--resume continues a run with its own settings; --warmup, --duration and --repetitions cannot change them");
+        }
+        let mut r = Results::load(dir)?;
+        if a.retry_failed {
+            r.conditions.retain(|c| c.failed.is_none());
+        }
+        (r, dir.clone())
+    } else {
+        let path = a.experiment.clone().context("an experiment file is needed")?;
+        let mut exp = Experiment::load(&path)?;
+        if let Some(w) = a.warmup {
+            exp.warmup = w;
+        }
+        if let Some(d) = a.duration {
+            if d.is_zero() {
+                bail!("--duration must be longer than zero");
+            }
+            exp.duration = d;
+        }
+        if let Some(n) = a.repetitions {
+            if n == 0 {
+                bail!("--repetitions must be at least 1");
+            }
+            exp.repetitions = n;
+        }
+        let planned = plan(&exp);
+        if a.dry_run {
+            print!("{}", describe(&exp, &planned));
+            check_deployments(&exp, &planned)?;
+            return Ok(());
+        }
+        check_deployments(&exp, &planned)?;
+        let dir = match &a.out {
+            Some(d) => d.clone(),
+            None => {
+                let base = a
+                    .runs_dir
+                    .clone()
+                    .or_else(|| exp.runs_dir.as_ref().map(PathBuf::from))
+                    .unwrap_or_else(|| PathBuf::from("runs"));
+                base.join(format!("{}-{}", exp.name, chrono::Utc::now().format("%Y%m%d-%H%M%S")))
+            }
+        };
+        if dir.join(crate::results::RESULTS_FILE).exists() {
+            bail!("{} already holds a run; use --resume {} to continue it", dir.display(), dir.display());
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let r = Results {
+            schema_version: SCHEMA_VERSION,
+            experiment: exp,
+            experiment_text: text,
+            experiment_path: path.display().to_string(),
+            environment: environment(),
+            started_at: now_rfc3339(),
+            updated_at: now_rfc3339(),
+            complete: false,
+            command: command_line(),
+            conditions: Vec::new(),
+        };
+        r.save(&dir)?;
+        (r, dir)
+    };
+    if a.dry_run {
+        print!("{}", describe(&results.experiment, &plan(&results.experiment)));
+        return Ok(());
+    }
+    let total = plan(&results.experiment).len();
+    let done = results.conditions.len();
+    eprintln!(
+        "lab: {} — {total} conditions ({done} already done), results in {}",
+        results.experiment.name,
+        dir.display()
+    );
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut harness = harness(&results.experiment, a.quiet, cancel.clone())?;
+    let view = ProgressView::new(total, done, a.quiet);
+    run_plan(&mut results, &dir, harness.as_mut(), &cancel, &view)?;
+    drop(harness);
+    let r = render(&results, &dir, command_lines())?;
+    println!("{}", r.headline);
+    println!("{}", r.recommendation);
+    if !results.complete {
+        println!(
+            "run incomplete ({}/{total} conditions); continue with: colocate lab run --resume {}",
+            results.conditions.len(),
+            dir.display()
+        );
+    }
+    println!("report: {}", r.report.display());
+    Ok(())
+}
+
+#[cfg(feature = "measure")]
+fn environment() -> crate::results::Environment {
+    crate::measure::environment()
+}
+
+#[cfg(not(feature = "measure"))]
+fn environment() -> crate::results::Environment {
+    let mut e = crate::results::host_environment();
+    e.gpu_unavailable = Some("built without the measure feature".into());
+    e
+}
+
+#[cfg(feature = "measure")]
+fn harness(
+    exp: &Experiment,
+    quiet: bool,
+    cancel: Arc<AtomicBool>,
+) -> Result<Box<dyn crate::runner::Harness>> {
+    Ok(Box::new(crate::measure::RealHarness::new(exp, quiet, cancel)?))
+}
+
+#[cfg(not(feature = "measure"))]
+fn harness(
+    _exp: &Experiment,
+    _quiet: bool,
+    _cancel: Arc<AtomicBool>,
+) -> Result<Box<dyn crate::runner::Harness>> {
+    bail!("this colocate was built without the lab's measure feature: it cannot run experiments")
+}
+
+#[cfg(feature = "measure")]
+fn check_deployments(exp: &Experiment, planned: &[crate::matrix::Condition]) -> Result<()> {
+    crate::measure::check_deployments(exp, planned)
+}
+
+#[cfg(not(feature = "measure"))]
+fn check_deployments(_exp: &Experiment, _planned: &[crate::matrix::Condition]) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(feature = "measure")]
+fn command_lines() -> CommandLines<'static> {
+    Some(&crate::measure::command_lines)
+}
+
+#[cfg(not(feature = "measure"))]
+fn command_lines() -> CommandLines<'static> {
+    None
 }

@@ -7,6 +7,8 @@
 //! (efficiency, SLOs, recommendation) → [`report`] and [`plots`].
 pub mod analysis;
 pub mod cli;
+#[cfg(feature = "measure")]
+pub mod measure;
 pub mod matrix;
 pub mod plots;
 pub mod report;

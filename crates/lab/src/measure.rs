@@ -1,0 +1,494 @@
+//! The glue to the other crates, and the only module that knows them: `deploy` (parse,
+//! plan and start a deployment), `bench` (drive the load over one window) and `gpu`
+//! (environment, counters sampled over the same window). Everything else in the lab works
+//! on its own types, so a change in one of those APIs is absorbed here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use crate::matrix::Condition;
+use crate::results::{
+    host_environment, CounterStat, Environment, GpuEnv, GpuWindow, Percentiles, WorkloadMetrics,
+};
+use crate::runner::{Harness, Measurement, ResolvedWorkload};
+use crate::spec::{Experiment, Kind};
+use crate::template;
+
+/// Machine, versions and GPUs (or why there are none).
+pub fn environment() -> Environment {
+    let mut env = host_environment();
+    match gpu::info() {
+        Ok(gpus) => {
+            env.gpus = gpus
+                .into_iter()
+                .map(|g| GpuEnv {
+                    name: g.name,
+                    uuid: g.uuid,
+                    memory_bytes: g.memory_total_bytes,
+                    driver: g.driver_version,
+                    cuda: g.cuda_version,
+                })
+                .collect()
+        }
+        Err(e) => env.gpu_unavailable = Some(format!("{e:#}")),
+    }
+    env
+}
+
+/// Parses and validates a condition's deployment with the `deploy` crate.
+fn deployment_spec(table: &toml::Table) -> Result<deploy::DeploymentSpec> {
+    let text = toml::to_string(table).context("deployment template is not valid TOML")?;
+    let spec = deploy::spec::parse(&text).context("deployment")?;
+    deploy::validate(&spec).context("deployment")?;
+    Ok(spec)
+}
+
+/// Checks every distinct deployment of the plan before anything starts, so that a bad
+/// template fails at once (and in `--dry-run`) rather than condition by condition.
+pub fn check_deployments(exp: &Experiment, planned: &[Condition]) -> Result<()> {
+    let mut seen = Vec::new();
+    for c in planned {
+        let key = c.deployment_key();
+        if seen.contains(&key) {
+            continue;
+        }
+        let d = template::for_condition(exp, c)?;
+        deployment_spec(&d).with_context(|| format!("condition {}", c.label))?;
+        seen.push(key);
+    }
+    Ok(())
+}
+
+/// The command line of every engine of a deployment (`colocate plan`'s output).
+pub fn command_lines(table: &toml::Table) -> Result<String> {
+    let spec = deployment_spec(table)?;
+    let plan = deploy::plan(&spec, None)?;
+    Ok(plan
+        .engines
+        .iter()
+        .map(|e| format!("# {}\n{}", e.name, e.shell_line()))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// An engine's address and the model name its requests carry.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    url: String,
+    served_model_name: String,
+}
+
+/// The engines `up` started.
+///
+/// NOTE: `deploy::Deployment::up` (supervisor, MPS daemon, gateway) is not in the tree
+/// yet; until it is, this starts the planned command lines itself, one at a time behind
+/// `/health`, and refuses MPS. Replace the body of [`Running::start`] with
+/// `Deployment::up` when it lands.
+struct Running {
+    children: Vec<(String, Child)>,
+}
+
+impl Running {
+    async fn start(spec: &deploy::DeploymentSpec, dir: &Path, quiet: bool) -> Result<Running> {
+        if spec.sharing == deploy::Sharing::Mps {
+            bail!("MPS needs deploy::Deployment::up (the MPS daemon and client environment), which this build does not have yet");
+        }
+        let plan = deploy::plan(spec, None)?;
+        if !plan.fits {
+            bail!("deployment does not fit: {}", plan.problems.join("; "));
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let bin = engine_bin();
+        let mut running = Running { children: Vec::new() };
+        for e in &plan.engines {
+            let mut argv = e.command.clone();
+            if argv.first().map(String::as_str) == Some("colocate") {
+                argv[0] = bin.display().to_string();
+            }
+            let log_path = dir.join(format!("{}.log", e.name));
+            let log = std::fs::File::create(&log_path)
+                .with_context(|| format!("cannot create {}", log_path.display()))?;
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..])
+                .envs(e.env.iter().cloned())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("engine {}: cannot start {}", e.name, argv[0]))?;
+            running.children.push((e.name.clone(), child));
+            let timeout = spec
+                .engines
+                .iter()
+                .find(|s| s.name == e.engine)
+                .map(|s| s.start_timeout)
+                .unwrap_or(Duration::from_secs(120));
+            if let Err(err) = running.wait_healthy(&e.name, &e.url(), timeout).await {
+                let tail = log_tail(&log_path);
+                running.stop();
+                bail!("{err:#}; last lines of {}:\n{tail}", log_path.display());
+            }
+            if !quiet {
+                tracing::info!("engine {} healthy at {}", e.name, e.url());
+            }
+        }
+        Ok(running)
+    }
+
+    async fn wait_healthy(&mut self, name: &str, url: &str, timeout: Duration) -> Result<()> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let start = Instant::now();
+        loop {
+            if let Some((_, c)) = self.children.iter_mut().find(|(n, _)| n == name) {
+                if let Some(status) = c.try_wait()? {
+                    bail!("engine {name} exited during start-up ({status})");
+                }
+            }
+            if let Ok(r) = client.get(format!("{url}/health")).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!("engine {name} not healthy at {url}/health after {}s", timeout.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        // reverse start order; SIGTERM first, then SIGKILL after a grace period
+        for (_, c) in self.children.iter_mut().rev() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn log_tail(p: &Path) -> String {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// The colocate binary for built-in engines: `COLOCATE_BIN`, else this executable.
+fn engine_bin() -> PathBuf {
+    std::env::var_os("COLOCATE_BIN")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_else(|| PathBuf::from("colocate"))
+}
+
+/// The real harness: deploy, bench and the GPU sampler.
+pub struct RealHarness {
+    rt: tokio::runtime::Runtime,
+    running: Option<Running>,
+    endpoints: BTreeMap<String, Endpoint>,
+    gpu_index: Option<u32>,
+    sampler: std::result::Result<gpu::telemetry::Sampler, String>,
+    quiet: bool,
+    seed: u64,
+}
+
+impl RealHarness {
+    /// Starts the runtime, the GPU sampler (or notes why there is none) and a Ctrl-C
+    /// handler that sets `cancel`.
+    pub fn new(exp: &Experiment, quiet: bool, cancel: Arc<AtomicBool>) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        rt.spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ninterrupted: finishing the current window; `lab run --resume` continues");
+                cancel.store(true, Ordering::SeqCst);
+            }
+        });
+        let sampler = gpu::telemetry::Sampler::start(exp.sample_interval, None).map_err(|e| format!("{e:#}"));
+        Ok(RealHarness {
+            rt,
+            running: None,
+            endpoints: BTreeMap::new(),
+            gpu_index: None,
+            sampler,
+            quiet,
+            seed: exp.workloads.iter().find_map(|w| w.seed).unwrap_or(0),
+        })
+    }
+
+    fn gpu_window(&self, w0: f64, w1: f64) -> GpuWindow {
+        let sampler = match &self.sampler {
+            Ok(s) => s,
+            Err(reason) => {
+                return GpuWindow {
+                    available: false,
+                    reason: Some(reason.clone()),
+                    ..Default::default()
+                }
+            }
+        };
+        let summary = sampler.summarize(w0, w1);
+        let g = summary
+            .gpus
+            .iter()
+            .find(|g| Some(g.gpu) == self.gpu_index)
+            .or_else(|| summary.gpus.first());
+        let Some(g) = g else {
+            return GpuWindow {
+                available: false,
+                reason: Some("no GPU samples in the window".into()),
+                ..Default::default()
+            };
+        };
+        let mut counters = BTreeMap::new();
+        let conv = |s: &gpu::telemetry::Stat| CounterStat { mean: s.mean, p50: s.p50, max: s.max };
+        for (k, v) in [
+            ("sm_active", &g.sm_active),
+            ("sm_occupancy", &g.sm_occupancy),
+            ("tensor_active", &g.tensor_active),
+            ("dram_bw", &g.dram_bw),
+            ("power_w", &g.power_w),
+        ] {
+            if let Some(s) = v {
+                counters.insert(k.to_string(), conv(s));
+            }
+        }
+        let samples = sampler
+            .samples()
+            .into_iter()
+            .filter(|s| s.gpu == g.gpu && s.t >= w0 && s.t <= w1)
+            .map(|s| {
+                let mut m = BTreeMap::new();
+                for (k, v) in [
+                    ("sm_active", s.sm_active),
+                    ("sm_occupancy", s.sm_occupancy),
+                    ("tensor_active", s.tensor_active),
+                    ("dram_bw", s.dram_bw),
+                    ("power_w", s.power_w),
+                ] {
+                    if let Some(v) = v {
+                        m.insert(k.to_string(), v);
+                    }
+                }
+                (s.t, m)
+            })
+            .collect();
+        let notes = sampler.notes();
+        GpuWindow {
+            available: true,
+            reason: (!notes.is_empty()).then(|| notes.join("; ")),
+            counters,
+            samples,
+        }
+    }
+}
+
+fn bench_workload(w: &ResolvedWorkload, ep: &Endpoint) -> bench::WorkloadSpec {
+    let load = match (w.rate_per_s, w.load.concurrency) {
+        (Some(rate), _) => bench::Load::Open {
+            rate,
+            burstiness: 1.0,
+            max_concurrency: None,
+        },
+        (None, c) => bench::Load::Closed {
+            concurrency: c.unwrap_or(1) as usize,
+        },
+    };
+    let gen = w.def.kind == Kind::Generate;
+    bench::WorkloadSpec {
+        name: w.def.name.clone(),
+        kind: if gen { bench::WorkloadKind::Completions } else { bench::WorkloadKind::Embed },
+        url: ep.url.clone(),
+        model: w.def.model.clone().unwrap_or_else(|| ep.served_model_name.clone()),
+        load,
+        input: bench::LengthDist::Fixed(w.def.input_tokens),
+        output: (gen && w.def.ignore_eos).then_some(bench::LengthDist::Fixed(w.def.output_tokens)),
+        batch: if gen { 1 } else { w.load.batch.unwrap_or(1) as usize },
+        input_file: None,
+    }
+}
+
+fn percentiles(s: &bench::Stats) -> Option<Percentiles> {
+    if s.count == 0 {
+        return None;
+    }
+    let p = |k: &str| s.percentiles.get(k).copied().unwrap_or(f64::NAN);
+    Some(Percentiles {
+        mean: s.mean,
+        p50: s.median,
+        p90: p("p90"),
+        p95: p("p95"),
+        p99: p("p99"),
+    })
+}
+
+fn metrics(r: &bench::WorkloadResult, engine: &str) -> WorkloadMetrics {
+    let mut m = WorkloadMetrics {
+        engine: engine.to_string(),
+        completed: r.requests_completed,
+        errors: r.errors.clone(),
+        timeseries: r.timeseries.iter().map(|p| (p.t, p.throughput)).collect(),
+        ..Default::default()
+    };
+    if let Some(g) = &r.gen {
+        m.kind = Some(Kind::Generate);
+        m.throughput = g.output_throughput;
+        m.requests_per_s = g.request_throughput;
+        m.tokens_per_s = g.total_token_throughput;
+        m.ttft_ms = percentiles(&g.ttft_ms);
+        m.tpot_ms = percentiles(&g.tpot_ms);
+        m.itl_ms = percentiles(&g.itl_ms);
+        m.latency_ms = percentiles(&g.e2el_ms);
+    }
+    if let Some(e) = &r.embed {
+        m.kind = Some(Kind::Embed);
+        m.throughput = e.seq_throughput;
+        m.requests_per_s = e.request_throughput;
+        m.tokens_per_s = e.token_throughput;
+        m.latency_ms = percentiles(&e.latency_ms);
+    }
+    m
+}
+
+fn live_line(p: &bench::Progress) -> String {
+    let ws: Vec<String> = p
+        .workloads
+        .iter()
+        .map(|w| {
+            let unit = if w.kind.is_some_and(|k| k.is_gen()) { "tok/s" } else { "seq/s" };
+            format!("{} {:.1} {unit} ({} done, {} err)", w.name, w.throughput, w.completed, w.errors)
+        })
+        .collect();
+    format!("{:?} {:.0}s  {}", p.phase, p.elapsed, ws.join(", "))
+}
+
+impl Harness for RealHarness {
+    fn up(&mut self, deployment: &toml::Table, run_dir: &Path) -> Result<()> {
+        self.down();
+        let spec = deployment_spec(deployment)?;
+        let plan = deploy::plan(&spec, None)?;
+        self.endpoints = plan
+            .engines
+            .iter()
+            .map(|e| {
+                (
+                    e.engine.clone(),
+                    Endpoint {
+                        url: e.url(),
+                        served_model_name: e.served_model_name.clone(),
+                    },
+                )
+            })
+            .collect();
+        self.gpu_index = match spec.gpu {
+            deploy::GpuSelector::Index(i) => Some(i),
+            _ => None,
+        };
+        let quiet = self.quiet;
+        let running = self.rt.block_on(Running::start(&spec, run_dir, quiet))?;
+        self.running = Some(running);
+        Ok(())
+    }
+
+    fn measure(
+        &mut self,
+        workloads: &[ResolvedWorkload],
+        warmup: Duration,
+        duration: Duration,
+        live: &dyn Fn(String),
+        cancel: &AtomicBool,
+    ) -> Result<Measurement> {
+        let mut specs = Vec::new();
+        for w in workloads {
+            let ep = self
+                .endpoints
+                .get(&w.def.engine)
+                .ok_or_else(|| anyhow!("workload {}: engine {} is not running", w.def.name, w.def.engine))?;
+            specs.push(bench_workload(w, ep));
+        }
+        let mut spec = bench::BenchSpec::new(specs);
+        spec.warmup = warmup;
+        spec.duration = Some(duration);
+        spec.seed = self.seed;
+        let token = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::watch::channel(bench::Progress::default());
+        let result = self.rt.block_on(async {
+            let fut = bench::run(&spec, Some(tx), token.clone());
+            tokio::pin!(fut);
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    r = &mut fut => break r,
+                    changed = rx.changed() => {
+                        if changed.is_ok() {
+                            live(live_line(&rx.borrow()));
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if cancel.load(Ordering::SeqCst) {
+                            token.cancel();
+                        }
+                    }
+                }
+            }
+        })?;
+        let (w0, w1) = result.window;
+        let mut out = Measurement {
+            window: (w0, w1),
+            interrupted: result.interrupted,
+            gpu: self.gpu_window(w0, w1),
+            ..Default::default()
+        };
+        for r in &result.workloads {
+            let engine = workloads
+                .iter()
+                .find(|w| w.def.name == r.name)
+                .map(|w| w.def.engine.clone())
+                .unwrap_or_default();
+            out.workloads.insert(r.name.clone(), metrics(r, &engine));
+        }
+        Ok(out)
+    }
+
+    fn down(&mut self) {
+        if let Some(mut r) = self.running.take() {
+            r.stop();
+        }
+        self.endpoints.clear();
+    }
+}
+
+impl Drop for RealHarness {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
