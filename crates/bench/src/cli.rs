@@ -1,11 +1,184 @@
-//! Command-line arguments of `colocate bench` and the function that runs it.
-//! PLACEHOLDER: the owner of this crate replaces this file.
+//! Command-line arguments of `colocate bench` and the function that runs it: builds the
+//! spec from flags or a TOML file, shows a live progress line per workload (indicatif, on
+//! stderr, hidden when stderr is not a terminal), turns Ctrl-C into an interrupted run, and
+//! writes the results.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::runner::{Phase, Progress};
+use crate::spec::{parse_workload, BenchSpec, Slo};
 
 /// Arguments of `colocate bench`.
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+#[command(
+    after_help = "Workload form: KIND:key=value,...  KIND = gen (chat), completions or embed.
+Keys: url, model, name, concurrency=N (closed loop) | rate=R [burstiness=B] [max_concurrency=N] (open loop),
+input=N or MIN-MAX (tokens), output=N or MIN-MAX (gen; fixed uses ignore_eos), batch=N (embed), file=PATH.
+Example: --workload gen:url=http://127.0.0.1:8100,model=qwen,concurrency=64,input=128,output=128"
+)]
+pub struct BenchArgs {
+    /// A workload (repeatable), e.g. gen:url=http://127.0.0.1:8100,model=qwen,concurrency=512,input=128,output=512
+    #[arg(long = "workload", short = 'w')]
+    pub workloads: Vec<String>,
+    /// A TOML file with [[workload]] tables and the run settings; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Warm-up before the measurement window (default 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub warmup: Option<Duration>,
+    /// Length of the measurement window.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Close the window after this many completed requests instead (or as well).
+    #[arg(long = "requests")]
+    pub max_requests: Option<u64>,
+    /// Results JSON.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Every request as JSON lines.
+    #[arg(long)]
+    pub requests_out: Option<PathBuf>,
+    /// Latency objectives for goodput, e.g. ttft=200ms,tpot=50ms
+    #[arg(long)]
+    pub slo: Option<String>,
+    /// Seed for prompts and arrival times.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Percentiles to report, e.g. 50,90,95,99
+    #[arg(long, value_delimiter = ',')]
+    pub percentiles: Option<Vec<f64>>,
+    /// Print the results JSON on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchArgs {
+    /// The spec these arguments describe.
+    pub fn to_spec(&self) -> anyhow::Result<BenchSpec> {
+        let mut spec = match &self.config {
+            Some(p) => BenchSpec::from_toml_file(p)?,
+            None => BenchSpec::new(Vec::new()),
+        };
+        for w in &self.workloads {
+            spec.workloads.push(parse_workload(w)?);
+        }
+        if let Some(d) = self.warmup {
+            spec.warmup = d;
+        }
+        if self.duration.is_some() {
+            spec.duration = self.duration;
+        }
+        if self.max_requests.is_some() {
+            spec.max_requests = self.max_requests;
+        }
+        if let Some(s) = &self.slo {
+            spec.slo = Some(Slo::parse(s)?);
+        }
+        if let Some(s) = self.seed {
+            spec.seed = s;
+        }
+        if let Some(p) = &self.percentiles {
+            spec.percentiles = p.clone();
+        }
+        if self.requests_out.is_some() {
+            spec.record_requests = true;
+        }
+        spec.fill_names();
+        spec.validate()?;
+        Ok(spec)
+    }
+}
 
 /// Runs `colocate bench`.
-pub fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("colocate bench is not built yet")
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let spec = args.to_spec()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let results = rt.block_on(async {
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ninterrupted: finishing the window and writing results");
+                c2.cancel();
+            }
+        });
+        let (tx, rx) = watch::channel(Progress::default());
+        let display = tokio::spawn(show_progress(rx));
+        let r = crate::runner::run(&spec, Some(tx), cancel).await;
+        let _ = display.await;
+        r
+    })?;
+    if let Some(p) = &args.out {
+        results.write_json(p)?;
+    }
+    if let Some(p) = &args.requests_out {
+        results.write_requests_jsonl(p)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", results.table());
+    }
+    if let Some(p) = &args.out {
+        eprintln!("results written to {}", p.display());
+    }
+    Ok(())
+}
+
+/// One progress line per workload until the run is done.
+async fn show_progress(mut rx: watch::Receiver<Progress>) {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+    let style = ProgressStyle::with_template("{prefix:>12} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let mut bars: Vec<ProgressBar> = Vec::new();
+    while rx.changed().await.is_ok() {
+        let p = rx.borrow_and_update().clone();
+        if bars.len() != p.workloads.len() {
+            bars = p
+                .workloads
+                .iter()
+                .map(|w| {
+                    let b = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
+                    b.set_prefix(w.name.clone());
+                    b
+                })
+                .collect();
+        }
+        let phase = match p.phase {
+            Phase::Preflight => "pre-flight".to_string(),
+            Phase::Warmup => format!("warm-up {:.0}/{:.0}s", p.elapsed, p.warmup),
+            Phase::Measuring => match p.duration {
+                Some(d) => format!("measuring {:.0}/{:.0}s", p.elapsed - p.warmup, d),
+                None => format!("measuring {:.0}s", p.elapsed - p.warmup),
+            },
+            Phase::Finishing => "finishing".into(),
+            Phase::Done => "done".into(),
+        };
+        for (b, w) in bars.iter().zip(&p.workloads) {
+            let unit = if w.kind.is_some_and(|k| k.is_gen()) {
+                "tok/s"
+            } else {
+                "seq/s"
+            };
+            b.set_message(format!(
+                "{phase} | {:>9.1} {unit} | done {} | in flight {} | errors {}",
+                w.throughput, w.completed, w.in_flight, w.errors
+            ));
+        }
+        if p.phase == Phase::Done {
+            break;
+        }
+    }
+    for b in bars {
+        b.finish();
+    }
 }

@@ -1,2 +1,25 @@
-//! See docs/architecture.md for what this crate owns.
+//! `colocate bench`: drives one or several OpenAI-compatible endpoints at once (gen and
+//! embed workloads, closed or open loop) and reports what each achieved in one shared
+//! measurement window, with vLLM's metric definitions.
+//!
+//! Modules, one job each: `spec` (what to run), `prompt` (prompt texts of a token length),
+//! `arrivals` (open-loop timing), `sse` (incremental stream parsing), `client` (HTTP),
+//! `runner` (the run and its window), `metrics` (definitions and statistics), `results`
+//! (file formats and the table), `mock_server` (a minimal streaming server for tests and
+//! the client benchmark), `cli`.
+
+pub mod arrivals;
 pub mod cli;
+pub mod client;
+pub mod metrics;
+pub mod mock_server;
+pub mod prompt;
+pub mod results;
+pub mod runner;
+pub mod spec;
+pub mod sse;
+
+pub use metrics::{EmbedStats, GenStats, RequestRecord, Stats, TimePoint};
+pub use results::{BenchResults, WorkloadResult, SCHEMA_VERSION};
+pub use runner::{run, Phase, Progress, WorkloadProgress};
+pub use spec::{parse_workload, BenchSpec, LengthDist, Load, Slo, WorkloadKind, WorkloadSpec};

@@ -1,0 +1,446 @@
+//! One benchmark run: pre-flight, the load drivers (closed and open loop), the window,
+//! and the reduction of request records to results.
+//!
+//! Timeline: pre-flight (every endpoint probed and calibrated; an unreachable one fails the
+//! run here, before any load) -> load starts at `started_at` -> warm-up -> the measurement
+//! window `[w0, w1)` (by time, or until `max_requests` requests completed in it) -> stop:
+//! no new requests, in-flight ones are cut and keep what they streamed -> statistics.
+//! The load runs without a pause across the window edges, so a request straddling an edge
+//! contributes the tokens that arrived inside (see `metrics`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::arrivals::Arrivals;
+use crate::client::{
+    calibrate, embed_body, gen_body, make_client, run_embed, run_gen, until_stopped, Clock,
+};
+use crate::metrics::{embed_stats, errors_in, gen_stats, timeseries, RequestRecord};
+use crate::prompt::{read_lines, request_rng, Calibration, PromptSource};
+use crate::results::{BenchResults, WorkloadResult, SCHEMA_VERSION};
+use crate::spec::{BenchSpec, Load, WorkloadKind, WorkloadSpec};
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Preflight,
+    Warmup,
+    Measuring,
+    Finishing,
+    Done,
+}
+
+/// Live figures of one workload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkloadProgress {
+    pub name: String,
+    pub kind: Option<WorkloadKind>,
+    pub sent: u64,
+    pub completed: u64,
+    pub errors: u64,
+    pub in_flight: u64,
+    /// Output tokens/s (gen) or sequences/s (embed) since the previous update.
+    pub throughput: f64,
+}
+
+/// Live state of a run, published about four times a second.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub phase: Phase,
+    /// Seconds since the load started.
+    pub elapsed: f64,
+    /// Seconds of the warm-up, and of the window when it is set by time.
+    pub warmup: f64,
+    pub duration: Option<f64>,
+    pub workloads: Vec<WorkloadProgress>,
+}
+
+/// What every request task shares.
+struct Shared {
+    clock: Clock,
+    seed: u64,
+    /// Cancelled at the end of the run: no new requests, in-flight ones are cut.
+    stop: CancellationToken,
+    w0: f64,
+    max_requests: Option<u64>,
+    in_window: AtomicU64,
+    closed: Notify,
+}
+
+/// One workload's driver state.
+struct WorkloadState {
+    idx: usize,
+    spec: WorkloadSpec,
+    endpoint: String,
+    client: reqwest::Client,
+    source: PromptSource,
+    records: Mutex<Vec<RequestRecord>>,
+    next_req: AtomicU64,
+    done: AtomicU64,
+    errors: AtomicU64,
+    in_flight: AtomicU64,
+    /// Content chunks (gen) or sequences (embed) received, for live progress.
+    units: AtomicU64,
+}
+
+/// Runs the benchmark. `cancel` ends it early (Ctrl-C): the results then cover the window
+/// up to the cut and say `interrupted`. Fails before any load if an endpoint is unreachable.
+pub async fn run(
+    spec: &BenchSpec,
+    progress: Option<watch::Sender<Progress>>,
+    cancel: CancellationToken,
+) -> anyhow::Result<BenchResults> {
+    let mut spec = spec.clone();
+    spec.fill_names();
+    spec.validate()?;
+    let clock = Clock::new();
+
+    // One connection pool per endpoint origin.
+    let mut clients: BTreeMap<String, reqwest::Client> = BTreeMap::new();
+    for w in &spec.workloads {
+        if !clients.contains_key(&w.origin()) {
+            clients.insert(w.origin(), make_client()?);
+        }
+    }
+    let client_of = |w: &WorkloadSpec| clients[&w.origin()].clone();
+
+    // Pre-flight: every endpoint answers, prompts are calibrated.
+    let calibs = futures::future::try_join_all(spec.workloads.iter().map(|w| {
+        let c = client_of(w);
+        async move { calibrate(&c, w, spec.seed).await }
+    }));
+    let calibs: Vec<Calibration> = tokio::select! {
+        r = calibs => r?,
+        _ = cancel.cancelled() => anyhow::bail!("interrupted before the warm-up"),
+    };
+    let mut states = Vec::new();
+    for (idx, (w, cal)) in spec.workloads.iter().zip(&calibs).enumerate() {
+        let source = match &w.input_file {
+            Some(p) => PromptSource::Lines(Arc::new(
+                read_lines(p).with_context(|| format!("workload {}", w.name))?,
+            )),
+            None => PromptSource::Random(*cal),
+        };
+        states.push(Arc::new(WorkloadState {
+            idx,
+            spec: w.clone(),
+            endpoint: w.endpoint(),
+            client: client_of(w),
+            source,
+            records: Mutex::new(Vec::new()),
+            next_req: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            units: AtomicU64::new(0),
+        }));
+    }
+
+    let started_at = clock.now();
+    let w0 = started_at + spec.warmup.as_secs_f64();
+    let planned_end = spec.duration.map(|d| w0 + d.as_secs_f64());
+    let shared = Arc::new(Shared {
+        clock,
+        seed: spec.seed,
+        stop: CancellationToken::new(),
+        w0,
+        max_requests: spec.max_requests,
+        in_window: AtomicU64::new(0),
+        closed: Notify::new(),
+    });
+    let mut drivers = JoinSet::new();
+    for ws in &states {
+        spawn_driver(&mut drivers, ws.clone(), shared.clone(), started_at)?;
+    }
+
+    // Wait for the end of the window, publishing progress.
+    let mut prog = Progress {
+        phase: Phase::Warmup,
+        warmup: spec.warmup.as_secs_f64(),
+        duration: spec.duration.map(|d| d.as_secs_f64()),
+        workloads: states
+            .iter()
+            .map(|s| WorkloadProgress {
+                name: s.spec.name.clone(),
+                kind: Some(s.spec.kind),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut last_units: Vec<u64> = vec![0; states.len()];
+    let mut last_t = clock.now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let end_sleep = planned_end.map(|e| clock.instant_at(e));
+    let far = std::time::Instant::now() + Duration::from_secs(365 * 86400);
+    let mut interrupted = false;
+    let mut closed_by_count = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => { interrupted = true; break; }
+            _ = shared.closed.notified(), if shared.max_requests.is_some() => { closed_by_count = true; break; }
+            _ = tokio::time::sleep_until(end_sleep.unwrap_or(far).into()), if end_sleep.is_some() => break,
+        }
+        let now = clock.now();
+        let dt = (now - last_t).max(1e-6);
+        last_t = now;
+        prog.elapsed = now - started_at;
+        prog.phase = if now < w0 {
+            Phase::Warmup
+        } else {
+            Phase::Measuring
+        };
+        for ((p, s), last) in prog
+            .workloads
+            .iter_mut()
+            .zip(&states)
+            .zip(last_units.iter_mut())
+        {
+            let units = s.units.load(Relaxed);
+            p.throughput = (units - *last) as f64 / dt;
+            *last = units;
+            p.sent = s.next_req.load(Relaxed);
+            p.completed = s.done.load(Relaxed);
+            p.errors = s.errors.load(Relaxed);
+            p.in_flight = s.in_flight.load(Relaxed);
+        }
+        if let Some(tx) = &progress {
+            let _ = tx.send(prog.clone());
+        }
+    }
+    let now = clock.now();
+    // Stop: cut in-flight requests (they keep what they streamed) and collect.
+    shared.stop.cancel();
+    prog.phase = Phase::Finishing;
+    if let Some(tx) = &progress {
+        let _ = tx.send(prog.clone());
+    }
+    while let Some(r) = drivers.join_next().await {
+        if let Err(e) = r {
+            if e.is_panic() {
+                anyhow::bail!("a load driver panicked: {e}");
+            }
+        }
+    }
+    let mut all: Vec<Vec<RequestRecord>> = Vec::new();
+    for s in &states {
+        all.push(std::mem::take(
+            &mut *s
+                .records
+                .lock()
+                .map_err(|_| anyhow::anyhow!("records lock poisoned"))?,
+        ));
+    }
+    let w1 = if closed_by_count {
+        // Exactly `max_requests` completions in the window: it closes just after the
+        // max-th completion in time (tasks may report completions out of order); 1 µs,
+        // because 1e-9 is below the resolution of an f64 Unix time.
+        let mut ends: Vec<f64> = all
+            .iter()
+            .flatten()
+            .filter(|r| r.success && r.end >= w0)
+            .map(|r| r.end)
+            .collect();
+        ends.sort_by(f64::total_cmp);
+        let k = spec.max_requests.unwrap_or(1).max(1) as usize;
+        ends.get(k - 1).copied().unwrap_or(now) + 1e-6
+    } else if interrupted {
+        now.max(w0)
+    } else {
+        planned_end.unwrap_or(now)
+    };
+    let window = (w0.min(w1), w1);
+
+    let mut results = BenchResults {
+        schema_version: SCHEMA_VERSION,
+        spec: spec.clone(),
+        started_at,
+        window,
+        interrupted,
+        workloads: Vec::new(),
+        requests: Vec::new(),
+    };
+    let (a, b) = window;
+    for ((s, cal), recs) in states.iter().zip(calibs).zip(all) {
+        let gen = s.spec.kind.is_gen();
+        results.workloads.push(WorkloadResult {
+            name: s.spec.name.clone(),
+            kind: s.spec.kind,
+            requests_completed: recs
+                .iter()
+                .filter(|r| r.success && r.end >= a && r.end < b)
+                .count() as u64,
+            errors: errors_in(&recs, a, b),
+            gen: gen.then(|| gen_stats(&recs, a, b, &spec.percentiles, spec.slo.as_ref())),
+            embed: (!gen).then(|| embed_stats(&recs, a, b, &spec.percentiles)),
+            timeseries: timeseries(&recs, gen, a, b),
+            calibration: cal,
+            requests_sent: s.next_req.load(Relaxed),
+        });
+        if spec.record_requests {
+            results.requests.extend(recs);
+        }
+    }
+    results.requests.sort_by(|x, y| x.sent.total_cmp(&y.sent));
+    prog.phase = Phase::Done;
+    if let Some(tx) = &progress {
+        let _ = tx.send(prog);
+    }
+    Ok(results)
+}
+
+/// Starts the closed- or open-loop driver of one workload.
+fn spawn_driver(
+    set: &mut JoinSet<()>,
+    ws: Arc<WorkloadState>,
+    sh: Arc<Shared>,
+    t0: f64,
+) -> anyhow::Result<()> {
+    match ws.spec.load.clone() {
+        Load::Closed { concurrency } => {
+            for _ in 0..concurrency {
+                let (ws, sh) = (ws.clone(), sh.clone());
+                set.spawn(async move {
+                    while !sh.stop.is_cancelled() {
+                        one_request(&ws, &sh, None).await;
+                    }
+                });
+            }
+        }
+        Load::Open {
+            rate,
+            burstiness,
+            max_concurrency,
+        } => {
+            let seed = request_rng(sh.seed, ws.idx, u64::MAX).next_u64_seed();
+            let mut arrivals = Arrivals::new(rate, burstiness, seed)?;
+            let sem = max_concurrency.map(|n| Arc::new(Semaphore::new(n)));
+            set.spawn(async move {
+                let mut tasks = JoinSet::new();
+                let mut t = t0;
+                loop {
+                    t += arrivals.next_gap();
+                    let at = sh.clock.instant_at(t);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = sh.stop.cancelled() => break,
+                    }
+                    let permit = match &sem {
+                        Some(s) => tokio::select! {
+                            p = s.clone().acquire_owned() => match p { Ok(p) => Some(p), Err(_) => break },
+                            _ = sh.stop.cancelled() => break,
+                        },
+                        None => None,
+                    };
+                    let (ws, sh) = (ws.clone(), sh.clone());
+                    tasks.spawn(async move {
+                        one_request(&ws, &sh, Some(t)).await;
+                        drop(permit);
+                    });
+                    while tasks.try_join_next().is_some() {}
+                }
+                while tasks.join_next().await.is_some() {}
+            });
+        }
+    }
+    Ok(())
+}
+
+trait SeedFromRng {
+    fn next_u64_seed(self) -> u64;
+}
+
+impl SeedFromRng for rand::rngs::StdRng {
+    fn next_u64_seed(mut self) -> u64 {
+        rand::RngCore::next_u64(&mut self)
+    }
+}
+
+/// Builds, sends and records one request.
+async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) {
+    let i = ws.next_req.fetch_add(1, Relaxed);
+    let mut rng = request_rng(sh.seed, ws.idx, i);
+    let w = &ws.spec;
+    let mut rec = RequestRecord {
+        workload: ws.idx,
+        sequences: w.batch as u32,
+        prompt_tokens_estimated: true,
+        ..Default::default()
+    };
+    ws.in_flight.fetch_add(1, Relaxed);
+    let finished = if w.kind.is_gen() {
+        let tokens = w.input.sample(&mut rng);
+        let (prompt, est) = ws.source.prompt(&mut rng, tokens);
+        let output = w.output.map(|o| o.sample(&mut rng));
+        rec.prompt_tokens = Some(est);
+        let body = gen_body(w.kind, &w.model, &prompt, output);
+        let on_content = || {
+            ws.units.fetch_add(1, Relaxed);
+        };
+        until_stopped(
+            run_gen(
+                &ws.client,
+                &ws.endpoint,
+                body,
+                &sh.clock,
+                &mut rec,
+                &on_content,
+            ),
+            &sh.stop,
+        )
+        .await
+    } else {
+        let mut est = 0;
+        let inputs: Vec<String> = (0..w.batch)
+            .map(|_| {
+                let tokens = w.input.sample(&mut rng);
+                let (p, e) = ws.source.prompt(&mut rng, tokens);
+                est += e;
+                p
+            })
+            .collect();
+        rec.prompt_tokens = Some(est);
+        let body = embed_body(&w.model, &inputs);
+        until_stopped(
+            run_embed(&ws.client, &ws.endpoint, body, w.batch, &sh.clock, &mut rec),
+            &sh.stop,
+        )
+        .await
+    };
+    ws.in_flight.fetch_sub(1, Relaxed);
+    if !finished {
+        // Cut at the end of the run: keeps its chunks, counts in no latency statistic.
+        rec.end = sh.clock.now();
+        if rec.sent == 0.0 {
+            return;
+        }
+    }
+    rec.scheduled = scheduled.unwrap_or(rec.sent).min(rec.sent);
+    if rec.success {
+        ws.done.fetch_add(1, Relaxed);
+        if !w.kind.is_gen() {
+            ws.units.fetch_add(rec.sequences as u64, Relaxed);
+        }
+        if let Some(max) = sh.max_requests {
+            if rec.end >= sh.w0 && sh.in_window.fetch_add(1, Relaxed) + 1 == max {
+                sh.closed.notify_one();
+            }
+        }
+    } else if rec.error.is_some() {
+        ws.errors.fetch_add(1, Relaxed);
+    }
+    if let Ok(mut v) = ws.records.lock() {
+        v.push(rec);
+    }
+}

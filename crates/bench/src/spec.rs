@@ -1,0 +1,611 @@
+//! What to run: the benchmark specification (TOML or CLI form) and its validation.
+//!
+//! A [`BenchSpec`] is the full, serialisable description of a run; it is copied into the
+//! results file so that every figure can be traced back to what produced it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// Durations as humantime strings ("30s", "1m 30s") in TOML and JSON.
+pub mod humantime_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+    }
+
+    /// The same for `Option<Duration>`.
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let s: Option<String> = Option::deserialize(d)?;
+            s.map(|s| {
+                humantime::parse_duration(&s)
+                    .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+            })
+            .transpose()
+        }
+    }
+}
+
+/// A whole benchmark run: workloads driven at once, and one measurement window for all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchSpec {
+    /// The workloads, all driven concurrently.
+    #[serde(rename = "workload", alias = "workloads")]
+    pub workloads: Vec<WorkloadSpec>,
+    /// Load runs this long before the measurement window opens.
+    #[serde(with = "humantime_serde", default = "default_warmup")]
+    pub warmup: Duration,
+    /// Length of the measurement window (at least one of this and `max_requests`).
+    #[serde(
+        with = "humantime_serde::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub duration: Option<Duration>,
+    /// The window closes once this many requests (all workloads together) completed in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u64>,
+    /// Seeds prompt contents and open-loop arrival times: same seed, same run.
+    #[serde(default)]
+    pub seed: u64,
+    /// Percentiles reported for every latency statistic (0..=100).
+    #[serde(default = "default_percentiles")]
+    pub percentiles: Vec<f64>,
+    /// Service-level objectives for goodput.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<Slo>,
+    /// Keep every request's record (for `--requests-out`).
+    #[serde(default)]
+    pub record_requests: bool,
+}
+
+fn default_warmup() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The percentiles reported when none are given (vLLM's benchmark reports p99 by default;
+/// the seed studies used p50/p90/p95/p99).
+pub fn default_percentiles() -> Vec<f64> {
+    vec![50.0, 90.0, 95.0, 99.0]
+}
+
+/// Latency objectives; a request is "good" when it meets every one given (vLLM's goodput).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slo {
+    #[serde(
+        with = "humantime_serde::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttft: Option<Duration>,
+    #[serde(
+        with = "humantime_serde::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tpot: Option<Duration>,
+    #[serde(
+        with = "humantime_serde::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub e2el: Option<Duration>,
+}
+
+impl Slo {
+    /// Parses the CLI form `ttft=200ms,tpot=50ms[,e2el=2s]`.
+    pub fn parse(s: &str) -> anyhow::Result<Slo> {
+        let mut slo = Slo::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .with_context(|| format!("SLO {part:?}: expected key=duration, e.g. ttft=200ms"))?;
+            let d = humantime::parse_duration(v.trim())
+                .with_context(|| format!("SLO {k}: {v:?} is not a duration (e.g. 200ms)"))?;
+            match k.trim() {
+                "ttft" => slo.ttft = Some(d),
+                "tpot" => slo.tpot = Some(d),
+                "e2el" => slo.e2el = Some(d),
+                other => bail!("SLO: unknown metric {other:?} (expected ttft, tpot or e2el)"),
+            }
+        }
+        if slo == Slo::default() {
+            bail!("SLO {s:?} names no objective (expected e.g. ttft=200ms,tpot=50ms)");
+        }
+        Ok(slo)
+    }
+}
+
+/// Which API a workload calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadKind {
+    /// `POST /v1/chat/completions`, streamed.
+    Chat,
+    /// `POST /v1/completions`, streamed.
+    Completions,
+    /// `POST /v1/embeddings` with `batch` inputs per request.
+    Embed,
+}
+
+impl WorkloadKind {
+    /// The default path appended to a base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            WorkloadKind::Chat => "/v1/chat/completions",
+            WorkloadKind::Completions => "/v1/completions",
+            WorkloadKind::Embed => "/v1/embeddings",
+        }
+    }
+
+    pub fn is_gen(self) -> bool {
+        !matches!(self, WorkloadKind::Embed)
+    }
+}
+
+/// How requests are issued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Load {
+    /// `concurrency` requests in flight, each replaced as soon as it ends.
+    Closed { concurrency: usize },
+    /// Requests arrive at `rate` per second: Poisson when `burstiness` = 1, else gamma
+    /// inter-arrival times with shape `burstiness` (vLLM's convention: < 1 burstier).
+    Open {
+        rate: f64,
+        #[serde(default = "one")]
+        burstiness: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_concurrency: Option<usize>,
+    },
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A length in tokens: fixed, or uniform over `[min, max]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LengthDist {
+    Fixed(u32),
+    Uniform { min: u32, max: u32 },
+}
+
+impl LengthDist {
+    /// Parses `128` or `64-256`.
+    pub fn parse(s: &str) -> anyhow::Result<LengthDist> {
+        let s = s.trim();
+        let num = |x: &str| -> anyhow::Result<u32> {
+            x.trim()
+                .parse::<u32>()
+                .with_context(|| format!("{x:?} is not a token count"))
+        };
+        let d = match s.split_once('-') {
+            Some((a, b)) => LengthDist::Uniform {
+                min: num(a)?,
+                max: num(b)?,
+            },
+            None => LengthDist::Fixed(num(s)?),
+        };
+        d.validate()?;
+        Ok(d)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match *self {
+            LengthDist::Fixed(0) => bail!("length must be at least 1 token"),
+            LengthDist::Uniform { min, max } if min == 0 || min > max => {
+                bail!("length range {min}-{max}: need 1 <= min <= max")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Draws one length.
+    pub fn sample(&self, rng: &mut impl rand::Rng) -> u32 {
+        match *self {
+            LengthDist::Fixed(n) => n,
+            LengthDist::Uniform { min, max } => rng.gen_range(min..=max),
+        }
+    }
+
+    /// The mean length (for estimates).
+    pub fn mean(&self) -> f64 {
+        match *self {
+            LengthDist::Fixed(n) => n as f64,
+            LengthDist::Uniform { min, max } => (min as f64 + max as f64) / 2.0,
+        }
+    }
+}
+
+/// One workload: an endpoint, a model, a load and request shapes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Name in progress lines, tables and results (defaults to kind plus index).
+    #[serde(default)]
+    pub name: String,
+    pub kind: WorkloadKind,
+    /// Base URL (`http://host:port`) or the full endpoint URL (containing `/v1/`).
+    pub url: String,
+    /// The `model` field sent with every request.
+    pub model: String,
+    pub load: Load,
+    /// Prompt length in tokens (per input for embed).
+    pub input: LengthDist,
+    /// Output length: fixed ⇒ `ignore_eos` + `min_tokens` = `max_tokens`; absent ⇒ free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<LengthDist>,
+    /// Inputs per embedding request (1 for gen workloads).
+    #[serde(default = "one_usize")]
+    pub batch: usize,
+    /// Prompts from the lines of this text file instead of random words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_file: Option<PathBuf>,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+impl WorkloadSpec {
+    /// The URL requests are posted to.
+    pub fn endpoint(&self) -> String {
+        if self.url.contains("/v1/") {
+            self.url.clone()
+        } else {
+            format!("{}{}", self.url.trim_end_matches('/'), self.kind.path())
+        }
+    }
+
+    /// `scheme://host:port` of the endpoint (the connection pool key).
+    pub fn origin(&self) -> String {
+        let u = self.url.as_str();
+        let after_scheme = u.find("://").map(|i| i + 3).unwrap_or(0);
+        match u[after_scheme..].find('/') {
+            Some(i) => u[..after_scheme + i].to_string(),
+            None => u.to_string(),
+        }
+    }
+
+    /// Checks that the workload makes sense, naming the workload and the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let n = &self.name;
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            bail!(
+                "workload {n}: url {:?} must start with http:// or https://",
+                self.url
+            );
+        }
+        if self.model.is_empty() {
+            bail!("workload {n}: model is empty");
+        }
+        match &self.load {
+            Load::Closed { concurrency: 0 } => bail!("workload {n}: concurrency must be >= 1"),
+            Load::Open {
+                rate,
+                burstiness,
+                max_concurrency,
+            } => {
+                if !(rate.is_finite() && *rate > 0.0) {
+                    bail!("workload {n}: rate must be > 0 requests/s, got {rate}");
+                }
+                if !(burstiness.is_finite() && *burstiness > 0.0) {
+                    bail!("workload {n}: burstiness must be > 0, got {burstiness}");
+                }
+                if *max_concurrency == Some(0) {
+                    bail!("workload {n}: max_concurrency must be >= 1");
+                }
+            }
+            _ => {}
+        }
+        self.input
+            .validate()
+            .with_context(|| format!("workload {n}: input"))?;
+        if let Some(o) = &self.output {
+            o.validate()
+                .with_context(|| format!("workload {n}: output"))?;
+        }
+        if self.batch == 0 {
+            bail!("workload {n}: batch must be >= 1");
+        }
+        if self.kind.is_gen() && self.batch != 1 {
+            bail!("workload {n}: batch applies to embed workloads only");
+        }
+        if self.kind == WorkloadKind::Embed && self.output.is_some() {
+            bail!("workload {n}: output applies to gen workloads only");
+        }
+        Ok(())
+    }
+}
+
+impl BenchSpec {
+    /// A spec with defaults around the given workloads.
+    pub fn new(workloads: Vec<WorkloadSpec>) -> BenchSpec {
+        BenchSpec {
+            workloads,
+            warmup: default_warmup(),
+            duration: None,
+            max_requests: None,
+            seed: 0,
+            percentiles: default_percentiles(),
+            slo: None,
+            record_requests: false,
+        }
+    }
+
+    /// Reads a TOML file (`[[workload]]` tables plus the run settings).
+    pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<BenchSpec> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut spec: BenchSpec = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid bench file", path.display()))?;
+        spec.fill_names();
+        Ok(spec)
+    }
+
+    /// Gives unnamed workloads a name (`gen0`, `embed1`, ...).
+    pub fn fill_names(&mut self) {
+        for (i, w) in self.workloads.iter_mut().enumerate() {
+            if w.name.is_empty() {
+                w.name = format!("{}{i}", if w.kind.is_gen() { "gen" } else { "embed" });
+            }
+        }
+    }
+
+    /// Checks the whole spec; errors name the workload and field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.workloads.is_empty() {
+            bail!("no workload given (use --workload or [[workload]] in the config)");
+        }
+        if self.duration.is_none() && self.max_requests.is_none() {
+            bail!("the measurement window needs a duration or a request count");
+        }
+        if self.duration == Some(Duration::ZERO) {
+            bail!("duration must be > 0");
+        }
+        if self.max_requests == Some(0) {
+            bail!("max_requests must be >= 1");
+        }
+        for p in &self.percentiles {
+            if !(0.0..=100.0).contains(p) {
+                bail!("percentile {p} is outside 0..100");
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for w in &self.workloads {
+            w.validate()?;
+            if !names.insert(&w.name) {
+                bail!("two workloads are named {:?}", w.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses the CLI form of a workload:
+/// `gen:url=...,model=...,concurrency=512,input=128,output=512` (chat; `completions:` for
+/// the completions API) or `embed:url=...,model=...,batch=64,input=512,rate=5`.
+/// Keys: url, model, name, concurrency | rate (+ burstiness, max_concurrency), input,
+/// output, batch, file.
+pub fn parse_workload(s: &str) -> anyhow::Result<WorkloadSpec> {
+    let (kind_s, rest) = s.split_once(':').with_context(|| {
+        format!(
+            "workload {s:?}: expected KIND:key=value,... (KIND = gen, chat, completions or embed)"
+        )
+    })?;
+    let kind = match kind_s.trim() {
+        "gen" | "chat" => WorkloadKind::Chat,
+        "completions" | "completion" => WorkloadKind::Completions,
+        "embed" | "embeddings" => WorkloadKind::Embed,
+        other => bail!(
+            "workload {s:?}: unknown kind {other:?} (expected gen, chat, completions or embed)"
+        ),
+    };
+    let (mut url, mut model, mut name) = (None, None, String::new());
+    let (mut concurrency, mut rate, mut burstiness, mut max_conc) = (None, None, None, None);
+    let (mut input, mut output, mut batch, mut file) = (None, None, None, None);
+    for part in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("workload {s:?}: {part:?} is not key=value"))?;
+        let ctx = || format!("workload {s:?}: {k}={v}");
+        let v = v.trim();
+        match k.trim() {
+            "url" => url = Some(v.to_string()),
+            "model" => model = Some(v.to_string()),
+            "name" => name = v.to_string(),
+            "concurrency" => concurrency = Some(v.parse::<usize>().with_context(ctx)?),
+            "rate" => rate = Some(v.parse::<f64>().with_context(ctx)?),
+            "burstiness" => burstiness = Some(v.parse::<f64>().with_context(ctx)?),
+            "max_concurrency" => max_conc = Some(v.parse::<usize>().with_context(ctx)?),
+            "input" => input = Some(LengthDist::parse(v).with_context(ctx)?),
+            "output" => output = Some(LengthDist::parse(v).with_context(ctx)?),
+            "batch" => batch = Some(v.parse::<usize>().with_context(ctx)?),
+            "file" | "input_file" => file = Some(PathBuf::from(v)),
+            other => bail!(
+                "workload {s:?}: unknown key {other:?} (expected url, model, name, concurrency, rate, burstiness, max_concurrency, input, output, batch, file)"
+            ),
+        }
+    }
+    let load = match (concurrency, rate) {
+        (Some(_), Some(_)) => {
+            bail!("workload {s:?}: give concurrency (closed loop) or rate (open loop), not both")
+        }
+        (Some(c), None) => {
+            if burstiness.is_some() {
+                bail!("workload {s:?}: burstiness needs rate (open loop)");
+            }
+            Load::Closed { concurrency: c }
+        }
+        (None, Some(r)) => Load::Open {
+            rate: r,
+            burstiness: burstiness.unwrap_or(1.0),
+            max_concurrency: max_conc,
+        },
+        (None, None) => {
+            bail!("workload {s:?}: give concurrency=N (closed loop) or rate=R (open loop)")
+        }
+    };
+    if max_conc.is_some() && matches!(load, Load::Closed { .. }) {
+        bail!("workload {s:?}: max_concurrency applies to the open loop (rate=...)");
+    }
+    let w = WorkloadSpec {
+        name,
+        kind,
+        url: url.with_context(|| format!("workload {s:?}: url=... is required"))?,
+        model: model.with_context(|| format!("workload {s:?}: model=... is required"))?,
+        load,
+        input: input.unwrap_or(LengthDist::Fixed(if kind.is_gen() { 128 } else { 512 })),
+        output: if kind.is_gen() {
+            Some(output.unwrap_or(LengthDist::Fixed(128)))
+        } else {
+            if output.is_some() {
+                bail!("workload {s:?}: output applies to gen workloads only");
+            }
+            None
+        },
+        batch: batch.unwrap_or(1),
+        input_file: file,
+    };
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_issue_examples() {
+        let g = parse_workload(
+            "gen:url=http://127.0.0.1:8100,model=qwen,concurrency=512,input=128,output=512",
+        )
+        .unwrap();
+        assert_eq!(g.kind, WorkloadKind::Chat);
+        assert_eq!(g.load, Load::Closed { concurrency: 512 });
+        assert_eq!(g.output, Some(LengthDist::Fixed(512)));
+        assert_eq!(g.endpoint(), "http://127.0.0.1:8100/v1/chat/completions");
+        let e = parse_workload(
+            "embed:url=http://127.0.0.1:8200/,model=emb,concurrency=32,batch=64,input=512",
+        )
+        .unwrap();
+        assert_eq!(e.kind, WorkloadKind::Embed);
+        assert_eq!(e.batch, 64);
+        assert_eq!(e.endpoint(), "http://127.0.0.1:8200/v1/embeddings");
+        assert_eq!(e.origin(), "http://127.0.0.1:8200");
+        let o = parse_workload("completions:url=http://h:1,model=m,rate=2.5,burstiness=0.5,max_concurrency=8,input=10-20")
+            .unwrap();
+        assert_eq!(
+            o.load,
+            Load::Open {
+                rate: 2.5,
+                burstiness: 0.5,
+                max_concurrency: Some(8)
+            }
+        );
+        assert_eq!(o.input, LengthDist::Uniform { min: 10, max: 20 });
+    }
+
+    #[test]
+    fn bad_workloads_say_why() {
+        for (s, want) in [
+            ("gen:model=m,concurrency=1", "url"),
+            ("gen:url=http://h,concurrency=1", "model"),
+            ("gen:url=http://h,model=m", "concurrency"),
+            ("gen:url=http://h,model=m,concurrency=x", "concurrency=x"),
+            ("foo:url=http://h", "unknown kind"),
+            ("gen:url=http://h,model=m,concurrency=1,bogus=2", "bogus"),
+            ("gen:url=http://h,model=m,concurrency=1,rate=2", "not both"),
+            (
+                "embed:url=http://h,model=m,concurrency=1,output=3",
+                "output",
+            ),
+            (
+                "gen:url=http://h,model=m,concurrency=1,input=9-3",
+                "min <= max",
+            ),
+        ] {
+            let e = format!("{:#}", parse_workload(s).unwrap_err());
+            assert!(e.contains(want), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn toml_round_trip_and_errors() {
+        let text = r#"
+            warmup = "2s"
+            duration = "5s"
+            seed = 7
+            slo = { ttft = "200ms", tpot = "50ms" }
+            [[workload]]
+            kind = "chat"
+            url = "http://127.0.0.1:8100"
+            model = "qwen"
+            load = { mode = "closed", concurrency = 4 }
+            input = 128
+            output = { min = 10, max = 20 }
+            [[workload]]
+            name = "emb"
+            kind = "embed"
+            url = "http://127.0.0.1:8200"
+            model = "minilm"
+            load = { mode = "open", rate = 3.0 }
+            input = 64
+            batch = 8
+        "#;
+        let dir = std::env::temp_dir().join(format!("bench-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("b.toml");
+        std::fs::write(&p, text).unwrap();
+        let spec = BenchSpec::from_toml_file(&p).unwrap();
+        spec.validate().unwrap();
+        assert_eq!(spec.warmup, Duration::from_secs(2));
+        assert_eq!(spec.workloads[0].name, "gen0");
+        assert_eq!(
+            spec.workloads[1].load,
+            Load::Open {
+                rate: 3.0,
+                burstiness: 1.0,
+                max_concurrency: None
+            }
+        );
+        let json = serde_json::to_string(&spec).unwrap();
+        let back: BenchSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec);
+        std::fs::write(&p, text.replace("batch = 8", "batch = 8\nbogus = 1")).unwrap();
+        let e = format!("{:#}", BenchSpec::from_toml_file(&p).unwrap_err());
+        assert!(e.contains("bogus") && e.contains("b.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn slo_parsing() {
+        let s = Slo::parse("ttft=200ms,tpot=50ms").unwrap();
+        assert_eq!(s.ttft, Some(Duration::from_millis(200)));
+        assert_eq!(s.tpot, Some(Duration::from_millis(50)));
+        assert!(Slo::parse("itl=3ms").is_err());
+        assert!(Slo::parse("ttft=fast").is_err());
+    }
+}
