@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use super::device::{CudaDevice, CudaError};
 
@@ -42,6 +42,7 @@ fn include_paths() -> Vec<String> {
         }
     }
     v.push("/usr/local/cuda/include".to_string());
+    v.dedup();
     v.into_iter()
         .filter(|p| std::path::Path::new(p).is_dir())
         .collect()
@@ -54,6 +55,26 @@ fn launch_err(source: cudarc::driver::DriverError) -> CudaError {
     }
 }
 
+/// Compiles `kernels/engine.cu` to PTX for `arch` (e.g. `sm_90`) with the attention
+/// shape baked in. Needs only NVRTC, no GPU.
+pub fn compile_source(arch: &str, head_dim: usize, group: usize) -> Result<Ptx, CudaError> {
+    let opts = CompileOptions {
+        include_paths: include_paths(),
+        options: vec![
+            format!("--gpu-architecture={arch}"),
+            format!("-DHEAD_DIM={head_dim}"),
+            format!("-DGQA={group}"),
+            "--use_fast_math".to_string(),
+        ],
+        name: Some("engine.cu".to_string()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(SOURCE, opts).map_err(|e| CudaError::Compile {
+        arch: arch.to_string(),
+        message: e.to_string(),
+    })
+}
+
 impl Kernels {
     /// Compiles the kernels for `dev`'s architecture and a model with `head_dim` and
     /// `group` query heads per KV head. Takes about 100 ms.
@@ -64,21 +85,7 @@ impl Kernels {
                 message: format!("unsupported attention shape: head_dim {head_dim}, group {group}"),
             });
         }
-        let opts = CompileOptions {
-            include_paths: include_paths(),
-            options: vec![
-                format!("--gpu-architecture={}", dev.arch),
-                format!("-DHEAD_DIM={head_dim}"),
-                format!("-DGQA={group}"),
-                "--use_fast_math".to_string(),
-            ],
-            name: Some("engine.cu".to_string()),
-            ..Default::default()
-        };
-        let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| CudaError::Compile {
-            arch: dev.arch.clone(),
-            message: e.to_string(),
-        })?;
+        let ptx = compile_source(&dev.arch, head_dim, group)?;
         let module = dev.ctx.load_module(ptx).map_err(|source| CudaError::Driver {
             what: "loading the compiled kernels",
             source,
@@ -227,5 +234,26 @@ impl Kernels {
         b.arg(&out).arg(&n_).arg(&seed).arg(&a).arg(&offset);
         let blocks = n.div_ceil(256).min(65_536) as u32;
         unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles the kernels wherever NVRTC can be loaded (the GPU machine; a dev box with
+    /// the `nvidia-cuda-nvrtc` wheel on LD_LIBRARY_PATH), for the shapes the presets use.
+    #[test]
+    fn kernels_compile_where_nvrtc_exists() {
+        // SAFETY: only probes dlopen.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("NVRTC not found: kernel compilation not checked here");
+            return;
+        }
+        for (d, g) in [(128, 2), (128, 4), (16, 2)] {
+            if let Err(e) = compile_source("sm_90", d, g) {
+                panic!("head_dim {d} group {g}: {e}");
+            }
+        }
     }
 }

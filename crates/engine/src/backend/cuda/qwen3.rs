@@ -443,6 +443,12 @@ impl CudaQwen3 {
         })
     }
 
+    /// Makes the context current on the calling thread (the serving thread may not be the
+    /// one that loaded the model; raw driver calls need it).
+    fn bind(&self) -> anyhow::Result<()> {
+        self.dev.ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e}"))
+    }
+
     fn sync(&self) -> anyhow::Result<()> {
         self.dev.stream.synchronize().map_err(|e| anyhow!("CUDA step failed: {e}"))
     }
@@ -454,6 +460,7 @@ impl CudaQwen3 {
     /// Runs a step: graph replay for pure decode batches, eager otherwise. Leaves the
     /// selected rows' logits and argmax on the device; returns the number of rows.
     fn run_step(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<usize> {
+        self.bind()?;
         let lay = self.layout()?;
         let place = self.kv_place()?;
         let decode = !seqs.is_empty() && seqs.iter().all(|s| s.tokens.len() == 1 && s.sample.is_some());
@@ -506,6 +513,7 @@ impl CudaQwen3 {
     /// Pre-captures the decode graphs of every bucket (start-up, so the first requests do
     /// not pay for it). Needs the KV cache.
     pub fn capture_all(&mut self) -> anyhow::Result<()> {
+        self.bind()?;
         let lay = self.layout()?;
         let place = self.kv_place()?;
         let buckets: Vec<usize> = self.opts.graph_buckets.iter().copied().filter(|&b| b <= self.opts.max_seqs).collect();
@@ -583,6 +591,7 @@ impl Embedder for CudaQwen3 {
     /// are run in chunks that fit the step limits; K/V live in a one-layer scratch reused
     /// by every layer, since nothing is decoded afterwards.
     fn embed(&mut self, inputs: &[&[u32]]) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.bind()?;
         let bs = EMBED_BLOCK;
         let max_blocks = self.opts.max_model_len.div_ceil(bs);
         let lay = MetaLayout::new(self.opts.max_tokens, self.opts.max_seqs, max_blocks);

@@ -5,9 +5,17 @@
 //
 // Paged KV layout (see runner.rs): K and V caches of one layer are
 // [num_blocks * block_size, num_kv_heads, head_dim] bf16; token at slot s lives at row s.
-#include <cuda_bf16.h>
+// bf16 is handled as raw 16-bit storage with our own conversions (round to nearest even,
+// as cuda_bf16.h does), so compilation needs no CUDA headers on the machine: NVRTC alone.
+typedef unsigned short bf16;
 
-typedef __nv_bfloat16 bf16;
+__device__ __forceinline__ float bf2f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ bf16 f2bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -46,7 +54,7 @@ extern "C" __global__ void embed_gather(const bf16* __restrict__ table, const in
     int t = blockIdx.x;
     const bf16* row = table + (size_t)ids[t] * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        residual[(size_t)t * hidden + i] = __bfloat162float(row[i]);
+        residual[(size_t)t * hidden + i] = bf2f(row[i]);
 }
 
 // RMSNorm fused with the residual add: if `delta` is non-null, residual += delta (fp32
@@ -63,12 +71,12 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16*
     float ss = 0.f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = x[i];
-        if (d) { v += __bfloat162float(d[i]); x[i] = v; }
+        if (d) { v += bf2f(d[i]); x[i] = v; }
         ss += v * v;
     }
     float inv = rsqrtf(block_sum(ss) / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        out[(size_t)r * hidden + i] = __float2bfloat16(x[i] * inv * __bfloat162float(w[i]));
+        out[(size_t)r * hidden + i] = f2bf(x[i] * inv * bf2f(w[i]));
 }
 
 // Like add_rmsnorm with rows, but fp32 output (pooling: the embedding is read on the host).
@@ -81,7 +89,7 @@ extern "C" __global__ void rmsnorm_rows_f32(const float* __restrict__ residual, 
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += x[i] * x[i];
     float inv = rsqrtf(block_sum(ss) / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        out[(size_t)r * hidden + i] = x[i] * inv * __bfloat162float(w[i]);
+        out[(size_t)r * hidden + i] = x[i] * inv * bf2f(w[i]);
 }
 
 // Per-head q/k RMSNorm fused with RoPE (HF non-interleaved: pairs (i, i + D/2)) and the KV
@@ -112,18 +120,18 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* _
         }
         const bf16* w = h < nq ? qw : kw;
         float ss = 0.f;
-        for (int i = lane; i < D; i += 32) { float v = __bfloat162float(x[i]); ss += v * v; }
+        for (int i = lane; i < D; i += 32) { float v = bf2f(x[i]); ss += v * v; }
         float inv = rsqrtf(warp_sum(ss) / D + eps);
         bf16* dst = nullptr;
         if (h >= nq && slot >= 0) dst = kcache + ((size_t)slot * nkv + (h - nq)) * D;
         for (int i = lane; i < half; i += 32) {
-            float a = __bfloat162float(x[i]) * inv * __bfloat162float(w[i]);
-            float b = __bfloat162float(x[i + half]) * inv * __bfloat162float(w[i + half]);
+            float a = bf2f(x[i]) * inv * bf2f(w[i]);
+            float b = bf2f(x[i + half]) * inv * bf2f(w[i + half]);
             float freq = powf(theta, -2.0f * (float)i / (float)D);
             float s, c;
             sincosf(pos * freq, &s, &c);
-            bf16 o1 = __float2bfloat16(a * c - b * s);
-            bf16 o2 = __float2bfloat16(b * c + a * s);
+            bf16 o1 = f2bf(a * c - b * s);
+            bf16 o2 = f2bf(b * c + a * s);
             if (h < nq) { x[i] = o1; x[i + half] = o2; }
             else if (dst) { dst[i] = o1; dst[i + half] = o2; }
         }
@@ -135,9 +143,9 @@ extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restric
     int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
     int t = idx / inter, i = idx - t * inter;
-    float g = __bfloat162float(gu[(size_t)t * 2 * inter + i]);
-    float u = __bfloat162float(gu[(size_t)t * 2 * inter + inter + i]);
-    out[idx] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+    float g = bf2f(gu[(size_t)t * 2 * inter + i]);
+    float u = bf2f(gu[(size_t)t * 2 * inter + inter + i]);
+    out[idx] = f2bf(g / (1.f + __expf(-g)) * u);
 }
 
 // Paged causal attention for prefill chunks and decode alike. Query token t of sequence
@@ -174,7 +182,7 @@ extern "C" __global__ void paged_attention(const bf16* __restrict__ qkv, bf16* _
         const bf16* qp = qkv + (size_t)t * width + (kvh * G + g) * D;
 #pragma unroll
         for (int e = 0; e < E; e++) {
-            q[g][e] = active ? __bfloat162float(qp[d0 + e]) * scale : 0.f;
+            q[g][e] = active ? bf2f(qp[d0 + e]) * scale : 0.f;
             acc[g][e] = 0.f;
         }
         m[g] = -1e30f; l[g] = 0.f;
@@ -186,8 +194,8 @@ extern "C" __global__ void paged_attention(const bf16* __restrict__ qkv, bf16* _
         float k[E], v[E];
 #pragma unroll
         for (int e = 0; e < E; e++) {
-            k[e] = active ? __bfloat162float(kp[e]) : 0.f;
-            v[e] = active ? __bfloat162float(vp[e]) : 0.f;
+            k[e] = active ? bf2f(kp[e]) : 0.f;
+            v[e] = active ? bf2f(vp[e]) : 0.f;
         }
 #pragma unroll
         for (int g = 0; g < G; g++) {
@@ -225,7 +233,7 @@ extern "C" __global__ void paged_attention(const bf16* __restrict__ qkv, bf16* _
             num += p[d] * c;
             den += p[D + 1] * c;
         }
-        out[(size_t)t * nq * D + (kvh * G + g) * D + d] = __float2bfloat16(den > 0.f ? num / den : 0.f);
+        out[(size_t)t * nq * D + (kvh * G + g) * D + d] = f2bf(den > 0.f ? num / den : 0.f);
     }
 }
 
@@ -233,7 +241,7 @@ extern "C" __global__ void paged_attention(const bf16* __restrict__ qkv, bf16* _
 // as on the CPU. One block per row.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int* __restrict__ out, int vocab) {
     const float* x = logits + (size_t)blockIdx.x * vocab;
-    float best = -INFINITY;
+    float best = __int_as_float(0xff800000);
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         float v = x[i];
@@ -269,6 +277,6 @@ extern "C" __global__ void fill_uniform(bf16* __restrict__ out, unsigned long lo
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
         z ^= z >> 31;
         float u = (float)(z >> 40) * (1.0f / 16777216.0f);
-        out[i] = __float2bfloat16(offset + a * (2.f * u - 1.f));
+        out[i] = f2bf(offset + a * (2.f * u - 1.f));
     }
 }
