@@ -1,29 +1,229 @@
-//! Command-line arguments of `colocate plan` and the function that runs it.
-//! PLACEHOLDER: the owner of this crate replaces this file.
+//! `colocate plan`, `colocate up` and `colocate status`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::bail;
+
+use crate::deployment::{Deployment, UpOptions};
+use crate::gpu_glue;
+use crate::spec;
+use crate::state;
+use crate::supervisor::InstanceState;
 
 /// Arguments of `colocate plan`.
 #[derive(Debug, clap::Args)]
-pub struct PlanArgs {}
+pub struct PlanArgs {
+    /// The deployment file (TOML).
+    pub file: PathBuf,
+    /// Plan for this GPU model (catalogue name, e.g. "H100 SXM") instead of the local GPU.
+    #[arg(long)]
+    pub gpu_name: Option<String>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
 
-/// Runs `colocate plan`.
-pub fn run(_args: PlanArgs) -> anyhow::Result<()> {
-    anyhow::bail!("colocate plan is not built yet")
+/// Runs `colocate plan`: the memory table and every engine's command line; fails when
+/// the deployment does not fit.
+pub fn run(args: PlanArgs) -> anyhow::Result<()> {
+    let mut spec = spec::load(&args.file)?;
+    if let Some(n) = args.gpu_name {
+        if gpu_glue::catalogue_memory(&n).is_none() {
+            bail!("--gpu-name {n}: not in the GPU catalogue");
+        }
+        spec.gpu_name = Some(n);
+    }
+    let facts = if spec.gpu.is_cpu() || spec.gpu_name.is_some() {
+        None
+    } else {
+        match gpu_glue::detect(&spec.gpu) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!(
+                    "note: {e:#}\n      memory fractions cannot be turned into bytes; set gpu_name in {} or pass --gpu-name to plan for a GPU model",
+                    args.file.display()
+                );
+                None
+            }
+        }
+    };
+    let plan = crate::plan::plan(&spec, facts.as_ref()).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{plan}");
+    }
+    if !plan.fits {
+        bail!("{}: the deployment does not fit (see above)", args.file.display());
+    }
+    Ok(())
 }
 
 /// Arguments of `colocate up`.
 #[derive(Debug, clap::Args)]
-pub struct UpArgs {}
+pub struct UpArgs {
+    /// The deployment file (TOML).
+    pub file: PathBuf,
+    /// Run folder (logs, state.json); default: the file's `run_dir`, else `runs/up-<time>`.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Do not copy engine output to the console (it is always in the run folder's logs).
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// The `colocate` binary for built-in engines (default: this one; env COLOCATE_BIN).
+    #[arg(long)]
+    pub engine_bin: Option<PathBuf>,
+}
 
-/// Runs `colocate up`.
-pub fn run_up(_args: UpArgs) -> anyhow::Result<()> {
-    anyhow::bail!("colocate up is not built yet")
+/// Runs `colocate up` until Ctrl-C or SIGTERM, or until every engine has failed.
+pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    let spec = spec::load(&args.file)?;
+    let run_dir = args
+        .run_dir
+        .clone()
+        .or_else(|| spec.run_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("up-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"))));
+    // Worker threads live as long as the runtime: the parent-death signal of every engine
+    // is tied to the thread that spawned it (see process.rs).
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let opts = UpOptions { run_dir: run_dir.clone(), engine_bin: args.engine_bin, quiet: args.quiet };
+        let up = Deployment::up(&spec, opts);
+        let signals = shutdown_signal();
+        tokio::pin!(up);
+        tokio::pin!(signals);
+        let deployment = tokio::select! {
+            d = &mut up => d?,
+            _ = &mut signals => bail!("interrupted while starting (engines started so far were stopped)"),
+        };
+        link_current(deployment.run_dir());
+        eprintln!("\ndeployment `{}` is up (run folder {}):", spec.name, deployment.run_dir().display());
+        for e in deployment.endpoints() {
+            eprintln!("  {:<16} {:<28} {}", e.engine, e.model, e.url);
+        }
+        if let Some(g) = deployment.gateway_url() {
+            eprintln!("  gateway          {g}  (OpenAI API; routes by `model`)");
+        }
+        eprintln!("Ctrl-C stops it; `colocate status` shows it.");
+        let outcome = tokio::select! {
+            _ = &mut signals => Ok(()),
+            why = deployment.failed() => Err(anyhow::anyhow!("{why}")),
+        };
+        eprintln!("stopping: gateway drains, engines stop in reverse order");
+        let stopped = deployment.shutdown().await;
+        outcome.and(stopped)
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Points `<runs>/current` at this run so `colocate status` finds it.
+fn link_current(run_dir: &Path) {
+    let Some(parent) = run_dir.parent() else { return };
+    let link = parent.join("current");
+    if let Ok(meta) = std::fs::symlink_metadata(&link) {
+        if !meta.file_type().is_symlink() {
+            return; // someone's real folder: leave it
+        }
+        let _ = std::fs::remove_file(&link);
+    }
+    if let Some(name) = run_dir.file_name() {
+        let _ = std::os::unix::fs::symlink(name, &link);
+    }
 }
 
 /// Arguments of `colocate status`.
 #[derive(Debug, clap::Args)]
-pub struct StatusArgs {}
+pub struct StatusArgs {
+    /// The run folder of `colocate up` (default: runs/current).
+    pub run_dir: Option<PathBuf>,
+    /// Print the state as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
 
-/// Runs `colocate status`.
-pub fn run_status(_args: StatusArgs) -> anyhow::Result<()> {
-    anyhow::bail!("colocate status is not built yet")
+/// Runs `colocate status`: engines, pids, health (probed now), restarts, gateway.
+pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
+    let dir = args.run_dir.unwrap_or_else(|| PathBuf::from("runs/current"));
+    let st = state::read(&dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    let up_alive = crate::process::alive(st.up_pid);
+    let phase = if up_alive || st.phase == "stopped" {
+        st.phase.clone()
+    } else {
+        format!("{} (but `up` pid {} is gone: it was killed)", st.phase, st.up_pid)
+    };
+    println!("deployment `{}`: {phase}", st.name);
+    println!("run folder: {}   gpu: {}   sharing: {}", st.run_dir.display(), st.gpu, st.sharing);
+    if let Some(g) = &st.gateway_url {
+        println!("gateway: {g}");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let health: Vec<&str> = rt.block_on(async {
+        let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(1)).build()?;
+        let mut out = Vec::new();
+        for i in &st.instances {
+            let live = i.pid.is_some_and(crate::process::alive) && up_alive;
+            let h = if !live {
+                "-"
+            } else {
+                match client.get(format!("{}/health", i.url)).send().await {
+                    Ok(r) if r.status().is_success() => "ok",
+                    Ok(_) => "not ready",
+                    Err(_) => "no answer",
+                }
+            };
+            out.push(h);
+        }
+        anyhow::Ok(out)
+    })?;
+    println!();
+    println!("{:<16} {:<24} {:<24} {:>8} {:<11} {:<10} {:>8} {:>8}  last exit", "engine", "model", "url", "pid", "state", "health", "restarts", "failures");
+    for (i, h) in st.instances.iter().zip(health) {
+        let state = match i.state {
+            InstanceState::Starting => "starting",
+            InstanceState::Healthy => "running",
+            InstanceState::Restarting => "restarting",
+            InstanceState::Failed => "FAILED",
+            InstanceState::Stopped => "stopped",
+        };
+        println!(
+            "{:<16} {:<24} {:<24} {:>8} {:<11} {:<10} {:>8} {:>8}  {}",
+            i.name,
+            i.model,
+            i.url,
+            i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            state,
+            h,
+            i.restarts,
+            i.failures,
+            i.last_exit.as_deref().unwrap_or("-")
+        );
+    }
+    let recent: Vec<_> = st.events.iter().rev().take(8).collect();
+    if !recent.is_empty() {
+        println!("\nrecent events:");
+        for e in recent.into_iter().rev() {
+            println!("  {} {:<16} {:?}: {}", e.at, e.instance, e.kind, e.message);
+        }
+    }
+    Ok(())
 }

@@ -12,10 +12,15 @@
 //! - [`state`]: the state file `colocate status` reads.
 pub mod adapters;
 pub mod cli;
+pub mod deployment;
+pub mod gateway;
 pub mod gpu_glue;
 pub mod model;
 pub mod plan;
+pub mod process;
 pub mod spec;
+pub mod state;
+pub mod supervisor;
 pub mod units;
 
 pub use plan::{plan, EnginePlan, GpuFacts, Plan};
@@ -23,3 +28,6 @@ pub use spec::{
     load, validate, DeploymentSpec, EngineKind, EngineSpec, GatewaySpec, GpuSelector, MemoryBudget, Sharing,
     SuperviseSpec, Task,
 };
+pub use deployment::{Deployment, Endpoint, UpOptions};
+pub use gateway::{Policy, LeastOutstanding};
+pub use supervisor::{Event, EventKind, InstanceState, InstanceStatus};

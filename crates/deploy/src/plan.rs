@@ -101,7 +101,7 @@ fn dtype_bytes(kind: EngineKind, device: &str, model: Option<&ModelShape>) -> u6
         // The built-in CPU backend computes in f32.
         (EngineKind::Builtin, "cpu") => 4,
         (EngineKind::Builtin, _) => 2,
-        _ => model.map(|m| m.dtype_bytes).unwrap_or(2),
+        _ => model.map(|m| m.dtype_bytes()).unwrap_or(2),
     }
 }
 

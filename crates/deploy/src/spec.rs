@@ -605,7 +605,7 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
             ),
         );
     }
-    if let Some(total) = spec.gpu_name.as_deref().and_then(crate::plan::catalogue_memory) {
+    if let Some(total) = spec.gpu_name.as_deref().and_then(crate::gpu_glue::catalogue_memory) {
         let sum = bytes_sum as f64 + fraction_sum * total as f64;
         if sum > total as f64 && fraction_sum <= 1.0 + 1e-9 {
             err(

@@ -1,0 +1,311 @@
+//! `Deployment::up` and `shutdown`: the API the lab and `colocate up` use.
+//!
+//! Order of things, and why:
+//! 1. validate and plan (a deployment that does not fit is refused before anything runs);
+//! 2. the gateway binds its address first, so a port in use fails in a second, not after
+//!    minutes of engine start-up;
+//! 3. the MPS daemon, when asked, with private folders under the run folder;
+//! 4. engines one at a time, each only after the previous answers `/health` (several
+//!    engines starting together mis-measure each other's free memory).
+//!
+//! Shutdown reverses it: the gateway stops accepting and drains, engines stop in reverse
+//! order (SIGTERM, then SIGKILL), the MPS daemon quits.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::{Gateway, LeastOutstanding, WorkerSpec};
+use crate::gpu_glue::{self, Mps};
+use crate::plan::{plan, Plan};
+use crate::process::{log_path, ProcSpec};
+use crate::spec::{validate, DeploymentSpec, EngineKind, Sharing};
+use crate::state::{self, StateFile};
+use crate::supervisor::{Event, InstanceSpec, InstanceStatus, SuperviseOptions, Supervisor};
+
+/// How to run a deployment.
+#[derive(Debug, Clone, Default)]
+pub struct UpOptions {
+    /// Logs and `state.json` go here.
+    pub run_dir: PathBuf,
+    /// The `colocate` binary for built-in engines; default: `$COLOCATE_BIN`, else this
+    /// executable.
+    pub engine_bin: Option<PathBuf>,
+    /// Do not copy engine output to the console.
+    pub quiet: bool,
+}
+
+/// One engine replica as a client reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Replica name.
+    pub engine: String,
+    /// Served model name.
+    pub model: String,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+/// A running deployment.
+pub struct Deployment {
+    plan: Plan,
+    run_dir: PathBuf,
+    supervisor: Supervisor,
+    gateway: Option<Gateway>,
+    gateway_url: Option<String>,
+    mps: Option<Mps>,
+    state: Arc<Mutex<StateFile>>,
+    stop_timeout: Duration,
+}
+
+/// The binary that runs built-in engines.
+fn engine_bin(opts: &UpOptions) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &opts.engine_bin {
+        return Ok(p.clone());
+    }
+    if let Some(p) = std::env::var_os("COLOCATE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    std::env::current_exe().context("finding the colocate binary for built-in engines (set COLOCATE_BIN)")
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+impl Deployment {
+    /// Brings a deployment up (see the module doc for the order). On failure everything
+    /// started so far is stopped again and the error says what failed and why.
+    pub async fn up(spec: &DeploymentSpec, opts: UpOptions) -> anyhow::Result<Deployment> {
+        validate(spec)?;
+        let run_dir = absolute(&opts.run_dir)?;
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating the run folder {}", run_dir.display()))?;
+        let facts = if spec.gpu.is_cpu() {
+            None
+        } else {
+            Some(gpu_glue::detect(&spec.gpu).with_context(|| format!("gpu = {}: cannot run here", spec.gpu))?)
+        };
+        let plan = plan(spec, facts.as_ref())?;
+        if !plan.fits {
+            bail!("the deployment does not fit:\n  {}", plan.problems.join("\n  "));
+        }
+        std::fs::write(run_dir.join("plan.txt"), plan.to_string()).ok();
+        if let Ok(text) = toml::to_string_pretty(spec) {
+            std::fs::write(run_dir.join("deployment.toml"), text).ok();
+        }
+        let bin = engine_bin(&opts)?;
+
+        let state = Arc::new(Mutex::new(StateFile {
+            schema: state::SCHEMA,
+            name: spec.name.clone(),
+            phase: "starting".into(),
+            up_pid: std::process::id(),
+            run_dir: run_dir.clone(),
+            started_at: chrono::Utc::now().to_rfc3339(),
+            updated_at: chrono::Utc::now().to_rfc3339(),
+            gpu: spec.gpu.to_string(),
+            sharing: spec.sharing.to_string(),
+            gateway_url: None,
+            instances: Vec::new(),
+            events: Vec::new(),
+        }));
+
+        // The gateway first: a port in use fails now.
+        let gateway = match &spec.gateway {
+            Some(g) => {
+                let workers = plan
+                    .engines
+                    .iter()
+                    .map(|e| WorkerSpec { name: e.name.clone(), model: e.served_model_name.clone(), url: e.url() })
+                    .collect();
+                Some(Gateway::start(&g.address, workers, &g.models, Arc::new(LeastOutstanding), g.drain_timeout).await?)
+            }
+            None => None,
+        };
+        let gateway_url = gateway.as_ref().map(|g| g.url());
+        state.lock().gateway_url = gateway_url.clone();
+
+        let mps = if spec.sharing == Sharing::Mps {
+            let dir = run_dir.join("mps");
+            match tokio::task::spawn_blocking(move || Mps::start(&dir)).await? {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    if let Some(g) = gateway {
+                        g.shutdown().await;
+                    }
+                    return Err(e.context("starting the MPS daemon"));
+                }
+            }
+        } else {
+            None
+        };
+
+        let instances: Vec<InstanceSpec> = plan
+            .engines
+            .iter()
+            .zip(spec.engines.iter().flat_map(|e| std::iter::repeat(e).take(e.replicas.max(1) as usize)))
+            .map(|(p, e)| {
+                let mut argv = p.command.clone();
+                if p.kind == EngineKind::Builtin {
+                    argv[0] = bin.display().to_string();
+                }
+                let mut env = p.env.clone();
+                if let Some(m) = &mps {
+                    // The daemon's folders; the limits are already in the plan's env.
+                    env.extend(m.client_env(None, None));
+                }
+                InstanceSpec {
+                    name: p.name.clone(),
+                    engine: p.engine.clone(),
+                    model: p.served_model_name.clone(),
+                    url: p.url(),
+                    proc: ProcSpec {
+                        name: p.name.clone(),
+                        argv,
+                        env,
+                        log_path: log_path(&run_dir, &p.name),
+                        console: !opts.quiet,
+                    },
+                    start_timeout: e.start_timeout,
+                }
+            })
+            .collect();
+
+        let writer_state = state.clone();
+        let writer_dir = run_dir.clone();
+        let on_change = Arc::new(move |snap: &crate::supervisor::Snapshot| {
+            let mut s = writer_state.lock();
+            s.instances = snap.instances.clone();
+            s.events = snap.events.clone();
+            s.trim_events();
+            s.updated_at = chrono::Utc::now().to_rfc3339();
+            if let Err(e) = state::write(&writer_dir, &s) {
+                tracing::warn!("state file: {e:#}");
+            }
+        });
+        let availability: crate::supervisor::AvailabilitySink = match &gateway {
+            Some(g) => Arc::new(g.availability_sink()),
+            None => Arc::new(|_: &str, _: bool| {}),
+        };
+        let opts_sup = SuperviseOptions {
+            max_failures: spec.supervise.max_failures,
+            backoff_initial: spec.supervise.backoff_initial,
+            backoff_max: spec.supervise.backoff_max,
+            stop_timeout: spec.supervise.stop_timeout,
+            shared_fault: spec.sharing == Sharing::Mps,
+        };
+        let supervisor = match Supervisor::start(instances, opts_sup, on_change, availability, CancellationToken::new()).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(g) = gateway {
+                    g.shutdown().await;
+                }
+                if let Some(m) = mps {
+                    let _ = tokio::task::spawn_blocking(move || m.quit(Duration::from_secs(5))).await;
+                }
+                let mut s = state.lock();
+                s.phase = "failed".into();
+                let _ = state::write(&run_dir, &s);
+                return Err(e);
+            }
+        };
+        {
+            let mut s = state.lock();
+            s.phase = "running".into();
+            s.instances = supervisor.instances();
+            let _ = state::write(&run_dir, &s);
+        }
+        Ok(Deployment {
+            plan,
+            run_dir,
+            supervisor,
+            gateway,
+            gateway_url,
+            mps,
+            state,
+            stop_timeout: spec.supervise.stop_timeout,
+        })
+    }
+
+    /// Every replica's endpoint, in start order.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.plan
+            .engines
+            .iter()
+            .map(|e| Endpoint { engine: e.name.clone(), model: e.served_model_name.clone(), url: e.url() })
+            .collect()
+    }
+
+    /// The gateway's `http://HOST:PORT`, when the deployment has one.
+    pub fn gateway_url(&self) -> Option<String> {
+        self.gateway_url.clone()
+    }
+
+    /// The plan it runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The run folder (logs, `state.json`, `plan.txt`).
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Everything that happened so far: starts, crashes, restarts, give-ups.
+    pub fn events(&self) -> Vec<Event> {
+        self.supervisor.events()
+    }
+
+    /// Each replica's current status (pid, state, restarts).
+    pub fn status(&self) -> Vec<InstanceStatus> {
+        self.supervisor.instances()
+    }
+
+    /// Resolves with a reason when the supervisor gave up on every engine.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.supervisor.fatal();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Gateway drains, engines stop in reverse order, MPS quits.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        {
+            let mut s = self.state.lock();
+            s.phase = "stopping".into();
+            let _ = state::write(&self.run_dir, &s);
+        }
+        if let Some(g) = self.gateway {
+            g.shutdown().await;
+        }
+        self.supervisor.shutdown().await;
+        let mut result = Ok(());
+        if let Some(m) = self.mps {
+            let drain = self.stop_timeout;
+            result = tokio::task::spawn_blocking(move || m.quit(drain))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r.context("quitting the MPS daemon"));
+        }
+        let mut s = self.state.lock();
+        s.phase = "stopped".into();
+        s.updated_at = chrono::Utc::now().to_rfc3339();
+        let _ = state::write(&self.run_dir, &s);
+        result
+    }
+}

@@ -1,0 +1,68 @@
+//! The state file of a running deployment (`<run>/state.json`), written by `up` after every
+//! change and read by `colocate status`. Written to a temporary file and renamed, so a
+//! reader never sees half of it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::supervisor::{Event, InstanceStatus};
+
+/// Version of the state file's layout.
+pub const SCHEMA: u32 = 1;
+/// How many recent events the file keeps.
+const EVENTS_KEPT: usize = 100;
+
+/// What `up` is running.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateFile {
+    pub schema: u32,
+    pub name: String,
+    /// `starting`, `running`, `stopping`, `stopped`, `failed`.
+    pub phase: String,
+    /// The `colocate up` process.
+    pub up_pid: u32,
+    pub run_dir: PathBuf,
+    pub started_at: String,
+    pub updated_at: String,
+    pub gpu: String,
+    pub sharing: String,
+    pub gateway_url: Option<String>,
+    pub instances: Vec<InstanceStatus>,
+    /// The most recent events, oldest first.
+    pub events: Vec<Event>,
+}
+
+impl StateFile {
+    /// Keeps only the last events.
+    pub fn trim_events(&mut self) {
+        let n = self.events.len();
+        if n > EVENTS_KEPT {
+            self.events.drain(..n - EVENTS_KEPT);
+        }
+    }
+}
+
+/// The state file's path in a run folder.
+pub fn path(run_dir: &Path) -> PathBuf {
+    run_dir.join("state.json")
+}
+
+/// Writes atomically.
+pub fn write(run_dir: &Path, state: &StateFile) -> anyhow::Result<()> {
+    let p = path(run_dir);
+    let tmp = run_dir.join(".state.json.tmp");
+    let text = serde_json::to_string_pretty(state)?;
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &p).with_context(|| format!("renaming to {}", p.display()))?;
+    Ok(())
+}
+
+/// Reads a run folder's state file.
+pub fn read(run_dir: &Path) -> anyhow::Result<StateFile> {
+    let p = path(run_dir);
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("no deployment state at {} (is `colocate up` running there?)", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a state file", p.display()))
+}
