@@ -1,11 +1,154 @@
-//! Command-line arguments of `colocate serve` and the function that runs it.
-//! PLACEHOLDER: the owner of this crate replaces this file.
+//! Command-line arguments of `colocate serve` (vLLM's flag names where the meaning is the
+//! same) and the function that runs it.
+
+use crate::load::LoadFormat;
 
 /// Arguments of `colocate serve`.
-#[derive(Debug, clap::Args)]
-pub struct ServeArgs {}
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// `preset:NAME` (qwen3-tiny, qwen3-0.6b, ..., qwen3-embedding-8b) or a Hugging Face
+    /// model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: String,
+    /// What to serve: `generate` (completions, chat) or `embed` (embeddings). Default: the
+    /// model's own task.
+    #[arg(long, value_enum)]
+    pub task: Option<TaskArg>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// `cpu`, `cuda` (device 0) or `cuda:N`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: crate::load::Device,
+    /// `auto`: weights from the folder (presets get dummy weights); `dummy`: seeded random
+    /// weights of the real shapes.
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
+    pub load_format: LoadFormat,
+    /// Name clients use in `model` (default: the --model string).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Most sequences in one step (embed: inputs per batch). Default 256.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_num_seqs: Option<u64>,
+    /// Token budget of one step (prefill chunks plus decodes; embed: tokens per batch).
+    /// Default 2048 (embed: 16384).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_num_batched_tokens: Option<u64>,
+    /// Longest prompt plus output. Default: the model's, capped by what the KV cache holds.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_model_len: Option<u64>,
+    /// KV cache budget in bytes on the CPU (suffixes K, M, G, Ki, Mi, Gi accepted).
+    #[arg(long, default_value = "1Gi", value_parser = parse_bytes)]
+    pub kv_cache_memory: u64,
+    /// Fraction of the GPU's memory for weights, KV cache and workspace (CUDA backend).
+    #[arg(long, default_value_t = 0.9, value_parser = parse_fraction)]
+    pub gpu_memory_utilization: f64,
+    /// Requests accepted but not yet running; beyond it the server answers 503.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// Seed of dummy weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub block_size: u64,
+}
 
-/// Runs `colocate serve`.
-pub fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("colocate serve is not built yet")
+/// `--task` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskArg {
+    Generate,
+    Embed,
+}
+
+impl From<TaskArg> for crate::runner::Task {
+    fn from(t: TaskArg) -> Self {
+        match t {
+            TaskArg::Generate => crate::runner::Task::Generate,
+            TaskArg::Embed => crate::runner::Task::Embed,
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<crate::load::Device, String> {
+    use crate::load::Device;
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("expected cpu, cuda or cuda:N, got {s:?}")),
+    }
+}
+
+/// Parses `1073741824`, `512M`, `1Gi`, `1.5G`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => {
+            return Err(format!(
+                "unknown unit {u:?} in {s:?} (use bytes, K, M, G, Ki, Mi or Gi)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a byte count like 1073741824 or 1Gi, got {s:?}"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("expected a positive byte count, got {s:?}"));
+    }
+    Ok((n * mult) as u64)
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s
+        .parse()
+        .map_err(|_| format!("expected a number in (0, 1], got {s:?}"))?;
+    if f > 0.0 && f <= 1.0 {
+        Ok(f)
+    } else {
+        Err(format!("expected a number in (0, 1], got {s:?}"))
+    }
+}
+
+/// Runs `colocate serve` until Ctrl-C / SIGTERM, or fails when the model cannot be loaded
+/// or the port cannot be bound.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    crate::serve::run(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("1Gi").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("512M").unwrap(), 512_000_000);
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("-5").is_err());
+    }
+
+    #[test]
+    fn devices() {
+        assert_eq!(
+            parse_device("cuda:1").unwrap(),
+            crate::load::Device::Cuda(1)
+        );
+        assert!(parse_device("tpu").is_err());
+    }
 }

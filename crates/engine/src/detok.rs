@@ -12,6 +12,12 @@ pub trait Detokenize: Send + Sync {
     fn decode(&self, ids: &[u32]) -> anyhow::Result<String>;
 }
 
+impl Detokenize for crate::tokenizer::Tokenizer {
+    fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+        crate::tokenizer::Tokenizer::decode(self, ids)
+    }
+}
+
 /// The text state of one sequence's output.
 #[derive(Debug, Default)]
 pub struct OutputText {

@@ -1,0 +1,272 @@
+//! Batching of embedding requests by a token budget, as text-embeddings-inference does.
+//!
+//! Requests queue in arrival order; each batch takes inputs from the front (across request
+//! boundaries) until the next input would pass `max_batch_tokens` or the batch holds
+//! `max_batch_seqs` inputs; a single input longer than the budget still runs alone. A
+//! request is answered when all its inputs are embedded; one whose client went away is
+//! dropped before its remaining inputs run.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+use crate::runner::Embedder;
+use crate::scheduler::Admission;
+
+/// An embedding request as the queue takes it.
+#[derive(Debug)]
+pub struct EmbedRequest {
+    pub inputs: Vec<Vec<u32>>,
+    pub reply: oneshot::Sender<anyhow::Result<Vec<Vec<f32>>>>,
+}
+
+struct Pending {
+    req: EmbedRequest,
+    results: Vec<Vec<f32>>,
+}
+
+/// The queue of embedding requests and its batching rule.
+pub struct EmbedQueue {
+    queue: VecDeque<Pending>,
+    max_batch_tokens: usize,
+    max_batch_seqs: usize,
+    metrics: Arc<Metrics>,
+    admission: Arc<Admission>,
+}
+
+impl EmbedQueue {
+    pub fn new(
+        max_batch_tokens: usize,
+        max_batch_seqs: usize,
+        metrics: Arc<Metrics>,
+        admission: Arc<Admission>,
+    ) -> Self {
+        EmbedQueue {
+            queue: VecDeque::new(),
+            max_batch_tokens: max_batch_tokens.max(1),
+            max_batch_seqs: max_batch_seqs.max(1),
+            metrics,
+            admission,
+        }
+    }
+
+    /// Queues a request (its admission place is already reserved).
+    pub fn add(&mut self, req: EmbedRequest) {
+        let n = req.inputs.len();
+        self.queue.push_back(Pending {
+            req,
+            results: Vec::with_capacity(n),
+        });
+        self.metrics
+            .requests_waiting
+            .store(self.queue.len() as u64, Relaxed);
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Embeds one batch and answers the requests it completes.
+    pub fn step(&mut self, model: &mut dyn Embedder) -> anyhow::Result<()> {
+        self.drop_cancelled();
+        // (request position in the queue, count of its inputs in this batch)
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let mut batch: Vec<&[u32]> = Vec::new();
+        let mut tokens = 0;
+        'outer: for (qi, p) in self.queue.iter().enumerate() {
+            let mut taken = 0;
+            for input in &p.req.inputs[p.results.len()..] {
+                let fits = tokens + input.len() <= self.max_batch_tokens
+                    && batch.len() < self.max_batch_seqs;
+                if !fits && !batch.is_empty() {
+                    if taken > 0 {
+                        spans.push((qi, taken));
+                    }
+                    break 'outer;
+                }
+                tokens += input.len();
+                batch.push(input);
+                taken += 1;
+            }
+            if taken > 0 {
+                spans.push((qi, taken));
+            }
+        }
+        if batch.is_empty() {
+            // Only requests without inputs: answer them.
+            while let Some(p) = self.queue.pop_front() {
+                self.finish(p);
+            }
+            return Ok(());
+        }
+        self.metrics
+            .requests_running
+            .store(spans.len() as u64, Relaxed);
+        let n = batch.len();
+        let out = model.embed(&batch).and_then(|o| {
+            if o.len() == n {
+                Ok(o)
+            } else {
+                Err(anyhow::anyhow!(
+                    "model returned {} embeddings for {n} inputs",
+                    o.len()
+                ))
+            }
+        });
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                let msg = format!("embedding failed: {e:#}");
+                for _ in 0..spans.len() {
+                    if let Some(p) = self.queue.pop_front() {
+                        let _ = p.req.reply.send(Err(anyhow::anyhow!(msg.clone())));
+                        self.admission.leave();
+                    }
+                }
+                self.metrics.requests_running.store(0, Relaxed);
+                return Err(e);
+            }
+        };
+        self.metrics
+            .embedding_sequences
+            .fetch_add(n as u64, Relaxed);
+        self.metrics.prompt_tokens.fetch_add(tokens as u64, Relaxed);
+        let mut it = out.into_iter();
+        for &(qi, taken) in &spans {
+            self.queue[qi].results.extend(it.by_ref().take(taken));
+        }
+        while self
+            .queue
+            .front()
+            .is_some_and(|p| p.results.len() == p.req.inputs.len())
+        {
+            let p = self.queue.pop_front().expect("front exists");
+            self.finish(p);
+        }
+        self.metrics.requests_running.store(0, Relaxed);
+        self.metrics
+            .requests_waiting
+            .store(self.queue.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Fails every queued request.
+    pub fn fail_all(&mut self, message: &str) {
+        while let Some(p) = self.queue.pop_front() {
+            let _ = p.req.reply.send(Err(anyhow::anyhow!(message.to_string())));
+            self.admission.leave();
+        }
+    }
+
+    fn finish(&mut self, p: Pending) {
+        let _ = p.req.reply.send(Ok(p.results));
+        self.admission.leave();
+    }
+
+    fn drop_cancelled(&mut self) {
+        let admission = &self.admission;
+        let metrics = &self.metrics;
+        self.queue.retain(|p| {
+            let keep = !p.req.reply.is_closed();
+            if !keep {
+                admission.leave();
+                metrics.requests_aborted.fetch_add(1, Relaxed);
+            }
+            keep
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::{ModelInfo, Task};
+
+    /// Embeds each input as `[len, first token]` and records batch sizes.
+    struct Fake {
+        info: ModelInfo,
+        batches: Vec<usize>,
+    }
+
+    impl Embedder for Fake {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn embed(&mut self, inputs: &[&[u32]]) -> anyhow::Result<Vec<Vec<f32>>> {
+            self.batches.push(inputs.iter().map(|i| i.len()).sum());
+            Ok(inputs
+                .iter()
+                .map(|i| vec![i.len() as f32, i[0] as f32])
+                .collect())
+        }
+    }
+
+    fn fake() -> Fake {
+        Fake {
+            info: ModelInfo {
+                architecture: "fake".into(),
+                task: Task::Embed,
+                vocab_size: 10,
+                max_position_embeddings: 512,
+                eos_token_ids: vec![],
+                kv_bytes_per_token: 0,
+                weight_bytes: 0,
+            },
+            batches: vec![],
+        }
+    }
+
+    #[test]
+    fn batches_by_token_budget_across_requests_in_order() {
+        let adm = Arc::new(Admission::new(10));
+        let mut q = EmbedQueue::new(10, 100, Arc::new(Metrics::default()), adm.clone());
+        let mut rxs = vec![];
+        for (k, lens) in [vec![4, 4], vec![3], vec![20], vec![1, 2]]
+            .into_iter()
+            .enumerate()
+        {
+            assert!(adm.try_enter());
+            let (tx, rx) = oneshot::channel();
+            q.add(EmbedRequest {
+                inputs: lens.iter().map(|&l| vec![k as u32; l]).collect(),
+                reply: tx,
+            });
+            rxs.push(rx);
+        }
+        let mut m = fake();
+        while q.has_work() {
+            q.step(&mut m).unwrap();
+        }
+        // 4+4 (next 3 would pass 10), 3, 20 alone, 1+2.
+        assert_eq!(m.batches, vec![8, 3, 20, 3]);
+        let got: Vec<Vec<Vec<f32>>> = rxs
+            .into_iter()
+            .map(|mut r| r.try_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(got[0], vec![vec![4.0, 0.0], vec![4.0, 0.0]]);
+        assert_eq!(got[2], vec![vec![20.0, 2.0]]);
+        assert_eq!(got[3], vec![vec![1.0, 3.0], vec![2.0, 3.0]]);
+        assert_eq!(adm.waiting(), 0);
+    }
+
+    #[test]
+    fn cancelled_request_is_skipped() {
+        let adm = Arc::new(Admission::new(10));
+        let mut q = EmbedQueue::new(100, 100, Arc::new(Metrics::default()), adm.clone());
+        assert!(adm.try_enter());
+        let (tx, rx) = oneshot::channel();
+        q.add(EmbedRequest {
+            inputs: vec![vec![1; 5]],
+            reply: tx,
+        });
+        drop(rx);
+        let mut m = fake();
+        q.step(&mut m).unwrap();
+        assert!(m.batches.is_empty());
+        assert!(!q.has_work());
+        assert_eq!(adm.waiting(), 0);
+    }
+}
