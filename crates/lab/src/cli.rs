@@ -191,7 +191,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         dir.display()
     );
     let cancel = Arc::new(AtomicBool::new(false));
-    let mut harness = harness(&results.experiment, a.quiet, cancel.clone())?;
+    let mut harness = harness(&results.experiment, cancel.clone())?;
     let view = ProgressView::new(total, done, a.quiet);
     run_plan(&mut results, &dir, harness.as_mut(), &cancel, &view)?;
     drop(harness);
@@ -222,18 +222,13 @@ fn environment() -> crate::results::Environment {
 }
 
 #[cfg(feature = "measure")]
-fn harness(
-    exp: &Experiment,
-    quiet: bool,
-    cancel: Arc<AtomicBool>,
-) -> Result<Box<dyn crate::runner::Harness>> {
-    Ok(Box::new(crate::measure::RealHarness::new(exp, quiet, cancel)?))
+fn harness(exp: &Experiment, cancel: Arc<AtomicBool>) -> Result<Box<dyn crate::runner::Harness>> {
+    Ok(Box::new(crate::measure::RealHarness::new(exp, cancel)?))
 }
 
 #[cfg(not(feature = "measure"))]
 fn harness(
     _exp: &Experiment,
-    _quiet: bool,
     _cancel: Arc<AtomicBool>,
 ) -> Result<Box<dyn crate::runner::Harness>> {
     bail!("this colocate was built without the lab's measure feature: it cannot run experiments")

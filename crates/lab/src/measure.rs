@@ -4,13 +4,12 @@
 //! on its own types, so a change in one of those APIs is absorbed here.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::matrix::Condition;
@@ -85,144 +84,20 @@ struct Endpoint {
     served_model_name: String,
 }
 
-/// The engines `up` started.
-///
-/// NOTE: `deploy::Deployment::up` (supervisor, MPS daemon, gateway) is not in the tree
-/// yet; until it is, this starts the planned command lines itself, one at a time behind
-/// `/health`, and refuses MPS. Replace the body of [`Running::start`] with
-/// `Deployment::up` when it lands.
-struct Running {
-    children: Vec<(String, Child)>,
-}
-
-impl Running {
-    async fn start(spec: &deploy::DeploymentSpec, dir: &Path, quiet: bool) -> Result<Running> {
-        if spec.sharing == deploy::Sharing::Mps {
-            bail!("MPS needs deploy::Deployment::up (the MPS daemon and client environment), which this build does not have yet");
-        }
-        let plan = deploy::plan(spec, None)?;
-        if !plan.fits {
-            bail!("deployment does not fit: {}", plan.problems.join("; "));
-        }
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let bin = engine_bin();
-        let mut running = Running { children: Vec::new() };
-        for e in &plan.engines {
-            let mut argv = e.command.clone();
-            if argv.first().map(String::as_str) == Some("colocate") {
-                argv[0] = bin.display().to_string();
-            }
-            let log_path = dir.join(format!("{}.log", e.name));
-            let log = std::fs::File::create(&log_path)
-                .with_context(|| format!("cannot create {}", log_path.display()))?;
-            let mut cmd = Command::new(&argv[0]);
-            cmd.args(&argv[1..])
-                .envs(e.env.iter().cloned())
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("engine {}: cannot start {}", e.name, argv[0]))?;
-            running.children.push((e.name.clone(), child));
-            let timeout = spec
-                .engines
-                .iter()
-                .find(|s| s.name == e.engine)
-                .map(|s| s.start_timeout)
-                .unwrap_or(Duration::from_secs(120));
-            if let Err(err) = running.wait_healthy(&e.name, &e.url(), timeout).await {
-                let tail = log_tail(&log_path);
-                running.stop();
-                bail!("{err:#}; last lines of {}:\n{tail}", log_path.display());
-            }
-            if !quiet {
-                tracing::info!("engine {} healthy at {}", e.name, e.url());
-            }
-        }
-        Ok(running)
-    }
-
-    async fn wait_healthy(&mut self, name: &str, url: &str, timeout: Duration) -> Result<()> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        let start = Instant::now();
-        loop {
-            if let Some((_, c)) = self.children.iter_mut().find(|(n, _)| n == name) {
-                if let Some(status) = c.try_wait()? {
-                    bail!("engine {name} exited during start-up ({status})");
-                }
-            }
-            if let Ok(r) = client.get(format!("{url}/health")).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            if start.elapsed() > timeout {
-                bail!("engine {name} not healthy at {url}/health after {}s", timeout.as_secs());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn stop(&mut self) {
-        // reverse start order; SIGTERM first, then SIGKILL after a grace period
-        for (_, c) in self.children.iter_mut().rev() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if matches!(c.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.children.clear();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn log_tail(p: &Path) -> String {
-    let text = std::fs::read_to_string(p).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(10)..].join("\n")
-}
-
-/// The colocate binary for built-in engines: `COLOCATE_BIN`, else this executable.
-fn engine_bin() -> PathBuf {
-    std::env::var_os("COLOCATE_BIN")
-        .map(PathBuf::from)
-        .or_else(|| std::env::current_exe().ok())
-        .unwrap_or_else(|| PathBuf::from("colocate"))
-}
-
 /// The real harness: deploy, bench and the GPU sampler.
 pub struct RealHarness {
     rt: tokio::runtime::Runtime,
-    running: Option<Running>,
+    running: Option<deploy::Deployment>,
     endpoints: BTreeMap<String, Endpoint>,
     gpu_index: Option<u32>,
     sampler: std::result::Result<gpu::telemetry::Sampler, String>,
-    quiet: bool,
     seed: u64,
 }
 
 impl RealHarness {
     /// Starts the runtime, the GPU sampler (or notes why there is none) and a Ctrl-C
     /// handler that sets `cancel`.
-    pub fn new(exp: &Experiment, quiet: bool, cancel: Arc<AtomicBool>) -> Result<Self> {
+    pub fn new(exp: &Experiment, cancel: Arc<AtomicBool>) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -240,7 +115,6 @@ impl RealHarness {
             endpoints: BTreeMap::new(),
             gpu_index: None,
             sampler,
-            quiet,
             seed: exp.workloads.iter().find_map(|w| w.seed).unwrap_or(0),
         })
     }
@@ -395,27 +269,25 @@ impl Harness for RealHarness {
     fn up(&mut self, deployment: &toml::Table, run_dir: &Path) -> Result<()> {
         self.down();
         let spec = deployment_spec(deployment)?;
-        let plan = deploy::plan(&spec, None)?;
-        self.endpoints = plan
-            .engines
-            .iter()
-            .map(|e| {
-                (
-                    e.engine.clone(),
-                    Endpoint {
-                        url: e.url(),
-                        served_model_name: e.served_model_name.clone(),
-                    },
-                )
-            })
-            .collect();
         self.gpu_index = match spec.gpu {
             deploy::GpuSelector::Index(i) => Some(i),
             _ => None,
         };
-        let quiet = self.quiet;
-        let running = self.rt.block_on(Running::start(&spec, run_dir, quiet))?;
-        self.running = Some(running);
+        let opts = deploy::UpOptions {
+            run_dir: run_dir.to_path_buf(),
+            engine_bin: None, // COLOCATE_BIN, else this executable
+            // engine output goes to the logs in run_dir; the console has the progress bar
+            quiet: true,
+        };
+        let d = self.rt.block_on(deploy::Deployment::up(&spec, opts))?;
+        // workloads go straight to their engine (first replica), not through the gateway
+        for e in &d.plan().engines {
+            self.endpoints.entry(e.engine.clone()).or_insert_with(|| Endpoint {
+                url: e.url(),
+                served_model_name: e.served_model_name.clone(),
+            });
+        }
+        self.running = Some(d);
         Ok(())
     }
 
@@ -480,8 +352,10 @@ impl Harness for RealHarness {
     }
 
     fn down(&mut self) {
-        if let Some(mut r) = self.running.take() {
-            r.stop();
+        if let Some(d) = self.running.take() {
+            if let Err(e) = self.rt.block_on(d.shutdown()) {
+                tracing::warn!("deployment shutdown: {e:#}");
+            }
         }
         self.endpoints.clear();
     }
