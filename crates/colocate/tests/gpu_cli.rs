@@ -3,8 +3,15 @@
 //! real round trip on the GPU machine (scripts/gpu/gpu-tests.sh).
 use std::process::{Command, Output};
 
+/// The binary under test; COLOCATE_BIN overrides it where the test binary was built
+/// elsewhere (the GPU machine runs binaries carried from the build machine).
 fn colocate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_colocate")).args(args).output().expect("running colocate")
+    let bin = std::env::var("COLOCATE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_colocate").to_string());
+    Command::new(bin)
+        .args(args)
+        .output()
+        .expect("running colocate")
 }
 
 fn has_gpu() -> bool {
@@ -33,7 +40,10 @@ fn every_gpu_subcommand_says_no_gpu_without_one() {
         let out = colocate(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains("no NVIDIA driver or GPU found"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no NVIDIA driver or GPU found"),
+            "{args:?}: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
@@ -50,37 +60,92 @@ fn bad_arguments_are_named() {
 #[ignore = "needs an NVIDIA GPU with MPS"]
 fn cli_round_trip_on_the_gpu() {
     let out = colocate(&["gpu", "info", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     println!("{}", serde_json::to_string_pretty(&info).unwrap());
     assert!(info[0]["memory_total_bytes"].as_u64().unwrap() > 0);
 
-    let tmp = tempfile::Builder::new().prefix("mpscli").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("mpscli")
+        .tempdir_in("/tmp")
+        .unwrap();
     let csv = tmp.path().join("t.csv");
-    let out = colocate(&["gpu", "monitor", "--interval", "250ms", "--duration", "2s", "--out", csv.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = colocate(&[
+        "gpu",
+        "monitor",
+        "--interval",
+        "250ms",
+        "--duration",
+        "2s",
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = std::fs::read_to_string(&csv).unwrap();
     assert!(text.lines().count() >= 5, "{text}");
     println!("monitor: {}", String::from_utf8_lossy(&out.stderr));
 
     let dir = tmp.path().join("mps");
     let dir = dir.to_str().unwrap();
-    let out = colocate(&["gpu", "mps", "start", "--dir", dir, "--active-thread-percentage", "40", "--pinned-mem", "0=8GiB"]);
+    let out = colocate(&[
+        "gpu",
+        "mps",
+        "start",
+        "--dir",
+        dir,
+        "--active-thread-percentage",
+        "40",
+        "--pinned-mem",
+        "0=8GiB",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE='40'"), "{stdout}");
-    assert!(stdout.contains("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT='0=8192M'"), "{stdout}");
-    let pid: u32 = std::fs::read_to_string(format!("{dir}/pipe/nvidia-cuda-mps-control.pid")).unwrap().trim().parse().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE='40'"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT='0=8192M'"),
+        "{stdout}"
+    );
+    let pid: u32 = std::fs::read_to_string(format!("{dir}/pipe/nvidia-cuda-mps-control.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     let again = colocate(&["gpu", "mps", "start", "--dir", dir]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already serves"));
     let out = colocate(&["gpu", "mps", "status", "--dir", dir]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     println!("status: {}", String::from_utf8_lossy(&out.stdout));
     let out = colocate(&["gpu", "mps", "stop", "--dir", dir, "--drain", "2s"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "daemon {pid} left running");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "daemon {pid} left running"
+    );
     let out = colocate(&["gpu", "mps", "status", "--dir", dir]);
     assert_eq!(out.status.code(), Some(1));
 }

@@ -21,14 +21,62 @@ pub struct GpuSpec {
 const GB: u64 = 1_000_000_000;
 
 const SPECS: &[GpuSpec] = &[
-    GpuSpec { name: "H100 SXM", memory_bytes: 80 * GB, sm_count: 132, mem_bandwidth_bytes_per_s: 3.35e12, bf16_dense_tflops: 989.0 },
-    GpuSpec { name: "H100 PCIe", memory_bytes: 80 * GB, sm_count: 114, mem_bandwidth_bytes_per_s: 2.0e12, bf16_dense_tflops: 756.0 },
-    GpuSpec { name: "H200", memory_bytes: 141 * GB, sm_count: 132, mem_bandwidth_bytes_per_s: 4.8e12, bf16_dense_tflops: 989.0 },
-    GpuSpec { name: "A100 40GB", memory_bytes: 40 * GB, sm_count: 108, mem_bandwidth_bytes_per_s: 1.555e12, bf16_dense_tflops: 312.0 },
-    GpuSpec { name: "A100 80GB", memory_bytes: 80 * GB, sm_count: 108, mem_bandwidth_bytes_per_s: 2.039e12, bf16_dense_tflops: 312.0 },
-    GpuSpec { name: "L40S", memory_bytes: 48 * GB, sm_count: 142, mem_bandwidth_bytes_per_s: 864e9, bf16_dense_tflops: 362.0 },
-    GpuSpec { name: "L4", memory_bytes: 24 * GB, sm_count: 58, mem_bandwidth_bytes_per_s: 300e9, bf16_dense_tflops: 121.0 },
-    GpuSpec { name: "A10", memory_bytes: 24 * GB, sm_count: 72, mem_bandwidth_bytes_per_s: 600e9, bf16_dense_tflops: 125.0 },
+    GpuSpec {
+        name: "H100 SXM",
+        memory_bytes: 80 * GB,
+        sm_count: 132,
+        mem_bandwidth_bytes_per_s: 3.35e12,
+        bf16_dense_tflops: 989.0,
+    },
+    GpuSpec {
+        name: "H100 PCIe",
+        memory_bytes: 80 * GB,
+        sm_count: 114,
+        mem_bandwidth_bytes_per_s: 2.0e12,
+        bf16_dense_tflops: 756.0,
+    },
+    GpuSpec {
+        name: "H200",
+        memory_bytes: 141 * GB,
+        sm_count: 132,
+        mem_bandwidth_bytes_per_s: 4.8e12,
+        bf16_dense_tflops: 989.0,
+    },
+    GpuSpec {
+        name: "A100 40GB",
+        memory_bytes: 40 * GB,
+        sm_count: 108,
+        mem_bandwidth_bytes_per_s: 1.555e12,
+        bf16_dense_tflops: 312.0,
+    },
+    GpuSpec {
+        name: "A100 80GB",
+        memory_bytes: 80 * GB,
+        sm_count: 108,
+        mem_bandwidth_bytes_per_s: 2.039e12,
+        bf16_dense_tflops: 312.0,
+    },
+    GpuSpec {
+        name: "L40S",
+        memory_bytes: 48 * GB,
+        sm_count: 142,
+        mem_bandwidth_bytes_per_s: 864e9,
+        bf16_dense_tflops: 362.0,
+    },
+    GpuSpec {
+        name: "L4",
+        memory_bytes: 24 * GB,
+        sm_count: 58,
+        mem_bandwidth_bytes_per_s: 300e9,
+        bf16_dense_tflops: 121.0,
+    },
+    GpuSpec {
+        name: "A10",
+        memory_bytes: 24 * GB,
+        sm_count: 72,
+        mem_bandwidth_bytes_per_s: 600e9,
+        bf16_dense_tflops: 125.0,
+    },
 ];
 
 /// Finds the spec for a GPU name as NVML reports it ("NVIDIA H100 80GB HBM3",
@@ -42,11 +90,19 @@ pub fn lookup(name: &str) -> Option<GpuSpec> {
         .collect();
     let has = |t: &str| tokens.contains(&t);
     let canonical = if has("H100") {
-        if has("PCIE") { "H100 PCIe" } else { "H100 SXM" }
+        if has("PCIE") {
+            "H100 PCIe"
+        } else {
+            "H100 SXM"
+        }
     } else if has("H200") {
         "H200"
     } else if has("A100") {
-        if has("80GB") || has("80") { "A100 80GB" } else { "A100 40GB" }
+        if has("80GB") || has("80") {
+            "A100 80GB"
+        } else {
+            "A100 40GB"
+        }
     } else if has("L40S") {
         "L40S"
     } else if has("L4") {
@@ -87,6 +143,11 @@ mod tests {
         assert!(lookup("NVIDIA GeForce RTX 4090").is_none());
         assert!(lookup("").is_none());
         // A MIG device's name keeps the parent's tokens.
-        assert_eq!(lookup("NVIDIA H100 80GB HBM3 MIG 1g.10gb").unwrap().sm_count, 132);
+        assert_eq!(
+            lookup("NVIDIA H100 80GB HBM3 MIG 1g.10gb")
+                .unwrap()
+                .sm_count,
+            132
+        );
     }
 }

@@ -109,9 +109,17 @@ pub fn run(args: GpuArgs) -> Result<()> {
         GpuCommand::Info { json } => info(json),
         GpuCommand::Monitor(a) => monitor(a),
         GpuCommand::Mps { command } => match command {
-            MpsCommand::Start { dir, active_thread_percentage, pinned_mem, default_active_thread_percentage } => {
-                mps_start(dir, active_thread_percentage, &pinned_mem, default_active_thread_percentage)
-            }
+            MpsCommand::Start {
+                dir,
+                active_thread_percentage,
+                pinned_mem,
+                default_active_thread_percentage,
+            } => mps_start(
+                dir,
+                active_thread_percentage,
+                &pinned_mem,
+                default_active_thread_percentage,
+            ),
             MpsCommand::Status { dir, json } => mps_status(dir, json),
             MpsCommand::Stop { dir, drain } => {
                 MpsDaemon::attach(&dir)?.stop(drain)?;
@@ -119,7 +127,9 @@ pub fn run(args: GpuArgs) -> Result<()> {
                 Ok(())
             }
         },
-        GpuCommand::Mig { command: MigCommand::List { json } } => mig_list(json),
+        GpuCommand::Mig {
+            command: MigCommand::List { json },
+        } => mig_list(json),
     }
 }
 
@@ -135,15 +145,47 @@ fn info(json: bool) -> Result<()> {
     }
     for g in &gpus {
         println!("GPU {}: {} ({})", g.index, g.name, g.uuid);
-        println!("  memory        {} used of {}", gib(g.memory_used_bytes), gib(g.memory_total_bytes));
-        println!("  SMs           {}", g.sm_count.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into()));
+        println!(
+            "  memory        {} used of {}",
+            gib(g.memory_used_bytes),
+            gib(g.memory_total_bytes)
+        );
+        println!(
+            "  SMs           {}",
+            g.sm_count
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "unknown".into())
+        );
         println!("  driver / CUDA {} / {}", g.driver_version, g.cuda_version);
         println!("  compute mode  {}", g.compute_mode);
-        println!("  GPM counters  {}", if g.gpm_supported { "supported" } else { "not supported (monitor falls back to utilization rates)" });
-        println!("  MPS daemon    {}", if g.mps_running { "running" } else { "not running" });
-        println!("  MIG           {}", if g.mig_enabled { "enabled" } else { "disabled" });
+        println!(
+            "  GPM counters  {}",
+            if g.gpm_supported {
+                "supported"
+            } else {
+                "not supported (monitor falls back to utilization rates)"
+            }
+        );
+        println!(
+            "  MPS daemon    {}",
+            if g.mps_running {
+                "running"
+            } else {
+                "not running"
+            }
+        );
+        println!(
+            "  MIG           {}",
+            if g.mig_enabled { "enabled" } else { "disabled" }
+        );
         for m in &g.mig_instances {
-            println!("    {} {} {} SMs {}", m.uuid, m.profile, m.sm_count, gib(m.memory_bytes));
+            println!(
+                "    {} {} {} SMs {}",
+                m.uuid,
+                m.profile,
+                m.sm_count,
+                gib(m.memory_bytes)
+            );
         }
         if let Some(spec) = crate::catalogue::lookup(&g.name) {
             println!(
@@ -158,16 +200,23 @@ fn info(json: bool) -> Result<()> {
 }
 
 fn fmt_pct(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:5.1}%")).unwrap_or_else(|| "    - ".into())
+    v.map(|v| format!("{v:5.1}%"))
+        .unwrap_or_else(|| "    - ".into())
 }
 
 fn live_block(samples: &[Sample]) -> String {
-    let mut s = String::from("GPU  src   SM-act  SM-occ  tensor    DRAM   power  temp  SM MHz  mem MHz  mem used\n");
+    let mut s = String::from(
+        "GPU  src   SM-act  SM-occ  tensor    DRAM   power  temp  SM MHz  mem MHz  mem used\n",
+    );
     for x in samples {
         s += &format!(
             "{:<4} {:<5} {} {} {} {} {:>6} {:>5} {:>7} {:>8} {:>9}\n",
             x.gpu,
-            if x.source.as_str() == "gpm" { "gpm" } else { "util" },
+            if x.source.as_str() == "gpm" {
+                "gpm"
+            } else {
+                "util"
+            },
             fmt_pct(x.sm_active),
             fmt_pct(x.sm_occupancy),
             fmt_pct(x.tensor_active),
@@ -184,7 +233,9 @@ fn live_block(samples: &[Sample]) -> String {
                 p.pid,
                 p.name,
                 gib(p.mem_bytes),
-                p.sm_util.map(|u| format!("{u:.0}%")).unwrap_or_else(|| "-".into())
+                p.sm_util
+                    .map(|u| format!("{u:.0}%"))
+                    .unwrap_or_else(|| "-".into())
             );
         }
     }
@@ -248,9 +299,13 @@ fn monitor(a: MonitorArgs) -> Result<()> {
 /// "20GiB", "512MiB", "1G", "1048576" -> bytes.
 fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().with_context(|| format!("'{s}' is not a size (e.g. 20GiB, 512MiB)"))?;
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("'{s}' is not a size (e.g. 20GiB, 512MiB)"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1u64,
         "k" | "kib" | "kb" => 1 << 10,
@@ -262,11 +317,23 @@ fn parse_size(s: &str) -> Result<u64> {
     Ok((n * mult as f64) as u64)
 }
 
-fn mps_start(dir: PathBuf, atp: Option<u32>, pinned: &[String], default_atp: Option<u32>) -> Result<()> {
-    let mut limits = ClientLimits { active_thread_percentage: atp, pinned_device_mem_limit: Vec::new() };
+fn mps_start(
+    dir: PathBuf,
+    atp: Option<u32>,
+    pinned: &[String],
+    default_atp: Option<u32>,
+) -> Result<()> {
+    let mut limits = ClientLimits {
+        active_thread_percentage: atp,
+        pinned_device_mem_limit: Vec::new(),
+    };
     for p in pinned {
-        let (dev, size) = p.split_once('=').with_context(|| format!("--pinned-mem '{p}': expected DEVICE=SIZE"))?;
-        limits.pinned_device_mem_limit.push((dev.trim().to_string(), parse_size(size)?));
+        let (dev, size) = p
+            .split_once('=')
+            .with_context(|| format!("--pinned-mem '{p}': expected DEVICE=SIZE"))?;
+        limits
+            .pinned_device_mem_limit
+            .push((dev.trim().to_string(), parse_size(size)?));
     }
     limits.validate()?;
     let daemon = MpsDaemon::start(&dir)?;
@@ -295,7 +362,12 @@ fn mps_status(dir: PathBuf, json: bool) -> Result<()> {
     }
     let problems: Vec<&MpsEvent> = events
         .iter()
-        .filter(|e| matches!(e, MpsEvent::ClientFault { .. } | MpsEvent::ServerFailed { .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                MpsEvent::ClientFault { .. } | MpsEvent::ServerFailed { .. }
+            )
+        })
         .collect();
     if json {
         let v = serde_json::json!({ "status": status, "faults": problems });
@@ -304,10 +376,16 @@ fn mps_status(dir: PathBuf, json: bool) -> Result<()> {
     }
     println!(
         "MPS daemon pid {} serving {}",
-        status.control_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+        status
+            .control_pid
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into()),
         status.pipe_dir.display()
     );
-    println!("default active thread percentage: {}", status.default_active_thread_percentage);
+    println!(
+        "default active thread percentage: {}",
+        status.default_active_thread_percentage
+    );
     if status.servers.is_empty() {
         println!("no server running (one starts with the first client)");
     }
@@ -326,15 +404,27 @@ fn mps_status(dir: PathBuf, json: bool) -> Result<()> {
 fn mig_list(json: bool) -> Result<()> {
     let list = crate::mig::list()?;
     if json {
-        let v: Vec<_> = list.iter().map(|(g, m)| serde_json::json!({ "gpu": g, "instance": m })).collect();
+        let v: Vec<_> = list
+            .iter()
+            .map(|(g, m)| serde_json::json!({ "gpu": g, "instance": m }))
+            .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     if list.is_empty() {
-        println!("no MIG instances (MIG is disabled or has no instances); colocate never creates them");
+        println!(
+            "no MIG instances (MIG is disabled or has no instances); colocate never creates them"
+        );
     }
     for (g, m) in list {
-        println!("GPU {g}: {} {} {} SMs {}  (CUDA_VISIBLE_DEVICES={})", m.uuid, m.profile, m.sm_count, gib(m.memory_bytes), m.uuid);
+        println!(
+            "GPU {g}: {} {} {} SMs {}  (CUDA_VISIBLE_DEVICES={})",
+            m.uuid,
+            m.profile,
+            m.sm_count,
+            gib(m.memory_bytes),
+            m.uuid
+        );
     }
     Ok(())
 }
@@ -350,6 +440,9 @@ mod tests {
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("lots").is_err());
-        assert!(parse_size("3parsecs").unwrap_err().to_string().contains("unknown size unit"));
+        assert!(parse_size("3parsecs")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown size unit"));
     }
 }

@@ -44,7 +44,9 @@ pub struct MigInstance {
 /// Every visible GPU; fails with [`crate::NO_GPU`] and the reason when there is none.
 pub fn info() -> Result<Vec<GpuInfo>> {
     let nvml = nvml::open()?;
-    let driver_version = nvml.sys_driver_version().unwrap_or_else(|e| format!("unknown ({e})"));
+    let driver_version = nvml
+        .sys_driver_version()
+        .unwrap_or_else(|e| format!("unknown ({e})"));
     let cuda_version = nvml
         .sys_cuda_driver_version()
         .map(nvml::cuda_version_string)
@@ -56,13 +58,27 @@ pub fn info() -> Result<Vec<GpuInfo>> {
         let dev = nvml
             .device_by_index(index)
             .with_context(|| format!("opening GPU {index}"))?;
-        out.push(describe(index, &dev, &driver_version, &cuda_version, mps_running)?);
+        out.push(describe(
+            index,
+            &dev,
+            &driver_version,
+            &cuda_version,
+            mps_running,
+        )?);
     }
     Ok(out)
 }
 
-fn describe(index: u32, dev: &Device, driver: &str, cuda: &str, mps_running: bool) -> Result<GpuInfo> {
-    let mem = dev.memory_info().with_context(|| format!("reading memory of GPU {index}"))?;
+fn describe(
+    index: u32,
+    dev: &Device,
+    driver: &str,
+    cuda: &str,
+    mps_running: bool,
+) -> Result<GpuInfo> {
+    let mem = dev
+        .memory_info()
+        .with_context(|| format!("reading memory of GPU {index}"))?;
     let mig_enabled = dev.mig_mode().map(|m| m.current == 1).unwrap_or(false);
     Ok(GpuInfo {
         index,
@@ -70,7 +86,11 @@ fn describe(index: u32, dev: &Device, driver: &str, cuda: &str, mps_running: boo
         uuid: dev.uuid().unwrap_or_default(),
         memory_total_bytes: mem.total,
         memory_used_bytes: mem.used,
-        sm_count: dev.attributes().ok().map(|a| a.multiprocessor_count).filter(|&n| n > 0),
+        sm_count: dev
+            .attributes()
+            .ok()
+            .map(|a| a.multiprocessor_count)
+            .filter(|&n| n > 0),
         driver_version: driver.to_string(),
         cuda_version: cuda.to_string(),
         compute_mode: dev
@@ -78,7 +98,11 @@ fn describe(index: u32, dev: &Device, driver: &str, cuda: &str, mps_running: boo
             .map(compute_mode_name)
             .unwrap_or_else(|e| format!("unknown ({e})")),
         mig_enabled,
-        mig_instances: if mig_enabled { mig::instances_of(dev) } else { Vec::new() },
+        mig_instances: if mig_enabled {
+            mig::instances_of(dev)
+        } else {
+            Vec::new()
+        },
         gpm_supported: dev.gpm_support().unwrap_or(false),
         mps_running,
     })

@@ -12,12 +12,17 @@ pub(crate) fn instances_of(dev: &Device) -> Vec<MigInstance> {
     let mut out = Vec::new();
     for i in 0..max {
         // Unused slots answer NotFound: skip them.
-        let Ok(mig) = dev.mig_device_by_index(i) else { continue };
+        let Ok(mig) = dev.mig_device_by_index(i) else {
+            continue;
+        };
         let name = mig.name().unwrap_or_default();
         out.push(MigInstance {
             uuid: mig.uuid().unwrap_or_default(),
             profile: profile_from_name(&name),
-            sm_count: mig.attributes().map(|a| a.multiprocessor_count).unwrap_or(0),
+            sm_count: mig
+                .attributes()
+                .map(|a| a.multiprocessor_count)
+                .unwrap_or(0),
             memory_bytes: mig.memory_info().map(|m| m.total).unwrap_or(0),
         });
     }
@@ -45,7 +50,10 @@ pub fn visible_devices_env(mig_uuid: &str) -> Result<Vec<(String, String)>> {
     if !mig_uuid.starts_with("MIG-") {
         bail!("'{mig_uuid}' is not a MIG device UUID (expected 'MIG-...'; see `colocate gpu mig list`)");
     }
-    Ok(vec![("CUDA_VISIBLE_DEVICES".to_string(), mig_uuid.to_string())])
+    Ok(vec![(
+        "CUDA_VISIBLE_DEVICES".to_string(),
+        mig_uuid.to_string(),
+    )])
 }
 
 #[cfg(test)]
@@ -54,15 +62,24 @@ mod tests {
 
     #[test]
     fn profiles_come_from_the_device_name() {
-        assert_eq!(profile_from_name("NVIDIA H100 80GB HBM3 MIG 1g.10gb"), "1g.10gb");
-        assert_eq!(profile_from_name("NVIDIA A100-SXM4-40GB MIG 3g.20gb"), "3g.20gb");
+        assert_eq!(
+            profile_from_name("NVIDIA H100 80GB HBM3 MIG 1g.10gb"),
+            "1g.10gb"
+        );
+        assert_eq!(
+            profile_from_name("NVIDIA A100-SXM4-40GB MIG 3g.20gb"),
+            "3g.20gb"
+        );
         assert_eq!(profile_from_name("odd"), "odd");
     }
 
     #[test]
     fn only_mig_uuids_map_to_an_environment() {
         let env = visible_devices_env("MIG-4f7c-aa").unwrap();
-        assert_eq!(env, vec![("CUDA_VISIBLE_DEVICES".into(), "MIG-4f7c-aa".into())]);
+        assert_eq!(
+            env,
+            vec![("CUDA_VISIBLE_DEVICES".into(), "MIG-4f7c-aa".into())]
+        );
         let err = visible_devices_env("GPU-acf5").unwrap_err().to_string();
         assert!(err.contains("not a MIG device UUID"), "{err}");
     }

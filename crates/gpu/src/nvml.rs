@@ -10,12 +10,15 @@ pub const NO_GPU: &str = "no NVIDIA driver or GPU found";
 /// underlying reason when the library is missing, the driver is not loaded, or no
 /// device is visible.
 pub(crate) fn open() -> Result<Nvml> {
-    let nvml = Nvml::init().map_err(|e| anyhow!("{NO_GPU}: NVML could not be initialised ({e})"))?;
+    let nvml =
+        Nvml::init().map_err(|e| anyhow!("{NO_GPU}: NVML could not be initialised ({e})"))?;
     let count = nvml
         .device_count()
         .map_err(|e| anyhow!("{NO_GPU}: NVML could not count devices ({e})"))?;
     if count == 0 {
-        return Err(anyhow!("{NO_GPU}: the driver is loaded but reports 0 devices"));
+        return Err(anyhow!(
+            "{NO_GPU}: the driver is loaded but reports 0 devices"
+        ));
     }
     Ok(nvml)
 }

@@ -11,8 +11,15 @@ fn python() -> String {
     std::env::var("COLOCATE_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
+/// The workload script; found relative to the repository root when the test binary
+/// runs on another machine than the one that built it.
 fn gemm_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gemm_loop.py")
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gemm_loop.py");
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("crates/gpu/tests/gemm_loop.py")
+    }
 }
 
 /// Starts the GEMM loop with extra environment; [`tflops`] reads its rate at the end.
@@ -29,14 +36,24 @@ fn gemm(secs: f64, env: &[(String, String)]) -> std::process::Child {
 
 fn tflops(out: &Output) -> f64 {
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "gemm loop failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let line = text.lines().find(|l| l.starts_with("tflops ")).expect("a tflops line");
+    assert!(
+        out.status.success(),
+        "gemm loop failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("tflops "))
+        .expect("a tflops line");
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 fn short_tmp() -> tempfile::TempDir {
     // Unix socket paths are short: keep the MPS folder under /tmp.
-    tempfile::Builder::new().prefix("mps").tempdir_in("/tmp").unwrap()
+    tempfile::Builder::new()
+        .prefix("mps")
+        .tempdir_in("/tmp")
+        .unwrap()
 }
 
 #[test]
@@ -47,16 +64,25 @@ fn mps_start_and_stop_leave_no_process() {
     let control = d.control_pid().expect("control daemon pid");
     assert!(procs::alive(control));
     // A second daemon on the same folders is refused.
-    let err = MpsDaemon::start(tmp.path()).err().expect("second start must fail").to_string();
+    let err = MpsDaemon::start(tmp.path())
+        .expect_err("second start must fail")
+        .to_string();
     assert!(err.contains("already serves"), "{err}");
     // A client makes a server appear; status and events see it.
     let env = d.client_env(&ClientLimits::default());
     let out = Command::new(python())
-        .args(["-c", "import torch; x=torch.ones(10,device='cuda'); print('client ok', x.sum().item())"])
+        .args([
+            "-c",
+            "import torch; x=torch.ones(10,device='cuda'); print('client ok', x.sum().item())",
+        ])
         .envs(env)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status = d.status().unwrap();
     println!("status after one client: {status:?}");
     assert_eq!(status.servers.len(), 1, "one server started by the client");
@@ -65,13 +91,29 @@ fn mps_start_and_stop_leave_no_process() {
     assert_eq!(d.status().unwrap().default_active_thread_percentage, 50.0);
     let events = d.poll_events().unwrap();
     println!("events: {events:?}");
-    assert!(events.iter().any(|e| matches!(e, MpsEvent::ClientConnected { .. })), "{events:?}");
-    assert!(events.iter().any(|e| matches!(e, MpsEvent::ServerStarted { .. })), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, MpsEvent::ClientConnected { .. })),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, MpsEvent::ServerStarted { .. })),
+        "{events:?}"
+    );
     let server = status.servers[0].pid;
     d.stop(Duration::from_secs(5)).unwrap();
-    assert!(!procs::alive(control), "control daemon {control} still running");
+    assert!(
+        !procs::alive(control),
+        "control daemon {control} still running"
+    );
     assert!(!procs::alive(server), "server {server} still running");
-    let left: Vec<_> = procs::daemon_processes().into_iter().filter(|(p, _)| *p == control || *p == server).collect();
+    let left: Vec<_> = procs::daemon_processes()
+        .into_iter()
+        .filter(|(p, _)| *p == control || *p == server)
+        .collect();
     assert!(left.is_empty(), "{left:?}");
     println!("MPS start/stop: control {control} and server {server} gone");
 }
@@ -85,7 +127,10 @@ fn mps_drop_quits_the_daemon() {
         d.control_pid().unwrap()
     };
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!procs::alive(control), "Drop left the control daemon {control} running");
+    assert!(
+        !procs::alive(control),
+        "Drop left the control daemon {control} running"
+    );
 }
 
 #[test]
@@ -93,15 +138,26 @@ fn mps_drop_quits_the_daemon() {
 fn mps_thread_percentage_changes_throughput() {
     let tmp = short_tmp();
     let d = MpsDaemon::start(tmp.path()).unwrap();
-    let env = |pct| d.client_env(&ClientLimits { active_thread_percentage: Some(pct), ..Default::default() });
+    let env = |pct| {
+        d.client_env(&ClientLimits {
+            active_thread_percentage: Some(pct),
+            ..Default::default()
+        })
+    };
     // Two clients at once, same kernel, 100% and 25% of the SMs.
     let full = gemm(6.0, &env(100));
     let quarter = gemm(6.0, &env(25));
-    let (full, quarter) = (full.wait_with_output().unwrap(), quarter.wait_with_output().unwrap());
+    let (full, quarter) = (
+        full.wait_with_output().unwrap(),
+        quarter.wait_with_output().unwrap(),
+    );
     let (tf_full, tf_quarter) = (tflops(&full), tflops(&quarter));
     println!("MPS thread percentage: 100% client {tf_full:.1} TFLOP/s, 25% client {tf_quarter:.1} TFLOP/s, ratio {:.2}", tf_full / tf_quarter);
     d.stop(Duration::from_secs(10)).unwrap();
-    assert!(tf_full > 1.5 * tf_quarter, "100% client {tf_full} vs 25% client {tf_quarter}");
+    assert!(
+        tf_full > 1.5 * tf_quarter,
+        "100% client {tf_full} vs 25% client {tf_quarter}"
+    );
 }
 
 #[test]
@@ -120,7 +176,10 @@ fn gpm_sm_active_tracks_a_gemm_loop() {
     let busy = gpu::telemetry::summarize(&t.samples, busy_to - 6.5, busy_to - 1.5);
     let (i, b) = (&idle.gpus[0], &busy.gpus[0]);
     println!("idle window: {}", serde_json::to_string(i).unwrap());
-    println!("GEMM window ({tf:.0} TFLOP/s): {}", serde_json::to_string(b).unwrap());
+    println!(
+        "GEMM window ({tf:.0} TFLOP/s): {}",
+        serde_json::to_string(b).unwrap()
+    );
     println!(
         "sampler cost: {:.4} s CPU over {:.1} s wall at 200 ms ({:.3}% of one core, {:.2} ms per sample)",
         t.sampler_cpu_seconds,
@@ -128,7 +187,12 @@ fn gpm_sm_active_tracks_a_gemm_loop() {
         100.0 * t.sampler_cpu_seconds / t.sampler_wall_seconds,
         1000.0 * t.sampler_cpu_seconds / t.samples.len().max(1) as f64
     );
-    assert_eq!(b.source, Some(gpu::telemetry::CounterSource::Gpm), "notes: {:?}", t.notes);
+    assert_eq!(
+        b.source,
+        Some(gpu::telemetry::CounterSource::Gpm),
+        "notes: {:?}",
+        t.notes
+    );
     let busy_sm = b.sm_active.expect("SM active while busy").mean;
     let idle_sm = i.sm_active.expect("SM active while idle").mean;
     assert!(busy_sm > 80.0, "SM active during GEMM {busy_sm}");
@@ -147,6 +211,11 @@ fn info_describes_the_gpu() {
     assert!(g.uuid.starts_with("GPU-"), "{}", g.uuid);
     assert!(g.sm_count.unwrap_or(0) > 0);
     if let Some(spec) = gpu::catalogue::lookup(&g.name) {
-        assert_eq!(Some(spec.sm_count), g.sm_count, "catalogue SMs for {}", g.name);
+        assert_eq!(
+            Some(spec.sm_count),
+            g.sm_count,
+            "catalogue SMs for {}",
+            g.name
+        );
     }
 }

@@ -21,12 +21,17 @@ pub(super) struct Control {
 
 impl Control {
     pub(super) fn new(pipe: &Path, log: &Path) -> Result<Self> {
-        Ok(Self { bin: find_on_path(BIN)?, pipe: pipe.to_path_buf(), log: log.to_path_buf() })
+        Ok(Self {
+            bin: find_on_path(BIN)?,
+            pipe: pipe.to_path_buf(),
+            log: log.to_path_buf(),
+        })
     }
 
     fn command(&self) -> Command {
         let mut c = Command::new(&self.bin);
-        c.env("CUDA_MPS_PIPE_DIRECTORY", &self.pipe).env("CUDA_MPS_LOG_DIRECTORY", &self.log);
+        c.env("CUDA_MPS_PIPE_DIRECTORY", &self.pipe)
+            .env("CUDA_MPS_LOG_DIRECTORY", &self.log);
         c
     }
 
@@ -111,7 +116,12 @@ mod tests {
     #[test]
     fn finds_programs_and_names_missing_ones() {
         assert!(find_on_path("sh").is_ok());
-        let err = find_on_path("no-such-program-colocate").unwrap_err().to_string();
-        assert!(err.contains("no-such-program-colocate not found on PATH"), "{err}");
+        let err = find_on_path("no-such-program-colocate")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no-such-program-colocate not found on PATH"),
+            "{err}"
+        );
     }
 }

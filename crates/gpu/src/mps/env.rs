@@ -24,9 +24,13 @@ impl ClientLimits {
         }
         for (dev, bytes) in &self.pinned_device_mem_limit {
             let dev_ok = !dev.is_empty()
-                && (dev.chars().all(|c| c.is_ascii_digit()) || dev.starts_with("GPU-") || dev.starts_with("MIG-"));
+                && (dev.chars().all(|c| c.is_ascii_digit())
+                    || dev.starts_with("GPU-")
+                    || dev.starts_with("MIG-"));
             if !dev_ok {
-                bail!("pinned memory limit: device '{dev}' is neither an index nor a GPU-/MIG- UUID");
+                bail!(
+                    "pinned memory limit: device '{dev}' is neither an index nor a GPU-/MIG- UUID"
+                );
             }
             if *bytes < 1 << 20 {
                 bail!("pinned memory limit for device {dev} is {bytes} bytes; it must be at least 1 MiB");
@@ -39,14 +43,26 @@ impl ClientLimits {
 /// The variables for one client: the daemon's folders plus the limits.
 pub fn client_env(pipe_dir: &Path, log_dir: &Path, limits: &ClientLimits) -> Vec<(String, String)> {
     let mut env = vec![
-        ("CUDA_MPS_PIPE_DIRECTORY".to_string(), pipe_dir.display().to_string()),
-        ("CUDA_MPS_LOG_DIRECTORY".to_string(), log_dir.display().to_string()),
+        (
+            "CUDA_MPS_PIPE_DIRECTORY".to_string(),
+            pipe_dir.display().to_string(),
+        ),
+        (
+            "CUDA_MPS_LOG_DIRECTORY".to_string(),
+            log_dir.display().to_string(),
+        ),
     ];
     if let Some(p) = limits.active_thread_percentage {
-        env.push(("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".to_string(), p.to_string()));
+        env.push((
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".to_string(),
+            p.to_string(),
+        ));
     }
     if !limits.pinned_device_mem_limit.is_empty() {
-        env.push(("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".to_string(), pinned_limit_value(&limits.pinned_device_mem_limit)));
+        env.push((
+            "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".to_string(),
+            pinned_limit_value(&limits.pinned_device_mem_limit),
+        ));
     }
     env
 }
@@ -77,7 +93,10 @@ mod tests {
     fn env_carries_folders_and_limits() {
         let limits = ClientLimits {
             active_thread_percentage: Some(30),
-            pinned_device_mem_limit: vec![("0".into(), 20 << 30), ("GPU-acf5e404".into(), (512 << 20) + 7)],
+            pinned_device_mem_limit: vec![
+                ("0".into(), 20 << 30),
+                ("GPU-acf5e404".into(), (512 << 20) + 7),
+            ],
         };
         limits.validate().unwrap();
         let env = client_env(Path::new("/r/mps/pipe"), Path::new("/r/mps/log"), &limits);
@@ -87,7 +106,10 @@ mod tests {
                 ("CUDA_MPS_PIPE_DIRECTORY".into(), "/r/mps/pipe".into()),
                 ("CUDA_MPS_LOG_DIRECTORY".into(), "/r/mps/log".into()),
                 ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".into(), "30".into()),
-                ("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".into(), "0=20480M,GPU-acf5e404=512M".into()),
+                (
+                    "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".into(),
+                    "0=20480M,GPU-acf5e404=512M".into()
+                ),
             ]
         );
     }
@@ -100,11 +122,28 @@ mod tests {
 
     #[test]
     fn bad_limits_are_refused_with_the_reason() {
-        let bad_pct = ClientLimits { active_thread_percentage: Some(0), ..Default::default() };
-        assert!(bad_pct.validate().unwrap_err().to_string().contains("between 1 and 100"));
-        let bad_dev = ClientLimits { pinned_device_mem_limit: vec![("gpu0".into(), 1 << 30)], ..Default::default() };
-        assert!(bad_dev.validate().unwrap_err().to_string().contains("'gpu0'"));
-        let tiny = ClientLimits { pinned_device_mem_limit: vec![("0".into(), 10)], ..Default::default() };
+        let bad_pct = ClientLimits {
+            active_thread_percentage: Some(0),
+            ..Default::default()
+        };
+        assert!(bad_pct
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("between 1 and 100"));
+        let bad_dev = ClientLimits {
+            pinned_device_mem_limit: vec![("gpu0".into(), 1 << 30)],
+            ..Default::default()
+        };
+        assert!(bad_dev
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("'gpu0'"));
+        let tiny = ClientLimits {
+            pinned_device_mem_limit: vec![("0".into(), 10)],
+            ..Default::default()
+        };
         assert!(tiny.validate().is_err());
     }
 

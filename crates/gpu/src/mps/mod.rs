@@ -15,7 +15,10 @@ mod parse;
 pub mod procs;
 
 pub use env::{as_shell_exports, client_env as build_client_env, pinned_limit_value, ClientLimits};
-pub use parse::{cuda_mps_error_name, parse_log_line, parse_percentage, parse_pid_list, LogLine, LogParser, MpsEvent};
+pub use parse::{
+    cuda_mps_error_name, parse_log_line, parse_percentage, parse_pid_list, LogLine, LogParser,
+    MpsEvent,
+};
 pub use procs::daemon_processes;
 
 use anyhow::{bail, Context, Result};
@@ -109,7 +112,15 @@ impl MpsDaemon {
     fn handle(pipe: PathBuf, log: PathBuf, control: Control, owned: bool) -> Self {
         let control_log = LogTail::new(log.join("control.log"));
         let server_log = LogTail::new(log.join("server.log"));
-        Self { pipe, log, control, owned, stopped: false, control_log, server_log }
+        Self {
+            pipe,
+            log,
+            control,
+            owned,
+            stopped: false,
+            control_log,
+            server_log,
+        }
     }
 
     /// The folder clients find the daemon by (`CUDA_MPS_PIPE_DIRECTORY`).
@@ -155,9 +166,16 @@ impl MpsDaemon {
         if !(1..=100).contains(&pct) {
             bail!("active thread percentage must be between 1 and 100, got {pct}");
         }
-        let reply = self.control.send(&format!("set_default_active_thread_percentage {pct}"))?;
+        let reply = self
+            .control
+            .send(&format!("set_default_active_thread_percentage {pct}"))?;
         let now = parse_percentage(&self.control.send("get_default_active_thread_percentage")?)
-            .with_context(|| format!("after set_default_active_thread_percentage (reply '{}')", reply.trim()))?;
+            .with_context(|| {
+                format!(
+                    "after set_default_active_thread_percentage (reply '{}')",
+                    reply.trim()
+                )
+            })?;
         if (now - pct as f64).abs() > 0.5 {
             bail!("the daemon kept {now}% after set_default_active_thread_percentage {pct} (reply '{}')", reply.trim());
         }
@@ -198,7 +216,10 @@ impl MpsDaemon {
                         break;
                     }
                     if Instant::now() >= deadline {
-                        tracing::warn!(clients, "MPS clients still running after the drain timeout; quitting anyway");
+                        tracing::warn!(
+                            clients,
+                            "MPS clients still running after the drain timeout; quitting anyway"
+                        );
                         break;
                     }
                 }
@@ -226,7 +247,10 @@ impl Drop for MpsDaemon {
         if self.owned && !self.stopped {
             self.stopped = true;
             if let Err(e) = self.stop_inner(Duration::ZERO) {
-                tracing::error!("could not quit the MPS daemon of {}: {e:#}", self.pipe.display());
+                tracing::error!(
+                    "could not quit the MPS daemon of {}: {e:#}",
+                    self.pipe.display()
+                );
             }
         }
     }
@@ -236,7 +260,9 @@ fn absolute(dir: &Path) -> Result<PathBuf> {
     if dir.is_absolute() {
         Ok(dir.to_path_buf())
     } else {
-        Ok(std::env::current_dir().context("reading the current directory")?.join(dir))
+        Ok(std::env::current_dir()
+            .context("reading the current directory")?
+            .join(dir))
     }
 }
 
@@ -293,7 +319,11 @@ struct LogTail {
 
 impl LogTail {
     fn new(path: PathBuf) -> Self {
-        Self { path, offset: 0, parser: LogParser::new() }
+        Self {
+            path,
+            offset: 0,
+            parser: LogParser::new(),
+        }
     }
 
     fn poll(&mut self) -> Result<Vec<MpsEvent>> {
@@ -308,10 +338,15 @@ impl LogTail {
         }
         f.seek(SeekFrom::Start(self.offset))?;
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf).with_context(|| format!("reading {}", self.path.display()))?;
-        let Some(end) = buf.iter().rposition(|&b| b == b'\n') else { return Ok(Vec::new()) };
+        f.read_to_end(&mut buf)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
+            return Ok(Vec::new());
+        };
         self.offset += end as u64 + 1;
-        Ok(self.parser.feed_text(&String::from_utf8_lossy(&buf[..=end])))
+        Ok(self
+            .parser
+            .feed_text(&String::from_utf8_lossy(&buf[..=end])))
     }
 }
 
@@ -325,7 +360,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (pipe, log) = prepare_dirs(tmp.path()).unwrap();
         assert!(log.is_dir());
-        assert_eq!(fs::metadata(&pipe).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&pipe).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let deep = tmp.path().join("x".repeat(120));
         let err = prepare_dirs(&deep).unwrap_err().to_string();
         assert!(err.contains("too deep"), "{err}");
@@ -356,10 +394,20 @@ mod tests {
         let mut tail = LogTail::new(path.clone());
         assert!(tail.poll().unwrap().is_empty());
         fs::write(&path, "[2026-11-23 20:10:31.752 Server   597] Client process 563 disconnected\n[2026-11-23 20:10:31").unwrap();
-        assert_eq!(tail.poll().unwrap(), vec![MpsEvent::ClientDisconnected { pid: 563 }]);
+        assert_eq!(
+            tail.poll().unwrap(),
+            vec![MpsEvent::ClientDisconnected { pid: 563 }]
+        );
         assert!(tail.poll().unwrap().is_empty());
         let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
-        std::io::Write::write_all(&mut f, b".800 Server   597] Client process 562 disconnected\n").unwrap();
-        assert_eq!(tail.poll().unwrap(), vec![MpsEvent::ClientDisconnected { pid: 562 }]);
+        std::io::Write::write_all(
+            &mut f,
+            b".800 Server   597] Client process 562 disconnected\n",
+        )
+        .unwrap();
+        assert_eq!(
+            tail.poll().unwrap(),
+            vec![MpsEvent::ClientDisconnected { pid: 562 }]
+        );
     }
 }

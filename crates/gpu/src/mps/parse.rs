@@ -45,7 +45,12 @@ pub fn parse_log_line(line: &str) -> Option<LogLine<'_>> {
     let source = parts.next()?;
     let pid = parts.next()?.parse().ok()?;
     let ts_len = date.len() + 1 + time.len();
-    Some(LogLine { timestamp: head.get(..ts_len)?, source, pid, text: text.trim() })
+    Some(LogLine {
+        timestamp: head.get(..ts_len)?,
+        source,
+        pid,
+        text: text.trim(),
+    })
 }
 
 /// Turns log lines into [`MpsEvent`]s. It keeps the little state the logs need (the
@@ -62,7 +67,9 @@ impl LogParser {
 
     /// Events in one line (none for most lines).
     pub fn feed(&mut self, line: &str) -> Vec<MpsEvent> {
-        let Some(l) = parse_log_line(line) else { return Vec::new() };
+        let Some(l) = parse_log_line(line) else {
+            return Vec::new();
+        };
         let text = l.text;
         if self.in_sticky_list {
             if let Ok(pid) = text.parse::<u32>() {
@@ -78,24 +85,38 @@ impl LogParser {
             return Vec::new();
         }
         if let Some(rest) = text.strip_prefix("NEW CLIENT ") {
-            return first_number(rest).map(|pid| MpsEvent::ClientConnected { pid }).into_iter().collect();
+            return first_number(rest)
+                .map(|pid| MpsEvent::ClientConnected { pid })
+                .into_iter()
+                .collect();
         }
         if let Some(rest) = text.strip_prefix("NEW SERVER ") {
             if text.ends_with("Ready") {
-                return first_number(rest).map(|pid| MpsEvent::ServerStarted { pid }).into_iter().collect();
+                return first_number(rest)
+                    .map(|pid| MpsEvent::ServerStarted { pid })
+                    .into_iter()
+                    .collect();
             }
         }
         if let Some(rest) = text.strip_prefix("Client process ") {
             if text.ends_with("disconnected") {
-                return first_number(rest).map(|pid| MpsEvent::ClientDisconnected { pid }).into_iter().collect();
+                return first_number(rest)
+                    .map(|pid| MpsEvent::ClientDisconnected { pid })
+                    .into_iter()
+                    .collect();
             }
         }
         // "Server 597 exited with status 0"
-        if let (Some(rest), Some((_, status))) = (text.strip_prefix("Server "), text.split_once("exited with status ")) {
+        if let (Some(rest), Some((_, status))) = (
+            text.strip_prefix("Server "),
+            text.split_once("exited with status "),
+        ) {
             if let (Some(pid), Ok(status)) = (first_number(rest), status.trim().parse::<i32>()) {
                 let mut ev = vec![MpsEvent::ServerExited { pid, status }];
                 if status != 0 {
-                    ev.push(MpsEvent::ServerFailed { message: text.to_string() });
+                    ev.push(MpsEvent::ServerFailed {
+                        message: text.to_string(),
+                    });
                 }
                 return ev;
             }
@@ -104,12 +125,20 @@ impl LogParser {
             // 806 (RPC failure) is how the server notices any client exit, faulty or
             // not: the capture shows it for clean exits too, so it is no fault by itself.
             if code != 806 && (805..=810).contains(&code) {
-                return vec![MpsEvent::ServerFailed { message: format!("{} ({})", text, cuda_mps_error_name(code)) }];
+                return vec![MpsEvent::ServerFailed {
+                    message: format!("{} ({})", text, cuda_mps_error_name(code)),
+                }];
             }
         }
         let lower = text.to_ascii_lowercase();
-        if l.source == "Server" && (lower.contains("fatal") || lower.contains("failed to start") || lower.contains("error")) {
-            return vec![MpsEvent::ServerFailed { message: text.to_string() }];
+        if l.source == "Server"
+            && (lower.contains("fatal")
+                || lower.contains("failed to start")
+                || lower.contains("error"))
+        {
+            return vec![MpsEvent::ServerFailed {
+                message: text.to_string(),
+            }];
         }
         Vec::new()
     }
@@ -121,7 +150,11 @@ impl LogParser {
 }
 
 fn first_number(s: &str) -> Option<u32> {
-    let digits: String = s.trim_start().chars().take_while(|c| c.is_ascii_digit()).collect();
+    let digits: String = s
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
     digits.parse().ok()
 }
 
@@ -151,7 +184,10 @@ pub fn parse_pid_list(reply: &str) -> Result<Vec<u32>> {
     for line in reply.lines().map(str::trim).filter(|l| !l.is_empty()) {
         match line.parse::<u32>() {
             Ok(p) => pids.push(p),
-            Err(_) => bail!("unexpected reply from the MPS control daemon: {}", reply.trim()),
+            Err(_) => bail!(
+                "unexpected reply from the MPS control daemon: {}",
+                reply.trim()
+            ),
         }
     }
     Ok(pids)
@@ -210,14 +246,22 @@ mod tests {
             .collect();
         assert_eq!(disconnected, vec![563, 562, 617, 640]);
         // The 806 lines of clean exits are not failures.
-        assert!(!events.iter().any(|e| matches!(e, MpsEvent::ServerFailed { .. })), "{events:#?}");
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, MpsEvent::ServerFailed { .. })),
+            "{events:#?}"
+        );
     }
 
     #[test]
     fn the_control_log_gives_clients_and_the_server_lifecycle() {
         let events = LogParser::new().feed_text(&section("control.log"));
         assert!(events.contains(&MpsEvent::ServerStarted { pid: 597 }));
-        assert!(events.contains(&MpsEvent::ServerExited { pid: 597, status: 0 }));
+        assert!(events.contains(&MpsEvent::ServerExited {
+            pid: 597,
+            status: 0
+        }));
         let clients: Vec<_> = events
             .iter()
             .filter_map(|e| match e {
@@ -226,7 +270,9 @@ mod tests {
             })
             .collect();
         assert_eq!(clients, vec![563, 562, 563, 562, 617, 617, 640, 640]);
-        assert!(!events.iter().any(|e| matches!(e, MpsEvent::ServerFailed { .. })));
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, MpsEvent::ServerFailed { .. })));
     }
 
     #[test]
@@ -234,24 +280,38 @@ mod tests {
         let mut p = LogParser::new();
         let ev = p.feed("[2026-11-23 20:10:45.354 Control   558] Server 597 exited with status 1");
         assert!(matches!(ev[1], MpsEvent::ServerFailed { .. }));
-        let ev = p.feed("[2026-11-23 20:10:45.354 Server   597] Client request failed with status 807");
+        let ev =
+            p.feed("[2026-11-23 20:10:45.354 Server   597] Client request failed with status 807");
         match &ev[0] {
-            MpsEvent::ServerFailed { message } => assert!(message.contains("SERVER_NOT_READY"), "{message}"),
+            MpsEvent::ServerFailed { message } => {
+                assert!(message.contains("SERVER_NOT_READY"), "{message}")
+            }
             e => panic!("{e:?}"),
         }
         // A sticky list ends at the first non-pid line.
         p.feed("[2026-11-23 20:10:31.616 Server   597] The following client process have a sticky error set:");
         assert_eq!(p.feed("[2026-11-23 20:10:31.616 Server   597] 12").len(), 1);
-        assert!(p.feed("[2026-11-23 20:10:31.616 Server   597] Client process 12 disconnected").len() == 1);
-        assert!(p.feed("[2026-11-23 20:10:31.616 Server   597] 13").is_empty());
+        assert!(
+            p.feed("[2026-11-23 20:10:31.616 Server   597] Client process 12 disconnected")
+                .len()
+                == 1
+        );
+        assert!(p
+            .feed("[2026-11-23 20:10:31.616 Server   597] 13")
+            .is_empty());
     }
 
     #[test]
     fn the_captured_server_list_reply_parses() {
-        assert_eq!(parse_pid_list(&section("server list during")).unwrap(), vec![597]);
+        assert_eq!(
+            parse_pid_list(&section("server list during")).unwrap(),
+            vec![597]
+        );
         assert_eq!(parse_pid_list("").unwrap(), Vec::<u32>::new());
         assert_eq!(parse_pid_list("597\n612\n").unwrap(), vec![597, 612]);
-        let err = parse_pid_list("Cannot find MPS control daemon process\n").unwrap_err().to_string();
+        let err = parse_pid_list("Cannot find MPS control daemon process\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("Cannot find MPS control daemon"), "{err}");
     }
 

@@ -8,20 +8,28 @@ use std::time::{Duration, Instant};
 pub fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name: "123 (name) S ...".
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()).is_some_and(|s| s != 'Z' && s != 'X'),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next())
+            .is_some_and(|s| s != 'Z' && s != 'X'),
         Err(_) => false,
     }
 }
 
 /// Every running `nvidia-cuda-mps-control` / `nvidia-cuda-mps-server` as (pid, name).
 pub fn daemon_processes() -> Vec<(u32, String)> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     let mut out: Vec<(u32, String)> = dir
         .filter_map(|e| {
             let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let argv0 = cmdline.split(|&b| b == 0).next()?;
-            let name = String::from_utf8_lossy(argv0).rsplit('/').next()?.to_string();
+            let name = String::from_utf8_lossy(argv0)
+                .rsplit('/')
+                .next()?
+                .to_string();
             (name.starts_with("nvidia-cuda-mps-") && alive(pid)).then_some((pid, name))
         })
         .collect();
@@ -68,7 +76,10 @@ mod tests {
 
     #[test]
     fn a_real_child_is_waited_for_then_killed() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = child.id();
         assert!(alive(pid));
         // Reap in the background so the killed child does not linger as a zombie.

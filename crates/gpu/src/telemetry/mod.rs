@@ -105,8 +105,12 @@ pub struct Sampler {
     gpus: Vec<u32>,
 }
 
-const GPM_METRICS: [GpmMetricId; 4] =
-    [GpmMetricId::SmUtil, GpmMetricId::SmOccupancy, GpmMetricId::AnyTensorUtil, GpmMetricId::DramBwUtil];
+const GPM_METRICS: [GpmMetricId; 4] = [
+    GpmMetricId::SmUtil,
+    GpmMetricId::SmOccupancy,
+    GpmMetricId::AnyTensorUtil,
+    GpmMetricId::DramBwUtil,
+];
 
 impl Sampler {
     /// Starts sampling every `interval` the GPUs given (all when `None`). Fails at once
@@ -124,7 +128,13 @@ impl Sampler {
             .spawn(move || sampler_thread(interval, gpus, sh, ready_tx, stop_rx))
             .map_err(|e| anyhow!("starting the sampler thread: {e}"))?;
         match ready_rx.recv() {
-            Ok(Ok(gpus)) => Ok(Self { shared, stop_tx: Some(stop_tx), thread: Some(thread), interval, gpus }),
+            Ok(Ok(gpus)) => Ok(Self {
+                shared,
+                stop_tx: Some(stop_tx),
+                thread: Some(thread),
+                interval,
+                gpus,
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -149,7 +159,10 @@ impl Sampler {
     /// Samples from position `index` on (for following the stream without copying it all).
     pub fn samples_since(&self, index: usize) -> Vec<Sample> {
         let g = self.lock();
-        g.samples.get(index..).map(<[Sample]>::to_vec).unwrap_or_default()
+        g.samples
+            .get(index..)
+            .map(<[Sample]>::to_vec)
+            .unwrap_or_default()
     }
 
     /// Notes so far (fallbacks, failing counters).
@@ -178,7 +191,10 @@ impl Sampler {
 
     fn halt(&mut self) -> (f64, f64) {
         drop(self.stop_tx.take());
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or((0.0, 0.0))
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or((0.0, 0.0))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -195,7 +211,10 @@ impl Drop for Sampler {
 
 /// CPU time of the calling thread, in seconds.
 pub fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec we own.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     if rc != 0 {
@@ -206,7 +225,10 @@ pub fn thread_cpu_seconds() -> f64 {
 
 /// Now as unix epoch seconds.
 pub fn now_unix() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Per-GPU sampling state: the device, the previous GPM sample, the last process
@@ -275,7 +297,11 @@ fn note(shared: &Mutex<Shared>, msg: String) {
     }
 }
 
-fn open_gpus<'n>(nvml: &'n Nvml, wanted: Option<Vec<u32>>, shared: &Mutex<Shared>) -> Result<Vec<GpuState<'n>>> {
+fn open_gpus<'n>(
+    nvml: &'n Nvml,
+    wanted: Option<Vec<u32>>,
+    shared: &Mutex<Shared>,
+) -> Result<Vec<GpuState<'n>>> {
     let count = nvml.device_count()?;
     let indices = wanted.unwrap_or_else(|| (0..count).collect());
     if indices.is_empty() {
@@ -284,7 +310,10 @@ fn open_gpus<'n>(nvml: &'n Nvml, wanted: Option<Vec<u32>>, shared: &Mutex<Shared
     let mut out = Vec::new();
     for index in indices {
         if index >= count {
-            bail!("GPU {index} does not exist (this machine has {count}: 0..{})", count.saturating_sub(1));
+            bail!(
+                "GPU {index} does not exist (this machine has {count}: 0..{})",
+                count.saturating_sub(1)
+            );
         }
         let dev = nvml.device_by_index(index)?;
         let gpm_prev = if dev.gpm_support().unwrap_or(false) {
@@ -301,7 +330,12 @@ fn open_gpus<'n>(nvml: &'n Nvml, wanted: Option<Vec<u32>>, shared: &Mutex<Shared
             ));
             None
         };
-        out.push(GpuState { index, dev, gpm_prev, last_proc_ts: None });
+        out.push(GpuState {
+            index,
+            dev,
+            gpm_prev,
+            last_proc_ts: None,
+        });
     }
     Ok(out)
 }
@@ -329,19 +363,31 @@ fn sample_one(nvml: &Nvml, st: &mut GpuState<'_>, t: f64, shared: &Mutex<Shared>
             Ok(cur) => {
                 match gpm_metrics_get(nvml, &prev, &cur, &GPM_METRICS) {
                     Ok(values) => {
-                        let v: Vec<Option<f64>> = values.into_iter().map(|r| r.ok().map(|m| m.value)).collect();
+                        let v: Vec<Option<f64>> = values
+                            .into_iter()
+                            .map(|r| r.ok().map(|m| m.value))
+                            .collect();
                         s.sm_active = v[0];
                         s.sm_occupancy = v[1];
                         s.tensor_active = v[2];
                         s.dram_bw = v[3];
                         gpm_ok = true;
                     }
-                    Err(e) => note(shared, format!("GPU {}: GPM metrics failed ({e})", st.index)),
+                    Err(e) => note(
+                        shared,
+                        format!("GPU {}: GPM metrics failed ({e})", st.index),
+                    ),
                 }
                 st.gpm_prev = Some(cur);
             }
             Err(e) => {
-                note(shared, format!("GPU {}: GPM sample failed ({e}); retrying next interval", st.index));
+                note(
+                    shared,
+                    format!(
+                        "GPU {}: GPM sample failed ({e}); retrying next interval",
+                        st.index
+                    ),
+                );
                 st.gpm_prev = Some(prev);
             }
         }
@@ -358,7 +404,9 @@ fn sample_one(nvml: &Nvml, st: &mut GpuState<'_>, t: f64, shared: &Mutex<Shared>
 }
 
 fn processes(nvml: &Nvml, st: &mut GpuState<'_>) -> Vec<ProcSample> {
-    let Ok(procs) = st.dev.running_compute_processes() else { return Vec::new() };
+    let Ok(procs) = st.dev.running_compute_processes() else {
+        return Vec::new();
+    };
     if procs.is_empty() {
         return Vec::new();
     }
@@ -389,7 +437,8 @@ fn process_name(nvml: &Nvml, pid: u32) -> String {
     if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
         return comm.trim().to_string();
     }
-    nvml.sys_process_name(pid, 64).unwrap_or_else(|_| "?".into())
+    nvml.sys_process_name(pid, 64)
+        .unwrap_or_else(|_| "?".into())
 }
 
 #[cfg(test)]
@@ -411,7 +460,10 @@ mod tests {
 
     #[test]
     fn absurd_intervals_are_refused() {
-        let err = Sampler::start(Duration::from_millis(1), None).err().unwrap().to_string();
+        let err = Sampler::start(Duration::from_millis(1), None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("too short"), "{err}");
     }
 

@@ -19,7 +19,12 @@ pub enum Format {
 impl Format {
     /// From the file's extension: `.csv`, `.jsonl` (or `.json`, written as JSONL).
     pub fn from_path(path: &Path) -> Result<Self> {
-        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             Some("csv") => Ok(Self::Csv),
             Some("jsonl") | Some("json") => Ok(Self::Jsonl),
             _ => bail!("--out {}: use a .csv or .jsonl file name", path.display()),
@@ -36,7 +41,15 @@ pub fn csv_row(s: &Sample) -> String {
     let procs = s
         .processes
         .iter()
-        .map(|p| format!("{}:{}:{}:{}", p.pid, p.name.replace([',', ';', ':'], "_"), p.mem_bytes, opt(p.sm_util)))
+        .map(|p| {
+            format!(
+                "{}:{}:{}:{}",
+                p.pid,
+                p.name.replace([',', ';', ':'], "_"),
+                p.mem_bytes,
+                opt(p.sm_util)
+            )
+        })
         .collect::<Vec<_>>()
         .join(";");
     format!(
@@ -105,7 +118,12 @@ mod tests {
             sm_clock_mhz: Some(1980),
             mem_clock_mhz: Some(2619),
             mem_used_bytes: Some(123),
-            processes: vec![ProcSample { pid: 42, name: "py,thon".into(), mem_bytes: 99, sm_util: Some(80.0) }],
+            processes: vec![ProcSample {
+                pid: 42,
+                name: "py,thon".into(),
+                mem_bytes: 99,
+                sm_util: Some(80.0),
+            }],
             source: CounterSource::Gpm,
         }
     }
@@ -113,7 +131,10 @@ mod tests {
     #[test]
     fn csv_rows_match_the_header() {
         let row = csv_row(&sample());
-        assert_eq!(row, "1790000000.250,0,gpm,87.5,40,,12,420.5,55,1980,2619,123,42:py_thon:99:80");
+        assert_eq!(
+            row,
+            "1790000000.250,0,gpm,87.5,40,,12,420.5,55,1980,2619,123,42:py_thon:99:80"
+        );
         assert_eq!(row.split(',').count(), CSV_HEADER.split(',').count());
     }
 
@@ -121,15 +142,24 @@ mod tests {
     fn files_in_both_formats_read_back() {
         let tmp = tempfile::tempdir().unwrap();
         let jl = tmp.path().join("t.jsonl");
-        SampleWriter::create(&jl).unwrap().write(&[sample(), sample()]).unwrap();
+        SampleWriter::create(&jl)
+            .unwrap()
+            .write(&[sample(), sample()])
+            .unwrap();
         let text = std::fs::read_to_string(&jl).unwrap();
         let back: Sample = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(back, sample());
         assert_eq!(text.lines().count(), 2);
         let csv = tmp.path().join("t.csv");
-        SampleWriter::create(&csv).unwrap().write(&[sample()]).unwrap();
+        SampleWriter::create(&csv)
+            .unwrap()
+            .write(&[sample()])
+            .unwrap();
         let text = std::fs::read_to_string(&csv).unwrap();
         assert_eq!(text.lines().next().unwrap(), CSV_HEADER);
-        assert!(Format::from_path(Path::new("x.txt")).unwrap_err().to_string().contains(".csv or .jsonl"));
+        assert!(Format::from_path(Path::new("x.txt"))
+            .unwrap_err()
+            .to_string()
+            .contains(".csv or .jsonl"));
     }
 }

@@ -48,7 +48,11 @@ pub fn stat(values: &[f64]) -> Option<Stat> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let mean = v.iter().sum::<f64>() / v.len() as f64;
-    Some(Stat { mean, p50: percentile_sorted(&v, 50.0), max: v[v.len() - 1] })
+    Some(Stat {
+        mean,
+        p50: percentile_sorted(&v, 50.0),
+        max: v[v.len() - 1],
+    })
 }
 
 /// Percentile of sorted values by linear interpolation between closest ranks.
@@ -71,8 +75,13 @@ pub fn summarize(samples: &[Sample], from: f64, to: f64) -> WindowSummary {
     let gpus = gpus
         .into_iter()
         .map(|gpu| {
-            let win: Vec<&Sample> = samples.iter().filter(|s| s.gpu == gpu && s.t >= from && s.t <= to).collect();
-            let col = |f: &dyn Fn(&Sample) -> Option<f64>| stat(&win.iter().filter_map(|s| f(s)).collect::<Vec<_>>());
+            let win: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.gpu == gpu && s.t >= from && s.t <= to)
+                .collect();
+            let col = |f: &dyn Fn(&Sample) -> Option<f64>| {
+                stat(&win.iter().filter_map(|s| f(s)).collect::<Vec<_>>())
+            };
             GpuWindow {
                 gpu,
                 samples: win.len(),
@@ -117,8 +126,22 @@ mod tests {
     #[test]
     fn stats_interpolate_the_median() {
         let s = stat(&[4.0, 1.0, 3.0, 2.0]).unwrap();
-        assert_eq!(s, Stat { mean: 2.5, p50: 2.5, max: 4.0 });
-        assert_eq!(stat(&[7.0]).unwrap(), Stat { mean: 7.0, p50: 7.0, max: 7.0 });
+        assert_eq!(
+            s,
+            Stat {
+                mean: 2.5,
+                p50: 2.5,
+                max: 4.0
+            }
+        );
+        assert_eq!(
+            stat(&[7.0]).unwrap(),
+            Stat {
+                mean: 7.0,
+                p50: 7.0,
+                max: 7.0
+            }
+        );
         assert!(stat(&[]).is_none());
         assert_eq!(percentile_sorted(&[0.0, 10.0], 90.0), 9.0);
     }
@@ -134,13 +157,23 @@ mod tests {
         assert_eq!(w.gpus.len(), 2);
         let g0 = &w.gpus[0];
         assert_eq!((g0.gpu, g0.samples), (0, 4));
-        assert_eq!(g0.sm_active.unwrap(), Stat { mean: 35.0, p50: 35.0, max: 50.0 });
+        assert_eq!(
+            g0.sm_active.unwrap(),
+            Stat {
+                mean: 35.0,
+                p50: 35.0,
+                max: 50.0
+            }
+        );
         assert_eq!(g0.sm_occupancy.unwrap().max, 25.0);
         assert_eq!(g0.power_w.unwrap().mean, 103.5);
         assert!(g0.tensor_active.is_none());
         let g1 = &w.gpus[1];
         assert_eq!(g1.samples, 4);
-        assert!(g1.sm_active.is_none(), "a counter nobody measured is absent, not zero");
+        assert!(
+            g1.sm_active.is_none(),
+            "a counter nobody measured is absent, not zero"
+        );
         assert_eq!(g1.dram_bw.unwrap().mean, 10.0);
     }
 
