@@ -15,7 +15,17 @@ use crate::tokenizer::{self, Tokenizer};
 use crate::weights::WeightSource;
 
 /// Where weights come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LoadFormat {
     /// Safetensors from the model folder; a preset (which has no files) gets dummy weights.
@@ -73,7 +83,10 @@ struct Resolved {
 
 fn resolve(model: &str) -> anyhow::Result<Resolved> {
     if let Some(name) = model.strip_prefix("preset:") {
-        return Ok(Resolved { config: ModelConfig::from_preset(name)?, dir: None });
+        return Ok(Resolved {
+            config: ModelConfig::from_preset(name)?,
+            dir: None,
+        });
     }
     let dir = Path::new(model);
     if !dir.is_dir() {
@@ -83,7 +96,10 @@ fn resolve(model: &str) -> anyhow::Result<Resolved> {
         );
     }
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    Ok(Resolved { config, dir: Some(dir.to_path_buf()) })
+    Ok(Resolved {
+        config,
+        dir: Some(dir.to_path_buf()),
+    })
 }
 
 /// `generation_config.json`'s `eos_token_id`, when the folder has one.
@@ -96,8 +112,10 @@ fn generation_eos(dir: &Path) -> anyhow::Result<Option<Vec<u32>>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let gen: Gen = serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let gen: Gen =
+        serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
     Ok(gen.eos_token_id.map(|e| e.into_vec()))
 }
 
@@ -113,12 +131,17 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     let Resolved { config, dir } = resolve(&opts.model)?;
     let task = opts.task.unwrap_or(config.default_task);
     if config.arch == Arch::Bert && task == Task::Generate {
-        anyhow::bail!("--model {}: a BERT encoder cannot --task generate (use --task embed)", opts.model);
+        anyhow::bail!(
+            "--model {}: a BERT encoder cannot --task generate (use --task embed)",
+            opts.model
+        );
     }
 
     let source = match (&dir, opts.load_format) {
         (Some(dir), LoadFormat::Auto) => WeightSource::open_dir(dir)?,
-        (_, LoadFormat::Dummy) | (None, LoadFormat::Auto) => WeightSource::Dummy { seed: opts.seed },
+        (_, LoadFormat::Dummy) | (None, LoadFormat::Auto) => {
+            WeightSource::Dummy { seed: opts.seed }
+        }
     };
 
     // Encoders truncate like sentence-transformers; generators check prompt lengths instead.
@@ -166,7 +189,9 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
 
     let backend = match opts.device {
         Device::Cpu => CpuBackend::new(),
-        Device::Cuda(i) => anyhow::bail!("--device cuda:{i}: the CUDA backend is not built into this binary yet"),
+        Device::Cuda(i) => {
+            anyhow::bail!("--device cuda:{i}: the CUDA backend is not built into this binary yet")
+        }
     };
     let info = ModelInfo {
         architecture: config.arch.name().to_string(),
@@ -183,7 +208,11 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     };
     let model = build(backend, &config, &source, info.clone())
         .with_context(|| format!("loading weights of {}", opts.model))?;
-    Ok(Loaded { model, tokenizer, info })
+    Ok(Loaded {
+        model,
+        tokenizer,
+        info,
+    })
 }
 
 /// Builds the architecture on a backend (generic, so the CUDA backend reuses it).
@@ -194,13 +223,15 @@ pub fn build<B: Backend>(
     info: ModelInfo,
 ) -> anyhow::Result<LoadedModel> {
     Ok(match (config.arch, info.task) {
-        (Arch::Qwen3, Task::Generate) => {
-            LoadedModel::Generator(Box::new(qwen3::Qwen3Generator::new(backend, config, source, info)?))
+        (Arch::Qwen3, Task::Generate) => LoadedModel::Generator(Box::new(
+            qwen3::Qwen3Generator::new(backend, config, source, info)?,
+        )),
+        (Arch::Qwen3, Task::Embed) => LoadedModel::Embedder(Box::new(qwen3::Qwen3Embedder::new(
+            backend, config, source, info,
+        )?)),
+        (Arch::Bert, Task::Embed) => {
+            LoadedModel::Embedder(Box::new(bert::Bert::new(backend, config, source, info)?))
         }
-        (Arch::Qwen3, Task::Embed) => {
-            LoadedModel::Embedder(Box::new(qwen3::Qwen3Embedder::new(backend, config, source, info)?))
-        }
-        (Arch::Bert, Task::Embed) => LoadedModel::Embedder(Box::new(bert::Bert::new(backend, config, source, info)?)),
         (Arch::Bert, Task::Generate) => anyhow::bail!("a BERT encoder cannot generate"),
     })
 }

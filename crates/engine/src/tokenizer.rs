@@ -39,15 +39,23 @@ impl Tokenizer {
         let mut tok = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow::anyhow!("cannot read tokenizer {}: {e}", path.display()))?;
         tok.with_padding(None);
-        let trunc = truncate_to.map(|max_length| tokenizers::TruncationParams { max_length, ..Default::default() });
-        tok.with_truncation(trunc)
-            .map_err(|e| anyhow::anyhow!("tokenizer {}: cannot set truncation: {e}", path.display()))?;
-        Ok(Self { inner: Arc::new(Inner::Hf(Box::new(tok))) })
+        let trunc = truncate_to.map(|max_length| tokenizers::TruncationParams {
+            max_length,
+            ..Default::default()
+        });
+        tok.with_truncation(trunc).map_err(|e| {
+            anyhow::anyhow!("tokenizer {}: cannot set truncation: {e}", path.display())
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner::Hf(Box::new(tok))),
+        })
     }
 
     /// One token per UTF-8 byte (ids 0..=255); [`BYTE_LEVEL_EOS`] ends a sequence.
     pub fn byte_level() -> Self {
-        Self { inner: Arc::new(Inner::ByteLevel) }
+        Self {
+            inner: Arc::new(Inner::ByteLevel),
+        }
     }
 
     /// Whether this is the byte-level fallback.
@@ -71,7 +79,9 @@ impl Tokenizer {
     /// UTF-8 (a sequence cut inside a character) decodes lossily.
     pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
         match &*self.inner {
-            Inner::Hf(tok) => tok.decode(ids, true).map_err(|e| anyhow::anyhow!("cannot decode tokens: {e}")),
+            Inner::Hf(tok) => tok
+                .decode(ids, true)
+                .map_err(|e| anyhow::anyhow!("cannot decode tokens: {e}")),
             Inner::ByteLevel => {
                 let bytes: Vec<u8> = ids.iter().filter(|&&i| i < 256).map(|&i| i as u8).collect();
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -117,7 +127,9 @@ pub fn load_dir(dir: &Path, truncate_to: Option<usize>) -> anyhow::Result<Option
     if !path.exists() {
         return Ok(None);
     }
-    Tokenizer::from_file(&path, truncate_to).map(Some).with_context(|| format!("loading {}", path.display()))
+    Tokenizer::from_file(&path, truncate_to)
+        .map(Some)
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 #[cfg(test)]
@@ -140,7 +152,10 @@ mod tests {
     fn chat_template_is_chatml() {
         let t = Tokenizer::byte_level();
         let s = t
-            .apply_chat_template(&[("system".into(), "be brief".into()), ("user".into(), "hi".into())])
+            .apply_chat_template(&[
+                ("system".into(), "be brief".into()),
+                ("user".into(), "hi".into()),
+            ])
             .unwrap();
         assert_eq!(s, "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }

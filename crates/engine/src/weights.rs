@@ -14,7 +14,9 @@ use crate::backend::{Backend, DType, Init};
 pub enum WeightSource {
     Safetensors(SafetensorsFiles),
     /// `--load-format dummy`: every tensor seeded from `seed` and its name.
-    Dummy { seed: u64 },
+    Dummy {
+        seed: u64,
+    },
 }
 
 /// Memory-mapped safetensors files and where each tensor lives.
@@ -37,14 +39,18 @@ impl WeightSource {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let names: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("invalid {}", index.display()))?;
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("cannot read {}", index.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("invalid {}", index.display()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .with_context(|| format!("{}: no weight_map object", index.display()))?;
-            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
             files.sort();
             files.dedup();
             files.into_iter().map(|f| dir.join(f)).collect()
@@ -59,12 +65,16 @@ impl WeightSource {
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for path in names {
-            let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: the file is opened read-only; like every safetensors loader we rely on
             // it not being truncated while the engine runs.
-            let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?;
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| anyhow::anyhow!("{}: invalid safetensors header: {e:?}", path.display()))?;
+            let mmap = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot mmap {}", path.display()))?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    anyhow::anyhow!("{}: invalid safetensors header: {e:?}", path.display())
+                })?;
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let dtype = match info.dtype {
@@ -77,32 +87,55 @@ impl WeightSource {
                 let (s, e) = info.data_offsets;
                 tensors.insert(
                     name.clone(),
-                    TensorLoc { file: files.len(), dtype, shape: info.shape.clone(), start: base + s, end: base + e },
+                    TensorLoc {
+                        file: files.len(),
+                        dtype,
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                    },
                 );
             }
             files.push((path, mmap));
         }
-        Ok(WeightSource::Safetensors(SafetensorsFiles { files, tensors }))
+        Ok(WeightSource::Safetensors(SafetensorsFiles {
+            files,
+            tensors,
+        }))
     }
 
     /// Loads the first of `names` that exists as a `[rows, cols]` tensor (1-D tensors
     /// are `[1, n]`). Several names cover checkpoints saved with or without a prefix
     /// (`bert.`, `model.`). Dummy weights use the first name for the seed.
-    pub fn get<B: Backend>(&self, b: &B, names: &[String], rows: usize, cols: usize, init: Init) -> anyhow::Result<B::Tensor> {
+    pub fn get<B: Backend>(
+        &self,
+        b: &B,
+        names: &[String],
+        rows: usize,
+        cols: usize,
+        init: Init,
+    ) -> anyhow::Result<B::Tensor> {
         match self {
             WeightSource::Dummy { seed } => b.dummy(rows, cols, init, seed_for(*seed, &names[0])),
             WeightSource::Safetensors(st) => {
                 let (name, loc) = names
                     .iter()
                     .find_map(|n| st.tensors.get(n).map(|l| (n, l)))
-                    .with_context(|| format!("tensor {} not found in {}", names[0], st.describe()))?;
+                    .with_context(|| {
+                        format!("tensor {} not found in {}", names[0], st.describe())
+                    })?;
                 let (r, c) = match loc.shape.as_slice() {
                     [n] => (1, *n),
                     [r, c] => (*r, *c),
-                    other => anyhow::bail!("tensor {name}: expected 1-D or 2-D, found shape {other:?}"),
+                    other => {
+                        anyhow::bail!("tensor {name}: expected 1-D or 2-D, found shape {other:?}")
+                    }
                 };
                 if (r, c) != (rows, cols) && !(rows == 1 && r * c == cols) {
-                    anyhow::bail!("tensor {name}: shape {:?} does not match config ({rows}, {cols})", loc.shape);
+                    anyhow::bail!(
+                        "tensor {name}: shape {:?} does not match config ({rows}, {cols})",
+                        loc.shape
+                    );
                 }
                 let bytes = &st.files[loc.file].1[loc.start..loc.end];
                 b.upload(loc.dtype, rows, cols, bytes)
@@ -122,7 +155,11 @@ impl WeightSource {
 
 impl SafetensorsFiles {
     fn describe(&self) -> String {
-        let files: Vec<String> = self.files.iter().map(|(p, _)| p.display().to_string()).collect();
+        let files: Vec<String> = self
+            .files
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
         files.join(", ")
     }
 }

@@ -14,7 +14,13 @@ fn root() -> PathBuf {
 }
 
 fn opts(model: &str, task: Option<Task>, load_format: LoadFormat) -> LoadOptions {
-    LoadOptions { model: model.to_string(), task, load_format, device: Device::Cpu, seed: 7 }
+    LoadOptions {
+        model: model.to_string(),
+        task,
+        load_format,
+        device: Device::Cpu,
+        seed: 7,
+    }
 }
 
 fn generator(l: Loaded) -> Box<dyn Generator> {
@@ -37,7 +43,12 @@ fn tiny_dir() -> String {
 
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+    let diff: f32 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f32>()
+        .sqrt();
     let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
     diff / norm
 }
@@ -59,19 +70,35 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-const GREEDY: SampleSpec<'static> = SampleSpec { temperature: 0.0, top_p: 1.0, top_k: 0, uniform: 0.5, masked: &[] };
+const GREEDY: SampleSpec<'static> = SampleSpec {
+    temperature: 0.0,
+    top_p: 1.0,
+    top_k: 0,
+    uniform: 0.5,
+    masked: &[],
+};
 
 /// A block table that is deliberately not in order: blocks of a sequence are scattered.
 fn scattered_table(n: usize, offset: u32, num_blocks: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 7 + offset) % num_blocks).collect()
+    (0..n as u32)
+        .map(|i| (i * 7 + offset) % num_blocks)
+        .collect()
 }
 
 fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn reference(path: &str) -> serde_json::Value {
@@ -93,17 +120,34 @@ fn qwen3_tiny_matches_transformers() {
         let table = scattered_table(ids.len().div_ceil(4) + 2, 3, 61);
 
         // Whole prompt in one prefill: last-position logits.
-        let seq = SeqStep { tokens: &ids, start_pos: 0, block_table: &table, sample: Some(GREEDY) };
+        let seq = SeqStep {
+            tokens: &ids,
+            start_pos: 0,
+            block_table: &table,
+            sample: Some(GREEDY),
+        };
         let logits = g.step_logits(&[seq]).unwrap().remove(0);
         let want = f32s(&item["last_logits"]);
         let err = rel_err(&logits, &want);
-        eprintln!("qwen3-tiny prompt of {} tokens: last-logits rel err {err:.2e}", ids.len());
-        assert!(err < 1e-4, "prompt of {} tokens: logits rel err {err}", ids.len());
+        eprintln!(
+            "qwen3-tiny prompt of {} tokens: last-logits rel err {err:.2e}",
+            ids.len()
+        );
+        assert!(
+            err < 1e-4,
+            "prompt of {} tokens: logits rel err {err}",
+            ids.len()
+        );
 
         // Token by token through the decode path: the argmax at every position.
         let argmax_want = u32s(&item["argmax_per_position"]);
         for (p, &t) in ids.iter().enumerate() {
-            let seq = SeqStep { tokens: std::slice::from_ref(&t), start_pos: p, block_table: &table, sample: Some(GREEDY) };
+            let seq = SeqStep {
+                tokens: std::slice::from_ref(&t),
+                start_pos: p,
+                block_table: &table,
+                sample: Some(GREEDY),
+            };
             let l = g.step_logits(&[seq]).unwrap().remove(0);
             assert_eq!(argmax(&l), argmax_want[p], "argmax at position {p}");
         }
@@ -112,12 +156,22 @@ fn qwen3_tiny_matches_transformers() {
         let want_tokens = u32s(&item["greedy_8"]);
         let table = scattered_table((ids.len() + 8).div_ceil(4), 11, 61);
         let mut got = Vec::new();
-        let seq = SeqStep { tokens: &ids, start_pos: 0, block_table: &table, sample: Some(GREEDY) };
+        let seq = SeqStep {
+            tokens: &ids,
+            start_pos: 0,
+            block_table: &table,
+            sample: Some(GREEDY),
+        };
         got.push(g.step(&[seq]).unwrap()[0]);
         while got.len() < want_tokens.len() {
             let pos = ids.len() + got.len() - 1;
             let last = [*got.last().unwrap()];
-            let seq = SeqStep { tokens: &last, start_pos: pos, block_table: &table, sample: Some(GREEDY) };
+            let seq = SeqStep {
+                tokens: &last,
+                start_pos: pos,
+                block_table: &table,
+                sample: Some(GREEDY),
+            };
             got.push(g.step(&[seq]).unwrap()[0]);
         }
         assert_eq!(got, want_tokens, "greedy tokens");
@@ -135,7 +189,11 @@ fn qwen3_tiny_embedding_matches_transformers() {
     let got = e.embed(&refs).unwrap();
     for (item, emb) in items.iter().zip(&got) {
         let want = f32s(&item["embedding_last_token"]);
-        assert!(rel_err(emb, &want) < 1e-4, "embedding rel err {}", rel_err(emb, &want));
+        assert!(
+            rel_err(emb, &want) < 1e-4,
+            "embedding rel err {}",
+            rel_err(emb, &want)
+        );
         assert!(cosine(emb, &want) > 0.99999);
     }
 }
@@ -147,7 +205,12 @@ fn chunked_logits(g: &mut dyn Generator, ids: &[u32], chunks: &[usize], table: &
     let mut out = Vec::new();
     for &n in chunks {
         let last = pos + n == ids.len();
-        let seq = SeqStep { tokens: &ids[pos..pos + n], start_pos: pos, block_table: table, sample: last.then_some(GREEDY) };
+        let seq = SeqStep {
+            tokens: &ids[pos..pos + n],
+            start_pos: pos,
+            block_table: table,
+            sample: last.then_some(GREEDY),
+        };
         let l = g.step_logits(&[seq]).unwrap();
         assert_eq!(l.len(), usize::from(last));
         out = l.into_iter().next().unwrap_or_default();
@@ -168,8 +231,16 @@ fn paged_attention_is_independent_of_chunking_and_block_layout() {
     singles[0] = 3;
     singles.truncate(35);
     let decode = chunked_logits(&mut *g, &ids, &singles, &scattered_table(10, 77, 97));
-    assert!(rel_err(&chunks, &whole) < 1e-5, "chunked vs whole {}", rel_err(&chunks, &whole));
-    assert!(rel_err(&decode, &whole) < 1e-5, "token by token vs whole {}", rel_err(&decode, &whole));
+    assert!(
+        rel_err(&chunks, &whole) < 1e-5,
+        "chunked vs whole {}",
+        rel_err(&chunks, &whole)
+    );
+    assert!(
+        rel_err(&decode, &whole) < 1e-5,
+        "token by token vs whole {}",
+        rel_err(&decode, &whole)
+    );
 
     // Two sequences in one step (one prefill chunk with prior context, one decode token)
     // give the same logits as each alone.
@@ -180,8 +251,18 @@ fn paged_attention_is_independent_of_chunking_and_block_layout() {
     chunked_logits(&mut *g, &other[..8], &[8], &t2);
     let batch = g
         .step_logits(&[
-            SeqStep { tokens: &ids[20..], start_pos: 20, block_table: &t1, sample: Some(GREEDY) },
-            SeqStep { tokens: &other[8..], start_pos: 8, block_table: &t2, sample: Some(GREEDY) },
+            SeqStep {
+                tokens: &ids[20..],
+                start_pos: 20,
+                block_table: &t1,
+                sample: Some(GREEDY),
+            },
+            SeqStep {
+                tokens: &other[8..],
+                start_pos: 8,
+                block_table: &t2,
+                sample: Some(GREEDY),
+            },
         ])
         .unwrap();
     let alone = chunked_logits(&mut *g, &other, &[9], &scattered_table(10, 60, 97));
@@ -196,7 +277,12 @@ fn dummy_weights_are_seeded() {
         o.seed = seed;
         let mut g = generator(load(&o).unwrap());
         g.init_kv_cache(8, 16).unwrap();
-        let seq = SeqStep { tokens: &[1, 2, 3], start_pos: 0, block_table: &[5], sample: Some(GREEDY) };
+        let seq = SeqStep {
+            tokens: &[1, 2, 3],
+            start_pos: 0,
+            block_table: &[5],
+            sample: Some(GREEDY),
+        };
         g.step_logits(&[seq]).unwrap().remove(0)
     };
     assert_eq!(logits(1), logits(1));
@@ -206,30 +292,77 @@ fn dummy_weights_are_seeded() {
 #[test]
 fn bad_steps_are_errors_not_panics() {
     let mut g = generator(load(&opts("preset:qwen3-tiny", None, LoadFormat::Dummy)).unwrap());
-    let seq = SeqStep { tokens: &[1, 2], start_pos: 0, block_table: &[0], sample: Some(GREEDY) };
-    assert!(g.step(&[seq]).unwrap_err().to_string().contains("init_kv_cache"));
+    let seq = SeqStep {
+        tokens: &[1, 2],
+        start_pos: 0,
+        block_table: &[0],
+        sample: Some(GREEDY),
+    };
+    assert!(g
+        .step(&[seq])
+        .unwrap_err()
+        .to_string()
+        .contains("init_kv_cache"));
     g.init_kv_cache(4, 4).unwrap();
-    let bad_token = SeqStep { tokens: &[100_000], start_pos: 0, block_table: &[0], sample: Some(GREEDY) };
-    assert!(g.step(&[bad_token]).unwrap_err().to_string().contains("token id"));
-    let short_table = SeqStep { tokens: &[1; 9], start_pos: 0, block_table: &[0, 1], sample: Some(GREEDY) };
+    let bad_token = SeqStep {
+        tokens: &[100_000],
+        start_pos: 0,
+        block_table: &[0],
+        sample: Some(GREEDY),
+    };
+    assert!(g
+        .step(&[bad_token])
+        .unwrap_err()
+        .to_string()
+        .contains("token id"));
+    let short_table = SeqStep {
+        tokens: &[1; 9],
+        start_pos: 0,
+        block_table: &[0, 1],
+        sample: Some(GREEDY),
+    };
     assert!(g.step(&[short_table]).is_err());
-    let bad_block = SeqStep { tokens: &[1], start_pos: 0, block_table: &[9], sample: Some(GREEDY) };
-    assert!(g.step(&[bad_block]).unwrap_err().to_string().contains("block id"));
+    let bad_block = SeqStep {
+        tokens: &[1],
+        start_pos: 0,
+        block_table: &[9],
+        sample: Some(GREEDY),
+    };
+    assert!(g
+        .step(&[bad_block])
+        .unwrap_err()
+        .to_string()
+        .contains("block id"));
 }
 
 #[test]
 fn load_errors_name_the_path_or_flag() {
-    let err = load(&opts("/nonexistent/model", None, LoadFormat::Auto)).err().unwrap();
+    let err = load(&opts("/nonexistent/model", None, LoadFormat::Auto))
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("/nonexistent/model"), "{err:#}");
-    let err = load(&opts("preset:qwen3-99b", None, LoadFormat::Dummy)).err().unwrap();
-    assert!(format!("{err:#}").contains("qwen3-tiny"), "lists presets: {err:#}");
+    let err = load(&opts("preset:qwen3-99b", None, LoadFormat::Dummy))
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("qwen3-tiny"),
+        "lists presets: {err:#}"
+    );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
-    let err = load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Auto)).err().unwrap();
+    let err = load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Auto))
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("config.json"), "{err:#}");
     // Config fine but no weights: the message says so and names the folder.
-    std::fs::copy(root().join("testdata/qwen3-tiny/config.json"), dir.path().join("config.json")).unwrap();
-    let err = load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Auto)).err().unwrap();
+    std::fs::copy(
+        root().join("testdata/qwen3-tiny/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let err = load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Auto))
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
     // ... and the same folder loads with dummy weights.
     assert!(load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Dummy)).is_ok());
@@ -264,7 +397,11 @@ fn minilm_matches_sentence_transformers() {
     // The reference describes its input as "token repeated 400 times".
     assert_eq!(r["truncation"]["text"], "token repeated 400 times");
     let long = tok.encode(&vec!["token"; 400].join(" "), true).unwrap();
-    assert_eq!(long.len(), r["max_seq_length"].as_u64().unwrap() as usize, "truncated to max_seq_length");
+    assert_eq!(
+        long.len(),
+        r["max_seq_length"].as_u64().unwrap() as usize,
+        "truncated to max_seq_length"
+    );
     assert_eq!(*long.last().unwrap(), 102, "[SEP] kept after truncation");
     inputs.push(long);
     let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
@@ -273,7 +410,10 @@ fn minilm_matches_sentence_transformers() {
     wants.push(f32s(&r["truncation"]["embedding"]));
     for (n, (g, w)) in got.iter().zip(&wants).enumerate() {
         let c = cosine(g, w);
-        eprintln!("minilm input {n} ({} tokens): cosine {c:.7}", inputs[n].len());
+        eprintln!(
+            "minilm input {n} ({} tokens): cosine {c:.7}",
+            inputs[n].len()
+        );
         assert!(c >= 0.9999, "input {n}: cosine {c}");
     }
 }

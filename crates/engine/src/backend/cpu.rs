@@ -18,7 +18,11 @@ pub struct CpuTensor {
 
 impl CpuTensor {
     fn zeros(rows: usize, cols: usize) -> Self {
-        Self { data: vec![0.0; rows * cols], rows, cols }
+        Self {
+            data: vec![0.0; rows * cols],
+            rows,
+            cols,
+        }
     }
     pub(super) fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
@@ -82,7 +86,13 @@ impl CpuBackend {
 
 fn check_same(a: &CpuTensor, b: &CpuTensor, op: &str) -> anyhow::Result<()> {
     if (a.rows, a.cols) != (b.rows, b.cols) {
-        anyhow::bail!("{op}: shape ({}, {}) vs ({}, {})", a.rows, a.cols, b.rows, b.cols);
+        anyhow::bail!(
+            "{op}: shape ({}, {}) vs ({}, {})",
+            a.rows,
+            a.cols,
+            b.rows,
+            b.cols
+        );
     }
     Ok(())
 }
@@ -111,13 +121,22 @@ impl Backend for CpuBackend {
         4
     }
 
-    fn upload(&self, dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> anyhow::Result<CpuTensor> {
+    fn upload(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> anyhow::Result<CpuTensor> {
         let n = rows * cols;
         if bytes.len() != n * dtype.size() {
             anyhow::bail!("upload: {} bytes for {n} {dtype:?} elements", bytes.len());
         }
         let data: Vec<f32> = match dtype {
-            DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             DType::F16 => bytes
                 .chunks_exact(2)
                 .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
@@ -130,11 +149,15 @@ impl Backend for CpuBackend {
         Ok(CpuTensor { data, rows, cols })
     }
 
-    fn from_f32(&self, rows: usize, cols: usize, data: &[f32]) -> anyhow::Result<CpuTensor> {
+    fn upload_f32(&self, rows: usize, cols: usize, data: &[f32]) -> anyhow::Result<CpuTensor> {
         if data.len() != rows * cols {
-            anyhow::bail!("from_f32: {} values for ({rows}, {cols})", data.len());
+            anyhow::bail!("upload_f32: {} values for ({rows}, {cols})", data.len());
         }
-        Ok(CpuTensor { data: data.to_vec(), rows, cols })
+        Ok(CpuTensor {
+            data: data.to_vec(),
+            rows,
+            cols,
+        })
     }
 
     fn dummy(&self, rows: usize, cols: usize, init: Init, seed: u64) -> anyhow::Result<CpuTensor> {
@@ -147,13 +170,18 @@ impl Backend for CpuBackend {
                     .map_err(|e| anyhow::anyhow!("dummy weight std {std}: {e}"))?;
                 // Fixed-size chunks, each with its own stream: the same values whatever the
                 // thread count.
-                t.data.par_chunks_mut(1 << 16).enumerate().for_each(|(i, chunk)| {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                    let _: u32 = rng.gen();
-                    for v in chunk.iter_mut() {
-                        *v = normal.sample(&mut rng);
-                    }
-                });
+                t.data
+                    .par_chunks_mut(1 << 16)
+                    .enumerate()
+                    .for_each(|(i, chunk)| {
+                        let mut rng = rand::rngs::StdRng::seed_from_u64(
+                            seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                        );
+                        let _: u32 = rng.gen();
+                        for v in chunk.iter_mut() {
+                            *v = normal.sample(&mut rng);
+                        }
+                    });
             }
         }
         Ok(t)
@@ -184,18 +212,28 @@ impl Backend for CpuBackend {
         Ok(CpuKvCache { k, v, shape })
     }
 
-    fn rope_table(&self, head_dim: usize, theta: f64, max_positions: usize) -> anyhow::Result<CpuTensor> {
+    fn rope_table(
+        &self,
+        head_dim: usize,
+        theta: f64,
+        max_positions: usize,
+    ) -> anyhow::Result<CpuTensor> {
         let half = head_dim / 2;
         let mut t = CpuTensor::zeros(max_positions, head_dim);
         // inv_freq as transformers computes it (in f32), the angle in f64.
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / (theta.powf((2 * i) as f64 / head_dim as f64)) as f32).collect();
-        t.data.par_chunks_mut(head_dim).enumerate().for_each(|(p, row)| {
-            for i in 0..half {
-                let a = p as f64 * inv[i] as f64;
-                row[i] = a.cos() as f32;
-                row[half + i] = a.sin() as f32;
-            }
-        });
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        t.data
+            .par_chunks_mut(head_dim)
+            .enumerate()
+            .for_each(|(p, row)| {
+                for i in 0..half {
+                    let a = p as f64 * inv[i] as f64;
+                    row[i] = a.cos() as f32;
+                    row[half + i] = a.sin() as f32;
+                }
+            });
         Ok(t)
     }
 
@@ -206,7 +244,10 @@ impl Backend for CpuBackend {
             token_seq.extend(std::iter::repeat_n(s as u32, n as usize));
         }
         if token_seq.len() != m.tokens.len() || m.positions.len() != m.tokens.len() {
-            anyhow::bail!("step metadata: sequence boundaries do not match {} tokens", m.tokens.len());
+            anyhow::bail!(
+                "step metadata: sequence boundaries do not match {} tokens",
+                m.tokens.len()
+            );
         }
         if m.samples.len() > m.sample_rows.len() {
             anyhow::bail!("step metadata: more sampling specs than sample rows");
@@ -235,7 +276,12 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn embedding(&self, table: &CpuTensor, step: &CpuStep, source: IndexSource) -> anyhow::Result<CpuTensor> {
+    fn embedding(
+        &self,
+        table: &CpuTensor,
+        step: &CpuStep,
+        source: IndexSource,
+    ) -> anyhow::Result<CpuTensor> {
         let n = step.tokens.len();
         let mut out = CpuTensor::zeros(n, table.cols);
         for t in 0..n {
@@ -252,9 +298,18 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> anyhow::Result<CpuTensor> {
+    fn linear(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        bias: Option<&CpuTensor>,
+    ) -> anyhow::Result<CpuTensor> {
         if x.cols != w.cols {
-            anyhow::bail!("linear: input has {} features, weight expects {}", x.cols, w.cols);
+            anyhow::bail!(
+                "linear: input has {} features, weight expects {}",
+                x.cols,
+                w.cols
+            );
         }
         let (m, n, k) = (x.rows, w.rows, x.cols);
         let mut out = CpuTensor::zeros(m, n);
@@ -306,7 +361,11 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> anyhow::Result<CpuTensor> {
         if w.data.len() != x.cols {
-            anyhow::bail!("rms_norm: weight of {} for {} features", w.data.len(), x.cols);
+            anyhow::bail!(
+                "rms_norm: weight of {} for {} features",
+                w.data.len(),
+                x.cols
+            );
         }
         let mut out = CpuTensor::zeros(x.rows, x.cols);
         out.data
@@ -320,7 +379,13 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, w: &CpuTensor, eps: f32) -> anyhow::Result<CpuTensor> {
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        eps: f32,
+    ) -> anyhow::Result<CpuTensor> {
         check_same(residual, x, "add_rms_norm")?;
         self.add_assign(residual, x)?;
         self.rms_norm(residual, w, eps)
@@ -342,29 +407,35 @@ impl Backend for CpuBackend {
             anyhow::bail!("qk_norm_rope: q/k/rope widths do not match the head layout");
         }
         if let Some(&p) = step.positions.iter().find(|&&p| p as usize >= rope.rows) {
-            anyhow::bail!("position {p} beyond the RoPE table ({} positions)", rope.rows);
+            anyhow::bail!(
+                "position {p} beyond the RoPE table ({} positions)",
+                rope.rows
+            );
         }
         let apply = |t: &mut CpuTensor, norm: Option<&CpuTensor>| {
             let cols = t.cols;
-            t.data.par_chunks_mut(cols).enumerate().for_each(|(row, x)| {
-                let table = rope.row(step.positions[row] as usize);
-                let (cos, sin) = table.split_at(hd / 2);
-                let mut tmp = [0f32; 512];
-                for head in x.chunks_exact_mut(hd) {
-                    if let Some(w) = norm {
-                        tmp[..hd].copy_from_slice(head);
-                        rms_norm_row(&tmp[..hd], &w.data, eps, head);
+            t.data
+                .par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(row, x)| {
+                    let table = rope.row(step.positions[row] as usize);
+                    let (cos, sin) = table.split_at(hd / 2);
+                    let mut tmp = [0f32; 512];
+                    for head in x.chunks_exact_mut(hd) {
+                        if let Some(w) = norm {
+                            tmp[..hd].copy_from_slice(head);
+                            rms_norm_row(&tmp[..hd], &w.data, eps, head);
+                        }
+                        let (x1, x2) = head.split_at_mut(hd / 2);
+                        for i in 0..hd / 2 {
+                            let (a, b) = (x1[i], x2[i]);
+                            x1[i] = a * cos[i] - b * sin[i];
+                            x2[i] = b * cos[i] + a * sin[i];
+                        }
                     }
-                    let (x1, x2) = head.split_at_mut(hd / 2);
-                    for i in 0..hd / 2 {
-                        let (a, b) = (x1[i], x2[i]);
-                        x1[i] = a * cos[i] - b * sin[i];
-                        x2[i] = b * cos[i] + a * sin[i];
-                    }
-                }
-            });
+                });
         };
-        if hd > 512 || hd % 2 != 0 {
+        if hd > 512 || !hd.is_multiple_of(2) {
             anyhow::bail!("qk_norm_rope: head_dim {hd} unsupported (even, <= 512)");
         }
         apply(q, q_norm);
@@ -375,11 +446,14 @@ impl Backend for CpuBackend {
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> anyhow::Result<CpuTensor> {
         check_same(gate, up, "silu_mul")?;
         let mut out = gate.clone();
-        out.data.par_chunks_mut(1 << 12).zip(up.data.par_chunks(1 << 12)).for_each(|(o, u)| {
-            for (g, &u) in o.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        });
+        out.data
+            .par_chunks_mut(1 << 12)
+            .zip(up.data.par_chunks(1 << 12))
+            .for_each(|(o, u)| {
+                for (g, &u) in o.iter_mut().zip(u) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            });
         Ok(out)
     }
 
@@ -395,42 +469,69 @@ impl Backend for CpuBackend {
 
     fn add_assign(&self, a: &mut CpuTensor, b: &CpuTensor) -> anyhow::Result<()> {
         check_same(a, b, "add")?;
-        a.data.par_chunks_mut(1 << 12).zip(b.data.par_chunks(1 << 12)).for_each(|(a, b)| {
-            for (x, &y) in a.iter_mut().zip(b) {
-                *x += y;
-            }
-        });
+        a.data
+            .par_chunks_mut(1 << 12)
+            .zip(b.data.par_chunks(1 << 12))
+            .for_each(|(a, b)| {
+                for (x, &y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+            });
         Ok(())
     }
 
-    fn layer_norm(&self, x: &CpuTensor, residual: Option<&CpuTensor>, w: &CpuTensor, b: &CpuTensor, eps: f32) -> anyhow::Result<CpuTensor> {
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        residual: Option<&CpuTensor>,
+        w: &CpuTensor,
+        b: &CpuTensor,
+        eps: f32,
+    ) -> anyhow::Result<CpuTensor> {
         if let Some(r) = residual {
             check_same(x, r, "layer_norm")?;
         }
         if w.data.len() != x.cols || b.data.len() != x.cols {
-            anyhow::bail!("layer_norm: weight/bias width does not match {} features", x.cols);
+            anyhow::bail!(
+                "layer_norm: weight/bias width does not match {} features",
+                x.cols
+            );
         }
         let cols = x.cols;
         let mut out = x.clone();
-        out.data.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
-            if let Some(res) = residual {
-                for (v, &s) in row.iter_mut().zip(res.row(r)) {
-                    *v += s;
+        out.data
+            .par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| {
+                if let Some(res) = residual {
+                    for (v, &s) in row.iter_mut().zip(res.row(r)) {
+                        *v += s;
+                    }
                 }
-            }
-            let mean = row.iter().sum::<f32>() / cols as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for ((v, &g), &bb) in row.iter_mut().zip(&w.data).zip(&b.data) {
-                *v = (*v - mean) * inv * g + bb;
-            }
-        });
+                let mean = row.iter().sum::<f32>() / cols as f32;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                for ((v, &g), &bb) in row.iter_mut().zip(&w.data).zip(&b.data) {
+                    *v = (*v - mean) * inv * g + bb;
+                }
+            });
         Ok(out)
     }
 
-    fn kv_write(&self, cache: &mut CpuKvCache, layer: usize, k: &CpuTensor, v: &CpuTensor, step: &CpuStep) -> anyhow::Result<()> {
+    fn kv_write(
+        &self,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        step: &CpuStep,
+    ) -> anyhow::Result<()> {
         let width = cache.token_width();
-        if k.cols != width || v.cols != width || k.rows != step.slot_mapping.len() || v.rows != k.rows {
+        if k.cols != width
+            || v.cols != width
+            || k.rows != step.slot_mapping.len()
+            || v.rows != k.rows
+        {
             anyhow::bail!("kv_write: K/V shape does not match the cache or the slot mapping");
         }
         if layer >= cache.shape.num_layers {
@@ -449,11 +550,28 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn paged_attention(&self, q: &CpuTensor, cache: &CpuKvCache, layer: usize, dims: AttnDims, scale: f32, step: &CpuStep) -> anyhow::Result<CpuTensor> {
+    fn paged_attention(
+        &self,
+        q: &CpuTensor,
+        cache: &CpuKvCache,
+        layer: usize,
+        dims: AttnDims,
+        scale: f32,
+        step: &CpuStep,
+    ) -> anyhow::Result<CpuTensor> {
         super::cpu_attention::paged(q, cache, layer, dims, scale, step)
     }
 
-    fn varlen_attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, dims: AttnDims, scale: f32, causal: bool, step: &CpuStep) -> anyhow::Result<CpuTensor> {
+    fn varlen_attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        dims: AttnDims,
+        scale: f32,
+        causal: bool,
+        step: &CpuStep,
+    ) -> anyhow::Result<CpuTensor> {
         super::cpu_attention::varlen(q, k, v, dims, scale, causal, step)
     }
 
@@ -463,7 +581,10 @@ impl Backend for CpuBackend {
         for s in 0..seqs {
             let (a, b) = (step.seq_starts[s] as usize, step.seq_starts[s + 1] as usize);
             if b <= a || b > x.rows {
-                anyhow::bail!("pool: sequence {s} rows {a}..{b} invalid for {} rows", x.rows);
+                anyhow::bail!(
+                    "pool: sequence {s} rows {a}..{b} invalid for {} rows",
+                    x.rows
+                );
             }
             let o = &mut out.data[s * x.cols..(s + 1) * x.cols];
             match pooling {
@@ -505,7 +626,11 @@ impl Backend for CpuBackend {
 
     fn sample(&self, logits: &CpuTensor, step: &CpuStep) -> anyhow::Result<Vec<u32>> {
         if step.samples.len() != logits.rows {
-            anyhow::bail!("sample: {} logit rows for {} sampling specs", logits.rows, step.samples.len());
+            anyhow::bail!(
+                "sample: {} logit rows for {} sampling specs",
+                logits.rows,
+                step.samples.len()
+            );
         }
         (0..logits.rows)
             .into_par_iter()

@@ -155,11 +155,23 @@ pub trait Backend: Send + Sync + 'static {
     // ---- weights and buffers -----------------------------------------------------------
     /// Uploads a weight from its stored bytes (little-endian `dtype`, row-major, `rows *
     /// cols` elements), converting to the backend's weight dtype.
-    fn upload(&self, dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> anyhow::Result<Self::Tensor>;
+    fn upload(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> anyhow::Result<Self::Tensor>;
     /// Uploads host f32 data (small tables, tests).
-    fn from_f32(&self, rows: usize, cols: usize, data: &[f32]) -> anyhow::Result<Self::Tensor>;
+    fn upload_f32(&self, rows: usize, cols: usize, data: &[f32]) -> anyhow::Result<Self::Tensor>;
     /// Generates a dummy weight on the device from `seed` (deterministic per seed).
-    fn dummy(&self, rows: usize, cols: usize, init: Init, seed: u64) -> anyhow::Result<Self::Tensor>;
+    fn dummy(
+        &self,
+        rows: usize,
+        cols: usize,
+        init: Init,
+        seed: u64,
+    ) -> anyhow::Result<Self::Tensor>;
     /// `(rows, cols)` of a tensor.
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
     /// Copies a tensor to the host as f32 (row-major).
@@ -168,7 +180,12 @@ pub trait Backend: Send + Sync + 'static {
     fn alloc_kv_cache(&self, shape: KvShape) -> anyhow::Result<Self::KvCache>;
     /// Precomputes the RoPE table for positions `0 .. max_positions` (HF default rope:
     /// `inv_freq[i] = theta^(-2i/head_dim)`).
-    fn rope_table(&self, head_dim: usize, theta: f64, max_positions: usize) -> anyhow::Result<Self::Tensor>;
+    fn rope_table(
+        &self,
+        head_dim: usize,
+        theta: f64,
+        max_positions: usize,
+    ) -> anyhow::Result<Self::Tensor>;
 
     // ---- per-step metadata ---------------------------------------------------------------
     /// Copies a step's metadata to the device, once per step.
@@ -176,13 +193,34 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- ops -------------------------------------------------------------------------------
     /// Gathers rows of `table` (`[vocab, hidden]`) by `source` -> `[tokens, hidden]`.
-    fn embedding(&self, table: &Self::Tensor, step: &Self::Step, source: IndexSource) -> anyhow::Result<Self::Tensor>;
+    fn embedding(
+        &self,
+        table: &Self::Tensor,
+        step: &Self::Step,
+        source: IndexSource,
+    ) -> anyhow::Result<Self::Tensor>;
     /// `x · wᵀ (+ bias)`: `x` `[n, in]`, `w` `[out, in]` (HF Linear layout), `bias` `[1, out]`.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> anyhow::Result<Self::Tensor>;
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> anyhow::Result<Self::Tensor>;
     /// RMSNorm of each row: `x / sqrt(mean(x²) + eps) * w`.
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> anyhow::Result<Self::Tensor>;
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+    ) -> anyhow::Result<Self::Tensor>;
     /// Fused residual add and RMSNorm: `residual += x; return rms_norm(residual)`.
-    fn add_rms_norm(&self, residual: &mut Self::Tensor, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> anyhow::Result<Self::Tensor>;
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+    ) -> anyhow::Result<Self::Tensor>;
     /// In place on `q` `[tokens, heads*head_dim]` and `k` `[tokens, kv_heads*head_dim]`:
     /// optional per-head RMSNorm (Qwen3 `q_norm`/`k_norm`, weights `[1, head_dim]`), then
     /// RoPE at each token's position (HF non-interleaved: `x*cos + rotate_half(x)*sin`).
@@ -205,25 +243,65 @@ pub trait Backend: Send + Sync + 'static {
     /// `a += b`, elementwise.
     fn add_assign(&self, a: &mut Self::Tensor, b: &Self::Tensor) -> anyhow::Result<()>;
     /// LayerNorm of each row of `x (+ residual)`, with weight and bias `[1, cols]`.
-    fn layer_norm(&self, x: &Self::Tensor, residual: Option<&Self::Tensor>, w: &Self::Tensor, b: &Self::Tensor, eps: f32) -> anyhow::Result<Self::Tensor>;
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        residual: Option<&Self::Tensor>,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+        eps: f32,
+    ) -> anyhow::Result<Self::Tensor>;
     /// Writes each token's K and V (`[tokens, kv_heads*head_dim]`) into `layer` of the
     /// cache at the step's slot mapping.
-    fn kv_write(&self, cache: &mut Self::KvCache, layer: usize, k: &Self::Tensor, v: &Self::Tensor, step: &Self::Step) -> anyhow::Result<()>;
+    fn kv_write(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        step: &Self::Step,
+    ) -> anyhow::Result<()>;
     /// Causal paged attention for prefill chunks (with prior context in the cache) and
     /// decode tokens alike: each token at position `p` attends to positions `0..=p` of its
     /// sequence, read through the block table. GQA: query head `h` uses KV head
     /// `h / (heads / kv_heads)`. Returns `[tokens, heads*head_dim]`. Call after
     /// [`Backend::kv_write`] for the same layer.
-    fn paged_attention(&self, q: &Self::Tensor, cache: &Self::KvCache, layer: usize, dims: AttnDims, scale: f32, step: &Self::Step) -> anyhow::Result<Self::Tensor>;
+    fn paged_attention(
+        &self,
+        q: &Self::Tensor,
+        cache: &Self::KvCache,
+        layer: usize,
+        dims: AttnDims,
+        scale: f32,
+        step: &Self::Step,
+    ) -> anyhow::Result<Self::Tensor>;
     /// Dense attention within each sequence of the step (no KV cache): bidirectional
     /// (BERT) or causal (Qwen3 as an embedder). Sequences are packed (varlen), so padding
     /// never enters the softmax.
     #[allow(clippy::too_many_arguments)]
-    fn varlen_attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, dims: AttnDims, scale: f32, causal: bool, step: &Self::Step) -> anyhow::Result<Self::Tensor>;
+    fn varlen_attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dims: AttnDims,
+        scale: f32,
+        causal: bool,
+        step: &Self::Step,
+    ) -> anyhow::Result<Self::Tensor>;
     /// Pools each sequence's rows -> `[num_seqs, cols]`.
-    fn pool(&self, x: &Self::Tensor, pooling: Pooling, step: &Self::Step) -> anyhow::Result<Self::Tensor>;
+    fn pool(
+        &self,
+        x: &Self::Tensor,
+        pooling: Pooling,
+        step: &Self::Step,
+    ) -> anyhow::Result<Self::Tensor>;
     /// Gathers the step's `sample_rows` -> `[sample_rows, cols]` (rows for the LM head).
-    fn gather_sample_rows(&self, x: &Self::Tensor, step: &Self::Step) -> anyhow::Result<Self::Tensor>;
+    fn gather_sample_rows(
+        &self,
+        x: &Self::Tensor,
+        step: &Self::Step,
+    ) -> anyhow::Result<Self::Tensor>;
     /// L2-normalises each row (zero rows stay zero).
     fn l2_normalize(&self, x: &Self::Tensor) -> anyhow::Result<Self::Tensor>;
     /// Samples one token per row of `logits` (`[sample_rows, vocab]`) with the step's

@@ -51,10 +51,23 @@ pub struct Bert<B: Backend> {
 }
 
 impl<B: Backend> Bert<B> {
-    pub fn new(backend: B, cfg: &ModelConfig, src: &WeightSource, info: ModelInfo) -> anyhow::Result<Self> {
+    pub fn new(
+        backend: B,
+        cfg: &ModelConfig,
+        src: &WeightSource,
+        info: ModelInfo,
+    ) -> anyhow::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let normal = Init::Normal { std: DUMMY_STD };
-        let get = |name: &str, r, c, init| src.get(&backend, &[name.to_string(), format!("bert.{name}")], r, c, init);
+        let get = |name: &str, r, c, init| {
+            src.get(
+                &backend,
+                &[name.to_string(), format!("bert.{name}")],
+                r,
+                c,
+                init,
+            )
+        };
         let linear = |name: &str, out, inp| -> anyhow::Result<Linear<B::Tensor>> {
             Ok(Linear {
                 weight: get(&format!("{name}.weight"), out, inp, normal)?,
@@ -82,12 +95,31 @@ impl<B: Backend> Bert<B> {
             });
         }
         Ok(Self {
-            word_embeddings: get("embeddings.word_embeddings.weight", cfg.vocab_size, h, normal)?,
-            position_embeddings: get("embeddings.position_embeddings.weight", cfg.max_position_embeddings, h, normal)?,
-            token_type_embeddings: get("embeddings.token_type_embeddings.weight", cfg.type_vocab_size, h, normal)?,
+            word_embeddings: get(
+                "embeddings.word_embeddings.weight",
+                cfg.vocab_size,
+                h,
+                normal,
+            )?,
+            position_embeddings: get(
+                "embeddings.position_embeddings.weight",
+                cfg.max_position_embeddings,
+                h,
+                normal,
+            )?,
+            token_type_embeddings: get(
+                "embeddings.token_type_embeddings.weight",
+                cfg.type_vocab_size,
+                h,
+                normal,
+            )?,
             embeddings_norm: norm("embeddings.LayerNorm")?,
             layers,
-            dims: AttnDims { num_heads: cfg.num_attention_heads, num_kv_heads: cfg.num_attention_heads, head_dim: cfg.head_dim },
+            dims: AttnDims {
+                num_heads: cfg.num_attention_heads,
+                num_kv_heads: cfg.num_attention_heads,
+                head_dim: cfg.head_dim,
+            },
             eps: cfg.norm_eps as f32,
             vocab: cfg.vocab_size,
             max_positions: cfg.max_position_embeddings,
@@ -111,14 +143,24 @@ impl<B: Backend> Embedder for Bert<B> {
         let b = &self.backend;
         let step = b.prepare_step(&meta)?;
         let mut x = b.embedding(&self.word_embeddings, &step, IndexSource::Tokens)?;
-        b.add_assign(&mut x, &b.embedding(&self.position_embeddings, &step, IndexSource::Positions)?)?;
-        b.add_assign(&mut x, &b.embedding(&self.token_type_embeddings, &step, IndexSource::Zero)?)?;
+        b.add_assign(
+            &mut x,
+            &b.embedding(&self.position_embeddings, &step, IndexSource::Positions)?,
+        )?;
+        b.add_assign(
+            &mut x,
+            &b.embedding(&self.token_type_embeddings, &step, IndexSource::Zero)?,
+        )?;
         let n = &self.embeddings_norm;
         let mut x = b.layer_norm(&x, None, &n.weight, &n.bias, self.eps)?;
         let scale = 1.0 / (self.dims.head_dim as f32).sqrt();
         for layer in &self.layers {
             let lin = |x: &B::Tensor, l: &Linear<B::Tensor>| b.linear(x, &l.weight, Some(&l.bias));
-            let (q, k, v) = (lin(&x, &layer.query)?, lin(&x, &layer.key)?, lin(&x, &layer.value)?);
+            let (q, k, v) = (
+                lin(&x, &layer.query)?,
+                lin(&x, &layer.key)?,
+                lin(&x, &layer.value)?,
+            );
             let attn = b.varlen_attention(&q, &k, &v, self.dims, scale, false, &step)?;
             let o = lin(&attn, &layer.attention_output)?;
             let an = &layer.attention_norm;
@@ -130,6 +172,9 @@ impl<B: Backend> Embedder for Bert<B> {
         }
         let pooled = b.l2_normalize(&b.pool(&x, Pooling::Mean, &step)?)?;
         let (_, cols) = b.shape(&pooled);
-        Ok(b.to_host(&pooled)?.chunks(cols).map(<[f32]>::to_vec).collect())
+        Ok(b.to_host(&pooled)?
+            .chunks(cols)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }

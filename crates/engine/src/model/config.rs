@@ -127,7 +127,8 @@ fn dtype_bytes(name: Option<&str>) -> usize {
 impl ModelConfig {
     /// Reads a Hugging Face `config.json`. Errors name the file and the problem.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("invalid model config {}", path.display()))
     }
 
@@ -146,9 +147,11 @@ impl ModelConfig {
         if raw.num_attention_heads == 0 || raw.num_hidden_layers == 0 || raw.hidden_size == 0 {
             anyhow::bail!("hidden_size, num_hidden_layers and num_attention_heads must be > 0");
         }
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
         let num_kv = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_kv == 0 || raw.num_attention_heads % num_kv != 0 {
+        if num_kv == 0 || !raw.num_attention_heads.is_multiple_of(num_kv) {
             anyhow::bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv}",
                 raw.num_attention_heads
@@ -165,7 +168,10 @@ impl ModelConfig {
             .rope_theta
             .or(raw.rope_parameters.and_then(|r| r.rope_theta))
             .unwrap_or(10_000.0);
-        let is_embedding = raw.architectures.iter().any(|a| a.ends_with("Model") && arch == Arch::Qwen3);
+        let is_embedding = raw
+            .architectures
+            .iter()
+            .any(|a| a.ends_with("Model") && arch == Arch::Qwen3);
         let default_task = match arch {
             Arch::Bert => Task::Embed,
             Arch::Qwen3 if is_embedding => Task::Embed,
@@ -202,7 +208,17 @@ impl ModelConfig {
             "qwen3-0.6b" => (1024, 3072, 28, 16, 8, 151_936, 40_960, true, Task::Generate),
             "qwen3-1.7b" => (2048, 6144, 28, 16, 8, 151_936, 40_960, true, Task::Generate),
             "qwen3-4b" => (2560, 9728, 36, 32, 8, 151_936, 40_960, true, Task::Generate),
-            "qwen3-8b" => (4096, 12_288, 36, 32, 8, 151_936, 40_960, false, Task::Generate),
+            "qwen3-8b" => (
+                4096,
+                12_288,
+                36,
+                32,
+                8,
+                151_936,
+                40_960,
+                false,
+                Task::Generate,
+            ),
             "qwen3-embedding-0.6b" => (1024, 3072, 28, 16, 8, 151_669, 32_768, true, Task::Embed),
             "qwen3-embedding-8b" => (4096, 12_288, 36, 32, 8, 151_665, 40_960, false, Task::Embed),
             other => anyhow::bail!("unknown preset {other:?}; presets: {}", PRESETS.join(", ")),
@@ -222,7 +238,11 @@ impl ModelConfig {
             rope_theta: 1_000_000.0,
             tie_word_embeddings: tied,
             type_vocab_size: 0,
-            eos_token_ids: if tiny { vec![crate::tokenizer::BYTE_LEVEL_EOS] } else { vec![151_645, 151_643] },
+            eos_token_ids: if tiny {
+                vec![crate::tokenizer::BYTE_LEVEL_EOS]
+            } else {
+                vec![151_645, 151_643]
+            },
             stored_dtype_bytes: if tiny { 4 } else { 2 },
             default_task: task,
         })
@@ -256,7 +276,9 @@ impl ModelConfig {
     /// (0 for encoders, which keep no KV cache).
     pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
         match self.arch {
-            Arch::Qwen3 => 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes,
+            Arch::Qwen3 => {
+                2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+            }
             Arch::Bert => 0,
         }
     }
@@ -270,12 +292,33 @@ mod tests {
     fn presets_have_the_published_sizes() {
         // Parameter counts published on the model cards (incl. embeddings): 0.6B, 1.7B, 4.0B, 8.2B.
         let billions = |n: &str| ModelConfig::from_preset(n).unwrap().num_parameters() as f64 / 1e9;
-        assert!((billions("qwen3-0.6b") - 0.596).abs() < 0.01, "{}", billions("qwen3-0.6b"));
-        assert!((billions("qwen3-1.7b") - 1.72).abs() < 0.02, "{}", billions("qwen3-1.7b"));
-        assert!((billions("qwen3-4b") - 4.02).abs() < 0.03, "{}", billions("qwen3-4b"));
-        assert!((billions("qwen3-8b") - 8.19).abs() < 0.03, "{}", billions("qwen3-8b"));
+        assert!(
+            (billions("qwen3-0.6b") - 0.596).abs() < 0.01,
+            "{}",
+            billions("qwen3-0.6b")
+        );
+        assert!(
+            (billions("qwen3-1.7b") - 1.72).abs() < 0.02,
+            "{}",
+            billions("qwen3-1.7b")
+        );
+        assert!(
+            (billions("qwen3-4b") - 4.02).abs() < 0.03,
+            "{}",
+            billions("qwen3-4b")
+        );
+        assert!(
+            (billions("qwen3-8b") - 8.19).abs() < 0.03,
+            "{}",
+            billions("qwen3-8b")
+        );
         // Qwen3-8B bf16 KV: 36 layers * 8 kv heads * 128 * 2 (K,V) * 2 bytes = 147456 bytes/token.
-        assert_eq!(ModelConfig::from_preset("qwen3-8b").unwrap().kv_bytes_per_token(2), 147_456);
+        assert_eq!(
+            ModelConfig::from_preset("qwen3-8b")
+                .unwrap()
+                .kv_bytes_per_token(2),
+            147_456
+        );
         assert!(ModelConfig::from_preset("nope").is_err());
         for n in preset_names() {
             ModelConfig::from_preset(n).unwrap();
@@ -287,9 +330,13 @@ mod tests {
         let base = r#""model_type":"qwen3","vocab_size":8,"hidden_size":4,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":2,"max_position_embeddings":16"#;
         let top = ModelConfig::from_json(&format!("{{{base},\"rope_theta\":5.0}}")).unwrap();
         assert_eq!(top.rope_theta, 5.0);
-        let nested = ModelConfig::from_json(&format!("{{{base},\"rope_parameters\":{{\"rope_theta\":7.0}}}}")).unwrap();
+        let nested = ModelConfig::from_json(&format!(
+            "{{{base},\"rope_parameters\":{{\"rope_theta\":7.0}}}}"
+        ))
+        .unwrap();
         assert_eq!(nested.rope_theta, 7.0);
-        let err = ModelConfig::from_json(&format!("{{{}}}", base.replace("qwen3", "llama"))).unwrap_err();
+        let err =
+            ModelConfig::from_json(&format!("{{{}}}", base.replace("qwen3", "llama"))).unwrap_err();
         assert!(err.to_string().contains("llama"), "{err}");
     }
 }

@@ -68,10 +68,14 @@ impl StepBuilder {
                 self.tokens.push(t);
                 self.positions.push(p as u32);
                 let block = s.block_table[p / block_size];
-                self.slot_mapping.push(block * block_size as u32 + (p % block_size) as u32);
+                self.slot_mapping
+                    .push(block * block_size as u32 + (p % block_size) as u32);
             }
             self.block_tables.extend_from_slice(s.block_table);
-            self.block_tables.resize(self.block_tables.len() + max_blocks - s.block_table.len(), 0);
+            self.block_tables.resize(
+                self.block_tables.len() + max_blocks - s.block_table.len(),
+                0,
+            );
             self.context_lens.push(ctx as u32);
             self.seq_starts.push(self.tokens.len() as u32);
             if s.sample.is_some() {
@@ -94,7 +98,12 @@ impl StepBuilder {
 
     /// A dense (no KV cache) step over whole inputs, positions from 0: encoders and
     /// decoders used as embedders. The last row of each input is a sample row.
-    pub fn dense<'a>(&'a mut self, inputs: &[&[u32]], vocab: usize, max_len: usize) -> anyhow::Result<StepMeta<'a>> {
+    pub fn dense<'a>(
+        &'a mut self,
+        inputs: &[&[u32]],
+        vocab: usize,
+        max_len: usize,
+    ) -> anyhow::Result<StepMeta<'a>> {
         self.clear();
         self.seq_starts.push(0);
         for (n, input) in inputs.iter().enumerate() {
@@ -102,7 +111,10 @@ impl StepBuilder {
                 anyhow::bail!("input {n} is empty");
             }
             if input.len() > max_len {
-                anyhow::bail!("input {n} has {} tokens, more than the model's maximum of {max_len}", input.len());
+                anyhow::bail!(
+                    "input {n} has {} tokens, more than the model's maximum of {max_len}",
+                    input.len()
+                );
             }
             for (p, &t) in input.iter().enumerate() {
                 if t as usize >= vocab {

@@ -51,9 +51,18 @@ fn names(name: &str) -> [String; 2] {
 
 impl<B: Backend> Qwen3<B> {
     /// Loads the weights; `with_lm_head` is false for embedders.
-    pub fn load(backend: B, cfg: &ModelConfig, src: &WeightSource, with_lm_head: bool) -> anyhow::Result<Self> {
+    pub fn load(
+        backend: B,
+        cfg: &ModelConfig,
+        src: &WeightSource,
+        with_lm_head: bool,
+    ) -> anyhow::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q, kv, hd) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.head_dim);
+        let (q, kv, hd) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+            cfg.head_dim,
+        );
         let normal = Init::Normal { std: DUMMY_STD };
         let get = |name: &str, r, c, init| src.get(&backend, &names(name), r, c, init);
         let embed_tokens = get("embed_tokens.weight", cfg.vocab_size, h, normal)?;
@@ -89,7 +98,11 @@ impl<B: Backend> Qwen3<B> {
             norm,
             lm_head,
             rope,
-            dims: AttnDims { num_heads: cfg.num_attention_heads, num_kv_heads: cfg.num_key_value_heads, head_dim: hd },
+            dims: AttnDims {
+                num_heads: cfg.num_attention_heads,
+                num_kv_heads: cfg.num_key_value_heads,
+                head_dim: hd,
+            },
             eps: cfg.norm_eps as f32,
             vocab: cfg.vocab_size,
             max_positions: cfg.max_position_embeddings,
@@ -108,17 +121,34 @@ impl<B: Backend> Qwen3<B> {
 
     /// Runs all layers and the final norm: `[tokens, hidden]`. With a KV cache, attention
     /// is paged (this step's K/V are written first); without, dense causal per sequence.
-    pub fn forward(&self, step: &B::Step, mut kv: Option<&mut B::KvCache>) -> anyhow::Result<B::Tensor> {
+    pub fn forward(
+        &self,
+        step: &B::Step,
+        mut kv: Option<&mut B::KvCache>,
+    ) -> anyhow::Result<B::Tensor> {
         let b = &self.backend;
         let scale = 1.0 / (self.dims.head_dim as f32).sqrt();
-        let mut residual = b.embedding(&self.embed_tokens, step, crate::backend::IndexSource::Tokens)?;
+        let mut residual = b.embedding(
+            &self.embed_tokens,
+            step,
+            crate::backend::IndexSource::Tokens,
+        )?;
         let mut h = b.rms_norm(&residual, &self.layers[0].input_layernorm, self.eps)?;
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut q = b.linear(&h, &layer.q_proj, None)?;
             let mut k = b.linear(&h, &layer.k_proj, None)?;
             let v = b.linear(&h, &layer.v_proj, None)?;
-            b.qk_norm_rope(&mut q, &mut k, Some(&layer.q_norm), Some(&layer.k_norm), self.eps, &self.rope, self.dims, step)?;
+            b.qk_norm_rope(
+                &mut q,
+                &mut k,
+                Some(&layer.q_norm),
+                Some(&layer.k_norm),
+                self.eps,
+                &self.rope,
+                self.dims,
+                step,
+            )?;
             let attn = match kv.as_deref_mut() {
                 Some(cache) => {
                     b.kv_write(cache, l, &k, &v, step)?;
@@ -127,11 +157,16 @@ impl<B: Backend> Qwen3<B> {
                 None => b.varlen_attention(&q, &k, &v, self.dims, scale, true, step)?,
             };
             let o = b.linear(&attn, &layer.o_proj, None)?;
-            let h2 = b.add_rms_norm(&mut residual, &o, &layer.post_attention_layernorm, self.eps)?;
+            let h2 =
+                b.add_rms_norm(&mut residual, &o, &layer.post_attention_layernorm, self.eps)?;
             let gate = b.linear(&h2, &layer.gate_proj, None)?;
             let up = b.linear(&h2, &layer.up_proj, None)?;
             let mlp = b.linear(&b.silu_mul(&gate, &up)?, &layer.down_proj, None)?;
-            let next_norm = if l == last { &self.norm } else { &self.layers[l + 1].input_layernorm };
+            let next_norm = if l == last {
+                &self.norm
+            } else {
+                &self.layers[l + 1].input_layernorm
+            };
             h = b.add_rms_norm(&mut residual, &mlp, next_norm, self.eps)?;
         }
         Ok(h)
@@ -140,7 +175,11 @@ impl<B: Backend> Qwen3<B> {
     /// Logits of the step's sample rows: `[sample_rows, vocab]`.
     pub fn logits(&self, hidden: &B::Tensor, step: &B::Step) -> anyhow::Result<B::Tensor> {
         let rows = self.backend.gather_sample_rows(hidden, step)?;
-        self.backend.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
+        self.backend.linear(
+            &rows,
+            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            None,
+        )
     }
 }
 
@@ -153,13 +192,27 @@ pub struct Qwen3Generator<B: Backend> {
 }
 
 impl<B: Backend> Qwen3Generator<B> {
-    pub fn new(backend: B, cfg: &ModelConfig, src: &WeightSource, info: ModelInfo) -> anyhow::Result<Self> {
-        Ok(Self { model: Qwen3::load(backend, cfg, src, true)?, kv: None, builder: StepBuilder::default(), info })
+    pub fn new(
+        backend: B,
+        cfg: &ModelConfig,
+        src: &WeightSource,
+        info: ModelInfo,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            model: Qwen3::load(backend, cfg, src, true)?,
+            kv: None,
+            builder: StepBuilder::default(),
+            info,
+        })
     }
 
     /// Runs a step; returns the logits of the sample rows (None when no seq samples) and
     /// the prepared step (for the sampler).
-    fn run(&mut self, seqs: &[SeqStep<'_>], samples: &[SampleSpec<'_>]) -> anyhow::Result<Option<(B::Tensor, B::Step)>> {
+    fn run(
+        &mut self,
+        seqs: &[SeqStep<'_>],
+        samples: &[SampleSpec<'_>],
+    ) -> anyhow::Result<Option<(B::Tensor, B::Step)>> {
         let (cache, shape) = self
             .kv
             .as_mut()
@@ -167,11 +220,19 @@ impl<B: Backend> Qwen3Generator<B> {
         if seqs.is_empty() {
             return Ok(None);
         }
-        let meta: StepMeta<'_> =
-            self.builder.paged(seqs, samples, shape.block_size, shape.num_blocks, self.model.vocab)?;
+        let meta: StepMeta<'_> = self.builder.paged(
+            seqs,
+            samples,
+            shape.block_size,
+            shape.num_blocks,
+            self.model.vocab,
+        )?;
         if let Some(&p) = meta.positions.iter().max() {
             if p as usize >= self.model.max_positions {
-                anyhow::bail!("position {p} exceeds max_position_embeddings {}", self.model.max_positions);
+                anyhow::bail!(
+                    "position {p} exceeds max_position_embeddings {}",
+                    self.model.max_positions
+                );
             }
         }
         let want = !meta.sample_rows.is_empty();
@@ -210,7 +271,13 @@ impl<B: Backend> Generator for Qwen3Generator<B> {
         match self.run(seqs, &[])? {
             Some((logits, _)) => {
                 let (_, vocab) = self.model.backend.shape(&logits);
-                Ok(self.model.backend.to_host(&logits)?.chunks(vocab).map(<[f32]>::to_vec).collect())
+                Ok(self
+                    .model
+                    .backend
+                    .to_host(&logits)?
+                    .chunks(vocab)
+                    .map(<[f32]>::to_vec)
+                    .collect())
             }
             None => Ok(Vec::new()),
         }
@@ -225,8 +292,17 @@ pub struct Qwen3Embedder<B: Backend> {
 }
 
 impl<B: Backend> Qwen3Embedder<B> {
-    pub fn new(backend: B, cfg: &ModelConfig, src: &WeightSource, info: ModelInfo) -> anyhow::Result<Self> {
-        Ok(Self { model: Qwen3::load(backend, cfg, src, false)?, builder: StepBuilder::default(), info })
+    pub fn new(
+        backend: B,
+        cfg: &ModelConfig,
+        src: &WeightSource,
+        info: ModelInfo,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            model: Qwen3::load(backend, cfg, src, false)?,
+            builder: StepBuilder::default(),
+            info,
+        })
     }
 }
 
@@ -239,12 +315,17 @@ impl<B: Backend> Embedder for Qwen3Embedder<B> {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        let meta = self.builder.dense(inputs, self.model.vocab, self.model.max_positions)?;
+        let meta = self
+            .builder
+            .dense(inputs, self.model.vocab, self.model.max_positions)?;
         let b = &self.model.backend;
         let step = b.prepare_step(&meta)?;
         let hidden = self.model.forward(&step, None)?;
         let pooled = b.l2_normalize(&b.pool(&hidden, Pooling::Last, &step)?)?;
         let (_, cols) = b.shape(&pooled);
-        Ok(b.to_host(&pooled)?.chunks(cols).map(<[f32]>::to_vec).collect())
+        Ok(b.to_host(&pooled)?
+            .chunks(cols)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
