@@ -125,6 +125,18 @@ pub async fn run(
     };
     let mut states = Vec::new();
     for (idx, (w, cal)) in spec.workloads.iter().zip(&calibs).enumerate() {
+        let min_input = match w.input {
+            crate::spec::LengthDist::Fixed(n) => n,
+            crate::spec::LengthDist::Uniform { min, .. } => min,
+        };
+        if w.input_file.is_none() && (min_input as f64) < cal.overhead_tokens + 1.0 {
+            tracing::warn!(
+                "workload {}: the server adds about {:.0} tokens to every prompt (e.g. a chat template), so input={} cannot be met; prompts will be longer",
+                w.name,
+                cal.overhead_tokens,
+                min_input
+            );
+        }
         let source = match &w.input_file {
             Some(p) => PromptSource::Lines(Arc::new(
                 read_lines(p).with_context(|| format!("workload {}", w.name))?,
