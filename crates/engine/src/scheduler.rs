@@ -478,11 +478,7 @@ fn on_token(
     if eos.contains(&t) && !s.params.ignore_eos && past_min {
         finish = Some(openai::finish_reason::STOP);
     } else {
-        match s.text.push(
-            tok,
-            &s.tokens[s.prompt_len..],
-            past_min && !s.params.ignore_eos,
-        ) {
+        match s.text.push(tok, &s.tokens[s.prompt_len..], past_min) {
             Ok(true) => finish = Some(openai::finish_reason::STOP),
             Ok(false) => {}
             Err(e) => {
