@@ -15,6 +15,9 @@ use super::device::{CudaDevice, CudaError};
 
 const SOURCE: &str = include_str!("kernels/engine.cu");
 
+/// Query tokens per block of `prefill_attention` (`QT` in engine.cu).
+pub const PREFILL_TILE: usize = 8;
+
 /// Device address of a buffer.
 pub type DevPtr = u64;
 
@@ -27,6 +30,7 @@ pub struct Kernels {
     qk_norm_rope_kv: CudaFunction,
     silu_mul: CudaFunction,
     paged_attention: CudaFunction,
+    prefill_attention: CudaFunction,
     argmax_rows: CudaFunction,
     fill_uniform: CudaFunction,
     head_dim: usize,
@@ -104,6 +108,7 @@ impl Kernels {
             qk_norm_rope_kv: f("qk_norm_rope_kv")?,
             silu_mul: f("silu_mul")?,
             paged_attention: f("paged_attention")?,
+            prefill_attention: f("prefill_attention")?,
             argmax_rows: f("argmax_rows")?,
             fill_uniform: f("fill_uniform")?,
             head_dim,
@@ -207,7 +212,7 @@ impl Kernels {
         block_size: usize,
         nkv: usize,
     ) -> Result<(), CudaError> {
-        let warps: u32 = 4;
+        let warps: u32 = 8;
         let smem = warps as usize * self.group * (self.head_dim + 2) * 4;
         let scale = 1.0f32 / (self.head_dim as f32).sqrt();
         let (mb, bs, nkv_) = (max_blocks as i32, block_size as i32, nkv as i32);
@@ -215,6 +220,35 @@ impl Kernels {
         b.arg(&qkv).arg(&out).arg(&kcache).arg(&vcache).arg(&block_tables).arg(&mb);
         b.arg(&seq_of).arg(&positions).arg(&bs).arg(&nkv_).arg(&scale);
         unsafe { b.launch(Self::cfg((tokens as u32, nkv as u32), warps * 32, smem as u32)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// Tiled prefill attention: `tiles` tiles of up to 8 query tokens of one sequence each
+    /// (`tile_start`/`tile_len` from the step metadata).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_attention(
+        &self,
+        qkv: DevPtr,
+        out: DevPtr,
+        kcache: DevPtr,
+        vcache: DevPtr,
+        block_tables: DevPtr,
+        max_blocks: usize,
+        seq_of: DevPtr,
+        positions: DevPtr,
+        tile_start: DevPtr,
+        tile_len: DevPtr,
+        tiles: usize,
+        block_size: usize,
+        nkv: usize,
+    ) -> Result<(), CudaError> {
+        let scale = 1.0f32 / (self.head_dim as f32).sqrt();
+        let (mb, bs, nkv_) = (max_blocks as i32, block_size as i32, nkv as i32);
+        let mut b = self.stream.launch_builder(&self.prefill_attention);
+        b.arg(&qkv).arg(&out).arg(&kcache).arg(&vcache).arg(&block_tables).arg(&mb);
+        b.arg(&seq_of).arg(&positions).arg(&tile_start).arg(&tile_len).arg(&bs).arg(&nkv_).arg(&scale);
+        unsafe { b.launch(Self::cfg((tiles as u32, nkv as u32), PREFILL_TILE as u32 * 32, 0)) }
             .map(|_| ())
             .map_err(launch_err)
     }

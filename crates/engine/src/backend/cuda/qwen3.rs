@@ -17,7 +17,7 @@ use cudarc::driver::CudaGraph;
 
 use super::device::CudaDevice;
 use super::gemm::{self, OutType};
-use super::kernels::{DevPtr, Kernels};
+use super::kernels::{DevPtr, Kernels, PREFILL_TILE};
 use super::profile::Profiler;
 use super::sampling::sample_row;
 use super::shape::Qwen3Shape;
@@ -69,6 +69,8 @@ struct MetaLayout {
     pos: usize,
     slots: usize,
     seq_of: usize,
+    tile_start: usize,
+    tile_len: usize,
     rows: usize,
     tables: usize,
     max_blocks: usize,
@@ -82,8 +84,10 @@ impl MetaLayout {
             pos: t,
             slots: 2 * t,
             seq_of: 3 * t,
-            rows: 4 * t,
-            tables: 4 * t + max_seqs,
+            tile_start: 4 * t,
+            tile_len: 5 * t,
+            rows: 6 * t,
+            tables: 6 * t + max_seqs,
             max_blocks,
         }
     }
@@ -273,8 +277,9 @@ impl CudaQwen3 {
         self.layout.ok_or_else(|| anyhow!("KV cache not initialised: call init_kv_cache first"))
     }
 
-    /// Fills `meta_host` for a step over `seqs`; returns (tokens, rows sampled).
-    fn pack_step(&mut self, seqs: &[SeqStep<'_>], pad_to: usize, lay: MetaLayout, bs: usize) -> anyhow::Result<(usize, usize)> {
+    /// Fills `meta_host` for a step over `seqs`; returns (tokens, rows sampled, prefill
+    /// attention tiles; 0 when every sequence brings one token: the decode kernel runs).
+    fn pack_step(&mut self, seqs: &[SeqStep<'_>], pad_to: usize, lay: MetaLayout, bs: usize) -> anyhow::Result<(usize, usize, usize)> {
         let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let rows_n = pad_to.max(seqs.len());
         if t > self.opts.max_tokens || rows_n > self.opts.max_seqs {
@@ -290,7 +295,18 @@ impl CudaQwen3 {
         m.resize(lay.len(rows_n), 0);
         let mut tok = 0usize;
         let mut r = 0usize;
+        let mut tiles = 0usize;
+        let prefill = seqs.iter().any(|s| s.tokens.len() > 1);
         for (i, sq) in seqs.iter().enumerate() {
+            if prefill {
+                let mut c = 0;
+                while c < sq.tokens.len() {
+                    m[lay.tile_start + tiles] = (tok + c) as i32;
+                    m[lay.tile_len + tiles] = (sq.tokens.len() - c).min(PREFILL_TILE) as i32;
+                    tiles += 1;
+                    c += PREFILL_TILE;
+                }
+            }
             if sq.block_table.len() > lay.max_blocks {
                 bail!("block table of {} blocks is over the limit {}", sq.block_table.len(), lay.max_blocks);
             }
@@ -325,7 +341,7 @@ impl CudaQwen3 {
         }
         let tokens = if pad_to > 0 { pad_to } else { t };
         let rows = if pad_to > 0 { pad_to } else { r };
-        Ok((tokens, rows))
+        Ok((tokens, rows, tiles))
     }
 
     fn upload_meta(&self, rows_n: usize, lay: MetaLayout) -> anyhow::Result<()> {
@@ -339,9 +355,9 @@ impl CudaQwen3 {
 
     /// Enqueues the forward pass over `tokens` tokens; finishes with the `rows` selected
     /// rows either through lm_head + argmax (generate) or normalised in fp32 (embed).
-    fn forward(&mut self, tokens: usize, rows: usize, kv: KvPlace, lay: MetaLayout, embed: bool) -> anyhow::Result<()> {
+    fn forward(&mut self, tokens: usize, rows: usize, tiles: usize, kv: KvPlace, lay: MetaLayout, embed: bool) -> anyhow::Result<()> {
         let mut prof = self.profiler.take();
-        let r = self.forward_inner(tokens, rows, kv, lay, embed, &mut prof);
+        let r = self.forward_inner(tokens, rows, tiles, kv, lay, embed, &mut prof);
         self.profiler = prof;
         r
     }
@@ -351,6 +367,7 @@ impl CudaQwen3 {
         &self,
         tokens: usize,
         rows: usize,
+        tiles: usize,
         kv: KvPlace,
         lay: MetaLayout,
         embed: bool,
@@ -395,22 +412,43 @@ impl CudaQwen3 {
                     s.rope_theta
                 )
             );
-            op!(
-                "attention",
-                k.paged_attention(
-                    sc.qkv.ptr,
-                    sc.attn.ptr,
-                    kc,
-                    vc,
-                    meta(lay.tables),
-                    lay.max_blocks,
-                    meta(lay.seq_of),
-                    meta(lay.pos),
-                    t,
-                    kv.block_size,
-                    s.kv_heads
-                )
-            );
+            if tiles > 0 {
+                op!(
+                    "attention (prefill)",
+                    k.prefill_attention(
+                        sc.qkv.ptr,
+                        sc.attn.ptr,
+                        kc,
+                        vc,
+                        meta(lay.tables),
+                        lay.max_blocks,
+                        meta(lay.seq_of),
+                        meta(lay.pos),
+                        meta(lay.tile_start),
+                        meta(lay.tile_len),
+                        tiles,
+                        kv.block_size,
+                        s.kv_heads
+                    )
+                );
+            } else {
+                op!(
+                    "attention (decode)",
+                    k.paged_attention(
+                        sc.qkv.ptr,
+                        sc.attn.ptr,
+                        kc,
+                        vc,
+                        meta(lay.tables),
+                        lay.max_blocks,
+                        meta(lay.seq_of),
+                        meta(lay.pos),
+                        t,
+                        kv.block_size,
+                        s.kv_heads
+                    )
+                );
+            }
             op!("gemm o", gemm::linear(blas, sc.attn.ptr, lw.o_proj.ptr, sc.delta.ptr, t, h, s.heads * s.head_dim, OutType::Bf16));
             op!("rmsnorm+add", k.add_rmsnorm(sc.residual.ptr, sc.delta.ptr, lw.post_norm.ptr, sc.normed.ptr, 0, t, h, s.eps));
             op!("gemm gate_up", gemm::linear(blas, sc.normed.ptr, lw.gate_up.ptr, sc.gate_up.ptr, t, 2 * s.inter, h, OutType::Bf16));
@@ -475,22 +513,22 @@ impl CudaQwen3 {
             g.0.launch().map_err(|e| anyhow!("CUDA graph launch: {e}"))?;
             return Ok(seqs.len());
         }
-        let (t, rows) = self.pack_step(seqs, 0, lay, place.block_size)?;
+        let (t, rows, tiles) = self.pack_step(seqs, 0, lay, place.block_size)?;
         self.upload_meta(seqs.len(), lay)?;
-        self.forward(t, rows, place, lay, false)?;
+        self.forward(t, rows, tiles, place, lay, false)?;
         Ok(rows)
     }
 
     /// Captures the decode forward for bucket `b` (after one eager warm-up run, so that
     /// cuBLAS has picked its kernels) on the engine's own stream.
     fn capture(&mut self, b: usize, place: KvPlace, lay: MetaLayout) -> anyhow::Result<()> {
-        self.forward(b, b, place, lay, false)?;
+        self.forward(b, b, 0, place, lay, false)?;
         self.sync()?;
         self.dev
             .stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| anyhow!("CUDA graph capture start: {e}"))?;
-        let res = self.forward(b, b, place, lay, false);
+        let res = self.forward(b, b, 0, place, lay, false);
         let graph = self.dev.stream.end_capture(CUgraphInstantiate_flags(0));
         res.context("capturing the decode step")?;
         let graph = graph
@@ -649,9 +687,9 @@ impl Embedder for CudaQwen3 {
                     }),
                 })
                 .collect();
-            let (t, rows) = self.pack_step(&seqs, 0, lay, bs)?;
+            let (t, rows, tiles) = self.pack_step(&seqs, 0, lay, bs)?;
             self.upload_meta(seqs.len(), lay)?;
-            self.forward(t, rows, place, lay, true)?;
+            self.forward(t, rows, tiles, place, lay, true)?;
             let pooled: Vec<f32> = self.download(self.scratch.pooled.ptr, rows * self.s.hidden)?;
             if let Some(p) = self.profiler.as_mut() {
                 p.collect();

@@ -237,6 +237,108 @@ extern "C" __global__ void paged_attention(const bf16* __restrict__ qkv, bf16* _
     }
 }
 
+// Prefill attention (flash-attention style on CUDA cores): one block per (tile of up to
+// QT consecutive query tokens of one sequence, kv head), one warp per query token. The
+// block streams its sequence's keys in tiles of 32 through shared memory, so each K/V row
+// is read once per tile instead of once per query; within a tile each lane scores one key
+// (lane-per-key dot products, no shuffles), then P·V with the lane owning E output dims.
+// tile_start/tile_len come from the host (tiles never cross sequences).
+#define QT 8
+#define KT 32
+extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16* __restrict__ out,
+                                            const bf16* __restrict__ kcache, const bf16* __restrict__ vcache,
+                                            const int* __restrict__ block_tables, int max_blocks,
+                                            const int* __restrict__ seq_of, const int* __restrict__ positions,
+                                            const int* __restrict__ tile_start, const int* __restrict__ tile_len,
+                                            int block_size, int nkv, float scale) {
+    const int D = HEAD_DIM, G = GQA, E = ATT_E;
+    const int KS = D + 2;  // padded K row (bf16 elements): conflict-free lane-per-row reads
+    int nq = nkv * G;
+    int kvh = blockIdx.y;
+    int t0 = tile_start[blockIdx.x], n = tile_len[blockIdx.x];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int width = (nq + 2 * nkv) * D;
+    const int* table = block_tables + (size_t)seq_of[t0] * max_blocks;
+    int max_ctx = positions[t0 + n - 1] + 1;
+    bool active = warp < n;
+    int t = t0 + (active ? warp : 0);
+    int my_ctx = positions[t] + 1;
+    int d0 = lane * E;
+    bool dact = d0 < D;
+
+    __shared__ float sq[QT][GQA][HEAD_DIM];
+    __shared__ bf16 sk[KT][HEAD_DIM + 2];
+    __shared__ bf16 sv[KT][HEAD_DIM];
+    if (active) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            const bf16* qp = qkv + (size_t)t * width + (kvh * G + g) * D;
+            for (int d = lane; d < D; d += 32) sq[warp][g][d] = bf2f(qp[d]) * scale;
+        }
+    }
+    float acc[GQA][ATT_E], m[GQA], l[GQA];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = -1e30f; l[g] = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) acc[g][e] = 0.f;
+    }
+    for (int kt = 0; kt < max_ctx; kt += KT) {
+        __syncthreads();
+        // Cooperative tile load: rows kt .. kt+KT of K and V (as 32-bit pairs).
+        const int pairs = D / 2;
+        for (int idx = threadIdx.x; idx < KT * pairs; idx += blockDim.x) {
+            int r = idx / pairs, c = idx - r * pairs;
+            int j = kt + r;
+            unsigned kvk = 0, kvv = 0;
+            if (j < max_ctx) {
+                int slot = table[j / block_size] * block_size + (j % block_size);
+                size_t off = ((size_t)slot * nkv + kvh) * D + 2 * c;
+                kvk = *(const unsigned*)(kcache + off);
+                kvv = *(const unsigned*)(vcache + off);
+            }
+            *(unsigned*)(&sk[r][2 * c]) = kvk;
+            *(unsigned*)(&sv[r][2 * c]) = kvv;
+        }
+        __syncthreads();
+        if (!active || kt >= my_ctx) continue;
+        int j = kt + lane;
+        bool valid = j < my_ctx;
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float s = 0.f;
+            const float* qv = sq[warp][g];
+#pragma unroll 8
+            for (int d = 0; d < D; d += 2) {
+                unsigned kk = *(const unsigned*)(&sk[lane][d]);
+                s += qv[d] * __uint_as_float(kk << 16) + qv[d + 1] * __uint_as_float(kk & 0xffff0000u);
+            }
+            s = valid ? s : -1e30f;
+            float mn = fmaxf(m[g], warp_max(s));
+            float corr = __expf(m[g] - mn);
+            float p = valid ? __expf(s - mn) : 0.f;
+            l[g] = l[g] * corr + warp_sum(p);
+#pragma unroll
+            for (int e = 0; e < E; e++) acc[g][e] *= corr;
+            int lim = min(KT, my_ctx - kt);
+            for (int jj = 0; jj < lim; jj++) {
+                float pj = __shfl_sync(0xffffffff, p, jj);
+#pragma unroll
+                for (int e = 0; e < E; e++) if (dact) acc[g][e] += pj * bf2f(sv[jj][d0 + e]);
+            }
+            m[g] = mn;
+        }
+    }
+    if (!active) return;
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++)
+            if (dact) out[(size_t)t * nq * D + (kvh * G + g) * D + d0 + e] = f2bf(acc[g][e] * inv);
+    }
+}
+
 // Greedy sampling: out[r] = argmax(logits[r, :]) (fp32 logits); ties go to the lowest id,
 // as on the CPU. One block per row.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int* __restrict__ out, int vocab) {
