@@ -8,18 +8,79 @@ use rayon::prelude::*;
 
 use super::{AttnDims, Backend, DType, IndexSource, Init, KvShape, Pooling, StepMeta};
 
-/// A row-major `[rows, cols]` f32 matrix in host memory.
-#[derive(Debug, Clone, PartialEq)]
+/// A row-major `[rows, cols]` f32 matrix in host memory. Activation buffers come from
+/// and go back to a per-thread pool, so a warm decode loop does not call the allocator
+/// (large `Vec`s would otherwise be mmap'd and page-faulted afresh every step).
+#[derive(Debug, PartialEq)]
 pub struct CpuTensor {
     pub(super) data: Vec<f32>,
     pub(super) rows: usize,
     pub(super) cols: usize,
 }
 
-impl CpuTensor {
-    fn zeros(rows: usize, cols: usize) -> Self {
+/// Buffers kept per thread; beyond this, dropped buffers are freed.
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `n` floats with unspecified (but initialised) contents: the smallest
+/// pooled buffer that fits, else a fresh one.
+fn take(n: usize) -> Vec<f32> {
+    let pooled = POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let best = p
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= n)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        best.map(|i| p.swap_remove(i))
+    });
+    let mut v = pooled.unwrap_or_default();
+    v.resize(n, 0.0);
+    v.truncate(n);
+    v
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.data);
+        if v.capacity() > 0 {
+            POOL.with(|p| {
+                if let Ok(mut p) = p.try_borrow_mut() {
+                    if p.len() < POOL_MAX {
+                        p.push(v);
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Clone for CpuTensor {
+    fn clone(&self) -> Self {
+        let mut data = take(self.data.len());
+        data.copy_from_slice(&self.data);
         Self {
-            data: vec![0.0; rows * cols],
+            data,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+}
+
+impl CpuTensor {
+    pub(super) fn zeros(rows: usize, cols: usize) -> Self {
+        let mut data = take(rows * cols);
+        data.fill(0.0);
+        Self { data, rows, cols }
+    }
+    /// Contents unspecified: for ops that overwrite every element.
+    pub(super) fn uninit(rows: usize, cols: usize) -> Self {
+        Self {
+            data: take(rows * cols),
             rows,
             cols,
         }
@@ -283,7 +344,7 @@ impl Backend for CpuBackend {
         source: IndexSource,
     ) -> anyhow::Result<CpuTensor> {
         let n = step.tokens.len();
-        let mut out = CpuTensor::zeros(n, table.cols);
+        let mut out = CpuTensor::uninit(n, table.cols);
         for t in 0..n {
             let idx = match source {
                 IndexSource::Tokens => step.tokens[t] as usize,
@@ -312,7 +373,7 @@ impl Backend for CpuBackend {
             );
         }
         let (m, n, k) = (x.rows, w.rows, x.cols);
-        let mut out = CpuTensor::zeros(m, n);
+        let mut out = CpuTensor::uninit(m, n);
         if let Some(b) = bias {
             if b.data.len() != n {
                 anyhow::bail!("linear: bias of {} for {n} outputs", b.data.len());
@@ -367,7 +428,7 @@ impl Backend for CpuBackend {
                 x.cols
             );
         }
-        let mut out = CpuTensor::zeros(x.rows, x.cols);
+        let mut out = CpuTensor::uninit(x.rows, x.cols);
         out.data
             .par_chunks_mut(x.cols * ROWS_PER_TASK)
             .zip(x.data.par_chunks(x.cols * ROWS_PER_TASK))
@@ -604,7 +665,7 @@ impl Backend for CpuBackend {
     }
 
     fn gather_sample_rows(&self, x: &CpuTensor, step: &CpuStep) -> anyhow::Result<CpuTensor> {
-        let mut out = CpuTensor::zeros(step.sample_rows.len(), x.cols);
+        let mut out = CpuTensor::uninit(step.sample_rows.len(), x.cols);
         for (i, &r) in step.sample_rows.iter().enumerate() {
             if r as usize >= x.rows {
                 anyhow::bail!("sample row {r} out of range ({} rows)", x.rows);

@@ -85,10 +85,10 @@ pub(super) fn paged(
         }
     }
     let base = layer * cache.layer_width();
-    let mut out = vec![0f32; q.rows * q.cols];
-    out.par_chunks_mut(hd)
-        .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, o)| {
+    let mut out = CpuTensor::uninit(q.rows, q.cols);
+    out.data.par_chunks_mut(hd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (i, o)| {
             let (t, h) = (i / nh, i % nh);
             let kvh = h / group;
             let s = step.token_seq[t] as usize;
@@ -104,12 +104,9 @@ pub(super) fn paged(
             attend(scores, o, |j| {
                 cache.v[base + slot(j) * width + kvh * hd..].as_ptr()
             });
-        });
-    Ok(CpuTensor {
-        data: out,
-        rows: q.rows,
-        cols: q.cols,
-    })
+        },
+    );
+    Ok(out)
 }
 
 /// Attention within each packed sequence, from K/V tensors (no cache).
@@ -129,10 +126,10 @@ pub(super) fn varlen(
     if k.cols != width || v.cols != width || k.rows != q.rows || v.rows != q.rows {
         anyhow::bail!("varlen_attention: K/V shape does not match q");
     }
-    let mut out = vec![0f32; q.rows * q.cols];
-    out.par_chunks_mut(hd)
-        .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, o)| {
+    let mut out = CpuTensor::uninit(q.rows, q.cols);
+    out.data.par_chunks_mut(hd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (i, o)| {
             let (t, h) = (i / nh, i % nh);
             let kvh = h / group;
             let s = step.token_seq[t] as usize;
@@ -147,10 +144,7 @@ pub(super) fn varlen(
             scores
                 .extend((start..end).map(|j| dot(qh, &k.row(j)[kvh * hd..(kvh + 1) * hd]) * scale));
             attend(scores, o, |j| v.row(start + j)[kvh * hd..].as_ptr());
-        });
-    Ok(CpuTensor {
-        data: out,
-        rows: q.rows,
-        cols: q.cols,
-    })
+        },
+    );
+    Ok(out)
 }
