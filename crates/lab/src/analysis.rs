@@ -163,9 +163,17 @@ fn latency_stats(metrics: &[&WorkloadMetrics]) -> BTreeMap<String, Stat> {
 /// Per workload, the mean solo throughput for (workload, load): the baseline table.
 fn solo_means(results: &[ConditionResult]) -> BTreeMap<(String, String), f64> {
     let mut acc: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
-    for r in results.iter().filter(|r| r.condition.is_solo() && r.failed.is_none()) {
+    for r in results
+        .iter()
+        .filter(|r| r.condition.is_solo() && r.failed.is_none())
+    {
         for (w, m) in &r.workloads {
-            let load = r.condition.loads.get(w).map(Load::short).unwrap_or_default();
+            let load = r
+                .condition
+                .loads
+                .get(w)
+                .map(Load::short)
+                .unwrap_or_default();
             acc.entry((w.clone(), load)).or_default().push(m.throughput);
         }
     }
@@ -181,12 +189,20 @@ fn engine_ratios(
 ) -> Option<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
     let mut ratios: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for (w, m) in &r.workloads {
-        let load = r.condition.loads.get(w).map(Load::short).unwrap_or_default();
+        let load = r
+            .condition
+            .loads
+            .get(w)
+            .map(Load::short)
+            .unwrap_or_default();
         let s = *solo.get(&(w.clone(), load))?;
         if s <= 0.0 {
             return None;
         }
-        ratios.entry(m.engine.clone()).or_default().push(m.throughput / s);
+        ratios
+            .entry(m.engine.clone())
+            .or_default()
+            .push(m.throughput / s);
     }
     let co: BTreeMap<String, f64> = ratios
         .into_iter()
@@ -223,7 +239,11 @@ pub fn slo_misses(slos: &BTreeMap<String, Slo>, cell: &CellSummary) -> Vec<Strin
         if let Some(f) = slo.min_fraction_of_solo {
             match ws.vs_solo {
                 Some(v) if v >= f => {}
-                Some(v) => misses.push(format!("{w} kept {:.0}% of solo < {:.0}%", v * 100.0, f * 100.0)),
+                Some(v) => misses.push(format!(
+                    "{w} kept {:.0}% of solo < {:.0}%",
+                    v * 100.0,
+                    f * 100.0
+                )),
                 None if cell.is_solo() => {}
                 None => misses.push(format!("{w} has no solo baseline")),
             }
@@ -237,7 +257,9 @@ pub fn slo_misses(slos: &BTreeMap<String, Slo>, cell: &CellSummary) -> Vec<Strin
 pub fn recommend(cells: &[CellSummary]) -> Recommendation {
     let candidates: Vec<&CellSummary> = cells
         .iter()
-        .filter(|c| !c.is_solo() && c.reps_ok > 0 && c.failures.is_empty() && c.efficiency.is_some())
+        .filter(|c| {
+            !c.is_solo() && c.reps_ok > 0 && c.failures.is_empty() && c.efficiency.is_some()
+        })
         .collect();
     let best = candidates
         .iter()
@@ -307,8 +329,14 @@ pub fn analyse(results: &Results) -> Analysis {
     }
     let mut cells = Vec::new();
     for label in order {
-        let Some(reps) = groups.get(&label) else { continue };
-        let ok: Vec<&ConditionResult> = reps.iter().copied().filter(|r| r.failed.is_none()).collect();
+        let Some(reps) = groups.get(&label) else {
+            continue;
+        };
+        let ok: Vec<&ConditionResult> = reps
+            .iter()
+            .copied()
+            .filter(|r| r.failed.is_none())
+            .collect();
         let mut cell = CellSummary {
             label: label.clone(),
             condition: reps.first().map(|r| r.condition.clone()),
@@ -316,15 +344,15 @@ pub fn analyse(results: &Results) -> Analysis {
             failures: reps.iter().filter_map(|r| r.failed.clone()).collect(),
             ..Default::default()
         };
-        let names: Vec<String> = ok
-            .iter()
-            .flat_map(|r| r.workloads.keys().cloned())
-            .fold(Vec::new(), |mut v, n| {
-                if !v.contains(&n) {
-                    v.push(n);
-                }
-                v
-            });
+        let names: Vec<String> =
+            ok.iter()
+                .flat_map(|r| r.workloads.keys().cloned())
+                .fold(Vec::new(), |mut v, n| {
+                    if !v.contains(&n) {
+                        v.push(n);
+                    }
+                    v
+                });
         for w in names {
             let ms: Vec<&WorkloadMetrics> = ok.iter().filter_map(|r| r.workloads.get(&w)).collect();
             let first = ms[0];
@@ -396,9 +424,15 @@ mod tests {
     fn efficiency_arithmetic() {
         let solo = m(&[("gen", 1000.0), ("emb", 200.0)]);
         // each kept everything: 2.0
-        assert_eq!(efficiency(&m(&[("gen", 1000.0), ("emb", 200.0)]), &solo), Some(2.0));
+        assert_eq!(
+            efficiency(&m(&[("gen", 1000.0), ("emb", 200.0)]), &solo),
+            Some(2.0)
+        );
         // taking turns: half each, 1.0
-        assert_eq!(efficiency(&m(&[("gen", 500.0), ("emb", 100.0)]), &solo), Some(1.0));
+        assert_eq!(
+            efficiency(&m(&[("gen", 500.0), ("emb", 100.0)]), &solo),
+            Some(1.0)
+        );
         // seeds' MPS case: gen -2.4%, emb -29%
         let e = efficiency(&m(&[("gen", 976.0), ("emb", 142.0)]), &solo).unwrap();
         assert!((e - (0.976 + 0.71)).abs() < 1e-9, "{e}");
@@ -418,7 +452,13 @@ mod tests {
         assert_eq!(Stat::of(&[1.0, 3.0]).unwrap().show(1), "2.0 ± 1.4");
     }
 
-    fn cell(label: &str, solo: bool, eff: Option<f64>, misses: &[&str], failures: usize) -> CellSummary {
+    fn cell(
+        label: &str,
+        solo: bool,
+        eff: Option<f64>,
+        misses: &[&str],
+        failures: usize,
+    ) -> CellSummary {
         CellSummary {
             label: label.into(),
             condition: Some(Condition {
@@ -432,7 +472,11 @@ mod tests {
             }),
             reps_ok: 1,
             failures: vec!["boom".to_string(); failures],
-            efficiency: eff.map(|e| Stat { mean: e, sigma: 0.0, n: 1 }),
+            efficiency: eff.map(|e| Stat {
+                mean: e,
+                sigma: 0.0,
+                n: 1,
+            }),
             slo_misses: misses.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }
@@ -454,7 +498,11 @@ mod tests {
 
         let r = recommend(&cells[..2]);
         assert_eq!(r.label, None);
-        assert!(r.reason.contains("no co-located condition meets the SLOs"), "{}", r.reason);
+        assert!(
+            r.reason.contains("no co-located condition meets the SLOs"),
+            "{}",
+            r.reason
+        );
         assert!(r.reason.contains("Closest: `a`"), "{}", r.reason);
 
         let r = recommend(&[cell("d", false, Some(0.8), &[], 0)]);
@@ -466,7 +514,14 @@ mod tests {
     fn slo_checks() {
         let mut c = cell("a", false, Some(1.5), &[], 0);
         let mut ws = WorkloadSummary::default();
-        ws.latency.insert("ttft_p99".into(), Stat { mean: 120.0, sigma: 0.0, n: 1 });
+        ws.latency.insert(
+            "ttft_p99".into(),
+            Stat {
+                mean: 120.0,
+                sigma: 0.0,
+                n: 1,
+            },
+        );
         ws.vs_solo = Some(0.7);
         c.workloads.insert("chat".into(), ws);
         let mut slos = BTreeMap::new();

@@ -105,7 +105,9 @@ fn run_dir_of(p: &Path) -> PathBuf {
     if p.is_dir() {
         p.to_path_buf()
     } else {
-        p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+        p.parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
     }
 }
 
@@ -124,7 +126,10 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         }
         (r, dir.clone())
     } else {
-        let path = a.experiment.clone().context("an experiment file is needed")?;
+        let path = a
+            .experiment
+            .clone()
+            .context("an experiment file is needed")?;
         let mut exp = Experiment::load(&path)?;
         if let Some(w) = a.warmup {
             exp.warmup = w;
@@ -156,13 +161,22 @@ fn run_cmd(a: RunArgs) -> Result<()> {
                     .clone()
                     .or_else(|| exp.runs_dir.as_ref().map(PathBuf::from))
                     .unwrap_or_else(|| PathBuf::from("runs"));
-                base.join(format!("{}-{}", exp.name, chrono::Utc::now().format("%Y%m%d-%H%M%S")))
+                base.join(format!(
+                    "{}-{}",
+                    exp.name,
+                    chrono::Utc::now().format("%Y%m%d-%H%M%S")
+                ))
             }
         };
         if dir.join(crate::results::RESULTS_FILE).exists() {
-            bail!("{} already holds a run; use --resume {} to continue it", dir.display(), dir.display());
+            bail!(
+                "{} already holds a run; use --resume {} to continue it",
+                dir.display(),
+                dir.display()
+            );
         }
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let r = Results {
             schema_version: SCHEMA_VERSION,
@@ -180,7 +194,10 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         (r, dir)
     };
     if a.dry_run {
-        print!("{}", describe(&results.experiment, &plan(&results.experiment)));
+        print!(
+            "{}",
+            describe(&results.experiment, &plan(&results.experiment))
+        );
         return Ok(());
     }
     let total = plan(&results.experiment).len();
@@ -227,10 +244,7 @@ fn harness(exp: &Experiment, cancel: Arc<AtomicBool>) -> Result<Box<dyn crate::r
 }
 
 #[cfg(not(feature = "measure"))]
-fn harness(
-    _exp: &Experiment,
-    _cancel: Arc<AtomicBool>,
-) -> Result<Box<dyn crate::runner::Harness>> {
+fn harness(_exp: &Experiment, _cancel: Arc<AtomicBool>) -> Result<Box<dyn crate::runner::Harness>> {
     bail!("this colocate was built without the lab's measure feature: it cannot run experiments")
 }
 

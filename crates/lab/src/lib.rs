@@ -7,9 +7,9 @@
 //! (efficiency, SLOs, recommendation) → [`report`] and [`plots`].
 pub mod analysis;
 pub mod cli;
+pub mod matrix;
 #[cfg(feature = "measure")]
 pub mod measure;
-pub mod matrix;
 pub mod plots;
 pub mod report;
 pub mod results;

@@ -31,9 +31,15 @@ impl Load {
     /// The base load of a workload as written in `[[workloads]]`.
     pub fn base(w: &WorkloadDef) -> Self {
         Load {
-            concurrency: if w.rate.is_some() { None } else { w.concurrency },
+            concurrency: if w.rate.is_some() {
+                None
+            } else {
+                w.concurrency
+            },
             rate: w.rate,
-            batch: w.batch.or(if w.kind == Kind::Embed { Some(1) } else { None }),
+            batch: w
+                .batch
+                .or(if w.kind == Kind::Embed { Some(1) } else { None }),
         }
     }
 
@@ -106,7 +112,12 @@ impl Condition {
 
     /// Two conditions with the same key run on the same deployment (only the load differs).
     pub fn deployment_key(&self) -> String {
-        deployment_label(&self.sharing, &self.engines, &self.mps_split, &self.memory_split)
+        deployment_label(
+            &self.sharing,
+            &self.engines,
+            &self.mps_split,
+            &self.memory_split,
+        )
     }
 }
 
@@ -124,7 +135,10 @@ fn deployment_label(
     if let Some(m) = mps {
         s.push_str(&format!(
             " sm {}",
-            m.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("/")
+            m.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("/")
         ));
     } else if sharing == "mps" {
         s.push_str(" default");
@@ -132,7 +146,10 @@ fn deployment_label(
     if let Some(m) = mem {
         s.push_str(&format!(
             " mem {}",
-            m.iter().map(|p| format!("{p}")).collect::<Vec<_>>().join("/")
+            m.iter()
+                .map(|p| format!("{p}"))
+                .collect::<Vec<_>>()
+                .join("/")
         ));
     }
     s
@@ -369,7 +386,11 @@ pub fn describe(exp: &Experiment, plan: &[Condition]) -> String {
     let mut last = None;
     for (i, c) in plan.iter().enumerate() {
         let key = c.deployment_key();
-        let marker = if last.as_ref() != Some(&key) { "up " } else { "   " };
+        let marker = if last.as_ref() != Some(&key) {
+            "up "
+        } else {
+            "   "
+        };
         last = Some(key);
         s.push_str(&format!("{:>4}  {marker} {}\n", i + 1, c.id()));
     }
@@ -423,7 +444,10 @@ batch = 8
         assert_eq!(p.len(), (8 + 3) * 2);
         assert!(p[0].is_solo() && p[0].engines == vec!["gen"]);
         // the capacity (base load) of emb comes before its relative-rate solo run
-        let emb_solo: Vec<_> = p.iter().filter(|c| c.is_solo() && c.engines == vec!["emb"]).collect();
+        let emb_solo: Vec<_> = p
+            .iter()
+            .filter(|c| c.is_solo() && c.engines == vec!["emb"])
+            .collect();
         assert_eq!(emb_solo[0].loads["vec"].concurrency, Some(2));
         assert_eq!(emb_solo[2].loads["vec"].rate, Some(Rate::OfSolo(50.0)));
         // ids are unique
@@ -459,6 +483,11 @@ batch = 8
         assert_eq!(c.loads["chat"].concurrency, Some(16));
         assert_eq!(c.loads["vec"].batch, Some(8));
         // gen solo at base c=4 and at c=16
-        assert_eq!(p.iter().filter(|c| c.is_solo() && c.engines == vec!["gen"]).count(), 4);
+        assert_eq!(
+            p.iter()
+                .filter(|c| c.is_solo() && c.engines == vec!["gen"])
+                .count(),
+            4
+        );
     }
 }

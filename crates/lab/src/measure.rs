@@ -104,11 +104,14 @@ impl RealHarness {
             .context("cannot start the async runtime")?;
         rt.spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\ninterrupted: finishing the current window; `lab run --resume` continues");
+                eprintln!(
+                    "\ninterrupted: finishing the current window; `lab run --resume` continues"
+                );
                 cancel.store(true, Ordering::SeqCst);
             }
         });
-        let sampler = gpu::telemetry::Sampler::start(exp.sample_interval, None).map_err(|e| format!("{e:#}"));
+        let sampler =
+            gpu::telemetry::Sampler::start(exp.sample_interval, None).map_err(|e| format!("{e:#}"));
         Ok(RealHarness {
             rt,
             running: None,
@@ -144,7 +147,11 @@ impl RealHarness {
             };
         };
         let mut counters = BTreeMap::new();
-        let conv = |s: &gpu::telemetry::Stat| CounterStat { mean: s.mean, p50: s.p50, max: s.max };
+        let conv = |s: &gpu::telemetry::Stat| CounterStat {
+            mean: s.mean,
+            p50: s.p50,
+            max: s.max,
+        };
         for (k, v) in [
             ("sm_active", &g.sm_active),
             ("sm_occupancy", &g.sm_occupancy),
@@ -200,13 +207,25 @@ fn bench_workload(w: &ResolvedWorkload, ep: &Endpoint) -> bench::WorkloadSpec {
     let gen = w.def.kind == Kind::Generate;
     bench::WorkloadSpec {
         name: w.def.name.clone(),
-        kind: if gen { bench::WorkloadKind::Completions } else { bench::WorkloadKind::Embed },
+        kind: if gen {
+            bench::WorkloadKind::Completions
+        } else {
+            bench::WorkloadKind::Embed
+        },
         url: ep.url.clone(),
-        model: w.def.model.clone().unwrap_or_else(|| ep.served_model_name.clone()),
+        model: w
+            .def
+            .model
+            .clone()
+            .unwrap_or_else(|| ep.served_model_name.clone()),
         load,
         input: bench::LengthDist::Fixed(w.def.input_tokens),
         output: (gen && w.def.ignore_eos).then_some(bench::LengthDist::Fixed(w.def.output_tokens)),
-        batch: if gen { 1 } else { w.load.batch.unwrap_or(1) as usize },
+        batch: if gen {
+            1
+        } else {
+            w.load.batch.unwrap_or(1) as usize
+        },
         input_file: None,
     }
 }
@@ -258,8 +277,15 @@ fn live_line(p: &bench::Progress) -> String {
         .workloads
         .iter()
         .map(|w| {
-            let unit = if w.kind.is_some_and(|k| k.is_gen()) { "tok/s" } else { "seq/s" };
-            format!("{} {:.1} {unit} ({} done, {} err)", w.name, w.throughput, w.completed, w.errors)
+            let unit = if w.kind.is_some_and(|k| k.is_gen()) {
+                "tok/s"
+            } else {
+                "seq/s"
+            };
+            format!(
+                "{} {:.1} {unit} ({} done, {} err)",
+                w.name, w.throughput, w.completed, w.errors
+            )
         })
         .collect();
     format!("{:?} {:.0}s  {}", p.phase, p.elapsed, ws.join(", "))
@@ -282,10 +308,12 @@ impl Harness for RealHarness {
         let d = self.rt.block_on(deploy::Deployment::up(&spec, opts))?;
         // workloads go straight to their engine (first replica), not through the gateway
         for e in &d.plan().engines {
-            self.endpoints.entry(e.engine.clone()).or_insert_with(|| Endpoint {
-                url: e.url(),
-                served_model_name: e.served_model_name.clone(),
-            });
+            self.endpoints
+                .entry(e.engine.clone())
+                .or_insert_with(|| Endpoint {
+                    url: e.url(),
+                    served_model_name: e.served_model_name.clone(),
+                });
         }
         self.running = Some(d);
         Ok(())
@@ -301,10 +329,13 @@ impl Harness for RealHarness {
     ) -> Result<Measurement> {
         let mut specs = Vec::new();
         for w in workloads {
-            let ep = self
-                .endpoints
-                .get(&w.def.engine)
-                .ok_or_else(|| anyhow!("workload {}: engine {} is not running", w.def.name, w.def.engine))?;
+            let ep = self.endpoints.get(&w.def.engine).ok_or_else(|| {
+                anyhow!(
+                    "workload {}: engine {} is not running",
+                    w.def.name,
+                    w.def.engine
+                )
+            })?;
             specs.push(bench_workload(w, ep));
         }
         let mut spec = bench::BenchSpec::new(specs);

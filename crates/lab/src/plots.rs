@@ -57,7 +57,10 @@ pub fn throughput(analysis: &Analysis, workloads: &[String], path: &Path) -> Res
             .max(1e-9)
             * 1.15;
         let mut chart = ChartBuilder::on(area)
-            .caption(format!("{w}: throughput per condition ({unit})"), ("sans-serif", 18))
+            .caption(
+                format!("{w}: throughput per condition ({unit})"),
+                ("sans-serif", 18),
+            )
             .margin(12)
             .x_label_area_size(28)
             .y_label_area_size(64)
@@ -77,10 +80,17 @@ pub fn throughput(analysis: &Analysis, workloads: &[String], path: &Path) -> Res
         chart
             .draw_series(vals.iter().enumerate().filter_map(|(i, v)| {
                 let (m, _, solo) = (*v)?;
-                let color = if solo { RGBColor(150, 150, 150) } else { RGBColor(31, 119, 180) };
+                let color = if solo {
+                    RGBColor(150, 150, 150)
+                } else {
+                    RGBColor(31, 119, 180)
+                };
                 let i = i as i32;
                 let mut bar = Rectangle::new(
-                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), m)],
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), m),
+                    ],
                     color.filled(),
                 );
                 bar.set_margin(0, 0, 6, 6);
@@ -133,11 +143,7 @@ pub fn tradeoff(analysis: &Analysis, pair: (&str, &str), path: &Path) -> Result<
             Some((i, x, y))
         })
         .collect();
-    let top = pts
-        .iter()
-        .map(|p| p.1.max(p.2))
-        .fold(1.1f64, f64::max)
-        * 1.05;
+    let top = pts.iter().map(|p| p.1.max(p.2)).fold(1.1f64, f64::max) * 1.05;
     let root = SVGBackend::new(path, (640, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -157,21 +163,35 @@ pub fn tradeoff(analysis: &Analysis, pair: (&str, &str), path: &Path) -> Result<
         .draw()
         .map_err(err)?;
     chart
-        .draw_series(LineSeries::new(vec![(0.0, 1.0), (1.0, 0.0)], RGBColor(200, 80, 80)))
+        .draw_series(LineSeries::new(
+            vec![(0.0, 1.0), (1.0, 0.0)],
+            RGBColor(200, 80, 80),
+        ))
         .map_err(err)?
         .label("taking turns (efficiency 1.0)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(200, 80, 80)));
     chart
-        .draw_series(std::iter::once(Circle::new((1.0, 1.0), 5, RGBColor(60, 160, 60).filled())))
+        .draw_series(std::iter::once(Circle::new(
+            (1.0, 1.0),
+            5,
+            RGBColor(60, 160, 60).filled(),
+        )))
         .map_err(err)?
         .label("each kept all (2.0)")
         .legend(|(x, y)| Circle::new((x + 10, y), 5, RGBColor(60, 160, 60).filled()));
     chart
-        .draw_series(pts.iter().map(|&(_, x, y)| Circle::new((x, y), 5, RGBColor(31, 119, 180).filled())))
+        .draw_series(
+            pts.iter()
+                .map(|&(_, x, y)| Circle::new((x, y), 5, RGBColor(31, 119, 180).filled())),
+        )
         .map_err(err)?;
     chart
         .draw_series(pts.iter().map(|&(i, x, y)| {
-            Text::new(format!("C{}", i + 1), (x + 0.015 * top, y + 0.015 * top), ("sans-serif", 14))
+            Text::new(
+                format!("C{}", i + 1),
+                (x + 0.015 * top, y + 0.015 * top),
+                ("sans-serif", 14),
+            )
         }))
         .map_err(err)?;
     chart
@@ -187,7 +207,12 @@ pub fn tradeoff(analysis: &Analysis, pair: (&str, &str), path: &Path) -> Result<
 
 /// One condition over time: each workload's throughput per second (top) and the GPU
 /// counters (bottom), on the window's clock.
-pub fn timeline(cell: &CellSummary, index: usize, rep: &ConditionResult, path: &Path) -> Result<()> {
+pub fn timeline(
+    cell: &CellSummary,
+    index: usize,
+    rep: &ConditionResult,
+    path: &Path,
+) -> Result<()> {
     let t0 = rep.window.map(|w| w.0).unwrap_or_else(|| {
         rep.workloads
             .values()
@@ -195,17 +220,26 @@ pub fn timeline(cell: &CellSummary, index: usize, rep: &ConditionResult, path: &
             .fold(f64::INFINITY, f64::min)
     });
     let t0 = if t0.is_finite() { t0 } else { 0.0 };
-    let tmax = rep
-        .window
-        .map(|w| w.1 - w.0)
-        .unwrap_or(1.0)
-        .max(rep.workloads.values().flat_map(|m| m.timeseries.last().map(|p| p.0 - t0)).fold(1.0, f64::max));
+    let tmax = rep.window.map(|w| w.1 - w.0).unwrap_or(1.0).max(
+        rep.workloads
+            .values()
+            .flat_map(|m| m.timeseries.last().map(|p| p.0 - t0))
+            .fold(1.0, f64::max),
+    );
     let root = SVGBackend::new(path, (900, 620)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (top, bottom) = root.split_vertically(310);
     // top: throughput normalised to its own maximum so every workload fits one axis
     let mut chart = ChartBuilder::on(&top)
-        .caption(format!("C{}: {} (repetition {}) — throughput per second", index + 1, cell.label, rep.condition.repetition), ("sans-serif", 16))
+        .caption(
+            format!(
+                "C{}: {} (repetition {}) — throughput per second",
+                index + 1,
+                cell.label,
+                rep.condition.repetition
+            ),
+            ("sans-serif", 16),
+        )
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(60)
@@ -274,7 +308,12 @@ pub fn timeline(cell: &CellSummary, index: usize, rep: &ConditionResult, path: &
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..tmax, 0f64..ymax)
         .map_err(err)?;
-    chart.configure_mesh().x_desc("s").y_desc("%").draw().map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("s")
+        .y_desc("%")
+        .draw()
+        .map_err(err)?;
     for (k, c) in pct.iter().enumerate() {
         let series: Vec<(f64, f64)> = rep
             .gpu

@@ -50,7 +50,12 @@ fn lat(s: Option<&Stat>) -> String {
 /// The headline table: one row per condition, each workload's throughput and change
 /// against solo, the efficiency and the SLO verdict.
 pub fn headline(results: &Results, a: &Analysis) -> String {
-    let names: Vec<String> = results.experiment.workloads.iter().map(|w| w.name.clone()).collect();
+    let names: Vec<String> = results
+        .experiment
+        .workloads
+        .iter()
+        .map(|w| w.name.clone())
+        .collect();
     let mut s = String::from("| # | condition |");
     for w in &names {
         let _ = write!(s, " {w} | vs solo |");
@@ -65,12 +70,25 @@ pub fn headline(results: &Results, a: &Analysis) -> String {
         for w in &names {
             match c.workloads.get(w) {
                 Some(ws) => {
-                    let _ = write!(s, " {} {} | {} |", ws.throughput.show(1), ws.unit, if c.is_solo() { "solo".into() } else { pct(ws.vs_solo) });
+                    let _ = write!(
+                        s,
+                        " {} {} | {} |",
+                        ws.throughput.show(1),
+                        ws.unit,
+                        if c.is_solo() {
+                            "solo".into()
+                        } else {
+                            pct(ws.vs_solo)
+                        }
+                    );
                 }
                 None => s.push_str(" | |"),
             }
         }
-        let eff = c.efficiency.map(|e| e.show(2)).unwrap_or_else(|| "–".into());
+        let eff = c
+            .efficiency
+            .map(|e| e.show(2))
+            .unwrap_or_else(|| "–".into());
         let slo = if !c.failures.is_empty() && c.reps_ok == 0 {
             format!("failed: {}", c.failures[0].replace('|', "/"))
         } else if results.experiment.slo.is_empty() {
@@ -103,7 +121,11 @@ fn condition_detail(out: &mut String, i: usize, c: &CellSummary, results: &Resul
         .conditions
         .iter()
         .filter(|r| r.condition.label == c.label)
-        .flat_map(|r| r.resolved_rates.iter().map(|(w, v)| format!("{w} {v:.2} req/s")))
+        .flat_map(|r| {
+            r.resolved_rates
+                .iter()
+                .map(|(w, v)| format!("{w} {v:.2} req/s"))
+        })
         .collect();
     if !rates.is_empty() {
         let _ = writeln!(out, "Open-loop rates used: {}.\n", rates.join(", "));
@@ -121,7 +143,11 @@ fn condition_detail(out: &mut String, i: usize, c: &CellSummary, results: &Resul
             s.throughput.show(1),
             s.unit,
             s.requests_per_s.show(2),
-            if c.is_solo() { "solo".into() } else { pct(s.vs_solo) },
+            if c.is_solo() {
+                "solo".into()
+            } else {
+                pct(s.vs_solo)
+            },
             lat(s.latency.get("ttft_p50")),
             lat(s.latency.get("ttft_p99")),
             lat(s.latency.get("tpot_p50")),
@@ -169,7 +195,11 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
         "Run started {}, last updated {}; {done}/{planned} conditions finished{}. Command: `{}`.\n",
         results.started_at,
         results.updated_at,
-        if results.complete { "" } else { " (incomplete: `colocate lab run --resume` continues it)" },
+        if results.complete {
+            ""
+        } else {
+            " (incomplete: `colocate lab run --resume` continues it)"
+        },
         results.command
     );
 
@@ -218,15 +248,20 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
         .as_ref()
         .and_then(|l| a.cells.iter().position(|c| &c.label == l));
     if let Some(i) = rec_cell {
-        let cond = a.cells[i].condition.clone().context("recommended cell without condition")?;
+        let cond = a.cells[i]
+            .condition
+            .clone()
+            .context("recommended cell without condition")?;
         let deployment = template::for_condition(exp, &cond)?;
-        let text = toml::to_string_pretty(&deployment).context("cannot write the deployment as TOML")?;
+        let text =
+            toml::to_string_pretty(&deployment).context("cannot write the deployment as TOML")?;
         let header = format!(
             "# Recommended by `colocate lab` ({}, {}): {}\n# Run it with: colocate up {RECOMMENDED_FILE}\n",
             exp.name, results.updated_at, cond.label
         );
-        std::fs::write(run_dir.join(RECOMMENDED_FILE), format!("{header}{text}"))
-            .with_context(|| format!("cannot write {}", run_dir.join(RECOMMENDED_FILE).display()))?;
+        std::fs::write(run_dir.join(RECOMMENDED_FILE), format!("{header}{text}")).with_context(
+            || format!("cannot write {}", run_dir.join(RECOMMENDED_FILE).display()),
+        )?;
         let _ = writeln!(
             out,
             "Deployment ({}, run with `colocate up {RECOMMENDED_FILE}`):\n\n```toml\n{text}```\n",
@@ -235,7 +270,11 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
         if let Some(cmds) = commands {
             match cmds(&deployment) {
                 Ok(c) => {
-                    let _ = writeln!(out, "Engine command lines (`colocate plan`):\n\n```\n{}\n```\n", c.trim_end());
+                    let _ = writeln!(
+                        out,
+                        "Engine command lines (`colocate plan`):\n\n```\n{}\n```\n",
+                        c.trim_end()
+                    );
                 }
                 Err(e) => {
                     let _ = writeln!(out, "Engine command lines: not available ({e:#}).\n");
@@ -342,9 +381,14 @@ pub fn compare(a: &Results, b: &Results) -> String {
             continue;
         };
         for (w, wa) in &ca.workloads {
-            let Some(wb) = cb.workloads.get(w) else { continue };
+            let Some(wb) = cb.workloads.get(w) else {
+                continue;
+            };
             let ch = if wa.throughput.mean > 0.0 {
-                format!("{:+.1}%", (wb.throughput.mean / wa.throughput.mean - 1.0) * 100.0)
+                format!(
+                    "{:+.1}%",
+                    (wb.throughput.mean / wa.throughput.mean - 1.0) * 100.0
+                )
             } else {
                 "–".into()
             };
@@ -384,7 +428,9 @@ pub fn compare(a: &Results, b: &Results) -> String {
 mod tests {
     use super::*;
     use crate::matrix::plan;
-    use crate::results::{host_environment, ConditionResult, CounterStat, GpuWindow, WorkloadMetrics, SCHEMA_VERSION};
+    use crate::results::{
+        host_environment, ConditionResult, CounterStat, GpuWindow, WorkloadMetrics, SCHEMA_VERSION,
+    };
     use crate::spec::{Experiment, Kind};
     use std::collections::BTreeMap;
 
@@ -435,8 +481,12 @@ ttft_p99 = "100ms"
                 _ => (0.9, 0.7, 80.0),
             };
             let mut workloads = BTreeMap::new();
-            for (w, _) in &c.loads {
-                let (kind, engine, base) = if w == "chat" { (Kind::Generate, "gen", 1000.0 * fg) } else { (Kind::Embed, "emb", 200.0 * fe) };
+            for w in c.loads.keys() {
+                let (kind, engine, base) = if w == "chat" {
+                    (Kind::Generate, "gen", 1000.0 * fg)
+                } else {
+                    (Kind::Embed, "emb", 200.0 * fe)
+                };
                 let t0 = 1000.0 + k as f64 * 10.0;
                 workloads.insert(
                     w.clone(),
@@ -446,23 +496,50 @@ ttft_p99 = "100ms"
                         throughput: base * jitter,
                         requests_per_s: base / 100.0,
                         completed: 10,
-                        ttft_ms: (kind == Kind::Generate).then(|| crate::results::Percentiles { mean: ttft, p50: ttft, p90: ttft, p95: ttft, p99: ttft }),
-                        latency_ms: Some(crate::results::Percentiles { mean: 200.0, p50: 200.0, p90: 250.0, p95: 260.0, p99: 300.0 }),
+                        ttft_ms: (kind == Kind::Generate).then_some(crate::results::Percentiles {
+                            mean: ttft,
+                            p50: ttft,
+                            p90: ttft,
+                            p95: ttft,
+                            p99: ttft,
+                        }),
+                        latency_ms: Some(crate::results::Percentiles {
+                            mean: 200.0,
+                            p50: 200.0,
+                            p90: 250.0,
+                            p95: 260.0,
+                            p99: 300.0,
+                        }),
                         timeseries: vec![(t0, base), (t0 + 1.0, base * 0.9)],
                         ..Default::default()
                     },
                 );
             }
             let mut counters = BTreeMap::new();
-            counters.insert("sm_active".to_string(), CounterStat { mean: 40.0, p50: 41.0, max: 60.0 });
-            let samples = vec![(1000.0 + k as f64 * 10.0, BTreeMap::from([("sm_active".to_string(), 40.0)]))];
+            counters.insert(
+                "sm_active".to_string(),
+                CounterStat {
+                    mean: 40.0,
+                    p50: 41.0,
+                    max: 60.0,
+                },
+            );
+            let samples = vec![(
+                1000.0 + k as f64 * 10.0,
+                BTreeMap::from([("sm_active".to_string(), 40.0)]),
+            )];
             conditions.push(ConditionResult {
                 condition: c,
                 failed: None,
                 window: Some((1000.0 + k as f64 * 10.0, 1002.0 + k as f64 * 10.0)),
                 resolved_rates: BTreeMap::new(),
                 workloads,
-                gpu: GpuWindow { available: true, reason: None, counters, samples },
+                gpu: GpuWindow {
+                    available: true,
+                    reason: None,
+                    counters,
+                    samples,
+                },
             });
         }
         Results {
@@ -484,16 +561,41 @@ ttft_p99 = "100ms"
         let results = synthetic();
         let dir = tempfile::tempdir().unwrap();
         let cmds = |d: &toml::Table| -> Result<String> {
-            Ok(format!("{} engines", d["engines"].as_array().unwrap().len()))
+            Ok(format!(
+                "{} engines",
+                d["engines"].as_array().unwrap().len()
+            ))
         };
         let r = render(&results, dir.path(), Some(&cmds)).unwrap();
         let md = std::fs::read_to_string(&r.report).unwrap();
-        for needle in ["## Environment", "## Headline", "## Recommendation", "## Conditions", "| # | condition |", "TTFT p99 ms", "SM active %", "throughput.svg", "tradeoff.svg", "timeline.svg", "```toml", "2 engines"] {
+        for needle in [
+            "## Environment",
+            "## Headline",
+            "## Recommendation",
+            "## Conditions",
+            "| # | condition |",
+            "TTFT p99 ms",
+            "SM active %",
+            "throughput.svg",
+            "tradeoff.svg",
+            "timeline.svg",
+            "```toml",
+            "2 engines",
+        ] {
             assert!(md.contains(needle), "missing {needle} in\n{md}");
         }
         // mps 50/50 keeps 0.9 + 0.7 = 1.6 (mean over reps, solo is also jittered); timeslice misses the SLO
-        assert!(r.recommendation.contains("mps sm 50/50"), "{}", r.recommendation);
-        assert!(r.headline.contains("missed: chat ttft_p99 150.0 ms > 100.0 ms"), "{}", r.headline);
+        assert!(
+            r.recommendation.contains("mps sm 50/50"),
+            "{}",
+            r.recommendation
+        );
+        assert!(
+            r.headline
+                .contains("missed: chat ttft_p99 150.0 ms > 100.0 ms"),
+            "{}",
+            r.headline
+        );
         assert!(r.headline.contains("1.60"), "{}", r.headline);
         for f in ["throughput.svg", "tradeoff.svg", "timeline.svg"] {
             let svg = std::fs::read_to_string(dir.path().join(f)).unwrap();
@@ -503,7 +605,10 @@ ttft_p99 = "100ms"
         let rec = std::fs::read_to_string(dir.path().join(RECOMMENDED_FILE)).unwrap();
         let t: toml::Table = toml::from_str(&rec).unwrap();
         assert_eq!(t["sharing"].as_str(), Some("mps"));
-        assert_eq!(t["engines"].as_array().unwrap()[0]["sm_percent"].as_integer(), Some(50));
+        assert_eq!(
+            t["engines"].as_array().unwrap()[0]["sm_percent"].as_integer(),
+            Some(50)
+        );
     }
 
     #[test]

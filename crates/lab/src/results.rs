@@ -232,7 +232,8 @@ impl Results {
                 version
             );
         }
-        serde_json::from_value(v).with_context(|| format!("{} is not a lab results file", file.display()))
+        serde_json::from_value(v)
+            .with_context(|| format!("{} is not a lab results file", file.display()))
     }
 
     /// Writes results.json into `dir` atomically: a reader sees the old or the new file.

@@ -88,7 +88,10 @@ pub fn resolve_rate(w: &WorkloadDef, load: &Load, done: &[ConditionResult]) -> R
             }
             let cap = caps.iter().sum::<f64>() / caps.len() as f64;
             if cap <= 0.0 {
-                return Err(anyhow!("solo capacity of {} was zero; cannot derive \"{pct}% of solo\"", w.name));
+                return Err(anyhow!(
+                    "solo capacity of {} was zero; cannot derive \"{pct}% of solo\"",
+                    w.name
+                ));
             }
             Ok(Some(cap * pct / 100.0))
         }
@@ -141,12 +144,23 @@ pub fn run(
             continue;
         }
         view.bar.set_message(cond.id());
-        let record = run_one(&exp, cond, run_dir, harness, cancel, view, &mut current, &mut up_failed, &results.conditions);
+        let record = run_one(
+            &exp,
+            cond,
+            run_dir,
+            harness,
+            cancel,
+            view,
+            &mut current,
+            &mut up_failed,
+            &results.conditions,
+        );
         match record {
             None => break, // interrupted: not recorded, resume redoes it
             Some(r) => {
                 if let Some(reason) = &r.failed {
-                    view.bar.println(format!("condition {} failed: {reason}", cond.id()));
+                    view.bar
+                        .println(format!("condition {} failed: {reason}", cond.id()));
                 }
                 results.conditions.push(r);
                 results.updated_at = now_rfc3339();
@@ -177,7 +191,10 @@ fn run_one(
     let mut workloads = Vec::new();
     for (name, load) in &cond.loads {
         let Some(def) = exp.workload(name) else {
-            return Some(ConditionResult::failed(cond.clone(), format!("no workload {name}")));
+            return Some(ConditionResult::failed(
+                cond.clone(),
+                format!("no workload {name}"),
+            ));
         };
         match resolve_rate(def, load, done) {
             Ok(rate_per_s) => workloads.push(ResolvedWorkload {
@@ -200,7 +217,11 @@ fn run_one(
             Err(e) => return Some(ConditionResult::failed(cond.clone(), format!("{e:#}"))),
         };
         let dir = run_dir.join("deployments").join(sanitize(&key));
-        view.bar.set_message(format!("{}: starting {}", cond.id(), cond.engines.join(", ")));
+        view.bar.set_message(format!(
+            "{}: starting {}",
+            cond.id(),
+            cond.engines.join(", ")
+        ));
         if let Err(e) = harness.up(&deployment, &dir) {
             harness.down();
             let reason = format!("deployment did not come up: {e:#}");
@@ -240,7 +261,13 @@ fn run_one(
 pub fn sanitize(s: &str) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     while out.contains("__") {
         out = out.replace("__", "_");
@@ -304,7 +331,11 @@ rate = ["50% of solo"]
     impl Harness for Fake {
         fn up(&mut self, d: &toml::Table, _dir: &Path) -> Result<()> {
             let mut log = self.0.borrow_mut();
-            let sharing = d.get("sharing").and_then(|s| s.as_str()).unwrap_or("?").to_string();
+            let sharing = d
+                .get("sharing")
+                .and_then(|s| s.as_str())
+                .unwrap_or("?")
+                .to_string();
             let n = d["engines"].as_array().unwrap().len();
             log.ups.push(format!("{sharing}/{n}"));
             if log.fail_up_with_mps && sharing == "mps" {
@@ -321,10 +352,17 @@ rate = ["50% of solo"]
             cancel: &AtomicBool,
         ) -> Result<Measurement> {
             let mut log = self.0.borrow_mut();
-            log.measured.push(ws.iter().map(|w| (w.def.name.clone(), w.rate_per_s)).collect());
+            log.measured.push(
+                ws.iter()
+                    .map(|w| (w.def.name.clone(), w.rate_per_s))
+                    .collect(),
+            );
             if log.cancel_after == Some(log.measured.len()) {
                 cancel.store(true, Ordering::SeqCst);
-                return Ok(Measurement { interrupted: true, ..Default::default() });
+                return Ok(Measurement {
+                    interrupted: true,
+                    ..Default::default()
+                });
             }
             let mut m = Measurement::default();
             for w in ws {
@@ -370,12 +408,22 @@ rate = ["50% of solo"]
         let log = Rc::new(RefCell::new(Log::default()));
         let mut results = fresh(&exp);
         let view = ProgressView::new(0, 0, true);
-        run(&mut results, dir.path(), &mut Fake(log.clone()), &AtomicBool::new(false), &view).unwrap();
+        run(
+            &mut results,
+            dir.path(),
+            &mut Fake(log.clone()),
+            &AtomicBool::new(false),
+            &view,
+        )
+        .unwrap();
         let planned = plan(&exp);
         assert_eq!(results.conditions.len(), planned.len());
         assert!(results.complete);
         // solo gen, solo emb (base + 50%), timeslice, mps 60/40: one start-up each
-        assert_eq!(log.borrow().ups, vec!["timeslice/1", "timeslice/1", "timeslice/2", "mps/2"]);
+        assert_eq!(
+            log.borrow().ups,
+            vec!["timeslice/1", "timeslice/1", "timeslice/2", "mps/2"]
+        );
         // 50% of solo: emb solo throughput 80 inputs/s at batch 4 = 20 req/s -> 10 req/s
         let rates: Vec<Option<f64>> = log
             .borrow()
@@ -392,7 +440,11 @@ rate = ["50% of solo"]
         assert_eq!(back, results);
         // efficiency from these figures: gen kept all (1.0) + emb same as its solo at 50% (1.0)
         let a = crate::analysis::analyse(&back);
-        let ts = a.cells.iter().find(|c| c.label.starts_with("timeslice")).unwrap();
+        let ts = a
+            .cells
+            .iter()
+            .find(|c| c.label.starts_with("timeslice"))
+            .unwrap();
         assert!((ts.efficiency.unwrap().mean - 2.0).abs() < 1e-9);
     }
 
@@ -400,14 +452,39 @@ rate = ["50% of solo"]
     fn failed_deployment_is_recorded_and_the_run_goes_on() {
         let exp = Experiment::parse(EXP).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let log = Rc::new(RefCell::new(Log { fail_up_with_mps: true, ..Default::default() }));
+        let log = Rc::new(RefCell::new(Log {
+            fail_up_with_mps: true,
+            ..Default::default()
+        }));
         let mut results = fresh(&exp);
-        run(&mut results, dir.path(), &mut Fake(log.clone()), &AtomicBool::new(false), &ProgressView::new(0, 0, true)).unwrap();
-        let failed: Vec<_> = results.conditions.iter().filter(|c| c.failed.is_some()).collect();
+        run(
+            &mut results,
+            dir.path(),
+            &mut Fake(log.clone()),
+            &AtomicBool::new(false),
+            &ProgressView::new(0, 0, true),
+        )
+        .unwrap();
+        let failed: Vec<_> = results
+            .conditions
+            .iter()
+            .filter(|c| c.failed.is_some())
+            .collect();
         assert_eq!(failed.len(), 2); // the mps condition, both repetitions
-        assert!(failed[0].failed.as_ref().unwrap().contains("MPS daemon refused"));
+        assert!(failed[0]
+            .failed
+            .as_ref()
+            .unwrap()
+            .contains("MPS daemon refused"));
         // tried once, not once per repetition
-        assert_eq!(log.borrow().ups.iter().filter(|u| u.starts_with("mps")).count(), 1);
+        assert_eq!(
+            log.borrow()
+                .ups
+                .iter()
+                .filter(|u| u.starts_with("mps"))
+                .count(),
+            1
+        );
         assert!(results.complete);
     }
 
@@ -415,24 +492,57 @@ rate = ["50% of solo"]
     fn resume_after_interruption_loses_nothing() {
         let exp = Experiment::parse(EXP).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let log = Rc::new(RefCell::new(Log { cancel_after: Some(5), ..Default::default() }));
+        let log = Rc::new(RefCell::new(Log {
+            cancel_after: Some(5),
+            ..Default::default()
+        }));
         let mut results = fresh(&exp);
         let cancel = AtomicBool::new(false);
-        run(&mut results, dir.path(), &mut Fake(log.clone()), &cancel, &ProgressView::new(0, 0, true)).unwrap();
+        run(
+            &mut results,
+            dir.path(),
+            &mut Fake(log.clone()),
+            &cancel,
+            &ProgressView::new(0, 0, true),
+        )
+        .unwrap();
         let on_disk = Results::load(dir.path()).unwrap();
-        assert_eq!(on_disk.conditions.len(), 4, "the interrupted 5th is not recorded");
+        assert_eq!(
+            on_disk.conditions.len(),
+            4,
+            "the interrupted 5th is not recorded"
+        );
         assert!(!on_disk.complete);
-        let first_four: Vec<String> = on_disk.conditions.iter().map(|c| c.condition.id()).collect();
+        let first_four: Vec<String> = on_disk
+            .conditions
+            .iter()
+            .map(|c| c.condition.id())
+            .collect();
 
         // resume from the file alone
         let mut resumed = Results::load(dir.path()).unwrap();
         let log2 = Rc::new(RefCell::new(Log::default()));
-        run(&mut resumed, dir.path(), &mut Fake(log2.clone()), &AtomicBool::new(false), &ProgressView::new(0, 0, true)).unwrap();
+        run(
+            &mut resumed,
+            dir.path(),
+            &mut Fake(log2.clone()),
+            &AtomicBool::new(false),
+            &ProgressView::new(0, 0, true),
+        )
+        .unwrap();
         let total = plan(&exp).len();
         assert_eq!(resumed.conditions.len(), total);
         assert!(resumed.complete);
-        assert_eq!(log2.borrow().measured.len(), total - 4, "finished conditions are not measured again");
-        let ids: Vec<String> = resumed.conditions.iter().map(|c| c.condition.id()).collect();
+        assert_eq!(
+            log2.borrow().measured.len(),
+            total - 4,
+            "finished conditions are not measured again"
+        );
+        let ids: Vec<String> = resumed
+            .conditions
+            .iter()
+            .map(|c| c.condition.id())
+            .collect();
         assert_eq!(&ids[..4], &first_four[..]);
         // and the earlier figures are kept as they were
         assert_eq!(&resumed.conditions[..4], &on_disk.conditions[..]);
@@ -442,7 +552,11 @@ rate = ["50% of solo"]
     fn relative_rate_without_capacity_fails_clearly() {
         let exp = Experiment::parse(EXP).unwrap();
         let w = exp.workload("vec").unwrap();
-        let load = Load { rate: Some(Rate::OfSolo(50.0)), concurrency: None, batch: Some(4) };
+        let load = Load {
+            rate: Some(Rate::OfSolo(50.0)),
+            concurrency: None,
+            batch: Some(4),
+        };
         let e = resolve_rate(w, &load, &[]).unwrap_err();
         assert!(format!("{e}").contains("solo capacity"), "{e}");
     }

@@ -211,10 +211,16 @@ impl From<Rate> for RateText {
 
 fn parse_rate(text: &str) -> Result<Rate, String> {
     let t = text.trim();
-    let bad = || format!("bad rate {text:?}: expected requests/s (e.g. 12 or \"12/s\") or \"50% of solo\"");
+    let bad = || {
+        format!("bad rate {text:?}: expected requests/s (e.g. 12 or \"12/s\") or \"50% of solo\"")
+    };
     if let Some(pct) = t.strip_suffix("of solo") {
         let pct = pct.trim().strip_suffix('%').ok_or_else(bad)?;
-        return pct.trim().parse::<f64>().map(Rate::OfSolo).map_err(|_| bad());
+        return pct
+            .trim()
+            .parse::<f64>()
+            .map(Rate::OfSolo)
+            .map_err(|_| bad());
     }
     let n = t.strip_suffix("/s").unwrap_or(t).trim();
     n.parse::<f64>().map(Rate::PerSecond).map_err(|_| bad())
@@ -574,7 +580,9 @@ pub fn engine_names(deployment: &toml::Table) -> Result<Vec<String>> {
     let engines = deployment
         .get("engines")
         .and_then(|e| e.as_array())
-        .ok_or_else(|| anyhow::anyhow!("deployment.engines: missing (a list of [[deployment.engines]] tables)"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!("deployment.engines: missing (a list of [[deployment.engines]] tables)")
+        })?;
     if engines.is_empty() {
         bail!("deployment.engines: at least one engine is needed");
     }
@@ -584,7 +592,9 @@ pub fn engine_names(deployment: &toml::Table) -> Result<Vec<String>> {
             .as_table()
             .and_then(|t| t.get("name"))
             .and_then(|n| n.as_str())
-            .ok_or_else(|| anyhow::anyhow!("deployment.engines[{i}].name: missing or not a string"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("deployment.engines[{i}].name: missing or not a string")
+            })?;
         if names.iter().any(|n| n == name) {
             bail!("deployment.engines[{i}].name: duplicate engine name {name:?}");
         }
@@ -629,7 +639,10 @@ batch = 8
 "#;
 
     fn err(extra: &str) -> String {
-        format!("{:#}", Experiment::parse(&format!("{BASE}{extra}")).unwrap_err())
+        format!(
+            "{:#}",
+            Experiment::parse(&format!("{BASE}{extra}")).unwrap_err()
+        )
     }
 
     #[test]
@@ -642,7 +655,11 @@ batch = 8
         let axes = e.axes.unwrap();
         assert_eq!(
             axes.load["vec"].rate,
-            vec![Rate::OfSolo(50.0), Rate::PerSecond(3.0), Rate::PerSecond(2.5)]
+            vec![
+                Rate::OfSolo(50.0),
+                Rate::PerSecond(3.0),
+                Rate::PerSecond(2.5)
+            ]
         );
         assert_eq!(e.warmup, Duration::from_secs(1));
     }
@@ -659,7 +676,9 @@ batch = 8
     fn semantic_errors_name_the_field() {
         assert!(err("[axes]\nsharing=[\"solo\"]\n").contains("axes.sharing[0]"));
         assert!(err("[axes]\nsharing=[\"mps\"]\nmps_split=[[70]]\n").contains("axes.mps_split[0]"));
-        assert!(err("[axes]\nsharing=[\"timeslice\"]\nmps_split=[[70,30]]\n").contains("needs \"mps\""));
+        assert!(
+            err("[axes]\nsharing=[\"timeslice\"]\nmps_split=[[70,30]]\n").contains("needs \"mps\"")
+        );
         assert!(err("[axes]\nmemory_split=[[0.7,0.6]]\n").contains("over the whole GPU"));
         assert!(err("[axes.load.nope]\nconcurrency=[1]\n").contains("axes.load.nope"));
         assert!(err("[axes.load.chat]\nbatch=[2]\n").contains("only embed"));
@@ -667,8 +686,12 @@ batch = 8
         assert!(err("[slo.chat]\nttft_p99=\"fast\"\n").contains("bad duration"));
         assert!(err("[axes.load.vec]\nrate=[\"half of solo\"]\n").contains("bad rate"));
         assert!(err("[axes]\n[[conditions]]\nsharing=\"mps\"\n").contains("give one of them"));
-        let m = Experiment::parse(&BASE.replace("engine = \"emb\"", "engine = \"embx\"")).unwrap_err();
-        assert!(format!("{m:#}").contains("workloads[1] (vec).engine"), "{m:#}");
+        let m =
+            Experiment::parse(&BASE.replace("engine = \"emb\"", "engine = \"embx\"")).unwrap_err();
+        assert!(
+            format!("{m:#}").contains("workloads[1] (vec).engine"),
+            "{m:#}"
+        );
         let m = Experiment::parse(&BASE.replace("name = \"t\"", "name = \"a b\"")).unwrap_err();
         assert!(format!("{m:#}").contains("name:"), "{m:#}");
     }

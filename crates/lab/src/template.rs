@@ -30,7 +30,11 @@ pub fn for_condition(exp: &Experiment, cond: &Condition) -> Result<toml::Table> 
         };
         engines.push(e.clone());
     }
-    let sharing = if cond.is_solo() { "timeslice" } else { cond.sharing.as_str() };
+    let sharing = if cond.is_solo() {
+        "timeslice"
+    } else {
+        cond.sharing.as_str()
+    };
     d.insert("sharing".into(), toml::Value::String(sharing.into()));
     if !d.contains_key("name") {
         d.insert("name".into(), toml::Value::String(exp.name.clone()));
