@@ -417,3 +417,66 @@ fn minilm_matches_sentence_transformers() {
         assert!(c >= 0.9999, "input {n}: cosine {c}");
     }
 }
+
+#[test]
+fn generator_sampling_follows_the_logits() {
+    let mut g = generator(load(&opts("preset:qwen3-tiny", None, LoadFormat::Dummy)).unwrap());
+    g.init_kv_cache(16, 8).unwrap();
+    let ids: Vec<u32> = b"the quick brown fox"
+        .iter()
+        .map(|&b| u32::from(b))
+        .collect();
+    let run = |g: &mut Box<dyn Generator>, spec: SampleSpec<'_>| {
+        let seq = SeqStep {
+            tokens: &ids,
+            start_pos: 0,
+            block_table: &[3, 9, 1],
+            sample: Some(spec),
+        };
+        g.step(&[seq]).unwrap()[0]
+    };
+    let seq = SeqStep {
+        tokens: &ids,
+        start_pos: 0,
+        block_table: &[3, 9, 1],
+        sample: Some(GREEDY),
+    };
+    let logits = g.step_logits(&[seq]).unwrap().remove(0);
+    let best = argmax(&logits);
+    assert_eq!(run(&mut g, GREEDY), best, "greedy = argmax");
+    // Masking the argmax picks the runner-up.
+    let mut without = logits.clone();
+    without[best as usize] = f32::NEG_INFINITY;
+    let masked = [best];
+    assert_eq!(
+        run(
+            &mut g,
+            SampleSpec {
+                masked: &masked,
+                ..GREEDY
+            }
+        ),
+        argmax(&without)
+    );
+    let hot = SampleSpec {
+        temperature: 5.0,
+        top_p: 1.0,
+        top_k: 0,
+        uniform: 0.0,
+        masked: &masked,
+    };
+    for i in 0..20 {
+        let spec = SampleSpec {
+            uniform: i as f32 / 20.0,
+            ..hot
+        };
+        let t = run(&mut g, spec);
+        assert_ne!(t, best, "masked id chosen");
+        assert_eq!(t, run(&mut g, spec), "same uniform, same token");
+    }
+    assert_eq!(
+        run(&mut g, SampleSpec { top_k: 1, ..hot }),
+        argmax(&without),
+        "top_k 1 = greedy"
+    );
+}
