@@ -114,11 +114,20 @@ pub fn resolve_limits(limits: &Limits, info: &ModelInfo) -> anyhow::Result<Resol
             max_pos.min(capacity)
         }
     };
+    // Every running sequence needs at least one token of the step budget to decode.
+    let max_num_batched_tokens = limits.max_num_batched_tokens.unwrap_or(2048);
+    let max_num_seqs = match limits.max_num_seqs {
+        Some(s) if s > max_num_batched_tokens => anyhow::bail!(
+            "--max-num-seqs {s} is larger than --max-num-batched-tokens {max_num_batched_tokens}: every running sequence needs a token of the step budget"
+        ),
+        Some(s) => s,
+        None => 256.min(max_num_batched_tokens),
+    };
     Ok(Resolved {
         num_blocks,
         max_model_len,
-        max_num_seqs: limits.max_num_seqs.unwrap_or(256),
-        max_num_batched_tokens: limits.max_num_batched_tokens.unwrap_or(2048),
+        max_num_seqs,
+        max_num_batched_tokens,
     })
 }
 
@@ -133,11 +142,25 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
-            if let Err(e) = run(load_opts, limits, metrics, admission, &health_tx) {
-                let msg = format!("{e:#}");
-                tracing::error!("engine failed: {msg}");
-                let _ = health_tx.send(Health::Failed(msg));
-            }
+            // A panic in the model must not leave a server that looks healthy but never
+            // answers: it becomes `Failed`, which stops the server with a non-zero exit.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(load_opts, limits, metrics, admission, &health_tx)
+            }));
+            let msg = match result {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(p) => {
+                    let what = p
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| p.downcast_ref::<&str>().copied())
+                        .unwrap_or("unknown panic");
+                    format!("the engine thread panicked: {what}")
+                }
+            };
+            tracing::error!("engine failed: {msg}");
+            let _ = health_tx.send(Health::Failed(msg));
         })?;
     Ok(health_rx)
 }
@@ -297,5 +320,16 @@ mod tests {
         assert!(e.to_string().contains("--max-model-len 1000"), "{e}");
         let e = resolve_limits(&limits(1 << 40, Some(5000)), &info(Task::Generate)).unwrap_err();
         assert!(e.to_string().contains("max_position_embeddings"), "{e}");
+        let mut l = limits(1 << 30, None);
+        l.max_num_batched_tokens = Some(8);
+        assert_eq!(
+            resolve_limits(&l, &info(Task::Generate))
+                .unwrap()
+                .max_num_seqs,
+            8
+        );
+        l.max_num_seqs = Some(9);
+        let e = resolve_limits(&l, &info(Task::Generate)).unwrap_err();
+        assert!(e.to_string().contains("--max-num-seqs 9"), "{e}");
     }
 }
