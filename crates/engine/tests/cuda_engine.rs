@@ -13,6 +13,12 @@
 mod runner {
     pub use engine::runner::*;
 }
+mod load {
+    pub use engine::load::*;
+}
+mod model {
+    pub use engine::model::*;
+}
 #[allow(dead_code, unused_imports)]
 #[path = "../src/backend/cuda/mod.rs"]
 mod cuda;
@@ -35,7 +41,11 @@ const GREEDY: SampleSpec<'static> = SampleSpec {
 /// carried to the GPU machine in `.gpu-g/`.
 fn fixture_dir() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for p in ["testdata/qwen3-tiny", "../shared/fixtures/qwen3-tiny", ".gpu-g/qwen3-tiny"] {
+    for p in [
+        "testdata/qwen3-tiny",
+        "../shared/fixtures/qwen3-tiny",
+        ".gpu-g/qwen3-tiny",
+    ] {
         let d = root.join(p);
         if d.join("model.safetensors").is_file() {
             return d;
@@ -50,11 +60,20 @@ fn fixture_dir() -> PathBuf {
 #[test]
 fn asking_for_cuda_without_a_gpu_is_a_clear_error() {
     let shape = Qwen3Shape::named("qwen3-0.6b").unwrap();
-    match CudaQwen3::new(0, shape, Task::Generate, WeightSource::Dummy { seed: 1 }, small_opts()) {
+    match CudaQwen3::new(
+        0,
+        shape,
+        Task::Generate,
+        WeightSource::Dummy { seed: 1 },
+        small_opts(),
+    ) {
         Ok(m) => eprintln!("GPU present: {:?}", m.device_name()),
         Err(e) => {
             let msg = format!("{e:#}");
-            assert!(msg.contains("no NVIDIA driver/GPU found") || msg.contains("not available"), "{msg}");
+            assert!(
+                msg.contains("no NVIDIA driver/GPU found") || msg.contains("not available"),
+                "{msg}"
+            );
         }
     }
 }
@@ -79,17 +98,38 @@ struct Item {
 fn reference() -> Vec<Item> {
     let text = std::fs::read_to_string(fixture_dir().join("reference.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let nums = |x: &serde_json::Value| -> Vec<f64> { x.as_array().unwrap().iter().map(|n| n.as_f64().unwrap()).collect() };
+    let nums = |x: &serde_json::Value| -> Vec<f64> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_f64().unwrap())
+            .collect()
+    };
     v["items"]
         .as_array()
         .unwrap()
         .iter()
         .map(|it| Item {
-            ids: nums(&it["input_ids"]).into_iter().map(|x| x as u32).collect(),
-            last_logits: nums(&it["last_logits"]).into_iter().map(|x| x as f32).collect(),
-            argmax: nums(&it["argmax_per_position"]).into_iter().map(|x| x as u32).collect(),
-            greedy: nums(&it["greedy_8"]).into_iter().map(|x| x as u32).collect(),
-            embedding: nums(&it["embedding_last_token"]).into_iter().map(|x| x as f32).collect(),
+            ids: nums(&it["input_ids"])
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+            last_logits: nums(&it["last_logits"])
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+            argmax: nums(&it["argmax_per_position"])
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+            greedy: nums(&it["greedy_8"])
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+            embedding: nums(&it["embedding_last_token"])
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
         })
         .collect()
 }
@@ -105,17 +145,30 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 fn assert_logits_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: vocab");
     let range = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let max_err = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let max_err = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     let cos = cosine(got, want);
     eprintln!("{what}: max |err| {max_err:.4} (range {range:.3}), cosine {cos:.6}");
-    assert!(max_err <= 0.03 * range + 0.02, "{what}: max |err| {max_err} over range {range}");
+    assert!(
+        max_err <= 0.03 * range + 0.02,
+        "{what}: max |err| {max_err} over range {range}"
+    );
     assert!(cos >= 0.999, "{what}: cosine {cos}");
 }
 
 fn tiny_generator() -> CudaQwen3 {
     let dir = fixture_dir();
     let shape = Qwen3Shape::from_dir(&dir).unwrap();
-    let mut m = CudaQwen3::new(0, shape, Task::Generate, WeightSource::Dir(&dir), small_opts()).unwrap();
+    let mut m = CudaQwen3::new(
+        0,
+        shape,
+        Task::Generate,
+        WeightSource::Dir(&dir),
+        small_opts(),
+    )
+    .unwrap();
     m.init_kv_cache(64, 4).unwrap();
     m
 }
@@ -128,7 +181,9 @@ fn cuda_tiny_qwen3_matches_transformers() {
     let items = reference();
     let mut m = tiny_generator();
     // Disjoint block tables: prompt i owns blocks 20*i ..
-    let tables: Vec<Vec<u32>> = (0..items.len()).map(|i| (20 * i as u32..20 * i as u32 + 20).collect()).collect();
+    let tables: Vec<Vec<u32>> = (0..items.len())
+        .map(|i| (20 * i as u32..20 * i as u32 + 20).collect())
+        .collect();
     let steps: Vec<SeqStep<'_>> = items
         .iter()
         .zip(&tables)
@@ -176,7 +231,10 @@ fn cuda_tiny_qwen3_matches_transformers() {
             mismatches += 1;
         }
     }
-    assert_eq!(mismatches, 0, "greedy continuations differ from transformers");
+    assert_eq!(
+        mismatches, 0,
+        "greedy continuations differ from transformers"
+    );
 }
 
 /// Per-position argmax over a whole prompt (prefill attention at every causal length),
@@ -216,7 +274,8 @@ fn cuda_tiny_embedding_matches_transformers() {
     let items = reference();
     let dir = fixture_dir();
     let shape = Qwen3Shape::from_dir(&dir).unwrap();
-    let mut m = CudaQwen3::new(0, shape, Task::Embed, WeightSource::Dir(&dir), small_opts()).unwrap();
+    let mut m =
+        CudaQwen3::new(0, shape, Task::Embed, WeightSource::Dir(&dir), small_opts()).unwrap();
     let inputs: Vec<&[u32]> = items.iter().map(|it| it.ids.as_slice()).collect();
     let got = m.embed(&inputs).unwrap();
     for (i, (g, it)) in got.iter().zip(&items).enumerate() {
@@ -244,13 +303,22 @@ fn gen_limit_tok_s(s: &Qwen3Shape, batch: usize, prompt: usize, gen: usize) -> f
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self, n: usize) -> u32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 33) % n as u64) as u32
     }
 }
 
 /// One round: prefill every prompt (chunked to the step limit), then `gen - 1` decode steps.
-fn gen_round(m: &mut CudaQwen3, prompts: &[Vec<u32>], tables: &[Vec<u32>], gen: usize, max_tokens: usize) -> (f64, f64) {
+fn gen_round(
+    m: &mut CudaQwen3,
+    prompts: &[Vec<u32>],
+    tables: &[Vec<u32>],
+    gen: usize,
+    max_tokens: usize,
+) -> (f64, f64) {
     let t0 = Instant::now();
     let mut last = vec![0u32; prompts.len()];
     let mut i = 0;
@@ -297,7 +365,10 @@ fn print_profile(m: &CudaQwen3, label: &str) {
     let total: f64 = rep.iter().map(|r| r.1).sum();
     println!("breakdown {label}: total GPU {total:.1} ms (eager, CUDA events per op)");
     for (name, ms, calls) in rep {
-        println!("  {name:<24} {ms:>9.2} ms {:>5.1}%  {calls} calls", 100.0 * ms / total.max(1e-9));
+        println!(
+            "  {name:<24} {ms:>9.2} ms {:>5.1}%  {calls} calls",
+            100.0 * ms / total.max(1e-9)
+        );
     }
 }
 
@@ -312,15 +383,26 @@ fn bench_gen(model: &str, batch: usize, rounds: usize) {
         ..Default::default()
     };
     let t = Instant::now();
-    let mut m = CudaQwen3::new(0, shape.clone(), Task::Generate, WeightSource::Dummy { seed: 0 }, opts).unwrap();
+    let mut m = CudaQwen3::new(
+        0,
+        shape.clone(),
+        Task::Generate,
+        WeightSource::Dummy { seed: 0 },
+        opts,
+    )
+    .unwrap();
     let bs = 16;
     let per_seq = (prompt + gen).div_ceil(bs);
     m.init_kv_cache(batch * per_seq, bs).unwrap();
     m.capture_all().unwrap();
     let load_s = t.elapsed().as_secs_f64();
     let mut rng = Lcg(42);
-    let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..prompt).map(|_| rng.next(150_000)).collect()).collect();
-    let tables: Vec<Vec<u32>> = (0..batch).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|_| (0..prompt).map(|_| rng.next(150_000)).collect())
+        .collect();
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+        .collect();
     gen_round(&mut m, &prompts, &tables, gen, max_tokens); // warm-up
     let mut total = 0.0;
     let mut prefill = 0.0;
@@ -351,9 +433,12 @@ fn bench_embed(model: &str, batch: usize, len: usize, secs: f64) {
         max_model_len: len,
         graph_buckets: vec![],
     };
-    let mut m = CudaQwen3::new(0, shape, Task::Embed, WeightSource::Dummy { seed: 0 }, opts).unwrap();
+    let mut m =
+        CudaQwen3::new(0, shape, Task::Embed, WeightSource::Dummy { seed: 0 }, opts).unwrap();
     let mut rng = Lcg(7);
-    let inputs: Vec<Vec<u32>> = (0..batch).map(|_| (0..len).map(|_| rng.next(150_000)).collect()).collect();
+    let inputs: Vec<Vec<u32>> = (0..batch)
+        .map(|_| (0..len).map(|_| rng.next(150_000)).collect())
+        .collect();
     let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
     m.embed(&refs).unwrap();
     let t = Instant::now();
@@ -373,7 +458,8 @@ fn bench_embed(model: &str, batch: usize, len: usize, secs: f64) {
 #[test]
 #[ignore = "needs an NVIDIA GPU; a benchmark"]
 fn cuda_bench() {
-    let which = std::env::var("COLOCATE_CUDA_BENCH").unwrap_or_else(|_| "gen17,embed,gen8".to_string());
+    let which =
+        std::env::var("COLOCATE_CUDA_BENCH").unwrap_or_else(|_| "gen17,embed,gen8".to_string());
     for part in which.split(',') {
         match part {
             "gen17" => {

@@ -90,17 +90,20 @@ impl CudaDevice {
     /// all its work on this one stream, so the tracking is not needed.
     pub fn open(ordinal: usize) -> Result<Self, CudaError> {
         check_libraries()?;
-        let ctx = CudaContext::new(ordinal).map_err(|source| CudaError::NoDevice { ordinal, source })?;
+        let ctx =
+            CudaContext::new(ordinal).map_err(|source| CudaError::NoDevice { ordinal, source })?;
         // SAFETY: called before any buffer or stream of this context exists.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|source| CudaError::Driver {
             what: "creating a stream",
             source,
         })?;
-        let (major, minor) = ctx.compute_capability().map_err(|source| CudaError::Driver {
-            what: "reading the compute capability",
-            source,
-        })?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|source| CudaError::Driver {
+                what: "reading the compute capability",
+                source,
+            })?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
         let total_memory = ctx.total_mem().map_err(|source| CudaError::Driver {
             what: "reading the memory size",
@@ -141,7 +144,10 @@ mod tests {
             Ok(dev) => assert!(dev.arch.starts_with("sm_")),
             Err(e) => {
                 let msg = e.to_string();
-                assert!(msg.contains("no NVIDIA driver/GPU found") || msg.contains("not available"), "{msg}");
+                assert!(
+                    msg.contains("no NVIDIA driver/GPU found") || msg.contains("not available"),
+                    "{msg}"
+                );
                 if let CudaError::MissingLibrary { searched, .. } = &e {
                     assert!(searched.contains(".so"), "{msg}");
                 }

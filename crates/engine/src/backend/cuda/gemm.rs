@@ -3,7 +3,9 @@
 //! view that is `yᶜ (N×T) = wᶜᵀ · xᶜ`, i.e. op(A) = T on the weight, no transposes copied.
 //! cuBLAS is given a fixed workspace so that GEMMs can be captured into CUDA graphs.
 
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+};
 use cudarc::cublas::CudaBlas;
 
 use super::device::CudaError;
@@ -18,7 +20,16 @@ pub enum OutType {
 
 /// `y[t, n] = sum_k x[t, k] * w[n, k]` (bf16 in, fp32 accumulate, `out` type out).
 #[allow(clippy::too_many_arguments)]
-pub fn linear(blas: &CudaBlas, x: DevPtr, w: DevPtr, y: DevPtr, t: usize, n: usize, k: usize, out: OutType) -> Result<(), CudaError> {
+pub fn linear(
+    blas: &CudaBlas,
+    x: DevPtr,
+    w: DevPtr,
+    y: DevPtr,
+    t: usize,
+    n: usize,
+    k: usize,
+    out: OutType,
+) -> Result<(), CudaError> {
     let alpha = 1.0f32;
     let beta = 0.0f32;
     let c_type = match out {
@@ -50,14 +61,24 @@ pub fn linear(blas: &CudaBlas, x: DevPtr, w: DevPtr, y: DevPtr, t: usize, n: usi
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(|source| CudaError::Blas { what: "GEMM", source })
+    .map_err(|source| CudaError::Blas {
+        what: "GEMM",
+        source,
+    })
 }
 
 /// Gives cuBLAS a fixed workspace (required for graph capture: it must not allocate then).
 pub fn set_workspace(blas: &CudaBlas, ptr: DevPtr, bytes: usize) -> Result<(), CudaError> {
     // SAFETY: the workspace buffer outlives the handle's use (owned by the same model).
-    let status = unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut std::ffi::c_void, bytes) };
-    status
-        .result()
-        .map_err(|source| CudaError::Blas { what: "setting the workspace", source })
+    let status = unsafe {
+        cudarc::cublas::sys::cublasSetWorkspace_v2(
+            *blas.handle(),
+            ptr as *mut std::ffi::c_void,
+            bytes,
+        )
+    };
+    status.result().map_err(|source| CudaError::Blas {
+        what: "setting the workspace",
+        source,
+    })
 }

@@ -83,22 +83,27 @@ impl Kernels {
     /// Compiles the kernels for `dev`'s architecture and a model with `head_dim` and
     /// `group` query heads per KV head. Takes about 100 ms.
     pub fn compile(dev: &CudaDevice, head_dim: usize, group: usize) -> Result<Self, CudaError> {
-        if head_dim > 256 || head_dim % 2 != 0 || group == 0 || group > 16 {
+        if head_dim > 256 || !head_dim.is_multiple_of(2) || group == 0 || group > 16 {
             return Err(CudaError::Compile {
                 arch: dev.arch.clone(),
                 message: format!("unsupported attention shape: head_dim {head_dim}, group {group}"),
             });
         }
         let ptx = compile_source(&dev.arch, head_dim, group)?;
-        let module = dev.ctx.load_module(ptx).map_err(|source| CudaError::Driver {
-            what: "loading the compiled kernels",
-            source,
-        })?;
-        let f = |name: &str| {
-            module.load_function(name).map_err(|source| CudaError::Driver {
-                what: "finding a kernel",
+        let module = dev
+            .ctx
+            .load_module(ptx)
+            .map_err(|source| CudaError::Driver {
+                what: "loading the compiled kernels",
                 source,
-            })
+            })?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|source| CudaError::Driver {
+                    what: "finding a kernel",
+                    source,
+                })
         };
         Ok(Self {
             stream: dev.stream.clone(),
@@ -125,11 +130,20 @@ impl Kernels {
     }
 
     /// residual[t] = table[ids[t]] in fp32.
-    pub fn embed_gather(&self, table: DevPtr, ids: DevPtr, residual: DevPtr, rows: usize, hidden: usize) -> Result<(), CudaError> {
+    pub fn embed_gather(
+        &self,
+        table: DevPtr,
+        ids: DevPtr,
+        residual: DevPtr,
+        rows: usize,
+        hidden: usize,
+    ) -> Result<(), CudaError> {
         let h = hidden as i32;
         let mut b = self.stream.launch_builder(&self.embed_gather);
         b.arg(&table).arg(&ids).arg(&residual).arg(&h);
-        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
     }
 
     /// residual += delta (when `delta != 0`); out = rmsnorm(residual) * w. With `rows != 0`,
@@ -148,17 +162,41 @@ impl Kernels {
     ) -> Result<(), CudaError> {
         let h = hidden as i32;
         let mut b = self.stream.launch_builder(&self.add_rmsnorm);
-        b.arg(&residual).arg(&delta).arg(&w).arg(&out).arg(&rows_map).arg(&h).arg(&eps);
-        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+        b.arg(&residual)
+            .arg(&delta)
+            .arg(&w)
+            .arg(&out)
+            .arg(&rows_map)
+            .arg(&h)
+            .arg(&eps);
+        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
     }
 
     /// out[r] = rmsnorm(residual[rows[r]]) * w in fp32 (pooling).
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_rows_f32(&self, residual: DevPtr, w: DevPtr, out: DevPtr, rows_map: DevPtr, rows: usize, hidden: usize, eps: f32) -> Result<(), CudaError> {
+    pub fn rmsnorm_rows_f32(
+        &self,
+        residual: DevPtr,
+        w: DevPtr,
+        out: DevPtr,
+        rows_map: DevPtr,
+        rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
         let h = hidden as i32;
         let mut b = self.stream.launch_builder(&self.rmsnorm_rows_f32);
-        b.arg(&residual).arg(&w).arg(&out).arg(&rows_map).arg(&h).arg(&eps);
-        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+        b.arg(&residual)
+            .arg(&w)
+            .arg(&out)
+            .arg(&rows_map)
+            .arg(&h)
+            .arg(&eps);
+        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
     }
 
     /// Per-head q/k RMSNorm + RoPE in place on `qkv`, K/V written to the caches by slot.
@@ -181,19 +219,35 @@ impl Kernels {
         let (nq_, nkv_, d) = (nq as i32, nkv as i32, self.head_dim as i32);
         let warps = (nq + 2 * nkv).min(32) as u32;
         let mut b = self.stream.launch_builder(&self.qk_norm_rope_kv);
-        b.arg(&qkv).arg(&qw).arg(&kw).arg(&positions).arg(&slots).arg(&kcache).arg(&vcache);
+        b.arg(&qkv)
+            .arg(&qw)
+            .arg(&kw)
+            .arg(&positions)
+            .arg(&slots)
+            .arg(&kcache)
+            .arg(&vcache);
         b.arg(&nq_).arg(&nkv_).arg(&d).arg(&eps).arg(&theta);
-        unsafe { b.launch(Self::cfg((tokens as u32, 1), warps * 32, 0)) }.map(|_| ()).map_err(launch_err)
+        unsafe { b.launch(Self::cfg((tokens as u32, 1), warps * 32, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
     }
 
     /// out = silu(gate) * up from the fused [T, 2I] projection.
-    pub fn silu_mul(&self, gu: DevPtr, out: DevPtr, tokens: usize, inter: usize) -> Result<(), CudaError> {
+    pub fn silu_mul(
+        &self,
+        gu: DevPtr,
+        out: DevPtr,
+        tokens: usize,
+        inter: usize,
+    ) -> Result<(), CudaError> {
         let total = tokens * inter;
         let (i, n) = (inter as i32, total as i32);
         let mut b = self.stream.launch_builder(&self.silu_mul);
         b.arg(&gu).arg(&out).arg(&i).arg(&n);
         let blocks = total.div_ceil(256) as u32;
-        unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+        unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
     }
 
     /// Paged causal attention for every token of the step (prefill and decode alike).
@@ -217,11 +271,26 @@ impl Kernels {
         let scale = 1.0f32 / (self.head_dim as f32).sqrt();
         let (mb, bs, nkv_) = (max_blocks as i32, block_size as i32, nkv as i32);
         let mut b = self.stream.launch_builder(&self.paged_attention);
-        b.arg(&qkv).arg(&out).arg(&kcache).arg(&vcache).arg(&block_tables).arg(&mb);
-        b.arg(&seq_of).arg(&positions).arg(&bs).arg(&nkv_).arg(&scale);
-        unsafe { b.launch(Self::cfg((tokens as u32, nkv as u32), warps * 32, smem as u32)) }
-            .map(|_| ())
-            .map_err(launch_err)
+        b.arg(&qkv)
+            .arg(&out)
+            .arg(&kcache)
+            .arg(&vcache)
+            .arg(&block_tables)
+            .arg(&mb);
+        b.arg(&seq_of)
+            .arg(&positions)
+            .arg(&bs)
+            .arg(&nkv_)
+            .arg(&scale);
+        unsafe {
+            b.launch(Self::cfg(
+                (tokens as u32, nkv as u32),
+                warps * 32,
+                smem as u32,
+            ))
+        }
+        .map(|_| ())
+        .map_err(launch_err)
     }
 
     /// Tiled prefill attention: `tiles` tiles of up to 8 query tokens of one sequence each
@@ -246,28 +315,62 @@ impl Kernels {
         let scale = 1.0f32 / (self.head_dim as f32).sqrt();
         let (mb, bs, nkv_) = (max_blocks as i32, block_size as i32, nkv as i32);
         let mut b = self.stream.launch_builder(&self.prefill_attention);
-        b.arg(&qkv).arg(&out).arg(&kcache).arg(&vcache).arg(&block_tables).arg(&mb);
-        b.arg(&seq_of).arg(&positions).arg(&tile_start).arg(&tile_len).arg(&bs).arg(&nkv_).arg(&scale);
-        unsafe { b.launch(Self::cfg((tiles as u32, nkv as u32), PREFILL_TILE as u32 * 32, 0)) }
+        b.arg(&qkv)
+            .arg(&out)
+            .arg(&kcache)
+            .arg(&vcache)
+            .arg(&block_tables)
+            .arg(&mb);
+        b.arg(&seq_of)
+            .arg(&positions)
+            .arg(&tile_start)
+            .arg(&tile_len)
+            .arg(&bs)
+            .arg(&nkv_)
+            .arg(&scale);
+        unsafe {
+            b.launch(Self::cfg(
+                (tiles as u32, nkv as u32),
+                PREFILL_TILE as u32 * 32,
+                0,
+            ))
+        }
+        .map(|_| ())
+        .map_err(launch_err)
+    }
+
+    /// out[r] = argmax(logits[r]) over fp32 logits.
+    pub fn argmax_rows(
+        &self,
+        logits: DevPtr,
+        out: DevPtr,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<(), CudaError> {
+        let v = vocab as i32;
+        let mut b = self.stream.launch_builder(&self.argmax_rows);
+        b.arg(&logits).arg(&out).arg(&v);
+        unsafe { b.launch(Self::cfg((rows as u32, 1), 1024, 0)) }
             .map(|_| ())
             .map_err(launch_err)
     }
 
-    /// out[r] = argmax(logits[r]) over fp32 logits.
-    pub fn argmax_rows(&self, logits: DevPtr, out: DevPtr, rows: usize, vocab: usize) -> Result<(), CudaError> {
-        let v = vocab as i32;
-        let mut b = self.stream.launch_builder(&self.argmax_rows);
-        b.arg(&logits).arg(&out).arg(&v);
-        unsafe { b.launch(Self::cfg((rows as u32, 1), 1024, 0)) }.map(|_| ()).map_err(launch_err)
-    }
-
     /// Fills `n` bf16 values with offset + uniform(-a, a) from `seed` (dummy weights).
-    pub fn fill_uniform(&self, out: DevPtr, n: usize, seed: u64, a: f32, offset: f32) -> Result<(), CudaError> {
+    pub fn fill_uniform(
+        &self,
+        out: DevPtr,
+        n: usize,
+        seed: u64,
+        a: f32,
+        offset: f32,
+    ) -> Result<(), CudaError> {
         let n_ = n as u64;
         let mut b = self.stream.launch_builder(&self.fill_uniform);
         b.arg(&out).arg(&n_).arg(&seed).arg(&a).arg(&offset);
         let blocks = n.div_ceil(256).min(65_536) as u32;
-        unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }.map(|_| ()).map_err(launch_err)
+        unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
     }
 }
 

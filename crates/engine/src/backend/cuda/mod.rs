@@ -13,6 +13,7 @@
 pub mod device;
 pub mod gemm;
 pub mod kernels;
+pub mod load;
 pub mod profile;
 pub mod qwen3;
 pub mod sampling;
@@ -20,5 +21,6 @@ pub mod shape;
 pub mod weights;
 
 pub use device::{check_libraries, CudaDevice, CudaError};
+pub use load::{load, CudaLoaded};
 pub use qwen3::{CudaOptions, CudaQwen3, WeightSource};
 pub use shape::Qwen3Shape;

@@ -27,7 +27,10 @@ impl Profiler {
 
     /// Records the start of op `name` on `stream`; returns the start event to close with `end`.
     pub fn start(&self, stream: &CudaStream) -> Option<CudaEvent> {
-        let e = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()?;
+        let e = self
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .ok()?;
         e.record(stream).ok()?;
         Some(e)
     }
@@ -55,7 +58,11 @@ impl Profiler {
 
     /// (name, total ms, calls), largest first.
     pub fn report(&self) -> Vec<(&'static str, f64, u64)> {
-        let mut v: Vec<_> = self.totals.iter().map(|(n, (ms, c))| (*n, *ms, *c)).collect();
+        let mut v: Vec<_> = self
+            .totals
+            .iter()
+            .map(|(n, (ms, c))| (*n, *ms, *c))
+            .collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
     }

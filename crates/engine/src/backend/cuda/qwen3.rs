@@ -164,8 +164,12 @@ impl CudaQwen3 {
     ) -> anyhow::Result<Self> {
         let dev = CudaDevice::open(ordinal)?;
         let s = shape;
-        if s.heads % s.kv_heads != 0 {
-            bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", s.heads, s.kv_heads);
+        if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) {
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                s.heads,
+                s.kv_heads
+            );
         }
         let k = Kernels::compile(&dev, s.head_dim, s.heads / s.kv_heads)?;
         let w = match source {
@@ -219,6 +223,11 @@ impl CudaQwen3 {
         })
     }
 
+    /// Replaces the serving-side description (EOS ids from generation_config.json etc.).
+    pub fn set_info(&mut self, info: ModelInfo) {
+        self.info = info;
+    }
+
     /// The GPU's name and architecture, e.g. ("NVIDIA H100 80GB HBM3", "sm_90").
     pub fn device_name(&self) -> (&str, &str) {
         (&self.dev.name, &self.dev.arch)
@@ -227,7 +236,11 @@ impl CudaQwen3 {
     /// KV blocks that fit when this engine may use `fraction` of the GPU's total memory
     /// (`--gpu-memory-utilization`) for weights, scratch and KV, given what it already
     /// holds; also capped by the memory free right now (another tenant, an MPS limit).
-    pub fn kv_blocks_for_fraction(&self, fraction: f64, block_size: usize) -> anyhow::Result<usize> {
+    pub fn kv_blocks_for_fraction(
+        &self,
+        fraction: f64,
+        block_size: usize,
+    ) -> anyhow::Result<usize> {
         if !(fraction > 0.0 && fraction <= 1.0) {
             bail!("--gpu-memory-utilization must be in (0, 1], got {fraction}");
         }
@@ -254,8 +267,18 @@ impl CudaQwen3 {
         let sc = &self.scratch;
         self.s.weight_bytes()
             + [
-                &sc.meta, &sc.residual, &sc.normed, &sc.qkv, &sc.attn, &sc.delta, &sc.gate_up, &sc.act, &sc.last,
-                &sc.logits, &sc.sampled, &sc.pooled,
+                &sc.meta,
+                &sc.residual,
+                &sc.normed,
+                &sc.qkv,
+                &sc.attn,
+                &sc.delta,
+                &sc.gate_up,
+                &sc.act,
+                &sc.last,
+                &sc.logits,
+                &sc.sampled,
+                &sc.pooled,
             ]
             .iter()
             .map(|b| b.bytes)
@@ -270,16 +293,26 @@ impl CudaQwen3 {
 
     /// (op, total ms, calls) since profiling was turned on, largest first.
     pub fn profile_report(&self) -> Vec<(&'static str, f64, u64)> {
-        self.profiler.as_ref().map(Profiler::report).unwrap_or_default()
+        self.profiler
+            .as_ref()
+            .map(Profiler::report)
+            .unwrap_or_default()
     }
 
     fn layout(&self) -> anyhow::Result<MetaLayout> {
-        self.layout.ok_or_else(|| anyhow!("KV cache not initialised: call init_kv_cache first"))
+        self.layout
+            .ok_or_else(|| anyhow!("KV cache not initialised: call init_kv_cache first"))
     }
 
     /// Fills `meta_host` for a step over `seqs`; returns (tokens, rows sampled, prefill
     /// attention tiles; 0 when every sequence brings one token: the decode kernel runs).
-    fn pack_step(&mut self, seqs: &[SeqStep<'_>], pad_to: usize, lay: MetaLayout, bs: usize) -> anyhow::Result<(usize, usize, usize)> {
+    fn pack_step(
+        &mut self,
+        seqs: &[SeqStep<'_>],
+        pad_to: usize,
+        lay: MetaLayout,
+        bs: usize,
+    ) -> anyhow::Result<(usize, usize, usize)> {
         let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let rows_n = pad_to.max(seqs.len());
         if t > self.opts.max_tokens || rows_n > self.opts.max_seqs {
@@ -308,7 +341,11 @@ impl CudaQwen3 {
                 }
             }
             if sq.block_table.len() > lay.max_blocks {
-                bail!("block table of {} blocks is over the limit {}", sq.block_table.len(), lay.max_blocks);
+                bail!(
+                    "block table of {} blocks is over the limit {}",
+                    sq.block_table.len(),
+                    lay.max_blocks
+                );
             }
             for (j, &id) in sq.tokens.iter().enumerate() {
                 let p = sq.start_pos + j;
@@ -348,14 +385,26 @@ impl CudaQwen3 {
         let n = lay.len(rows_n);
         // SAFETY: meta buffer holds lay.len(max_seqs) >= n i32s.
         unsafe {
-            cudarc::driver::result::memcpy_htod_async(self.scratch.meta.ptr, &self.meta_host[..n], self.dev.stream.cu_stream())
+            cudarc::driver::result::memcpy_htod_async(
+                self.scratch.meta.ptr,
+                &self.meta_host[..n],
+                self.dev.stream.cu_stream(),
+            )
         }
         .map_err(|e| anyhow!("uploading step metadata: {e}"))
     }
 
     /// Enqueues the forward pass over `tokens` tokens; finishes with the `rows` selected
     /// rows either through lm_head + argmax (generate) or normalised in fp32 (embed).
-    fn forward(&mut self, tokens: usize, rows: usize, tiles: usize, kv: KvPlace, lay: MetaLayout, embed: bool) -> anyhow::Result<()> {
+    fn forward(
+        &mut self,
+        tokens: usize,
+        rows: usize,
+        tiles: usize,
+        kv: KvPlace,
+        lay: MetaLayout,
+        embed: bool,
+    ) -> anyhow::Result<()> {
         let mut prof = self.profiler.take();
         let r = self.forward_inner(tokens, rows, tiles, kv, lay, embed, &mut prof);
         self.profiler = prof;
@@ -388,13 +437,40 @@ impl CudaQwen3 {
                 res?
             }};
         }
-        op!("embed", k.embed_gather(w.embed.ptr, meta(lay.ids), sc.residual.ptr, t, h));
+        op!(
+            "embed",
+            k.embed_gather(w.embed.ptr, meta(lay.ids), sc.residual.ptr, t, h)
+        );
         for (li, lw) in w.layers.iter().enumerate() {
             let kc = kv.base + (li * kv.layer_stride) as u64;
             let vc = kc + kv.v_offset as u64;
             let delta = if li == 0 { 0 } else { sc.delta.ptr };
-            op!("rmsnorm+add", k.add_rmsnorm(sc.residual.ptr, delta, lw.input_norm.ptr, sc.normed.ptr, 0, t, h, s.eps));
-            op!("gemm qkv", gemm::linear(blas, sc.normed.ptr, lw.qkv.ptr, sc.qkv.ptr, t, s.qkv_width(), h, OutType::Bf16));
+            op!(
+                "rmsnorm+add",
+                k.add_rmsnorm(
+                    sc.residual.ptr,
+                    delta,
+                    lw.input_norm.ptr,
+                    sc.normed.ptr,
+                    0,
+                    t,
+                    h,
+                    s.eps
+                )
+            );
+            op!(
+                "gemm qkv",
+                gemm::linear(
+                    blas,
+                    sc.normed.ptr,
+                    lw.qkv.ptr,
+                    sc.qkv.ptr,
+                    t,
+                    s.qkv_width(),
+                    h,
+                    OutType::Bf16
+                )
+            );
             op!(
                 "qk norm+rope+kv write",
                 k.qk_norm_rope_kv(
@@ -449,30 +525,134 @@ impl CudaQwen3 {
                     )
                 );
             }
-            op!("gemm o", gemm::linear(blas, sc.attn.ptr, lw.o_proj.ptr, sc.delta.ptr, t, h, s.heads * s.head_dim, OutType::Bf16));
-            op!("rmsnorm+add", k.add_rmsnorm(sc.residual.ptr, sc.delta.ptr, lw.post_norm.ptr, sc.normed.ptr, 0, t, h, s.eps));
-            op!("gemm gate_up", gemm::linear(blas, sc.normed.ptr, lw.gate_up.ptr, sc.gate_up.ptr, t, 2 * s.inter, h, OutType::Bf16));
-            op!("silu*up", k.silu_mul(sc.gate_up.ptr, sc.act.ptr, t, s.inter));
-            op!("gemm down", gemm::linear(blas, sc.act.ptr, lw.down.ptr, sc.delta.ptr, t, h, s.inter, OutType::Bf16));
+            op!(
+                "gemm o",
+                gemm::linear(
+                    blas,
+                    sc.attn.ptr,
+                    lw.o_proj.ptr,
+                    sc.delta.ptr,
+                    t,
+                    h,
+                    s.heads * s.head_dim,
+                    OutType::Bf16
+                )
+            );
+            op!(
+                "rmsnorm+add",
+                k.add_rmsnorm(
+                    sc.residual.ptr,
+                    sc.delta.ptr,
+                    lw.post_norm.ptr,
+                    sc.normed.ptr,
+                    0,
+                    t,
+                    h,
+                    s.eps
+                )
+            );
+            op!(
+                "gemm gate_up",
+                gemm::linear(
+                    blas,
+                    sc.normed.ptr,
+                    lw.gate_up.ptr,
+                    sc.gate_up.ptr,
+                    t,
+                    2 * s.inter,
+                    h,
+                    OutType::Bf16
+                )
+            );
+            op!(
+                "silu*up",
+                k.silu_mul(sc.gate_up.ptr, sc.act.ptr, t, s.inter)
+            );
+            op!(
+                "gemm down",
+                gemm::linear(
+                    blas,
+                    sc.act.ptr,
+                    lw.down.ptr,
+                    sc.delta.ptr,
+                    t,
+                    h,
+                    s.inter,
+                    OutType::Bf16
+                )
+            );
         }
         if rows == 0 {
             return Ok(());
         }
         // The last layer's MLP output is still to be added: do it for every token (cheap)
         // with no normalisation output needed, then normalise only the selected rows.
-        op!("rmsnorm+add", k.add_rmsnorm(sc.residual.ptr, sc.delta.ptr, w.norm.ptr, sc.normed.ptr, 0, t, h, s.eps));
+        op!(
+            "rmsnorm+add",
+            k.add_rmsnorm(
+                sc.residual.ptr,
+                sc.delta.ptr,
+                w.norm.ptr,
+                sc.normed.ptr,
+                0,
+                t,
+                h,
+                s.eps
+            )
+        );
         if embed {
-            op!("pool", k.rmsnorm_rows_f32(sc.residual.ptr, w.norm.ptr, sc.pooled.ptr, meta(lay.rows), rows, h, s.eps));
+            op!(
+                "pool",
+                k.rmsnorm_rows_f32(
+                    sc.residual.ptr,
+                    w.norm.ptr,
+                    sc.pooled.ptr,
+                    meta(lay.rows),
+                    rows,
+                    h,
+                    s.eps
+                )
+            );
         } else {
-            op!("rmsnorm rows", k.add_rmsnorm(sc.residual.ptr, 0, w.norm.ptr, sc.last.ptr, meta(lay.rows), rows, h, s.eps));
-            op!("gemm lm_head", gemm::linear(blas, sc.last.ptr, w.lm_head_ptr(), sc.logits.ptr, rows, s.vocab, h, OutType::F32));
-            op!("argmax", k.argmax_rows(sc.logits.ptr, sc.sampled.ptr, rows, s.vocab));
+            op!(
+                "rmsnorm rows",
+                k.add_rmsnorm(
+                    sc.residual.ptr,
+                    0,
+                    w.norm.ptr,
+                    sc.last.ptr,
+                    meta(lay.rows),
+                    rows,
+                    h,
+                    s.eps
+                )
+            );
+            op!(
+                "gemm lm_head",
+                gemm::linear(
+                    blas,
+                    sc.last.ptr,
+                    w.lm_head_ptr(),
+                    sc.logits.ptr,
+                    rows,
+                    s.vocab,
+                    h,
+                    OutType::F32
+                )
+            );
+            op!(
+                "argmax",
+                k.argmax_rows(sc.logits.ptr, sc.sampled.ptr, rows, s.vocab)
+            );
         }
         Ok(())
     }
 
     fn kv_place(&self) -> anyhow::Result<KvPlace> {
-        let kv = self.kv.as_ref().ok_or_else(|| anyhow!("KV cache not initialised: call init_kv_cache first"))?;
+        let kv = self
+            .kv
+            .as_ref()
+            .ok_or_else(|| anyhow!("KV cache not initialised: call init_kv_cache first"))?;
         Ok(KvPlace {
             base: kv.mem.ptr,
             layer_stride: 2 * kv.layer_bytes,
@@ -484,15 +664,26 @@ impl CudaQwen3 {
     /// Makes the context current on the calling thread (the serving thread may not be the
     /// one that loaded the model; raw driver calls need it).
     fn bind(&self) -> anyhow::Result<()> {
-        self.dev.ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e}"))
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("binding the CUDA context: {e}"))
     }
 
     fn sync(&self) -> anyhow::Result<()> {
-        self.dev.stream.synchronize().map_err(|e| anyhow!("CUDA step failed: {e}"))
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(|e| anyhow!("CUDA step failed: {e}"))
     }
 
     fn bucket_for(&self, n: usize) -> Option<usize> {
-        self.opts.graph_buckets.iter().copied().filter(|&b| b >= n && b <= self.opts.max_seqs).min()
+        self.opts
+            .graph_buckets
+            .iter()
+            .copied()
+            .filter(|&b| b >= n && b <= self.opts.max_seqs)
+            .min()
     }
 
     /// Runs a step: graph replay for pure decode batches, eager otherwise. Leaves the
@@ -501,8 +692,15 @@ impl CudaQwen3 {
         self.bind()?;
         let lay = self.layout()?;
         let place = self.kv_place()?;
-        let decode = !seqs.is_empty() && seqs.iter().all(|s| s.tokens.len() == 1 && s.sample.is_some());
-        let bucket = if decode && self.profiler.is_none() { self.bucket_for(seqs.len()) } else { None };
+        let decode = !seqs.is_empty()
+            && seqs
+                .iter()
+                .all(|s| s.tokens.len() == 1 && s.sample.is_some());
+        let bucket = if decode && self.profiler.is_none() {
+            self.bucket_for(seqs.len())
+        } else {
+            None
+        };
         if let Some(b) = bucket {
             self.pack_step(seqs, b, lay, place.block_size)?;
             self.upload_meta(b, lay)?;
@@ -510,7 +708,8 @@ impl CudaQwen3 {
                 self.capture(b, place, lay)?;
             }
             let g = &self.graphs[&b];
-            g.0.launch().map_err(|e| anyhow!("CUDA graph launch: {e}"))?;
+            g.0.launch()
+                .map_err(|e| anyhow!("CUDA graph launch: {e}"))?;
             return Ok(seqs.len());
         }
         let (t, rows, tiles) = self.pack_step(seqs, 0, lay, place.block_size)?;
@@ -534,7 +733,9 @@ impl CudaQwen3 {
         let graph = graph
             .map_err(|e| anyhow!("CUDA graph capture: {e}"))?
             .ok_or_else(|| anyhow!("CUDA graph capture produced an empty graph"))?;
-        graph.upload().map_err(|e| anyhow!("CUDA graph upload: {e}"))?;
+        graph
+            .upload()
+            .map_err(|e| anyhow!("CUDA graph upload: {e}"))?;
         self.graphs.insert(b, SendGraph(graph));
         Ok(())
     }
@@ -542,8 +743,10 @@ impl CudaQwen3 {
     fn download<T: Copy + Default>(&self, ptr: DevPtr, n: usize) -> anyhow::Result<Vec<T>> {
         let mut v = vec![T::default(); n];
         // SAFETY: the caller names a device range of at least n elements.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut v, ptr, self.dev.stream.cu_stream()) }
-            .map_err(|e| anyhow!("copying results from the GPU: {e}"))?;
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut v, ptr, self.dev.stream.cu_stream())
+        }
+        .map_err(|e| anyhow!("copying results from the GPU: {e}"))?;
         self.sync()?;
         Ok(v)
     }
@@ -554,7 +757,13 @@ impl CudaQwen3 {
         self.bind()?;
         let lay = self.layout()?;
         let place = self.kv_place()?;
-        let buckets: Vec<usize> = self.opts.graph_buckets.iter().copied().filter(|&b| b <= self.opts.max_seqs).collect();
+        let buckets: Vec<usize> = self
+            .opts
+            .graph_buckets
+            .iter()
+            .copied()
+            .filter(|&b| b <= self.opts.max_seqs)
+            .collect();
         for b in buckets {
             if !self.graphs.contains_key(&b) {
                 // Metadata of an all-padding batch: valid addresses, no KV writes.
@@ -578,8 +787,9 @@ impl Generator for CudaQwen3 {
         }
         let s = &self.s;
         let layer_bytes = num_blocks * block_size * s.kv_heads * s.head_dim * 2;
-        let mem = DevBuf::alloc(&self.dev, 2 * layer_bytes * s.layers)
-            .with_context(|| format!("allocating the KV cache ({num_blocks} blocks of {block_size} tokens)"))?;
+        let mem = DevBuf::alloc(&self.dev, 2 * layer_bytes * s.layers).with_context(|| {
+            format!("allocating the KV cache ({num_blocks} blocks of {block_size} tokens)")
+        })?;
         self.graphs.clear();
         self.kv = Some(KvCache {
             mem,
@@ -587,7 +797,11 @@ impl Generator for CudaQwen3 {
             block_size,
         });
         let max_blocks = self.opts.max_model_len.div_ceil(block_size);
-        self.layout = Some(MetaLayout::new(self.opts.max_tokens, self.opts.max_seqs, max_blocks));
+        self.layout = Some(MetaLayout::new(
+            self.opts.max_tokens,
+            self.opts.max_seqs,
+            max_blocks,
+        ));
         Ok(())
     }
 
@@ -603,7 +817,8 @@ impl Generator for CudaQwen3 {
                 out.push(ids[r] as u32);
             } else {
                 let v = self.s.vocab;
-                let row: Vec<f32> = self.download(self.scratch.logits.ptr + (r * v * 4) as u64, v)?;
+                let row: Vec<f32> =
+                    self.download(self.scratch.logits.ptr + (r * v * 4) as u64, v)?;
                 out.push(sample_row(&row, &spec));
             }
             r += 1;
@@ -650,18 +865,29 @@ impl Embedder for CudaQwen3 {
             // Greedy chunk by tokens and sequences.
             let mut j = i;
             let mut toks = 0;
-            while j < inputs.len() && j - i < self.opts.max_seqs && toks + inputs[j].len() <= self.opts.max_tokens {
+            while j < inputs.len()
+                && j - i < self.opts.max_seqs
+                && toks + inputs[j].len() <= self.opts.max_tokens
+            {
                 if inputs[j].is_empty() {
                     bail!("input {j} is empty");
                 }
                 if inputs[j].len() > self.opts.max_model_len {
-                    bail!("input {j} has {} tokens, over the limit {}", inputs[j].len(), self.opts.max_model_len);
+                    bail!(
+                        "input {j} has {} tokens, over the limit {}",
+                        inputs[j].len(),
+                        self.opts.max_model_len
+                    );
                 }
                 toks += inputs[j].len();
                 j += 1;
             }
             if j == i {
-                bail!("input {i} has {} tokens, over the step limit {}", inputs[i].len(), self.opts.max_tokens);
+                bail!(
+                    "input {i} has {} tokens, over the step limit {}",
+                    inputs[i].len(),
+                    self.opts.max_tokens
+                );
             }
             // Each sequence gets its own run of blocks in the scratch.
             let mut tables: Vec<Vec<u32>> = Vec::with_capacity(j - i);

@@ -20,7 +20,9 @@ pub fn sample_row(logits: &[f32], spec: &SampleSpec<'_>) -> u32 {
         }
         return best.1 as u32;
     }
-    let mut idx: Vec<usize> = (0..logits.len()).filter(|&i| !masked(i) && logits[i].is_finite()).collect();
+    let mut idx: Vec<usize> = (0..logits.len())
+        .filter(|&i| !masked(i) && logits[i].is_finite())
+        .collect();
     if idx.is_empty() {
         return 0;
     }
@@ -66,7 +68,13 @@ pub fn sample_row(logits: &[f32], spec: &SampleSpec<'_>) -> u32 {
 mod tests {
     use super::*;
 
-    fn spec(temperature: f32, top_k: usize, top_p: f32, uniform: f32, masked: &[u32]) -> SampleSpec<'_> {
+    fn spec(
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        uniform: f32,
+        masked: &[u32],
+    ) -> SampleSpec<'_> {
         SampleSpec {
             temperature,
             top_p,

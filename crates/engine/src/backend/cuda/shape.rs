@@ -46,7 +46,11 @@ impl Qwen3Shape {
             .unwrap_or(1_000_000.0) as f32;
         let eos_token_ids = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect(),
             _ => Vec::new(),
         };
         Ok(Self {
@@ -57,9 +61,15 @@ impl Qwen3Shape {
             heads,
             kv_heads: usize_field(v, "num_key_value_heads").unwrap_or(heads),
             head_dim,
-            eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
+            eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6) as f32,
             rope_theta,
-            tie_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             max_positions: usize_field(v, "max_position_embeddings").unwrap_or(40_960),
             eos_token_ids,
         })
@@ -68,8 +78,10 @@ impl Qwen3Shape {
     /// Reads `dir/config.json`.
     pub fn from_dir(dir: &std::path::Path) -> anyhow::Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         Self::from_config(&v).with_context(|| format!("in {}", path.display()))
     }
 
@@ -141,7 +153,10 @@ mod tests {
 
     #[test]
     fn missing_field_names_it() {
-        let err = Qwen3Shape::from_config(&serde_json::json!({"hidden_size": 8, "num_attention_heads": 2})).unwrap_err();
+        let err = Qwen3Shape::from_config(
+            &serde_json::json!({"hidden_size": 8, "num_attention_heads": 2}),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("vocab_size"), "{err}");
     }
 

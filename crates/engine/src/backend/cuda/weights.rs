@@ -30,7 +30,11 @@ impl DevBuf {
         let mem: CudaSlice<u8> = unsafe { dev.stream.alloc(bytes) }
             .map_err(|e| anyhow!("CUDA out of memory allocating {} MiB: {e}", bytes >> 20))?;
         let ptr = mem.device_ptr(&dev.stream).0;
-        Ok(Self { _mem: mem, ptr, bytes })
+        Ok(Self {
+            _mem: mem,
+            ptr,
+            bytes,
+        })
     }
 
     /// Allocates and copies `data` in.
@@ -77,7 +81,8 @@ impl Weights {
         let mut n = 0u64;
         let mut next_seed = || {
             n += 1;
-            seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+                .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
         };
         let a = 0.02f32 * 3f32.sqrt();
         let mut fill = |elems: usize, amp: f32, offset: f32| -> anyhow::Result<DevBuf> {
@@ -101,9 +106,20 @@ impl Weights {
             });
         }
         let norm = fill(h, 0.05, 1.0)?;
-        let lm_head = if s.tie_embeddings { None } else { Some(fill(s.vocab * h, a, 0.0)?) };
-        dev.stream.synchronize().map_err(|e| anyhow!("filling dummy weights: {e}"))?;
-        Ok(Self { embed, layers, norm, lm_head })
+        let lm_head = if s.tie_embeddings {
+            None
+        } else {
+            Some(fill(s.vocab * h, a, 0.0)?)
+        };
+        dev.stream
+            .synchronize()
+            .map_err(|e| anyhow!("filling dummy weights: {e}"))?;
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     /// Loads a Hugging Face folder (`model.safetensors` or the shards its index names).
@@ -112,20 +128,28 @@ impl Weights {
         let maps: Vec<memmap2::Mmap> = files
             .iter()
             .map(|f| {
-                let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
+                let file =
+                    std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
                 // SAFETY: read-only map of a file we do not modify.
-                unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", f.display()))
+                unsafe { memmap2::Mmap::map(&file) }
+                    .with_context(|| format!("mapping {}", f.display()))
             })
             .collect::<anyhow::Result<_>>()?;
         let mut tensors = HashMap::new();
         for (m, f) in maps.iter().zip(&files) {
-            let st = safetensors::SafeTensors::deserialize(m).with_context(|| format!("parsing {}", f.display()))?;
+            let st = safetensors::SafeTensors::deserialize(m)
+                .with_context(|| format!("parsing {}", f.display()))?;
             for (name, view) in st.tensors() {
-                tensors.insert(name.to_string(), to_bf16(&view).with_context(|| format!("tensor {name} in {}", f.display()))?);
+                tensors.insert(
+                    name.to_string(),
+                    to_bf16(&view).with_context(|| format!("tensor {name} in {}", f.display()))?,
+                );
             }
         }
         let get = |name: &str| -> anyhow::Result<&Vec<bf16>> {
-            tensors.get(name).ok_or_else(|| anyhow!("weights in {}: missing tensor `{name}`", dir.display()))
+            tensors
+                .get(name)
+                .ok_or_else(|| anyhow!("weights in {}: missing tensor `{name}`", dir.display()))
         };
         let up = |data: &[bf16]| DevBuf::upload(dev, data);
         let cat = |names: &[String]| -> anyhow::Result<DevBuf> {
@@ -150,18 +174,31 @@ impl Weights {
                 k_norm: up(get(&format!("{p}.self_attn.k_norm.weight"))?)?,
                 o_proj: up(get(&format!("{p}.self_attn.o_proj.weight"))?)?,
                 post_norm: up(get(&format!("{p}.post_attention_layernorm.weight"))?)?,
-                gate_up: cat(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?,
+                gate_up: cat(&[
+                    format!("{p}.mlp.gate_proj.weight"),
+                    format!("{p}.mlp.up_proj.weight"),
+                ])?,
                 down: up(get(&format!("{p}.mlp.down_proj.weight"))?)?,
             });
         }
         let norm = up(get("model.norm.weight")?)?;
         let lm_head = match (s.tie_embeddings, tensors.get("lm_head.weight")) {
             (false, Some(w)) => Some(up(w)?),
-            (false, None) => bail!("weights in {}: missing tensor `lm_head.weight` (untied)", dir.display()),
+            (false, None) => bail!(
+                "weights in {}: missing tensor `lm_head.weight` (untied)",
+                dir.display()
+            ),
             (true, _) => None,
         };
-        dev.stream.synchronize().map_err(|e| anyhow!("uploading weights: {e}"))?;
-        Ok(Self { embed, layers, norm, lm_head })
+        dev.stream
+            .synchronize()
+            .map_err(|e| anyhow!("uploading weights: {e}"))?;
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 }
 
@@ -173,12 +210,16 @@ fn safetensors_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     let text = std::fs::read_to_string(&index)
         .with_context(|| format!("no model.safetensors and no readable {}", index.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| anyhow!("{}: no `weight_map`", index.display()))?;
-    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
     files.sort();
     files.dedup();
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
@@ -188,7 +229,10 @@ fn to_bf16(view: &safetensors::tensor::TensorView<'_>) -> anyhow::Result<Vec<bf1
     use safetensors::Dtype;
     let b = view.data();
     Ok(match view.dtype() {
-        Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect(),
+        Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+            .collect(),
         Dtype::F16 => b
             .chunks_exact(2)
             .map(|c| bf16::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
