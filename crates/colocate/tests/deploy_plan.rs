@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn plan(args: &[&str]) -> (bool, String, String) {
@@ -82,7 +85,11 @@ memory = 0.6
 #[test]
 fn config_errors_name_file_field_and_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = |extra: &str| format!("[[engines]]\nname = \"gen\"\nmodel = \"preset:qwen3-tiny\"\nport = 8101\n{extra}\n");
+    let engine = |extra: &str| {
+        format!(
+            "[[engines]]\nname = \"gen\"\nmodel = \"preset:qwen3-tiny\"\nport = 8101\n{extra}\n"
+        )
+    };
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
         ("unknown-key", format!("gpu = \"cpu\"\n{}", engine("prot = 9")), vec!["unknown field `prot`", "line"]),
         (
@@ -125,12 +132,18 @@ fn config_errors_name_file_field_and_reason() {
         let (ok, _, stderr) = plan(&[f.to_str().unwrap()]);
         assert!(!ok, "{name}: accepted");
         assert!(!stderr.contains("panicked"), "{name}: {stderr}");
-        assert!(stderr.contains(f.to_str().unwrap()), "{name}: no file name in: {stderr}");
+        assert!(
+            stderr.contains(f.to_str().unwrap()),
+            "{name}: no file name in: {stderr}"
+        );
         for w in wants {
             assert!(stderr.contains(w), "{name}: `{w}` not in: {stderr}");
         }
     }
     let (ok, _, stderr) = plan(&["/no/such/deploy.toml"]);
     assert!(!ok);
-    assert!(stderr.contains("/no/such/deploy.toml: cannot read"), "{stderr}");
+    assert!(
+        stderr.contains("/no/such/deploy.toml: cannot read"),
+        "{stderr}"
+    );
 }

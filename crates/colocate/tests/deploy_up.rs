@@ -84,7 +84,13 @@ fn start_up(dir: &Path) -> Up {
     let (file, gen_port, embed_port, gw_port) = write_deployment(dir);
     let run_dir = dir.join("run");
     let child = Command::new(BIN)
-        .args(["up", file.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap(), "--quiet"])
+        .args([
+            "up",
+            file.to_str().unwrap(),
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--quiet",
+        ])
         .env("COLOCATE_BIN", BIN)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -92,10 +98,19 @@ fn start_up(dir: &Path) -> Up {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut up = Up { child, run_dir, gen_port, embed_port, gw_port };
+    let mut up = Up {
+        child,
+        run_dir,
+        gen_port,
+        embed_port,
+        gw_port,
+    };
     wait_until("`up` running", Duration::from_secs(180), || {
         if let Ok(Some(status)) = up.child.try_wait() {
-            panic!("`colocate up` exited early: {status}; logs in {}", up.run_dir.display());
+            panic!(
+                "`colocate up` exited early: {status}; logs in {}",
+                up.run_dir.display()
+            );
         }
         state(&up.run_dir).is_some_and(|s| s["phase"] == "running")
     });
@@ -113,7 +128,9 @@ fn pids(run_dir: &Path) -> Vec<u32> {
 
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -126,7 +143,11 @@ fn signal(pid: u32, sig: i32) {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 /// The generated text of an SSE completion stream, chunk by chunk.
@@ -136,7 +157,12 @@ fn sse_texts(body: &str) -> Vec<String> {
         .filter(|d| *d != "[DONE]")
         .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
         .flat_map(|v| {
-            v["choices"].as_array().cloned().unwrap_or_default().into_iter().map(|c| c["text"].as_str().unwrap_or("").to_string())
+            v["choices"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c["text"].as_str().unwrap_or("").to_string())
         })
         .collect()
 }
@@ -146,7 +172,12 @@ async fn stream_completion(base: &str) -> Vec<String> {
         "model": "tiny-gen", "prompt": "The quick brown fox", "max_tokens": 12,
         "temperature": 0, "ignore_eos": true, "stream": true,
     });
-    let r = client().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    let r = client()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     sse_texts(&r.text().await.unwrap())
 }
@@ -158,8 +189,20 @@ async fn up_serves_both_models_survives_a_kill_and_stops_cleanly() {
     let gw = format!("http://127.0.0.1:{}", up.gw_port);
     let c = client();
 
-    let models: serde_json::Value = c.get(format!("{gw}/v1/models")).send().await.unwrap().json().await.unwrap();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    let models: serde_json::Value = c
+        .get(format!("{gw}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
     assert_eq!(ids, vec!["tiny-gen", "tiny-embed"]);
 
     let r = c
@@ -189,12 +232,26 @@ async fn up_serves_both_models_survives_a_kill_and_stops_cleanly() {
     assert_eq!(via, direct);
 
     // `colocate status` shows both, running and healthy.
-    let out = Command::new(BIN).args(["status", up.run_dir.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["status", up.run_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("deployment `e2e`: running"), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("gen ") && l.contains("running") && l.contains(" ok ")), "{text}");
-    assert!(text.contains(&format!("gateway: http://127.0.0.1:{}", up.gw_port)), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("gen ") && l.contains("running") && l.contains(" ok ")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("gateway: http://127.0.0.1:{}", up.gw_port)),
+        "{text}"
+    );
 
     // kill -9 the generator: the gateway answers 503 (OpenAI error) or, once it is back,
     // 200 — nothing else — and the embedder is untouched.
@@ -221,11 +278,17 @@ async fn up_serves_both_models_survives_a_kill_and_stops_cleanly() {
         if st == 200 && s["instances"][0]["restarts"] == 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "generator never came back: {saw:?}");
+        assert!(
+            Instant::now() < deadline,
+            "generator never came back: {saw:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let s = state(&up.run_dir).unwrap();
-    assert_eq!(s["instances"][1]["restarts"], 0, "the embedder was restarted too: {s}");
+    assert_eq!(
+        s["instances"][1]["restarts"], 0,
+        "the embedder was restarted too: {s}"
+    );
     let after = pids(&up.run_dir);
     assert_ne!(after[0], gen_pid);
     assert_eq!(after[1], before[1]);
@@ -238,7 +301,10 @@ async fn up_serves_both_models_survives_a_kill_and_stops_cleanly() {
         if let Some(s) = up.child.try_wait().unwrap() {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "`up` did not exit after SIGTERM");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "`up` did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
@@ -259,9 +325,14 @@ fn sigkill_of_up_takes_the_engines_with_it() {
     assert_eq!(engines.len(), 2);
     up.child.kill().unwrap(); // SIGKILL: no chance to clean up
     up.child.wait().unwrap();
-    wait_until("engines to die with `up`", Duration::from_secs(10), || engines.iter().all(|p| !alive(*p)));
+    wait_until("engines to die with `up`", Duration::from_secs(10), || {
+        engines.iter().all(|p| !alive(*p))
+    });
     // `status` says the deployment is gone rather than pretending.
-    let out = Command::new(BIN).args(["status", up.run_dir.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["status", up.run_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("it was killed"), "{text}");
     let _ = (up.embed_port, up.gen_port);

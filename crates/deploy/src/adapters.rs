@@ -16,7 +16,10 @@ pub enum MemoryFlag {
     /// SGLang: `--mem-fraction-static`, a fraction of the memory free when it starts.
     MemFractionStatic(f64),
     /// TEI: `--max-batch-tokens` and `--max-client-batch-size`.
-    TeiBatch { max_batch_tokens: u64, max_client_batch_size: u64 },
+    TeiBatch {
+        max_batch_tokens: u64,
+        max_client_batch_size: u64,
+    },
     /// Built-in on CPU: `--kv-cache-memory` bytes.
     KvCacheMemory(u64),
 }
@@ -70,7 +73,15 @@ pub fn command_line(input: &CommandInput<'_>) -> Vec<String> {
             c
         }
         EngineKind::Vllm => {
-            let mut c = vec![s("vllm"), s("serve"), e.model.clone(), s("--host"), s("127.0.0.1"), s("--port"), port.clone()];
+            let mut c = vec![
+                s("vllm"),
+                s("serve"),
+                e.model.clone(),
+                s("--host"),
+                s("127.0.0.1"),
+                s("--port"),
+                port.clone(),
+            ];
             c.extend([s("--served-model-name"), s(e.served_name())]);
             if e.task == Task::Embed {
                 c.extend([s("--task"), s("embed")]);
@@ -127,9 +138,14 @@ pub fn command_line(input: &CommandInput<'_>) -> Vec<String> {
     };
     match input.memory {
         MemoryFlag::None => {}
-        MemoryFlag::GpuMemoryUtilization(f) => cmd.extend([s("--gpu-memory-utilization"), fraction(f)]),
+        MemoryFlag::GpuMemoryUtilization(f) => {
+            cmd.extend([s("--gpu-memory-utilization"), fraction(f)])
+        }
         MemoryFlag::MemFractionStatic(f) => cmd.extend([s("--mem-fraction-static"), fraction(f)]),
-        MemoryFlag::TeiBatch { max_batch_tokens, max_client_batch_size } => cmd.extend([
+        MemoryFlag::TeiBatch {
+            max_batch_tokens,
+            max_client_batch_size,
+        } => cmd.extend([
             s("--max-batch-tokens"),
             max_batch_tokens.to_string(),
             s("--max-client-batch-size"),
@@ -144,8 +160,7 @@ pub fn command_line(input: &CommandInput<'_>) -> Vec<String> {
 /// Quotes one word for a POSIX shell when it needs it.
 pub fn shell_word(w: &str) -> String {
     if !w.is_empty()
-        && w
-            .chars()
+        && w.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c))
     {
         w.to_string()
@@ -179,7 +194,14 @@ mod tests {
     }
 
     fn line(e: &EngineSpec, device: &str, memory: MemoryFlag) -> String {
-        command_line(&CommandInput { engine: e, port: e.port, device, memory, colocate_bin: "colocate" }).join(" ")
+        command_line(&CommandInput {
+            engine: e,
+            port: e.port,
+            device,
+            memory,
+            colocate_bin: "colocate",
+        })
+        .join(" ")
     }
 
     #[test]
@@ -240,9 +262,17 @@ mod tests {
     #[test]
     fn command_substitutes_port_model_name() {
         let mut e = engine(EngineKind::Command, "m", Task::Generate);
-        e.command = Some(vec!["my-server".into(), "--listen=127.0.0.1:{port}".into(), "{model}".into(), "{name}".into()]);
+        e.command = Some(vec![
+            "my-server".into(),
+            "--listen=127.0.0.1:{port}".into(),
+            "{model}".into(),
+            "{name}".into(),
+        ]);
         e.served_model_name = Some("alias".into());
-        assert_eq!(line(&e, "cpu", MemoryFlag::None), "my-server --listen=127.0.0.1:8001 m alias");
+        assert_eq!(
+            line(&e, "cpu", MemoryFlag::None),
+            "my-server --listen=127.0.0.1:8001 m alias"
+        );
     }
 
     #[test]

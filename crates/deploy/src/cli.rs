@@ -48,14 +48,18 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let plan = crate::plan::plan(&spec, facts.as_ref()).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let plan = crate::plan::plan(&spec, facts.as_ref())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
         print!("{plan}");
     }
     if !plan.fits {
-        bail!("{}: the deployment does not fit (see above)", args.file.display());
+        bail!(
+            "{}: the deployment does not fit (see above)",
+            args.file.display()
+        );
     }
     Ok(())
 }
@@ -83,10 +87,14 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         .run_dir
         .clone()
         .or_else(|| spec.run_dir.clone())
-        .unwrap_or_else(|| PathBuf::from("runs").join(format!("up-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"))));
+        .unwrap_or_else(|| {
+            PathBuf::from("runs").join(format!("up-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")))
+        });
     // Worker threads live as long as the runtime: the parent-death signal of every engine
     // is tied to the thread that spawned it (see process.rs).
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let opts = UpOptions { run_dir: run_dir.clone(), engine_bin: args.engine_bin, quiet: args.quiet };
         let up = Deployment::up(&spec, opts);
@@ -134,7 +142,9 @@ async fn shutdown_signal() {
 
 /// Points `<runs>/current` at this run so `colocate status` finds it.
 fn link_current(run_dir: &Path) {
-    let Some(parent) = run_dir.parent() else { return };
+    let Some(parent) = run_dir.parent() else {
+        return;
+    };
     let link = parent.join("current");
     if let Ok(meta) = std::fs::symlink_metadata(&link) {
         if !meta.file_type().is_symlink() {
@@ -159,7 +169,9 @@ pub struct StatusArgs {
 
 /// Runs `colocate status`: engines, pids, health (probed now), restarts, gateway.
 pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
-    let dir = args.run_dir.unwrap_or_else(|| PathBuf::from("runs/current"));
+    let dir = args
+        .run_dir
+        .unwrap_or_else(|| PathBuf::from("runs/current"));
     let st = state::read(&dir)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
@@ -169,16 +181,29 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
     let phase = if up_alive || st.phase == "stopped" {
         st.phase.clone()
     } else {
-        format!("{} (but `up` pid {} is gone: it was killed)", st.phase, st.up_pid)
+        format!(
+            "{} (but `up` pid {} is gone: it was killed)",
+            st.phase, st.up_pid
+        )
     };
     println!("deployment `{}`: {phase}", st.name);
-    println!("run folder: {}   gpu: {}   sharing: {}", st.run_dir.display(), st.gpu, st.sharing);
+    println!(
+        "run folder: {}   gpu: {}   sharing: {}",
+        st.run_dir.display(),
+        st.gpu,
+        st.sharing
+    );
     if let Some(g) = &st.gateway_url {
         println!("gateway: {g}");
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let health: Vec<&str> = rt.block_on(async {
-        let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(1)).build()?;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(1))
+            .build()?;
         let mut out = Vec::new();
         for i in &st.instances {
             let live = i.pid.is_some_and(crate::process::alive) && up_alive;
@@ -196,7 +221,10 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
         anyhow::Ok(out)
     })?;
     println!();
-    println!("{:<16} {:<24} {:<24} {:>8} {:<11} {:<10} {:>8} {:>8}  last exit", "engine", "model", "url", "pid", "state", "health", "restarts", "failures");
+    println!(
+        "{:<16} {:<24} {:<24} {:>8} {:<11} {:<10} {:>8} {:>8}  last exit",
+        "engine", "model", "url", "pid", "state", "health", "restarts", "failures"
+    );
     for (i, h) in st.instances.iter().zip(health) {
         let state = match i.state {
             InstanceState::Starting => "starting",

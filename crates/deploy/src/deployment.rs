@@ -71,7 +71,8 @@ fn engine_bin(opts: &UpOptions) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("COLOCATE_BIN") {
         return Ok(PathBuf::from(p));
     }
-    std::env::current_exe().context("finding the colocate binary for built-in engines (set COLOCATE_BIN)")
+    std::env::current_exe()
+        .context("finding the colocate binary for built-in engines (set COLOCATE_BIN)")
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
@@ -88,15 +89,22 @@ impl Deployment {
     pub async fn up(spec: &DeploymentSpec, opts: UpOptions) -> anyhow::Result<Deployment> {
         validate(spec)?;
         let run_dir = absolute(&opts.run_dir)?;
-        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating the run folder {}", run_dir.display()))?;
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating the run folder {}", run_dir.display()))?;
         let facts = if spec.gpu.is_cpu() {
             None
         } else {
-            Some(gpu_glue::detect(&spec.gpu).with_context(|| format!("gpu = {}: cannot run here", spec.gpu))?)
+            Some(
+                gpu_glue::detect(&spec.gpu)
+                    .with_context(|| format!("gpu = {}: cannot run here", spec.gpu))?,
+            )
         };
         let plan = plan(spec, facts.as_ref())?;
         if !plan.fits {
-            bail!("the deployment does not fit:\n  {}", plan.problems.join("\n  "));
+            bail!(
+                "the deployment does not fit:\n  {}",
+                plan.problems.join("\n  ")
+            );
         }
         std::fs::write(run_dir.join("plan.txt"), plan.to_string()).ok();
         if let Ok(text) = toml::to_string_pretty(spec) {
@@ -125,9 +133,22 @@ impl Deployment {
                 let workers = plan
                     .engines
                     .iter()
-                    .map(|e| WorkerSpec { name: e.name.clone(), model: e.served_model_name.clone(), url: e.url() })
+                    .map(|e| WorkerSpec {
+                        name: e.name.clone(),
+                        model: e.served_model_name.clone(),
+                        url: e.url(),
+                    })
                     .collect();
-                Some(Gateway::start(&g.address, workers, &g.models, Arc::new(LeastOutstanding), g.drain_timeout).await?)
+                Some(
+                    Gateway::start(
+                        &g.address,
+                        workers,
+                        &g.models,
+                        Arc::new(LeastOutstanding),
+                        g.drain_timeout,
+                    )
+                    .await?,
+                )
             }
             None => None,
         };
@@ -152,7 +173,11 @@ impl Deployment {
         let instances: Vec<InstanceSpec> = plan
             .engines
             .iter()
-            .zip(spec.engines.iter().flat_map(|e| std::iter::repeat(e).take(e.replicas.max(1) as usize)))
+            .zip(
+                spec.engines
+                    .iter()
+                    .flat_map(|e| std::iter::repeat_n(e, e.replicas.max(1) as usize)),
+            )
             .map(|(p, e)| {
                 let mut argv = p.command.clone();
                 if p.kind == EngineKind::Builtin {
@@ -203,14 +228,23 @@ impl Deployment {
             stop_timeout: spec.supervise.stop_timeout,
             shared_fault: spec.sharing == Sharing::Mps,
         };
-        let supervisor = match Supervisor::start(instances, opts_sup, on_change, availability, CancellationToken::new()).await {
+        let supervisor = match Supervisor::start(
+            instances,
+            opts_sup,
+            on_change,
+            availability,
+            CancellationToken::new(),
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 if let Some(g) = gateway {
                     g.shutdown().await;
                 }
                 if let Some(m) = mps {
-                    let _ = tokio::task::spawn_blocking(move || m.quit(Duration::from_secs(5))).await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || m.quit(Duration::from_secs(5))).await;
                 }
                 let mut s = state.lock();
                 s.phase = "failed".into();
@@ -241,7 +275,11 @@ impl Deployment {
         self.plan
             .engines
             .iter()
-            .map(|e| Endpoint { engine: e.name.clone(), model: e.served_model_name.clone(), url: e.url() })
+            .map(|e| Endpoint {
+                engine: e.name.clone(),
+                model: e.served_model_name.clone(),
+                url: e.url(),
+            })
             .collect()
     }
 

@@ -44,7 +44,9 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Failed checks in a row that take a healthy worker out.
 const FAILS_TO_EJECT: u32 = 2;
 /// Latency histogram bounds in seconds.
-const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// A worker as the gateway is told about it.
 #[derive(Debug, Clone)]
@@ -254,7 +256,14 @@ impl Gateway {
             }
         });
         let checker = tokio::spawn(check_loop(shared.clone(), cancel.clone()));
-        Ok(Gateway { shared, addr, cancel, server, checker, drain_timeout })
+        Ok(Gateway {
+            shared,
+            addr,
+            cancel,
+            server,
+            checker,
+            drain_timeout,
+        })
     }
 
     /// `http://HOST:PORT`.
@@ -279,7 +288,17 @@ impl Gateway {
         self.shared
             .workers
             .iter()
-            .map(|w| (w.spec.name.clone(), if w.routable() { Health::Healthy } else { w.health() }, w.outstanding()))
+            .map(|w| {
+                (
+                    w.spec.name.clone(),
+                    if w.routable() {
+                        Health::Healthy
+                    } else {
+                        w.health()
+                    },
+                    w.outstanding(),
+                )
+            })
             .collect()
     }
 
@@ -289,8 +308,14 @@ impl Gateway {
         self.cancel.cancel();
         self.checker.abort();
         let mut server = self.server;
-        if tokio::time::timeout(self.drain_timeout, &mut server).await.is_err() {
-            tracing::warn!("gateway: in-flight requests did not finish within {:?}; closing them", self.drain_timeout);
+        if tokio::time::timeout(self.drain_timeout, &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "gateway: in-flight requests did not finish within {:?}; closing them",
+                self.drain_timeout
+            );
             server.abort();
         }
     }
@@ -308,7 +333,11 @@ fn set_available(shared: &Shared, name: &str, up: bool) {
 }
 
 async fn check_loop(shared: Arc<Shared>, cancel: CancellationToken) {
-    let client = match reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(1)).build() {
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(1))
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("gateway health checks disabled: {e}");
@@ -340,7 +369,11 @@ fn error(status: StatusCode, body: openai::ErrorBody) -> Response {
 }
 
 async fn list_models(State(s): State<Arc<Shared>>) -> Response {
-    let cards = s.models.iter().map(|m| openai::ModelCard::new(m.clone(), None)).collect();
+    let cards = s
+        .models
+        .iter()
+        .map(|m| openai::ModelCard::new(m.clone(), None))
+        .collect();
     axum::Json(openai::ModelList::new(cards)).into_response()
 }
 
@@ -351,8 +384,16 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
         .map(|w| (w.spec.name.clone(), serde_json::Value::Bool(w.routable())))
         .collect();
     let any = s.workers.iter().any(|w| w.routable());
-    let status = if any { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, axum::Json(serde_json::json!({ "workers": workers }))).into_response()
+    let status = if any {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({ "workers": workers })),
+    )
+        .into_response()
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
@@ -362,12 +403,20 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     out.push_str("# HELP colocate_gateway_requests_total Requests the gateway answered, per engine and route.\n");
     out.push_str("# TYPE colocate_gateway_requests_total counter\n");
     for ((w, r), st) in &stats {
-        out.push_str(&format!("colocate_gateway_requests_total{{{}}} {}\n", lbl(w, r), st.requests));
+        out.push_str(&format!(
+            "colocate_gateway_requests_total{{{}}} {}\n",
+            lbl(w, r),
+            st.requests
+        ));
     }
     out.push_str("# HELP colocate_gateway_errors_total Requests that failed (upstream error, 5xx, no replica).\n");
     out.push_str("# TYPE colocate_gateway_errors_total counter\n");
     for ((w, r), st) in &stats {
-        out.push_str(&format!("colocate_gateway_errors_total{{{}}} {}\n", lbl(w, r), st.errors));
+        out.push_str(&format!(
+            "colocate_gateway_errors_total{{{}}} {}\n",
+            lbl(w, r),
+            st.errors
+        ));
     }
     out.push_str("# HELP colocate_gateway_request_duration_seconds Time from receiving a request to the end of its response body.\n");
     out.push_str("# TYPE colocate_gateway_request_duration_seconds histogram\n");
@@ -377,24 +426,48 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         }
         let l = lbl(w, r);
         for (b, bound) in st.buckets.iter().zip(BUCKETS) {
-            out.push_str(&format!("colocate_gateway_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {b}\n"));
+            out.push_str(&format!(
+                "colocate_gateway_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {b}\n"
+            ));
         }
         let count: u64 = st.requests;
-        out.push_str(&format!("colocate_gateway_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {count}\n"));
-        out.push_str(&format!("colocate_gateway_request_duration_seconds_sum{{{l}}} {}\n", st.latency_sum));
-        out.push_str(&format!("colocate_gateway_request_duration_seconds_count{{{l}}} {count}\n"));
+        out.push_str(&format!(
+            "colocate_gateway_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {count}\n"
+        ));
+        out.push_str(&format!(
+            "colocate_gateway_request_duration_seconds_sum{{{l}}} {}\n",
+            st.latency_sum
+        ));
+        out.push_str(&format!(
+            "colocate_gateway_request_duration_seconds_count{{{l}}} {count}\n"
+        ));
     }
     out.push_str("# HELP colocate_gateway_in_flight Requests being served, per engine.\n");
     out.push_str("# TYPE colocate_gateway_in_flight gauge\n");
     for w in &s.workers {
-        out.push_str(&format!("colocate_gateway_in_flight{{engine=\"{}\"}} {}\n", w.spec.name, w.outstanding()));
+        out.push_str(&format!(
+            "colocate_gateway_in_flight{{engine=\"{}\"}} {}\n",
+            w.spec.name,
+            w.outstanding()
+        ));
     }
     out.push_str("# HELP colocate_gateway_engine_healthy 1 while the engine receives requests.\n");
     out.push_str("# TYPE colocate_gateway_engine_healthy gauge\n");
     for w in &s.workers {
-        out.push_str(&format!("colocate_gateway_engine_healthy{{engine=\"{}\"}} {}\n", w.spec.name, u8::from(w.routable())));
+        out.push_str(&format!(
+            "colocate_gateway_engine_healthy{{engine=\"{}\"}} {}\n",
+            w.spec.name,
+            u8::from(w.routable())
+        ));
     }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 /// Ends a request's accounting when its response body is dropped (finished or aborted).
@@ -411,16 +484,31 @@ impl Drop for Finish {
         self.worker.outstanding.fetch_sub(1, Ordering::Relaxed);
         let latency = self.start.elapsed();
         self.shared.policy.on_finish(&self.worker, self.ok, latency);
-        self.shared.record(&self.worker.spec.name, &self.route, self.ok, Some(latency));
+        self.shared
+            .record(&self.worker.spec.name, &self.route, self.ok, Some(latency));
     }
 }
 
-async fn proxy(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn proxy(
+    State(s): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let route = uri.path().to_string();
     let start = Instant::now();
     if method != Method::POST {
         s.record("-", &route, false, None);
-        return error(StatusCode::NOT_FOUND, openai::ErrorBody::new(404, "not_found_error", format!("no route {method} {route}"), None));
+        return error(
+            StatusCode::NOT_FOUND,
+            openai::ErrorBody::new(
+                404,
+                "not_found_error",
+                format!("no route {method} {route}"),
+                None,
+            ),
+        );
     }
     let model = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(v) => match v.get("model").and_then(|m| m.as_str()) {
@@ -429,24 +517,33 @@ async fn proxy(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: 
                 s.record("-", &route, false, None);
                 return error(
                     StatusCode::BAD_REQUEST,
-                    openai::ErrorBody::invalid_request("`model` is required: the gateway routes by it", Some("model")),
+                    openai::ErrorBody::invalid_request(
+                        "`model` is required: the gateway routes by it",
+                        Some("model"),
+                    ),
                 );
             }
         },
         Err(e) => {
             s.record("-", &route, false, None);
-            return error(StatusCode::BAD_REQUEST, openai::ErrorBody::invalid_request(format!("body is not JSON: {e}"), None));
+            return error(
+                StatusCode::BAD_REQUEST,
+                openai::ErrorBody::invalid_request(format!("body is not JSON: {e}"), None),
+            );
         }
     };
     if !s.models.contains(&model) {
         s.record("-", &route, false, None);
         return error(
             StatusCode::NOT_FOUND,
-            openai::ErrorBody::not_found(format!("model `{model}` is not served here; served: {}", s.models.join(", "))),
+            openai::ErrorBody::not_found(format!(
+                "model `{model}` is not served here; served: {}",
+                s.models.join(", ")
+            )),
         );
     }
     let mut tried: Vec<usize> = Vec::new();
-    let mut retried_same = false;
+    let mut soft_failed: Vec<usize> = Vec::new();
     loop {
         let candidates: Vec<(usize, &Arc<Worker>)> = s
             .workers
@@ -455,34 +552,61 @@ async fn proxy(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: 
             .filter(|(i, w)| w.spec.model == model && w.routable() && !tried.contains(i))
             .collect();
         let refs: Vec<&Worker> = candidates.iter().map(|(_, w)| w.as_ref()).collect();
-        let Some(pick) = (if refs.is_empty() { None } else { s.policy.pick(&model, &refs) }) else {
+        let Some(pick) = (if refs.is_empty() {
+            None
+        } else {
+            s.policy.pick(&model, &refs)
+        }) else {
             s.record("-", &route, false, None);
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                openai::ErrorBody::unavailable(format!("no healthy replica of model `{model}` right now; retry shortly")),
+                openai::ErrorBody::unavailable(format!(
+                    "no healthy replica of model `{model}` right now; retry shortly"
+                )),
             );
         };
         let Some(&(idx, worker)) = candidates.get(pick) else {
             s.record("-", &route, false, None);
-            return error(StatusCode::INTERNAL_SERVER_ERROR, openai::ErrorBody::internal("policy picked no candidate"));
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                openai::ErrorBody::internal("policy picked no candidate"),
+            );
         };
         let worker = worker.clone();
         worker.outstanding.fetch_add(1, Ordering::Relaxed);
         s.policy.on_start(&worker);
-        let mut finish = Finish { shared: s.clone(), worker: worker.clone(), route: route.clone(), start, ok: true };
-        let target = format!("{}{}", worker.spec.url, uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+        let mut finish = Finish {
+            shared: s.clone(),
+            worker: worker.clone(),
+            route: route.clone(),
+            start,
+            ok: true,
+        };
+        let target = format!(
+            "{}{}",
+            worker.spec.url,
+            uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        );
         let mut req = s.client.request(method.clone(), target).body(body.clone());
-        for name in [axum::http::header::CONTENT_TYPE, axum::http::header::ACCEPT, axum::http::header::AUTHORIZATION] {
+        for name in [
+            axum::http::header::CONTENT_TYPE,
+            axum::http::header::ACCEPT,
+            axum::http::header::AUTHORIZATION,
+        ] {
             if let Some(v) = headers.get(&name) {
                 req = req.header(name, v.clone());
             }
         }
         match req.send().await {
             Ok(resp) => {
-                let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                let status =
+                    StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
                 finish.ok = !status.is_server_error();
                 let mut out = Response::builder().status(status);
-                for name in [axum::http::header::CONTENT_TYPE, axum::http::header::CACHE_CONTROL] {
+                for name in [
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::header::CACHE_CONTROL,
+                ] {
                     if let Some(v) = resp.headers().get(name.as_str()) {
                         if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
                             out = out.header(name, v);
@@ -498,26 +622,27 @@ async fn proxy(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: 
                     }
                     chunk
                 });
-                return out
-                    .body(Body::from_stream(stream))
-                    .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, openai::ErrorBody::new(502, "bad_gateway", e.to_string(), None)));
+                return out.body(Body::from_stream(stream)).unwrap_or_else(|e| {
+                    error(
+                        StatusCode::BAD_GATEWAY,
+                        openai::ErrorBody::new(502, "bad_gateway", e.to_string(), None),
+                    )
+                });
             }
             Err(e) => {
                 finish.ok = false;
                 drop(finish);
-                if e.is_connect() {
-                    // The engine is down: take it out and try another replica.
+                if e.is_connect() || soft_failed.contains(&idx) {
+                    // The engine is down (refused, or closed the connection twice without
+                    // answering): take it out and try another replica. Inference requests
+                    // have no side effects, so sending one again is safe.
                     worker.check_failed(true);
                     tried.push(idx);
-                    tracing::warn!(engine = %worker.spec.name, "gateway: connect failed: {e}");
-                } else if !retried_same {
-                    // A pooled connection the engine closed (e.g. it restarted): once more.
-                    retried_same = true;
+                    tracing::warn!(engine = %worker.spec.name, "gateway: request failed, taken out: {e}");
                 } else {
-                    return error(
-                        StatusCode::BAD_GATEWAY,
-                        openai::ErrorBody::new(502, "bad_gateway", format!("engine `{}` failed: {e}", worker.spec.name), None),
-                    );
+                    // Most likely a pooled connection the engine closed when it died or
+                    // restarted: once more, with a fresh connection.
+                    soft_failed.push(idx);
                 }
             }
         }
@@ -529,7 +654,11 @@ mod tests {
     use super::*;
 
     fn worker(name: &str, outstanding: u64) -> Worker {
-        let w = Worker::new(WorkerSpec { name: name.into(), model: "m".into(), url: String::new() });
+        let w = Worker::new(WorkerSpec {
+            name: name.into(),
+            model: "m".into(),
+            url: String::new(),
+        });
         w.outstanding.store(outstanding, Ordering::Relaxed);
         w
     }

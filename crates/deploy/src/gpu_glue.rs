@@ -39,10 +39,16 @@ pub fn detect(sel: &GpuSelector) -> anyhow::Result<GpuFacts> {
         GpuSelector::Cpu => false,
     });
     match found {
-        Some(g) => Ok(GpuFacts { name: g.name.clone(), memory_total_bytes: g.memory_total_bytes }),
+        Some(g) => Ok(GpuFacts {
+            name: g.name.clone(),
+            memory_total_bytes: g.memory_total_bytes,
+        }),
         None => bail!(
             "GPU {sel} not found on this machine (it has: {})",
-            gpus.iter().map(|g| format!("{} {} {}", g.index, g.uuid, g.name)).collect::<Vec<_>>().join("; ")
+            gpus.iter()
+                .map(|g| format!("{} {} {}", g.index, g.uuid, g.name))
+                .collect::<Vec<_>>()
+                .join("; ")
         ),
     }
 }
@@ -56,11 +62,17 @@ pub struct Mps {
 impl Mps {
     /// Starts the daemon with its folders under `dir`.
     pub fn start(dir: &Path) -> anyhow::Result<Mps> {
-        Ok(Mps { daemon: gpu::mps::MpsDaemon::start(dir)? })
+        Ok(Mps {
+            daemon: gpu::mps::MpsDaemon::start(dir)?,
+        })
     }
 
     /// The environment of one client: the daemon's folders and this engine's limits.
-    pub fn client_env(&self, sm_percent: Option<u32>, pinned_bytes: Option<u64>) -> Vec<(String, String)> {
+    pub fn client_env(
+        &self,
+        sm_percent: Option<u32>,
+        pinned_bytes: Option<u64>,
+    ) -> Vec<(String, String)> {
         self.daemon.client_env(&limits(sm_percent, pinned_bytes))
     }
 
@@ -83,13 +95,18 @@ fn limits(sm_percent: Option<u32>, pinned_bytes: Option<u64>) -> gpu::mps::Clien
     gpu::mps::ClientLimits {
         active_thread_percentage: sm_percent,
         // Device 0: each client sees only its GPU through CUDA_VISIBLE_DEVICES.
-        pinned_device_mem_limit: pinned_bytes.map(|b| vec![("0".to_string(), b)]).unwrap_or_default(),
+        pinned_device_mem_limit: pinned_bytes
+            .map(|b| vec![("0".to_string(), b)])
+            .unwrap_or_default(),
     }
 }
 
 /// The per-client MPS limits of one engine as environment (without the daemon's folders,
 /// which exist only once `up` started it): SM share and pinned device memory.
-pub fn mps_client_limits(sm_percent: Option<u32>, pinned_bytes: Option<u64>) -> Vec<(String, String)> {
+pub fn mps_client_limits(
+    sm_percent: Option<u32>,
+    pinned_bytes: Option<u64>,
+) -> Vec<(String, String)> {
     let l = limits(sm_percent, pinned_bytes);
     let mut env = Vec::new();
     if let Some(p) = l.active_thread_percentage {
@@ -120,8 +137,14 @@ mod tests {
         assert_eq!(
             mps_client_limits(Some(70), Some(20 << 30)),
             vec![
-                ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".to_string(), "70".to_string()),
-                ("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".to_string(), "0=20480M".to_string()),
+                (
+                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".to_string(),
+                    "70".to_string()
+                ),
+                (
+                    "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".to_string(),
+                    "0=20480M".to_string()
+                ),
             ]
         );
         assert!(mps_client_limits(None, None).is_empty());

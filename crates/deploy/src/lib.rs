@@ -23,11 +23,11 @@ pub mod state;
 pub mod supervisor;
 pub mod units;
 
+pub use deployment::{Deployment, Endpoint, UpOptions};
+pub use gateway::{LeastOutstanding, Policy};
 pub use plan::{plan, EnginePlan, GpuFacts, Plan};
 pub use spec::{
-    load, validate, DeploymentSpec, EngineKind, EngineSpec, GatewaySpec, GpuSelector, MemoryBudget, Sharing,
-    SuperviseSpec, Task,
+    load, validate, DeploymentSpec, EngineKind, EngineSpec, GatewaySpec, GpuSelector, MemoryBudget,
+    Sharing, SuperviseSpec, Task,
 };
-pub use deployment::{Deployment, Endpoint, UpOptions};
-pub use gateway::{Policy, LeastOutstanding};
 pub use supervisor::{Event, EventKind, InstanceState, InstanceStatus};

@@ -31,15 +31,25 @@ impl ModelShape {
     /// holding `config.json`, or a Hugging Face id of a preset's model.
     pub fn resolve(model: &str) -> anyhow::Result<ModelShape> {
         if let Some(name) = model.strip_prefix("preset:") {
-            return Ok(ModelShape { config: ModelConfig::from_preset(name)? });
+            return Ok(ModelShape {
+                config: ModelConfig::from_preset(name)?,
+            });
         }
         let p = Path::new(model);
-        let cfg = if p.is_dir() { p.join("config.json") } else { p.to_path_buf() };
+        let cfg = if p.is_dir() {
+            p.join("config.json")
+        } else {
+            p.to_path_buf()
+        };
         if cfg.is_file() {
-            return Ok(ModelShape { config: ModelConfig::from_file(&cfg)? });
+            return Ok(ModelShape {
+                config: ModelConfig::from_file(&cfg)?,
+            });
         }
         if let Some(name) = preset_for_hf_id(model) {
-            return Ok(ModelShape { config: ModelConfig::from_preset(name)? });
+            return Ok(ModelShape {
+                config: ModelConfig::from_preset(name)?,
+            });
         }
         bail!("cannot find the model's config: `{model}` is not a preset, a folder with config.json, or a known Hugging Face id")
     }
@@ -113,7 +123,9 @@ mod tests {
     fn unknown_model_is_a_clear_error() {
         let e = ModelShape::resolve("preset:qwen9").unwrap_err().to_string();
         assert!(e.contains("qwen3-tiny"), "{e}");
-        let e = ModelShape::resolve("someone/some-model").unwrap_err().to_string();
+        let e = ModelShape::resolve("someone/some-model")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot find the model's config"), "{e}");
     }
 }

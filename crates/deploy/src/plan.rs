@@ -131,7 +131,10 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
     } else {
         gpu.cloned().or_else(|| {
             spec.gpu_name.as_deref().and_then(|n| {
-                gpu_glue::catalogue_memory(n).map(|b| GpuFacts { name: n.to_string(), memory_total_bytes: b })
+                gpu_glue::catalogue_memory(n).map(|b| GpuFacts {
+                    name: n.to_string(),
+                    memory_total_bytes: b,
+                })
             })
         })
     };
@@ -164,7 +167,10 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
     let mut started_before: u64 = 0;
     let mut idx = 0;
     for e in &spec.engines {
-        let device = e.device.clone().unwrap_or_else(|| if on_cpu { "cpu".into() } else { "cuda".into() });
+        let device =
+            e.device
+                .clone()
+                .unwrap_or_else(|| if on_cpu { "cpu".into() } else { "cuda".into() });
         let shape = if e.kind == EngineKind::Command && e.model.is_empty() {
             Err(anyhow::anyhow!("no model"))
         } else {
@@ -176,7 +182,10 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
         }
         let shape = shape.ok();
         let dt = dtype_bytes(e.kind, &device, shape.as_ref());
-        let weights = shape.as_ref().map(|m| m.weights_bytes(e.task == Task::Generate, dt)).unwrap_or(0);
+        let weights = shape
+            .as_ref()
+            .map(|m| m.weights_bytes(e.task == Task::Generate, dt))
+            .unwrap_or(0);
         let kv_per_token = match (&shape, e.task) {
             (Some(m), Task::Generate) => m.kv_bytes_per_token(dt),
             _ => 0,
@@ -202,7 +211,19 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
                 (Some(f), k) if k > 0 => Some(f / k),
                 _ => None,
             };
-            let memory = memory_flag(e.kind, &device, e.task, budget, explicit, total_mem, started_before, free_for_kv, shape.as_ref(), dt, &mut notes);
+            let memory = memory_flag(
+                e.kind,
+                &device,
+                e.task,
+                budget,
+                explicit,
+                total_mem,
+                started_before,
+                free_for_kv,
+                shape.as_ref(),
+                dt,
+                &mut notes,
+            );
             let cmd = adapters::command_line(&CommandInput {
                 engine: e,
                 port,
@@ -325,7 +346,10 @@ fn memory_flag(
             let tokens = free_for_kv.unwrap_or(0) / per_token;
             // TEI wants a multiple of its 512-token default input; at least one input.
             let max_batch_tokens = (tokens / 512 * 512).clamp(512, 131_072);
-            MemoryFlag::TeiBatch { max_batch_tokens, max_client_batch_size: (max_batch_tokens / 512).clamp(1, 512) }
+            MemoryFlag::TeiBatch {
+                max_batch_tokens,
+                max_client_batch_size: (max_batch_tokens / 512).clamp(1, 512),
+            }
         }
         EngineKind::Command => MemoryFlag::None,
     }
@@ -334,9 +358,16 @@ fn memory_flag(
 fn memory_flag_text(m: MemoryFlag) -> String {
     match m {
         MemoryFlag::None => "-".into(),
-        MemoryFlag::GpuMemoryUtilization(f) => format!("--gpu-memory-utilization {}", adapters::fraction(f)),
-        MemoryFlag::MemFractionStatic(f) => format!("--mem-fraction-static {}", adapters::fraction(f)),
-        MemoryFlag::TeiBatch { max_batch_tokens, max_client_batch_size } => {
+        MemoryFlag::GpuMemoryUtilization(f) => {
+            format!("--gpu-memory-utilization {}", adapters::fraction(f))
+        }
+        MemoryFlag::MemFractionStatic(f) => {
+            format!("--mem-fraction-static {}", adapters::fraction(f))
+        }
+        MemoryFlag::TeiBatch {
+            max_batch_tokens,
+            max_client_batch_size,
+        } => {
             format!("--max-batch-tokens {max_batch_tokens} --max-client-batch-size {max_client_batch_size}")
         }
         MemoryFlag::KvCacheMemory(b) => format!("--kv-cache-memory {b}"),
@@ -350,9 +381,23 @@ impl fmt::Display for Plan {
             (Some(n), Some(m)) => format!("GPU {} ({n}, {})", self.gpu, human_bytes(m)),
             _ => format!("GPU {} (memory: unknown)", self.gpu),
         };
-        writeln!(f, "deployment `{}` on {gpu}, sharing: {}", self.name, self.sharing)?;
+        writeln!(
+            f,
+            "deployment `{}` on {gpu}, sharing: {}",
+            self.name, self.sharing
+        )?;
         writeln!(f)?;
-        let header = ["engine", "kind", "model", "weights", "KV/token", "KV tokens", "overhead", "total", "memory flag"];
+        let header = [
+            "engine",
+            "kind",
+            "model",
+            "weights",
+            "KV/token",
+            "KV tokens",
+            "overhead",
+            "total",
+            "memory flag",
+        ];
         let rows: Vec<[String; 9]> = self
             .engines
             .iter()
@@ -362,8 +407,14 @@ impl fmt::Display for Plan {
                     e.kind.to_string(),
                     e.model.clone(),
                     human_bytes(e.weights_bytes),
-                    if e.kv_bytes_per_token > 0 { human_bytes(e.kv_bytes_per_token) } else { "-".into() },
-                    e.kv_tokens.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                    if e.kv_bytes_per_token > 0 {
+                        human_bytes(e.kv_bytes_per_token)
+                    } else {
+                        "-".into()
+                    },
+                    e.kv_tokens
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     human_bytes(e.overhead_bytes),
                     human_bytes(e.total_bytes),
                     e.memory_flag.clone(),
@@ -397,9 +448,16 @@ impl fmt::Display for Plan {
                 human_bytes(m),
                 self.total_bytes as f64 / m as f64 * 100.0
             ),
-            None => format!("sum: {} (device memory unknown)", human_bytes(self.total_bytes)),
+            None => format!(
+                "sum: {} (device memory unknown)",
+                human_bytes(self.total_bytes)
+            ),
         };
-        writeln!(f, "{sum}: {}", if self.fits { "fits" } else { "DOES NOT FIT" })?;
+        writeln!(
+            f,
+            "{sum}: {}",
+            if self.fits { "fits" } else { "DOES NOT FIT" }
+        )?;
         for p in &self.problems {
             writeln!(f, "  - {p}")?;
         }
@@ -409,7 +467,10 @@ impl fmt::Display for Plan {
             }
         }
         writeln!(f)?;
-        writeln!(f, "commands, in start order (each after the previous answers /health):")?;
+        writeln!(
+            f,
+            "commands, in start order (each after the previous answers /health):"
+        )?;
         for e in &self.engines {
             writeln!(f, "{}", e.shell_line())?;
         }
@@ -423,7 +484,10 @@ mod tests {
     use crate::spec::{parse, EngineSpec, GpuSelector, MemoryBudget};
 
     fn h100() -> GpuFacts {
-        GpuFacts { name: "NVIDIA H100 80GB HBM3".into(), memory_total_bytes: 81_559 << 20 }
+        GpuFacts {
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 81_559 << 20,
+        }
     }
 
     #[test]
@@ -476,7 +540,10 @@ mod tests {
 
     #[test]
     fn sglang_fraction_depends_on_start_order() {
-        let mut spec = DeploymentSpec { gpu: GpuSelector::Index(0), ..Default::default() };
+        let mut spec = DeploymentSpec {
+            gpu: GpuSelector::Index(0),
+            ..Default::default()
+        };
         for (i, (name, frac)) in [("a", 0.5), ("b", 0.25)].iter().enumerate() {
             spec.engines.push(EngineSpec {
                 name: name.to_string(),
@@ -509,7 +576,11 @@ mod tests {
         .unwrap();
         let p = plan(&spec, Some(&h100())).unwrap();
         assert!(!p.fits);
-        assert!(p.problems[0].contains("smaller than weights"), "{:?}", p.problems);
+        assert!(
+            p.problems[0].contains("smaller than weights"),
+            "{:?}",
+            p.problems
+        );
         assert!(p.to_string().contains("DOES NOT FIT"));
     }
 
@@ -539,7 +610,10 @@ mod tests {
 
     #[test]
     fn unbudgeted_engines_share_the_rest() {
-        let mut spec = DeploymentSpec { gpu: GpuSelector::Index(0), ..Default::default() };
+        let mut spec = DeploymentSpec {
+            gpu: GpuSelector::Index(0),
+            ..Default::default()
+        };
         spec.engines.push(EngineSpec {
             name: "a".into(),
             kind: EngineKind::Vllm,

@@ -57,7 +57,10 @@ impl ExitInfo {
             }
             _ => s.to_string(),
         };
-        ExitInfo { description, success: s.success() }
+        ExitInfo {
+            description,
+            success: s.success(),
+        }
     }
 }
 
@@ -77,7 +80,8 @@ pub fn spawn(spec: &ProcSpec) -> anyhow::Result<Proc> {
         .split_first()
         .with_context(|| format!("{}: empty command line", spec.name))?;
     if let Some(parent) = spec.log_path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -107,7 +111,14 @@ pub fn spawn(spec: &ProcSpec) -> anyhow::Result<Proc> {
     // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             // The parent may have died between fork and prctl: then nobody would signal us.
@@ -117,33 +128,58 @@ pub fn spawn(spec: &ProcSpec) -> anyhow::Result<Proc> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| {
-        anyhow::anyhow!("{}: cannot start `{prog}`: {e}", spec.name)
-    })?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("{}: cannot start `{prog}`: {e}", spec.name))?;
     let pid = child.id().context("the child has no pid")?;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let mut pumps = Vec::new();
     if let Some(out) = child.stdout.take() {
-        pumps.push(tokio::spawn(pump(out, spec.name.clone(), log.clone(), tail.clone(), spec.console)));
+        pumps.push(tokio::spawn(pump(
+            out,
+            spec.name.clone(),
+            log.clone(),
+            tail.clone(),
+            spec.console,
+        )));
     }
     if let Some(err) = child.stderr.take() {
-        pumps.push(tokio::spawn(pump(err, spec.name.clone(), log.clone(), tail.clone(), spec.console)));
+        pumps.push(tokio::spawn(pump(
+            err,
+            spec.name.clone(),
+            log.clone(),
+            tail.clone(),
+            spec.console,
+        )));
     }
     let (tx, rx) = watch::channel(None);
     let log2 = log.clone();
     tokio::spawn(async move {
         let info = match child.wait().await {
             Ok(s) => ExitInfo::from_status(s),
-            Err(e) => ExitInfo { description: format!("wait failed: {e}"), success: false },
+            Err(e) => ExitInfo {
+                description: format!("wait failed: {e}"),
+                success: false,
+            },
         };
         // Let the pumps drain what the process wrote before it went.
         for p in pumps {
             let _ = tokio::time::timeout(Duration::from_secs(1), p).await;
         }
-        let _ = writeln!(log2.lock(), "=== {} exited: {}", chrono::Utc::now().to_rfc3339(), info.description);
+        let _ = writeln!(
+            log2.lock(),
+            "=== {} exited: {}",
+            chrono::Utc::now().to_rfc3339(),
+            info.description
+        );
         let _ = tx.send(Some(info));
     });
-    Ok(Proc { name: spec.name.clone(), pid, exited: rx, tail })
+    Ok(Proc {
+        name: spec.name.clone(),
+        pid,
+        exited: rx,
+        tail,
+    })
 }
 
 async fn pump<R: AsyncRead + Unpin>(
@@ -195,7 +231,10 @@ impl Proc {
                 return i;
             }
             if rx.changed().await.is_err() {
-                return rx.borrow().clone().unwrap_or(ExitInfo { description: "lost".into(), success: false });
+                return rx.borrow().clone().unwrap_or(ExitInfo {
+                    description: "lost".into(),
+                    success: false,
+                });
             }
         }
     }
@@ -259,12 +298,19 @@ mod tests {
     #[tokio::test]
     async fn logs_output_and_exit() {
         let dir = tempfile::tempdir().unwrap();
-        let p = spawn(&spec(dir.path(), &["sh", "-c", "echo $GREETING; echo oops >&2; exit 3"])).unwrap();
+        let p = spawn(&spec(
+            dir.path(),
+            &["sh", "-c", "echo $GREETING; echo oops >&2; exit 3"],
+        ))
+        .unwrap();
         let info = p.wait().await;
         assert_eq!(info.description, "exit status 3");
         assert!(!info.success);
         let log = std::fs::read_to_string(dir.path().join("t.log")).unwrap();
-        assert!(log.contains("hello") && log.contains("oops") && log.contains("exited: exit status 3"), "{log}");
+        assert!(
+            log.contains("hello") && log.contains("oops") && log.contains("exited: exit status 3"),
+            "{log}"
+        );
         let tail = p.tail(5);
         assert!(tail.contains(&"hello".to_string()), "{tail:?}");
     }
@@ -274,20 +320,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // The shell ignores SIGTERM and has a child: stop must SIGKILL both.
         let pidfile = dir.path().join("child.pid");
-        let script = format!("trap '' TERM; sleep 600 & echo $! > {}; wait", pidfile.display());
+        let script = format!(
+            "trap '' TERM; sleep 600 & echo $! > {}; wait",
+            pidfile.display()
+        );
         let p = spawn(&spec(dir.path(), &["sh", "-c", &script])).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().trim().is_empty() {
             assert!(std::time::Instant::now() < deadline, "child never started");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let child: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let child: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert!(alive(child));
         let info = p.stop(Duration::from_millis(300)).await;
         assert!(info.description.contains("SIGKILL"), "{}", info.description);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while alive(child) {
-            assert!(std::time::Instant::now() < deadline, "grandchild {child} survived");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "grandchild {child} survived"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -295,7 +351,9 @@ mod tests {
     #[tokio::test]
     async fn missing_program_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let e = spawn(&spec(dir.path(), &["/no/such/engine"])).unwrap_err().to_string();
+        let e = spawn(&spec(dir.path(), &["/no/such/engine"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot start `/no/such/engine`"), "{e}");
     }
 }

@@ -14,20 +14,15 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Which device the engines run on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum GpuSelector {
     /// A GPU by its index as `nvidia-smi` numbers it.
     Index(u32),
     /// A GPU (or a MIG instance) by its UUID (`GPU-...` or `MIG-...`).
     Uuid(String),
     /// No GPU: engines run on the CPU; the only sharing is "together" (timeslice).
+    #[default]
     Cpu,
-}
-
-impl Default for GpuSelector {
-    fn default() -> Self {
-        GpuSelector::Cpu
-    }
 }
 
 impl GpuSelector {
@@ -74,13 +69,15 @@ impl<'de> Deserialize<'de> for GpuSelector {
             Str(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Int(i) => u32::try_from(i)
-                .map(GpuSelector::Index)
-                .map_err(|_| serde::de::Error::custom(format!("GPU index {i} is negative or too large"))),
+            Raw::Int(i) => u32::try_from(i).map(GpuSelector::Index).map_err(|_| {
+                serde::de::Error::custom(format!("GPU index {i} is negative or too large"))
+            }),
             Raw::Str(s) if s.eq_ignore_ascii_case("cpu") => Ok(GpuSelector::Cpu),
             Raw::Str(s) => match s.parse::<u32>() {
                 Ok(i) => Ok(GpuSelector::Index(i)),
-                Err(_) if s.starts_with("GPU-") || s.starts_with("MIG-") => Ok(GpuSelector::Uuid(s)),
+                Err(_) if s.starts_with("GPU-") || s.starts_with("MIG-") => {
+                    Ok(GpuSelector::Uuid(s))
+                }
                 Err(_) => Err(serde::de::Error::custom(format!(
                     "`{s}` is not a GPU: use an index (0), a UUID (GPU-..., MIG-...) or \"cpu\""
                 ))),
@@ -256,8 +253,11 @@ mod duration_serde {
         }
         match Raw::deserialize(d)? {
             Raw::Secs(s) => Ok(Duration::from_secs(s)),
-            Raw::Str(s) => humantime::parse_duration(&s)
-                .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"90s\""))),
+            Raw::Str(s) => humantime::parse_duration(&s).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not a duration ({e}); write e.g. \"90s\""
+                ))
+            }),
         }
     }
 }
@@ -372,7 +372,9 @@ impl Default for GatewaySpec {
 impl GatewaySpec {
     /// The port part of `address`, if it parses.
     pub fn port(&self) -> Option<u16> {
-        self.address.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+        self.address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
     }
 }
 
@@ -484,7 +486,10 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
     let mut err = |field: String, reason: String| errs.push((field, reason));
 
     if spec.engines.is_empty() {
-        err("engines".into(), "no engine: add at least one [[engines]] table".into());
+        err(
+            "engines".into(),
+            "no engine: add at least one [[engines]] table".into(),
+        );
     }
     if spec.gpu.is_cpu() && spec.sharing != Sharing::Timeslice {
         err(
@@ -509,27 +514,48 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         {
-            err(at("name"), format!("`{}`: use letters, digits, '-', '_' or '.'", e.name));
+            err(
+                at("name"),
+                format!("`{}`: use letters, digits, '-', '_' or '.'", e.name),
+            );
         } else if let Some(j) = names.insert(e.name.clone(), i) {
-            err(at("name"), format!("`{}` is already the name of engines[{j}]", e.name));
+            err(
+                at("name"),
+                format!("`{}` is already the name of engines[{j}]", e.name),
+            );
         }
         if e.model.trim().is_empty() && e.kind != EngineKind::Command {
-            err(at("model"), "missing: the model to serve (`preset:NAME`, a folder or a Hugging Face id)".into());
+            err(
+                at("model"),
+                "missing: the model to serve (`preset:NAME`, a folder or a Hugging Face id)".into(),
+            );
         }
         if e.kind == EngineKind::Command {
             match &e.command {
-                None => err(at("command"), "missing: kind = \"command\" needs command = [\"prog\", \"arg\", ...]".into()),
+                None => err(
+                    at("command"),
+                    "missing: kind = \"command\" needs command = [\"prog\", \"arg\", ...]".into(),
+                ),
                 Some(c) if c.is_empty() => err(at("command"), "empty command".into()),
                 _ => {}
             }
         } else if e.command.is_some() {
-            err(at("command"), format!("only kind = \"command\" takes a command (kind is \"{}\")", e.kind));
+            err(
+                at("command"),
+                format!(
+                    "only kind = \"command\" takes a command (kind is \"{}\")",
+                    e.kind
+                ),
+            );
         }
         if e.replicas == 0 {
             err(at("replicas"), "must be at least 1".into());
         }
         if e.port == 0 {
-            err(at("port"), "missing: every engine needs a port (1-65535)".into());
+            err(
+                at("port"),
+                "missing: every engine needs a port (1-65535)".into(),
+            );
         } else {
             if e.port as u32 + e.replicas.max(1) - 1 > u16::MAX as u32 {
                 err(at("port"), "replica ports run past 65535".into());
@@ -543,29 +569,47 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
         if e.task == Task::Embed && e.kind == EngineKind::Tei {
             // fine: TEI is embed-only
         } else if e.task == Task::Generate && e.kind == EngineKind::Tei {
-            err(at("task"), "TEI only serves embeddings: use task = \"embed\"".into());
+            err(
+                at("task"),
+                "TEI only serves embeddings: use task = \"embed\"".into(),
+            );
         }
         if let Some(sm) = e.sm_percent {
             if spec.sharing != Sharing::Mps {
                 err(
                     at("sm_percent"),
-                    format!("MPS setting with sharing = \"{}\": sm_percent needs sharing = \"mps\"", spec.sharing),
+                    format!(
+                        "MPS setting with sharing = \"{}\": sm_percent needs sharing = \"mps\"",
+                        spec.sharing
+                    ),
                 );
             } else if sm == 0 || sm > 100 {
-                err(at("sm_percent"), format!("{sm} is not a percentage in 1..=100"));
+                err(
+                    at("sm_percent"),
+                    format!("{sm} is not a percentage in 1..=100"),
+                );
             }
         }
         if let Some(m) = &e.mig_device {
             if spec.sharing != Sharing::Mig {
                 err(
                     at("mig_device"),
-                    format!("MIG instance with sharing = \"{}\": mig_device needs sharing = \"mig\"", spec.sharing),
+                    format!(
+                        "MIG instance with sharing = \"{}\": mig_device needs sharing = \"mig\"",
+                        spec.sharing
+                    ),
                 );
             } else if !m.starts_with("MIG-") {
-                err(at("mig_device"), format!("`{m}` is not a MIG instance UUID (MIG-...)"));
+                err(
+                    at("mig_device"),
+                    format!("`{m}` is not a MIG instance UUID (MIG-...)"),
+                );
             }
         } else if spec.sharing == Sharing::Mig {
-            err(at("mig_device"), "missing: sharing = \"mig\" needs each engine's MIG instance UUID".into());
+            err(
+                at("mig_device"),
+                "missing: sharing = \"mig\" needs each engine's MIG instance UUID".into(),
+            );
         }
         if let Some(d) = &e.device {
             if d != "cpu" && d != "cuda" {
@@ -579,7 +623,10 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
         }
         for k in e.env.keys() {
             if k.is_empty() || k.contains('=') {
-                err(at("env"), format!("`{k}` is not an environment variable name"));
+                err(
+                    at("env"),
+                    format!("`{k}` is not an environment variable name"),
+                );
             }
         }
         match e.memory {
@@ -587,12 +634,15 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
                 if spec.gpu.is_cpu() {
                     err(
                         at("memory"),
-                        "a fraction of GPU memory with gpu = \"cpu\": give bytes (e.g. \"512MiB\")".into(),
+                        "a fraction of GPU memory with gpu = \"cpu\": give bytes (e.g. \"512MiB\")"
+                            .into(),
                     );
                 }
                 fraction_sum += f * e.replicas.max(1) as f64;
             }
-            Some(MemoryBudget::Bytes(b)) => bytes_sum = bytes_sum.saturating_add(b * e.replicas.max(1) as u64),
+            Some(MemoryBudget::Bytes(b)) => {
+                bytes_sum = bytes_sum.saturating_add(b * e.replicas.max(1) as u64)
+            }
             None => {}
         }
     }
@@ -605,7 +655,11 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
             ),
         );
     }
-    if let Some(total) = spec.gpu_name.as_deref().and_then(crate::gpu_glue::catalogue_memory) {
+    if let Some(total) = spec
+        .gpu_name
+        .as_deref()
+        .and_then(crate::gpu_glue::catalogue_memory)
+    {
         let sum = bytes_sum as f64 + fraction_sum * total as f64;
         if sum > total as f64 && fraction_sum <= 1.0 + 1e-9 {
             err(
@@ -621,10 +675,16 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
     }
     if let Some(g) = &spec.gateway {
         match g.port() {
-            None => err("gateway.address".into(), format!("`{}` is not HOST:PORT", g.address)),
+            None => err(
+                "gateway.address".into(),
+                format!("`{}` is not HOST:PORT", g.address),
+            ),
             Some(p) => {
                 if let Some(other) = ports.get(&p) {
-                    err("gateway.address".into(), format!("port {p} clashes with {other}"));
+                    err(
+                        "gateway.address".into(),
+                        format!("port {p} clashes with {other}"),
+                    );
                 }
             }
         }

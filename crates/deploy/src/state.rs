@@ -62,7 +62,11 @@ pub fn write(run_dir: &Path, state: &StateFile) -> anyhow::Result<()> {
 /// Reads a run folder's state file.
 pub fn read(run_dir: &Path) -> anyhow::Result<StateFile> {
     let p = path(run_dir);
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("no deployment state at {} (is `colocate up` running there?)", p.display()))?;
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "no deployment state at {} (is `colocate up` running there?)",
+            p.display()
+        )
+    })?;
     serde_json::from_str(&text).with_context(|| format!("{}: not a state file", p.display()))
 }

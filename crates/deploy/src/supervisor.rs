@@ -183,7 +183,14 @@ impl Supervisor {
         }));
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
         let mut core = Core {
-            instances: specs.into_iter().map(|spec| Instance { spec, proc: None, generation: 0 }).collect(),
+            instances: specs
+                .into_iter()
+                .map(|spec| Instance {
+                    spec,
+                    proc: None,
+                    generation: 0,
+                })
+                .collect(),
             opts,
             snapshot: snapshot.clone(),
             on_change,
@@ -205,7 +212,12 @@ impl Supervisor {
         }
         let (fatal_tx, fatal) = watch::channel(None);
         let task = tokio::spawn(core.run(exit_rx, fatal_tx));
-        Ok(Supervisor { snapshot, cancel, task, fatal })
+        Ok(Supervisor {
+            snapshot,
+            cancel,
+            task,
+            fatal,
+        })
     }
 
     /// Current status of every instance.
@@ -323,7 +335,11 @@ impl Core {
                     s.state = InstanceState::Stopped;
                     s.pid = None;
                 });
-                self.event(i, EventKind::Stopped, format!("stopped ({})", info.description));
+                self.event(
+                    i,
+                    EventKind::Stopped,
+                    format!("stopped ({})", info.description),
+                );
             }
         }
     }
@@ -382,7 +398,11 @@ impl Core {
     /// when cancelled.
     async fn handle_crash(&mut self, i: usize, info: ExitInfo) -> bool {
         let name = self.instances[i].spec.name.clone();
-        let tail = self.instances[i].proc.as_ref().map(|p| p.tail(5)).unwrap_or_default();
+        let tail = self.instances[i]
+            .proc
+            .as_ref()
+            .map(|p| p.tail(5))
+            .unwrap_or_default();
         self.instances[i].proc = None;
         (self.availability)(&name, false);
         self.set(i, |s| {
@@ -401,7 +421,10 @@ impl Core {
         let mut group = vec![i];
         if self.opts.shared_fault {
             // Give the fault time to reach the other clients, then stop those still up.
-            if !self.sleep(MPS_FAULT_GRACE.min(self.opts.stop_timeout)).await {
+            if !self
+                .sleep(MPS_FAULT_GRACE.min(self.opts.stop_timeout))
+                .await
+            {
                 return false;
             }
             for j in 0..self.instances.len() {
@@ -413,7 +436,10 @@ impl Core {
                 if let Some(info) = self.stop_one(j).await {
                     let how = match died_alone {
                         Some(d) => format!("exited with the MPS fault ({})", d.description),
-                        None => format!("stopped after `{name}` crashed under MPS ({})", info.description),
+                        None => format!(
+                            "stopped after `{name}` crashed under MPS ({})",
+                            info.description
+                        ),
                     };
                     self.set(j, |s| {
                         s.state = InstanceState::Restarting;
@@ -430,7 +456,10 @@ impl Core {
             loop {
                 let failures = self.snapshot.lock().instances[j].failures;
                 if failures > self.opts.max_failures {
-                    let last = self.snapshot.lock().instances[j].last_exit.clone().unwrap_or_default();
+                    let last = self.snapshot.lock().instances[j]
+                        .last_exit
+                        .clone()
+                        .unwrap_or_default();
                     self.set(j, |s| s.state = InstanceState::Failed);
                     self.event(
                         j,
@@ -443,14 +472,22 @@ impl Core {
                     );
                     break;
                 }
-                let delay = if j == i { self.backoff(failures) } else { Duration::ZERO };
+                let delay = if j == i {
+                    self.backoff(failures)
+                } else {
+                    Duration::ZERO
+                };
                 if !self.sleep(delay).await {
                     return false;
                 }
                 match self.start_one(j).await {
                     Ok(()) => {
                         self.set(j, |s| s.restarts += 1);
-                        self.event(j, EventKind::Restarted, format!("restarted after {delay:?} and healthy"));
+                        self.event(
+                            j,
+                            EventKind::Restarted,
+                            format!("restarted after {delay:?} and healthy"),
+                        );
                         break;
                     }
                     Err(StartError::Cancelled) => return false,
@@ -471,7 +508,12 @@ impl Core {
 
 /// Polls `GET url/health` until 200, the process exits, the timeout passes or we are
 /// cancelled.
-async fn wait_healthy(url: &str, timeout: Duration, proc: &Proc, cancel: &CancellationToken) -> Result<(), StartError> {
+async fn wait_healthy(
+    url: &str,
+    timeout: Duration,
+    proc: &Proc,
+    cancel: &CancellationToken,
+) -> Result<(), StartError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .no_proxy()
@@ -482,7 +524,10 @@ async fn wait_healthy(url: &str, timeout: Duration, proc: &Proc, cancel: &Cancel
     let mut exited = proc.exit_watch();
     loop {
         if let Some(info) = exited.borrow_and_update().clone() {
-            return Err(StartError::Failed(format!("it exited before answering /health ({})", info.description)));
+            return Err(StartError::Failed(format!(
+                "it exited before answering /health ({})",
+                info.description
+            )));
         }
         if let Ok(r) = client.get(&health).send().await {
             if r.status().is_success() {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use deploy::process::{alive, ProcSpec};
 use deploy::supervisor::{EventKind, InstanceSpec, InstanceState, SuperviseOptions, Supervisor};
-use deploy::{Deployment, DeploymentSpec, EngineKind, EngineSpec, GatewaySpec, SuperviseSpec, UpOptions};
+use deploy::{
+    Deployment, DeploymentSpec, EngineKind, EngineSpec, GatewaySpec, SuperviseSpec, UpOptions,
+};
 use tokio_util::sync::CancellationToken;
 
 const FAKE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_engine.py");
@@ -34,8 +36,16 @@ fn fake(name: &str, model: &str, replicas: u32, env: &[(&str, &str)]) -> EngineS
         model: model.into(),
         port: free_ports(replicas as u16),
         replicas,
-        command: Some(vec!["python3".into(), FAKE.into(), "{port}".into(), "{name}".into()]),
-        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        command: Some(vec![
+            "python3".into(),
+            FAKE.into(),
+            "{port}".into(),
+            "{name}".into(),
+        ]),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
         start_timeout: Duration::from_secs(20),
         ..Default::default()
     }
@@ -61,11 +71,19 @@ fn spec(engines: Vec<EngineSpec>) -> DeploymentSpec {
 }
 
 fn opts(dir: &tempfile::TempDir) -> UpOptions {
-    UpOptions { run_dir: dir.path().join("run"), engine_bin: None, quiet: true }
+    UpOptions {
+        run_dir: dir.path().join("run"),
+        engine_bin: None,
+        quiet: true,
+    }
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().unwrap()
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
 }
 
 async fn complete(url: &str, model: &str, stream: bool) -> (u16, String) {
@@ -88,13 +106,20 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 fn kill9(pid: u32) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_routes_streams_lists_and_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let s = spec(vec![fake("a", "model-a", 1, &[]), fake("b", "model-b", 1, &[])]);
+    let s = spec(vec![
+        fake("a", "model-a", 1, &[]),
+        fake("b", "model-b", 1, &[]),
+    ]);
     let (pa, pb) = (s.engines[0].port, s.engines[1].port);
     let d = Deployment::up(&s, opts(&dir)).await.unwrap();
     let gw = d.gateway_url().unwrap();
@@ -112,17 +137,36 @@ async fn gateway_routes_streams_lists_and_counts() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["type"], "not_found_error", "{body}");
     // No model at all: 400.
-    let r = client().post(format!("{gw}/v1/completions")).json(&serde_json::json!({"prompt": "x"})).send().await.unwrap();
+    let r = client()
+        .post(format!("{gw}/v1/completions"))
+        .json(&serde_json::json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 
     // /v1/models lists both.
-    let models: serde_json::Value = client().get(format!("{gw}/v1/models")).send().await.unwrap().json().await.unwrap();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let models: serde_json::Value = client()
+        .get(format!("{gw}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["model-a", "model-b"]);
 
     // Streams pass through unchanged and unbuffered: the first chunk arrives well before
     // the last (the engine spaces its 5 chunks 50 ms apart).
-    let direct = complete(&format!("http://127.0.0.1:{pa}"), "model-a", true).await.1;
+    let direct = complete(&format!("http://127.0.0.1:{pa}"), "model-a", true)
+        .await
+        .1;
     let t0 = Instant::now();
     let mut r = client()
         .post(format!("{gw}/v1/completions"))
@@ -140,16 +184,36 @@ async fn gateway_routes_streams_lists_and_counts() {
     let total = t0.elapsed();
     assert_eq!(String::from_utf8(via).unwrap(), direct);
     let first = first.unwrap();
-    assert!(total - first >= Duration::from_millis(150), "first chunk at {first:?}, end at {total:?}: buffered?");
-
-    let metrics = client().get(format!("{gw}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(
-        metrics.contains(r#"colocate_gateway_requests_total{engine="a",route="/v1/completions"} 2"#),
+        total - first >= Duration::from_millis(150),
+        "first chunk at {first:?}, end at {total:?}: buffered?"
+    );
+
+    let metrics = client()
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains(r#"colocate_gateway_requests_total{engine="a",route="/v1/completions"} 2"#),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"colocate_gateway_requests_total{engine="-",route="/v1/completions"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"colocate_gateway_in_flight{engine="b"} 0"#), "{metrics}");
-    assert!(metrics.contains("colocate_gateway_request_duration_seconds_count{engine=\"b\",route=\"/v1/completions\"} 1"));
+    assert!(
+        metrics
+            .contains(r#"colocate_gateway_requests_total{engine="-",route="/v1/completions"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"colocate_gateway_in_flight{engine="b"} 0"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "colocate_gateway_request_duration_seconds_count{engine=\"b\",route=\"/v1/completions\"} 1"
+    ));
 
     let pids: Vec<u32> = d.status().iter().filter_map(|s| s.pid).collect();
     assert_eq!(pids.len(), 2);
@@ -160,7 +224,10 @@ async fn gateway_routes_streams_lists_and_counts() {
     }
     let state = deploy::state::read(&run_dir).unwrap();
     assert_eq!(state.phase, "stopped");
-    assert!(state.instances.iter().all(|i| i.state == InstanceState::Stopped));
+    assert!(state
+        .instances
+        .iter()
+        .all(|i| i.state == InstanceState::Stopped));
     assert!(run_dir.join("logs/a.log").exists());
 }
 
@@ -171,7 +238,10 @@ async fn killed_engine_comes_back_and_the_gateway_routes_around_it() {
     let d = Deployment::up(&s, opts(&dir)).await.unwrap();
     let gw = d.gateway_url().unwrap();
     let status = d.status();
-    assert_eq!(status.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), vec!["gen-0", "gen-1", "solo"]);
+    assert_eq!(
+        status.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        vec!["gen-0", "gen-1", "solo"]
+    );
     let gen1_port = s.engines[0].port + 1;
 
     // One replica of `m` dies: every request still succeeds, on the other replica.
@@ -181,7 +251,11 @@ async fn killed_engine_comes_back_and_the_gateway_routes_around_it() {
         assert_eq!(st, 200, "{body}");
     }
     let (_, body) = complete(&gw, "m", false).await;
-    assert!(body.contains(&format!("port {gen1_port}")) || d.status()[0].state == InstanceState::Healthy, "{body}");
+    assert!(
+        body.contains(&format!("port {gen1_port}"))
+            || d.status()[0].state == InstanceState::Healthy,
+        "{body}"
+    );
 
     // The only replica of `s` dies: 503 (OpenAI error) or, once back, 200; never a hang.
     let old = status[2].pid.unwrap();
@@ -194,19 +268,35 @@ async fn killed_engine_comes_back_and_the_gateway_routes_around_it() {
     }
     wait_for("both restarts", Duration::from_secs(30), || {
         let st = d.status();
-        st[0].restarts == 1 && st[2].restarts == 1 && st.iter().all(|s| s.state == InstanceState::Healthy)
+        st[0].restarts == 1
+            && st[2].restarts == 1
+            && st.iter().all(|s| s.state == InstanceState::Healthy)
     })
     .await;
     let now = d.status();
     assert_ne!(now[2].pid, Some(old));
     assert_eq!(now[2].failures, 1);
-    assert!(now[2].last_exit.as_deref().unwrap().contains("SIGKILL"), "{:?}", now[2].last_exit);
+    assert!(
+        now[2].last_exit.as_deref().unwrap().contains("SIGKILL"),
+        "{:?}",
+        now[2].last_exit
+    );
     // The restarted one is back in rotation (the supervisor says so at once).
     let (st, _) = complete(&gw, "s", false).await;
     assert_eq!(st, 200);
-    let kinds: Vec<(String, EventKind)> = d.events().into_iter().map(|e| (e.instance, e.kind)).collect();
-    assert!(kinds.contains(&("solo".into(), EventKind::Crashed)), "{kinds:?}");
-    assert!(kinds.contains(&("solo".into(), EventKind::Restarted)), "{kinds:?}");
+    let kinds: Vec<(String, EventKind)> = d
+        .events()
+        .into_iter()
+        .map(|e| (e.instance, e.kind))
+        .collect();
+    assert!(
+        kinds.contains(&("solo".into(), EventKind::Crashed)),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("solo".into(), EventKind::Restarted)),
+        "{kinds:?}"
+    );
     // Time-slicing: the other engines were left alone.
     assert_eq!(now[1].restarts, 0);
     d.shutdown().await.unwrap();
@@ -219,8 +309,13 @@ async fn gives_up_after_max_failures_and_says_why() {
     s.supervise.max_failures = 2;
     s.gateway = None;
     let d = Deployment::up(&s, opts(&dir)).await.unwrap();
-    let why = tokio::time::timeout(Duration::from_secs(30), d.failed()).await.expect("never gave up");
-    assert!(why.contains("gave up after 3 failures (max_failures = 2)"), "{why}");
+    let why = tokio::time::timeout(Duration::from_secs(30), d.failed())
+        .await
+        .expect("never gave up");
+    assert!(
+        why.contains("gave up after 3 failures (max_failures = 2)"),
+        "{why}"
+    );
     assert!(why.contains("exit status 1"), "{why}");
     let st = d.status();
     assert_eq!(st[0].state, InstanceState::Failed);
@@ -231,8 +326,15 @@ async fn gives_up_after_max_failures_and_says_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_failures_name_the_engine_and_show_its_log() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = spec(vec![fake("ok", "a", 1, &[]), fake("broken", "b", 1, &[("EXIT_AT_START", "1")])]);
-    let e = Deployment::up(&s, opts(&dir)).await.err().expect("must fail").to_string();
+    let mut s = spec(vec![
+        fake("ok", "a", 1, &[]),
+        fake("broken", "b", 1, &[("EXIT_AT_START", "1")]),
+    ]);
+    let e = Deployment::up(&s, opts(&dir))
+        .await
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(e.contains("engine `broken` did not start"), "{e}");
     assert!(e.contains("exit status 2"), "{e}");
     assert!(e.contains("cannot load model"), "{e}");
@@ -246,7 +348,11 @@ async fn start_failures_name_the_engine_and_show_its_log() {
     let dir = tempfile::tempdir().unwrap();
     s.engines = vec![fake("slow", "a", 1, &[("READY_AFTER", "100")])];
     s.engines[0].start_timeout = Duration::from_secs(1);
-    let e = Deployment::up(&s, opts(&dir)).await.err().expect("must time out").to_string();
+    let e = Deployment::up(&s, opts(&dir))
+        .await
+        .err()
+        .expect("must time out")
+        .to_string();
     assert!(e.contains("within 1s (start_timeout)"), "{e}");
 
     // The gateway's port is taken: fails at once, before any engine starts.
@@ -254,7 +360,13 @@ async fn start_failures_name_the_engine_and_show_its_log() {
     s.engines = vec![fake("a", "a", 1, &[])];
     s.gateway.as_mut().unwrap().address = taken.local_addr().unwrap().to_string();
     let t0 = Instant::now();
-    let e = format!("{:#}", Deployment::up(&s, opts(&dir)).await.err().expect("port in use"));
+    let e = format!(
+        "{:#}",
+        Deployment::up(&s, opts(&dir))
+            .await
+            .err()
+            .expect("port in use")
+    );
     assert!(e.contains("gateway: cannot listen on"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(2));
 }
@@ -301,17 +413,25 @@ async fn shared_fault_restarts_every_engine() {
     kill9(before[1]);
     wait_for("both restarted", Duration::from_secs(30), || {
         let st = sup.instances();
-        st.iter().all(|s| s.restarts == 1 && s.state == InstanceState::Healthy)
+        st.iter()
+            .all(|s| s.restarts == 1 && s.state == InstanceState::Healthy)
     })
     .await;
     let after: Vec<u32> = sup.instances().iter().map(|s| s.pid.unwrap()).collect();
     assert_ne!(before[0], after[0], "the innocent client was not restarted");
     assert!(!alive(before[0]));
     let ev = sup.events();
-    assert!(ev.iter().any(|e| e.instance == "gen" && e.kind == EventKind::StoppedForFault), "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| e.instance == "gen" && e.kind == EventKind::StoppedForFault),
+        "{ev:?}"
+    );
     // Restarted in start order: gen before embed.
-    let order: Vec<&str> =
-        ev.iter().filter(|e| e.kind == EventKind::Restarted).map(|e| e.instance.as_str()).collect();
+    let order: Vec<&str> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::Restarted)
+        .map(|e| e.instance.as_str())
+        .collect();
     assert_eq!(order, vec!["gen", "embed"]);
     sup.shutdown().await;
     for p in after {
