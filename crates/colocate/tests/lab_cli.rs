@@ -53,7 +53,7 @@ fn experiment_file_errors_name_file_and_field() {
         (good.replace("engine = \"embed\"", "engine = \"embedder\""), "workloads[1] (vectors).engine"),
         (good.replace("sharing = [\"timeslice\"]", "sharing = [\"solo\"]"), "axes.sharing[0]"),
         (good.replace("rate = [\"50% of solo\"]", "rate = [\"half\"]"), "bad rate"),
-        (good.replace("duration = \"8s\"", "duration = \"soon\""), "bad duration"),
+        (good.replace("duration = \"10s\"", "duration = \"soon\""), "bad duration"),
         (good.replace("ttft_p99 = \"2s\"", "ttft_p98 = \"2s\""), "ttft_p98"),
     ];
     for (i, (body, needle)) in cases.iter().enumerate() {
