@@ -54,8 +54,17 @@ fn cpu_seconds() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Serve { port, threads, token_delay_us, embed_delay_ms, embed_dim } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
+        Cmd::Serve {
+            port,
+            threads,
+            token_delay_us,
+            embed_delay_ms,
+            embed_dim,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()?;
             rt.block_on(async {
                 let opts = bench::mock_server::MockOptions {
                     token_delay: Duration::from_micros(token_delay_us),
@@ -73,16 +82,29 @@ fn main() -> anyhow::Result<()> {
         Cmd::Client { args } => {
             let mut spec = args.to_spec()?;
             spec.record_requests = true;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
             let (c0, t0) = (cpu_seconds(), Instant::now());
             let r = rt
-                .block_on(bench::run(&spec, None, tokio_util::sync::CancellationToken::new()))
+                .block_on(bench::run(
+                    &spec,
+                    None,
+                    tokio_util::sync::CancellationToken::new(),
+                ))
                 .context("bench run failed")?;
             let (cpu, wall) = (cpu_seconds() - c0, t0.elapsed().as_secs_f64());
             print!("{}", r.table());
             let chunks: u64 = r.requests.iter().map(|q| q.chunks).sum();
-            let seqs: u64 = r.requests.iter().filter(|q| q.success && q.sequences > 1).map(|q| q.sequences as u64).sum();
+            let seqs: u64 = r
+                .requests
+                .iter()
+                .filter(|q| q.success && q.sequences > 1)
+                .map(|q| q.sequences as u64)
+                .sum();
             let errors: usize = r.requests.iter().filter(|q| q.error.is_some()).count();
             println!("\nclient process: {threads} cores available, wall {wall:.1} s, CPU {cpu:.1} s ({:.2} cores busy)", cpu / wall);
             println!(
@@ -91,13 +113,26 @@ fn main() -> anyhow::Result<()> {
             );
             for w in &r.workloads {
                 if let Some(g) = &w.gen {
-                    println!("RESULT {} gen output tok/s {:.0} itl p50 {:.2} ms p99 {:.2} ms", w.name, g.output_throughput, g.itl_ms.median, g.itl_ms.percentiles.get("p99").copied().unwrap_or(0.0));
+                    println!(
+                        "RESULT {} gen output tok/s {:.0} itl p50 {:.2} ms p99 {:.2} ms",
+                        w.name,
+                        g.output_throughput,
+                        g.itl_ms.median,
+                        g.itl_ms.percentiles.get("p99").copied().unwrap_or(0.0)
+                    );
                 }
                 if let Some(e) = &w.embed {
-                    println!("RESULT {} embed seq/s {:.0} latency p50 {:.1} ms", w.name, e.seq_throughput, e.latency_ms.median);
+                    println!(
+                        "RESULT {} embed seq/s {:.0} latency p50 {:.1} ms",
+                        w.name, e.seq_throughput, e.latency_ms.median
+                    );
                 }
             }
-            println!("RESULT cpu_cores_busy {:.2} chunks_per_cpu_s {:.0}", cpu / wall, chunks as f64 / cpu);
+            println!(
+                "RESULT cpu_cores_busy {:.2} chunks_per_cpu_s {:.0}",
+                cpu / wall,
+                chunks as f64 / cpu
+            );
             Ok(())
         }
     }

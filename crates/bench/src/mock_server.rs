@@ -187,7 +187,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         return error(StatusCode::BAD_REQUEST, "malformed JSON");
     };
     let n = state.count.fetch_add(1, Relaxed) + 1;
-    if state.opts.fail_every > 0 && n % state.opts.fail_every == 0 {
+    if state.opts.fail_every > 0 && n.is_multiple_of(state.opts.fail_every) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "injected failure");
     }
     if path == "/v1/embeddings" {
@@ -216,8 +216,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         "data: {{\"id\":\"mock\",\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt_tokens},\"completion_tokens\":{max_tokens},\"total_tokens\":{}}}}}\n\ndata: [DONE]\n\n",
         prompt_tokens + max_tokens
     ));
-    let break_at =
-        (state.opts.break_every > 0 && n % state.opts.break_every == 0).then_some(max_tokens / 2);
+    let break_at = (state.opts.break_every > 0 && n.is_multiple_of(state.opts.break_every))
+        .then_some(max_tokens / 2);
     let delay = state.opts.token_delay;
     let st = state.clone();
     // States: i < max_tokens: a content chunk; i == max_tokens: usage + [DONE]; then end.

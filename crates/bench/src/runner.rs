@@ -108,8 +108,8 @@ pub async fn run(
     // One connection pool per endpoint origin.
     let mut clients: BTreeMap<String, reqwest::Client> = BTreeMap::new();
     for w in &spec.workloads {
-        if !clients.contains_key(&w.origin()) {
-            clients.insert(w.origin(), make_client()?);
+        if let std::collections::btree_map::Entry::Vacant(e) = clients.entry(w.origin()) {
+            e.insert(make_client()?);
         }
     }
     let client_of = |w: &WorkloadSpec| clients[&w.origin()].clone();

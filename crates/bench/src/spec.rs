@@ -609,3 +609,23 @@ mod tests {
         assert!(Slo::parse("ttft=fast").is_err());
     }
 }
+
+#[cfg(test)]
+mod example_files {
+    /// The example bench files in the repository stay valid.
+    #[test]
+    fn examples_parse_and_validate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("bench-") && name.ends_with(".toml") {
+                let spec = super::BenchSpec::from_toml_file(&p).unwrap();
+                spec.validate().unwrap_or_else(|e| panic!("{name}: {e:#}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+    }
+}
