@@ -204,8 +204,18 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
         } else {
             0
         },
-        weight_bytes: config.weight_bytes(backend.compute_dtype_bytes()),
+        weight_bytes: loaded_weight_bytes(&config, task, backend.compute_dtype_bytes()),
     };
+    if let Some(avail) = mem_available_bytes() {
+        if info.weight_bytes > avail {
+            anyhow::bail!(
+                "--model {}: its weights need {:.1} GiB as f32 on the CPU but only {:.1} GiB of memory is available",
+                opts.model,
+                info.weight_bytes as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     let model = build(backend, &config, &source, info.clone())
         .with_context(|| format!("loading weights of {}", opts.model))?;
     Ok(Loaded {
@@ -213,6 +223,24 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
         tokenizer,
         info,
     })
+}
+
+/// Weight bytes actually loaded: an embedder never loads an untied `lm_head`.
+fn loaded_weight_bytes(config: &ModelConfig, task: Task, dtype_bytes: usize) -> usize {
+    let head = if config.arch == Arch::Qwen3 && task == Task::Embed && !config.tie_word_embeddings {
+        config.vocab_size * config.hidden_size * dtype_bytes
+    } else {
+        0
+    };
+    config.weight_bytes(dtype_bytes) - head
+}
+
+/// `MemAvailable` from `/proc/meminfo` (Linux); `None` elsewhere.
+fn mem_available_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Builds the architecture on a backend (generic, so the CUDA backend reuses it).
