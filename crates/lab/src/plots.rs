@@ -263,7 +263,7 @@ pub fn timeline(
                 color.stroke_width(2),
             ))
             .map_err(err)?
-            .label(format!("{name} (max {max:.1} {}/s bin)", m.unit()))
+            .label(format!("{name} (peak {max:.1} {})", m.unit()))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
     chart
@@ -280,13 +280,22 @@ pub fn timeline(
             .reason
             .clone()
             .unwrap_or_else(|| "no samples in the window".into());
-        bottom
-            .draw(&Text::new(
-                format!("GPU counters unavailable: {reason}"),
-                (20, 140),
-                ("sans-serif", 16),
-            ))
-            .map_err(err)?;
+        // wrap the reason: SVG text does not wrap by itself
+        let mut lines = vec![String::from("GPU counters unavailable:")];
+        for word in reason.split_whitespace() {
+            let last = lines.last_mut().expect("one line");
+            if last.len() + word.len() > 90 {
+                lines.push(word.to_string());
+            } else {
+                last.push(' ');
+                last.push_str(word);
+            }
+        }
+        for (k, line) in lines.iter().enumerate() {
+            bottom
+                .draw(&Text::new(line.clone(), (20, 60 + 22 * k as i32), ("sans-serif", 16)))
+                .map_err(err)?;
+        }
         root.present().map_err(err)?;
         return Ok(());
     }
