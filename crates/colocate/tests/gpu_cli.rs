@@ -14,6 +14,18 @@ fn colocate(args: &[&str]) -> Output {
         .expect("running colocate")
 }
 
+/// Alive and not a zombie: a daemon that exited may stay a zombie until its parent
+/// (here the container's init) reaps it.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
+        })
+        .is_some_and(|dead| !dead)
+}
+
 fn has_gpu() -> bool {
     std::path::Path::new("/dev/nvidiactl").exists()
 }
@@ -125,7 +137,7 @@ fn cli_round_trip_on_the_gpu() {
         .trim()
         .parse()
         .unwrap();
-    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(alive(pid));
     let again = colocate(&["gpu", "mps", "start", "--dir", dir]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already serves"));
@@ -142,10 +154,7 @@ fn cli_round_trip_on_the_gpu() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "daemon {pid} left running"
-    );
+    assert!(!alive(pid), "daemon {pid} left running");
     let out = colocate(&["gpu", "mps", "status", "--dir", dir]);
     assert_eq!(out.status.code(), Some(1));
 }

@@ -86,11 +86,7 @@ fn describe(
         uuid: dev.uuid().unwrap_or_default(),
         memory_total_bytes: mem.total,
         memory_used_bytes: mem.used,
-        sm_count: dev
-            .attributes()
-            .ok()
-            .map(|a| a.multiprocessor_count)
-            .filter(|&n| n > 0),
+        sm_count: sm_count(dev),
         driver_version: driver.to_string(),
         cuda_version: cuda.to_string(),
         compute_mode: dev
@@ -106,6 +102,22 @@ fn describe(
         gpm_supported: dev.gpm_support().unwrap_or(false),
         mps_running,
     })
+}
+
+/// SMs from NVML's device attributes, which the H100's driver answers only for MIG
+/// devices (seen on the GPU machine: NotSupported on the whole GPU); else the datasheet
+/// figure for a GPU the catalogue knows; else unknown.
+fn sm_count(dev: &Device) -> Option<u32> {
+    dev.attributes()
+        .ok()
+        .map(|a| a.multiprocessor_count)
+        .filter(|&n| n > 0)
+        .or_else(|| {
+            dev.name()
+                .ok()
+                .and_then(|n| crate::catalogue::lookup(&n))
+                .map(|s| s.sm_count)
+        })
 }
 
 /// NVML's compute mode as the snake_case word nvidia-smi's docs use.
