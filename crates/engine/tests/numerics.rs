@@ -480,3 +480,91 @@ fn generator_sampling_follows_the_logits() {
         "top_k 1 = greedy"
     );
 }
+
+/// Rewrites the tiny Qwen3 as two shards with an index, the second shard in bf16 (and
+/// one tensor in f16): the loader must follow the index and convert dtypes.
+#[test]
+fn sharded_mixed_dtype_checkpoint_loads() {
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    let src = root().join("testdata/qwen3-tiny");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    let convert = |name: &str, data: &[u8]| -> (Dtype, Vec<u8>) {
+        let floats = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        if name.contains("q_proj") {
+            (
+                Dtype::F16,
+                floats
+                    .flat_map(|x| half::f16::from_f32(x).to_le_bytes())
+                    .collect(),
+            )
+        } else {
+            (
+                Dtype::BF16,
+                floats
+                    .flat_map(|x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+            )
+        }
+    };
+    for (file, part, reduce) in [
+        ("model-00001-of-00002.safetensors", first, false),
+        ("model-00002-of-00002.safetensors", second, true),
+    ] {
+        let owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = part
+            .iter()
+            .map(|n| {
+                let t = st.tensor(n).unwrap();
+                let (dtype, data) = if reduce {
+                    convert(n, t.data())
+                } else {
+                    (Dtype::F32, t.data().to_vec())
+                };
+                (n.clone(), dtype, t.shape().to_vec(), data)
+            })
+            .collect();
+        let views = owned
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()));
+        safetensors::serialize_to_file(views, &None, &dir.path().join(file)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let logits_of = |model: &str| {
+        let mut g = generator(load(&opts(model, None, LoadFormat::Auto)).unwrap());
+        g.init_kv_cache(8, 8).unwrap();
+        let seq = SeqStep {
+            tokens: &[3, 1, 4, 1, 5, 9, 2, 6],
+            start_pos: 0,
+            block_table: &[2],
+            sample: Some(GREEDY),
+        };
+        g.step_logits(&[seq]).unwrap().remove(0)
+    };
+    let full = logits_of(&tiny_dir());
+    let sharded = logits_of(dir.path().to_str().unwrap());
+    let err = rel_err(&sharded, &full);
+    // bf16 keeps 8 bits of mantissa: close to f32, but not identical (so conversion ran).
+    assert!(
+        err > 1e-6 && err < 3e-2,
+        "sharded bf16/f16 vs f32 rel err {err}"
+    );
+}
