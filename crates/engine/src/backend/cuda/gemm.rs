@@ -82,3 +82,65 @@ pub fn set_workspace(blas: &CudaBlas, ptr: DevPtr, bytes: usize) -> Result<(), C
         source,
     })
 }
+
+/// Column-major batched GEMM over device arrays of pointers (`cublasGemmBatchedEx`, bf16
+/// in, fp32 compute): `C_b = op(A_b) · op(B_b)` for every b. Used by the dense attention
+/// of the embedding path (QKᵀ and PV per sequence and head).
+#[allow(clippy::too_many_arguments)]
+pub fn batched(
+    blas: &CudaBlas,
+    trans_a: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_ptrs: DevPtr,
+    lda: usize,
+    b_ptrs: DevPtr,
+    ldb: usize,
+    c_ptrs: DevPtr,
+    ldc: usize,
+    c_out: OutType,
+    batch: usize,
+) -> Result<(), CudaError> {
+    let alpha = 1.0f32;
+    let beta = 0.0f32;
+    let c_type = match c_out {
+        OutType::Bf16 => cudaDataType_t::CUDA_R_16BF,
+        OutType::F32 => cudaDataType_t::CUDA_R_32F,
+    };
+    let op_a = if trans_a {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
+    };
+    // SAFETY: the pointer arrays hold `batch` device addresses of matrices of the given
+    // shapes (built by the caller for buffers it owns).
+    let status = unsafe {
+        cudarc::cublas::sys::cublasGemmBatchedEx(
+            *blas.handle(),
+            op_a,
+            cublasOperation_t::CUBLAS_OP_N,
+            m as i32,
+            n as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const _,
+            a_ptrs as *const *const std::ffi::c_void,
+            cudaDataType_t::CUDA_R_16BF,
+            lda as i32,
+            b_ptrs as *const *const std::ffi::c_void,
+            cudaDataType_t::CUDA_R_16BF,
+            ldb as i32,
+            (&beta) as *const f32 as *const _,
+            c_ptrs as *const *mut std::ffi::c_void,
+            c_type,
+            ldc as i32,
+            batch as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    };
+    status.result().map_err(|source| CudaError::Blas {
+        what: "batched GEMM",
+        source,
+    })
+}

@@ -31,6 +31,8 @@ pub struct Kernels {
     silu_mul: CudaFunction,
     paged_attention: CudaFunction,
     prefill_attention: CudaFunction,
+    causal_softmax: CudaFunction,
+    gather_padded_rows: CudaFunction,
     argmax_rows: CudaFunction,
     fill_uniform: CudaFunction,
     head_dim: usize,
@@ -114,6 +116,8 @@ impl Kernels {
             silu_mul: f("silu_mul")?,
             paged_attention: f("paged_attention")?,
             prefill_attention: f("prefill_attention")?,
+            causal_softmax: f("causal_softmax")?,
+            gather_padded_rows: f("gather_padded_rows")?,
             argmax_rows: f("argmax_rows")?,
             fill_uniform: f("fill_uniform")?,
             head_dim,
@@ -337,6 +341,48 @@ impl Kernels {
         }
         .map(|_| ())
         .map_err(launch_err)
+    }
+
+    /// Causal softmax over `rows` rows of `l` fp32 scores -> bf16 probabilities.
+    pub fn causal_softmax(
+        &self,
+        s: DevPtr,
+        p: DevPtr,
+        l: usize,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        let scale = 1.0f32 / (self.head_dim as f32).sqrt();
+        let (l_, rows_) = (l as i32, rows as i32);
+        let mut b = self.stream.launch_builder(&self.causal_softmax);
+        b.arg(&s).arg(&p).arg(&l_).arg(&rows_).arg(&scale);
+        unsafe { b.launch(Self::cfg((rows.div_ceil(8) as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// attn[t] = o[seq_of[t] * l + positions[t]] for `tokens` rows of `w` bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather_padded_rows(
+        &self,
+        o: DevPtr,
+        attn: DevPtr,
+        seq_of: DevPtr,
+        positions: DevPtr,
+        tokens: usize,
+        l: usize,
+        w: usize,
+    ) -> Result<(), CudaError> {
+        let (l_, w_) = (l as i32, w as i32);
+        let mut b = self.stream.launch_builder(&self.gather_padded_rows);
+        b.arg(&o)
+            .arg(&attn)
+            .arg(&seq_of)
+            .arg(&positions)
+            .arg(&l_)
+            .arg(&w_);
+        unsafe { b.launch(Self::cfg((tokens as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
     }
 
     /// out[r] = argmax(logits[r]) over fp32 logits.

@@ -132,6 +132,24 @@ struct KvPlace {
     block_size: usize,
 }
 
+/// Dense attention of the embedding path: per (sequence, head) QKᵀ and PV as batched
+/// cuBLAS GEMMs on tensor cores, a causal softmax kernel between them. Sequences are
+/// padded to the chunk's longest; causal masking keeps padding out of every real row.
+struct DenseAttn {
+    /// Six arrays of `batch` device addresses: q, k, v, s, p, o.
+    ptrs: DevBuf,
+    s: DevBuf,
+    p: DevBuf,
+    o: DevBuf,
+    /// Elements (scores) the s/p buffers hold.
+    capacity: usize,
+    batch: usize,
+    len: usize,
+}
+
+/// Bytes the dense attention scores may take (fp32 S + bf16 P = 6 bytes per score).
+const DENSE_BUDGET: usize = 2 << 30;
+
 /// Qwen3 (generate or embed) on one GPU.
 pub struct CudaQwen3 {
     dev: CudaDevice,
@@ -143,6 +161,7 @@ pub struct CudaQwen3 {
     scratch: Scratch,
     kv: Option<KvCache>,
     embed_kv: Option<DevBuf>,
+    dense: Option<DenseAttn>,
     layout: Option<MetaLayout>,
     graphs: HashMap<usize, SendGraph>,
     meta_host: Vec<i32>,
@@ -184,7 +203,9 @@ impl CudaQwen3 {
             meta: DevBuf::alloc(&dev, meta_len * 4)?,
             residual: DevBuf::alloc(&dev, t * s.hidden * 4)?,
             normed: DevBuf::alloc(&dev, t * s.hidden * bf)?,
-            qkv: DevBuf::alloc(&dev, t * s.qkv_width() * bf)?,
+            // Slack rows: the dense embedding attention reads up to max_model_len rows past
+            // the last token (padding, masked out); zeroed so they are finite.
+            qkv: DevBuf::alloc(&dev, (t + opts.max_model_len) * s.qkv_width() * bf)?,
             attn: DevBuf::alloc(&dev, t * s.heads * s.head_dim * bf)?,
             delta: DevBuf::alloc(&dev, t * s.hidden * bf)?,
             gate_up: DevBuf::alloc(&dev, t * 2 * s.inter * bf)?,
@@ -196,6 +217,16 @@ impl CudaQwen3 {
             _blas_workspace: DevBuf::alloc(&dev, BLAS_WORKSPACE)?,
         };
         gemm::set_workspace(&dev.blas, scratch._blas_workspace.ptr, BLAS_WORKSPACE)?;
+        // SAFETY: the range is the qkv buffer just allocated.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                scratch.qkv.ptr,
+                0,
+                scratch.qkv.bytes,
+                dev.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| anyhow!("clearing scratch: {e}"))?;
         let info = ModelInfo {
             architecture: "qwen3".to_string(),
             task,
@@ -216,6 +247,7 @@ impl CudaQwen3 {
             scratch,
             kv: None,
             embed_kv: None,
+            dense: None,
             layout: None,
             graphs: HashMap::new(),
             meta_host,
@@ -488,7 +520,63 @@ impl CudaQwen3 {
                     s.rope_theta
                 )
             );
-            if tiles > 0 {
+            if let (true, Some(da)) = (embed, self.dense.as_ref()) {
+                let w = s.qkv_width();
+                let (l, d, b) = (da.len, s.head_dim, da.batch);
+                let arr = |i: usize| da.ptrs.ptr + (i * b * 8) as u64;
+                op!(
+                    "attention QK^T (batched gemm)",
+                    gemm::batched(
+                        blas,
+                        true,
+                        l,
+                        l,
+                        d,
+                        arr(1),
+                        w,
+                        arr(0),
+                        w,
+                        arr(3),
+                        l,
+                        OutType::F32,
+                        b
+                    )
+                );
+                op!(
+                    "attention softmax",
+                    k.causal_softmax(da.s.ptr, da.p.ptr, l, b * l)
+                );
+                op!(
+                    "attention PV (batched gemm)",
+                    gemm::batched(
+                        blas,
+                        false,
+                        d,
+                        l,
+                        l,
+                        arr(2),
+                        w,
+                        arr(4),
+                        l,
+                        arr(5),
+                        s.heads * d,
+                        OutType::Bf16,
+                        b
+                    )
+                );
+                op!(
+                    "attention gather",
+                    k.gather_padded_rows(
+                        da.o.ptr,
+                        sc.attn.ptr,
+                        meta(lay.seq_of),
+                        meta(lay.pos),
+                        t,
+                        l,
+                        s.heads * d
+                    )
+                );
+            } else if tiles > 0 {
                 op!(
                     "attention (prefill)",
                     k.prefill_attention(
@@ -915,6 +1003,8 @@ impl Embedder for CudaQwen3 {
                 .collect();
             let (t, rows, tiles) = self.pack_step(&seqs, 0, lay, bs)?;
             self.upload_meta(seqs.len(), lay)?;
+            let lens: Vec<usize> = inputs[i..j].iter().map(|x| x.len()).collect();
+            self.prepare_dense(&lens)?;
             self.forward(t, rows, tiles, place, lay, true)?;
             let pooled: Vec<f32> = self.download(self.scratch.pooled.ptr, rows * self.s.hidden)?;
             if let Some(p) = self.profiler.as_mut() {
@@ -931,6 +1021,65 @@ impl Embedder for CudaQwen3 {
 }
 
 impl CudaQwen3 {
+    /// Sizes the dense-attention buffers for a chunk of sequences with these lengths and
+    /// uploads its pointer arrays (the same for every layer: the qkv scratch is fixed).
+    fn prepare_dense(&mut self, lens: &[usize]) -> anyhow::Result<()> {
+        let s = &self.s;
+        let (nq, nkv, d, w) = (s.heads, s.kv_heads, s.head_dim, s.qkv_width());
+        let g = nq / nkv;
+        let l = lens.iter().copied().max().unwrap_or(1);
+        let batch = lens.len() * nq;
+        let need = batch * l * l;
+        let grow = self
+            .dense
+            .as_ref()
+            .is_none_or(|da| da.capacity < need || da.ptrs.bytes < 6 * batch * 8);
+        if grow {
+            let o_rows = self.opts.max_seqs.max(lens.len()) * self.opts.max_model_len.max(l);
+            self.dense = Some(DenseAttn {
+                ptrs: DevBuf::alloc(&self.dev, 6 * batch * 8)?,
+                s: DevBuf::alloc(&self.dev, need * 4)?,
+                p: DevBuf::alloc(&self.dev, need * 2)?,
+                o: DevBuf::alloc(&self.dev, o_rows * nq * d * 2)?,
+                capacity: need,
+                batch,
+                len: l,
+            });
+        }
+        let da = self
+            .dense
+            .as_mut()
+            .ok_or_else(|| anyhow!("dense attention buffers"))?;
+        da.batch = batch;
+        da.len = l;
+        let qkv = self.scratch.qkv.ptr;
+        let mut ptrs = vec![0u64; 6 * batch];
+        let mut off = 0usize;
+        for (i, &len) in lens.iter().enumerate() {
+            for h in 0..nq {
+                let b = i * nq + h;
+                let row = qkv + (off * w * 2) as u64;
+                ptrs[b] = row + (h * d * 2) as u64;
+                ptrs[batch + b] = row + ((nq + h / g) * d * 2) as u64;
+                ptrs[2 * batch + b] = row + ((nq + nkv + h / g) * d * 2) as u64;
+                ptrs[3 * batch + b] = da.s.ptr + (b * l * l * 4) as u64;
+                ptrs[4 * batch + b] = da.p.ptr + (b * l * l * 2) as u64;
+                ptrs[5 * batch + b] = da.o.ptr + ((i * l * nq * d + h * d) * 2) as u64;
+            }
+            off += len;
+        }
+        // SAFETY: ptrs buffer holds at least 6 * batch u64.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                da.ptrs.ptr,
+                &ptrs,
+                self.dev.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| anyhow!("uploading attention pointers: {e}"))?;
+        Ok(())
+    }
+
     /// Folds profiled op times of finished steps into the report (after a step returned).
     pub fn collect_profile(&mut self) {
         if let Some(p) = self.profiler.as_mut() {

@@ -132,8 +132,10 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* _
             sincosf(pos * freq, &s, &c);
             bf16 o1 = f2bf(a * c - b * s);
             bf16 o2 = f2bf(b * c + a * s);
-            if (h < nq) { x[i] = o1; x[i + half] = o2; }
-            else if (dst) { dst[i] = o1; dst[i + half] = o2; }
+            // q and k are rotated in place (the dense embedding attention reads k from
+            // here); k also goes to the paged cache.
+            x[i] = o1; x[i + half] = o2;
+            if (dst) { dst[i] = o1; dst[i + half] = o2; }
         }
     }
 }
@@ -337,6 +339,36 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
         for (int e = 0; e < E; e++)
             if (dact) out[(size_t)t * nq * D + (kvh * G + g) * D + d0 + e] = f2bf(acc[g][e] * inv);
     }
+}
+
+// Causal softmax of dense attention scores (embedding path): S is [rows, L] fp32 where
+// row r is query q = r % L of one (sequence, head); P[r, j] = softmax_j<=q(S * scale) in
+// bf16, 0 for j > q. One warp per row.
+extern "C" __global__ void causal_softmax(const float* __restrict__ S, bf16* __restrict__ P, int L, int rows,
+                                         float scale) {
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    int q = r % L;
+    const float* s = S + (size_t)r * L;
+    bf16* p = P + (size_t)r * L;
+    float mx = -1e30f;
+    for (int j = lane; j <= q; j += 32) mx = fmaxf(mx, s[j] * scale);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int j = lane; j <= q; j += 32) sum += __expf(s[j] * scale - mx);
+    float inv = 1.f / warp_sum(sum);
+    for (int j = lane; j < L; j += 32) p[j] = f2bf(j <= q ? __expf(s[j] * scale - mx) * inv : 0.f);
+}
+
+// attn[t, :] = O[seq_of[t] * L + positions[t], :] (rows of width w bf16): packs the padded
+// per-sequence attention output back into the step's token rows.
+extern "C" __global__ void gather_padded_rows(const bf16* __restrict__ O, bf16* __restrict__ attn,
+                                             const int* __restrict__ seq_of, const int* __restrict__ positions,
+                                             int L, int w) {
+    int t = blockIdx.x;
+    const bf16* src = O + ((size_t)seq_of[t] * L + positions[t]) * w;
+    for (int i = threadIdx.x; i < w; i += blockDim.x) attn[(size_t)t * w + i] = src[i];
 }
 
 // Greedy sampling: out[r] = argmax(logits[r, :]) (fp32 logits); ties go to the lowest id,
