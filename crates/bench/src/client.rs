@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::RequestRecord;
@@ -66,70 +65,54 @@ pub fn make_client() -> anyhow::Result<reqwest::Client> {
         .context("cannot build the HTTP client")
 }
 
-#[derive(Serialize)]
-struct StreamOptions {
-    include_usage: bool,
-}
-
-#[derive(Serialize)]
-struct Message<'a> {
-    role: &'static str,
-    content: &'a str,
-}
-
-#[derive(Serialize)]
-struct GenBody<'a> {
-    model: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    messages: Option<[Message<'a>; 1]>,
+/// The JSON body of a gen request (the `openai` crate's request types). A fixed output
+/// length sets `max_tokens`, `min_tokens` and `ignore_eos` (vLLM's extras), so the server
+/// generates exactly that; streamed requests ask for the final usage chunk.
+pub fn gen_body(
+    kind: WorkloadKind,
+    model: &str,
+    prompt: String,
+    output: Option<u32>,
     stream: bool,
-    stream_options: StreamOptions,
-    temperature: f32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_tokens: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    min_tokens: Option<u32>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    ignore_eos: bool,
-}
-
-#[derive(Serialize)]
-struct EmbedBody<'a> {
-    model: &'a str,
-    input: &'a [String],
-}
-
-/// The JSON body of a streamed gen request. A fixed output length sets `max_tokens`,
-/// `min_tokens` and `ignore_eos` (vLLM's extras), so the server generates exactly that.
-pub fn gen_body(kind: WorkloadKind, model: &str, prompt: &str, output: Option<u32>) -> Vec<u8> {
-    let chat = kind == WorkloadKind::Chat;
-    let body = GenBody {
-        model,
-        prompt: (!chat).then_some(prompt),
-        messages: chat.then_some([Message {
-            role: "user",
-            content: prompt,
-        }]),
-        stream: true,
-        stream_options: StreamOptions {
-            include_usage: true,
-        },
-        temperature: 0.0,
-        max_tokens: output,
-        min_tokens: output,
-        ignore_eos: output.is_some(),
+) -> Vec<u8> {
+    let stream_options = stream.then_some(openai::StreamOptions {
+        include_usage: true,
+    });
+    let max_tokens = output.map(i64::from);
+    let r = if kind == WorkloadKind::Chat {
+        serde_json::to_vec(&openai::ChatCompletionRequest {
+            model: model.to_string(),
+            messages: vec![openai::ChatMessage::new("user", prompt)],
+            max_tokens,
+            temperature: Some(0.0),
+            stream,
+            stream_options,
+            ignore_eos: output.is_some(),
+            min_tokens: output,
+            ..Default::default()
+        })
+    } else {
+        serde_json::to_vec(&openai::CompletionRequest {
+            model: model.to_string(),
+            prompt: openai::Input::Text(prompt),
+            max_tokens,
+            temperature: Some(0.0),
+            stream,
+            stream_options,
+            ignore_eos: output.is_some(),
+            min_tokens: output,
+            ..Default::default()
+        })
     };
-    serde_json::to_vec(&body).unwrap_or_default()
+    r.unwrap_or_default()
 }
 
 /// The JSON body of an embeddings request.
-pub fn embed_body(model: &str, inputs: &[String]) -> Vec<u8> {
-    serde_json::to_vec(&EmbedBody {
+pub fn embed_body(model: &str, inputs: Vec<String>) -> Vec<u8> {
+    serde_json::to_vec(&openai::EmbeddingRequest::new(
         model,
-        input: inputs,
-    })
+        openai::Input::Texts(inputs),
+    ))
     .unwrap_or_default()
 }
 
@@ -307,14 +290,8 @@ async fn probe(
     let mut rng = request_rng(seed ^ 0xCA1B, usize::MAX, bytes as u64);
     let text = random_text(&mut rng, bytes);
     let body = match w.kind {
-        WorkloadKind::Embed => embed_body(&w.model, std::slice::from_ref(&text)),
-        k => {
-            let mut v: serde_json::Value =
-                serde_json::from_slice(&gen_body(k, &w.model, &text, Some(1)))?;
-            v["stream"] = false.into();
-            v.as_object_mut().map(|o| o.remove("stream_options"));
-            serde_json::to_vec(&v)?
-        }
+        WorkloadKind::Embed => embed_body(&w.model, vec![text]),
+        k => gen_body(k, &w.model, text, Some(1), false),
     };
     let resp = client
         .post(&url)

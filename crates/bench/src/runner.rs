@@ -396,7 +396,7 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) {
         let (prompt, est) = ws.source.prompt(&mut rng, tokens);
         let output = w.output.map(|o| o.sample(&mut rng));
         rec.prompt_tokens = Some(est);
-        let body = gen_body(w.kind, &w.model, &prompt, output);
+        let body = gen_body(w.kind, &w.model, prompt, output, true);
         let on_content = || {
             ws.units.fetch_add(1, Relaxed);
         };
@@ -423,7 +423,7 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) {
             })
             .collect();
         rec.prompt_tokens = Some(est);
-        let body = embed_body(&w.model, &inputs);
+        let body = embed_body(&w.model, inputs);
         until_stopped(
             run_embed(&ws.client, &ws.endpoint, body, w.batch, &sh.clock, &mut rec),
             &sh.stop,
