@@ -236,3 +236,46 @@ fn disconnect_frees_kv_blocks_and_counters_match_usage() {
     // Still serving.
     completion(&s, json!({"prompt": "x", "max_tokens": 2}));
 }
+
+#[test]
+fn kv_pressure_preempts_and_recomputes_to_the_same_greedy_output() {
+    // qwen3-tiny keeps 512 bytes of K/V per token: 12 blocks of 16 tokens = 192 tokens for
+    // six requests that need 120 each, so requests wait and running ones are preempted.
+    let s = Server::start(&[
+        "--model",
+        "preset:qwen3-tiny",
+        "--load-format",
+        "dummy",
+        "--kv-cache-memory",
+        "98304",
+        "--block-size",
+        "16",
+    ]);
+    assert_eq!(s.metric("colocate:kv_cache_blocks_total"), 12.0);
+    let body = |i: usize| {
+        json!({"prompt": format!("request number {i:02} says"), "max_tokens": 100,
+            "ignore_eos": true, "temperature": 0})
+        .to_string()
+    };
+    let port = s.port;
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let r = common::request(port, "POST", "/v1/completions", Some(&body(i))).unwrap();
+                assert_eq!(r.status, 200, "{}", r.text());
+                r.json()
+            })
+        })
+        .collect();
+    let together: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(s.metric("colocate:num_preemptions_total") > 0.0);
+    assert_eq!(s.metric("colocate:kv_cache_blocks_used"), 0.0);
+    for (i, v) in together.iter().enumerate() {
+        assert_eq!(v["usage"]["completion_tokens"], 100);
+        let alone = completion(&s, serde_json::from_str(&body(i)).unwrap());
+        assert_eq!(
+            v["choices"][0]["text"], alone["choices"][0]["text"],
+            "request {i}"
+        );
+    }
+}
