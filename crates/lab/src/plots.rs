@@ -259,7 +259,8 @@ pub fn timeline(
         let color = Palette99::pick(k).to_rgba();
         chart
             .draw_series(LineSeries::new(
-                m.timeseries.iter().map(|p| (p.0 - t0, p.1 / max)),
+                // a bin starts at p.0 and lasts a second: draw it at its middle
+                m.timeseries.iter().map(|p| (p.0 + 0.5 - t0, p.1 / max)),
                 color.stroke_width(2),
             ))
             .map_err(err)?
@@ -293,7 +294,11 @@ pub fn timeline(
         }
         for (k, line) in lines.iter().enumerate() {
             bottom
-                .draw(&Text::new(line.clone(), (20, 60 + 22 * k as i32), ("sans-serif", 16)))
+                .draw(&Text::new(
+                    line.clone(),
+                    (20, 60 + 22 * k as i32),
+                    ("sans-serif", 16),
+                ))
                 .map_err(err)?;
         }
         root.present().map_err(err)?;
