@@ -325,7 +325,15 @@ fn spawn_driver(
                 let (ws, sh) = (ws.clone(), sh.clone());
                 set.spawn(async move {
                     while !sh.stop.is_cancelled() {
-                        one_request(&ws, &sh, None).await;
+                        if !one_request(&ws, &sh, None).await {
+                            // A failing endpoint (503 when its queue is full, refused
+                            // connections) would otherwise be hammered in a tight loop that
+                            // steals CPU from the engines on the same machine.
+                            tokio::select! {
+                                _ = tokio::time::sleep(ERROR_BACKOFF) => {}
+                                _ = sh.stop.cancelled() => {}
+                            }
+                        }
                     }
                 });
             }
@@ -379,8 +387,11 @@ impl SeedFromRng for rand::rngs::StdRng {
     }
 }
 
-/// Builds, sends and records one request.
-async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) {
+/// Pause of a closed-loop slot after a failed request.
+const ERROR_BACKOFF: Duration = Duration::from_millis(10);
+
+/// Builds, sends and records one request; false when it failed.
+async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) -> bool {
     let i = ws.next_req.fetch_add(1, Relaxed);
     let mut rng = request_rng(sh.seed, ws.idx, i);
     let w = &ws.spec;
@@ -435,7 +446,7 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) {
         // Cut at the end of the run: keeps its chunks, counts in no latency statistic.
         rec.end = sh.clock.now();
         if rec.sent == 0.0 {
-            return;
+            return true;
         }
     }
     rec.scheduled = scheduled.unwrap_or(rec.sent).min(rec.sent);
@@ -452,7 +463,9 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) {
     } else if rec.error.is_some() {
         ws.errors.fetch_add(1, Relaxed);
     }
+    let ok = rec.error.is_none();
     if let Ok(mut v) = ws.records.lock() {
         v.push(rec);
     }
+    ok
 }
