@@ -30,7 +30,10 @@ fn h100_study_dry_run_plans_every_condition() {
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     // 16 co-located + 5 implied solo baselines, 2 repetitions
-    assert!(out.contains("42 conditions (21 distinct x 2 repetitions)"), "{out}");
+    assert!(
+        out.contains("42 conditions (21 distinct x 2 repetitions)"),
+        "{out}"
+    );
     assert!(out.contains("mps sm 70/30"), "{out}");
     assert!(out.contains("rate=25%solo"), "{out}");
     assert!(out.contains("estimated time:"), "{out}");
@@ -38,10 +41,23 @@ fn h100_study_dry_run_plans_every_condition() {
 
 #[test]
 fn quickstart_dry_run_with_overrides() {
-    let o = lab(&["run", "examples/quickstart.toml", "--dry-run", "--warmup", "1s", "--duration", "3s", "--repetitions", "2"]);
+    let o = lab(&[
+        "run",
+        "examples/quickstart.toml",
+        "--dry-run",
+        "--warmup",
+        "1s",
+        "--duration",
+        "3s",
+        "--repetitions",
+        "2",
+    ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
-    assert!(out.contains("10 conditions (5 distinct x 2 repetitions), warm-up 1s, window 3s"), "{out}");
+    assert!(
+        out.contains("10 conditions (5 distinct x 2 repetitions), warm-up 1s, window 3s"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -49,12 +65,30 @@ fn experiment_file_errors_name_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let good = std::fs::read_to_string(root().join("examples/quickstart.toml")).unwrap();
     let cases = [
-        (good.replace("repetitions = 1", "repetitons = 1"), "repetitons"),
-        (good.replace("engine = \"embed\"", "engine = \"embedder\""), "workloads[1] (vectors).engine"),
-        (good.replace("sharing = [\"timeslice\"]", "sharing = [\"solo\"]"), "axes.sharing[0]"),
-        (good.replace("rate = [\"50% of solo\"]", "rate = [\"half\"]"), "bad rate"),
-        (good.replace("duration = \"10s\"", "duration = \"soon\""), "bad duration"),
-        (good.replace("ttft_p99 = \"2s\"", "ttft_p98 = \"2s\""), "ttft_p98"),
+        (
+            good.replace("repetitions = 1", "repetitons = 1"),
+            "repetitons",
+        ),
+        (
+            good.replace("engine = \"embed\"", "engine = \"embedder\""),
+            "workloads[1] (vectors).engine",
+        ),
+        (
+            good.replace("sharing = [\"timeslice\"]", "sharing = [\"solo\"]"),
+            "axes.sharing[0]",
+        ),
+        (
+            good.replace("rate = [\"50% of solo\"]", "rate = [\"half\"]"),
+            "bad rate",
+        ),
+        (
+            good.replace("duration = \"10s\"", "duration = \"soon\""),
+            "bad duration",
+        ),
+        (
+            good.replace("ttft_p99 = \"2s\"", "ttft_p98 = \"2s\""),
+            "ttft_p98",
+        ),
     ];
     for (i, (body, needle)) in cases.iter().enumerate() {
         let p = dir.path().join(format!("bad{i}.toml"));
@@ -63,7 +97,10 @@ fn experiment_file_errors_name_file_and_field() {
         let (out, err) = text(&o);
         assert!(!o.status.success(), "case {i} accepted:\n{out}");
         assert!(err.contains(needle), "case {i}: {needle:?} not in:\n{err}");
-        assert!(err.contains(&format!("bad{i}.toml")), "case {i}: file not named:\n{err}");
+        assert!(
+            err.contains(&format!("bad{i}.toml")),
+            "case {i}: file not named:\n{err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
     // a deployment error is caught by the deploy crate before anything starts
@@ -83,7 +120,11 @@ fn experiment_file_errors_name_file_and_field() {
 fn report_and_resume_of_missing_runs_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    for args in [vec!["report", d], vec!["run", "--resume", d], vec!["compare", d, d]] {
+    for args in [
+        vec!["report", d],
+        vec!["run", "--resume", d],
+        vec!["compare", d, d],
+    ] {
         let o = lab(&args);
         let (_, err) = text(&o);
         assert!(!o.status.success(), "{args:?}");

@@ -65,7 +65,14 @@ fn ctrl_c_keeps_finished_conditions_and_resume_completes() {
     std::fs::write(&exp, EXP).unwrap();
     let run = tmp.path().join("run");
     let mut child = Command::new(env!("CARGO_BIN_EXE_colocate"))
-        .args(["lab", "run", exp.to_str().unwrap(), "--out", run.to_str().unwrap(), "--quiet"])
+        .args([
+            "lab",
+            "run",
+            exp.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--quiet",
+        ])
         .current_dir(root())
         .env("COLOCATE_BIN", env!("CARGO_BIN_EXE_colocate"))
         .env("RUST_LOG", "warn")
@@ -76,7 +83,9 @@ fn ctrl_c_keeps_finished_conditions_and_resume_completes() {
     // wait until two conditions are recorded, then interrupt in the middle of the plan
     let start = Instant::now();
     loop {
-        let n = results(&run).map(|r| r["conditions"].as_array().map_or(0, |c| c.len())).unwrap_or(0);
+        let n = results(&run)
+            .map(|r| r["conditions"].as_array().map_or(0, |c| c.len()))
+            .unwrap_or(0);
         if n >= 2 {
             break;
         }
@@ -97,12 +106,18 @@ fn ctrl_c_keeps_finished_conditions_and_resume_completes() {
     let done = r["conditions"].as_array().unwrap().clone();
     assert!(done.len() >= 2 && done.len() < 7, "{} recorded", done.len());
     for c in &done {
-        assert!(c.get("failed").is_none(), "interrupted window recorded as a failure: {c}");
+        assert!(
+            c.get("failed").is_none(),
+            "interrupted window recorded as a failure: {c}"
+        );
     }
     // no engine left behind
     let t = Instant::now();
     while !(port_free(38121) && port_free(38122)) {
-        assert!(t.elapsed() < Duration::from_secs(10), "an engine is still listening");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "an engine is still listening"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -119,5 +134,9 @@ fn ctrl_c_keeps_finished_conditions_and_resume_completes() {
     let all = r2["conditions"].as_array().unwrap();
     // solo gen at c=1,2,4, solo emb, three co-located
     assert_eq!(all.len(), 7);
-    assert_eq!(&all[..done.len()], &done[..], "finished conditions kept as they were");
+    assert_eq!(
+        &all[..done.len()],
+        &done[..],
+        "finished conditions kept as they were"
+    );
 }
