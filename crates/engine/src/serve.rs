@@ -87,6 +87,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ = failed => {},
         }
     };
+    // Token-sized SSE writes must leave at once: without TCP_NODELAY, Nagle's algorithm
+    // holds them until the client's (delayed, up to 40 ms) ACK.
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(stop)
         .await
