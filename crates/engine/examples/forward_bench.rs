@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         load_format,
         device: Device::Cpu,
         seed: 0,
+        gpu: Default::default(),
     };
     let t = Instant::now();
     let LoadedModel::Generator(mut g) = load(&opts)?.model else {
@@ -124,6 +125,7 @@ fn main() -> anyhow::Result<()> {
             load_format: LoadFormat::Auto,
             device: Device::Cpu,
             seed: 0,
+            gpu: Default::default(),
         };
         let loaded = load(&opts)?;
         let LoadedModel::Embedder(mut e) = loaded.model else {

@@ -55,6 +55,40 @@ pub struct LoadOptions {
     pub device: Device,
     /// Seed of dummy weights.
     pub seed: u64,
+    /// Sizing of the CUDA path (ignored on the CPU).
+    pub gpu: GpuLoadOptions,
+}
+
+/// What the CUDA path must be sized for: the serving limits as given on the command line
+/// (`None` = the same defaults the worker derives) and the memory fraction it may use.
+#[derive(Debug, Clone)]
+pub struct GpuLoadOptions {
+    /// `--gpu-memory-utilization`: fraction of the GPU's total memory for weights, KV and workspace.
+    pub memory_utilization: f64,
+    pub block_size: usize,
+    pub max_num_batched_tokens: Option<usize>,
+    pub max_num_seqs: Option<usize>,
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for GpuLoadOptions {
+    fn default() -> Self {
+        Self {
+            memory_utilization: 0.9,
+            block_size: 16,
+            max_num_batched_tokens: None,
+            max_num_seqs: None,
+            max_model_len: None,
+        }
+    }
+}
+
+/// What a device-resident model fixes for the worker: the KV bytes its memory budget left,
+/// and the longest sequence its step buffers were sized for.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceLimits {
+    pub kv_cache_bytes: u64,
+    pub max_model_len: usize,
 }
 
 /// A loaded model, by task.
@@ -68,6 +102,8 @@ pub struct Loaded {
     pub model: LoadedModel,
     pub tokenizer: Tokenizer,
     pub info: ModelInfo,
+    /// `Some` on CUDA: replaces `--kv-cache-memory` and caps `--max-model-len`.
+    pub device_limits: Option<DeviceLimits>,
 }
 
 /// Names accepted after `preset:`.
@@ -187,12 +223,10 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
         );
     }
 
-    let backend = match opts.device {
-        Device::Cpu => CpuBackend::new(),
-        Device::Cuda(i) => {
-            anyhow::bail!("--device cuda:{i}: the CUDA backend is not built into this binary yet")
-        }
-    };
+    if let Device::Cuda(ordinal) = opts.device {
+        return load_cuda(opts, ordinal, &config, dir.as_deref(), task, eos, tokenizer);
+    }
+    let backend = CpuBackend::new();
     let info = ModelInfo {
         architecture: config.arch.name().to_string(),
         task,
@@ -222,6 +256,75 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
         model,
         tokenizer,
         info,
+        device_limits: None,
+    })
+}
+
+/// The CUDA path (`backend::cuda`): bf16 weights, fused kernels, graph-captured decode.
+/// Its step buffers are sized from the same limits (and defaults) the worker uses.
+fn load_cuda(
+    opts: &LoadOptions,
+    ordinal: usize,
+    config: &ModelConfig,
+    dir: Option<&Path>,
+    task: Task,
+    eos: Vec<u32>,
+    tokenizer: Tokenizer,
+) -> anyhow::Result<Loaded> {
+    const BF16: usize = 2;
+    let info = ModelInfo {
+        architecture: config.arch.name().to_string(),
+        task,
+        vocab_size: config.vocab_size,
+        max_position_embeddings: config.max_position_embeddings,
+        eos_token_ids: eos,
+        kv_bytes_per_token: if task == Task::Generate {
+            config.kv_bytes_per_token(BF16)
+        } else {
+            0
+        },
+        weight_bytes: loaded_weight_bytes(config, task, BF16),
+    };
+    let g = &opts.gpu;
+    let defaults = crate::backend::cuda::qwen3::CudaOptions::default();
+    let max_model_len = g
+        .max_model_len
+        .unwrap_or(defaults.max_model_len)
+        .min(config.max_position_embeddings);
+    let default_tokens = if task == Task::Embed { 16_384 } else { 2048 };
+    let max_tokens = g
+        .max_num_batched_tokens
+        .unwrap_or(default_tokens)
+        .max(if task == Task::Embed { max_model_len } else { 1 });
+    let cuda_opts = crate::backend::cuda::qwen3::CudaOptions {
+        max_tokens,
+        max_seqs: g.max_num_seqs.unwrap_or(256).max(1),
+        max_model_len,
+        ..defaults
+    };
+    let weights_dir = match opts.load_format {
+        LoadFormat::Auto => dir,
+        LoadFormat::Dummy => None,
+    };
+    let c = crate::backend::cuda::load::load(
+        ordinal,
+        config,
+        weights_dir,
+        opts.seed,
+        info.clone(),
+        cuda_opts,
+        g.memory_utilization,
+        g.block_size,
+    )
+    .with_context(|| format!("loading {} on cuda:{ordinal}", opts.model))?;
+    Ok(Loaded {
+        model: c.model,
+        tokenizer,
+        info,
+        device_limits: Some(DeviceLimits {
+            kv_cache_bytes: c.kv_cache_bytes,
+            max_model_len,
+        }),
     })
 }
 

@@ -46,6 +46,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         load_format: args.load_format,
         device: args.device,
         seed: args.seed,
+        gpu: crate::load::GpuLoadOptions {
+            memory_utilization: args.gpu_memory_utilization,
+            block_size: args.block_size as usize,
+            max_num_batched_tokens: args.max_num_batched_tokens.map(|v| v as usize),
+            max_num_seqs: args.max_num_seqs.map(|v| v as usize),
+            max_model_len: args.max_model_len.map(|v| v as usize),
+        },
     };
     let limits = Limits {
         max_num_seqs: args.max_num_seqs.map(|v| v as usize),

@@ -175,6 +175,16 @@ fn run(
     let t0 = Instant::now();
     let loaded = load(&load_opts)?;
     let info = loaded.info.clone();
+    // On a GPU the memory budget (--gpu-memory-utilization) decides the KV bytes, and the
+    // step buffers cap the sequence length.
+    let limits = match loaded.device_limits {
+        Some(d) => Limits {
+            kv_cache_memory: d.kv_cache_bytes,
+            max_model_len: Some(limits.max_model_len.unwrap_or(d.max_model_len)),
+            ..limits
+        },
+        None => limits,
+    };
     let r = resolve_limits(&limits, &info)?;
     let (tx, rx) = mpsc::channel();
     let ready = |num_blocks| {

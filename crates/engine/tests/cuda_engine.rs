@@ -8,26 +8,11 @@
 //!
 //! Without a GPU, only the error path runs: asking for CUDA is a clear error.
 
-// The CUDA module is compiled into this test crate directly (it refers to `crate::runner`),
-// so these tests do not depend on how the engine library wires its backends.
-mod runner {
-    pub use engine::runner::*;
-}
-mod load {
-    pub use engine::load::*;
-}
-mod model {
-    pub use engine::model::*;
-}
-#[allow(dead_code, unused_imports)]
-#[path = "../src/backend/cuda/mod.rs"]
-mod cuda;
-
 use std::path::PathBuf;
 use std::time::Instant;
 
-use cuda::{CudaOptions, CudaQwen3, Qwen3Shape, WeightSource};
-use runner::{Embedder, Generator, SampleSpec, SeqStep, Task};
+use engine::backend::cuda::{CudaOptions, CudaQwen3, Qwen3Shape, WeightSource};
+use engine::runner::{Embedder, Generator, SampleSpec, SeqStep, Task};
 
 const GREEDY: SampleSpec<'static> = SampleSpec {
     temperature: 0.0,

@@ -20,6 +20,7 @@ fn opts(model: &str, task: Option<Task>, load_format: LoadFormat) -> LoadOptions
         load_format,
         device: Device::Cpu,
         seed: 7,
+        gpu: Default::default(),
     }
 }
 

@@ -20,6 +20,7 @@
 //!   (`head h` owns cols `h*head_dim .. (h+1)*head_dim`).
 
 pub mod cpu;
+pub mod cuda;
 mod cpu_attention;
 mod cpu_sample;
 

@@ -147,9 +147,6 @@ struct DenseAttn {
     len: usize,
 }
 
-/// Bytes the dense attention scores may take (fp32 S + bf16 P = 6 bytes per score).
-const DENSE_BUDGET: usize = 2 << 30;
-
 /// Qwen3 (generate or embed) on one GPU.
 pub struct CudaQwen3 {
     dev: CudaDevice,
