@@ -4,8 +4,10 @@
 #   scripts/gpu/run-all.sh            # PARTS=gpu,cuda,serve (default: all)
 # Never changes clocks, power, compute mode, persistence or MIG; quits every MPS daemon.
 set -uo pipefail
-BIN=.gpu; OUT=${OUT:-gpu-out}; PARTS=${PARTS:-gpu,cuda,serve}
-mkdir -p "$OUT"
+BIN=.gpu; PARTS=${PARTS:-gpu,cuda,serve}
+# Everything goes to one folder, packed into one file under $OUT at the end (the device
+# tool brings back at most 8 files).
+FINAL=${OUT:-gpu-out}; OUT=/tmp/gpu-run; rm -rf "$OUT"; mkdir -p "$OUT" "$FINAL"
 declare -A rc
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 if has gpu; then BIN=$BIN OUT=$OUT bash scripts/gpu/gpu-tests.sh > "$OUT/part-gpu.log" 2>&1; rc[gpu]=$?; fi
@@ -17,3 +19,4 @@ grep -h "failures:" "$OUT/part-gpu.log" 2>/dev/null
 grep -h "test result\|^RESULT" "$OUT/part-cuda.log" 2>/dev/null
 grep -h "tok/s\|seq/s" "$OUT/baselines.log" 2>/dev/null
 for f in "$OUT"/serve-*.txt; do [ -f "$f" ] && { echo "-- $f"; tail -n 25 "$f"; }; done
+tar czf "$FINAL/gpu-run.tgz" -C /tmp gpu-run && echo "logs: $FINAL/gpu-run.tgz"
