@@ -88,10 +88,10 @@ fn quickstart_runs_reports_and_resumes() {
         chat_solo > 0.0 && vec_solo > 0.0,
         "solo throughputs {chat_solo} {vec_solo}"
     );
-    // the relative rate was derived from the solo capacity (requests/s at batch 4)
+    // the relative rate was derived from the solo capacity (requests/s at batch 1)
     let rate = conds[2]["resolved_rates"]["vectors"].as_f64().unwrap();
     assert!(
-        (rate - 0.5 * vec_solo / 4.0).abs() < 1e-9,
+        (rate - 0.5 * vec_solo / 1.0).abs() < 1e-9,
         "rate {rate} vs solo {vec_solo}"
     );
     let co = &conds[3];
@@ -171,7 +171,7 @@ fn quickstart_runs_reports_and_resumes() {
         "{out}"
     );
     assert!(
-        out.contains("timeslice: chat c=4, vectors c=2 b=4"),
+        out.contains("timeslice: chat c=4, vectors c=2 b=1"),
         "{out}"
     );
 }

@@ -197,7 +197,7 @@ fn bench_workload(w: &ResolvedWorkload, ep: &Endpoint) -> bench::WorkloadSpec {
     let load = match (w.rate_per_s, w.load.concurrency) {
         (Some(rate), _) => bench::Load::Open {
             rate,
-            burstiness: 1.0,
+            burstiness: w.def.burstiness,
             max_concurrency: None,
         },
         (None, c) => bench::Load::Closed {

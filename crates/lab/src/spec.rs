@@ -140,6 +140,10 @@ pub struct WorkloadDef {
     /// Embed: inputs per request.
     #[serde(default)]
     pub batch: Option<u32>,
+    /// Open loop: gamma shape of the inter-arrival times (1 = Poisson, larger = more
+    /// regular, smaller = burstier; vLLM's convention).
+    #[serde(default = "default_burstiness")]
+    pub burstiness: f64,
     /// Prompt / input length in tokens.
     #[serde(default = "default_input")]
     pub input_tokens: u32,
@@ -157,6 +161,9 @@ pub struct WorkloadDef {
     pub seed: Option<u64>,
 }
 
+fn default_burstiness() -> f64 {
+    1.0
+}
 fn default_input() -> u32 {
     128
 }
@@ -423,6 +430,9 @@ impl Experiment {
             }
             if w.batch.is_some() && w.kind == Kind::Generate {
                 bail!("{at}.batch: only embed workloads take a batch");
+            }
+            if !(w.burstiness.is_finite() && w.burstiness > 0.0) {
+                bail!("{at}.burstiness: must be positive (1 = Poisson)");
             }
             if w.batch == Some(0) {
                 bail!("{at}.batch: must be at least 1");
