@@ -140,11 +140,15 @@ async fn shutdown_signal() {
     }
 }
 
-/// Points `<runs>/current` at this run so `colocate status` finds it.
+/// Points `runs/current` at this run so `colocate status` finds it (only for run folders
+/// inside a `runs/` folder: a `--run-dir /tmp/x` must not create `/tmp/current`).
 fn link_current(run_dir: &Path) {
     let Some(parent) = run_dir.parent() else {
         return;
     };
+    if parent.file_name().is_none_or(|n| n != "runs") {
+        return;
+    }
     let link = parent.join("current");
     if let Ok(meta) = std::fs::symlink_metadata(&link) {
         if !meta.file_type().is_symlink() {
@@ -178,7 +182,7 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let up_alive = crate::process::alive(st.up_pid);
-    let phase = if up_alive || st.phase == "stopped" {
+    let phase = if up_alive || st.phase == "stopped" || st.phase == "failed" {
         st.phase.clone()
     } else {
         format!(

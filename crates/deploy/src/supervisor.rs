@@ -203,6 +203,9 @@ impl Supervisor {
                 Ok(()) => core.event(i, EventKind::Started, "healthy".into()),
                 Err(e) => {
                     core.stop_all().await;
+                    for j in i..core.instances.len() {
+                        core.set(j, |s| s.state = InstanceState::Stopped);
+                    }
                     match e {
                         StartError::Cancelled => bail!("cancelled while starting"),
                         StartError::Failed(msg) => bail!("{msg}"),
