@@ -280,7 +280,11 @@ impl Scheduler {
                             top_p: s.params.top_p,
                             top_k: s.params.top_k,
                             uniform,
-                            masked: if s.output_len() < s.params.min_tokens {
+                            // With ignore_eos an EOS is just another token: masking it
+                            // would only cost the fast greedy path.
+                            masked: if !s.params.ignore_eos
+                                && s.output_len() < s.params.min_tokens
+                            {
                                 &self.eos
                             } else {
                                 &[]

@@ -897,7 +897,9 @@ impl Generator for CudaQwen3 {
         let mut r = 0;
         for sq in seqs {
             let Some(spec) = sq.sample else { continue };
-            let greedy = spec.temperature <= 0.0 && spec.masked.is_empty();
+            // The GPU's argmax stands unless it picked a masked id (EOS before min_tokens):
+            // only then, or when sampling with a temperature, is the row read back.
+            let greedy = spec.temperature <= 0.0 && !spec.masked.contains(&(ids[r] as u32));
             if greedy {
                 out.push(ids[r] as u32);
             } else {
