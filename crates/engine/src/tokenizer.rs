@@ -83,7 +83,18 @@ impl Tokenizer {
                 .decode(ids, true)
                 .map_err(|e| anyhow::anyhow!("cannot decode tokens: {e}")),
             Inner::ByteLevel => {
-                let bytes: Vec<u8> = ids.iter().filter(|&&i| i < 256).map(|&i| i as u8).collect();
+                // A dummy model with a real vocabulary (151,936 ids) mostly samples ids past
+                // the bytes; each still shows as one printable character, so a stream carries
+                // a character per token as it would with a real tokenizer (and streaming
+                // metrics such as ITL stay meaningful). The special ids are skipped.
+                let bytes: Vec<u8> = ids
+                    .iter()
+                    .filter_map(|&i| match i {
+                        0..=255 => Some(i as u8),
+                        i if i >= BYTE_LEVEL_VOCAB as u32 => Some(b'!' + (i % 94) as u8),
+                        _ => None,
+                    })
+                    .collect();
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
         }
@@ -134,6 +145,16 @@ pub fn load_dir(dir: &Path, truncate_to: Option<usize>) -> anyhow::Result<Option
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn byte_level_shows_ids_past_the_bytes_and_skips_specials() {
+        let t = super::Tokenizer::byte_level();
+        assert_eq!(t.decode(&[104, 105]).unwrap(), "hi");
+        assert_eq!(t.decode(&[super::BYTE_LEVEL_EOS]).unwrap(), "");
+        let past = t.decode(&[151_000, 300]).unwrap();
+        assert_eq!(past.chars().count(), 2, "{past:?}");
+        assert!(past.chars().all(|c| c.is_ascii_graphic()), "{past:?}");
+    }
+
     use super::*;
 
     #[test]
