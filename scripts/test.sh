@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The test command of the README and of CI: fetches test models, then runs every test.
+# The test command of the README and of CI: fetches the test model, runs every test, and
+# ends with one line counting them all (cargo's own last line is a crate's doc tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-minilm.sh
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?/) p += $i; if ($(i+1) ~ /^failed;?/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -292,10 +292,14 @@ fn load_cuda(
         .unwrap_or(defaults.max_model_len)
         .min(config.max_position_embeddings);
     let default_tokens = if task == Task::Embed { 16_384 } else { 2048 };
-    let max_tokens = g
-        .max_num_batched_tokens
-        .unwrap_or(default_tokens)
-        .max(if task == Task::Embed { max_model_len } else { 1 });
+    let max_tokens =
+        g.max_num_batched_tokens
+            .unwrap_or(default_tokens)
+            .max(if task == Task::Embed {
+                max_model_len
+            } else {
+                1
+            });
     let cuda_opts = crate::backend::cuda::qwen3::CudaOptions {
         max_tokens,
         max_seqs: g.max_num_seqs.unwrap_or(256).max(1),

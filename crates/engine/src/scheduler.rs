@@ -282,8 +282,7 @@ impl Scheduler {
                             uniform,
                             // With ignore_eos an EOS is just another token: masking it
                             // would only cost the fast greedy path.
-                            masked: if !s.params.ignore_eos
-                                && s.output_len() < s.params.min_tokens
+                            masked: if !s.params.ignore_eos && s.output_len() < s.params.min_tokens
                             {
                                 &self.eos
                             } else {

@@ -20,9 +20,9 @@
 //!   (`head h` owns cols `h*head_dim .. (h+1)*head_dim`).
 
 pub mod cpu;
-pub mod cuda;
 mod cpu_attention;
 mod cpu_sample;
+pub mod cuda;
 
 use crate::runner::SampleSpec;
 
