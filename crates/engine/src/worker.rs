@@ -165,6 +165,13 @@ pub fn spawn(
     Ok(health_rx)
 }
 
+/// The commands to take before the next step: when idle, waits for one; then takes all that
+/// are queued. `None` once every sender is gone (the server has shut down).
+fn next_commands(rx: &mpsc::Receiver<Command>, busy: bool) -> Option<Vec<Command>> {
+    let first = if busy { None } else { Some(rx.recv().ok()?) };
+    Some(first.into_iter().chain(rx.try_iter()).collect())
+}
+
 fn run(
     load_opts: LoadOptions,
     limits: Limits,
@@ -223,15 +230,10 @@ fn run(
             let _ = health.send(Health::Ready(ready(r.num_blocks)));
             drop(tx);
             loop {
-                let first = if sched.has_work() {
-                    None
-                } else {
-                    match rx.recv() {
-                        Ok(c) => Some(c),
-                        Err(_) => return Ok(()),
-                    }
+                let Some(commands) = next_commands(&rx, sched.has_work()) else {
+                    return Ok(());
                 };
-                for c in first.into_iter().chain(rx.try_iter()) {
+                for c in commands {
                     match c {
                         Command::Generate(g) => sched.add(g),
                         Command::Embed(e) => {
@@ -260,15 +262,10 @@ fn run(
             let _ = health.send(Health::Ready(ready(0)));
             drop(tx);
             loop {
-                let first = if queue.has_work() {
-                    None
-                } else {
-                    match rx.recv() {
-                        Ok(c) => Some(c),
-                        Err(_) => return Ok(()),
-                    }
+                let Some(commands) = next_commands(&rx, queue.has_work()) else {
+                    return Ok(());
                 };
-                for c in first.into_iter().chain(rx.try_iter()) {
+                for c in commands {
                     match c {
                         Command::Embed(e) => queue.add(e),
                         Command::Generate(g) => {
