@@ -40,6 +40,18 @@ fn h100_study_dry_run_plans_every_condition() {
 }
 
 #[test]
+fn h100_study_pair_b_dry_run_plans_every_condition() {
+    let o = lab(&["run", "examples/h100-gen-embed-8b.toml", "--dry-run"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("42 conditions (21 distinct x 2 repetitions)"),
+        "{out}"
+    );
+    assert!(out.contains("mem 0.45/0.45"), "{out}");
+}
+
+#[test]
 fn quickstart_dry_run_with_overrides() {
     let o = lab(&[
         "run",
