@@ -262,11 +262,49 @@ fn cuda_tiny_embedding_matches_transformers() {
     let mut m =
         CudaQwen3::new(0, shape, Task::Embed, WeightSource::Dir(&dir), small_opts()).unwrap();
     let inputs: Vec<&[u32]> = items.iter().map(|it| it.ids.as_slice()).collect();
-    let got = m.embed(&inputs).unwrap();
-    for (i, (g, it)) in got.iter().zip(&items).enumerate() {
-        let c = cosine(g, &it.embedding);
-        eprintln!("embedding {i}: cosine {c:.6}");
-        assert!(c >= 0.999, "embedding {i}: cosine {c}");
+    // Both attention kernels of the embedding path: tensor-core flash (the default) and
+    // the paged prefill kernel.
+    for flash in [true, false] {
+        m.set_embed_flash(flash);
+        let got = m.embed(&inputs).unwrap();
+        for (i, (g, it)) in got.iter().zip(&items).enumerate() {
+            let c = cosine(g, &it.embedding);
+            eprintln!("embedding {i} (flash {flash}): cosine {c:.6}");
+            assert!(c >= 0.999, "embedding {i} (flash {flash}): cosine {c}");
+        }
+    }
+}
+
+/// The flash kernel at the real head size (128) against the paged kernel, on the
+/// Qwen3-Embedding-0.6B shape with dummy weights: lengths around the 64-token tiles,
+/// one token, and the full 512, in one padded chunk.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn cuda_flash_embedding_matches_paged_kernel() {
+    let shape = Qwen3Shape::named("qwen3-embedding-0.6b").unwrap();
+    let opts = CudaOptions {
+        max_tokens: 4096,
+        max_seqs: 16,
+        max_model_len: 512,
+        graph_buckets: vec![],
+    };
+    let mut m =
+        CudaQwen3::new(0, shape, Task::Embed, WeightSource::Dummy { seed: 3 }, opts).unwrap();
+    let mut rng = Lcg(11);
+    let lens = [1usize, 5, 63, 64, 65, 130, 512, 300, 17];
+    let inputs: Vec<Vec<u32>> = lens
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.next(150_000)).collect())
+        .collect();
+    let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+    m.set_embed_flash(true);
+    let flash = m.embed(&refs).unwrap();
+    m.set_embed_flash(false);
+    let paged = m.embed(&refs).unwrap();
+    for ((f, p), n) in flash.iter().zip(&paged).zip(lens) {
+        let c = cosine(f, p);
+        eprintln!("length {n}: flash vs paged cosine {c:.6}");
+        assert!(c >= 0.999, "length {n}: cosine {c}");
     }
 }
 

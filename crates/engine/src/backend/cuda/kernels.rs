@@ -21,6 +21,17 @@ pub const PREFILL_TILE: usize = 8;
 /// Device address of a buffer.
 pub type DevPtr = u64;
 
+/// Query positions per block of `embed_flash_attention` (`FA_BQ` in engine.cu).
+pub const FLASH_QUERY_TILE: usize = 64;
+
+/// The RoPE cos/sin table on the device (filled by `Kernels::rope_table`).
+#[derive(Clone, Copy)]
+pub struct RopeTable {
+    pub ptr: DevPtr,
+    /// Positions covered; later ones are computed in the kernel.
+    pub positions: usize,
+}
+
 /// The compiled kernel set of one model shape.
 pub struct Kernels {
     stream: Arc<CudaStream>,
@@ -31,8 +42,9 @@ pub struct Kernels {
     silu_mul: CudaFunction,
     paged_attention: CudaFunction,
     prefill_attention: CudaFunction,
-    causal_softmax: CudaFunction,
-    gather_padded_rows: CudaFunction,
+    rope_table: CudaFunction,
+    /// Present when the head size is a multiple of 16 (the tensor-core tile).
+    embed_flash_attention: Option<CudaFunction>,
     argmax_rows: CudaFunction,
     fill_uniform: CudaFunction,
     head_dim: usize,
@@ -116,8 +128,12 @@ impl Kernels {
             silu_mul: f("silu_mul")?,
             paged_attention: f("paged_attention")?,
             prefill_attention: f("prefill_attention")?,
-            causal_softmax: f("causal_softmax")?,
-            gather_padded_rows: f("gather_padded_rows")?,
+            rope_table: f("rope_table")?,
+            embed_flash_attention: if head_dim.is_multiple_of(16) {
+                Some(f("embed_flash_attention")?)
+            } else {
+                None
+            },
             argmax_rows: f("argmax_rows")?,
             fill_uniform: f("fill_uniform")?,
             head_dim,
@@ -203,7 +219,20 @@ impl Kernels {
             .map_err(launch_err)
     }
 
-    /// Per-head q/k RMSNorm + RoPE in place on `qkv`, K/V written to the caches by slot.
+    /// Fills `table` (at least `positions * head_dim / 2` float pairs) with the RoPE cos/sin
+    /// of every position below `positions`.
+    pub fn rope_table(&self, table: DevPtr, positions: usize, theta: f32) -> Result<(), CudaError> {
+        let n = positions * self.head_dim / 2;
+        let (p, d) = (positions as i32, self.head_dim as i32);
+        let mut b = self.stream.launch_builder(&self.rope_table);
+        b.arg(&table).arg(&p).arg(&d).arg(&theta);
+        unsafe { b.launch(Self::cfg((n.div_ceil(256) as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// Per-head q/k RMSNorm + RoPE in place on `qkv`, K/V written to the caches by slot
+    /// (not at all when `kcache` is 0).
     #[allow(clippy::too_many_arguments)]
     pub fn qk_norm_rope_kv(
         &self,
@@ -214,6 +243,7 @@ impl Kernels {
         slots: DevPtr,
         kcache: DevPtr,
         vcache: DevPtr,
+        rope: &RopeTable,
         tokens: usize,
         nq: usize,
         nkv: usize,
@@ -221,6 +251,7 @@ impl Kernels {
         theta: f32,
     ) -> Result<(), CudaError> {
         let (nq_, nkv_, d) = (nq as i32, nkv as i32, self.head_dim as i32);
+        let rope_len = rope.positions as i32;
         let warps = (nq + 2 * nkv).min(32) as u32;
         let mut b = self.stream.launch_builder(&self.qk_norm_rope_kv);
         b.arg(&qkv)
@@ -229,7 +260,9 @@ impl Kernels {
             .arg(&positions)
             .arg(&slots)
             .arg(&kcache)
-            .arg(&vcache);
+            .arg(&vcache)
+            .arg(&rope.ptr)
+            .arg(&rope_len);
         b.arg(&nq_).arg(&nkv_).arg(&d).arg(&eps).arg(&theta);
         unsafe { b.launch(Self::cfg((tokens as u32, 1), warps * 32, 0)) }
             .map(|_| ())
@@ -248,7 +281,7 @@ impl Kernels {
         let (i, n) = (inter as i32, total as i32);
         let mut b = self.stream.launch_builder(&self.silu_mul);
         b.arg(&gu).arg(&out).arg(&i).arg(&n);
-        let blocks = total.div_ceil(256) as u32;
+        let blocks = total.div_ceil(2 * 256) as u32;
         unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }
             .map(|_| ())
             .map_err(launch_err)
@@ -343,44 +376,38 @@ impl Kernels {
         .map_err(launch_err)
     }
 
-    /// Causal softmax over `rows` rows of `l` fp32 scores -> bf16 probabilities.
-    pub fn causal_softmax(
-        &self,
-        s: DevPtr,
-        p: DevPtr,
-        l: usize,
-        rows: usize,
-    ) -> Result<(), CudaError> {
-        let scale = 1.0f32 / (self.head_dim as f32).sqrt();
-        let (l_, rows_) = (l as i32, rows as i32);
-        let mut b = self.stream.launch_builder(&self.causal_softmax);
-        b.arg(&s).arg(&p).arg(&l_).arg(&rows_).arg(&scale);
-        unsafe { b.launch(Self::cfg((rows.div_ceil(8) as u32, 1), 256, 0)) }
-            .map(|_| ())
-            .map_err(launch_err)
+    /// Whether `embed_flash_attention` exists for this head size.
+    pub fn has_flash_attention(&self) -> bool {
+        self.embed_flash_attention.is_some()
     }
 
-    /// attn[t] = o[seq_of[t] * l + positions[t]] for `tokens` rows of `w` bf16.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gather_padded_rows(
+    /// Tensor-core causal attention of the embedding path over `tiles` query tiles
+    /// (`tiles_meta`: three ints per tile, see engine.cu); K/V are read from `qkv`.
+    pub fn embed_flash_attention(
         &self,
-        o: DevPtr,
-        attn: DevPtr,
-        seq_of: DevPtr,
-        positions: DevPtr,
-        tokens: usize,
-        l: usize,
-        w: usize,
+        qkv: DevPtr,
+        out: DevPtr,
+        tiles_meta: DevPtr,
+        tiles: usize,
+        nq: usize,
+        nkv: usize,
     ) -> Result<(), CudaError> {
-        let (l_, w_) = (l as i32, w as i32);
-        let mut b = self.stream.launch_builder(&self.gather_padded_rows);
-        b.arg(&o)
-            .arg(&attn)
-            .arg(&seq_of)
-            .arg(&positions)
-            .arg(&l_)
-            .arg(&w_);
-        unsafe { b.launch(Self::cfg((tokens as u32, 1), 256, 0)) }
+        let f = self
+            .embed_flash_attention
+            .as_ref()
+            .ok_or_else(|| CudaError::Compile {
+                arch: String::new(),
+                message: format!("no flash attention for head_dim {}", self.head_dim),
+            })?;
+        let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
+        let nkv_ = nkv as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&qkv)
+            .arg(&out)
+            .arg(&tiles_meta)
+            .arg(&nkv_)
+            .arg(&scale_log2);
+        unsafe { b.launch(Self::cfg((tiles as u32, nq as u32), 128, 0)) }
             .map(|_| ())
             .map_err(launch_err)
     }
@@ -433,10 +460,15 @@ mod tests {
             eprintln!("NVRTC not found: kernel compilation not checked here");
             return;
         }
-        for (d, g) in [(128, 2), (128, 4), (16, 2)] {
-            if let Err(e) = compile_source("sm_90", d, g) {
-                panic!("head_dim {d} group {g}: {e}");
-            }
+        for (d, g) in [(128, 2), (128, 4), (16, 2), (64, 1), (80, 2), (96, 8)] {
+            let ptx = match compile_source("sm_90", d, g) {
+                Ok(p) => p.to_src(),
+                Err(e) => panic!("head_dim {d} group {g}: {e}"),
+            };
+            // The tensor-core attention exists exactly where the head size allows it.
+            let flash = ptx.contains(".entry embed_flash_attention");
+            assert_eq!(flash, d % 16 == 0, "head_dim {d}");
+            assert_eq!(ptx.contains("mma.sync.aligned.m16n8k16"), flash);
         }
     }
 }

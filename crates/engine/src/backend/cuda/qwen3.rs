@@ -17,7 +17,7 @@ use cudarc::driver::CudaGraph;
 
 use super::device::CudaDevice;
 use super::gemm::{self, OutType};
-use super::kernels::{DevPtr, Kernels, PREFILL_TILE};
+use super::kernels::{DevPtr, Kernels, RopeTable, FLASH_QUERY_TILE, PREFILL_TILE};
 use super::profile::Profiler;
 use super::sampling::sample_row;
 use super::shape::Qwen3Shape;
@@ -132,19 +132,11 @@ struct KvPlace {
     block_size: usize,
 }
 
-/// Dense attention of the embedding path: per (sequence, head) QKᵀ and PV as batched
-/// cuBLAS GEMMs on tensor cores, a causal softmax kernel between them. Sequences are
-/// padded to the chunk's longest; causal masking keeps padding out of every real row.
-struct DenseAttn {
-    /// Six arrays of `batch` device addresses: q, k, v, s, p, o.
-    ptrs: DevBuf,
-    s: DevBuf,
-    p: DevBuf,
-    o: DevBuf,
-    /// Elements (scores) the s/p buffers hold.
-    capacity: usize,
-    batch: usize,
-    len: usize,
+/// Query tiles of the embedding path's flash attention: three ints per tile (first token
+/// row of the sequence, first query position, sequence length), uploaded per chunk.
+struct FlashTiles {
+    buf: DevBuf,
+    count: usize,
 }
 
 /// Qwen3 (generate or embed) on one GPU.
@@ -158,7 +150,11 @@ pub struct CudaQwen3 {
     scratch: Scratch,
     kv: Option<KvCache>,
     embed_kv: Option<DevBuf>,
-    dense: Option<DenseAttn>,
+    flash: Option<FlashTiles>,
+    /// Use the tensor-core flash kernel for embeddings (else the paged prefill kernel).
+    embed_flash: bool,
+    rope: RopeTable,
+    _rope_buf: DevBuf,
     layout: Option<MetaLayout>,
     graphs: HashMap<usize, SendGraph>,
     meta_host: Vec<i32>,
@@ -200,9 +196,7 @@ impl CudaQwen3 {
             meta: DevBuf::alloc(&dev, meta_len * 4)?,
             residual: DevBuf::alloc(&dev, t * s.hidden * 4)?,
             normed: DevBuf::alloc(&dev, t * s.hidden * bf)?,
-            // Slack rows: the dense embedding attention reads up to max_model_len rows past
-            // the last token (padding, masked out); zeroed so they are finite.
-            qkv: DevBuf::alloc(&dev, (t + opts.max_model_len) * s.qkv_width() * bf)?,
+            qkv: DevBuf::alloc(&dev, t * s.qkv_width() * bf)?,
             attn: DevBuf::alloc(&dev, t * s.heads * s.head_dim * bf)?,
             delta: DevBuf::alloc(&dev, t * s.hidden * bf)?,
             gate_up: DevBuf::alloc(&dev, t * 2 * s.inter * bf)?,
@@ -224,6 +218,14 @@ impl CudaQwen3 {
             )
         }
         .map_err(|e| anyhow!("clearing scratch: {e}"))?;
+        let rope_positions = opts.max_model_len.min(s.max_positions.max(1));
+        let rope_buf = DevBuf::alloc(&dev, rope_positions * s.head_dim / 2 * 8)?;
+        k.rope_table(rope_buf.ptr, rope_positions, s.rope_theta)?;
+        let rope = RopeTable {
+            ptr: rope_buf.ptr,
+            positions: rope_positions,
+        };
+        let embed_flash = k.has_flash_attention();
         let info = ModelInfo {
             architecture: "qwen3".to_string(),
             task,
@@ -244,7 +246,10 @@ impl CudaQwen3 {
             scratch,
             kv: None,
             embed_kv: None,
-            dense: None,
+            flash: None,
+            embed_flash,
+            rope,
+            _rope_buf: rope_buf,
             layout: None,
             graphs: HashMap::new(),
             meta_host,
@@ -455,6 +460,8 @@ impl CudaQwen3 {
         let stream = &self.dev.stream;
         let blas = &self.dev.blas;
         let meta = |off: usize| sc.meta.ptr + (off * 4) as u64;
+        // The embedding path attends with the flash kernel, which reads K/V from qkv.
+        let flash = self.flash.as_ref().filter(|_| embed && self.embed_flash);
         let (h, t) = (s.hidden, tokens);
         macro_rules! op {
             ($name:expr, $e:expr) => {{
@@ -508,8 +515,9 @@ impl CudaQwen3 {
                     lw.k_norm.ptr,
                     meta(lay.pos),
                     meta(lay.slots),
-                    kc,
+                    if flash.is_some() { 0 } else { kc },
                     vc,
+                    &self.rope,
                     t,
                     s.heads,
                     s.kv_heads,
@@ -517,60 +525,16 @@ impl CudaQwen3 {
                     s.rope_theta
                 )
             );
-            if let (true, Some(da)) = (embed, self.dense.as_ref()) {
-                let w = s.qkv_width();
-                let (l, d, b) = (da.len, s.head_dim, da.batch);
-                let arr = |i: usize| da.ptrs.ptr + (i * b * 8) as u64;
+            if let Some(ft) = flash {
                 op!(
-                    "attention QK^T (batched gemm)",
-                    gemm::batched(
-                        blas,
-                        true,
-                        l,
-                        l,
-                        d,
-                        arr(1),
-                        w,
-                        arr(0),
-                        w,
-                        arr(3),
-                        l,
-                        OutType::F32,
-                        b
-                    )
-                );
-                op!(
-                    "attention softmax",
-                    k.causal_softmax(da.s.ptr, da.p.ptr, l, b * l)
-                );
-                op!(
-                    "attention PV (batched gemm)",
-                    gemm::batched(
-                        blas,
-                        false,
-                        d,
-                        l,
-                        l,
-                        arr(2),
-                        w,
-                        arr(4),
-                        l,
-                        arr(5),
-                        s.heads * d,
-                        OutType::Bf16,
-                        b
-                    )
-                );
-                op!(
-                    "attention gather",
-                    k.gather_padded_rows(
-                        da.o.ptr,
+                    "attention (flash, embed)",
+                    k.embed_flash_attention(
+                        sc.qkv.ptr,
                         sc.attn.ptr,
-                        meta(lay.seq_of),
-                        meta(lay.pos),
-                        t,
-                        l,
-                        s.heads * d
+                        ft.buf.ptr,
+                        ft.count,
+                        s.heads,
+                        s.kv_heads
                     )
                 );
             } else if tiles > 0 {
@@ -937,7 +901,8 @@ impl Embedder for CudaQwen3 {
         let lay = MetaLayout::new(self.opts.max_tokens, self.opts.max_seqs, max_blocks);
         let slots_needed = self.opts.max_tokens + self.opts.max_seqs * bs;
         let layer_bytes = slots_needed * self.s.kv_heads * self.s.head_dim * 2;
-        if self.embed_kv.is_none() {
+        // K/V scratch only for the paged kernel: the flash kernel reads them from qkv.
+        if self.embed_kv.is_none() && !self.embed_flash {
             self.embed_kv = Some(DevBuf::alloc(&self.dev, 2 * layer_bytes)?);
         }
         let place = KvPlace {
@@ -1003,7 +968,7 @@ impl Embedder for CudaQwen3 {
             let (t, rows, tiles) = self.pack_step(&seqs, 0, lay, bs)?;
             self.upload_meta(seqs.len(), lay)?;
             let lens: Vec<usize> = inputs[i..j].iter().map(|x| x.len()).collect();
-            self.prepare_dense(&lens)?;
+            self.prepare_flash(&lens)?;
             self.forward(t, rows, tiles, place, lay, true)?;
             let pooled: Vec<f32> = self.download(self.scratch.pooled.ptr, rows * self.s.hidden)?;
             if let Some(p) = self.profiler.as_mut() {
@@ -1020,63 +985,54 @@ impl Embedder for CudaQwen3 {
 }
 
 impl CudaQwen3 {
-    /// Sizes the dense-attention buffers for a chunk of sequences with these lengths and
-    /// uploads its pointer arrays (the same for every layer: the qkv scratch is fixed).
-    fn prepare_dense(&mut self, lens: &[usize]) -> anyhow::Result<()> {
-        let s = &self.s;
-        let (nq, nkv, d, w) = (s.heads, s.kv_heads, s.head_dim, s.qkv_width());
-        let g = nq / nkv;
-        let l = lens.iter().copied().max().unwrap_or(1);
-        let batch = lens.len() * nq;
-        let need = batch * l * l;
-        let grow = self
-            .dense
+    /// Uploads the flash-attention query tiles of a chunk of fresh sequences with these
+    /// lengths, packed back to back in the step's token rows.
+    fn prepare_flash(&mut self, lens: &[usize]) -> anyhow::Result<()> {
+        if !self.embed_flash {
+            return Ok(());
+        }
+        let mut tiles: Vec<i32> = Vec::new();
+        let mut start = 0usize;
+        for &len in lens {
+            for q0 in (0..len).step_by(FLASH_QUERY_TILE) {
+                tiles.extend([start as i32, q0 as i32, len as i32]);
+            }
+            start += len;
+        }
+        let count = tiles.len() / 3;
+        if self
+            .flash
             .as_ref()
-            .is_none_or(|da| da.capacity < need || da.ptrs.bytes < 6 * batch * 8);
-        if grow {
-            let o_rows = self.opts.max_seqs.max(lens.len()) * self.opts.max_model_len.max(l);
-            self.dense = Some(DenseAttn {
-                ptrs: DevBuf::alloc(&self.dev, 6 * batch * 8)?,
-                s: DevBuf::alloc(&self.dev, need * 4)?,
-                p: DevBuf::alloc(&self.dev, need * 2)?,
-                o: DevBuf::alloc(&self.dev, o_rows * nq * d * 2)?,
-                capacity: need,
-                batch,
-                len: l,
+            .is_none_or(|f| f.buf.bytes < tiles.len() * 4)
+        {
+            let most = self.opts.max_tokens.div_ceil(FLASH_QUERY_TILE) + self.opts.max_seqs;
+            let bytes = (3 * most * 4).max(tiles.len() * 4);
+            self.flash = Some(FlashTiles {
+                buf: DevBuf::alloc(&self.dev, bytes)?,
+                count: 0,
             });
         }
-        let da = self
-            .dense
+        let ft = self
+            .flash
             .as_mut()
-            .ok_or_else(|| anyhow!("dense attention buffers"))?;
-        da.batch = batch;
-        da.len = l;
-        let qkv = self.scratch.qkv.ptr;
-        let mut ptrs = vec![0u64; 6 * batch];
-        let mut off = 0usize;
-        for (i, &len) in lens.iter().enumerate() {
-            for h in 0..nq {
-                let b = i * nq + h;
-                let row = qkv + (off * w * 2) as u64;
-                ptrs[b] = row + (h * d * 2) as u64;
-                ptrs[batch + b] = row + ((nq + h / g) * d * 2) as u64;
-                ptrs[2 * batch + b] = row + ((nq + nkv + h / g) * d * 2) as u64;
-                ptrs[3 * batch + b] = da.s.ptr + (b * l * l * 4) as u64;
-                ptrs[4 * batch + b] = da.p.ptr + (b * l * l * 2) as u64;
-                ptrs[5 * batch + b] = da.o.ptr + ((i * l * nq * d + h * d) * 2) as u64;
-            }
-            off += len;
-        }
-        // SAFETY: ptrs buffer holds at least 6 * batch u64.
+            .ok_or_else(|| anyhow!("flash attention tiles"))?;
+        ft.count = count;
+        // SAFETY: the buffer holds at least tiles.len() i32.
         unsafe {
             cudarc::driver::result::memcpy_htod_async(
-                da.ptrs.ptr,
-                &ptrs,
+                ft.buf.ptr,
+                &tiles,
                 self.dev.stream.cu_stream(),
             )
         }
-        .map_err(|e| anyhow!("uploading attention pointers: {e}"))?;
+        .map_err(|e| anyhow!("uploading attention tiles: {e}"))?;
         Ok(())
+    }
+
+    /// Chooses the embedding attention kernel: the tensor-core flash kernel (default where
+    /// the head size allows it) or the paged prefill kernel (the reference for tests).
+    pub fn set_embed_flash(&mut self, on: bool) {
+        self.embed_flash = on && self.k.has_flash_attention();
     }
 
     /// Folds profiled op times of finished steps into the report (after a step returned).

@@ -92,62 +92,94 @@ extern "C" __global__ void rmsnorm_rows_f32(const float* __restrict__ residual, 
         out[(size_t)r * hidden + i] = x[i] * inv * bf2f(w[i]);
 }
 
+// RoPE angles, computed once at start-up: table[pos * D/2 + i] = (cos, sin) of
+// pos * theta^(-2i/D) for pos < max_pos (HF's inv_freq, fp32 as on the CPU backend).
+extern "C" __global__ void rope_table(float2* __restrict__ table, int max_pos, int D, float theta) {
+    int half = D / 2;
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= max_pos * half) return;
+    int pos = idx / half, i = idx - pos * half;
+    float freq = powf(theta, -2.0f * (float)i / (float)D);
+    float s, c;
+    sincosf((float)pos * freq, &s, &c);
+    table[idx] = make_float2(c, s);
+}
+
 // Per-head q/k RMSNorm fused with RoPE (HF non-interleaved: pairs (i, i + D/2)) and the KV
-// cache write by slot. qkv is [T, (nq + 2 nkv) * D] from the fused projection; q is
-// rotated in place, k (rotated) and v are written to the caches at slots[t] (skipped when
-// the slot is negative: padding rows of a captured batch). One block per token, one warp
-// per head.
+// cache write by slot. qkv is [T, (nq + 2 nkv) * D] from the fused projection; q and k
+// are rotated in place, k (rotated) and v are written to the caches at slots[t] (skipped
+// when the slot is negative, padding rows of a captured batch, or when kcache is null,
+// the embedding path, whose attention reads k and v from qkv). Angles come from the
+// rope_table (positions past it are computed directly). One block per token, one warp per
+// head, each lane two adjacent dims of each half (32-bit loads).
 extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* __restrict__ qw,
                                           const bf16* __restrict__ kw, const int* __restrict__ positions,
                                           const int* __restrict__ slots, bf16* __restrict__ kcache,
-                                          bf16* __restrict__ vcache, int nq, int nkv, int D, float eps,
-                                          float theta) {
+                                          bf16* __restrict__ vcache, const float2* __restrict__ rope,
+                                          int rope_len, int nq, int nkv, int D, float eps, float theta) {
     int t = blockIdx.x;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     int width = (nq + 2 * nkv) * D;
     bf16* row = qkv + (size_t)t * width;
-    float pos = (float)positions[t];
-    int slot = slots[t];
+    int ipos = positions[t];
+    float pos = (float)ipos;
+    int slot = kcache ? slots[t] : -1;
     int half = D / 2;
     for (int h = warp; h < nq + 2 * nkv; h += nwarps) {
         bf16* x = row + h * D;
         if (h >= nq + nkv) {  // v: copy to the cache
             if (slot >= 0) {
-                bf16* dst = vcache + ((size_t)slot * nkv + (h - nq - nkv)) * D;
-                for (int i = lane; i < D; i += 32) dst[i] = x[i];
+                unsigned* dst = (unsigned*)(vcache + ((size_t)slot * nkv + (h - nq - nkv)) * D);
+                for (int i = lane; i < half; i += 32) dst[i] = ((const unsigned*)x)[i];
             }
             continue;
         }
         const bf16* w = h < nq ? qw : kw;
         float ss = 0.f;
-        for (int i = lane; i < D; i += 32) { float v = bf2f(x[i]); ss += v * v; }
+        for (int i = 2 * lane; i < D; i += 64) {
+            unsigned u = *(const unsigned*)(x + i);
+            float a = __uint_as_float(u << 16), b = __uint_as_float(u & 0xffff0000u);
+            ss += a * a + b * b;
+        }
         float inv = rsqrtf(warp_sum(ss) / D + eps);
-        bf16* dst = nullptr;
-        if (h >= nq && slot >= 0) dst = kcache + ((size_t)slot * nkv + (h - nq)) * D;
-        for (int i = lane; i < half; i += 32) {
-            float a = bf2f(x[i]) * inv * bf2f(w[i]);
-            float b = bf2f(x[i + half]) * inv * bf2f(w[i + half]);
-            float freq = powf(theta, -2.0f * (float)i / (float)D);
-            float s, c;
-            sincosf(pos * freq, &s, &c);
-            bf16 o1 = f2bf(a * c - b * s);
-            bf16 o2 = f2bf(b * c + a * s);
-            // q and k are rotated in place (the dense embedding attention reads k from
-            // here); k also goes to the paged cache.
-            x[i] = o1; x[i + half] = o2;
-            if (dst) { dst[i] = o1; dst[i + half] = o2; }
+        unsigned* dst = nullptr;
+        if (h >= nq && slot >= 0) dst = (unsigned*)(kcache + ((size_t)slot * nkv + (h - nq)) * D);
+        for (int i = 2 * lane; i < half; i += 64) {
+            unsigned ua = *(const unsigned*)(x + i), ub = *(const unsigned*)(x + i + half);
+            unsigned wa = *(const unsigned*)(w + i), wb = *(const unsigned*)(w + i + half);
+            float a0 = __uint_as_float(ua << 16) * inv * __uint_as_float(wa << 16);
+            float a1 = __uint_as_float(ua & 0xffff0000u) * inv * __uint_as_float(wa & 0xffff0000u);
+            float b0 = __uint_as_float(ub << 16) * inv * __uint_as_float(wb << 16);
+            float b1 = __uint_as_float(ub & 0xffff0000u) * inv * __uint_as_float(wb & 0xffff0000u);
+            float c0, s0, c1, s1;
+            if (ipos < rope_len) {
+                float2 r0 = rope[(size_t)ipos * half + i], r1 = rope[(size_t)ipos * half + i + 1];
+                c0 = r0.x; s0 = r0.y; c1 = r1.x; s1 = r1.y;
+            } else {
+                sincosf(pos * powf(theta, -2.0f * (float)i / (float)D), &s0, &c0);
+                sincosf(pos * powf(theta, -2.0f * (float)(i + 1) / (float)D), &s1, &c1);
+            }
+            unsigned o1 = (unsigned)f2bf(a0 * c0 - b0 * s0) | ((unsigned)f2bf(a1 * c1 - b1 * s1) << 16);
+            unsigned o2 = (unsigned)f2bf(b0 * c0 + a0 * s0) | ((unsigned)f2bf(b1 * c1 + a1 * s1) << 16);
+            *(unsigned*)(x + i) = o1;
+            *(unsigned*)(x + i + half) = o2;
+            if (dst) { dst[i / 2] = o1; dst[(i + half) / 2] = o2; }
         }
     }
 }
 
 // out[t, i] = silu(gu[t, i]) * gu[t, I + i]  (gate and up from one fused projection).
+// Two adjacent outputs per thread (32-bit loads and stores; I is even).
 extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restrict__ out, int inter, int total) {
-    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    int idx = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (idx >= total) return;
     int t = idx / inter, i = idx - t * inter;
-    float g = bf2f(gu[(size_t)t * 2 * inter + i]);
-    float u = bf2f(gu[(size_t)t * 2 * inter + inter + i]);
-    out[idx] = f2bf(g / (1.f + __expf(-g)) * u);
+    unsigned g = *(const unsigned*)(gu + (size_t)t * 2 * inter + i);
+    unsigned u = *(const unsigned*)(gu + (size_t)t * 2 * inter + inter + i);
+    float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xffff0000u);
+    float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xffff0000u);
+    float o0 = g0 / (1.f + __expf(-g0)) * u0, o1 = g1 / (1.f + __expf(-g1)) * u1;
+    *(unsigned*)(out + idx) = (unsigned)f2bf(o0) | ((unsigned)f2bf(o1) << 16);
 }
 
 // Paged causal attention for prefill chunks and decode alike. Query token t of sequence
@@ -341,35 +373,165 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
     }
 }
 
-// Causal softmax of dense attention scores (embedding path): S is [rows, L] fp32 where
-// row r is query q = r % L of one (sequence, head); P[r, j] = softmax_j<=q(S * scale) in
-// bf16, 0 for j > q. One warp per row.
-extern "C" __global__ void causal_softmax(const float* __restrict__ S, bf16* __restrict__ P, int L, int rows,
-                                         float scale) {
-    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    int q = r % L;
-    const float* s = S + (size_t)r * L;
-    bf16* p = P + (size_t)r * L;
-    float mx = -1e30f;
-    for (int j = lane; j <= q; j += 32) mx = fmaxf(mx, s[j] * scale);
-    mx = warp_max(mx);
-    float sum = 0.f;
-    for (int j = lane; j <= q; j += 32) sum += __expf(s[j] * scale - mx);
-    float inv = 1.f / warp_sum(sum);
-    for (int j = lane; j < L; j += 32) p[j] = f2bf(j <= q ? __expf(s[j] * scale - mx) * inv : 0.f);
+// Causal attention of the embedding path on tensor cores (flash-attention 2 style, bf16
+// mma.sync m16n8k16 with fp32 accumulation). Each sequence's tokens are consecutive rows
+// of qkv (k already normed and rotated in place) and start at position 0, so K/V are read
+// straight from qkv: no cache write, no score matrix in memory. One block per (tile of 64
+// query positions of one sequence, query head), 4 warps of 16 query rows; keys stream
+// through shared memory in tiles of 64; online softmax in registers. Tiles come from the
+// host: tiles[3 * b] = first token row of the sequence, [3b + 1] = first query position,
+// [3b + 2] = sequence length. Needs HEAD_DIM % 16 == 0.
+#if HEAD_DIM % 16 == 0
+#define FA_BQ 64
+#define FA_BK 64
+#define FA_PAD 8
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
+    const bf16* __restrict__ qkv, bf16* __restrict__ out, const int* __restrict__ tiles, int nkv,
+    float scale_log2) {
+    const int D = HEAD_DIM, G = GQA, KC = HEAD_DIM / 16, ND = HEAD_DIM / 8;
+    const int nq = nkv * G, width = (nq + 2 * nkv) * D;
+    const int h = blockIdx.y, kvh = h / G;
+    const int s0 = tiles[3 * blockIdx.x], q0 = tiles[3 * blockIdx.x + 1], len = tiles[3 * blockIdx.x + 2];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+    const int qr = q0 + warp * 16;  // this warp's first query position
+    __shared__ __align__(16) bf16 sk[FA_BK][HEAD_DIM + FA_PAD];
+    __shared__ __align__(16) bf16 sv[FA_BK][HEAD_DIM + FA_PAD];
+    const float NEG = __int_as_float(0xff800000);
 
-// attn[t, :] = O[seq_of[t] * L + positions[t], :] (rows of width w bf16): packs the padded
-// per-sequence attention output back into the step's token rows.
-extern "C" __global__ void gather_padded_rows(const bf16* __restrict__ O, bf16* __restrict__ attn,
-                                             const int* __restrict__ seq_of, const int* __restrict__ positions,
-                                             int L, int w) {
-    int t = blockIdx.x;
-    const bf16* src = O + ((size_t)seq_of[t] * L + positions[t]) * w;
-    for (int i = threadIdx.x; i < w; i += blockDim.x) attn[(size_t)t * w + i] = src[i];
+    // Q fragments (A operand, row-major 16 x 16 per chunk); rows past the sequence read
+    // its last row and are never written out.
+    unsigned qf[KC][4];
+    {
+        int r0 = min(qr + g, len - 1), r1 = min(qr + g + 8, len - 1);
+        const bf16* p0 = qkv + (size_t)(s0 + r0) * width + h * D + 2 * tg;
+        const bf16* p1 = qkv + (size_t)(s0 + r1) * width + h * D + 2 * tg;
+#pragma unroll
+        for (int c = 0; c < KC; c++) {
+            qf[c][0] = *(const unsigned*)(p0 + 16 * c);
+            qf[c][1] = *(const unsigned*)(p1 + 16 * c);
+            qf[c][2] = *(const unsigned*)(p0 + 16 * c + 8);
+            qf[c][3] = *(const unsigned*)(p1 + 16 * c + 8);
+        }
+    }
+    float o[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m0 = NEG, m1 = NEG, l0 = 0.f, l1 = 0.f;
+    const int kend = min(q0 + FA_BQ, len);
+    const bool warp_live = qr < len;
+    for (int k0 = 0; k0 < kend; k0 += FA_BK) {
+        __syncthreads();
+        const int vecs = D / 8;  // 16-byte vectors per row
+        for (int idx = threadIdx.x; idx < FA_BK * vecs; idx += blockDim.x) {
+            int r = idx / vecs, c = (idx - r * vecs) * 8;
+            int j = k0 + r;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (j < len) {
+                const bf16* src = qkv + (size_t)(s0 + j) * width + (nq + kvh) * D + c;
+                kv = *(const uint4*)src;
+                vv = *(const uint4*)(src + nkv * D);
+            }
+            *(uint4*)&sk[r][c] = kv;
+            *(uint4*)&sv[r][c] = vv;
+        }
+        __syncthreads();
+        if (!warp_live || k0 > qr + 15) continue;
+        // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+        float sc[FA_BK / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_BK / 8; n++) {
+            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+            const bf16* kr = &sk[n * 8 + g][2 * tg];
+#pragma unroll
+            for (int c = 0; c < KC; c++)
+                mma_bf16(sc[n], qf[c], *(const unsigned*)(kr + 16 * c), *(const unsigned*)(kr + 16 * c + 8));
+        }
+        // Scale, causal and length mask, online softmax (rows g and g + 8 of the warp).
+        float mx0 = NEG, mx1 = NEG;
+        const bool diag = k0 + FA_BK > qr;
+#pragma unroll
+        for (int n = 0; n < FA_BK / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = k0 + n * 8 + 2 * tg + (e & 1);
+                int row = qr + g + (e >> 1) * 8;
+                float v = sc[n][e] * scale_log2;
+                if (diag && key > row) v = NEG;
+                if (key >= len) v = NEG;
+                sc[n][e] = v;
+            }
+            mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        // A row with every key masked so far keeps max -inf: subtract 0 instead (p = 0).
+        float b0 = n0 == NEG ? 0.f : n0, b1 = n1 == NEG ? 0.f : n1;
+        float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
+        m0 = n0; m1 = n1;
+        float ps0 = 0.f, ps1 = 0.f;
+        unsigned pa[FA_BK / 16][4];
+#pragma unroll
+        for (int n = 0; n < FA_BK / 8; n++) {
+            float p0 = exp2f(sc[n][0] - b0), p1 = exp2f(sc[n][1] - b0);
+            float p2 = exp2f(sc[n][2] - b1), p3 = exp2f(sc[n][3] - b1);
+            ps0 += p0 + p1; ps1 += p2 + p3;
+            // C fragment of key tiles 2c and 2c+1 = A fragment of key chunk c.
+            pa[n / 2][(n & 1) * 2] = pack_bf16x2(p0, p1);
+            pa[n / 2][(n & 1) * 2 + 1] = pack_bf16x2(p2, p3);
+        }
+        l0 = l0 * c0 + ps0; l1 = l1 * c1 + ps1;
+#pragma unroll
+        for (int n = 0; n < ND; n++) { o[n][0] *= c0; o[n][1] *= c0; o[n][2] *= c1; o[n][3] *= c1; }
+        // O += P V: V rows (keys) are the k dimension; ldmatrix.trans gives B fragments.
+#pragma unroll
+        for (int c = 0; c < FA_BK / 16; c++) {
+            const int mi = lane >> 3, ri = lane & 7;
+#pragma unroll
+            for (int n = 0; n < ND; n += 2) {
+                const bf16* src = &sv[c * 16 + (mi & 1) * 8 + ri][(n + (mi >> 1)) * 8];
+                unsigned r0, r1, r2, r3;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                             : "r"(smem_addr(src)));
+                mma_bf16(o[n], pa[c], r0, r1);
+                mma_bf16(o[n + 1], pa[c], r2, r3);
+            }
+        }
+    }
+    if (!warp_live) return;
+    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+    float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    int r0 = qr + g, r1 = qr + g + 8;
+#pragma unroll
+    for (int n = 0; n < ND; n++) {
+        int col = h * D + n * 8 + 2 * tg;
+        if (r0 < len) *(unsigned*)(out + (size_t)(s0 + r0) * nq * D + col) = pack_bf16x2(o[n][0] * i0, o[n][1] * i0);
+        if (r1 < len) *(unsigned*)(out + (size_t)(s0 + r1) * nq * D + col) = pack_bf16x2(o[n][2] * i1, o[n][3] * i1);
+    }
 }
+#endif
 
 // Greedy sampling: out[r] = argmax(logits[r, :]) (fp32 logits); ties go to the lowest id,
 // as on the CPU. One block per row.
