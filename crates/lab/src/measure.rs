@@ -341,7 +341,11 @@ impl Harness for RealHarness {
         let mut spec = bench::BenchSpec::new(specs);
         spec.warmup = warmup;
         spec.duration = Some(duration);
-        spec.seed = self.seed;
+        // The repetition's seed (set per window by the runner), else the file's.
+        spec.seed = workloads
+            .iter()
+            .find_map(|w| w.def.seed)
+            .unwrap_or(self.seed);
         let token = CancellationToken::new();
         let (tx, mut rx) = tokio::sync::watch::channel(bench::Progress::default());
         let result = self.rt.block_on(async {

@@ -196,9 +196,14 @@ fn run_one(
                 format!("no workload {name}"),
             ));
         };
-        match resolve_rate(def, load, done) {
+        // Repetition r draws prompts and arrivals from seed + r - 1: repetitions sample
+        // different arrivals (so their spread is real), while the conditions of one
+        // repetition, solo baselines included, share theirs.
+        let mut def = def.clone();
+        def.seed = Some(def.seed.unwrap_or(0) + u64::from(cond.repetition.saturating_sub(1)));
+        match resolve_rate(&def, load, done) {
             Ok(rate_per_s) => workloads.push(ResolvedWorkload {
-                def: def.clone(),
+                def,
                 load: *load,
                 rate_per_s,
             }),
@@ -323,6 +328,8 @@ rate = ["50% of solo"]
     struct Log {
         ups: Vec<String>,
         measured: Vec<Vec<(String, Option<f64>)>>,
+        /// Seeds of the workloads of every measured window.
+        seeds: Vec<Vec<Option<u64>>>,
         fail_up_with_mps: bool,
         cancel_after: Option<usize>,
     }
@@ -352,6 +359,7 @@ rate = ["50% of solo"]
             cancel: &AtomicBool,
         ) -> Result<Measurement> {
             let mut log = self.0.borrow_mut();
+            log.seeds.push(ws.iter().map(|w| w.def.seed).collect());
             log.measured.push(
                 ws.iter()
                     .map(|w| (w.def.name.clone(), w.rate_per_s))
@@ -435,6 +443,19 @@ rate = ["50% of solo"]
             .collect();
         assert_eq!(rates[0], None);
         assert!(rates[2..].iter().all(|r| *r == Some(10.0)), "{rates:?}");
+        // repetition r measures with seed r - 1 (no seed in the file): every window of one
+        // repetition shares its arrivals, the two repetitions differ
+        let seeds = log.borrow().seeds.clone();
+        assert_eq!(seeds.len(), planned.len());
+        for (cond, window) in planned.iter().zip(&seeds) {
+            let want = Some(u64::from(cond.repetition) - 1);
+            assert!(
+                window.iter().all(|s| *s == want),
+                "{}: {window:?}",
+                cond.id()
+            );
+        }
+        assert!(planned.iter().any(|c| c.repetition == 2));
         // written to disk and readable
         let back = Results::load(dir.path()).unwrap();
         assert_eq!(back, results);

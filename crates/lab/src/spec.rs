@@ -156,7 +156,7 @@ pub struct WorkloadDef {
     /// Model name sent in requests (default: the engine's served name, left to bench).
     #[serde(default)]
     pub model: Option<String>,
-    /// Seed of the synthetic prompts and arrivals.
+    /// Seed of the synthetic prompts and arrivals (default 0); repetition r uses seed + r - 1.
     #[serde(default)]
     pub seed: Option<u64>,
 }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On the GPU machine (carry .gpu, made by scripts/gpu/prepare.sh): runs or resumes the GPU
+# study's lab runs one after another inside one device call's time limit, and packs each
+# run folder into $OUT/<name>.tgz so that the results come back even when time runs out.
+#   LIMIT=560 scripts/gpu/lab-study.sh examples/h100-gen-embed.toml:pair-a examples/h100-gen-embed-8b.toml:pair-b
+# A run folder lives in .gpu/runs/<name>: unpack the returned .tgz there (here) and carry
+# .gpu again; the next call resumes it (`colocate lab run --resume`). An interrupted window
+# is measured again on resume; the lab stops its engines and quits its MPS daemon on SIGINT.
+set -uo pipefail
+LIMIT=${LIMIT:-560}; OUT=${OUT:-gpu-out}; C=.gpu/colocate
+mkdir -p .gpu/runs "$OUT"
+end=$(( $(date +%s) + LIMIT ))
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+for spec in "$@"; do
+  exp=${spec%%:*}; name=${spec##*:}; run=.gpu/runs/$name
+  left=$(( end - $(date +%s) ))
+  if [ "$left" -lt 60 ]; then echo "== $name: not started (${left}s left)"; continue; fi
+  if [ -f "$run/results.json" ]; then args=(--resume "$run"); else args=("$exp" --out "$run"); fi
+  echo "== $name: ${args[*]} (${left}s left)"
+  # SIGINT lets the lab finish the current window and clean up; KILL 90 s later at worst.
+  timeout -s INT -k 90 "$left" "$C" lab run "${args[@]}" --quiet > "$OUT/$name.log" 2>&1
+  echo "   exit $?"; tail -n 4 "$OUT/$name.log"
+  tar czf "$OUT/$name.tgz" -C .gpu/runs "$name" 2>/dev/null
+done
+# Nothing of ours may outlive the call: MPS daemons and engines.
+pgrep -a nvidia-cuda-mps | grep -v defunct && echo "WARNING: an MPS daemon is still running" || echo "no MPS daemon left"
+pgrep -af "colocate serve" && echo "WARNING: an engine is still running" || echo "no engine left"
