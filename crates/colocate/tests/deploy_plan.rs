@@ -31,7 +31,13 @@ fn plan(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn example_plans_match_their_goldens() {
-    let examples = ["deploy-cpu", "deploy-h100-vllm-mps", "deploy-h100-mixed"];
+    let examples = [
+        "deploy-cpu",
+        "deploy-h100-vllm-mps",
+        "deploy-h100-mixed",
+        "up-h100-gen-embed",
+        "up-h100-gen-embed-8b",
+    ];
     for name in examples {
         let file = format!("examples/{name}.toml");
         let (ok, stdout, stderr) = plan(&[&file]);

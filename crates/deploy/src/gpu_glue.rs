@@ -127,8 +127,9 @@ mod tests {
 
     #[test]
     fn catalogue_knows_the_study_gpus() {
-        assert_eq!(catalogue_memory("H100 SXM"), Some(80_000_000_000));
-        assert_eq!(catalogue_memory("NVIDIA H200"), Some(141_000_000_000));
+        // what the driver reports (81,559 MiB on the study's H100), not 80 x 10^9
+        assert_eq!(catalogue_memory("H100 SXM"), Some(81_559 << 20));
+        assert_eq!(catalogue_memory("NVIDIA H200"), Some(143_771 << 20));
         assert_eq!(catalogue_memory("Voodoo 2"), None);
     }
 

@@ -1,6 +1,7 @@
 //! Published specs of common data-centre GPUs, used where NVML cannot tell (memory
 //! bandwidth and peak bf16 throughput set the limits plans and reports compare against).
-//! Figures are the vendor's datasheet values (dense, no sparsity).
+//! Figures are the vendor's datasheet values (dense, no sparsity), except memory: that is
+//! the total the driver reports (nvidia-smi / NVML), which is what budgets are taken from.
 use serde::Serialize;
 
 /// One GPU model's datasheet figures.
@@ -8,7 +9,9 @@ use serde::Serialize;
 pub struct GpuSpec {
     /// Canonical name, e.g. "H100 SXM".
     pub name: &'static str,
-    /// Device memory in bytes (datasheet GB, 10^9).
+    /// Device memory in bytes as the driver reports it. The datasheet's "80 GB" of HBM is
+    /// 80 GiB less what the driver reserves: 81,559 MiB on the study's H100 80GB HBM3,
+    /// where the old 80 x 10^9 figure under-counted by 5 GiB.
     pub memory_bytes: u64,
     /// Streaming multiprocessors.
     pub sm_count: u32,
@@ -18,61 +21,61 @@ pub struct GpuSpec {
     pub bf16_dense_tflops: f64,
 }
 
-const GB: u64 = 1_000_000_000;
+const MIB: u64 = 1 << 20;
 
 const SPECS: &[GpuSpec] = &[
     GpuSpec {
         name: "H100 SXM",
-        memory_bytes: 80 * GB,
+        memory_bytes: 81559 * MIB,
         sm_count: 132,
         mem_bandwidth_bytes_per_s: 3.35e12,
         bf16_dense_tflops: 989.0,
     },
     GpuSpec {
         name: "H100 PCIe",
-        memory_bytes: 80 * GB,
+        memory_bytes: 81559 * MIB,
         sm_count: 114,
         mem_bandwidth_bytes_per_s: 2.0e12,
         bf16_dense_tflops: 756.0,
     },
     GpuSpec {
         name: "H200",
-        memory_bytes: 141 * GB,
+        memory_bytes: 143771 * MIB,
         sm_count: 132,
         mem_bandwidth_bytes_per_s: 4.8e12,
         bf16_dense_tflops: 989.0,
     },
     GpuSpec {
         name: "A100 40GB",
-        memory_bytes: 40 * GB,
+        memory_bytes: 40960 * MIB,
         sm_count: 108,
         mem_bandwidth_bytes_per_s: 1.555e12,
         bf16_dense_tflops: 312.0,
     },
     GpuSpec {
         name: "A100 80GB",
-        memory_bytes: 80 * GB,
+        memory_bytes: 81920 * MIB,
         sm_count: 108,
         mem_bandwidth_bytes_per_s: 2.039e12,
         bf16_dense_tflops: 312.0,
     },
     GpuSpec {
         name: "L40S",
-        memory_bytes: 48 * GB,
+        memory_bytes: 46068 * MIB,
         sm_count: 142,
         mem_bandwidth_bytes_per_s: 864e9,
         bf16_dense_tflops: 362.0,
     },
     GpuSpec {
         name: "L4",
-        memory_bytes: 24 * GB,
+        memory_bytes: 23034 * MIB,
         sm_count: 58,
         mem_bandwidth_bytes_per_s: 300e9,
         bf16_dense_tflops: 121.0,
     },
     GpuSpec {
         name: "A10",
-        memory_bytes: 24 * GB,
+        memory_bytes: 23028 * MIB,
         sm_count: 72,
         mem_bandwidth_bytes_per_s: 600e9,
         bf16_dense_tflops: 125.0,
