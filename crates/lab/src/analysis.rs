@@ -233,7 +233,8 @@ pub fn slo_misses(slos: &BTreeMap<String, Slo>, cell: &CellSummary) -> Vec<Strin
             match ws.latency.get(name) {
                 Some(s) if s.mean <= limit_ms => {}
                 Some(s) => misses.push(format!("{w} {name} {:.1} ms > {limit_ms:.1} ms", s.mean)),
-                None => misses.push(format!("{w} {name} not measured")),
+                // No successful request ended in the window: far too slow, or failing.
+                None => misses.push(format!("{w} {name}: no request finished in the window")),
             }
         }
         if let Some(f) = slo.min_fraction_of_solo {
@@ -537,7 +538,7 @@ mod tests {
         let misses = slo_misses(&slos, &c);
         assert_eq!(misses.len(), 3, "{misses:?}");
         assert!(misses[0].contains("ttft_p99 120.0 ms > 100.0 ms"));
-        assert!(misses[1].contains("tpot_p99 not measured"));
+        assert!(misses[1].contains("tpot_p99: no request finished in the window"));
         assert!(misses[2].contains("kept 70% of solo"));
         slos.get_mut("chat").unwrap().ttft_p99 = Some(std::time::Duration::from_millis(200));
         slos.get_mut("chat").unwrap().tpot_p99 = None;
