@@ -3,7 +3,8 @@
 //! Requests are routed by the body's `model` to the workers (replicas) serving it, balanced
 //! by a [`Policy`] (default: least outstanding requests), and the response body is passed
 //! through as a stream (server-sent events reach the client chunk by chunk, never buffered).
-//! `GET /v1/models` lists every model served; `GET /metrics` counts requests, errors,
+//! `GET /v1/models` lists every model with a replica ready to take requests (so a client
+//! may wait on it for readiness, as on a Kubernetes endpoint list); `GET /metrics` counts requests, errors,
 //! in-flight and latency per worker and route, in Prometheus text.
 //!
 //! # Worker health state machine
@@ -369,12 +370,21 @@ fn error(status: StatusCode, body: openai::ErrorBody) -> Response {
 }
 
 async fn list_models(State(s): State<Arc<Shared>>) -> Response {
-    let cards = s
-        .models
-        .iter()
-        .map(|m| openai::ModelCard::new(m.clone(), None))
+    let cards = ready_models(&s.models, &s.workers)
+        .into_iter()
+        .map(|m| openai::ModelCard::new(m.to_string(), None))
         .collect();
     axum::Json(openai::ModelList::new(cards)).into_response()
+}
+
+/// The models (in configuration order) with at least one routable replica: a model whose
+/// engines are still starting would only answer 503.
+fn ready_models<'a>(models: &'a [String], workers: &[Arc<Worker>]) -> Vec<&'a str> {
+    models
+        .iter()
+        .filter(|m| workers.iter().any(|w| &w.spec.model == *m && w.routable()))
+        .map(String::as_str)
+        .collect()
 }
 
 async fn health(State(s): State<Arc<Shared>>) -> Response {
@@ -668,6 +678,25 @@ mod tests {
         let (a, b, c) = (worker("a", 3), worker("b", 1), worker("c", 1));
         assert_eq!(LeastOutstanding.pick("m", &[&a, &b, &c]), Some(1));
         assert_eq!(LeastOutstanding.pick("m", &[]), None);
+    }
+
+    #[test]
+    fn only_models_with_a_routable_replica_are_listed() {
+        let models = vec!["m".to_string(), "e".to_string()];
+        let (m0, m1) = (Arc::new(worker("m-0", 0)), Arc::new(worker("m-1", 0)));
+        let e0 = Arc::new(Worker::new(WorkerSpec {
+            name: "e-0".into(),
+            model: "e".into(),
+            url: String::new(),
+        }));
+        let workers = vec![m0.clone(), m1.clone(), e0.clone()];
+        assert!(ready_models(&models, &workers).is_empty()); // all still starting
+        m1.check_ok();
+        assert_eq!(ready_models(&models, &workers), vec!["m"]);
+        e0.check_ok();
+        assert_eq!(ready_models(&models, &workers), vec!["m", "e"]);
+        e0.available.store(false, Ordering::Relaxed); // its engine died
+        assert_eq!(ready_models(&models, &workers), vec!["m"]);
     }
 
     #[test]
