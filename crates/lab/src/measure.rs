@@ -91,7 +91,6 @@ pub struct RealHarness {
     endpoints: BTreeMap<String, Endpoint>,
     gpu_index: Option<u32>,
     sampler: std::result::Result<gpu::telemetry::Sampler, String>,
-    seed: u64,
 }
 
 impl RealHarness {
@@ -118,7 +117,6 @@ impl RealHarness {
             endpoints: BTreeMap::new(),
             gpu_index: None,
             sampler,
-            seed: exp.workloads.iter().find_map(|w| w.seed).unwrap_or(0),
         })
     }
 
@@ -341,11 +339,8 @@ impl Harness for RealHarness {
         let mut spec = bench::BenchSpec::new(specs);
         spec.warmup = warmup;
         spec.duration = Some(duration);
-        // The repetition's seed (set per window by the runner), else the file's.
-        spec.seed = workloads
-            .iter()
-            .find_map(|w| w.def.seed)
-            .unwrap_or(self.seed);
+        // The repetition's seed: the runner sets it on every workload of the window.
+        spec.seed = workloads.iter().find_map(|w| w.def.seed).unwrap_or(0);
         let token = CancellationToken::new();
         let (tx, mut rx) = tokio::sync::watch::channel(bench::Progress::default());
         let result = self.rt.block_on(async {
