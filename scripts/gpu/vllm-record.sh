@@ -25,23 +25,6 @@ python3 -c 'import vllm; print(vllm.__version__)' > "$REC/version.txt" 2>&1
 "${VLLM[@]}" serve --help=all > "$REC/help-all.txt" 2>&1
 "${VLLM[@]}" serve --help > "$REC/help.txt" 2>&1
 
-setsid "${VLLM[@]}" serve "/tmp/vllm-models/$GEN" --served-model-name "$GEN" --load-format dummy \
-  --port 8101 --gpu-memory-utilization 0.40 --max-model-len 4096 > "$REC/serve-gen.log" 2>&1 &
-GPID=$!
-setsid "${VLLM[@]}" serve "/tmp/vllm-models/$EMB" --served-model-name "$EMB" --load-format dummy \
-  --runner pooling --convert embed --port 8201 --gpu-memory-utilization 0.20 --max-model-len 512 \
-  > "$REC/serve-embed.log" 2>&1 &
-EPID=$!
-stop() {
-  for p in $GPID $EPID; do kill -INT -- "-$p" 2>/dev/null; done
-  for _ in $(seq 1 30); do
-    kill -0 -- "-$GPID" 2>/dev/null || kill -0 -- "-$EPID" 2>/dev/null || break
-    sleep 1
-  done
-  for p in $GPID $EPID; do kill -KILL -- "-$p" 2>/dev/null; done
-}
-trap stop EXIT
-
 # no curl on the GPU machine: a tiny python client
 HTTP='import sys,urllib.request as u,urllib.error as e
 url,body=sys.argv[1],(sys.argv[2].encode() if len(sys.argv)>2 else None)
@@ -56,13 +39,35 @@ sys.stdout.write(data.decode(errors="replace")+"\n### status %d\n" % code)
 sys.exit(0 if 200<=code<300 else 1)'
 http() { python3 -c "$HTTP" "$@"; }
 up() { http "http://localhost:$1/health" > /dev/null 2>&1; }
-t0=$(date +%s)
-while [ $(( $(date +%s) - t0 )) -lt 400 ]; do
-  up 8101 && up 8201 && break
-  kill -0 $GPID 2>/dev/null && kill -0 $EPID 2>/dev/null || break
-  sleep 2
-done
-echo "servers healthy after $(( $(date +%s) - t0 )) s: gen=$(up 8101 && echo yes) embed=$(up 8201 && echo yes)" | tee "$REC/startup.txt"
+# One at a time, as colocate's supervisor starts engines: vLLM sizes its KV cache from
+# the memory free while it profiles, so a neighbour starting at the same moment makes
+# one of them fail with "No available memory for the cache blocks" (seen on the H200).
+GPID=0 EPID=0
+alive() { [ "$1" != 0 ] && kill -0 -- "-$1" 2>/dev/null; }
+stop() {
+  for p in $GPID $EPID; do [ "$p" != 0 ] && kill -INT -- "-$p" 2>/dev/null; done
+  for _ in $(seq 1 30); do alive $GPID || alive $EPID || break; sleep 1; done
+  for p in $GPID $EPID; do [ "$p" != 0 ] && kill -KILL -- "-$p" 2>/dev/null; done
+}
+trap stop EXIT
+wait_up() { # port pid
+  local t0; t0=$(date +%s)
+  while [ $(( $(date +%s) - t0 )) -lt 400 ]; do
+    up "$1" && { echo "port $1 healthy after $(( $(date +%s) - t0 )) s" | tee -a "$REC/startup.txt"; return 0; }
+    kill -0 "$2" 2>/dev/null || break
+    sleep 2
+  done
+  echo "port $1 did not come up" | tee -a "$REC/startup.txt"; return 1
+}
+setsid "${VLLM[@]}" serve "/tmp/vllm-models/$GEN" --served-model-name "$GEN" --load-format dummy \
+  --port 8101 --gpu-memory-utilization 0.40 --max-model-len 4096 > "$REC/serve-gen.log" 2>&1 &
+GPID=$!
+wait_up 8101 $GPID
+setsid "${VLLM[@]}" serve "/tmp/vllm-models/$EMB" --served-model-name "$EMB" --load-format dummy \
+  --runner pooling --convert embed --port 8201 --gpu-memory-utilization 0.20 --max-model-len 512 \
+  > "$REC/serve-embed.log" 2>&1 &
+EPID=$!
+wait_up 8201 $EPID
 
 get() { http "http://$1"; }
 post() { # port path body
