@@ -6,7 +6,10 @@ use crate::{Stop, StreamOptions, Usage};
 
 /// Message content: a string or a list of parts (only `text` parts carry text here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string or a list of content parts like {\"type\": \"text\", \"text\": \"...\"}"
+)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
@@ -57,7 +60,7 @@ impl ChatMessage {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionRequest {
     /// The served model name; empty means the server's only model.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub model: String,
     pub messages: Vec<ChatMessage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,7 +77,7 @@ pub struct ChatCompletionRequest {
     pub top_k: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub stream: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_options: Option<StreamOptions>,
@@ -83,7 +86,7 @@ pub struct ChatCompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// vLLM extra: keep generating after EOS until `max_tokens`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub ignore_eos: bool,
     /// vLLM extra: EOS and stop strings cannot end generation before this many tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]

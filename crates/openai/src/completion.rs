@@ -8,7 +8,7 @@ use crate::{Input, Stop, StreamOptions, Usage};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CompletionRequest {
     /// The served model name; empty means the server's only model.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub model: String,
     pub prompt: Input,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -22,7 +22,7 @@ pub struct CompletionRequest {
     pub top_k: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub stream: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_options: Option<StreamOptions>,
@@ -31,7 +31,7 @@ pub struct CompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// vLLM extra: keep generating after EOS until `max_tokens`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub ignore_eos: bool,
     /// vLLM extra: EOS and stop strings cannot end generation before this many tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,5 +142,9 @@ mod tests {
         )
         .is_err());
         assert!(serde_json::from_str::<CompletionRequest>(r#"{"model":"m"}"#).is_err());
+        let r: CompletionRequest =
+            serde_json::from_str(r#"{"model":null,"prompt":"hi","stream":null,"ignore_eos":null}"#)
+                .unwrap();
+        assert!(!r.stream && !r.ignore_eos && r.model.is_empty());
     }
 }

@@ -9,14 +9,17 @@ use crate::{object_list, Input, Usage};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmbeddingRequest {
     /// The served model name; empty means the server's only model.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub model: String,
     pub input: Input,
-    /// Only `float` is supported.
+    /// `float` (the default) or `base64` (little-endian f32 bytes; the official Python
+    /// client's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding_format: Option<String>,
+    /// Truncate each embedding to its first `dimensions` values (Matryoshka models). Signed
+    /// so that a negative value gets the server's own message rather than serde's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dimensions: Option<u32>,
+    pub dimensions: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
 }
@@ -33,13 +36,40 @@ impl EmbeddingRequest {
     }
 }
 
+/// An embedding as sent: a list of floats, or base64 of little-endian f32 bytes when the
+/// request asked for `encoding_format: "base64"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+impl EmbeddingVector {
+    /// The values, whichever the encoding; `None` for base64 that does not decode.
+    pub fn to_floats(&self) -> Option<Vec<f32>> {
+        match self {
+            EmbeddingVector::Float(v) => Some(v.clone()),
+            EmbeddingVector::Base64(s) => crate::base64::decode_f32_le(s),
+        }
+    }
+
+    /// Number of values (0 for base64 that does not decode).
+    pub fn dimensions(&self) -> usize {
+        match self {
+            EmbeddingVector::Float(v) => v.len(),
+            EmbeddingVector::Base64(s) => crate::base64::decode(s).map_or(0, |b| b.len() / 4),
+        }
+    }
+}
+
 /// One embedding of the response, in input order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Embedding {
     #[serde(default = "object_embedding")]
     pub object: String,
     pub index: u32,
-    pub embedding: Vec<f32>,
+    pub embedding: EmbeddingVector,
 }
 
 fn object_embedding() -> String {
@@ -47,11 +77,21 @@ fn object_embedding() -> String {
 }
 
 impl Embedding {
+    /// An embedding sent as a list of floats.
     pub fn new(index: u32, embedding: Vec<f32>) -> Self {
         Embedding {
             object: object_embedding(),
             index,
-            embedding,
+            embedding: EmbeddingVector::Float(embedding),
+        }
+    }
+
+    /// An embedding sent as base64 of its little-endian f32 bytes.
+    pub fn base64(index: u32, embedding: &[f32]) -> Self {
+        Embedding {
+            object: object_embedding(),
+            index,
+            embedding: EmbeddingVector::Base64(crate::base64::encode_f32_le(embedding)),
         }
     }
 }
@@ -93,5 +133,25 @@ mod tests {
         assert_eq!(v["data"][0]["object"], "embedding");
         assert_eq!(v["usage"]["prompt_tokens"], 3);
         assert_eq!(v["usage"]["total_tokens"], 3);
+    }
+
+    #[test]
+    fn float_and_base64_embeddings_both_parse() {
+        let resp = EmbeddingResponse::new(
+            "e",
+            vec![
+                Embedding::new(0, vec![0.5]),
+                Embedding::base64(1, &[1.0, -2.5]),
+            ],
+            2,
+        );
+        let text = serde_json::to_string(&resp).unwrap();
+        assert!(text.contains(r#""embedding":[0.5]"#), "{text}");
+        assert!(text.contains(r#""embedding":"AACAPwAAIMA=""#), "{text}");
+        let back: EmbeddingResponse = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, resp);
+        assert_eq!(back.data[1].embedding.to_floats(), Some(vec![1.0, -2.5]));
+        assert_eq!(back.data[1].embedding.dimensions(), 2);
+        assert_eq!(back.data[0].embedding.dimensions(), 1);
     }
 }

@@ -48,6 +48,46 @@ impl ErrorBody {
         Self::new(404, "not_found_error", message, Some("model"))
     }
 
+    /// 404: no route at this path.
+    pub fn no_such_route(method: &str, path: &str) -> Self {
+        Self::new(
+            404,
+            "not_found_error",
+            format!("no route {method} {path}; routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, /health, /metrics"),
+            None,
+        )
+    }
+
+    /// 405: the path exists but not for this method.
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            format!("method {method} is not allowed on {path}"),
+            None,
+        )
+    }
+
+    /// 413: the body is larger than the server accepts.
+    pub fn payload_too_large(limit_bytes: usize) -> Self {
+        Self::new(
+            413,
+            "invalid_request_error",
+            format!("request body is larger than the limit of {limit_bytes} bytes"),
+            None,
+        )
+    }
+
+    /// 415: the body is not declared as JSON.
+    pub fn unsupported_media_type(content_type: &str) -> Self {
+        Self::new(
+            415,
+            "invalid_request_error",
+            format!("Content-Type `{content_type}` is not supported: send the JSON body with `Content-Type: application/json`"),
+            None,
+        )
+    }
+
     /// 503: overloaded (admission queue full), loading, or no healthy replica.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(503, "service_unavailable_error", message, None)
@@ -90,6 +130,17 @@ mod tests {
         assert_eq!(e.status(), 400);
         assert_eq!(ErrorBody::not_found("x").status(), 404);
         assert_eq!(ErrorBody::unavailable("x").status(), 503);
+        assert_eq!(ErrorBody::payload_too_large(10).status(), 413);
+        assert!(ErrorBody::payload_too_large(10)
+            .error
+            .message
+            .contains("10 bytes"));
+        assert_eq!(ErrorBody::method_not_allowed("GET", "/x").status(), 405);
+        assert_eq!(ErrorBody::no_such_route("GET", "/x").status(), 404);
+        assert_eq!(
+            ErrorBody::unsupported_media_type("text/plain").status(),
+            415
+        );
         let openai: ErrorBody = serde_json::from_str(
             r#"{"error":{"message":"m","type":"t","param":null,"code":"model_not_found"}}"#,
         )

@@ -7,6 +7,7 @@
 //! vLLM's extras `ignore_eos` and `min_tokens` and the `top_k` sampling field are accepted
 //! because benchmarks need fixed output lengths.
 
+pub mod base64;
 mod chat;
 mod completion;
 mod embedding;
@@ -17,7 +18,17 @@ pub use completion::*;
 pub use embedding::*;
 pub use error::*;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Reads `null` as the field's default, as vLLM's `Optional[...] = default` fields do
+/// (some clients send `"stream": null`).
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
 
 /// `stream_options` of a streamed request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,7 +63,10 @@ impl Usage {
 /// A prompt or embedding input: a string, a list of strings, a list of token ids, or a list
 /// of token id lists (OpenAI accepts all four for both `prompt` and `input`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids (0 to 4294967295) or a list of token id lists"
+)]
 pub enum Input {
     Text(String),
     Texts(Vec<String>),
@@ -113,7 +127,7 @@ impl From<String> for Input {
 
 /// `stop`: one string or a list of strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
@@ -226,7 +240,9 @@ mod tests {
             vec![InputItem::Tokens(&[1]), InputItem::Tokens(&[2, 3])]
         );
         assert!(serde_json::from_str::<Input>(r#"[1,"a"]"#).is_err());
-        assert!(serde_json::from_str::<Input>("5").is_err());
+        let e = serde_json::from_str::<Input>("5").unwrap_err().to_string();
+        assert!(e.contains("a list of token ids"), "{e}");
+        assert!(serde_json::from_str::<Input>("[-1]").is_err());
     }
 
     #[test]

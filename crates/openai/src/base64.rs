@@ -1,0 +1,124 @@
+//! Base64 (RFC 4648, standard alphabet, padded) of little-endian `f32` bytes: the
+//! `encoding_format: "base64"` form of an embedding, as OpenAI and vLLM send it (numpy's
+//! `float32.tobytes()` then `base64.b64encode`). Small enough to keep here rather than pull
+//! in a crate for two functions.
+
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Base64 of `bytes`, padded with `=`.
+pub fn encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let sextets = [n >> 18, n >> 12, n >> 6, n];
+        for (i, s) in sextets.iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(s & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The bytes of padded base64 `text`; `None` when it is not valid base64.
+pub fn decode(text: &str) -> Option<Vec<u8>> {
+    let t = text.as_bytes();
+    if t.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(t.len() / 4 * 3);
+    for (k, quad) in t.chunks(4).enumerate() {
+        let last = k + 1 == t.len() / 4;
+        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            n = (n << 6) | u32::from(sextet(c)?);
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+fn sextet(c: u8) -> Option<u8> {
+    match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    }
+}
+
+/// Base64 of the little-endian bytes of `values`.
+pub fn encode_f32_le(values: &[f32]) -> String {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    encode(&bytes)
+}
+
+/// The `f32` values of base64 `text` (little-endian); `None` when it is not valid base64
+/// or not a whole number of `f32`s.
+pub fn decode_f32_le(text: &str) -> Option<Vec<f32>> {
+    let bytes = decode(text)?;
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc4648_vectors() {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(encode(plain.as_bytes()), enc);
+            assert_eq!(decode(enc).unwrap(), plain.as_bytes());
+        }
+    }
+
+    #[test]
+    fn numpy_float32_bytes() {
+        // base64.b64encode(np.array([1.0, -2.5], dtype="float32").tobytes())
+        assert_eq!(encode_f32_le(&[1.0, -2.5]), "AACAPwAAIMA=");
+        assert_eq!(decode_f32_le("AACAPwAAIMA=").unwrap(), vec![1.0, -2.5]);
+    }
+
+    #[test]
+    fn all_byte_values_round_trip_and_garbage_is_refused() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        for n in 0..bytes.len() {
+            assert_eq!(decode(&encode(&bytes[..n])).unwrap(), &bytes[..n]);
+        }
+        for bad in ["A", "AB=C", "A===", "Zg==Zg==", "Zm9v!A==", "é==="] {
+            assert!(decode(bad).is_none(), "{bad}");
+        }
+        assert!(decode_f32_le("Zm9v").is_none(), "3 bytes are not an f32");
+    }
+}
