@@ -11,20 +11,21 @@
 //! on drop. [`MpsDaemon::detach`] hands an owned daemon over to a later `mps stop`.
 mod control;
 mod env;
+mod log_watch;
 mod parse;
 pub mod procs;
 
 pub use env::{as_shell_exports, client_env as build_client_env, pinned_limit_value, ClientLimits};
+pub use log_watch::MpsLogWatch;
 pub use parse::{
     cuda_mps_error_name, parse_log_line, parse_percentage, parse_pid_list, LogLine, LogParser,
-    MpsEvent,
+    LoggedEvent, MpsEvent,
 };
 pub use procs::daemon_processes;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -60,8 +61,7 @@ pub struct MpsDaemon {
     /// Quit the daemon on drop (true for `start`, false for `attach` and after `detach`).
     owned: bool,
     stopped: bool,
-    control_log: LogTail,
-    server_log: LogTail,
+    logs: MpsLogWatch,
 }
 
 impl MpsDaemon {
@@ -110,16 +110,14 @@ impl MpsDaemon {
     }
 
     fn handle(pipe: PathBuf, log: PathBuf, control: Control, owned: bool) -> Self {
-        let control_log = LogTail::new(log.join("control.log"));
-        let server_log = LogTail::new(log.join("server.log"));
+        let logs = MpsLogWatch::new(&log);
         Self {
             pipe,
             log,
             control,
             owned,
             stopped: false,
-            control_log,
-            server_log,
+            logs,
         }
     }
 
@@ -184,9 +182,13 @@ impl MpsDaemon {
 
     /// Events (faults, failed servers, clients coming and going) logged since the last poll.
     pub fn poll_events(&mut self) -> Result<Vec<MpsEvent>> {
-        let mut events = self.control_log.poll()?;
-        events.extend(self.server_log.poll()?);
-        Ok(events)
+        Ok(self.logs.poll()?.into_iter().map(|e| e.event).collect())
+    }
+
+    /// A watcher of this daemon's logs, from their start, independent of this handle's own
+    /// polls (a supervisor's task follows faults while this handle stays with its owner).
+    pub fn log_watch(&self) -> MpsLogWatch {
+        MpsLogWatch::new(&self.log)
     }
 
     /// Lets the daemon outlive this handle (the CLI's `mps start`; `mps stop` ends it).
@@ -309,47 +311,6 @@ fn check_compute_modes() -> Result<()> {
     Ok(())
 }
 
-/// Follows one log file from where the last poll stopped, whole lines only.
-#[derive(Debug)]
-struct LogTail {
-    path: PathBuf,
-    offset: u64,
-    parser: LogParser,
-}
-
-impl LogTail {
-    fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            offset: 0,
-            parser: LogParser::new(),
-        }
-    }
-
-    fn poll(&mut self) -> Result<Vec<MpsEvent>> {
-        let mut f = match fs::File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("opening {}", self.path.display())),
-        };
-        let len = f.metadata()?.len();
-        if len < self.offset {
-            self.offset = 0; // truncated or replaced
-        }
-        f.seek(SeekFrom::Start(self.offset))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)
-            .with_context(|| format!("reading {}", self.path.display()))?;
-        let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
-            return Ok(Vec::new());
-        };
-        self.offset += end as u64 + 1;
-        Ok(self
-            .parser
-            .feed_text(&String::from_utf8_lossy(&buf[..=end])))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,29 +346,5 @@ mod tests {
         assert_eq!(live_daemon_pid(&pipe), None);
         fs::write(pipe.join(PID_FILE), format!("{}\n", std::process::id())).unwrap();
         assert_eq!(live_daemon_pid(&pipe), Some(std::process::id()));
-    }
-
-    #[test]
-    fn log_tail_reads_whole_lines_once() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("server.log");
-        let mut tail = LogTail::new(path.clone());
-        assert!(tail.poll().unwrap().is_empty());
-        fs::write(&path, "[2026-11-23 20:10:31.752 Server   597] Client process 563 disconnected\n[2026-11-23 20:10:31").unwrap();
-        assert_eq!(
-            tail.poll().unwrap(),
-            vec![MpsEvent::ClientDisconnected { pid: 563 }]
-        );
-        assert!(tail.poll().unwrap().is_empty());
-        let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
-        std::io::Write::write_all(
-            &mut f,
-            b".800 Server   597] Client process 562 disconnected\n",
-        )
-        .unwrap();
-        assert_eq!(
-            tail.poll().unwrap(),
-            vec![MpsEvent::ClientDisconnected { pid: 562 }]
-        );
     }
 }

@@ -53,6 +53,17 @@ pub fn parse_log_line(line: &str) -> Option<LogLine<'_>> {
     })
 }
 
+/// An [`MpsEvent`] with the line it came from: when and by which process it was logged.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoggedEvent {
+    /// The daemon's own timestamp as written (`2026-11-23 20:10:31.616`: local time, no
+    /// zone), kept verbatim so a report can be matched against the log.
+    pub log_time: String,
+    /// The process that wrote the line (the MPS server or control daemon).
+    pub logged_by: u32,
+    pub event: MpsEvent,
+}
+
 /// Turns log lines into [`MpsEvent`]s. It keeps the little state the logs need (the
 /// sticky-error list spans several lines), so feed it lines in order across polls.
 #[derive(Debug, Default)]
@@ -67,9 +78,28 @@ impl LogParser {
 
     /// Events in one line (none for most lines).
     pub fn feed(&mut self, line: &str) -> Vec<MpsEvent> {
+        match parse_log_line(line) {
+            Some(l) => self.events(&l),
+            None => Vec::new(),
+        }
+    }
+
+    /// Events in one line with its timestamp and writer.
+    pub fn feed_logged(&mut self, line: &str) -> Vec<LoggedEvent> {
         let Some(l) = parse_log_line(line) else {
             return Vec::new();
         };
+        self.events(&l)
+            .into_iter()
+            .map(|event| LoggedEvent {
+                log_time: l.timestamp.to_string(),
+                logged_by: l.pid,
+                event,
+            })
+            .collect()
+    }
+
+    fn events(&mut self, l: &LogLine<'_>) -> Vec<MpsEvent> {
         let text = l.text;
         if self.in_sticky_list {
             if let Ok(pid) = text.parse::<u32>() {
@@ -146,6 +176,11 @@ impl LogParser {
     /// Events in a block of text (a whole log or what was appended since the last poll).
     pub fn feed_text(&mut self, text: &str) -> Vec<MpsEvent> {
         text.lines().flat_map(|l| self.feed(l)).collect()
+    }
+
+    /// [`LogParser::feed_text`] with each event's timestamp and writer.
+    pub fn feed_text_logged(&mut self, text: &str) -> Vec<LoggedEvent> {
+        text.lines().flat_map(|l| self.feed_logged(l)).collect()
     }
 }
 
@@ -251,6 +286,22 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, MpsEvent::ServerFailed { .. })),
             "{events:#?}"
+        );
+    }
+
+    #[test]
+    fn logged_events_keep_the_daemons_time_and_writer() {
+        let events = LogParser::new().feed_text_logged(&section("server.log"));
+        let first = &events[0];
+        assert_eq!(first.log_time, "2026-11-23 20:10:31.616");
+        assert_eq!(first.logged_by, 597);
+        assert!(matches!(
+            first.event,
+            MpsEvent::ClientFault { pid: Some(563), .. }
+        ));
+        assert_eq!(
+            events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+            LogParser::new().feed_text(&section("server.log"))
         );
     }
 
