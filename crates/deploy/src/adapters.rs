@@ -5,6 +5,7 @@
 //! wants them. Golden tests at the bottom pin every kind's command line.
 
 use crate::spec::{EngineKind, EngineSpec, Task};
+use crate::vllm::{self, VllmVersion};
 
 /// The memory setting of one engine in its own units.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,6 +36,8 @@ pub struct CommandInput<'a> {
     pub memory: MemoryFlag,
     /// argv[0] of the built-in engine (the `colocate` binary).
     pub colocate_bin: &'a str,
+    /// vLLM: the version the command line is written for.
+    pub vllm_version: VllmVersion,
 }
 
 /// Formats a fraction the way engines print them: at most 4 decimals, no trailing zeros.
@@ -70,27 +73,10 @@ pub fn command_line(input: &CommandInput<'_>) -> Vec<String> {
             if let Some(f) = &e.load_format {
                 c.extend([s("--load-format"), f.clone()]);
             }
+            c.extend(scheduler_flags(e));
             c
         }
-        EngineKind::Vllm => {
-            let mut c = vec![
-                s("vllm"),
-                s("serve"),
-                e.model.clone(),
-                s("--host"),
-                s("127.0.0.1"),
-                s("--port"),
-                port.clone(),
-            ];
-            c.extend([s("--served-model-name"), s(e.served_name())]);
-            if e.task == Task::Embed {
-                c.extend([s("--task"), s("embed")]);
-            }
-            if let Some(f) = &e.load_format {
-                c.extend([s("--load-format"), f.clone()]);
-            }
-            c
-        }
+        EngineKind::Vllm => vllm_command(e, &port, input.vllm_version),
         EngineKind::Sglang => {
             let mut c = vec![
                 s("python3"),
@@ -157,6 +143,92 @@ pub fn command_line(input: &CommandInput<'_>) -> Vec<String> {
     cmd
 }
 
+/// `--max-num-seqs`, `--max-model-len`, `--max-num-batched-tokens` when the spec sets
+/// them (the same names and meaning in vLLM and the built-in engine).
+fn scheduler_flags(e: &EngineSpec) -> Vec<String> {
+    let mut c = Vec::new();
+    for (flag, v) in [
+        ("--max-model-len", e.max_model_len),
+        ("--max-num-seqs", e.max_num_seqs),
+        ("--max-num-batched-tokens", e.max_num_batched_tokens),
+    ] {
+        if let Some(v) = v {
+            c.extend([flag.to_string(), v.to_string()]);
+        }
+    }
+    c
+}
+
+/// `<launcher> serve MODEL ...` for the vLLM version in use (before the memory flag and
+/// the spec's `args`). Flags a version lacks are left out here and reported by the plan.
+fn vllm_command(e: &EngineSpec, port: &str, v: VllmVersion) -> Vec<String> {
+    let s = |x: &str| x.to_string();
+    let mut c = vllm::launcher(e);
+    c.extend([
+        s("serve"),
+        e.model.clone(),
+        s("--host"),
+        s("127.0.0.1"),
+        s("--port"),
+        s(port),
+        s("--served-model-name"),
+        s(e.served_name()),
+    ]);
+    if e.task == Task::Embed {
+        c.extend(vllm::embed_flags(v).iter().map(|f| s(f)));
+    }
+    if let Some(f) = &e.load_format {
+        c.extend([s("--load-format"), f.clone()]);
+    }
+    c.extend(scheduler_flags(e));
+    if let (Some(b), true) = (
+        &e.attention_backend,
+        v >= vllm::ATTENTION_BACKEND_FLAG_SINCE,
+    ) {
+        c.extend([s("--attention-backend"), b.clone()]);
+    }
+    if let (Some(n), true) = (e.api_server_count, v >= vllm::API_SERVER_COUNT_SINCE) {
+        c.extend([s("--api-server-count"), n.to_string()]);
+    }
+    if let (Some(b), true) = (e.kv_cache_memory, v >= vllm::KV_CACHE_MEMORY_BYTES_SINCE) {
+        c.extend([s("--kv-cache-memory-bytes"), b.to_string()]);
+    }
+    c
+}
+
+/// Environment an engine needs for what its version takes from the environment rather
+/// than a flag (vLLM before 0.14 reads the attention backend from `VLLM_ATTENTION_BACKEND`).
+pub fn engine_env(e: &EngineSpec, v: VllmVersion) -> Vec<(String, String)> {
+    match (&e.attention_backend, e.kind) {
+        (Some(b), EngineKind::Vllm) if v < vllm::ATTENTION_BACKEND_FLAG_SINCE => {
+            vec![("VLLM_ATTENTION_BACKEND".to_string(), b.clone())]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Whether an engine of this kind counts as started only once its `/v1/models` lists the
+/// served model, after `/health` answers 200. vLLM: its API server and engine core are
+/// separate processes; the model listing proves the served name is the one clients use.
+pub fn ready_needs_model_listing(kind: EngineKind) -> bool {
+    kind == EngineKind::Vllm
+}
+
+/// True when an OpenAI `/v1/models` body (`{"data": [{"id": ...}, ...]}`) lists `model`.
+pub fn models_list_has(body: &[u8], model: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Listing {
+        data: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        id: String,
+    }
+    serde_json::from_slice::<Listing>(body)
+        .map(|l| l.data.iter().any(|e| e.id == model))
+        .unwrap_or(false)
+}
+
 /// Quotes one word for a POSIX shell when it needs it.
 pub fn shell_word(w: &str) -> String {
     if !w.is_empty()
@@ -193,15 +265,20 @@ mod tests {
         }
     }
 
-    fn line(e: &EngineSpec, device: &str, memory: MemoryFlag) -> String {
+    fn line_for(e: &EngineSpec, device: &str, memory: MemoryFlag, v: &str) -> String {
         command_line(&CommandInput {
             engine: e,
             port: e.port,
             device,
             memory,
             colocate_bin: "colocate",
+            vllm_version: VllmVersion::parse(v).unwrap(),
         })
         .join(" ")
+    }
+
+    fn line(e: &EngineSpec, device: &str, memory: MemoryFlag) -> String {
+        line_for(e, device, memory, "0.26.0")
     }
 
     #[test]
@@ -218,8 +295,69 @@ mod tests {
         assert_eq!(
             line(&e, "cuda", MemoryFlag::GpuMemoryUtilization(0.3)),
             "vllm serve Qwen/Qwen3-Embedding-8B --host 127.0.0.1 --port 8001 \
-             --served-model-name Qwen/Qwen3-Embedding-8B --task embed --gpu-memory-utilization 0.3"
+             --served-model-name Qwen/Qwen3-Embedding-8B --runner pooling --convert embed \
+             --gpu-memory-utilization 0.3"
         );
+    }
+
+    /// The seeds' pair with every vLLM option the spec has, per version: 0.26 (the H200),
+    /// 0.15.1 (the seeds' own runs), 0.10.0 (before `--runner`/`--convert`).
+    #[test]
+    fn vllm_golden_per_version() {
+        let mut e = engine(
+            EngineKind::Vllm,
+            "/tmp/vllm-models/qwen3-embedding-8b",
+            Task::Embed,
+        );
+        e.served_model_name = Some("embed".into());
+        e.launcher = Some(vec![
+            "python3".into(),
+            "-m".into(),
+            "vllm.entrypoints.cli.main".into(),
+        ]);
+        e.load_format = Some("dummy".into());
+        e.max_model_len = Some(512);
+        e.max_num_seqs = Some(512);
+        e.max_num_batched_tokens = Some(16384);
+        e.attention_backend = Some("FLASH_ATTN".into());
+        e.api_server_count = Some(2);
+        e.kv_cache_memory = Some(8 << 30);
+        let m = MemoryFlag::GpuMemoryUtilization(0.3);
+        let head =
+            "python3 -m vllm.entrypoints.cli.main serve /tmp/vllm-models/qwen3-embedding-8b \
+                    --host 127.0.0.1 --port 8001 --served-model-name embed";
+        let sched = "--load-format dummy --max-model-len 512 --max-num-seqs 512 \
+                     --max-num-batched-tokens 16384";
+        assert_eq!(
+            line_for(&e, "cuda", m, "0.26.0"),
+            format!(
+                "{head} --runner pooling --convert embed {sched} --attention-backend FLASH_ATTN \
+                 --api-server-count 2 --kv-cache-memory-bytes 8589934592 --gpu-memory-utilization 0.3"
+            )
+        );
+        assert_eq!(
+            line_for(&e, "cuda", m, "0.15.1"),
+            format!(
+                "{head} --runner pooling --convert embed {sched} --attention-backend FLASH_ATTN \
+                 --api-server-count 2 --kv-cache-memory-bytes 8589934592 --gpu-memory-utilization 0.3"
+            )
+        );
+        // 0.10.0: --task embed; the attention backend moves to the environment; no
+        // --kv-cache-memory-bytes yet (the plan notes it).
+        assert_eq!(
+            line_for(&e, "cuda", m, "0.10.0"),
+            format!(
+                "{head} --task embed {sched} --api-server-count 2 --gpu-memory-utilization 0.3"
+            )
+        );
+        assert_eq!(
+            engine_env(&e, VllmVersion::parse("0.10.0").unwrap()),
+            vec![(
+                "VLLM_ATTENTION_BACKEND".to_string(),
+                "FLASH_ATTN".to_string()
+            )]
+        );
+        assert!(engine_env(&e, VllmVersion::parse("0.26").unwrap()).is_empty());
     }
 
     #[test]
@@ -239,6 +377,19 @@ mod tests {
             line(&e, "cuda", MemoryFlag::TeiBatch { max_batch_tokens: 16384, max_client_batch_size: 32 }),
             "text-embeddings-router --model-id BAAI/bge-small-en-v1.5 --hostname 127.0.0.1 --port 8001 \
              --served-model-name BAAI/bge-small-en-v1.5 --max-batch-tokens 16384 --max-client-batch-size 32"
+        );
+    }
+
+    #[test]
+    fn builtin_takes_the_scheduler_limits() {
+        let mut e = engine(EngineKind::Builtin, "preset:qwen3-8b", Task::Generate);
+        e.max_num_seqs = Some(256);
+        e.max_model_len = Some(4096);
+        assert_eq!(
+            line(&e, "cuda", MemoryFlag::GpuMemoryUtilization(0.5)),
+            "colocate serve --model preset:qwen3-8b --task generate --host 127.0.0.1 --port 8001 \
+             --device cuda --served-model-name preset:qwen3-8b --max-model-len 4096 --max-num-seqs 256 \
+             --gpu-memory-utilization 0.5"
         );
     }
 
@@ -273,6 +424,19 @@ mod tests {
             line(&e, "cpu", MemoryFlag::None),
             "my-server --listen=127.0.0.1:8001 m alias"
         );
+    }
+
+    #[test]
+    fn vllm_readiness_reads_the_model_listing() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../testdata/vllm/v1-models-0.26.0.json");
+        let body = std::fs::read(&p).unwrap();
+        assert!(models_list_has(&body, "gen"));
+        assert!(!models_list_has(&body, "embed"));
+        assert!(!models_list_has(b"not json", "gen"));
+        assert!(!models_list_has(br#"{"data":[]}"#, "gen"));
+        assert!(ready_needs_model_listing(EngineKind::Vllm));
+        assert!(!ready_needs_model_listing(EngineKind::Builtin));
     }
 
     #[test]

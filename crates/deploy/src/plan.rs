@@ -13,7 +13,16 @@
 //! - The built-in engine on CPU: `--kv-cache-memory`, budget minus weights and workspace.
 //!
 //! Engines without a budget on a GPU share what the budgeted ones leave, equally.
+//!
+//! Under MPS an engine with a budget gets it as `CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`, which
+//! the driver enforces (H200, 2026-11-30: a client limited to 4 GiB allocated 3.25 GiB, then
+//! ran out), while `cudaMemGetInfo` reports free = the limit and total = the whole GPU.
+//! vLLM sizes itself as `--gpu-memory-utilization` x total and refuses to start when free
+//! is less than that, so its fraction is computed against the whole GPU from the limit
+//! minus the CUDA context the limit also holds; the plan prints both sides
+//! ([`PinnedSizing`]) and reports a sizing that cannot fit its limit.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -22,12 +31,20 @@ use crate::adapters::{self, CommandInput, MemoryFlag};
 use crate::gpu_glue;
 pub use crate::gpu_glue::{catalogue_memory, GpuFacts};
 use crate::model::ModelShape;
-use crate::spec::{DeploymentSpec, EngineKind, Sharing, Task};
+use crate::spec::{DeploymentSpec, EngineKind, EngineSpec, Sharing, Task};
 use crate::units::human_bytes;
+use crate::vllm::{self, VllmVersion};
 
 const MIB: u64 = 1 << 20;
 /// A CUDA context with cuBLAS loaded: what `nvidia-smi` shows for an idle client.
 const CUDA_CONTEXT_BYTES: u64 = 512 * MIB;
+/// What an MPS client's pinned limit holds besides what the engine sizes for itself (its
+/// CUDA context and allocator slack). Measured on the H200: a client limited to 4 GiB
+/// allocated 3.25 GiB before running out of memory.
+pub const MPS_CONTEXT_RESERVE_BYTES: u64 = 768 * MIB;
+/// vLLM's memory besides weights and KV cache: the activation peak of its profiling run at
+/// the default 8k batched tokens, plus CUDA graphs.
+const VLLM_WORKSPACE_BYTES: u64 = 1536 * MIB;
 
 /// One replica's share of memory and its command line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +78,44 @@ pub struct EnginePlan {
     pub env: Vec<(String, String)>,
     /// Things the reader should know (unknown model, budget too small, ...).
     pub notes: Vec<String>,
+    /// vLLM: the version the command line is written for, and how it was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vllm_version: Option<VersionChoice>,
+    /// MPS with a budget: the pinned limit beside the engine's own sizing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<PinnedSizing>,
+}
+
+/// The vLLM version of a command line and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionChoice {
+    pub version: String,
+    /// `detected` (asked the launcher), `pinned` (`vllm_version`) or `assumed` (neither:
+    /// [`vllm::DEFAULT_VERSION`]).
+    pub source: String,
+}
+
+/// An engine under an MPS pinned memory limit, as the driver enforces it and as the
+/// engine sizes itself (fraction x the total `cudaMemGetInfo` reports).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PinnedSizing {
+    /// `CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`, in bytes (whole MiB, as the variable says it).
+    pub limit_bytes: u64,
+    /// The engine's memory fraction (`--gpu-memory-utilization`).
+    pub fraction: f64,
+    /// The total the engine multiplies it by: the whole GPU.
+    pub gpu_total_bytes: u64,
+    /// fraction x total, rounded up as vLLM does.
+    pub sizing_bytes: u64,
+    /// What the limit holds besides the sizing (CUDA context).
+    pub reserve_bytes: u64,
+    pub weights_bytes: u64,
+    /// Activations and CUDA graphs.
+    pub workspace_bytes: u64,
+    /// What the sizing leaves for the KV cache (or `kv_cache_memory`).
+    pub kv_cache_bytes: u64,
+    /// sizing + reserve within the limit.
+    pub fits: bool,
 }
 
 impl EnginePlan {
@@ -122,8 +177,33 @@ fn overhead_bytes(kind: EngineKind, device: &str) -> u64 {
 }
 
 /// Plans a deployment. `gpu`: the GPU's facts if known (from `gpu::info`); otherwise the
-/// catalogue entry named by `gpu_name`, or unknown.
+/// catalogue entry named by `gpu_name`, or unknown. vLLM command lines are written for the
+/// pinned `vllm_version`, else [`vllm::DEFAULT_VERSION`] (`up` plans with the installed
+/// version instead: [`vllm::plan_checked`]).
 pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Plan> {
+    plan_with(spec, gpu, &BTreeMap::new())
+}
+
+/// The vLLM version of an engine's command line: detected, else pinned, else assumed.
+fn vllm_version_of(
+    e: &EngineSpec,
+    detected: &BTreeMap<String, VllmVersion>,
+) -> (VllmVersion, &'static str) {
+    if let Some(v) = detected.get(&e.name) {
+        return (*v, "detected");
+    }
+    match e.vllm_version.as_deref().map(VllmVersion::parse) {
+        Some(Ok(v)) => (v, "pinned"),
+        _ => (vllm::DEFAULT_VERSION, "assumed"),
+    }
+}
+
+/// [`plan`] with the vLLM versions `up` found installed, by engine name.
+pub fn plan_with(
+    spec: &DeploymentSpec,
+    gpu: Option<&GpuFacts>,
+    detected: &BTreeMap<String, VllmVersion>,
+) -> anyhow::Result<Plan> {
     crate::spec::validate(spec)?;
     let on_cpu = spec.gpu.is_cpu();
     let facts: Option<GpuFacts> = if on_cpu {
@@ -181,6 +261,9 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
             notes.push(format!("weights unknown: {err}"));
         }
         let shape = shape.ok();
+        if let Some(n) = shape.as_ref().and_then(|m| m.note.clone()) {
+            notes.push(n);
+        }
         let dt = dtype_bytes(e.kind, &device, shape.as_ref());
         let weights = shape
             .as_ref()
@@ -192,11 +275,58 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
         };
         let overhead = overhead_bytes(e.kind, &device);
 
+        let (version, version_source) = vllm_version_of(e, detected);
+        let version_choice = (e.kind == EngineKind::Vllm).then(|| VersionChoice {
+            version: version.to_string(),
+            source: version_source.to_string(),
+        });
+        if e.kind == EngineKind::Vllm {
+            if version_source == "assumed" {
+                notes.push(format!(
+                    "vllm_version not set: command line for vLLM {version}; `up` asks the launcher"
+                ));
+            }
+            notes.extend(version_limits(e, version));
+        }
+
         for (inst, port) in e.instances() {
             let budget = budgets[idx];
             idx += 1;
             let explicit = e.memory.is_some();
-            let free_for_kv = budget.map(|b| b.saturating_sub(weights + overhead));
+            let pinned_limit = (spec.sharing == Sharing::Mps && explicit)
+                .then_some(budget)
+                .flatten()
+                .map(|b| b / MIB * MIB);
+            let pinned = match (e.kind, pinned_limit, total_mem) {
+                (EngineKind::Vllm, Some(l), Some(t)) => {
+                    Some(vllm_pinned_sizing(l, t, weights, e.kv_cache_memory))
+                }
+                _ => None,
+            };
+            let overhead = if pinned.is_some() {
+                MPS_CONTEXT_RESERVE_BYTES + VLLM_WORKSPACE_BYTES
+            } else {
+                overhead
+            };
+            if let Some(p) = &pinned {
+                if !p.fits {
+                    problems.push(format!(
+                        "{inst}: vLLM sizes itself {} x {} = {} (weights {} + workspace {} + KV {}), which with the CUDA context ({}) exceeds its pinned limit {}",
+                        adapters::fraction(p.fraction),
+                        human_bytes(p.gpu_total_bytes),
+                        human_bytes(p.sizing_bytes),
+                        human_bytes(p.weights_bytes),
+                        human_bytes(p.workspace_bytes),
+                        human_bytes(p.kv_cache_bytes),
+                        human_bytes(p.reserve_bytes),
+                        human_bytes(p.limit_bytes)
+                    ));
+                }
+            }
+            let free_for_kv = match &pinned {
+                Some(p) => Some(p.kv_cache_bytes),
+                None => budget.map(|b| b.saturating_sub(weights + overhead)),
+            };
             if let Some(b) = budget {
                 if b < weights + overhead {
                     problems.push(format!(
@@ -211,25 +341,36 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
                 (Some(f), k) if k > 0 => Some(f / k),
                 _ => None,
             };
-            let memory = memory_flag(
-                e.kind,
-                &device,
-                e.task,
-                budget,
-                explicit,
-                total_mem,
-                started_before,
-                free_for_kv,
-                shape.as_ref(),
-                dt,
-                &mut notes,
-            );
+            if let (Some(t), Some(len)) = (kv_tokens, e.max_model_len) {
+                if t < len as u64 && matches!(e.kind, EngineKind::Vllm | EngineKind::Builtin) {
+                    problems.push(format!(
+                        "{inst}: the KV cache holds {t} tokens, fewer than max_model_len {len}: the engine refuses to start"
+                    ));
+                }
+            }
+            let memory = match &pinned {
+                Some(p) => MemoryFlag::GpuMemoryUtilization(p.fraction),
+                None => memory_flag(
+                    e.kind,
+                    &device,
+                    e.task,
+                    budget,
+                    explicit,
+                    total_mem,
+                    started_before,
+                    free_for_kv,
+                    shape.as_ref(),
+                    dt,
+                    &mut notes,
+                ),
+            };
             let cmd = adapters::command_line(&CommandInput {
                 engine: e,
                 port,
                 device: &device,
                 memory,
                 colocate_bin: "colocate",
+                vllm_version: version,
             });
             let mut env = Vec::new();
             match spec.sharing {
@@ -248,6 +389,7 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
                 let pinned = if explicit { budget } else { None };
                 env.extend(gpu_glue::mps_client_limits(e.sm_percent, pinned));
             }
+            env.extend(adapters::engine_env(e, version));
             env.extend(e.env.iter().map(|(k, v)| (k.clone(), v.clone())));
             let total = budget.unwrap_or(weights + overhead);
             started_before += total;
@@ -270,6 +412,8 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
                 command: cmd,
                 env,
                 notes: notes.clone(),
+                vllm_version: version_choice.clone(),
+                pinned,
             });
         }
     }
@@ -294,6 +438,59 @@ pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Pla
         fits: problems.is_empty(),
         problems,
     })
+}
+
+/// vLLM under a pinned limit `limit` on a GPU of `total` bytes: the fraction that keeps
+/// fraction x total plus the CUDA context within the limit (4 decimals, rounded down, so
+/// the printed flag never asks for more), and what that leaves for the KV cache.
+pub fn vllm_pinned_sizing(
+    limit: u64,
+    total: u64,
+    weights: u64,
+    kv_cache_memory: Option<u64>,
+) -> PinnedSizing {
+    let available = limit.saturating_sub(MPS_CONTEXT_RESERVE_BYTES);
+    let fraction = ((available as f64 / total as f64) * 1e4).floor() / 1e4;
+    let sizing = (fraction * total as f64).ceil() as u64;
+    let kv = match kv_cache_memory {
+        Some(k) => k,
+        None => sizing.saturating_sub(weights + VLLM_WORKSPACE_BYTES),
+    };
+    let used = (weights + VLLM_WORKSPACE_BYTES + kv).max(sizing);
+    PinnedSizing {
+        limit_bytes: limit,
+        fraction,
+        gpu_total_bytes: total,
+        sizing_bytes: sizing,
+        reserve_bytes: MPS_CONTEXT_RESERVE_BYTES,
+        weights_bytes: weights,
+        workspace_bytes: VLLM_WORKSPACE_BYTES,
+        kv_cache_bytes: kv,
+        fits: fraction > 0.0 && kv > 0 && used + MPS_CONTEXT_RESERVE_BYTES <= limit,
+    }
+}
+
+/// Settings the chosen vLLM version cannot express, as notes of the plan.
+fn version_limits(e: &EngineSpec, v: VllmVersion) -> Vec<String> {
+    let mut out = Vec::new();
+    if e.kv_cache_memory.is_some() && v < vllm::KV_CACHE_MEMORY_BYTES_SINCE {
+        out.push(format!(
+            "kv_cache_memory needs vLLM >= {} (--kv-cache-memory-bytes); left out for {v}",
+            vllm::KV_CACHE_MEMORY_BYTES_SINCE
+        ));
+    }
+    if e.api_server_count.is_some() && v < vllm::API_SERVER_COUNT_SINCE {
+        out.push(format!(
+            "api_server_count needs vLLM >= {} (--api-server-count); left out for {v}",
+            vllm::API_SERVER_COUNT_SINCE
+        ));
+    }
+    if e.attention_backend.is_some() && v < vllm::ATTENTION_BACKEND_FLAG_SINCE {
+        out.push(format!(
+            "vLLM {v} has no --attention-backend: set through VLLM_ATTENTION_BACKEND"
+        ));
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -466,6 +663,34 @@ impl fmt::Display for Plan {
                 writeln!(f, "  note ({}): {n}", e.name)?;
             }
         }
+        let pinned: Vec<(&EnginePlan, &PinnedSizing)> = self
+            .engines
+            .iter()
+            .filter_map(|e| e.pinned.as_ref().map(|p| (e, p)))
+            .collect();
+        if !pinned.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "MPS pinned limits and each engine's own sizing (under MPS cudaMemGetInfo reports free = the limit, total = the whole GPU):"
+            )?;
+            for (e, p) in pinned {
+                writeln!(
+                    f,
+                    "  {}: limit {} {} vLLM {} x {} = {} (weights {} + workspace {} + KV {}) + CUDA context {}",
+                    e.name,
+                    human_bytes(p.limit_bytes),
+                    if p.fits { ">=" } else { "<" },
+                    adapters::fraction(p.fraction),
+                    human_bytes(p.gpu_total_bytes),
+                    human_bytes(p.sizing_bytes),
+                    human_bytes(p.weights_bytes),
+                    human_bytes(p.workspace_bytes),
+                    human_bytes(p.kv_cache_bytes),
+                    human_bytes(p.reserve_bytes),
+                )?;
+            }
+        }
         writeln!(f)?;
         writeln!(
             f,
@@ -517,25 +742,229 @@ mod tests {
         .unwrap();
         let p = plan(&spec, Some(&h100())).unwrap();
         assert!(p.fits, "{p}");
+        // Under the pinned limit vLLM's fraction is taken against the whole GPU from the
+        // limit less the CUDA context: (44,857 - 768) MiB / 81,559 MiB = 0.54058 -> 0.5405.
         assert_eq!(
             p.engines[0].shell_line(),
             "CUDA_VISIBLE_DEVICES=0 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=70 CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=44857M \
              vllm serve Qwen/Qwen3-8B --host 127.0.0.1 --port 8001 --served-model-name Qwen/Qwen3-8B \
-             --gpu-memory-utilization 0.55"
+             --gpu-memory-utilization 0.5405"
         );
         assert_eq!(
             p.engines[1].shell_line(),
             "CUDA_VISIBLE_DEVICES=0 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=30 CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=28545M \
              vllm serve Qwen/Qwen3-Embedding-8B --host 127.0.0.1 --port 8002 \
-             --served-model-name Qwen/Qwen3-Embedding-8B --task embed --gpu-memory-utilization 0.35"
+             --served-model-name Qwen/Qwen3-Embedding-8B --runner pooling --convert embed \
+             --gpu-memory-utilization 0.3405"
         );
         // Qwen3-8B: embed 622,329,856 + 36 layers x 192,946,432 + norm 4,096 + lm_head
         // 622,329,856 = 8,190,735,360 params, x 2 bytes (bf16).
         assert_eq!(p.engines[0].weights_bytes, 16_381_470_720);
         assert_eq!(p.engines[0].kv_bytes_per_token, 147_456);
-        let budget = (81_559u64 << 20) as f64 * 0.55;
-        let expect_tokens = (budget as u64 - 16_381_470_720 - (2048 << 20)) / 147_456;
-        assert_eq!(p.engines[0].kv_tokens, Some(expect_tokens));
+        let total = 81_559u64 << 20;
+        let sizing = (0.5405 * total as f64).ceil() as u64;
+        let pinned = p.engines[0].pinned.as_ref().unwrap();
+        assert_eq!(pinned.limit_bytes, 44_857 << 20);
+        assert_eq!(pinned.sizing_bytes, sizing);
+        assert!(sizing + MPS_CONTEXT_RESERVE_BYTES <= pinned.limit_bytes);
+        let kv = sizing - 16_381_470_720 - (1536 << 20);
+        assert_eq!(pinned.kv_cache_bytes, kv);
+        assert_eq!(p.engines[0].kv_tokens, Some(kv / 147_456));
+        // The plan shows both sides of every pinned engine.
+        let text = p.to_string();
+        assert!(
+            text.contains("gen: limit 43.8 GiB >= vLLM 0.5405 x 79.6 GiB = 43.0 GiB (weights 15.3 GiB + workspace 1.5 GiB + KV 26.3 GiB) + CUDA context 768.0 MiB"),
+            "{text}"
+        );
+    }
+
+    fn h200() -> GpuFacts {
+        GpuFacts {
+            name: "NVIDIA H200".into(),
+            memory_total_bytes: 143_771 << 20,
+        }
+    }
+
+    /// The seeds' pair on the H200 under MPS at 50/30: each limit holds what vLLM sizes.
+    #[test]
+    fn seeds_pair_under_pinned_limits_on_the_h200() {
+        let spec = parse(
+            r#"
+            gpu = 0
+            sharing = "mps"
+            [[engines]]
+            name = "gen"
+            kind = "vllm"
+            model = "Qwen/Qwen3-30B-A3B-FP8"
+            port = 8100
+            memory = 0.5
+            max_model_len = 4096
+            max_num_seqs = 512
+            [[engines]]
+            name = "embed"
+            kind = "vllm"
+            model = "Qwen/Qwen3-Embedding-8B"
+            task = "embed"
+            port = 8200
+            memory = 0.3
+            max_model_len = 512
+            "#,
+        )
+        .unwrap();
+        let p = plan(&spec, Some(&h200())).unwrap();
+        assert!(p.fits, "{p}");
+        for e in &p.engines {
+            let pin = e.pinned.as_ref().unwrap();
+            assert!(pin.fits);
+            assert!(
+                pin.sizing_bytes + pin.reserve_bytes <= pin.limit_bytes,
+                "{e:?}"
+            );
+            // The printed flag is the fraction the sizing used.
+            assert_eq!(
+                e.memory_flag,
+                format!(
+                    "--gpu-memory-utilization {}",
+                    adapters::fraction(pin.fraction)
+                )
+            );
+        }
+        // 0.5 x 143,771 MiB = 71,885 MiB; less 768 MiB, over the whole GPU: 0.4946.
+        assert_eq!(p.engines[0].pinned.as_ref().unwrap().fraction, 0.4946);
+        assert!(p.engines[0].kv_tokens.unwrap() > 300_000);
+        assert!(p.engines[1]
+            .command
+            .join(" ")
+            .contains("--max-model-len 512"));
+    }
+
+    /// A fixed KV cache bigger than the limit leaves room for is refused, saying both sides.
+    #[test]
+    fn a_sizing_beyond_the_pinned_limit_does_not_fit() {
+        let spec = parse(
+            r#"
+            gpu = 0
+            sharing = "mps"
+            [[engines]]
+            name = "gen"
+            kind = "vllm"
+            model = "Qwen/Qwen3-8B"
+            port = 8001
+            memory = "24GiB"
+            kv_cache_memory = "16GiB"
+            "#,
+        )
+        .unwrap();
+        let p = plan(&spec, Some(&h200())).unwrap();
+        assert!(!p.fits);
+        assert!(
+            p.problems[0].contains("exceeds its pinned limit 24.0 GiB")
+                && p.problems[0].contains("KV 16.0 GiB"),
+            "{:?}",
+            p.problems
+        );
+        assert!(p.to_string().contains("gen: limit 24.0 GiB < vLLM"), "{p}");
+        // 6 GiB of KV fits: the flag is there too.
+        let mut ok = spec.clone();
+        ok.engines[0].kv_cache_memory = Some(6 << 30);
+        let p = plan(&ok, Some(&h200())).unwrap();
+        assert!(p.fits, "{p}");
+        assert!(p.engines[0]
+            .command
+            .join(" ")
+            .contains("--kv-cache-memory-bytes 6442450944"));
+    }
+
+    /// Time-sliced engines keep the fraction of their budget (no limit to agree with).
+    #[test]
+    fn without_mps_the_fraction_is_the_budget() {
+        let spec = parse(
+            r#"
+            gpu = 0
+            [[engines]]
+            name = "gen"
+            kind = "vllm"
+            model = "Qwen/Qwen3-30B-A3B-FP8"
+            port = 8100
+            memory = 0.5
+            "#,
+        )
+        .unwrap();
+        let p = plan(&spec, Some(&h200())).unwrap();
+        assert_eq!(p.engines[0].memory_flag, "--gpu-memory-utilization 0.5");
+        assert!(p.engines[0].pinned.is_none());
+        assert!(p.engines[0]
+            .env
+            .iter()
+            .all(|(k, _)| k != "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"));
+    }
+
+    #[test]
+    fn a_kv_cache_shorter_than_max_model_len_is_refused() {
+        let spec = parse(
+            r#"
+            gpu = 0
+            [[engines]]
+            name = "gen"
+            kind = "vllm"
+            model = "Qwen/Qwen3-8B"
+            port = 8001
+            memory = "17GiB"
+            max_model_len = 32768
+            "#,
+        )
+        .unwrap();
+        let p = plan(&spec, Some(&h200())).unwrap();
+        assert!(!p.fits);
+        assert!(
+            p.problems
+                .iter()
+                .any(|x| x.contains("fewer than max_model_len 32768")),
+            "{:?}",
+            p.problems
+        );
+    }
+
+    #[test]
+    fn the_vllm_version_shapes_the_line_and_is_noted() {
+        let text = |pin: &str| {
+            format!(
+                "gpu = 0\n[[engines]]\nname = \"e\"\nkind = \"vllm\"\nmodel = \"Qwen/Qwen3-Embedding-8B\"\ntask = \"embed\"\nport = 8200\n{pin}\nkv_cache_memory = \"1GiB\"\n"
+            )
+        };
+        let p = plan(&parse(&text("")).unwrap(), Some(&h200())).unwrap();
+        let v = p.engines[0].vllm_version.as_ref().unwrap();
+        assert_eq!(
+            (v.version.as_str(), v.source.as_str()),
+            ("0.26.0", "assumed")
+        );
+        assert!(p
+            .to_string()
+            .contains("vllm_version not set: command line for vLLM 0.26.0"));
+        let p = plan(
+            &parse(&text("vllm_version = \"0.10\"")).unwrap(),
+            Some(&h200()),
+        )
+        .unwrap();
+        let e = &p.engines[0];
+        assert_eq!(e.vllm_version.as_ref().unwrap().source, "pinned");
+        assert!(e.command.join(" ").contains("--task embed"));
+        assert!(!e.command.join(" ").contains("--kv-cache-memory-bytes"));
+        assert!(
+            e.notes
+                .iter()
+                .any(|n| n.contains("kv_cache_memory needs vLLM >= 0.11.0")),
+            "{:?}",
+            e.notes
+        );
+        let detected = BTreeMap::from([("e".to_string(), VllmVersion::new(0, 15, 1))]);
+        let p = plan_with(&parse(&text("")).unwrap(), Some(&h200()), &detected).unwrap();
+        let e = &p.engines[0];
+        assert_eq!(e.vllm_version.as_ref().unwrap().source, "detected");
+        assert!(e
+            .command
+            .join(" ")
+            .contains("--runner pooling --convert embed"));
     }
 
     #[test]

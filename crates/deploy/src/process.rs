@@ -348,6 +348,62 @@ mod tests {
         }
     }
 
+    /// Waits until `path` holds a pid and returns it.
+    async fn read_pid(path: &Path) -> u32 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(t) = std::fs::read_to_string(path) {
+                if let Ok(pid) = t.trim().parse() {
+                    return pid;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never written",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// vLLM's shape: the API server (the leader) exits at SIGTERM while its engine core
+    /// ignores it, and a worker has a child of its own. `stop` returns when the leader is
+    /// gone, and nothing of the group may be left: the stuck child and the grandchild too.
+    #[tokio::test]
+    async fn stop_leaves_nothing_of_a_vllm_like_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let script = format!(
+            "(trap '' TERM; exec sleep 600) & echo $! > {d}/core.pid
+             sh -c 'sleep 600 & echo $! > {d}/grandchild.pid; wait' & echo $! > {d}/worker.pid
+             trap 'exit 0' TERM
+             wait"
+        );
+        let p = spawn(&spec(dir.path(), &["sh", "-c", &script])).unwrap();
+        let mut pids = vec![p.pid];
+        for f in ["core.pid", "worker.pid", "grandchild.pid"] {
+            pids.push(read_pid(&dir.path().join(f)).await);
+        }
+        for pid in &pids {
+            assert!(alive(*pid), "{pid} not running before stop");
+        }
+        let info = p.stop(Duration::from_secs(5)).await;
+        assert_eq!(
+            info.description, "exit status 0",
+            "the leader exits on SIGTERM"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for pid in &pids[1..] {
+            while alive(*pid) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{pid} of the group survived stop"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn missing_program_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();

@@ -262,6 +262,55 @@ mod duration_serde {
     }
 }
 
+/// Byte sizes in TOML: an integer (bytes) or a size string (`"8GiB"`, `"500MB"`).
+mod bytes_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(b: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => s.serialize_u64(*b),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(i) if i > 0 => Ok(Some(i as u64)),
+            Raw::Int(i) => Err(serde::de::Error::custom(format!(
+                "{i} bytes: a size must be positive"
+            ))),
+            Raw::Str(s) => crate::units::parse_bytes(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `start_timeout` as read from a file that does not set it: [`parse`] replaces it with
+/// the engine kind's default ([`default_start_timeout`]).
+const START_TIMEOUT_UNSET: Duration = Duration::MAX;
+
+fn start_timeout_unset() -> Duration {
+    START_TIMEOUT_UNSET
+}
+
+/// How long an engine of this kind may take to answer `/health` when the file does not
+/// say. vLLM compiles its model (torch.compile) and captures CUDA graphs before it
+/// answers: 70-150 s on the H200 with a warm compile cache, minutes more without one.
+pub fn default_start_timeout(kind: EngineKind) -> Duration {
+    match kind {
+        EngineKind::Vllm => Duration::from_secs(600),
+        EngineKind::Sglang => Duration::from_secs(300),
+        _ => Duration::from_secs(120),
+    }
+}
+
 /// One engine: a model served by one program, possibly as several replicas.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -296,9 +345,31 @@ pub struct EngineSpec {
     pub load_format: Option<String>,
     /// Override the device flag of the built-in engine (`cpu` or `cuda`).
     pub device: Option<String>,
-    /// How long the engine may take to answer `/health` after it is started.
-    #[serde(with = "duration_serde")]
+    /// How long the engine may take to answer `/health` after it is started (default:
+    /// [`default_start_timeout`] of its kind: 600 s for vLLM, 120 s for the built-in one).
+    #[serde(with = "duration_serde", default = "start_timeout_unset")]
     pub start_timeout: Duration,
+    /// vLLM: the argv that runs vLLM's CLI, before `serve` (default `["vllm"]`; e.g.
+    /// `["python3", "-m", "vllm.entrypoints.cli.main"]` for a wheel install without the
+    /// console script).
+    pub launcher: Option<Vec<String>>,
+    /// vLLM: the version the command line is written for (`"0.26"`); without it `up`
+    /// asks the launcher (`--version`) and `plan` assumes the one on the H200.
+    pub vllm_version: Option<String>,
+    /// `--max-num-seqs` (vLLM and the built-in engine).
+    pub max_num_seqs: Option<u32>,
+    /// `--max-model-len` (vLLM and the built-in engine).
+    pub max_model_len: Option<u32>,
+    /// `--max-num-batched-tokens` (vLLM and the built-in engine).
+    pub max_num_batched_tokens: Option<u32>,
+    /// vLLM: `--attention-backend` (e.g. `FLASH_ATTN`).
+    pub attention_backend: Option<String>,
+    /// vLLM: `--api-server-count`, front-end processes in front of one engine core.
+    pub api_server_count: Option<u32>,
+    /// vLLM: `--kv-cache-memory-bytes`, a KV cache of this size instead of what is left of
+    /// the memory budget (bytes or `"8GiB"`).
+    #[serde(with = "bytes_serde")]
+    pub kv_cache_memory: Option<u64>,
 }
 
 impl Default for EngineSpec {
@@ -320,6 +391,14 @@ impl Default for EngineSpec {
             load_format: None,
             device: None,
             start_timeout: Duration::from_secs(120),
+            launcher: None,
+            vllm_version: None,
+            max_num_seqs: None,
+            max_model_len: None,
+            max_num_batched_tokens: None,
+            attention_backend: None,
+            api_server_count: None,
+            kv_cache_memory: None,
         }
     }
 }
@@ -456,10 +535,16 @@ pub fn load(path: &Path) -> anyhow::Result<DeploymentSpec> {
 
 /// Parses TOML text into a spec (no validation).
 pub fn parse(text: &str) -> anyhow::Result<DeploymentSpec> {
-    toml::from_str::<DeploymentSpec>(text).map_err(|e| {
+    let mut spec = toml::from_str::<DeploymentSpec>(text).map_err(|e| {
         // toml's message already names the key and shows the line; keep it on one block.
         anyhow::anyhow!("{}", e.to_string().trim_end())
-    })
+    })?;
+    for e in &mut spec.engines {
+        if e.start_timeout == START_TIMEOUT_UNSET {
+            e.start_timeout = default_start_timeout(e.kind);
+        }
+    }
+    Ok(spec)
 }
 
 /// Every problem found in a spec, one per line, each `field: reason`.
@@ -479,6 +564,122 @@ impl fmt::Display for ValidationErrors {
 }
 
 impl std::error::Error for ValidationErrors {}
+
+/// Problems with the engine options that only some kinds take (vLLM's launcher and
+/// version, the scheduler limits), and with flags given twice: once by a field and again in
+/// `args` (vLLM's parser would silently keep the last).
+fn engine_options_problems(e: &EngineSpec) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let vllm = e.kind == EngineKind::Vllm;
+    let only_vllm = |field: &'static str, set: bool, out: &mut Vec<(&'static str, String)>| {
+        if set && !vllm {
+            out.push((
+                field,
+                format!(
+                    "only kind = \"vllm\" takes {field} (kind is \"{}\")",
+                    e.kind
+                ),
+            ));
+        }
+    };
+    only_vllm("launcher", e.launcher.is_some(), &mut out);
+    only_vllm("vllm_version", e.vllm_version.is_some(), &mut out);
+    only_vllm("attention_backend", e.attention_backend.is_some(), &mut out);
+    only_vllm("api_server_count", e.api_server_count.is_some(), &mut out);
+    only_vllm("kv_cache_memory", e.kv_cache_memory.is_some(), &mut out);
+    if matches!(&e.launcher, Some(l) if l.is_empty() || l.iter().any(|w| w.trim().is_empty())) {
+        out.push((
+            "launcher",
+            "empty: write the argv before `serve`, e.g. [\"python3\", \"-m\", \"vllm.entrypoints.cli.main\"]"
+                .into(),
+        ));
+    }
+    if let (true, Some(v)) = (vllm, &e.vllm_version) {
+        if let Err(why) = crate::vllm::VllmVersion::parse(v) {
+            out.push(("vllm_version", why));
+        }
+    }
+    if matches!(&e.attention_backend, Some(b) if b.trim().is_empty()) {
+        out.push(("attention_backend", "empty: e.g. \"FLASH_ATTN\"".into()));
+    }
+    if e.api_server_count == Some(0) {
+        out.push(("api_server_count", "must be at least 1".into()));
+    }
+    let scheduler = [
+        ("max_num_seqs", e.max_num_seqs),
+        ("max_model_len", e.max_model_len),
+        ("max_num_batched_tokens", e.max_num_batched_tokens),
+    ];
+    for (field, v) in scheduler {
+        match v {
+            Some(_) if !matches!(e.kind, EngineKind::Vllm | EngineKind::Builtin) => out.push((
+                field,
+                format!(
+                    "only kind = \"vllm\" or \"builtin\" take {field}; pass {}'s own flag in args",
+                    e.kind
+                ),
+            )),
+            Some(0) => out.push((field, "must be at least 1".into())),
+            _ => {}
+        }
+    }
+    if matches!(e.kind, EngineKind::Vllm | EngineKind::Builtin) {
+        let given = crate::vllm::flags_in(&e.args);
+        let by_field: [(&str, &str, bool); 9] = [
+            ("--max-num-seqs", "max_num_seqs", e.max_num_seqs.is_some()),
+            (
+                "--max-model-len",
+                "max_model_len",
+                e.max_model_len.is_some(),
+            ),
+            (
+                "--max-num-batched-tokens",
+                "max_num_batched_tokens",
+                e.max_num_batched_tokens.is_some(),
+            ),
+            (
+                "--attention-backend",
+                "attention_backend",
+                e.attention_backend.is_some(),
+            ),
+            (
+                "--api-server-count",
+                "api_server_count",
+                e.api_server_count.is_some(),
+            ),
+            (
+                "--kv-cache-memory-bytes",
+                "kv_cache_memory",
+                e.kv_cache_memory.is_some(),
+            ),
+            ("--gpu-memory-utilization", "memory", e.memory.is_some()),
+            ("--load-format", "load_format", e.load_format.is_some()),
+            ("--served-model-name", "served_model_name", true),
+        ];
+        for (flag, field, set) in by_field {
+            if set && given.iter().any(|g| g == flag) {
+                out.push((
+                    "args",
+                    format!("{flag} is also set by {field}: keep one (the field)"),
+                ));
+            }
+        }
+        for flag in ["--port", "--host", "--task", "--runner", "--convert"] {
+            if given.iter().any(|g| g == flag) {
+                let field = if matches!(flag, "--port" | "--host") {
+                    "port"
+                } else {
+                    "task"
+                };
+                out.push((
+                    "args",
+                    format!("{flag} is colocate's to set (from {field}): remove it from args"),
+                ));
+            }
+        }
+    }
+    out
+}
 
 /// Checks what the types cannot: names, ports, budgets, sharing-mode settings.
 pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
@@ -621,6 +822,9 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
         if e.start_timeout.is_zero() {
             err(at("start_timeout"), "must be longer than zero".into());
         }
+        for (field, reason) in engine_options_problems(e) {
+            err(at(field), reason);
+        }
         for k in e.env.keys() {
             if k.is_empty() || k.contains('=') {
                 err(
@@ -698,5 +902,112 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
         Ok(())
     } else {
         Err(ValidationErrors(errs).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_engine(kind: &str, extra: &str) -> String {
+        format!(
+            "gpu = 0\n[[engines]]\nname = \"e\"\nkind = \"{kind}\"\nmodel = \"Qwen/Qwen3-8B\"\nport = 8001\n{extra}\n"
+        )
+    }
+
+    fn problems(text: &str) -> String {
+        match parse(text) {
+            Ok(spec) => validate(&spec)
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// vLLM compiles and captures graphs before it answers /health: a longer default.
+    #[test]
+    fn start_timeout_defaults_per_kind() {
+        let s = parse(&one_engine("vllm", "")).unwrap();
+        assert_eq!(s.engines[0].start_timeout, Duration::from_secs(600));
+        let s = parse(&one_engine("builtin", "")).unwrap();
+        assert_eq!(s.engines[0].start_timeout, Duration::from_secs(120));
+        let s = parse(&one_engine("vllm", "start_timeout = \"90s\"")).unwrap();
+        assert_eq!(s.engines[0].start_timeout, Duration::from_secs(90));
+        assert!(
+            problems(&one_engine("vllm", "start_timeout = \"0s\"")).contains("longer than zero")
+        );
+    }
+
+    #[test]
+    fn vllm_options_read_and_check() {
+        let s = parse(&one_engine(
+            "vllm",
+            r#"launcher = ["python3", "-m", "vllm.entrypoints.cli.main"]
+vllm_version = "0.26"
+env = { PYTHONPATH = "/tmp/site", VLLM_USE_FLASHINFER_SAMPLER = "0" }
+max_num_seqs = 512
+max_model_len = 4096
+attention_backend = "FLASH_ATTN"
+api_server_count = 2
+kv_cache_memory = "8GiB""#,
+        ))
+        .unwrap();
+        validate(&s).unwrap();
+        let e = &s.engines[0];
+        assert_eq!(e.launcher.as_ref().unwrap()[2], "vllm.entrypoints.cli.main");
+        assert_eq!(e.kv_cache_memory, Some(8 << 30));
+        assert_eq!(e.env["PYTHONPATH"], "/tmp/site");
+        for (kind, extra, want) in [
+            (
+                "builtin",
+                "launcher = [\"x\"]",
+                "engines[0].launcher: only kind = \"vllm\" takes launcher",
+            ),
+            ("vllm", "launcher = []", "engines[0].launcher: empty"),
+            (
+                "vllm",
+                "vllm_version = \"latest\"",
+                "engines[0].vllm_version: `latest` is not a vLLM version",
+            ),
+            (
+                "tei",
+                "max_num_seqs = 8",
+                "engines[0].max_num_seqs: only kind = \"vllm\" or \"builtin\"",
+            ),
+            (
+                "vllm",
+                "max_model_len = 0",
+                "engines[0].max_model_len: must be at least 1",
+            ),
+            (
+                "vllm",
+                "api_server_count = 0",
+                "engines[0].api_server_count: must be at least 1",
+            ),
+            ("vllm", "kv_cache_memory = \"lots\"", "not a size"),
+            (
+                "vllm",
+                "max_num_seqs = 8\nargs = [\"--max_num_seqs=16\"]",
+                "engines[0].args: --max-num-seqs is also set by max_num_seqs",
+            ),
+            (
+                "vllm",
+                "memory = 0.5\nargs = [\"--gpu-memory-utilization\", \"0.4\"]",
+                "engines[0].args: --gpu-memory-utilization is also set by memory",
+            ),
+            (
+                "vllm",
+                "args = [\"--task\", \"embed\"]",
+                "engines[0].args: --task is colocate's to set (from task)",
+            ),
+            (
+                "vllm",
+                "args = [\"--port\", \"9\"]",
+                "engines[0].args: --port is colocate's to set (from port)",
+            ),
+        ] {
+            let got = problems(&one_engine(kind, extra));
+            assert!(got.contains(want), "{kind} {extra}: {got}");
+        }
     }
 }
