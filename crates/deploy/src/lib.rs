@@ -10,6 +10,7 @@
 //! - [`gateway`]: the OpenAI endpoint in front: routing, balancing, health, metrics.
 //! - [`deployment`]: `Deployment::up` / `shutdown`, the API the lab uses.
 //! - [`state`]: the state file `colocate status` reads.
+//! - [`vllm`]: vLLM's version, the flags it knows, what changed between versions.
 pub mod adapters;
 pub mod cli;
 pub mod deployment;
@@ -22,6 +23,7 @@ pub mod spec;
 pub mod state;
 pub mod supervisor;
 pub mod units;
+pub mod vllm;
 
 pub use deployment::{Deployment, Endpoint, UpOptions};
 pub use gateway::{LeastOutstanding, Policy};
