@@ -71,7 +71,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let m = expect_error(&s, c, r#"{"model": "gpt-4", "prompt": "hi"}"#, 404);
     assert!(m.contains("gpt-4") && m.contains("tiny"), "{m}");
     let m = expect_error(&s, c, r#"{"prompt": "hi", "n": 2}"#, 400);
-    assert!(m.contains("n > 1"), "{m}");
+    assert!(m.contains("n must be 1"), "{m}");
     expect_error(&s, c, r#"{"prompt": "hi", "temperature": -1}"#, 400);
     expect_error(&s, c, r#"{"prompt": "hi", "top_p": 0}"#, 400);
     expect_error(&s, c, r#"{"prompt": [1, 2, 99999]}"#, 400);
@@ -96,6 +96,9 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert!(m.contains("/v1/embeddings") && m.contains("generat"), "{m}");
     let r = s.get("/v1/nothing-here");
     assert_eq!(r.status, 404);
+    assert!(r.json()["error"]["message"].is_string());
+    let r = s.get("/v1/chat/completions");
+    assert_eq!(r.status, 405);
     assert!(r.json()["error"]["message"].is_string());
     still_serves(&s);
 
@@ -128,9 +131,18 @@ fn generation_requests_to_an_embedder_are_refused() {
     expect_error(
         &s,
         "/v1/embeddings",
-        r#"{"input": "x", "encoding_format": "base64"}"#,
+        r#"{"input": "x", "encoding_format": "bytes"}"#,
         400,
     );
+    let m = expect_error(
+        &s,
+        "/v1/embeddings",
+        &json!({"input": vec!["a"; 2049]}).to_string(),
+        400,
+    );
+    assert!(m.contains("2048"), "{m}");
+    expect_error(&s, "/v1/embeddings", r#"{"input": [[1, 2], [512]]}"#, 400);
+    expect_error(&s, "/v1/embeddings", r#"{"input": ["a", ""]}"#, 400);
     let r = s.post("/v1/embeddings", r#"{"input": "fine"}"#);
     assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -227,6 +227,21 @@ impl Metrics {
     }
 }
 
+/// Gauges of the admission bound (`--max-waiting`), which the server owns: places in use
+/// (requests accepted, not yet started) and the bound. With `kv_cache_blocks_used` and the
+/// running/waiting gauges, what a check needs to see that nothing leaked (all 0 when idle).
+pub fn render_admission(model_name: &str, used: usize, capacity: usize) -> String {
+    let label = format!("{{model_name=\"{}\"}}", model_name.replace('"', "'"));
+    format!(
+        "# HELP colocate:admission_places_used Requests accepted and not yet started (bounded by --max-waiting).\n\
+         # TYPE colocate:admission_places_used gauge\n\
+         colocate:admission_places_used{label} {used}\n\
+         # HELP colocate:admission_places_total The bound on accepted, not yet started requests (--max-waiting).\n\
+         # TYPE colocate:admission_places_total gauge\n\
+         colocate:admission_places_total{label} {capacity}\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +259,22 @@ mod tests {
         assert!(t.contains("colocate:time_to_first_token_seconds_bucket{le=\"80\"} 1\n"));
         assert!(t.contains("colocate:time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(t.contains("colocate:time_to_first_token_seconds_count 2\n"));
+    }
+
+    #[test]
+    fn admission_gauges() {
+        let t = render_admission("q", 2, 10);
+        assert!(
+            t.contains("colocate:admission_places_used{model_name=\"q\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("colocate:admission_places_total{model_name=\"q\"} 10\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE colocate:admission_places_used gauge\n"),
+            "{t}"
+        );
     }
 }

@@ -120,9 +120,14 @@ impl Admission {
             .fetch_update(Relaxed, Relaxed, |w| Some(w.saturating_sub(1)));
     }
 
-    /// Requests accepted and not yet started.
+    /// Requests accepted and not yet started (places in use).
     pub fn waiting(&self) -> usize {
         self.waiting.load(Relaxed)
+    }
+
+    /// The bound (`--max-waiting`).
+    pub fn capacity(&self) -> usize {
+        self.max
     }
 }
 
@@ -209,7 +214,9 @@ impl Scheduler {
         };
         let prompt_len = req.prompt.len();
         let mut tokens = req.prompt;
-        tokens.reserve(req.params.max_tokens);
+        // Never sized by the client's number alone: the context bounds the output too.
+        let room = self.cfg.max_model_len.saturating_sub(prompt_len);
+        tokens.reserve(req.params.max_tokens.min(room));
         self.waiting.push_back(Seq {
             tokens,
             prompt_len,
@@ -814,6 +821,21 @@ mod tests {
             assert_eq!(text, "ijklmn", "recomputation gives the same tokens");
         }
         assert_eq!(s.kv().num_free(), 6);
+    }
+
+    #[test]
+    fn huge_max_tokens_is_bounded_by_the_context() {
+        // The server refuses such a request; the scheduler must not abort on one anyway.
+        let (mut s, _) = sched(8, 64, 300, 4);
+        let mut m = Fake::new(4);
+        let (r, mut rx) = request(4, max_tokens(usize::MAX));
+        s.add(r);
+        run(&mut s, &mut m);
+        assert_eq!(
+            collect(&mut rx).1,
+            Some(("length", 1020)),
+            "stops at max_model_len"
+        );
     }
 
     #[test]

@@ -1,11 +1,16 @@
-//! The OpenAI-compatible HTTP routes (axum): they parse and validate a request, turn it
-//! into tokens, reserve an admission place, hand it to the engine thread and stream or
-//! collect what comes back. Every error is an OpenAI error body with its status; the
-//! server keeps serving everyone else.
+//! The OpenAI-compatible HTTP routes (axum): they read the body within a size limit
+//! ([`body`]), parse and validate it ([`validate`]: pure functions, property-tested), turn
+//! it into tokens, reserve an admission place, hand it to the engine thread and stream or
+//! collect what comes back. Every error is an OpenAI error body with its status (including
+//! 404 for unknown routes, 405 for wrong methods, 413 for large bodies); the server keeps
+//! serving everyone else.
 //!
-//! Bodies are parsed from raw bytes rather than with axum's `Json` extractor, whose
-//! rejections are plain text: malformed JSON and wrong field types both become 400 with
-//! the serde message.
+//! A client that goes away cancels its request: hyper drops the handler (non-streamed) or
+//! the response body (streamed), which drops the request's event channel; the scheduler
+//! sees it closed at its next step and frees the request's KV blocks and slot.
+
+pub mod body;
+pub mod validate;
 
 use std::convert::Infallible;
 use std::sync::mpsc::Sender;
@@ -13,25 +18,26 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use openai::{
-    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-    ChatMessage, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse,
-    Embedding, EmbeddingRequest, EmbeddingResponse, ErrorBody, InputItem, ModelCard, ModelList,
-    Usage,
+    ChatChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatMessage,
+    CompletionChoice, CompletionChunk, CompletionResponse, EmbeddingResponse, ErrorBody, ModelCard,
+    ModelList, Usage,
 };
-use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::embed_queue::EmbedRequest;
 use crate::metrics::Metrics;
-use crate::runner::Task;
 use crate::scheduler::{Admission, GenEvent, GenParams, GenRequest};
 use crate::worker::{Command, Health, Ready};
+use body::JsonBody;
+use validate::{GenJob, ModelView};
+
+pub use body::MAX_REQUEST_BODY_BYTES;
 
 /// Shared state of the routes.
 pub struct AppState {
@@ -50,6 +56,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state)
 }
@@ -67,31 +74,26 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn bad(msg: impl Into<String>, param: Option<&str>) -> ApiError {
-    ApiError(ErrorBody::invalid_request(msg, param))
+impl From<ErrorBody> for ApiError {
+    fn from(e: ErrorBody) -> Self {
+        ApiError(e)
+    }
 }
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Parses a JSON body into `T`: malformed JSON and wrong field types are 400s.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        let what = match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => "malformed JSON body",
-            Category::Data => "invalid request body",
-        };
-        bad(format!("{what}: {e}"), None)
-    })
+/// 404 in JSON; the body (if any) is read first so the client sees the answer.
+async fn not_found(req: Request) -> ApiError {
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    body::drain(req.into_body()).await;
+    ApiError(ErrorBody::no_such_route(&method, &path))
 }
 
-async fn not_found() -> ApiError {
-    ApiError(ErrorBody::new(
-        404,
-        "not_found_error",
-        "no such route",
-        None,
-    ))
+/// 405 in JSON (axum's own has no body).
+async fn method_not_allowed(req: Request) -> ApiError {
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    body::drain(req.into_body()).await;
+    ApiError(ErrorBody::method_not_allowed(&method, &path))
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
@@ -105,11 +107,13 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(&st.served_model_name),
-    )
-        .into_response()
+    let mut text = st.metrics.render(&st.served_model_name);
+    text.push_str(&crate::metrics::render_admission(
+        &st.served_model_name,
+        st.admission.waiting(),
+        st.admission.capacity(),
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Response {
@@ -136,15 +140,13 @@ impl AppState {
         }
     }
 
-    /// 404 unless `model` is empty or the served name.
-    fn check_model(&self, model: &str) -> ApiResult<()> {
-        if model.is_empty() || model == self.served_model_name {
-            Ok(())
-        } else {
-            Err(ApiError(ErrorBody::not_found(format!(
-                "the model `{model}` does not exist; this server serves `{}`",
-                self.served_model_name
-            ))))
+    /// What validation needs to know about the served model.
+    fn view<'a>(&'a self, ready: &'a Ready) -> ModelView<'a> {
+        ModelView {
+            served_model_name: &self.served_model_name,
+            info: &ready.info,
+            max_model_len: ready.max_model_len,
+            tokenizer: &ready.tokenizer,
         }
     }
 
@@ -162,120 +164,6 @@ impl AppState {
             self.admission.leave();
             ApiError(ErrorBody::unavailable("the engine has stopped"))
         })
-    }
-}
-
-fn require_task(ready: &Ready, task: Task, route: &str, model: &str) -> ApiResult<()> {
-    if ready.info.task == task {
-        return Ok(());
-    }
-    let (is, flag) = match ready.info.task {
-        Task::Generate => (
-            "a generation model (--task generate)",
-            "/v1/completions and /v1/chat/completions",
-        ),
-        Task::Embed => ("an embedding model (--task embed)", "/v1/embeddings"),
-    };
-    Err(bad(
-        format!("`{model}` is {is}: it does not serve {route}; use {flag}"),
-        Some("model"),
-    ))
-}
-
-/// Sampling fields common to completions and chat.
-struct Sampling<'a> {
-    max_tokens: Option<i64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i64>,
-    n: Option<u32>,
-    stop: Option<&'a openai::Stop>,
-    seed: Option<u64>,
-    ignore_eos: bool,
-    min_tokens: Option<u32>,
-}
-
-/// Validates the sampling fields against the prompt and the model's limits.
-fn gen_params(s: Sampling<'_>, prompt_len: usize, ready: &Ready) -> ApiResult<GenParams> {
-    if s.n.unwrap_or(1) != 1 {
-        return Err(bad(
-            "n > 1 is not supported: send one request per completion",
-            Some("n"),
-        ));
-    }
-    if prompt_len == 0 {
-        return Err(bad("the prompt is empty", Some("prompt")));
-    }
-    let max_len = ready.max_model_len;
-    if prompt_len >= max_len {
-        return Err(bad(
-            format!(
-                "the prompt is {prompt_len} tokens long but this model's maximum context length is {max_len} tokens (--max-model-len), leaving no room to generate"
-            ),
-            Some("prompt"),
-        ));
-    }
-    let max_tokens = match s.max_tokens {
-        Some(m) if m < 1 => {
-            return Err(bad(
-                format!("max_tokens must be at least 1, got {m}"),
-                Some("max_tokens"),
-            ))
-        }
-        Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
-        None => max_len - prompt_len,
-    };
-    let temperature = s.temperature.unwrap_or(1.0);
-    if !temperature.is_finite() || temperature < 0.0 {
-        return Err(bad(
-            format!("temperature must be >= 0, got {temperature}"),
-            Some("temperature"),
-        ));
-    }
-    let top_p = s.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(bad(
-            format!("top_p must be in (0, 1], got {top_p}"),
-            Some("top_p"),
-        ));
-    }
-    let top_k = match s.top_k.unwrap_or(0) {
-        -1 | 0 => 0,
-        k if k > 0 => k as usize,
-        k => {
-            return Err(bad(
-                format!("top_k must be -1, 0 (off) or positive, got {k}"),
-                Some("top_k"),
-            ))
-        }
-    };
-    let min_tokens = s.min_tokens.unwrap_or(0) as usize;
-    if min_tokens > max_tokens {
-        return Err(bad(
-            format!("min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})"),
-            Some("min_tokens"),
-        ));
-    }
-    Ok(GenParams {
-        max_tokens,
-        temperature,
-        top_p,
-        top_k,
-        seed: s.seed,
-        stop: s.stop.map(|s| s.to_vec()).unwrap_or_default(),
-        ignore_eos: s.ignore_eos,
-        min_tokens,
-    })
-}
-
-fn check_token_ids(ids: &[u32], ready: &Ready, param: &str) -> ApiResult<()> {
-    let vocab = ready.info.vocab_size;
-    match ids.iter().find(|&&t| t as usize >= vocab) {
-        Some(t) => Err(bad(
-            format!("token id {t} is out of the vocabulary (size {vocab})"),
-            Some(param),
-        )),
-        None => Ok(()),
     }
 }
 
@@ -301,7 +189,8 @@ fn start_generation(
     Ok(rx)
 }
 
-/// Collects a whole generation: (text, finish reason, usage).
+/// Collects a whole generation: (text, finish reason, usage). If the client goes away,
+/// hyper drops this future and with it `rx`: the scheduler then cancels the request.
 async fn collect(mut rx: mpsc::UnboundedReceiver<GenEvent>) -> ApiResult<(String, String, Usage)> {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
@@ -331,55 +220,18 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::thread_rng().gen::<u64>())
 }
 
-async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> ApiResult<Response> {
-    let req: CompletionRequest = parse(&body)?;
-    st.check_model(&req.model)?;
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Response> {
     let ready = st.ready()?;
-    require_task(
-        &ready,
-        Task::Generate,
-        "/v1/completions",
-        &st.served_model_name,
-    )?;
-    let items = req.prompt.items();
-    if items.len() != 1 {
-        return Err(bad(
-            "exactly one prompt per request is supported",
-            Some("prompt"),
-        ));
-    }
-    let prompt = match items[0] {
-        InputItem::Text(t) => ready
-            .tokenizer
-            .encode(t, true)
-            .map_err(|e| bad(format!("{e:#}"), Some("prompt")))?,
-        InputItem::Tokens(t) => {
-            check_token_ids(t, &ready, "prompt")?;
-            t.to_vec()
-        }
-    };
-    let params = gen_params(
-        Sampling {
-            max_tokens: req.max_tokens,
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            n: req.n,
-            stop: req.stop.as_ref(),
-            seed: req.seed,
-            ignore_eos: req.ignore_eos,
-            min_tokens: req.min_tokens,
-        },
-        prompt.len(),
-        &ready,
-    )?;
-    let rx = start_generation(&st, &ready, prompt, params)?;
+    let job: GenJob = validate::completion(&body, &st.view(&ready))?;
+    let rx = start_generation(&st, &ready, job.prompt, job.params)?;
     let id = request_id("cmpl");
     let created = openai::unix_now();
     let model = st.served_model_name.clone();
-    if req.stream {
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse(rx, include_usage, move |piece| match piece {
+    if job.stream {
+        return Ok(sse(rx, job.include_usage, move |piece| match piece {
             Piece::Text(t, fin) => to_json(&CompletionChunk::text(&id, created, &model, t, fin)),
             Piece::Usage(u) => to_json(&CompletionChunk::usage(&id, created, &model, u)),
             Piece::Start => None,
@@ -402,54 +254,15 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> ApiResult<
     .into_response())
 }
 
-async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> ApiResult<Response> {
-    let req: ChatCompletionRequest = parse(&body)?;
-    st.check_model(&req.model)?;
+async fn chat(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> ApiResult<Response> {
     let ready = st.ready()?;
-    require_task(
-        &ready,
-        Task::Generate,
-        "/v1/chat/completions",
-        &st.served_model_name,
-    )?;
-    if req.messages.is_empty() {
-        return Err(bad("messages must not be empty", Some("messages")));
-    }
-    let msgs: Vec<(String, String)> = req
-        .messages
-        .iter()
-        .map(|m| (m.role.clone(), m.text()))
-        .collect();
-    let text = ready
-        .tokenizer
-        .apply_chat_template(&msgs)
-        .map_err(|e| bad(format!("{e:#}"), Some("messages")))?;
-    let prompt = ready
-        .tokenizer
-        .encode(&text, false)
-        .map_err(|e| bad(format!("{e:#}"), Some("messages")))?;
-    let params = gen_params(
-        Sampling {
-            max_tokens: req.effective_max_tokens(),
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            n: req.n,
-            stop: req.stop.as_ref(),
-            seed: req.seed,
-            ignore_eos: req.ignore_eos,
-            min_tokens: req.min_tokens,
-        },
-        prompt.len(),
-        &ready,
-    )?;
-    let rx = start_generation(&st, &ready, prompt, params)?;
+    let job: GenJob = validate::chat(&body, &st.view(&ready))?;
+    let rx = start_generation(&st, &ready, job.prompt, job.params)?;
     let id = request_id("chatcmpl");
     let created = openai::unix_now();
     let model = st.served_model_name.clone();
-    if req.stream {
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse(rx, include_usage, move |piece| match piece {
+    if job.stream {
+        return Ok(sse(rx, job.include_usage, move |piece| match piece {
             Piece::Start => to_json(&ChatCompletionChunk::delta(
                 &id,
                 created,
@@ -489,53 +302,14 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> ApiResult<Respons
     .into_response())
 }
 
-async fn embeddings(State(st): State<Arc<AppState>>, body: Bytes) -> ApiResult<Response> {
-    let req: EmbeddingRequest = parse(&body)?;
-    st.check_model(&req.model)?;
+async fn embeddings(
+    State(st): State<Arc<AppState>>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Response> {
     let ready = st.ready()?;
-    require_task(&ready, Task::Embed, "/v1/embeddings", &st.served_model_name)?;
-    if let Some(f) = req.encoding_format.as_deref() {
-        if f != "float" {
-            return Err(bad(
-                format!("encoding_format `{f}` is not supported; use `float`"),
-                Some("encoding_format"),
-            ));
-        }
-    }
-    if req.dimensions.is_some() {
-        return Err(bad("dimensions is not supported", Some("dimensions")));
-    }
-    if req.input.is_empty() {
-        return Err(bad("input must not be empty", Some("input")));
-    }
-    let max_len = ready.max_model_len;
-    let mut inputs = Vec::with_capacity(req.input.len());
-    for (i, item) in req.input.items().into_iter().enumerate() {
-        let ids = match item {
-            InputItem::Text(t) => ready
-                .tokenizer
-                .encode(t, true)
-                .map_err(|e| bad(format!("{e:#}"), Some("input")))?,
-            InputItem::Tokens(t) => {
-                check_token_ids(t, &ready, "input")?;
-                t.to_vec()
-            }
-        };
-        if ids.is_empty() {
-            return Err(bad(format!("input {i} is empty"), Some("input")));
-        }
-        if ids.len() > max_len {
-            return Err(bad(
-                format!(
-                    "input {i} is {} tokens long but this model's maximum context length is {max_len} tokens (--max-model-len)",
-                    ids.len()
-                ),
-                Some("input"),
-            ));
-        }
-        inputs.push(ids);
-    }
-    let prompt_tokens: usize = inputs.iter().map(Vec::len).sum();
+    let mut job = validate::embedding(&body, &st.view(&ready))?;
+    let prompt_tokens = u32::try_from(job.prompt_tokens()).unwrap_or(u32::MAX);
+    let inputs = std::mem::take(&mut job.inputs);
     let (tx, rx) = oneshot::channel();
     st.submit(
         &ready.commands,
@@ -545,15 +319,11 @@ async fn embeddings(State(st): State<Arc<AppState>>, body: Bytes) -> ApiResult<R
         .await
         .map_err(|_| internal("the engine dropped the request"))?
         .map_err(|e| internal(format!("{e:#}")))?;
-    let data = vectors
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| Embedding::new(i as u32, v))
-        .collect();
+    let data = validate::shape_embeddings(vectors, &job)?;
     Ok(axum::Json(EmbeddingResponse::new(
         st.served_model_name.clone(),
         data,
-        prompt_tokens as u32,
+        prompt_tokens,
     ))
     .into_response())
 }

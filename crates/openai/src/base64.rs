@@ -30,7 +30,7 @@ pub fn encode(bytes: &[u8]) -> String {
 /// The bytes of padded base64 `text`; `None` when it is not valid base64.
 pub fn decode(text: &str) -> Option<Vec<u8>> {
     let t = text.as_bytes();
-    if t.len() % 4 != 0 {
+    if !t.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(t.len() / 4 * 3);
@@ -72,7 +72,7 @@ pub fn encode_f32_le(values: &[f32]) -> String {
 /// or not a whole number of `f32`s.
 pub fn decode_f32_le(text: &str) -> Option<Vec<f32>> {
     let bytes = decode(text)?;
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return None;
     }
     Some(
