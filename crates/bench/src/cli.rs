@@ -12,7 +12,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::runner::{Phase, Progress};
-use crate::spec::{parse_workload, BenchSpec, Slo};
+use crate::spec::{parse_workload_entry, BenchSpec, Slo};
+
+/// The seed studies measured 60 s (after a 30 s warm-up, bench's default warm-up).
+const SEED_MEASUREMENT: Duration = Duration::from_secs(60);
 
 /// Arguments of `colocate bench`.
 #[derive(Debug, clap::Args)]
@@ -20,7 +23,12 @@ use crate::spec::{parse_workload, BenchSpec, Slo};
     after_help = "Workload form: KIND:key=value,...  KIND = gen (chat), completions or embed.
 Keys: url, model, name, concurrency=N (closed loop) | rate=R [burstiness=B] [max_concurrency=N] (open loop),
 input=N or MIN-MAX (tokens), output=N or MIN-MAX (gen; fixed uses ignore_eos), batch=N (embed), file=PATH.
-Example: --workload gen:url=http://127.0.0.1:8100,model=qwen,concurrency=64,input=128,output=128"
+Example: --workload gen:url=http://127.0.0.1:8100,model=qwen,concurrency=64,input=128,output=128
+The seed studies' clients: seed-gen (one fixed ~30-token prompt, 512 tokens with ignore_eos, not
+streamed, concurrency 512) and seed-embed (batches of 8 numbered ~25-token sentences, concurrency 64);
+with presets the window defaults to the seeds' 30 s warm-up and 60 s measured.
+Example: --workload seed-gen:url=http://127.0.0.1:8100,model=gen,concurrency=1024
+         --workload seed-embed:url=http://127.0.0.1:8200,model=embed,batch=32,concurrency=128"
 )]
 pub struct BenchArgs {
     /// A workload (repeatable), e.g. gen:url=http://127.0.0.1:8100,model=qwen,concurrency=512,input=128,output=512
@@ -66,13 +74,17 @@ impl BenchArgs {
             None => BenchSpec::new(Vec::new()),
         };
         for w in &self.workloads {
-            spec.workloads.push(parse_workload(w)?);
+            let (w, preset) = parse_workload_entry(w)?;
+            spec.push_workload(w, preset);
         }
         if let Some(d) = self.warmup {
             spec.warmup = d;
         }
         if self.duration.is_some() {
             spec.duration = self.duration;
+        }
+        if spec.duration.is_none() && spec.max_requests.is_none() && !spec.presets.is_empty() {
+            spec.duration = Some(SEED_MEASUREMENT);
         }
         if self.max_requests.is_some() {
             spec.max_requests = self.max_requests;
@@ -180,5 +192,55 @@ async fn show_progress(mut rx: watch::Receiver<Progress>) {
     }
     for b in bars {
         b.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Preset;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn spec(args: &[&str]) -> anyhow::Result<BenchSpec> {
+        let mut argv = vec!["bench"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)?.bench.to_spec()
+    }
+
+    #[test]
+    fn seed_presets_get_the_seeds_window() {
+        let s = spec(&[
+            "--workload",
+            "seed-gen:url=http://127.0.0.1:8100,model=gen,concurrency=512",
+            "-w",
+            "seed-embed:url=http://127.0.0.1:8200,model=embed,batch=8,concurrency=64",
+        ])
+        .unwrap();
+        assert_eq!(s.warmup, Duration::from_secs(30));
+        assert_eq!(s.duration, Some(Duration::from_secs(60)));
+        assert_eq!(s.workloads[0].name, "gen0");
+        assert_eq!(s.workloads[1].name, "embed1");
+        assert_eq!(s.preset_of(&s.workloads[0]), Some(Preset::SeedGen));
+        assert_eq!(s.preset_of(&s.workloads[1]), Some(Preset::SeedEmbed));
+        let short = spec(&[
+            "-w",
+            "seed-gen:url=http://h:1,model=m",
+            "--duration",
+            "10s",
+            "--warmup",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(short.duration, Some(Duration::from_secs(10)));
+        assert_eq!(short.warmup, Duration::from_secs(5));
+        // Plain workloads still need a window.
+        let e = spec(&["-w", "gen:url=http://h:1,model=m,concurrency=1"]).unwrap_err();
+        assert!(e.to_string().contains("duration"), "{e}");
     }
 }

@@ -4,9 +4,9 @@
 //!
 //! Modules, one job each: `spec` (what to run), `prompt` (prompt texts of a token length),
 //! `arrivals` (open-loop timing), `sse` (incremental stream parsing), `client` (HTTP),
-//! `runner` (the run and its window), `metrics` (definitions and statistics), `results`
-//! (file formats and the table), `mock_server` (a minimal streaming server for tests and
-//! the client benchmark), `cli`.
+//! `unstreamed` (non-streamed completions), `runner` (the run and its window), `metrics`
+//! (definitions and statistics), `results` (file formats and the table), `mock_server` (a
+//! minimal streaming server for tests and the client benchmark), `cli`.
 
 pub mod arrivals;
 pub mod cli;
@@ -18,6 +18,7 @@ pub mod results;
 pub mod runner;
 pub mod spec;
 pub mod sse;
+pub mod unstreamed;
 
 pub use metrics::{EmbedStats, GenStats, RequestRecord, Stats, TimePoint};
 pub use results::{BenchResults, WorkloadResult, SCHEMA_VERSION};

@@ -106,6 +106,31 @@ pub enum PromptSource {
     Random(Calibration),
     /// Lines of a file, in a seeded order.
     Lines(std::sync::Arc<Vec<String>>),
+    /// One fixed text, as the seed studies' clients sent: `{i}` becomes the input's index
+    /// within its request (an embedding batch numbers its sentences 0, 1, ...).
+    Template(PromptTemplate),
+}
+
+/// A fixed prompt text with an optional `{i}` placeholder, and its nominal token count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptTemplate {
+    pub text: std::sync::Arc<str>,
+    /// The client's estimate of its tokens (the server's `usage` replaces it).
+    pub tokens: u64,
+}
+
+impl PromptTemplate {
+    pub fn new(text: &str, tokens: u64) -> PromptTemplate {
+        PromptTemplate {
+            text: text.into(),
+            tokens,
+        }
+    }
+
+    /// The text of input `index` of a request.
+    pub fn render(&self, index: usize) -> String {
+        self.text.replace("{i}", &index.to_string())
+    }
 }
 
 /// Reads the non-empty lines of a prompt file.
@@ -139,7 +164,13 @@ pub fn request_rng(seed: u64, workload: usize, request: u64) -> StdRng {
 impl PromptSource {
     /// One prompt of about `tokens` tokens, with the client's token estimate.
     pub fn prompt(&self, rng: &mut StdRng, tokens: u32) -> (String, u64) {
+        self.prompt_at(rng, tokens, 0)
+    }
+
+    /// Input `index` of a request (only a [`PromptSource::Template`] uses the index).
+    pub fn prompt_at(&self, rng: &mut StdRng, tokens: u32, index: usize) -> (String, u64) {
         match self {
+            PromptSource::Template(t) => (t.render(index), t.tokens),
             PromptSource::Random(c) => {
                 let bytes = c.bytes_for(tokens);
                 (random_text(rng, bytes), c.tokens_for(bytes))
@@ -169,6 +200,23 @@ mod tests {
         let c = random_text(&mut request_rng(9, 1, 6), 200);
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn templates_number_the_inputs_of_a_request() {
+        let t = PromptTemplate::new("Query: sentence number {i} for embedding benchmark.", 25);
+        let src = PromptSource::Template(t);
+        let mut rng = request_rng(0, 0, 0);
+        let (a, est) = src.prompt_at(&mut rng, 999, 0);
+        let (b, _) = src.prompt_at(&mut rng, 999, 7);
+        assert_eq!(a, "Query: sentence number 0 for embedding benchmark.");
+        assert_eq!(b, "Query: sentence number 7 for embedding benchmark.");
+        assert_eq!(
+            est, 25,
+            "the template's own estimate, whatever length was asked"
+        );
+        let fixed = PromptSource::Template(PromptTemplate::new("no placeholder", 3));
+        assert_eq!(fixed.prompt(&mut rng, 1).0, "no placeholder");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! A [`BenchSpec`] is the full, serialisable description of a run; it is copied into the
 //! results file so that every figure can be traced back to what produced it.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -77,6 +78,11 @@ pub struct BenchSpec {
     /// Keep every request's record (for `--requests-out`).
     #[serde(default)]
     pub record_requests: bool,
+    /// Workloads that are a seed study's client ([`Preset`]), by workload name: their
+    /// fixed prompt texts and non-streamed requests (kept beside the workloads so that a
+    /// [`WorkloadSpec`] stays the plain request shape every caller builds).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub presets: BTreeMap<String, Preset>,
 }
 
 fn default_warmup() -> Duration {
@@ -353,15 +359,28 @@ impl BenchSpec {
             percentiles: default_percentiles(),
             slo: None,
             record_requests: false,
+            presets: BTreeMap::new(),
         }
     }
 
-    /// Reads a TOML file (`[[workload]]` tables plus the run settings).
+    /// Reads a TOML file (`[[workload]]` tables plus the run settings). A workload table
+    /// may name a `preset` (`"seed-gen"`, `"seed-embed"`): its kind, input, output, batch
+    /// and load default to the seed client's.
     pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<BenchSpec> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let mut spec: BenchSpec = toml::from_str(&text)
+        let mut table: toml::Table = toml::from_str(&text)
             .with_context(|| format!("{}: invalid bench file", path.display()))?;
+        let presets = expand_preset_tables(&mut table)
+            .with_context(|| format!("{}: invalid bench file", path.display()))?;
+        let mut spec: BenchSpec = toml::Value::Table(table)
+            .try_into()
+            .with_context(|| format!("{}: invalid bench file", path.display()))?;
+        for (i, p) in presets {
+            let name = workload_name(&spec.workloads[i], i);
+            spec.workloads[i].name = name.clone();
+            spec.presets.insert(name, p);
+        }
         spec.fill_names();
         Ok(spec)
     }
@@ -370,9 +389,24 @@ impl BenchSpec {
     pub fn fill_names(&mut self) {
         for (i, w) in self.workloads.iter_mut().enumerate() {
             if w.name.is_empty() {
-                w.name = format!("{}{i}", if w.kind.is_gen() { "gen" } else { "embed" });
+                w.name = workload_name(w, i);
             }
         }
+    }
+
+    /// Adds a workload (named now if unnamed, as [`BenchSpec::fill_names`] would) and
+    /// records the preset it came from.
+    pub fn push_workload(&mut self, mut w: WorkloadSpec, preset: Option<Preset>) {
+        w.name = workload_name(&w, self.workloads.len());
+        if let Some(p) = preset {
+            self.presets.insert(w.name.clone(), p);
+        }
+        self.workloads.push(w);
+    }
+
+    /// The preset a workload came from, if any.
+    pub fn preset_of(&self, w: &WorkloadSpec) -> Option<Preset> {
+        self.presets.get(&w.name).copied()
     }
 
     /// Checks the whole spec; errors name the workload and field.
@@ -401,8 +435,201 @@ impl BenchSpec {
                 bail!("two workloads are named {:?}", w.name);
             }
         }
+        for (name, p) in &self.presets {
+            let Some(w) = self.workloads.iter().find(|w| &w.name == name) else {
+                bail!("presets.{name}: no workload named {name:?}");
+            };
+            if w.kind.is_gen() != p.kind().is_gen() {
+                bail!(
+                    "workload {name}: preset {p} is a {} workload, kind is {:?}",
+                    if p.kind().is_gen() { "gen" } else { "embed" },
+                    w.kind
+                );
+            }
+        }
         Ok(())
     }
+}
+
+/// The name an unnamed workload gets: its kind and index (`gen0`, `embed1`).
+fn workload_name(w: &WorkloadSpec, index: usize) -> String {
+    if !w.name.is_empty() {
+        return w.name.clone();
+    }
+    format!("{}{index}", if w.kind.is_gen() { "gen" } else { "embed" })
+}
+
+/// The seed studies' clients (`seeds/gen-embed-mps-colocation-h200.txt`,
+/// `mig-vs-colocation-h200.txt`; their `gen_benchmark.py` and `embed_benchmark_vllm.py`)
+/// as named workloads, so that a reproduction sends what they sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// Chat completions of one fixed prompt (~30 tokens with the chat template), 512
+    /// output tokens, temperature 0, not streamed; the seeds ran 512 or 1024 at once.
+    SeedGen,
+    /// Embeddings of batches of ~25-token sentences numbered within the batch; the seeds
+    /// used batches of 8-128 at 16-128 requests in flight.
+    SeedEmbed,
+}
+
+/// The seed generator's prompt, as its client sent it.
+pub const SEED_GEN_PROMPT: &str = "Write a detailed essay about the history of computing. Start from the very beginning and cover every major development in great detail.";
+/// The seed embedder's inputs; `{i}` is the input's index within its batch.
+pub const SEED_EMBED_INPUT: &str =
+    "Instruct: Retrieve relevant documents\nQuery: This is sample sentence number {i} for embedding benchmark.";
+
+impl Preset {
+    pub const ALL: [Preset; 2] = [Preset::SeedGen, Preset::SeedEmbed];
+
+    /// `seed-gen` / `seed-embed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::SeedGen => "seed-gen",
+            Preset::SeedEmbed => "seed-embed",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Preset> {
+        Preset::ALL.into_iter().find(|p| p.name() == name.trim())
+    }
+
+    /// The API the seed client called.
+    pub fn kind(self) -> WorkloadKind {
+        match self {
+            Preset::SeedGen => WorkloadKind::Chat,
+            Preset::SeedEmbed => WorkloadKind::Embed,
+        }
+    }
+
+    /// The prompt text (`{i}`: the input's index in its request).
+    pub fn text(self) -> &'static str {
+        match self {
+            Preset::SeedGen => SEED_GEN_PROMPT,
+            Preset::SeedEmbed => SEED_EMBED_INPUT,
+        }
+    }
+
+    /// Prompt tokens of one input, about (the server's `usage` gives the exact count).
+    pub fn input_tokens(self) -> u32 {
+        match self {
+            Preset::SeedGen => 30,
+            Preset::SeedEmbed => 25,
+        }
+    }
+
+    /// Output tokens: 512, made exact with `ignore_eos` (random weights would otherwise
+    /// stop at whichever token happens to be EOS).
+    pub fn output(self) -> Option<LengthDist> {
+        match self {
+            Preset::SeedGen => Some(LengthDist::Fixed(512)),
+            Preset::SeedEmbed => None,
+        }
+    }
+
+    /// The load the seeds used most: 512 generators, 64 embedding requests of 8.
+    pub fn default_load(self) -> Load {
+        match self {
+            Preset::SeedGen => Load::Closed { concurrency: 512 },
+            Preset::SeedEmbed => Load::Closed { concurrency: 64 },
+        }
+    }
+
+    pub fn default_batch(self) -> usize {
+        match self {
+            Preset::SeedGen => 1,
+            Preset::SeedEmbed => 8,
+        }
+    }
+
+    /// The seeds' clients read whole responses; a request is sent with `stream: false`.
+    pub fn streams(self) -> bool {
+        false
+    }
+
+    /// The prompt source a runner uses for this preset's inputs.
+    pub fn prompt_source(self) -> crate::prompt::PromptSource {
+        crate::prompt::PromptSource::Template(crate::prompt::PromptTemplate::new(
+            self.text(),
+            self.input_tokens() as u64,
+        ))
+    }
+
+    /// What a reader of the results must know about the figures of this preset.
+    pub fn note(self) -> &'static str {
+        match self {
+            Preset::SeedGen => "seed-gen: the seeds' generator client: one fixed prompt, 512 output tokens with ignore_eos (random weights), temperature 0, not streamed: TTFT, TPOT and ITL are undefined, E2EL is the whole request, throughput is usage.completion_tokens of the requests that end in the window",
+            Preset::SeedEmbed => "seed-embed: the seeds' embedding client: batches of numbered ~25-token sentences",
+        }
+    }
+
+    /// A workload of this preset against `url`, with the seeds' defaults where not given.
+    pub fn workload(
+        self,
+        name: &str,
+        url: &str,
+        model: &str,
+        load: Option<Load>,
+        batch: Option<usize>,
+    ) -> WorkloadSpec {
+        WorkloadSpec {
+            name: name.to_string(),
+            kind: self.kind(),
+            url: url.to_string(),
+            model: model.to_string(),
+            load: load.unwrap_or_else(|| self.default_load()),
+            input: LengthDist::Fixed(self.input_tokens()),
+            output: self.output(),
+            batch: batch.unwrap_or_else(|| self.default_batch()),
+            input_file: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Replaces `preset = "..."` in `[[workload]]` tables by the preset's kind, input, output,
+/// batch and load where the table does not give them; returns (workload index, preset).
+fn expand_preset_tables(table: &mut toml::Table) -> anyhow::Result<Vec<(usize, Preset)>> {
+    let mut found = Vec::new();
+    let key = if table.contains_key("workload") {
+        "workload"
+    } else {
+        "workloads"
+    };
+    let Some(toml::Value::Array(ws)) = table.get_mut(key) else {
+        return Ok(found);
+    };
+    for (i, w) in ws.iter_mut().enumerate() {
+        let Some(t) = w.as_table_mut() else { continue };
+        let Some(v) = t.remove("preset") else {
+            continue;
+        };
+        let name = v.as_str().unwrap_or_default();
+        let p = Preset::parse(name).with_context(|| {
+            format!("workload[{i}].preset: unknown preset {v} (expected seed-gen or seed-embed)")
+        })?;
+        for k in ["input", "input_file"] {
+            if t.contains_key(k) {
+                bail!("workload[{i}].{k}: preset {p} sends its own fixed text; remove {k}");
+            }
+        }
+        let defaults =
+            toml::Value::try_from(p.workload("", "", "", None, None)).context("preset defaults")?;
+        if let toml::Value::Table(d) = defaults {
+            for k in ["kind", "input", "output", "batch", "load"] {
+                if let (false, Some(v)) = (t.contains_key(k), d.get(k)) {
+                    t.insert(k.to_string(), v.clone());
+                }
+            }
+        }
+        found.push((i, p));
+    }
+    Ok(found)
 }
 
 /// Parses the CLI form of a workload:
@@ -411,17 +638,70 @@ impl BenchSpec {
 /// Keys: url, model, name, concurrency | rate (+ burstiness, max_concurrency), input,
 /// output, batch, file.
 pub fn parse_workload(s: &str) -> anyhow::Result<WorkloadSpec> {
+    parse_workload_entry(s).map(|(w, _)| w)
+}
+
+/// [`parse_workload`] that also accepts the seed presets,
+/// `seed-gen:url=...,model=...[,concurrency=1024][,output=512]` and
+/// `seed-embed:url=...,model=...[,batch=32][,concurrency=128]`, and says which preset.
+pub fn parse_workload_entry(s: &str) -> anyhow::Result<(WorkloadSpec, Option<Preset>)> {
     let (kind_s, rest) = s.split_once(':').with_context(|| {
         format!(
-            "workload {s:?}: expected KIND:key=value,... (KIND = gen, chat, completions or embed)"
+            "workload {s:?}: expected KIND:key=value,... (KIND = gen, chat, completions, embed, seed-gen or seed-embed)"
         )
     })?;
+    if let Some(p) = Preset::parse(kind_s) {
+        return parse_preset_workload(s, p, rest).map(|w| (w, Some(p)));
+    }
+    parse_plain_workload(s, kind_s, rest).map(|w| (w, None))
+}
+
+/// `seed-gen:` / `seed-embed:` with their defaults; `input` and `file` are refused (the
+/// preset's text is the point).
+fn parse_preset_workload(s: &str, p: Preset, rest: &str) -> anyhow::Result<WorkloadSpec> {
+    let mut plain = String::new();
+    let mut has_load = false;
+    let mut keys = Vec::new();
+    for part in rest.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let k = part.split('=').next().unwrap_or_default().trim();
+        keys.push(k);
+        match k {
+            "input" | "file" | "input_file" => {
+                bail!("workload {s:?}: preset {p} sends its own fixed text; remove {k}")
+            }
+            "batch" if p == Preset::SeedGen => {
+                bail!("workload {s:?}: batch applies to seed-embed only")
+            }
+            "concurrency" | "rate" => has_load = true,
+            _ => {}
+        }
+        plain.push_str(part);
+        plain.push(',');
+    }
+    if !has_load {
+        if let Load::Closed { concurrency } = p.default_load() {
+            plain.push_str(&format!("concurrency={concurrency},"));
+        }
+    }
+    let kind = if p.kind().is_gen() { "gen" } else { "embed" };
+    let mut w = parse_plain_workload(s, kind, &plain)?;
+    w.input = LengthDist::Fixed(p.input_tokens());
+    if p == Preset::SeedGen && !keys.contains(&"output") {
+        w.output = p.output();
+    }
+    if p == Preset::SeedEmbed && !keys.contains(&"batch") {
+        w.batch = p.default_batch();
+    }
+    Ok(w)
+}
+
+fn parse_plain_workload(s: &str, kind_s: &str, rest: &str) -> anyhow::Result<WorkloadSpec> {
     let kind = match kind_s.trim() {
         "gen" | "chat" => WorkloadKind::Chat,
         "completions" | "completion" => WorkloadKind::Completions,
         "embed" | "embeddings" => WorkloadKind::Embed,
         other => bail!(
-            "workload {s:?}: unknown kind {other:?} (expected gen, chat, completions or embed)"
+            "workload {s:?}: unknown kind {other:?} (expected gen, chat, completions, embed, seed-gen or seed-embed)"
         ),
     };
     let (mut url, mut model, mut name) = (None, None, String::new());
@@ -598,6 +878,116 @@ mod tests {
         let e = format!("{:#}", BenchSpec::from_toml_file(&p).unwrap_err());
         assert!(e.contains("bogus") && e.contains("b.toml"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn seed_presets_from_the_command_line() {
+        let (g, p) =
+            parse_workload_entry("seed-gen:url=http://127.0.0.1:8100,model=gen,concurrency=1024")
+                .unwrap();
+        assert_eq!(p, Some(Preset::SeedGen));
+        assert_eq!(g.kind, WorkloadKind::Chat);
+        assert_eq!(g.load, Load::Closed { concurrency: 1024 });
+        assert_eq!(g.output, Some(LengthDist::Fixed(512)));
+        assert_eq!(g.input, LengthDist::Fixed(30));
+        let (e, p) =
+            parse_workload_entry("seed-embed:url=http://127.0.0.1:8200,model=emb,batch=32")
+                .unwrap();
+        assert_eq!(p, Some(Preset::SeedEmbed));
+        assert_eq!(e.kind, WorkloadKind::Embed);
+        assert_eq!(e.batch, 32);
+        assert_eq!(
+            e.load,
+            Load::Closed { concurrency: 64 },
+            "the seeds' default"
+        );
+        let (e, _) = parse_workload_entry("seed-embed:url=http://h:1,model=m").unwrap();
+        assert_eq!(e.batch, 8);
+        for (s, want) in [
+            ("seed-gen:url=http://h:1,model=m,input=128", "fixed text"),
+            ("seed-gen:url=http://h:1,model=m,batch=8", "seed-embed only"),
+            ("seed-embed:url=http://h:1,model=m,output=3", "output"),
+            ("seed-gen:model=m", "url"),
+        ] {
+            let e = format!("{:#}", parse_workload_entry(s).unwrap_err());
+            assert!(e.contains(want), "{s}: {e}");
+        }
+        // The plain parser reads a preset's request shape too.
+        assert_eq!(
+            parse_workload("seed-gen:url=http://h:1,model=m")
+                .unwrap()
+                .kind,
+            WorkloadKind::Chat
+        );
+    }
+
+    #[test]
+    fn seed_presets_in_toml_and_in_the_results() {
+        let text = r#"
+            warmup = "30s"
+            duration = "60s"
+            [[workload]]
+            preset = "seed-gen"
+            url = "http://127.0.0.1:8100"
+            model = "gen"
+            [[workload]]
+            name = "emb"
+            preset = "seed-embed"
+            url = "http://127.0.0.1:8200"
+            model = "embed"
+            batch = 64
+            load = { mode = "closed", concurrency = 32 }
+        "#;
+        let dir = std::env::temp_dir().join(format!("bench-seeds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("seeds.toml");
+        std::fs::write(&p, text).unwrap();
+        let spec = BenchSpec::from_toml_file(&p).unwrap();
+        spec.validate().unwrap();
+        assert_eq!(spec.workloads[0].name, "gen0");
+        assert_eq!(spec.preset_of(&spec.workloads[0]), Some(Preset::SeedGen));
+        assert_eq!(spec.workloads[0].load, Load::Closed { concurrency: 512 });
+        assert_eq!(spec.workloads[0].output, Some(LengthDist::Fixed(512)));
+        assert_eq!(spec.preset_of(&spec.workloads[1]), Some(Preset::SeedEmbed));
+        assert_eq!(spec.workloads[1].batch, 64);
+        assert_eq!(spec.workloads[1].load, Load::Closed { concurrency: 32 });
+        // The results carry the spec: the preset goes with it.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(
+            json.contains(r#""presets":{"emb":"seed-embed","gen0":"seed-gen"}"#),
+            "{json}"
+        );
+        let back: BenchSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec);
+
+        std::fs::write(&p, text.replace("seed-embed", "seed-nothing")).unwrap();
+        let e = format!("{:#}", BenchSpec::from_toml_file(&p).unwrap_err());
+        assert!(
+            e.contains("workload[1].preset") && e.contains("seed-nothing"),
+            "{e}"
+        );
+        std::fs::write(&p, text.replace("batch = 64", "batch = 64\ninput = 5")).unwrap();
+        let e = format!("{:#}", BenchSpec::from_toml_file(&p).unwrap_err());
+        assert!(e.contains("workload[1].input"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_seed_texts_are_the_seed_clients() {
+        let src = Preset::SeedEmbed.prompt_source();
+        let mut rng = crate::prompt::request_rng(0, 0, 0);
+        assert_eq!(
+            src.prompt_at(&mut rng, 25, 3).0,
+            "Instruct: Retrieve relevant documents\nQuery: This is sample sentence number 3 for embedding benchmark."
+        );
+        assert!(Preset::SeedGen
+            .prompt_source()
+            .prompt(&mut rng, 30)
+            .0
+            .starts_with("Write a detailed essay about the history of computing."));
+        assert!(!Preset::SeedGen.streams());
+        assert!(Preset::SeedGen.note().contains("ignore_eos"));
+        assert!(Preset::SeedGen.note().contains("TTFT"));
     }
 
     #[test]

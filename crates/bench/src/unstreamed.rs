@@ -1,0 +1,202 @@
+//! Non-streamed completions: one JSON response per request, as the seed studies' clients
+//! read them (`"stream": false`).
+//!
+//! Without chunks there is no first token to time: TTFT, TPOT and ITL stay undefined
+//! (`first_token` is `None`, so every statistic built on them skips the request), E2EL is
+//! send to the whole response, and the request's `usage.completion_tokens` count at the
+//! moment the response ends (one pseudo-chunk at `end`), so the window's output throughput
+//! is the tokens of the requests that end inside it, over its length: the seeds'
+//! "tokens / wall time" in steady state.
+
+use crate::client::Clock;
+use crate::metrics::RequestRecord;
+
+/// The parts of a completion response a record needs.
+#[derive(Debug, serde::Deserialize)]
+struct Body {
+    #[serde(default)]
+    choices: Vec<serde::de::IgnoredAny>,
+    usage: Option<Usage>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Usage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+/// Fills `rec` from a finished non-streamed response (`status`, `body`) that ended at `end`.
+pub fn record_response(rec: &mut RequestRecord, status: u16, body: &[u8], end: f64) {
+    rec.end = end;
+    if !(200..300).contains(&status) {
+        rec.error = Some(format!("http_{status}"));
+        return;
+    }
+    let parsed: Body = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(_) => {
+            rec.error = Some("malformed_response".into());
+            return;
+        }
+    };
+    if parsed.choices.is_empty() {
+        rec.error = Some("empty_response".into());
+        return;
+    }
+    let Some(u) = parsed.usage else {
+        // Without usage the tokens are unknown: the request cannot count for throughput.
+        rec.error = Some("no_usage".into());
+        return;
+    };
+    rec.prompt_tokens = Some(u.prompt_tokens);
+    rec.prompt_tokens_estimated = false;
+    rec.output_tokens = Some(u.completion_tokens);
+    rec.first_token = None;
+    rec.last_token = Some(end);
+    rec.chunk_times = vec![end];
+    rec.chunks = 1;
+    rec.success = true;
+}
+
+/// Sends one non-streamed gen request (`body` built with `stream = false`) and fills `rec`.
+/// `on_tokens` gets the completion tokens when the response arrives (live progress).
+pub async fn run_gen_unstreamed(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+    clock: &Clock,
+    rec: &mut RequestRecord,
+    on_tokens: &(dyn Fn(u64) + Sync),
+) {
+    rec.sent = clock.now();
+    let resp = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            rec.end = clock.now();
+            rec.error = Some(
+                if e.is_connect() {
+                    "connect"
+                } else if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "request"
+                }
+                .into(),
+            );
+            return;
+        }
+    };
+    let status = resp.status().as_u16();
+    match resp.bytes().await {
+        Ok(bytes) => {
+            record_response(rec, status, &bytes, clock.now());
+            if let (true, Some(n)) = (rec.success, rec.output_tokens) {
+                on_tokens(n);
+            }
+        }
+        Err(_) => {
+            rec.end = clock.now();
+            rec.error = Some("stream_broken".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gen",
+        "choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"length"}],
+        "usage":{"prompt_tokens":33,"total_tokens":545,"completion_tokens":512}}"#;
+
+    #[test]
+    fn a_whole_response_counts_its_usage_at_its_end() {
+        let mut rec = RequestRecord {
+            sent: 100.0,
+            ..Default::default()
+        };
+        record_response(&mut rec, 200, OK.as_bytes(), 130.0);
+        assert!(rec.success);
+        assert_eq!(rec.output_tokens, Some(512));
+        assert_eq!(rec.prompt_tokens, Some(33));
+        assert_eq!(rec.ttft(), None, "no first token without a stream");
+        assert_eq!(rec.tpot(), None);
+        assert_eq!(rec.e2el(), Some(30.0));
+        // All its tokens fall at the end: inside a window that holds the end, none before.
+        assert_eq!(rec.output_tokens_in(120.0, 131.0), 512.0);
+        assert_eq!(rec.output_tokens_in(100.0, 129.0), 0.0);
+        assert!(rec.in_latency_set(120.0, 131.0));
+    }
+
+    #[test]
+    fn failures_say_what_failed() {
+        let cases: [(u16, &str, &str); 4] = [
+            (503, "{}", "http_503"),
+            (200, "not json", "malformed_response"),
+            (
+                200,
+                r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":0}}"#,
+                "empty_response",
+            ),
+            (200, r#"{"choices":[{"index":0}]}"#, "no_usage"),
+        ];
+        for (status, body, want) in cases {
+            let mut rec = RequestRecord::default();
+            record_response(&mut rec, status, body.as_bytes(), 1.0);
+            assert!(!rec.success);
+            assert_eq!(rec.error.as_deref(), Some(want), "{body}");
+        }
+    }
+
+    /// Through HTTP: a tiny server answering one JSON body.
+    #[tokio::test]
+    async fn sends_and_records_a_request() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap();
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert!(req.contains("\"stream\":false") || !req.contains("\"stream\":true"));
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{OK}",
+                OK.len()
+            );
+            sock.write_all(reply.as_bytes()).await.unwrap();
+        });
+        let client = crate::client::make_client().unwrap();
+        let clock = Clock::new();
+        let mut rec = RequestRecord::default();
+        let seen = std::sync::atomic::AtomicU64::new(0);
+        let body = crate::client::gen_body(
+            crate::spec::WorkloadKind::Chat,
+            "gen",
+            "hello".into(),
+            Some(512),
+            false,
+        );
+        run_gen_unstreamed(
+            &client,
+            &format!("http://{addr}/v1/chat/completions"),
+            body,
+            &clock,
+            &mut rec,
+            &|n| {
+                seen.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            },
+        )
+        .await;
+        assert!(rec.success, "{:?}", rec.error);
+        assert_eq!(rec.output_tokens, Some(512));
+        assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), 512);
+        assert!(rec.end >= rec.sent);
+    }
+}
