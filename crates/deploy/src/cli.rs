@@ -233,6 +233,7 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
         let state = match i.state {
             InstanceState::Starting => "starting",
             InstanceState::Healthy => "running",
+            InstanceState::Faulted => "FAULTED",
             InstanceState::Restarting => "restarting",
             InstanceState::Failed => "FAILED",
             InstanceState::Stopped => "stopped",
@@ -250,6 +251,13 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
             i.last_exit.as_deref().unwrap_or("-")
         );
     }
+    let faults = mps_fault_lines(&st);
+    if !faults.is_empty() {
+        println!();
+        for l in faults {
+            println!("{l}");
+        }
+    }
     let recent: Vec<_> = st.events.iter().rev().take(8).collect();
     if !recent.is_empty() {
         println!("\nrecent events:");
@@ -258,4 +266,44 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How many of the most recent MPS faults `status` details.
+const FAULTS_SHOWN: usize = 3;
+
+/// `status`'s MPS section: how many faults, and the last ones with their time, engines,
+/// text and what the supervisor did. Nothing for a deployment without MPS and no fault.
+pub fn mps_fault_lines(st: &state::StateFile) -> Vec<String> {
+    let total = st.mps_faults_total.max(st.mps_faults.len() as u64);
+    if total == 0 {
+        return if st.sharing == "mps" {
+            vec!["MPS faults: none".to_string()]
+        } else {
+            Vec::new()
+        };
+    }
+    let mut out = Vec::new();
+    let last = st.mps_faults.last();
+    out.push(format!(
+        "MPS faults: {total}{}",
+        last.map(|f| format!(", last at {} (daemon log {})", f.at, f.log_time))
+            .unwrap_or_default()
+    ));
+    for f in st.mps_faults.iter().rev().take(FAULTS_SHOWN).rev() {
+        let engines = f.engines();
+        let who = if engines.is_empty() {
+            "no engine of this deployment".to_string()
+        } else {
+            engines.join(", ")
+        };
+        out.push(format!("  #{} {} {who}: {}", f.id, f.at, f.message));
+        if !f.clients.is_empty() {
+            out.push(format!("      clients: {}", f.clients_text()));
+        }
+        out.push(format!(
+            "      action: {}",
+            f.action.as_deref().unwrap_or("deciding")
+        ));
+    }
+    out
 }

@@ -6,7 +6,8 @@
 //!    minutes of engine start-up;
 //! 3. the MPS daemon, when asked, with private folders under the run folder;
 //! 4. engines one at a time, each only after the previous answers `/health` (several
-//!    engines starting together mis-measure each other's free memory).
+//!    engines starting together mis-measure each other's free memory); under MPS the
+//!    supervisor follows the daemon's logs for client faults from then on.
 //!
 //! Shutdown reverses it: the gateway stops accepting and drains, engines stop in reverse
 //! order (SIGTERM, then SIGKILL), the MPS daemon quits.
@@ -21,12 +22,14 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{Gateway, LeastOutstanding, WorkerSpec};
-use crate::gpu_glue::{self, Mps};
+use crate::gpu_glue::{self, Mps, MpsFaultLog};
 use crate::plan::{plan, Plan};
 use crate::process::{log_path, ProcSpec};
 use crate::spec::{validate, DeploymentSpec, EngineKind, Sharing};
 use crate::state::{self, StateFile};
-use crate::supervisor::{Event, InstanceSpec, InstanceStatus, SuperviseOptions, Supervisor};
+use crate::supervisor::{
+    Event, InstanceSpec, InstanceStatus, MpsFault, SuperviseOptions, Supervisor,
+};
 
 /// How to run a deployment.
 #[derive(Debug, Clone, Default)]
@@ -87,6 +90,28 @@ impl Deployment {
     /// Brings a deployment up (see the module doc for the order). On failure everything
     /// started so far is stopped again and the error says what failed and why.
     pub async fn up(spec: &DeploymentSpec, opts: UpOptions) -> anyhow::Result<Deployment> {
+        Self::start(spec, opts, None).await
+    }
+
+    /// [`Deployment::up`], following the MPS logs in `log_dir` (`control.log`,
+    /// `server.log`) instead of those of the daemon `up` starts, and supervising the
+    /// engines as clients of one MPS server (a fault restarts them all) whatever the
+    /// spec's `sharing`. For a daemon someone else runs (the engines' `env` names its
+    /// pipe) and for tests, which write captured log text there; a daemon is still
+    /// started only for `sharing = "mps"`.
+    pub async fn up_with_mps_logs(
+        spec: &DeploymentSpec,
+        opts: UpOptions,
+        log_dir: &Path,
+    ) -> anyhow::Result<Deployment> {
+        Self::start(spec, opts, Some(absolute(log_dir)?)).await
+    }
+
+    async fn start(
+        spec: &DeploymentSpec,
+        opts: UpOptions,
+        mps_log_dir: Option<PathBuf>,
+    ) -> anyhow::Result<Deployment> {
         validate(spec)?;
         let run_dir = absolute(&opts.run_dir)?;
         std::fs::create_dir_all(&run_dir)
@@ -125,6 +150,8 @@ impl Deployment {
             gateway_url: None,
             instances: Vec::new(),
             events: Vec::new(),
+            mps_faults: Vec::new(),
+            mps_faults_total: 0,
         }));
 
         // The gateway first: a port in use fails now.
@@ -211,6 +238,8 @@ impl Deployment {
             let mut s = writer_state.lock();
             s.instances = snap.instances.clone();
             s.events = snap.events.clone();
+            s.mps_faults = snap.mps_faults.clone();
+            s.mps_faults_total = snap.mps_faults_total;
             s.trim_events();
             s.updated_at = chrono::Utc::now().to_rfc3339();
             if let Err(e) = state::write(&writer_dir, &s) {
@@ -226,7 +255,12 @@ impl Deployment {
             backoff_initial: spec.supervise.backoff_initial,
             backoff_max: spec.supervise.backoff_max,
             stop_timeout: spec.supervise.stop_timeout,
-            shared_fault: spec.sharing == Sharing::Mps,
+            shared_fault: spec.sharing == Sharing::Mps || mps_log_dir.is_some(),
+        };
+        let fault_log = match (&mps_log_dir, &mps) {
+            (Some(dir), _) => Some(MpsFaultLog::for_log_dir(dir)),
+            (None, Some(m)) => Some(m.fault_log()),
+            (None, None) => None,
         };
         let supervisor = match Supervisor::start(
             instances,
@@ -234,6 +268,7 @@ impl Deployment {
             on_change,
             availability,
             CancellationToken::new(),
+            fault_log,
         )
         .await
         {
@@ -306,6 +341,12 @@ impl Deployment {
     /// Each replica's current status (pid, state, restarts).
     pub fn status(&self) -> Vec<InstanceStatus> {
         self.supervisor.instances()
+    }
+
+    /// The MPS faults seen so far (the most recent ones), including any the daemon logged
+    /// just now: empty without MPS.
+    pub fn mps_faults(&self) -> Vec<MpsFault> {
+        self.supervisor.mps_faults()
     }
 
     /// Resolves with a reason when the supervisor gave up on every engine.

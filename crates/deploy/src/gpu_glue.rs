@@ -76,18 +76,78 @@ impl Mps {
         self.daemon.client_env(&limits(sm_percent, pinned_bytes))
     }
 
-    /// Client faults the daemon's logs reported since the last call (for the supervisor's
-    /// "why did everything die" message).
-    pub fn poll_faults(&mut self) -> Vec<String> {
-        match self.daemon.poll_events() {
-            Ok(ev) => ev.into_iter().map(|e| format!("{e:?}")).collect(),
-            Err(e) => vec![format!("cannot read the MPS logs: {e}")],
+    /// A follower of this daemon's logs for the supervisor, from their start.
+    pub fn fault_log(&self) -> MpsFaultLog {
+        MpsFaultLog {
+            watch: self.daemon.log_watch(),
         }
     }
 
     /// Quits the daemon, giving clients `drain` to go first.
     pub fn quit(self, drain: Duration) -> anyhow::Result<()> {
         self.daemon.stop(drain)
+    }
+}
+
+/// What the MPS logs say that the supervisor acts on; clients coming and going are not
+/// its business (it sees its own processes exit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MpsNotice {
+    /// The server named this client process as having a sticky error set: a fault. Under
+    /// MPS every client of the server is named, the innocent ones too.
+    ClientFault {
+        /// The daemon's timestamp, verbatim (local time, no zone).
+        log_time: String,
+        /// The MPS server that logged it.
+        server: u32,
+        pid: Option<u32>,
+        message: String,
+    },
+    /// The server failed or refused work (a non-zero exit, not-ready, too many clients).
+    ServerFailed { log_time: String, message: String },
+}
+
+/// Follows one MPS daemon's `control.log` and `server.log` for faults.
+#[derive(Debug)]
+pub struct MpsFaultLog {
+    watch: gpu::mps::MpsLogWatch,
+}
+
+impl MpsFaultLog {
+    /// Follows the logs in `dir` (a daemon's `CUDA_MPS_LOG_DIRECTORY`) with no daemon at
+    /// hand: a daemon someone else runs, or a test writing captured log text there.
+    pub fn for_log_dir(dir: &Path) -> MpsFaultLog {
+        MpsFaultLog {
+            watch: gpu::mps::MpsLogWatch::new(dir),
+        }
+    }
+
+    /// The folder followed.
+    pub fn dir(&self) -> &Path {
+        self.watch.dir()
+    }
+
+    /// Faults and server failures logged since the last poll, in log order.
+    pub fn poll(&mut self) -> anyhow::Result<Vec<MpsNotice>> {
+        use gpu::mps::MpsEvent;
+        Ok(self
+            .watch
+            .poll()?
+            .into_iter()
+            .filter_map(|e| match e.event {
+                MpsEvent::ClientFault { pid, message } => Some(MpsNotice::ClientFault {
+                    log_time: e.log_time,
+                    server: e.logged_by,
+                    pid,
+                    message,
+                }),
+                MpsEvent::ServerFailed { message } => Some(MpsNotice::ServerFailed {
+                    log_time: e.log_time,
+                    message,
+                }),
+                _ => None,
+            })
+            .collect())
     }
 }
 
@@ -131,6 +191,38 @@ mod tests {
         assert_eq!(catalogue_memory("H100 SXM"), Some(81_559 << 20));
         assert_eq!(catalogue_memory("NVIDIA H200"), Some(143_771 << 20));
         assert_eq!(catalogue_memory("Voodoo 2"), None);
+    }
+
+    #[test]
+    fn the_fault_log_gives_only_faults_with_their_time_and_server() {
+        let capture = include_str!("../../../testdata/mps/mps-client-fault-h100.log");
+        let dir = tempfile::tempdir().unwrap();
+        let server_log: String = capture
+            .lines()
+            .skip_while(|l| *l != "== server.log")
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(dir.path().join("server.log"), server_log).unwrap();
+        let mut log = MpsFaultLog::for_log_dir(dir.path());
+        let notices = log.poll().unwrap();
+        assert_eq!(notices.len(), 2, "{notices:?}");
+        for (n, pid) in notices.iter().zip([563, 562]) {
+            match n {
+                MpsNotice::ClientFault {
+                    log_time,
+                    server,
+                    pid: p,
+                    ..
+                } => {
+                    assert_eq!(log_time, "2026-11-23 20:10:31.616");
+                    assert_eq!(*server, 597);
+                    assert_eq!(*p, Some(pid));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(log.poll().unwrap().is_empty());
     }
 
     #[test]

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::supervisor::{Event, InstanceStatus};
+use crate::supervisor::{Event, InstanceStatus, MpsFault};
 
-/// Version of the state file's layout.
-pub const SCHEMA: u32 = 1;
+/// Version of the state file's layout. 2: `mps_faults`, `mps_faults_total`, the
+/// `faulted` instance state and the `mps_fault` event kind.
+pub const SCHEMA: u32 = 2;
 /// How many recent events the file keeps.
 const EVENTS_KEPT: usize = 100;
 
@@ -32,6 +33,12 @@ pub struct StateFile {
     pub instances: Vec<InstanceStatus>,
     /// The most recent events, oldest first.
     pub events: Vec<Event>,
+    /// The most recent MPS faults, oldest first (empty without MPS).
+    #[serde(default)]
+    pub mps_faults: Vec<MpsFault>,
+    /// MPS faults seen in all.
+    #[serde(default)]
+    pub mps_faults_total: u64,
 }
 
 impl StateFile {
@@ -68,5 +75,14 @@ pub fn read(run_dir: &Path) -> anyhow::Result<StateFile> {
             p.display()
         )
     })?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a state file", p.display()))
+    let state: StateFile = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a state file", p.display()))?;
+    if state.schema > SCHEMA {
+        anyhow::bail!(
+            "{}: state file schema {} is newer than this colocate reads ({SCHEMA}); use the colocate that runs the deployment",
+            p.display(),
+            state.schema
+        );
+    }
+    Ok(state)
 }

@@ -1,20 +1,61 @@
 //! The supervisor: engines started one at a time behind `/health`, restarted with backoff
-//! when they crash, stopped in reverse order.
+//! when they crash or when the MPS daemon reports a fault, stopped in reverse order.
 //!
 //! One task owns every instance (the TEI pattern: state owned by one loop, others talk to
-//! it through channels and read a shared snapshot). Crash handling:
+//! it through channels and read a shared snapshot). It listens to two things: its
+//! processes' exits, and, under MPS, the daemon's logs ([`fault_watch`] reads them every
+//! 250 ms and records each fault in the snapshot at once).
 //!
-//! - Time-slicing / CPU: the crashed instance alone is restarted after a backoff that
-//!   doubles with each failure (`backoff_initial` .. `backoff_max`).
-//! - MPS (`shared_fault`): a client fault reaches every client of the GPU (the innocent
-//!   client dies with a sticky error, and new clients work again only once every affected
-//!   client has exited: `../shared/captures/README.md`). So when one instance dies, every
-//!   other instance gets a short grace period to die by itself, is then stopped, and all
-//!   are restarted in start order, each behind `/health`.
-//! - An instance that fails more than `max_failures` times is given up on, with the
-//!   reason (its exit and last log lines) in the events; when every instance is given up
-//!   on, the deployment reports it as fatal.
+//! # An instance's health
+//!
+//! ```text
+//!            spawn            /health 200
+//!   ──────> Starting ───────────────────────> Healthy ──── shutdown ───> Stopped
+//!             ^  │ start failed / timed out      │  │
+//!             │  v                               │  │ the MPS log names its client
+//!    backoff  Restarting <── process exited ─────┘  v  in a fault (sticky error)
+//!     ended   ^    ^                             Faulted
+//!             │    └──── exited, or killed ─────────┘
+//!             │          after the grace period
+//!   failures > max_failures at any restart ─────> Failed (given up; reason in the events)
+//! ```
+//!
+//! # Recovery
+//!
+//! A recovery starts with a process exit or with a fault naming a running client. Its
+//! *group* is the instances restarted together:
+//!
+//! - Time-slicing / CPU: the crashed instance alone (or the instances a fault names), after
+//!   a backoff that doubles with each failure (`backoff_initial` .. `backoff_max`).
+//! - MPS (`shared_fault`): every instance of the GPU (a deployment has one GPU). A client
+//!   fault reaches every client of the server: the innocent one dies with a sticky error
+//!   too, and new clients work again only once every affected client has exited
+//!   (`testdata/mps/mps-client-fault-h100.log`). So the group gets [`MPS_FAULT_GRACE`] to
+//!   exit by itself; faults logged meanwhile join this recovery; then the members still
+//!   alive are stopped, and all are restarted in start order, each behind `/health`.
+//!
+//! Why stop a faulted client that is still alive rather than wait for it: a client with a
+//! sticky error can do no more GPU work (every CUDA call fails), yet its process may live
+//! on — an HTTP front that still answers `/health` while its GPU worker is dead — and the
+//! server recreates its context only once every faulted client has gone. Waiting would
+//! leave the whole GPU wedged behind one process; killing it lets the group restart now.
+//!
+//! A fault counts as one failure for each instance whose client it names (MPS does not
+//! say which client caused it, so each is charged; a deployment that faults again and
+//! again is given up on as a whole, which is the truth: those engines cannot run there).
+//! A fault whose clients are no longer running (their group was already restarted, say on
+//! the culprit's exit) is recorded only. Server failures are recorded only: their clients
+//! fail or exit, and that starts a recovery.
+//!
+//! An instance that fails more than `max_failures` times is given up on, with the reason
+//! (its exit and last log lines) in the events; when every instance is given up on, the
+//! deployment reports it as fatal.
 
+mod client_owner;
+mod fault_watch;
+pub mod mps_fault;
+
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +66,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::gpu_glue::MpsFaultLog;
 use crate::process::{self, ExitInfo, Proc, ProcSpec};
+use client_owner::owner;
+use fault_watch::{FaultNotice, FaultWatcher};
+pub use mps_fault::{FaultedClient, MpsFault, MpsFaultKind};
 
-/// Grace period for the other MPS clients to exit by themselves after a fault.
-const MPS_FAULT_GRACE: Duration = Duration::from_secs(2);
+/// Grace period for the other MPS clients to exit by themselves after a fault. The
+/// capture shows both clients gone within 0.9 s of the sticky error.
+pub const MPS_FAULT_GRACE: Duration = Duration::from_secs(2);
 
 /// One replica to run.
 #[derive(Debug, Clone)]
@@ -52,16 +98,19 @@ pub struct SuperviseOptions {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub stop_timeout: Duration,
-    /// MPS: one crash takes every instance down and all are restarted together.
+    /// MPS: one crash or fault takes every instance down and all are restarted together.
     pub shared_fault: bool,
 }
 
-/// Where an instance is in its life.
+/// Where an instance is in its life (the state machine is in the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
     Starting,
     Healthy,
+    /// Named in an MPS fault: its GPU context is dead; out of the gateway, waiting for the
+    /// rest of its group to go down before the restart.
+    Faulted,
     /// Crashed (or stopped because another MPS client crashed), waiting to restart.
     Restarting,
     /// Given up after too many failures.
@@ -100,7 +149,9 @@ pub struct Event {
 pub enum EventKind {
     Started,
     Crashed,
-    /// Stopped because another client of the same MPS daemon crashed.
+    /// The MPS daemon's log named this instance's client in a fault.
+    MpsFault,
+    /// Stopped because another client of the same MPS daemon crashed or faulted.
     StoppedForFault,
     Restarted,
     GaveUp,
@@ -112,6 +163,12 @@ pub enum EventKind {
 pub struct Snapshot {
     pub instances: Vec<InstanceStatus>,
     pub events: Vec<Event>,
+    /// The most recent MPS faults, oldest first.
+    pub mps_faults: Vec<MpsFault>,
+    /// MPS faults seen in all (the list keeps only the recent ones).
+    pub mps_faults_total: u64,
+    /// Every (pid, instance index) spawned, to name clients that have exited already.
+    pid_history: Vec<(u32, usize)>,
 }
 
 /// Called with (instance name, available) when the supervisor knows an instance is up or
@@ -126,6 +183,7 @@ pub struct Supervisor {
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     fatal: watch::Receiver<Option<String>>,
+    faults: Option<(Arc<FaultWatcher>, tokio::task::JoinHandle<()>)>,
 }
 
 struct Instance {
@@ -142,6 +200,10 @@ struct Core {
     on_change: ChangeSink,
     availability: AvailabilitySink,
     exit_tx: mpsc::UnboundedSender<(usize, u64, ExitInfo)>,
+    /// MPS faults from the log watcher (none without MPS).
+    faults: Option<mpsc::UnboundedReceiver<FaultNotice>>,
+    /// The watcher itself, to read the logs at once before deciding who is hit.
+    watcher: Option<Arc<FaultWatcher>>,
     cancel: CancellationToken,
 }
 
@@ -152,16 +214,25 @@ enum StartError {
     Failed(String),
 }
 
+/// What the loop waits for.
+enum Input {
+    Exit(usize, u64, ExitInfo),
+    Fault(FaultNotice),
+    Stop,
+}
+
 impl Supervisor {
     /// Starts every instance in order, each after the previous answers `/health`. On a
     /// failure the started ones are stopped and the error says which engine failed, how,
-    /// and what it printed last.
+    /// and what it printed last. With `mps_faults`, the MPS daemon's logs are followed
+    /// from now on and faults handled as the module doc says.
     pub async fn start(
         specs: Vec<InstanceSpec>,
         opts: SuperviseOptions,
         on_change: ChangeSink,
         availability: AvailabilitySink,
         cancel: CancellationToken,
+        mps_faults: Option<MpsFaultLog>,
     ) -> anyhow::Result<Supervisor> {
         let snapshot = Arc::new(Mutex::new(Snapshot {
             instances: specs
@@ -179,9 +250,26 @@ impl Supervisor {
                     log: s.proc.log_path.clone(),
                 })
                 .collect(),
-            events: Vec::new(),
+            ..Default::default()
         }));
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+        // The watcher runs from the first engine's start: a fault while later engines
+        // start is recorded, and handled once they all run.
+        let watch_cancel = cancel.child_token();
+        let (faults, fault_rx) = match mps_faults {
+            Some(log) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let w = Arc::new(FaultWatcher::new(
+                    log,
+                    snapshot.clone(),
+                    on_change.clone(),
+                    tx,
+                ));
+                let task = tokio::spawn(w.clone().run(watch_cancel.clone()));
+                (Some((w, task)), Some(rx))
+            }
+            None => (None, None),
+        };
         let mut core = Core {
             instances: specs
                 .into_iter()
@@ -196,6 +284,8 @@ impl Supervisor {
             on_change,
             availability,
             exit_tx,
+            faults: fault_rx,
+            watcher: faults.as_ref().map(|(w, _)| w.clone()),
             cancel: cancel.clone(),
         };
         for i in 0..core.instances.len() {
@@ -205,6 +295,10 @@ impl Supervisor {
                     core.stop_all().await;
                     for j in i..core.instances.len() {
                         core.set(j, |s| s.state = InstanceState::Stopped);
+                    }
+                    watch_cancel.cancel();
+                    if let Some((_, task)) = faults {
+                        let _ = task.await;
                     }
                     match e {
                         StartError::Cancelled => bail!("cancelled while starting"),
@@ -220,6 +314,7 @@ impl Supervisor {
             cancel,
             task,
             fatal,
+            faults,
         })
     }
 
@@ -233,6 +328,15 @@ impl Supervisor {
         self.snapshot.lock().events.clone()
     }
 
+    /// The MPS faults seen (the most recent ones), after reading what the daemon logged
+    /// up to now: a caller closing a measurement window sees every fault logged in it.
+    pub fn mps_faults(&self) -> Vec<MpsFault> {
+        if let Some((w, _)) = &self.faults {
+            w.poll_once();
+        }
+        self.snapshot.lock().mps_faults.clone()
+    }
+
     /// Resolves with a reason once the supervisor has given up on every instance.
     pub fn fatal(&self) -> watch::Receiver<Option<String>> {
         self.fatal.clone()
@@ -242,6 +346,17 @@ impl Supervisor {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         let _ = self.task.await;
+        if let Some((_, task)) = self.faults {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The next fault notice, or never when there is no MPS log to follow.
+async fn next_fault(rx: &mut Option<mpsc::UnboundedReceiver<FaultNotice>>) -> Option<FaultNotice> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -254,7 +369,9 @@ impl Core {
     fn event(&self, i: usize, kind: EventKind, message: String) {
         let name = self.instances[i].spec.name.clone();
         match kind {
-            EventKind::Crashed | EventKind::GaveUp => tracing::warn!(engine = %name, "{message}"),
+            EventKind::Crashed | EventKind::GaveUp | EventKind::MpsFault => {
+                tracing::warn!(engine = %name, "{message}")
+            }
             _ => tracing::info!(engine = %name, "{message}"),
         }
         self.snapshot.lock().events.push(Event {
@@ -273,6 +390,30 @@ impl Core {
 
     fn state(&self, i: usize) -> InstanceState {
         self.snapshot.lock().instances[i].state
+    }
+
+    fn failures(&self, i: usize) -> u32 {
+        self.snapshot.lock().instances[i].failures
+    }
+
+    /// Sets what the supervisor did about fault `id`, unless an earlier decision stands.
+    fn fault_action(&self, id: u64, action: String) {
+        let mut s = self.snapshot.lock();
+        if let Some(f) = s.mps_faults.iter_mut().find(|f| f.id == id) {
+            if f.action.is_none() {
+                f.action = Some(action);
+            }
+        }
+        (self.on_change)(&s);
+    }
+
+    /// (index, pid) of every instance with a process (running, or exited unnoticed yet).
+    fn running_pids(&self) -> Vec<(usize, u32)> {
+        self.instances
+            .iter()
+            .enumerate()
+            .filter_map(|(i, inst)| inst.proc.as_ref().map(|p| (i, p.pid)))
+            .collect()
     }
 
     /// Spawns instance `i` and waits for `/health`.
@@ -301,8 +442,15 @@ impl Core {
             }
         });
         inst.proc = Some(proc);
-        self.set(i, |s| s.pid = Some(pid));
-        let proc = self.instances[i].proc.as_ref().expect("just set");
+        {
+            let mut s = self.snapshot.lock();
+            s.pid_history.push((pid, i));
+            s.instances[i].pid = Some(pid);
+        }
+        self.changed();
+        let Some(proc) = self.instances[i].proc.as_ref() else {
+            return Err(StartError::Failed("the process vanished".into()));
+        };
         match wait_healthy(&spec.url, spec.start_timeout, proc, &self.cancel).await {
             Ok(()) => {
                 self.set(i, |s| s.state = InstanceState::Healthy);
@@ -365,14 +513,29 @@ impl Core {
         fatal: watch::Sender<Option<String>>,
     ) {
         loop {
-            let (i, generation, info) = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                m = exits.recv() => match m { Some(m) => m, None => break },
+            let input = tokio::select! {
+                _ = self.cancel.cancelled() => Input::Stop,
+                m = exits.recv() => match m {
+                    Some((i, g, info)) => Input::Exit(i, g, info),
+                    None => Input::Stop,
+                },
+                Some(f) = next_fault(&mut self.faults) => Input::Fault(f),
             };
-            if generation != self.instances[i].generation || self.instances[i].proc.is_none() {
-                continue; // a process we stopped on purpose, or an older one
-            }
-            if !self.handle_crash(i, info).await {
+            let go_on = match input {
+                Input::Stop => break,
+                Input::Exit(i, generation, info) => {
+                    if generation != self.instances[i].generation
+                        || self.instances[i].proc.is_none()
+                    {
+                        continue; // a process we stopped on purpose, or an older one
+                    }
+                    let pid = self.instances[i].proc.as_ref().map(|p| p.pid);
+                    self.record_crash(i, info);
+                    self.recover(Some((i, pid)), None).await
+                }
+                Input::Fault(f) => self.handle_fault(f).await,
+            };
+            if !go_on {
                 break;
             }
             let all_failed = self
@@ -397,9 +560,8 @@ impl Core {
         self.stop_all().await;
     }
 
-    /// Records a crash of instance `i` and restarts what must be restarted. Returns false
-    /// when cancelled.
-    async fn handle_crash(&mut self, i: usize, info: ExitInfo) -> bool {
+    /// Records that instance `i` exited on its own, and takes it out of the gateway.
+    fn record_crash(&mut self, i: usize, info: ExitInfo) {
         let name = self.instances[i].spec.name.clone();
         let tail = self.instances[i]
             .proc
@@ -419,45 +581,200 @@ impl Core {
             msg.push_str(&format!(" (last lines: {})", tail.join(" | ")));
         }
         self.event(i, EventKind::Crashed, msg);
+    }
 
-        // Which instances go down with it.
-        let mut group = vec![i];
-        if self.opts.shared_fault {
-            // Give the fault time to reach the other clients, then stop those still up.
-            if !self
-                .sleep(MPS_FAULT_GRACE.min(self.opts.stop_timeout))
-                .await
+    /// A fault read from the MPS logs: recovers the instances it names that still run;
+    /// a fault naming none of them (they were restarted already) is recorded only.
+    async fn handle_fault(&mut self, f: FaultNotice) -> bool {
+        if f.kind == MpsFaultKind::ServerFailed {
+            self.fault_action(
+                f.id,
+                "recorded: a server failure; its clients' exits start any restart".into(),
+            );
+            return true;
+        }
+        let running = self.running_pids();
+        if !f.pids.iter().any(|&p| owner(p, &running).is_some()) {
+            self.fault_action(
+                f.id,
+                "recorded: no running engine is among its clients (already restarted)".into(),
+            );
+            return true;
+        }
+        self.recover(None, Some(f)).await
+    }
+
+    /// Marks the instances of `members` (index, pid) whose client `f` names as faulted:
+    /// out of the gateway, charged one failure each (once per recovery).
+    fn mark_faulted(
+        &mut self,
+        f: &FaultNotice,
+        members: &[(usize, u32)],
+        charged: &mut BTreeSet<usize>,
+    ) -> Vec<usize> {
+        let mut hit: Vec<usize> = f.pids.iter().filter_map(|&p| owner(p, members)).collect();
+        hit.sort_unstable();
+        hit.dedup();
+        let (log_time, message) = {
+            let s = self.snapshot.lock();
+            s.mps_faults
+                .iter()
+                .find(|r| r.id == f.id)
+                .map(|r| (r.log_time.clone(), r.message.clone()))
+                .unwrap_or_default()
+        };
+        for &j in &hit {
+            let first = charged.insert(j);
+            let alive = self.instances[j].proc.is_some();
+            (self.availability)(&self.instances[j].spec.name, false);
+            self.set(j, |s| {
+                if first {
+                    s.failures += 1;
+                }
+                s.state = InstanceState::Faulted;
+                s.last_exit = Some(format!("MPS fault #{}: {message}", f.id));
+            });
+            self.event(
+                j,
+                EventKind::MpsFault,
+                format!(
+                    "MPS fault #{} (logged {log_time}): {message}{}",
+                    f.id,
+                    if alive { "" } else { " (already exited)" }
+                ),
+            );
+        }
+        hit
+    }
+
+    /// Takes a group down and brings it back (see the module doc). `crashed` is the
+    /// instance whose exit started it (index, its pid), `fault` the fault that did.
+    /// Returns false when cancelled.
+    async fn recover(
+        &mut self,
+        crashed: Option<(usize, Option<u32>)>,
+        fault: Option<FaultNotice>,
+    ) -> bool {
+        // Everyone that can be hit, with the pid it had when this began.
+        let mut members: Vec<(usize, u32)> = self.running_pids();
+        if let Some((i, Some(pid))) = crashed {
+            members.push((i, pid));
+        }
+        let mut charged: BTreeSet<usize> = crashed.iter().map(|(i, _)| *i).collect();
+        let mut faults: Vec<u64> = Vec::new();
+        let mut named: BTreeSet<usize> = BTreeSet::new();
+        if let Some(f) = &fault {
+            named.extend(self.mark_faulted(f, &members, &mut charged));
+            faults.push(f.id);
+        }
+        let shared = self.opts.shared_fault;
+        let group: Vec<usize> = (0..self.instances.len())
+            .filter(|&j| self.state(j) != InstanceState::Failed)
+            .filter(|j| shared || charged.contains(j) || named.contains(j))
+            .collect();
+
+        // Give the group time to exit by itself, taking in the faults logged meanwhile.
+        if group.iter().any(|&j| self.instances[j].proc.is_some()) {
+            let deadline =
+                tokio::time::Instant::now() + MPS_FAULT_GRACE.min(self.opts.stop_timeout);
+            while tokio::time::Instant::now() < deadline
+                && group.iter().any(|&j| {
+                    self.instances[j]
+                        .proc
+                        .as_ref()
+                        .is_some_and(|p| p.exit_info().is_none())
+                })
             {
-                return false;
-            }
-            for j in 0..self.instances.len() {
-                if j == i || self.state(j) == InstanceState::Failed {
-                    continue;
-                }
-                group.push(j);
-                let died_alone = self.instances[j].proc.as_ref().and_then(|p| p.exit_info());
-                if let Some(info) = self.stop_one(j).await {
-                    let how = match died_alone {
-                        Some(d) => format!("exited with the MPS fault ({})", d.description),
-                        None => format!(
-                            "stopped after `{name}` crashed under MPS ({})",
-                            info.description
-                        ),
-                    };
-                    self.set(j, |s| {
-                        s.state = InstanceState::Restarting;
-                        s.pid = None;
-                        s.last_exit = Some(info.description.clone());
-                    });
-                    self.event(j, EventKind::StoppedForFault, how);
+                if !self.sleep(Duration::from_millis(50)).await {
+                    return false;
                 }
             }
-            group.sort_unstable();
+        }
+        if let Some(w) = self.watcher.clone() {
+            // Whatever was logged by now joins this recovery, not a later one.
+            let _ = tokio::task::spawn_blocking(move || w.poll_once()).await;
+        }
+        while let Some(f) = self.faults.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            if f.kind == MpsFaultKind::ServerFailed {
+                self.fault_action(f.id, "recorded during a restart".into());
+                continue;
+            }
+            let hit = self.mark_faulted(&f, &members, &mut charged);
+            if hit.is_empty() {
+                self.fault_action(
+                    f.id,
+                    "recorded: no running engine is among its clients (already restarted)".into(),
+                );
+            } else {
+                named.extend(hit);
+                faults.push(f.id);
+            }
+        }
+        let names: Vec<String> = group
+            .iter()
+            .map(|&j| self.instances[j].spec.name.clone())
+            .collect();
+        let what = if shared {
+            format!("every engine of the GPU restarted ({})", names.join(", "))
+        } else {
+            format!("restarted {}", names.join(", "))
+        };
+        for id in &faults {
+            self.fault_action(*id, what.clone());
         }
 
-        for j in group {
+        // Stop whoever is left.
+        let cause = match (&crashed, faults.first()) {
+            (_, Some(id)) => format!("MPS fault #{id}"),
+            (Some((i, _)), None) => format!("`{}` crashed under MPS", self.instances[*i].spec.name),
+            (None, None) => "a fault".to_string(),
+        };
+        for &j in &group {
+            if crashed.is_some_and(|(i, _)| i == j) {
+                self.set(j, |s| s.state = InstanceState::Restarting);
+                continue;
+            }
+            let died_alone = self.instances[j].proc.as_ref().and_then(|p| p.exit_info());
+            if let Some(info) = self.stop_one(j).await {
+                let how = match died_alone {
+                    Some(d) => format!("exited with {cause} ({})", d.description),
+                    None if named.contains(&j) => format!(
+                        "stopped: its MPS client cannot go on after {cause}, and the server recovers only once every client is gone ({})",
+                        info.description
+                    ),
+                    None => format!("stopped after {cause} ({})", info.description),
+                };
+                self.set(j, |s| {
+                    if s.state != InstanceState::Faulted {
+                        s.last_exit = Some(info.description.clone());
+                    }
+                    s.state = InstanceState::Restarting;
+                    s.pid = None;
+                });
+                self.event(j, EventKind::StoppedForFault, how);
+            } else {
+                self.set(j, |s| s.state = InstanceState::Restarting);
+            }
+        }
+        self.restart(&group, &charged).await
+    }
+
+    /// Starts `group` again in start order, after the backoff of the most failed of
+    /// `charged`; a start that fails is retried after its own backoff, up to
+    /// `max_failures`. Returns false when cancelled.
+    async fn restart(&mut self, group: &[usize], charged: &BTreeSet<usize>) -> bool {
+        let delay = charged
+            .iter()
+            .map(|&j| self.backoff(self.failures(j)))
+            .max()
+            .unwrap_or(Duration::ZERO);
+        if !self.sleep(delay).await {
+            return false;
+        }
+        for &j in group {
+            let mut waited = delay;
             loop {
-                let failures = self.snapshot.lock().instances[j].failures;
+                let failures = self.failures(j);
                 if failures > self.opts.max_failures {
                     let last = self.snapshot.lock().instances[j]
                         .last_exit
@@ -475,21 +792,13 @@ impl Core {
                     );
                     break;
                 }
-                let delay = if j == i {
-                    self.backoff(failures)
-                } else {
-                    Duration::ZERO
-                };
-                if !self.sleep(delay).await {
-                    return false;
-                }
                 match self.start_one(j).await {
                     Ok(()) => {
                         self.set(j, |s| s.restarts += 1);
                         self.event(
                             j,
                             EventKind::Restarted,
-                            format!("restarted after {delay:?} and healthy"),
+                            format!("restarted after {waited:?} and healthy"),
                         );
                         break;
                     }
@@ -501,6 +810,10 @@ impl Core {
                             s.state = InstanceState::Restarting;
                         });
                         self.event(j, EventKind::Crashed, msg);
+                        waited = self.backoff(self.failures(j));
+                        if !self.sleep(waited).await {
+                            return false;
+                        }
                     }
                 }
             }

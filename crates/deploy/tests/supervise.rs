@@ -406,6 +406,7 @@ async fn shared_fault_restarts_every_engine() {
         Arc::new(|_: &deploy::supervisor::Snapshot| {}),
         Arc::new(|_: &str, _: bool| {}),
         CancellationToken::new(),
+        None,
     )
     .await
     .unwrap();
@@ -437,4 +438,264 @@ async fn shared_fault_restarts_every_engine() {
     for p in after {
         assert!(!alive(p));
     }
+}
+
+/// The real MPS logs of a client fault on the H100 (`testdata/mps/`): one client wrote
+/// through a wild pointer (pid 563), the other (562) died with it.
+const CAPTURE: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../testdata/mps/mps-client-fault-h100.log"
+));
+
+/// The lines of one "== name" section of the capture.
+fn capture_section(name: &str) -> Vec<&'static str> {
+    CAPTURE
+        .lines()
+        .skip_while(|l| *l != format!("== {name}"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("== "))
+        .collect()
+}
+
+/// `text` with every number equal to a key of `pids` (as a whole run of digits) replaced:
+/// the captured clients become the processes under test.
+fn swap_pids(text: &str, pids: &[(u32, u32)]) -> String {
+    let mut out = String::new();
+    let mut digits = String::new();
+    let flush = |digits: &mut String, out: &mut String| {
+        let n: Option<u32> = digits.parse().ok();
+        match pids.iter().find(|(from, _)| Some(*from) == n) {
+            Some((_, to)) => out.push_str(&to.to_string()),
+            None => out.push_str(digits),
+        }
+        digits.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+        } else {
+            flush(&mut digits, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut digits, &mut out);
+    out
+}
+
+/// Appends lines to an MPS log in `dir`, as the daemon does.
+fn append_log(dir: &std::path::Path, file: &str, lines: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(file))
+        .unwrap();
+    f.write_all(lines.as_bytes()).unwrap();
+}
+
+/// Writes the captured control and server logs with the captured clients 563 (faulty) and
+/// 562 (innocent) replaced by `faulty` and `innocent`.
+fn write_captured_fault(dir: &std::path::Path, faulty: u32, innocent: u32) {
+    let pids = [(563, faulty), (562, innocent)];
+    for (section, file) in [("control.log", "control.log"), ("server.log", "server.log")] {
+        let text: String = capture_section(section)
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        append_log(dir, file, &swap_pids(&text, &pids));
+    }
+}
+
+#[test]
+fn swap_pids_replaces_whole_numbers_only() {
+    assert_eq!(
+        swap_pids(
+            "[2026-11-23 20:10:31.563 Server 597] {PID: 563, x 5630}",
+            &[(563, 42)]
+        ),
+        "[2026-11-23 20:10:31.42 Server 597] {PID: 42, x 5630}"
+    );
+    assert!(capture_section("server.log")[1].ends_with("] 563"));
+}
+
+/// Under MPS the daemon's log names both clients of a fault while their processes live on
+/// (wedged: a client with a sticky error can do no GPU work): the supervisor records the
+/// fault, stops both and restarts both; the state file and `status` show it. A later fault
+/// naming only processes that are gone is recorded, and restarts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mps_fault_in_the_log_restarts_every_engine_and_status_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("mps-log");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut s = spec(vec![
+        fake("gen", "model-gen", 1, &[]),
+        fake("embed", "model-embed", 1, &[]),
+    ]);
+    s.gateway = None;
+    let d = Deployment::up_with_mps_logs(&s, opts(&dir), &logs)
+        .await
+        .unwrap();
+    assert!(d.mps_faults().is_empty());
+    let before: Vec<u32> = d.status().iter().map(|s| s.pid.unwrap()).collect();
+
+    write_captured_fault(&logs, before[0], before[1]);
+    wait_for("both engines restarted", Duration::from_secs(30), || {
+        d.status()
+            .iter()
+            .all(|s| s.restarts == 1 && s.state == InstanceState::Healthy)
+    })
+    .await;
+
+    let faults = d.mps_faults();
+    assert_eq!(faults.len(), 1, "{faults:#?}");
+    let f = &faults[0];
+    assert_eq!(f.id, 1);
+    assert_eq!(f.log_time, "2026-11-23 20:10:31.616");
+    assert_eq!(f.engines(), vec!["gen", "embed"]);
+    assert_eq!(f.clients.iter().map(|c| c.pid).collect::<Vec<_>>(), before);
+    assert!(f.message.contains("sticky error"), "{}", f.message);
+    assert_eq!(
+        f.action.as_deref(),
+        Some("every engine of the GPU restarted (gen, embed)")
+    );
+    let now = d.status();
+    for (i, st) in now.iter().enumerate() {
+        assert_ne!(st.pid, Some(before[i]), "{} was not restarted", st.name);
+        assert!(!alive(before[i]), "{} was left running", st.name);
+        assert_eq!(st.failures, 1, "{}: one fault, one failure", st.name);
+    }
+    let ev = d.events();
+    for name in ["gen", "embed"] {
+        assert!(
+            ev.iter()
+                .any(|e| e.instance == name && e.kind == EventKind::MpsFault),
+            "{ev:#?}"
+        );
+        assert!(
+            ev.iter().any(|e| e.instance == name
+                && e.kind == EventKind::StoppedForFault
+                && e.message.contains("cannot go on after MPS fault #1")),
+            "{ev:#?}"
+        );
+    }
+    let order: Vec<&str> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::Restarted)
+        .map(|e| e.instance.as_str())
+        .collect();
+    assert_eq!(order, vec!["gen", "embed"]);
+
+    // The state file carries it and `status` shows it.
+    let state = deploy::state::read(d.run_dir()).unwrap();
+    assert_eq!(state.schema, deploy::state::SCHEMA);
+    assert_eq!(state.mps_faults_total, 1);
+    assert_eq!(state.mps_faults, faults);
+    let lines = deploy::cli::mps_fault_lines(&state).join("\n");
+    for needle in [
+        "MPS faults: 1, last at ",
+        "(daemon log 2026-11-23 20:10:31.616)",
+        "#1 ",
+        " gen, embed: sticky error set on client process",
+        &format!(
+            "clients: gen (pid {}), embed (pid {})",
+            before[0], before[1]
+        ),
+        "action: every engine of the GPU restarted (gen, embed)",
+    ] {
+        assert!(lines.contains(needle), "missing {needle} in\n{lines}");
+    }
+
+    // A fault naming only the old processes: recorded, nothing restarted.
+    append_log(
+        &logs,
+        "server.log",
+        &format!(
+            "[2026-11-23 20:12:00.000 Server   597] The following client process have a sticky error set:\n[2026-11-23 20:12:00.000 Server   597] {}\n",
+            before[0]
+        ),
+    );
+    wait_for("the late fault decided", Duration::from_secs(30), || {
+        d.mps_faults().get(1).is_some_and(|f| f.action.is_some())
+    })
+    .await;
+    let late = &d.mps_faults()[1];
+    assert_eq!(late.engines(), vec!["gen"]);
+    assert!(
+        late.action.as_deref().unwrap().starts_with("recorded"),
+        "{late:?}"
+    );
+    assert!(d.status().iter().all(|s| s.restarts == 1));
+    assert_eq!(
+        d.status().iter().map(|s| s.pid).collect::<Vec<_>>(),
+        now.iter().map(|s| s.pid).collect::<Vec<_>>()
+    );
+    let run_dir = d.run_dir().to_path_buf();
+    d.shutdown().await.unwrap();
+    let state = deploy::state::read(&run_dir).unwrap();
+    assert_eq!(state.mps_faults_total, 2);
+}
+
+/// The faulty client exits at once and the log names both: whichever the supervisor sees
+/// first, the two make one recovery: one fault, one failure and one restart each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mps_fault_and_the_culprits_exit_make_one_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("mps-log");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mk = |name: &str| {
+        let port = free_ports(1);
+        InstanceSpec {
+            name: name.into(),
+            engine: name.into(),
+            model: name.into(),
+            url: format!("http://127.0.0.1:{port}"),
+            proc: ProcSpec {
+                name: name.into(),
+                argv: vec!["python3".into(), FAKE.into(), port.to_string(), name.into()],
+                env: vec![],
+                log_path: dir.path().join(format!("{name}.log")),
+                console: false,
+            },
+            start_timeout: Duration::from_secs(20),
+        }
+    };
+    let opts = SuperviseOptions {
+        max_failures: 3,
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+        stop_timeout: Duration::from_secs(3),
+        shared_fault: true,
+    };
+    let sup = Supervisor::start(
+        vec![mk("gen"), mk("embed")],
+        opts,
+        Arc::new(|_: &deploy::supervisor::Snapshot| {}),
+        Arc::new(|_: &str, _: bool| {}),
+        CancellationToken::new(),
+        Some(deploy::gpu_glue::MpsFaultLog::for_log_dir(&logs)),
+    )
+    .await
+    .unwrap();
+    let before: Vec<u32> = sup.instances().iter().map(|s| s.pid.unwrap()).collect();
+    kill9(before[1]);
+    write_captured_fault(&logs, before[1], before[0]);
+    wait_for("both restarted", Duration::from_secs(30), || {
+        sup.instances()
+            .iter()
+            .all(|s| s.restarts == 1 && s.state == InstanceState::Healthy)
+    })
+    .await;
+    let faults = sup.mps_faults();
+    assert_eq!(faults.len(), 1, "{faults:#?}");
+    assert_eq!(faults[0].engines(), vec!["embed", "gen"]);
+    assert_eq!(
+        faults[0].action.as_deref(),
+        Some("every engine of the GPU restarted (gen, embed)")
+    );
+    for st in sup.instances() {
+        assert_eq!(st.failures, 1, "{st:?}");
+        assert_eq!(st.restarts, 1, "{st:?}");
+    }
+    assert!(!alive(before[0]));
+    sup.shutdown().await;
 }
