@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::matrix::Condition;
 use crate::results::{
-    host_environment, CounterStat, Environment, GpuEnv, GpuWindow, Percentiles, WorkloadMetrics,
+    host_environment, CounterStat, Environment, FaultPhase, GpuEnv, GpuWindow, Percentiles,
+    WindowFault, WorkloadMetrics,
 };
 use crate::runner::{Harness, Measurement, ResolvedWorkload};
 use crate::spec::{Experiment, Kind};
@@ -91,6 +92,8 @@ pub struct RealHarness {
     endpoints: BTreeMap<String, Endpoint>,
     gpu_index: Option<u32>,
     sampler: std::result::Result<gpu::telemetry::Sampler, String>,
+    /// The last MPS fault (by id) of the running deployment already given to a window.
+    faults_reported: u64,
 }
 
 impl RealHarness {
@@ -117,6 +120,7 @@ impl RealHarness {
             endpoints: BTreeMap::new(),
             gpu_index: None,
             sampler,
+            faults_reported: 0,
         })
     }
 
@@ -187,8 +191,51 @@ impl RealHarness {
             reason: (!notes.is_empty()).then(|| notes.join("; ")),
             counters,
             samples,
+            mps_faults: Vec::new(),
         }
     }
+}
+
+/// Unix seconds now.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The supervisor's MPS faults newer than `after_id`, as a window keeps them: each placed
+/// before the warm-up (which began at `warmup_start`), in it, or in the window (from
+/// `window_start`). A fault whose time cannot be read is placed in the window: unclean is
+/// the safe guess.
+fn window_faults(
+    faults: &[deploy::supervisor::MpsFault],
+    after_id: u64,
+    warmup_start: f64,
+    window_start: f64,
+) -> Vec<WindowFault> {
+    faults
+        .iter()
+        .filter(|f| f.id > after_id)
+        .map(|f| {
+            let t = chrono::DateTime::parse_from_rfc3339(&f.at)
+                .map(|d| d.timestamp_millis() as f64 / 1000.0)
+                .ok();
+            let phase = match t {
+                Some(t) if t < warmup_start => FaultPhase::BeforeWarmup,
+                Some(t) if t < window_start => FaultPhase::Warmup,
+                _ => FaultPhase::Window,
+            };
+            WindowFault {
+                t: t.unwrap_or(window_start),
+                log_time: f.log_time.clone(),
+                phase,
+                engines: f.engines().into_iter().map(String::from).collect(),
+                message: f.message.clone(),
+                action: f.action.clone(),
+            }
+        })
+        .collect()
 }
 
 fn bench_workload(w: &ResolvedWorkload, ep: &Endpoint) -> bench::WorkloadSpec {
@@ -314,6 +361,7 @@ impl Harness for RealHarness {
                 });
         }
         self.running = Some(d);
+        self.faults_reported = 0;
         Ok(())
     }
 
@@ -342,6 +390,7 @@ impl Harness for RealHarness {
         // The repetition's seed: the runner sets it on every workload of the window.
         spec.seed = workloads.iter().find_map(|w| w.def.seed).unwrap_or(0);
         let token = CancellationToken::new();
+        let warmup_start = unix_now();
         let (tx, mut rx) = tokio::sync::watch::channel(bench::Progress::default());
         let result = self.rt.block_on(async {
             let fut = bench::run(&spec, Some(tx), token.clone());
@@ -370,6 +419,25 @@ impl Harness for RealHarness {
             gpu: self.gpu_window(w0, w1),
             ..Default::default()
         };
+        if let Some(d) = &self.running {
+            // Read now, as the window closes: a fault logged in its last moment is in.
+            let faults = d.mps_faults();
+            out.gpu.mps_faults = window_faults(&faults, self.faults_reported, warmup_start, w0);
+            self.faults_reported = faults
+                .iter()
+                .map(|f| f.id)
+                .max()
+                .unwrap_or(0)
+                .max(self.faults_reported);
+            for f in &out.gpu.mps_faults {
+                live(format!(
+                    "MPS fault {} ({}): {}",
+                    f.phase.describe(),
+                    f.engines.join(", "),
+                    f.message
+                ));
+            }
+        }
         for r in &result.workloads {
             let engine = workloads
                 .iter()
@@ -394,5 +462,59 @@ impl Harness for RealHarness {
 impl Drop for RealHarness {
     fn drop(&mut self) {
         self.down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deploy::supervisor::{FaultedClient, MpsFault, MpsFaultKind};
+
+    fn fault(id: u64, at: &str) -> MpsFault {
+        MpsFault {
+            id,
+            at: at.into(),
+            log_time: "2026-11-23 20:10:31.616".into(),
+            kind: MpsFaultKind::ClientFault,
+            clients: vec![
+                FaultedClient {
+                    pid: 10,
+                    engine: Some("gen".into()),
+                },
+                FaultedClient {
+                    pid: 11,
+                    engine: Some("embed".into()),
+                },
+            ],
+            message: "sticky error set on client process 10, 11".into(),
+            action: Some("every engine of the GPU restarted (gen, embed)".into()),
+        }
+    }
+
+    #[test]
+    fn faults_are_placed_around_the_window_and_given_once() {
+        // 1_000_000_000 s = 2001-09-09T01:46:40Z
+        let faults = vec![
+            fault(1, "2001-09-09T01:46:30Z"),
+            fault(2, "2001-09-09T01:46:35Z"),
+            fault(3, "2001-09-09T01:46:39.5Z"),
+            fault(4, "2001-09-09T01:46:45+00:00"),
+            fault(5, "not a time"),
+        ];
+        let w = window_faults(&faults, 1, 1_000_000_000.0 - 2.0, 1_000_000_001.0);
+        let phases: Vec<FaultPhase> = w.iter().map(|f| f.phase).collect();
+        assert_eq!(
+            phases,
+            vec![
+                FaultPhase::BeforeWarmup,
+                FaultPhase::Warmup,
+                FaultPhase::Window,
+                FaultPhase::Window
+            ]
+        );
+        assert_eq!(w[1].t, 999_999_999.5);
+        assert_eq!(w[0].engines, vec!["gen", "embed"]);
+        assert!(w[0].action.as_deref().unwrap().contains("restarted"));
+        assert!(window_faults(&faults, 5, 0.0, 0.0).is_empty());
     }
 }

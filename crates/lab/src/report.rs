@@ -1,6 +1,8 @@
 //! `report.md` and its plots, rendered from results.json alone (so `lab report` can redo
-//! it at any time): environment, a headline table, the recommendation with its
-//! `colocate up` file, every condition in detail, the plots, the experiment file.
+//! it at any time): environment, a headline table, the MPS faults seen (a measurement
+//! taken across a fault restart is not a clean one, and the report says so wherever its
+//! figures appear), the recommendation with its `colocate up` file, every condition in
+//! detail, the plots, the experiment file.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use anyhow::{Context, Result};
 
 use crate::analysis::{analyse, Analysis, CellSummary, Stat};
 use crate::plots;
-use crate::results::{Results, COUNTERS};
+use crate::results::{Results, WindowFault, COUNTERS};
 use crate::template;
 
 /// The report file name inside a run folder.
@@ -43,6 +45,71 @@ fn pct(v: Option<f64>) -> String {
     }
 }
 
+/// Marks a condition measured across an MPS fault, wherever its label is shown.
+const FAULT_MARK: &str = "⚠ MPS fault";
+
+/// Every MPS fault seen around the repetitions of `label`: (repetition, fault).
+fn faults_of<'a>(results: &'a Results, label: &str) -> Vec<(u32, &'a WindowFault)> {
+    results
+        .conditions
+        .iter()
+        .filter(|r| r.condition.label == label)
+        .flat_map(|r| r.mps_faults().iter().map(|f| (r.condition.repetition, f)))
+        .collect()
+}
+
+/// The "MPS faults" section: why faulted conditions are not clean, and each fault. Empty
+/// when no condition saw one.
+fn faults_section(results: &Results, a: &Analysis) -> String {
+    let mut rows = String::new();
+    let mut touched = 0;
+    for (i, c) in a.cells.iter().enumerate() {
+        let faults = faults_of(results, &c.label);
+        if faults.is_empty() {
+            continue;
+        }
+        touched += 1;
+        for (rep, f) in faults {
+            let _ = writeln!(
+                rows,
+                "| {} | {} | {rep} | {} (daemon log {}) | {} | {} | {} |",
+                cid(i),
+                c.label,
+                f.phase.describe(),
+                f.log_time,
+                if f.engines.is_empty() {
+                    "–".to_string()
+                } else {
+                    f.engines.join(", ")
+                },
+                f.message.replace('|', "/"),
+                f.action.as_deref().unwrap_or("–").replace('|', "/")
+            );
+        }
+    }
+    if touched == 0 {
+        return String::new();
+    }
+    let mut out = String::from(
+        "## MPS faults
+
+",
+    );
+    let _ = writeln!(
+        out,
+        "{touched} condition(s) marked {FAULT_MARK} were measured across an MPS client fault. Under MPS a fault kills every client of the GPU and the supervisor restarts all of them, so those figures include dead engines and a restart: they are not clean measurements. Re-run those conditions before drawing conclusions from them. A fault seen before the warm-up counts too: the engines may still have been restarting when it began.
+"
+    );
+    out.push_str(
+        "| # | condition | rep | when | engines | fault | supervisor action |
+|---|---|---:|---|---|---|---|
+",
+    );
+    out.push_str(&rows);
+    out.push('\n');
+    out
+}
+
 fn lat(s: Option<&Stat>) -> String {
     s.map(|s| s.show(1)).unwrap_or_else(|| "–".into())
 }
@@ -66,7 +133,12 @@ pub fn headline(results: &Results, a: &Analysis) -> String {
     }
     s.push_str("---:|---|\n");
     for (i, c) in a.cells.iter().enumerate() {
-        let _ = write!(s, "| {} | {} |", cid(i), c.label);
+        let mark = if faults_of(results, &c.label).is_empty() {
+            String::new()
+        } else {
+            format!(" {FAULT_MARK}")
+        };
+        let _ = write!(s, "| {} | {}{mark} |", cid(i), c.label);
         for w in &names {
             match c.workloads.get(w) {
                 Some(ws) => {
@@ -115,6 +187,28 @@ fn condition_detail(out: &mut String, i: usize, c: &CellSummary, results: &Resul
         let _ = writeln!(out, "- failed: {f}");
     }
     if !c.failures.is_empty() {
+        out.push('\n');
+    }
+    let faults = faults_of(results, &c.label);
+    if !faults.is_empty() {
+        let _ = writeln!(
+            out,
+            "{FAULT_MARK}: not a clean measurement ({} fault(s); see *MPS faults*):\n",
+            faults.len()
+        );
+        for (rep, f) in faults {
+            let _ = writeln!(
+                out,
+                "- repetition {rep}, {}: {} ({})",
+                f.phase.describe(),
+                f.message,
+                if f.engines.is_empty() {
+                    "no engine named".to_string()
+                } else {
+                    f.engines.join(", ")
+                }
+            );
+        }
         out.push('\n');
     }
     let rates: Vec<String> = results
@@ -239,9 +333,18 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
     let head = headline(results, &a);
     out.push_str(&head);
     out.push('\n');
+    out.push_str(&faults_section(results, &a));
 
     out.push_str("## Recommendation\n\n");
     let _ = writeln!(out, "{}\n", a.recommendation.reason);
+    if let Some(l) = &a.recommendation.label {
+        if !faults_of(results, l).is_empty() {
+            let _ = writeln!(
+                out,
+                "{FAULT_MARK}: the recommended condition was measured across an MPS fault (see *MPS faults*); re-run it before relying on this recommendation. Faults under MPS take every engine of the GPU down.\n"
+            );
+        }
+    }
     let rec_cell = a
         .recommendation
         .label
@@ -539,6 +642,7 @@ ttft_p99 = "100ms"
                     reason: None,
                     counters,
                     samples,
+                    mps_faults: Vec::new(),
                 },
             });
         }
@@ -609,6 +713,59 @@ ttft_p99 = "100ms"
             t["engines"].as_array().unwrap()[0]["sm_percent"].as_integer(),
             Some(50)
         );
+    }
+
+    #[test]
+    fn a_condition_measured_across_an_mps_fault_is_marked() {
+        use crate::results::{FaultPhase, WindowFault};
+        let mut results = synthetic();
+        let dir = tempfile::tempdir().unwrap();
+        let clean = render(&results, dir.path(), None).unwrap();
+        let md = std::fs::read_to_string(&clean.report).unwrap();
+        assert!(!md.contains(FAULT_MARK), "{md}");
+        assert!(!md.contains("## MPS faults"));
+
+        let faulted = results
+            .conditions
+            .iter_mut()
+            .find(|c| c.condition.sharing == "mps" && c.condition.repetition == 2)
+            .unwrap();
+        let label = faulted.condition.label.clone();
+        faulted.gpu.mps_faults.push(WindowFault {
+            t: 1001.0,
+            log_time: "2026-11-23 20:10:31.616".into(),
+            phase: FaultPhase::Window,
+            engines: vec!["gen".into(), "emb".into()],
+            message: "sticky error set on client process 563, 562 (MPS server 597)".into(),
+            action: Some("every engine of the GPU restarted (gen, emb)".into()),
+        });
+        assert!(faulted.fault_touched());
+        // It survives results.json.
+        let text = serde_json::to_string(&results).unwrap();
+        let back: Results = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, results);
+
+        let r = render(&results, dir.path(), None).unwrap();
+        let md = std::fs::read_to_string(&r.report).unwrap();
+        let row = r
+            .headline
+            .lines()
+            .find(|l| l.contains(&label))
+            .unwrap()
+            .to_string();
+        assert!(row.contains(FAULT_MARK), "{}", r.headline);
+        assert_eq!(r.headline.matches(FAULT_MARK).count(), 1, "{}", r.headline);
+        for needle in [
+            "## MPS faults",
+            "not clean measurements",
+            "| 2 | in the window (daemon log 2026-11-23 20:10:31.616) | gen, emb | sticky error set on client process 563, 562 (MPS server 597) | every engine of the GPU restarted (gen, emb) |",
+            "not a clean measurement (1 fault(s)",
+            "- repetition 2, in the window: sticky error set",
+            // mps 50/50 is still the recommendation: the report warns about it
+            "the recommended condition was measured across an MPS fault",
+        ] {
+            assert!(md.contains(needle), "missing {needle} in\n{md}");
+        }
     }
 
     #[test]

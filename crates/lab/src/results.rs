@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::matrix::Condition;
 use crate::spec::{Experiment, Kind};
 
-/// Version of the results.json layout; bumped on incompatible changes.
+/// Version of the results.json layout; bumped on incompatible changes. Additions that an
+/// older reader may skip (`gpu.mps_faults`) keep it.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// The name of the results file inside a run folder.
@@ -103,6 +104,19 @@ pub struct ConditionResult {
 }
 
 impl ConditionResult {
+    /// The MPS faults seen since the previous window of the same deployment, up to the end
+    /// of this one (see [`GpuWindow::mps_faults`]).
+    pub fn mps_faults(&self) -> &[WindowFault] {
+        &self.gpu.mps_faults
+    }
+
+    /// Whether an MPS fault may have touched this measurement: any fault seen since the
+    /// previous window. One before warm-up counts too: the supervisor may still have been
+    /// restarting the engines when the warm-up began.
+    pub fn fault_touched(&self) -> bool {
+        !self.gpu.mps_faults.is_empty()
+    }
+
     /// A failed condition with its reason.
     pub fn failed(condition: Condition, reason: String) -> Self {
         ConditionResult {
@@ -190,6 +204,49 @@ pub struct GpuWindow {
     /// The samples in the window: (Unix seconds, counter -> value).
     #[serde(default)]
     pub samples: Vec<(f64, BTreeMap<String, f64>)>,
+    /// MPS faults the deployment's supervisor saw since the previous window on the same
+    /// deployment, up to the end of this one. Any at all means the engines were (or may
+    /// have been) restarted around this measurement: it is not a clean one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mps_faults: Vec<WindowFault>,
+}
+
+/// When, relative to a condition's measurement, an MPS fault was seen.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultPhase {
+    /// After the previous window, before this warm-up (its restart may overlap it).
+    BeforeWarmup,
+    Warmup,
+    Window,
+}
+
+impl FaultPhase {
+    /// Words for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FaultPhase::BeforeWarmup => "before warm-up",
+            FaultPhase::Warmup => "during warm-up",
+            FaultPhase::Window => "in the window",
+        }
+    }
+}
+
+/// One MPS fault seen around a condition (the supervisor's record, as the lab keeps it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WindowFault {
+    /// Unix seconds the supervisor read it from the daemon's log.
+    pub t: f64,
+    /// The daemon's own timestamp, verbatim (local time), to find it in `mps/log/`.
+    pub log_time: String,
+    pub phase: FaultPhase,
+    /// Engine replicas whose MPS clients it named.
+    pub engines: Vec<String>,
+    /// What the log said.
+    pub message: String,
+    /// What the supervisor did (e.g. restarted every engine of the GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
 }
 
 /// Summary of one counter over a window.
