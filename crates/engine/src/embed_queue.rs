@@ -69,8 +69,18 @@ impl EmbedQueue {
         !self.queue.is_empty()
     }
 
-    /// Embeds one batch and answers the requests it completes.
+    /// Embeds one batch and answers the requests it completes. The gauges are current
+    /// afterwards on every path (a sweep reads them to see that nothing leaked).
     pub fn step(&mut self, model: &mut dyn Embedder) -> anyhow::Result<()> {
+        let result = self.run_batch(model);
+        self.metrics.requests_running.store(0, Relaxed);
+        self.metrics
+            .requests_waiting
+            .store(self.queue.len() as u64, Relaxed);
+        result
+    }
+
+    fn run_batch(&mut self, model: &mut dyn Embedder) -> anyhow::Result<()> {
         self.drop_cancelled();
         // (request position in the queue, count of its inputs in this batch)
         let mut spans: Vec<(usize, usize)> = Vec::new();
@@ -126,7 +136,6 @@ impl EmbedQueue {
                         self.admission.leave();
                     }
                 }
-                self.metrics.requests_running.store(0, Relaxed);
                 return Err(e);
             }
         };
@@ -146,10 +155,6 @@ impl EmbedQueue {
             let p = self.queue.pop_front().expect("front exists");
             self.finish(p);
         }
-        self.metrics.requests_running.store(0, Relaxed);
-        self.metrics
-            .requests_waiting
-            .store(self.queue.len() as u64, Relaxed);
         Ok(())
     }
 
@@ -267,6 +272,30 @@ mod tests {
         q.step(&mut m).unwrap();
         assert!(m.batches.is_empty());
         assert!(!q.has_work());
+        assert_eq!(adm.waiting(), 0);
+    }
+
+    #[test]
+    fn gauges_are_zero_once_every_request_is_gone() {
+        let adm = Arc::new(Admission::new(10));
+        let metrics = Arc::new(Metrics::default());
+        let mut q = EmbedQueue::new(100, 100, metrics.clone(), adm.clone());
+        let mut rxs = vec![];
+        for _ in 0..3 {
+            assert!(adm.try_enter());
+            let (tx, rx) = oneshot::channel();
+            q.add(EmbedRequest {
+                inputs: vec![vec![1; 5]],
+                reply: tx,
+            });
+            rxs.push(rx);
+        }
+        assert_eq!(metrics.requests_waiting.load(Relaxed), 3);
+        rxs.clear();
+        q.step(&mut fake()).unwrap();
+        assert_eq!(metrics.requests_waiting.load(Relaxed), 0);
+        assert_eq!(metrics.requests_running.load(Relaxed), 0);
+        assert_eq!(metrics.requests_aborted.load(Relaxed), 3);
         assert_eq!(adm.waiting(), 0);
     }
 }

@@ -216,7 +216,7 @@ fn run(
                 info.eos_token_ids.clone(),
                 Arc::new(loaded.tokenizer.clone()),
                 metrics,
-                admission,
+                admission.clone(),
             );
             tracing::info!(
                 "loaded {} ({}, generate) in {:.1}s: {} KV blocks of {} tokens, max model len {}",
@@ -237,6 +237,9 @@ fn run(
                     match c {
                         Command::Generate(g) => sched.add(g),
                         Command::Embed(e) => {
+                            // The server checks the task first; if one slips through, its
+                            // admission place must not leak.
+                            admission.leave();
                             let _ = e.reply.send(Err(anyhow::anyhow!(
                                 "this model generates; it does not embed"
                             )));
@@ -249,8 +252,12 @@ fn run(
             }
         }
         LoadedModel::Embedder(mut model) => {
-            let mut queue =
-                EmbedQueue::new(r.max_num_batched_tokens, r.max_num_seqs, metrics, admission);
+            let mut queue = EmbedQueue::new(
+                r.max_num_batched_tokens,
+                r.max_num_seqs,
+                metrics,
+                admission.clone(),
+            );
             tracing::info!(
                 "loaded {} ({}, embed) in {:.1}s: batches of up to {} tokens, max model len {}",
                 load_opts.model,
@@ -269,6 +276,7 @@ fn run(
                     match c {
                         Command::Embed(e) => queue.add(e),
                         Command::Generate(g) => {
+                            admission.leave();
                             let _ = g.events.send(crate::scheduler::GenEvent::Error(
                                 "this model embeds; it does not generate".into(),
                             ));
