@@ -1,7 +1,8 @@
 //! Startup and shutdown of `colocate serve`: bind the port first (so a port in use fails
 //! at once with a clear message), start the engine thread that loads the model, serve HTTP
-//! (`/health` answers 503 until the model is loaded), and stop on Ctrl-C / SIGTERM or when
-//! loading fails (then exit non-zero with the loader's message).
+//! (`/health` answers 503 until the model is loaded) within `http_guard`'s connection
+//! limits, and stop on Ctrl-C / SIGTERM or when loading fails (then exit non-zero with the
+//! loader's message).
 
 use std::sync::Arc;
 
@@ -94,18 +95,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ = failed => {},
         }
     };
-    // Token-sized SSE writes must leave at once: without TCP_NODELAY, Nagle's algorithm
-    // holds them until the client's (delayed, up to 40 ms) ACK.
-    use axum::serve::ListenerExt as _;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop)
-        .await
-        .context("HTTP server failed")?;
+    // Connections within bounds (cap, head/body/idle timeouts; TCP_NODELAY so that
+    // token-sized SSE writes leave at once): see `http_guard`.
+    if let Err(e) = http_guard::raise_fd_limit() {
+        tracing::debug!("cannot raise the open-files limit: {e}");
+    }
+    let limits = http_guard::Limits::default();
+    tracing::debug!(?limits, "HTTP limits");
+    http_guard::Server::new(listener, router(state), limits)
+        .serve(stop)
+        .await;
     if let Health::Failed(e) = &*health.borrow() {
         anyhow::bail!("{e}");
     }
