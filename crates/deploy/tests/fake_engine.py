@@ -7,6 +7,8 @@ Env: READY_AFTER (seconds before /health says 200), EXIT_AFTER (seconds, then ex
      EXIT_AT_START (exit 2 at once, printing a reason).
 POST /v1/completions: {"model", "prompt", "stream"} -> the answer names the port (so tests
 see which replica served), streamed as SSE in 5 chunks 50 ms apart when "stream" is true.
+  "prompt": "die" streams 2 chunks and then the process exits (an engine dying mid-stream);
+  "max_tokens" below 0 gets a 400 OpenAI error body (the engine's own validation).
 """
 import json
 import os
@@ -52,6 +54,10 @@ class H(BaseHTTPRequestHandler):
         n = int(self.headers.get("content-length", "0"))
         req = json.loads(self.rfile.read(n) or b"{}")
         text = f"port {port} says {req.get('prompt', '')}"
+        if isinstance(req.get("max_tokens"), int) and req["max_tokens"] < 0:
+            self.send_json(400, {"error": {"message": f"max_tokens must be at least 0, got {req['max_tokens']}",
+                                           "type": "invalid_request_error", "param": "max_tokens", "code": 400}})
+            return
         if req.get("stream"):
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
@@ -63,6 +69,9 @@ class H(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
                 time.sleep(0.05)
+                if i == 1 and req.get("prompt") == "die":
+                    print("fake engine: dying mid-stream", flush=True)
+                    os._exit(1)
             done = b"data: [DONE]\n\n"
             self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
             self.wfile.flush()
