@@ -140,13 +140,29 @@ impl AppState {
         }
     }
 
-    /// What validation needs to know about the served model.
-    fn view<'a>(&'a self, ready: &'a Ready) -> ModelView<'a> {
-        ModelView {
-            served_model_name: &self.served_model_name,
-            info: &ready.info,
-            max_model_len: ready.max_model_len,
-            tokenizer: &ready.tokenizer,
+    /// Runs `check` (parse, validate, tokenize) on `body` on a blocking thread: tokenizing
+    /// megabytes of text takes a while and must not stall the runtime's few threads (the
+    /// health probe and every stream share them); a panic there would be a 500, not a
+    /// dead server.
+    async fn validated<T, F>(&self, ready: &Arc<Ready>, body: Bytes, check: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&[u8], &ModelView<'_>) -> Result<T, ErrorBody> + Send + 'static,
+    {
+        let ready = ready.clone();
+        let served_model_name = self.served_model_name.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let view = ModelView {
+                served_model_name: &served_model_name,
+                info: &ready.info,
+                max_model_len: ready.max_model_len,
+                tokenizer: &ready.tokenizer,
+            };
+            check(&body, &view)
+        });
+        match job.await {
+            Ok(result) => result.map_err(ApiError),
+            Err(e) => Err(internal(format!("request validation failed: {e}"))),
         }
     }
 
@@ -225,7 +241,7 @@ async fn completions(
     JsonBody(body): JsonBody,
 ) -> ApiResult<Response> {
     let ready = st.ready()?;
-    let job: GenJob = validate::completion(&body, &st.view(&ready))?;
+    let job: GenJob = st.validated(&ready, body, validate::completion).await?;
     let rx = start_generation(&st, &ready, job.prompt, job.params)?;
     let id = request_id("cmpl");
     let created = openai::unix_now();
@@ -256,7 +272,7 @@ async fn completions(
 
 async fn chat(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> ApiResult<Response> {
     let ready = st.ready()?;
-    let job: GenJob = validate::chat(&body, &st.view(&ready))?;
+    let job: GenJob = st.validated(&ready, body, validate::chat).await?;
     let rx = start_generation(&st, &ready, job.prompt, job.params)?;
     let id = request_id("chatcmpl");
     let created = openai::unix_now();
@@ -307,7 +323,7 @@ async fn embeddings(
     JsonBody(body): JsonBody,
 ) -> ApiResult<Response> {
     let ready = st.ready()?;
-    let mut job = validate::embedding(&body, &st.view(&ready))?;
+    let mut job = st.validated(&ready, body, validate::embedding).await?;
     let prompt_tokens = u32::try_from(job.prompt_tokens()).unwrap_or(u32::MAX);
     let inputs = std::mem::take(&mut job.inputs);
     let (tx, rx) = oneshot::channel();
