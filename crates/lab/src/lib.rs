@@ -7,6 +7,7 @@
 //! (efficiency, SLOs, recommendation) → [`report`] and [`plots`].
 pub mod analysis;
 pub mod cli;
+pub mod engine_metrics;
 pub mod matrix;
 #[cfg(feature = "measure")]
 pub mod measure;
