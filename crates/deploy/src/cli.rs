@@ -307,3 +307,31 @@ pub fn mps_fault_lines(st: &state::StateFile) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_says_none_under_mps_and_nothing_otherwise() {
+        let mut st = state::StateFile {
+            schema: state::SCHEMA,
+            name: "t".into(),
+            phase: "running".into(),
+            up_pid: 1,
+            run_dir: PathBuf::from("/tmp/x"),
+            started_at: String::new(),
+            updated_at: String::new(),
+            gpu: "0".into(),
+            sharing: "mps".into(),
+            gateway_url: None,
+            instances: Vec::new(),
+            events: Vec::new(),
+            mps_faults: Vec::new(),
+            mps_faults_total: 0,
+        };
+        assert_eq!(mps_fault_lines(&st), vec!["MPS faults: none"]);
+        st.sharing = "timeslice".into();
+        assert!(mps_fault_lines(&st).is_empty());
+    }
+}

@@ -86,3 +86,43 @@ pub fn read(run_dir: &Path) -> anyhow::Result<StateFile> {
     }
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(schema: u32) -> StateFile {
+        StateFile {
+            schema,
+            name: "t".into(),
+            phase: "running".into(),
+            up_pid: 1,
+            run_dir: PathBuf::from("/tmp/x"),
+            started_at: String::new(),
+            updated_at: String::new(),
+            gpu: "0".into(),
+            sharing: "mps".into(),
+            gateway_url: None,
+            instances: Vec::new(),
+            events: Vec::new(),
+            mps_faults: Vec::new(),
+            mps_faults_total: 0,
+        }
+    }
+
+    #[test]
+    fn a_schema_1_file_reads_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = serde_json::to_value(state(1)).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("mps_faults");
+        obj.remove("mps_faults_total");
+        std::fs::write(path(dir.path()), v.to_string()).unwrap();
+        let s = read(dir.path()).unwrap();
+        assert!(s.mps_faults.is_empty());
+
+        write(dir.path(), &state(SCHEMA + 1)).unwrap();
+        let err = read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("newer than this colocate reads"), "{err}");
+    }
+}

@@ -330,6 +330,8 @@ impl Supervisor {
 
     /// The MPS faults seen (the most recent ones), after reading what the daemon logged
     /// up to now: a caller closing a measurement window sees every fault logged in it.
+    /// Reads the log files in place (small appends; call it outside async code or accept
+    /// a short block).
     pub fn mps_faults(&self) -> Vec<MpsFault> {
         if let Some((w, _)) = &self.faults {
             w.poll_once();
@@ -398,13 +400,26 @@ impl Core {
 
     /// Sets what the supervisor did about fault `id`, unless an earlier decision stands.
     fn fault_action(&self, id: u64, action: String) {
+        self.update_fault_action(id, |a| {
+            a.get_or_insert(action);
+        });
+    }
+
+    fn update_fault_action(&self, id: u64, f: impl FnOnce(&mut Option<String>)) {
         let mut s = self.snapshot.lock();
-        if let Some(f) = s.mps_faults.iter_mut().find(|f| f.id == id) {
-            if f.action.is_none() {
-                f.action = Some(action);
-            }
+        if let Some(rec) = s.mps_faults.iter_mut().find(|r| r.id == id) {
+            f(&mut rec.action);
         }
         (self.on_change)(&s);
+    }
+
+    /// Who recovers together: under MPS every instance not given up on (one GPU per
+    /// deployment), otherwise the crashed and the faulted ones.
+    fn group(&self, charged: &BTreeSet<usize>, named: &BTreeSet<usize>) -> Vec<usize> {
+        (0..self.instances.len())
+            .filter(|&j| self.state(j) != InstanceState::Failed)
+            .filter(|j| self.opts.shared_fault || charged.contains(j) || named.contains(j))
+            .collect()
     }
 
     /// (index, pid) of every instance with a process (running, or exited unnoticed yet).
@@ -667,11 +682,7 @@ impl Core {
             named.extend(self.mark_faulted(f, &members, &mut charged));
             faults.push(f.id);
         }
-        let shared = self.opts.shared_fault;
-        let group: Vec<usize> = (0..self.instances.len())
-            .filter(|&j| self.state(j) != InstanceState::Failed)
-            .filter(|j| shared || charged.contains(j) || named.contains(j))
-            .collect();
+        let group = self.group(&charged, &named);
 
         // Give the group time to exit by itself, taking in the faults logged meanwhile.
         if group.iter().any(|&j| self.instances[j].proc.is_some()) {
@@ -710,17 +721,18 @@ impl Core {
                 faults.push(f.id);
             }
         }
+        let group = self.group(&charged, &named);
         let names: Vec<String> = group
             .iter()
             .map(|&j| self.instances[j].spec.name.clone())
             .collect();
-        let what = if shared {
-            format!("every engine of the GPU restarted ({})", names.join(", "))
+        let whom = if self.opts.shared_fault {
+            format!("every engine of the GPU ({})", names.join(", "))
         } else {
-            format!("restarted {}", names.join(", "))
+            names.join(", ")
         };
         for id in &faults {
-            self.fault_action(*id, what.clone());
+            self.fault_action(*id, format!("restarting {whom}"));
         }
 
         // Stop whoever is left.
@@ -756,7 +768,24 @@ impl Core {
                 self.set(j, |s| s.state = InstanceState::Restarting);
             }
         }
-        self.restart(&group, &charged).await
+        let done = self.restart(&group, &charged).await;
+        let gave_up: Vec<&str> = group
+            .iter()
+            .filter(|&&j| self.state(j) == InstanceState::Failed)
+            .map(|&j| self.instances[j].spec.name.as_str())
+            .collect();
+        let outcome = match (done, gave_up.is_empty()) {
+            (false, _) => format!("restart of {whom} cut short by the shutdown"),
+            (true, true) => format!("{whom} restarted"),
+            (true, false) => format!(
+                "{whom} restarted but {} (given up on: see the events)",
+                gave_up.join(", ")
+            ),
+        };
+        for id in &faults {
+            self.update_fault_action(*id, |a| *a = Some(outcome.clone()));
+        }
+        done
     }
 
     /// Starts `group` again in start order, after the backoff of the most failed of

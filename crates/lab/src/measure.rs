@@ -487,7 +487,7 @@ mod tests {
                 },
             ],
             message: "sticky error set on client process 10, 11".into(),
-            action: Some("every engine of the GPU restarted (gen, embed)".into()),
+            action: Some("every engine of the GPU (gen, embed) restarted".into()),
         }
     }
 

@@ -737,7 +737,7 @@ ttft_p99 = "100ms"
             phase: FaultPhase::Window,
             engines: vec!["gen".into(), "emb".into()],
             message: "sticky error set on client process 563, 562 (MPS server 597)".into(),
-            action: Some("every engine of the GPU restarted (gen, emb)".into()),
+            action: Some("every engine of the GPU (gen, emb) restarted".into()),
         });
         assert!(faulted.fault_touched());
         // It survives results.json.
@@ -758,7 +758,7 @@ ttft_p99 = "100ms"
         for needle in [
             "## MPS faults",
             "not clean measurements",
-            "| 2 | in the window (daemon log 2026-11-23 20:10:31.616) | gen, emb | sticky error set on client process 563, 562 (MPS server 597) | every engine of the GPU restarted (gen, emb) |",
+            "| 2 | in the window (daemon log 2026-11-23 20:10:31.616) | gen, emb | sticky error set on client process 563, 562 (MPS server 597) | every engine of the GPU (gen, emb) restarted |",
             "not a clean measurement (1 fault(s)",
             "- repetition 2, in the window: sticky error set",
             // mps 50/50 is still the recommendation: the report warns about it
