@@ -51,8 +51,19 @@ fn h100_study_pair_b_dry_run_plans_every_condition() {
     assert!(out.contains("mem 0.45/0.45"), "{out}");
 }
 
+/// The quickstart's embedder, fetched as the other end-to-end tests do.
+fn fetch_minilm() {
+    let st = Command::new("bash")
+        .arg("scripts/fetch-minilm.sh")
+        .current_dir(root())
+        .status()
+        .expect("run fetch-minilm.sh");
+    assert!(st.success(), "scripts/fetch-minilm.sh failed");
+}
+
 #[test]
 fn quickstart_dry_run_with_overrides() {
+    fetch_minilm();
     let o = lab(&[
         "run",
         "examples/quickstart.toml",
@@ -143,4 +154,102 @@ fn report_and_resume_of_missing_runs_fail_clearly() {
         assert!(err.contains("results.json"), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[test]
+fn missing_model_folder_fails_before_anything_runs_and_says_what_to_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(root().join("examples/quickstart.toml")).unwrap();
+    let minilm = dir.path().join("models/all-minilm-l6-v2");
+    let cases = [
+        (
+            good.replace("models/all-minilm-l6-v2", minilm.to_str().unwrap()),
+            vec![
+                "deployment.engines[1] (embed).model",
+                "does not exist",
+                "run ./scripts/fetch-minilm.sh",
+            ],
+        ),
+        (
+            good.replace("models/all-minilm-l6-v2", "no/such/model"),
+            vec![
+                "deployment.engines[1] (embed).model: \"no/such/model\" does not exist",
+                "preset:NAME",
+            ],
+        ),
+    ];
+    for (i, (body, needles)) in cases.iter().enumerate() {
+        let p = dir.path().join(format!("missing{i}.toml"));
+        std::fs::write(&p, body).unwrap();
+        let out = dir.path().join(format!("run{i}"));
+        for dry in [true, false] {
+            let mut args = vec!["run", p.to_str().unwrap(), "--out", out.to_str().unwrap()];
+            if dry {
+                args.push("--dry-run");
+            }
+            let t0 = std::time::Instant::now();
+            let o = lab(&args);
+            let (stdout, err) = text(&o);
+            assert!(
+                !o.status.success(),
+                "case {i} (dry {dry}) accepted:\n{stdout}\n{err}"
+            );
+            for n in needles {
+                assert!(
+                    err.contains(n),
+                    "case {i} (dry {dry}): {n:?} not in:\n{err}"
+                );
+            }
+            assert!(!err.contains("panicked"), "{err}");
+            assert!(!out.exists(), "case {i}: a run folder was created");
+            assert!(
+                t0.elapsed().as_secs() < 20,
+                "case {i}: it ran something first"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_run_that_measures_no_co_located_condition_fails_and_lists_why() {
+    // the embedder's folder exists but its config.json is not a model's: the check up
+    // front lets it through, the engine fails to start, every condition with it fails
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken-model");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), "{}").unwrap();
+    let good = std::fs::read_to_string(root().join("examples/quickstart.toml")).unwrap();
+    let body = good
+        .replace("models/all-minilm-l6-v2", broken.to_str().unwrap())
+        .replace("port = 38101", "port = 38171")
+        .replace("port = 38102", "port = 38172");
+    let p = dir.path().join("broken.toml");
+    std::fs::write(&p, body).unwrap();
+    let out = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_colocate"))
+        .args(["lab", "run", p.to_str().unwrap(), "--out"])
+        .arg(&out)
+        .args(["--warmup", "0s", "--duration", "1s", "--quiet"])
+        .current_dir(root())
+        .env("COLOCATE_BIN", env!("CARGO_BIN_EXE_colocate"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run colocate");
+    let (stdout, err) = text(&o);
+    assert!(!o.status.success(), "accepted:\n{stdout}\n{err}");
+    assert!(
+        err.contains("no co-located condition could be measured"),
+        "{err}"
+    );
+    // the end lists every failed condition with its reason
+    assert!(err.contains("4 of 5 conditions failed:"), "{err}");
+    assert!(err.contains("  solo embed: vectors c=2 b=1 #1: "), "{err}");
+    assert!(
+        err.contains("  timeslice: chat c=4, vectors c=2 b=1 #1: "),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // what was measured is still reported
+    assert!(out.join("report.md").exists(), "{stdout}\n{err}");
+    assert!(stdout.contains("report: "), "{stdout}");
 }

@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::matrix::{describe, plan};
+use crate::matrix::{describe, plan, Condition};
 use crate::report::{compare, render, CommandLines};
 use crate::results::{Results, SCHEMA_VERSION};
 use crate::runner::{now_rfc3339, run as run_plan, ProgressView};
 use crate::spec::Experiment;
+use crate::template;
 
 /// Arguments of `colocate lab`.
 #[derive(Debug, clap::Args)]
@@ -150,9 +151,11 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         if a.dry_run {
             print!("{}", describe(&exp, &planned));
             check_deployments(&exp, &planned)?;
+            template::check_models(&exp, &planned)?;
             return Ok(());
         }
         check_deployments(&exp, &planned)?;
+        template::check_models(&exp, &planned)?;
         let dir = match &a.out {
             Some(d) => d.clone(),
             None => {
@@ -200,8 +203,16 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let total = plan(&results.experiment).len();
+    let planned = plan(&results.experiment);
+    let total = planned.len();
     let done = results.conditions.len();
+    // a resumed run checks the models of what is left to measure
+    let left: Vec<_> = planned
+        .iter()
+        .filter(|c| results.find(&c.id()).is_none())
+        .cloned()
+        .collect();
+    template::check_models(&results.experiment, &left)?;
     eprintln!(
         "lab: {} — {total} conditions ({done} already done), results in {}",
         results.experiment.name,
@@ -223,6 +234,46 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         );
     }
     println!("report: {}", r.report.display());
+    outcome(&results, &planned)
+}
+
+/// The end of a run: every failed condition with its reason (on stderr), and an error when
+/// the run is complete but measured nothing it was for: no co-located condition (or, in an
+/// experiment without any, no condition at all).
+fn outcome(results: &Results, planned: &[Condition]) -> Result<()> {
+    let failed: Vec<_> = results
+        .conditions
+        .iter()
+        .filter_map(|c| c.failed.as_ref().map(|why| (c, why)))
+        .collect();
+    if !failed.is_empty() {
+        eprintln!(
+            "{} of {} conditions failed:",
+            failed.len(),
+            results.conditions.len()
+        );
+        for (c, why) in &failed {
+            eprintln!("  {}: {}", c.condition.id(), why.replace('\n', "\n    "));
+        }
+    }
+    if !results.complete {
+        return Ok(());
+    }
+    let any_co = planned.iter().any(|c| !c.is_solo());
+    let measured = results
+        .conditions
+        .iter()
+        .filter(|c| c.failed.is_none())
+        .filter(|c| !any_co || !c.condition.is_solo())
+        .count();
+    if measured == 0 {
+        bail!(
+            "no {}condition could be measured ({} of {} failed; reasons above)",
+            if any_co { "co-located " } else { "" },
+            failed.len(),
+            results.conditions.len()
+        );
+    }
     Ok(())
 }
 
@@ -266,4 +317,86 @@ fn command_lines() -> CommandLines<'static> {
 #[cfg(not(feature = "measure"))]
 fn command_lines() -> CommandLines<'static> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::{host_environment, ConditionResult};
+
+    const EXP: &str = r#"
+name = "t"
+warmup = "0s"
+duration = "1s"
+[deployment]
+[[deployment.engines]]
+name = "gen"
+port = 1
+[[deployment.engines]]
+name = "emb"
+port = 2
+[[workloads]]
+name = "chat"
+engine = "gen"
+kind = "generate"
+concurrency = 1
+[[workloads]]
+name = "vec"
+engine = "emb"
+kind = "embed"
+concurrency = 1
+"#;
+
+    /// A complete run of `EXP` where the conditions for which `fails` is true failed.
+    fn results(fails: impl Fn(&Condition) -> bool) -> (Results, Vec<Condition>) {
+        let exp = Experiment::parse(EXP).unwrap();
+        let planned = plan(&exp);
+        let conditions = planned
+            .iter()
+            .map(|c| {
+                if fails(c) {
+                    ConditionResult::failed(c.clone(), "not a folder\nsecond line".into())
+                } else {
+                    ConditionResult {
+                        failed: None,
+                        ..ConditionResult::failed(c.clone(), String::new())
+                    }
+                }
+            })
+            .collect();
+        let r = Results {
+            schema_version: SCHEMA_VERSION,
+            experiment: exp,
+            experiment_text: EXP.into(),
+            experiment_path: "t.toml".into(),
+            environment: host_environment(),
+            started_at: now_rfc3339(),
+            updated_at: now_rfc3339(),
+            complete: true,
+            command: "test".into(),
+            conditions,
+        };
+        (r, planned)
+    }
+
+    #[test]
+    fn a_run_without_a_measured_co_located_condition_fails() {
+        let (r, p) = results(|_| false);
+        outcome(&r, &p).unwrap();
+        // one solo failing is reported but the run still measured a co-located condition
+        let (r, p) = results(|c| c.engines == ["emb"]);
+        outcome(&r, &p).unwrap();
+        // the embedder never came up: the solo gen was measured, nothing co-located
+        let (r, p) = results(|c| c.engines.iter().any(|e| e == "emb"));
+        let e = outcome(&r, &p).unwrap_err().to_string();
+        assert!(
+            e.contains("no co-located condition could be measured"),
+            "{e}"
+        );
+        assert!(e.contains("2 of 3 failed"), "{e}");
+        // an interrupted run is not judged yet
+        let (mut r, p) = results(|_| true);
+        r.complete = false;
+        outcome(&r, &p).unwrap();
+    }
 }

@@ -7,6 +7,8 @@
 //! Field names follow `deploy::DeploymentSpec`: `sharing`, `engines[].sm_percent`,
 //! `engines[].memory`.
 
+use std::path::Path;
+
 use anyhow::{bail, Result};
 
 use crate::matrix::Condition;
@@ -58,6 +60,71 @@ pub fn for_condition(exp: &Experiment, cond: &Condition) -> Result<toml::Table> 
     Ok(d)
 }
 
+/// Checks, before anything starts, that every built-in engine the `conditions` deploy
+/// names a model it can load: `preset:NAME` or an existing Hugging Face folder (relative
+/// paths are taken from the working directory, as the engines are started there). External
+/// engines (vLLM, SGLang, TEI, commands) take hub ids and are not checked. The error names
+/// each field and what to do; the MiniLM folder of the quickstart gets its fetch script.
+pub fn check_models(exp: &Experiment, conditions: &[Condition]) -> Result<()> {
+    let engines = exp
+        .deployment
+        .get("engines")
+        .and_then(|e| e.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let mut problems = Vec::new();
+    for (i, e) in engines.iter().enumerate() {
+        let Some(t) = e.as_table() else { continue };
+        let name = t.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+        if !conditions
+            .iter()
+            .any(|c| c.engines.iter().any(|n| n == name))
+        {
+            continue;
+        }
+        let kind = t.get("kind").and_then(|k| k.as_str()).unwrap_or("builtin");
+        let Some(model) = t.get("model").and_then(|m| m.as_str()) else {
+            continue; // a missing model is the deploy crate's error
+        };
+        if kind != "builtin" || model.starts_with("preset:") || model.trim().is_empty() {
+            continue;
+        }
+        if let Some(reason) = model_folder_problem(Path::new(model)) {
+            problems.push(format!(
+                "deployment.engines[{i}] ({name}).model: {model:?} {reason}"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", problems.join("\n"))
+    }
+}
+
+/// Why `dir` cannot be loaded by the built-in engine, or `None` when it looks loadable.
+fn model_folder_problem(dir: &Path) -> Option<String> {
+    let looks_like_minilm = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.eq_ignore_ascii_case("all-minilm-l6-v2"));
+    let fix = if looks_like_minilm {
+        "; run ./scripts/fetch-minilm.sh to fetch all-MiniLM-L6-v2 into models/all-minilm-l6-v2"
+    } else {
+        "; the built-in engine takes a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or preset:NAME"
+    };
+    if !dir.exists() {
+        return Some(format!("does not exist{fix}"));
+    }
+    if !dir.is_dir() {
+        return Some(format!("is not a folder{fix}"));
+    }
+    if !dir.join("config.json").is_file() {
+        return Some(format!("has no config.json{fix}"));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +173,76 @@ memory_split = [[0.5, 0.3]]
         assert_eq!(e[1]["sm_percent"].as_integer(), Some(30));
         assert_eq!(e[1]["memory"].as_float(), Some(0.3));
         assert_eq!(d["name"].as_str(), Some("t"));
+    }
+
+    fn with_models(gen: &str, gen_kind: &str, emb: &str) -> Experiment {
+        Experiment::parse(&format!(
+            r#"
+name = "t"
+warmup = "1s"
+duration = "1s"
+[deployment]
+[[deployment.engines]]
+name = "gen"
+kind = "{gen_kind}"
+model = "{gen}"
+[[deployment.engines]]
+name = "emb"
+model = "{emb}"
+[[workloads]]
+name = "chat"
+engine = "gen"
+kind = "generate"
+concurrency = 1
+"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn missing_model_folders_are_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::create_dir(&good).unwrap();
+        std::fs::write(good.join("config.json"), "{}").unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let minilm = dir.path().join("models/all-minilm-l6-v2");
+        let good = good.to_str().unwrap();
+
+        // presets, loadable folders and hub ids of external engines pass
+        for exp in [
+            with_models("preset:qwen3-tiny", "builtin", good),
+            with_models("Qwen/Qwen3-8B", "vllm", "preset:qwen3-tiny"),
+        ] {
+            check_models(&exp, &plan(&exp)).unwrap();
+        }
+
+        let exp = with_models("preset:qwen3-tiny", "builtin", minilm.to_str().unwrap());
+        let e = check_models(&exp, &plan(&exp)).unwrap_err().to_string();
+        assert!(e.contains("deployment.engines[1] (emb).model"), "{e}");
+        assert!(e.contains("does not exist"), "{e}");
+        assert!(e.contains("run ./scripts/fetch-minilm.sh"), "{e}");
+
+        let exp = with_models("Qwen/Qwen3-8B", "builtin", empty.to_str().unwrap());
+        let e = check_models(&exp, &plan(&exp)).unwrap_err().to_string();
+        assert!(
+            e.contains("deployment.engines[0] (gen).model: \"Qwen/Qwen3-8B\" does not exist"),
+            "{e}"
+        );
+        assert!(e.contains("deployment.engines[1] (emb).model"), "{e}");
+        assert!(e.contains("has no config.json"), "{e}");
+        assert!(e.contains("preset:NAME"), "{e}");
+        assert!(!e.contains("fetch-minilm"), "{e}");
+
+        // only the engines of the given conditions are checked
+        let solo_gen: Vec<_> = plan(&exp)
+            .into_iter()
+            .filter(|c| c.engines == ["gen"])
+            .collect();
+        assert!(!solo_gen.is_empty());
+        let e = check_models(&exp, &solo_gen).unwrap_err().to_string();
+        assert!(e.contains("(gen)") && !e.contains("(emb)"), "{e}");
+        check_models(&exp, &[]).unwrap();
     }
 }
