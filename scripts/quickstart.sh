@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # The README's first command: the quickstart experiment on CPU with the built-in engine.
+# The embedding model is fetched while the release build runs; then the experiment runs and
+# prints its headline table and where the report is. Arguments go to `colocate lab run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/fetch-minilm.sh
+./scripts/fetch-minilm.sh &
+fetch=$!
 cargo build --release -p colocate
-./target/release/colocate lab run examples/quickstart.toml "$@"
+if ! wait "$fetch"; then
+    echo "quickstart: fetching the embedding model failed (scripts/fetch-minilm.sh)" >&2
+    exit 1
+fi
+"${CARGO_TARGET_DIR:-target}/release/colocate" lab run examples/quickstart.toml "$@"

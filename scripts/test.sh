@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The test command of the README and of CI: fetches the test model, runs every test, and
-# ends with one line counting them all (cargo's own last line is a crate's doc tests).
+# The test command of the README and of CI: fetches the test model, installs the Python
+# clients the tests drive the servers with (.venv, the official openai client), runs every
+# test, and ends with one line counting them all (cargo's own last line is a crate's doc
+# tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-minilm.sh
+./scripts/setup-python.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked "$@" 2>&1 | tee "$log"
