@@ -1,65 +1,18 @@
 //! Base64 (RFC 4648, standard alphabet, padded) of little-endian `f32` bytes: the
 //! `encoding_format: "base64"` form of an embedding, as OpenAI and vLLM send it (numpy's
-//! `float32.tobytes()` then `base64.b64encode`). Small enough to keep here rather than pull
-//! in a crate for two functions.
+//! `float32.tobytes()` then `base64.b64encode`), through the `base64` crate.
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 
 /// Base64 of `bytes`, padded with `=`.
 pub fn encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let sextets = [n >> 18, n >> 12, n >> 6, n];
-        for (i, s) in sextets.iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(s & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    STANDARD.encode(bytes)
 }
 
 /// The bytes of padded base64 `text`; `None` when it is not valid base64.
 pub fn decode(text: &str) -> Option<Vec<u8>> {
-    let t = text.as_bytes();
-    if !t.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(t.len() / 4 * 3);
-    for (k, quad) in t.chunks(4).enumerate() {
-        let last = k + 1 == t.len() / 4;
-        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &quad[..4 - pad] {
-            n = (n << 6) | u32::from(sextet(c)?);
-        }
-        n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
-}
-
-fn sextet(c: u8) -> Option<u8> {
-    match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    }
+    STANDARD.decode(text).ok()
 }
 
 /// Base64 of the little-endian bytes of `values`.
