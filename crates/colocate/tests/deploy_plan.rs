@@ -34,6 +34,7 @@ fn example_plans_match_their_goldens() {
     let examples = [
         "deploy-cpu",
         "deploy-h100-vllm-mps",
+        "deploy-h200-vllm",
         "deploy-h100-mixed",
         "up-h100-gen-embed",
         "up-h100-gen-embed-8b",
