@@ -3,7 +3,9 @@
 # sends one completion and one embedding through its gateway, shows `colocate status`, then
 # stops it with SIGTERM and checks that no engine or MPS daemon is left.
 #   scripts/gpu/up-check.sh examples/up-h100-gen-embed.toml examples/up-h100-gen-embed-8b.toml
+#   UP_WAIT=480 scripts/gpu/up-check.sh examples/deploy-h200-vllm.toml   # vLLM: 70-150 s per engine
 set -uo pipefail
+UP_WAIT=${UP_WAIT:-120}; export UP_WAIT
 C=${COLOCATE:-.gpu/colocate}; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; status=0
 gw() { # path, json body
   python3 - "$1" "$2" <<'PY'
@@ -22,10 +24,11 @@ for f in "$@"; do
   echo "== $f"
   "$C" up "$f" --run-dir "$run" --quiet > "$OUT/$name.log" 2>&1 &
   up=$!
-  # up to 120 s for the gateway to list both models
+  # up to UP_WAIT s for the gateway to list both models
   if python3 - <<'PY'
 import json, sys, time, urllib.request
-for _ in range(240):
+import os
+for _ in range(2 * int(os.environ["UP_WAIT"])):
     try:
         if len(json.load(urllib.request.urlopen("http://" + __import__("os").environ["GW"] + "/v1/models", timeout=2))["data"]) >= 2: sys.exit(0)
     except Exception: pass
@@ -40,7 +43,8 @@ PY
     "$C" status "$run"
   else echo "gateway did not list both models"; tail -n 20 "$OUT/$name.log"; status=1; fi
   kill -TERM $up; wait $up; echo "up exit $?"
-  pgrep -af "colocate serve" && { echo "WARNING: engine left"; status=1; } || echo "no engine left"
+  sleep 2
+  pgrep -af "colocate serve|vllm.entrypoints|EngineCore" && { echo "WARNING: engine left"; status=1; } || echo "no engine left"
   pgrep -a nvidia-cuda-mps | grep -v defunct && { echo "WARNING: MPS daemon left"; status=1; } || echo "no MPS daemon left"
 done
 exit $status
