@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# The on-device part of the CUDA engine's tests and benchmarks (issue 8), run on the GPU
-# machine from the repository root in one call:
+# The on-device part of the CUDA engine's tests and benchmarks, run on the GPU machine from
+# the repository root in one call, after scripts/gpu/prepare.sh here:
 #   scripts/gpu/cuda-bench.sh [BIN_DIR]
-# BIN_DIR (default .gpu-g) holds the release test binary `cuda_engine` (built here with
-# `cargo test --release -p engine --test cuda_engine --no-run`), the qwen3-tiny fixture in
-# `qwen3-tiny/`, and the baselines `hf_static.py` / `hf_baseline.py`.
+# BIN_DIR (default .gpu) holds the release test binary `cuda_engine` (the engine's GPU
+# tests, compiled in by its `gpu-tests` feature), the benchmark `cuda_bench` (the engine's
+# example of that name), the qwen3-tiny fixture in `qwen3-tiny/`, and the baselines
+# `hf_static.py` / `hf_baseline.py`.
 # Env: PARTS (bench parts: gen17,embed,gen8), BASELINES=1 to run the transformers baselines
 # in the same call, TESTS=0 to skip the numerics tests. Logs go to $OUT (or ./gpu-out).
 # Never touches clocks, power, compute mode or MIG.
 set -uo pipefail
-BIN=${1:-.gpu-g}
+BIN=${1:-.gpu}
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export QWEN3_TINY_DIR="$PWD/$BIN/qwen3-tiny"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; } | tee "$OUT/device.txt"
 status=0
 if [ "${TESTS:-1}" = 1 ]; then
-  "$BIN/cuda_engine" --ignored --test-threads=1 --nocapture --skip cuda_bench 2>&1 | tee "$OUT/tests.log" || status=1
+  "$BIN/cuda_engine" --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" || status=1
 fi
-COLOCATE_CUDA_BENCH=${PARTS:-gen17,embed,gen8} "$BIN/cuda_engine" --ignored --exact cuda_bench --nocapture 2>&1 | tee "$OUT/bench.log" || status=1
+"$BIN/cuda_bench" "${PARTS:-gen17,embed,gen8}" 2>&1 | tee "$OUT/bench.log" || status=1
 if [ "${BASELINES:-0}" = 1 ]; then
   export PYTHONUNBUFFERED=1
   python3 "$BIN/hf_static.py" 64 256 2>&1 | grep -v Warning | tee "$OUT/baselines.log"

@@ -1,14 +1,18 @@
 //! Turns `--model` / `--task` / `--load-format` / `--device` into a ready model: reads the
 //! config (file or preset), the tokenizer, the weights (safetensors or dummy), and builds
-//! the architecture on the chosen backend.
+//! the architecture's model for the chosen device: on the CPU the portable models
+//! (`model::qwen3`, `model::bert`) on [`CpuBackend`]; on CUDA the CUDA model
+//! (`model::qwen3_cuda`), from the same config and weight source.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaOptions;
 use crate::backend::Backend;
 use crate::model::config::{Arch, ModelConfig};
+use crate::model::qwen3_cuda::CudaQwen3;
 use crate::model::{bert, qwen3};
 use crate::runner::{Embedder, Generator, ModelInfo, Task};
 use crate::tokenizer::{self, Tokenizer};
@@ -224,22 +228,10 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     }
 
     if let Device::Cuda(ordinal) = opts.device {
-        return load_cuda(opts, ordinal, &config, dir.as_deref(), task, eos, tokenizer);
+        return load_cuda(opts, ordinal, &config, &source, task, eos, tokenizer);
     }
     let backend = CpuBackend::new();
-    let info = ModelInfo {
-        architecture: config.arch.name().to_string(),
-        task,
-        vocab_size: config.vocab_size,
-        max_position_embeddings: config.max_position_embeddings,
-        eos_token_ids: eos,
-        kv_bytes_per_token: if task == Task::Generate {
-            config.kv_bytes_per_token(backend.compute_dtype_bytes())
-        } else {
-            0
-        },
-        weight_bytes: loaded_weight_bytes(&config, task, backend.compute_dtype_bytes()),
-    };
+    let info = model_info(&config, task, eos, backend.compute_dtype_bytes());
     if let Some(avail) = mem_available_bytes() {
         if info.weight_bytes > avail {
             anyhow::bail!(
@@ -260,33 +252,23 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     })
 }
 
-/// The CUDA path (`backend::cuda`): bf16 weights, fused kernels, graph-captured decode.
-/// Its step buffers are sized from the same limits (and defaults) the worker uses.
+/// The CUDA model (`model::qwen3_cuda`): bf16 weights, fused kernels, graph-captured
+/// decode. Its step buffers are sized from the same limits (and defaults) the worker uses;
+/// `--gpu-memory-utilization` becomes the KV-cache byte budget the worker sizes its block
+/// manager with, as it does with `--kv-cache-memory` on the CPU.
 fn load_cuda(
     opts: &LoadOptions,
     ordinal: usize,
     config: &ModelConfig,
-    dir: Option<&Path>,
+    source: &WeightSource,
     task: Task,
     eos: Vec<u32>,
     tokenizer: Tokenizer,
 ) -> anyhow::Result<Loaded> {
     const BF16: usize = 2;
-    let info = ModelInfo {
-        architecture: config.arch.name().to_string(),
-        task,
-        vocab_size: config.vocab_size,
-        max_position_embeddings: config.max_position_embeddings,
-        eos_token_ids: eos,
-        kv_bytes_per_token: if task == Task::Generate {
-            config.kv_bytes_per_token(BF16)
-        } else {
-            0
-        },
-        weight_bytes: loaded_weight_bytes(config, task, BF16),
-    };
+    let info = model_info(config, task, eos, BF16);
     let g = &opts.gpu;
-    let defaults = crate::backend::cuda::qwen3::CudaOptions::default();
+    let defaults = CudaOptions::default();
     let max_model_len = g
         .max_model_len
         .unwrap_or(defaults.max_model_len)
@@ -300,36 +282,57 @@ fn load_cuda(
             } else {
                 1
             });
-    let cuda_opts = crate::backend::cuda::qwen3::CudaOptions {
+    let cuda_opts = CudaOptions {
         max_tokens,
         max_seqs: g.max_num_seqs.unwrap_or(256).max(1),
         max_model_len,
         ..defaults
     };
-    let weights_dir = match opts.load_format {
-        LoadFormat::Auto => dir,
-        LoadFormat::Dummy => None,
+    let loading = || format!("loading {} on cuda:{ordinal}", opts.model);
+    let m =
+        CudaQwen3::new(ordinal, config, info.clone(), source, cuda_opts).with_context(loading)?;
+    let (model, kv_cache_bytes) = match task {
+        Task::Generate => {
+            let blocks = m
+                .kv_blocks_for_fraction(g.memory_utilization, g.block_size)
+                .with_context(loading)?;
+            let bytes = (blocks * g.block_size * m.kv_bytes_per_token()) as u64;
+            (LoadedModel::Generator(Box::new(m)), bytes)
+        }
+        Task::Embed => (LoadedModel::Embedder(Box::new(m)), 0),
     };
-    let c = crate::backend::cuda::load::load(
-        ordinal,
-        config,
-        weights_dir,
-        opts.seed,
-        info.clone(),
-        cuda_opts,
-        g.memory_utilization,
-        g.block_size,
-    )
-    .with_context(|| format!("loading {} on cuda:{ordinal}", opts.model))?;
     Ok(Loaded {
-        model: c.model,
+        model,
         tokenizer,
         info,
         device_limits: Some(DeviceLimits {
-            kv_cache_bytes: c.kv_cache_bytes,
+            kv_cache_bytes,
             max_model_len,
         }),
     })
+}
+
+/// What the serving side is told about `config` loaded for `task`, with activations and
+/// KV cache of `dtype_bytes` per element.
+pub fn model_info(
+    config: &ModelConfig,
+    task: Task,
+    eos: Vec<u32>,
+    dtype_bytes: usize,
+) -> ModelInfo {
+    ModelInfo {
+        architecture: config.arch.name().to_string(),
+        task,
+        vocab_size: config.vocab_size,
+        max_position_embeddings: config.max_position_embeddings,
+        eos_token_ids: eos,
+        kv_bytes_per_token: if task == Task::Generate {
+            config.kv_bytes_per_token(dtype_bytes)
+        } else {
+            0
+        },
+        weight_bytes: loaded_weight_bytes(config, task, dtype_bytes),
+    }
 }
 
 /// Weight bytes actually loaded: an embedder never loads an untied `lm_head`.
@@ -350,7 +353,7 @@ fn mem_available_bytes() -> Option<usize> {
     Some(kib * 1024)
 }
 
-/// Builds the architecture on a backend (generic, so the CUDA backend reuses it).
+/// Builds the portable model of the architecture on an op-trait backend.
 pub fn build<B: Backend>(
     backend: B,
     config: &ModelConfig,

@@ -1,6 +1,8 @@
-//! Weight sources: a Hugging Face folder's safetensors (one file or sharded with
-//! `model.safetensors.index.json`), memory-mapped and handed to the backend in their
-//! stored dtype; or seeded dummy weights that the backend generates itself.
+//! The one weight reader of every device: a Hugging Face folder's safetensors (one file or
+//! sharded with `model.safetensors.index.json`), memory-mapped, each tensor found by name
+//! and checked against the config's shape, handed over in its stored dtype (to a
+//! [`Backend`] by [`WeightSource::get`], to the CUDA model through
+//! [`SafetensorsFiles::tensor`]); or seeded dummy weights that the device generates itself.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -118,27 +120,8 @@ impl WeightSource {
         match self {
             WeightSource::Dummy { seed } => b.dummy(rows, cols, init, seed_for(*seed, &names[0])),
             WeightSource::Safetensors(st) => {
-                let (name, loc) = names
-                    .iter()
-                    .find_map(|n| st.tensors.get(n).map(|l| (n, l)))
-                    .with_context(|| {
-                        format!("tensor {} not found in {}", names[0], st.describe())
-                    })?;
-                let (r, c) = match loc.shape.as_slice() {
-                    [n] => (1, *n),
-                    [r, c] => (*r, *c),
-                    other => {
-                        anyhow::bail!("tensor {name}: expected 1-D or 2-D, found shape {other:?}")
-                    }
-                };
-                if (r, c) != (rows, cols) && !(rows == 1 && r * c == cols) {
-                    anyhow::bail!(
-                        "tensor {name}: shape {:?} does not match config ({rows}, {cols})",
-                        loc.shape
-                    );
-                }
-                let bytes = &st.files[loc.file].1[loc.start..loc.end];
-                b.upload(loc.dtype, rows, cols, bytes)
+                let t = st.tensor(names, rows, cols)?;
+                b.upload(t.dtype, rows, cols, t.bytes)
             }
         }
     }
@@ -153,7 +136,65 @@ impl WeightSource {
     }
 }
 
+/// One stored tensor: its bytes in the mapped file, little-endian `dtype`, row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredTensor<'a> {
+    pub dtype: DType,
+    pub bytes: &'a [u8],
+}
+
+impl StoredTensor<'_> {
+    /// The values as bf16 (the CUDA path's weight dtype): bf16 as stored, f16 and f32
+    /// rounded to nearest.
+    pub fn to_bf16(&self) -> Vec<half::bf16> {
+        let b = self.bytes;
+        match self.dtype {
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
+                .collect(),
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+        }
+    }
+}
+
 impl SafetensorsFiles {
+    /// The first of `names` that exists, checked to be a `[rows, cols]` tensor (a 1-D
+    /// tensor of `cols` elements when `rows == 1`).
+    pub fn tensor(
+        &self,
+        names: &[String],
+        rows: usize,
+        cols: usize,
+    ) -> anyhow::Result<StoredTensor<'_>> {
+        let (name, loc) = names
+            .iter()
+            .find_map(|n| self.tensors.get(n).map(|l| (n, l)))
+            .with_context(|| format!("tensor {} not found in {}", names[0], self.describe()))?;
+        let (r, c) = match loc.shape.as_slice() {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            other => anyhow::bail!("tensor {name}: expected 1-D or 2-D, found shape {other:?}"),
+        };
+        if (r, c) != (rows, cols) && !(rows == 1 && r * c == cols) {
+            anyhow::bail!(
+                "tensor {name}: shape {:?} does not match config ({rows}, {cols})",
+                loc.shape
+            );
+        }
+        Ok(StoredTensor {
+            dtype: loc.dtype,
+            bytes: &self.files[loc.file].1[loc.start..loc.end],
+        })
+    }
+
     fn describe(&self) -> String {
         let files: Vec<String> = self
             .files

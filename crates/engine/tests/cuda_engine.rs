@@ -1,18 +1,30 @@
-//! CUDA backend tests. The GPU ones are `#[ignore]`d (CI has no GPU) and run on the GPU
-//! machine by `scripts/gpu/cuda-bench.sh`:
-//! - numerics: the CUDA Qwen3 path against transformers' float32 reference for the tiny
-//!   Qwen3 fixture (logits with bf16 tolerances, greedy tokens, embedding cosine), through
-//!   the prefill path, the eager decode path and the CUDA-graph decode path;
-//! - the benchmark (`cuda_bench`): gen and embed throughput in the issue's shapes, with a
-//!   per-kernel time breakdown from CUDA events.
+//! The CUDA model (`model::qwen3_cuda`) against the references, on the GPU.
 //!
-//! Without a GPU, only the error path runs: asking for CUDA is a clear error.
+//! GPU tests are selected by the `gpu-tests` feature: without it (CI, no GPU) they are
+//! ignored; with it they run, assert on the GPU, and fail with a "no GPU" message where
+//! there is none. On the GPU machine (`scripts/gpu/prepare.sh` builds this binary with
+//! the feature; `scripts/gpu/cuda-bench.sh` runs it):
+//! - numerics: the CUDA Qwen3 against transformers' float32 reference for the tiny Qwen3
+//!   fixture (logits with bf16 tolerances, greedy tokens, embedding cosine), through the
+//!   prefill path, the eager decode path and the CUDA-graph decode path; against the CPU
+//!   model through the serving loader; the shared sampling rule on GPU logits;
+//! - the flash embedding kernel against the paged one at the real head size;
+//! - the kernels' compilation for every preset shape (NVRTC only).
+//!
+//! The tests without the feature run on every machine and check what holds on every
+//! machine: asking for CUDA opens the GPU or says clearly why not. The benchmark is the
+//! `cuda_bench` example.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
-use engine::backend::cuda::{CudaOptions, CudaQwen3, Qwen3Shape, WeightSource};
+use engine::backend::cuda::kernels::compile_source;
+use engine::backend::cuda::CudaOptions;
+use engine::backend::sampling::sample_row;
+use engine::load::{self, Device, GpuLoadOptions, LoadFormat, LoadOptions, LoadedModel};
+use engine::model::config::ModelConfig;
+use engine::model::qwen3_cuda::CudaQwen3;
 use engine::runner::{Embedder, Generator, SampleSpec, SeqStep, Task};
+use engine::weights::WeightSource;
 
 const GREEDY: SampleSpec<'static> = SampleSpec {
     temperature: 0.0,
@@ -23,44 +35,23 @@ const GREEDY: SampleSpec<'static> = SampleSpec {
 };
 
 /// The tiny Qwen3 fixture: the repo's copy, the shared one beside the checkout, or the one
-/// carried to the GPU machine in `.gpu-g/`.
+/// carried to the GPU machine in `.gpu/`.
 fn fixture_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("QWEN3_TINY_DIR") {
+        return PathBuf::from(p);
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     for p in [
         "testdata/qwen3-tiny",
         "../shared/fixtures/qwen3-tiny",
-        ".gpu-g/qwen3-tiny",
+        ".gpu/qwen3-tiny",
     ] {
         let d = root.join(p);
         if d.join("model.safetensors").is_file() {
             return d;
         }
     }
-    if let Ok(p) = std::env::var("QWEN3_TINY_DIR") {
-        return PathBuf::from(p);
-    }
-    panic!("qwen3-tiny fixture not found (testdata/qwen3-tiny, ../shared/fixtures/qwen3-tiny, .gpu-g/qwen3-tiny or $QWEN3_TINY_DIR)");
-}
-
-#[test]
-fn asking_for_cuda_without_a_gpu_is_a_clear_error() {
-    let shape = Qwen3Shape::named("qwen3-0.6b").unwrap();
-    match CudaQwen3::new(
-        0,
-        shape,
-        Task::Generate,
-        WeightSource::Dummy { seed: 1 },
-        small_opts(),
-    ) {
-        Ok(m) => eprintln!("GPU present: {:?}", m.device_name()),
-        Err(e) => {
-            let msg = format!("{e:#}");
-            assert!(
-                msg.contains("no NVIDIA driver/GPU found") || msg.contains("not available"),
-                "{msg}"
-            );
-        }
-    }
+    panic!("qwen3-tiny fixture not found (testdata/qwen3-tiny, ../shared/fixtures/qwen3-tiny, .gpu/qwen3-tiny or $QWEN3_TINY_DIR)");
 }
 
 fn small_opts() -> CudaOptions {
@@ -71,6 +62,100 @@ fn small_opts() -> CudaOptions {
         ..Default::default()
     }
 }
+
+/// The CUDA model on GPU 0; a selected GPU test on a machine without one stops here with
+/// a message that says so.
+fn cuda_model(
+    config: &ModelConfig,
+    task: Task,
+    weights: &WeightSource,
+    opts: CudaOptions,
+) -> CudaQwen3 {
+    let info = load::model_info(config, task, config.eos_token_ids.clone(), 2);
+    CudaQwen3::new(0, config, info, weights, opts).unwrap_or_else(|e| {
+        panic!("no GPU: this test needs an NVIDIA GPU (feature gpu-tests selects it): {e:#}")
+    })
+}
+
+fn tiny_config() -> ModelConfig {
+    ModelConfig::from_file(&fixture_dir().join("config.json")).unwrap()
+}
+
+fn tiny_weights() -> WeightSource {
+    WeightSource::open_dir(&fixture_dir()).unwrap()
+}
+
+fn tiny_generator() -> CudaQwen3 {
+    let mut m = cuda_model(
+        &tiny_config(),
+        Task::Generate,
+        &tiny_weights(),
+        small_opts(),
+    );
+    m.init_kv_cache(64, 4).unwrap();
+    m
+}
+
+// ---------------------------------------------------------------------------------------
+// On every machine.
+
+/// `--device cuda` through the serving loader: on a GPU machine the tiny model loads and
+/// the device fixes the KV budget; elsewhere the error names the missing driver.
+#[test]
+fn asking_for_cuda_opens_the_gpu_or_says_why_not() {
+    let opts = LoadOptions {
+        model: "preset:qwen3-tiny".into(),
+        task: None,
+        load_format: LoadFormat::Dummy,
+        device: Device::Cuda(0),
+        seed: 1,
+        gpu: GpuLoadOptions {
+            memory_utilization: 0.05,
+            max_model_len: Some(256),
+            ..Default::default()
+        },
+    };
+    match load::load(&opts) {
+        Ok(l) => {
+            let limits = l.device_limits.expect("a CUDA model fixes the KV budget");
+            assert!(limits.kv_cache_bytes > 0);
+            assert_eq!(limits.max_model_len, 256);
+            assert!(matches!(l.model, LoadedModel::Generator(_)));
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            assert!(
+                msg.contains("no NVIDIA driver/GPU found") || msg.contains("not available"),
+                "{msg}"
+            );
+            assert!(msg.contains("cuda:0"), "names the device: {msg}");
+        }
+    }
+}
+
+/// An architecture without a CUDA model is refused before any device is opened, so the
+/// message is the same with and without a GPU.
+#[test]
+fn bert_on_cuda_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"{"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 512,
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "max_position_embeddings": 64}"#;
+    std::fs::write(dir.path().join("config.json"), config).unwrap();
+    let opts = LoadOptions {
+        model: dir.path().display().to_string(),
+        task: None,
+        load_format: LoadFormat::Dummy,
+        device: Device::Cuda(0),
+        seed: 1,
+        gpu: Default::default(),
+    };
+    let msg = format!("{:#}", load::load(&opts).err().expect("refused"));
+    assert!(msg.contains("only Qwen3") && msg.contains("bert"), "{msg}");
+}
+
+// ---------------------------------------------------------------------------------------
+// On the GPU (feature gpu-tests).
 
 struct Item {
     ids: Vec<u32>,
@@ -143,25 +228,36 @@ fn assert_logits_close(got: &[f32], want: &[f32], what: &str) {
     assert!(cos >= 0.999, "{what}: cosine {cos}");
 }
 
-fn tiny_generator() -> CudaQwen3 {
-    let dir = fixture_dir();
-    let shape = Qwen3Shape::from_dir(&dir).unwrap();
-    let mut m = CudaQwen3::new(
-        0,
-        shape,
-        Task::Generate,
-        WeightSource::Dir(&dir),
-        small_opts(),
-    )
-    .unwrap();
-    m.init_kv_cache(64, 4).unwrap();
-    m
+/// The kernels compile for the shapes the presets use (NVRTC only, no GPU needed).
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs NVRTC (feature gpu-tests)")]
+fn cuda_kernels_compile_for_the_preset_shapes() {
+    // SAFETY: only probes dlopen.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        panic!(
+            "no NVRTC: the CUDA runtime compiler could not be loaded (searched: {})",
+            cudarc::get_lib_name_candidates("nvrtc").join(", ")
+        );
+    }
+    for (d, g) in [(128, 2), (128, 4), (16, 2), (64, 1), (80, 2), (96, 8)] {
+        let ptx = match compile_source("sm_90", d, g) {
+            Ok(p) => p.to_src(),
+            Err(e) => panic!("head_dim {d} group {g}: {e}"),
+        };
+        // The tensor-core attention exists exactly where the head size allows it.
+        let flash = ptx.contains(".entry embed_flash_attention");
+        assert_eq!(flash, d % 16 == 0, "head_dim {d}");
+        assert_eq!(ptx.contains("mma.sync.aligned.m16n8k16"), flash);
+    }
 }
 
 /// Prefill (one step for all three prompts at once), then decode 7 tokens each, through
 /// the graph path and compared with transformers' greedy continuation.
 #[test]
-#[ignore = "needs an NVIDIA GPU"]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
 fn cuda_tiny_qwen3_matches_transformers() {
     let items = reference();
     let mut m = tiny_generator();
@@ -225,7 +321,10 @@ fn cuda_tiny_qwen3_matches_transformers() {
 /// Per-position argmax over a whole prompt (prefill attention at every causal length),
 /// checked by asking for logits after each prefix chunk: chunked prefill must agree too.
 #[test]
-#[ignore = "needs an NVIDIA GPU"]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
 fn cuda_tiny_chunked_prefill_argmax_per_position() {
     let items = reference();
     let mut m = tiny_generator();
@@ -254,13 +353,13 @@ fn cuda_tiny_chunked_prefill_argmax_per_position() {
 }
 
 #[test]
-#[ignore = "needs an NVIDIA GPU"]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
 fn cuda_tiny_embedding_matches_transformers() {
     let items = reference();
-    let dir = fixture_dir();
-    let shape = Qwen3Shape::from_dir(&dir).unwrap();
-    let mut m =
-        CudaQwen3::new(0, shape, Task::Embed, WeightSource::Dir(&dir), small_opts()).unwrap();
+    let mut m = cuda_model(&tiny_config(), Task::Embed, &tiny_weights(), small_opts());
     let inputs: Vec<&[u32]> = items.iter().map(|it| it.ids.as_slice()).collect();
     // Both attention kernels of the embedding path: tensor-core flash (the default) and
     // the paged prefill kernel.
@@ -279,22 +378,30 @@ fn cuda_tiny_embedding_matches_transformers() {
 /// Qwen3-Embedding-0.6B shape with dummy weights: lengths around the 64-token tiles,
 /// one token, and the full 512, in one padded chunk.
 #[test]
-#[ignore = "needs an NVIDIA GPU"]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
 fn cuda_flash_embedding_matches_paged_kernel() {
-    let shape = Qwen3Shape::named("qwen3-embedding-0.6b").unwrap();
+    let config = ModelConfig::from_preset("qwen3-embedding-0.6b").unwrap();
     let opts = CudaOptions {
         max_tokens: 4096,
         max_seqs: 16,
         max_model_len: 512,
         graph_buckets: vec![],
     };
-    let mut m =
-        CudaQwen3::new(0, shape, Task::Embed, WeightSource::Dummy { seed: 3 }, opts).unwrap();
-    let mut rng = Lcg(11);
+    let mut m = cuda_model(&config, Task::Embed, &WeightSource::Dummy { seed: 3 }, opts);
+    let mut state = 11u64;
+    let mut next = |n: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % n) as u32
+    };
     let lens = [1usize, 5, 63, 64, 65, 130, 512, 300, 17];
     let inputs: Vec<Vec<u32>> = lens
         .iter()
-        .map(|&n| (0..n).map(|_| rng.next(150_000)).collect())
+        .map(|&n| (0..n).map(|_| next(150_000)).collect())
         .collect();
     let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
     m.set_embed_flash(true);
@@ -308,193 +415,138 @@ fn cuda_flash_embedding_matches_paged_kernel() {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Benchmark (prints a table; speed is never asserted).
-
-/// Memory-bandwidth limit of the gen workload as in shared/baselines/README.md: every
-/// decode step reads all weights and the KV of every sequence (average context
-/// prompt + gen/2) at 3.0 TB/s; prefill at 790 TFLOP/s.
-fn gen_limit_tok_s(s: &Qwen3Shape, batch: usize, prompt: usize, gen: usize) -> f64 {
-    let w = s.weight_bytes() as f64;
-    let kv = (batch * (prompt + gen / 2) * s.kv_bytes_per_token()) as f64;
-    let step = (w + kv) / 3.0e12;
-    let params = w / 2.0;
-    let prefill = 2.0 * params * (batch * prompt) as f64 / 790e12;
-    (batch * gen) as f64 / (gen as f64 * step + prefill)
-}
-
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: usize) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) % n as u64) as u32
-    }
-}
-
-/// One round: prefill every prompt (chunked to the step limit), then `gen - 1` decode steps.
-fn gen_round(
-    m: &mut CudaQwen3,
-    prompts: &[Vec<u32>],
-    tables: &[Vec<u32>],
-    gen: usize,
-    max_tokens: usize,
-) -> (f64, f64) {
-    let t0 = Instant::now();
-    let mut last = vec![0u32; prompts.len()];
-    let mut i = 0;
-    while i < prompts.len() {
-        let mut j = i;
-        let mut toks = 0;
-        while j < prompts.len() && toks + prompts[j].len() <= max_tokens {
-            toks += prompts[j].len();
-            j += 1;
-        }
-        let steps: Vec<SeqStep<'_>> = (i..j)
-            .map(|k| SeqStep {
-                tokens: &prompts[k],
-                start_pos: 0,
-                block_table: &tables[k],
-                sample: Some(GREEDY),
-            })
-            .collect();
-        let out = m.step(&steps).unwrap();
-        last[i..j].copy_from_slice(&out);
-        i = j;
-    }
-    let prefill = t0.elapsed().as_secs_f64();
-    let plen = prompts[0].len();
-    for g in 1..gen {
-        let toks: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
-        let steps: Vec<SeqStep<'_>> = toks
-            .iter()
-            .zip(tables)
-            .map(|(t, tb)| SeqStep {
-                tokens: t,
-                start_pos: plen + g - 1,
-                block_table: tb,
-                sample: Some(GREEDY),
-            })
-            .collect();
-        last = m.step(&steps).unwrap();
-    }
-    (t0.elapsed().as_secs_f64(), prefill)
-}
-
-fn print_profile(m: &CudaQwen3, label: &str) {
-    let rep = m.profile_report();
-    let total: f64 = rep.iter().map(|r| r.1).sum();
-    println!("breakdown {label}: total GPU {total:.1} ms (eager, CUDA events per op)");
-    for (name, ms, calls) in rep {
-        println!(
-            "  {name:<24} {ms:>9.2} ms {:>5.1}%  {calls} calls",
-            100.0 * ms / total.max(1e-9)
-        );
-    }
-}
-
-fn bench_gen(model: &str, batch: usize, rounds: usize) {
-    let (prompt, gen) = (128usize, 128usize);
-    let shape = Qwen3Shape::named(model).unwrap();
-    let max_tokens = 8192;
-    let opts = CudaOptions {
-        max_tokens,
-        max_seqs: batch.max(8),
-        max_model_len: 512,
-        ..Default::default()
-    };
-    let t = Instant::now();
-    let mut m = CudaQwen3::new(
-        0,
-        shape.clone(),
-        Task::Generate,
-        WeightSource::Dummy { seed: 0 },
-        opts,
-    )
-    .unwrap();
-    let bs = 16;
-    let per_seq = (prompt + gen).div_ceil(bs);
-    m.init_kv_cache(batch * per_seq, bs).unwrap();
-    m.capture_all().unwrap();
-    let load_s = t.elapsed().as_secs_f64();
-    let mut rng = Lcg(42);
-    let prompts: Vec<Vec<u32>> = (0..batch)
-        .map(|_| (0..prompt).map(|_| rng.next(150_000)).collect())
-        .collect();
-    let tables: Vec<Vec<u32>> = (0..batch)
-        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
-        .collect();
-    gen_round(&mut m, &prompts, &tables, gen, max_tokens); // warm-up
-    let mut total = 0.0;
-    let mut prefill = 0.0;
-    for _ in 0..rounds {
-        let (t, p) = gen_round(&mut m, &prompts, &tables, gen, max_tokens);
-        total += t;
-        prefill += p;
-    }
-    let tok_s = (rounds * batch * gen) as f64 / total;
-    let decode_step_ms = (total - prefill) / (rounds * (gen - 1)) as f64 * 1e3;
-    let limit = gen_limit_tok_s(&shape, batch, prompt, gen);
-    println!(
-        "RESULT gen {model} batch {batch}: {tok_s:.0} tok/s ({:.1}% of the {limit:.0} tok/s bandwidth limit); prefill {:.1} ms/round, decode step {decode_step_ms:.2} ms (graph); load+capture {load_s:.1} s",
-        100.0 * tok_s / limit,
-        prefill / rounds as f64 * 1e3
-    );
-    m.set_profiling(true);
-    gen_round(&mut m, &prompts, &tables, gen, max_tokens);
-    m.collect_profile();
-    print_profile(&m, &format!("gen {model} batch {batch}, one round"));
-}
-
-fn bench_embed(model: &str, batch: usize, len: usize, secs: f64) {
-    let shape = Qwen3Shape::named(model).unwrap();
-    let opts = CudaOptions {
-        max_tokens: batch * len,
-        max_seqs: batch,
-        max_model_len: len,
-        graph_buckets: vec![],
-    };
-    let mut m =
-        CudaQwen3::new(0, shape, Task::Embed, WeightSource::Dummy { seed: 0 }, opts).unwrap();
-    let mut rng = Lcg(7);
-    let inputs: Vec<Vec<u32>> = (0..batch)
-        .map(|_| (0..len).map(|_| rng.next(150_000)).collect())
-        .collect();
-    let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-    m.embed(&refs).unwrap();
-    let t = Instant::now();
-    let mut n = 0;
-    while t.elapsed().as_secs_f64() < secs {
-        m.embed(&refs).unwrap();
-        n += batch;
-    }
-    let seq_s = n as f64 / t.elapsed().as_secs_f64();
-    println!("RESULT embed {model} {len} tokens batch {batch}: {seq_s:.0} seq/s");
-    m.set_profiling(true);
-    m.embed(&refs).unwrap();
-    print_profile(&m, &format!("embed {model} batch {batch}, one batch"));
-}
-
-/// `COLOCATE_CUDA_BENCH` selects parts: `gen17`, `gen8`, `embed` (comma-separated; all by default).
+/// The serving loader on both devices, same folder: the CUDA model's logits are the CPU
+/// model's within bf16 tolerance, and greedy decoding agrees token for token.
 #[test]
-#[ignore = "needs an NVIDIA GPU; a benchmark"]
-fn cuda_bench() {
-    let which =
-        std::env::var("COLOCATE_CUDA_BENCH").unwrap_or_else(|_| "gen17,embed,gen8".to_string());
-    for part in which.split(',') {
-        match part {
-            "gen17" => {
-                bench_gen("qwen3-1.7b", 64, 3);
-                bench_gen("qwen3-1.7b", 256, 2);
-            }
-            "gen8" => {
-                bench_gen("qwen3-8b", 64, 2);
-                bench_gen("qwen3-8b", 256, 1);
-            }
-            "embed" => bench_embed("qwen3-embedding-0.6b", 64, 512, 5.0),
-            other => panic!("unknown bench part {other}"),
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_and_cpu_models_agree_through_the_loader() {
+    let dir = fixture_dir().display().to_string();
+    let on = |device| LoadOptions {
+        model: dir.clone(),
+        task: None,
+        load_format: LoadFormat::Auto,
+        device,
+        seed: 0,
+        gpu: GpuLoadOptions {
+            memory_utilization: 0.05,
+            max_model_len: Some(256),
+            ..Default::default()
+        },
+    };
+    let generator = |device| match load::load(&on(device)) {
+        Ok(l) => match l.model {
+            LoadedModel::Generator(g) => g,
+            LoadedModel::Embedder(_) => panic!("expected a generator"),
+        },
+        Err(e) => panic!("no GPU: this test needs an NVIDIA GPU: {e:#}"),
+    };
+    let mut cpu = generator(Device::Cpu);
+    let mut gpu = generator(Device::Cuda(0));
+    cpu.init_kv_cache(32, 16).unwrap();
+    gpu.init_kv_cache(32, 16).unwrap();
+    let items = reference();
+    let table: Vec<u32> = (0..16).collect();
+    let mut ids = items[1].ids.clone();
+    let prompt = one(&ids, 0, &table, GREEDY);
+    let want = cpu.step_logits(&prompt).unwrap().remove(0);
+    let got = gpu.step_logits(&prompt).unwrap().remove(0);
+    assert_logits_close(&got, &want, "prompt logits, CUDA vs CPU");
+    // The prompt again (same K/V rewritten), then decode steps.
+    let (mut c, mut g) = (cpu.step(&prompt).unwrap(), gpu.step(&prompt).unwrap());
+    for _ in 0..6 {
+        assert_eq!(c, g, "greedy token after {} tokens", ids.len());
+        ids.push(c[0]);
+        let step = one(&ids[ids.len() - 1..], ids.len() - 1, &table, GREEDY);
+        (c, g) = (cpu.step(&step).unwrap(), gpu.step(&step).unwrap());
+    }
+    assert_eq!(c, g, "greedy token after {} tokens", ids.len());
+}
+
+/// One sequence's step.
+fn one<'a>(
+    tokens: &'a [u32],
+    start_pos: usize,
+    block_table: &'a [u32],
+    spec: SampleSpec<'a>,
+) -> [SeqStep<'a>; 1] {
+    [SeqStep {
+        tokens,
+        start_pos,
+        block_table,
+        sample: Some(spec),
+    }]
+}
+
+/// Rows that are not plain greedy are read back and sampled by the shared rule: the same
+/// token as the rule gives on the step's logits, masked ids avoided, and a mask of every
+/// id dropped (the GPU's argmax stands).
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_sampling_follows_the_shared_rule() {
+    let items = reference();
+    let mut m = tiny_generator();
+    let table: Vec<u32> = (0..20).collect();
+    let ids = &items[0].ids;
+    let logits = m
+        .step_logits(&one(ids, 0, &table, GREEDY))
+        .unwrap()
+        .remove(0);
+    let best = sample_row(&logits, &GREEDY).unwrap();
+    let run = |m: &mut CudaQwen3, spec| m.step(&one(ids, 0, &table, spec)).unwrap()[0];
+    assert_eq!(run(&mut m, GREEDY), best, "greedy on the GPU");
+    let masked = [best];
+    let masked = &masked[..];
+    let everything: Vec<u32> = (0..512).collect();
+    let everything = &everything[..];
+    let specs = [
+        SampleSpec { masked, ..GREEDY },
+        SampleSpec {
+            masked: everything,
+            ..GREEDY
+        },
+        SampleSpec {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 20,
+            uniform: 0.37,
+            masked: &[],
+        },
+        SampleSpec {
+            temperature: 1.5,
+            top_p: 1.0,
+            top_k: 0,
+            uniform: 0.91,
+            masked,
+        },
+        SampleSpec {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            uniform: 0.5,
+            masked: everything,
+        },
+    ];
+    for spec in specs {
+        let got = run(&mut m, spec);
+        let want = sample_row(&logits, &spec).unwrap();
+        assert_eq!(got, want, "{spec:?}");
+        if spec.masked.len() == 1 {
+            assert_ne!(got, best, "masked id chosen");
         }
     }
+    let all_masked = SampleSpec {
+        masked: everything,
+        ..GREEDY
+    };
+    assert_eq!(
+        run(&mut m, all_masked),
+        best,
+        "a mask of every id is dropped"
+    );
 }

@@ -482,6 +482,46 @@ fn generator_sampling_follows_the_logits() {
     );
 }
 
+/// The sampling rule's all-masked case through the generator: a mask of every id is
+/// dropped, so the step neither fails nor changes the token (greedy and sampled alike).
+#[test]
+fn a_mask_of_every_id_is_dropped() {
+    let mut g = generator(load(&opts("preset:qwen3-tiny", None, LoadFormat::Dummy)).unwrap());
+    g.init_kv_cache(16, 8).unwrap();
+    let ids: Vec<u32> = b"every id masked".iter().map(|&b| u32::from(b)).collect();
+    let everything: Vec<u32> = (0..512).collect();
+    let mut run = |spec: SampleSpec<'_>| {
+        let seq = SeqStep {
+            tokens: &ids,
+            start_pos: 0,
+            block_table: &[2, 5],
+            sample: Some(spec),
+        };
+        g.step(&[seq]).unwrap()[0]
+    };
+    let hot = SampleSpec {
+        temperature: 1.2,
+        top_p: 0.95,
+        top_k: 50,
+        uniform: 0.0,
+        masked: &[],
+    };
+    for spec in [
+        GREEDY,
+        hot,
+        SampleSpec {
+            uniform: 0.7,
+            ..hot
+        },
+    ] {
+        let all = SampleSpec {
+            masked: &everything,
+            ..spec
+        };
+        assert_eq!(run(all), run(spec), "{spec:?}");
+    }
+}
+
 /// Rewrites the tiny Qwen3 as two shards with an index, the second shard in bf16 (and
 /// one tensor in f16): the loader must follow the index and convert dtypes.
 #[test]

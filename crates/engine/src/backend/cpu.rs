@@ -1,12 +1,14 @@
 //! The CPU backend: f32 everywhere, the numerics reference for every other backend.
-//! GEMMs go through the `gemm` crate (multithreaded with rayon); attention, norms and
-//! sampling are plain loops parallelised with rayon across tokens and heads.
+//! GEMMs go through the `gemm` crate (multithreaded with rayon); attention and norms are
+//! plain loops parallelised with rayon across tokens and heads; sampling is the shared
+//! host rule (`sampling`), one row per rayon task.
 
 use rand::{Rng as _, SeedableRng as _};
 use rand_distr::Distribution as _;
 use rayon::prelude::*;
 
 use super::{AttnDims, Backend, DType, IndexSource, Init, KvShape, Pooling, StepMeta};
+use crate::runner::SampleSpec;
 
 /// A row-major `[rows, cols]` f32 matrix in host memory. Activation buffers come from
 /// and go back to a per-thread pool, so a warm decode loop does not call the allocator
@@ -117,6 +119,18 @@ pub(super) struct CpuSample {
     pub top_k: usize,
     pub uniform: f32,
     pub masked: Vec<u32>,
+}
+
+impl CpuSample {
+    fn spec(&self) -> SampleSpec<'_> {
+        SampleSpec {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            uniform: self.uniform,
+            masked: &self.masked,
+        }
+    }
 }
 
 /// A step's metadata, owned (the CPU's "device copy").
@@ -695,7 +709,7 @@ impl Backend for CpuBackend {
         }
         (0..logits.rows)
             .into_par_iter()
-            .map(|r| super::cpu_sample::sample_row(logits.row(r), &step.samples[r]))
+            .map(|r| super::sampling::sample_row(logits.row(r), &step.samples[r].spec()))
             .collect()
     }
 }

@@ -1,11 +1,17 @@
-//! Model architectures, written only against [`crate::backend::Backend`] ops, with names
-//! mirroring the Hugging Face parameter names. `config` holds the configs and the memory
-//! formulas; [`StepBuilder`] flattens a step's sequences into the varlen layout
-//! ([`StepMeta`]) the backend receives once per step.
+//! Model architectures, one file per architecture and device, with names mirroring the
+//! Hugging Face parameter names: `qwen3` and `bert` are written only against
+//! [`crate::backend::Backend`] ops (the CPU backend runs them; the numerics reference);
+//! `qwen3_cuda` is Qwen3 on the CUDA path (fused weights, kernels, graph-captured decode).
+//! Every model reads the one [`config::ModelConfig`], loads through the one
+//! [`crate::weights::WeightSource`], samples with the one rule
+//! ([`crate::backend::sampling`]) and packs its steps with the one [`StepBuilder`], which
+//! flattens a step's sequences into the varlen layout ([`StepMeta`]) a device receives
+//! once per step. A new architecture is a model file per device plus its `config` entry.
 
 pub mod bert;
 pub mod config;
 pub mod qwen3;
+pub mod qwen3_cuda;
 
 use crate::backend::StepMeta;
 use crate::runner::{SampleSpec, SeqStep};

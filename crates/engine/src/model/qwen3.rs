@@ -44,8 +44,9 @@ pub struct Qwen3<B: Backend> {
     max_positions: usize,
 }
 
-/// Checkpoints saved as `Qwen3ForCausalLM` prefix `model.`; `Qwen3Model` (Qwen3-Embedding) does not.
-fn names(name: &str) -> [String; 2] {
+/// The names a parameter may have: checkpoints saved as `Qwen3ForCausalLM` prefix
+/// `model.`; `Qwen3Model` (Qwen3-Embedding) does not. Shared with `qwen3_cuda`.
+pub(crate) fn param_names(name: &str) -> [String; 2] {
     [format!("model.{name}"), name.to_string()]
 }
 
@@ -64,7 +65,7 @@ impl<B: Backend> Qwen3<B> {
             cfg.head_dim,
         );
         let normal = Init::Normal { std: DUMMY_STD };
-        let get = |name: &str, r, c, init| src.get(&backend, &names(name), r, c, init);
+        let get = |name: &str, r, c, init| src.get(&backend, &param_names(name), r, c, init);
         let embed_tokens = get("embed_tokens.weight", cfg.vocab_size, h, normal)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {

@@ -1,6 +1,8 @@
 //! The CUDA backend: bf16 weights and activations with fp32 accumulation, GEMMs in cuBLAS,
 //! everything else in kernels compiled at start-up by NVRTC for the device (see
-//! `kernels/engine.cu`), decode steps captured as CUDA graphs per batch-size bucket.
+//! `kernels/engine.cu`), decode steps captured as CUDA graphs per batch-size bucket. This
+//! folder is the device; the models that run on it live beside the portable ones
+//! (`model::qwen3_cuda`).
 //!
 //! The driver, cuBLAS and NVRTC are loaded at run time (cudarc `dynamic-loading`): the
 //! engine builds and its CPU path runs on machines without CUDA, and asking for the GPU
@@ -8,19 +10,16 @@
 //!
 //! Design ported from vLLM's paged attention (block tables, slot mapping, per-bucket
 //! graphs) and candle's "compile kernels at start-up" pattern; the CPU backend is every
-//! kernel's reference (tests in `crates/engine/tests/cuda_*.rs`, run on the GPU machine).
+//! kernel's reference (`tests/cuda_engine.rs`, feature `gpu-tests`, run on the GPU machine).
 
+pub mod buffer;
 pub mod device;
 pub mod gemm;
+pub mod graphs;
 pub mod kernels;
-pub mod load;
+pub mod kv_cache;
 pub mod profile;
-pub mod qwen3;
-pub mod sampling;
-pub mod shape;
-pub mod weights;
+pub mod step;
 
 pub use device::{check_libraries, CudaDevice, CudaError};
-pub use load::{load, CudaLoaded};
-pub use qwen3::{CudaOptions, CudaQwen3, WeightSource};
-pub use shape::Qwen3Shape;
+pub use step::CudaOptions;

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
+use super::device::CudaError;
+
 /// Collects op timings over many steps.
 pub struct Profiler {
     ctx: Arc<CudaContext>,
@@ -66,9 +68,31 @@ impl Profiler {
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
     }
+}
 
-    pub fn reset(&mut self) {
-        self.pending.clear();
-        self.totals.clear();
+/// Enqueues a forward pass's ops, each bracketed by timing events when profiling is on.
+pub struct Launcher<'a> {
+    stream: &'a CudaStream,
+    profiler: &'a mut Option<Profiler>,
+}
+
+impl<'a> Launcher<'a> {
+    pub fn new(stream: &'a CudaStream, profiler: &'a mut Option<Profiler>) -> Self {
+        Self { stream, profiler }
+    }
+
+    /// Enqueues one op (`launch` issues its kernel or GEMM) under `name`.
+    pub fn op(
+        &mut self,
+        name: &'static str,
+        launch: impl FnOnce() -> Result<(), CudaError>,
+    ) -> anyhow::Result<()> {
+        let ev = self.profiler.as_ref().and_then(|p| p.start(self.stream));
+        let res = launch();
+        if let Some(p) = self.profiler.as_mut() {
+            p.end(name, ev, self.stream);
+        }
+        res?;
+        Ok(())
     }
 }

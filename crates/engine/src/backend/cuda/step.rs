@@ -1,0 +1,379 @@
+//! A step's metadata on the GPU: the varlen layout that [`crate::model::StepBuilder`]
+//! builds for every device ([`StepMeta`]), re-laid as the i32 arrays the kernels read
+//! (plus what only they need: the sequence of each token, prefill attention tiles, and the
+//! padding rows of a captured decode batch), in one device buffer uploaded once per step.
+//! The buffer's address never changes, so captured decode graphs replay with only its
+//! contents rewritten.
+
+use anyhow::{anyhow, bail};
+
+use super::buffer::DevBuf;
+use super::device::CudaDevice;
+use super::kernels::{DevPtr, PREFILL_TILE};
+use crate::backend::StepMeta;
+
+/// Sizes fixed at start-up (they size the scratch buffers and the metadata layout).
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    /// Most tokens in one step (`--max-num-batched-tokens`).
+    pub max_tokens: usize,
+    /// Most sequences in one step (`--max-num-seqs`).
+    pub max_seqs: usize,
+    /// Longest sequence (`--max-model-len`).
+    pub max_model_len: usize,
+    /// Decode batch sizes captured as CUDA graphs (a step pads up to the next bucket).
+    pub graph_buckets: Vec<usize>,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 8192,
+            max_seqs: 256,
+            max_model_len: 4096,
+            graph_buckets: vec![1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256],
+        }
+    }
+}
+
+/// Offsets (in i32 elements) of the per-step metadata arrays in the step buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct StepLayout {
+    /// Token id per token row.
+    pub ids: usize,
+    /// Position per token row.
+    pub pos: usize,
+    /// KV cache slot per token row (-1: no write, padding).
+    pub slots: usize,
+    /// Sequence (row of `tables`) per token row.
+    pub seq_of: usize,
+    /// First token row of each prefill attention tile.
+    pub tile_start: usize,
+    /// Query tokens of each prefill attention tile.
+    pub tile_len: usize,
+    /// Token rows whose output is wanted (logits or pooled), in order.
+    pub rows: usize,
+    /// Block table per sequence, `max_blocks` wide.
+    pub tables: usize,
+    pub max_blocks: usize,
+}
+
+impl StepLayout {
+    pub fn new(max_tokens: usize, max_seqs: usize, max_blocks: usize) -> Self {
+        let t = max_tokens;
+        Self {
+            ids: 0,
+            pos: t,
+            slots: 2 * t,
+            seq_of: 3 * t,
+            tile_start: 4 * t,
+            tile_len: 5 * t,
+            rows: 6 * t,
+            tables: 6 * t + max_seqs,
+            max_blocks,
+        }
+    }
+
+    /// i32 elements used by a step of `seqs` sequences (block table rows).
+    pub fn len(&self, seqs: usize) -> usize {
+        self.tables + seqs * self.max_blocks
+    }
+}
+
+/// What a packed step holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedStep {
+    /// Token rows the forward runs over (the bucket size for a padded decode batch).
+    pub tokens: usize,
+    /// Output rows (sampled or pooled).
+    pub rows: usize,
+    /// Prefill attention tiles; 0 when every sequence brings one token (decode kernel).
+    pub tiles: usize,
+}
+
+/// Packs `meta` into `m` in `lay`'s layout. `pad_to > 0` pads a decode batch to that many rows
+/// (token 0 at position 0, no KV write, each its own sequence and output row).
+pub fn pack(
+    m: &mut Vec<i32>,
+    meta: &StepMeta<'_>,
+    pad_to: usize,
+    lay: StepLayout,
+    opts: &CudaOptions,
+) -> anyhow::Result<PackedStep> {
+    let (t, n) = (meta.num_tokens(), meta.num_seqs());
+    let rows_n = pad_to.max(n);
+    if t > opts.max_tokens || rows_n > opts.max_seqs {
+        bail!(
+            "step of {t} tokens / {n} sequences is over the engine's limits ({} / {})",
+            opts.max_tokens,
+            opts.max_seqs
+        );
+    }
+    if meta.max_blocks_per_seq > lay.max_blocks {
+        bail!(
+            "block table of {} blocks is over the limit {}",
+            meta.max_blocks_per_seq,
+            lay.max_blocks
+        );
+    }
+    m.clear();
+    m.resize(lay.len(rows_n), 0);
+    let seq = |i: usize| meta.seq_starts[i] as usize..meta.seq_starts[i + 1] as usize;
+    let prefill = (0..n).any(|i| seq(i).len() > 1);
+    let mut tiles = 0usize;
+    for i in 0..n {
+        let rows = seq(i);
+        if prefill {
+            let mut c = 0;
+            while c < rows.len() {
+                m[lay.tile_start + tiles] = (rows.start + c) as i32;
+                m[lay.tile_len + tiles] = (rows.len() - c).min(PREFILL_TILE) as i32;
+                tiles += 1;
+                c += PREFILL_TILE;
+            }
+        }
+        for tok in rows {
+            m[lay.ids + tok] = meta.tokens[tok] as i32;
+            m[lay.pos + tok] = meta.positions[tok] as i32;
+            m[lay.slots + tok] = meta.slot_mapping[tok] as i32;
+            m[lay.seq_of + tok] = i as i32;
+        }
+        let mb = meta.max_blocks_per_seq;
+        let table = &meta.block_tables[i * mb..(i + 1) * mb];
+        let row = lay.tables + i * lay.max_blocks;
+        for (dst, &blk) in m[row..row + mb].iter_mut().zip(table) {
+            *dst = blk as i32;
+        }
+    }
+    for (r, &row) in meta.sample_rows.iter().enumerate() {
+        m[lay.rows + r] = row as i32;
+    }
+    for p in n..pad_to {
+        m[lay.ids + p] = 0;
+        m[lay.pos + p] = 0;
+        m[lay.slots + p] = -1;
+        m[lay.seq_of + p] = p as i32;
+        m[lay.rows + p] = p as i32;
+    }
+    Ok(if pad_to > 0 {
+        PackedStep {
+            tokens: pad_to,
+            rows: pad_to,
+            tiles,
+        }
+    } else {
+        PackedStep {
+            tokens: t,
+            rows: meta.sample_rows.len(),
+            tiles,
+        }
+    })
+}
+
+/// The step metadata buffer: packed on the host, uploaded once per step.
+pub struct StepBuffer {
+    host: Vec<i32>,
+    dev: DevBuf,
+}
+
+impl StepBuffer {
+    /// Sized for the largest layout `opts` allows (blocks of one token).
+    pub fn alloc(dev: &CudaDevice, opts: &CudaOptions) -> anyhow::Result<Self> {
+        let n = opts.max_seqs;
+        let max_blocks_any = opts.max_model_len.max(1);
+        let len = StepLayout::new(opts.max_tokens, n, max_blocks_any).len(n);
+        Ok(Self {
+            host: Vec::with_capacity(len),
+            dev: DevBuf::alloc(dev, len * 4)?,
+        })
+    }
+
+    /// Device bytes held.
+    pub fn bytes(&self) -> usize {
+        self.dev.bytes
+    }
+
+    /// Device address of the array at `offset` (a [`StepLayout`] field).
+    pub fn ptr(&self, offset: usize) -> DevPtr {
+        self.dev.ptr + (offset * 4) as u64
+    }
+
+    /// Packs `meta` into the host copy (see [`pack`]).
+    pub fn pack(
+        &mut self,
+        meta: &StepMeta<'_>,
+        pad_to: usize,
+        lay: StepLayout,
+        opts: &CudaOptions,
+    ) -> anyhow::Result<PackedStep> {
+        pack(&mut self.host, meta, pad_to, lay, opts)
+    }
+
+    /// Copies the packed metadata of `rows_n` sequences to the device (stream-ordered).
+    pub fn upload(&self, dev: &CudaDevice, rows_n: usize, lay: StepLayout) -> anyhow::Result<()> {
+        let n = lay.len(rows_n);
+        if n > self.host.len() {
+            bail!("step metadata of {n} values but {} packed", self.host.len());
+        }
+        // SAFETY: the device buffer holds the largest layout's length >= n i32s.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                self.dev.ptr,
+                &self.host[..n],
+                dev.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| anyhow!("uploading step metadata: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::StepBuilder;
+    use crate::runner::{SampleSpec, SeqStep};
+
+    const GREEDY: SampleSpec<'static> = SampleSpec {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        uniform: 0.0,
+        masked: &[],
+    };
+
+    fn opts() -> CudaOptions {
+        CudaOptions {
+            max_tokens: 32,
+            max_seqs: 4,
+            max_model_len: 64,
+            graph_buckets: vec![1, 2, 4],
+        }
+    }
+
+    /// A prefill step of two sequences (one continuing a cached prefix), laid out as the
+    /// kernels read it: ids, positions, slots through the block table, tiles of
+    /// `PREFILL_TILE` query tokens, output rows, block tables at the layout's width.
+    #[test]
+    fn a_prefill_step_packs_tokens_slots_tiles_and_tables() {
+        let a: Vec<u32> = (1..=10).collect();
+        let b = [7u32, 8, 9];
+        let seqs = [
+            SeqStep {
+                tokens: &a,
+                start_pos: 0,
+                block_table: &[5, 2, 9],
+                sample: Some(GREEDY),
+            },
+            SeqStep {
+                tokens: &b,
+                start_pos: 4,
+                block_table: &[1, 3],
+                sample: None,
+            },
+        ];
+        let mut builder = StepBuilder::default();
+        let meta = builder.paged(&seqs, &[], 4, 16, 100).unwrap();
+        let lay = StepLayout::new(32, 4, 16);
+        let mut m = Vec::new();
+        let packed = pack(&mut m, &meta, 0, lay, &opts()).unwrap();
+        assert_eq!(
+            packed,
+            PackedStep {
+                tokens: 13,
+                rows: 1,
+                tiles: 3
+            }
+        );
+        assert_eq!(m.len(), lay.len(2));
+        let at = |off: usize, n: usize| m[off..off + n].to_vec();
+        assert_eq!(at(lay.ids, 13), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 7, 8, 9]);
+        assert_eq!(at(lay.pos, 13), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 4, 5, 6]);
+        // Seq 0: positions 0..10 in blocks 5, 2, 9; seq 1: positions 4..7 in block 3.
+        assert_eq!(
+            at(lay.slots, 13),
+            [20, 21, 22, 23, 8, 9, 10, 11, 36, 37, 12, 13, 14]
+        );
+        assert_eq!(at(lay.seq_of, 13), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1]);
+        assert_eq!(at(lay.tile_start, 3), [0, 8, 10]);
+        assert_eq!(at(lay.tile_len, 3), [8, 2, 3]);
+        assert_eq!(at(lay.rows, 1), [9]);
+        assert_eq!(at(lay.tables, 3), [5, 2, 9]);
+        assert_eq!(at(lay.tables + lay.max_blocks, 3), [1, 3, 0]);
+    }
+
+    /// A decode batch of three padded to the bucket of four: no tiles (the decode kernel),
+    /// the padding row writes no KV and is its own sequence and output row.
+    #[test]
+    fn a_decode_batch_pads_to_its_bucket() {
+        let toks = [[11u32], [12], [13]];
+        let tables = [[0u32, 1], [2, 3], [4, 5]];
+        let seqs: Vec<SeqStep<'_>> = toks
+            .iter()
+            .zip(&tables)
+            .map(|(t, tb)| SeqStep {
+                tokens: t,
+                start_pos: 5,
+                block_table: tb,
+                sample: Some(GREEDY),
+            })
+            .collect();
+        let mut builder = StepBuilder::default();
+        let meta = builder.paged(&seqs, &[], 4, 8, 100).unwrap();
+        let lay = StepLayout::new(32, 4, 16);
+        let mut m = Vec::new();
+        let packed = pack(&mut m, &meta, 4, lay, &opts()).unwrap();
+        assert_eq!(
+            packed,
+            PackedStep {
+                tokens: 4,
+                rows: 4,
+                tiles: 0
+            }
+        );
+        assert_eq!(m.len(), lay.len(4));
+        let at = |off: usize| m[off..off + 4].to_vec();
+        assert_eq!(at(lay.ids), [11, 12, 13, 0]);
+        assert_eq!(at(lay.pos), [5, 5, 5, 0]);
+        assert_eq!(at(lay.slots), [5, 13, 21, -1]);
+        assert_eq!(at(lay.seq_of), [0, 1, 2, 3]);
+        assert_eq!(at(lay.rows), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn steps_over_the_limits_are_errors() {
+        let long: Vec<u32> = vec![1; 33];
+        let table: Vec<u32> = (0..9).collect();
+        let seqs = [SeqStep {
+            tokens: &long,
+            start_pos: 0,
+            block_table: &table,
+            sample: None,
+        }];
+        let mut builder = StepBuilder::default();
+        let meta = builder.paged(&seqs, &[], 4, 16, 100).unwrap();
+        let mut m = Vec::new();
+        let err = pack(&mut m, &meta, 0, StepLayout::new(32, 4, 16), &opts()).unwrap_err();
+        assert!(
+            err.to_string().contains("over the engine's limits"),
+            "{err}"
+        );
+        let wide = CudaOptions {
+            max_tokens: 64,
+            ..opts()
+        };
+        let err = pack(&mut m, &meta, 0, StepLayout::new(64, 4, 8), &wide).unwrap_err();
+        assert!(err.to_string().contains("block table"), "{err}");
+        let one = [SeqStep {
+            tokens: &long[..1],
+            start_pos: 0,
+            block_table: &table[..1],
+            sample: Some(GREEDY),
+        }];
+        let meta = builder.paged(&one, &[], 4, 16, 100).unwrap();
+        let err = pack(&mut m, &meta, 8, StepLayout::new(32, 4, 16), &opts()).unwrap_err();
+        assert!(
+            err.to_string().contains("over the engine's limits"),
+            "{err}"
+        );
+    }
+}
