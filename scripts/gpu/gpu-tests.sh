@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# On-device part of the `gpu` crate's tests (issue 5): runs on the GPU machine from the
-# repository root, with binaries built elsewhere and carried in $BIN (default .gpu-d):
-#   cargo test -p gpu --no-run; cargo test -p colocate --test gpu_cli --no-run
-#   cargo build --release -p colocate
-#   mkdir -p .gpu-d && cp <the three test binaries and target/release/colocate> .gpu-d/
-#   (named gpu-unit, gpu-device, gpu-cli and colocate; strip them to fit the 64 MiB carry)
+# On-device part of the `gpu` crate's tests and the `colocate gpu` CLI tests: runs on the
+# GPU machine from the repository root, with binaries built by scripts/gpu/prepare.sh and
+# carried in $BIN (default .gpu): gpu-unit, gpu-device, gpu-cli and colocate. The GPU
+# tests are #[ignore]d elsewhere; here every test runs (--include-ignored), so the CLI's
+# plain-answer test checks the GPU case too.
 # It never changes clocks, power, compute mode, persistence or MIG, and quits every MPS
 # daemon it started (the tests do; the trap below is the last resort for /tmp/mps*).
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu-tests.log and friends.
 set -uo pipefail
-BIN=${BIN:-.gpu-d}
+BIN=${BIN:-.gpu}
 OUT=${OUT:-/tmp/gpu-tests-out}
 mkdir -p "$OUT"
 LOG="$OUT/gpu-tests.log"
@@ -44,10 +43,10 @@ run() { "$@" || { echo "FAILED: $*"; fails=$((fails + 1)); }; }
   run "$BIN/gpu-unit" --test-threads=2
 
   step "GPU tests (ignored in CI)"
-  run "$BIN/gpu-device" --ignored --nocapture --test-threads=1
+  run "$BIN/gpu-device" --include-ignored --nocapture --test-threads=1
 
-  step "CLI round trip"
-  run "$BIN/gpu-cli" --ignored --nocapture --test-threads=1
+  step "CLI: plain answers and the round trip"
+  run "$BIN/gpu-cli" --include-ignored --nocapture --test-threads=1
 
   step "monitor during a GEMM loop: live view cost and CSV"
   python3 crates/gpu/tests/gemm_loop.py 8 > "$OUT/gemm-monitor.txt" 2>&1 &

@@ -1,4 +1,5 @@
-//! GPU tests: run on the GPU machine (`scripts/gpu/gpu-tests.sh`), ignored elsewhere.
+//! GPU tests: run on the GPU machine (`scripts/gpu/gpu-tests.sh`), ignored elsewhere;
+//! selected without a GPU (`--ignored`) each fails first with a "no GPU" message.
 //! They need `python3` with PyTorch (override with COLOCATE_PYTHON) for the workload.
 //! Run: cargo test -p gpu --test device -- --ignored --nocapture --test-threads=1
 use gpu::mps::{procs, ClientLimits, MpsDaemon, MpsEvent};
@@ -6,6 +7,13 @@ use gpu::telemetry::Sampler;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
+
+/// Stops a selected GPU test on a machine without a GPU, saying so.
+fn require_gpu() {
+    if let Err(e) = gpu::info() {
+        panic!("no GPU: this test needs an NVIDIA GPU (run it on the GPU machine): {e:#}");
+    }
+}
 
 fn python() -> String {
     std::env::var("COLOCATE_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -59,6 +67,7 @@ fn short_tmp() -> tempfile::TempDir {
 #[test]
 #[ignore = "needs an NVIDIA GPU with MPS"]
 fn mps_start_and_stop_leave_no_process() {
+    require_gpu();
     let tmp = short_tmp();
     let mut d = MpsDaemon::start(tmp.path()).unwrap();
     let control = d.control_pid().expect("control daemon pid");
@@ -121,6 +130,7 @@ fn mps_start_and_stop_leave_no_process() {
 #[test]
 #[ignore = "needs an NVIDIA GPU with MPS"]
 fn mps_drop_quits_the_daemon() {
+    require_gpu();
     let tmp = short_tmp();
     let control = {
         let d = MpsDaemon::start(tmp.path()).unwrap();
@@ -136,6 +146,7 @@ fn mps_drop_quits_the_daemon() {
 #[test]
 #[ignore = "needs an NVIDIA GPU with MPS and python3 with torch"]
 fn mps_thread_percentage_changes_throughput() {
+    require_gpu();
     let tmp = short_tmp();
     let d = MpsDaemon::start(tmp.path()).unwrap();
     let env = |pct| {
@@ -163,6 +174,7 @@ fn mps_thread_percentage_changes_throughput() {
 #[test]
 #[ignore = "needs an NVIDIA GPU with GPM (Hopper+) and python3 with torch"]
 fn gpm_sm_active_tracks_a_gemm_loop() {
+    require_gpu();
     let sampler = Sampler::start(Duration::from_millis(200), Some(vec![0])).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let idle_to = gpu::telemetry::now_unix();
@@ -203,6 +215,7 @@ fn gpm_sm_active_tracks_a_gemm_loop() {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn info_describes_the_gpu() {
+    require_gpu();
     let gpus = gpu::info().unwrap();
     println!("{}", serde_json::to_string_pretty(&gpus).unwrap());
     assert!(!gpus.is_empty());
