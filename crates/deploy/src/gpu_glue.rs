@@ -93,14 +93,16 @@ impl Mps {
 /// its business (it sees its own processes exit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MpsNotice {
-    /// The server named this client process as having a sticky error set: a fault. Under
-    /// MPS every client of the server is named, the innocent ones too.
+    /// The server named this client process in a fault: as having a sticky error set
+    /// (every client of the server is named, the innocent ones too) or, with `culprit`,
+    /// as the one whose work raised it.
     ClientFault {
         /// The daemon's timestamp, verbatim (local time, no zone).
         log_time: String,
         /// The MPS server that logged it.
         server: u32,
         pid: Option<u32>,
+        culprit: bool,
         message: String,
     },
     /// The server failed or refused work (a non-zero exit, not-ready, too many clients).
@@ -135,10 +137,15 @@ impl MpsFaultLog {
             .poll()?
             .into_iter()
             .filter_map(|e| match e.event {
-                MpsEvent::ClientFault { pid, message } => Some(MpsNotice::ClientFault {
+                MpsEvent::ClientFault {
+                    pid,
+                    culprit,
+                    message,
+                } => Some(MpsNotice::ClientFault {
                     log_time: e.log_time,
                     server: e.logged_by,
                     pid,
+                    culprit,
                     message,
                 }),
                 MpsEvent::ServerFailed { message } => Some(MpsNotice::ServerFailed {
@@ -213,11 +220,13 @@ mod tests {
                     log_time,
                     server,
                     pid: p,
+                    culprit,
                     ..
                 } => {
                     assert_eq!(log_time, "2026-11-23 20:10:31.616");
                     assert_eq!(*server, 597);
                     assert_eq!(*p, Some(pid));
+                    assert!(!culprit, "the H100 log names no culprit");
                 }
                 other => panic!("{other:?}"),
             }

@@ -40,9 +40,11 @@
 //! server recreates its context only once every faulted client has gone. Waiting would
 //! leave the whole GPU wedged behind one process; killing it lets the group restart now.
 //!
-//! A fault counts as one failure for each instance whose client it names (MPS does not
-//! say which client caused it, so each is charged; a deployment that faults again and
-//! again is given up on as a whole, which is the truth: those engines cannot run there).
+//! A fault counts as one failure for the instance whose client raised it, when the
+//! server says which (the H200 capture's driver does: "encountered a fatal GPU error"),
+//! else for each instance whose client it names (the H100 capture lists only the sticky
+//! clients; a deployment that faults again and again is then given up on as a whole,
+//! which is the truth: those engines cannot run there together).
 //! A fault whose clients are no longer running (their group was already restarted, say on
 //! the culprit's exit) is recorded only. Server failures are recorded only: their clients
 //! fail or exit, and that starts a recovery.
@@ -620,7 +622,8 @@ impl Core {
     }
 
     /// Marks the instances of `members` (index, pid) whose client `f` names as faulted:
-    /// out of the gateway, charged one failure each (once per recovery).
+    /// out of the gateway, and charged one failure (once per recovery): the one that
+    /// raised the fault when the server says which, else each one named.
     fn mark_faulted(
         &mut self,
         f: &FaultNotice,
@@ -638,8 +641,9 @@ impl Core {
                 .map(|r| (r.log_time.clone(), r.message.clone()))
                 .unwrap_or_default()
         };
+        let culprit = f.culprit.and_then(|c| owner(c, members));
         for &j in &hit {
-            let first = charged.insert(j);
+            let first = culprit.is_none_or(|c| c == j) && charged.insert(j);
             let alive = self.instances[j].proc.is_some();
             (self.availability)(&self.instances[j].spec.name, false);
             self.set(j, |s| {
@@ -653,8 +657,13 @@ impl Core {
                 j,
                 EventKind::MpsFault,
                 format!(
-                    "MPS fault #{} (logged {log_time}): {message}{}",
+                    "MPS fault #{} (logged {log_time}): {message}{}{}",
                     f.id,
+                    if culprit == Some(j) {
+                        " (its own work raised it)"
+                    } else {
+                        ""
+                    },
                     if alive { "" } else { " (already exited)" }
                 ),
             );

@@ -446,10 +446,20 @@ const CAPTURE: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../testdata/mps/mps-client-fault-h100.log"
 ));
+/// The same on the H200 under `colocate up`: gen (474) wrote through a wild pointer,
+/// embed (510) was hit; this server names the culprit.
+const CAPTURE_H200: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../testdata/mps/mps-client-fault-h200.log"
+));
 
-/// The lines of one "== name" section of the capture.
+/// The lines of one "== name" section of the H100 capture.
 fn capture_section(name: &str) -> Vec<&'static str> {
-    CAPTURE
+    section_of(CAPTURE, name)
+}
+
+fn section_of(capture: &'static str, name: &str) -> Vec<&'static str> {
+    capture
         .lines()
         .skip_while(|l| *l != format!("== {name}"))
         .skip(1)
@@ -496,13 +506,17 @@ fn append_log(dir: &std::path::Path, file: &str, lines: &str) {
 /// Writes the captured control and server logs with the captured clients 563 (faulty) and
 /// 562 (innocent) replaced by `faulty` and `innocent`.
 fn write_captured_fault(dir: &std::path::Path, faulty: u32, innocent: u32) {
-    let pids = [(563, faulty), (562, innocent)];
-    for (section, file) in [("control.log", "control.log"), ("server.log", "server.log")] {
-        let text: String = capture_section(section)
+    write_capture(dir, CAPTURE, &[(563, faulty), (562, innocent)]);
+}
+
+/// Writes `capture`'s control and server logs into `dir` with its pids swapped.
+fn write_capture(dir: &std::path::Path, capture: &'static str, pids: &[(u32, u32)]) {
+    for file in ["control.log", "server.log"] {
+        let text: String = section_of(capture, file)
             .iter()
             .map(|l| format!("{l}\n"))
             .collect();
-        append_log(dir, file, &swap_pids(&text, &pids));
+        append_log(dir, file, &swap_pids(&text, pids));
     }
 }
 
@@ -695,4 +709,51 @@ async fn mps_fault_and_the_culprits_exit_make_one_recovery() {
     }
     assert!(!alive(before[0]));
     sup.shutdown().await;
+}
+
+/// The H200's log names the client that raised the fault: both engines are restarted, and
+/// only the culprit is charged a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mps_fault_with_a_named_culprit_charges_only_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("mps-log");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut s = spec(vec![
+        fake("gen", "model-gen", 1, &[]),
+        fake("embed", "model-embed", 1, &[]),
+    ]);
+    s.gateway = None;
+    let d = Deployment::up_with_mps_logs(&s, opts(&dir), &logs)
+        .await
+        .unwrap();
+    let before: Vec<u32> = d.status().iter().map(|s| s.pid.unwrap()).collect();
+    write_capture(&logs, CAPTURE_H200, &[(474, before[0]), (510, before[1])]);
+    wait_for("both engines restarted", Duration::from_secs(30), || {
+        d.status()
+            .iter()
+            .all(|s| s.restarts == 1 && s.state == InstanceState::Healthy)
+            && d.mps_faults().first().and_then(|f| f.action.as_deref())
+                == Some("every engine of the GPU (gen, embed) restarted")
+    })
+    .await;
+    let faults = d.mps_faults();
+    assert_eq!(faults.len(), 1, "{faults:#?}");
+    assert_eq!(faults[0].log_time, "2026-12-01 01:56:55.959");
+    assert_eq!(
+        faults[0].clients_text(),
+        format!(
+            "gen (pid {}, raised it), embed (pid {})",
+            before[0], before[1]
+        )
+    );
+    assert!(
+        faults[0]
+            .message
+            .starts_with(&format!("client {} raised a fatal GPU error", before[0])),
+        "{}",
+        faults[0].message
+    );
+    let st = d.status();
+    assert_eq!((st[0].failures, st[1].failures), (1, 0), "{st:#?}");
+    d.shutdown().await.unwrap();
 }

@@ -480,10 +480,12 @@ mod tests {
                 FaultedClient {
                     pid: 10,
                     engine: Some("gen".into()),
+                    culprit: false,
                 },
                 FaultedClient {
                     pid: 11,
                     engine: Some("embed".into()),
+                    culprit: false,
                 },
             ],
             message: "sticky error set on client process 10, 11".into(),

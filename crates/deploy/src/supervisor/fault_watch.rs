@@ -26,6 +26,8 @@ pub struct FaultNotice {
     pub id: u64,
     pub kind: MpsFaultKind,
     pub pids: Vec<u32>,
+    /// The client the server says raised it, when it says so.
+    pub culprit: Option<u32>,
 }
 
 /// Reads the logs, records faults in the snapshot, tells the supervisor.
@@ -89,14 +91,14 @@ impl FaultWatcher {
                     prev.absorb(f);
                     self.record(prev, id);
                     if !new_pids.is_empty() {
-                        self.notify(id, prev.kind, new_pids);
+                        self.notify(id, prev, new_pids);
                     }
                     continue;
                 }
                 _ => self.next_id(),
             };
             self.record(&f, id);
-            self.notify(id, f.kind, f.pids.clone());
+            self.notify(id, &f, f.pids.clone());
             *last = Some((f, id));
         }
         found
@@ -136,6 +138,7 @@ impl FaultWatcher {
             .map(|&pid| FaultedClient {
                 pid,
                 engine: engine_of(&s, pid),
+                culprit: f.culprit == Some(pid),
             })
             .collect();
         if let Some(rec) = s.mps_faults.iter_mut().find(|r| r.id == id) {
@@ -167,9 +170,14 @@ impl FaultWatcher {
         (self.on_change)(&s);
     }
 
-    fn notify(&self, id: u64, kind: MpsFaultKind, pids: Vec<u32>) {
+    fn notify(&self, id: u64, f: &LoggedFault, pids: Vec<u32>) {
         // The loop is gone once the supervisor stops: the record is all that matters then.
-        let _ = self.to_core.send(FaultNotice { id, kind, pids });
+        let _ = self.to_core.send(FaultNotice {
+            id,
+            kind: f.kind,
+            pids,
+            culprit: f.culprit,
+        });
     }
 }
 

@@ -22,6 +22,10 @@ pub struct FaultedClient {
     /// The engine replica it belongs to (its process or a descendant); `None` when no
     /// engine of this deployment had that process.
     pub engine: Option<String>,
+    /// The server says this client's own work raised the error (not every driver says
+    /// which one did: then no client is marked).
+    #[serde(default)]
+    pub culprit: bool,
 }
 
 /// One MPS fault: one event in the daemon's logs, however many clients it names.
@@ -56,38 +60,53 @@ impl MpsFault {
         out
     }
 
-    /// "gen (pid 12), pid 13": the clients for a one-line summary.
+    /// "gen (pid 12, raised it), pid 13": the clients for a one-line summary.
     pub fn clients_text(&self) -> String {
         self.clients
             .iter()
-            .map(|c| match &c.engine {
-                Some(e) => format!("{e} (pid {})", c.pid),
-                None => format!("pid {}", c.pid),
+            .map(|c| {
+                let raised = if c.culprit { ", raised it" } else { "" };
+                match &c.engine {
+                    Some(e) => format!("{e} (pid {}{raised})", c.pid),
+                    None => format!("pid {}{raised}", c.pid),
+                }
             })
             .collect::<Vec<_>>()
             .join(", ")
     }
 }
 
+/// How far apart (by the daemon's clock) a server's lines about one fault may be: both
+/// captures log the whole fault within one millisecond; a loaded machine may take longer.
+const SAME_FAULT_MS: i64 = 1000;
+
 /// A fault read from the log, before it gets an id, a time and engine names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedFault {
+    /// The daemon's time of its first line.
     pub log_time: String,
     pub kind: MpsFaultKind,
     /// The server that logged a client fault (merging key with `log_time`).
     pub server: Option<u32>,
+    /// Every client named, in log order, each once.
     pub pids: Vec<u32>,
+    /// The client the server says raised the error, when it says so.
+    pub culprit: Option<u32>,
     pub message: String,
 }
 
 impl LoggedFault {
-    /// Whether `other` continues this fault: the server lists every faulted client at once,
-    /// line after line with one timestamp, and a poll may end between those lines.
+    /// Whether `other` continues this fault: the server names the culprit and lists every
+    /// faulted client at once, line after line, and a poll may end between those lines.
     pub fn continued_by(&self, other: &LoggedFault) -> bool {
         self.kind == MpsFaultKind::ClientFault
             && other.kind == MpsFaultKind::ClientFault
             && self.server == other.server
-            && self.log_time == other.log_time
+            && (self.log_time == other.log_time
+                || match (log_ms(&self.log_time), log_ms(&other.log_time)) {
+                    (Some(a), Some(b)) => (0..=SAME_FAULT_MS).contains(&(b - a)),
+                    _ => false,
+                })
     }
 
     /// Takes `other`'s clients into this fault.
@@ -97,8 +116,17 @@ impl LoggedFault {
                 self.pids.push(p);
             }
         }
-        self.message = client_fault_message(&self.pids, self.server);
+        self.culprit = self.culprit.or(other.culprit);
+        self.message = client_fault_message(&self.pids, self.culprit, self.server);
     }
+}
+
+/// Milliseconds of a daemon timestamp (`2026-11-23 20:10:31.616`, local time: only
+/// differences are used).
+fn log_ms(t: &str) -> Option<i64> {
+    chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f")
+        .ok()
+        .map(|d| d.and_utc().timestamp_millis())
 }
 
 /// Groups one poll's notices into faults (see [`LoggedFault::continued_by`]).
@@ -110,19 +138,22 @@ pub fn group(notices: Vec<MpsNotice>) -> Vec<LoggedFault> {
                 log_time,
                 server,
                 pid,
+                culprit,
                 message,
             } => {
                 let pids: Vec<u32> = pid.into_iter().collect();
+                let culprit = pid.filter(|_| culprit);
                 LoggedFault {
                     message: if pids.is_empty() {
                         message
                     } else {
-                        client_fault_message(&pids, Some(server))
+                        client_fault_message(&pids, culprit, Some(server))
                     },
                     log_time,
                     kind: MpsFaultKind::ClientFault,
                     server: Some(server),
                     pids,
+                    culprit,
                 }
             }
             MpsNotice::ServerFailed { log_time, message } => LoggedFault {
@@ -130,6 +161,7 @@ pub fn group(notices: Vec<MpsNotice>) -> Vec<LoggedFault> {
                 kind: MpsFaultKind::ServerFailed,
                 server: None,
                 pids: Vec::new(),
+                culprit: None,
                 message,
             },
         };
@@ -141,7 +173,7 @@ pub fn group(notices: Vec<MpsNotice>) -> Vec<LoggedFault> {
     out
 }
 
-fn client_fault_message(pids: &[u32], server: Option<u32>) -> String {
+fn client_fault_message(pids: &[u32], culprit: Option<u32>, server: Option<u32>) -> String {
     let list = pids
         .iter()
         .map(|p| p.to_string())
@@ -150,9 +182,14 @@ fn client_fault_message(pids: &[u32], server: Option<u32>) -> String {
     let server = server
         .map(|s| format!(" (MPS server {s})"))
         .unwrap_or_default();
-    format!(
-        "sticky error set on client process {list}{server}: the GPU faulted under these clients"
-    )
+    match culprit {
+        Some(c) => format!(
+            "client {c} raised a fatal GPU error; sticky error set on client process {list}{server}"
+        ),
+        None => format!(
+            "sticky error set on client process {list}{server}: the GPU faulted under these clients"
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -164,8 +201,50 @@ mod tests {
             log_time: t.into(),
             server,
             pid: Some(pid),
+            culprit: false,
             message: String::new(),
         }
+    }
+
+    /// Both real captures, through the log follower, give one fault each: the H200's
+    /// with its culprit.
+    #[test]
+    fn each_captured_fault_is_one_fault() {
+        for (file, pids, culprit) in [
+            ("mps-client-fault-h100.log", vec![563, 562], None),
+            ("mps-client-fault-h200.log", vec![474, 510], Some(474)),
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../testdata/mps")
+                .join(file);
+            let capture = std::fs::read_to_string(path).unwrap();
+            let server_log: String = capture
+                .lines()
+                .skip_while(|l| *l != "== server.log")
+                .skip(1)
+                .take_while(|l| !l.starts_with("== "))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("server.log"), server_log).unwrap();
+            let notices = crate::gpu_glue::MpsFaultLog::for_log_dir(dir.path())
+                .poll()
+                .unwrap();
+            let g = group(notices);
+            assert_eq!(g.len(), 1, "{file}: {g:#?}");
+            assert_eq!(g[0].pids, pids, "{file}");
+            assert_eq!(g[0].culprit, culprit, "{file}");
+        }
+    }
+
+    #[test]
+    fn lines_of_one_fault_a_moment_apart_merge_and_a_later_fault_does_not() {
+        let a = group(vec![fault("2026-11-23 20:10:31.616", 597, 1)]).remove(0);
+        let b = group(vec![fault("2026-11-23 20:10:32.100", 597, 2)]).remove(0);
+        let c = group(vec![fault("2026-11-23 20:10:40.000", 597, 3)]).remove(0);
+        assert!(a.continued_by(&b));
+        assert!(!a.continued_by(&c));
+        assert!(!b.continued_by(&a), "a fault does not continue backwards");
     }
 
     #[test]
@@ -214,20 +293,26 @@ mod tests {
                 FaultedClient {
                     pid: 12,
                     engine: Some("gen".into()),
+                    culprit: true,
                 },
                 FaultedClient {
                     pid: 13,
                     engine: None,
+                    culprit: false,
                 },
                 FaultedClient {
                     pid: 14,
                     engine: Some("gen".into()),
+                    culprit: false,
                 },
             ],
             message: String::new(),
             action: None,
         };
         assert_eq!(f.engines(), vec!["gen"]);
-        assert_eq!(f.clients_text(), "gen (pid 12), pid 13, gen (pid 14)");
+        assert_eq!(
+            f.clients_text(),
+            "gen (pid 12, raised it), pid 13, gen (pid 14)"
+        );
     }
 }

@@ -2,6 +2,10 @@
 """A real CUDA client behind a tiny HTTP server, for the on-device MPS check of `up`:
 initialises CUDA with torch, keeps a GEMM loop running on the GPU, answers /health once
 CUDA works and POST /v1/completions with what it sees (device, MPS env).
+POST /fault makes this client write through a wild pointer (a CuPy kernel in the same CUDA
+context, as in testdata/mps/mps-client-fault-h100.log): under MPS every client of the
+server gets a sticky error, yet each process lives on and /health still answers, so only
+the MPS log tells the supervisor (tests/gpu/mps-fault.sh).
 Usage: torch_engine.py PORT MODEL"""
 import json, os, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,9 +19,21 @@ print(f"torch engine {model} on {port}: cuda ok, mem_get_info total {total >> 20
 
 def spin():
     b = a
-    while True:
-        b = (a @ b).tanh()
-        torch.cuda.synchronize()
+    try:
+        while True:
+            b = (a @ b).tanh()
+            torch.cuda.synchronize()
+    except Exception as e:  # the GPU work dies; the HTTP server lives on (a wedged client)
+        print(f"torch engine {model}: GPU work failed: {type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
+
+def wild_write():
+    import cupy as cp
+    k = cp.RawKernel(r'extern "C" __global__ void bad(float* p){ p[threadIdx.x * 1000000007ULL] = 1.0f; }', 'bad')
+    try:
+        k((1,), (32,), (cp.cuda.runtime.malloc(4),)); cp.cuda.runtime.deviceSynchronize()
+        return "no error"
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
 threading.Thread(target=spin, daemon=True).start()
 
 class H(BaseHTTPRequestHandler):
@@ -31,6 +47,10 @@ class H(BaseHTTPRequestHandler):
         self.reply(200 if self.path == "/health" else 404, {"ok": True})
     def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length", "0")))
+        if self.path == "/fault":
+            err = wild_write()
+            print(f"torch engine {model}: wild write: {err}", flush=True)
+            return self.reply(200, {"fault": err})
         self.reply(200, {"model": model, "device": torch.cuda.get_device_name(0), "total_mib": total >> 20,
                          "sm_percent": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
                          "pipe": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")})

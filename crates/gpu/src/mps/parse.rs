@@ -9,8 +9,14 @@ use serde::Serialize;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MpsEvent {
     /// A client's context has a sticky error (a fault): under MPS every client of that
-    /// server is listed, the innocent ones too, and all of them die.
-    ClientFault { pid: Option<u32>, message: String },
+    /// server is listed, the innocent ones too, and all of them die. `culprit`: the server
+    /// says this client's own work raised the error (the H200 capture's driver logs that
+    /// line before the sticky list; the H100 capture has only the list).
+    ClientFault {
+        pid: Option<u32>,
+        culprit: bool,
+        message: String,
+    },
     /// The server stopped or refused work in a way clients notice (non-zero exit,
     /// not-ready / too-many-clients errors, a failed start).
     ServerFailed { message: String },
@@ -105,6 +111,7 @@ impl LogParser {
             if let Ok(pid) = text.parse::<u32>() {
                 return vec![MpsEvent::ClientFault {
                     pid: Some(pid),
+                    culprit: false,
                     message: format!("client {pid} has a sticky error set (server {})", l.pid),
                 }];
             }
@@ -112,6 +119,28 @@ impl LogParser {
         }
         if text.contains("have a sticky error set") || text.contains("has a sticky error set") {
             self.in_sticky_list = true;
+            return Vec::new();
+        }
+        // "Client {PID: 474, Context: 1} encountered a fatal GPU error."
+        if text.starts_with("Client {") && text.contains("encountered a fatal GPU error") {
+            let pid = text.split_once("PID:").and_then(|(_, r)| first_number(r));
+            return vec![MpsEvent::ClientFault {
+                pid,
+                culprit: true,
+                message: format!(
+                    "client {} encountered a fatal GPU error (server {})",
+                    pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                    l.pid
+                ),
+            }];
+        }
+        // The rest of the server's fault handling ("Server is handling a fatal GPU
+        // error", "... to be torn down", "error trigging process ...") names the same
+        // clients as the sticky list that follows: not failures of their own.
+        if text.starts_with("Server is handling a fatal GPU error")
+            || text.ends_with("to be torn down")
+            || text.ends_with("will be torn down")
+        {
             return Vec::new();
         }
         if let Some(rest) = text.strip_prefix("NEW CLIENT ") {
@@ -242,12 +271,46 @@ mod tests {
     use super::*;
 
     const CAPTURE: &str = include_str!("../../../../testdata/mps/mps-client-fault-h100.log");
+    const CAPTURE_H200: &str = include_str!("../../../../testdata/mps/mps-client-fault-h200.log");
 
-    /// The part of the capture after a "== name" header, up to the next header.
-    fn section(name: &str) -> String {
-        let start = CAPTURE.find(&format!("== {name}\n")).expect(name) + name.len() + 4;
-        let rest = &CAPTURE[start..];
+    /// The part of `capture` after a "== name" header, up to the next header.
+    fn section_of(capture: &str, name: &str) -> String {
+        let start = capture.find(&format!("== {name}\n")).expect(name) + name.len() + 4;
+        let rest = &capture[start..];
         rest[..rest.find("\n== ").map(|i| i + 1).unwrap_or(rest.len())].to_string()
+    }
+
+    fn section(name: &str) -> String {
+        section_of(CAPTURE, name)
+    }
+
+    #[test]
+    fn the_h200_fault_names_the_culprit_then_both_clients_and_nothing_else() {
+        let events = LogParser::new().feed_text(&section_of(CAPTURE_H200, "server.log"));
+        let faults: Vec<(Option<u32>, bool)> = events
+            .iter()
+            .filter_map(|e| match e {
+                MpsEvent::ClientFault { pid, culprit, .. } => Some((*pid, *culprit)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            faults,
+            vec![(Some(474), true), (Some(474), false), (Some(510), false)],
+            "{events:#?}"
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, MpsEvent::ServerFailed { .. })),
+            "{events:#?}"
+        );
+        let control = LogParser::new().feed_text(&section_of(CAPTURE_H200, "control.log"));
+        assert!(control.contains(&MpsEvent::ServerStarted { pid: 499 }));
+        assert!(!control.iter().any(|e| matches!(
+            e,
+            MpsEvent::ServerFailed { .. } | MpsEvent::ClientFault { .. }
+        )));
     }
 
     #[test]
