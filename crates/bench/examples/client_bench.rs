@@ -1,7 +1,7 @@
 //! How much load can one client process drive? (`docs/bench/bench-client.md`)
 //!
-//! `client_bench serve`: the mock OpenAI server (`bench::mock_server`), on its own cores,
-//! streaming with a chosen per-token pause (0 = as fast as it can).
+//! `client_bench serve`: the mock OpenAI server (`tests/support/mock_server.rs`), on its
+//! own cores, streaming with a chosen per-token pause (0 = as fast as it can).
 //! `client_bench client <colocate bench flags>`: the same code path as `colocate bench`
 //! (spec from the same flags, `bench::run` on a default multi-thread runtime), then the
 //! process's CPU time (getrusage) and the streamed chunks it handled per CPU-second.
@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+// The tests' mock server; this example does not read its token counter.
+#[allow(dead_code)]
+#[path = "../tests/support/mock_server.rs"]
+mod mock_server;
 
 #[derive(Parser)]
 struct Cli {
@@ -66,13 +71,13 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                let opts = bench::mock_server::MockOptions {
+                let opts = mock_server::MockOptions {
                     token_delay: Duration::from_micros(token_delay_us),
                     embed_delay: Duration::from_millis(embed_delay_ms),
                     embed_dim,
                     ..Default::default()
                 };
-                let s = bench::mock_server::start(port, opts).await?;
+                let s = mock_server::start(port, opts).await?;
                 eprintln!("mock server on {}", s.url());
                 std::future::pending::<()>().await;
                 #[allow(unreachable_code)]

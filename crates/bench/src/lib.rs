@@ -5,14 +5,14 @@
 //! Modules, one job each: `spec` (what to run), `prompt` (prompt texts of a token length),
 //! `arrivals` (open-loop timing), `sse` (incremental stream parsing), `client` (HTTP),
 //! `unstreamed` (non-streamed completions), `runner` (the run and its window), `metrics`
-//! (definitions and statistics), `results` (file formats and the table), `mock_server` (a
-//! minimal streaming server for tests and the client benchmark), `cli`.
+//! (definitions and statistics), `results` (file formats and the table), `cli`. The mock
+//! server that the tests and the client benchmark run against is not part of the library:
+//! it lives in `tests/support/mock_server.rs`.
 
 pub mod arrivals;
 pub mod cli;
 pub mod client;
 pub mod metrics;
-pub mod mock_server;
 pub mod prompt;
 pub mod results;
 pub mod runner;

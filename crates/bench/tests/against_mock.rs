@@ -5,9 +5,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bench::mock_server::{self, MockOptions};
 use bench::{parse_workload, run, BenchSpec};
 use tokio_util::sync::CancellationToken;
+
+#[path = "support/mock_server.rs"]
+mod mock_server;
+use mock_server::MockOptions;
 
 fn unix_now() -> f64 {
     std::time::SystemTime::now()

@@ -158,14 +158,6 @@ impl EmbedQueue {
         Ok(())
     }
 
-    /// Fails every queued request.
-    pub fn fail_all(&mut self, message: &str) {
-        while let Some(p) = self.queue.pop_front() {
-            let _ = p.req.reply.send(Err(anyhow::anyhow!(message.to_string())));
-            self.admission.leave();
-        }
-    }
-
     fn finish(&mut self, p: Pending) {
         let _ = p.req.reply.send(Ok(p.results));
         self.admission.leave();

@@ -328,18 +328,6 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Fails every running request (model error, shutdown) and frees its blocks.
-    pub fn fail_all(&mut self, message: &str) {
-        for mut s in self.running.drain(..).chain(self.waiting.drain(..)) {
-            let _ = s.events.send(GenEvent::Error(message.to_string()));
-            self.kv.release(&mut s.table);
-            if !s.started {
-                self.admission.leave();
-            }
-        }
-        self.update_gauges();
-    }
-
     fn fail_planned(&mut self, e: &anyhow::Error) {
         let msg = format!("model step failed: {e:#}");
         for &(i, _) in &self.plan {

@@ -1,4 +1,5 @@
-//! A minimal OpenAI-compatible server (hyper) that streams as fast as it is told to.
+//! A minimal OpenAI-compatible server (hyper) that streams as fast as it is told to; test
+//! support, included by path in `tests/against_mock.rs` and `examples/client_bench.rs`.
 //!
 //! It exists for two jobs where a real engine would get in the way: measuring the client
 //! itself (how many chunks/s one client core handles, `examples/client_bench.rs`), and
@@ -42,7 +43,7 @@ pub struct MockOptions {
     pub default_max_tokens: u64,
 }
 
-/// A running mock server; stops when dropped or on [`MockServer::stop`].
+/// A running mock server; stops when dropped.
 pub struct MockServer {
     pub addr: SocketAddr,
     stop: CancellationToken,
@@ -53,10 +54,6 @@ pub struct MockServer {
 impl MockServer {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    pub fn stop(&self) {
-        self.stop.cancel();
     }
 }
 
