@@ -71,6 +71,8 @@ pub struct Proc {
     pub pid: u32,
     exited: watch::Receiver<Option<ExitInfo>>,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// Set once `stop` has killed the whole group; until then dropping the handle does.
+    group_stopped: std::sync::atomic::AtomicBool,
 }
 
 /// Starts a process. Fails with a clear message when the program cannot be run.
@@ -179,6 +181,7 @@ pub fn spawn(spec: &ProcSpec) -> anyhow::Result<Proc> {
         pid,
         exited: rx,
         tail,
+        group_stopped: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
@@ -255,12 +258,29 @@ impl Proc {
             let _ = killpg(pg, Signal::SIGTERM);
             if let Ok(i) = tokio::time::timeout(timeout, self.wait()).await {
                 let _ = killpg(pg, Signal::SIGKILL);
+                self.group_stopped
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 return i;
             }
             tracing::warn!(engine = %self.name, "did not stop within {timeout:?} of SIGTERM: SIGKILL");
         }
         let _ = killpg(pg, Signal::SIGKILL);
+        self.group_stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.wait().await
+    }
+}
+
+/// A handle dropped without `stop` (the supervisor lets go of an engine that exited on its
+/// own) takes what is left of its group with it: a vLLM API server that died can leave its
+/// engine core running, holding GPU memory the restarted engine needs. The group id stays
+/// reserved while any member lives, so this reaches only the engine's own processes.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.group_stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            use nix::sys::signal::{killpg, Signal};
+            let _ = killpg(nix::unistd::Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
     }
 }
 
@@ -401,6 +421,34 @@ mod tests {
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+    }
+
+    /// The leader exits on its own (a crashed API server) and leaves a child that ignores
+    /// SIGTERM (an engine core): letting go of the handle kills the child.
+    #[tokio::test]
+    async fn dropping_a_crashed_engine_kills_what_it_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let script = format!(
+            "(trap '' TERM; exec sleep 600) & echo $! > {d}/core.pid
+             exit 3"
+        );
+        let p = spawn(&spec(dir.path(), &["sh", "-c", &script])).unwrap();
+        let core = read_pid(&dir.path().join("core.pid")).await;
+        assert_eq!(p.wait().await.description, "exit status 3");
+        assert!(
+            alive(core),
+            "the child outlives its leader until the handle goes"
+        );
+        drop(p);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive(core) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{core} survived the handle"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
