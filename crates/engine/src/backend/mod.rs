@@ -2,11 +2,12 @@
 //! `engine/backend`). The portable models (`model::qwen3`, `model::bert`) are written only
 //! against [`Backend`], candle-style; [`cpu`] (f32) implements it and is the numerics
 //! reference. The CUDA path ([`cuda`]: device, NVRTC kernels, cuBLAS GEMMs, step buffer,
-//! decode graphs, KV cache) does not implement the op trait: its model is a file of its
-//! own beside the portable one (`model::qwen3_cuda`), because graph capture needs
-//! persistent step buffers, a per-step arena and fused projections the trait does not
-//! express. Both devices share the config, the weight reader, the step builder
-//! ([`crate::model::StepBuilder`] -> [`StepMeta`]) and the sampling rule ([`sampling`]).
+//! decode graphs, KV cache, and the executor that serves a CUDA model) does not implement
+//! the op trait: its model is a file of its own beside the portable one
+//! (`model::qwen3_cuda`), because graph capture needs persistent step buffers, a per-step
+//! arena and fused projections the trait does not express. Both devices share the config,
+//! the weight reader, the step builder ([`crate::model::StepBuilder`] -> [`StepMeta`]) and
+//! the sampling rule ([`sampling`]).
 //!
 //! Design rules of the op trait:
 //! - Ops are at the granularity of fused GPU kernels (RMSNorm fused with the residual add,

@@ -1,7 +1,8 @@
 //! Model architectures, one file per architecture and device, with names mirroring the
 //! Hugging Face parameter names: `qwen3` and `bert` are written only against
 //! [`crate::backend::Backend`] ops (the CPU backend runs them; the numerics reference);
-//! `qwen3_cuda` is Qwen3 on the CUDA path (fused weights, kernels, graph-captured decode).
+//! `qwen3_cuda` is Qwen3 on the CUDA path (fused bf16 weights and its forward pass of
+//! kernels and GEMMs, served by `backend::cuda::executor`).
 //! Every model reads the one [`config::ModelConfig`], loads through the one
 //! [`crate::weights::WeightSource`], samples with the one rule
 //! ([`crate::backend::sampling`]) and packs its steps with the one [`StepBuilder`], which

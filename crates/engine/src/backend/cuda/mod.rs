@@ -1,8 +1,9 @@
 //! The CUDA backend: bf16 weights and activations with fp32 accumulation, GEMMs in cuBLAS,
 //! everything else in kernels compiled at start-up by NVRTC for the device (see
 //! `kernels/engine.cu`), decode steps captured as CUDA graphs per batch-size bucket. This
-//! folder is the device; the models that run on it live beside the portable ones
-//! (`model::qwen3_cuda`).
+//! folder is the device (`device`, `buffer`, `kernels`, `gemm`, `kv_cache`, `step`,
+//! `graphs`, `profile`) and the `executor` that runs any CUDA model behind the runner seam;
+//! the models themselves live beside the portable ones (`model::qwen3_cuda`).
 //!
 //! The driver, cuBLAS and NVRTC are loaded at run time (cudarc `dynamic-loading`): the
 //! engine builds and its CPU path runs on machines without CUDA, and asking for the GPU
@@ -14,6 +15,7 @@
 
 pub mod buffer;
 pub mod device;
+pub mod executor;
 pub mod gemm;
 pub mod graphs;
 pub mod kernels;

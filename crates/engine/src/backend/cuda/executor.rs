@@ -1,0 +1,586 @@
+//! Runs a CUDA model behind the runner seam (`Generator` / `Embedder`): everything a model
+//! on this device needs besides its own weights, activations and forward pass. It opens
+//! the GPU, compiles the kernels for the model's attention shape, builds the RoPE table,
+//! packs each step's metadata once (`step`), keeps the paged KV cache (`kv_cache`),
+//! replays decode steps as CUDA graphs per batch-size bucket (`graphs`), times ops when
+//! asked (`profile`), samples non-greedy rows by the shared rule (`backend::sampling`)
+//! and runs embedding inputs in chunks that fit the step limits. A model
+//! (`model::qwen3_cuda`) implements [`CudaModel`]: a new architecture is one such file.
+
+use anyhow::{anyhow, bail};
+
+use super::buffer::{self, DevBuf};
+use super::device::CudaDevice;
+use super::gemm;
+use super::graphs::{self, DecodeGraphs};
+use super::kernels::{DevPtr, Kernels, RopeTable, FLASH_QUERY_TILE};
+use super::kv_cache::{KvCache, KvPlace};
+use super::profile::{Launcher, Profiler};
+use super::step::{CudaOptions, PackedStep, StepBuffer, StepLayout};
+use crate::backend::sampling::sample_row;
+use crate::model::config::ModelConfig;
+use crate::model::StepBuilder;
+use crate::runner::{Embedder, Generator, ModelInfo, SampleSpec, SeqStep};
+
+/// Tokens per block of the embedding path's K/V scratch (paged reference kernel).
+const EMBED_BLOCK: usize = 16;
+const BLAS_WORKSPACE: usize = 32 << 20;
+/// Bytes per bf16 element.
+const BF16: usize = 2;
+
+const GREEDY: SampleSpec<'static> = SampleSpec {
+    temperature: 0.0,
+    top_p: 1.0,
+    top_k: 0,
+    uniform: 0.0,
+    masked: &[],
+};
+
+/// One forward pass: the packed step, where K/V go, and how it ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass {
+    pub step: PackedStep,
+    pub layout: StepLayout,
+    pub kv: KvPlace,
+    /// Embeddings (pooled fp32 rows) rather than logits and argmax.
+    pub embed: bool,
+}
+
+/// Query tiles of the embedding path's flash attention: three ints per tile (first token
+/// row of the sequence, first query position, sequence length), uploaded per chunk.
+pub struct FlashTiles {
+    pub buf: DevBuf,
+    pub count: usize,
+}
+
+/// What a forward pass may use besides the model's own buffers.
+pub struct ForwardCtx<'a> {
+    pub dev: &'a CudaDevice,
+    pub kernels: &'a Kernels,
+    /// The step's metadata on the device (`StepLayout` offsets via `pass.layout`).
+    pub step: &'a StepBuffer,
+    pub rope: &'a RopeTable,
+    /// The flash kernel's query tiles when this pass (an embedding pass) attends with it.
+    pub flash: Option<&'a FlashTiles>,
+}
+
+/// Where a model leaves a pass's results, one row per output row of the step.
+#[derive(Debug, Clone, Copy)]
+pub struct Outputs {
+    /// fp32 logits, `[rows, vocab]` (generate).
+    pub logits: DevPtr,
+    /// i32 argmax of each logits row (generate).
+    pub argmax: DevPtr,
+    /// fp32 final hidden state of each row, before L2 normalisation (embed).
+    pub pooled: DevPtr,
+}
+
+/// A model on the CUDA path: its weights and activations, and its forward pass.
+pub trait CudaModel: Send {
+    /// Enqueues the forward pass over `pass.step.tokens` token rows, ending with the
+    /// output rows' logits and argmax (generate) or pooled rows (embed) at [`Outputs`].
+    /// Enqueue only: the same calls are captured into decode graphs.
+    fn enqueue_forward(
+        &self,
+        cx: &ForwardCtx<'_>,
+        ops: &mut Launcher<'_>,
+        pass: &Pass,
+    ) -> anyhow::Result<()>;
+    /// Device bytes of weights and activations.
+    fn bytes_held(&self) -> usize;
+    fn outputs(&self) -> Outputs;
+}
+
+/// The config's numbers the executor itself needs.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
+    /// K (or V) values per token per layer.
+    kv_width: usize,
+}
+
+/// A CUDA model on one GPU, serving steps (generate) or embeddings (embed).
+pub struct CudaExecutor<M> {
+    dev: CudaDevice,
+    kernels: Kernels,
+    model: M,
+    shape: Shape,
+    info: ModelInfo,
+    opts: CudaOptions,
+    _blas_workspace: DevBuf,
+    builder: StepBuilder,
+    step: StepBuffer,
+    /// The generator's KV cache and its step layout (`init_kv_cache`).
+    kv: Option<(KvCache, StepLayout)>,
+    /// The embedding path's one-layer K/V scratch (paged reference kernel only).
+    embed_kv: Option<DevBuf>,
+    flash: Option<FlashTiles>,
+    /// Use the tensor-core flash kernel for embeddings (else the paged prefill kernel).
+    embed_flash: bool,
+    rope: RopeTable,
+    _rope_buf: DevBuf,
+    graphs: DecodeGraphs,
+    profiler: Option<Profiler>,
+}
+
+impl<M: CudaModel> CudaExecutor<M> {
+    /// Opens GPU `ordinal`, compiles the kernels for `config`'s attention shape, lets
+    /// `load` put the model's weights and activations on the device, then allocates the
+    /// step buffer and the cuBLAS workspace and builds the RoPE table. `info.task` picks
+    /// generate or embed; the KV cache comes later (`init_kv_cache`).
+    pub fn open(
+        ordinal: usize,
+        config: &ModelConfig,
+        info: ModelInfo,
+        opts: CudaOptions,
+        load: impl FnOnce(&CudaDevice, &Kernels, &CudaOptions) -> anyhow::Result<M>,
+    ) -> anyhow::Result<Self> {
+        let dev = CudaDevice::open(ordinal)?;
+        let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            bail!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            );
+        }
+        let head_dim = config.head_dim;
+        let kernels = Kernels::compile(&dev, head_dim, heads / kv_heads)?;
+        let model = load(&dev, &kernels, &opts)?;
+        let step = StepBuffer::alloc(&dev, &opts)?;
+        let blas_workspace = DevBuf::alloc(&dev, BLAS_WORKSPACE)?;
+        gemm::set_workspace(&dev.blas, blas_workspace.ptr, BLAS_WORKSPACE)?;
+        let rope_positions = opts
+            .max_model_len
+            .min(config.max_position_embeddings.max(1));
+        let rope_buf = DevBuf::alloc(&dev, rope_positions * head_dim / 2 * 8)?;
+        kernels.rope_table(rope_buf.ptr, rope_positions, config.rope_theta as f32)?;
+        let rope = RopeTable {
+            ptr: rope_buf.ptr,
+            positions: rope_positions,
+        };
+        let embed_flash = kernels.has_flash_attention();
+        let graphs = DecodeGraphs::new(&opts.graph_buckets, opts.max_seqs);
+        Ok(Self {
+            dev,
+            kernels,
+            model,
+            shape: Shape {
+                vocab: config.vocab_size,
+                hidden: config.hidden_size,
+                layers: config.num_hidden_layers,
+                kv_width: kv_heads * head_dim,
+            },
+            info,
+            opts,
+            _blas_workspace: blas_workspace,
+            builder: StepBuilder::default(),
+            step,
+            kv: None,
+            embed_kv: None,
+            flash: None,
+            embed_flash,
+            rope,
+            _rope_buf: rope_buf,
+            graphs,
+            profiler: None,
+        })
+    }
+
+    /// The GPU's name and architecture, e.g. ("NVIDIA H100 80GB HBM3", "sm_90").
+    pub fn device_name(&self) -> (&str, &str) {
+        (&self.dev.name, &self.dev.arch)
+    }
+
+    /// KV blocks that fit when this engine may use `fraction` of the GPU's total memory
+    /// (`--gpu-memory-utilization`) for weights, scratch and KV, given what it already
+    /// holds; also capped by the memory free right now (another tenant, an MPS limit).
+    pub fn kv_blocks_for_fraction(
+        &self,
+        fraction: f64,
+        block_size: usize,
+    ) -> anyhow::Result<usize> {
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            bail!("--gpu-memory-utilization must be in (0, 1], got {fraction}");
+        }
+        let (free, total) = self.dev.memory_info()?;
+        let held = self.bytes_held();
+        // Graph execs, cuBLAS kernels and module code: a fixed reserve.
+        let reserve = 512usize << 20;
+        let budget = ((total as f64 * fraction) as usize).saturating_sub(held + reserve);
+        let avail = budget.min(free.saturating_sub(reserve));
+        let per_block = block_size * self.kv_bytes_per_token();
+        let blocks = avail / per_block.max(1);
+        if blocks == 0 {
+            bail!(
+                "--gpu-memory-utilization {fraction}: no room for the KV cache ({} MiB of {} MiB held by weights and scratch, {} MiB free)",
+                held >> 20,
+                total >> 20,
+                free >> 20
+            );
+        }
+        Ok(blocks)
+    }
+
+    /// Bytes of bf16 K and V for one token over all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.shape.layers * self.shape.kv_width * BF16
+    }
+
+    /// Weights, step metadata, activations and the cuBLAS workspace.
+    fn bytes_held(&self) -> usize {
+        self.model.bytes_held() + self.step.bytes() + BLAS_WORKSPACE
+    }
+
+    /// Turns the per-op time breakdown on (eager steps only; graphs are bypassed).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiler = on.then(|| Profiler::new(self.dev.ctx.clone()));
+    }
+
+    /// (op, total ms, calls) since profiling was turned on, largest first.
+    pub fn profile_report(&self) -> Vec<(&'static str, f64, u64)> {
+        self.profiler
+            .as_ref()
+            .map(Profiler::report)
+            .unwrap_or_default()
+    }
+
+    /// Folds profiled op times of finished steps into the report (after a step returned).
+    pub fn collect_profile(&mut self) {
+        if let Some(p) = self.profiler.as_mut() {
+            p.collect();
+        }
+    }
+
+    /// Chooses the embedding attention kernel: the tensor-core flash kernel (default where
+    /// the head size allows it) or the paged prefill kernel (the reference for tests).
+    pub fn set_embed_flash(&mut self, on: bool) {
+        self.embed_flash = on && self.kernels.has_flash_attention();
+    }
+
+    /// Pre-captures the decode graphs of every bucket (start-up, so the first requests do
+    /// not pay for it). Needs the KV cache.
+    pub fn capture_all(&mut self) -> anyhow::Result<()> {
+        self.bind()?;
+        let (place, lay, num_blocks) = self.kv_cache()?;
+        for b in self.graphs.buckets().to_vec() {
+            if !self.graphs.has(b) {
+                // Metadata of an all-padding batch: valid addresses, no KV writes.
+                let meta =
+                    self.builder
+                        .paged(&[], &[], place.block_size, num_blocks, self.shape.vocab)?;
+                self.step.pack(&meta, b, lay, &self.opts)?;
+                self.step.upload(&self.dev, b, lay)?;
+                self.capture(b, place, lay)?;
+            }
+        }
+        buffer::synchronize(&self.dev)
+    }
+
+    /// Where the KV cache is, the generator's step layout and the number of blocks.
+    fn kv_cache(&self) -> anyhow::Result<(KvPlace, StepLayout, usize)> {
+        let (kv, lay) = self
+            .kv
+            .as_ref()
+            .ok_or_else(|| anyhow!("KV cache not initialised: call init_kv_cache first"))?;
+        Ok((kv.place(), *lay, kv.num_blocks()))
+    }
+
+    /// Makes the context current on the calling thread (the serving thread may not be the
+    /// one that loaded the model; raw driver calls need it).
+    fn bind(&self) -> anyhow::Result<()> {
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("binding the CUDA context: {e}"))
+    }
+
+    /// Runs a step: graph replay for pure decode batches, eager otherwise. Leaves the
+    /// selected rows' logits and argmax on the device; returns the number of rows.
+    fn run_step(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<usize> {
+        self.bind()?;
+        let (place, lay, num_blocks) = self.kv_cache()?;
+        let decode = !seqs.is_empty()
+            && seqs
+                .iter()
+                .all(|s| s.tokens.len() == 1 && s.sample.is_some());
+        let bucket = if decode && self.profiler.is_none() {
+            self.graphs.bucket_for(seqs.len())
+        } else {
+            None
+        };
+        let meta = self
+            .builder
+            .paged(seqs, &[], place.block_size, num_blocks, self.shape.vocab)?;
+        if let Some(b) = bucket {
+            self.step.pack(&meta, b, lay, &self.opts)?;
+            self.step.upload(&self.dev, b, lay)?;
+            if !self.graphs.has(b) {
+                self.capture(b, place, lay)?;
+            }
+            self.graphs.launch(b)?;
+            return Ok(seqs.len());
+        }
+        let packed = self.step.pack(&meta, 0, lay, &self.opts)?;
+        self.step.upload(&self.dev, seqs.len(), lay)?;
+        self.forward(Pass {
+            step: packed,
+            layout: lay,
+            kv: place,
+            embed: false,
+        })?;
+        Ok(packed.rows)
+    }
+
+    /// Captures the decode forward for bucket `b` (after one eager warm-up run, so that
+    /// cuBLAS has picked its kernels) on the engine's own stream.
+    fn capture(&mut self, b: usize, kv: KvPlace, layout: StepLayout) -> anyhow::Result<()> {
+        let pass = Pass {
+            step: PackedStep {
+                tokens: b,
+                rows: b,
+                tiles: 0,
+            },
+            layout,
+            kv,
+            embed: false,
+        };
+        self.forward(pass)?;
+        buffer::synchronize(&self.dev)?;
+        let stream = self.dev.stream.clone();
+        let graph = graphs::capture(&stream, || self.forward(pass))?;
+        self.graphs.insert(b, graph);
+        Ok(())
+    }
+
+    /// Uploads the flash-attention query tiles of a chunk of fresh sequences with these
+    /// lengths, packed back to back in the step's token rows.
+    fn prepare_flash(&mut self, lens: &[usize]) -> anyhow::Result<()> {
+        if !self.embed_flash {
+            return Ok(());
+        }
+        let mut tiles: Vec<i32> = Vec::new();
+        let mut start = 0usize;
+        for &len in lens {
+            for q0 in (0..len).step_by(FLASH_QUERY_TILE) {
+                tiles.extend([start as i32, q0 as i32, len as i32]);
+            }
+            start += len;
+        }
+        let count = tiles.len() / 3;
+        if self
+            .flash
+            .as_ref()
+            .is_none_or(|f| f.buf.bytes < tiles.len() * 4)
+        {
+            let most = self.opts.max_tokens.div_ceil(FLASH_QUERY_TILE) + self.opts.max_seqs;
+            let bytes = (3 * most * 4).max(tiles.len() * 4);
+            self.flash = Some(FlashTiles {
+                buf: DevBuf::alloc(&self.dev, bytes)?,
+                count: 0,
+            });
+        }
+        let ft = self
+            .flash
+            .as_mut()
+            .ok_or_else(|| anyhow!("flash attention tiles"))?;
+        ft.count = count;
+        // SAFETY: the buffer holds at least tiles.len() i32.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                ft.buf.ptr,
+                &tiles,
+                self.dev.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| anyhow!("uploading attention tiles: {e}"))?;
+        Ok(())
+    }
+
+    /// Enqueues the model's forward pass, its ops timed when profiling is on.
+    fn forward(&mut self, pass: Pass) -> anyhow::Result<()> {
+        let mut prof = self.profiler.take();
+        let flash = self
+            .flash
+            .as_ref()
+            .filter(|_| pass.embed && self.embed_flash);
+        let cx = ForwardCtx {
+            dev: &self.dev,
+            kernels: &self.kernels,
+            step: &self.step,
+            rope: &self.rope,
+            flash,
+        };
+        let mut ops = Launcher::new(&self.dev.stream, &mut prof);
+        let r = self.model.enqueue_forward(&cx, &mut ops, &pass);
+        self.profiler = prof;
+        r
+    }
+}
+
+impl<M: CudaModel> Generator for CudaExecutor<M> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn init_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> anyhow::Result<()> {
+        if block_size == 0 || num_blocks == 0 {
+            bail!("KV cache needs at least one block of at least one token");
+        }
+        let shape = self.shape;
+        let kv = KvCache::alloc(
+            &self.dev,
+            shape.layers,
+            shape.kv_width,
+            num_blocks,
+            block_size,
+        )?;
+        self.graphs.clear();
+        let max_blocks = self.opts.max_model_len.div_ceil(block_size);
+        let layout = StepLayout::new(self.opts.max_tokens, self.opts.max_seqs, max_blocks);
+        self.kv = Some((kv, layout));
+        Ok(())
+    }
+
+    fn step(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<u32>> {
+        if seqs.is_empty() {
+            self.kv_cache()?;
+            return Ok(Vec::new());
+        }
+        let rows = self.run_step(seqs)?;
+        let ids: Vec<i32> = buffer::download(&self.dev, self.model.outputs().argmax, rows)?;
+        let mut out = Vec::with_capacity(rows);
+        let mut r = 0;
+        for sq in seqs {
+            let Some(spec) = sq.sample else { continue };
+            // The GPU's argmax stands unless it picked a masked id (EOS before min_tokens):
+            // only then, or when sampling with a temperature, is the row read back.
+            let greedy = spec.temperature <= 0.0 && !spec.masked.contains(&(ids[r] as u32));
+            if greedy {
+                out.push(ids[r] as u32);
+            } else {
+                let v = self.shape.vocab;
+                let row: Vec<f32> = buffer::download(
+                    &self.dev,
+                    self.model.outputs().logits + (r * v * 4) as u64,
+                    v,
+                )?;
+                out.push(sample_row(&row, &spec)?);
+            }
+            r += 1;
+        }
+        Ok(out)
+    }
+
+    fn step_logits(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        if seqs.is_empty() {
+            self.kv_cache()?;
+            return Ok(Vec::new());
+        }
+        let rows = self.run_step(seqs)?;
+        let n = seqs.iter().filter(|s| s.sample.is_some()).count();
+        let v = self.shape.vocab;
+        let all: Vec<f32> = buffer::download(&self.dev, self.model.outputs().logits, rows * v)?;
+        Ok(all.chunks(v).take(n).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl<M: CudaModel> Embedder for CudaExecutor<M> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Last-token pooling after the final norm, L2-normalised (Qwen3-Embedding). Inputs
+    /// are run in chunks that fit the step limits; K/V live in a one-layer scratch reused
+    /// by every layer, since nothing is decoded afterwards.
+    fn embed(&mut self, inputs: &[&[u32]]) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.bind()?;
+        let bs = EMBED_BLOCK;
+        let max_blocks = self.opts.max_model_len.div_ceil(bs);
+        let lay = StepLayout::new(self.opts.max_tokens, self.opts.max_seqs, max_blocks);
+        let slots_needed = self.opts.max_tokens + self.opts.max_seqs * bs;
+        let layer_bytes = slots_needed * self.shape.kv_width * BF16;
+        // K/V scratch only for the paged kernel: the flash kernel reads them from qkv.
+        if self.embed_kv.is_none() && !self.embed_flash {
+            self.embed_kv = Some(DevBuf::alloc(&self.dev, 2 * layer_bytes)?);
+        }
+        let place = KvPlace {
+            base: self.embed_kv.as_ref().map(|b| b.ptr).unwrap_or(0),
+            layer_stride: 0,
+            v_offset: layer_bytes,
+            block_size: bs,
+        };
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut i = 0;
+        while i < inputs.len() {
+            // Greedy chunk by tokens and sequences.
+            let mut j = i;
+            let mut toks = 0;
+            while j < inputs.len()
+                && j - i < self.opts.max_seqs
+                && toks + inputs[j].len() <= self.opts.max_tokens
+            {
+                if inputs[j].is_empty() {
+                    bail!("input {j} is empty");
+                }
+                if inputs[j].len() > self.opts.max_model_len {
+                    bail!(
+                        "input {j} has {} tokens, over the limit {}",
+                        inputs[j].len(),
+                        self.opts.max_model_len
+                    );
+                }
+                toks += inputs[j].len();
+                j += 1;
+            }
+            if j == i {
+                bail!(
+                    "input {i} has {} tokens, over the step limit {}",
+                    inputs[i].len(),
+                    self.opts.max_tokens
+                );
+            }
+            // Each sequence gets its own run of blocks in the scratch.
+            let mut tables: Vec<Vec<u32>> = Vec::with_capacity(j - i);
+            let mut next_block = 0u32;
+            for inp in &inputs[i..j] {
+                let nb = inp.len().div_ceil(bs) as u32;
+                tables.push((next_block..next_block + nb).collect());
+                next_block += nb;
+            }
+            let seqs: Vec<SeqStep<'_>> = inputs[i..j]
+                .iter()
+                .zip(&tables)
+                .map(|(inp, tb)| SeqStep {
+                    tokens: inp,
+                    start_pos: 0,
+                    block_table: tb,
+                    sample: Some(GREEDY),
+                })
+                .collect();
+            let meta = self
+                .builder
+                .paged(&seqs, &[], bs, slots_needed / bs, self.shape.vocab)?;
+            let packed = self.step.pack(&meta, 0, lay, &self.opts)?;
+            self.step.upload(&self.dev, seqs.len(), lay)?;
+            let lens: Vec<usize> = inputs[i..j].iter().map(|x| x.len()).collect();
+            self.prepare_flash(&lens)?;
+            self.forward(Pass {
+                step: packed,
+                layout: lay,
+                kv: place,
+                embed: true,
+            })?;
+            let hidden = self.shape.hidden;
+            let pooled: Vec<f32> =
+                buffer::download(&self.dev, self.model.outputs().pooled, packed.rows * hidden)?;
+            self.collect_profile();
+            for row in pooled.chunks(hidden) {
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                out.push(row.iter().map(|x| x / norm).collect());
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+}
