@@ -44,7 +44,8 @@ pub struct SampleSpec<'a> {
     /// A uniform draw in [0, 1) from the request's seeded RNG; the sampler inverts the
     /// filtered distribution's CDF at it, so CPU and GPU agree for the same seed.
     pub uniform: f32,
-    /// Token ids that must not be sampled this step (EOS while `min_tokens` is not reached).
+    /// Token ids that must not be sampled this step (EOS while `min_tokens` is not reached);
+    /// a mask that leaves no id is dropped (the rule: `backend::sampling`).
     pub masked: &'a [u32],
 }
 

@@ -319,6 +319,12 @@ mod tests {
                 .kv_bytes_per_token(2),
             147_456
         );
+        // Qwen3-1.7B in bf16: 3.44 GB (shared/baselines/README.md), what the CUDA model loads.
+        let gb = ModelConfig::from_preset("qwen3-1.7b")
+            .unwrap()
+            .weight_bytes(2) as f64
+            / 1e9;
+        assert!((gb - 3.44).abs() < 0.05, "{gb}");
         assert!(ModelConfig::from_preset("nope").is_err());
         for n in preset_names() {
             ModelConfig::from_preset(n).unwrap();
@@ -338,5 +344,10 @@ mod tests {
         let err =
             ModelConfig::from_json(&format!("{{{}}}", base.replace("qwen3", "llama"))).unwrap_err();
         assert!(err.to_string().contains("llama"), "{err}");
+        let err = ModelConfig::from_json(r#"{"model_type":"qwen3","hidden_size":8}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("vocab_size"),
+            "names the field: {err}"
+        );
     }
 }
