@@ -1,41 +1,39 @@
-//! The OpenAI-compatible HTTP routes (axum): they read the body within a size limit
-//! ([`body`]), parse and validate it ([`validate`]: pure functions, property-tested), turn
-//! it into tokens, reserve an admission place, hand it to the engine thread and stream or
-//! collect what comes back. Every error is an OpenAI error body with its status (including
-//! 404 for unknown routes, 405 for wrong methods, 413 for large bodies); the server keeps
-//! serving everyone else.
+//! The OpenAI-compatible HTTP routes (axum) and their shared state: the route table, the
+//! error responses, health, metrics, models and embeddings. The parts have rooms of their
+//! own: the body read within a size limit ([`body`]), parsing, validation and tokenization
+//! ([`validate`]: pure functions, property-tested, run off the runtime), the one handler of
+//! both generation routes ([`generate`]) and the event stream ([`sse`]). Every error is an
+//! OpenAI error body with its status (including 404 for unknown routes, 405 for wrong
+//! methods, 413 for large bodies); the server keeps serving everyone else.
 //!
 //! A client that goes away cancels its request: hyper drops the handler (non-streamed) or
 //! the response body (streamed), which drops the request's event channel; the scheduler
 //! sees it closed at its next step and frees the request's KV blocks and slot.
 
 pub mod body;
+pub mod generate;
+pub mod sse;
 pub mod validate;
 
-use std::convert::Infallible;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use openai::{
-    ChatChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatMessage,
-    CompletionChoice, CompletionChunk, CompletionResponse, EmbeddingResponse, ErrorBody, ModelCard,
-    ModelList, Usage,
-};
-use tokio::sync::{mpsc, oneshot, watch};
+use openai::{EmbeddingResponse, ErrorBody, ModelCard, ModelList};
+use tokio::sync::{oneshot, watch};
 
 use crate::embed_queue::EmbedRequest;
 use crate::metrics::Metrics;
-use crate::scheduler::{Admission, GenEvent, GenParams, GenRequest};
+use crate::scheduler::Admission;
 use crate::worker::{Command, Health, Ready};
 use body::JsonBody;
-use validate::{GenJob, ModelView};
+use generate::{generate, Chat, Completions};
+use validate::ModelView;
 
 pub use body::MAX_REQUEST_BODY_BYTES;
 
@@ -53,8 +51,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(generate::<Completions>))
+        .route("/v1/chat/completions", post(generate::<Chat>))
         .route("/v1/embeddings", post(embeddings))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
@@ -187,137 +185,6 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(ErrorBody::internal(e.to_string()))
 }
 
-/// Submits a generation request and returns its event channel.
-fn start_generation(
-    st: &AppState,
-    ready: &Ready,
-    prompt: Vec<u32>,
-    params: GenParams,
-) -> ApiResult<mpsc::UnboundedReceiver<GenEvent>> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let req = GenRequest {
-        prompt,
-        params,
-        events: tx,
-        arrival: Instant::now(),
-    };
-    st.submit(&ready.commands, Command::Generate(req))?;
-    Ok(rx)
-}
-
-/// Collects a whole generation: (text, finish reason, usage). If the client goes away,
-/// hyper drops this future and with it `rx`: the scheduler then cancels the request.
-async fn collect(mut rx: mpsc::UnboundedReceiver<GenEvent>) -> ApiResult<(String, String, Usage)> {
-    let mut text = String::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            GenEvent::Text(t) => text.push_str(&t),
-            GenEvent::Done {
-                text: t,
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                text.push_str(&t);
-                return Ok((
-                    text,
-                    finish_reason.to_string(),
-                    Usage::new(prompt_tokens, completion_tokens),
-                ));
-            }
-            GenEvent::Error(e) => return Err(internal(e)),
-        }
-    }
-    Err(internal("the engine dropped the request"))
-}
-
-fn request_id(prefix: &str) -> String {
-    use rand::Rng;
-    format!("{prefix}-{:016x}", rand::thread_rng().gen::<u64>())
-}
-
-async fn completions(
-    State(st): State<Arc<AppState>>,
-    JsonBody(body): JsonBody,
-) -> ApiResult<Response> {
-    let ready = st.ready()?;
-    let job: GenJob = st.validated(&ready, body, validate::completion).await?;
-    let rx = start_generation(&st, &ready, job.prompt, job.params)?;
-    let id = request_id("cmpl");
-    let created = openai::unix_now();
-    let model = st.served_model_name.clone();
-    if job.stream {
-        return Ok(sse(rx, job.include_usage, move |piece| match piece {
-            Piece::Text(t, fin) => to_json(&CompletionChunk::text(&id, created, &model, t, fin)),
-            Piece::Usage(u) => to_json(&CompletionChunk::usage(&id, created, &model, u)),
-            Piece::Start => None,
-        }));
-    }
-    let (text, finish, usage) = collect(rx).await?;
-    Ok(axum::Json(CompletionResponse {
-        id,
-        object: "text_completion".into(),
-        created,
-        model,
-        choices: vec![CompletionChoice {
-            index: 0,
-            text,
-            logprobs: None,
-            finish_reason: Some(finish),
-        }],
-        usage: Some(usage),
-    })
-    .into_response())
-}
-
-async fn chat(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> ApiResult<Response> {
-    let ready = st.ready()?;
-    let job: GenJob = st.validated(&ready, body, validate::chat).await?;
-    let rx = start_generation(&st, &ready, job.prompt, job.params)?;
-    let id = request_id("chatcmpl");
-    let created = openai::unix_now();
-    let model = st.served_model_name.clone();
-    if job.stream {
-        return Ok(sse(rx, job.include_usage, move |piece| match piece {
-            Piece::Start => to_json(&ChatCompletionChunk::delta(
-                &id,
-                created,
-                &model,
-                ChatDelta {
-                    role: Some("assistant".into()),
-                    content: Some(String::new()),
-                },
-                None,
-            )),
-            Piece::Text(t, fin) => to_json(&ChatCompletionChunk::delta(
-                &id,
-                created,
-                &model,
-                ChatDelta {
-                    role: None,
-                    content: Some(t),
-                },
-                fin,
-            )),
-            Piece::Usage(u) => to_json(&ChatCompletionChunk::usage(&id, created, &model, u)),
-        }));
-    }
-    let (text, finish, usage) = collect(rx).await?;
-    Ok(axum::Json(ChatCompletionResponse {
-        id,
-        object: "chat.completion".into(),
-        created,
-        model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: ChatMessage::new("assistant", text),
-            finish_reason: Some(finish),
-        }],
-        usage: Some(usage),
-    })
-    .into_response())
-}
-
 async fn embeddings(
     State(st): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
@@ -342,98 +209,4 @@ async fn embeddings(
         prompt_tokens,
     ))
     .into_response())
-}
-
-/// What a stream formatter is asked to render.
-enum Piece {
-    /// Before any text (chat sends the assistant role first).
-    Start,
-    /// Text, with the finish reason on the last one.
-    Text(String, Option<&'static str>),
-    /// The usage chunk of `include_usage`.
-    Usage(Usage),
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Option<String> {
-    serde_json::to_string(v).ok()
-}
-
-/// An SSE response: `data: {chunk}\n\n` per event, the usage chunk when asked, then
-/// `data: [DONE]\n\n`. Dropping the body (client gone) drops `rx`, which the scheduler sees
-/// as a cancellation and frees the request's KV blocks.
-fn sse<F>(rx: mpsc::UnboundedReceiver<GenEvent>, include_usage: bool, render: F) -> Response
-where
-    F: Fn(Piece) -> Option<String> + Send + 'static,
-{
-    struct St<F> {
-        rx: mpsc::UnboundedReceiver<GenEvent>,
-        render: F,
-        started: bool,
-        finished: bool,
-    }
-    let st = St {
-        rx,
-        render,
-        started: false,
-        finished: false,
-    };
-    let stream = futures::stream::unfold(st, move |mut st| async move {
-        if st.finished {
-            return None;
-        }
-        let mut out = String::new();
-        if !st.started {
-            st.started = true;
-            if let Some(j) = (st.render)(Piece::Start) {
-                out.push_str(&openai::sse_data(&j));
-            }
-        }
-        match st.rx.recv().await {
-            Some(GenEvent::Text(t)) => {
-                if let Some(j) = (st.render)(Piece::Text(t, None)) {
-                    out.push_str(&openai::sse_data(&j));
-                }
-            }
-            Some(GenEvent::Done {
-                text,
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-            }) => {
-                if let Some(j) = (st.render)(Piece::Text(text, Some(finish_reason))) {
-                    out.push_str(&openai::sse_data(&j));
-                }
-                if include_usage {
-                    if let Some(j) =
-                        (st.render)(Piece::Usage(Usage::new(prompt_tokens, completion_tokens)))
-                    {
-                        out.push_str(&openai::sse_data(&j));
-                    }
-                }
-                out.push_str(openai::SSE_DONE);
-                st.finished = true;
-            }
-            Some(GenEvent::Error(e)) => {
-                if let Some(j) = to_json(&ErrorBody::internal(e)) {
-                    out.push_str(&openai::sse_data(&j));
-                }
-                out.push_str(openai::SSE_DONE);
-                st.finished = true;
-            }
-            None => {
-                if let Some(j) = to_json(&ErrorBody::internal("the engine dropped the request")) {
-                    out.push_str(&openai::sse_data(&j));
-                }
-                out.push_str(openai::SSE_DONE);
-                st.finished = true;
-            }
-        }
-        Some((Ok::<Bytes, Infallible>(Bytes::from(out)), st))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
