@@ -134,6 +134,20 @@ mod tests {
         assert!(rec.in_latency_set(120.0, 131.0));
     }
 
+    /// vLLM's error body (reconstructed until recorded: testdata/vllm) is a failure with
+    /// its status, never a success.
+    #[test]
+    fn a_vllm_error_body_is_its_status() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../testdata/vllm/error-400-0.26.0.json");
+        let body = std::fs::read(&p).unwrap();
+        let mut rec = RequestRecord::default();
+        record_response(&mut rec, 400, &body, 1.0);
+        assert_eq!(rec.error.as_deref(), Some("http_400"));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], 400);
+    }
+
     #[test]
     fn failures_say_what_failed() {
         let cases: [(u16, &str, &str); 4] = [
