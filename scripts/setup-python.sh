@@ -11,8 +11,15 @@ if [ -x "$venv/bin/python" ] &&
     exit 0
 fi
 if ! python3 -m venv "$venv"; then
-    echo "setup-python: python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2
-    exit 1
+    # Debian ships venv separately; as root, install it rather than stop a fresh machine.
+    rm -rf "$venv"
+    if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+        apt-get update -qq && apt-get install -y -qq python3-venv > /dev/null
+    fi
+    python3 -m venv "$venv" || {
+        echo "setup-python: python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2
+        exit 1
+    }
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
 echo "setup-python: openai $OPENAI_VERSION in $venv" >&2
