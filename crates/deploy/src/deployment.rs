@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{Gateway, LeastOutstanding, WorkerSpec};
 use crate::gpu_glue::{self, Mps, MpsFaultLog};
-use crate::plan::{plan, Plan};
+use crate::plan::Plan;
 use crate::process::{log_path, ProcSpec};
 use crate::spec::{validate, DeploymentSpec, EngineKind, Sharing};
 use crate::state::{self, StateFile};
@@ -124,7 +124,8 @@ impl Deployment {
                     .with_context(|| format!("gpu = {}: cannot run here", spec.gpu))?,
             )
         };
-        let plan = plan(spec, facts.as_ref())?;
+        // vLLM engines: the installed version's command lines, every flag checked against it.
+        let plan = crate::vllm::plan_checked(spec, facts.as_ref()).await?;
         if !plan.fits {
             bail!(
                 "the deployment does not fit:\n  {}",
@@ -228,6 +229,8 @@ impl Deployment {
                         console: !opts.quiet,
                     },
                     start_timeout: e.start_timeout,
+                    ready_model: crate::adapters::ready_needs_model_listing(e.kind)
+                        .then(|| p.served_model_name.clone()),
                 }
             })
             .collect();

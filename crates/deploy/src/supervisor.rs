@@ -91,6 +91,9 @@ pub struct InstanceSpec {
     pub url: String,
     pub proc: ProcSpec,
     pub start_timeout: Duration,
+    /// Ready only once `/v1/models` also lists this model (vLLM answers `/health` before its
+    /// API servers serve the model); `None`: `/health` alone.
+    pub ready_model: Option<String>,
 }
 
 /// Supervision settings.
@@ -468,7 +471,15 @@ impl Core {
         let Some(proc) = self.instances[i].proc.as_ref() else {
             return Err(StartError::Failed("the process vanished".into()));
         };
-        match wait_healthy(&spec.url, spec.start_timeout, proc, &self.cancel).await {
+        match wait_healthy(
+            &spec.url,
+            spec.ready_model.as_deref(),
+            spec.start_timeout,
+            proc,
+            &self.cancel,
+        )
+        .await
+        {
             Ok(()) => {
                 self.set(i, |s| s.state = InstanceState::Healthy);
                 (self.availability)(&spec.name, true);
@@ -862,8 +873,23 @@ impl Core {
 
 /// Polls `GET url/health` until 200, the process exits, the timeout passes or we are
 /// cancelled.
+/// True when no listing is asked for, or `GET {url}/v1/models` lists `model`.
+async fn lists_model(client: &reqwest::Client, url: &str, model: Option<&str>) -> bool {
+    let Some(model) = model else {
+        return true;
+    };
+    match client.get(format!("{url}/v1/models")).send().await {
+        Ok(r) if r.status().is_success() => r
+            .bytes()
+            .await
+            .is_ok_and(|b| crate::adapters::models_list_has(&b, model)),
+        _ => false,
+    }
+}
+
 async fn wait_healthy(
     url: &str,
+    ready_model: Option<&str>,
     timeout: Duration,
     proc: &Proc,
     cancel: &CancellationToken,
@@ -884,13 +910,16 @@ async fn wait_healthy(
             )));
         }
         if let Ok(r) = client.get(&health).send().await {
-            if r.status().is_success() {
+            if r.status().is_success() && lists_model(&client, url, ready_model).await {
                 return Ok(());
             }
         }
         if tokio::time::Instant::now() >= deadline {
+            let listing = ready_model
+                .map(|m| format!(" and `{m}` listed by {url}/v1/models"))
+                .unwrap_or_default();
             return Err(StartError::Failed(format!(
-                "no 200 from {health} within {} (start_timeout)",
+                "no 200 from {health}{listing} within {} (start_timeout)",
                 humantime::format_duration(timeout)
             )));
         }

@@ -3,7 +3,9 @@
 process on 127.0.0.1.
 
 Usage: fake_engine.py PORT MODEL
-Env: READY_AFTER (seconds before /health says 200), EXIT_AFTER (seconds, then exit 1),
+Env: READY_AFTER (seconds before /health says 200), LIST_AFTER (seconds before /v1/models
+     lists MODEL, as vLLM answers /health before its API serves the model),
+     EXIT_AFTER (seconds, then exit 1),
      EXIT_AT_START (exit 2 at once, printing a reason).
 POST /v1/completions: {"model", "prompt", "stream"} -> the answer names the port (so tests
 see which replica served), streamed as SSE in 5 chunks 50 ms apart when "stream" is true.
@@ -21,6 +23,7 @@ port = int(sys.argv[1])
 model = sys.argv[2]
 started = time.time()
 ready_after = float(os.environ.get("READY_AFTER", "0"))
+list_after = float(os.environ.get("LIST_AFTER", "0"))
 
 if os.environ.get("EXIT_AT_START"):
     print("fake engine: cannot load model (EXIT_AT_START)", flush=True)
@@ -47,6 +50,9 @@ class H(BaseHTTPRequestHandler):
                 self.send_json(200, {"ok": True})
             else:
                 self.send_json(503, {"loading": True})
+        elif self.path == "/v1/models":
+            listed = time.time() - started >= list_after
+            self.send_json(200, {"object": "list", "data": [{"id": model, "object": "model"}] if listed else []})
         else:
             self.send_json(404, {"error": "no route"})
 

@@ -391,6 +391,8 @@ async fn shared_fault_restarts_every_engine() {
                 console: false,
             },
             start_timeout: Duration::from_secs(20),
+            // vLLM's readiness rule on one test: /health, then the model in /v1/models.
+            ready_model: Some(name.into()),
         }
     };
     let opts = SuperviseOptions {
@@ -438,6 +440,71 @@ async fn shared_fault_restarts_every_engine() {
     for p in after {
         assert!(!alive(p));
     }
+}
+
+/// vLLM's readiness: `/health` answers 200 before the API serves the model, so an instance
+/// that asks for the listing is not started until `/v1/models` names its model; one whose
+/// model never shows fails its start with a message naming the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_model_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mk = |name: &str, list_after: &str, timeout: u64| {
+        let port = free_ports(1);
+        InstanceSpec {
+            name: name.into(),
+            engine: name.into(),
+            model: name.into(),
+            url: format!("http://127.0.0.1:{port}"),
+            proc: ProcSpec {
+                name: name.into(),
+                argv: vec!["python3".into(), FAKE.into(), port.to_string(), name.into()],
+                env: vec![("LIST_AFTER".into(), list_after.into())],
+                log_path: dir.path().join(format!("{name}.log")),
+                console: false,
+            },
+            start_timeout: Duration::from_secs(timeout),
+            ready_model: Some(name.into()),
+        }
+    };
+    let opts = SuperviseOptions {
+        max_failures: 1,
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+        stop_timeout: Duration::from_secs(3),
+        shared_fault: false,
+    };
+    let t0 = Instant::now();
+    let sup = Supervisor::start(
+        vec![mk("listed", "1.5", 20)],
+        opts.clone(),
+        Arc::new(|_: &deploy::supervisor::Snapshot| {}),
+        Arc::new(|_: &str, _: bool| {}),
+        CancellationToken::new(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "ready before the model was listed ({:?})",
+        t0.elapsed()
+    );
+    assert_eq!(sup.instances()[0].state, InstanceState::Healthy);
+    sup.shutdown().await;
+
+    let err = Supervisor::start(
+        vec![mk("never", "1000", 2)],
+        opts,
+        Arc::new(|_: &deploy::supervisor::Snapshot| {}),
+        Arc::new(|_: &str, _: bool| {}),
+        CancellationToken::new(),
+        None,
+    )
+    .await
+    .err()
+    .expect("a model never listed must fail the start");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("/v1/models"), "{msg}");
 }
 
 /// The real MPS logs of a client fault on the H100 (`testdata/mps/`): one client wrote
@@ -670,6 +737,7 @@ async fn mps_fault_and_the_culprits_exit_make_one_recovery() {
                 console: false,
             },
             start_timeout: Duration::from_secs(20),
+            ready_model: None,
         }
     };
     let opts = SuperviseOptions {
