@@ -1,11 +1,23 @@
-//! Incremental detokenization and stop strings for one generated sequence.
+//! The output stage of one generation request: turns its token ids into text and events.
 //!
-//! Port of vLLM's incremental detokenizer: decode a short window of recent tokens twice
-//! (with and without the newest) and take the difference, holding the text back while it
-//! ends in U+FFFD (a UTF-8 character split across tokens), so a stream never carries broken
-//! characters. Stop strings are searched in the decoded text; the output is truncated at
-//! the stop string. While streaming, the last `max_stop_len - 1` bytes are held back so a
-//! stop string that arrives split over tokens is never half-sent.
+//! Incremental detokenization is a port of vLLM's incremental detokenizer: decode a short
+//! window of recent tokens twice (with and without the newest) and take the difference,
+//! holding the text back while it ends in U+FFFD (a UTF-8 character split across tokens),
+//! so a stream never carries broken characters. Stop strings are searched in the decoded
+//! text; the output is truncated at the stop string. While streaming, the last
+//! `max_stop_len - 1` bytes are held back so a stop string that arrives split over tokens
+//! is never half-sent.
+//!
+//! [`RequestOutput`] runs on the engine thread, once per sampled token, in the step that
+//! sampled it: a stop string must end the sequence in that same step, so that the
+//! scheduler frees its KV blocks at once and counts exactly the tokens it generated. The
+//! scheduler only decides EOS and length and hears back "a stop string ended it".
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::scheduler::GenEvent;
 
 /// Anything that turns token ids back into text (the engine's tokenizer, or a test one).
 pub trait Detokenize: Send + Sync {
@@ -106,6 +118,65 @@ impl OutputText {
     /// All text decoded so far.
     pub fn text(&self) -> &str {
         &self.text
+    }
+}
+
+/// The output side of one request: its text state, the detokenizer and its event channel.
+pub struct RequestOutput {
+    text: OutputText,
+    detok: Arc<dyn Detokenize>,
+    events: UnboundedSender<GenEvent>,
+}
+
+impl RequestOutput {
+    pub fn new(
+        detok: Arc<dyn Detokenize>,
+        stop: Vec<String>,
+        events: UnboundedSender<GenEvent>,
+    ) -> Self {
+        RequestOutput {
+            text: OutputText::new(stop),
+            detok,
+            events,
+        }
+    }
+
+    /// Whether the client has gone away (its receiver dropped).
+    pub fn is_closed(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// Decodes the newest of `output` (all output ids so far). True when a stop string ends
+    /// the text, looked for only when `check_stop`.
+    pub fn push(&mut self, output: &[u32], check_stop: bool) -> anyhow::Result<bool> {
+        self.text.push(&*self.detok, output, check_stop)
+    }
+
+    /// Sends what may go out now: with `finish`, the rest of the text in `Done`; without,
+    /// the new text if there is any. False when the client has gone away.
+    pub fn emit(
+        &mut self,
+        finish: Option<&'static str>,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    ) -> bool {
+        let delta = self.text.take_delta(finish.is_some());
+        let sent = match finish {
+            Some(reason) => self.events.send(GenEvent::Done {
+                text: delta.to_string(),
+                finish_reason: reason,
+                prompt_tokens,
+                completion_tokens,
+            }),
+            None if delta.is_empty() => Ok(()),
+            None => self.events.send(GenEvent::Text(delta.to_string())),
+        };
+        sent.is_ok()
+    }
+
+    /// Ends the request with an error.
+    pub fn fail(&self, message: String) {
+        let _ = self.events.send(GenEvent::Error(message));
     }
 }
 

@@ -16,7 +16,8 @@
 //! the start of the next step.
 //!
 //! The scheduler is owned by one thread (the model is not `Sync`); requests arrive through
-//! [`crate::worker`], results leave through each request's own channel.
+//! [`crate::worker`], results leave through each request's output stage
+//! ([`crate::detok::RequestOutput`]: detokenization, stop strings, its event channel).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -26,7 +27,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::detok::{Detokenize, OutputText};
+use crate::detok::{Detokenize, RequestOutput};
 use crate::kv::{BlockManager, BlockTable};
 use crate::metrics::Metrics;
 use crate::runner::{Generator, SampleSpec, SeqStep};
@@ -150,8 +151,8 @@ struct Seq {
     table: BlockTable,
     params: GenParams,
     rng: rand::rngs::StdRng,
-    text: OutputText,
-    events: UnboundedSender<GenEvent>,
+    /// Detokenizes, applies stop strings and sends the request's events.
+    output: RequestOutput,
     arrival: Instant,
     last_token_at: Option<Instant>,
     /// Has run at least once (its admission place is freed, its prompt counted).
@@ -174,7 +175,8 @@ pub struct Scheduler {
     /// In admission order: the last one is the newest (preempted first).
     running: Vec<Seq>,
     eos: Vec<u32>,
-    tok: Arc<dyn Detokenize>,
+    /// Handed to each request's output stage.
+    detok: Arc<dyn Detokenize>,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
     /// Reused per step: (index into `running`, tokens to run).
@@ -187,7 +189,7 @@ impl Scheduler {
         cfg: SchedulerConfig,
         kv: BlockManager,
         eos: Vec<u32>,
-        tok: Arc<dyn Detokenize>,
+        detok: Arc<dyn Detokenize>,
         metrics: Arc<Metrics>,
         admission: Arc<Admission>,
     ) -> Self {
@@ -198,7 +200,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             eos,
-            tok,
+            detok,
             metrics,
             admission,
             plan: Vec::new(),
@@ -222,10 +224,9 @@ impl Scheduler {
             prompt_len,
             computed: 0,
             table: BlockTable::default(),
-            text: OutputText::new(req.params.stop.clone()),
+            output: RequestOutput::new(self.detok.clone(), req.params.stop.clone(), req.events),
             params: req.params,
             rng,
-            events: req.events,
             arrival: req.arrival,
             last_token_at: None,
             started: false,
@@ -332,7 +333,7 @@ impl Scheduler {
         let msg = format!("model step failed: {e:#}");
         for &(i, _) in &self.plan {
             let s = &mut self.running[i];
-            let _ = s.events.send(GenEvent::Error(msg.clone()));
+            s.output.fail(msg.clone());
             s.done = true;
         }
         self.remove_done();
@@ -344,7 +345,7 @@ impl Scheduler {
         let metrics = &self.metrics;
         let admission = &self.admission;
         let mut drop_closed = |s: &mut Seq| {
-            if s.events.is_closed() {
+            if s.output.is_closed() {
                 kv.release(&mut s.table);
                 metrics.requests_aborted.fetch_add(1, Relaxed);
                 if !s.started {
@@ -408,7 +409,8 @@ impl Scheduler {
     }
 
     /// Records the step's results: advances computed positions, appends sampled tokens,
-    /// detokenizes, decides who finished, sends events, frees finished sequences.
+    /// hands each new token to its request (EOS, stop strings through the output stage,
+    /// length, events), frees finished sequences.
     fn apply(&mut self, sampled: &[u32]) {
         let now = Instant::now();
         let mut k = 0;
@@ -421,15 +423,7 @@ impl Scheduler {
             let t = sampled[k];
             k += 1;
             s.tokens.push(t);
-            on_token(
-                s,
-                t,
-                now,
-                &self.eos,
-                &*self.tok,
-                &self.metrics,
-                self.cfg.max_model_len,
-            );
+            on_token(s, t, now, &self.eos, &self.metrics, self.cfg.max_model_len);
         }
         self.remove_done();
     }
@@ -452,13 +446,13 @@ impl Scheduler {
     }
 }
 
-/// Handles one new token of `s`: metrics, EOS, stop strings, length, and the event.
+/// Handles one new token of `s`: metrics, EOS, stop strings (through its output stage),
+/// length, and the event.
 fn on_token(
     s: &mut Seq,
     t: u32,
     now: Instant,
     eos: &[u32],
-    tok: &dyn Detokenize,
     metrics: &Metrics,
     max_model_len: usize,
 ) {
@@ -476,13 +470,11 @@ fn on_token(
     if eos.contains(&t) && !s.params.ignore_eos && past_min {
         finish = Some(openai::finish_reason::STOP);
     } else {
-        match s.text.push(tok, &s.tokens[s.prompt_len..], past_min) {
+        match s.output.push(&s.tokens[s.prompt_len..], past_min) {
             Ok(true) => finish = Some(openai::finish_reason::STOP),
             Ok(false) => {}
             Err(e) => {
-                let _ = s
-                    .events
-                    .send(GenEvent::Error(format!("cannot decode output: {e:#}")));
+                s.output.fail(format!("cannot decode output: {e:#}"));
                 s.done = true;
                 return;
             }
@@ -491,29 +483,18 @@ fn on_token(
     if finish.is_none() && (out_len >= s.params.max_tokens || s.tokens.len() >= max_model_len) {
         finish = Some(openai::finish_reason::LENGTH);
     }
-    let delta = s.text.take_delta(finish.is_some());
-    let sent = match finish {
-        Some(reason) => {
-            s.done = true;
-            if reason == openai::finish_reason::STOP {
-                metrics.requests_finished_stop.fetch_add(1, Relaxed);
-            } else {
-                metrics.requests_finished_length.fetch_add(1, Relaxed);
-            }
-            metrics
-                .e2e
-                .observe(now.duration_since(s.arrival).as_secs_f64());
-            s.events.send(GenEvent::Done {
-                text: delta.to_string(),
-                finish_reason: reason,
-                prompt_tokens: s.prompt_len as u32,
-                completion_tokens: out_len as u32,
-            })
+    if let Some(reason) = finish {
+        s.done = true;
+        if reason == openai::finish_reason::STOP {
+            metrics.requests_finished_stop.fetch_add(1, Relaxed);
+        } else {
+            metrics.requests_finished_length.fetch_add(1, Relaxed);
         }
-        None if delta.is_empty() => Ok(()),
-        None => s.events.send(GenEvent::Text(delta.to_string())),
-    };
-    if sent.is_err() {
+        metrics
+            .e2e
+            .observe(now.duration_since(s.arrival).as_secs_f64());
+    }
+    if !s.output.emit(finish, s.prompt_len as u32, out_len as u32) {
         // The client went away: free the blocks now.
         metrics.requests_aborted.fetch_add(1, Relaxed);
         s.done = true;
