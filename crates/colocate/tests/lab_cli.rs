@@ -105,7 +105,7 @@ fn experiment_file_errors_name_file_and_field() {
             "bad rate",
         ),
         (
-            good.replace("duration = \"10s\"", "duration = \"soon\""),
+            good.replace("duration = \"6s\"", "duration = \"soon\""),
             "bad duration",
         ),
         (
@@ -114,6 +114,10 @@ fn experiment_file_errors_name_file_and_field() {
         ),
     ];
     for (i, (body, needle)) in cases.iter().enumerate() {
+        assert_ne!(
+            body, &good,
+            "case {i}: the edit no longer applies to quickstart.toml"
+        );
         let p = dir.path().join(format!("bad{i}.toml"));
         std::fs::write(&p, body).unwrap();
         let o = lab(&["run", p.to_str().unwrap(), "--dry-run"]);
