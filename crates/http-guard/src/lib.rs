@@ -16,10 +16,12 @@
 //! - [`limits`]: the [`Limits`] and the descriptor arithmetic behind the cap.
 //! - [`accept`]: accept errors sorted, and the back-off.
 //! - [`body_deadline`]: the body deadline and its 408.
+//! - [`limited_body`]: a body read whole within a size limit, 413 past it.
 //! - [`server`]: the accept loop and connections.
 
 pub mod accept;
 pub mod body_deadline;
+pub mod limited_body;
 pub mod limits;
 pub mod server;
 

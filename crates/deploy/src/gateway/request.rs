@@ -3,98 +3,31 @@
 //! engine's to judge; these checks only keep what the gateway itself needs well-formed,
 //! answering each fault with its status and an OpenAI error body.
 
-use std::time::Duration;
-
-use axum::body::{Body, BodyDataStream, Bytes};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::BytesMut;
-use futures::StreamExt as _;
 
 /// The largest request body the gateway reads: the built-in engine's own limit (4 MiB), so
 /// that the gateway refuses exactly what `colocate serve` would, in the same words, before
 /// buffering it; and a client cannot make the gateway hold more than this per connection.
 pub const MAX_BODY_BYTES: usize = engine::server::MAX_REQUEST_BODY_BYTES;
 
-/// Past the limit, at most this much more is read (and dropped) so that the client reads
-/// the 413; a sender of more gets the 413 and a closed connection.
-const MAX_DRAIN_BYTES: usize = 64 * 1024 * 1024;
-/// Past the limit, at most this long is spent reading what is left.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// An error answer with an OpenAI body.
 pub(super) fn error(status: StatusCode, body: openai::ErrorBody) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// 413 naming the limit.
-fn too_large() -> Response {
-    error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        openai::ErrorBody::payload_too_large(MAX_BODY_BYTES),
-    )
-}
-
 /// The whole body, or the answer to give instead: 413 when it is (or declares itself)
-/// over the limit, 400 when it cannot be read. A body that arrives too slowly is cut by
-/// `http_guard`, which answers 408 in place of this.
-///
-/// Answering while the client is still sending would close a socket with unread data:
-/// the kernel then resets the connection and the client sees it dropped, not the 413. So
-/// the rest is read and thrown away first (bounded in bytes and time), as the engine does;
-/// a client that sent `Expect: 100-continue` has sent nothing yet and is answered at once.
+/// over the limit, 400 when it cannot be read; read as the engine reads its own
+/// (`http_guard::limited_body`: past the limit the rest is drained, so the client reads
+/// the 413). A body that arrives too slowly is cut by `http_guard`, which answers 408.
 pub(super) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        if !expects_continue(headers) {
-            drain(body.into_data_stream()).await;
-        }
-        return Err(too_large());
-    }
-    let mut buf = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                openai::ErrorBody::invalid_request(
-                    format!("cannot read the request body: {e}"),
-                    None,
-                ),
-            )
-        })?;
-        if buf.len() + chunk.len() > MAX_BODY_BYTES {
-            drain(stream).await;
-            return Err(too_large());
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
-}
-
-/// Reads and drops what is left of a body, within [`MAX_DRAIN_BYTES`] and
-/// [`DRAIN_TIMEOUT`].
-async fn drain(mut stream: BodyDataStream) {
-    let read_rest = async {
-        let mut seen = 0usize;
-        while let Some(Ok(chunk)) = stream.next().await {
-            seen += chunk.len();
-            if seen > MAX_DRAIN_BYTES {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, read_rest).await;
-}
-
-fn expects_continue(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::EXPECT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+    http_guard::limited_body::read_limited(headers, body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            error(status, e)
+        })
 }
 
 /// Why a body cannot be routed.
@@ -170,6 +103,7 @@ fn kind(v: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::header;
 
     fn why(body: &[u8]) -> String {
         match routing_model(body) {

@@ -1,20 +1,13 @@
 //! Reading request bodies with a size limit that answers in JSON.
 //!
-//! axum's `Bytes` extractor rejects past its 2 MB default in plain text, and answering
-//! while the client is still sending makes the server close a socket with unread data:
-//! the kernel then sends a reset and the client sees a dropped connection instead of the
-//! response. So the body is read here: up to [`MAX_REQUEST_BODY_BYTES`] kept, past it the
-//! rest read and thrown away (bounded in bytes and time) before a 413 with an OpenAI error
-//! body. A client that sent `Expect: 100-continue` with a too-large `Content-Length` has
-//! sent nothing yet: it gets the 413 at once.
+//! axum's `Bytes` extractor rejects past its 2 MB default in plain text. So the body is
+//! read by `http_guard::limited_body` (shared with the gateway): up to
+//! [`MAX_REQUEST_BODY_BYTES`] kept, past it the rest drained before a 413 with an OpenAI
+//! error body; and only JSON (or no `Content-Type`) is accepted, as vLLM does.
 
-use std::time::Duration;
-
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, HeaderMap};
-use bytes::BytesMut;
-use futures::StreamExt as _;
+use axum::http::header;
 use openai::ErrorBody;
 
 use super::ApiError;
@@ -22,13 +15,6 @@ use super::ApiError;
 /// Largest request body accepted (4 MiB): a full 40,960-token prompt as token ids takes
 /// under 300 KB, 2048 embedding inputs of 400 words about 3 MB.
 pub const MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
-
-/// Past the limit, at most this much more is read (and dropped) so the client reads the
-/// 413; a sender of more gets the 413 and a closed connection.
-const MAX_DRAIN_BYTES: usize = 64 * 1024 * 1024;
-
-/// Past the limit, at most this long is spent reading what is left.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request body read whole, within [`MAX_REQUEST_BODY_BYTES`], declared as JSON (or not
 /// declared at all).
@@ -48,68 +34,13 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 
 /// The body of `req` if it holds at most `limit` bytes; else 413 (after draining).
 pub async fn read_limited(req: Request, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = content_length(req.headers());
-    let too_large = || ApiError(ErrorBody::payload_too_large(limit));
-    if declared.is_some_and(|n| n > limit as u64) {
-        if !expects_continue(req.headers()) {
-            drain(req.into_body()).await;
-        }
-        return Err(too_large());
-    }
-    let capacity = declared.map_or(0, |n| n as usize);
-    let mut buf = BytesMut::with_capacity(capacity);
-    let mut stream = req.into_body().into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError(ErrorBody::invalid_request(
-                format!("cannot read the request body: {e}"),
-                None,
-            ))
-        })?;
-        if buf.len() + chunk.len() > limit {
-            drain_stream(stream).await;
-            return Err(too_large());
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
+    let (parts, body) = req.into_parts();
+    http_guard::limited_body::read_limited(&parts.headers, body, limit)
+        .await
+        .map_err(ApiError)
 }
 
-/// Reads and drops what is left of `body` (bounded), so an answer can be read by a client
-/// that is still sending.
-pub async fn drain(body: Body) {
-    drain_stream(body.into_data_stream()).await;
-}
-
-async fn drain_stream(mut stream: axum::body::BodyDataStream) {
-    let read_rest = async {
-        let mut seen = 0usize;
-        while let Some(Ok(chunk)) = stream.next().await {
-            seen += chunk.len();
-            if seen > MAX_DRAIN_BYTES {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, read_rest).await;
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-fn expects_continue(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::EXPECT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
-}
+pub use http_guard::limited_body::drain;
 
 /// No `Content-Type`, `application/json` or `application/*+json` (any parameters); 415
 /// otherwise, with a message saying what to send.
@@ -136,6 +67,7 @@ fn check_content_type(value: Option<&header::HeaderValue>) -> Result<(), ApiErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
     use axum::http::HeaderValue;
 
     fn request(body: &'static [u8], headers: &[(&str, &str)]) -> Request {
