@@ -9,34 +9,13 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{workspace_root, Server};
+use common::workspace_root;
 
 #[test]
 fn hostile_sweep_leaves_the_servers_alive_and_whole() {
     let root = workspace_root();
-    let st = Command::new("bash")
-        .arg(root.join("scripts/fetch-minilm.sh"))
-        .current_dir(&root)
-        .status()
-        .expect("cannot run scripts/fetch-minilm.sh");
-    assert!(st.success(), "scripts/fetch-minilm.sh failed");
 
-    let gen = Server::start(&[
-        "--model",
-        "preset:qwen3-tiny",
-        "--load-format",
-        "dummy",
-        "--served-model-name",
-        "tiny",
-    ]);
-    let emb = Server::start(&[
-        "--model",
-        "models/all-minilm-l6-v2",
-        "--task",
-        "embed",
-        "--served-model-name",
-        "minilm",
-    ]);
+    let (gen, emb) = common::start_tiny_and_minilm();
     let log = tempfile::NamedTempFile::new().expect("temp file");
     let mut child = Command::new("python3")
         .arg(root.join("scripts/hostile-sweep.py"))

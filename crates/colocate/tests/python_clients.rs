@@ -10,7 +10,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{workspace_root, Server};
+use common::workspace_root;
 
 #[test]
 fn openai_python_client_works_against_colocate_serve() {
@@ -27,29 +27,8 @@ fn openai_python_client_works_against_colocate_serve() {
          (./scripts/test.sh runs it before the tests)",
         root.join(".venv").display()
     );
-    let st = Command::new("bash")
-        .arg(root.join("scripts/fetch-minilm.sh"))
-        .current_dir(&root)
-        .status()
-        .expect("cannot run scripts/fetch-minilm.sh");
-    assert!(st.success(), "scripts/fetch-minilm.sh failed");
 
-    let gen = Server::start(&[
-        "--model",
-        "preset:qwen3-tiny",
-        "--load-format",
-        "dummy",
-        "--served-model-name",
-        "tiny",
-    ]);
-    let emb = Server::start(&[
-        "--model",
-        "models/all-minilm-l6-v2",
-        "--task",
-        "embed",
-        "--served-model-name",
-        "minilm",
-    ]);
+    let (gen, emb) = common::start_tiny_and_minilm();
     let out = run_with_timeout(
         Command::new(&python)
             .arg(root.join("crates/colocate/tests/py/openai_clients.py"))

@@ -36,12 +36,7 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn minilm_matches_sentence_transformers_over_http() {
     let root = workspace_root();
-    let st = std::process::Command::new("bash")
-        .arg(root.join("scripts/fetch-minilm.sh"))
-        .current_dir(&root)
-        .status()
-        .expect("cannot run scripts/fetch-minilm.sh");
-    assert!(st.success(), "scripts/fetch-minilm.sh failed");
+    common::fetch_minilm();
     let s = Server::start(&[
         "--model",
         "models/all-minilm-l6-v2",

@@ -17,6 +17,41 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A port nobody listens on right now.
+/// Fetches all-MiniLM-L6-v2 into `models/` (the test command does it first; a test run on
+/// its own does it here).
+pub fn fetch_minilm() {
+    let root = workspace_root();
+    let st = Command::new("bash")
+        .arg(root.join("scripts/fetch-minilm.sh"))
+        .current_dir(&root)
+        .status()
+        .expect("cannot run scripts/fetch-minilm.sh");
+    assert!(st.success(), "scripts/fetch-minilm.sh failed");
+}
+
+/// A dummy-weight generator served as `tiny` and the real MiniLM embedder served as
+/// `minilm`: the pair the client and sweep tests drive.
+pub fn start_tiny_and_minilm() -> (Server, Server) {
+    fetch_minilm();
+    let gen = Server::start(&[
+        "--model",
+        "preset:qwen3-tiny",
+        "--load-format",
+        "dummy",
+        "--served-model-name",
+        "tiny",
+    ]);
+    let emb = Server::start(&[
+        "--model",
+        "models/all-minilm-l6-v2",
+        "--task",
+        "embed",
+        "--served-model-name",
+        "minilm",
+    ]);
+    (gen, emb)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
