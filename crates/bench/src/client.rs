@@ -117,7 +117,7 @@ pub fn embed_body(model: &str, inputs: Vec<String>) -> Vec<u8> {
 }
 
 /// The error kind of a failed send.
-fn send_error_kind(e: &reqwest::Error) -> &'static str {
+pub(crate) fn send_error_kind(e: &reqwest::Error) -> &'static str {
     if e.is_connect() {
         "connect"
     } else if e.is_timeout() {

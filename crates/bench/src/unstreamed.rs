@@ -79,16 +79,7 @@ pub async fn run_gen_unstreamed(
         Ok(r) => r,
         Err(e) => {
             rec.end = clock.now();
-            rec.error = Some(
-                if e.is_connect() {
-                    "connect"
-                } else if e.is_timeout() {
-                    "timeout"
-                } else {
-                    "request"
-                }
-                .into(),
-            );
+            rec.error = Some(crate::client::send_error_kind(&e).into());
             return;
         }
     };
