@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::runner::{Phase, Progress};
-use crate::spec::{parse_workload_entry, BenchSpec, Slo};
+use crate::spec::{parse_workload_entry, BenchSpec, Preset, Slo};
 
 /// The seed studies measured 60 s (after a 30 s warm-up, bench's default warm-up).
 const SEED_MEASUREMENT: Duration = Duration::from_secs(60);
@@ -107,9 +107,27 @@ impl BenchArgs {
     }
 }
 
+/// What a reader must know about the presets a run uses: each preset's note once, with
+/// the workloads that run as it.
+pub fn preset_notes(spec: &BenchSpec) -> Vec<String> {
+    let mut by_preset: std::collections::BTreeMap<Preset, Vec<&str>> = Default::default();
+    for w in &spec.workloads {
+        if let Some(p) = spec.preset_of(w) {
+            by_preset.entry(p).or_default().push(&w.name);
+        }
+    }
+    by_preset
+        .into_iter()
+        .map(|(p, ws)| format!("note ({}): {}", ws.join(", "), p.note()))
+        .collect()
+}
+
 /// Runs `colocate bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let spec = args.to_spec()?;
+    for note in preset_notes(&spec) {
+        eprintln!("{note}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -198,7 +216,6 @@ async fn show_progress(mut rx: watch::Receiver<Progress>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Preset;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -242,5 +259,39 @@ mod tests {
         // Plain workloads still need a window.
         let e = spec(&["-w", "gen:url=http://h:1,model=m,concurrency=1"]).unwrap_err();
         assert!(e.to_string().contains("duration"), "{e}");
+    }
+
+    #[test]
+    fn each_preset_note_is_said_once() {
+        let s = spec(&[
+            "-w",
+            "seed-gen:url=http://h:1,model=m,concurrency=4",
+            "-w",
+            "seed-gen:url=http://h:2,model=m,concurrency=8",
+            "-w",
+            "gen:url=http://h:3,model=m,concurrency=1",
+            "-w",
+            "seed-embed:url=http://h:4,model=e",
+        ])
+        .unwrap();
+        let notes = preset_notes(&s);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].starts_with("note (gen0, gen1): seed-gen:"),
+            "{notes:?}"
+        );
+        assert!(notes[0].contains("ignore_eos"), "{notes:?}");
+        assert!(
+            notes[1].starts_with("note (embed3): seed-embed:"),
+            "{notes:?}"
+        );
+        let plain = spec(&[
+            "-w",
+            "gen:url=http://h:1,model=m,concurrency=1",
+            "--duration",
+            "1s",
+        ])
+        .unwrap();
+        assert!(preset_notes(&plain).is_empty());
     }
 }

@@ -68,6 +68,13 @@ impl RequestRecord {
         (t > 0.0).then(|| 1.0 / t)
     }
 
+    /// When the prompt counts as processed: the first token of a stream; for a request
+    /// that was not streamed (no first token), the whole response's arrival.
+    pub fn prompt_counted_at(&self) -> Option<f64> {
+        self.first_token
+            .or_else(|| (self.success && self.chunks > 0).then_some(self.end))
+    }
+
     /// Client-side queueing: from the scheduled arrival to the send.
     pub fn queue(&self) -> f64 {
         (self.sent - self.scheduled).max(0.0)
@@ -188,7 +195,8 @@ impl Stats {
 pub struct GenStats {
     /// Requests in the latency set (finished successfully in the window).
     pub completed: usize,
-    /// Prompt tokens of requests whose first token arrived in the window.
+    /// Prompt tokens of requests whose first token arrived in the window (a request that
+    /// was not streamed has no first token: its prompt counts when its response arrives).
     pub input_tokens: f64,
     /// Output tokens that streamed in during the window.
     pub output_tokens: f64,
@@ -244,7 +252,7 @@ pub fn gen_stats(
     let output_tokens: f64 = records.iter().map(|r| r.output_tokens_in(w0, w1)).sum();
     let input_tokens: f64 = records
         .iter()
-        .filter(|r| r.first_token.is_some_and(|t| t >= w0 && t < w1))
+        .filter(|r| r.prompt_counted_at().is_some_and(|t| t >= w0 && t < w1))
         .map(|r| r.prompt_tokens.unwrap_or(0) as f64)
         .sum();
     let ended = records

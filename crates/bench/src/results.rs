@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::{EmbedStats, GenStats, RequestRecord, Stats, TimePoint};
 use crate::prompt::Calibration;
-use crate::spec::{BenchSpec, WorkloadKind};
+use crate::spec::{BenchSpec, Preset, WorkloadKind};
 
 /// Bumped whenever a field changes meaning or disappears.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -52,6 +52,25 @@ pub struct WorkloadResult {
     pub calibration: Calibration,
     /// Requests issued over the whole run (warm-up included).
     pub requests_sent: u64,
+    /// The seed study's client this workload ran as, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    /// False when gen requests were sent with `stream: false` (a preset's clients): TTFT,
+    /// TPOT, ITL and the decode speed have no sample (their `count` is 0), E2EL is the
+    /// whole request and tokens count when each response arrives.
+    #[serde(default = "streamed_by_default")]
+    pub streamed: bool,
+}
+
+fn streamed_by_default() -> bool {
+    true
+}
+
+impl WorkloadResult {
+    /// A gen workload whose requests were not streamed: only whole-request figures.
+    pub fn whole_requests_only(&self) -> bool {
+        self.kind.is_gen() && !self.streamed
+    }
 }
 
 impl BenchResults {
@@ -138,7 +157,15 @@ impl BenchResults {
             s.push('\n');
         };
         for w in &self.workloads {
-            let _ = writeln!(s, "\n== {} ({:?}) ==", w.name, w.kind);
+            let _ = writeln!(
+                s,
+                "\n== {} ({:?}{}) ==",
+                w.name,
+                w.kind,
+                w.preset
+                    .map(|p| format!(", preset {p}"))
+                    .unwrap_or_default()
+            );
             let errs: u64 = w.errors.values().sum();
             let _ = writeln!(s, "  requests completed    {}", w.requests_completed);
             let _ = writeln!(
@@ -163,12 +190,22 @@ impl BenchResults {
                     "  tokens per request    {:.1} in / {:.1} out (server usage)",
                     g.mean_prompt_tokens, g.mean_output_tokens
                 );
+                if w.whole_requests_only() {
+                    let _ = writeln!(
+                        s,
+                        "  not streamed          TTFT, TPOT and ITL undefined; E2EL is the whole request"
+                    );
+                }
                 header(&mut s);
-                row(&mut s, "TTFT (ms)", &g.ttft_ms);
-                row(&mut s, "TPOT (ms)", &g.tpot_ms);
-                row(&mut s, "ITL (ms)", &g.itl_ms);
+                if !w.whole_requests_only() {
+                    row(&mut s, "TTFT (ms)", &g.ttft_ms);
+                    row(&mut s, "TPOT (ms)", &g.tpot_ms);
+                    row(&mut s, "ITL (ms)", &g.itl_ms);
+                }
                 row(&mut s, "E2EL (ms)", &g.e2el_ms);
-                row(&mut s, "decode tok/s per req", &g.decode_tok_s_per_req);
+                if !w.whole_requests_only() {
+                    row(&mut s, "decode tok/s per req", &g.decode_tok_s_per_req);
+                }
                 row(&mut s, "client queue (ms)", &g.queue_ms);
             }
             if let Some(e) = &w.embed {

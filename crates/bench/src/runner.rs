@@ -7,6 +7,11 @@
 //! no new requests, in-flight ones are cut and keep what they streamed -> statistics.
 //! The load runs without a pause across the window edges, so a request straddling an edge
 //! contributes the tokens that arrived inside (see `metrics`).
+//!
+//! A workload that names a [`Preset`] runs as the seed study's client did: the preset's
+//! fixed texts (`Preset::prompt_source`), and gen requests sent whole when the preset does
+//! not stream (`unstreamed`): its results then carry `streamed: false`, and no TTFT, TPOT
+//! or ITL.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -26,7 +31,8 @@ use crate::client::{
 use crate::metrics::{embed_stats, errors_in, gen_stats, timeseries, RequestRecord};
 use crate::prompt::{read_lines, request_rng, Calibration, PromptSource};
 use crate::results::{BenchResults, WorkloadResult, SCHEMA_VERSION};
-use crate::spec::{BenchSpec, Load, WorkloadKind, WorkloadSpec};
+use crate::spec::{BenchSpec, Load, Preset, WorkloadKind, WorkloadSpec};
+use crate::unstreamed::run_gen_unstreamed;
 
 /// Where a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -81,6 +87,9 @@ struct Shared {
 struct WorkloadState {
     idx: usize,
     spec: WorkloadSpec,
+    /// The seed study's client this workload runs as: its fixed texts, and whole
+    /// (non-streamed) responses where the preset says so.
+    preset: Option<Preset>,
     endpoint: String,
     client: reqwest::Client,
     source: PromptSource,
@@ -89,8 +98,16 @@ struct WorkloadState {
     done: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
-    /// Content chunks (gen) or sequences (embed) received, for live progress.
+    /// Content chunks or output tokens (gen) or sequences (embed) received, for live
+    /// progress.
     units: AtomicU64,
+}
+
+impl WorkloadState {
+    /// Whether gen requests are streamed (every workload but a preset that says not).
+    fn streams(&self) -> bool {
+        self.preset.is_none_or(|p| p.streams())
+    }
 }
 
 /// Runs the benchmark. `cancel` ends it early (Ctrl-C): the results then cover the window
@@ -125,11 +142,15 @@ pub async fn run(
     };
     let mut states = Vec::new();
     for (idx, (w, cal)) in spec.workloads.iter().zip(&calibs).enumerate() {
+        let preset = spec.preset_of(w);
         let min_input = match w.input {
             crate::spec::LengthDist::Fixed(n) => n,
             crate::spec::LengthDist::Uniform { min, .. } => min,
         };
-        if w.input_file.is_none() && (min_input as f64) < cal.overhead_tokens + 1.0 {
+        if w.input_file.is_none()
+            && preset.is_none()
+            && (min_input as f64) < cal.overhead_tokens + 1.0
+        {
             tracing::warn!(
                 "workload {}: the server adds about {:.0} tokens to every prompt (e.g. a chat template), so input={} cannot be met; prompts will be longer",
                 w.name,
@@ -137,15 +158,17 @@ pub async fn run(
                 min_input
             );
         }
-        let source = match &w.input_file {
-            Some(p) => PromptSource::Lines(Arc::new(
+        let source = match (preset, &w.input_file) {
+            (Some(p), _) => p.prompt_source(),
+            (None, Some(p)) => PromptSource::Lines(Arc::new(
                 read_lines(p).with_context(|| format!("workload {}", w.name))?,
             )),
-            None => PromptSource::Random(*cal),
+            (None, None) => PromptSource::Random(*cal),
         };
         states.push(Arc::new(WorkloadState {
             idx,
             spec: w.clone(),
+            preset,
             endpoint: w.endpoint(),
             client: client_of(w),
             source,
@@ -299,6 +322,8 @@ pub async fn run(
             timeseries: timeseries(&recs, gen, a, b),
             calibration: cal,
             requests_sent: s.next_req.load(Relaxed),
+            preset: s.preset,
+            streamed: !gen || s.streams(),
         });
         if spec.record_requests {
             results.requests.extend(recs);
@@ -407,28 +432,47 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) ->
         let (prompt, est) = ws.source.prompt(&mut rng, tokens);
         let output = w.output.map(|o| o.sample(&mut rng));
         rec.prompt_tokens = Some(est);
-        let body = gen_body(w.kind, &w.model, prompt, output, true);
-        let on_content = || {
-            ws.units.fetch_add(1, Relaxed);
-        };
-        until_stopped(
-            run_gen(
-                &ws.client,
-                &ws.endpoint,
-                body,
-                &sh.clock,
-                &mut rec,
-                &on_content,
-            ),
-            &sh.stop,
-        )
-        .await
+        let stream = ws.streams();
+        let body = gen_body(w.kind, &w.model, prompt, output, stream);
+        if stream {
+            let on_content = || {
+                ws.units.fetch_add(1, Relaxed);
+            };
+            until_stopped(
+                run_gen(
+                    &ws.client,
+                    &ws.endpoint,
+                    body,
+                    &sh.clock,
+                    &mut rec,
+                    &on_content,
+                ),
+                &sh.stop,
+            )
+            .await
+        } else {
+            let on_tokens = |n: u64| {
+                ws.units.fetch_add(n, Relaxed);
+            };
+            until_stopped(
+                run_gen_unstreamed(
+                    &ws.client,
+                    &ws.endpoint,
+                    body,
+                    &sh.clock,
+                    &mut rec,
+                    &on_tokens,
+                ),
+                &sh.stop,
+            )
+            .await
+        }
     } else {
         let mut est = 0;
         let inputs: Vec<String> = (0..w.batch)
-            .map(|_| {
+            .map(|i| {
                 let tokens = w.input.sample(&mut rng);
-                let (p, e) = ws.source.prompt(&mut rng, tokens);
+                let (p, e) = ws.source.prompt_at(&mut rng, tokens, i);
                 est += e;
                 p
             })

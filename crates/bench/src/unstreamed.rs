@@ -125,6 +125,43 @@ mod tests {
         assert!(rec.in_latency_set(120.0, 131.0));
     }
 
+    /// A window's statistics over whole responses: throughput and prompt tokens count at
+    /// each response's end, E2EL is defined, TTFT / TPOT / ITL have no sample.
+    #[test]
+    fn window_statistics_of_whole_responses() {
+        let rec = |sent: f64, end: f64| {
+            let mut r = RequestRecord {
+                sent,
+                scheduled: sent,
+                ..Default::default()
+            };
+            record_response(&mut r, 200, OK.as_bytes(), end);
+            r
+        };
+        // Window [10, 20): one ends before it, two inside, one after.
+        let recs = [
+            rec(1.0, 9.0),
+            rec(5.0, 12.0),
+            rec(8.0, 19.5),
+            rec(15.0, 21.0),
+        ];
+        let g = crate::metrics::gen_stats(&recs, 10.0, 20.0, &[50.0, 99.0], None);
+        assert_eq!(g.completed, 2);
+        assert_eq!(g.output_tokens, 1024.0);
+        assert_eq!(
+            g.input_tokens, 66.0,
+            "the prompts of the two responses inside"
+        );
+        assert!((g.total_token_throughput - 109.0).abs() < 1e-9);
+        assert_eq!(g.ttft_ms.count, 0);
+        assert_eq!(g.tpot_ms.count, 0);
+        assert_eq!(g.itl_ms.count, 0);
+        assert_eq!(g.decode_tok_s_per_req.count, 0);
+        assert_eq!(g.e2el_ms.count, 2);
+        assert!((g.e2el_ms.mean - 9_250.0).abs() < 1e-6, "{:?}", g.e2el_ms);
+        assert_eq!(g.mean_output_tokens, 512.0);
+    }
+
     /// vLLM's error body (reconstructed until recorded: testdata/vllm) is a failure with
     /// its status, never a success.
     #[test]

@@ -315,3 +315,120 @@ async fn open_loop_rate_and_client_queueing() {
     );
     assert!(e.queue_ms.max < 50.0, "{:?}", e.queue_ms);
 }
+
+/// The seed studies' clients: seed-gen sends its one fixed prompt with `stream: false` and
+/// counts each whole response's `usage` when it arrives (TTFT, TPOT and ITL undefined, and
+/// the results say so); seed-embed numbers its inputs within each batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_presets_send_the_seed_texts_whole() {
+    use bench::spec::{parse_workload_entry, Preset, SEED_EMBED_INPUT, SEED_GEN_PROMPT};
+    // 64 tokens at 0.5 ms each: a whole response every ~32 ms per request in flight.
+    let gen = mock_server::start(
+        0,
+        MockOptions {
+            token_delay: Duration::from_micros(500),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let emb = mock_server::start(
+        0,
+        MockOptions {
+            embed_delay: Duration::from_millis(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut s = BenchSpec::new(Vec::new());
+    for w in [
+        format!(
+            "seed-gen:url={},model=mock,concurrency=8,output=64",
+            gen.url()
+        ),
+        format!(
+            "seed-embed:url={},model=mock,concurrency=2,batch=4",
+            emb.url()
+        ),
+    ] {
+        let (w, preset) = parse_workload_entry(&w).unwrap();
+        s.push_workload(w, preset);
+    }
+    s.warmup = Duration::from_millis(300);
+    s.duration = Some(Duration::from_millis(1500));
+    s.seed = 1;
+    let stop = CancellationToken::new();
+    let samples = sample(gen.generated.clone(), stop.clone());
+    let r = run(&s, None, CancellationToken::new()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.cancel();
+    let samples = samples.lock().unwrap().clone();
+
+    let w = &r.workloads[0];
+    assert_eq!(w.preset, Some(Preset::SeedGen));
+    assert!(!w.streamed && w.whole_requests_only());
+    let g = w.gen.as_ref().unwrap();
+    assert!(g.completed > 50, "{g:?}");
+    for (name, st) in [
+        ("ttft", &g.ttft_ms),
+        ("tpot", &g.tpot_ms),
+        ("itl", &g.itl_ms),
+        ("decode", &g.decode_tok_s_per_req),
+    ] {
+        assert_eq!(st.count, 0, "{name} has samples without a stream");
+    }
+    assert_eq!(g.e2el_ms.count, g.completed);
+    assert!(g.e2el_ms.median >= 30.0, "{:?}", g.e2el_ms);
+    assert_eq!(g.mean_output_tokens, 64.0);
+    // The fixed prompt every time: the mock counts its bytes plus a chat template.
+    assert_eq!(
+        g.mean_prompt_tokens,
+        (SEED_GEN_PROMPT.len() as u64 + mock_server::CHAT_OVERHEAD) as f64
+    );
+    assert!(g.input_tokens > 0.0);
+    // Tokens in the window agree with the server's counter, which counts a whole answer
+    // as it sends it.
+    let (w0, w1) = r.window;
+    let served = at(&samples, w1) - at(&samples, w0);
+    let rel = (g.output_tokens - served).abs() / served;
+    assert!(rel < 0.05, "client {} vs server {served}", g.output_tokens);
+    // Every gen request went out whole (the two pre-flight probes too).
+    assert!(gen.unstreamed.load(Relaxed) >= w.requests_sent + 2);
+    let bodies = gen.bodies.lock().unwrap().clone();
+    let sent: Vec<&serde_json::Value> = bodies.iter().filter(|b| b["max_tokens"] == 64).collect();
+    assert!(sent.len() > 10, "{bodies:?}");
+    for b in sent {
+        assert_eq!(b["messages"][0]["content"], SEED_GEN_PROMPT, "{b}");
+        assert_ne!(b["stream"], true, "{b}");
+        assert_eq!(b["ignore_eos"], true, "{b}");
+        assert_eq!(b["temperature"], 0.0, "{b}");
+    }
+    // seed-embed: batches of 4 numbered sentences.
+    let e = r.workloads[1].embed.as_ref().unwrap();
+    assert_eq!(r.workloads[1].preset, Some(Preset::SeedEmbed));
+    assert!(e.sequences > 0 && e.sequences % 4 == 0, "{e:?}");
+    let bodies = emb.bodies.lock().unwrap().clone();
+    let batch = bodies
+        .iter()
+        .find(|b| b["input"].as_array().is_some_and(|a| a.len() == 4))
+        .expect("a batch of 4");
+    for i in 0..4 {
+        assert_eq!(
+            batch["input"][i],
+            SEED_EMBED_INPUT.replace("{i}", &i.to_string())
+        );
+    }
+    assert!(r.workloads.iter().all(|w| w.errors.is_empty()));
+    // What a reader sees: no zeros for what was not measured.
+    let table = r.table();
+    assert!(table.contains("gen0 (Chat, preset seed-gen)"), "{table}");
+    assert!(table.contains("TTFT, TPOT and ITL undefined"), "{table}");
+    assert!(!table.contains("TTFT (ms)"), "{table}");
+    assert!(table.contains("E2EL (ms)"), "{table}");
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["workloads"][0]["streamed"], false);
+    assert_eq!(json["workloads"][0]["preset"], "seed-gen");
+    assert_eq!(json["workloads"][1]["streamed"], true);
+    assert_eq!(json["spec"]["presets"]["gen0"], "seed-gen");
+}

@@ -49,7 +49,14 @@ pub struct MockServer {
     stop: CancellationToken,
     /// Generated tokens so far (the mock's "generation_tokens_total").
     pub generated: Arc<AtomicU64>,
+    /// Gen requests answered with one JSON body (`stream` false or absent).
+    pub unstreamed: Arc<AtomicU64>,
+    /// The first [`KEPT_BODIES`] request bodies of gen and embed requests, as received.
+    pub bodies: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
+
+/// How many request bodies the mock keeps for a test to look at.
+const KEPT_BODIES: usize = 32;
 
 impl MockServer {
     pub fn url(&self) -> String {
@@ -67,6 +74,8 @@ struct State {
     opts: MockOptions,
     count: AtomicU64,
     generated: Arc<AtomicU64>,
+    unstreamed: Arc<AtomicU64>,
+    bodies: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     content_chat: Bytes,
     content_completion: Bytes,
 }
@@ -99,6 +108,8 @@ pub async fn start(port: u16, opts: MockOptions) -> anyhow::Result<MockServer> {
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
     let generated = Arc::new(AtomicU64::new(0));
+    let unstreamed = Arc::new(AtomicU64::new(0));
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut opts = opts;
     if opts.embed_dim == 0 {
         opts.embed_dim = 384;
@@ -110,6 +121,8 @@ pub async fn start(port: u16, opts: MockOptions) -> anyhow::Result<MockServer> {
         opts,
         count: AtomicU64::new(0),
         generated: generated.clone(),
+        unstreamed: unstreamed.clone(),
+        bodies: bodies.clone(),
         content_chat: Bytes::from_static(
             b"data: {\"id\":\"mock\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n",
         ),
@@ -145,6 +158,8 @@ pub async fn start(port: u16, opts: MockOptions) -> anyhow::Result<MockServer> {
         addr,
         stop,
         generated,
+        unstreamed,
+        bodies,
     })
 }
 
@@ -183,6 +198,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body.to_bytes()) else {
         return error(StatusCode::BAD_REQUEST, "malformed JSON");
     };
+    if let Ok(mut kept) = state.bodies.lock() {
+        if kept.len() < KEPT_BODIES {
+            kept.push(v.clone());
+        }
+    }
     let n = state.count.fetch_add(1, Relaxed) + 1;
     if state.opts.fail_every > 0 && n.is_multiple_of(state.opts.fail_every) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "injected failure");
@@ -196,6 +216,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         .as_u64()
         .unwrap_or(state.opts.default_max_tokens);
     if !v["stream"].as_bool().unwrap_or(false) {
+        // The whole answer at once, after the time its tokens take.
+        state.unstreamed.fetch_add(1, Relaxed);
+        if !state.opts.token_delay.is_zero() {
+            tokio::time::sleep(state.opts.token_delay * max_tokens as u32).await;
+        }
         state.generated.fetch_add(max_tokens, Relaxed);
         let body = serde_json::json!({
             "id": "mock", "object": if chat { "chat.completion" } else { "text_completion" }, "model": "mock",
