@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// What an engine does with its model: the engine's own task type (`generate` / `embed`).
+pub use engine::runner::Task;
+
 /// Which device the engines run on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum GpuSelector {
@@ -134,26 +137,6 @@ impl fmt::Display for EngineKind {
             EngineKind::Sglang => "sglang",
             EngineKind::Tei => "tei",
             EngineKind::Command => "command",
-        })
-    }
-}
-
-/// What an engine does with its model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    /// Text generation (`/v1/completions`, `/v1/chat/completions`).
-    #[default]
-    Generate,
-    /// Embeddings (`/v1/embeddings`).
-    Embed,
-}
-
-impl fmt::Display for Task {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Task::Generate => "generate",
-            Task::Embed => "embed",
         })
     }
 }

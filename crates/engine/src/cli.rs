@@ -13,7 +13,7 @@ pub struct ServeArgs {
     /// What to serve: `generate` (completions, chat) or `embed` (embeddings). Default: the
     /// model's own task.
     #[arg(long, value_enum)]
-    pub task: Option<TaskArg>,
+    pub task: Option<crate::runner::Task>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8000)]
@@ -53,22 +53,6 @@ pub struct ServeArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub block_size: u64,
-}
-
-/// `--task` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TaskArg {
-    Generate,
-    Embed,
-}
-
-impl From<TaskArg> for crate::runner::Task {
-    fn from(t: TaskArg) -> Self {
-        match t {
-            TaskArg::Generate => crate::runner::Task::Generate,
-            TaskArg::Embed => crate::runner::Task::Embed,
-        }
-    }
 }
 
 fn parse_device(s: &str) -> Result<crate::load::Device, String> {

@@ -6,14 +6,36 @@
 //! Paged KV layout: a sequence's token at position `p` lives in block
 //! `block_table[p / block_size]`, slot `block_table[p / block_size] * block_size + p % block_size`.
 
-/// What a model is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What a model is for, the one task type of the workspace (`colocate serve --task`, a
+/// deployment's `task`, the model's own default): `Generate` is a causal LM serving
+/// completions and chat; `Embed` gives pooled, L2-normalised sentence embeddings. Written
+/// `generate` / `embed` on the command line, in TOML and JSON, and by `Display`.
+// The variants carry no doc comments: clap would show them as help of each value.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
-    /// Causal LM: completions and chat.
+    #[default]
     Generate,
-    /// Pooled, L2-normalised sentence embeddings.
     Embed,
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Task::Generate => "generate",
+            Task::Embed => "embed",
+        })
+    }
 }
 
 /// What the serving side needs to know about a loaded model.

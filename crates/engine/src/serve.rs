@@ -43,7 +43,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admission = Arc::new(Admission::new(args.max_waiting));
     let load_opts = LoadOptions {
         model: args.model.clone(),
-        task: args.task.map(Into::into),
+        task: args.task,
         load_format: args.load_format,
         device: args.device,
         seed: args.seed,
