@@ -1,6 +1,7 @@
 //! Command-line arguments of `colocate serve` (vLLM's flag names where the meaning is the
 //! same) and the function that runs it.
 
+use crate::limits;
 use crate::load::LoadFormat;
 
 /// Arguments of `colocate serve`.
@@ -42,7 +43,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "1Gi", value_parser = parse_bytes)]
     pub kv_cache_memory: u64,
     /// Fraction of the GPU's memory for weights, KV cache and workspace (CUDA backend).
-    #[arg(long, default_value_t = 0.9, value_parser = parse_fraction)]
+    #[arg(long, default_value_t = limits::DEFAULT_GPU_MEMORY_UTILIZATION, value_parser = parse_fraction)]
     pub gpu_memory_utilization: f64,
     /// Requests accepted but not yet running; beyond it the server answers 503.
     #[arg(long, default_value_t = 1024)]
@@ -51,7 +52,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Tokens per KV block.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, default_value_t = limits::DEFAULT_BLOCK_SIZE as u64, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub block_size: u64,
 }
 

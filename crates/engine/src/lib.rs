@@ -4,6 +4,7 @@ pub mod cli;
 pub mod detok;
 pub mod embed_queue;
 pub mod kv;
+pub mod limits;
 pub mod load;
 pub mod metrics;
 pub mod model;

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaOptions;
 use crate::backend::Backend;
+use crate::limits::{self, LimitFlags};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::qwen3_cuda::CudaQwen3;
 use crate::model::{bert, qwen3};
@@ -64,7 +65,8 @@ pub struct LoadOptions {
 }
 
 /// What the CUDA path must be sized for: the serving limits as given on the command line
-/// (`None` = the same defaults the worker derives) and the memory fraction it may use.
+/// (`None` = the defaults of [`crate::limits`], which the worker derives too) and the
+/// memory fraction it may use.
 #[derive(Debug, Clone)]
 pub struct GpuLoadOptions {
     /// `--gpu-memory-utilization`: fraction of the GPU's total memory for weights, KV and workspace.
@@ -75,11 +77,24 @@ pub struct GpuLoadOptions {
     pub max_model_len: Option<usize>,
 }
 
+impl GpuLoadOptions {
+    /// The CUDA sizing of the limits the worker is given.
+    pub fn new(memory_utilization: f64, limits: &LimitFlags) -> Self {
+        Self {
+            memory_utilization,
+            block_size: limits.block_size,
+            max_num_batched_tokens: limits.max_num_batched_tokens,
+            max_num_seqs: limits.max_num_seqs,
+            max_model_len: limits.max_model_len,
+        }
+    }
+}
+
 impl Default for GpuLoadOptions {
     fn default() -> Self {
         Self {
-            memory_utilization: 0.9,
-            block_size: 16,
+            memory_utilization: limits::DEFAULT_GPU_MEMORY_UTILIZATION,
+            block_size: limits::DEFAULT_BLOCK_SIZE,
             max_num_batched_tokens: None,
             max_num_seqs: None,
             max_model_len: None,
@@ -253,7 +268,8 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
 }
 
 /// The CUDA model (`model::qwen3_cuda`): bf16 weights, fused kernels, graph-captured
-/// decode. Its step buffers are sized from the same limits (and defaults) the worker uses;
+/// decode. Its step buffers are sized from the same limits (and defaults, [`crate::limits`])
+/// the worker uses;
 /// `--gpu-memory-utilization` becomes the KV-cache byte budget the worker sizes its block
 /// manager with, as it does with `--kv-cache-memory` on the CPU.
 fn load_cuda(
@@ -273,18 +289,10 @@ fn load_cuda(
         .max_model_len
         .unwrap_or(defaults.max_model_len)
         .min(config.max_position_embeddings);
-    let default_tokens = if task == Task::Embed { 16_384 } else { 2048 };
-    let max_tokens =
-        g.max_num_batched_tokens
-            .unwrap_or(default_tokens)
-            .max(if task == Task::Embed {
-                max_model_len
-            } else {
-                1
-            });
+    let max_tokens = limits::max_num_batched_tokens(task, g.max_num_batched_tokens, max_model_len);
     let cuda_opts = CudaOptions {
-        max_tokens,
-        max_seqs: g.max_num_seqs.unwrap_or(256).max(1),
+        max_tokens: max_tokens.max(1),
+        max_seqs: limits::max_num_seqs_bound(g.max_num_seqs).max(1),
         max_model_len,
         ..defaults
     };

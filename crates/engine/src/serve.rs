@@ -9,11 +9,12 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::cli::ServeArgs;
-use crate::load::{Device, LoadOptions};
+use crate::limits::{LimitFlags, DEFAULT_GPU_MEMORY_UTILIZATION};
+use crate::load::{Device, GpuLoadOptions, LoadOptions};
 use crate::metrics::Metrics;
 use crate::scheduler::Admission;
 use crate::server::{router, AppState};
-use crate::worker::{self, Health, Limits};
+use crate::worker::{self, Health};
 
 /// Runs the server on a tokio runtime of its own until a shutdown signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -26,7 +27,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if matches!(args.device, Device::Cpu) && args.gpu_memory_utilization != 0.9 {
+    if matches!(args.device, Device::Cpu)
+        && args.gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION
+    {
         tracing::warn!(
             "--gpu-memory-utilization is ignored with --device cpu (use --kv-cache-memory)"
         );
@@ -41,26 +44,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     let metrics = Arc::new(Metrics::default());
     let admission = Arc::new(Admission::new(args.max_waiting));
+    let limits = LimitFlags {
+        max_num_seqs: args.max_num_seqs.map(|v| v as usize),
+        max_num_batched_tokens: args.max_num_batched_tokens.map(|v| v as usize),
+        max_model_len: args.max_model_len.map(|v| v as usize),
+        kv_cache_memory: args.kv_cache_memory,
+        block_size: args.block_size as usize,
+    };
     let load_opts = LoadOptions {
         model: args.model.clone(),
         task: args.task,
         load_format: args.load_format,
         device: args.device,
         seed: args.seed,
-        gpu: crate::load::GpuLoadOptions {
-            memory_utilization: args.gpu_memory_utilization,
-            block_size: args.block_size as usize,
-            max_num_batched_tokens: args.max_num_batched_tokens.map(|v| v as usize),
-            max_num_seqs: args.max_num_seqs.map(|v| v as usize),
-            max_model_len: args.max_model_len.map(|v| v as usize),
-        },
-    };
-    let limits = Limits {
-        max_num_seqs: args.max_num_seqs.map(|v| v as usize),
-        max_num_batched_tokens: args.max_num_batched_tokens.map(|v| v as usize),
-        max_model_len: args.max_model_len.map(|v| v as usize),
-        kv_cache_memory: args.kv_cache_memory,
-        block_size: args.block_size as usize,
+        gpu: GpuLoadOptions::new(args.gpu_memory_utilization, &limits),
     };
     let health = worker::spawn(load_opts, limits, metrics.clone(), admission.clone())
         .context("cannot start the engine thread")?;

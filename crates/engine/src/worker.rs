@@ -13,9 +13,10 @@ use tokio::sync::watch;
 
 use crate::embed_queue::{EmbedQueue, EmbedRequest};
 use crate::kv::BlockManager;
+use crate::limits::LimitFlags;
 use crate::load::{load, LoadOptions, LoadedModel};
 use crate::metrics::Metrics;
-use crate::runner::{ModelInfo, Task};
+use crate::runner::ModelInfo;
 use crate::scheduler::{Admission, GenRequest, Scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -24,17 +25,6 @@ use crate::tokenizer::Tokenizer;
 pub enum Command {
     Generate(GenRequest),
     Embed(EmbedRequest),
-}
-
-/// Serving limits, as given on the command line (`None` = derive a default).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_num_seqs: Option<usize>,
-    pub max_num_batched_tokens: Option<usize>,
-    pub max_model_len: Option<usize>,
-    /// KV cache budget in bytes.
-    pub kv_cache_memory: u64,
-    pub block_size: usize,
 }
 
 /// What the HTTP side needs once the model is loaded.
@@ -56,85 +46,10 @@ pub enum Health {
     Failed(String),
 }
 
-/// Limits resolved against the loaded model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resolved {
-    pub num_blocks: usize,
-    pub max_model_len: usize,
-    pub max_num_seqs: usize,
-    pub max_num_batched_tokens: usize,
-}
-
-/// Sizes the KV cache (`--kv-cache-memory / (block_size * kv_bytes_per_token)` blocks) and
-/// checks the limits against it: a generator must be able to hold one sequence of
-/// `max_model_len` tokens, so a too-small budget is an error naming both flags.
-pub fn resolve_limits(limits: &Limits, info: &ModelInfo) -> anyhow::Result<Resolved> {
-    let max_pos = info.max_position_embeddings;
-    if info.task == Task::Embed {
-        let max_model_len = limits.max_model_len.unwrap_or(max_pos);
-        if max_model_len > max_pos {
-            anyhow::bail!("--max-model-len {max_model_len} is longer than the model's max_position_embeddings ({max_pos})");
-        }
-        let batch_tokens = limits
-            .max_num_batched_tokens
-            .unwrap_or(16_384)
-            .max(max_model_len);
-        return Ok(Resolved {
-            num_blocks: 0,
-            max_model_len,
-            max_num_seqs: limits.max_num_seqs.unwrap_or(256),
-            max_num_batched_tokens: batch_tokens,
-        });
-    }
-    let per_block =
-        (limits.block_size as u64).saturating_mul(info.kv_bytes_per_token.max(1) as u64);
-    let num_blocks = (limits.kv_cache_memory / per_block) as usize;
-    let capacity = num_blocks * limits.block_size;
-    if capacity == 0 {
-        anyhow::bail!(
-            "--kv-cache-memory {} bytes holds no KV block ({} bytes per block of {} tokens at {} bytes per token); raise --kv-cache-memory",
-            limits.kv_cache_memory, per_block, limits.block_size, info.kv_bytes_per_token
-        );
-    }
-    let max_model_len = match limits.max_model_len {
-        Some(m) if m > max_pos => anyhow::bail!(
-            "--max-model-len {m} is longer than the model's max_position_embeddings ({max_pos})"
-        ),
-        Some(m) if m > capacity => anyhow::bail!(
-            "--max-model-len {m} does not fit the KV cache: --kv-cache-memory {} bytes holds {capacity} tokens; raise --kv-cache-memory or lower --max-model-len",
-            limits.kv_cache_memory
-        ),
-        Some(m) => m,
-        None => {
-            if capacity < max_pos {
-                tracing::warn!(
-                    "--kv-cache-memory holds {capacity} tokens, fewer than the model's {max_pos}: serving with --max-model-len {capacity}"
-                );
-            }
-            max_pos.min(capacity)
-        }
-    };
-    // Every running sequence needs at least one token of the step budget to decode.
-    let max_num_batched_tokens = limits.max_num_batched_tokens.unwrap_or(2048);
-    let max_num_seqs = match limits.max_num_seqs {
-        Some(s) if s > max_num_batched_tokens => anyhow::bail!(
-            "--max-num-seqs {s} is larger than --max-num-batched-tokens {max_num_batched_tokens}: every running sequence needs a token of the step budget"
-        ),
-        Some(s) => s,
-        None => 256.min(max_num_batched_tokens),
-    };
-    Ok(Resolved {
-        num_blocks,
-        max_model_len,
-        max_num_seqs,
-        max_num_batched_tokens,
-    })
-}
-
 /// Starts the engine thread; the returned watch says when it is ready (or why it failed).
 pub fn spawn(
     load_opts: LoadOptions,
-    limits: Limits,
+    limits: LimitFlags,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
 ) -> std::io::Result<watch::Receiver<Health>> {
@@ -174,7 +89,7 @@ fn next_commands(rx: &mpsc::Receiver<Command>, busy: bool) -> Option<Vec<Command
 
 fn run(
     load_opts: LoadOptions,
-    limits: Limits,
+    limits: LimitFlags,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
     health: &watch::Sender<Health>,
@@ -185,14 +100,14 @@ fn run(
     // On a GPU the memory budget (--gpu-memory-utilization) decides the KV bytes, and the
     // step buffers cap the sequence length.
     let limits = match loaded.device_limits {
-        Some(d) => Limits {
+        Some(d) => LimitFlags {
             kv_cache_memory: d.kv_cache_bytes,
             max_model_len: Some(limits.max_model_len.unwrap_or(d.max_model_len)),
             ..limits
         },
         None => limits,
     };
-    let r = resolve_limits(&limits, &info)?;
+    let r = limits.resolve(&info)?;
     let (tx, rx) = mpsc::channel();
     let ready = |num_blocks| {
         Arc::new(Ready {
@@ -288,63 +203,5 @@ fn run(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info(task: Task) -> ModelInfo {
-        ModelInfo {
-            architecture: "x".into(),
-            task,
-            vocab_size: 10,
-            max_position_embeddings: 4096,
-            eos_token_ids: vec![],
-            kv_bytes_per_token: 1000,
-            weight_bytes: 0,
-        }
-    }
-
-    fn limits(kv: u64, mml: Option<usize>) -> Limits {
-        Limits {
-            max_num_seqs: None,
-            max_num_batched_tokens: None,
-            max_model_len: mml,
-            kv_cache_memory: kv,
-            block_size: 16,
-        }
-    }
-
-    #[test]
-    fn blocks_from_budget_and_max_model_len_defaults() {
-        let r = resolve_limits(&limits(16_000 * 100 + 5, None), &info(Task::Generate)).unwrap();
-        assert_eq!(r.num_blocks, 100);
-        assert_eq!(r.max_model_len, 1600, "capped by the KV capacity");
-        let r = resolve_limits(&limits(16_000 * 1000, None), &info(Task::Generate)).unwrap();
-        assert_eq!(r.max_model_len, 4096);
-    }
-
-    #[test]
-    fn too_small_budgets_name_the_flags() {
-        let e = resolve_limits(&limits(100, None), &info(Task::Generate)).unwrap_err();
-        assert!(e.to_string().contains("--kv-cache-memory"), "{e}");
-        let e =
-            resolve_limits(&limits(16_000 * 10, Some(1000)), &info(Task::Generate)).unwrap_err();
-        assert!(e.to_string().contains("--max-model-len 1000"), "{e}");
-        let e = resolve_limits(&limits(1 << 40, Some(5000)), &info(Task::Generate)).unwrap_err();
-        assert!(e.to_string().contains("max_position_embeddings"), "{e}");
-        let mut l = limits(1 << 30, None);
-        l.max_num_batched_tokens = Some(8);
-        assert_eq!(
-            resolve_limits(&l, &info(Task::Generate))
-                .unwrap()
-                .max_num_seqs,
-            8
-        );
-        l.max_num_seqs = Some(9);
-        let e = resolve_limits(&l, &info(Task::Generate)).unwrap_err();
-        assert!(e.to_string().contains("--max-num-seqs 9"), "{e}");
     }
 }
