@@ -150,6 +150,9 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         let planned = plan(&exp);
         if a.dry_run {
             print!("{}", describe(&exp, &planned));
+            for line in preset_lines(&exp) {
+                println!("{line}");
+            }
             check_deployments(&exp, &planned)?;
             template::check_models(&exp, &planned)?;
             return Ok(());
@@ -201,6 +204,9 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             "{}",
             describe(&results.experiment, &plan(&results.experiment))
         );
+        for line in preset_lines(&results.experiment) {
+            println!("{line}");
+        }
         return Ok(());
     }
     let planned = plan(&results.experiment);
@@ -218,6 +224,9 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         results.experiment.name,
         dir.display()
     );
+    for line in preset_lines(&results.experiment) {
+        eprintln!("{line}");
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     let mut harness = harness(&results.experiment, cancel.clone())?;
     let view = ProgressView::new(total, done, a.quiet);
@@ -235,6 +244,36 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     }
     println!("report: {}", r.report.display());
     outcome(&results, &planned)
+}
+
+/// One line per workload that runs as a bench preset, with what a reader must know about
+/// its figures (said once, at the start of a run and in its plan).
+fn preset_lines(exp: &Experiment) -> Vec<String> {
+    exp.workloads
+        .iter()
+        .filter_map(|w| {
+            let p = w.preset?;
+            Some(format!(
+                "workload {} runs preset {p}: {}",
+                w.name,
+                preset_note(p)
+            ))
+        })
+        .collect()
+}
+
+#[cfg(feature = "measure")]
+fn preset_note(p: crate::spec::Preset) -> &'static str {
+    crate::measure::preset_note(p)
+}
+
+#[cfg(not(feature = "measure"))]
+fn preset_note(p: crate::spec::Preset) -> &'static str {
+    if p.streams() {
+        "the seed study's client"
+    } else {
+        "the seed study's client, not streamed: TTFT, TPOT and ITL are undefined"
+    }
 }
 
 /// The end of a run: every failed condition with its reason (on stderr), and an error when
@@ -377,6 +416,23 @@ concurrency = 1
             conditions,
         };
         (r, planned)
+    }
+
+    #[test]
+    fn preset_workloads_are_announced() {
+        let exp = Experiment::parse(&EXP.replace(
+            "kind = \"generate\"\nconcurrency = 1",
+            "preset = \"seed-gen\"\nconcurrency = 1",
+        ))
+        .unwrap();
+        let lines = preset_lines(&exp);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with("workload chat runs preset seed-gen: "),
+            "{lines:?}"
+        );
+        assert!(lines[0].contains("not streamed"), "{lines:?}");
+        assert!(preset_lines(&Experiment::parse(EXP).unwrap()).is_empty());
     }
 
     #[test]

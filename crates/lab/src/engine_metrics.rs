@@ -13,7 +13,9 @@
 //!   increase between the samples at its edges and its rate.
 //! - `EngineScraper` (with the `measure` feature): samples every engine's `/metrics`
 //!   periodically from the start of a condition; `window(w0, w1)` takes a last sample and
-//!   summarizes `[w0, w1]`.
+//!   summarizes `[w0, w1]`. `measure` starts one before each window's load and keeps the
+//!   summaries in the condition's results (`ConditionResult::engine_metrics`); an engine
+//!   that could not be scraped is kept too, with the reason ([`EngineMetricsWindow::not_scraped`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -306,6 +308,30 @@ pub struct EngineMetricsWindow {
     /// Why something is missing (scrape failures, a counter reset by a restart).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+}
+
+impl EngineMetricsWindow {
+    /// Why nothing was read from this engine in the window, when nothing was (the report
+    /// says "not scraped" with this reason; the condition's other figures stand).
+    pub fn not_scraped(&self) -> Option<String> {
+        (self.samples == 0).then(|| {
+            if self.notes.is_empty() {
+                "no sample of /metrics".to_string()
+            } else {
+                self.notes.join("; ")
+            }
+        })
+    }
+
+    /// A window for an engine that was not scraped at all, with the reason.
+    pub fn unscraped(engine: &str, url: &str, reason: String) -> EngineMetricsWindow {
+        EngineMetricsWindow {
+            engine: engine.to_string(),
+            url: url.to_string(),
+            notes: vec![reason],
+            ..Default::default()
+        }
+    }
 }
 
 /// Summarizes timed scrapes `(unix seconds, exposition)` over `[w0, w1]`: the window
@@ -751,6 +777,12 @@ mod tests {
                 .any(|n| n.contains("127.0.0.1:9/metrics")),
             "{:?}",
             ws[1]
+        );
+        assert_eq!(gen.not_scraped(), None);
+        let why = ws[1].not_scraped().unwrap();
+        assert!(
+            why.starts_with("no sample of /metrics; http://127.0.0.1:9/metrics"),
+            "{why}"
         );
     }
 

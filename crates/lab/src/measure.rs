@@ -1,7 +1,9 @@
 //! The glue to the other crates, and the only module that knows them: `deploy` (parse,
-//! plan and start a deployment), `bench` (drive the load over one window) and `gpu`
-//! (environment, counters sampled over the same window). Everything else in the lab works
-//! on its own types, so a change in one of those APIs is absorbed here.
+//! plan and start a deployment), `bench` (drive the load over one window, a workload that
+//! names a preset built by bench's own `Preset::workload`) and `gpu` (environment,
+//! counters sampled over the same window). Every engine's `/metrics` is scraped over the
+//! window too (`engine_metrics::EngineScraper`). Everything else in the lab works on its
+//! own types, so a change in one of those APIs is absorbed here.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,14 +14,40 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use tokio_util::sync::CancellationToken;
 
+use crate::engine_metrics::{EngineMetricsWindow, EngineScraper};
 use crate::matrix::Condition;
 use crate::results::{
     host_environment, CounterStat, Environment, FaultPhase, GpuEnv, GpuWindow, Percentiles,
-    WindowFault, WorkloadMetrics,
+    PresetUse, WindowFault, WorkloadMetrics,
 };
 use crate::runner::{Harness, Measurement, ResolvedWorkload};
-use crate::spec::{Experiment, Kind};
+use crate::spec::{Experiment, Kind, Preset};
 use crate::template;
+
+/// How often each engine's `/metrics` is read while the load runs. A window opens on the
+/// last sample before it, so the interval is kept within the warm-up (at least
+/// [`ENGINE_SCRAPE_MIN`]) for short windows.
+pub const ENGINE_SCRAPE_EVERY: Duration = Duration::from_secs(5);
+/// The shortest scrape interval.
+pub const ENGINE_SCRAPE_MIN: Duration = Duration::from_millis(500);
+
+/// The scrape interval for a warm-up.
+fn scrape_every(warmup: Duration) -> Duration {
+    ENGINE_SCRAPE_EVERY.min(warmup.max(ENGINE_SCRAPE_MIN))
+}
+
+/// bench's preset of a lab preset: the one that builds the requests.
+pub fn bench_preset(p: Preset) -> bench::spec::Preset {
+    match p {
+        Preset::SeedGen => bench::spec::Preset::SeedGen,
+        Preset::SeedEmbed => bench::spec::Preset::SeedEmbed,
+    }
+}
+
+/// What a reader must know about a preset's figures (bench's note).
+pub fn preset_note(p: Preset) -> &'static str {
+    bench_preset(p).note()
+}
 
 /// Machine, versions and GPUs (or why there are none).
 pub fn environment() -> Environment {
@@ -85,11 +113,13 @@ struct Endpoint {
     served_model_name: String,
 }
 
-/// The real harness: deploy, bench and the GPU sampler.
+/// The real harness: deploy, bench, the GPU sampler and the engines' `/metrics`.
 pub struct RealHarness {
     rt: tokio::runtime::Runtime,
     running: Option<deploy::Deployment>,
     endpoints: BTreeMap<String, Endpoint>,
+    /// Every replica of the running deployment: (replica name, base URL), scraped.
+    replicas: Vec<(String, String)>,
     gpu_index: Option<u32>,
     sampler: std::result::Result<gpu::telemetry::Sampler, String>,
     /// The last MPS fault (by id) of the running deployment already given to a window.
@@ -118,6 +148,7 @@ impl RealHarness {
             rt,
             running: None,
             endpoints: BTreeMap::new(),
+            replicas: Vec::new(),
             gpu_index: None,
             sampler,
             faults_reported: 0,
@@ -238,7 +269,13 @@ fn window_faults(
         .collect()
 }
 
-fn bench_workload(w: &ResolvedWorkload, ep: &Endpoint) -> bench::WorkloadSpec {
+/// The bench workload of `w` against `ep`, and the bench preset it runs as. A preset's
+/// workload is bench's own (`Preset::workload`: its API, fixed texts and request shape)
+/// with this condition's load and batch, and the experiment's output length.
+fn bench_workload(
+    w: &ResolvedWorkload,
+    ep: &Endpoint,
+) -> (bench::WorkloadSpec, Option<bench::spec::Preset>) {
     let load = match (w.rate_per_s, w.load.concurrency) {
         (Some(rate), _) => bench::Load::Open {
             rate,
@@ -250,7 +287,26 @@ fn bench_workload(w: &ResolvedWorkload, ep: &Endpoint) -> bench::WorkloadSpec {
         },
     };
     let gen = w.def.kind == Kind::Generate;
-    bench::WorkloadSpec {
+    let model = w
+        .def
+        .model
+        .clone()
+        .unwrap_or_else(|| ep.served_model_name.clone());
+    let output = (gen && w.def.ignore_eos).then_some(bench::LengthDist::Fixed(w.def.output_tokens));
+    let batch = if gen {
+        1
+    } else {
+        w.load.batch.unwrap_or(1) as usize
+    };
+    if let Some(p) = w.def.preset {
+        let bp = bench_preset(p);
+        let mut spec = bp.workload(&w.def.name, &ep.url, &model, Some(load), Some(batch));
+        if gen {
+            spec.output = output;
+        }
+        return (spec, Some(bp));
+    }
+    let spec = bench::WorkloadSpec {
         name: w.def.name.clone(),
         kind: if gen {
             bench::WorkloadKind::Completions
@@ -258,21 +314,32 @@ fn bench_workload(w: &ResolvedWorkload, ep: &Endpoint) -> bench::WorkloadSpec {
             bench::WorkloadKind::Embed
         },
         url: ep.url.clone(),
-        model: w
-            .def
-            .model
-            .clone()
-            .unwrap_or_else(|| ep.served_model_name.clone()),
+        model,
         load,
         input: bench::LengthDist::Fixed(w.def.input_tokens),
-        output: (gen && w.def.ignore_eos).then_some(bench::LengthDist::Fixed(w.def.output_tokens)),
-        batch: if gen {
-            1
-        } else {
-            w.load.batch.unwrap_or(1) as usize
-        },
+        output,
+        batch,
         input_file: None,
-    }
+    };
+    (spec, None)
+}
+
+/// The presets bench ran, by workload, as results keep them.
+fn presets_used(r: &bench::BenchResults) -> BTreeMap<String, PresetUse> {
+    r.workloads
+        .iter()
+        .filter_map(|w| {
+            let p = w.preset?;
+            Some((
+                w.name.clone(),
+                PresetUse {
+                    preset: p.name().to_string(),
+                    streamed: w.streamed,
+                    note: p.note().to_string(),
+                },
+            ))
+        })
+        .collect()
 }
 
 fn percentiles(s: &bench::Stats) -> Option<Percentiles> {
@@ -351,7 +418,14 @@ impl Harness for RealHarness {
             quiet: true,
         };
         let d = self.rt.block_on(deploy::Deployment::up(&spec, opts))?;
-        // workloads go straight to their engine (first replica), not through the gateway
+        // workloads go straight to their engine (first replica), not through the gateway;
+        // every replica's /metrics is scraped
+        self.replicas = d
+            .plan()
+            .engines
+            .iter()
+            .map(|e| (e.name.clone(), e.url()))
+            .collect();
         for e in &d.plan().engines {
             self.endpoints
                 .entry(e.engine.clone())
@@ -373,7 +447,7 @@ impl Harness for RealHarness {
         live: &dyn Fn(String),
         cancel: &AtomicBool,
     ) -> Result<Measurement> {
-        let mut specs = Vec::new();
+        let mut spec = bench::BenchSpec::new(Vec::new());
         for w in workloads {
             let ep = self.endpoints.get(&w.def.engine).ok_or_else(|| {
                 anyhow!(
@@ -382,14 +456,18 @@ impl Harness for RealHarness {
                     w.def.engine
                 )
             })?;
-            specs.push(bench_workload(w, ep));
+            let (ws, preset) = bench_workload(w, ep);
+            spec.push_workload(ws, preset);
         }
-        let mut spec = bench::BenchSpec::new(specs);
         spec.warmup = warmup;
         spec.duration = Some(duration);
         // The repetition's seed: the runner sets it on every workload of the window.
         spec.seed = workloads.iter().find_map(|w| w.def.seed).unwrap_or(0);
         let token = CancellationToken::new();
+        // The engines' own counters from before the warm-up to the window's end. A scraper
+        // that cannot start leaves every engine "not scraped", never the condition failed.
+        let scraper = EngineScraper::start(self.rt.handle(), &self.replicas, scrape_every(warmup))
+            .map_err(|e| format!("{e:#}"));
         let warmup_start = unix_now();
         let (tx, mut rx) = tokio::sync::watch::channel(bench::Progress::default());
         let result = self.rt.block_on(async {
@@ -413,10 +491,31 @@ impl Harness for RealHarness {
             }
         })?;
         let (w0, w1) = result.window;
+        let engine_metrics = match &scraper {
+            Ok(s) => {
+                let windows = self.rt.block_on(s.window(w0, w1));
+                s.stop();
+                windows
+            }
+            Err(why) => self
+                .replicas
+                .iter()
+                .map(|(name, url)| {
+                    EngineMetricsWindow::unscraped(name, url, format!("no scraper: {why}"))
+                })
+                .collect(),
+        };
+        for w in &engine_metrics {
+            if let Some(why) = w.not_scraped() {
+                live(format!("{}: /metrics not scraped: {why}", w.engine));
+            }
+        }
         let mut out = Measurement {
             window: (w0, w1),
             interrupted: result.interrupted,
             gpu: self.gpu_window(w0, w1),
+            engine_metrics,
+            presets: presets_used(&result),
             ..Default::default()
         };
         if let Some(d) = &self.running {
@@ -456,6 +555,7 @@ impl Harness for RealHarness {
             }
         }
         self.endpoints.clear();
+        self.replicas.clear();
     }
 }
 
@@ -491,6 +591,133 @@ mod tests {
             message: "sticky error set on client process 10, 11".into(),
             action: Some("every engine of the GPU (gen, embed) restarted".into()),
         }
+    }
+
+    /// The lab's presets are bench's, with the same request shape and defaults: the
+    /// experiment file is read with the lab's copy, the requests are built by bench's.
+    #[test]
+    fn presets_agree_with_bench() {
+        let names: Vec<&str> = bench::spec::Preset::ALL.iter().map(|p| p.name()).collect();
+        let ours: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+        assert_eq!(names, ours);
+        for p in Preset::ALL {
+            let b = bench_preset(p);
+            assert_eq!(b.name(), p.name());
+            assert_eq!(b.kind().is_gen(), p.kind() == Kind::Generate, "{p}");
+            assert_eq!(b.input_tokens(), p.input_tokens(), "{p}");
+            assert_eq!(
+                b.output(),
+                p.output_tokens().map(bench::LengthDist::Fixed),
+                "{p}"
+            );
+            assert_eq!(
+                b.default_load(),
+                bench::Load::Closed {
+                    concurrency: p.default_concurrency() as usize
+                },
+                "{p}"
+            );
+            assert_eq!(
+                b.default_batch(),
+                p.default_batch().unwrap_or(1) as usize,
+                "{p}"
+            );
+            assert_eq!(b.streams(), p.streams(), "{p}");
+            assert_eq!(preset_note(p), b.note());
+        }
+    }
+
+    fn resolved(exp: &Experiment, name: &str, load: crate::matrix::Load) -> ResolvedWorkload {
+        ResolvedWorkload {
+            def: exp.workload(name).unwrap().clone(),
+            load,
+            rate_per_s: None,
+        }
+    }
+
+    #[test]
+    fn a_preset_workload_is_built_by_bench() {
+        let exp = Experiment::parse(
+            r#"
+name = "p"
+warmup = "1s"
+duration = "1s"
+[deployment]
+[[deployment.engines]]
+name = "gen"
+[[deployment.engines]]
+name = "emb"
+[[workloads]]
+name = "g"
+engine = "gen"
+preset = "seed-gen"
+output_tokens = 16
+[[workloads]]
+name = "e"
+engine = "emb"
+preset = "seed-embed"
+[[workloads]]
+name = "plain"
+engine = "gen"
+kind = "generate"
+concurrency = 2
+"#,
+        )
+        .unwrap();
+        let ep = Endpoint {
+            url: "http://127.0.0.1:8100".into(),
+            served_model_name: "qwen".into(),
+        };
+        let base = |n: &str| crate::matrix::Load::base(exp.workload(n).unwrap());
+        let (g, p) = bench_workload(&resolved(&exp, "g", base("g")), &ep);
+        assert_eq!(p, Some(bench::spec::Preset::SeedGen));
+        // the seeds' chat API and fixed prompt, the file's output length with ignore_eos
+        assert_eq!(g.kind, bench::WorkloadKind::Chat);
+        assert_eq!(g.input, bench::LengthDist::Fixed(30));
+        assert_eq!(g.output, Some(bench::LengthDist::Fixed(16)));
+        assert_eq!(g.load, bench::Load::Closed { concurrency: 512 });
+        assert_eq!((g.name.as_str(), g.model.as_str()), ("g", "qwen"));
+        // this condition's load and batch
+        let load = crate::matrix::Load {
+            concurrency: Some(32),
+            rate: None,
+            batch: Some(64),
+        };
+        let (e, p) = bench_workload(&resolved(&exp, "e", load), &ep);
+        assert_eq!(p, Some(bench::spec::Preset::SeedEmbed));
+        assert_eq!(e.kind, bench::WorkloadKind::Embed);
+        assert_eq!((e.batch, e.input), (64, bench::LengthDist::Fixed(25)));
+        assert_eq!(e.load, bench::Load::Closed { concurrency: 32 });
+        let (plain, p) = bench_workload(&resolved(&exp, "plain", base("plain")), &ep);
+        assert_eq!(p, None);
+        assert_eq!(plain.kind, bench::WorkloadKind::Completions);
+        // the spec bench runs: presets recorded by workload, valid
+        let mut spec = bench::BenchSpec::new(Vec::new());
+        for (w, p) in [
+            (g, Some(bench::spec::Preset::SeedGen)),
+            (e, Some(bench::spec::Preset::SeedEmbed)),
+            (plain, None),
+        ] {
+            spec.push_workload(w, p);
+        }
+        spec.duration = Some(Duration::from_secs(1));
+        spec.validate().unwrap();
+        assert_eq!(spec.presets.len(), 2);
+        assert_eq!(
+            spec.preset_of(&spec.workloads[0]),
+            Some(bench::spec::Preset::SeedGen)
+        );
+        assert_eq!(spec.workloads[2].name, "plain");
+    }
+
+    #[test]
+    fn engines_are_scraped_within_the_warmup() {
+        assert_eq!(
+            scrape_every(Duration::from_secs(30)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(scrape_every(Duration::from_secs(2)), Duration::from_secs(2));
+        assert_eq!(scrape_every(Duration::ZERO), Duration::from_millis(500));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `report.md` and its plots, rendered from results.json alone (so `lab report` can redo
-//! it at any time): environment, a headline table, the MPS faults seen (a measurement
-//! taken across a fault restart is not a clean one, and the report says so wherever its
-//! figures appear), the recommendation with its `colocate up` file, every condition in
-//! detail, the plots, the experiment file.
+//! it at any time): environment, the workload presets used, a headline table, the MPS
+//! faults seen (a measurement taken across a fault restart is not a clean one, and the
+//! report says so wherever its figures appear), the recommendation with its `colocate up`
+//! file, every condition in detail (workloads, GPU counters and each engine's own
+//! `/metrics` over the same window, or why an engine was not scraped), the plots, the
+//! experiment file.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -10,8 +12,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::analysis::{analyse, Analysis, CellSummary, Stat};
+use crate::engine_metrics::{CounterDelta, Dialect, EngineMetricsWindow, GaugeSummary};
 use crate::plots;
-use crate::results::{Results, WindowFault, COUNTERS};
+use crate::results::{ConditionResult, Results, WindowFault, COUNTERS};
 use crate::template;
 
 /// The report file name inside a run folder.
@@ -175,6 +178,133 @@ pub fn headline(results: &Results, a: &Analysis) -> String {
     s
 }
 
+/// The measured repetitions of a condition.
+fn measured<'a>(results: &'a Results, label: &str) -> Vec<&'a ConditionResult> {
+    results
+        .conditions
+        .iter()
+        .filter(|r| r.condition.label == label && r.failed.is_none())
+        .collect()
+}
+
+/// The "Workload presets" section: which workloads ran as a seed study's client, with
+/// bench's note on their figures. Empty when none did.
+fn presets_section(results: &Results) -> String {
+    let mut out = String::new();
+    for w in &results.experiment.workloads {
+        let Some(p) = w.preset else { continue };
+        let recorded = results
+            .conditions
+            .iter()
+            .find_map(|c| c.presets.get(&w.name));
+        let note = recorded
+            .map(|u| u.note.clone())
+            .unwrap_or_else(|| "not measured yet".into());
+        let _ = writeln!(out, "- `{}` ({}): preset {p}. {note}", w.name, w.engine);
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!(
+        "## Workload presets
+
+{out}
+"
+    )
+}
+
+/// The engines' own counters over the window (each engine's `/metrics`), beside the GPU's:
+/// one row per engine, mean ± sigma over the repetitions; an engine that could not be
+/// scraped says why, and the condition's other figures stand.
+fn engine_metrics_table(out: &mut String, results: &Results, label: &str) {
+    let reps = measured(results, label);
+    let mut engines: Vec<&str> = Vec::new();
+    for w in reps.iter().flat_map(|r| &r.engine_metrics) {
+        if !engines.contains(&w.engine.as_str()) {
+            engines.push(&w.engine);
+        }
+    }
+    if engines.is_empty() {
+        return;
+    }
+    out.push_str("| engine (`/metrics`) | names | requests running | requests waiting | KV cache % | prompt tok/s | generated tok/s | embedded seq/s |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    let mut notes = Vec::new();
+    for e in engines {
+        let windows: Vec<(u32, &EngineMetricsWindow)> = reps
+            .iter()
+            .flat_map(|r| {
+                r.engine_metrics
+                    .iter()
+                    .filter(move |w| w.engine == e)
+                    .map(move |w| (r.condition.repetition, w))
+            })
+            .collect();
+        let mut scraped = Vec::new();
+        for (rep, w) in &windows {
+            match w.not_scraped() {
+                Some(why) => notes.push(format!("{e}, repetition {rep}: not scraped ({why})")),
+                None => {
+                    scraped.push(*w);
+                    notes.extend(
+                        w.notes
+                            .iter()
+                            .map(|n| format!("{e}, repetition {rep}: {n}")),
+                    );
+                }
+            }
+        }
+        if scraped.is_empty() {
+            let _ = writeln!(out, "| {e} | not scraped | – | – | – | – | – | – |");
+            continue;
+        }
+        let names = match scraped.iter().find_map(|w| w.dialect) {
+            Some(Dialect::Vllm) => "vLLM",
+            Some(Dialect::Builtin) => "built-in",
+            None => "unknown",
+        };
+        let gauge = |pick: fn(&EngineMetricsWindow) -> Option<&GaugeSummary>, scale: f64| {
+            let gs: Vec<&GaugeSummary> = scraped.iter().filter_map(|w| pick(w)).collect();
+            let means: Vec<f64> = gs.iter().map(|g| g.mean * scale).collect();
+            match Stat::of(&means) {
+                Some(s) => format!(
+                    "{} (max {:.1})",
+                    s.show(1),
+                    gs.iter().map(|g| g.max * scale).fold(f64::MIN, f64::max)
+                ),
+                None => "–".into(),
+            }
+        };
+        let rate = |pick: fn(&EngineMetricsWindow) -> Option<&CounterDelta>| {
+            let rates: Vec<f64> = scraped
+                .iter()
+                .filter_map(|w| pick(w))
+                .map(|c| c.per_s)
+                .collect();
+            Stat::of(&rates)
+                .map(|s| s.show(1))
+                .unwrap_or_else(|| "–".into())
+        };
+        let _ = writeln!(
+            out,
+            "| {e} | {names} | {} | {} | {} | {} | {} | {} |",
+            gauge(|w| w.requests_running.as_ref(), 1.0),
+            gauge(|w| w.requests_waiting.as_ref(), 1.0),
+            gauge(|w| w.kv_cache_usage.as_ref(), 100.0),
+            rate(|w| w.prompt_tokens.as_ref()),
+            rate(|w| w.generation_tokens.as_ref()),
+            rate(|w| w.embedded_sequences.as_ref()),
+        );
+    }
+    out.push('\n');
+    for n in &notes {
+        let _ = writeln!(out, "- {}", n.replace('|', "/"));
+    }
+    if !notes.is_empty() {
+        out.push('\n');
+    }
+}
+
 fn condition_detail(out: &mut String, i: usize, c: &CellSummary, results: &Results) {
     let _ = writeln!(out, "### {} — {}\n", cid(i), c.label);
     let reps = results.experiment.repetitions;
@@ -253,6 +383,21 @@ fn condition_detail(out: &mut String, i: usize, c: &CellSummary, results: &Resul
         );
     }
     out.push('\n');
+    let mut whole: Vec<(String, String)> = Vec::new();
+    for r in measured(results, &c.label) {
+        for (w, u) in &r.presets {
+            let item = (w.clone(), u.preset.clone());
+            if !u.streamed && !whole.contains(&item) {
+                whole.push(item);
+            }
+        }
+    }
+    for (w, p) in whole {
+        let _ = writeln!(
+            out,
+            "{w} ran as preset {p}, not streamed: TTFT, TPOT and ITL are undefined (–), its latency is the whole request.\n"
+        );
+    }
     if c.gpu.is_empty() {
         let _ = writeln!(
             out,
@@ -268,6 +413,7 @@ fn condition_detail(out: &mut String, i: usize, c: &CellSummary, results: &Resul
         }
         out.push('\n');
     }
+    engine_metrics_table(out, results, &c.label);
     if !c.slo_misses.is_empty() {
         let _ = writeln!(out, "SLO misses: {}.\n", c.slo_misses.join("; "));
     }
@@ -327,6 +473,8 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
         exp.repetitions,
         results.experiment_path
     );
+
+    out.push_str(&presets_section(results));
 
     out.push_str("## Headline\n\n");
     out.push_str("Throughput is output tokens/s for generate workloads and sequences/s for embed workloads (mean ± sigma over repetitions). *vs solo* is the change against the same engine alone at the same offered load. Co-location efficiency = Σ over engines of co-located / solo throughput: 2.0 means each engine kept everything it had alone, 1.0 is no better than taking turns.\n\n");
@@ -416,6 +564,13 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
     }
 
     out.push_str("## Conditions\n\n");
+    if results
+        .conditions
+        .iter()
+        .any(|c| !c.engine_metrics.is_empty())
+    {
+        out.push_str("Beside the GPU counters, each engine's own counters from its Prometheus `/metrics` over the same window (vLLM's names or the built-in engine's): requests running and waiting and the KV cache in use are gauges (mean over the window, and its max), prompt tokens, generated tokens and embedded sequences are counter rates; mean ± sigma over the repetitions. An engine that could not be scraped is *not scraped*, with the reason below its table.\n\n");
+    }
     for (i, c) in a.cells.iter().enumerate() {
         condition_detail(&mut out, i, c, results);
     }
@@ -644,6 +799,8 @@ ttft_p99 = "100ms"
                     samples,
                     mps_faults: Vec::new(),
                 },
+                engine_metrics: Vec::new(),
+                presets: BTreeMap::new(),
             });
         }
         Results {
@@ -766,6 +923,109 @@ ttft_p99 = "100ms"
         ] {
             assert!(md.contains(needle), "missing {needle} in\n{md}");
         }
+    }
+
+    /// Each engine's `/metrics` beside the GPU counters, over the repetitions; an engine
+    /// that was not scraped says why; a workload sent whole says what it lacks.
+    #[test]
+    fn engine_metrics_and_presets_are_shown() {
+        use crate::engine_metrics::{CounterDelta, Dialect, EngineMetricsWindow, GaugeSummary};
+        use crate::results::PresetUse;
+        use crate::spec::Preset;
+        let mut results = synthetic();
+        results.experiment.workloads[0].preset = Some(Preset::SeedGen);
+        let gauge = |metric: &str, mean: f64, max: f64| GaugeSummary {
+            metric: metric.into(),
+            start: mean,
+            end: mean,
+            mean,
+            max,
+        };
+        let counter = |metric: &str, per_s: f64| CounterDelta {
+            metric: metric.into(),
+            increase: per_s * 2.0,
+            per_s,
+        };
+        for c in &mut results.conditions {
+            let rep = c.condition.repetition as f64;
+            let mps = c.condition.sharing == "mps";
+            for e in c.condition.engines.clone() {
+                let w = if e == "gen" {
+                    EngineMetricsWindow {
+                        engine: e,
+                        url: "http://127.0.0.1:18100".into(),
+                        dialect: Some(Dialect::Builtin),
+                        samples: 3,
+                        span_s: 2.0,
+                        requests_running: Some(gauge("colocate:num_requests_running", 3.0, 4.0)),
+                        requests_waiting: Some(gauge("colocate:num_requests_waiting", 0.0, 1.0)),
+                        kv_cache_usage: Some(gauge("colocate:kv_cache_usage_perc", 0.5, 0.75)),
+                        generation_tokens: Some(counter(
+                            "colocate:generation_tokens_total",
+                            100.0 * rep,
+                        )),
+                        ..Default::default()
+                    }
+                } else if mps || rep == 2.0 {
+                    EngineMetricsWindow::unscraped(
+                        &e,
+                        "http://127.0.0.1:18200",
+                        "http://127.0.0.1:18200/metrics: HTTP 404 Not Found".into(),
+                    )
+                } else {
+                    EngineMetricsWindow {
+                        engine: e,
+                        url: "http://127.0.0.1:18200".into(),
+                        dialect: Some(Dialect::Builtin),
+                        samples: 2,
+                        span_s: 2.0,
+                        embedded_sequences: Some(counter(
+                            "colocate:embedding_sequences_total",
+                            20.0,
+                        )),
+                        ..Default::default()
+                    }
+                };
+                c.engine_metrics.push(w);
+            }
+            if c.workloads.contains_key("chat") {
+                c.presets.insert(
+                    "chat".into(),
+                    PresetUse {
+                        preset: "seed-gen".into(),
+                        streamed: false,
+                        note: "seed-gen: the seeds' generator client, not streamed".into(),
+                    },
+                );
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let r = render(&results, dir.path(), None).unwrap();
+        let md = std::fs::read_to_string(&r.report).unwrap();
+        for needle in [
+            "## Workload presets\n\n- `chat` (gen): preset seed-gen. seed-gen: the seeds' generator client, not streamed\n",
+            "chat ran as preset seed-gen, not streamed: TTFT, TPOT and ITL are undefined",
+            "each engine's own counters from its Prometheus `/metrics`",
+            "| engine (`/metrics`) | names | requests running |",
+            // two repetitions at 100 and 200 generated tok/s
+            "| gen | built-in | 3.0 ± 0.0 (max 4.0) | 0.0 ± 0.0 (max 1.0) | 50.0 ± 0.0 (max 75.0) | – | 150.0 ± 70.7 | – |",
+            // scraped in one repetition of the time-sliced condition
+            "| emb | built-in | – | – | – | – | – | 20.0 |",
+            "- emb, repetition 2: not scraped (http://127.0.0.1:18200/metrics: HTTP 404 Not Found)",
+            // never under MPS: the row says so, the condition stands
+            "| emb | not scraped | – | – | – | – | – | – |",
+        ] {
+            assert!(md.contains(needle), "missing {needle} in\n{md}");
+        }
+        assert!(
+            r.recommendation.contains("mps sm 50/50"),
+            "{}",
+            r.recommendation
+        );
+        // a report of results written before engines were scraped has no such table
+        let plain = render(&synthetic(), dir.path(), None).unwrap();
+        let md = std::fs::read_to_string(&plain.report).unwrap();
+        assert!(!md.contains("engine (`/metrics`)") && !md.contains("## Workload presets"));
     }
 
     #[test]

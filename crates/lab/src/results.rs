@@ -12,11 +12,13 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::engine_metrics::EngineMetricsWindow;
 use crate::matrix::Condition;
 use crate::spec::{Experiment, Kind};
 
 /// Version of the results.json layout; bumped on incompatible changes. Additions that an
-/// older reader may skip (`gpu.mps_faults`) keep it.
+/// older reader may skip and a newer one defaults (`gpu.mps_faults`, `engine_metrics`,
+/// `presets`) keep it.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// The name of the results file inside a run folder.
@@ -101,6 +103,25 @@ pub struct ConditionResult {
     /// GPU counters over the same window.
     #[serde(default)]
     pub gpu: GpuWindow,
+    /// Each engine's own counters (its Prometheus `/metrics`) over the same window; an
+    /// engine that could not be scraped is here with the reason (results written before
+    /// the lab scraped engines have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engine_metrics: Vec<EngineMetricsWindow>,
+    /// Workloads that ran as a seed study's client (bench presets), by workload name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub presets: BTreeMap<String, PresetUse>,
+}
+
+/// How a workload ran as a bench preset, as bench reported it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PresetUse {
+    /// `seed-gen`, `seed-embed`.
+    pub preset: String,
+    /// False when its requests were sent whole: no TTFT, TPOT or ITL.
+    pub streamed: bool,
+    /// What a reader must know about its figures (bench's note).
+    pub note: String,
 }
 
 impl ConditionResult {
@@ -126,6 +147,8 @@ impl ConditionResult {
             resolved_rates: BTreeMap::new(),
             workloads: BTreeMap::new(),
             gpu: GpuWindow::default(),
+            engine_metrics: Vec::new(),
+            presets: BTreeMap::new(),
         }
     }
 }
@@ -329,5 +352,97 @@ pub fn host_environment() -> Environment {
         colocate_version: env!("CARGO_PKG_VERSION").to_string(),
         gpus: Vec::new(),
         gpu_unavailable: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine_metrics::{CounterDelta, Dialect, GaugeSummary};
+
+    const EXP: &str = r#"
+name = "r"
+warmup = "0s"
+duration = "1s"
+[deployment]
+[[deployment.engines]]
+name = "gen"
+[[workloads]]
+name = "g"
+engine = "gen"
+preset = "seed-gen"
+"#;
+
+    fn results() -> Results {
+        let exp = Experiment::parse(EXP).unwrap();
+        let cond = crate::matrix::plan(&exp).remove(0);
+        let mut c = ConditionResult {
+            failed: None,
+            window: Some((10.0, 11.0)),
+            ..ConditionResult::failed(cond, String::new())
+        };
+        c.engine_metrics.push(EngineMetricsWindow {
+            engine: "gen".into(),
+            url: "http://127.0.0.1:8100".into(),
+            dialect: Some(Dialect::Builtin),
+            samples: 3,
+            span_s: 2.0,
+            requests_running: Some(GaugeSummary {
+                metric: "colocate:num_requests_running".into(),
+                start: 1.0,
+                end: 2.0,
+                mean: 1.5,
+                max: 2.0,
+            }),
+            generation_tokens: Some(CounterDelta {
+                metric: "colocate:generation_tokens_total".into(),
+                increase: 100.0,
+                per_s: 50.0,
+            }),
+            ..Default::default()
+        });
+        c.presets.insert(
+            "g".into(),
+            PresetUse {
+                preset: "seed-gen".into(),
+                streamed: false,
+                note: "seed-gen: whole responses".into(),
+            },
+        );
+        Results {
+            schema_version: SCHEMA_VERSION,
+            experiment: exp,
+            experiment_text: EXP.into(),
+            experiment_path: "r.toml".into(),
+            environment: host_environment(),
+            started_at: "2026-12-01T00:00:00Z".into(),
+            updated_at: "2026-12-01T00:00:01Z".into(),
+            complete: true,
+            command: "test".into(),
+            conditions: vec![c],
+        }
+    }
+
+    /// Engine metrics and presets survive results.json; a file written before the lab
+    /// recorded them (what `--resume` may find) still loads, with none.
+    #[test]
+    fn engine_metrics_and_presets_round_trip_and_old_files_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = results();
+        r.save(dir.path()).unwrap();
+        let back = Results::load(dir.path()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.conditions[0].engine_metrics[0].samples, 3);
+        assert!(!back.conditions[0].presets["g"].streamed);
+
+        let mut v = serde_json::to_value(&r).unwrap();
+        let c = v["conditions"][0].as_object_mut().unwrap();
+        assert!(c.remove("engine_metrics").is_some() && c.remove("presets").is_some());
+        let old = dir.path().join("old.json");
+        std::fs::write(&old, serde_json::to_vec(&v).unwrap()).unwrap();
+        let back = Results::load(&old).unwrap();
+        assert!(back.conditions[0].engine_metrics.is_empty());
+        assert!(back.conditions[0].presets.is_empty());
+        assert_eq!(back.conditions[0].window, Some((10.0, 11.0)));
     }
 }

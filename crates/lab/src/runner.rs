@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 
+use crate::engine_metrics::EngineMetricsWindow;
 use crate::matrix::{plan, Condition, Load};
-use crate::results::{ConditionResult, GpuWindow, Results, WorkloadMetrics};
+use crate::results::{ConditionResult, GpuWindow, PresetUse, Results, WorkloadMetrics};
 use crate::spec::{Experiment, Kind, Rate, WorkloadDef};
 use crate::template;
 
@@ -37,6 +38,10 @@ pub struct Measurement {
     pub workloads: BTreeMap<String, WorkloadMetrics>,
     /// GPU counters over the same window.
     pub gpu: GpuWindow,
+    /// Every engine's own `/metrics` over the same window (or why it was not scraped).
+    pub engine_metrics: Vec<EngineMetricsWindow>,
+    /// Workloads that ran as a bench preset.
+    pub presets: BTreeMap<String, PresetUse>,
     /// True when the window was cut short by Ctrl-C (the result is then not kept).
     pub interrupted: bool,
 }
@@ -249,6 +254,8 @@ fn run_one(
                 .collect(),
             workloads: m.workloads,
             gpu: m.gpu,
+            engine_metrics: m.engine_metrics,
+            presets: m.presets,
         }),
         Err(e) => {
             // the engines may be broken: start afresh for the next condition
@@ -374,6 +381,11 @@ rate = ["50% of solo"]
             }
             let mut m = Measurement::default();
             for w in ws {
+                m.engine_metrics.push(EngineMetricsWindow::unscraped(
+                    &w.def.engine,
+                    "http://fake",
+                    format!("{} in the fake", w.def.engine),
+                ));
                 let (thr, rps) = match w.def.kind {
                     Kind::Generate => (1000.0, 10.0),
                     Kind::Embed => (w.rate_per_s.map(|r| r * 4.0).unwrap_or(80.0), 20.0),
@@ -456,6 +468,11 @@ rate = ["50% of solo"]
             );
         }
         assert!(planned.iter().any(|c| c.repetition == 2));
+        // the engines' metrics of each window go with it
+        for c in &results.conditions {
+            let engines: Vec<&str> = c.engine_metrics.iter().map(|w| w.engine.as_str()).collect();
+            assert_eq!(engines, c.condition.engines, "{}", c.condition.id());
+        }
         // written to disk and readable
         let back = Results::load(dir.path()).unwrap();
         assert_eq!(back, results);

@@ -23,6 +23,11 @@
 //! kind = "generate"
 //! concurrency = 4
 //!
+//! [[workloads]]                # a seed study's client: its texts, kind and defaults
+//! name = "seeds"
+//! engine = "gen"
+//! preset = "seed-gen"
+//!
 //! [axes]
 //! sharing = ["timeslice", "mps"]
 //! mps_split = [[70, 30], [50, 50]]
@@ -121,6 +126,92 @@ pub enum Kind {
     Embed,
 }
 
+/// A seed study's client, as `colocate bench` names it (`bench::spec::Preset`): the seeds'
+/// fixed texts, their API and defaults. Kept here too because an experiment file is read
+/// without the `measure` feature; `measure` builds the bench workload through bench's own
+/// preset and its tests check that the two agree.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// Chat completions of one fixed ~30-token prompt, 512 output tokens with
+    /// `ignore_eos`, temperature 0, not streamed.
+    SeedGen,
+    /// Embeddings of batches of numbered ~25-token sentences.
+    SeedEmbed,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 2] = [Preset::SeedGen, Preset::SeedEmbed];
+
+    /// `seed-gen` / `seed-embed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::SeedGen => "seed-gen",
+            Preset::SeedEmbed => "seed-embed",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Preset> {
+        Preset::ALL.into_iter().find(|p| p.name() == name.trim())
+    }
+
+    /// The known names, for errors.
+    pub fn known() -> String {
+        Preset::ALL.map(Preset::name).join(", ")
+    }
+
+    pub fn kind(self) -> Kind {
+        match self {
+            Preset::SeedGen => Kind::Generate,
+            Preset::SeedEmbed => Kind::Embed,
+        }
+    }
+
+    /// Tokens of one input, about (the fixed text's; the server's usage is exact).
+    pub fn input_tokens(self) -> u32 {
+        match self {
+            Preset::SeedGen => 30,
+            Preset::SeedEmbed => 25,
+        }
+    }
+
+    /// Output tokens of a generate preset.
+    pub fn output_tokens(self) -> Option<u32> {
+        match self {
+            Preset::SeedGen => Some(512),
+            Preset::SeedEmbed => None,
+        }
+    }
+
+    /// Requests in flight when the workload gives neither concurrency nor rate.
+    pub fn default_concurrency(self) -> u32 {
+        match self {
+            Preset::SeedGen => 512,
+            Preset::SeedEmbed => 64,
+        }
+    }
+
+    /// Inputs per request of an embed preset, when the workload gives no batch.
+    pub fn default_batch(self) -> Option<u32> {
+        match self {
+            Preset::SeedGen => None,
+            Preset::SeedEmbed => Some(8),
+        }
+    }
+
+    /// Whether its gen requests are streamed (the seeds' clients read whole responses:
+    /// TTFT, TPOT and ITL are then undefined).
+    pub fn streams(self) -> bool {
+        false
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One workload of the experiment, as in `colocate bench`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -129,6 +220,11 @@ pub struct WorkloadDef {
     pub name: String,
     /// The engine (name in `deployment.engines`) this workload drives.
     pub engine: String,
+    /// A seed study's client (`seed-gen`, `seed-embed`): its fixed texts and request shape;
+    /// `kind`, `input_tokens`, `output_tokens`, `concurrency` and `batch` default to the
+    /// preset's (`input_tokens` cannot be given: the text is the preset's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
     /// generate or embed.
     pub kind: Kind,
     /// Closed loop: requests in flight (the base load).
@@ -368,7 +464,15 @@ impl Experiment {
 
     /// Parses and validates experiment TOML text.
     pub fn parse(text: &str) -> Result<Self> {
-        let exp: Experiment = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let exp: Experiment = if expand_presets(&mut table)? {
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+        } else {
+            // as written: the parser's errors point at the line
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?
+        };
         exp.validate()?;
         Ok(exp)
     }
@@ -412,6 +516,14 @@ impl Experiment {
                 bail!("{at}.name: duplicate workload name");
             }
             seen.push(&w.name);
+            if let Some(p) = w.preset {
+                if p.kind() != w.kind {
+                    bail!(
+                        "{at}.kind: preset {p} is for {} workloads",
+                        kind_word(p.kind())
+                    );
+                }
+            }
             if !engines.contains(&w.engine) {
                 bail!(
                     "{at}.engine: no engine {:?} in deployment.engines (have: {})",
@@ -447,6 +559,22 @@ impl Experiment {
             }
         }
         for (name, slo) in &self.slo {
+            let whole = self
+                .workload(name)
+                .and_then(|w| w.preset)
+                .filter(|p| p.kind() == Kind::Generate && !p.streams());
+            if let Some(p) = whole {
+                for (field, set) in [
+                    ("ttft_p99", slo.ttft_p99.is_some()),
+                    ("ttft_p50", slo.ttft_p50.is_some()),
+                    ("tpot_p99", slo.tpot_p99.is_some()),
+                    ("tpot_p50", slo.tpot_p50.is_some()),
+                ] {
+                    if set {
+                        bail!("slo.{name}.{field}: workload {name} runs preset {p}, which is not streamed: TTFT and TPOT are undefined (use latency_p99 / latency_p50)");
+                    }
+                }
+            }
             if let Some(f) = slo.min_fraction_of_solo {
                 if !(0.0..=2.0).contains(&f) {
                     bail!("slo.{name}.min_fraction_of_solo: {f} is not a fraction");
@@ -541,6 +669,55 @@ impl Experiment {
         }
         Ok(())
     }
+}
+
+fn kind_word(k: Kind) -> &'static str {
+    match k {
+        Kind::Generate => "generate",
+        Kind::Embed => "embed",
+    }
+}
+
+/// Fills the `[[workloads]]` tables that name a `preset` with the preset's kind, lengths
+/// and load where the table does not give them; true when any did. Errors name the
+/// workload's field.
+fn expand_presets(table: &mut toml::Table) -> Result<bool> {
+    let Some(toml::Value::Array(ws)) = table.get_mut("workloads") else {
+        return Ok(false);
+    };
+    let mut any = false;
+    for (i, w) in ws.iter_mut().enumerate() {
+        let Some(t) = w.as_table_mut() else { continue };
+        let Some(v) = t.get("preset") else { continue };
+        let at = match t.get("name").and_then(|n| n.as_str()) {
+            Some(n) => format!("workloads[{i}] ({n})"),
+            None => format!("workloads[{i}]"),
+        };
+        let p = v.as_str().and_then(Preset::parse).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{at}.preset: unknown preset {v} (known: {})",
+                Preset::known()
+            )
+        })?;
+        if t.contains_key("input_tokens") {
+            bail!("{at}.input_tokens: preset {p} sends its own fixed text; remove input_tokens");
+        }
+        let int = |n: u32| toml::Value::Integer(i64::from(n));
+        t.entry("kind")
+            .or_insert_with(|| toml::Value::String(kind_word(p.kind()).into()));
+        t.insert("input_tokens".into(), int(p.input_tokens()));
+        if let Some(o) = p.output_tokens() {
+            t.entry("output_tokens").or_insert_with(|| int(o));
+        }
+        if !t.contains_key("concurrency") && !t.contains_key("rate") {
+            t.insert("concurrency".into(), int(p.default_concurrency()));
+        }
+        if let Some(b) = p.default_batch() {
+            t.entry("batch").or_insert_with(|| int(b));
+        }
+        any = true;
+    }
+    Ok(any)
 }
 
 fn check_sharing(s: &str, at: &str) -> Result<()> {
@@ -704,6 +881,129 @@ batch = 8
         );
         let m = Experiment::parse(&BASE.replace("name = \"t\"", "name = \"a b\"")).unwrap_err();
         assert!(format!("{m:#}").contains("name:"), "{m:#}");
+    }
+
+    /// Workloads that name a seed preset: the preset's kind, lengths and load unless the
+    /// file gives them; what cannot go with a preset is refused with the field named.
+    const SEEDS: &str = r#"
+name = "s"
+warmup = "1s"
+duration = "2s"
+[deployment]
+[[deployment.engines]]
+name = "gen"
+[[deployment.engines]]
+name = "emb"
+[[workloads]]
+name = "g"
+engine = "gen"
+preset = "seed-gen"
+[[workloads]]
+name = "e"
+engine = "emb"
+preset = "seed-embed"
+concurrency = 128
+"#;
+
+    #[test]
+    fn presets_fill_the_workload() {
+        let e = Experiment::parse(SEEDS).unwrap();
+        let g = e.workload("g").unwrap();
+        assert_eq!(g.preset, Some(Preset::SeedGen));
+        assert_eq!(g.kind, Kind::Generate);
+        assert_eq!(
+            (g.input_tokens, g.output_tokens, g.concurrency),
+            (30, 512, Some(512))
+        );
+        assert!(g.ignore_eos);
+        let v = e.workload("e").unwrap();
+        assert_eq!(v.kind, Kind::Embed);
+        assert_eq!(
+            (v.input_tokens, v.concurrency, v.batch),
+            (25, Some(128), Some(8))
+        );
+        // What the file gives wins: a shorter output, an open loop, a batch.
+        let e = Experiment::parse(
+            &SEEDS
+                .replace(
+                    "preset = \"seed-gen\"",
+                    "preset = \"seed-gen\"\noutput_tokens = 16\nrate = 4.0",
+                )
+                .replace("concurrency = 128", "concurrency = 16\nbatch = 32"),
+        )
+        .unwrap();
+        let g = e.workload("g").unwrap();
+        assert_eq!((g.output_tokens, g.concurrency), (16, None));
+        assert_eq!(g.rate, Some(Rate::PerSecond(4.0)));
+        let v = e.workload("e").unwrap();
+        assert_eq!((v.concurrency, v.batch), (Some(16), Some(32)));
+        // results.json carries the parsed experiment: the preset goes with it.
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains(r#""preset":"seed-gen""#), "{json}");
+        let back: Experiment = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, e);
+        // A file without presets keeps the parser's own errors, which point at the line.
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&BASE.replace("concurrency = 4", "concurrency = \"4\"")).unwrap_err()
+        );
+        assert!(m.contains("line"), "{m}");
+    }
+
+    #[test]
+    fn preset_errors_name_the_field() {
+        let bad = |from: &str, to: &str| {
+            let text = SEEDS.replacen(from, to, 1);
+            assert_ne!(text, SEEDS, "{from} not in the file");
+            format!("{:#}", Experiment::parse(&text).unwrap_err())
+        };
+        let m = bad("\"seed-embed\"", "\"seed-nothing\"");
+        assert!(
+            m.contains("workloads[1] (e).preset: unknown preset \"seed-nothing\"")
+                && m.contains("known: seed-gen, seed-embed"),
+            "{m}"
+        );
+        let m = bad("\"seed-gen\"", "7");
+        assert!(
+            m.contains("workloads[0] (g).preset: unknown preset 7"),
+            "{m}"
+        );
+        let m = bad(
+            "preset = \"seed-gen\"",
+            "preset = \"seed-gen\"\ninput_tokens = 128",
+        );
+        assert!(
+            m.contains("workloads[0] (g).input_tokens: preset seed-gen sends its own fixed text"),
+            "{m}"
+        );
+        let m = bad(
+            "preset = \"seed-gen\"",
+            "preset = \"seed-gen\"\nkind = \"embed\"",
+        );
+        assert!(
+            m.contains("workloads[0] (g).kind: preset seed-gen is for generate workloads"),
+            "{m}"
+        );
+        let m = bad("preset = \"seed-gen\"", "preset = \"seed-gen\"\nbatch = 8");
+        assert!(m.contains("workloads[0] (g).batch: only embed"), "{m}");
+        // Whole responses have no first token: a TTFT objective could never be judged.
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{SEEDS}[slo.g]\nttft_p99 = \"1s\"\n")).unwrap_err()
+        );
+        assert!(
+            m.contains("slo.g.ttft_p99: workload g runs preset seed-gen, which is not streamed"),
+            "{m}"
+        );
+        Experiment::parse(&format!("{SEEDS}[slo.g]\nlatency_p99 = \"30s\"\n")).unwrap();
+        // validate checks it too, for an experiment not read from a file.
+        let mut e = Experiment::parse(SEEDS).unwrap();
+        e.workloads[1].kind = Kind::Generate;
+        let m = format!("{:#}", e.validate().unwrap_err());
+        assert!(
+            m.contains("workloads[1] (e).kind: preset seed-embed is for embed workloads"),
+            "{m}"
+        );
     }
 
     #[test]
