@@ -8,8 +8,10 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
-/// A cumulative histogram over fixed bucket bounds (seconds).
+/// A cumulative histogram over fixed bucket bounds (seconds), in Prometheus text: the one
+/// histogram of the workspace (the engine's latencies, the gateway's request durations).
 #[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [f64],
@@ -19,7 +21,8 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
+    /// An empty histogram with these upper bounds (seconds, ascending).
+    pub fn new(bounds: &'static [f64]) -> Self {
         Histogram {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -29,9 +32,18 @@ impl Histogram {
 
     /// Records one observation of `secs` seconds.
     pub fn observe(&self, secs: f64) {
+        self.observe_ns(secs, (secs * 1e9) as u64);
+    }
+
+    /// Records one observation of `d` (its sum to the nanosecond).
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe_ns(d.as_secs_f64(), d.as_nanos() as u64);
+    }
+
+    fn observe_ns(&self, secs: f64, ns: u64) {
         let i = self.bounds.partition_point(|b| *b < secs);
         self.counts[i].fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add((secs * 1e9) as u64, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
     }
 
     /// Number of observations.
@@ -39,17 +51,33 @@ impl Histogram {
         self.counts.iter().map(|c| c.load(Relaxed)).sum()
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    /// The `# HELP` and `# TYPE` lines of a histogram family, written once before its series.
+    pub fn render_header(out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    }
+
+    /// The bucket, sum and count lines of one series; `labels` (`a="x",b="y"`, or empty)
+    /// come before `le`.
+    pub fn render_series(&self, out: &mut String, name: &str, labels: &str) {
+        let (before_le, braced) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
         let mut cum = 0;
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             cum += c.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+            let _ = writeln!(out, "{name}_bucket{{{before_le}le=\"{b}\"}} {cum}");
         }
         cum += self.counts[self.bounds.len()].load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_bucket{{{before_le}le=\"+Inf\"}} {cum}");
         let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cum}");
+        let _ = writeln!(out, "{name}_sum{braced} {sum}\n{name}_count{braced} {cum}");
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        Self::render_header(out, name, help);
+        self.render_series(out, name, "");
     }
 }
 

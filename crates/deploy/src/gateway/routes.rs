@@ -100,10 +100,6 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    let table = s.stats.lock().clone();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        table.render(&s.workers),
-    )
-        .into_response()
+    let text = s.stats.lock().render(&s.workers);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use engine::metrics::Histogram;
+
 use super::Worker;
 
 /// Latency histogram bounds in seconds.
@@ -13,38 +15,39 @@ const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// The latency histogram's name.
+const DURATION: &str = "colocate_gateway_request_duration_seconds";
+
 /// One (worker, route)'s counters.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug)]
 struct RouteStats {
     requests: u64,
     errors: u64,
-    latency_sum: f64,
-    buckets: Vec<u64>,
+    latency: Histogram,
 }
 
 impl RouteStats {
+    fn new() -> Self {
+        RouteStats {
+            requests: 0,
+            errors: 0,
+            latency: Histogram::new(BUCKETS),
+        }
+    }
+
     fn record(&mut self, ok: bool, latency: Option<Duration>) {
         self.requests += 1;
         if !ok {
             self.errors += 1;
         }
         if let Some(l) = latency {
-            let s = l.as_secs_f64();
-            self.latency_sum += s;
-            if self.buckets.is_empty() {
-                self.buckets = vec![0; BUCKETS.len()];
-            }
-            for (b, bound) in self.buckets.iter_mut().zip(BUCKETS) {
-                if s <= *bound {
-                    *b += 1;
-                }
-            }
+            self.latency.observe_duration(l);
         }
     }
 }
 
 /// (worker or "-" for the gateway's own answers, route) -> counters.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub(crate) struct StatsTable(BTreeMap<(String, String), RouteStats>);
 
 impl StatsTable {
@@ -58,7 +61,7 @@ impl StatsTable {
     ) {
         self.0
             .entry((worker.to_string(), route.to_string()))
-            .or_default()
+            .or_insert_with(RouteStats::new)
             .record(ok, latency);
     }
 
@@ -86,33 +89,15 @@ impl StatsTable {
                 st.errors
             );
         }
-        out.push_str("# HELP colocate_gateway_request_duration_seconds Time from receiving a request to the end of its response body.\n");
-        out.push_str("# TYPE colocate_gateway_request_duration_seconds histogram\n");
+        Histogram::render_header(
+            &mut out,
+            DURATION,
+            "Time from receiving a request to the end of its response body.",
+        );
         for ((w, r), st) in &self.0 {
-            if st.buckets.is_empty() {
-                continue;
+            if st.latency.count() > 0 {
+                st.latency.render_series(&mut out, DURATION, &lbl(w, r));
             }
-            let l = lbl(w, r);
-            for (b, bound) in st.buckets.iter().zip(BUCKETS) {
-                let _ = writeln!(
-                    out,
-                    "colocate_gateway_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {b}"
-                );
-            }
-            let count: u64 = st.requests;
-            let _ = writeln!(
-                out,
-                "colocate_gateway_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {count}"
-            );
-            let _ = writeln!(
-                out,
-                "colocate_gateway_request_duration_seconds_sum{{{l}}} {}",
-                st.latency_sum
-            );
-            let _ = writeln!(
-                out,
-                "colocate_gateway_request_duration_seconds_count{{{l}}} {count}"
-            );
         }
         out.push_str("# HELP colocate_gateway_in_flight Requests being served, per engine.\n");
         out.push_str("# TYPE colocate_gateway_in_flight gauge\n");
@@ -146,14 +131,27 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative() {
-        let mut st = RouteStats::default();
-        st.record(true, Some(Duration::from_millis(30)));
-        st.record(false, Some(Duration::from_secs(3)));
+        let mut t = StatsTable::default();
+        t.record("a", "/r", true, Some(Duration::from_millis(30)));
+        t.record("a", "/r", false, Some(Duration::from_secs(3)));
+        let st = &t.0[&("a".to_string(), "/r".to_string())];
         assert_eq!(st.requests, 2);
         assert_eq!(st.errors, 1);
-        let le_005 = BUCKETS.iter().position(|b| *b == 0.05).unwrap();
-        assert_eq!(st.buckets[le_005], 1);
-        assert_eq!(*st.buckets.last().unwrap(), 2);
+        let text = t.render(&[]);
+        for (le, n) in [
+            ("0.025", 0),
+            ("0.05", 1),
+            ("2.5", 1),
+            ("5", 2),
+            ("60", 2),
+            ("+Inf", 2),
+        ] {
+            let line = format!("{DURATION}_bucket{{engine=\"a\",route=\"/r\",le=\"{le}\"}} {n}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains(&format!(
+            "{DURATION}_sum{{engine=\"a\",route=\"/r\"}} 3.03\n"
+        )));
     }
 
     #[test]
