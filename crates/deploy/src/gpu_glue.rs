@@ -174,18 +174,7 @@ pub fn mps_client_limits(
     sm_percent: Option<u32>,
     pinned_bytes: Option<u64>,
 ) -> Vec<(String, String)> {
-    let l = limits(sm_percent, pinned_bytes);
-    let mut env = Vec::new();
-    if let Some(p) = l.active_thread_percentage {
-        env.push(("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".into(), p.to_string()));
-    }
-    if !l.pinned_device_mem_limit.is_empty() {
-        env.push((
-            "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".into(),
-            gpu::mps::pinned_limit_value(&l.pinned_device_mem_limit),
-        ));
-    }
-    env
+    limits(sm_percent, pinned_bytes).env()
 }
 
 #[cfg(test)]

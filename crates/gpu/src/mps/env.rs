@@ -38,6 +38,25 @@ impl ClientLimits {
         }
         Ok(())
     }
+
+    /// The limits' variables alone, without the daemon's folders (a plan shows them before
+    /// any daemon runs); empty for the defaults.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(p) = self.active_thread_percentage {
+            env.push((
+                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".to_string(),
+                p.to_string(),
+            ));
+        }
+        if !self.pinned_device_mem_limit.is_empty() {
+            env.push((
+                "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".to_string(),
+                pinned_limit_value(&self.pinned_device_mem_limit),
+            ));
+        }
+        env
+    }
 }
 
 /// The variables for one client: the daemon's folders plus the limits.
@@ -52,24 +71,13 @@ pub fn client_env(pipe_dir: &Path, log_dir: &Path, limits: &ClientLimits) -> Vec
             log_dir.display().to_string(),
         ),
     ];
-    if let Some(p) = limits.active_thread_percentage {
-        env.push((
-            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".to_string(),
-            p.to_string(),
-        ));
-    }
-    if !limits.pinned_device_mem_limit.is_empty() {
-        env.push((
-            "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".to_string(),
-            pinned_limit_value(&limits.pinned_device_mem_limit),
-        ));
-    }
+    env.extend(limits.env());
     env
 }
 
 /// "0=2048M,GPU-ab12=512M": MPS takes sizes with an M or G suffix; bytes are rounded
 /// down to whole MiB so the limit is never above what the caller asked for.
-pub fn pinned_limit_value(limits: &[(String, u64)]) -> String {
+fn pinned_limit_value(limits: &[(String, u64)]) -> String {
     limits
         .iter()
         .map(|(dev, bytes)| format!("{dev}={}M", bytes >> 20))
@@ -118,6 +126,7 @@ mod tests {
     fn defaults_add_only_the_folders() {
         let env = client_env(Path::new("p"), Path::new("l"), &ClientLimits::default());
         assert_eq!(env.len(), 2);
+        assert!(ClientLimits::default().env().is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod log_watch;
 mod parse;
 pub mod procs;
 
-pub use env::{as_shell_exports, client_env as build_client_env, pinned_limit_value, ClientLimits};
+pub use env::{as_shell_exports, ClientLimits};
 pub use log_watch::MpsLogWatch;
 pub use parse::{
     cuda_mps_error_name, parse_log_line, parse_percentage, parse_pid_list, LogLine, LogParser,
