@@ -16,7 +16,7 @@
 use std::path::Path;
 
 use anyhow::bail;
-use engine::model::config::{self, Arch, ModelConfig};
+use engine::model::config::{self, Arch, ModelConfig, ModelLocation};
 use serde::Deserialize;
 
 /// A model's shape: a dense model the engine reads, or a mixture of experts.
@@ -168,16 +168,14 @@ impl ModelShape {
     /// holding `config.json`, a Hugging Face id of a known model, or a folder missing here
     /// that is named after a known model.
     pub fn resolve(model: &str) -> anyhow::Result<ModelShape> {
-        if let Some(name) = model.strip_prefix("preset:") {
-            return Ok(ModelShape::plain(ShapeKind::Dense(
-                ModelConfig::from_preset(name)?,
-            )));
-        }
-        let p = Path::new(model);
-        let cfg = if p.is_dir() {
-            p.join("config.json")
-        } else {
-            p.to_path_buf()
+        let (p, cfg) = match ModelLocation::of(model) {
+            ModelLocation::Preset(name) => {
+                return Ok(ModelShape::plain(ShapeKind::Dense(
+                    ModelConfig::from_preset(name)?,
+                )))
+            }
+            ModelLocation::Folder(dir) => (dir, dir.join("config.json")),
+            ModelLocation::Elsewhere(m) => (Path::new(m), Path::new(m).to_path_buf()),
         };
         if cfg.is_file() {
             return Ok(ModelShape::plain(from_config_file(&cfg)?));

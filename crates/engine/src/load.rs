@@ -12,7 +12,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaOptions;
 use crate::backend::Backend;
 use crate::limits::{self, LimitFlags};
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::{preset_names, Arch, ModelConfig, ModelLocation};
 use crate::model::qwen3_cuda::CudaQwen3;
 use crate::model::{bert, qwen3};
 use crate::runner::{Embedder, Generator, ModelInfo, Task};
@@ -125,36 +125,19 @@ pub struct Loaded {
     pub device_limits: Option<DeviceLimits>,
 }
 
-/// Names accepted after `preset:`.
-pub fn preset_names() -> &'static [&'static str] {
-    crate::model::config::preset_names()
-}
-
-/// Where a model comes from, resolved.
-struct Resolved {
-    config: ModelConfig,
-    dir: Option<PathBuf>,
-}
-
-fn resolve(model: &str) -> anyhow::Result<Resolved> {
-    if let Some(name) = model.strip_prefix("preset:") {
-        return Ok(Resolved {
-            config: ModelConfig::from_preset(name)?,
-            dir: None,
-        });
-    }
-    let dir = Path::new(model);
-    if !dir.is_dir() {
-        anyhow::bail!(
+/// The config of `--model` and the folder its files are in (`None` for a preset).
+fn resolve(model: &str) -> anyhow::Result<(ModelConfig, Option<PathBuf>)> {
+    match ModelLocation::of(model) {
+        ModelLocation::Preset(name) => Ok((ModelConfig::from_preset(name)?, None)),
+        ModelLocation::Folder(dir) => Ok((
+            ModelConfig::from_file(&dir.join("config.json"))?,
+            Some(dir.to_path_buf()),
+        )),
+        ModelLocation::Elsewhere(_) => anyhow::bail!(
             "--model {model:?}: not a folder (expected a Hugging Face model folder or preset:NAME with NAME one of {})",
             preset_names().join(", ")
-        );
+        ),
     }
-    let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    Ok(Resolved {
-        config,
-        dir: Some(dir.to_path_buf()),
-    })
 }
 
 /// `generation_config.json`'s `eos_token_id`, when the folder has one.
@@ -183,7 +166,7 @@ fn sentence_max_seq_length(dir: &Path) -> Option<usize> {
 
 /// Loads a model. Errors name the file or flag and the reason.
 pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
-    let Resolved { config, dir } = resolve(&opts.model)?;
+    let (config, dir) = resolve(&opts.model)?;
     let task = opts.task.unwrap_or(config.default_task);
     if config.arch == Arch::Bert && task == Task::Generate {
         anyhow::bail!(

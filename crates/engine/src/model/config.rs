@@ -1,6 +1,6 @@
-//! Model configuration: read from a Hugging Face `config.json` or built from a preset that
-//! mirrors a released model's config, plus the memory formulas the planner (`deploy`)
-//! shares with the engine.
+//! Model configuration: where `--model` points (a preset or a folder), the config read from
+//! a Hugging Face `config.json` or built from a preset that mirrors a released model's
+//! config, plus the memory formulas the planner (`deploy`) shares with the engine.
 
 use std::path::Path;
 
@@ -67,6 +67,33 @@ const PRESETS: &[&str] = &[
 /// Names accepted after `preset:`.
 pub fn preset_names() -> &'static [&'static str] {
     PRESETS
+}
+
+/// What a `--model` string names: the one reading of it, for the engine's loader and
+/// deploy's memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelLocation<'a> {
+    /// `preset:NAME` ([`ModelConfig::from_preset`]): a config without files.
+    Preset(&'a str),
+    /// A folder on this machine: `config.json`, weights, tokenizer.
+    Folder(&'a Path),
+    /// Anything else: a file, a Hugging Face id, a folder that is not on this machine.
+    Elsewhere(&'a str),
+}
+
+impl<'a> ModelLocation<'a> {
+    /// Reads `model` as written after `--model` or in a deployment's `model`.
+    pub fn of(model: &'a str) -> Self {
+        if let Some(name) = model.strip_prefix("preset:") {
+            return ModelLocation::Preset(name);
+        }
+        let path = Path::new(model);
+        if path.is_dir() {
+            ModelLocation::Folder(path)
+        } else {
+            ModelLocation::Elsewhere(model)
+        }
+    }
 }
 
 /// Raw `config.json` fields (both transformers 4 and 5 spellings).
@@ -287,6 +314,20 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_string_is_a_preset_a_folder_or_elsewhere() {
+        assert_eq!(
+            ModelLocation::of("preset:qwen3-tiny"),
+            ModelLocation::Preset("qwen3-tiny")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        assert_eq!(ModelLocation::of(d), ModelLocation::Folder(dir.path()));
+        for other in ["Qwen/Qwen3-8B", "/no/such/dir/qwen3-8b"] {
+            assert_eq!(ModelLocation::of(other), ModelLocation::Elsewhere(other));
+        }
+    }
 
     #[test]
     fn presets_have_the_published_sizes() {
