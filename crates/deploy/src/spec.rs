@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// What an engine does with its model: the engine's own task type (`generate` / `embed`).
-pub use engine::runner::Task;
+pub use engine::model_api::Task;
 
 /// Which device the engines run on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use engine::load::{load, Device, LoadFormat, LoadOptions, LoadedModel};
-use engine::runner::{SampleSpec, SeqStep, Task};
+use engine::model_api::{SampleSpec, SeqStep, Task};
 
 const GREEDY: SampleSpec<'static> = SampleSpec {
     temperature: 0.0,

@@ -14,7 +14,7 @@ pub struct ServeArgs {
     /// What to serve: `generate` (completions, chat) or `embed` (embeddings). Default: the
     /// model's own task.
     #[arg(long, value_enum)]
-    pub task: Option<crate::runner::Task>,
+    pub task: Option<crate::model_api::Task>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8000)]
@@ -112,7 +112,7 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 /// Runs `colocate serve` until Ctrl-C / SIGTERM, or fails when the model cannot be loaded
 /// or the port cannot be bound.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    crate::serve::run(args)
+    crate::lifecycle::run(args)
 }
 
 #[cfg(test)]

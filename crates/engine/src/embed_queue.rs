@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
-use crate::runner::Embedder;
+use crate::model_api::Embedder;
 use crate::scheduler::Admission;
 
 /// An embedding request as the queue takes it.
@@ -180,7 +180,7 @@ impl EmbedQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runner::{ModelInfo, Task};
+    use crate::model_api::{ModelInfo, Task};
 
     /// Embeds each input as `[len, first token]` and records batch sizes.
     struct Fake {

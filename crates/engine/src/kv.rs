@@ -1,6 +1,6 @@
 //! Paged KV cache accounting (vLLM's block manager, without prefix sharing).
 //!
-//! The KV storage itself lives in the [`Generator`](crate::runner::Generator) on its device;
+//! The KV storage itself lives in the [`Generator`](crate::model_api::Generator) on its device;
 //! this module only decides which fixed-size block belongs to which sequence. A sequence
 //! holds a [`BlockTable`]; growing it takes blocks from the free list, freeing it returns
 //! them all. Accounting is exact: `free + held by all tables == total` at every moment,

@@ -4,14 +4,19 @@ pub mod cli;
 pub mod detok;
 pub mod embed_queue;
 pub mod kv;
+pub mod lifecycle;
 pub mod limits;
 pub mod load;
 pub mod metrics;
 pub mod model;
-pub mod runner;
+pub mod model_api;
 pub mod scheduler;
-pub mod serve;
 pub mod server;
 pub mod tokenizer;
 pub mod weights;
 pub mod worker;
+
+/// The former path of [`model_api`], still named by `backend/cuda` and
+/// `examples/cuda_bench.rs` (which are being edited elsewhere); new code names `model_api`.
+#[doc(hidden)]
+pub use model_api as runner;

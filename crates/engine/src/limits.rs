@@ -3,7 +3,7 @@
 //! their defaults (decided here only: the worker's scheduler and the CUDA step buffers both
 //! read them) and their resolution against the loaded model.
 
-use crate::runner::{ModelInfo, Task};
+use crate::model_api::{ModelInfo, Task};
 
 /// Most sequences in one step (embed: inputs per batch) when `--max-num-seqs` is not
 /// given; a generator's is also capped by its token budget.

@@ -15,7 +15,7 @@ use crate::limits::{self, LimitFlags};
 use crate::model::config::{preset_names, Arch, ModelConfig, ModelLocation};
 use crate::model::qwen3_cuda::CudaQwen3;
 use crate::model::{bert, qwen3};
-use crate::runner::{Embedder, Generator, ModelInfo, Task};
+use crate::model_api::{Embedder, Generator, ModelInfo, Task};
 use crate::tokenizer::{self, Tokenizer};
 use crate::weights::WeightSource;
 

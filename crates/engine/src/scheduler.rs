@@ -30,7 +30,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::detok::{Detokenize, RequestOutput};
 use crate::kv::{BlockManager, BlockTable};
 use crate::metrics::Metrics;
-use crate::runner::{Generator, SampleSpec, SeqStep};
+use crate::model_api::{Generator, SampleSpec, SeqStep};
 
 /// Sampling and stopping parameters of one request, validated by the server.
 #[derive(Debug, Clone)]
@@ -505,7 +505,7 @@ fn on_token(
 mod tests {
     use super::*;
     use crate::detok::tests::Bytes;
-    use crate::runner::{ModelInfo, Task};
+    use crate::model_api::{ModelInfo, Task};
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     const EOS: u32 = 256;

@@ -16,7 +16,7 @@ use crate::kv::BlockManager;
 use crate::limits::LimitFlags;
 use crate::load::{load, LoadOptions, LoadedModel};
 use crate::metrics::Metrics;
-use crate::runner::ModelInfo;
+use crate::model_api::ModelInfo;
 use crate::scheduler::{Admission, GenRequest, Scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
 

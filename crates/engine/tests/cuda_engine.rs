@@ -23,7 +23,7 @@ use engine::backend::sampling::sample_row;
 use engine::load::{self, Device, GpuLoadOptions, LoadFormat, LoadOptions, LoadedModel};
 use engine::model::config::ModelConfig;
 use engine::model::qwen3_cuda::CudaQwen3;
-use engine::runner::{Embedder, Generator, SampleSpec, SeqStep, Task};
+use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep, Task};
 use engine::weights::WeightSource;
 
 const GREEDY: SampleSpec<'static> = SampleSpec {

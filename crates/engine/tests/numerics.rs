@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use engine::load::{load, Device, LoadFormat, LoadOptions, Loaded, LoadedModel};
-use engine::runner::{Embedder, Generator, SampleSpec, SeqStep, Task};
+use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep, Task};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

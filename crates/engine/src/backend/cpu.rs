@@ -8,7 +8,7 @@ use rand_distr::Distribution as _;
 use rayon::prelude::*;
 
 use super::{AttnDims, Backend, DType, IndexSource, Init, KvShape, Pooling, StepMeta};
-use crate::runner::SampleSpec;
+use crate::model_api::SampleSpec;
 
 /// A row-major `[rows, cols]` f32 matrix in host memory. Activation buffers come from
 /// and go back to a per-thread pool, so a warm decode loop does not call the allocator

@@ -29,7 +29,7 @@ mod cpu_attention;
 pub mod cuda;
 pub mod sampling;
 
-use crate::runner::SampleSpec;
+use crate::model_api::SampleSpec;
 
 /// Storage type of weights as they arrive from safetensors (or as a backend keeps them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +100,7 @@ pub struct KvShape {
 
 /// Everything a step needs, on the host, flattened the way kernels want it
 /// (vLLM's varlen layout). Built by [`crate::model::StepBuilder`] from the scheduler's
-/// [`crate::runner::SeqStep`]s or from encoder inputs; handed to
+/// [`crate::model_api::SeqStep`]s or from encoder inputs; handed to
 /// [`Backend::prepare_step`] once per step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepMeta<'a> {

@@ -1,4 +1,4 @@
-//! The one sampling rule of the seam (`runner::SampleSpec`), on the host. The CPU backend
+//! The one sampling rule of the seam (`model_api::SampleSpec`), on the host. The CPU backend
 //! samples every row with it; the CUDA model picks greedy rows on the GPU (`argmax_rows`,
 //! the same argmax) and reads back only the rows this rule must see: a temperature, or a
 //! masked id where the GPU's argmax landed.
@@ -15,7 +15,7 @@
 //!    `top_p`, and the CDF is inverted at the request's `uniform` draw, so the same seed
 //!    gives the same token on every device. `+inf` logits share all the mass.
 
-use crate::runner::SampleSpec;
+use crate::model_api::SampleSpec;
 
 /// Picks the token of one row of `logits` by the rule above.
 pub fn sample_row(logits: &[f32], spec: &SampleSpec<'_>) -> anyhow::Result<u32> {

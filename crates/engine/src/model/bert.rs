@@ -8,7 +8,7 @@
 use crate::backend::{AttnDims, Backend, IndexSource, Init, Pooling};
 use crate::model::config::ModelConfig;
 use crate::model::StepBuilder;
-use crate::runner::{Embedder, ModelInfo};
+use crate::model_api::{Embedder, ModelInfo};
 use crate::weights::WeightSource;
 
 const DUMMY_STD: f32 = 0.02;

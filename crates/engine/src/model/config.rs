@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use crate::runner::Task;
+use crate::model_api::Task;
 
 /// Architectures the engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

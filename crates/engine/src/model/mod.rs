@@ -15,7 +15,7 @@ pub mod qwen3;
 pub mod qwen3_cuda;
 
 use crate::backend::StepMeta;
-use crate::runner::{SampleSpec, SeqStep};
+use crate::model_api::{SampleSpec, SeqStep};
 
 /// Reusable host buffers for a step's metadata: no allocation per step once warm.
 #[derive(Debug, Default)]

@@ -9,7 +9,7 @@
 use crate::backend::{AttnDims, Backend, Init, KvShape, Pooling, StepMeta};
 use crate::model::config::ModelConfig;
 use crate::model::StepBuilder;
-use crate::runner::{Embedder, Generator, ModelInfo, SampleSpec, SeqStep};
+use crate::model_api::{Embedder, Generator, ModelInfo, SampleSpec, SeqStep};
 use crate::weights::WeightSource;
 
 /// Std of dummy weights (transformers' `initializer_range`).

@@ -27,7 +27,7 @@ use crate::backend::cuda::profile::Launcher;
 use crate::backend::cuda::step::CudaOptions;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::qwen3::param_names;
-use crate::runner::{ModelInfo, Task};
+use crate::model_api::{ModelInfo, Task};
 use crate::weights::{SafetensorsFiles, WeightSource};
 
 /// Bytes per bf16 element.
@@ -334,7 +334,7 @@ pub struct Qwen3Cuda {
     act: Activations,
 }
 
-/// Qwen3 (generate or embed) on one GPU, behind the runner seam.
+/// Qwen3 (generate or embed) on one GPU, behind the model_api seam.
 pub type CudaQwen3 = CudaExecutor<Qwen3Cuda>;
 
 impl CudaQwen3 {

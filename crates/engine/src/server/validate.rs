@@ -13,7 +13,7 @@ use openai::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::runner::{ModelInfo, Task};
+use crate::model_api::{ModelInfo, Task};
 use crate::scheduler::GenParams;
 use crate::tokenizer::Tokenizer;
 
