@@ -45,7 +45,7 @@ pub struct UpOptions {
 
 /// One engine replica as a client reaches it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Endpoint {
+pub struct ReplicaEndpoint {
     /// Replica name.
     pub engine: String,
     /// Served model name.
@@ -309,11 +309,11 @@ impl Deployment {
     }
 
     /// Every replica's endpoint, in start order.
-    pub fn endpoints(&self) -> Vec<Endpoint> {
+    pub fn endpoints(&self) -> Vec<ReplicaEndpoint> {
         self.plan
             .engines
             .iter()
-            .map(|e| Endpoint {
+            .map(|e| ReplicaEndpoint {
                 engine: e.name.clone(),
                 model: e.served_model_name.clone(),
                 url: e.url(),

@@ -25,7 +25,7 @@ pub mod supervisor;
 pub mod units;
 pub mod vllm;
 
-pub use deployment::{Deployment, Endpoint, UpOptions};
+pub use deployment::{Deployment, ReplicaEndpoint, UpOptions};
 pub use gateway::{LeastOutstanding, Policy};
 pub use plan::{plan, EnginePlan, GpuFacts, Plan};
 pub use spec::{

@@ -14,7 +14,7 @@ use crate::load::{Device, GpuLoadOptions, LoadOptions};
 use crate::metrics::Metrics;
 use crate::scheduler::Admission;
 use crate::server::{router, AppState};
-use crate::worker::{self, Health};
+use crate::worker::{self, EngineState};
 
 /// Runs the server on a tokio runtime of its own until a shutdown signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -79,7 +79,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stop = async move {
         let failed = async {
             loop {
-                if matches!(&*h.borrow_and_update(), Health::Failed(_)) {
+                if matches!(&*h.borrow_and_update(), EngineState::Failed(_)) {
                     return;
                 }
                 if h.changed().await.is_err() {
@@ -102,7 +102,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     http_guard::Server::new(listener, router(state), limits)
         .serve(stop)
         .await;
-    if let Health::Failed(e) = &*health.borrow() {
+    if let EngineState::Failed(e) = &*health.borrow() {
         anyhow::bail!("{e}");
     }
     Ok(())

@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, watch};
 use crate::embed_queue::EmbedRequest;
 use crate::metrics::Metrics;
 use crate::scheduler::Admission;
-use crate::worker::{Command, Health, Ready};
+use crate::worker::{Command, EngineState, Ready};
 use body::JsonBody;
 use generate::{generate, Chat, Completions};
 use validate::ModelView;
@@ -40,7 +40,7 @@ pub use body::MAX_REQUEST_BODY_BYTES;
 /// Shared state of the routes.
 pub struct AppState {
     pub served_model_name: String,
-    pub health: watch::Receiver<Health>,
+    pub health: watch::Receiver<EngineState>,
     pub metrics: Arc<Metrics>,
     pub admission: Arc<Admission>,
 }
@@ -96,9 +96,11 @@ async fn method_not_allowed(req: Request) -> ApiError {
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
     match &*st.health.borrow() {
-        Health::Ready(_) => StatusCode::OK.into_response(),
-        Health::Loading => ApiError(ErrorBody::unavailable("the model is loading")).into_response(),
-        Health::Failed(e) => {
+        EngineState::Ready(_) => StatusCode::OK.into_response(),
+        EngineState::Loading => {
+            ApiError(ErrorBody::unavailable("the model is loading")).into_response()
+        }
+        EngineState::Failed(e) => {
             ApiError(ErrorBody::unavailable(format!("the engine failed: {e}"))).into_response()
         }
     }
@@ -116,7 +118,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 
 async fn models(State(st): State<Arc<AppState>>) -> Response {
     let max_len = match &*st.health.borrow() {
-        Health::Ready(r) => Some(r.max_model_len),
+        EngineState::Ready(r) => Some(r.max_model_len),
         _ => None,
     };
     axum::Json(ModelList::new(vec![ModelCard::new(
@@ -130,9 +132,9 @@ impl AppState {
     /// The engine, once loaded; 503 before.
     fn ready(&self) -> ApiResult<Arc<Ready>> {
         match &*self.health.borrow() {
-            Health::Ready(r) => Ok(r.clone()),
-            Health::Loading => Err(ApiError(ErrorBody::unavailable("the model is loading"))),
-            Health::Failed(e) => Err(ApiError(ErrorBody::unavailable(format!(
+            EngineState::Ready(r) => Ok(r.clone()),
+            EngineState::Loading => Err(ApiError(ErrorBody::unavailable("the model is loading"))),
+            EngineState::Failed(e) => Err(ApiError(ErrorBody::unavailable(format!(
                 "the engine failed: {e}"
             )))),
         }

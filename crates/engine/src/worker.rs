@@ -2,8 +2,9 @@
 //! embedding queue) in a loop fed by a command channel (text-embeddings-inference's
 //! design). The model is not `Sync`, so it lives on this one std thread and never crosses
 //! an `await`; the HTTP side only sends commands and reads each request's own channel.
-//! Health is a watch channel: `Loading`, then `Ready` with what the HTTP side needs, or
-//! `Failed` with the reason (which ends the server with a non-zero exit).
+//! Its state ([`EngineState`]) is a watch channel: `Loading`, then `Ready` with what the
+//! HTTP side needs, or `Failed` with the reason (which ends the server with a non-zero
+//! exit).
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -40,7 +41,7 @@ pub struct Ready {
 
 /// The engine's state as `/health` sees it.
 #[derive(Debug, Clone)]
-pub enum Health {
+pub enum EngineState {
     Loading,
     Ready(Arc<Ready>),
     Failed(String),
@@ -52,8 +53,8 @@ pub fn spawn(
     limits: LimitFlags,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
-) -> std::io::Result<watch::Receiver<Health>> {
-    let (health_tx, health_rx) = watch::channel(Health::Loading);
+) -> std::io::Result<watch::Receiver<EngineState>> {
+    let (health_tx, health_rx) = watch::channel(EngineState::Loading);
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
@@ -75,7 +76,7 @@ pub fn spawn(
                 }
             };
             tracing::error!("engine failed: {msg}");
-            let _ = health_tx.send(Health::Failed(msg));
+            let _ = health_tx.send(EngineState::Failed(msg));
         })?;
     Ok(health_rx)
 }
@@ -92,7 +93,7 @@ fn run(
     limits: LimitFlags,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
-    health: &watch::Sender<Health>,
+    health: &watch::Sender<EngineState>,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let loaded = load(&load_opts)?;
@@ -142,7 +143,7 @@ fn run(
                 limits.block_size,
                 r.max_model_len
             );
-            let _ = health.send(Health::Ready(ready(r.num_blocks)));
+            let _ = health.send(EngineState::Ready(ready(r.num_blocks)));
             drop(tx);
             loop {
                 let Some(commands) = next_commands(&rx, sched.has_work()) else {
@@ -181,7 +182,7 @@ fn run(
                 r.max_num_batched_tokens,
                 r.max_model_len
             );
-            let _ = health.send(Health::Ready(ready(0)));
+            let _ = health.send(EngineState::Ready(ready(0)));
             drop(tx);
             loop {
                 let Some(commands) = next_commands(&rx, queue.has_work()) else {

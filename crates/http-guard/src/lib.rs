@@ -26,7 +26,7 @@ pub mod limits;
 pub mod server;
 
 pub use limits::{raise_fd_limit, Limits};
-pub use server::{Server, Stats};
+pub use server::{ConnectionStats, Server};
 
 use std::time::Duration;
 

@@ -32,12 +32,12 @@ pub struct Server {
     listener: TcpListener,
     app: Router,
     limits: Limits,
-    stats: Stats,
+    stats: ConnectionStats,
 }
 
 /// Live counters of a [`Server`], cheap to clone; for metrics and tests.
 #[derive(Debug, Clone, Default)]
-pub struct Stats(Arc<Counters>);
+pub struct ConnectionStats(Arc<Counters>);
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -49,7 +49,7 @@ struct Counters {
     body_timeouts: AtomicU64,
 }
 
-impl Stats {
+impl ConnectionStats {
     /// Connections being served now.
     pub fn open_connections(&self) -> usize {
         self.0.open.load(Ordering::Relaxed)
@@ -81,11 +81,11 @@ impl Stats {
 /// however the connection task ends.
 struct Slot {
     _permit: OwnedSemaphorePermit,
-    stats: Stats,
+    stats: ConnectionStats,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, stats: &Stats) -> Slot {
+    fn new(permit: OwnedSemaphorePermit, stats: &ConnectionStats) -> Slot {
         let open = stats.0.open.fetch_add(1, Ordering::Relaxed) + 1;
         stats.0.peak.fetch_max(open, Ordering::Relaxed);
         stats.0.accepted.fetch_add(1, Ordering::Relaxed);
@@ -110,12 +110,12 @@ impl Server {
             listener,
             app,
             limits,
-            stats: Stats::default(),
+            stats: ConnectionStats::default(),
         }
     }
 
     /// Its live counters.
-    pub fn stats(&self) -> Stats {
+    pub fn stats(&self) -> ConnectionStats {
         self.stats.clone()
     }
 
@@ -214,7 +214,7 @@ async fn handle(
     app: Router,
     req: Request<Incoming>,
     body_limit: Duration,
-    stats: Stats,
+    stats: ConnectionStats,
 ) -> Result<Response, Infallible> {
     let expired = Arc::new(AtomicBool::new(false));
     let req = req.map(|b| axum::body::Body::new(DeadlineBody::new(b, body_limit, expired.clone())));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::routing::{get, post};
 use axum::Router;
-use http_guard::{Limits, Server, Stats};
+use http_guard::{ConnectionStats, Limits, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -32,7 +32,7 @@ fn app() -> Router {
 
 struct Running {
     addr: SocketAddr,
-    stats: Stats,
+    stats: ConnectionStats,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }

@@ -41,9 +41,9 @@ pub struct WorkerSpec {
     pub url: String,
 }
 
-/// Health as the checks see it.
+/// A worker's health as the checks see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
+pub enum WorkerHealth {
     Unknown,
     Healthy,
     Unhealthy,
@@ -53,7 +53,7 @@ pub enum Health {
 #[derive(Debug)]
 pub struct Worker {
     pub spec: WorkerSpec,
-    health: Mutex<Health>,
+    health: Mutex<WorkerHealth>,
     fails: AtomicU32,
     pub(super) available: AtomicBool,
     pub(super) outstanding: AtomicU64,
@@ -63,7 +63,7 @@ impl Worker {
     pub(super) fn new(spec: WorkerSpec) -> Worker {
         Worker {
             spec,
-            health: Mutex::new(Health::Unknown),
+            health: Mutex::new(WorkerHealth::Unknown),
             fails: AtomicU32::new(0),
             available: AtomicBool::new(true),
             outstanding: AtomicU64::new(0),
@@ -76,25 +76,25 @@ impl Worker {
     }
 
     /// Current health.
-    pub fn health(&self) -> Health {
+    pub fn health(&self) -> WorkerHealth {
         *self.health.lock()
     }
 
     /// True when it may receive requests.
     pub fn routable(&self) -> bool {
-        self.available.load(Ordering::Relaxed) && self.health() == Health::Healthy
+        self.available.load(Ordering::Relaxed) && self.health() == WorkerHealth::Healthy
     }
 
     pub(super) fn check_ok(&self) {
         self.fails.store(0, Ordering::Relaxed);
-        *self.health.lock() = Health::Healthy;
+        *self.health.lock() = WorkerHealth::Healthy;
     }
 
     pub(super) fn check_failed(&self, hard: bool) {
         let n = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
         let mut h = self.health.lock();
-        if hard || n >= FAILS_TO_EJECT || *h == Health::Unknown {
-            *h = Health::Unhealthy;
+        if hard || n >= FAILS_TO_EJECT || *h == WorkerHealth::Unknown {
+            *h = WorkerHealth::Unhealthy;
         }
     }
 }
@@ -190,13 +190,13 @@ pub(super) mod tests {
     #[test]
     fn health_state_machine() {
         let w = worker("a", 0);
-        assert_eq!(w.health(), Health::Unknown);
+        assert_eq!(w.health(), WorkerHealth::Unknown);
         w.check_ok();
         assert!(w.routable());
         w.check_failed(false); // one soft failure: still in
         assert!(w.routable());
         w.check_failed(false); // two in a row: out
-        assert_eq!(w.health(), Health::Unhealthy);
+        assert_eq!(w.health(), WorkerHealth::Unhealthy);
         w.check_ok();
         assert!(w.routable());
         w.check_failed(true); // refused connection: out at once

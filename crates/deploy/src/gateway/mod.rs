@@ -26,7 +26,7 @@ mod request;
 mod routes;
 mod stats;
 
-pub use health::{Health, Worker, WorkerSpec};
+pub use health::{Worker, WorkerHealth, WorkerSpec};
 pub use policy::{LeastOutstanding, Policy};
 pub use request::MAX_BODY_BYTES;
 
@@ -147,7 +147,7 @@ impl Gateway {
     }
 
     /// Each worker's name, health and outstanding requests.
-    pub fn workers(&self) -> Vec<(String, Health, u64)> {
+    pub fn workers(&self) -> Vec<(String, WorkerHealth, u64)> {
         self.shared
             .workers
             .iter()
@@ -155,7 +155,7 @@ impl Gateway {
                 (
                     w.spec.name.clone(),
                     if w.routable() {
-                        Health::Healthy
+                        WorkerHealth::Healthy
                     } else {
                         w.health()
                     },
