@@ -122,14 +122,6 @@ impl Tokenizer {
             Inner::ByteLevel => BYTE_LEVEL_VOCAB,
         }
     }
-
-    /// Id of a token string, if the vocabulary has it (e.g. `<|im_end|>`).
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        match &*self.inner {
-            Inner::Hf(tok) => tok.token_to_id(token),
-            Inner::ByteLevel => None,
-        }
-    }
 }
 
 /// Reads `tokenizer.json` in `dir` when present.
