@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 use crate::backend::cpu::CpuBackend;
+#[cfg(feature = "cuda")]
 use crate::backend::cuda::CudaOptions;
 use crate::backend::Backend;
 use crate::limits::{self, LimitFlags};
 use crate::model::config::{preset_names, Arch, ModelConfig, ModelLocation};
+#[cfg(feature = "cuda")]
 use crate::model::qwen3_cuda::CudaQwen3;
 use crate::model::{bert, qwen3};
 use crate::model_api::{Embedder, Generator, ModelInfo, Task};
@@ -255,6 +257,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
 /// the worker uses;
 /// `--gpu-memory-utilization` becomes the KV-cache byte budget the worker sizes its block
 /// manager with, as it does with `--kv-cache-memory` on the CPU.
+#[cfg(feature = "cuda")]
 fn load_cuda(
     opts: &LoadOptions,
     ordinal: usize,
@@ -301,6 +304,24 @@ fn load_cuda(
             max_model_len,
         }),
     })
+}
+
+/// A build without the `cuda` feature (the quickstart's CPU build) has no CUDA model.
+#[cfg(not(feature = "cuda"))]
+fn load_cuda(
+    opts: &LoadOptions,
+    ordinal: usize,
+    _config: &ModelConfig,
+    _source: &WeightSource,
+    _task: Task,
+    _eos: Vec<u32>,
+    _tokenizer: Tokenizer,
+) -> anyhow::Result<Loaded> {
+    anyhow::bail!(
+        "cannot load {} on cuda:{ordinal}: this colocate was built without its `cuda` feature \
+         (the quickstart's CPU build); build it with `cargo build --release -p colocate`",
+        opts.model
+    )
 }
 
 /// What the serving side is told about `config` loaded for `task`, with activations and

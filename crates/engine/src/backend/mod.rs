@@ -26,6 +26,8 @@
 
 pub mod cpu;
 mod cpu_attention;
+/// Built with the `cuda` feature (the default; the quickstart's CPU build leaves it out).
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod sampling;
 

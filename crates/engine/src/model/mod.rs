@@ -12,6 +12,7 @@
 pub mod bert;
 pub mod config;
 pub mod qwen3;
+#[cfg(feature = "cuda")]
 pub mod qwen3_cuda;
 
 use crate::backend::StepMeta;
