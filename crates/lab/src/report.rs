@@ -263,13 +263,18 @@ fn engine_metrics_table(out: &mut String, results: &Results, label: &str) {
             Some(Dialect::Builtin) => "built-in",
             None => "unknown",
         };
-        let gauge = |pick: fn(&EngineMetricsWindow) -> Option<&GaugeSummary>, scale: f64| {
+        // (pick, scale, decimals): the KV cache in % with two decimals, a fraction of a
+        // percent being common on a large GPU
+        let gauge = |pick: fn(&EngineMetricsWindow) -> Option<&GaugeSummary>,
+                     scale: f64,
+                     decimals: usize| {
             let gs: Vec<&GaugeSummary> = scraped.iter().filter_map(|w| pick(w)).collect();
             let means: Vec<f64> = gs.iter().map(|g| g.mean * scale).collect();
             match Stat::of(&means) {
                 Some(s) => format!(
-                    "{} (max {:.1})",
-                    s.show(1),
+                    "{} (max {:.*})",
+                    s.show(decimals),
+                    decimals,
                     gs.iter().map(|g| g.max * scale).fold(f64::MIN, f64::max)
                 ),
                 None => "–".into(),
@@ -288,9 +293,9 @@ fn engine_metrics_table(out: &mut String, results: &Results, label: &str) {
         let _ = writeln!(
             out,
             "| {e} | {names} | {} | {} | {} | {} | {} | {} |",
-            gauge(|w| w.requests_running.as_ref(), 1.0),
-            gauge(|w| w.requests_waiting.as_ref(), 1.0),
-            gauge(|w| w.kv_cache_usage.as_ref(), 100.0),
+            gauge(|w| w.requests_running.as_ref(), 1.0, 1),
+            gauge(|w| w.requests_waiting.as_ref(), 1.0, 1),
+            gauge(|w| w.kv_cache_usage.as_ref(), 100.0, 2),
             rate(|w| w.prompt_tokens.as_ref()),
             rate(|w| w.generation_tokens.as_ref()),
             rate(|w| w.embedded_sequences.as_ref()),
@@ -1008,7 +1013,7 @@ ttft_p99 = "100ms"
             "each engine's own counters from its Prometheus `/metrics`",
             "| engine (`/metrics`) | names | requests running |",
             // two repetitions at 100 and 200 generated tok/s
-            "| gen | built-in | 3.0 ± 0.0 (max 4.0) | 0.0 ± 0.0 (max 1.0) | 50.0 ± 0.0 (max 75.0) | – | 150.0 ± 70.7 | – |",
+            "| gen | built-in | 3.0 ± 0.0 (max 4.0) | 0.0 ± 0.0 (max 1.0) | 50.00 ± 0.00 (max 75.00) | – | 150.0 ± 70.7 | – |",
             // scraped in one repetition of the time-sliced condition
             "| emb | built-in | – | – | – | – | – | 20.0 |",
             "- emb, repetition 2: not scraped (http://127.0.0.1:18200/metrics: HTTP 404 Not Found)",
