@@ -6,8 +6,13 @@
 # tests, compiled in by its `gpu-tests` feature), the benchmark `cuda_bench` (the engine's
 # example of that name), the qwen3-tiny fixture in `qwen3-tiny/`, and the baselines
 # `hf_static.py` / `hf_baseline.py`.
-# Env: PARTS (bench parts: gen17,embed,gen8), BASELINES=1 to run the transformers baselines
-# in the same call, TESTS=0 to skip the numerics tests. Logs go to $OUT (or ./gpu-out).
+# Env: PARTS (bench parts: gen17,embed,gen8,long8), DECODE (the decode attention kernel of
+# the gen/long parts: split, paged or both; both also compares their logits), BASELINES=1
+# to run the transformers baselines in the same call, TESTS=0 to skip the numerics tests.
+# The tests run twice: as built, then with decode work items of 16 keys
+# (COLOCATE_DECODE_MIN_CHUNK=16), so that the tiny model's short contexts are split too
+# and the merge path is checked against transformers and the CPU. Logs go to $OUT (or
+# ./gpu-out).
 # Never touches clocks, power, compute mode or MIG.
 set -uo pipefail
 BIN=${1:-.gpu}
@@ -18,8 +23,12 @@ export QWEN3_TINY_DIR="$PWD/$BIN/qwen3-tiny"
 status=0
 if [ "${TESTS:-1}" = 1 ]; then
   "$BIN/cuda_engine" --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" || status=1
+  echo "== again with COLOCATE_DECODE_MIN_CHUNK=16 ==" | tee -a "$OUT/tests.log"
+  COLOCATE_DECODE_MIN_CHUNK=16 "$BIN/cuda_engine" --test-threads=1 --nocapture 2>&1 |
+    tee -a "$OUT/tests.log" || status=1
 fi
-"$BIN/cuda_bench" "${PARTS:-gen17,embed,gen8}" 2>&1 | tee "$OUT/bench.log" || status=1
+CUDA_BENCH_DECODE="${DECODE:-split}" "$BIN/cuda_bench" "${PARTS:-gen17,embed,gen8}" 2>&1 |
+  tee "$OUT/bench.log" || status=1
 if [ "${BASELINES:-0}" = 1 ]; then
   export PYTHONUNBUFFERED=1
   python3 "$BIN/hf_static.py" 64 256 2>&1 | grep -v Warning | tee "$OUT/baselines.log"
@@ -27,6 +36,6 @@ if [ "${BASELINES:-0}" = 1 ]; then
 fi
 echo "== summary =="
 grep -h "test result\|^test .*\(ok\|FAILED\)$" "$OUT/tests.log" 2>/dev/null
-grep -h "^RESULT" "$OUT/bench.log"
+grep -h "^RESULT\|^CHECK\|^ATTN" "$OUT/bench.log"
 grep -h "tok/s\|seq/s" "$OUT/baselines.log" 2>/dev/null
 exit $status

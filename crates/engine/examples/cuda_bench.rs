@@ -1,19 +1,40 @@
 //! Throughput of the CUDA model (`model::qwen3_cuda`) without HTTP or the scheduler, in
 //! the shapes of the released models with dummy weights: gen (prefill 128 + 128 decode
-//! steps, CUDA-graph decode) and embed (512-token inputs), each followed by a per-op time
-//! breakdown from CUDA events. Prints `RESULT` lines; speed is never asserted. Run on the
-//! GPU machine by `scripts/gpu/cuda-bench.sh`:
+//! steps, CUDA-graph decode), long (decode steps of 32 sequences at 2,048 and 8,192 tokens
+//! of context) and embed (512-token inputs), each followed by a per-op time breakdown from
+//! CUDA events. Prints `RESULT` lines; speed is never asserted. Run on the GPU machine by
+//! `scripts/gpu/cuda-bench.sh`:
 //!
 //! `cargo run --release -p engine --example cuda_bench -- [PARTS]`
-//! with PARTS a comma-separated subset of `gen17,embed,gen8` (all by default; the
-//! `COLOCATE_CUDA_BENCH` variable is read when no argument is given).
+//! with PARTS a comma-separated subset of `attn,gen17,embed,gen8,long8` (`gen17,embed,gen8`
+//! by default; the `COLOCATE_CUDA_BENCH` variable is read when no argument is given).
+//! `attn` checks the decode attention kernels on their own against an f64 reference on
+//! the host (random Q/K/V, scattered blocks, contexts from 1 to 4,100 keys, split and
+//! unsplit work items): `ATTNCHECK` lines give ||out - ref|| / ||ref|| per kernel.
+//!
+//! First it measures the device's memory bandwidth (a 1 GiB device-to-device copy timed
+//! with CUDA events, bytes read plus bytes written); the "% of the bandwidth limit" and
+//! the decode-step floors divide by that figure.
+//!
+//! `CUDA_BENCH_DECODE` picks the decode attention kernel of the gen and long parts: `split`
+//! (the engine's default, `decode_attention`), `paged` (the former one-block-per-token
+//! kernel) or `both`: each workload then runs with each kernel on the same loaded model,
+//! and the logits of one decode step are compared between the two (`CHECK` lines).
+//! `gen8-64` is the 8B batch-64 workload of `gen8` alone (for sweeps of
+//! `COLOCATE_DECODE_MIN_CHUNK`).
 
 use std::time::Instant;
 
-use engine::backend::cuda::CudaOptions;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaContext;
+use engine::backend::cuda::buffer::{self, DevBuf};
+use engine::backend::cuda::kernels::{DecodeKernel, DecodePartials, Kernels};
+use engine::backend::cuda::step::{pack, DecodeSplit, StepLayout};
+use engine::backend::cuda::{CudaDevice, CudaOptions};
 use engine::load::model_info;
 use engine::model::config::ModelConfig;
 use engine::model::qwen3_cuda::CudaQwen3;
+use engine::model::StepBuilder;
 use engine::runner::{Embedder, Generator, SampleSpec, SeqStep, Task};
 use engine::weights::WeightSource;
 
@@ -33,14 +54,69 @@ fn model(name: &str, task: Task, opts: CudaOptions) -> anyhow::Result<(CudaQwen3
     Ok((m, config))
 }
 
-/// Memory-bandwidth limit of the gen workload as in shared/baselines/README.md: every
-/// decode step reads all weights and the KV of every sequence (average context
-/// prompt + gen/2) at 3.0 TB/s; prefill at 790 TFLOP/s.
-fn gen_limit_tok_s(c: &ModelConfig, batch: usize, prompt: usize, gen: usize) -> f64 {
-    let w = c.weight_bytes(2) as f64;
-    let kv = (batch * (prompt + gen / 2) * c.kv_bytes_per_token(2)) as f64;
-    let step = (w + kv) / 3.0e12;
-    let params = w / 2.0;
+/// Device-to-device copy bandwidth in bytes/s (read + written): the median of 10 copies
+/// of 1 GiB between two buffers of random bytes, each timed with CUDA events.
+fn measure_bandwidth() -> anyhow::Result<f64> {
+    let ctx = CudaContext::new(0)?;
+    let stream = ctx.new_stream()?;
+    let bytes = 1usize << 30;
+    let mut rng = Lcg(3);
+    let chunk: Vec<u8> = (0..64usize << 20).map(|_| rng.next(256) as u8).collect();
+    let mut src = stream.alloc_zeros::<u8>(bytes)?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes)?;
+    for i in 0..bytes / chunk.len() {
+        let mut view = src.slice_mut(i * chunk.len()..(i + 1) * chunk.len());
+        stream.memcpy_htod(&chunk, &mut view)?;
+    }
+    let mut ms = Vec::new();
+    for i in 0..13 {
+        let a = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let b = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        a.record(&stream)?;
+        stream.memcpy_dtod(&src, &mut dst)?;
+        b.record(&stream)?;
+        stream.synchronize()?;
+        if i >= 3 {
+            ms.push(a.elapsed_ms(&b)? as f64);
+        }
+    }
+    ms.sort_by(f64::total_cmp);
+    let med = ms[ms.len() / 2];
+    let bw = 2.0 * bytes as f64 / (med * 1e-3);
+    println!(
+        "RESULT bandwidth: device-to-device copy of 1 GiB in {med:.3} ms (median of {}; {:.3}..{:.3}): {:.0} GB/s read + written",
+        ms.len(),
+        ms[0],
+        ms[ms.len() - 1],
+        bw / 1e9
+    );
+    Ok(bw)
+}
+
+/// Weight bytes a decode step reads: every parameter but the input embedding table (only
+/// the batch's rows of it are gathered), unless it doubles as the LM head.
+fn weights_read(c: &ModelConfig) -> f64 {
+    let embed = if c.tie_word_embeddings {
+        0
+    } else {
+        c.vocab_size * c.hidden_size
+    };
+    ((c.num_parameters() - embed) * 2) as f64
+}
+
+/// Floor of one decode step: the weights and the K/V of `batch` sequences of `ctx` tokens
+/// read once at `bw` bytes/s, in ms.
+fn step_floor_ms(c: &ModelConfig, batch: usize, ctx: f64, bw: f64) -> f64 {
+    let kv = batch as f64 * ctx * c.kv_bytes_per_token(2) as f64;
+    (weights_read(c) + kv) / bw * 1e3
+}
+
+/// Bandwidth limit of the gen workload: every decode step reads the weights and the KV of
+/// every sequence (mean context prompt + gen/2) at the measured bandwidth; prefill at
+/// 790 TFLOP/s.
+fn gen_limit_tok_s(c: &ModelConfig, batch: usize, prompt: usize, gen: usize, bw: f64) -> f64 {
+    let step = step_floor_ms(c, batch, (prompt + gen / 2) as f64, bw) * 1e-3;
+    let params = c.weight_bytes(2) as f64 / 2.0;
     let prefill = 2.0 * params * (batch * prompt) as f64 / 790e12;
     (batch * gen) as f64 / (gen as f64 * step + prefill)
 }
@@ -56,15 +132,48 @@ impl Lcg {
     }
 }
 
-/// One round: prefill every prompt (chunked to the step limit), then `gen - 1` decode steps.
-fn gen_round(
+/// A decode kernel to run the gen and long workloads with.
+#[derive(Clone, Copy)]
+struct Variant {
+    label: &'static str,
+    kernel: DecodeKernel,
+}
+
+const VARIANTS: [Variant; 2] = [
+    Variant {
+        label: "paged",
+        kernel: DecodeKernel::Paged,
+    },
+    Variant {
+        label: "split",
+        kernel: DecodeKernel::Split,
+    },
+];
+
+fn variants() -> anyhow::Result<Vec<Variant>> {
+    let v = std::env::var("CUDA_BENCH_DECODE").unwrap_or_else(|_| "split".to_string());
+    let list = match v.as_str() {
+        "both" => "paged,split",
+        other => other,
+    };
+    list.split(',')
+        .map(|name| {
+            VARIANTS
+                .iter()
+                .find(|v| v.label == name)
+                .copied()
+                .ok_or_else(|| anyhow::anyhow!("CUDA_BENCH_DECODE={v:?}: paged, split or both"))
+        })
+        .collect()
+}
+
+/// Prefills every prompt (chunked to the step limit); returns each one's next token.
+fn prefill(
     m: &mut CudaQwen3,
     prompts: &[Vec<u32>],
     tables: &[Vec<u32>],
-    gen: usize,
     max_tokens: usize,
-) -> anyhow::Result<(f64, f64)> {
-    let t0 = Instant::now();
+) -> anyhow::Result<Vec<u32>> {
     let mut last = vec![0u32; prompts.len()];
     let mut i = 0;
     while i < prompts.len() {
@@ -86,38 +195,337 @@ fn gen_round(
         last[i..j].copy_from_slice(&out);
         i = j;
     }
+    Ok(last)
+}
+
+/// One decode step of every sequence at position `pos`.
+fn decode_steps<'a>(toks: &'a [[u32; 1]], tables: &'a [Vec<u32>], pos: usize) -> Vec<SeqStep<'a>> {
+    toks.iter()
+        .zip(tables)
+        .map(|(t, tb)| SeqStep {
+            tokens: t,
+            start_pos: pos,
+            block_table: tb,
+            sample: Some(GREEDY),
+        })
+        .collect()
+}
+
+/// One round: prefill every prompt (chunked to the step limit), then `gen - 1` decode steps.
+fn gen_round(
+    m: &mut CudaQwen3,
+    prompts: &[Vec<u32>],
+    tables: &[Vec<u32>],
+    gen: usize,
+    max_tokens: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let mut last = prefill(m, prompts, tables, max_tokens)?;
     let prefill = t0.elapsed().as_secs_f64();
     let plen = prompts[0].len();
     for g in 1..gen {
         let toks: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
-        let steps: Vec<SeqStep<'_>> = toks
-            .iter()
-            .zip(tables)
-            .map(|(t, tb)| SeqStep {
-                tokens: t,
-                start_pos: plen + g - 1,
-                block_table: tb,
-                sample: Some(GREEDY),
-            })
-            .collect();
-        last = m.step(&steps)?;
+        last = m.step(&decode_steps(&toks, tables, plen + g - 1))?;
     }
     Ok((t0.elapsed().as_secs_f64(), prefill))
 }
 
-fn print_profile(m: &CudaQwen3, label: &str) {
+/// Prints the per-op breakdown; returns the decode attention's total ms (kernel + merge).
+fn print_profile(m: &CudaQwen3, label: &str) -> f64 {
     let rep = m.profile_report();
     let total: f64 = rep.iter().map(|r| r.1).sum();
     println!("breakdown {label}: total GPU {total:.1} ms (eager, CUDA events per op)");
+    let mut attn = 0.0;
     for (name, ms, calls) in rep {
         println!(
             "  {name:<24} {ms:>9.2} ms {:>5.1}%  {calls} calls",
             100.0 * ms / total.max(1e-9)
         );
+        if name.starts_with("attention (decode") {
+            attn += ms;
+        }
     }
+    attn
 }
 
-fn bench_gen(name: &str, batch: usize, rounds: usize) -> anyhow::Result<()> {
+/// The decode attention's time per step and the bandwidth of its K/V reads.
+fn print_attention(label: &str, ms: f64, steps: usize, kv_bytes: f64, bw: f64) {
+    let per_step = ms / steps as f64;
+    let rate = kv_bytes / (ms * 1e-3);
+    println!(
+        "ATTN {label}: decode attention {per_step:.3} ms/step (eager), K/V {:.2} GB/step read at {:.0} GB/s = {:.1}% of the measured bandwidth",
+        kv_bytes / steps as f64 / 1e9,
+        rate / 1e9,
+        100.0 * rate / bw
+    );
+}
+
+/// Compares the logits of two runs of one decode step, row by row.
+fn compare_logits(label: &str, a: &[Vec<f32>], b: &[Vec<f32>]) {
+    let (mut max_diff, mut range, mut min_cos, mut agree) = (0f32, 0f32, 1f64, 0usize);
+    for (x, y) in a.iter().zip(b) {
+        let (mut dot, mut nx, mut ny) = (0f64, 0f64, 0f64);
+        let (mut ax, mut ay) = (0usize, 0usize);
+        for (i, (&p, &q)) in x.iter().zip(y).enumerate() {
+            max_diff = max_diff.max((p - q).abs());
+            range = range.max(p.abs()).max(q.abs());
+            dot += p as f64 * q as f64;
+            nx += p as f64 * p as f64;
+            ny += q as f64 * q as f64;
+            if p > x[ax] {
+                ax = i;
+            }
+            if q > y[ay] {
+                ay = i;
+            }
+        }
+        min_cos = min_cos.min(dot / (nx.sqrt() * ny.sqrt()).max(1e-30));
+        agree += usize::from(ax == ay);
+    }
+    let ok = max_diff.is_finite() && min_cos > 0.999;
+    println!(
+        "CHECK {label}: vs paged, decode logits over {} rows: max |diff| {max_diff:.4} (largest |logit| {range:.3}), min cosine {min_cos:.6}, argmax agree {agree}/{}{}",
+        a.len(),
+        a.len(),
+        if ok { "" } else { "  << MISMATCH" }
+    );
+}
+
+/// The logits of one decode step at `pos` with each split kernel of `variants`, compared
+/// with `paged` (each run rewrites the same K/V at the same slots).
+fn check_kernels(
+    m: &mut CudaQwen3,
+    variants: &[Variant],
+    toks: &[[u32; 1]],
+    tables: &[Vec<u32>],
+    pos: usize,
+    label: &str,
+) -> anyhow::Result<()> {
+    let keep = m.decode_kernel();
+    m.set_decode_kernel(DecodeKernel::Paged);
+    let paged = m.step_logits(&decode_steps(toks, tables, pos))?;
+    for v in variants.iter().filter(|v| v.kernel != DecodeKernel::Paged) {
+        m.set_decode_kernel(v.kernel);
+        let split = m.step_logits(&decode_steps(toks, tables, pos))?;
+        compare_logits(&format!("{label} [{}]", v.label), &split, &paged);
+    }
+    m.set_decode_kernel(keep);
+    Ok(())
+}
+
+/// Random bf16 bits, uniform in [-a, a).
+fn rand_bf16(rng: &mut Lcg, n: usize, a: f32) -> Vec<u16> {
+    (0..n)
+        .map(|_| {
+            let u = rng.next(1 << 24) as f32 / (1 << 24) as f32;
+            half::bf16::from_f32(a * (2.0 * u - 1.0)).to_bits()
+        })
+        .collect()
+}
+
+/// The decode attention kernels on their own against an f64 reference: one decode token
+/// per context length, blocks of 16 slots scattered over the cache, random Q, K and V.
+/// Each kernel's output is poisoned (NaN) first, so an element it does not write fails.
+fn attention_check() -> anyhow::Result<()> {
+    let dev = CudaDevice::open(0)?;
+    let ctxs = [1usize, 15, 16, 17, 33, 200, 1000, 4100];
+    let (d, nkv, bs) = (128usize, 8usize, 16usize);
+    for group in [4usize, 2] {
+        let k = Kernels::compile(&dev, d, group)?;
+        let (nq, t) = (nkv * group, ctxs.len());
+        let width = (nq + 2 * nkv) * d;
+        let mut rng = Lcg(77 + group as u64);
+        // Blocks handed out in a scrambled order.
+        let per: Vec<usize> = ctxs.iter().map(|c| c.div_ceil(bs)).collect();
+        let total_blocks: usize = per.iter().sum();
+        let mut order: Vec<u32> = (0..total_blocks as u32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.next(i + 1) as usize);
+        }
+        let mut next = 0;
+        let tables: Vec<Vec<u32>> = per
+            .iter()
+            .map(|&n| {
+                next += n;
+                order[next - n..next].to_vec()
+            })
+            .collect();
+        let slots = total_blocks * bs;
+        let qkv = rand_bf16(&mut rng, t * width, 3.0);
+        let kc = rand_bf16(&mut rng, slots * nkv * d, 1.0);
+        let vc = rand_bf16(&mut rng, slots * nkv * d, 1.0);
+        let f = |x: u16| half::bf16::from_bits(x).to_f64();
+        // f64 reference.
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut want = vec![0f64; t * nq * d];
+        for (ti, &ctx) in ctxs.iter().enumerate() {
+            for h in 0..nq {
+                let kvh = h / group;
+                let q = &qkv[ti * width + h * d..ti * width + (h + 1) * d];
+                let slot = |j: usize| tables[ti][j / bs] as usize * bs + j % bs;
+                let sc: Vec<f64> = (0..ctx)
+                    .map(|j| {
+                        let kr = &kc[(slot(j) * nkv + kvh) * d..][..d];
+                        q.iter().zip(kr).map(|(&a, &b)| f(a) * f(b)).sum::<f64>() * scale
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
+                let p: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+                let l: f64 = p.iter().sum();
+                let o = &mut want[(ti * nq + h) * d..][..d];
+                for (j, pj) in p.iter().enumerate() {
+                    let vr = &vc[(slot(j) * nkv + kvh) * d..][..d];
+                    for (x, &v) in o.iter_mut().zip(vr) {
+                        *x += pj / l * f(v);
+                    }
+                }
+            }
+        }
+        let qkv_d = DevBuf::upload(&dev, &qkv)?;
+        let kc_d = DevBuf::upload(&dev, &kc)?;
+        let vc_d = DevBuf::upload(&dev, &vc)?;
+        let out = DevBuf::alloc(&dev, t * nq * d * 2)?;
+        let poison = vec![0xffffu16; t * nq * d];
+        let toks = vec![[1u32]; t];
+        let seqs: Vec<engine::runner::SeqStep<'_>> = ctxs
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| SeqStep {
+                tokens: &toks[i],
+                start_pos: c - 1,
+                block_table: &tables[i],
+                sample: Some(GREEDY),
+            })
+            .collect();
+        let opts = CudaOptions {
+            max_tokens: 64,
+            max_seqs: 16,
+            max_model_len: 4224,
+            ..Default::default()
+        };
+        let max_blocks = opts.max_model_len.div_ceil(bs);
+        for (what, kernel, split) in [
+            (
+                "paged",
+                DecodeKernel::Paged,
+                DecodeSplit {
+                    items: 64,
+                    min_chunk: 16,
+                },
+            ),
+            (
+                "split, items of 16+ keys",
+                DecodeKernel::Split,
+                DecodeSplit {
+                    items: 64,
+                    min_chunk: 16,
+                },
+            ),
+            (
+                "split, one item per token",
+                DecodeKernel::Split,
+                DecodeSplit {
+                    items: 1,
+                    min_chunk: 8192,
+                },
+            ),
+            (
+                "split, 528 items (the H200's)",
+                DecodeKernel::Split,
+                DecodeSplit {
+                    items: 528,
+                    min_chunk: 64,
+                },
+            ),
+        ] {
+            let lay = StepLayout::new(opts.max_tokens, opts.max_seqs, max_blocks, split);
+            let mut builder = StepBuilder::default();
+            let meta = builder.paged(&seqs, &[], bs, total_blocks, 2)?;
+            let mut m = Vec::new();
+            let packed = pack(&mut m, &meta, 0, lay, &opts)?;
+            let meta_d = DevBuf::upload(&dev, &m)?;
+            let at = |off: usize| meta_d.ptr + (off * 4) as u64;
+            let cap = lay.items_cap(t);
+            let o_bytes = cap * nq * d * 4;
+            let ml_bytes = cap * nq * 8;
+            let parts_d = DevBuf::upload(
+                &dev,
+                &vec![0u8; o_bytes + ml_bytes + opts.max_seqs * nkv * 4],
+            )?;
+            let parts = DecodePartials {
+                o: parts_d.ptr,
+                ml: parts_d.ptr + o_bytes as u64,
+                counters: parts_d.ptr + (o_bytes + ml_bytes) as u64,
+            };
+            // Twice: the second run also checks that the merge counters were reset.
+            for run in 0..2 {
+                // SAFETY: `out` holds t * nq * d bf16.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        out.ptr,
+                        &poison,
+                        dev.stream.cu_stream(),
+                    )
+                }?;
+                match kernel {
+                    DecodeKernel::Paged => k.paged_attention(
+                        qkv_d.ptr,
+                        out.ptr,
+                        kc_d.ptr,
+                        vc_d.ptr,
+                        at(lay.tables),
+                        lay.max_blocks,
+                        at(lay.seq_of),
+                        at(lay.pos),
+                        t,
+                        bs,
+                        nkv,
+                    )?,
+                    DecodeKernel::Split => k.decode_attention(
+                        qkv_d.ptr,
+                        out.ptr,
+                        kc_d.ptr,
+                        vc_d.ptr,
+                        at(lay.tables),
+                        lay.max_blocks,
+                        at(lay.seq_of),
+                        at(lay.work),
+                        at(lay.item_first),
+                        parts,
+                        t,
+                        cap,
+                        bs,
+                        nkv,
+                    )?,
+                }
+                let got: Vec<u16> = buffer::download(&dev, out.ptr, t * nq * d)?;
+                let (mut num, mut den, mut max_err) = (0f64, 0f64, 0f64);
+                for (&g, &w) in got.iter().zip(&want) {
+                    let e = f(g) - w;
+                    num += e * e;
+                    den += w * w;
+                    max_err = max_err.max(e.abs());
+                }
+                let rel = (num / den).sqrt();
+                let ok = rel.is_finite() && rel < 4e-3;
+                println!(
+                    "ATTNCHECK d {d} group {group} kv heads {nkv}, contexts {ctxs:?}: {what} ({} work items), run {run}: ||out - ref|| / ||ref|| = {rel:.2e}, max |err| {max_err:.2e}{}",
+                    packed.items,
+                    if ok { "" } else { "  << FAIL" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bench_gen(
+    name: &str,
+    batch: usize,
+    rounds: usize,
+    variants: &[Variant],
+    bw: f64,
+) -> anyhow::Result<()> {
     let (prompt, gen) = (128usize, 128usize);
     let max_tokens = 8192;
     let opts = CudaOptions {
@@ -131,7 +539,6 @@ fn bench_gen(name: &str, batch: usize, rounds: usize) -> anyhow::Result<()> {
     let bs = 16;
     let per_seq = (prompt + gen).div_ceil(bs);
     m.init_kv_cache(batch * per_seq, bs)?;
-    m.capture_all()?;
     let load_s = t.elapsed().as_secs_f64();
     let mut rng = Lcg(42);
     let prompts: Vec<Vec<u32>> = (0..batch)
@@ -140,26 +547,130 @@ fn bench_gen(name: &str, batch: usize, rounds: usize) -> anyhow::Result<()> {
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
         .collect();
-    gen_round(&mut m, &prompts, &tables, gen, max_tokens)?; // warm-up
-    let mut total = 0.0;
-    let mut prefill = 0.0;
-    for _ in 0..rounds {
-        let (t, p) = gen_round(&mut m, &prompts, &tables, gen, max_tokens)?;
-        total += t;
-        prefill += p;
+    let limit = gen_limit_tok_s(&config, batch, prompt, gen, bw);
+    let floor = step_floor_ms(&config, batch, (prompt + gen / 2) as f64, bw);
+    // K/V bytes the decode attention reads in one round (contexts prompt + 1 .. prompt + gen - 1).
+    let kv_round: f64 = (1..gen)
+        .map(|g| (batch * (prompt + g) * config.kv_bytes_per_token(2)) as f64)
+        .sum();
+    for v in variants {
+        m.set_decode_kernel(v.kernel);
+        let t = Instant::now();
+        m.capture_all()?;
+        let capture_s = t.elapsed().as_secs_f64();
+        gen_round(&mut m, &prompts, &tables, gen, max_tokens)?; // warm-up
+        let mut total = 0.0;
+        let mut pre = 0.0;
+        for _ in 0..rounds {
+            let (t, p) = gen_round(&mut m, &prompts, &tables, gen, max_tokens)?;
+            total += t;
+            pre += p;
+        }
+        let tok_s = (rounds * batch * gen) as f64 / total;
+        let step_ms = (total - pre) / (rounds * (gen - 1)) as f64 * 1e3;
+        println!(
+            "RESULT gen {name} batch {batch} [{}]: {tok_s:.0} tok/s ({:.1}% of the {limit:.0} tok/s bandwidth limit); prefill {:.1} ms/round, decode step {step_ms:.2} ms (graph) = {:.2}x the {floor:.2} ms floor (weights + KV over the measured bandwidth); load {load_s:.1} s, capture {capture_s:.1} s",
+            v.label,
+            100.0 * tok_s / limit,
+            pre / rounds as f64 * 1e3,
+            step_ms / floor
+        );
+        m.set_profiling(true);
+        gen_round(&mut m, &prompts, &tables, gen, max_tokens)?;
+        m.collect_profile();
+        let label = format!("gen {name} batch {batch} [{}]", v.label);
+        let attn = print_profile(&m, &format!("{label}, one round"));
+        print_attention(&label, attn, gen - 1, kv_round, bw);
+        m.set_profiling(false);
     }
-    let tok_s = (rounds * batch * gen) as f64 / total;
-    let decode_step_ms = (total - prefill) / (rounds * (gen - 1)) as f64 * 1e3;
-    let limit = gen_limit_tok_s(&config, batch, prompt, gen);
-    println!(
-        "RESULT gen {name} batch {batch}: {tok_s:.0} tok/s ({:.1}% of the {limit:.0} tok/s bandwidth limit); prefill {:.1} ms/round, decode step {decode_step_ms:.2} ms (graph); load+capture {load_s:.1} s",
-        100.0 * tok_s / limit,
-        prefill / rounds as f64 * 1e3
-    );
-    m.set_profiling(true);
-    gen_round(&mut m, &prompts, &tables, gen, max_tokens)?;
-    m.collect_profile();
-    print_profile(&m, &format!("gen {name} batch {batch}, one round"));
+    if variants.iter().any(|v| v.kernel == DecodeKernel::Paged) && variants.len() > 1 {
+        let last = prefill(&mut m, &prompts, &tables, max_tokens)?;
+        let toks: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
+        check_kernels(
+            &mut m,
+            variants,
+            &toks,
+            &tables,
+            prompt + gen / 2,
+            &format!("gen {name} batch {batch}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Decode at long contexts: `batch` sequences whose first `ctx` positions hold random K/V
+/// (no prefill is run; the prompt-heavy prefill itself is not timed here), then `steps`
+/// decode steps from position `ctx` on, through the decode graphs.
+fn bench_long(
+    name: &str,
+    batch: usize,
+    ctx: usize,
+    steps: usize,
+    variants: &[Variant],
+    bw: f64,
+) -> anyhow::Result<()> {
+    let gen = 128usize;
+    let bs = 16;
+    let opts = CudaOptions {
+        max_tokens: 2048,
+        max_seqs: batch.max(8),
+        max_model_len: ctx + gen,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let (mut m, config) = model(name, Task::Generate, opts)?;
+    let per_seq = (ctx + gen).div_ceil(bs);
+    m.init_kv_cache(batch * per_seq, bs)?;
+    m.fill_kv_cache_uniform(11, 1.0)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+        .collect();
+    let mut rng = Lcg(5);
+    let toks: Vec<[u32; 1]> = (0..batch).map(|_| [rng.next(150_000)]).collect();
+    let floor = step_floor_ms(&config, batch, (ctx + steps / 2) as f64, bw);
+    let kv_step = |pos: usize| (batch * (pos + 1) * config.kv_bytes_per_token(2)) as f64;
+    for v in variants {
+        m.set_decode_kernel(v.kernel);
+        let t = Instant::now();
+        m.capture_all()?;
+        let capture_s = t.elapsed().as_secs_f64();
+        for s in 0..3 {
+            m.step(&decode_steps(&toks, &tables, ctx + s))?;
+        }
+        let t = Instant::now();
+        for s in 0..steps {
+            m.step(&decode_steps(&toks, &tables, ctx + s))?;
+        }
+        let step_ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        println!(
+            "RESULT long {name} batch {batch} context {ctx} [{}]: decode step {step_ms:.2} ms (graph), {:.0} tok/s = {:.2}x the {floor:.2} ms floor (weights + KV over the measured bandwidth); load+fill {load_s:.1} s, capture {capture_s:.1} s",
+            v.label,
+            batch as f64 * 1e3 / step_ms,
+            step_ms / floor
+        );
+        let prof_steps = 4;
+        m.set_profiling(true);
+        for s in 0..prof_steps {
+            m.step(&decode_steps(&toks, &tables, ctx + s))?;
+            m.collect_profile();
+        }
+        let label = format!("long {name} batch {batch} context {ctx} [{}]", v.label);
+        let attn = print_profile(&m, &format!("{label}, {prof_steps} decode steps"));
+        let kv: f64 = (0..prof_steps).map(|s| kv_step(ctx + s)).sum();
+        print_attention(&label, attn, prof_steps, kv, bw);
+        m.set_profiling(false);
+    }
+    if variants.iter().any(|v| v.kernel == DecodeKernel::Paged) && variants.len() > 1 {
+        check_kernels(
+            &mut m,
+            variants,
+            &toks,
+            &tables,
+            ctx + steps,
+            &format!("long {name} batch {batch} context {ctx}"),
+        )?;
+    }
     Ok(())
 }
 
@@ -196,18 +707,33 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .or_else(|| std::env::var("COLOCATE_CUDA_BENCH").ok())
         .unwrap_or_else(|| "gen17,embed,gen8".to_string());
+    let vs = variants()?;
+    let bw = measure_bandwidth().unwrap_or_else(|e| {
+        println!("RESULT bandwidth: not measured ({e:#}); using 4.3 TB/s (KINDS.md, H200)");
+        4.3e12
+    });
     for part in parts.split(',') {
         match part {
             "gen17" => {
-                bench_gen("qwen3-1.7b", 64, 3)?;
-                bench_gen("qwen3-1.7b", 256, 2)?;
+                bench_gen("qwen3-1.7b", 64, 3, &vs, bw)?;
+                bench_gen("qwen3-1.7b", 256, 2, &vs, bw)?;
             }
             "gen8" => {
-                bench_gen("qwen3-8b", 64, 2)?;
-                bench_gen("qwen3-8b", 256, 1)?;
+                bench_gen("qwen3-8b", 64, 2, &vs, bw)?;
+                bench_gen("qwen3-8b", 256, 1, &vs, bw)?;
+            }
+            "gen8-64" => bench_gen("qwen3-8b", 64, 2, &vs, bw)?,
+            "long8" => {
+                bench_long("qwen3-8b", 32, 2048, 32, &vs, bw)?;
+                bench_long("qwen3-8b", 32, 8192, 32, &vs, bw)?;
             }
             "embed" => bench_embed("qwen3-embedding-0.6b", 64, 512, 5.0)?,
-            other => anyhow::bail!("unknown bench part {other:?} (gen17, embed, gen8)"),
+            "attn" => attention_check()?,
+            other => {
+                anyhow::bail!(
+                    "unknown bench part {other:?} (attn, gen17, embed, gen8, gen8-64, long8)"
+                )
+            }
         }
     }
     Ok(())

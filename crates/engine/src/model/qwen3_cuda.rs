@@ -7,7 +7,7 @@
 //! - weights in bf16 with q/k/v fused into one `[(nq + 2 nkv) * D, H]` matrix and gate/up
 //!   into one `[2 I, H]` matrix, so a layer runs 4 GEMMs (cuBLAS);
 //! - per layer: add+RMSNorm -> qkv GEMM -> q/k norm + RoPE + KV write -> attention
-//!   (paged decode, paged prefill tiles, or flash for embeddings) -> o GEMM ->
+//!   (split decode, paged prefill tiles, or flash for embeddings) -> o GEMM ->
 //!   add+RMSNorm -> gate_up GEMM -> SiLU*up -> down GEMM; then the final norm of the
 //!   output rows and the LM head + argmax, or the pooled rows. The residual stream is
 //!   fp32; everything else bf16 with fp32 accumulation.
@@ -425,7 +425,8 @@ impl Qwen3Cuda {
 
     /// The attention half of `layer`: residual add (of the previous layer's MLP output) +
     /// input RMSNorm, the fused qkv GEMM, q/k norm + RoPE + KV write, attention (flash for
-    /// embeddings, prefill tiles, or the decode kernel), the o GEMM into `delta`.
+    /// embeddings, prefill tiles, or the split decode kernel, else the one-block-per-token
+    /// paged kernel), the o GEMM into `delta`.
     fn attention(
         &self,
         cx: &ForwardCtx<'_>,
@@ -502,6 +503,27 @@ impl Qwen3Cuda {
                     meta(lay.tile_start),
                     meta(lay.tile_len),
                     p.step.tiles,
+                    p.kv.block_size,
+                    d.kv_heads,
+                )
+            })?;
+        } else if let Some(parts) = cx.decode {
+            // Split decode attention over the step's work items; the last warp of a split
+            // token merges its pieces.
+            ops.op("attention (decode)", || {
+                k.decode_attention(
+                    a.qkv.ptr,
+                    a.attn.ptr,
+                    kc,
+                    vc,
+                    meta(lay.tables),
+                    lay.max_blocks,
+                    meta(lay.seq_of),
+                    meta(lay.work),
+                    meta(lay.item_first),
+                    parts,
+                    t,
+                    lay.items_cap(t),
                     p.kv.block_size,
                     d.kv_heads,
                 )

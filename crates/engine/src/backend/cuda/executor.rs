@@ -1,7 +1,8 @@
 //! Runs a CUDA model behind the runner seam (`Generator` / `Embedder`): everything a model
 //! on this device needs besides its own weights, activations and forward pass. It opens
 //! the GPU, compiles the kernels for the model's attention shape, builds the RoPE table,
-//! packs each step's metadata once (`step`), keeps the paged KV cache (`kv_cache`),
+//! packs each step's metadata once (`step`, which also cuts decode steps into the split
+//! decode attention's work items), keeps the paged KV cache (`kv_cache`),
 //! replays decode steps as CUDA graphs per batch-size bucket (`graphs`), times ops when
 //! asked (`profile`), samples non-greedy rows by the shared rule (`backend::sampling`)
 //! and runs embedding inputs in chunks that fit the step limits. A model
@@ -13,10 +14,10 @@ use super::buffer::{self, DevBuf};
 use super::device::CudaDevice;
 use super::gemm;
 use super::graphs::{self, DecodeGraphs};
-use super::kernels::{DevPtr, Kernels, RopeTable, FLASH_QUERY_TILE};
+use super::kernels::{DecodeKernel, DecodePartials, DevPtr, Kernels, RopeTable, FLASH_QUERY_TILE};
 use super::kv_cache::{KvCache, KvPlace};
 use super::profile::{Launcher, Profiler};
-use super::step::{CudaOptions, PackedStep, StepBuffer, StepLayout};
+use super::step::{CudaOptions, DecodeSplit, PackedStep, StepBuffer, StepLayout};
 use crate::backend::sampling::sample_row;
 use crate::model::config::ModelConfig;
 use crate::model::StepBuilder;
@@ -25,6 +26,12 @@ use crate::runner::{Embedder, Generator, ModelInfo, SampleSpec, SeqStep};
 /// Tokens per block of the embedding path's K/V scratch (paged reference kernel).
 const EMBED_BLOCK: usize = 16;
 const BLAS_WORKSPACE: usize = 32 << 20;
+/// Warps per multiprocessor that a decode step's work items aim at (the split decode
+/// kernel runs one warp per work item and KV head; about 16 fit at once).
+const DECODE_WARPS_PER_SM: usize = 32;
+/// Fewest keys per decode work item by default (`COLOCATE_DECODE_MIN_CHUNK` overrides it,
+/// for tests that want the merge path on short contexts).
+const DECODE_MIN_CHUNK: usize = 64;
 /// Bytes per bf16 element.
 const BF16: usize = 2;
 
@@ -62,6 +69,9 @@ pub struct ForwardCtx<'a> {
     pub rope: &'a RopeTable,
     /// The flash kernel's query tiles when this pass (an embedding pass) attends with it.
     pub flash: Option<&'a FlashTiles>,
+    /// The split decode attention's buffers; `None`: decode steps use the
+    /// one-block-per-token `paged_attention` (shapes without the split kernel, or chosen).
+    pub decode: Option<DecodePartials>,
 }
 
 /// Where a model leaves a pass's results, one row per output row of the step.
@@ -116,6 +126,12 @@ pub struct CudaExecutor<M> {
     kv: Option<(KvCache, StepLayout)>,
     /// The embedding path's one-layer K/V scratch (paged reference kernel only).
     embed_kv: Option<DevBuf>,
+    /// How decode steps are cut into work items, and the split kernel's partial results
+    /// and counters (absent where the kernel does not exist for the attention shape).
+    split: DecodeSplit,
+    decode_parts: Option<(DevBuf, DecodePartials)>,
+    /// The decode attention kernel of decode steps.
+    decode_kernel: DecodeKernel,
     flash: Option<FlashTiles>,
     /// Use the tensor-core flash kernel for embeddings (else the paged prefill kernel).
     embed_flash: bool,
@@ -147,7 +163,50 @@ impl<M: CudaModel> CudaExecutor<M> {
         let head_dim = config.head_dim;
         let kernels = Kernels::compile(&dev, head_dim, heads / kv_heads)?;
         let model = load(&dev, &kernels, &opts)?;
-        let step = StepBuffer::alloc(&dev, &opts)?;
+        let sms = dev
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| anyhow!("reading the multiprocessor count: {e}"))?
+            .max(1) as usize;
+        let min_chunk = std::env::var("COLOCATE_DECODE_MIN_CHUNK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DECODE_MIN_CHUNK);
+        let split = DecodeSplit {
+            items: (sms * DECODE_WARPS_PER_SM).div_ceil(kv_heads),
+            min_chunk,
+        };
+        let decode_parts = if kernels.has_decode_attention() {
+            // [items, heads, head_dim] fp32 outputs, [items, heads] (max, sum) pairs, then
+            // one i32 counter per (token row, KV head), zeroed once here.
+            let cap = split.items + opts.max_seqs;
+            let o_bytes = cap * heads * head_dim * 4;
+            let ml_bytes = cap * heads * 8;
+            let counter_bytes = opts.max_seqs * kv_heads * 4;
+            let buf = DevBuf::alloc(&dev, o_bytes + ml_bytes + counter_bytes)?;
+            let counters = buf.ptr + (o_bytes + ml_bytes) as u64;
+            // SAFETY: the range lies inside the buffer just allocated.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    counters,
+                    0,
+                    counter_bytes,
+                    dev.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| anyhow!("clearing the decode counters: {e}"))?;
+            let parts = DecodePartials {
+                o: buf.ptr,
+                ml: buf.ptr + o_bytes as u64,
+                counters,
+            };
+            Some((buf, parts))
+        } else {
+            None
+        };
+        let step = StepBuffer::alloc(&dev, &opts, split)?;
         let blas_workspace = DevBuf::alloc(&dev, BLAS_WORKSPACE)?;
         gemm::set_workspace(&dev.blas, blas_workspace.ptr, BLAS_WORKSPACE)?;
         let rope_positions = opts
@@ -178,6 +237,13 @@ impl<M: CudaModel> CudaExecutor<M> {
             step,
             kv: None,
             embed_kv: None,
+            split,
+            decode_kernel: if decode_parts.is_some() {
+                DecodeKernel::Split
+            } else {
+                DecodeKernel::Paged
+            },
+            decode_parts,
             flash: None,
             embed_flash,
             rope,
@@ -227,9 +293,10 @@ impl<M: CudaModel> CudaExecutor<M> {
         2 * self.shape.layers * self.shape.kv_width * BF16
     }
 
-    /// Weights, step metadata, activations and the cuBLAS workspace.
+    /// Weights, step metadata, activations, decode partials and the cuBLAS workspace.
     fn bytes_held(&self) -> usize {
-        self.model.bytes_held() + self.step.bytes() + BLAS_WORKSPACE
+        let parts = self.decode_parts.as_ref().map_or(0, |(b, _)| b.bytes);
+        self.model.bytes_held() + self.step.bytes() + parts + BLAS_WORKSPACE
     }
 
     /// Turns the per-op time breakdown on (eager steps only; graphs are bypassed).
@@ -250,6 +317,37 @@ impl<M: CudaModel> CudaExecutor<M> {
         if let Some(p) = self.profiler.as_mut() {
             p.collect();
         }
+    }
+
+    /// Chooses the decode attention kernel: the split tensor-core kernel (the default
+    /// where the attention shape allows it; shapes without it keep `Paged`) or
+    /// `paged_attention`, one block per token and KV head (the reference the benchmark
+    /// compares with). Drops captured graphs.
+    pub fn set_decode_kernel(&mut self, kernel: DecodeKernel) {
+        self.decode_kernel = if self.decode_parts.is_some() {
+            kernel
+        } else {
+            DecodeKernel::Paged
+        };
+        self.graphs.clear();
+    }
+
+    /// The decode attention kernel of decode steps.
+    pub fn decode_kernel(&self) -> DecodeKernel {
+        self.decode_kernel
+    }
+
+    /// Fills the whole KV cache with seeded uniform values in [-a, a) (benchmarks that
+    /// decode at long contexts without running their prefill first).
+    pub fn fill_kv_cache_uniform(&mut self, seed: u64, a: f32) -> anyhow::Result<()> {
+        self.bind()?;
+        let (kv, _) = self
+            .kv
+            .as_ref()
+            .ok_or_else(|| anyhow!("KV cache not initialised: call init_kv_cache first"))?;
+        let (ptr, bytes) = kv.memory();
+        self.kernels.fill_uniform(ptr, bytes / BF16, seed, a, 0.0)?;
+        buffer::synchronize(&self.dev)
     }
 
     /// Chooses the embedding attention kernel: the tensor-core flash kernel (default where
@@ -340,6 +438,7 @@ impl<M: CudaModel> CudaExecutor<M> {
                 tokens: b,
                 rows: b,
                 tiles: 0,
+                items: 0,
             },
             layout,
             kv,
@@ -410,6 +509,11 @@ impl<M: CudaModel> CudaExecutor<M> {
             step: &self.step,
             rope: &self.rope,
             flash,
+            decode: self
+                .decode_parts
+                .as_ref()
+                .filter(|_| self.decode_kernel == DecodeKernel::Split)
+                .map(|(_, p)| *p),
         };
         let mut ops = Launcher::new(&self.dev.stream, &mut prof);
         let r = self.model.enqueue_forward(&cx, &mut ops, &pass);
@@ -437,7 +541,12 @@ impl<M: CudaModel> Generator for CudaExecutor<M> {
         )?;
         self.graphs.clear();
         let max_blocks = self.opts.max_model_len.div_ceil(block_size);
-        let layout = StepLayout::new(self.opts.max_tokens, self.opts.max_seqs, max_blocks);
+        let layout = StepLayout::new(
+            self.opts.max_tokens,
+            self.opts.max_seqs,
+            max_blocks,
+            self.split,
+        );
         self.kv = Some((kv, layout));
         Ok(())
     }
@@ -497,7 +606,12 @@ impl<M: CudaModel> Embedder for CudaExecutor<M> {
         self.bind()?;
         let bs = EMBED_BLOCK;
         let max_blocks = self.opts.max_model_len.div_ceil(bs);
-        let lay = StepLayout::new(self.opts.max_tokens, self.opts.max_seqs, max_blocks);
+        let lay = StepLayout::new(
+            self.opts.max_tokens,
+            self.opts.max_seqs,
+            max_blocks,
+            self.split,
+        );
         let slots_needed = self.opts.max_tokens + self.opts.max_seqs * bs;
         let layer_bytes = slots_needed * self.shape.kv_width * BF16;
         // K/V scratch only for the paged kernel: the flash kernel reads them from qkv.

@@ -24,6 +24,31 @@ pub type DevPtr = u64;
 /// Query positions per block of `embed_flash_attention` (`FA_BQ` in engine.cu).
 pub const FLASH_QUERY_TILE: usize = 64;
 
+/// Work items (warps) per block of `decode_attention` (`DA_WARPS` in engine.cu).
+pub const DECODE_ITEMS_PER_BLOCK: usize = 4;
+
+/// Where `decode_attention` puts the partial results of tokens split over several work
+/// items: fp32 `[items, kv_heads, group, head_dim]` outputs and `[items, kv_heads, group]`
+/// (max, sum) pairs, for up to the capacity the buffers were sized for; and one i32
+/// counter per (token row, KV head), zero between launches (the warp that merges a
+/// token resets it).
+#[derive(Debug, Clone, Copy)]
+pub struct DecodePartials {
+    pub o: DevPtr,
+    pub ml: DevPtr,
+    pub counters: DevPtr,
+}
+
+/// The decode attention kernel a decode step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// `paged_attention`: one block per (token, KV head), warps split the keys (the
+    /// former kernel, kept as the reference).
+    Paged,
+    /// `decode_attention`: split over the context, tensor cores, one warp per work item.
+    Split,
+}
+
 /// The RoPE cos/sin table on the device (filled by `Kernels::rope_table`).
 #[derive(Clone, Copy)]
 pub struct RopeTable {
@@ -45,6 +70,9 @@ pub struct Kernels {
     rope_table: CudaFunction,
     /// Present when the head size is a multiple of 16 (the tensor-core tile).
     embed_flash_attention: Option<CudaFunction>,
+    /// Split decode attention: present when the head size is a multiple of 16 and the
+    /// GQA group at most 8 (the tensor-core tile's columns).
+    decode_attention: Option<CudaFunction>,
     argmax_rows: CudaFunction,
     fill_uniform: CudaFunction,
     head_dim: usize,
@@ -131,6 +159,11 @@ impl Kernels {
             rope_table: f("rope_table")?,
             embed_flash_attention: if head_dim.is_multiple_of(16) {
                 Some(f("embed_flash_attention")?)
+            } else {
+                None
+            },
+            decode_attention: if head_dim.is_multiple_of(16) && group <= 8 {
+                Some(f("decode_attention")?)
             } else {
                 None
             },
@@ -287,7 +320,9 @@ impl Kernels {
             .map_err(launch_err)
     }
 
-    /// Paged causal attention for every token of the step (prefill and decode alike).
+    /// Paged causal attention for every token of the step (prefill and decode alike): one
+    /// block per (token, KV head). Decode steps use [`Self::decode_attention`] where it
+    /// exists; this one stays as the reference the benchmark compares with.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention(
         &self,
@@ -369,6 +404,80 @@ impl Kernels {
             b.launch(Self::cfg(
                 (tiles as u32, nkv as u32),
                 PREFILL_TILE as u32 * 32,
+                0,
+            ))
+        }
+        .map(|_| ())
+        .map_err(launch_err)
+    }
+
+    /// Whether the split decode attention (`decode_attention`) exists for this shape.
+    pub fn has_decode_attention(&self) -> bool {
+        self.decode_attention.is_some()
+    }
+
+    /// Split decode attention for a step of `tokens` decode tokens (one per sequence):
+    /// one warp per (work item, KV head) over `items_cap` work items (the step's own count
+    /// is on the device, in `item_first[tokens]`); the last warp of a split token merges
+    /// its partial results. The launch shape depends only on `tokens` and `items_cap`, so
+    /// it can be captured.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention(
+        &self,
+        qkv: DevPtr,
+        out: DevPtr,
+        kcache: DevPtr,
+        vcache: DevPtr,
+        block_tables: DevPtr,
+        max_blocks: usize,
+        seq_of: DevPtr,
+        work: DevPtr,
+        item_first: DevPtr,
+        part: DecodePartials,
+        tokens: usize,
+        items_cap: usize,
+        block_size: usize,
+        nkv: usize,
+    ) -> Result<(), CudaError> {
+        let f = self
+            .decode_attention
+            .as_ref()
+            .ok_or_else(|| CudaError::Compile {
+                arch: String::new(),
+                message: format!(
+                    "no split decode attention for head_dim {} group {}",
+                    self.head_dim, self.group
+                ),
+            })?;
+        let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
+        let (mb, t, bs, nkv_) = (
+            max_blocks as i32,
+            tokens as i32,
+            block_size as i32,
+            nkv as i32,
+        );
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&qkv)
+            .arg(&out)
+            .arg(&kcache)
+            .arg(&vcache)
+            .arg(&block_tables)
+            .arg(&mb)
+            .arg(&seq_of)
+            .arg(&work)
+            .arg(&item_first);
+        b.arg(&part.o)
+            .arg(&part.ml)
+            .arg(&part.counters)
+            .arg(&t)
+            .arg(&bs)
+            .arg(&nkv_)
+            .arg(&scale_log2);
+        let blocks = items_cap.div_ceil(DECODE_ITEMS_PER_BLOCK).max(1) as u32;
+        unsafe {
+            b.launch(Self::cfg(
+                (blocks, nkv as u32),
+                DECODE_ITEMS_PER_BLOCK as u32 * 32,
                 0,
             ))
         }

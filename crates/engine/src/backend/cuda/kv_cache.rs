@@ -45,6 +45,11 @@ impl KvCache {
         self.num_blocks
     }
 
+    /// The whole allocation: address and bytes.
+    pub fn memory(&self) -> (DevPtr, usize) {
+        (self.mem.ptr, self.mem.bytes)
+    }
+
     /// Where attention reads and writes K/V of each layer.
     pub fn place(&self) -> KvPlace {
         KvPlace {

@@ -1,9 +1,9 @@
 //! A step's metadata on the GPU: the varlen layout that [`crate::model::StepBuilder`]
 //! builds for every device ([`StepMeta`]), re-laid as the i32 arrays the kernels read
 //! (plus what only they need: the sequence of each token, prefill attention tiles, and the
-//! padding rows of a captured decode batch), in one device buffer uploaded once per step.
-//! The buffer's address never changes, so captured decode graphs replay with only its
-//! contents rewritten.
+//! padding rows of a captured decode batch, and the work items of the split decode
+//! attention), in one device buffer uploaded once per step. The buffer's address never
+//! changes, so captured decode graphs replay with only its contents rewritten.
 
 use anyhow::{anyhow, bail};
 
@@ -36,6 +36,26 @@ impl Default for CudaOptions {
     }
 }
 
+/// How decode steps are cut into work items for the split decode attention
+/// (`decode_attention` in engine.cu): each token's keys into pieces of one common length,
+/// at least `min_chunk` keys and long enough that the step has at most about `items`
+/// pieces (a multiple of 16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeSplit {
+    /// Target work items of a step (the kernel's grid is this plus the batch size).
+    pub items: usize,
+    /// Fewest keys per work item.
+    pub min_chunk: usize,
+}
+
+impl DecodeSplit {
+    /// Keys per work item when a step's tokens see `total_keys` keys in all.
+    pub fn chunk(&self, total_keys: usize) -> usize {
+        let per = total_keys.div_ceil(self.items.max(1)).div_ceil(16) * 16;
+        per.max(self.min_chunk.div_ceil(16) * 16).max(16)
+    }
+}
+
 /// Offsets (in i32 elements) of the per-step metadata arrays in the step buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct StepLayout {
@@ -53,14 +73,23 @@ pub struct StepLayout {
     pub tile_len: usize,
     /// Token rows whose output is wanted (logits or pooled), in order.
     pub rows: usize,
+    /// Decode work items, three i32 each: token row, first key, keys
+    /// (`split.items + max_seqs` of them at most).
+    pub work: usize,
+    /// First work item of each decode token row, `max_seqs + 1` entries: token t owns
+    /// items `item_first[t] .. item_first[t + 1]`, and `item_first[rows]` is the count.
+    pub item_first: usize,
     /// Block table per sequence, `max_blocks` wide.
     pub tables: usize,
     pub max_blocks: usize,
+    pub split: DecodeSplit,
 }
 
 impl StepLayout {
-    pub fn new(max_tokens: usize, max_seqs: usize, max_blocks: usize) -> Self {
+    pub fn new(max_tokens: usize, max_seqs: usize, max_blocks: usize, split: DecodeSplit) -> Self {
         let t = max_tokens;
+        let work = 6 * t + max_seqs;
+        let item_first = work + 3 * (split.items + max_seqs);
         Self {
             ids: 0,
             pos: t,
@@ -69,9 +98,18 @@ impl StepLayout {
             tile_start: 4 * t,
             tile_len: 5 * t,
             rows: 6 * t,
-            tables: 6 * t + max_seqs,
+            work,
+            item_first,
+            tables: item_first + max_seqs + 1,
             max_blocks,
+            split,
         }
+    }
+
+    /// Work items the split decode kernel is launched for with `tokens` token rows (the
+    /// most a step of that many rows can have).
+    pub fn items_cap(&self, tokens: usize) -> usize {
+        self.split.items + tokens
     }
 
     /// i32 elements used by a step of `seqs` sequences (block table rows).
@@ -89,6 +127,8 @@ pub struct PackedStep {
     pub rows: usize,
     /// Prefill attention tiles; 0 when every sequence brings one token (decode kernel).
     pub tiles: usize,
+    /// Decode work items (0 for prefill steps).
+    pub items: usize,
 }
 
 /// Packs `meta` into `m` in `lay`'s layout. `pad_to > 0` pads a decode batch to that many rows
@@ -155,17 +195,56 @@ pub fn pack(
         m[lay.seq_of + p] = p as i32;
         m[lay.rows + p] = p as i32;
     }
+    // Decode steps: each token's keys 0..=pos cut into work items of one common length;
+    // a padding row gets one item of no keys (the kernel writes zeros for it).
+    let mut items = 0usize;
+    if !prefill {
+        let rows_t = pad_to.max(t);
+        let total: usize = meta.positions.iter().map(|&p| p as usize + 1).sum();
+        let chunk = lay.split.chunk(total);
+        for (tok, &pos) in meta.positions.iter().enumerate() {
+            m[lay.item_first + tok] = items as i32;
+            let ctx = pos as usize + 1;
+            let mut s = 0;
+            while s < ctx {
+                let w = lay.work + 3 * items;
+                m[w] = tok as i32;
+                m[w + 1] = s as i32;
+                m[w + 2] = chunk.min(ctx - s) as i32;
+                items += 1;
+                s += chunk;
+            }
+        }
+        for tok in t..rows_t {
+            m[lay.item_first + tok] = items as i32;
+            let w = lay.work + 3 * items;
+            m[w] = tok as i32;
+            m[w + 1] = 0;
+            m[w + 2] = 0;
+            items += 1;
+        }
+        m[lay.item_first + rows_t] = items as i32;
+        // sum(ceil(ctx / chunk)) <= total / chunk + t <= split.items + t, plus the padding.
+        if items > lay.items_cap(rows_t) {
+            bail!(
+                "decode step of {t} tokens cut into {items} work items, over the {} the kernel is launched for",
+                lay.items_cap(rows_t)
+            );
+        }
+    }
     Ok(if pad_to > 0 {
         PackedStep {
             tokens: pad_to,
             rows: pad_to,
             tiles,
+            items,
         }
     } else {
         PackedStep {
             tokens: t,
             rows: meta.sample_rows.len(),
             tiles,
+            items,
         }
     })
 }
@@ -177,11 +256,11 @@ pub struct StepBuffer {
 }
 
 impl StepBuffer {
-    /// Sized for the largest layout `opts` allows (blocks of one token).
-    pub fn alloc(dev: &CudaDevice, opts: &CudaOptions) -> anyhow::Result<Self> {
+    /// Sized for the largest layout `opts` and `split` allow (blocks of one token).
+    pub fn alloc(dev: &CudaDevice, opts: &CudaOptions, split: DecodeSplit) -> anyhow::Result<Self> {
         let n = opts.max_seqs;
         let max_blocks_any = opts.max_model_len.max(1);
-        let len = StepLayout::new(opts.max_tokens, n, max_blocks_any).len(n);
+        let len = StepLayout::new(opts.max_tokens, n, max_blocks_any, split).len(n);
         Ok(Self {
             host: Vec::with_capacity(len),
             dev: DevBuf::alloc(dev, len * 4)?,
@@ -241,6 +320,11 @@ mod tests {
         masked: &[],
     };
 
+    const SPLIT: DecodeSplit = DecodeSplit {
+        items: 8,
+        min_chunk: 16,
+    };
+
     fn opts() -> CudaOptions {
         CudaOptions {
             max_tokens: 32,
@@ -273,7 +357,7 @@ mod tests {
         ];
         let mut builder = StepBuilder::default();
         let meta = builder.paged(&seqs, &[], 4, 16, 100).unwrap();
-        let lay = StepLayout::new(32, 4, 16);
+        let lay = StepLayout::new(32, 4, 16, SPLIT);
         let mut m = Vec::new();
         let packed = pack(&mut m, &meta, 0, lay, &opts()).unwrap();
         assert_eq!(
@@ -281,7 +365,8 @@ mod tests {
             PackedStep {
                 tokens: 13,
                 rows: 1,
-                tiles: 3
+                tiles: 3,
+                items: 0
             }
         );
         assert_eq!(m.len(), lay.len(2));
@@ -319,7 +404,7 @@ mod tests {
             .collect();
         let mut builder = StepBuilder::default();
         let meta = builder.paged(&seqs, &[], 4, 8, 100).unwrap();
-        let lay = StepLayout::new(32, 4, 16);
+        let lay = StepLayout::new(32, 4, 16, SPLIT);
         let mut m = Vec::new();
         let packed = pack(&mut m, &meta, 4, lay, &opts()).unwrap();
         assert_eq!(
@@ -327,7 +412,8 @@ mod tests {
             PackedStep {
                 tokens: 4,
                 rows: 4,
-                tiles: 0
+                tiles: 0,
+                items: 4
             }
         );
         assert_eq!(m.len(), lay.len(4));
@@ -337,6 +423,94 @@ mod tests {
         assert_eq!(at(lay.slots), [5, 13, 21, -1]);
         assert_eq!(at(lay.seq_of), [0, 1, 2, 3]);
         assert_eq!(at(lay.rows), [0, 1, 2, 3]);
+        // Six keys each: one work item per token (chunk 16); the padding row one of none.
+        assert_eq!(m[lay.item_first..lay.item_first + 5], [0, 1, 2, 3, 4]);
+        assert_eq!(
+            m[lay.work..lay.work + 12],
+            [0, 0, 6, 1, 0, 6, 2, 0, 6, 3, 0, 0]
+        );
+    }
+
+    /// Long contexts are cut into pieces of one length, a multiple of 16, so that the step
+    /// has about `split.items` of them; every key is covered once, in order.
+    #[test]
+    fn decode_work_items_cover_each_context_in_even_pieces() {
+        let toks = [[1u32], [2], [3]];
+        let tables: Vec<Vec<u32>> = (0..3).map(|i| (i * 12..i * 12 + 12).collect()).collect();
+        let starts = [99usize, 40, 0];
+        let seqs: Vec<SeqStep<'_>> = toks
+            .iter()
+            .zip(&tables)
+            .zip(starts)
+            .map(|((t, tb), s)| SeqStep {
+                tokens: t,
+                start_pos: s,
+                block_table: tb,
+                sample: Some(GREEDY),
+            })
+            .collect();
+        let mut builder = StepBuilder::default();
+        let meta = builder.paged(&seqs, &[], 16, 64, 100).unwrap();
+        let lay = StepLayout::new(32, 4, 16, SPLIT);
+        // 100 + 41 + 1 = 142 keys over 8 items: chunks of 18 -> 32 keys.
+        assert_eq!(SPLIT.chunk(142), 32);
+        let mut m = Vec::new();
+        let packed = pack(&mut m, &meta, 0, lay, &opts()).unwrap();
+        assert_eq!(packed.items, 4 + 2 + 1);
+        assert!(packed.items <= lay.items_cap(3));
+        assert_eq!(m[lay.item_first..lay.item_first + 4], [0, 4, 6, 7]);
+        let work: Vec<[i32; 3]> = m[lay.work..lay.work + 3 * 7]
+            .chunks(3)
+            .map(|c| [c[0], c[1], c[2]])
+            .collect();
+        assert_eq!(
+            work,
+            [
+                [0, 0, 32],
+                [0, 32, 32],
+                [0, 64, 32],
+                [0, 96, 4],
+                [1, 0, 32],
+                [1, 32, 9],
+                [2, 0, 1]
+            ]
+        );
+        // A prefill step has no work items.
+        let prompt: Vec<u32> = (1..=5).collect();
+        let one = [SeqStep {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: &tables[0],
+            sample: Some(GREEDY),
+        }];
+        let meta = builder.paged(&one, &[], 16, 64, 100).unwrap();
+        assert_eq!(pack(&mut m, &meta, 0, lay, &opts()).unwrap().items, 0);
+    }
+
+    #[test]
+    fn the_decode_chunk_is_a_multiple_of_16_and_bounds_the_item_count() {
+        let split = DecodeSplit {
+            items: 512,
+            min_chunk: 64,
+        };
+        assert_eq!(split.chunk(64 * 192), 64);
+        assert_eq!(split.chunk(256 * 192), 96);
+        assert_eq!(split.chunk(32 * 8192), 512);
+        assert_eq!(
+            DecodeSplit {
+                items: 0,
+                min_chunk: 0
+            }
+            .chunk(10),
+            16
+        );
+        // total / chunk <= items, so n contexts adding up to `total` make at most
+        // items + n pieces (one partial piece each).
+        for total in [1usize, 17, 999, 65_537, 1 << 20] {
+            let c = split.chunk(total);
+            assert_eq!(c % 16, 0);
+            assert!(total.div_ceil(c) <= split.items, "{total}: chunk {c}");
+        }
     }
 
     #[test]
@@ -352,7 +526,7 @@ mod tests {
         let mut builder = StepBuilder::default();
         let meta = builder.paged(&seqs, &[], 4, 16, 100).unwrap();
         let mut m = Vec::new();
-        let err = pack(&mut m, &meta, 0, StepLayout::new(32, 4, 16), &opts()).unwrap_err();
+        let err = pack(&mut m, &meta, 0, StepLayout::new(32, 4, 16, SPLIT), &opts()).unwrap_err();
         assert!(
             err.to_string().contains("over the engine's limits"),
             "{err}"
@@ -361,7 +535,7 @@ mod tests {
             max_tokens: 64,
             ..opts()
         };
-        let err = pack(&mut m, &meta, 0, StepLayout::new(64, 4, 8), &wide).unwrap_err();
+        let err = pack(&mut m, &meta, 0, StepLayout::new(64, 4, 8, SPLIT), &wide).unwrap_err();
         assert!(err.to_string().contains("block table"), "{err}");
         let one = [SeqStep {
             tokens: &long[..1],
@@ -370,7 +544,7 @@ mod tests {
             sample: Some(GREEDY),
         }];
         let meta = builder.paged(&one, &[], 4, 16, 100).unwrap();
-        let err = pack(&mut m, &meta, 8, StepLayout::new(32, 4, 16), &opts()).unwrap_err();
+        let err = pack(&mut m, &meta, 8, StepLayout::new(32, 4, 16, SPLIT), &opts()).unwrap_err();
         assert!(
             err.to_string().contains("over the engine's limits"),
             "{err}"

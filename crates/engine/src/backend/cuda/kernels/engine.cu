@@ -531,6 +531,201 @@ extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
         if (r1 < len) *(unsigned*)(out + (size_t)(s0 + r1) * nq * D + col) = pack_bf16x2(o[n][2] * i1, o[n][3] * i1);
     }
 }
+
+// Decode attention on tensor cores, split over the context (flash-decoding). The host
+// cuts every decode token's keys 0..=pos into work items of at most `chunk` keys
+// (`work[3i..3i+3]` = token, first key, keys; the items of token t are
+// item_first[t] .. item_first[t + 1], their total is item_first[tokens]; a padding row
+// has one item of no keys), sized so that a step has about as many items as the GPU holds
+// warps, whatever the batch and context. One warp per (item, kv head), four warps per
+// block, no shared memory, GQA <= 8: the group's query heads are the 8 columns of
+// mma.m16n8k16 (columns >= GQA are zero).
+// Scores are computed transposed, S^T = K Q^T, 16 keys per step: K streams from the paged
+// cache straight into A fragments (lane (r, tg) loads keys r and r + 8 of the step as
+// 16-byte vectors, chunk 4 cc + tg of the row, 8 dims; that is an A fragment for a
+// permutation of the head dims, which Q's B fragment follows: the dot product does not
+// care). Online softmax per head in registers (exp2, scores scaled by log2 e / sqrt D).
+// Then O^T += V^T P^T: P^T's C fragments and V's 8x8 bf16 blocks are transposed in
+// registers with movmatrix into B and A fragments. (Loading the next 16 keys before this
+// step's arithmetic was tried: 190 registers instead of 126, and slower at every size.)
+// A token with a single item writes its bf16 output directly. The others write fp32
+// partials (unnormalised o, and m, l per head); the last of a token's warps to finish
+// (a counter per (token, kv head), reset by that warp for the next launch) merges them.
+#if GQA <= 8
+#define DA_WARPS 4
+#define DA_NCC ((HEAD_DIM + 31) / 32)
+__device__ __forceinline__ unsigned movm_trans(unsigned x) {
+    unsigned y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+__device__ __forceinline__ unsigned u4_word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+// K and V of keys k0 + r and k0 + 8 + r (zeros past `end`), this lane's chunks.
+__device__ __forceinline__ void da_load(uint4 (&kf)[2][DA_NCC], uint4 (&vf)[2][DA_NCC], const bf16* __restrict__ kcache,
+                                        const bf16* __restrict__ vcache, const int* __restrict__ table, int k0,
+                                        int end, int r, int tg, int block_size, int nkv, int kvh) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int tt = 0; tt < 2; tt++) {
+        const int j = k0 + 8 * tt + r;
+        const bool ok = j < end;
+        size_t base = 0;
+        if (ok) base = ((size_t)(table[j / block_size] * block_size + j % block_size) * nkv + kvh) * HEAD_DIM;
+#pragma unroll
+        for (int cc = 0; cc < DA_NCC; cc++) {
+            const int ci = 4 * cc + tg;
+            kf[tt][cc] = (ok && ci < HEAD_DIM / 8) ? *(const uint4*)(kcache + base + 8 * ci) : zero;
+            vf[tt][cc] = (ok && ci < HEAD_DIM / 8) ? *(const uint4*)(vcache + base + 8 * ci) : zero;
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(DA_WARPS * 32) decode_attention(
+    const bf16* __restrict__ qkv, bf16* __restrict__ out, const bf16* __restrict__ kcache,
+    const bf16* __restrict__ vcache, const int* __restrict__ block_tables, int max_blocks,
+    const int* __restrict__ seq_of, const int* __restrict__ work, const int* __restrict__ item_first,
+    float* __restrict__ part_o, float2* __restrict__ part_ml, int* __restrict__ counters, int tokens,
+    int block_size, int nkv, float scale_log2) {
+    const int D = HEAD_DIM, G = GQA, NCH = HEAD_DIM / 8;
+    const int nq = nkv * G, width = (nq + 2 * nkv) * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, tg = lane & 3;
+    const int item = blockIdx.x * DA_WARPS + warp, kvh = blockIdx.y;
+    if (item >= item_first[tokens]) return;
+    const int t = work[3 * item], start = work[3 * item + 1], end = start + work[3 * item + 2];
+    const int first = item_first[t], count = item_first[t + 1] - first;
+    const int* table = block_tables + (size_t)seq_of[t] * max_blocks;
+    const float NEG = __int_as_float(0xff800000);
+
+    // Q^T as B fragments: head r of the group (zero past GQA), this lane's chunks.
+    uint4 qb[DA_NCC];
+    const bf16* qrow = qkv + (size_t)t * width + (size_t)(kvh * G + r) * D;
+#pragma unroll
+    for (int cc = 0; cc < DA_NCC; cc++) {
+        const int ci = 4 * cc + tg;
+        qb[cc] = (r < G && ci < NCH) ? *(const uint4*)(qrow + 8 * ci) : make_uint4(0, 0, 0, 0);
+    }
+    // O^T accumulators: o[cc][j] rows are dims 8 (4 cc + r / 2) + 4 j + (r & 1) (+ 2 for
+    // rows 8..15), columns heads 2 tg, 2 tg + 1.
+    float o[DA_NCC][2][4];
+#pragma unroll
+    for (int cc = 0; cc < DA_NCC; cc++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) o[cc][j][0] = o[cc][j][1] = o[cc][j][2] = o[cc][j][3] = 0.f;
+    // Softmax state of heads 2 tg (a) and 2 tg + 1 (b); l is this lane's share.
+    float ma = NEG, mb = NEG, la = 0.f, lb = 0.f;
+
+    for (int k0 = start; k0 < end; k0 += 16) {
+        uint4 kf[2][DA_NCC], vf[2][DA_NCC];
+        da_load(kf, vf, kcache, vcache, table, k0, end, r, tg, block_size, nkv, kvh);
+        // S^T (16 keys x 8 heads): s[0], s[1] = key k0 + r, heads 2 tg, 2 tg + 1; s[2], s[3] = key k0 + 8 + r.
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int cc = 0; cc < DA_NCC; cc++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                unsigned a[4] = {u4_word(kf[0][cc], 2 * h), u4_word(kf[1][cc], 2 * h), u4_word(kf[0][cc], 2 * h + 1),
+                                 u4_word(kf[1][cc], 2 * h + 1)};
+                mma_bf16(s, a, u4_word(qb[cc], 2 * h), u4_word(qb[cc], 2 * h + 1));
+            }
+        const bool v0 = k0 + r < end, v1 = k0 + 8 + r < end;
+        s[0] = v0 ? s[0] * scale_log2 : NEG;
+        s[1] = v0 ? s[1] * scale_log2 : NEG;
+        s[2] = v1 ? s[2] * scale_log2 : NEG;
+        s[3] = v1 ? s[3] * scale_log2 : NEG;
+        float xa = fmaxf(s[0], s[2]), xb = fmaxf(s[1], s[3]);
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+            xa = fmaxf(xa, __shfl_xor_sync(0xffffffff, xa, off));
+            xb = fmaxf(xb, __shfl_xor_sync(0xffffffff, xb, off));
+        }
+        // Key k0 is always inside the item, so the new maxima are finite.
+        const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
+        const float ca = exp2f(ma - na), cb = exp2f(mb - nb);
+        ma = na; mb = nb;
+        const float p0 = exp2f(s[0] - na), p1 = exp2f(s[1] - nb), p2 = exp2f(s[2] - na), p3 = exp2f(s[3] - nb);
+        la = la * ca + p0 + p2;
+        lb = lb * cb + p1 + p3;
+        // P^T as B fragments (keys x heads): transpose the 8x8 C blocks.
+        const unsigned pb0 = movm_trans(pack_bf16x2(p0, p1));
+        const unsigned pb1 = movm_trans(pack_bf16x2(p2, p3));
+#pragma unroll
+        for (int cc = 0; cc < DA_NCC; cc++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                o[cc][j][0] *= ca; o[cc][j][1] *= cb; o[cc][j][2] *= ca; o[cc][j][3] *= cb;
+                // V^T as A fragments (dims x keys): words 2 j (rows 0..7) and 2 j + 1 (rows 8..15).
+                unsigned a[4] = {movm_trans(u4_word(vf[0][cc], 2 * j)), movm_trans(u4_word(vf[0][cc], 2 * j + 1)),
+                                 movm_trans(u4_word(vf[1][cc], 2 * j)), movm_trans(u4_word(vf[1][cc], 2 * j + 1))};
+                mma_bf16(o[cc][j], a, pb0, pb1);
+            }
+    }
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+        la += __shfl_xor_sync(0xffffffff, la, off);
+        lb += __shfl_xor_sync(0xffffffff, lb, off);
+    }
+    // This lane's outputs: heads 2 tg + e, dims 8 ci + 4 j + 2 w + (r & 1), ci = 4 cc + r / 2.
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        const int g = 2 * tg + e;
+        if (g >= G) continue;
+        const float l = e ? lb : la, m = e ? mb : ma;
+        const size_t row = ((size_t)item * nkv + kvh) * G + g;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        bf16* dst = out + (size_t)t * nq * D + (size_t)(kvh * G + g) * D;
+#pragma unroll
+        for (int cc = 0; cc < DA_NCC; cc++) {
+            const int ci = 4 * cc + (r >> 1);
+            if (ci >= NCH) continue;
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int w = 0; w < 2; w++) {
+                    const int d = 8 * ci + 4 * j + 2 * w + (r & 1);
+                    const float v = o[cc][j][2 * w + e];
+                    if (count == 1) dst[d] = f2bf(v * inv);
+                    else part_o[row * D + d] = v;
+                }
+        }
+        if (count != 1 && r == 0) part_ml[row] = make_float2(m, l);
+    }
+    if (count == 1) return;
+    // Split token: the last of its warps to get here merges the partials (log-sum-exp in
+    // base 2). Release: every lane's partials, then one counter increment; acquire: the
+    // last warp fences before reading the others' partials past L1.
+    __threadfence();
+    __syncwarp();
+    int prev = 0;
+    if (lane == 0) prev = atomicAdd(counters + t * nkv + kvh, 1);
+    prev = __shfl_sync(0xffffffff, prev, 0);
+    if (prev != count - 1) return;
+    __threadfence();
+    for (int g = 0; g < G; g++) {
+        float mx = NEG;
+        for (int i = lane; i < count; i += 32)
+            mx = fmaxf(mx, __ldcg(part_ml + ((size_t)(first + i) * nkv + kvh) * G + g).x);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off));
+        for (int d4 = lane; d4 < D / 4; d4 += 32) {
+            float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+            float den = 0.f;
+            for (int i = 0; i < count; i++) {
+                const size_t row = ((size_t)(first + i) * nkv + kvh) * G + g;
+                const float2 ml = __ldcg(part_ml + row);
+                const float4 v = __ldcg((const float4*)(part_o + row * D) + d4);
+                const float w = exp2f(ml.x - mx);
+                num.x += w * v.x; num.y += w * v.y; num.z += w * v.z; num.w += w * v.w;
+                den += w * ml.y;
+            }
+            const float inv = den > 0.f ? 1.f / den : 0.f;
+            uint2 packed = make_uint2(pack_bf16x2(num.x * inv, num.y * inv), pack_bf16x2(num.z * inv, num.w * inv));
+            *(uint2*)(out + (size_t)t * nq * D + (size_t)(kvh * G + g) * D + 4 * d4) = packed;
+        }
+    }
+    if (lane == 0) counters[t * nkv + kvh] = 0;
+}
+#endif
 #endif
 
 // Greedy sampling: out[r] = argmax(logits[r, :]) (fp32 logits); ties go to the lowest id,
