@@ -27,13 +27,16 @@ pub struct PlanArgs {
 /// Runs `colocate plan`: the memory table and every engine's command line; fails when
 /// the deployment does not fit.
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
-    let mut spec = spec::load(&args.file)?;
+    let mut spec = spec::read(&args.file)?;
     if let Some(n) = args.gpu_name {
         if gpu_glue::catalogue_memory(&n).is_none() {
             bail!("--gpu-name {n}: not in the GPU catalogue");
         }
         spec.gpu_name = Some(n);
     }
+    let deployment =
+        spec::validate(spec).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let spec = deployment.spec();
     let facts = if spec.gpu.is_cpu() || spec.gpu_name.is_some() {
         None
     } else {
@@ -48,7 +51,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let plan = crate::plan::plan(&spec, facts.as_ref())
+    let plan = crate::plan::plan(&deployment, facts.as_ref())
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -82,11 +85,11 @@ pub struct UpArgs {
 
 /// Runs `colocate up` until Ctrl-C or SIGTERM, or until every engine has failed.
 pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
-    let spec = spec::load(&args.file)?;
+    let valid = spec::load(&args.file)?;
     let run_dir = args
         .run_dir
         .clone()
-        .or_else(|| spec.run_dir.clone())
+        .or_else(|| valid.spec().run_dir.clone())
         .unwrap_or_else(|| {
             PathBuf::from("runs").join(format!("up-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")))
         });
@@ -97,7 +100,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let opts = UpOptions { run_dir: run_dir.clone(), engine_bin: args.engine_bin, quiet: args.quiet };
-        let up = Deployment::up(&spec, opts);
+        let up = Deployment::up(&valid, opts);
         let signals = shutdown_signal();
         tokio::pin!(up);
         tokio::pin!(signals);
@@ -106,7 +109,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             _ = &mut signals => bail!("interrupted while starting (engines started so far were stopped)"),
         };
         link_current(deployment.run_dir());
-        eprintln!("\ndeployment `{}` is up (run folder {}):", spec.name, deployment.run_dir().display());
+        eprintln!("\ndeployment `{}` is up (run folder {}):", valid.spec().name, deployment.run_dir().display());
         for e in deployment.endpoints() {
             eprintln!("  {:<16} {:<28} {}", e.engine, e.model, e.url);
         }

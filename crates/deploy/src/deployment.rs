@@ -1,7 +1,8 @@
 //! `Deployment::up` and `shutdown`: the API the lab and `colocate up` use.
 //!
 //! Order of things, and why:
-//! 1. validate and plan (a deployment that does not fit is refused before anything runs);
+//! 1. plan the validated deployment (one that does not fit is refused before anything
+//!    runs);
 //! 2. the gateway binds its address first, so a port in use fails in a second, not after
 //!    minutes of engine start-up;
 //! 3. the MPS daemon, when asked, with private folders under the run folder;
@@ -25,7 +26,7 @@ use crate::gateway::{Gateway, LeastOutstanding, WorkerSpec};
 use crate::gpu_glue::{self, Mps, MpsFaultLog};
 use crate::plan::Plan;
 use crate::process::{log_path, ProcSpec};
-use crate::spec::{validate, DeploymentSpec, EngineKind, Sharing};
+use crate::spec::{EngineKind, Sharing, ValidDeployment};
 use crate::state::{self, StateFile};
 use crate::supervisor::{
     Event, InstanceSpec, InstanceStatus, MpsFault, SuperviseOptions, Supervisor,
@@ -89,8 +90,8 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 impl Deployment {
     /// Brings a deployment up (see the module doc for the order). On failure everything
     /// started so far is stopped again and the error says what failed and why.
-    pub async fn up(spec: &DeploymentSpec, opts: UpOptions) -> anyhow::Result<Deployment> {
-        Self::start(spec, opts, None).await
+    pub async fn up(deployment: &ValidDeployment, opts: UpOptions) -> anyhow::Result<Deployment> {
+        Self::start(deployment, opts, None).await
     }
 
     /// [`Deployment::up`], following the MPS logs in `log_dir` (`control.log`,
@@ -100,19 +101,19 @@ impl Deployment {
     /// pipe) and for tests, which write captured log text there; a daemon is still
     /// started only for `sharing = "mps"`.
     pub async fn up_with_mps_logs(
-        spec: &DeploymentSpec,
+        deployment: &ValidDeployment,
         opts: UpOptions,
         log_dir: &Path,
     ) -> anyhow::Result<Deployment> {
-        Self::start(spec, opts, Some(absolute(log_dir)?)).await
+        Self::start(deployment, opts, Some(absolute(log_dir)?)).await
     }
 
     async fn start(
-        spec: &DeploymentSpec,
+        deployment: &ValidDeployment,
         opts: UpOptions,
         mps_log_dir: Option<PathBuf>,
     ) -> anyhow::Result<Deployment> {
-        validate(spec)?;
+        let spec = deployment.spec();
         let run_dir = absolute(&opts.run_dir)?;
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating the run folder {}", run_dir.display()))?;
@@ -125,7 +126,7 @@ impl Deployment {
             )
         };
         // vLLM engines: the installed version's command lines, every flag checked against it.
-        let plan = crate::vllm::plan_checked(spec, facts.as_ref()).await?;
+        let plan = crate::vllm::plan_checked(deployment, facts.as_ref()).await?;
         if !plan.fits {
             bail!(
                 "the deployment does not fit:\n  {}",

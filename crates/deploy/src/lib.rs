@@ -1,7 +1,7 @@
 //! Deployments: "these engines on this GPU, shared this way" turned into running,
 //! supervised processes behind one OpenAI endpoint.
 //!
-//! - [`spec`]: the deployment file and its validation.
+//! - [`spec`]: the deployment file and its validation, once, into a [`ValidDeployment`].
 //! - [`model`]: model shapes (presets, `config.json`) for the memory plan.
 //! - [`plan`]: the memory table and each engine's own flags.
 //! - [`adapters`]: command lines per engine kind.
@@ -30,6 +30,6 @@ pub use gateway::{LeastOutstanding, Policy};
 pub use plan::{plan, EnginePlan, GpuFacts, Plan};
 pub use spec::{
     load, validate, DeploymentSpec, EngineKind, EngineSpec, GatewaySpec, GpuSelector, MemoryBudget,
-    Sharing, SuperviseSpec, Task,
+    Sharing, SuperviseSpec, Task, ValidDeployment,
 };
 pub use supervisor::{Event, EventKind, InstanceState, InstanceStatus};

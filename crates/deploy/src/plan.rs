@@ -31,7 +31,7 @@ use crate::adapters::{self, CommandInput, MemoryFlag};
 use crate::gpu_glue;
 pub use crate::gpu_glue::{catalogue_memory, GpuFacts};
 use crate::model::ModelShape;
-use crate::spec::{DeploymentSpec, EngineKind, EngineSpec, Sharing, Task};
+use crate::spec::{EngineKind, EngineSpec, Sharing, Task, ValidDeployment};
 use crate::units::human_bytes;
 use crate::vllm::{self, VllmVersion};
 
@@ -176,12 +176,13 @@ fn overhead_bytes(kind: EngineKind, device: &str) -> u64 {
         }
 }
 
-/// Plans a deployment. `gpu`: the GPU's facts if known (from `gpu::info`); otherwise the
-/// catalogue entry named by `gpu_name`, or unknown. vLLM command lines are written for the
-/// pinned `vllm_version`, else [`vllm::DEFAULT_VERSION`] (`up` plans with the installed
-/// version instead: [`vllm::plan_checked`]).
-pub fn plan(spec: &DeploymentSpec, gpu: Option<&GpuFacts>) -> anyhow::Result<Plan> {
-    plan_with(spec, gpu, &BTreeMap::new())
+/// Plans a validated deployment. `gpu`: the GPU's facts if known (from `gpu::info`);
+/// otherwise the catalogue entry named by `gpu_name`, or unknown. vLLM command lines are
+/// written for the pinned `vllm_version`, else [`vllm::DEFAULT_VERSION`] (`up` plans with
+/// the installed version instead: [`vllm::plan_checked`]). Whether the budgets, weights and
+/// KV caches fit the GPU's memory is answered here (`fits`, `problems`), not by validation.
+pub fn plan(deployment: &ValidDeployment, gpu: Option<&GpuFacts>) -> anyhow::Result<Plan> {
+    plan_with(deployment, gpu, &BTreeMap::new())
 }
 
 /// The vLLM version of an engine's command line: detected, else pinned, else assumed.
@@ -200,11 +201,11 @@ fn vllm_version_of(
 
 /// [`plan`] with the vLLM versions `up` found installed, by engine name.
 pub fn plan_with(
-    spec: &DeploymentSpec,
+    deployment: &ValidDeployment,
     gpu: Option<&GpuFacts>,
     detected: &BTreeMap<String, VllmVersion>,
 ) -> anyhow::Result<Plan> {
-    crate::spec::validate(spec)?;
+    let spec = deployment.spec();
     let on_cpu = spec.gpu.is_cpu();
     let facts: Option<GpuFacts> = if on_cpu {
         None
@@ -236,6 +237,20 @@ pub fn plan_with(
             budgets.push(b);
         }
     }
+    // The budgets the file gives, against the GPU's memory (every mode: MIG slices are
+    // parts of it too).
+    let over_budget = match (total_mem, &facts) {
+        (Some(t), Some(f)) if budgeted > t => {
+            problems.push(format!(
+                "budgets over 100%: {} of {} on {}",
+                human_bytes(budgeted),
+                human_bytes(t),
+                f.name
+            ));
+            true
+        }
+        _ => false,
+    };
     if let (Some(t), true) = (total_mem, unbudgeted > 0) {
         let share = t.saturating_sub(budgeted) / unbudgeted;
         for b in budgets.iter_mut().filter(|b| b.is_none()) {
@@ -419,7 +434,7 @@ pub fn plan_with(
     }
     let total_bytes: u64 = engines.iter().map(|e| e.total_bytes).sum();
     if let Some(t) = total_mem {
-        if spec.sharing != Sharing::Mig && total_bytes > t {
+        if spec.sharing != Sharing::Mig && total_bytes > t && !over_budget {
             problems.push(format!(
                 "the engines need {} but the GPU has {}",
                 human_bytes(total_bytes),
@@ -706,7 +721,11 @@ impl fmt::Display for Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{parse, EngineSpec, GpuSelector, MemoryBudget};
+    use crate::spec::{parse, validate, DeploymentSpec, EngineSpec, GpuSelector, MemoryBudget};
+
+    fn valid(spec: &DeploymentSpec) -> ValidDeployment {
+        validate(spec.clone()).unwrap()
+    }
 
     fn h100() -> GpuFacts {
         GpuFacts {
@@ -740,7 +759,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let p = plan(&spec, Some(&h100())).unwrap();
+        let p = plan(&valid(&spec), Some(&h100())).unwrap();
         assert!(p.fits, "{p}");
         // Under the pinned limit vLLM's fraction is taken against the whole GPU from the
         // limit less the CUDA context: (44,857 - 768) MiB / 81,559 MiB = 0.54058 -> 0.5405.
@@ -811,7 +830,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let p = plan(&spec, Some(&h200())).unwrap();
+        let p = plan(&valid(&spec), Some(&h200())).unwrap();
         assert!(p.fits, "{p}");
         for e in &p.engines {
             let pin = e.pinned.as_ref().unwrap();
@@ -855,7 +874,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let p = plan(&spec, Some(&h200())).unwrap();
+        let p = plan(&valid(&spec), Some(&h200())).unwrap();
         assert!(!p.fits);
         assert!(
             p.problems[0].contains("exceeds its pinned limit 24.0 GiB")
@@ -867,7 +886,7 @@ mod tests {
         // 6 GiB of KV fits: the flag is there too.
         let mut ok = spec.clone();
         ok.engines[0].kv_cache_memory = Some(6 << 30);
-        let p = plan(&ok, Some(&h200())).unwrap();
+        let p = plan(&valid(&ok), Some(&h200())).unwrap();
         assert!(p.fits, "{p}");
         assert!(p.engines[0]
             .command
@@ -890,7 +909,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let p = plan(&spec, Some(&h200())).unwrap();
+        let p = plan(&valid(&spec), Some(&h200())).unwrap();
         assert_eq!(p.engines[0].memory_flag, "--gpu-memory-utilization 0.5");
         assert!(p.engines[0].pinned.is_none());
         assert!(p.engines[0]
@@ -914,7 +933,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let p = plan(&spec, Some(&h200())).unwrap();
+        let p = plan(&valid(&spec), Some(&h200())).unwrap();
         assert!(!p.fits);
         assert!(
             p.problems
@@ -932,7 +951,7 @@ mod tests {
                 "gpu = 0\n[[engines]]\nname = \"e\"\nkind = \"vllm\"\nmodel = \"Qwen/Qwen3-Embedding-8B\"\ntask = \"embed\"\nport = 8200\n{pin}\nkv_cache_memory = \"1GiB\"\n"
             )
         };
-        let p = plan(&parse(&text("")).unwrap(), Some(&h200())).unwrap();
+        let p = plan(&valid(&parse(&text("")).unwrap()), Some(&h200())).unwrap();
         let v = p.engines[0].vllm_version.as_ref().unwrap();
         assert_eq!(
             (v.version.as_str(), v.source.as_str()),
@@ -942,7 +961,7 @@ mod tests {
             .to_string()
             .contains("vllm_version not set: command line for vLLM 0.26.0"));
         let p = plan(
-            &parse(&text("vllm_version = \"0.10\"")).unwrap(),
+            &valid(&parse(&text("vllm_version = \"0.10\"")).unwrap()),
             Some(&h200()),
         )
         .unwrap();
@@ -958,7 +977,7 @@ mod tests {
             e.notes
         );
         let detected = BTreeMap::from([("e".to_string(), VllmVersion::new(0, 15, 1))]);
-        let p = plan_with(&parse(&text("")).unwrap(), Some(&h200()), &detected).unwrap();
+        let p = plan_with(&valid(&parse(&text("")).unwrap()), Some(&h200()), &detected).unwrap();
         let e = &p.engines[0];
         assert_eq!(e.vllm_version.as_ref().unwrap().source, "detected");
         assert!(e
@@ -983,7 +1002,7 @@ mod tests {
                 ..Default::default()
             });
         }
-        let p = plan(&spec, Some(&h100())).unwrap();
+        let p = plan(&valid(&spec), Some(&h100())).unwrap();
         // First: half of an empty GPU. Second: a quarter of the total is half of the half left.
         assert_eq!(p.engines[0].memory_flag, "--mem-fraction-static 0.5");
         assert_eq!(p.engines[1].memory_flag, "--mem-fraction-static 0.5");
@@ -1003,7 +1022,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let p = plan(&spec, Some(&h100())).unwrap();
+        let p = plan(&valid(&spec), Some(&h100())).unwrap();
         assert!(!p.fits);
         assert!(
             p.problems[0].contains("smaller than weights"),
@@ -1011,6 +1030,41 @@ mod tests {
             p.problems
         );
         assert!(p.to_string().contains("DOES NOT FIT"));
+    }
+
+    /// Budgets beyond the GPU's memory are the plan's finding: validation does not know
+    /// the GPU. Said once, as the budgets, not again as the engines' total.
+    #[test]
+    fn budgets_beyond_the_gpu_do_not_fit() {
+        let spec = parse(
+            r#"
+            gpu = 0
+            gpu_name = "H100"
+            [[engines]]
+            name = "a"
+            kind = "vllm"
+            model = "Qwen/Qwen3-8B"
+            port = 8001
+            memory = "60GiB"
+            [[engines]]
+            name = "b"
+            kind = "vllm"
+            model = "Qwen/Qwen3-8B"
+            port = 8002
+            memory = "40GiB"
+            "#,
+        )
+        .unwrap();
+        let p = plan(&valid(&spec), None).unwrap();
+        assert!(!p.fits);
+        assert_eq!(
+            p.problems,
+            vec!["budgets over 100%: 100.0 GiB of 79.6 GiB on H100".to_string()],
+            "{p}"
+        );
+        let mut within = spec.clone();
+        within.engines[0].memory = Some(MemoryBudget::Bytes(30 << 30));
+        assert!(plan(&valid(&within), None).unwrap().fits);
     }
 
     #[test]
@@ -1027,7 +1081,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let p = plan(&spec, None).unwrap();
+        let p = plan(&valid(&spec), None).unwrap();
         let e = &p.engines[0];
         assert_eq!(e.device, "cpu");
         let kv = (128 << 20) - e.weights_bytes - e.overhead_bytes;
@@ -1051,7 +1105,7 @@ mod tests {
             replicas: 2,
             ..Default::default()
         });
-        let p = plan(&spec, Some(&h100())).unwrap();
+        let p = plan(&valid(&spec), Some(&h100())).unwrap();
         assert_eq!(p.engines.len(), 2);
         assert_eq!(p.engines[0].name, "a-0");
         assert_eq!(p.engines[1].port, 9001);

@@ -2,9 +2,11 @@
 //!
 //! A deployment is "these engines on this GPU, shared this way, behind this gateway".
 //! The structs are plain serde data so the lab can build them in code as well as read
-//! them from TOML. `load` parses with `deny_unknown_fields` (a misspelt key is an error,
-//! not a silently ignored setting) and then runs `validate`, whose every message names the
-//! file, the field and the reason.
+//! them from TOML. `parse` reads with `deny_unknown_fields` (a misspelt key is an error,
+//! not a silently ignored setting); [`validate`], whose every message names the field and
+//! the reason, is the one check of a spec and the only maker of a [`ValidDeployment`], the
+//! value `plan` and `Deployment::up` take. Whether the engines fit the GPU's memory is the
+//! plan's question, not validation's. `load` reads a file and validates it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -102,13 +104,35 @@ pub enum Sharing {
     Mig,
 }
 
-impl fmt::Display for Sharing {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Sharing {
+    /// Every mode, in the order files list them.
+    pub const ALL: [Sharing; 3] = [Sharing::Timeslice, Sharing::Mps, Sharing::Mig];
+
+    /// The mode's name in files: `timeslice`, `mps`, `mig`.
+    pub fn name(self) -> &'static str {
+        match self {
             Sharing::Timeslice => "timeslice",
             Sharing::Mps => "mps",
             Sharing::Mig => "mig",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Sharing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Sharing {
+    type Err = String;
+
+    /// `timeslice`, `mps` or `mig`, as in files.
+    fn from_str(s: &str) -> Result<Self, String> {
+        Sharing::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown sharing mode {s:?} (timeslice, mps or mig)"))
     }
 }
 
@@ -506,28 +530,114 @@ impl Default for DeploymentSpec {
     }
 }
 
+impl DeploymentSpec {
+    /// The spec as a deployment file that [`parse`] reads back to the same spec (the lab's
+    /// recommended deployment). Settings at their defaults are left out, except those that
+    /// say what runs: the deployment's name, GPU and sharing mode, and each engine's name,
+    /// kind, model, task and port.
+    pub fn to_toml(&self) -> anyhow::Result<String> {
+        let mut top = table_of(self)?;
+        let always = ["name", "gpu", "sharing", "engines", "gateway", "supervise"];
+        at_defaults_left_out(&mut top, &table_of(&DeploymentSpec::default())?, &always);
+        if let Some(toml::Value::Table(t)) = top.get_mut("supervise") {
+            at_defaults_left_out(t, &table_of(&SuperviseSpec::default())?, &[]);
+            if t.is_empty() {
+                top.remove("supervise");
+            }
+        }
+        if let Some(toml::Value::Table(t)) = top.get_mut("gateway") {
+            // kept when empty: `[gateway]` alone asks for the default gateway
+            at_defaults_left_out(t, &table_of(&GatewaySpec::default())?, &[]);
+        }
+        if let Some(toml::Value::Array(engines)) = top.get_mut("engines") {
+            for (v, e) in engines.iter_mut().zip(&self.engines) {
+                let Some(t) = v.as_table_mut() else { continue };
+                let default = EngineSpec {
+                    kind: e.kind,
+                    start_timeout: default_start_timeout(e.kind),
+                    ..EngineSpec::default()
+                };
+                let always = ["name", "kind", "model", "task", "port"];
+                at_defaults_left_out(t, &table_of(&default)?, &always);
+            }
+        }
+        Ok(toml::to_string_pretty(&top)?)
+    }
+}
+
+/// A serialisable value as a TOML table.
+fn table_of<T: Serialize>(v: &T) -> anyhow::Result<toml::Table> {
+    match toml::Value::try_from(v)? {
+        toml::Value::Table(t) => Ok(t),
+        other => anyhow::bail!("not a table: {other}"),
+    }
+}
+
+/// Removes the keys of `t` whose value is the one in `defaults`, but those in `keep`.
+fn at_defaults_left_out(t: &mut toml::Table, defaults: &toml::Table, keep: &[&str]) {
+    t.retain(|k, v| keep.contains(&k) || defaults.get(k) != Some(&*v));
+}
+
 /// Reads, parses and validates a deployment file. Errors name the file, the field and the
 /// reason.
-pub fn load(path: &Path) -> anyhow::Result<DeploymentSpec> {
+pub fn load(path: &Path) -> anyhow::Result<ValidDeployment> {
+    let spec = read(path)?;
+    validate(spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Reads and parses a deployment file (no validation: for a caller that edits the spec
+/// first, as `colocate plan --gpu-name` does). Errors name the file.
+pub fn read(path: &Path) -> anyhow::Result<DeploymentSpec> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("{}: cannot read the deployment file: {e}", path.display()))?;
-    let spec = parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    validate(&spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(spec)
+    parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Parses TOML text into a spec (no validation).
 pub fn parse(text: &str) -> anyhow::Result<DeploymentSpec> {
-    let mut spec = toml::from_str::<DeploymentSpec>(text).map_err(|e| {
+    let spec = toml::from_str::<DeploymentSpec>(text).map_err(|e| {
         // toml's message already names the key and shows the line; keep it on one block.
         anyhow::anyhow!("{}", e.to_string().trim_end())
     })?;
+    Ok(with_kind_defaults(spec))
+}
+
+/// A spec from an already parsed TOML table, as [`parse`] reads it from text (no
+/// validation): the lab's `[deployment]`, which is a table inside the experiment file.
+pub fn from_table(table: toml::Table) -> anyhow::Result<DeploymentSpec> {
+    let spec: DeploymentSpec = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+    Ok(with_kind_defaults(spec))
+}
+
+/// Gives each engine whose file did not set `start_timeout` its kind's default.
+fn with_kind_defaults(mut spec: DeploymentSpec) -> DeploymentSpec {
     for e in &mut spec.engines {
         if e.start_timeout == START_TIMEOUT_UNSET {
             e.start_timeout = default_start_timeout(e.kind);
         }
     }
-    Ok(spec)
+    spec
+}
+
+/// A deployment that passed [`validate`], the only function that makes one: what
+/// [`crate::plan::plan`] and [`crate::Deployment::up`] take, so a spec is checked once
+/// however many steps read it. To change it, take the spec out ([`Self::into_spec`]) and
+/// validate again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidDeployment(DeploymentSpec);
+
+impl ValidDeployment {
+    /// The spec, to read.
+    pub fn spec(&self) -> &DeploymentSpec {
+        &self.0
+    }
+
+    /// The spec, to edit (and validate again).
+    pub fn into_spec(self) -> DeploymentSpec {
+        self.0
+    }
 }
 
 /// Every problem found in a spec, one per line, each `field: reason`.
@@ -664,8 +774,10 @@ fn engine_options_problems(e: &EngineSpec) -> Vec<(&'static str, String)> {
     out
 }
 
-/// Checks what the types cannot: names, ports, budgets, sharing-mode settings.
-pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
+/// Checks what the types cannot: names, ports, budgets, sharing-mode settings. Every
+/// problem is reported, one per line, each as `field: reason`. Whether the budgets fit the
+/// GPU's memory is left to the plan, which knows the GPU.
+pub fn validate(spec: DeploymentSpec) -> anyhow::Result<ValidDeployment> {
     let mut errs: Vec<(String, String)> = Vec::new();
     let mut err = |field: String, reason: String| errs.push((field, reason));
 
@@ -688,7 +800,6 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     let mut ports: BTreeMap<u16, String> = BTreeMap::new();
     let mut fraction_sum = 0.0f64;
-    let mut bytes_sum: u64 = 0;
     for (i, e) in spec.engines.iter().enumerate() {
         let at = |f: &str| format!("engines[{i}].{f}");
         if e.name.trim().is_empty() {
@@ -827,10 +938,7 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
                 }
                 fraction_sum += f * e.replicas.max(1) as f64;
             }
-            Some(MemoryBudget::Bytes(b)) => {
-                bytes_sum = bytes_sum.saturating_add(b * e.replicas.max(1) as u64)
-            }
-            None => {}
+            Some(MemoryBudget::Bytes(_)) | None => {}
         }
     }
     if fraction_sum > 1.0 + 1e-9 {
@@ -841,24 +949,6 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
                 fraction_sum * 100.0
             ),
         );
-    }
-    if let Some(total) = spec
-        .gpu_name
-        .as_deref()
-        .and_then(crate::gpu_glue::catalogue_memory)
-    {
-        let sum = bytes_sum as f64 + fraction_sum * total as f64;
-        if sum > total as f64 && fraction_sum <= 1.0 + 1e-9 {
-            err(
-                "engines[*].memory".into(),
-                format!(
-                    "budgets over 100%: {} of {} on {}",
-                    crate::units::human_bytes(sum as u64),
-                    crate::units::human_bytes(total),
-                    spec.gpu_name.as_deref().unwrap_or_default()
-                ),
-            );
-        }
     }
     if let Some(g) = &spec.gateway {
         match g.port() {
@@ -882,7 +972,7 @@ pub fn validate(spec: &DeploymentSpec) -> anyhow::Result<()> {
         }
     }
     if errs.is_empty() {
-        Ok(())
+        Ok(ValidDeployment(spec))
     } else {
         Err(ValidationErrors(errs).into())
     }
@@ -900,11 +990,74 @@ mod tests {
 
     fn problems(text: &str) -> String {
         match parse(text) {
-            Ok(spec) => validate(&spec)
+            Ok(spec) => validate(spec)
                 .map(|_| String::new())
                 .unwrap_or_else(|e| e.to_string()),
             Err(e) => e.to_string(),
         }
+    }
+
+    /// The file form reads back to the same spec and leaves out what is at its default,
+    /// a start time-out included only where it is not the engine kind's.
+    #[test]
+    fn to_toml_reads_back_and_leaves_defaults_out() {
+        let text = r#"
+name = "pair"
+gpu = 0
+sharing = "mps"
+[gateway]
+[supervise]
+max_failures = 2
+[[engines]]
+name = "gen"
+kind = "vllm"
+model = "Qwen/Qwen3-8B"
+port = 8001
+memory = 0.45
+sm_percent = 70
+start_timeout = "120s"
+env = { PYTHONPATH = "/tmp/site" }
+[[engines]]
+name = "embed"
+model = "preset:qwen3-tiny"
+task = "embed"
+port = 8002
+memory = "4GiB"
+replicas = 2
+"#;
+        let spec = parse(text).unwrap();
+        let out = spec.to_toml().unwrap();
+        assert_eq!(parse(&out).unwrap(), spec, "{out}");
+        for kept in [
+            "name = \"pair\"",
+            "sharing = \"mps\"",
+            "[gateway]",
+            "max_failures = 2",
+            "start_timeout = \"2m\"",
+            "kind = \"builtin\"",
+            "replicas = 2",
+            "memory = 4294967296",
+            "PYTHONPATH = \"/tmp/site\"",
+        ] {
+            assert!(out.contains(kept), "{kept} not in\n{out}");
+        }
+        for left_out in [
+            "backoff_max",
+            "args",
+            "drain_timeout",
+            "start_timeout = \"10m\"",
+        ] {
+            assert!(!out.contains(left_out), "{left_out} in\n{out}");
+        }
+        assert_eq!(out.matches("start_timeout").count(), 1, "{out}");
+        // no gateway, default supervision: neither table is written
+        let plain = parse("[[engines]]\nname = \"e\"\nmodel = \"m\"\nport = 1\n").unwrap();
+        let out = plain.to_toml().unwrap();
+        assert_eq!(parse(&out).unwrap(), plain, "{out}");
+        assert!(
+            !out.contains("[gateway]") && !out.contains("[supervise]"),
+            "{out}"
+        );
     }
 
     /// vLLM compiles and captures graphs before it answers /health: a longer default.
@@ -935,7 +1088,7 @@ api_server_count = 2
 kv_cache_memory = "8GiB""#,
         ))
         .unwrap();
-        validate(&s).unwrap();
+        let s = validate(s).unwrap().into_spec();
         let e = &s.engines[0];
         assert_eq!(e.launcher.as_ref().unwrap()[2], "vllm.entrypoints.cli.main");
         assert_eq!(e.kv_cache_memory, Some(8 << 30));

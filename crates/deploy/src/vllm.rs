@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::spec::{DeploymentSpec, EngineKind, EngineSpec};
+use crate::spec::{DeploymentSpec, EngineKind, EngineSpec, ValidDeployment};
 
 /// A vLLM release, `major.minor.patch` (a fourth part, `rcN`, `.postN` or `+local` are
 /// ignored: flags do not change within a patch release).
@@ -464,12 +464,12 @@ pub fn check_flags(
 /// The plan `up` runs: command lines for the vLLM each engine really has, every flag of
 /// them known to it. Without vLLM engines this is just [`crate::plan::plan`].
 pub async fn plan_checked(
-    spec: &DeploymentSpec,
+    deployment: &ValidDeployment,
     gpu: Option<&crate::plan::GpuFacts>,
 ) -> anyhow::Result<crate::plan::Plan> {
-    crate::spec::validate(spec)?;
+    let spec = deployment.spec();
     let installs = probe_all(spec).await?;
-    let plan = crate::plan::plan_with(spec, gpu, &installs.versions())?;
+    let plan = crate::plan::plan_with(deployment, gpu, &installs.versions())?;
     check_flags(spec, &plan, &installs)?;
     Ok(plan)
 }
@@ -632,8 +632,8 @@ mod tests {
         vec!["sh".into(), script.display().to_string()]
     }
 
-    fn vllm_spec(launcher: Vec<String>, pin: Option<&str>, args: &[&str]) -> DeploymentSpec {
-        crate::spec::DeploymentSpec {
+    fn vllm_spec(launcher: Vec<String>, pin: Option<&str>, args: &[&str]) -> ValidDeployment {
+        let spec = crate::spec::DeploymentSpec {
             gpu: crate::spec::GpuSelector::Index(0),
             gpu_name: Some("H200".into()),
             engines: vec![EngineSpec {
@@ -649,7 +649,8 @@ mod tests {
                 ..Default::default()
             }],
             ..Default::default()
-        }
+        };
+        crate::spec::validate(spec).unwrap()
     }
 
     #[tokio::test]

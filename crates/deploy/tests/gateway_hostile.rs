@@ -64,7 +64,9 @@ async fn up(engines: Vec<EngineSpec>) -> (Deployment, tempfile::TempDir) {
         engine_bin: None,
         quiet: true,
     };
-    let d = Deployment::up(&spec(engines), opts).await.unwrap();
+    let d = Deployment::up(&deploy::validate(spec(engines)).unwrap(), opts)
+        .await
+        .unwrap();
     (d, dir)
 }
 

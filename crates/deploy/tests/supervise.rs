@@ -11,6 +11,7 @@ use deploy::process::{alive, ProcSpec};
 use deploy::supervisor::{EventKind, InstanceSpec, InstanceState, SuperviseOptions, Supervisor};
 use deploy::{
     Deployment, DeploymentSpec, EngineKind, EngineSpec, GatewaySpec, SuperviseSpec, UpOptions,
+    ValidDeployment,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -70,6 +71,11 @@ fn spec(engines: Vec<EngineSpec>) -> DeploymentSpec {
     }
 }
 
+/// A test spec, validated as `up` takes it.
+fn valid(s: &DeploymentSpec) -> ValidDeployment {
+    deploy::validate(s.clone()).unwrap()
+}
+
 fn opts(dir: &tempfile::TempDir) -> UpOptions {
     UpOptions {
         run_dir: dir.path().join("run"),
@@ -121,7 +127,7 @@ async fn gateway_routes_streams_lists_and_counts() {
         fake("b", "model-b", 1, &[]),
     ]);
     let (pa, pb) = (s.engines[0].port, s.engines[1].port);
-    let d = Deployment::up(&s, opts(&dir)).await.unwrap();
+    let d = Deployment::up(&valid(&s), opts(&dir)).await.unwrap();
     let gw = d.gateway_url().unwrap();
 
     let (st, body) = complete(&gw, "model-a", false).await;
@@ -235,7 +241,7 @@ async fn gateway_routes_streams_lists_and_counts() {
 async fn killed_engine_comes_back_and_the_gateway_routes_around_it() {
     let dir = tempfile::tempdir().unwrap();
     let s = spec(vec![fake("gen", "m", 2, &[]), fake("solo", "s", 1, &[])]);
-    let d = Deployment::up(&s, opts(&dir)).await.unwrap();
+    let d = Deployment::up(&valid(&s), opts(&dir)).await.unwrap();
     let gw = d.gateway_url().unwrap();
     let status = d.status();
     assert_eq!(
@@ -308,7 +314,7 @@ async fn gives_up_after_max_failures_and_says_why() {
     let mut s = spec(vec![fake("flaky", "f", 1, &[("EXIT_AFTER", "0.3")])]);
     s.supervise.max_failures = 2;
     s.gateway = None;
-    let d = Deployment::up(&s, opts(&dir)).await.unwrap();
+    let d = Deployment::up(&valid(&s), opts(&dir)).await.unwrap();
     let why = tokio::time::timeout(Duration::from_secs(30), d.failed())
         .await
         .expect("never gave up");
@@ -330,7 +336,7 @@ async fn start_failures_name_the_engine_and_show_its_log() {
         fake("ok", "a", 1, &[]),
         fake("broken", "b", 1, &[("EXIT_AT_START", "1")]),
     ]);
-    let e = Deployment::up(&s, opts(&dir))
+    let e = Deployment::up(&valid(&s), opts(&dir))
         .await
         .err()
         .expect("must fail")
@@ -348,7 +354,7 @@ async fn start_failures_name_the_engine_and_show_its_log() {
     let dir = tempfile::tempdir().unwrap();
     s.engines = vec![fake("slow", "a", 1, &[("READY_AFTER", "100")])];
     s.engines[0].start_timeout = Duration::from_secs(1);
-    let e = Deployment::up(&s, opts(&dir))
+    let e = Deployment::up(&valid(&s), opts(&dir))
         .await
         .err()
         .expect("must time out")
@@ -362,7 +368,7 @@ async fn start_failures_name_the_engine_and_show_its_log() {
     let t0 = Instant::now();
     let e = format!(
         "{:#}",
-        Deployment::up(&s, opts(&dir))
+        Deployment::up(&valid(&s), opts(&dir))
             .await
             .err()
             .expect("port in use")
@@ -613,7 +619,7 @@ async fn mps_fault_in_the_log_restarts_every_engine_and_status_shows_it() {
         fake("embed", "model-embed", 1, &[]),
     ]);
     s.gateway = None;
-    let d = Deployment::up_with_mps_logs(&s, opts(&dir), &logs)
+    let d = Deployment::up_with_mps_logs(&valid(&s), opts(&dir), &logs)
         .await
         .unwrap();
     assert!(d.mps_faults().is_empty());
@@ -791,7 +797,7 @@ async fn mps_fault_with_a_named_culprit_charges_only_it() {
         fake("embed", "model-embed", 1, &[]),
     ]);
     s.gateway = None;
-    let d = Deployment::up_with_mps_logs(&s, opts(&dir), &logs)
+    let d = Deployment::up_with_mps_logs(&valid(&s), opts(&dir), &logs)
         .await
         .unwrap();
     let before: Vec<u32> = d.status().iter().map(|s| s.pid.unwrap()).collect();

@@ -71,11 +71,10 @@ pub fn environment() -> Environment {
 }
 
 /// Parses and validates a condition's deployment with the `deploy` crate.
-fn deployment_spec(table: &toml::Table) -> Result<deploy::DeploymentSpec> {
+fn deployment_spec(table: &toml::Table) -> Result<deploy::ValidDeployment> {
     let text = toml::to_string(table).context("deployment template is not valid TOML")?;
     let spec = deploy::spec::parse(&text).context("deployment")?;
-    deploy::validate(&spec).context("deployment")?;
-    Ok(spec)
+    deploy::validate(spec).context("deployment")
 }
 
 /// Checks every distinct deployment of the plan before anything starts, so that a bad
@@ -406,8 +405,8 @@ fn live_line(p: &bench::Progress) -> String {
 impl Harness for RealHarness {
     fn up(&mut self, deployment: &toml::Table, run_dir: &Path) -> Result<()> {
         self.down();
-        let spec = deployment_spec(deployment)?;
-        self.gpu_index = match spec.gpu {
+        let valid = deployment_spec(deployment)?;
+        self.gpu_index = match valid.spec().gpu {
             deploy::GpuSelector::Index(i) => Some(i),
             _ => None,
         };
@@ -417,7 +416,7 @@ impl Harness for RealHarness {
             // engine output goes to the logs in run_dir; the console has the progress bar
             quiet: true,
         };
-        let d = self.rt.block_on(deploy::Deployment::up(&spec, opts))?;
+        let d = self.rt.block_on(deploy::Deployment::up(&valid, opts))?;
         // workloads go straight to their engine (first replica), not through the gateway;
         // every replica's /metrics is scraped
         self.replicas = d
