@@ -6,21 +6,23 @@
 # A run folder lives in .gpu/runs/<name>: unpack the returned .tgz there (here) and carry
 # .gpu again; the next call resumes it (`colocate lab run --resume`). An interrupted window
 # is measured again on resume; the lab stops its engines and quits its MPS daemon on SIGINT.
+# Env: BIN (default .gpu: colocate and runs/), LAB_ARGS (extra `lab run` arguments for a new
+# run, e.g. "--repetitions 1 --warmup 15s --duration 30s"; a resumed run keeps its own).
 set -uo pipefail
-LIMIT=${LIMIT:-560}; OUT=${OUT:-gpu-out}; C=.gpu/colocate
-mkdir -p .gpu/runs "$OUT"
+LIMIT=${LIMIT:-560}; OUT=${OUT:-gpu-out}; BIN=${BIN:-.gpu}; C=$BIN/colocate
+mkdir -p "$BIN/runs" "$OUT"
 end=$(( $(date +%s) + LIMIT ))
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 for spec in "$@"; do
-  exp=${spec%%:*}; name=${spec##*:}; run=.gpu/runs/$name
+  exp=${spec%%:*}; name=${spec##*:}; run=$BIN/runs/$name
   left=$(( end - $(date +%s) ))
   if [ "$left" -lt 60 ]; then echo "== $name: not started (${left}s left)"; continue; fi
-  if [ -f "$run/results.json" ]; then args=(--resume "$run"); else args=("$exp" --out "$run"); fi
+  if [ -f "$run/results.json" ]; then args=(--resume "$run"); else read -ra extra <<< "${LAB_ARGS:-}"; args=("$exp" --out "$run" "${extra[@]}"); fi
   echo "== $name: ${args[*]} (${left}s left)"
   # SIGINT lets the lab finish the current window and clean up; KILL 90 s later at worst.
   timeout -s INT -k 90 "$left" "$C" lab run "${args[@]}" --quiet > "$OUT/$name.log" 2>&1
   echo "   exit $?"; tail -n 4 "$OUT/$name.log"
-  tar czf "$OUT/$name.tgz" -C .gpu/runs "$name" 2>/dev/null
+  tar czf "$OUT/$name.tgz" -C "$BIN/runs" "$name" 2>/dev/null
 done
 # Nothing of ours may outlive the call: MPS daemons and engines.
 pgrep -a nvidia-cuda-mps | grep -v defunct && echo "WARNING: an MPS daemon is still running" || echo "no MPS daemon left"

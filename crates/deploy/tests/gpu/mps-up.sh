@@ -36,7 +36,18 @@ check '[ "$(js "s[\"phase\"]")" = running ]' "up reached running in ${i}s"
 if [ "$(js 's["phase"]')" != running ]; then tail -30 "$OUT/up.log"; exit 1; fi
 "$BIN" status "$RUN"
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv | tee "$OUT/apps-before.csv"
-curl -s 127.0.0.1:8001/v1/completions -d '{}'; echo; curl -s 127.0.0.1:8002/v1/completions -d '{}'; echo
+curl -s 127.0.0.1:8001/v1/completions -d '{}' | tee "$OUT/client-a.json"; echo
+curl -s 127.0.0.1:8002/v1/completions -d '{}' | tee "$OUT/client-b.json"; echo
+# The pinned limit is enforced (issue 15): each client allocated up to its limit and no
+# further (it tried 1 GiB past it), while cudaMemGetInfo's total stays the whole GPU.
+for c in a b; do
+  f=$OUT/client-$c.json
+  v() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$f" "$1"; }
+  lim=$(v pinned_limit_mib); got=$(v allocatable_mib); tot=$(v total_mib)
+  check '[ "$lim" != None ] && [ "$got" -le "$lim" ] && [ "$got" -ge $((lim / 2)) ]' \
+    "client $c allocated $got MiB under its pinned limit of $lim MiB (tried $((lim + 1024)))"
+  check '[ "$tot" -gt $((lim * 4)) ]' "client $c: cudaMemGetInfo total $tot MiB is the whole GPU, not the limit"
+done
 step gateway
 curl -s 127.0.0.1:8000/v1/models; echo
 C=$(curl -s -o /dev/null -w '%{http_code}' 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \

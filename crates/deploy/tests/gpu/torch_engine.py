@@ -17,6 +17,34 @@ torch.cuda.synchronize()
 free, total = torch.cuda.mem_get_info()
 print(f"torch engine {model} on {port}: cuda ok, mem_get_info total {total >> 20} MiB", flush=True)
 
+def pinned_limit_mib():
+    """CUDA_MPS_PINNED_DEVICE_MEM_LIMIT for device 0 (`0=4096M`), in MiB, or None."""
+    for part in os.environ.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "").split(","):
+        dev, _, v = part.partition("=")
+        if dev.strip() == "0" and v:
+            unit = {"M": 1, "G": 1024}.get(v[-1].upper())
+            return int(v[:-1]) * unit if unit else int(v) >> 20
+    return None
+
+def allocatable_mib(cap_mib):
+    """What this client can really allocate: 256 MiB blocks until out of memory or past
+    `cap_mib` (the pinned limit plus 1 GiB, so that an unenforced limit shows)."""
+    step, blocks = 256 << 20, []
+    try:
+        while len(blocks) * 256 < cap_mib:
+            blocks.append(torch.empty(step, dtype=torch.uint8, device="cuda"))
+    except torch.cuda.OutOfMemoryError:
+        pass
+    got = len(blocks) * 256
+    del blocks
+    torch.cuda.empty_cache()
+    return got
+
+limit = pinned_limit_mib()
+probe = allocatable_mib(limit + 1024) if limit else None
+free_after, _ = torch.cuda.mem_get_info()
+print(f"torch engine {model}: pinned limit {limit} MiB, allocatable {probe} MiB, mem_get_info free {free_after >> 20} MiB", flush=True)
+
 def spin():
     b = a
     try:
@@ -51,7 +79,8 @@ class H(BaseHTTPRequestHandler):
             err = wild_write()
             print(f"torch engine {model}: wild write: {err}", flush=True)
             return self.reply(200, {"fault": err})
-        self.reply(200, {"model": model, "device": torch.cuda.get_device_name(0), "total_mib": total >> 20,
+        self.reply(200, {"model": model, "device": torch.cuda.get_device_name(0), "total_mib": total >> 20, "free_mib": free >> 20,
+                         "pinned_limit_mib": limit, "allocatable_mib": probe,
                          "sm_percent": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
                          "pipe": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")})
 
