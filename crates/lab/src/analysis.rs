@@ -416,6 +416,7 @@ pub fn analyse(results: &Results) -> Analysis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matrix::ConditionSharing;
 
     fn m(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
@@ -465,7 +466,11 @@ mod tests {
             condition: Some(Condition {
                 label: label.into(),
                 repetition: 1,
-                sharing: if solo { "solo" } else { "mps" }.into(),
+                sharing: if solo {
+                    ConditionSharing::Solo
+                } else {
+                    ConditionSharing::Shared(deploy::Sharing::Mps)
+                },
                 engines: vec![],
                 mps_split: None,
                 memory_split: None,

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::deployments::{self, Deployments};
 use crate::matrix::{describe, plan, Condition};
 use crate::report::{compare, render, CommandLines};
 use crate::results::{Results, SCHEMA_VERSION};
 use crate::runner::{now_rfc3339, run as run_plan, ProgressView};
 use crate::spec::Experiment;
-use crate::template;
 
 /// Arguments of `colocate lab`.
 #[derive(Debug, clap::Args)]
@@ -117,7 +117,7 @@ fn command_line() -> String {
 }
 
 fn run_cmd(a: RunArgs) -> Result<()> {
-    let (mut results, dir) = if let Some(dir) = &a.resume {
+    let (mut results, dir, mut valid) = if let Some(dir) = &a.resume {
         if a.warmup.is_some() || a.duration.is_some() || a.repetitions.is_some() {
             bail!("--resume continues a run with its own settings; --warmup, --duration and --repetitions cannot change them");
         }
@@ -125,7 +125,8 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         if a.retry_failed {
             r.conditions.retain(|c| c.failed.is_none());
         }
-        (r, dir.clone())
+        // what is left is validated before its first start
+        (r, dir.clone(), Deployments::default())
     } else {
         let path = a
             .experiment
@@ -153,12 +154,12 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             for line in preset_lines(&exp) {
                 println!("{line}");
             }
-            check_deployments(&exp, &planned)?;
-            template::check_models(&exp, &planned)?;
+            Deployments::check(&exp, &planned)?;
+            deployments::check_models(&exp, &planned)?;
             return Ok(());
         }
-        check_deployments(&exp, &planned)?;
-        template::check_models(&exp, &planned)?;
+        let valid = Deployments::check(&exp, &planned)?;
+        deployments::check_models(&exp, &planned)?;
         let dir = match &a.out {
             Some(d) => d.clone(),
             None => {
@@ -197,7 +198,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             conditions: Vec::new(),
         };
         r.save(&dir)?;
-        (r, dir)
+        (r, dir, valid)
     };
     if a.dry_run {
         print!(
@@ -218,7 +219,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         .filter(|c| results.find(&c.id()).is_none())
         .cloned()
         .collect();
-    template::check_models(&results.experiment, &left)?;
+    deployments::check_models(&results.experiment, &left)?;
     eprintln!(
         "lab: {} — {total} conditions ({done} already done), results in {}",
         results.experiment.name,
@@ -230,7 +231,14 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     let cancel = Arc::new(AtomicBool::new(false));
     let mut harness = harness(&results.experiment, cancel.clone())?;
     let view = ProgressView::new(total, done, a.quiet);
-    run_plan(&mut results, &dir, harness.as_mut(), &cancel, &view)?;
+    run_plan(
+        &mut results,
+        &dir,
+        harness.as_mut(),
+        &mut valid,
+        &cancel,
+        &view,
+    )?;
     drop(harness);
     let r = render(&results, &dir, command_lines())?;
     println!("{}", r.headline);
@@ -338,24 +346,8 @@ fn harness(_exp: &Experiment, _cancel: Arc<AtomicBool>) -> Result<Box<dyn crate:
     bail!("this colocate was built without the lab's measure feature: it cannot run experiments")
 }
 
-#[cfg(feature = "measure")]
-fn check_deployments(exp: &Experiment, planned: &[crate::matrix::Condition]) -> Result<()> {
-    crate::measure::check_deployments(exp, planned)
-}
-
-#[cfg(not(feature = "measure"))]
-fn check_deployments(_exp: &Experiment, _planned: &[crate::matrix::Condition]) -> Result<()> {
-    Ok(())
-}
-
-#[cfg(feature = "measure")]
 fn command_lines() -> CommandLines<'static> {
-    Some(&crate::measure::command_lines)
-}
-
-#[cfg(not(feature = "measure"))]
-fn command_lines() -> CommandLines<'static> {
-    None
+    Some(&deployments::command_lines)
 }
 
 #[cfg(test)]

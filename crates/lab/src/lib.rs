@@ -1,12 +1,15 @@
 //! `colocate lab`: runs a matrix of co-location conditions, measures each with load and GPU
 //! counters over the same window, and writes results.json, a report and plots.
 //!
-//! Modules, in data-flow order: [`spec`] (the experiment file) → [`matrix`] (the plan) →
-//! [`runner`] (drives a [`runner::Harness`]; [`measure`] is the real one, the only module
-//! that talks to `deploy`, `bench` and `gpu`) → [`results`] (results.json) → [`analysis`]
+//! Modules, in data-flow order: [`spec`] (the experiment file, its `[deployment]` read
+//! once into deploy's typed spec) → [`matrix`] (the plan) → [`deployments`] (each
+//! condition's deployment, typed edits of that spec, validated once) → [`runner`] (drives a
+//! [`runner::Harness`]; [`measure`] is the real one, the only module that starts
+//! deployments and talks to `bench` and `gpu`) → [`results`] (results.json) → [`analysis`]
 //! (efficiency, SLOs, recommendation) → [`report`] and [`plots`].
 pub mod analysis;
 pub mod cli;
+pub mod deployments;
 pub mod engine_metrics;
 pub mod matrix;
 #[cfg(feature = "measure")]
@@ -16,4 +19,3 @@ pub mod report;
 pub mod results;
 pub mod runner;
 pub mod spec;
-pub mod template;

@@ -9,9 +9,65 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use deploy::Sharing;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{Experiment, Kind, LoadOverride, Rate, WorkloadDef};
+
+/// How a condition's engines share the GPU: one engine alone (a solo baseline, deployed
+/// time-sliced), or all of them in one of deploy's sharing modes. In results.json and
+/// labels: `solo`, `timeslice`, `mps`, `mig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum ConditionSharing {
+    /// One engine alone: its baseline.
+    Solo,
+    /// Every engine together, shared this way.
+    Shared(Sharing),
+}
+
+impl ConditionSharing {
+    /// Whether this is a solo baseline.
+    pub fn is_solo(self) -> bool {
+        self == ConditionSharing::Solo
+    }
+
+    /// The sharing mode of the deployment (a solo engine runs time-sliced, alone).
+    pub fn deployed(self) -> Sharing {
+        match self {
+            ConditionSharing::Solo => Sharing::Timeslice,
+            ConditionSharing::Shared(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for ConditionSharing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConditionSharing::Solo => f.write_str("solo"),
+            ConditionSharing::Shared(m) => f.write_str(m.name()),
+        }
+    }
+}
+
+impl From<ConditionSharing> for String {
+    fn from(s: ConditionSharing) -> String {
+        s.to_string()
+    }
+}
+
+impl TryFrom<String> for ConditionSharing {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "solo" => Ok(ConditionSharing::Solo),
+            other => other
+                .parse()
+                .map(ConditionSharing::Shared)
+                .map_err(|why| format!("{why}, or solo")),
+        }
+    }
+}
 
 /// The offered load of one workload in one condition.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -85,8 +141,8 @@ pub struct Condition {
     pub label: String,
     /// Repetition index, from 1.
     pub repetition: u32,
-    /// `solo`, `timeslice`, `mps` or `mig`.
-    pub sharing: String,
+    /// Solo, or the sharing mode of the engines together.
+    pub sharing: ConditionSharing,
     /// Engines deployed (one for solo, all for co-located).
     pub engines: Vec<String>,
     /// MPS active-thread percentage per engine (same order as `engines`).
@@ -107,13 +163,13 @@ impl Condition {
 
     /// Whether this is a solo baseline.
     pub fn is_solo(&self) -> bool {
-        self.sharing == "solo"
+        self.sharing.is_solo()
     }
 
     /// Two conditions with the same key run on the same deployment (only the load differs).
     pub fn deployment_key(&self) -> String {
         deployment_label(
-            &self.sharing,
+            self.sharing,
             &self.engines,
             &self.mps_split,
             &self.memory_split,
@@ -122,15 +178,14 @@ impl Condition {
 }
 
 fn deployment_label(
-    sharing: &str,
+    sharing: ConditionSharing,
     engines: &[String],
     mps: &Option<Vec<u32>>,
     mem: &Option<Vec<f64>>,
 ) -> String {
-    let mut s = if sharing == "solo" {
-        format!("solo {}", engines.join("+"))
-    } else {
-        sharing.to_string()
+    let mut s = match sharing {
+        ConditionSharing::Solo => format!("solo {}", engines.join("+")),
+        ConditionSharing::Shared(m) => m.to_string(),
     };
     if let Some(m) = mps {
         s.push_str(&format!(
@@ -140,7 +195,7 @@ fn deployment_label(
                 .collect::<Vec<_>>()
                 .join("/")
         ));
-    } else if sharing == "mps" {
+    } else if sharing == ConditionSharing::Shared(Sharing::Mps) {
         s.push_str(" default");
     }
     if let Some(m) = mem {
@@ -156,7 +211,7 @@ fn deployment_label(
 }
 
 fn label(
-    sharing: &str,
+    sharing: ConditionSharing,
     engines: &[String],
     mps: &Option<Vec<u32>>,
     mem: &Option<Vec<f64>>,
@@ -172,7 +227,7 @@ fn label(
 
 /// A co-located cell before repetitions and labels.
 struct Cell {
-    sharing: String,
+    sharing: Sharing,
     mps: Option<Vec<u32>>,
     mem: Option<Vec<f64>>,
     loads: BTreeMap<String, Load>,
@@ -217,11 +272,20 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
         }
         let solo_engines = vec![e.clone()];
         for loads in levels {
-            push_reps(exp, &mut out, "solo", &solo_engines, None, None, loads);
+            push_reps(
+                exp,
+                &mut out,
+                ConditionSharing::Solo,
+                &solo_engines,
+                None,
+                None,
+                loads,
+            );
         }
     }
     for c in cells {
-        push_reps(exp, &mut out, &c.sharing, &engines, c.mps, c.mem, c.loads);
+        let sharing = ConditionSharing::Shared(c.sharing);
+        push_reps(exp, &mut out, sharing, &engines, c.mps, c.mem, c.loads);
     }
     out
 }
@@ -229,7 +293,7 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
 fn push_reps(
     exp: &Experiment,
     out: &mut Vec<Condition>,
-    sharing: &str,
+    sharing: ConditionSharing,
     engines: &[String],
     mps: Option<Vec<u32>>,
     mem: Option<Vec<f64>>,
@@ -240,7 +304,7 @@ fn push_reps(
         out.push(Condition {
             label: label.clone(),
             repetition,
-            sharing: sharing.to_string(),
+            sharing,
             engines: engines.to_vec(),
             mps_split: mps.clone(),
             memory_split: mem.clone(),
@@ -257,7 +321,7 @@ fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, Load>) -> Vec<Cell>
         return list
             .iter()
             .map(|c| Cell {
-                sharing: c.sharing.clone(),
+                sharing: c.sharing,
                 mps: c.mps_split.clone(),
                 mem: c.memory_split.clone(),
                 loads: base
@@ -272,7 +336,7 @@ fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, Load>) -> Vec<Cell>
     }
     let axes = exp.axes.clone().unwrap_or_default();
     let sharing = if axes.sharing.is_empty() {
-        vec!["timeslice".to_string()]
+        vec![Sharing::Timeslice]
     } else {
         axes.sharing.clone()
     };
@@ -329,8 +393,8 @@ fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, Load>) -> Vec<Cell>
             .collect();
     }
     let mut cells = Vec::new();
-    for s in &sharing {
-        let mps: Vec<Option<Vec<u32>>> = if s == "mps" {
+    for &s in &sharing {
+        let mps: Vec<Option<Vec<u32>>> = if s == Sharing::Mps {
             let mut v: Vec<Option<Vec<u32>>> = Vec::new();
             if axes.mps_default || axes.mps_split.is_empty() {
                 v.push(None);
@@ -344,7 +408,7 @@ fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, Load>) -> Vec<Cell>
             for mem in &mems {
                 for loads in &load_sets {
                     cells.push(Cell {
-                        sharing: s.clone(),
+                        sharing: s,
                         mps: m.clone(),
                         mem: mem.clone(),
                         loads: loads.clone(),
@@ -458,6 +522,33 @@ batch = 8
         // all solo first
         let first_coloc = p.iter().position(|c| !c.is_solo()).unwrap();
         assert!(p[first_coloc..].iter().all(|c| !c.is_solo()));
+    }
+
+    /// results.json keeps the sharing of a condition as the strings it always had, so
+    /// older files (and `--resume`) read the same conditions.
+    #[test]
+    fn condition_sharing_is_written_as_before() {
+        for (s, text) in [
+            (ConditionSharing::Solo, "solo"),
+            (ConditionSharing::Shared(Sharing::Timeslice), "timeslice"),
+            (ConditionSharing::Shared(Sharing::Mps), "mps"),
+            (ConditionSharing::Shared(Sharing::Mig), "mig"),
+        ] {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{text}\""));
+            assert_eq!(serde_json::from_str::<ConditionSharing>(&json).unwrap(), s);
+            assert_eq!(s.to_string(), text);
+        }
+        let e = serde_json::from_str::<ConditionSharing>("\"alone\"").unwrap_err();
+        assert!(
+            e.to_string().contains("unknown sharing mode \"alone\""),
+            "{e}"
+        );
+        let old = r#"{"label":"solo gen: chat c=4","repetition":1,"sharing":"solo","engines":["gen"],"loads":{"chat":{"concurrency":4}}}"#;
+        let c: Condition = serde_json::from_str(old).unwrap();
+        assert!(c.is_solo());
+        assert_eq!(c.sharing.deployed(), Sharing::Timeslice);
+        assert_eq!(serde_json::to_string(&c).unwrap(), old);
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! The glue to the other crates, and the only module that knows them: `deploy` (parse,
-//! plan and start a deployment), `bench` (drive the load over one window, a workload that
-//! names a preset built by bench's own `Preset::workload`) and `gpu` (environment,
-//! counters sampled over the same window). Every engine's `/metrics` is scraped over the
-//! window too (`engine_metrics::EngineScraper`). Everything else in the lab works on its
-//! own types, so a change in one of those APIs is absorbed here.
+//! The glue to the crates that run and measure, and the only module that knows them:
+//! `deploy`'s running deployments (`Deployment::up` of a condition's validated deployment,
+//! its endpoints, MPS faults and shutdown), `bench` (drive the load over one window, a
+//! workload that names a preset built by bench's own `Preset::workload`) and `gpu`
+//! (environment, counters sampled over the same window). Every engine's `/metrics` is
+//! scraped over the window too (`engine_metrics::EngineScraper`). The rest of the lab uses
+//! deploy's spec types only (`deployments` builds and validates them), so a change in how
+//! deployments run or load is measured is absorbed here.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,14 +17,12 @@ use anyhow::{anyhow, Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine_metrics::{EngineMetricsWindow, EngineScraper};
-use crate::matrix::Condition;
 use crate::results::{
     host_environment, CounterStat, Environment, FaultPhase, GpuEnv, GpuWindow, Percentiles,
     PresetUse, WindowFault, WorkloadMetrics,
 };
 use crate::runner::{Harness, Measurement, ResolvedWorkload};
 use crate::spec::{Experiment, Kind, Preset};
-use crate::template;
 
 /// How often each engine's `/metrics` is read while the load runs. A window opens on the
 /// last sample before it, so the interval is kept within the warm-up (at least
@@ -68,41 +68,6 @@ pub fn environment() -> Environment {
         Err(e) => env.gpu_unavailable = Some(format!("{e:#}")),
     }
     env
-}
-
-/// Parses and validates a condition's deployment with the `deploy` crate.
-fn deployment_spec(table: &toml::Table) -> Result<deploy::ValidDeployment> {
-    let text = toml::to_string(table).context("deployment template is not valid TOML")?;
-    let spec = deploy::spec::parse(&text).context("deployment")?;
-    deploy::validate(spec).context("deployment")
-}
-
-/// Checks every distinct deployment of the plan before anything starts, so that a bad
-/// template fails at once (and in `--dry-run`) rather than condition by condition.
-pub fn check_deployments(exp: &Experiment, planned: &[Condition]) -> Result<()> {
-    let mut seen = Vec::new();
-    for c in planned {
-        let key = c.deployment_key();
-        if seen.contains(&key) {
-            continue;
-        }
-        let d = template::for_condition(exp, c)?;
-        deployment_spec(&d).with_context(|| format!("condition {}", c.label))?;
-        seen.push(key);
-    }
-    Ok(())
-}
-
-/// The command line of every engine of a deployment (`colocate plan`'s output).
-pub fn command_lines(table: &toml::Table) -> Result<String> {
-    let spec = deployment_spec(table)?;
-    let plan = deploy::plan(&spec, None)?;
-    Ok(plan
-        .engines
-        .iter()
-        .map(|e| format!("# {}\n{}", e.name, e.shell_line()))
-        .collect::<Vec<_>>()
-        .join("\n"))
 }
 
 /// An engine's address and the model name its requests carry.
@@ -403,10 +368,9 @@ fn live_line(p: &bench::Progress) -> String {
 }
 
 impl Harness for RealHarness {
-    fn up(&mut self, deployment: &toml::Table, run_dir: &Path) -> Result<()> {
+    fn up(&mut self, deployment: &deploy::ValidDeployment, run_dir: &Path) -> Result<()> {
         self.down();
-        let valid = deployment_spec(deployment)?;
-        self.gpu_index = match valid.spec().gpu {
+        self.gpu_index = match deployment.spec().gpu {
             deploy::GpuSelector::Index(i) => Some(i),
             _ => None,
         };
@@ -416,7 +380,7 @@ impl Harness for RealHarness {
             // engine output goes to the logs in run_dir; the console has the progress bar
             quiet: true,
         };
-        let d = self.rt.block_on(deploy::Deployment::up(&valid, opts))?;
+        let d = self.rt.block_on(deploy::Deployment::up(deployment, opts))?;
         // workloads go straight to their engine (first replica), not through the gateway;
         // every replica's /metrics is scraped
         self.replicas = d

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::analysis::{analyse, Analysis, CellSummary, Stat};
+use crate::deployments;
 use crate::engine_metrics::{CounterDelta, Dialect, EngineMetricsWindow, GaugeSummary};
 use crate::plots;
 use crate::results::{ConditionResult, Results, WindowFault, COUNTERS};
-use crate::template;
 
 /// The report file name inside a run folder.
 pub const REPORT_FILE: &str = "report.md";
@@ -24,7 +24,7 @@ pub const RECOMMENDED_FILE: &str = "recommended-deployment.toml";
 
 /// Renders command lines of a deployment (the `deploy` crate's plan); `None` when not
 /// available in this build.
-pub type CommandLines<'a> = Option<&'a dyn Fn(&toml::Table) -> Result<String>>;
+pub type CommandLines<'a> = Option<&'a dyn Fn(&deploy::DeploymentSpec) -> Result<String>>;
 
 /// What a render produced.
 #[derive(Debug)]
@@ -508,9 +508,10 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
             .condition
             .clone()
             .context("recommended cell without condition")?;
-        let deployment = template::for_condition(exp, &cond)?;
-        let text =
-            toml::to_string_pretty(&deployment).context("cannot write the deployment as TOML")?;
+        let deployment = deployments::for_condition(exp, &cond)?;
+        let text = deployment
+            .to_toml()
+            .context("cannot write the deployment as TOML")?;
         let header = format!(
             "# Recommended by `colocate lab` ({}, {}): {}\n# Run it with: colocate up {RECOMMENDED_FILE}\n",
             exp.name, results.updated_at, cond.label
@@ -690,7 +691,7 @@ pub fn compare(a: &Results, b: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matrix::plan;
+    use crate::matrix::{plan, ConditionSharing};
     use crate::results::{
         host_environment, ConditionResult, CounterStat, GpuWindow, WorkloadMetrics, SCHEMA_VERSION,
     };
@@ -738,10 +739,10 @@ ttft_p99 = "100ms"
         let mut conditions = Vec::new();
         for (k, c) in plan(&exp).into_iter().enumerate() {
             let jitter = if c.repetition == 1 { 1.0 } else { 1.02 };
-            let (fg, fe, ttft) = match c.sharing.as_str() {
-                "solo" => (1.0, 1.0, 50.0),
-                "timeslice" => (0.6, 0.5, 150.0),
-                _ => (0.9, 0.7, 80.0),
+            let (fg, fe, ttft) = match c.sharing {
+                ConditionSharing::Solo => (1.0, 1.0, 50.0),
+                ConditionSharing::Shared(deploy::Sharing::Timeslice) => (0.6, 0.5, 150.0),
+                ConditionSharing::Shared(_) => (0.9, 0.7, 80.0),
             };
             let mut workloads = BTreeMap::new();
             for w in c.loads.keys() {
@@ -826,11 +827,8 @@ ttft_p99 = "100ms"
     fn renders_tables_plots_and_recommendation() {
         let results = synthetic();
         let dir = tempfile::tempdir().unwrap();
-        let cmds = |d: &toml::Table| -> Result<String> {
-            Ok(format!(
-                "{} engines",
-                d["engines"].as_array().unwrap().len()
-            ))
+        let cmds = |d: &deploy::DeploymentSpec| -> Result<String> {
+            Ok(format!("{} engines", d.engines.len()))
         };
         let r = render(&results, dir.path(), Some(&cmds)).unwrap();
         let md = std::fs::read_to_string(&r.report).unwrap();
@@ -890,7 +888,10 @@ ttft_p99 = "100ms"
         let faulted = results
             .conditions
             .iter_mut()
-            .find(|c| c.condition.sharing == "mps" && c.condition.repetition == 2)
+            .find(|c| {
+                c.condition.sharing.deployed() == deploy::Sharing::Mps
+                    && c.condition.repetition == 2
+            })
             .unwrap();
         let label = faulted.condition.label.clone();
         faulted.gpu.mps_faults.push(WindowFault {
@@ -953,7 +954,7 @@ ttft_p99 = "100ms"
         };
         for c in &mut results.conditions {
             let rep = c.condition.repetition as f64;
-            let mps = c.condition.sharing == "mps";
+            let mps = c.condition.sharing.deployed() == deploy::Sharing::Mps;
             for e in c.condition.engines.clone() {
                 let w = if e == "gen" {
                     EngineMetricsWindow {

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
+use deploy::ValidDeployment;
 
+use crate::deployments::Deployments;
 use crate::engine_metrics::EngineMetricsWindow;
 use crate::matrix::{plan, Condition, Load};
 use crate::results::{ConditionResult, GpuWindow, PresetUse, Results, WorkloadMetrics};
 use crate::spec::{Experiment, Kind, Rate, WorkloadDef};
-use crate::template;
 
 /// A workload ready to run in one condition.
 #[derive(Debug, Clone)]
@@ -48,9 +49,9 @@ pub struct Measurement {
 
 /// Does the real work of a condition. Calls come in the order `up`, `measure`*, `down`.
 pub trait Harness {
-    /// Brings up `deployment` (a `colocate up` file, already patched for the condition)
-    /// in `run_dir`; the previous deployment has been taken down.
-    fn up(&mut self, deployment: &toml::Table, run_dir: &Path) -> Result<()>;
+    /// Brings up `deployment` (the condition's, validated) in `run_dir`; the previous
+    /// deployment has been taken down.
+    fn up(&mut self, deployment: &ValidDeployment, run_dir: &Path) -> Result<()>;
     /// Warms up, then measures `workloads` and the GPU over one window.
     fn measure(
         &mut self,
@@ -129,11 +130,13 @@ impl ProgressView {
 }
 
 /// Runs every planned condition not yet in `results`, saving `results` into `run_dir`
-/// after each one. Returns when the plan is done or `cancel` is set.
+/// after each one. Returns when the plan is done or `cancel` is set. `deployments` holds
+/// those validated up front; the others are validated before their first start.
 pub fn run(
     results: &mut Results,
     run_dir: &Path,
     harness: &mut dyn Harness,
+    deployments: &mut Deployments,
     cancel: &AtomicBool,
     view: &ProgressView,
 ) -> Result<()> {
@@ -154,6 +157,7 @@ pub fn run(
             cond,
             run_dir,
             harness,
+            deployments,
             cancel,
             view,
             &mut current,
@@ -186,6 +190,7 @@ fn run_one(
     cond: &Condition,
     run_dir: &Path,
     harness: &mut dyn Harness,
+    deployments: &mut Deployments,
     cancel: &AtomicBool,
     view: &ProgressView,
     current: &mut Option<String>,
@@ -222,9 +227,14 @@ fn run_one(
     if current.as_ref() != Some(&key) {
         harness.down();
         *current = None;
-        let deployment = match template::for_condition(exp, cond) {
+        let deployment = match deployments.of(exp, cond) {
             Ok(d) => d,
-            Err(e) => return Some(ConditionResult::failed(cond.clone(), format!("{e:#}"))),
+            Err(e) => {
+                // not valid: neither is it for the next condition on it
+                let reason = format!("{e:#}");
+                up_failed.insert(key, reason.clone());
+                return Some(ConditionResult::failed(cond.clone(), reason));
+            }
         };
         let dir = run_dir.join("deployments").join(sanitize(&key));
         view.bar.set_message(format!(
@@ -232,7 +242,7 @@ fn run_one(
             cond.id(),
             cond.engines.join(", ")
         ));
-        if let Err(e) = harness.up(&deployment, &dir) {
+        if let Err(e) = harness.up(deployment, &dir) {
             harness.down();
             let reason = format!("deployment did not come up: {e:#}");
             up_failed.insert(key, reason.clone());
@@ -305,11 +315,15 @@ warmup = "0s"
 duration = "1s"
 repetitions = 2
 [deployment]
+gpu = 0
 [[deployment.engines]]
 name = "gen"
+model = "preset:qwen3-tiny"
 port = 1
 [[deployment.engines]]
 name = "emb"
+model = "preset:qwen3-tiny"
+task = "embed"
 port = 2
 [[workloads]]
 name = "chat"
@@ -343,16 +357,12 @@ rate = ["50% of solo"]
     struct Fake(Rc<RefCell<Log>>);
 
     impl Harness for Fake {
-        fn up(&mut self, d: &toml::Table, _dir: &Path) -> Result<()> {
+        fn up(&mut self, d: &ValidDeployment, _dir: &Path) -> Result<()> {
             let mut log = self.0.borrow_mut();
-            let sharing = d
-                .get("sharing")
-                .and_then(|s| s.as_str())
-                .unwrap_or("?")
-                .to_string();
-            let n = d["engines"].as_array().unwrap().len();
+            let sharing = d.spec().sharing;
+            let n = d.spec().engines.len();
             log.ups.push(format!("{sharing}/{n}"));
-            if log.fail_up_with_mps && sharing == "mps" {
+            if log.fail_up_with_mps && sharing == deploy::Sharing::Mps {
                 anyhow::bail!("MPS daemon refused");
             }
             Ok(())
@@ -428,10 +438,13 @@ rate = ["50% of solo"]
         let log = Rc::new(RefCell::new(Log::default()));
         let mut results = fresh(&exp);
         let view = ProgressView::new(0, 0, true);
+        // validated up front, as `lab run` does
+        let mut deployments = Deployments::check(&exp, &plan(&exp)).unwrap();
         run(
             &mut results,
             dir.path(),
             &mut Fake(log.clone()),
+            &mut deployments,
             &AtomicBool::new(false),
             &view,
         )
@@ -499,6 +512,7 @@ rate = ["50% of solo"]
             &mut results,
             dir.path(),
             &mut Fake(log.clone()),
+            &mut Deployments::default(),
             &AtomicBool::new(false),
             &ProgressView::new(0, 0, true),
         )
@@ -526,6 +540,47 @@ rate = ["50% of solo"]
         assert!(results.complete);
     }
 
+    /// A deployment that is not valid (here the co-located one: both engines on one port)
+    /// fails its conditions with the field named, is tried once and never started; the
+    /// solo baselines run.
+    #[test]
+    fn an_invalid_deployment_fails_its_conditions_and_the_run_goes_on() {
+        let exp = Experiment::parse(&EXP.replace("port = 2", "port = 1")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Rc::new(RefCell::new(Log::default()));
+        let mut results = fresh(&exp);
+        run(
+            &mut results,
+            dir.path(),
+            &mut Fake(log.clone()),
+            &mut Deployments::default(),
+            &AtomicBool::new(false),
+            &ProgressView::new(0, 0, true),
+        )
+        .unwrap();
+        assert_eq!(log.borrow().ups, vec!["timeslice/1", "timeslice/1"]);
+        let failed: Vec<&ConditionResult> = results
+            .conditions
+            .iter()
+            .filter(|c| c.failed.is_some())
+            .collect();
+        assert_eq!(
+            failed.len(),
+            4,
+            "timeslice and mps 60/40, two repetitions each"
+        );
+        for c in failed {
+            assert!(!c.condition.is_solo());
+            let why = c.failed.as_deref().unwrap();
+            assert!(
+                why.contains(&format!("condition {}", c.condition.label))
+                    && why.contains("engines[1].port: port 1 clashes with gen"),
+                "{why}"
+            );
+        }
+        assert!(results.complete);
+    }
+
     #[test]
     fn resume_after_interruption_loses_nothing() {
         let exp = Experiment::parse(EXP).unwrap();
@@ -540,6 +595,7 @@ rate = ["50% of solo"]
             &mut results,
             dir.path(),
             &mut Fake(log.clone()),
+            &mut Deployments::default(),
             &cancel,
             &ProgressView::new(0, 0, true),
         )
@@ -564,6 +620,7 @@ rate = ["50% of solo"]
             &mut resumed,
             dir.path(),
             &mut Fake(log2.clone()),
+            &mut Deployments::default(),
             &AtomicBool::new(false),
             &ProgressView::new(0, 0, true),
         )

@@ -1,9 +1,10 @@
 //! The experiment file: what to deploy, which load to apply, which axes to sweep.
 //!
 //! The file is TOML with unknown keys rejected everywhere, so a typo is an error that names
-//! the key instead of a silently ignored setting. The `[deployment]` table is kept as raw
-//! TOML: it is a `colocate up` deployment file (owned by the `deploy` crate) that the lab
-//! only patches per condition (sharing mode, SM split, memory split) before handing it over.
+//! the key instead of a silently ignored setting. The `[deployment]` table is a `colocate
+//! up` deployment file, read once here into the `deploy` crate's typed spec (not validated:
+//! it is a template, each condition's deployment is validated); `deployments` applies each
+//! condition to it (sharing mode, SM split, memory split) as typed edits.
 //!
 //! ```toml
 //! name = "quickstart"
@@ -43,6 +44,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use deploy::{DeploymentSpec, Sharing};
 use serde::{Deserialize, Serialize};
 
 /// A whole experiment file, validated.
@@ -72,8 +74,10 @@ pub struct Experiment {
     /// Base folder for runs (default `runs`, relative to the working directory).
     #[serde(default)]
     pub runs_dir: Option<String>,
-    /// The `colocate up` deployment file used as the template of every condition.
-    pub deployment: toml::Table,
+    /// The `colocate up` deployment file used as the template of every condition. Its
+    /// `name` is empty when the file gives none (the experiment's is used).
+    #[serde(with = "deployment_template")]
+    pub deployment: DeploymentSpec,
     /// The load, one entry per workload, each tied to an engine by name.
     pub workloads: Vec<WorkloadDef>,
     /// Axes to sweep (their cross product is the plan), unless `conditions` lists them.
@@ -113,6 +117,36 @@ mod humantime_serde_compat {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text)
             .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
+    }
+}
+
+/// The `[deployment]` table as the `deploy` crate reads a file (start time-outs default by
+/// engine kind); in results.json a table of the same form, so files written before the
+/// lab typed it load the same. A table without `name` gives an empty one, and writes none.
+mod deployment_template {
+    use deploy::DeploymentSpec;
+    use serde::{de, ser, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(spec: &DeploymentSpec, s: S) -> Result<S::Ok, S::Error> {
+        let mut table = match toml::Value::try_from(spec).map_err(ser::Error::custom)? {
+            toml::Value::Table(t) => t,
+            other => return Err(ser::Error::custom(format!("not a table: {other}"))),
+        };
+        if spec.name.is_empty() {
+            table.remove("name");
+        }
+        table.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DeploymentSpec, D::Error> {
+        let table = toml::Table::deserialize(d)?;
+        let named = table.contains_key("name");
+        let mut spec = deploy::spec::from_table(table)
+            .map_err(|e| de::Error::custom(format!("deployment: {e:#}")))?;
+        if !named {
+            spec.name.clear();
+        }
+        Ok(spec)
     }
 }
 
@@ -344,7 +378,7 @@ impl std::fmt::Display for Rate {
 pub struct Axes {
     /// Sharing modes of the co-located conditions: timeslice, mps, mig.
     #[serde(default)]
-    pub sharing: Vec<String>,
+    pub sharing: Vec<Sharing>,
     /// MPS active-thread percentages, one per engine in `deployment.engines` order.
     #[serde(default)]
     pub mps_split: Vec<Vec<u32>>,
@@ -380,7 +414,7 @@ pub struct LoadAxis {
 #[serde(deny_unknown_fields)]
 pub struct ConditionDef {
     /// timeslice, mps or mig.
-    pub sharing: String,
+    pub sharing: Sharing,
     /// MPS thread percentages per engine.
     #[serde(default)]
     pub mps_split: Option<Vec<u32>>,
@@ -465,6 +499,7 @@ impl Experiment {
     /// Parses and validates experiment TOML text.
     pub fn parse(text: &str) -> Result<Self> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        check_sharing_names(&table)?;
         let exp: Experiment = if expand_presets(&mut table)? {
             toml::Value::Table(table)
                 .try_into()
@@ -479,7 +514,11 @@ impl Experiment {
 
     /// Engine names of the deployment template, in file order.
     pub fn engines(&self) -> Vec<String> {
-        engine_names(&self.deployment).unwrap_or_default()
+        self.deployment
+            .engines
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     /// The workload definition by name.
@@ -592,8 +631,7 @@ impl Experiment {
                 }
                 for (i, c) in list.iter().enumerate() {
                     let at = format!("conditions[{i}]");
-                    check_sharing(&c.sharing, &format!("{at}.sharing"))?;
-                    if c.mps_split.is_some() && c.sharing != "mps" {
+                    if c.mps_split.is_some() && c.sharing != Sharing::Mps {
                         bail!("{at}.mps_split: only with sharing = \"mps\"");
                     }
                     if let Some(s) = &c.mps_split {
@@ -618,10 +656,7 @@ impl Experiment {
     }
 
     fn validate_axes(&self, axes: &Axes, engines: &[String]) -> Result<()> {
-        for (i, s) in axes.sharing.iter().enumerate() {
-            check_sharing(s, &format!("axes.sharing[{i}]"))?;
-        }
-        if !axes.mps_split.is_empty() && !axes.sharing.iter().any(|s| s == "mps") {
+        if !axes.mps_split.is_empty() && !axes.sharing.contains(&Sharing::Mps) {
             bail!("axes.mps_split: needs \"mps\" in axes.sharing");
         }
         for (i, s) in axes.mps_split.iter().enumerate() {
@@ -720,11 +755,34 @@ fn expand_presets(table: &mut toml::Table) -> Result<bool> {
     Ok(any)
 }
 
+/// Checks the sharing modes the file names (`axes.sharing`, `conditions[].sharing`) before
+/// they are read as deploy's [`Sharing`], so that a wrong one is named with its field.
+fn check_sharing_names(table: &toml::Table) -> Result<()> {
+    let axes = table
+        .get("axes")
+        .and_then(|a| a.get("sharing"))
+        .and_then(|s| s.as_array());
+    for (i, v) in axes.into_iter().flatten().enumerate() {
+        if let Some(s) = v.as_str() {
+            check_sharing(s, &format!("axes.sharing[{i}]"))?;
+        }
+    }
+    let conditions = table.get("conditions").and_then(|c| c.as_array());
+    for (i, c) in conditions.into_iter().flatten().enumerate() {
+        if let Some(s) = c.get("sharing").and_then(|s| s.as_str()) {
+            check_sharing(s, &format!("conditions[{i}].sharing"))?;
+        }
+    }
+    Ok(())
+}
+
 fn check_sharing(s: &str, at: &str) -> Result<()> {
     match s {
-        "timeslice" | "mps" | "mig" => Ok(()),
         "solo" => bail!("{at}: solo baselines are implied for every engine; list only co-located modes (timeslice, mps, mig)"),
-        other => bail!("{at}: unknown sharing mode {other:?} (timeslice, mps or mig)"),
+        other => other
+            .parse::<Sharing>()
+            .map(|_| ())
+            .map_err(|why| anyhow::anyhow!("{at}: {why}")),
     }
 }
 
@@ -762,30 +820,24 @@ fn check_split_f(s: &[f64], engines: &[String], at: &str) -> Result<()> {
     Ok(())
 }
 
-/// Engine names of a deployment template (`deployment.engines[].name`).
-pub fn engine_names(deployment: &toml::Table) -> Result<Vec<String>> {
-    let engines = deployment
-        .get("engines")
-        .and_then(|e| e.as_array())
-        .ok_or_else(|| {
-            anyhow::anyhow!("deployment.engines: missing (a list of [[deployment.engines]] tables)")
-        })?;
-    if engines.is_empty() {
-        bail!("deployment.engines: at least one engine is needed");
+/// Engine names of a deployment template (`deployment.engines[].name`), each given and
+/// given once.
+pub fn engine_names(deployment: &DeploymentSpec) -> Result<Vec<String>> {
+    if deployment.engines.is_empty() {
+        bail!("deployment.engines: missing: at least one [[deployment.engines]] table is needed");
     }
     let mut names: Vec<String> = Vec::new();
-    for (i, e) in engines.iter().enumerate() {
-        let name = e
-            .as_table()
-            .and_then(|t| t.get("name"))
-            .and_then(|n| n.as_str())
-            .ok_or_else(|| {
-                anyhow::anyhow!("deployment.engines[{i}].name: missing or not a string")
-            })?;
-        if names.iter().any(|n| n == name) {
-            bail!("deployment.engines[{i}].name: duplicate engine name {name:?}");
+    for (i, e) in deployment.engines.iter().enumerate() {
+        if e.name.is_empty() {
+            bail!("deployment.engines[{i}].name: missing");
         }
-        names.push(name.to_string());
+        if names.contains(&e.name) {
+            bail!(
+                "deployment.engines[{i}].name: duplicate engine name {:?}",
+                e.name
+            );
+        }
+        names.push(e.name.clone());
     }
     Ok(names)
 }
@@ -881,6 +933,68 @@ batch = 8
         );
         let m = Experiment::parse(&BASE.replace("name = \"t\"", "name = \"a b\"")).unwrap_err();
         assert!(format!("{m:#}").contains("name:"), "{m:#}");
+    }
+
+    /// `[deployment]` is read once into deploy's spec, as `deploy` reads a file; results.json
+    /// keeps it as a table of the file's form, and older files (the table as written) load
+    /// to the same experiment.
+    #[test]
+    fn the_deployment_is_deploys_spec() {
+        let e = Experiment::parse(BASE).unwrap();
+        let d = &e.deployment;
+        assert_eq!(d.sharing, Sharing::Timeslice);
+        assert_eq!(d.engines[1].task, deploy::Task::Embed);
+        assert_eq!(
+            d.engines[0].start_timeout,
+            deploy::spec::default_start_timeout(deploy::EngineKind::Builtin)
+        );
+        assert!(d.name.is_empty(), "the file names no deployment");
+        let json = serde_json::to_value(&e).unwrap();
+        assert!(json["deployment"].get("name").is_none(), "{json}");
+        assert_eq!(
+            serde_json::from_value::<Experiment>(json.clone()).unwrap(),
+            e
+        );
+        let mut old = json;
+        let raw: toml::Table = toml::from_str(BASE).unwrap();
+        old["deployment"] = serde_json::to_value(&raw["deployment"]).unwrap();
+        assert_eq!(serde_json::from_value::<Experiment>(old).unwrap(), e);
+        let named =
+            Experiment::parse(&BASE.replace("[deployment]\n", "[deployment]\nname = \"pair\"\n"))
+                .unwrap();
+        assert_eq!(named.deployment.name, "pair");
+        // a wrong key or value in it is named as the deploy crate names it
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&BASE.replace("port = 18100", "prot = 18100")).unwrap_err()
+        );
+        assert!(m.contains("deployment: unknown field `prot`"), "{m}");
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&BASE.replace("sharing = \"timeslice\"", "sharing = \"mpss\""))
+                .unwrap_err()
+        );
+        assert!(m.contains("deployment: unknown variant `mpss`"), "{m}");
+    }
+
+    #[test]
+    fn sharing_modes_are_named_with_their_field() {
+        let list = "[[conditions]]\nsharing = \"mps\"\n[[conditions]]\nsharing = \"gang\"\n";
+        let m = err(list);
+        assert!(
+            m.contains(
+                "conditions[1].sharing: unknown sharing mode \"gang\" (timeslice, mps or mig)"
+            ),
+            "{m}"
+        );
+        let m = err("[axes]\nsharing = [\"mps\", \"MIG\"]\n");
+        assert!(
+            m.contains("axes.sharing[1]: unknown sharing mode \"MIG\""),
+            "{m}"
+        );
+        let e =
+            Experiment::parse(&format!("{BASE}[axes]\nsharing = [\"mig\", \"mps\"]\n")).unwrap();
+        assert_eq!(e.axes.unwrap().sharing, vec![Sharing::Mig, Sharing::Mps]);
     }
 
     /// Workloads that name a seed preset: the preset's kind, lengths and load unless the

@@ -45,6 +45,5 @@ fn the_plan_still_holds() {
         "{text}"
     );
     assert!(text.contains("estimated time:"), "{text}");
-    #[cfg(feature = "measure")]
-    lab::measure::check_deployments(&exp, &planned).unwrap();
+    lab::deployments::Deployments::check(&exp, &planned).unwrap();
 }
