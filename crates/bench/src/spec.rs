@@ -10,42 +10,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-/// Durations as humantime strings ("30s", "1m 30s") in TOML and JSON.
-pub mod humantime_serde {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
-    }
-
-    /// The same for `Option<Duration>`.
-    pub mod option {
-        use super::*;
-
-        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-            match d {
-                Some(d) => super::serialize(d, s),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            let s: Option<String> = Option::deserialize(d)?;
-            s.map(|s| {
-                humantime::parse_duration(&s)
-                    .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
-            })
-            .transpose()
-        }
-    }
-}
-
 /// A whole benchmark run: workloads driven at once, and one measurement window for all.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,11 +18,11 @@ pub struct BenchSpec {
     #[serde(rename = "workload", alias = "workloads")]
     pub workloads: Vec<WorkloadSpec>,
     /// Load runs this long before the measurement window opens.
-    #[serde(with = "humantime_serde", default = "default_warmup")]
+    #[serde(with = "units::duration", default = "default_warmup")]
     pub warmup: Duration,
     /// Length of the measurement window (at least one of this and `max_requests`).
     #[serde(
-        with = "humantime_serde::option",
+        with = "units::duration::option",
         default,
         skip_serializing_if = "Option::is_none"
     )]
@@ -100,19 +64,19 @@ pub fn default_percentiles() -> Vec<f64> {
 #[serde(deny_unknown_fields)]
 pub struct Slo {
     #[serde(
-        with = "humantime_serde::option",
+        with = "units::duration::option",
         default,
         skip_serializing_if = "Option::is_none"
     )]
     pub ttft: Option<Duration>,
     #[serde(
-        with = "humantime_serde::option",
+        with = "units::duration::option",
         default,
         skip_serializing_if = "Option::is_none"
     )]
     pub tpot: Option<Duration>,
     #[serde(
-        with = "humantime_serde::option",
+        with = "units::duration::option",
         default,
         skip_serializing_if = "Option::is_none"
     )]

@@ -243,31 +243,8 @@ fn parse_budget(s: &str) -> Result<MemoryBudget, String> {
     crate::units::parse_bytes(t).map(MemoryBudget::Bytes)
 }
 
-/// Durations in TOML are humantime strings (`"90s"`, `"2m"`) or integer seconds.
-mod duration_serde {
-    use super::*;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(Duration::from_secs(s)),
-            Raw::Str(s) => humantime::parse_duration(&s).map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "`{s}` is not a duration ({e}); write e.g. \"90s\""
-                ))
-            }),
-        }
-    }
-}
+// Durations (`"90s"`, `"2m"`, `"500ms"` or whole seconds) are read by the workspace's `units`
+// crate, named `::units::duration` below: this crate's own `units` module holds byte sizes.
 
 /// Byte sizes in TOML: an integer (bytes) or a size string (`"8GiB"`, `"500MB"`).
 mod bytes_serde {
@@ -354,7 +331,7 @@ pub struct EngineSpec {
     pub device: Option<String>,
     /// How long the engine may take to answer `/health` after it is started (default:
     /// [`default_start_timeout`] of its kind: 600 s for vLLM, 120 s for the built-in one).
-    #[serde(with = "duration_serde", default = "start_timeout_unset")]
+    #[serde(with = "::units::duration", default = "start_timeout_unset")]
     pub start_timeout: Duration,
     /// vLLM: the argv that runs vLLM's CLI, before `serve` (default `["vllm"]`; e.g.
     /// `["python3", "-m", "vllm.entrypoints.cli.main"]` for a wheel install without the
@@ -441,7 +418,7 @@ pub struct GatewaySpec {
     /// Served model names it routes; empty = every engine's model.
     pub models: Vec<String>,
     /// How long in-flight requests may take to finish at shutdown.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "::units::duration")]
     pub drain_timeout: Duration,
 }
 
@@ -471,13 +448,13 @@ pub struct SuperviseSpec {
     /// Give up on an engine after this many crashes (the deployment then reports why).
     pub max_failures: u32,
     /// First restart delay; doubles with each failure.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "::units::duration")]
     pub backoff_initial: Duration,
     /// Longest restart delay.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "::units::duration")]
     pub backoff_max: Duration,
     /// Time between SIGTERM and SIGKILL when stopping an engine.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "::units::duration")]
     pub stop_timeout: Duration,
 }
 

@@ -60,16 +60,16 @@ pub struct Experiment {
     #[serde(default = "one")]
     pub repetitions: u32,
     /// Load applied before the measurement window; not measured.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "units::duration")]
     pub warmup: Duration,
     /// The measurement window; load and GPU counters cover the same window.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "units::duration")]
     pub duration: Duration,
     /// Expected time for a deployment to come up (only for the dry-run estimate).
-    #[serde(default = "default_startup", with = "humantime_serde_compat")]
+    #[serde(default = "default_startup", with = "units::duration")]
     pub startup_estimate: Duration,
     /// GPU sampling interval for the counters.
-    #[serde(default = "default_sample", with = "humantime_serde_compat")]
+    #[serde(default = "default_sample", with = "units::duration")]
     pub sample_interval: Duration,
     /// Base folder for runs (default `runs`, relative to the working directory).
     #[serde(default)]
@@ -103,21 +103,6 @@ fn default_startup() -> Duration {
 }
 fn default_sample() -> Duration {
     Duration::from_millis(500)
-}
-
-/// Serde glue for `"5s"`-style durations (humantime), both ways.
-mod humantime_serde_compat {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
-    }
 }
 
 /// The `[deployment]` table as the `deploy` crate reads a file (start time-outs default by
@@ -446,46 +431,26 @@ pub struct LoadOverride {
 #[serde(deny_unknown_fields)]
 pub struct Slo {
     /// Time to first token, 99th percentile.
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, with = "units::duration::option")]
     pub ttft_p99: Option<Duration>,
     /// Time to first token, median.
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, with = "units::duration::option")]
     pub ttft_p50: Option<Duration>,
     /// Time per output token, 99th percentile.
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, with = "units::duration::option")]
     pub tpot_p99: Option<Duration>,
     /// Time per output token, median.
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, with = "units::duration::option")]
     pub tpot_p50: Option<Duration>,
     /// Request latency (E2EL for generate, request latency for embed), 99th percentile.
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, with = "units::duration::option")]
     pub latency_p99: Option<Duration>,
     /// Request latency, median.
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, with = "units::duration::option")]
     pub latency_p50: Option<Duration>,
     /// Minimum throughput as a fraction of solo (e.g. 0.8 = keep 80%).
     #[serde(default)]
     pub min_fraction_of_solo: Option<f64>,
-}
-
-mod opt_duration {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_none(),
-        }
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let text = Option::<String>::deserialize(d)?;
-        text.map(|t| {
-            humantime::parse_duration(&t)
-                .map_err(|e| serde::de::Error::custom(format!("bad duration {t:?}: {e}")))
-        })
-        .transpose()
-    }
 }
 
 impl Experiment {

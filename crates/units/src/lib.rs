@@ -1,0 +1,8 @@
+//! Where the units of config files are read: one rule per unit for every crate's files
+//! (deployments, experiments, benchmark specs), so a value written for one reads the same
+//! in another.
+//!
+//! Durations ([`duration`]): a humantime string (`"30s"`, `"2m"`, `"500ms"`, `"1m 30s"`)
+//! or a whole number of seconds (`90`); written back as a humantime string.
+
+pub mod duration;
