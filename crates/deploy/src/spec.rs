@@ -240,7 +240,7 @@ fn parse_budget(s: &str) -> Result<MemoryBudget, String> {
         }
         return Ok(MemoryBudget::Fraction(v / 100.0));
     }
-    crate::units::parse_bytes(t).map(MemoryBudget::Bytes)
+    units::bytes::parse(t).map(MemoryBudget::Bytes)
 }
 
 // Durations (`"90s"`, `"2m"`, `"500ms"` or whole seconds) are read by the workspace's `units`
@@ -269,7 +269,7 @@ mod bytes_serde {
             Raw::Int(i) => Err(serde::de::Error::custom(format!(
                 "{i} bytes: a size must be positive"
             ))),
-            Raw::Str(s) => crate::units::parse_bytes(&s)
+            Raw::Str(s) => units::bytes::parse(&s)
                 .map(Some)
                 .map_err(serde::de::Error::custom),
         }

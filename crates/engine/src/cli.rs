@@ -39,8 +39,9 @@ pub struct ServeArgs {
     /// Longest prompt plus output. Default: the model's, capped by what the KV cache holds.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_model_len: Option<u64>,
-    /// KV cache budget in bytes on the CPU (suffixes K, M, G, Ki, Mi, Gi accepted).
-    #[arg(long, default_value = "1Gi", value_parser = parse_bytes)]
+    /// KV cache budget in bytes on the CPU: `12GiB` (1024^n), `12GB` (1000^n), or as vLLM
+    /// reads a bare letter: `512M` = 512 MiB, `512m` = 512*10^6.
+    #[arg(long, default_value = "1Gi", value_parser = units::bytes::parse)]
     pub kv_cache_memory: u64,
     /// Fraction of the GPU's memory for weights, KV cache and workspace (CUDA backend).
     #[arg(long, default_value_t = limits::DEFAULT_GPU_MEMORY_UTILIZATION, value_parser = parse_fraction)]
@@ -69,35 +70,6 @@ fn parse_device(s: &str) -> Result<crate::load::Device, String> {
     }
 }
 
-/// Parses `1073741824`, `512M`, `1Gi`, `1.5G`.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "ki" | "kib" => 1024.0,
-        "mi" | "mib" => 1024.0 * 1024.0,
-        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        u => {
-            return Err(format!(
-                "unknown unit {u:?} in {s:?} (use bytes, K, M, G, Ki, Mi or Gi)"
-            ))
-        }
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("expected a byte count like 1073741824 or 1Gi, got {s:?}"))?;
-    if !(n.is_finite() && n > 0.0) {
-        return Err(format!("expected a positive byte count, got {s:?}"));
-    }
-    Ok((n * mult) as u64)
-}
-
 fn parse_fraction(s: &str) -> Result<f64, String> {
     let f: f64 = s
         .parse()
@@ -120,12 +92,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn byte_sizes() {
-        assert_eq!(parse_bytes("1024").unwrap(), 1024);
-        assert_eq!(parse_bytes("1Gi").unwrap(), 1 << 30);
-        assert_eq!(parse_bytes("512M").unwrap(), 512_000_000);
-        assert!(parse_bytes("12 parsecs").is_err());
-        assert!(parse_bytes("-5").is_err());
+    fn kv_cache_memory_reads_sizes_as_vllm_does() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let kv = |v: &str| {
+            Serve::try_parse_from(["serve", "--model", "m", "--kv-cache-memory", v])
+                .map(|s| s.args.kv_cache_memory)
+        };
+        assert_eq!(kv("1Gi").unwrap(), 1 << 30);
+        assert_eq!(kv("512M").unwrap(), 512 << 20);
+        assert_eq!(kv("512m").unwrap(), 512_000_000);
+        assert!(kv("12 parsecs").is_err());
+        assert!(kv("-5").is_err());
     }
 
     #[test]

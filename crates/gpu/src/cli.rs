@@ -2,7 +2,7 @@
 //!
 //! Every subcommand first opens NVML, so without a driver or GPU each one fails with
 //! the same plain message ([`crate::NO_GPU`] and the reason) and a non-zero exit.
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -296,25 +296,9 @@ fn monitor(a: MonitorArgs) -> Result<()> {
     Ok(())
 }
 
-/// "20GiB", "512MiB", "1G", "1048576" -> bytes.
+/// A size of `--pinned-mem`: the one grammar of [`units::bytes`] (`20GiB`, `8192M` = MiB).
 fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .with_context(|| format!("'{s}' is not a size (e.g. 20GiB, 512MiB)"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1u64,
-        "k" | "kib" | "kb" => 1 << 10,
-        "m" | "mib" | "mb" => 1 << 20,
-        "g" | "gib" | "gb" => 1 << 30,
-        "t" | "tib" | "tb" => 1 << 40,
-        u => bail!("unknown size unit '{u}' in '{s}' (use KiB, MiB, GiB)"),
-    };
-    Ok((n * mult as f64) as u64)
+    units::bytes::parse(s).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn mps_start(
@@ -443,6 +427,11 @@ mod tests {
         assert!(parse_size("3parsecs")
             .unwrap_err()
             .to_string()
-            .contains("unknown size unit"));
+            .contains("unknown unit"));
+        assert_eq!(
+            parse_size("8GB").unwrap(),
+            8_000_000_000,
+            "GB is decimal, GiB binary"
+        );
     }
 }
