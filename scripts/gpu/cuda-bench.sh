@@ -6,9 +6,12 @@
 # tests, compiled in by its `gpu-tests` feature), the benchmark `cuda_bench` (the engine's
 # example of that name), the qwen3-tiny fixture in `qwen3-tiny/`, and the baselines
 # `hf_static.py` / `hf_baseline.py`.
-# Env: PARTS (bench parts: gen17,embed,gen8,long8), DECODE (the decode attention kernel of
-# the gen/long parts: split, paged or both; both also compares their logits), BASELINES=1
-# to run the transformers baselines in the same call, TESTS=0 to skip the numerics tests.
+# Env: PARTS (bench parts: attn,gemm,gen17,embed,gen8,long8), DECODE (the decode attention
+# kernel of the gen/long parts: split, paged or both), GEMM (their GEMMs: tuned, the
+# algorithms timed fastest at load, cublas, cublasGemmEx everywhere, or both); with two
+# or more combinations each workload runs with all of them on the same loaded model and
+# compares their logits. BASELINES=1 runs the transformers baselines in the same call,
+# TESTS=0 skips the numerics tests.
 # The tests run twice: as built, then with decode work items of 16 keys
 # (COLOCATE_DECODE_MIN_CHUNK=16), so that the tiny model's short contexts are split too
 # and the merge path is checked against transformers and the CPU. Logs go to $OUT (or
@@ -27,7 +30,7 @@ if [ "${TESTS:-1}" = 1 ]; then
   COLOCATE_DECODE_MIN_CHUNK=16 "$BIN/cuda_engine" --test-threads=1 --nocapture 2>&1 |
     tee -a "$OUT/tests.log" || status=1
 fi
-CUDA_BENCH_DECODE="${DECODE:-split}" "$BIN/cuda_bench" "${PARTS:-gen17,embed,gen8}" 2>&1 |
+CUDA_BENCH_DECODE="${DECODE:-split}" CUDA_BENCH_GEMM="${GEMM:-tuned}" "$BIN/cuda_bench" "${PARTS:-gen17,embed,gen8}" 2>&1 |
   tee "$OUT/bench.log" || status=1
 if [ "${BASELINES:-0}" = 1 ]; then
   export PYTHONUNBUFFERED=1
@@ -36,6 +39,6 @@ if [ "${BASELINES:-0}" = 1 ]; then
 fi
 echo "== summary =="
 grep -h "test result\|^test .*\(ok\|FAILED\)$" "$OUT/tests.log" 2>/dev/null
-grep -h "^RESULT\|^CHECK\|^ATTN" "$OUT/bench.log"
+grep -h "^RESULT\|^CHECK\|^ATTN\|^GEMM \|^GEMMCHECK" "$OUT/bench.log"
 grep -h "tok/s\|seq/s" "$OUT/baselines.log" 2>/dev/null
 exit $status

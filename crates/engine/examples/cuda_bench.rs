@@ -6,11 +6,12 @@
 //! `scripts/gpu/cuda-bench.sh`:
 //!
 //! `cargo run --release -p engine --example cuda_bench -- [PARTS]`
-//! with PARTS a comma-separated subset of `attn,gen17,embed,gen8,long8` (`gen17,embed,gen8`
+//! with PARTS a comma-separated subset of `attn,gemm,gen17,embed,gen8,long8` (`gen17,embed,gen8`
 //! by default; the `COLOCATE_CUDA_BENCH` variable is read when no argument is given).
 //! `attn` checks the decode attention kernels on their own against an f64 reference on
 //! the host (random Q/K/V, scattered blocks, contexts from 1 to 4,100 keys, split and
-//! unsplit work items): `ATTNCHECK` lines give ||out - ref|| / ||ref|| per kernel.
+//! unsplit work items): `ATTNCHECK` lines give ||out - ref|| / ||ref|| per kernel. `gemm`
+//! does the same for every GEMM algorithm the tuner may pick (`GEMMCHECK` lines).
 //!
 //! First it measures the device's memory bandwidth (a 1 GiB device-to-device copy timed
 //! with CUDA events, bytes read plus bytes written); the "% of the bandwidth limit" and
@@ -18,8 +19,12 @@
 //!
 //! `CUDA_BENCH_DECODE` picks the decode attention kernel of the gen and long parts: `split`
 //! (the engine's default, `decode_attention`), `paged` (the former one-block-per-token
-//! kernel) or `both`: each workload then runs with each kernel on the same loaded model,
-//! and the logits of one decode step are compared between the two (`CHECK` lines).
+//! kernel) or `both`; `CUDA_BENCH_GEMM` their GEMMs: `tuned` (the engine's default: the
+//! algorithm timed fastest at load for each decode shape), `cublas` (`cublasGemmEx`
+//! everywhere, the former path) or `both`. Each workload runs with every combination on
+//! the same loaded model, and the logits of one decode step are compared with the first
+//! combination's (`CHECK` lines). After each load, `GEMMTUNE` and `GEMM` lines give what
+//! the tuning measured per shape.
 //! `gen8-64` is the 8B batch-64 workload of `gen8` alone (for sweeps of
 //! `COLOCATE_DECODE_MIN_CHUNK`).
 
@@ -28,6 +33,8 @@ use std::time::Instant;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaContext;
 use engine::backend::cuda::buffer::{self, DevBuf};
+use engine::backend::cuda::gemm::{self, Gemms, OutType};
+use engine::backend::cuda::gemm_tune::LtProblem;
 use engine::backend::cuda::kernels::{DecodeKernel, DecodePartials, Kernels};
 use engine::backend::cuda::step::{pack, DecodeSplit, StepLayout};
 use engine::backend::cuda::{CudaDevice, CudaOptions};
@@ -35,7 +42,7 @@ use engine::load::model_info;
 use engine::model::config::ModelConfig;
 use engine::model::qwen3_cuda::CudaQwen3;
 use engine::model::StepBuilder;
-use engine::runner::{Embedder, Generator, SampleSpec, SeqStep, Task};
+use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep, Task};
 use engine::weights::WeightSource;
 
 const GREEDY: SampleSpec<'static> = SampleSpec {
@@ -132,39 +139,98 @@ impl Lcg {
     }
 }
 
-/// A decode kernel to run the gen and long workloads with.
-#[derive(Clone, Copy)]
+/// A decode attention kernel and a GEMM path to run the gen and long workloads with.
+#[derive(Clone)]
 struct Variant {
-    label: &'static str,
+    label: String,
     kernel: DecodeKernel,
+    /// GEMMs on the algorithms tuned at load (else `cublasGemmEx` everywhere).
+    tuned: bool,
 }
 
-const VARIANTS: [Variant; 2] = [
-    Variant {
-        label: "paged",
-        kernel: DecodeKernel::Paged,
-    },
-    Variant {
-        label: "split",
-        kernel: DecodeKernel::Split,
-    },
-];
-
+/// `CUDA_BENCH_DECODE` (paged, split or both) times `CUDA_BENCH_GEMM` (cublas, tuned or
+/// both), former first.
 fn variants() -> anyhow::Result<Vec<Variant>> {
-    let v = std::env::var("CUDA_BENCH_DECODE").unwrap_or_else(|_| "split".to_string());
-    let list = match v.as_str() {
-        "both" => "paged,split",
-        other => other,
+    let decode = std::env::var("CUDA_BENCH_DECODE").unwrap_or_else(|_| "split".to_string());
+    let kernels: Vec<(&str, DecodeKernel)> = match decode.as_str() {
+        "paged" => vec![("paged", DecodeKernel::Paged)],
+        "split" => vec![("split", DecodeKernel::Split)],
+        "both" => vec![
+            ("paged", DecodeKernel::Paged),
+            ("split", DecodeKernel::Split),
+        ],
+        other => anyhow::bail!("CUDA_BENCH_DECODE={other:?}: paged, split or both"),
     };
-    list.split(',')
-        .map(|name| {
-            VARIANTS
-                .iter()
-                .find(|v| v.label == name)
-                .copied()
-                .ok_or_else(|| anyhow::anyhow!("CUDA_BENCH_DECODE={v:?}: paged, split or both"))
+    let gemm = std::env::var("CUDA_BENCH_GEMM").unwrap_or_else(|_| "tuned".to_string());
+    let gemms: Vec<(&str, bool)> = match gemm.as_str() {
+        "cublas" => vec![("cublas", false)],
+        "tuned" => vec![("tuned", true)],
+        "both" => vec![("cublas", false), ("tuned", true)],
+        other => anyhow::bail!("CUDA_BENCH_GEMM={other:?}: cublas, tuned or both"),
+    };
+    let mut out = Vec::new();
+    for (kl, kernel) in &kernels {
+        for (gl, tuned) in &gemms {
+            out.push(Variant {
+                label: format!("{kl}, {gl}"),
+                kernel: *kernel,
+                tuned: *tuned,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Puts `m` on variant `v` (drops its captured graphs).
+fn apply(m: &mut CudaQwen3, v: &Variant) {
+    m.set_decode_kernel(v.kernel);
+    m.set_gemm_tuned(v.tuned);
+}
+
+/// What GEMM tuning measured at load: one `GEMMTUNE` line per shape and decode size, and a
+/// `GEMM` line for the workload's own batch size (µs per call, and the weight + input +
+/// output bytes over that time as % of the measured bandwidth).
+fn print_gemms(m: &CudaQwen3, name: &str, batch: usize, bw: f64) {
+    let recs = m.gemm_report();
+    let pct = |bytes: f64, us: f64| 100.0 * bytes / (us * 1e-6) / bw;
+    for r in recs {
+        println!(
+            "GEMMTUNE {name} {} m {} n {} k {}: cublasGemmEx {:.1} us ({:.0}%), best of {} cuBLASLt candidates {} -> {}",
+            r.op,
+            r.m,
+            r.n,
+            r.k,
+            r.blas_us,
+            pct(r.bytes(), r.blas_us),
+            r.candidates,
+            match (r.lt_us, r.lt_best) {
+                (Some(us), Some(info)) => format!("{us:.1} us ({:.0}%) [{info}]", pct(r.bytes(), us)),
+                _ => "none".to_string(),
+            },
+            if r.use_lt { "cuBLASLt" } else { "cublasGemmEx" }
+        );
+    }
+    let at: Vec<String> = recs
+        .iter()
+        .filter(|r| r.m == batch)
+        .map(|r| {
+            format!(
+                "{} {:.1} -> {:.1} us ({:.0}% -> {:.0}%)",
+                r.op,
+                r.blas_us,
+                r.chosen_us(),
+                pct(r.bytes(), r.blas_us),
+                pct(r.bytes(), r.chosen_us())
+            )
         })
-        .collect()
+        .collect();
+    let on_lt = recs.iter().filter(|r| r.use_lt).count();
+    println!(
+        "GEMM {name} m {batch}, cublasGemmEx -> tuned, % of the measured bandwidth: {}; tuned in {:.2} s, {on_lt} of {} shapes on cuBLASLt",
+        if at.is_empty() { "not tuned".to_string() } else { at.join(", ") },
+        m.gemm_tune_secs(),
+        recs.len()
+    );
 }
 
 /// Prefills every prompt (chunked to the step limit); returns each one's next token.
@@ -261,7 +327,7 @@ fn print_attention(label: &str, ms: f64, steps: usize, kv_bytes: f64, bw: f64) {
 }
 
 /// Compares the logits of two runs of one decode step, row by row.
-fn compare_logits(label: &str, a: &[Vec<f32>], b: &[Vec<f32>]) {
+fn compare_logits(label: &str, reference: &str, a: &[Vec<f32>], b: &[Vec<f32>]) {
     let (mut max_diff, mut range, mut min_cos, mut agree) = (0f32, 0f32, 1f64, 0usize);
     for (x, y) in a.iter().zip(b) {
         let (mut dot, mut nx, mut ny) = (0f64, 0f64, 0f64);
@@ -284,16 +350,16 @@ fn compare_logits(label: &str, a: &[Vec<f32>], b: &[Vec<f32>]) {
     }
     let ok = max_diff.is_finite() && min_cos > 0.999;
     println!(
-        "CHECK {label}: vs paged, decode logits over {} rows: max |diff| {max_diff:.4} (largest |logit| {range:.3}), min cosine {min_cos:.6}, argmax agree {agree}/{}{}",
+        "CHECK {label}: vs {reference}, decode logits over {} rows: max |diff| {max_diff:.4} (largest |logit| {range:.3}), min cosine {min_cos:.6}, argmax agree {agree}/{}{}",
         a.len(),
         a.len(),
         if ok { "" } else { "  << MISMATCH" }
     );
 }
 
-/// The logits of one decode step at `pos` with each split kernel of `variants`, compared
-/// with `paged` (each run rewrites the same K/V at the same slots).
-fn check_kernels(
+/// The logits of one decode step at `pos` with each variant after the first, compared with
+/// the first's (each run rewrites the same K/V at the same slots).
+fn check_variants(
     m: &mut CudaQwen3,
     variants: &[Variant],
     toks: &[[u32; 1]],
@@ -301,15 +367,19 @@ fn check_kernels(
     pos: usize,
     label: &str,
 ) -> anyhow::Result<()> {
-    let keep = m.decode_kernel();
-    m.set_decode_kernel(DecodeKernel::Paged);
-    let paged = m.step_logits(&decode_steps(toks, tables, pos))?;
-    for v in variants.iter().filter(|v| v.kernel != DecodeKernel::Paged) {
-        m.set_decode_kernel(v.kernel);
-        let split = m.step_logits(&decode_steps(toks, tables, pos))?;
-        compare_logits(&format!("{label} [{}]", v.label), &split, &paged);
+    let (first, rest) = variants.split_first().expect("at least one variant");
+    apply(m, first);
+    let reference = m.step_logits(&decode_steps(toks, tables, pos))?;
+    for v in rest {
+        apply(m, v);
+        let got = m.step_logits(&decode_steps(toks, tables, pos))?;
+        compare_logits(
+            &format!("{label} [{}]", v.label),
+            &first.label,
+            &got,
+            &reference,
+        );
     }
-    m.set_decode_kernel(keep);
     Ok(())
 }
 
@@ -387,7 +457,7 @@ fn attention_check() -> anyhow::Result<()> {
         let out = DevBuf::alloc(&dev, t * nq * d * 2)?;
         let poison = vec![0xffffu16; t * nq * d];
         let toks = vec![[1u32]; t];
-        let seqs: Vec<engine::runner::SeqStep<'_>> = ctxs
+        let seqs: Vec<SeqStep<'_>> = ctxs
             .iter()
             .enumerate()
             .map(|(i, &c)| SeqStep {
@@ -519,6 +589,116 @@ fn attention_check() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every GEMM algorithm the tuner may pick, on its own, against an f64 reference on the
+/// host: Qwen3-8B's five GEMM shapes at M = 1, 16, 64 and 256 (the LM head at 1 and 64),
+/// random bf16 inputs and weights, the output poisoned (NaN) before each run. Each
+/// `GEMMCHECK` line gives, over `cublasGemmEx` and every cuBLASLt candidate,
+/// the worst ||y - ref|| / ||ref|| on 256 sampled outputs and the outputs left unwritten
+/// or not finite over the whole matrix.
+fn gemm_check() -> anyhow::Result<()> {
+    let dev = CudaDevice::open(0)?;
+    let kernels = Kernels::compile(&dev, 128, 4)?;
+    let ws = DevBuf::alloc(&dev, 32 << 20)?;
+    let gemms = Gemms::new(&dev, ws.ptr, ws.bytes)?;
+    let Some(lt) = gemms.lt() else {
+        println!("GEMMCHECK: cuBLASLt did not load; only cublasGemmEx runs");
+        return Ok(());
+    };
+    let c = ModelConfig::from_preset("qwen3-8b")?;
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+    let shapes = [
+        ("qkv", q + 2 * kv, h, OutType::Bf16),
+        ("o", h, q, OutType::Bf16),
+        ("gate_up", 2 * c.intermediate_size, h, OutType::Bf16),
+        ("down", h, c.intermediate_size, OutType::Bf16),
+        ("lm_head", c.vocab_size, h, OutType::F32),
+    ];
+    let mut rng = Lcg(99);
+    let stream = dev.stream.cu_stream();
+    for (si, &(op, n, k, out)) in shapes.iter().enumerate() {
+        let w = DevBuf::alloc(&dev, n * k * 2)?;
+        kernels.fill_uniform(w.ptr, n * k, 1000 + si as u64, 0.05, 0.0)?;
+        let ms: &[usize] = if op == "lm_head" {
+            &[1, 64]
+        } else {
+            &[1, 16, 64, 256]
+        };
+        for &m in ms {
+            let x = DevBuf::alloc(&dev, m * k * 2)?;
+            kernels.fill_uniform(x.ptr, m * k, 2000 + (si * 1000 + m) as u64, 1.0, 0.0)?;
+            let out_bytes = if out == OutType::F32 { 4 } else { 2 };
+            let y = DevBuf::alloc(&dev, m * n * out_bytes)?;
+            let xh: Vec<u16> = buffer::download(&dev, x.ptr, m * k)?;
+            let f = |b: u16| half::bf16::from_bits(b).to_f64();
+            // Sampled outputs and their f64 reference.
+            let samples: Vec<(usize, usize, f64)> = (0..256)
+                .map(|_| {
+                    let (t, j) = (rng.next(m) as usize, rng.next(n) as usize);
+                    let wr: Vec<u16> = buffer::download(&dev, w.ptr + (j * k * 2) as u64, k)?;
+                    let r = (0..k).map(|i| f(xh[t * k + i]) * f(wr[i])).sum::<f64>();
+                    Ok((t, j, r))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let problem = LtProblem::new(lt, m, n, k, out)?;
+            let cands = problem.candidates(lt, ws.bytes, 32)?;
+            let (mut worst, mut worst_what, mut bad_total) = (0f64, String::new(), 0usize);
+            for i in 0..=cands.len() {
+                // SAFETY: y holds m * n * out_bytes bytes.
+                unsafe { cudarc::driver::result::memset_d8_async(y.ptr, 0xff, y.bytes, stream) }?;
+                let what = if i == 0 {
+                    gemm::linear(&dev.blas, x.ptr, w.ptr, y.ptr, m, n, k, out)?;
+                    "cublasGemmEx".to_string()
+                } else {
+                    let cand = &cands[i - 1];
+                    problem.run(
+                        lt,
+                        &cand.algo,
+                        x.ptr,
+                        w.ptr,
+                        y.ptr,
+                        gemms.workspace(),
+                        &dev.stream,
+                    )?;
+                    cand.info.to_string()
+                };
+                let got: Vec<f64> = if out == OutType::F32 {
+                    buffer::download::<f32>(&dev, y.ptr, m * n)?
+                        .into_iter()
+                        .map(f64::from)
+                        .collect()
+                } else {
+                    buffer::download::<u16>(&dev, y.ptr, m * n)?
+                        .into_iter()
+                        .map(f)
+                        .collect()
+                };
+                let bad = got.iter().filter(|v| !v.is_finite()).count();
+                let (mut num, mut den) = (0f64, 0f64);
+                for &(t, j, r) in &samples {
+                    let e = got[t * n + j] - r;
+                    num += e * e;
+                    den += r * r;
+                }
+                let rel = (num / den).sqrt();
+                bad_total += bad;
+                if worst.is_finite() && (rel.is_nan() || rel > worst) {
+                    worst = rel;
+                    worst_what = what;
+                }
+            }
+            let limit = if out == OutType::F32 { 1e-4 } else { 8e-3 };
+            let ok = bad_total == 0 && worst.is_finite() && worst < limit;
+            println!(
+                "GEMMCHECK {op} m {m} n {n} k {k}: cublasGemmEx + {} cuBLASLt candidates, worst ||y - ref|| / ||ref|| = {worst:.2e} ({worst_what}), {bad_total} outputs unwritten or not finite{}",
+                cands.len(),
+                if ok { "" } else { "  << FAIL" }
+            );
+        }
+    }
+    Ok(())
+}
+
 fn bench_gen(
     name: &str,
     batch: usize,
@@ -540,6 +720,7 @@ fn bench_gen(
     let per_seq = (prompt + gen).div_ceil(bs);
     m.init_kv_cache(batch * per_seq, bs)?;
     let load_s = t.elapsed().as_secs_f64();
+    print_gemms(&m, name, batch, bw);
     let mut rng = Lcg(42);
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|_| (0..prompt).map(|_| rng.next(150_000)).collect())
@@ -554,7 +735,7 @@ fn bench_gen(
         .map(|g| (batch * (prompt + g) * config.kv_bytes_per_token(2)) as f64)
         .sum();
     for v in variants {
-        m.set_decode_kernel(v.kernel);
+        apply(&mut m, v);
         let t = Instant::now();
         m.capture_all()?;
         let capture_s = t.elapsed().as_secs_f64();
@@ -569,11 +750,12 @@ fn bench_gen(
         let tok_s = (rounds * batch * gen) as f64 / total;
         let step_ms = (total - pre) / (rounds * (gen - 1)) as f64 * 1e3;
         println!(
-            "RESULT gen {name} batch {batch} [{}]: {tok_s:.0} tok/s ({:.1}% of the {limit:.0} tok/s bandwidth limit); prefill {:.1} ms/round, decode step {step_ms:.2} ms (graph) = {:.2}x the {floor:.2} ms floor (weights + KV over the measured bandwidth); load {load_s:.1} s, capture {capture_s:.1} s",
+            "RESULT gen {name} batch {batch} [{}]: {tok_s:.0} tok/s ({:.1}% of the {limit:.0} tok/s bandwidth limit); prefill {:.1} ms/round, decode step {step_ms:.2} ms (graph) = {:.2}x the {floor:.2} ms floor (weights + KV over the measured bandwidth); load {load_s:.1} s (GEMM tuning {:.1} s), capture {capture_s:.1} s",
             v.label,
             100.0 * tok_s / limit,
             pre / rounds as f64 * 1e3,
-            step_ms / floor
+            step_ms / floor,
+            m.gemm_tune_secs()
         );
         m.set_profiling(true);
         gen_round(&mut m, &prompts, &tables, gen, max_tokens)?;
@@ -583,10 +765,10 @@ fn bench_gen(
         print_attention(&label, attn, gen - 1, kv_round, bw);
         m.set_profiling(false);
     }
-    if variants.iter().any(|v| v.kernel == DecodeKernel::Paged) && variants.len() > 1 {
+    if variants.len() > 1 {
         let last = prefill(&mut m, &prompts, &tables, max_tokens)?;
         let toks: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
-        check_kernels(
+        check_variants(
             &mut m,
             variants,
             &toks,
@@ -623,6 +805,7 @@ fn bench_long(
     m.init_kv_cache(batch * per_seq, bs)?;
     m.fill_kv_cache_uniform(11, 1.0)?;
     let load_s = t.elapsed().as_secs_f64();
+    print_gemms(&m, name, batch, bw);
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
         .collect();
@@ -631,7 +814,7 @@ fn bench_long(
     let floor = step_floor_ms(&config, batch, (ctx + steps / 2) as f64, bw);
     let kv_step = |pos: usize| (batch * (pos + 1) * config.kv_bytes_per_token(2)) as f64;
     for v in variants {
-        m.set_decode_kernel(v.kernel);
+        apply(&mut m, v);
         let t = Instant::now();
         m.capture_all()?;
         let capture_s = t.elapsed().as_secs_f64();
@@ -661,8 +844,8 @@ fn bench_long(
         print_attention(&label, attn, prof_steps, kv, bw);
         m.set_profiling(false);
     }
-    if variants.iter().any(|v| v.kernel == DecodeKernel::Paged) && variants.len() > 1 {
-        check_kernels(
+    if variants.len() > 1 {
+        check_variants(
             &mut m,
             variants,
             &toks,
@@ -729,9 +912,10 @@ fn main() -> anyhow::Result<()> {
             }
             "embed" => bench_embed("qwen3-embedding-0.6b", 64, 512, 5.0)?,
             "attn" => attention_check()?,
+            "gemm" => gemm_check()?,
             other => {
                 anyhow::bail!(
-                    "unknown bench part {other:?} (attn, gen17, embed, gen8, gen8-64, long8)"
+                    "unknown bench part {other:?} (attn, gemm, gen17, embed, gen8, gen8-64, long8)"
                 )
             }
         }

@@ -15,8 +15,3 @@ pub mod server;
 pub mod tokenizer;
 pub mod weights;
 pub mod worker;
-
-/// The former path of [`model_api`], still named by `backend/cuda` and
-/// `examples/cuda_bench.rs` (which are being edited elsewhere); new code names `model_api`.
-#[doc(hidden)]
-pub use model_api as runner;

@@ -5,7 +5,8 @@
 //! with the executor that runs it ([`CudaExecutor`]). What is this file's own is the
 //! device layout and the forward pass:
 //! - weights in bf16 with q/k/v fused into one `[(nq + 2 nkv) * D, H]` matrix and gate/up
-//!   into one `[2 I, H]` matrix, so a layer runs 4 GEMMs (cuBLAS);
+//!   into one `[2 I, H]` matrix, so a layer runs 4 GEMMs (cuBLAS, or the cuBLASLt
+//!   algorithm the executor timed fastest for the decode shape: `gemm_specs`);
 //! - per layer: add+RMSNorm -> qkv GEMM -> q/k norm + RoPE + KV write -> attention
 //!   (split decode, paged prefill tiles, or flash for embeddings) -> o GEMM ->
 //!   add+RMSNorm -> gate_up GEMM -> SiLU*up -> down GEMM; then the final norm of the
@@ -21,7 +22,7 @@ use half::bf16;
 use crate::backend::cuda::buffer::DevBuf;
 use crate::backend::cuda::device::CudaDevice;
 use crate::backend::cuda::executor::{CudaExecutor, CudaModel, ForwardCtx, Outputs, Pass};
-use crate::backend::cuda::gemm::{self, OutType};
+use crate::backend::cuda::gemm::{GemmSpec, OutType};
 use crate::backend::cuda::kernels::{DevPtr, Kernels};
 use crate::backend::cuda::profile::Launcher;
 use crate::backend::cuda::step::CudaOptions;
@@ -400,6 +401,67 @@ impl CudaModel for Qwen3Cuda {
             pooled: self.act.pooled.ptr,
         }
     }
+
+    fn gemm_specs(&self) -> Vec<GemmSpec> {
+        let (d, a, w) = (&self.d, &self.act, &self.w);
+        let tokens = a.normed.bytes / (d.hidden * BF16);
+        let rows = a.last.bytes / (d.hidden * BF16);
+        let each = |f: fn(&LayerWeights) -> DevPtr| w.layers.iter().map(f).collect::<Vec<_>>();
+        let spec = |op, n, k, x: &DevBuf, y: &DevBuf, weights| GemmSpec {
+            op,
+            n,
+            k,
+            out: OutType::Bf16,
+            x: x.ptr,
+            y: y.ptr,
+            max_m: tokens,
+            weights,
+        };
+        vec![
+            spec(
+                "qkv",
+                d.qkv_width(),
+                d.hidden,
+                &a.normed,
+                &a.qkv,
+                each(|l| l.qkv.ptr),
+            ),
+            spec(
+                "o",
+                d.hidden,
+                d.q_width(),
+                &a.attn,
+                &a.delta,
+                each(|l| l.o_proj.ptr),
+            ),
+            spec(
+                "gate_up",
+                2 * d.inter,
+                d.hidden,
+                &a.normed,
+                &a.gate_up,
+                each(|l| l.gate_up.ptr),
+            ),
+            spec(
+                "down",
+                d.hidden,
+                d.inter,
+                &a.act,
+                &a.delta,
+                each(|l| l.down.ptr),
+            ),
+            GemmSpec {
+                op: "lm_head",
+                n: d.vocab,
+                k: d.hidden,
+                out: OutType::F32,
+                x: a.last.ptr,
+                y: a.logits.ptr,
+                max_m: rows,
+                weights: vec![w.lm_head_ptr()],
+            },
+        ]
+    }
 }
 
 impl Qwen3Cuda {
@@ -435,7 +497,6 @@ impl Qwen3Cuda {
         layer: usize,
     ) -> anyhow::Result<()> {
         let (d, k, a, lw) = (&self.d, cx.kernels, &self.act, &self.w.layers[layer]);
-        let blas = &cx.dev.blas;
         let meta = |off: usize| cx.step.ptr(off);
         let (lay, t, h) = (p.layout, p.step.tokens, d.hidden);
         // The embedding path attends with the flash kernel, which reads K/V from qkv.
@@ -455,8 +516,8 @@ impl Qwen3Cuda {
             )
         })?;
         ops.op("gemm qkv", || {
-            gemm::linear(
-                blas,
+            cx.gemm.linear(
+                cx.dev,
                 a.normed.ptr,
                 lw.qkv.ptr,
                 a.qkv.ptr,
@@ -546,8 +607,8 @@ impl Qwen3Cuda {
             })?;
         }
         ops.op("gemm o", || {
-            gemm::linear(
-                blas,
+            cx.gemm.linear(
+                cx.dev,
                 a.attn.ptr,
                 lw.o_proj.ptr,
                 a.delta.ptr,
@@ -569,7 +630,6 @@ impl Qwen3Cuda {
         layer: usize,
     ) -> anyhow::Result<()> {
         let (d, k, a, lw) = (&self.d, cx.kernels, &self.act, &self.w.layers[layer]);
-        let blas = &cx.dev.blas;
         let (t, h) = (p.step.tokens, d.hidden);
         ops.op("rmsnorm+add", || {
             k.add_rmsnorm(
@@ -584,8 +644,8 @@ impl Qwen3Cuda {
             )
         })?;
         ops.op("gemm gate_up", || {
-            gemm::linear(
-                blas,
+            cx.gemm.linear(
+                cx.dev,
                 a.normed.ptr,
                 lw.gate_up.ptr,
                 a.gate_up.ptr,
@@ -599,8 +659,8 @@ impl Qwen3Cuda {
             k.silu_mul(a.gate_up.ptr, a.act.ptr, t, d.inter)
         })?;
         ops.op("gemm down", || {
-            gemm::linear(
-                blas,
+            cx.gemm.linear(
+                cx.dev,
                 a.act.ptr,
                 lw.down.ptr,
                 a.delta.ptr,
@@ -661,7 +721,6 @@ impl Qwen3Cuda {
         p: &Pass,
     ) -> anyhow::Result<()> {
         let (d, k, a) = (&self.d, cx.kernels, &self.act);
-        let blas = &cx.dev.blas;
         let (rows, n) = (cx.step.ptr(p.layout.rows), p.step.rows);
         ops.op("rmsnorm rows", || {
             k.add_rmsnorm(
@@ -676,8 +735,8 @@ impl Qwen3Cuda {
             )
         })?;
         ops.op("gemm lm_head", || {
-            gemm::linear(
-                blas,
+            cx.gemm.linear(
+                cx.dev,
                 a.last.ptr,
                 self.w.lm_head_ptr(),
                 a.logits.ptr,

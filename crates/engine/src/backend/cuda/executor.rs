@@ -1,6 +1,8 @@
-//! Runs a CUDA model behind the runner seam (`Generator` / `Embedder`): everything a model
-//! on this device needs besides its own weights, activations and forward pass. It opens
-//! the GPU, compiles the kernels for the model's attention shape, builds the RoPE table,
+//! Runs a CUDA model behind the `model_api` seam (`Generator` / `Embedder`): everything a
+//! model on this device needs besides its own weights, activations and forward pass. It
+//! opens the GPU, compiles the kernels for the model's attention shape, times the model's
+//! GEMMs at each decode batch size and keeps the fastest algorithm (`gemm`), builds the
+//! RoPE table,
 //! packs each step's metadata once (`step`, which also cuts decode steps into the split
 //! decode attention's work items), keeps the paged KV cache (`kv_cache`),
 //! replays decode steps as CUDA graphs per batch-size bucket (`graphs`), times ops when
@@ -12,7 +14,7 @@ use anyhow::{anyhow, bail};
 
 use super::buffer::{self, DevBuf};
 use super::device::CudaDevice;
-use super::gemm;
+use super::gemm::{GemmSpec, Gemms, TuneRecord};
 use super::graphs::{self, DecodeGraphs};
 use super::kernels::{DecodeKernel, DecodePartials, DevPtr, Kernels, RopeTable, FLASH_QUERY_TILE};
 use super::kv_cache::{KvCache, KvPlace};
@@ -21,7 +23,7 @@ use super::step::{CudaOptions, DecodeSplit, PackedStep, StepBuffer, StepLayout};
 use crate::backend::sampling::sample_row;
 use crate::model::config::ModelConfig;
 use crate::model::StepBuilder;
-use crate::runner::{Embedder, Generator, ModelInfo, SampleSpec, SeqStep};
+use crate::model_api::{Embedder, Generator, ModelInfo, SampleSpec, SeqStep, Task};
 
 /// Tokens per block of the embedding path's K/V scratch (paged reference kernel).
 const EMBED_BLOCK: usize = 16;
@@ -72,6 +74,8 @@ pub struct ForwardCtx<'a> {
     /// The split decode attention's buffers; `None`: decode steps use the
     /// one-block-per-token `paged_attention` (shapes without the split kernel, or chosen).
     pub decode: Option<DecodePartials>,
+    /// The GEMMs (`cublasGemmEx`, or the algorithm tuned for the shape).
+    pub gemm: &'a Gemms,
 }
 
 /// Where a model leaves a pass's results, one row per output row of the step.
@@ -99,6 +103,9 @@ pub trait CudaModel: Send {
     /// Device bytes of weights and activations.
     fn bytes_held(&self) -> usize;
     fn outputs(&self) -> Outputs;
+    /// The GEMMs of a generate pass that the executor tunes at each decode batch size:
+    /// shapes, the activation buffers they read and write, and their weights.
+    fn gemm_specs(&self) -> Vec<GemmSpec>;
 }
 
 /// The config's numbers the executor itself needs.
@@ -120,6 +127,7 @@ pub struct CudaExecutor<M> {
     info: ModelInfo,
     opts: CudaOptions,
     _blas_workspace: DevBuf,
+    gemm: Gemms,
     builder: StepBuilder,
     step: StepBuffer,
     /// The generator's KV cache and its step layout (`init_kv_cache`).
@@ -145,7 +153,8 @@ impl<M: CudaModel> CudaExecutor<M> {
     /// Opens GPU `ordinal`, compiles the kernels for `config`'s attention shape, lets
     /// `load` put the model's weights and activations on the device, then allocates the
     /// step buffer and the cuBLAS workspace and builds the RoPE table. `info.task` picks
-    /// generate or embed; the KV cache comes later (`init_kv_cache`).
+    /// generate or embed; a generator's GEMMs are tuned for its decode graph sizes
+    /// ([`Self::tune_gemms`]); the KV cache comes later (`init_kv_cache`).
     pub fn open(
         ordinal: usize,
         config: &ModelConfig,
@@ -208,7 +217,7 @@ impl<M: CudaModel> CudaExecutor<M> {
         };
         let step = StepBuffer::alloc(&dev, &opts, split)?;
         let blas_workspace = DevBuf::alloc(&dev, BLAS_WORKSPACE)?;
-        gemm::set_workspace(&dev.blas, blas_workspace.ptr, BLAS_WORKSPACE)?;
+        let gemm = Gemms::new(&dev, blas_workspace.ptr, BLAS_WORKSPACE)?;
         let rope_positions = opts
             .max_model_len
             .min(config.max_position_embeddings.max(1));
@@ -220,7 +229,8 @@ impl<M: CudaModel> CudaExecutor<M> {
         };
         let embed_flash = kernels.has_flash_attention();
         let graphs = DecodeGraphs::new(&opts.graph_buckets, opts.max_seqs);
-        Ok(Self {
+        let generate = info.task == Task::Generate;
+        let mut ex = Self {
             dev,
             kernels,
             model,
@@ -233,6 +243,7 @@ impl<M: CudaModel> CudaExecutor<M> {
             info,
             opts,
             _blas_workspace: blas_workspace,
+            gemm,
             builder: StepBuilder::default(),
             step,
             kv: None,
@@ -250,7 +261,67 @@ impl<M: CudaModel> CudaExecutor<M> {
             _rope_buf: rope_buf,
             graphs,
             profiler: None,
-        })
+        };
+        if generate {
+            ex.tune_gemms()?;
+        }
+        Ok(ex)
+    }
+
+    /// Times the model's GEMMs at every decode graph size (`cublasGemmEx` and cuBLASLt's
+    /// candidates, over the real weights) and keeps the fastest for each. A failure to
+    /// tune leaves the shapes it had not reached on `cublasGemmEx`.
+    pub fn tune_gemms(&mut self) -> anyhow::Result<()> {
+        self.bind()?;
+        let ms: Vec<usize> = self
+            .graphs
+            .buckets()
+            .iter()
+            .copied()
+            .filter(|&b| b <= self.opts.max_tokens)
+            .collect();
+        let specs = self.model.gemm_specs();
+        // Step-like inputs: seeded uniform values rather than whatever the buffers hold.
+        for (i, s) in specs.iter().enumerate() {
+            let rows = ms
+                .iter()
+                .copied()
+                .filter(|&m| m <= s.max_m)
+                .max()
+                .unwrap_or(0);
+            if rows > 0 {
+                self.kernels
+                    .fill_uniform(s.x, rows * s.k, 0x5eed + i as u64, 1.0, 0.0)?;
+            }
+        }
+        if let Err(e) = self.gemm.tune(&self.dev, &specs, &ms) {
+            tracing::warn!("GEMM tuning stopped, the rest stays on cublasGemmEx: {e:#}");
+        }
+        buffer::synchronize(&self.dev)?;
+        let on_lt = self.gemm.records().iter().filter(|r| r.use_lt).count();
+        tracing::info!(
+            "GEMMs tuned in {:.2} s: {on_lt} of {} decode shapes on cuBLASLt",
+            self.gemm.tune_secs(),
+            self.gemm.records().len()
+        );
+        Ok(())
+    }
+
+    /// Uses the tuned GEMM algorithms (`true`, the default) or `cublasGemmEx` everywhere
+    /// (`false`, the former path, for comparisons). Drops captured graphs.
+    pub fn set_gemm_tuned(&mut self, on: bool) {
+        self.gemm.set_tuned(on);
+        self.graphs.clear();
+    }
+
+    /// What GEMM tuning measured (one record per shape and decode batch size).
+    pub fn gemm_report(&self) -> &[TuneRecord] {
+        self.gemm.records()
+    }
+
+    /// Seconds spent tuning GEMMs.
+    pub fn gemm_tune_secs(&self) -> f64 {
+        self.gemm.tune_secs()
     }
 
     /// The GPU's name and architecture, e.g. ("NVIDIA H100 80GB HBM3", "sm_90").
@@ -514,6 +585,7 @@ impl<M: CudaModel> CudaExecutor<M> {
                 .as_ref()
                 .filter(|_| self.decode_kernel == DecodeKernel::Split)
                 .map(|(_, p)| *p),
+            gemm: &self.gemm,
         };
         let mut ops = Launcher::new(&self.dev.stream, &mut prof);
         let r = self.model.enqueue_forward(&cx, &mut ops, &pass);

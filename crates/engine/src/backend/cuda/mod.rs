@@ -1,13 +1,15 @@
-//! The CUDA backend: bf16 weights and activations with fp32 accumulation, GEMMs in cuBLAS,
-//! everything else in kernels compiled at start-up by NVRTC for the device (see
-//! `kernels/engine.cu`), decode steps captured as CUDA graphs per batch-size bucket. This
-//! folder is the device (`device`, `buffer`, `kernels`, `gemm`, `kv_cache`, `step`,
-//! `graphs`, `profile`) and the `executor` that runs any CUDA model behind the runner seam;
+//! The CUDA backend: bf16 weights and activations with fp32 accumulation, GEMMs in cuBLAS
+//! (the decode shapes on the cuBLASLt algorithms timed fastest at load), everything else
+//! in kernels compiled at start-up by NVRTC for the device (see `kernels/engine.cu`),
+//! decode steps captured as CUDA graphs per batch-size bucket. This folder is the device
+//! (`device`, `buffer`, `kernels`, `gemm`, `gemm_tune`, `kv_cache`, `step`, `graphs`,
+//! `profile`) and the `executor` that runs any CUDA model behind the `model_api` seam;
 //! the models themselves live beside the portable ones (`model::qwen3_cuda`).
 //!
-//! The driver, cuBLAS and NVRTC are loaded at run time (cudarc `dynamic-loading`): the
-//! engine builds and its CPU path runs on machines without CUDA, and asking for the GPU
-//! there is a clear error naming the libraries searched (`device::check_libraries`).
+//! The driver, cuBLAS and NVRTC are loaded at run time (cudarc `dynamic-loading`; cuBLASLt
+//! by `dlopen` in `gemm_tune`, optional): the engine builds and its CPU path runs on
+//! machines without CUDA, and asking for the GPU there is a clear error naming the
+//! libraries searched (`device::check_libraries`).
 //!
 //! Design ported from vLLM's paged attention (block tables, slot mapping, per-bucket
 //! graphs) and candle's "compile kernels at start-up" pattern; the CPU backend is every
@@ -17,6 +19,7 @@ pub mod buffer;
 pub mod device;
 pub mod executor;
 pub mod gemm;
+pub mod gemm_tune;
 pub mod graphs;
 pub mod kernels;
 pub mod kv_cache;

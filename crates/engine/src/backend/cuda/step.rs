@@ -310,7 +310,7 @@ impl StepBuffer {
 mod tests {
     use super::*;
     use crate::model::StepBuilder;
-    use crate::runner::{SampleSpec, SeqStep};
+    use crate::model_api::{SampleSpec, SeqStep};
 
     const GREEDY: SampleSpec<'static> = SampleSpec {
         temperature: 0.0,
