@@ -190,6 +190,13 @@ async fn show_progress(mut rx: watch::Receiver<Progress>) {
                 Some(d) => format!("measuring {:.0}/{:.0}s", p.elapsed - p.warmup, d),
                 None => format!("measuring {:.0}s", p.elapsed - p.warmup),
             },
+            Phase::Draining => match &p.drain {
+                Some(d) => format!(
+                    "draining: {} whole responses of the window in flight {:.0}/{:.0}s",
+                    d.left, d.elapsed, d.timeout
+                ),
+                None => "draining".into(),
+            },
             Phase::Finishing => "finishing".into(),
             Phase::Done => "done".into(),
         };

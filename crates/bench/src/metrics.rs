@@ -4,6 +4,10 @@
 //! ITL = every gap between consecutive content chunks, pooled over requests;
 //! E2EL = send to the last content chunk; output tokens from the server's `usage`;
 //! percentiles by linear interpolation (numpy's default), std with ddof = 0.
+//!
+//! A gen response received whole (`"stream": false`, [`RequestRecord::whole`]) has no chunk
+//! times: its completion tokens are spread uniformly over its lifetime, and a window counts
+//! the share that overlaps it (`RequestRecord::output_tokens_in`, which says why).
 
 use std::collections::BTreeMap;
 
@@ -42,6 +46,10 @@ pub struct RequestRecord {
     pub error: Option<String>,
     /// True when the request finished normally (a complete response was received).
     pub success: bool,
+    /// A gen response received whole (`"stream": false`): no chunk times, so its
+    /// completion tokens are spread over its lifetime (`output_tokens_in`).
+    #[serde(default)]
+    pub whole: bool,
 }
 
 impl RequestRecord {
@@ -68,9 +76,15 @@ impl RequestRecord {
         (t > 0.0).then(|| 1.0 / t)
     }
 
-    /// When the prompt counts as processed: the first token of a stream; for a request
-    /// that was not streamed (no first token), the whole response's arrival.
+    /// When the prompt counts as processed: the first token of a stream; for a whole
+    /// response that succeeded, its send. The prompt is prefilled once, at the start of the
+    /// request's life (after any wait for a batch slot, which the client cannot see), not
+    /// over its decode; in steady state where in the lifetime it is put does not change the
+    /// window's expected count, and the send is the one time the client knows.
     pub fn prompt_counted_at(&self) -> Option<f64> {
+        if self.whole {
+            return self.success.then_some(self.sent);
+        }
         self.first_token
             .or_else(|| (self.success && self.chunks > 0).then_some(self.end))
     }
@@ -80,11 +94,40 @@ impl RequestRecord {
         (self.sent - self.scheduled).max(0.0)
     }
 
-    /// Output tokens received in `[w0, w1)`: each content chunk carries its share of the
-    /// request's `usage.completion_tokens` (one token per chunk when no usage arrived, e.g.
-    /// for requests cut at the end of the run), so a request straddling an edge contributes
+    /// Output tokens generated in `[w0, w1)`.
+    ///
+    /// Streamed: each content chunk carries its share of the request's
+    /// `usage.completion_tokens` (one token per chunk when no usage arrived, e.g. for
+    /// requests cut at the end of the run), so a request straddling an edge contributes
     /// only what streamed inside the window.
+    ///
+    /// Whole (not streamed): the client sees only the send and the complete answer, so the
+    /// tokens are spread uniformly over `[sent, end]` and the window gets the share of that
+    /// lifetime it overlaps (a zero-length lifetime counts wholly at its end; a request
+    /// without usage, e.g. cut, counts nothing). Why uniform from the send:
+    /// - decode dominates these requests: one prefill of a short prompt, then one decode
+    ///   step per output token (512 for the seeds), so tokens come at a nearly steady pace
+    ///   once the request runs;
+    /// - the time before the first token (prefill, and any wait for a batch slot when the
+    ///   concurrency exceeds the engine's batch: half the E2EL at 1,024 on 512 slots) is
+    ///   not observable without a stream, so there is no principled offset to start from;
+    /// - in steady state the rule is unbiased: with C requests in flight each spreading
+    ///   `n / E2EL`, the spread rate is `C * n / E2EL`, the completion rate times `n`
+    ///   (Little's law), whatever part of each lifetime was waiting; a shape other than the
+    ///   true one only moves tokens between neighbouring windows, and on average the error
+    ///   it makes at a window's start is the opposite of the one at its end.
+    ///
+    /// Identical requests started together finish in waves; counting each one's tokens at
+    /// its end gave a multiple of whole waves per window, the spread gives the rate. It is
+    /// exact at the window's end only if the requests in flight there are waited for,
+    /// which the runner does (it drains whole-response workloads after the window).
     pub fn output_tokens_in(&self, w0: f64, w1: f64) -> f64 {
+        if self.whole {
+            return match (self.success, self.output_tokens) {
+                (true, Some(n)) => n as f64 * self.lifetime_share(w0, w1),
+                _ => 0.0,
+            };
+        }
         let inside = self
             .chunk_times
             .iter()
@@ -96,6 +139,20 @@ impl RequestRecord {
             }
             _ => inside,
         }
+    }
+
+    /// The fraction of the lifetime `[sent, end]` that lies in `[w0, w1)`; a zero-length
+    /// lifetime is wholly where it ends.
+    pub fn lifetime_share(&self, w0: f64, w1: f64) -> f64 {
+        let life = self.end - self.sent;
+        if life <= 0.0 {
+            return if self.end >= w0 && self.end < w1 {
+                1.0
+            } else {
+                0.0
+            };
+        }
+        ((self.end.min(w1) - self.sent.max(w0)) / life).clamp(0.0, 1.0)
     }
 
     /// Finished successfully inside the window: counts for latency, wherever it started
@@ -195,10 +252,12 @@ impl Stats {
 pub struct GenStats {
     /// Requests in the latency set (finished successfully in the window).
     pub completed: usize,
-    /// Prompt tokens of requests whose first token arrived in the window (a request that
-    /// was not streamed has no first token: its prompt counts when its response arrives).
+    /// Prompt tokens of requests whose first token arrived in the window (a response
+    /// received whole has no first token: its prompt counts at its send).
     pub input_tokens: f64,
-    /// Output tokens that streamed in during the window.
+    /// Output tokens generated during the window: those that streamed in, and each whole
+    /// response's share of its lifetime inside the window
+    /// (`RequestRecord::output_tokens_in`).
     pub output_tokens: f64,
     pub output_throughput: f64,
     pub total_token_throughput: f64,
@@ -347,7 +406,8 @@ pub fn errors_in(records: &[RequestRecord], w0: f64, w1: f64) -> BTreeMap<String
 pub struct TimePoint {
     /// Start of the bin, Unix seconds.
     pub t: f64,
-    /// Output tokens/s (gen) or sequences/s (embed) that arrived in the bin.
+    /// Output tokens/s (gen: streamed in, or whole responses' share of the bin) or
+    /// sequences/s (embed) that arrived in the bin.
     pub throughput: f64,
     /// Requests/s that completed successfully in the bin.
     pub requests: f64,
@@ -371,7 +431,16 @@ pub fn timeseries(records: &[RequestRecord], gen: bool, w0: f64, w1: f64) -> Vec
         (t >= w0 && t < w1).then(|| ((t - w0) as usize).min(nbins - 1))
     };
     for r in records {
-        if gen {
+        if gen && r.whole {
+            // Spread over the bins its lifetime overlaps.
+            if r.success && r.end >= w0 && r.sent < w1 {
+                let first = ((r.sent.max(w0) - w0) as usize).min(nbins - 1);
+                let last = ((r.end.min(w1) - w0) as usize).min(nbins - 1);
+                for p in pts.iter_mut().take(last + 1).skip(first) {
+                    p.throughput += r.output_tokens_in(p.t, (p.t + 1.0).min(w1));
+                }
+            }
+        } else if gen {
             let share = match r.output_tokens {
                 Some(n) if !r.chunk_times.is_empty() => n as f64 / r.chunk_times.len() as f64,
                 _ => 1.0,
@@ -548,5 +617,128 @@ mod tests {
         failed.error = Some("http_503".into());
         let errs = errors_in(&[failed], 10.0, 20.0);
         assert_eq!(errs["http_503"], 1);
+    }
+
+    /// A whole (non-streamed) response of `out` tokens, sent at `sent`, ended at `end`, as
+    /// `unstreamed::record_response` leaves it.
+    fn whole_rec(sent: f64, end: f64, out: u64) -> RequestRecord {
+        RequestRecord {
+            scheduled: sent,
+            sent,
+            first_token: None,
+            last_token: Some(end),
+            end,
+            chunk_times: vec![end],
+            chunks: 1,
+            prompt_tokens: Some(10),
+            prompt_tokens_estimated: false,
+            output_tokens: Some(out),
+            sequences: 1,
+            success: true,
+            whole: true,
+            ..RequestRecord::default()
+        }
+    }
+
+    #[test]
+    fn a_whole_response_counts_the_share_of_its_lifetime_inside_the_window() {
+        // Window [10, 20); 100 tokens each.
+        let straddles_w0 = whole_rec(6.0, 14.0, 100); // 4 of 8 s inside: 50
+        let straddles_w1 = whole_rec(18.0, 23.0, 100); // 2 of 5 s inside: 40
+        let inside = whole_rec(11.0, 15.0, 100); // all: 100
+        let before = whole_rec(2.0, 8.0, 100); // none
+        let after = whole_rec(21.0, 25.0, 100); // none
+        let spans = whole_rec(5.0, 25.0, 100); // 10 of 20 s: 50
+                                               // Cut at the end of the run: no usage, no tokens (even with its pseudo-chunk).
+        let mut cut = whole_rec(12.0, 19.0, 100);
+        cut.success = false;
+        cut.output_tokens = None;
+        let (w0, w1) = (10.0, 20.0);
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(near(straddles_w0.output_tokens_in(w0, w1), 50.0));
+        assert!(near(straddles_w1.output_tokens_in(w0, w1), 40.0));
+        assert!(near(inside.output_tokens_in(w0, w1), 100.0));
+        assert_eq!(before.output_tokens_in(w0, w1), 0.0);
+        assert_eq!(after.output_tokens_in(w0, w1), 0.0);
+        assert!(near(spans.output_tokens_in(w0, w1), 50.0));
+        assert_eq!(cut.output_tokens_in(w0, w1), 0.0);
+        // Shares of adjacent windows add up to the whole.
+        let r = &straddles_w1;
+        let parts = r.output_tokens_in(0.0, 19.0) + r.output_tokens_in(19.0, 30.0);
+        assert!(near(parts, 100.0));
+        // A zero-length lifetime counts wholly where it ends.
+        let instant = whole_rec(12.0, 12.0, 7);
+        assert_eq!(instant.output_tokens_in(w0, w1), 7.0);
+        assert_eq!(instant.output_tokens_in(12.5, w1), 0.0);
+
+        let recs = [
+            straddles_w0,
+            straddles_w1,
+            inside,
+            before,
+            after,
+            spans,
+            cut,
+        ];
+        let g = gen_stats(&recs, w0, w1, &[50.0], None);
+        assert!(near(g.output_tokens, 240.0), "{}", g.output_tokens);
+        assert!(near(g.output_throughput, 24.0));
+        // Latency and request counts keep their rule: the requests that ended inside (two).
+        assert_eq!(g.completed, 2);
+        assert!(near(g.request_throughput, 0.2));
+        assert!((g.e2el_ms.mean - 6_000.0).abs() < 1e-6, "{:?}", g.e2el_ms);
+        // A whole response's prompt counts when it was sent (successful ones only): the two
+        // sent inside, not the cut one.
+        assert!(near(g.input_tokens, 20.0), "{}", g.input_tokens);
+        // The time series spreads the same way and adds up to the window's tokens.
+        let ts = timeseries(&recs, true, w0, w1);
+        let total: f64 = ts.iter().map(|p| p.throughput).sum();
+        assert!(near(total, 240.0), "{total}");
+        // [13, 14): straddles_w0 12.5, inside 25, spans 5.
+        assert!(near(ts[3].throughput, 42.5), "{:?}", ts[3]);
+        // [19, 20): straddles_w1 20, spans 5.
+        assert!(near(ts[9].throughput, 25.0), "{:?}", ts[9]);
+    }
+
+    /// Identical requests started together finish in waves; counting each one's tokens
+    /// where it ends gives a multiple of whole waves over the window (the H200 runs:
+    /// 26,214 tok/s at 512 against vLLM's 25,046). Spread over their lifetimes they give
+    /// the steady rate in any window, and requests queueing for a slot (concurrency above
+    /// the engine's batch) stretch the spread but not the rate (Little's law).
+    #[test]
+    fn waves_of_identical_requests_give_the_steady_rate() {
+        let t = 10.0;
+        // 8 in flight, 512 tokens in 10 s each, back to back: 409.6 tok/s.
+        let waves: Vec<RequestRecord> = (0..12)
+            .flat_map(|k| (0..8).map(move |_| whole_rec(t * k as f64, t * (k + 1) as f64, 512)))
+            .collect();
+        // 8 in flight, 4 slots: after the first wave each request waits one wave for a
+        // slot and then runs one: lifetime 2T, 4 done every T: 204.8 tok/s.
+        let mut queued: Vec<RequestRecord> = (0..4).map(|_| whole_rec(0.0, t, 512)).collect();
+        for k in 0..12 {
+            for _ in 0..4 {
+                queued.push(whole_rec(t * k as f64, t * (k + 2) as f64, 512));
+            }
+        }
+        for (w0, w1) in [(15.0, 45.0), (12.3, 37.9), (20.0, 50.0), (10.5, 20.4)] {
+            let g = gen_stats(&waves, w0, w1, &[50.0], None);
+            assert!(
+                (g.output_throughput - 409.6).abs() < 1e-9,
+                "[{w0}, {w1}): {}",
+                g.output_throughput
+            );
+            let g = gen_stats(&queued, w0, w1, &[50.0], None);
+            assert!(
+                (g.output_throughput - 204.8).abs() < 1e-9,
+                "[{w0}, {w1}) queued: {}",
+                g.output_throughput
+            );
+        }
+        // Counted at their ends, [12.3, 37.9) would hold two waves: 320 tok/s.
+        let ended = waves
+            .iter()
+            .filter(|r| r.end >= 12.3 && r.end < 37.9)
+            .count();
+        assert_eq!(ended as f64 * 512.0 / 25.6, 320.0);
     }
 }

@@ -25,12 +25,34 @@ pub struct BenchResults {
     /// The measurement window, Unix seconds.
     pub window: (f64, f64),
     /// True when the run was cut short (Ctrl-C / cancellation); the window then ends at the
-    /// cut.
+    /// cut, or where it was due when the cut came while draining (whole responses of the
+    /// window still in flight then are missing: see each workload's `unfinished`).
     pub interrupted: bool,
+    /// Set when the run waited, after the window, for the whole (non-streamed) responses in
+    /// flight at its end, with every workload's load still running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<Drain>,
     pub workloads: Vec<WorkloadResult>,
     /// Every request (only when `spec.record_requests`); written as JSONL, not in the JSON.
     #[serde(skip)]
     pub requests: Vec<RequestRecord>,
+}
+
+/// The wait after the window for the whole responses that were in flight at its end: a
+/// non-streamed workload's tokens are spread over each request's lifetime, so a request
+/// straddling the window's end counts its share only once it has ended. Meanwhile every
+/// workload keeps its load running (closed loops keep sending), so the engines stay under
+/// the window's load; requests sent after the window's end are then cut and dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Drain {
+    /// When it ended and the load stopped, Unix seconds.
+    pub ended: f64,
+    /// Its time-out, seconds: twice the longest E2EL of a whole response seen by the
+    /// window's end, at most `runner::DRAIN_TIMEOUT_MAX`.
+    pub timeout_s: f64,
+    /// True when requests of the window were still in flight at the time-out: they were
+    /// cut and their tokens are missing (each workload's `unfinished`).
+    pub timed_out: bool,
 }
 
 /// What one workload achieved in the window.
@@ -42,6 +64,11 @@ pub struct WorkloadResult {
     pub requests_completed: u64,
     /// Failed requests that ended in the window, by kind (`http_503`, `stream_broken`, ...).
     pub errors: BTreeMap<String, u64>,
+    /// Whole (non-streamed) responses sent before the window's end that had not ended when
+    /// the run stopped (drain time-out or interruption): their tokens are missing from the
+    /// window, so when this is not 0 its throughput is an underestimate.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unfinished: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gen: Option<GenStats>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,20 +77,27 @@ pub struct WorkloadResult {
     pub timeseries: Vec<TimePoint>,
     /// The prompt-size fit measured before the warm-up.
     pub calibration: Calibration,
-    /// Requests issued over the whole run (warm-up included).
+    /// Requests sent before the window's end, warm-up included (not those sent while
+    /// draining: they count for nothing).
     pub requests_sent: u64,
     /// The seed study's client this workload ran as, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<Preset>,
     /// False when gen requests were sent with `stream: false` (a preset's clients): TTFT,
     /// TPOT, ITL and the decode speed have no sample (their `count` is 0), E2EL is the
-    /// whole request and tokens count when each response arrives.
+    /// whole request, and each response's tokens are spread over its lifetime, the window
+    /// counting the share inside it (the requests in flight at its end were waited for:
+    /// `BenchResults::drain`).
     #[serde(default = "streamed_by_default")]
     pub streamed: bool,
 }
 
 fn streamed_by_default() -> bool {
     true
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl WorkloadResult {
@@ -132,6 +166,18 @@ impl BenchResults {
                 ""
             }
         );
+        if let Some(d) = &self.drain {
+            let _ = writeln!(
+                s,
+                "drained {:.1} s after it for the whole responses in flight at its end{}",
+                (d.ended - self.window.1).max(0.0),
+                if d.timed_out {
+                    format!(" (time-out {:.1} s: some were cut)", d.timeout_s)
+                } else {
+                    String::new()
+                }
+            );
+        }
         let pk: Vec<String> = self
             .spec
             .percentiles
@@ -178,6 +224,13 @@ impl BenchResults {
                     String::new()
                 }
             );
+            if w.unfinished > 0 {
+                let _ = writeln!(
+                    s,
+                    "  unfinished            {} sent in time, never ended: their tokens are missing",
+                    w.unfinished
+                );
+            }
             if let Some(g) = &w.gen {
                 let _ = writeln!(s, "  output tok/s          {:.1}", g.output_throughput);
                 let _ = writeln!(s, "  total tok/s           {:.1}", g.total_token_throughput);
@@ -193,7 +246,7 @@ impl BenchResults {
                 if w.whole_requests_only() {
                     let _ = writeln!(
                         s,
-                        "  not streamed          TTFT, TPOT and ITL undefined; E2EL is the whole request"
+                        "  not streamed          TTFT, TPOT and ITL undefined; E2EL is the whole request; tok/s spreads each response over its lifetime"
                     );
                 }
                 header(&mut s);

@@ -3,10 +3,23 @@
 //!
 //! Timeline: pre-flight (every endpoint probed and calibrated; an unreachable one fails the
 //! run here, before any load) -> load starts at `started_at` -> warm-up -> the measurement
-//! window `[w0, w1)` (by time, or until `max_requests` requests completed in it) -> stop:
-//! no new requests, in-flight ones are cut and keep what they streamed -> statistics.
+//! window `[w0, w1)` (by time, or until `max_requests` requests completed in it) ->
+//! [drain] -> stop: no new requests, in-flight ones are cut and keep what they streamed ->
+//! statistics over the requests sent before `w1`.
 //! The load runs without a pause across the window edges, so a request straddling an edge
 //! contributes the tokens that arrived inside (see `metrics`).
+//!
+//! The drain: a gen workload whose responses come whole (not streamed) counts each
+//! response's tokens over its lifetime, so a request in flight at `w1` has its share only
+//! once it has ended. When the run has such a workload, it waits after `w1`
+//! ([`Phase::Draining`]) until every whole response sent before `w1` has ended, bounded by
+//! [`drain_timeout`], with every workload's load still running (closed loops keep sending,
+//! open loops keep arriving), so the engines and their co-located neighbours stay under the
+//! window's load; then it stops, cutting what is in flight, and drops every request sent
+//! at or after `w1`. Streamed workloads are measured as without it: their chunks are timed,
+//! and their figures only count what came before `w1`. Latency and request counts keep
+//! their rule (requests that ended inside the window). An interruption cuts at once, drain
+//! or not.
 //!
 //! A workload that names a [`Preset`] runs as the seed study's client did: the preset's
 //! fixed texts (`Preset::prompt_source`), and gen requests sent whole when the preset does
@@ -42,6 +55,8 @@ pub enum Phase {
     Preflight,
     Warmup,
     Measuring,
+    /// After the window: waiting for the whole responses in flight at its end.
+    Draining,
     Finishing,
     Done,
 }
@@ -69,6 +84,35 @@ pub struct Progress {
     pub warmup: f64,
     pub duration: Option<f64>,
     pub workloads: Vec<WorkloadProgress>,
+    /// While draining: what is left of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainProgress>,
+}
+
+/// Where a drain is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrainProgress {
+    /// Whole responses sent before the window's end and still in flight.
+    pub left: u64,
+    /// Seconds since the window's end, and the time-out.
+    pub elapsed: f64,
+    pub timeout: f64,
+}
+
+/// The most a drain waits, whatever the E2EL seen.
+pub const DRAIN_TIMEOUT_MAX: Duration = Duration::from_secs(300);
+
+/// How long to wait after the window for the whole responses in flight at its end: twice
+/// the longest E2EL of a whole response seen by then (those in flight were sent before the
+/// end under the same load, so they need about one E2EL at most), at most
+/// [`DRAIN_TIMEOUT_MAX`], which is also the wait when none has ended yet.
+pub fn drain_timeout(longest_e2el: Option<f64>) -> Duration {
+    match longest_e2el {
+        Some(e) if e.is_finite() && e > 0.0 => {
+            Duration::from_secs_f64(2.0 * e).min(DRAIN_TIMEOUT_MAX)
+        }
+        _ => DRAIN_TIMEOUT_MAX,
+    }
 }
 
 /// What every request task shares.
@@ -81,6 +125,8 @@ struct Shared {
     max_requests: Option<u64>,
     in_window: AtomicU64,
     closed: Notify,
+    /// Told whenever a whole (non-streamed) request ends, for the drain.
+    whole_ended: Notify,
 }
 
 /// One workload's driver state.
@@ -101,12 +147,37 @@ struct WorkloadState {
     /// Content chunks or output tokens (gen) or sequences (embed) received, for live
     /// progress.
     units: AtomicU64,
+    /// Whole (non-streamed) requests in flight: request index -> a time at or before its
+    /// send (taken just before it), for the drain.
+    whole_in_flight: Mutex<BTreeMap<u64, f64>>,
 }
 
 impl WorkloadState {
     /// Whether gen requests are streamed (every workload but a preset that says not).
     fn streams(&self) -> bool {
         self.preset.is_none_or(|p| p.streams())
+    }
+
+    /// A gen workload whose responses come whole: the runner drains it after the window.
+    fn whole(&self) -> bool {
+        self.spec.kind.is_gen() && !self.streams()
+    }
+
+    /// Whole requests in flight that were sent before `t`.
+    fn whole_in_flight_before(&self, t: f64) -> u64 {
+        self.whole_in_flight
+            .lock()
+            .map(|m| m.values().filter(|&&s| s < t).count() as u64)
+            .unwrap_or(0)
+    }
+
+    /// The longest E2EL of the successful requests recorded so far.
+    fn longest_e2el(&self) -> Option<f64> {
+        let recs = self.records.lock().ok()?;
+        recs.iter()
+            .filter(|r| r.success)
+            .filter_map(|r| r.e2el())
+            .max_by(f64::total_cmp)
     }
 }
 
@@ -178,6 +249,7 @@ pub async fn run(
             errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             units: AtomicU64::new(0),
+            whole_in_flight: Mutex::new(BTreeMap::new()),
         }));
     }
 
@@ -192,6 +264,7 @@ pub async fn run(
         max_requests: spec.max_requests,
         in_window: AtomicU64::new(0),
         closed: Notify::new(),
+        whole_ended: Notify::new(),
     });
     let mut drivers = JoinSet::new();
     for ws in &states {
@@ -213,8 +286,10 @@ pub async fn run(
             .collect(),
         ..Default::default()
     };
-    let mut last_units: Vec<u64> = vec![0; states.len()];
-    let mut last_t = clock.now();
+    let mut live = Live {
+        last_units: vec![0; states.len()],
+        last_t: clock.now(),
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let end_sleep = planned_end.map(|e| clock.instant_at(e));
     let far = std::time::Instant::now() + Duration::from_secs(365 * 86400);
@@ -227,34 +302,82 @@ pub async fn run(
             _ = shared.closed.notified(), if shared.max_requests.is_some() => { closed_by_count = true; break; }
             _ = tokio::time::sleep_until(end_sleep.unwrap_or(far).into()), if end_sleep.is_some() => break,
         }
-        let now = clock.now();
-        let dt = (now - last_t).max(1e-6);
-        last_t = now;
-        prog.elapsed = now - started_at;
+        let now = live.refresh(&mut prog, &states, &clock, started_at);
         prog.phase = if now < w0 {
             Phase::Warmup
         } else {
             Phase::Measuring
         };
-        for ((p, s), last) in prog
-            .workloads
-            .iter_mut()
-            .zip(&states)
-            .zip(last_units.iter_mut())
-        {
-            let units = s.units.load(Relaxed);
-            p.throughput = (units - *last) as f64 / dt;
-            *last = units;
-            p.sent = s.next_req.load(Relaxed);
-            p.completed = s.done.load(Relaxed);
-            p.errors = s.errors.load(Relaxed);
-            p.in_flight = s.in_flight.load(Relaxed);
-        }
         if let Some(tx) = &progress {
             let _ = tx.send(prog.clone());
         }
     }
     let now = clock.now();
+    // The window's end where it is known now (by count: the max-th completion, found in
+    // the records once every task has reported).
+    let known_w1 = if closed_by_count {
+        None
+    } else if interrupted {
+        Some(now.max(w0))
+    } else {
+        Some(planned_end.unwrap_or(now))
+    };
+
+    // Drain: wait for the whole responses sent before the window's end (by count, before
+    // now: a superset), the load still running.
+    let mut drain = None;
+    let whole: Vec<&Arc<WorkloadState>> = states.iter().filter(|s| s.whole()).collect();
+    if !interrupted && !whole.is_empty() {
+        let bound = known_w1.unwrap_or(now);
+        let timeout = drain_timeout(
+            whole
+                .iter()
+                .filter_map(|s| s.longest_e2el())
+                .max_by(f64::total_cmp),
+        );
+        let deadline = std::time::Instant::now() + timeout;
+        let left = || -> u64 { whole.iter().map(|s| s.whole_in_flight_before(bound)).sum() };
+        let mut timed_out = false;
+        let mut publish = true;
+        loop {
+            let n = left();
+            if publish {
+                let t = live.refresh(&mut prog, &states, &clock, started_at);
+                prog.phase = Phase::Draining;
+                prog.drain = Some(DrainProgress {
+                    left: n,
+                    elapsed: (t - bound).max(0.0),
+                    timeout: timeout.as_secs_f64(),
+                });
+                if let Some(tx) = &progress {
+                    let _ = tx.send(prog.clone());
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = tick.tick() => publish = true,
+                _ = shared.whole_ended.notified() => publish = false,
+                _ = tokio::time::sleep_until(deadline.into()) => { timed_out = true; break; }
+                _ = cancel.cancelled() => { interrupted = true; break; }
+            }
+        }
+        if timed_out {
+            tracing::warn!(
+                "drain: {} whole responses sent before the window's end still in flight after {:.1} s; cut, their tokens are missing",
+                left(),
+                timeout.as_secs_f64()
+            );
+        }
+        drain = Some(crate::results::Drain {
+            ended: clock.now(),
+            timeout_s: timeout.as_secs_f64(),
+            timed_out,
+        });
+        prog.drain = None;
+    }
+
     // Stop: cut in-flight requests (they keep what they streamed) and collect.
     shared.stop.cancel();
     prog.phase = Phase::Finishing;
@@ -277,7 +400,7 @@ pub async fn run(
                 .map_err(|_| anyhow::anyhow!("records lock poisoned"))?,
         ));
     }
-    let w1 = if closed_by_count {
+    let w1 = known_w1.unwrap_or_else(|| {
         // Exactly `max_requests` completions in the window: it closes just after the
         // max-th completion in time (tasks may report completions out of order); 1 µs,
         // because 1e-9 is below the resolution of an f64 Unix time.
@@ -290,11 +413,11 @@ pub async fn run(
         ends.sort_by(f64::total_cmp);
         let k = spec.max_requests.unwrap_or(1).max(1) as usize;
         ends.get(k - 1).copied().unwrap_or(now) + 1e-6
-    } else if interrupted {
-        now.max(w0)
-    } else {
-        planned_end.unwrap_or(now)
-    };
+    });
+    // Requests sent after the window's end (while draining) count for nothing.
+    for recs in &mut all {
+        recs.retain(|r| r.sent < w1);
+    }
     let window = (w0.min(w1), w1);
 
     let mut results = BenchResults {
@@ -303,6 +426,7 @@ pub async fn run(
         started_at,
         window,
         interrupted,
+        drain,
         workloads: Vec::new(),
         requests: Vec::new(),
     };
@@ -317,11 +441,18 @@ pub async fn run(
                 .filter(|r| r.success && r.end >= a && r.end < b)
                 .count() as u64,
             errors: errors_in(&recs, a, b),
+            unfinished: if gen && !s.streams() {
+                recs.iter()
+                    .filter(|r| !r.success && r.error.is_none())
+                    .count() as u64
+            } else {
+                0
+            },
             gen: gen.then(|| gen_stats(&recs, a, b, &spec.percentiles, spec.slo.as_ref())),
             embed: (!gen).then(|| embed_stats(&recs, a, b, &spec.percentiles)),
             timeseries: timeseries(&recs, gen, a, b),
             calibration: cal,
-            requests_sent: s.next_req.load(Relaxed),
+            requests_sent: recs.len() as u64,
             preset: s.preset,
             streamed: !gen || s.streams(),
         });
@@ -335,6 +466,43 @@ pub async fn run(
         let _ = tx.send(prog);
     }
     Ok(results)
+}
+
+/// What the live progress figures are computed against.
+struct Live {
+    last_units: Vec<u64>,
+    last_t: f64,
+}
+
+impl Live {
+    /// Updates the elapsed time and every workload's live figures; returns now.
+    fn refresh(
+        &mut self,
+        prog: &mut Progress,
+        states: &[Arc<WorkloadState>],
+        clock: &Clock,
+        started_at: f64,
+    ) -> f64 {
+        let now = clock.now();
+        let dt = (now - self.last_t).max(1e-6);
+        self.last_t = now;
+        prog.elapsed = now - started_at;
+        for ((p, s), last) in prog
+            .workloads
+            .iter_mut()
+            .zip(states)
+            .zip(self.last_units.iter_mut())
+        {
+            let units = s.units.load(Relaxed);
+            p.throughput = (units - *last) as f64 / dt;
+            *last = units;
+            p.sent = s.next_req.load(Relaxed);
+            p.completed = s.done.load(Relaxed);
+            p.errors = s.errors.load(Relaxed);
+            p.in_flight = s.in_flight.load(Relaxed);
+        }
+        now
+    }
 }
 
 /// Starts the closed- or open-loop driver of one workload.
@@ -454,7 +622,12 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) ->
             let on_tokens = |n: u64| {
                 ws.units.fetch_add(n, Relaxed);
             };
-            until_stopped(
+            // Registered before the send (run_gen_unstreamed takes `sent` after), so a
+            // request sent before the window's end is always waited for.
+            if let Ok(mut m) = ws.whole_in_flight.lock() {
+                m.insert(i, sh.clock.now());
+            }
+            let finished = until_stopped(
                 run_gen_unstreamed(
                     &ws.client,
                     &ws.endpoint,
@@ -465,7 +638,12 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) ->
                 ),
                 &sh.stop,
             )
-            .await
+            .await;
+            if let Ok(mut m) = ws.whole_in_flight.lock() {
+                m.remove(&i);
+            }
+            sh.whole_ended.notify_one();
+            finished
         }
     } else {
         let mut est = 0;
@@ -512,4 +690,21 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) ->
         v.push(rec);
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_waits_twice_the_longest_e2el_at_most_five_minutes() {
+        // The H200 runs: E2EL ~10.5 s at 512, ~25.6 s at 1,024.
+        assert_eq!(drain_timeout(Some(10.5)), Duration::from_secs(21));
+        assert_eq!(drain_timeout(Some(25.5)), Duration::from_secs(51));
+        assert_eq!(drain_timeout(Some(200.0)), DRAIN_TIMEOUT_MAX);
+        assert_eq!(DRAIN_TIMEOUT_MAX, Duration::from_secs(300));
+        // Nothing ended before the window's end: the cap.
+        assert_eq!(drain_timeout(None), DRAIN_TIMEOUT_MAX);
+        assert_eq!(drain_timeout(Some(f64::NAN)), DRAIN_TIMEOUT_MAX);
+    }
 }

@@ -522,7 +522,7 @@ impl Preset {
     /// What a reader of the results must know about the figures of this preset.
     pub fn note(self) -> &'static str {
         match self {
-            Preset::SeedGen => "seed-gen: the seeds' generator client: one fixed prompt, 512 output tokens with ignore_eos (random weights), temperature 0, not streamed: TTFT, TPOT and ITL are undefined, E2EL is the whole request, throughput is usage.completion_tokens of the requests that end in the window",
+            Preset::SeedGen => "seed-gen: the seeds' generator client: one fixed prompt, 512 output tokens with ignore_eos (random weights), temperature 0, not streamed: TTFT, TPOT and ITL are undefined, E2EL is the whole request, throughput spreads each response's usage.completion_tokens over its lifetime and counts the share inside the window (requests in flight at its end are waited for)",
             Preset::SeedEmbed => "seed-embed: the seeds' embedding client: batches of numbered ~25-token sentences",
         }
     }

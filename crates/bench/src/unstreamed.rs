@@ -3,10 +3,13 @@
 //!
 //! Without chunks there is no first token to time: TTFT, TPOT and ITL stay undefined
 //! (`first_token` is `None`, so every statistic built on them skips the request), E2EL is
-//! send to the whole response, and the request's `usage.completion_tokens` count at the
-//! moment the response ends (one pseudo-chunk at `end`), so the window's output throughput
-//! is the tokens of the requests that end inside it, over its length: the seeds'
-//! "tokens / wall time" in steady state.
+//! send to the whole response, and the record is marked `whole`: its
+//! `usage.completion_tokens` are spread uniformly over its lifetime `[sent, end]` and a
+//! window counts the share it overlaps (`RequestRecord::output_tokens_in` says why that is
+//! the assumption), its prompt tokens count at the send. The runner waits, after the
+//! window, for the whole responses that were in flight at its end, so the share is exact
+//! there too: the window's output throughput estimates the tokens generated inside it,
+//! not the tokens of the requests that happened to end inside it.
 
 use crate::client::Clock;
 use crate::metrics::RequestRecord;
@@ -27,6 +30,7 @@ struct Usage {
 
 /// Fills `rec` from a finished non-streamed response (`status`, `body`) that ended at `end`.
 pub fn record_response(rec: &mut RequestRecord, status: u16, body: &[u8], end: f64) {
+    rec.whole = true;
     rec.end = end;
     if !(200..300).contains(&status) {
         rec.error = Some(format!("http_{status}"));
@@ -59,7 +63,8 @@ pub fn record_response(rec: &mut RequestRecord, status: u16, body: &[u8], end: f
 }
 
 /// Sends one non-streamed gen request (`body` built with `stream = false`) and fills `rec`.
-/// `on_tokens` gets the completion tokens when the response arrives (live progress).
+/// `on_tokens` gets the completion tokens when the response arrives (live progress only;
+/// the window's figures spread them, see the module's note).
 pub async fn run_gen_unstreamed(
     client: &reqwest::Client,
     url: &str,
@@ -68,6 +73,8 @@ pub async fn run_gen_unstreamed(
     rec: &mut RequestRecord,
     on_tokens: &(dyn Fn(u64) + Sync),
 ) {
+    // Whole even if cut before its answer: then it carries no tokens.
+    rec.whole = true;
     rec.sent = clock.now();
     let resp = client
         .post(url)
@@ -107,26 +114,38 @@ mod tests {
         "usage":{"prompt_tokens":33,"total_tokens":545,"completion_tokens":512}}"#;
 
     #[test]
-    fn a_whole_response_counts_its_usage_at_its_end() {
+    fn a_whole_response_spreads_its_usage_over_its_lifetime() {
         let mut rec = RequestRecord {
             sent: 100.0,
             ..Default::default()
         };
         record_response(&mut rec, 200, OK.as_bytes(), 130.0);
-        assert!(rec.success);
+        assert!(rec.success && rec.whole);
         assert_eq!(rec.output_tokens, Some(512));
         assert_eq!(rec.prompt_tokens, Some(33));
         assert_eq!(rec.ttft(), None, "no first token without a stream");
         assert_eq!(rec.tpot(), None);
         assert_eq!(rec.e2el(), Some(30.0));
-        // All its tokens fall at the end: inside a window that holds the end, none before.
-        assert_eq!(rec.output_tokens_in(120.0, 131.0), 512.0);
-        assert_eq!(rec.output_tokens_in(100.0, 129.0), 0.0);
+        // Its 512 tokens over its 30 s: a window holding the last 10 s gets a third, one
+        // holding the first 29 s 29/30, one holding all of it all of them.
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(near(rec.output_tokens_in(120.0, 131.0), 512.0 / 3.0));
+        assert!(near(
+            rec.output_tokens_in(100.0, 129.0),
+            512.0 * 29.0 / 30.0
+        ));
+        assert!(near(rec.output_tokens_in(99.0, 131.0), 512.0));
+        assert_eq!(rec.output_tokens_in(130.5, 140.0), 0.0);
+        // Latency still by its end.
         assert!(rec.in_latency_set(120.0, 131.0));
+        assert!(!rec.in_latency_set(100.0, 129.0));
+        // The prompt counts at the send.
+        assert_eq!(rec.prompt_counted_at(), Some(100.0));
     }
 
-    /// A window's statistics over whole responses: throughput and prompt tokens count at
-    /// each response's end, E2EL is defined, TTFT / TPOT / ITL have no sample.
+    /// A window's statistics over whole responses: output tokens by the share of each
+    /// lifetime inside the window, prompt tokens at each send, E2EL and request counts by
+    /// each end, TTFT / TPOT / ITL without a sample.
     #[test]
     fn window_statistics_of_whole_responses() {
         let rec = |sent: f64, end: f64| {
@@ -147,12 +166,10 @@ mod tests {
         ];
         let g = crate::metrics::gen_stats(&recs, 10.0, 20.0, &[50.0, 99.0], None);
         assert_eq!(g.completed, 2);
-        assert_eq!(g.output_tokens, 1024.0);
-        assert_eq!(
-            g.input_tokens, 66.0,
-            "the prompts of the two responses inside"
-        );
-        assert!((g.total_token_throughput - 109.0).abs() < 1e-9);
+        let out = 512.0 * (2.0 / 7.0 + 9.5 / 11.5 + 5.0 / 6.0);
+        assert!((g.output_tokens - out).abs() < 1e-9, "{}", g.output_tokens);
+        assert_eq!(g.input_tokens, 33.0, "the prompt of the one sent inside");
+        assert!((g.total_token_throughput - (out + 33.0) / 10.0).abs() < 1e-9);
         assert_eq!(g.ttft_ms.count, 0);
         assert_eq!(g.tpot_ms.count, 0);
         assert_eq!(g.itl_ms.count, 0);
@@ -237,6 +254,7 @@ mod tests {
         )
         .await;
         assert!(rec.success, "{:?}", rec.error);
+        assert!(rec.whole);
         assert_eq!(rec.output_tokens, Some(512));
         assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), 512);
         assert!(rec.end >= rec.sent);

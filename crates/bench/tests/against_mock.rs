@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bench::{parse_workload, run, BenchSpec};
+use bench::{parse_workload, run, BenchSpec, Phase, Progress};
 use tokio_util::sync::CancellationToken;
 
 #[path = "support/mock_server.rs"]
@@ -127,6 +127,8 @@ async fn gen_and_embed_window_agrees_with_the_server_counter() {
         r.workloads[0].errors
     );
     assert!(!r.interrupted);
+    // Streamed requests are cut at the window's end: no drain.
+    assert!(r.drain.is_none(), "{:?}", r.drain);
     // The JSON round-trips with its schema version.
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["schema_version"], 1);
@@ -317,8 +319,8 @@ async fn open_loop_rate_and_client_queueing() {
 }
 
 /// The seed studies' clients: seed-gen sends its one fixed prompt with `stream: false` and
-/// counts each whole response's `usage` when it arrives (TTFT, TPOT and ITL undefined, and
-/// the results say so); seed-embed numbers its inputs within each batch.
+/// spreads each whole response's `usage` over its lifetime (TTFT, TPOT and ITL undefined,
+/// and the results say so); seed-embed numbers its inputs within each batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_presets_send_the_seed_texts_whole() {
     use bench::spec::{parse_workload_entry, Preset, SEED_EMBED_INPUT, SEED_GEN_PROMPT};
@@ -387,8 +389,8 @@ async fn seed_presets_send_the_seed_texts_whole() {
         (SEED_GEN_PROMPT.len() as u64 + mock_server::CHAT_OVERHEAD) as f64
     );
     assert!(g.input_tokens > 0.0);
-    // Tokens in the window agree with the server's counter, which counts a whole answer
-    // as it sends it.
+    // Tokens in the window agree with the server's counter, which counts each token of a
+    // whole answer when its time comes.
     let (w0, w1) = r.window;
     let served = at(&samples, w1) - at(&samples, w0);
     let rel = (g.output_tokens - served).abs() / served;
@@ -431,4 +433,185 @@ async fn seed_presets_send_the_seed_texts_whole() {
     assert_eq!(json["workloads"][0]["preset"], "seed-gen");
     assert_eq!(json["workloads"][1]["streamed"], true);
     assert_eq!(json["spec"]["presets"]["gen0"], "seed-gen");
+}
+
+/// Collects every progress update of a run.
+fn progress_log() -> (
+    tokio::sync::watch::Sender<Progress>,
+    tokio::task::JoinHandle<Vec<Progress>>,
+) {
+    let (tx, mut rx) = tokio::sync::watch::channel(Progress::default());
+    let log = tokio::spawn(async move {
+        let mut v = Vec::new();
+        while rx.changed().await.is_ok() {
+            v.push(rx.borrow_and_update().clone());
+        }
+        v
+    });
+    (tx, log)
+}
+
+/// A seed-gen workload of `output` tokens, every request recorded.
+fn seed_gen_spec(
+    url: &str,
+    concurrency: usize,
+    output: u32,
+    warmup_ms: u64,
+    dur_ms: u64,
+) -> BenchSpec {
+    let (w, preset) = bench::spec::parse_workload_entry(&format!(
+        "seed-gen:url={url},model=mock,concurrency={concurrency},output={output}"
+    ))
+    .unwrap();
+    let mut s = BenchSpec::new(Vec::new());
+    s.push_workload(w, preset);
+    s.warmup = Duration::from_millis(warmup_ms);
+    s.duration = Some(Duration::from_millis(dur_ms));
+    s.seed = 1;
+    s.record_requests = true;
+    s
+}
+
+/// Whole responses count the share of their lifetime inside the window. Identical requests
+/// started together finish in waves (here 8 of 64 tokens at 10 ms: one every 640 ms, a
+/// steady 800 tok/s); the window [0.7 s, 1.6 s) holds one wave's end (512 tokens: 569 tok/s
+/// counted at the ends), while the server generated ~720 tokens in it. The wave in flight
+/// at the window's end is waited for (the run says it is draining) and counted by its
+/// share; requests sent after the window's end count for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_responses_in_flight_at_the_window_end_are_waited_for_and_shared() {
+    let gen = mock_server::start(
+        0,
+        MockOptions {
+            token_delay: Duration::from_millis(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let s = seed_gen_spec(&gen.url(), 8, 64, 700, 900);
+    let stop = CancellationToken::new();
+    let samples = sample(gen.generated.clone(), stop.clone());
+    let (tx, log) = progress_log();
+    let r = run(&s, Some(tx), CancellationToken::new()).await.unwrap();
+    let log = log.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.cancel();
+    let samples = samples.lock().unwrap().clone();
+
+    let (w0, w1) = r.window;
+    assert!((w1 - w0 - 0.9).abs() < 1e-6);
+    let w = &r.workloads[0];
+    let g = w.gen.as_ref().unwrap();
+    assert!(w.errors.is_empty() && !r.interrupted, "{:?}", w.errors);
+    // The server's own counter over the window.
+    let served = at(&samples, w1) - at(&samples, w0);
+    assert!(served > 500.0, "served {served}");
+    let rel = (g.output_tokens - served).abs() / served;
+    assert!(rel < 0.05, "client {} vs server {served}", g.output_tokens);
+    // Not whole waves: what ended inside, counted at its end, is far from it.
+    let ended = r
+        .requests
+        .iter()
+        .filter(|x| x.success && x.end >= w0 && x.end < w1)
+        .count() as f64
+        * 64.0;
+    assert!((ended - served).abs() / served > 0.1, "{ended} vs {served}");
+    // Latency and request counts keep their rule: the requests that ended inside.
+    assert_eq!(g.completed as f64 * 64.0, ended);
+    assert_eq!(w.requests_completed, g.completed as u64);
+    assert_eq!(g.e2el_ms.count, g.completed);
+
+    // Every request sent before the window's end was waited for and ended whole; none sent
+    // after it is kept.
+    assert!(
+        r.requests.iter().all(|x| x.sent < w1),
+        "a request sent after w1"
+    );
+    assert!(r.requests.iter().all(|x| x.success), "a request was cut");
+    assert_eq!(w.requests_sent, r.requests.len() as u64);
+    assert_eq!(w.unfinished, 0);
+    let straddling: Vec<_> = r.requests.iter().filter(|x| x.end >= w1).collect();
+    assert_eq!(
+        straddling.len(),
+        8,
+        "the wave in flight at the window's end"
+    );
+    let share: f64 = straddling.iter().map(|x| x.output_tokens_in(w0, w1)).sum();
+    assert!(share > 100.0, "{share}");
+    let total: f64 = r.requests.iter().map(|x| x.output_tokens_in(w0, w1)).sum();
+    assert!((total - g.output_tokens).abs() < 1e-9);
+    // The time series spreads them the same way (rates: a partial last bin is scaled).
+    let ts: f64 = w
+        .timeseries
+        .iter()
+        .map(|p| p.throughput * (w1 - p.t).min(1.0))
+        .sum();
+    assert!((ts - g.output_tokens).abs() < 1e-6 * g.output_tokens);
+
+    // The drain: until the last of them ended, well inside its time-out.
+    let d = r.drain.as_ref().expect("a drain");
+    assert!(!d.timed_out);
+    let last_end = straddling.iter().map(|x| x.end).fold(0.0, f64::max);
+    assert!(d.ended >= last_end && d.ended < last_end + 0.2, "{d:?}");
+    assert!(d.timeout_s > 1.2 && d.timeout_s < 2.0, "{d:?}");
+    let draining: Vec<&Progress> = log.iter().filter(|p| p.phase == Phase::Draining).collect();
+    assert!(
+        draining
+            .iter()
+            .any(|p| p.drain.as_ref().is_some_and(|d| d.left == 8)),
+        "{log:?}"
+    );
+    assert!(r.table().contains("drained"), "{}", r.table());
+}
+
+/// A request that never ends does not hold the run: the drain stops at its time-out (twice
+/// the longest E2EL seen before the window's end), cuts it and says so; meanwhile the load
+/// kept running (requests sent during the drain, then dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_ends_at_its_time_out() {
+    // Requests 1 and 2 are the pre-flight probes; the 3rd, the first of the load, hangs.
+    let gen = mock_server::start(
+        0,
+        MockOptions {
+            token_delay: Duration::from_millis(5),
+            stall_nth: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let s = seed_gen_spec(&gen.url(), 4, 40, 400, 600);
+    let t = Instant::now();
+    let r = run(&s, None, CancellationToken::new()).await.unwrap();
+    let took = t.elapsed();
+    let (_, w1) = r.window;
+    let d = r.drain.as_ref().expect("a drain");
+    assert!(d.timed_out, "{d:?}");
+    // 40 tokens at 5 ms: E2EL about 200 ms, so a time-out about 400 ms.
+    assert!(d.timeout_s > 0.38 && d.timeout_s < 0.8, "{d:?}");
+    let drained = d.ended - w1;
+    assert!(
+        drained >= d.timeout_s - 0.01 && drained < d.timeout_s + 0.3,
+        "drained {drained} s, {d:?}"
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(!r.interrupted);
+    let w = &r.workloads[0];
+    assert_eq!(w.unfinished, 1, "the hung request");
+    let cut: Vec<_> = r.requests.iter().filter(|x| !x.success).collect();
+    assert_eq!(cut.len(), 1);
+    assert!(cut[0].error.is_none() && cut[0].sent < w1);
+    assert_eq!(cut[0].output_tokens_in(r.window.0, w1), 0.0);
+    assert!(w.errors.is_empty(), "{:?}", w.errors);
+    // The load ran on while draining: the server got requests after the window's end that
+    // count nowhere.
+    assert!(r.requests.iter().all(|x| x.sent < w1));
+    assert!(
+        gen.unstreamed.load(Relaxed) >= w.requests_sent + 2 + 3,
+        "{} answered, {} sent before the window's end",
+        gen.unstreamed.load(Relaxed),
+        w.requests_sent
+    );
+    assert!(r.table().contains("unfinished"), "{}", r.table());
 }

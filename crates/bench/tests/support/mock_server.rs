@@ -41,6 +41,9 @@ pub struct MockOptions {
     pub break_every: u64,
     /// Tokens generated when a request gives no `max_tokens`.
     pub default_max_tokens: u64,
+    /// Never answer the Nth request (counting every request, probes included; 0 = none):
+    /// a request that hangs.
+    pub stall_nth: u64,
 }
 
 /// A running mock server; stops when dropped.
@@ -207,6 +210,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     if state.opts.fail_every > 0 && n.is_multiple_of(state.opts.fail_every) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "injected failure");
     }
+    if n == state.opts.stall_nth {
+        // Dropped with its connection, when the client gives up or the server stops.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return error(StatusCode::GATEWAY_TIMEOUT, "stalled");
+    }
     if path == "/v1/embeddings" {
         return embed(&state, &v).await;
     }
@@ -216,12 +224,18 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         .as_u64()
         .unwrap_or(state.opts.default_max_tokens);
     if !v["stream"].as_bool().unwrap_or(false) {
-        // The whole answer at once, after the time its tokens take.
+        // The whole answer at once, after the time its tokens take; `generated` counts
+        // each token when its time comes, as an engine's generated-tokens counter does.
         state.unstreamed.fetch_add(1, Relaxed);
-        if !state.opts.token_delay.is_zero() {
-            tokio::time::sleep(state.opts.token_delay * max_tokens as u32).await;
+        if state.opts.token_delay.is_zero() {
+            state.generated.fetch_add(max_tokens, Relaxed);
+        } else {
+            let start = tokio::time::Instant::now();
+            for i in 1..=max_tokens {
+                tokio::time::sleep_until(start + state.opts.token_delay * i as u32).await;
+                state.generated.fetch_add(1, Relaxed);
+            }
         }
-        state.generated.fetch_add(max_tokens, Relaxed);
         let body = serde_json::json!({
             "id": "mock", "object": if chat { "chat.completion" } else { "text_completion" }, "model": "mock",
             "choices": [{"index": 0, "text": "a".repeat(max_tokens as usize), "message": {"role": "assistant", "content": "a".repeat(max_tokens as usize)}, "finish_reason": "length"}],
