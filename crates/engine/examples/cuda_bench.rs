@@ -19,9 +19,10 @@
 //!
 //! `CUDA_BENCH_DECODE` picks the decode attention kernel of the gen and long parts: `split`
 //! (the engine's default, `decode_attention`), `paged` (the former one-block-per-token
-//! kernel) or `both`; `CUDA_BENCH_GEMM` their GEMMs: `tuned` (the engine's default: the
-//! algorithm timed fastest at load for each decode shape), `cublas` (`cublasGemmEx`
-//! everywhere, the former path) or `both`. Each workload runs with every combination on
+//! kernel) or `both`; `CUDA_BENCH_GEMM` their GEMMs: `tuned` (the
+//! algorithm timed fastest at load for each decode shape; off in the engine by default,
+//! so the benchmark sets `COLOCATE_GEMM_TUNE=1` for it), `cublas` (`cublasGemmEx`
+//! everywhere, the engine's default) or `both`. Each workload runs with every combination on
 //! the same loaded model, and the logits of one decode step are compared with the first
 //! combination's (`CHECK` lines). After each load, `GEMMTUNE` and `GEMM` lines give what
 //! the tuning measured per shape.
@@ -891,6 +892,11 @@ fn main() -> anyhow::Result<()> {
         .or_else(|| std::env::var("COLOCATE_CUDA_BENCH").ok())
         .unwrap_or_else(|| "gen17,embed,gen8".to_string());
     let vs = variants()?;
+    if vs.iter().any(|v| v.tuned) {
+        // The engine tunes its decode GEMMs at load only when asked (off by default);
+        // set before any model loads, while this process has one thread.
+        std::env::set_var("COLOCATE_GEMM_TUNE", "1");
+    }
     let bw = measure_bandwidth().unwrap_or_else(|e| {
         println!("RESULT bandwidth: not measured ({e:#}); using 4.3 TB/s (KINDS.md, H200)");
         4.3e12

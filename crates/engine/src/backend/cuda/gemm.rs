@@ -162,22 +162,40 @@ struct Plan {
     algo: Candidate,
 }
 
+/// Environment variable that turns decode-GEMM tuning at load on (`1`, `on` or `true`).
+pub const TUNE_ENV: &str = "COLOCATE_GEMM_TUNE";
+
+/// Whether [`TUNE_ENV`] asks for tuning.
+fn tune_requested() -> bool {
+    std::env::var(TUNE_ENV).is_ok_and(|v| matches!(v.trim(), "1" | "on" | "true"))
+}
+
 /// The engine's GEMMs: `cublasGemmEx` everywhere, except the shapes tuned onto cuBLASLt
 /// (while `tuned` is on).
+///
+/// Tuning is off by default: measured on the H200 (docs/results/2026-12-01-h200-gemm/) it
+/// gained nothing measurable (Qwen3-8B decode step at batch 64: 6.64 -> 6.61 ms, every
+/// workload within about 1%, the decode GEMMs already at 71-95% of the copy bandwidth)
+/// and cost 0.4-1.1 s of model load. [`TUNE_ENV`]`=1` turns it on (the `cuda_bench`
+/// example sets it for `CUDA_BENCH_GEMM=tuned|both`).
 pub struct Gemms {
     lt: Option<LtHandle>,
     workspace: (DevPtr, usize),
     plans: HashMap<(usize, usize, usize, OutType), Plan>,
     use_plans: bool,
+    /// [`Self::tune`] times anything (from [`TUNE_ENV`] at creation).
+    tune_on: bool,
     records: Vec<TuneRecord>,
     tune_secs: f64,
 }
 
 impl Gemms {
     /// Gives cuBLAS the fixed workspace and opens cuBLASLt (when its library loads; else
-    /// every GEMM stays on `cublasGemmEx`).
+    /// every GEMM stays on `cublasGemmEx`). Tuning, and so the tuned algorithms, are off
+    /// unless [`TUNE_ENV`] turns them on (see the type's comment for why).
     pub fn new(dev: &CudaDevice, workspace: DevPtr, bytes: usize) -> Result<Self, CudaError> {
         set_workspace(&dev.blas, workspace, bytes)?;
+        let tune_on = tune_requested();
         let lt = LtHandle::new().unwrap_or_else(|e| {
             tracing::warn!("cuBLASLt unavailable, GEMMs stay on cublasGemmEx: {e}");
             None
@@ -186,7 +204,8 @@ impl Gemms {
             lt,
             workspace: (workspace, bytes),
             plans: HashMap::new(),
-            use_plans: true,
+            use_plans: tune_on,
+            tune_on,
             records: Vec::new(),
             tune_secs: 0.0,
         })
@@ -202,8 +221,9 @@ impl Gemms {
         self.workspace
     }
 
-    /// Uses the tuned cuBLASLt algorithms (`true`, the default) or `cublasGemmEx` for
-    /// every shape (`false`, the former behaviour, for comparisons).
+    /// Uses the tuned cuBLASLt algorithms (`true`; the default when [`TUNE_ENV`] turned
+    /// tuning on) or `cublasGemmEx` for every shape (`false`). Without tuning at load
+    /// there are no tuned algorithms and `true` changes nothing.
     pub fn set_tuned(&mut self, on: bool) {
         self.use_plans = on;
     }
@@ -249,13 +269,17 @@ impl Gemms {
     /// Times `cublasGemmEx` and every cuBLASLt candidate for each spec at each M of `ms`
     /// (those within the spec's `max_m`) and keeps the fastest. The specs' `x` buffers
     /// should hold data like a step's (not zeros); their `y` buffers are overwritten.
-    /// Needs the device's context current and no stream capture under way.
+    /// Needs the device's context current and no stream capture under way. Does nothing
+    /// unless [`TUNE_ENV`] turned tuning on.
     pub fn tune(
         &mut self,
         dev: &CudaDevice,
         specs: &[GemmSpec],
         ms: &[usize],
     ) -> anyhow::Result<()> {
+        if !self.tune_on {
+            return Ok(());
+        }
         let Some(lt) = self.lt.take() else {
             return Ok(());
         };

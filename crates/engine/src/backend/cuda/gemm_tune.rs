@@ -3,164 +3,88 @@
 //! (plus split-K variants of its first few, checked by `cublasLtMatmulAlgoCheck`), each
 //! timed with CUDA events over the real weights; [`super::gemm::Gemms`] keeps the fastest.
 //!
-//! cuBLASLt is opened at run time with `dlopen` (the engine's cudarc build carries cuBLAS
-//! and not its `cublaslt` bindings), by the same file names cudarc tries for its other
-//! libraries; where it is missing, [`LtApi::get`] is `None` and every GEMM stays on
-//! `cublasGemmEx`. Only the dozen entry points used here are bound, with the types and
-//! enum values of `cublasLt.h` (CUDA 12/13).
+//! Bindings: cudarc's `cublaslt` (`result` where it has the call, `sys` for the
+//! heuristic's list, `AlgoCheck` and the algorithm attributes). With cudarc's dynamic
+//! loading a missing library would panic at the first call, so [`lt_available`] checks
+//! first that the library loads and has every entry point used here; where it does not,
+//! [`LtHandle::new`] is `None` and every GEMM stays on `cublasGemmEx`.
 
-use std::ffi::{c_char, c_int, c_void, CString};
+use std::ffi::c_void;
 use std::sync::OnceLock;
 
 use cudarc::cublas::result::CublasError;
 use cudarc::cublas::sys::cublasStatus_t;
+use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::CudaStream;
 
 use super::device::CudaError;
 use super::gemm::OutType;
 use super::kernels::DevPtr;
 
-type Status = c_int;
-type Opaque = *mut c_void;
-
 /// `cublasLtMatmulAlgo_t`: an opaque algorithm configuration.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LtAlgo {
-    data: [u64; 8],
-}
+pub type LtAlgo = sys::cublasLtMatmulAlgo_t;
+type HeuristicResult = sys::cublasLtMatmulHeuristicResult_t;
+use sys::cublasLtMatmulAlgoConfigAttributes_t as Config;
 
-/// `cublasLtMatmulHeuristicResult_t`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct HeuristicResult {
-    algo: LtAlgo,
-    workspace_size: usize,
-    state: Status,
-    waves_count: f32,
-    reserved: [c_int; 4],
-}
-
-impl Default for HeuristicResult {
-    fn default() -> Self {
-        Self {
-            algo: LtAlgo { data: [0; 8] },
-            workspace_size: 0,
-            state: 0,
-            waves_count: 0.0,
-            reserved: [0; 4],
-        }
-    }
-}
-
-// cublasLt.h / library_types.h values.
-const CUBLAS_COMPUTE_32F: c_int = 68;
-const CUDA_R_32F: c_int = 0;
-const CUDA_R_16BF: c_int = 14;
-const CUBLAS_OP_N: i32 = 0;
-const CUBLAS_OP_T: i32 = 1;
-const DESC_TRANSA: c_int = 3;
-const DESC_TRANSB: c_int = 4;
-const PREF_MAX_WORKSPACE_BYTES: c_int = 1;
-const CONFIG_ID: c_int = 0;
-const CONFIG_TILE_ID: c_int = 1;
-const CONFIG_SPLITK_NUM: c_int = 2;
-const CONFIG_REDUCTION_SCHEME: c_int = 3;
-const CONFIG_STAGES_ID: c_int = 6;
 /// Split-K partial sums reduced out of place in the compute type (fp32), in the
 /// workspace; the other schemes add the parts up in the output type (bf16).
-const REDUCTION_COMPUTE_TYPE: u32 = 2;
+const REDUCTION_COMPUTE_TYPE: u32 =
+    sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
 
-#[cfg_attr(target_os = "linux", link(name = "dl"))]
-extern "C" {
-    fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
-    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-}
-const RTLD_NOW: c_int = 2;
+/// The cuBLASLt entry points used here (cudarc's `sys` loads each on first call and
+/// panics where one is missing).
+const SYMBOLS: [&str; 15] = [
+    "cublasLtCreate",
+    "cublasLtDestroy",
+    "cublasLtMatmulDescCreate",
+    "cublasLtMatmulDescDestroy",
+    "cublasLtMatmulDescSetAttribute",
+    "cublasLtMatrixLayoutCreate",
+    "cublasLtMatrixLayoutDestroy",
+    "cublasLtMatmulPreferenceCreate",
+    "cublasLtMatmulPreferenceDestroy",
+    "cublasLtMatmulPreferenceSetAttribute",
+    "cublasLtMatmulAlgoGetHeuristic",
+    "cublasLtMatmul",
+    "cublasLtMatmulAlgoCheck",
+    "cublasLtMatmulAlgoConfigSetAttribute",
+    "cublasLtMatmulAlgoConfigGetAttribute",
+];
 
-/// A symbol's address as the function pointer type `F`.
-///
-/// # Safety
-/// `F` must be a function pointer type matching the symbol's C signature.
-unsafe fn fn_ptr<F: Copy>(p: *mut c_void) -> F {
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-    // SAFETY: same size; the caller vouches for the signature.
-    unsafe { std::mem::transmute_copy(&p) }
-}
-
-/// The cuBLASLt entry points used here.
-pub struct LtApi {
-    create: unsafe extern "C" fn(*mut Opaque) -> Status,
-    destroy: unsafe extern "C" fn(Opaque) -> Status,
-    desc_create: unsafe extern "C" fn(*mut Opaque, c_int, c_int) -> Status,
-    desc_destroy: unsafe extern "C" fn(Opaque) -> Status,
-    desc_set: unsafe extern "C" fn(Opaque, c_int, *const c_void, usize) -> Status,
-    layout_create: unsafe extern "C" fn(*mut Opaque, c_int, u64, u64, i64) -> Status,
-    layout_destroy: unsafe extern "C" fn(Opaque) -> Status,
-    pref_create: unsafe extern "C" fn(*mut Opaque) -> Status,
-    pref_destroy: unsafe extern "C" fn(Opaque) -> Status,
-    pref_set: unsafe extern "C" fn(Opaque, c_int, *const c_void, usize) -> Status,
-    #[allow(clippy::type_complexity)]
-    heuristic: unsafe extern "C" fn(
-        Opaque,
-        Opaque,
-        Opaque,
-        Opaque,
-        Opaque,
-        Opaque,
-        Opaque,
-        c_int,
-        *mut HeuristicResult,
-        *mut c_int,
-    ) -> Status,
-    #[allow(clippy::type_complexity)]
-    matmul: unsafe extern "C" fn(
-        Opaque,
-        Opaque,
-        *const c_void,
-        *const c_void,
-        Opaque,
-        *const c_void,
-        Opaque,
-        *const c_void,
-        *const c_void,
-        Opaque,
-        *mut c_void,
-        Opaque,
-        *const LtAlgo,
-        *mut c_void,
-        usize,
-        *mut c_void,
-    ) -> Status,
-    #[allow(clippy::type_complexity)]
-    algo_check: unsafe extern "C" fn(
-        Opaque,
-        Opaque,
-        Opaque,
-        Opaque,
-        Opaque,
-        Opaque,
-        *const LtAlgo,
-        *mut HeuristicResult,
-    ) -> Status,
-    config_set: unsafe extern "C" fn(*mut LtAlgo, c_int, *const c_void, usize) -> Status,
-    config_get:
-        unsafe extern "C" fn(*const LtAlgo, c_int, *mut c_void, usize, *mut usize) -> Status,
+/// Whether cuBLASLt loads (by cudarc's file names) with every entry point used here;
+/// checked once.
+pub fn lt_available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        // SAFETY: loading the library runs its initialisers only; `culib` is called only
+        // once `is_culib_present` found a file that loads, so it does not panic.
+        unsafe {
+            sys::is_culib_present()
+                && SYMBOLS.iter().all(|name| {
+                    sys::culib()
+                        .get::<unsafe extern "C" fn()>(name.as_bytes())
+                        .is_ok()
+                })
+        }
+    })
 }
 
-/// Turns a cuBLASLt status into the backend's error.
-fn check(status: Status, what: &'static str) -> Result<(), CudaError> {
+/// A cuBLASLt status (same values as cuBLAS's) as the backend's error.
+fn check(r: Result<(), lt::CublasError>, what: &'static str) -> Result<(), CudaError> {
     use cublasStatus_t::*;
+    use sys::cublasStatus_t as L;
+    let Err(lt::CublasError(status)) = r else {
+        return Ok(());
+    };
     let s = match status {
-        0 => return Ok(()),
-        1 => CUBLAS_STATUS_NOT_INITIALIZED,
-        3 => CUBLAS_STATUS_ALLOC_FAILED,
-        7 => CUBLAS_STATUS_INVALID_VALUE,
-        8 => CUBLAS_STATUS_ARCH_MISMATCH,
-        11 => CUBLAS_STATUS_MAPPING_ERROR,
-        13 => CUBLAS_STATUS_EXECUTION_FAILED,
-        15 => CUBLAS_STATUS_NOT_SUPPORTED,
-        16 => CUBLAS_STATUS_LICENSE_ERROR,
+        L::CUBLAS_STATUS_NOT_INITIALIZED => CUBLAS_STATUS_NOT_INITIALIZED,
+        L::CUBLAS_STATUS_ALLOC_FAILED => CUBLAS_STATUS_ALLOC_FAILED,
+        L::CUBLAS_STATUS_INVALID_VALUE => CUBLAS_STATUS_INVALID_VALUE,
+        L::CUBLAS_STATUS_ARCH_MISMATCH => CUBLAS_STATUS_ARCH_MISMATCH,
+        L::CUBLAS_STATUS_MAPPING_ERROR => CUBLAS_STATUS_MAPPING_ERROR,
+        L::CUBLAS_STATUS_EXECUTION_FAILED => CUBLAS_STATUS_EXECUTION_FAILED,
+        L::CUBLAS_STATUS_NOT_SUPPORTED => CUBLAS_STATUS_NOT_SUPPORTED,
+        L::CUBLAS_STATUS_LICENSE_ERROR => CUBLAS_STATUS_LICENSE_ERROR,
         _ => CUBLAS_STATUS_INTERNAL_ERROR,
     };
     Err(CudaError::Blas {
@@ -169,60 +93,15 @@ fn check(status: Status, what: &'static str) -> Result<(), CudaError> {
     })
 }
 
-impl LtApi {
-    /// The library, loaded on first use; `None` where no candidate file name loads or a
-    /// symbol is missing.
-    pub fn get() -> Option<&'static LtApi> {
-        static API: OnceLock<Option<LtApi>> = OnceLock::new();
-        API.get_or_init(Self::load).as_ref()
-    }
-
-    fn load() -> Option<LtApi> {
-        let lib = cudarc::get_lib_name_candidates("cublasLt")
-            .into_iter()
-            .find_map(|name| {
-                let c = CString::new(name).ok()?;
-                // SAFETY: dlopen with a NUL-terminated name; the handle is never closed.
-                let h = unsafe { dlopen(c.as_ptr(), RTLD_NOW) };
-                (!h.is_null()).then_some(h)
-            })?;
-        let sym = |name: &str| -> Option<*mut c_void> {
-            let c = CString::new(name).ok()?;
-            // SAFETY: lib is a live handle from dlopen.
-            let p = unsafe { dlsym(lib, c.as_ptr()) };
-            (!p.is_null()).then_some(p)
-        };
-        macro_rules! f {
-            ($name:literal) => {
-                // SAFETY: the symbol is cuBLASLt's function of that name, whose C
-                // signature is the field's type (cublasLt.h).
-                unsafe { fn_ptr(sym($name)?) }
-            };
-        }
-        Some(LtApi {
-            create: f!("cublasLtCreate"),
-            destroy: f!("cublasLtDestroy"),
-            desc_create: f!("cublasLtMatmulDescCreate"),
-            desc_destroy: f!("cublasLtMatmulDescDestroy"),
-            desc_set: f!("cublasLtMatmulDescSetAttribute"),
-            layout_create: f!("cublasLtMatrixLayoutCreate"),
-            layout_destroy: f!("cublasLtMatrixLayoutDestroy"),
-            pref_create: f!("cublasLtMatmulPreferenceCreate"),
-            pref_destroy: f!("cublasLtMatmulPreferenceDestroy"),
-            pref_set: f!("cublasLtMatmulPreferenceSetAttribute"),
-            heuristic: f!("cublasLtMatmulAlgoGetHeuristic"),
-            matmul: f!("cublasLtMatmul"),
-            algo_check: f!("cublasLtMatmulAlgoCheck"),
-            config_set: f!("cublasLtMatmulAlgoConfigSetAttribute"),
-            config_get: f!("cublasLtMatmulAlgoConfigGetAttribute"),
-        })
-    }
+/// An empty heuristic result (all zero, a valid bit pattern of the C struct).
+fn empty_result() -> HeuristicResult {
+    // SAFETY: plain C data; zero is CUBLAS_STATUS_SUCCESS for `state`.
+    unsafe { std::mem::zeroed() }
 }
 
 /// A cuBLASLt handle (one per engine device).
 pub struct LtHandle {
-    api: &'static LtApi,
-    h: Opaque,
+    h: sys::cublasLtHandle_t,
 }
 
 // SAFETY: the handle is used by its owner (one executor, one thread at a time).
@@ -231,20 +110,20 @@ unsafe impl Send for LtHandle {}
 impl LtHandle {
     /// Creates a handle on the current context; `None` without cuBLASLt.
     pub fn new() -> Result<Option<Self>, CudaError> {
-        let Some(api) = LtApi::get() else {
+        if !lt_available() {
             return Ok(None);
-        };
-        let mut h: Opaque = std::ptr::null_mut();
-        // SAFETY: out-pointer to a local.
-        check(unsafe { (api.create)(&mut h) }, "cublasLtCreate")?;
-        Ok(Some(Self { api, h }))
+        }
+        match lt::create_handle() {
+            Ok(h) => Ok(Some(Self { h })),
+            Err(e) => check(Err(e), "cublasLtCreate").map(|()| None),
+        }
     }
 }
 
 impl Drop for LtHandle {
     fn drop(&mut self) {
         // SAFETY: created by cublasLtCreate, destroyed once.
-        unsafe { (self.api.destroy)(self.h) };
+        let _ = unsafe { lt::destroy_handle(self.h) };
     }
 }
 
@@ -286,11 +165,10 @@ pub struct Candidate {
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ` in cuBLASLt's column-major view (as in `gemm::linear`):
 /// D (n×m) = op_T(A = w as k×n) · B (= x as k×m), bf16 in, fp32 compute and scale.
 pub struct LtProblem {
-    api: &'static LtApi,
-    desc: Opaque,
-    a: Opaque,
-    b: Opaque,
-    d: Opaque,
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    d: sys::cublasLtMatrixLayout_t,
     pub m: usize,
     pub n: usize,
     pub k: usize,
@@ -306,11 +184,11 @@ impl Drop for LtProblem {
         unsafe {
             for l in [self.a, self.b, self.d] {
                 if !l.is_null() {
-                    (self.api.layout_destroy)(l);
+                    let _ = lt::destroy_matrix_layout(l);
                 }
             }
             if !self.desc.is_null() {
-                (self.api.desc_destroy)(self.desc);
+                let _ = lt::destroy_matmul_desc(self.desc);
             }
         }
     }
@@ -324,9 +202,9 @@ impl LtProblem {
         k: usize,
         out: OutType,
     ) -> Result<Self, CudaError> {
-        let api = lt.api;
+        // The handle's existence vouches that the library loaded with every entry point.
+        let _ = lt;
         let mut p = Self {
-            api,
             desc: std::ptr::null_mut(),
             a: std::ptr::null_mut(),
             b: std::ptr::null_mut(),
@@ -336,62 +214,78 @@ impl LtProblem {
             k,
             out,
         };
+        use sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
         let d_type = match out {
             OutType::Bf16 => CUDA_R_16BF,
             OutType::F32 => CUDA_R_32F,
         };
         let (m_, n_, k_) = (m as u64, n as u64, k as u64);
-        // SAFETY: out-pointers to fields; attribute buffers are i32 of the stated size.
+        p.desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
+            .map_err(|e| check(Err(e), "cublasLtMatmulDescCreate").unwrap_err())?;
+        let (ta, tb) = (
+            cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32,
+            cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32,
+        );
+        use sys::cublasLtMatmulDescAttributes_t::{
+            CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB,
+        };
+        // SAFETY: desc is live; the attribute buffers are the int32 `cublasOperation_t` values.
         unsafe {
             check(
-                (api.desc_create)(&mut p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F),
-                "cublasLtMatmulDescCreate",
-            )?;
-            let (ta, tb) = (CUBLAS_OP_T, CUBLAS_OP_N);
-            check(
-                (api.desc_set)(p.desc, DESC_TRANSA, (&ta as *const i32).cast(), 4),
+                lt::set_matmul_desc_attribute(
+                    p.desc,
+                    CUBLASLT_MATMUL_DESC_TRANSA,
+                    (&ta as *const i32).cast(),
+                    std::mem::size_of_val(&ta),
+                ),
                 "matmul desc TRANSA",
             )?;
             check(
-                (api.desc_set)(p.desc, DESC_TRANSB, (&tb as *const i32).cast(), 4),
+                lt::set_matmul_desc_attribute(
+                    p.desc,
+                    CUBLASLT_MATMUL_DESC_TRANSB,
+                    (&tb as *const i32).cast(),
+                    std::mem::size_of_val(&tb),
+                ),
                 "matmul desc TRANSB",
             )?;
-            check(
-                (api.layout_create)(&mut p.a, CUDA_R_16BF, k_, n_, k as i64),
-                "layout A",
-            )?;
-            check(
-                (api.layout_create)(&mut p.b, CUDA_R_16BF, k_, m_, k as i64),
-                "layout B",
-            )?;
-            check(
-                (api.layout_create)(&mut p.d, d_type, n_, m_, n as i64),
-                "layout D",
-            )?;
         }
+        let layout = |ty, rows, cols, ld: usize, what| {
+            lt::create_matrix_layout(ty, rows, cols, ld as i64)
+                .map_err(|e| check(Err(e), what).unwrap_err())
+        };
+        p.a = layout(CUDA_R_16BF, k_, n_, k, "layout A")?;
+        p.b = layout(CUDA_R_16BF, k_, m_, k, "layout B")?;
+        p.d = layout(d_type, n_, m_, n, "layout D")?;
         Ok(p)
     }
 
     fn info(&self, algo: &LtAlgo, workspace: usize) -> AlgoInfo {
-        let get = |attr: c_int, bytes: usize| -> u64 {
-            let mut v = 0u64;
+        let get = |attr: Config| -> u32 {
+            let mut v = 0u32;
             let mut written = 0usize;
-            // SAFETY: v has room for 8 bytes; the attribute is at most that wide.
+            // SAFETY: v has room for the 4-byte attributes read here.
             let s = unsafe {
-                (self.api.config_get)(algo, attr, (&mut v as *mut u64).cast(), bytes, &mut written)
+                sys::cublasLtMatmulAlgoConfigGetAttribute(
+                    algo,
+                    attr,
+                    (&mut v as *mut u32).cast(),
+                    4,
+                    &mut written,
+                )
             };
-            if s == 0 {
+            if s == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
                 v
             } else {
                 0
             }
         };
         AlgoInfo {
-            id: get(CONFIG_ID, 4) as u32 as i32,
-            tile: get(CONFIG_TILE_ID, 4) as u32,
-            split_k: get(CONFIG_SPLITK_NUM, 4) as u32,
-            reduction: get(CONFIG_REDUCTION_SCHEME, 4) as u32,
-            stages: get(CONFIG_STAGES_ID, 4) as u32,
+            id: get(Config::CUBLASLT_ALGO_CONFIG_ID) as i32,
+            tile: get(Config::CUBLASLT_ALGO_CONFIG_TILE_ID),
+            split_k: get(Config::CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+            reduction: get(Config::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
+            stages: get(Config::CUBLASLT_ALGO_CONFIG_STAGES_ID),
             workspace,
         }
     }
@@ -406,22 +300,17 @@ impl LtProblem {
         workspace: usize,
         want: usize,
     ) -> Result<Vec<Candidate>, CudaError> {
-        let api = self.api;
-        let mut pref: Opaque = std::ptr::null_mut();
-        // SAFETY: out-pointer to a local; destroyed below.
-        check(
-            unsafe { (api.pref_create)(&mut pref) },
-            "cublasLtMatmulPreferenceCreate",
-        )?;
+        let pref = lt::create_matmul_pref()
+            .map_err(|e| check(Err(e), "cublasLtMatmulPreferenceCreate").unwrap_err())?;
         let ws = workspace as u64;
-        let mut results = vec![HeuristicResult::default(); want.max(1)];
-        let mut count: c_int = 0;
+        let mut results = vec![empty_result(); want.max(1)];
+        let mut count: std::ffi::c_int = 0;
         // SAFETY: pref is live; results has room for `want` entries.
         let r = unsafe {
             check(
-                (api.pref_set)(
+                lt::set_matmul_pref_attribute(
                     pref,
-                    PREF_MAX_WORKSPACE_BYTES,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                     (&ws as *const u64).cast(),
                     8,
                 ),
@@ -429,7 +318,7 @@ impl LtProblem {
             )
             .and_then(|()| {
                 check(
-                    (api.heuristic)(
+                    sys::cublasLtMatmulAlgoGetHeuristic(
                         lt.h,
                         self.desc,
                         self.a,
@@ -437,23 +326,26 @@ impl LtProblem {
                         self.d,
                         self.d,
                         pref,
-                        results.len() as c_int,
+                        results.len() as std::ffi::c_int,
                         results.as_mut_ptr(),
                         &mut count,
-                    ),
+                    )
+                    .result(),
                     "cublasLtMatmulAlgoGetHeuristic",
                 )
             })
         };
         // SAFETY: created above.
-        unsafe { (api.pref_destroy)(pref) };
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
         r?;
         let mut out: Vec<Candidate> = Vec::new();
         for res in &results[..(count.max(0) as usize).min(results.len())] {
-            if res.state != 0 || res.workspace_size > workspace {
+            if res.state != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                || res.workspaceSize > workspace
+            {
                 continue;
             }
-            let info = self.info(&res.algo, res.workspace_size);
+            let info = self.info(&res.algo, res.workspaceSize);
             let cand = if info.split_k > 1 && info.reduction != REDUCTION_COMPUTE_TYPE {
                 // Split parts added up in bf16: the same split reduced in fp32 instead.
                 self.split_variant(lt, &res.algo, info.split_k, workspace)
@@ -499,37 +391,37 @@ impl LtProblem {
         parts: u32,
         workspace: usize,
     ) -> Option<Candidate> {
-        let api = self.api;
         let mut algo = *base;
+        let ok = sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
         // SAFETY: algo is a local copy; u32 attributes of 4 bytes.
         let set = unsafe {
-            (api.config_set)(
+            sys::cublasLtMatmulAlgoConfigSetAttribute(
                 &mut algo,
-                CONFIG_SPLITK_NUM,
+                Config::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
                 (&parts as *const u32).cast(),
                 4,
-            ) == 0
-                && (api.config_set)(
+            ) == ok
+                && sys::cublasLtMatmulAlgoConfigSetAttribute(
                     &mut algo,
-                    CONFIG_REDUCTION_SCHEME,
+                    Config::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
                     (&REDUCTION_COMPUTE_TYPE as *const u32).cast(),
                     4,
-                ) == 0
+                ) == ok
         };
         if !set {
             return None;
         }
-        let mut res = HeuristicResult::default();
+        let mut res = empty_result();
         // SAFETY: the descriptors are live; res is a local out-value.
         let s = unsafe {
-            (api.algo_check)(
+            sys::cublasLtMatmulAlgoCheck(
                 lt.h, self.desc, self.a, self.b, self.d, self.d, &algo, &mut res,
             )
         };
-        if s != 0 || res.state != 0 || res.workspace_size > workspace {
+        if s != ok || res.state != ok || res.workspaceSize > workspace {
             return None;
         }
-        let info = self.info(&algo, res.workspace_size);
+        let info = self.info(&algo, res.workspaceSize);
         (info.split_k == parts && info.reduction == REDUCTION_COMPUTE_TYPE)
             .then_some(Candidate { algo, info })
     }
@@ -552,15 +444,15 @@ impl LtProblem {
         // live across the (host pointer mode) call.
         check(
             unsafe {
-                (self.api.matmul)(
+                lt::matmul(
                     lt.h,
                     self.desc,
                     (&alpha as *const f32).cast(),
+                    (&beta as *const f32).cast(),
                     w as *const c_void,
                     self.a,
                     x as *const c_void,
                     self.b,
-                    (&beta as *const f32).cast(),
                     y as *const c_void,
                     self.d,
                     y as *mut c_void,
