@@ -261,27 +261,9 @@ fn preset_lines(exp: &Experiment) -> Vec<String> {
         .iter()
         .filter_map(|w| {
             let p = w.preset?;
-            Some(format!(
-                "workload {} runs preset {p}: {}",
-                w.name,
-                preset_note(p)
-            ))
+            Some(format!("workload {} runs preset {p}: {}", w.name, p.note()))
         })
         .collect()
-}
-
-#[cfg(feature = "measure")]
-fn preset_note(p: crate::spec::Preset) -> &'static str {
-    crate::measure::preset_note(p)
-}
-
-#[cfg(not(feature = "measure"))]
-fn preset_note(p: crate::spec::Preset) -> &'static str {
-    if p.streams() {
-        "the seed study's client"
-    } else {
-        "the seed study's client, not streamed: TTFT, TPOT and ITL are undefined"
-    }
 }
 
 /// The end of a run: every failed condition with its reason (on stderr), and an error when

@@ -22,7 +22,7 @@ use crate::results::{
     PresetUse, WindowFault, WorkloadMetrics,
 };
 use crate::runner::{Harness, Measurement, ResolvedWorkload};
-use crate::spec::{Experiment, Kind, Preset};
+use crate::spec::{Experiment, Kind};
 
 /// How often each engine's `/metrics` is read while the load runs. A window opens on the
 /// last sample before it, so the interval is kept within the warm-up (at least
@@ -34,19 +34,6 @@ pub const ENGINE_SCRAPE_MIN: Duration = Duration::from_millis(500);
 /// The scrape interval for a warm-up.
 fn scrape_every(warmup: Duration) -> Duration {
     ENGINE_SCRAPE_EVERY.min(warmup.max(ENGINE_SCRAPE_MIN))
-}
-
-/// bench's preset of a lab preset: the one that builds the requests.
-pub fn bench_preset(p: Preset) -> bench::spec::Preset {
-    match p {
-        Preset::SeedGen => bench::spec::Preset::SeedGen,
-        Preset::SeedEmbed => bench::spec::Preset::SeedEmbed,
-    }
-}
-
-/// What a reader must know about a preset's figures (bench's note).
-pub fn preset_note(p: Preset) -> &'static str {
-    bench_preset(p).note()
 }
 
 /// Machine, versions and GPUs (or why there are none).
@@ -263,12 +250,11 @@ fn bench_workload(
         w.load.batch.unwrap_or(1) as usize
     };
     if let Some(p) = w.def.preset {
-        let bp = bench_preset(p);
-        let mut spec = bp.workload(&w.def.name, &ep.url, &model, Some(load), Some(batch));
+        let mut spec = p.workload(&w.def.name, &ep.url, &model, Some(load), Some(batch));
         if gen {
             spec.output = output;
         }
-        return (spec, Some(bp));
+        return (spec, Some(p));
     }
     let spec = bench::WorkloadSpec {
         name: w.def.name.clone(),
@@ -553,40 +539,6 @@ mod tests {
             ],
             message: "sticky error set on client process 10, 11".into(),
             action: Some("every engine of the GPU (gen, embed) restarted".into()),
-        }
-    }
-
-    /// The lab's presets are bench's, with the same request shape and defaults: the
-    /// experiment file is read with the lab's copy, the requests are built by bench's.
-    #[test]
-    fn presets_agree_with_bench() {
-        let names: Vec<&str> = bench::spec::Preset::ALL.iter().map(|p| p.name()).collect();
-        let ours: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
-        assert_eq!(names, ours);
-        for p in Preset::ALL {
-            let b = bench_preset(p);
-            assert_eq!(b.name(), p.name());
-            assert_eq!(b.kind().is_gen(), p.kind() == Kind::Generate, "{p}");
-            assert_eq!(b.input_tokens(), p.input_tokens(), "{p}");
-            assert_eq!(
-                b.output(),
-                p.output_tokens().map(bench::LengthDist::Fixed),
-                "{p}"
-            );
-            assert_eq!(
-                b.default_load(),
-                bench::Load::Closed {
-                    concurrency: p.default_concurrency() as usize
-                },
-                "{p}"
-            );
-            assert_eq!(
-                b.default_batch(),
-                p.default_batch().unwrap_or(1) as usize,
-                "{p}"
-            );
-            assert_eq!(b.streams(), p.streams(), "{p}");
-            assert_eq!(preset_note(p), b.note());
         }
     }
 

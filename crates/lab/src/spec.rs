@@ -145,90 +145,43 @@ pub enum Kind {
     Embed,
 }
 
-/// A seed study's client, as `colocate bench` names it (`bench::spec::Preset`): the seeds'
-/// fixed texts, their API and defaults. Kept here too because an experiment file is read
-/// without the `measure` feature; `measure` builds the bench workload through bench's own
-/// preset and its tests check that the two agree.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(rename_all = "kebab-case")]
-pub enum Preset {
-    /// Chat completions of one fixed ~30-token prompt, 512 output tokens with
-    /// `ignore_eos`, temperature 0, not streamed.
-    SeedGen,
-    /// Embeddings of batches of numbered ~25-token sentences.
-    SeedEmbed,
+/// A seed study's client: bench's own preset (`bench::spec::Preset`), the one that builds
+/// the requests; the lab reads its kind, lengths and default load from it.
+pub use bench::spec::Preset;
+
+/// The known preset names, for errors.
+fn known_presets() -> String {
+    Preset::ALL.map(Preset::name).join(", ")
 }
 
-impl Preset {
-    pub const ALL: [Preset; 2] = [Preset::SeedGen, Preset::SeedEmbed];
-
-    /// `seed-gen` / `seed-embed`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Preset::SeedGen => "seed-gen",
-            Preset::SeedEmbed => "seed-embed",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Preset> {
-        Preset::ALL.into_iter().find(|p| p.name() == name.trim())
-    }
-
-    /// The known names, for errors.
-    pub fn known() -> String {
-        Preset::ALL.map(Preset::name).join(", ")
-    }
-
-    pub fn kind(self) -> Kind {
-        match self {
-            Preset::SeedGen => Kind::Generate,
-            Preset::SeedEmbed => Kind::Embed,
-        }
-    }
-
-    /// Tokens of one input, about (the fixed text's; the server's usage is exact).
-    pub fn input_tokens(self) -> u32 {
-        match self {
-            Preset::SeedGen => 30,
-            Preset::SeedEmbed => 25,
-        }
-    }
-
-    /// Output tokens of a generate preset.
-    pub fn output_tokens(self) -> Option<u32> {
-        match self {
-            Preset::SeedGen => Some(512),
-            Preset::SeedEmbed => None,
-        }
-    }
-
-    /// Requests in flight when the workload gives neither concurrency nor rate.
-    pub fn default_concurrency(self) -> u32 {
-        match self {
-            Preset::SeedGen => 512,
-            Preset::SeedEmbed => 64,
-        }
-    }
-
-    /// Inputs per request of an embed preset, when the workload gives no batch.
-    pub fn default_batch(self) -> Option<u32> {
-        match self {
-            Preset::SeedGen => None,
-            Preset::SeedEmbed => Some(8),
-        }
-    }
-
-    /// Whether its gen requests are streamed (the seeds' clients read whole responses:
-    /// TTFT, TPOT and ITL are then undefined).
-    pub fn streams(self) -> bool {
-        false
+/// The lab's kind of a preset's workload (bench's chat and completions are both generate).
+fn preset_kind(p: Preset) -> Kind {
+    if p.kind().is_gen() {
+        Kind::Generate
+    } else {
+        Kind::Embed
     }
 }
 
-impl std::fmt::Display for Preset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+/// Output tokens of a generate preset (bench's fixed length).
+fn preset_output_tokens(p: Preset) -> Option<u32> {
+    match p.output() {
+        Some(bench::LengthDist::Fixed(n)) => Some(n),
+        _ => None,
     }
+}
+
+/// Requests in flight when the workload gives neither concurrency nor rate.
+fn preset_concurrency(p: Preset) -> Option<u32> {
+    match p.default_load() {
+        bench::spec::Load::Closed { concurrency } => u32::try_from(concurrency).ok(),
+        _ => None,
+    }
+}
+
+/// Inputs per request of an embed preset, when the workload gives no batch.
+fn preset_batch(p: Preset) -> Option<u32> {
+    (preset_kind(p) == Kind::Embed).then(|| p.default_batch() as u32)
 }
 
 /// One workload of the experiment, as in `colocate bench`.
@@ -521,10 +474,10 @@ impl Experiment {
             }
             seen.push(&w.name);
             if let Some(p) = w.preset {
-                if p.kind() != w.kind {
+                if preset_kind(p) != w.kind {
                     bail!(
                         "{at}.kind: preset {p} is for {} workloads",
-                        kind_word(p.kind())
+                        kind_word(preset_kind(p))
                     );
                 }
             }
@@ -566,7 +519,7 @@ impl Experiment {
             let whole = self
                 .workload(name)
                 .and_then(|w| w.preset)
-                .filter(|p| p.kind() == Kind::Generate && !p.streams());
+                .filter(|p| preset_kind(*p) == Kind::Generate && !p.streams());
             if let Some(p) = whole {
                 for (field, set) in [
                     ("ttft_p99", slo.ttft_p99.is_some()),
@@ -696,7 +649,7 @@ fn expand_presets(table: &mut toml::Table) -> Result<bool> {
         let p = v.as_str().and_then(Preset::parse).ok_or_else(|| {
             anyhow::anyhow!(
                 "{at}.preset: unknown preset {v} (known: {})",
-                Preset::known()
+                known_presets()
             )
         })?;
         if t.contains_key("input_tokens") {
@@ -704,15 +657,17 @@ fn expand_presets(table: &mut toml::Table) -> Result<bool> {
         }
         let int = |n: u32| toml::Value::Integer(i64::from(n));
         t.entry("kind")
-            .or_insert_with(|| toml::Value::String(kind_word(p.kind()).into()));
+            .or_insert_with(|| toml::Value::String(kind_word(preset_kind(p)).into()));
         t.insert("input_tokens".into(), int(p.input_tokens()));
-        if let Some(o) = p.output_tokens() {
+        if let Some(o) = preset_output_tokens(p) {
             t.entry("output_tokens").or_insert_with(|| int(o));
         }
         if !t.contains_key("concurrency") && !t.contains_key("rate") {
-            t.insert("concurrency".into(), int(p.default_concurrency()));
+            if let Some(c) = preset_concurrency(p) {
+                t.insert("concurrency".into(), int(c));
+            }
         }
-        if let Some(b) = p.default_batch() {
+        if let Some(b) = preset_batch(p) {
             t.entry("batch").or_insert_with(|| int(b));
         }
         any = true;
