@@ -298,17 +298,20 @@ impl<M: CudaModel> CudaExecutor<M> {
             tracing::warn!("GEMM tuning stopped, the rest stays on cublasGemmEx: {e:#}");
         }
         buffer::synchronize(&self.dev)?;
-        let on_lt = self.gemm.records().iter().filter(|r| r.use_lt).count();
-        tracing::info!(
-            "GEMMs tuned in {:.2} s: {on_lt} of {} decode shapes on cuBLASLt",
-            self.gemm.tune_secs(),
-            self.gemm.records().len()
-        );
+        if !self.gemm.records().is_empty() {
+            let on_lt = self.gemm.records().iter().filter(|r| r.use_lt).count();
+            tracing::info!(
+                "GEMMs tuned in {:.2} s: {on_lt} of {} decode shapes on cuBLASLt",
+                self.gemm.tune_secs(),
+                self.gemm.records().len()
+            );
+        }
         Ok(())
     }
 
-    /// Uses the tuned GEMM algorithms (`true`, the default) or `cublasGemmEx` everywhere
-    /// (`false`, the former path, for comparisons). Drops captured graphs.
+    /// Uses the tuned GEMM algorithms (`true`; only when tuning ran, `COLOCATE_GEMM_TUNE=1`)
+    /// or `cublasGemmEx` everywhere (`false`, the default path, for comparisons). Drops
+    /// captured graphs.
     pub fn set_gemm_tuned(&mut self, on: bool) {
         self.gemm.set_tuned(on);
         self.graphs.clear();
