@@ -105,7 +105,7 @@ fn experiment_file_errors_name_file_and_field() {
             "bad rate",
         ),
         (
-            good.replace("duration = \"6s\"", "duration = \"soon\""),
+            good.replace("duration = \"4s\"", "duration = \"soon\""),
             "bad duration",
         ),
         (
