@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::matrix::{Condition, Load};
+use crate::matrix::{Condition, LoadLevel};
 use crate::results::{ConditionResult, Percentiles, Results, WorkloadMetrics};
-use crate::spec::{Experiment, Kind, Slo};
+use crate::spec::{Experiment, Kind, WorkloadObjectives};
 
 /// Mean and sample standard deviation over repetitions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -172,7 +172,7 @@ fn solo_means(results: &[ConditionResult]) -> BTreeMap<(String, String), f64> {
                 .condition
                 .loads
                 .get(w)
-                .map(Load::short)
+                .map(LoadLevel::short)
                 .unwrap_or_default();
             acc.entry((w.clone(), load)).or_default().push(m.throughput);
         }
@@ -193,7 +193,7 @@ fn engine_ratios(
             .condition
             .loads
             .get(w)
-            .map(Load::short)
+            .map(LoadLevel::short)
             .unwrap_or_default();
         let s = *solo.get(&(w.clone(), load))?;
         if s <= 0.0 {
@@ -213,7 +213,7 @@ fn engine_ratios(
 }
 
 /// Checks a cell's workloads against the experiment's SLOs; returns the misses.
-pub fn slo_misses(slos: &BTreeMap<String, Slo>, cell: &CellSummary) -> Vec<String> {
+pub fn slo_misses(slos: &BTreeMap<String, WorkloadObjectives>, cell: &CellSummary) -> Vec<String> {
     let mut misses = Vec::new();
     for (w, slo) in slos {
         let Some(ws) = cell.workloads.get(w) else {
@@ -363,7 +363,7 @@ pub fn analyse(results: &Results) -> Analysis {
                 .condition
                 .as_ref()
                 .and_then(|c| c.loads.get(&w))
-                .map(Load::short)
+                .map(LoadLevel::short)
                 .unwrap_or_default();
             let thr = Stat::of(&tp).unwrap_or_default();
             let vs_solo = solo
@@ -533,7 +533,7 @@ mod tests {
         let mut slos = BTreeMap::new();
         slos.insert(
             "chat".to_string(),
-            Slo {
+            WorkloadObjectives {
                 ttft_p99: Some(std::time::Duration::from_millis(100)),
                 tpot_p99: Some(std::time::Duration::from_millis(100)),
                 min_fraction_of_solo: Some(0.8),

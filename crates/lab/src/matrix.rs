@@ -71,7 +71,7 @@ impl TryFrom<String> for ConditionSharing {
 
 /// The offered load of one workload in one condition.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Load {
+pub struct LoadLevel {
     /// Closed loop: requests in flight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
@@ -83,10 +83,10 @@ pub struct Load {
     pub batch: Option<u32>,
 }
 
-impl Load {
+impl LoadLevel {
     /// The base load of a workload as written in `[[workloads]]`.
     pub fn base(w: &WorkloadDef) -> Self {
-        Load {
+        LoadLevel {
             concurrency: if w.rate.is_some() {
                 None
             } else {
@@ -152,7 +152,7 @@ pub struct Condition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_split: Option<Vec<f64>>,
     /// Load per active workload.
-    pub loads: BTreeMap<String, Load>,
+    pub loads: BTreeMap<String, LoadLevel>,
 }
 
 impl Condition {
@@ -215,7 +215,7 @@ fn label(
     engines: &[String],
     mps: &Option<Vec<u32>>,
     mem: &Option<Vec<f64>>,
-    loads: &BTreeMap<String, Load>,
+    loads: &BTreeMap<String, LoadLevel>,
 ) -> String {
     let l = loads
         .iter()
@@ -230,16 +230,16 @@ struct Cell {
     sharing: Sharing,
     mps: Option<Vec<u32>>,
     mem: Option<Vec<f64>>,
-    loads: BTreeMap<String, Load>,
+    loads: BTreeMap<String, LoadLevel>,
 }
 
 /// Builds the ordered plan of an experiment, every repetition included.
 pub fn plan(exp: &Experiment) -> Vec<Condition> {
     let engines = exp.engines();
-    let base: BTreeMap<String, Load> = exp
+    let base: BTreeMap<String, LoadLevel> = exp
         .workloads
         .iter()
-        .map(|w| (w.name.clone(), Load::base(w)))
+        .map(|w| (w.name.clone(), LoadLevel::base(w)))
         .collect();
     let cells = colocated_cells(exp, &base);
 
@@ -256,7 +256,7 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
         if mine.is_empty() {
             continue;
         }
-        let restrict = |loads: &BTreeMap<String, Load>| -> BTreeMap<String, Load> {
+        let restrict = |loads: &BTreeMap<String, LoadLevel>| -> BTreeMap<String, LoadLevel> {
             loads
                 .iter()
                 .filter(|(w, _)| mine.contains(&w.as_str()))
@@ -297,7 +297,7 @@ fn push_reps(
     engines: &[String],
     mps: Option<Vec<u32>>,
     mem: Option<Vec<f64>>,
-    loads: BTreeMap<String, Load>,
+    loads: BTreeMap<String, LoadLevel>,
 ) {
     let label = label(sharing, engines, &mps, &mem, &loads);
     for repetition in 1..=exp.repetitions {
@@ -313,7 +313,7 @@ fn push_reps(
     }
 }
 
-fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, Load>) -> Vec<Cell> {
+fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>) -> Vec<Cell> {
     if exp.engines().len() < 2 {
         return Vec::new();
     }
@@ -346,7 +346,7 @@ fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, Load>) -> Vec<Cell>
         axes.memory_split.iter().cloned().map(Some).collect()
     };
     // Load levels per workload, crossed over workloads.
-    let mut load_sets: Vec<BTreeMap<String, Load>> = vec![BTreeMap::new()];
+    let mut load_sets: Vec<BTreeMap<String, LoadLevel>> = vec![BTreeMap::new()];
     for (w, b) in base {
         let levels = match axes.load.get(w) {
             None => vec![*b],

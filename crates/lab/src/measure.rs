@@ -542,7 +542,7 @@ mod tests {
         }
     }
 
-    fn resolved(exp: &Experiment, name: &str, load: crate::matrix::Load) -> ResolvedWorkload {
+    fn resolved(exp: &Experiment, name: &str, load: crate::matrix::LoadLevel) -> ResolvedWorkload {
         ResolvedWorkload {
             def: exp.workload(name).unwrap().clone(),
             load,
@@ -583,7 +583,7 @@ concurrency = 2
             url: "http://127.0.0.1:8100".into(),
             served_model_name: "qwen".into(),
         };
-        let base = |n: &str| crate::matrix::Load::base(exp.workload(n).unwrap());
+        let base = |n: &str| crate::matrix::LoadLevel::base(exp.workload(n).unwrap());
         let (g, p) = bench_workload(&resolved(&exp, "g", base("g")), &ep);
         assert_eq!(p, Some(bench::spec::Preset::SeedGen));
         // the seeds' chat API and fixed prompt, the file's output length with ignore_eos
@@ -593,7 +593,7 @@ concurrency = 2
         assert_eq!(g.load, bench::Load::Closed { concurrency: 512 });
         assert_eq!((g.name.as_str(), g.model.as_str()), ("g", "qwen"));
         // this condition's load and batch
-        let load = crate::matrix::Load {
+        let load = crate::matrix::LoadLevel {
             concurrency: Some(32),
             rate: None,
             batch: Some(64),

@@ -15,7 +15,7 @@ use deploy::ValidDeployment;
 
 use crate::deployments::Deployments;
 use crate::engine_metrics::EngineMetricsWindow;
-use crate::matrix::{plan, Condition, Load};
+use crate::matrix::{plan, Condition, LoadLevel};
 use crate::results::{ConditionResult, GpuWindow, PresetUse, Results, WorkloadMetrics};
 use crate::spec::{Experiment, Kind, Rate, WorkloadDef};
 
@@ -25,7 +25,7 @@ pub struct ResolvedWorkload {
     /// Its definition.
     pub def: WorkloadDef,
     /// The load of this condition.
-    pub load: Load,
+    pub load: LoadLevel,
     /// Open loop: requests/s after resolving `% of solo`.
     pub rate_per_s: Option<f64>,
 }
@@ -67,12 +67,16 @@ pub trait Harness {
 
 /// Resolves the open-loop rate of `w` under `load`: absolute as written, or a percentage
 /// of the requests/s the engine achieved solo at the workload's base load.
-pub fn resolve_rate(w: &WorkloadDef, load: &Load, done: &[ConditionResult]) -> Result<Option<f64>> {
+pub fn resolve_rate(
+    w: &WorkloadDef,
+    load: &LoadLevel,
+    done: &[ConditionResult],
+) -> Result<Option<f64>> {
     match load.rate {
         None => Ok(None),
         Some(Rate::PerSecond(r)) => Ok(Some(r)),
         Some(Rate::OfSolo(pct)) => {
-            let base = Load::base(w);
+            let base = LoadLevel::base(w);
             let caps: Vec<f64> = done
                 .iter()
                 .filter(|r| r.failed.is_none() && r.condition.is_solo())
@@ -647,7 +651,7 @@ rate = ["50% of solo"]
     fn relative_rate_without_capacity_fails_clearly() {
         let exp = Experiment::parse(EXP).unwrap();
         let w = exp.workload("vec").unwrap();
-        let load = Load {
+        let load = LoadLevel {
             rate: Some(Rate::OfSolo(50.0)),
             concurrency: None,
             batch: Some(4),

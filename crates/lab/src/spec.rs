@@ -88,7 +88,7 @@ pub struct Experiment {
     pub conditions: Option<Vec<ConditionDef>>,
     /// Latency objectives per workload, for the recommendation.
     #[serde(default)]
-    pub slo: BTreeMap<String, Slo>,
+    pub slo: BTreeMap<String, WorkloadObjectives>,
     /// Workload plotted over time in the counters plot: the condition to show
     /// (its label); by default the recommended one.
     #[serde(default)]
@@ -382,7 +382,7 @@ pub struct LoadOverride {
 /// Latency objectives of one workload (all optional; percentiles of the window).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct Slo {
+pub struct WorkloadObjectives {
     /// Time to first token, 99th percentile.
     #[serde(default, with = "units::duration::option")]
     pub ttft_p99: Option<Duration>,
