@@ -227,6 +227,8 @@ pub async fn run_embed(
     clock: &Clock,
     rec: &mut RequestRecord,
 ) {
+    // An embedding comes whole: its batch counts over its lifetime (`sequences_in`).
+    rec.whole = true;
     rec.sent = clock.now();
     let resp = client
         .post(url)

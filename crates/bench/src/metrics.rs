@@ -46,8 +46,9 @@ pub struct RequestRecord {
     pub error: Option<String>,
     /// True when the request finished normally (a complete response was received).
     pub success: bool,
-    /// A gen response received whole (`"stream": false`): no chunk times, so its
-    /// completion tokens are spread over its lifetime (`output_tokens_in`).
+    /// A response received whole: gen with `"stream": false` (no chunk times, so its
+    /// completion tokens are spread over its lifetime, `output_tokens_in`) and every
+    /// embedding (its batch spread the same way, `sequences_in`).
     #[serde(default)]
     pub whole: bool,
 }
@@ -153,6 +154,17 @@ impl RequestRecord {
             };
         }
         ((self.end.min(w1) - self.sent.max(w0)) / life).clamp(0.0, 1.0)
+    }
+
+    /// Sequences embedded in `[w0, w1)` (embed): an embedding response comes whole, so its
+    /// batch is spread over its lifetime as a whole gen response's tokens are
+    /// ([`Self::output_tokens_in`] says why; the same waves appear when every batch takes
+    /// the same long time). A failed request counts nothing.
+    pub fn sequences_in(&self, w0: f64, w1: f64) -> f64 {
+        if !self.success {
+            return 0.0;
+        }
+        self.sequences as f64 * self.lifetime_share(w0, w1)
     }
 
     /// Finished successfully inside the window: counts for latency, wherever it started
@@ -283,10 +295,11 @@ pub struct GenStats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EmbedStats {
     pub completed: usize,
-    /// Sequences whose response arrived in the window.
-    pub sequences: u64,
-    /// `usage.prompt_tokens` of the responses that arrived in the window.
-    pub tokens: u64,
+    /// Sequences embedded during the window: each response's sequences spread over its
+    /// lifetime, the window's share (`RequestRecord::sequences_in`).
+    pub sequences: f64,
+    /// `usage.prompt_tokens` counted the same way.
+    pub tokens: f64,
     pub seq_throughput: f64,
     pub token_throughput: f64,
     pub request_throughput: f64,
@@ -353,16 +366,21 @@ pub fn gen_stats(
     }
 }
 
-/// Embedding statistics of `records` over the window `[w0, w1)`: sequences and tokens count
-/// when their response arrives inside the window.
+/// Embedding statistics of `records` over the window `[w0, w1)`: each response's sequences
+/// and tokens are spread over its lifetime (`RequestRecord::sequences_in`); latency over the
+/// responses that arrived inside the window.
 pub fn embed_stats(records: &[RequestRecord], w0: f64, w1: f64, percentiles: &[f64]) -> EmbedStats {
     let len = (w1 - w0).max(1e-9);
-    let arrived: Vec<&RequestRecord> = records
+    let arrived = records
         .iter()
         .filter(|r| r.success && r.end >= w0 && r.end < w1)
-        .collect();
-    let sequences: u64 = arrived.iter().map(|r| r.sequences as u64).sum();
-    let tokens: u64 = arrived.iter().map(|r| r.prompt_tokens.unwrap_or(0)).sum();
+        .count();
+    let sequences: f64 = records.iter().map(|r| r.sequences_in(w0, w1)).sum();
+    let tokens: f64 = records
+        .iter()
+        .filter(|r| r.success)
+        .map(|r| r.prompt_tokens.unwrap_or(0) as f64 * r.lifetime_share(w0, w1))
+        .sum();
     let set: Vec<&RequestRecord> = records
         .iter()
         .filter(|r| r.in_latency_set(w0, w1))
@@ -371,17 +389,17 @@ pub fn embed_stats(records: &[RequestRecord], w0: f64, w1: f64, percentiles: &[f
         completed: set.len(),
         sequences,
         tokens,
-        seq_throughput: sequences as f64 / len,
-        token_throughput: tokens as f64 / len,
-        request_throughput: arrived.len() as f64 / len,
+        seq_throughput: sequences / len,
+        token_throughput: tokens / len,
+        request_throughput: arrived as f64 / len,
         latency_ms: Stats::of(
             set.iter().map(|r| r.end - r.sent).collect(),
             1e3,
             percentiles,
         ),
         queue_ms: Stats::of(set.iter().map(|r| r.queue()).collect(), 1e3, percentiles),
-        mean_tokens_per_seq: if sequences > 0 {
-            tokens as f64 / sequences as f64
+        mean_tokens_per_seq: if sequences > 0.0 {
+            tokens / sequences
         } else {
             0.0
         },
@@ -407,7 +425,7 @@ pub struct TimePoint {
     /// Start of the bin, Unix seconds.
     pub t: f64,
     /// Output tokens/s (gen: streamed in, or whole responses' share of the bin) or
-    /// sequences/s (embed) that arrived in the bin.
+    /// sequences/s (embed: each response's batch spread over its lifetime).
     pub throughput: f64,
     /// Requests/s that completed successfully in the bin.
     pub requests: f64,
@@ -430,16 +448,20 @@ pub fn timeseries(records: &[RequestRecord], gen: bool, w0: f64, w1: f64) -> Vec
     let bin = |t: f64| -> Option<usize> {
         (t >= w0 && t < w1).then(|| ((t - w0) as usize).min(nbins - 1))
     };
+    // A whole response (gen not streamed, every embed) is spread over the bins its
+    // lifetime overlaps, each bin getting its share.
+    let spread = |pts: &mut [TimePoint], r: &RequestRecord, share: &dyn Fn(f64, f64) -> f64| {
+        if r.success && r.end >= w0 && r.sent < w1 {
+            let first = ((r.sent.max(w0) - w0) as usize).min(nbins - 1);
+            let last = ((r.end.min(w1) - w0) as usize).min(nbins - 1);
+            for p in pts.iter_mut().take(last + 1).skip(first) {
+                p.throughput += share(p.t, (p.t + 1.0).min(w1));
+            }
+        }
+    };
     for r in records {
         if gen && r.whole {
-            // Spread over the bins its lifetime overlaps.
-            if r.success && r.end >= w0 && r.sent < w1 {
-                let first = ((r.sent.max(w0) - w0) as usize).min(nbins - 1);
-                let last = ((r.end.min(w1) - w0) as usize).min(nbins - 1);
-                for p in pts.iter_mut().take(last + 1).skip(first) {
-                    p.throughput += r.output_tokens_in(p.t, (p.t + 1.0).min(w1));
-                }
-            }
+            spread(&mut pts, r, &|a, b| r.output_tokens_in(a, b));
         } else if gen {
             let share = match r.output_tokens {
                 Some(n) if !r.chunk_times.is_empty() => n as f64 / r.chunk_times.len() as f64,
@@ -450,10 +472,8 @@ pub fn timeseries(records: &[RequestRecord], gen: bool, w0: f64, w1: f64) -> Vec
                     pts[b].throughput += share;
                 }
             }
-        } else if r.success {
-            if let Some(b) = bin(r.end) {
-                pts[b].throughput += r.sequences as f64;
-            }
+        } else {
+            spread(&mut pts, r, &|a, b| r.sequences_in(a, b));
         }
         if let Some(b) = bin(r.end) {
             if r.success {
@@ -591,7 +611,7 @@ mod tests {
     }
 
     #[test]
-    fn embed_window_counts_sequences_on_arrival() {
+    fn embed_window_spreads_each_batch_over_its_lifetime() {
         let mk = |sent: f64, end: f64| RequestRecord {
             scheduled: sent,
             sent,
@@ -601,22 +621,63 @@ mod tests {
             prompt_tokens: Some(64 * 8),
             sequences: 64,
             success: true,
+            whole: true,
             ..RequestRecord::default()
         };
+        // Lifetimes [9, 10.5] (a third inside), [10, 10.25] (all), [19.5, 20.5] (half).
         let recs = [mk(9.0, 10.5), mk(10.0, 10.25), mk(19.5, 20.5)];
         let e = embed_stats(&recs, 10.0, 20.0, &[50.0]);
-        assert_eq!(e.sequences, 128);
-        assert_eq!(e.tokens, 1024);
-        assert!((e.seq_throughput - 12.8).abs() < 1e-9);
+        let seqs = 64.0 * (0.5 / 1.5 + 1.0 + 0.5);
+        assert!((e.sequences - seqs).abs() < 1e-9, "{}", e.sequences);
+        assert!((e.tokens - 8.0 * seqs).abs() < 1e-9);
+        assert!((e.seq_throughput - seqs / 10.0).abs() < 1e-9);
         // Latency over the two responses that arrived in the window, one sent before it.
         assert_eq!(e.completed, 2);
         assert!((e.latency_ms.mean - 875.0).abs() < 1e-6);
         assert!((e.mean_tokens_per_seq - 8.0).abs() < 1e-9);
+        // The time series spreads the same way and adds up to the window's sequences.
+        let ts = timeseries(&recs, false, 10.0, 20.0);
+        let total: f64 = ts.iter().map(|p| p.throughput).sum();
+        assert!((total - seqs).abs() < 1e-9, "{total}");
         let mut failed = mk(11.0, 12.0);
         failed.success = false;
         failed.error = Some("http_503".into());
+        assert_eq!(
+            embed_stats(&[failed.clone()], 10.0, 20.0, &[50.0]).sequences,
+            0.0
+        );
         let errs = errors_in(&[failed], 10.0, 20.0);
         assert_eq!(errs["http_503"], 1);
+    }
+
+    /// Batches that all take the same long time and start together (as a closed loop of
+    /// identical requests does) finish in waves: counted on arrival a 30 s window sees one
+    /// wave or two; spread over their lifetimes it sees the rate.
+    #[test]
+    fn embed_waves_give_the_rate_when_spread() {
+        // 128 clients, batches of 32, each batch takes 16 s: 256 seq/s.
+        let recs: Vec<RequestRecord> = (0..4)
+            .flat_map(|wave| {
+                (0..128).map(move |_| RequestRecord {
+                    sent: wave as f64 * 16.0,
+                    scheduled: wave as f64 * 16.0,
+                    end: (wave + 1) as f64 * 16.0,
+                    last_token: Some((wave + 1) as f64 * 16.0),
+                    first_token: Some((wave + 1) as f64 * 16.0),
+                    sequences: 32,
+                    prompt_tokens: Some(32 * 25),
+                    success: true,
+                    whole: true,
+                    ..RequestRecord::default()
+                })
+            })
+            .collect();
+        let e = embed_stats(&recs, 15.0, 45.0, &[50.0]);
+        assert!(
+            (e.seq_throughput - 256.0).abs() < 1e-9,
+            "{}",
+            e.seq_throughput
+        );
     }
 
     /// A whole (non-streamed) response of `out` tokens, sent at `sent`, ended at `end`, as

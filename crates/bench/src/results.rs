@@ -39,7 +39,8 @@ pub struct BenchResults {
 }
 
 /// The wait after the window for the whole responses that were in flight at its end: a
-/// non-streamed workload's tokens are spread over each request's lifetime, so a request
+/// non-streamed gen workload's tokens and an embed workload's sequences are spread over
+/// each request's lifetime, so a request
 /// straddling the window's end counts its share only once it has ended. Meanwhile every
 /// workload keeps its load running (closed loops keep sending), so the engines stay under
 /// the window's load; requests sent after the window's end are then cut and dropped.

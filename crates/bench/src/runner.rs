@@ -9,9 +9,9 @@
 //! The load runs without a pause across the window edges, so a request straddling an edge
 //! contributes the tokens that arrived inside (see `metrics`).
 //!
-//! The drain: a gen workload whose responses come whole (not streamed) counts each
-//! response's tokens over its lifetime, so a request in flight at `w1` has its share only
-//! once it has ended. When the run has such a workload, it waits after `w1`
+//! The drain: a workload whose responses come whole (gen not streamed, and every embed
+//! workload) counts each response's tokens or sequences over its lifetime, so a request in
+//! flight at `w1` has its share only once it has ended. When the run has such a workload, it waits after `w1`
 //! ([`Phase::Draining`]) until every whole response sent before `w1` has ended, bounded by
 //! [`drain_timeout`], with every workload's load still running (closed loops keep sending,
 //! open loops keep arriving), so the engines and their co-located neighbours stay under the
@@ -27,6 +27,7 @@
 //! or ITL.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -158,9 +159,30 @@ impl WorkloadState {
         self.preset.is_none_or(|p| p.streams())
     }
 
-    /// A gen workload whose responses come whole: the runner drains it after the window.
+    /// A workload whose responses come whole (gen not streamed, every embed): its counts
+    /// spread each response over its lifetime, so the runner drains it after the window.
     fn whole(&self) -> bool {
-        self.spec.kind.is_gen() && !self.streams()
+        !self.spec.kind.is_gen() || !self.streams()
+    }
+
+    /// Runs one whole request, registered in [`Self::whole_in_flight`] from before its
+    /// send (the request's own send time is taken after) so that a request sent before the
+    /// window's end is always waited for.
+    async fn whole_request(
+        &self,
+        sh: &Shared,
+        i: u64,
+        request: impl Future<Output = bool>,
+    ) -> bool {
+        if let Ok(mut m) = self.whole_in_flight.lock() {
+            m.insert(i, sh.clock.now());
+        }
+        let finished = request.await;
+        if let Ok(mut m) = self.whole_in_flight.lock() {
+            m.remove(&i);
+        }
+        sh.whole_ended.notify_one();
+        finished
     }
 
     /// Whole requests in flight that were sent before `t`.
@@ -622,28 +644,22 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) ->
             let on_tokens = |n: u64| {
                 ws.units.fetch_add(n, Relaxed);
             };
-            // Registered before the send (run_gen_unstreamed takes `sent` after), so a
-            // request sent before the window's end is always waited for.
-            if let Ok(mut m) = ws.whole_in_flight.lock() {
-                m.insert(i, sh.clock.now());
-            }
-            let finished = until_stopped(
-                run_gen_unstreamed(
-                    &ws.client,
-                    &ws.endpoint,
-                    body,
-                    &sh.clock,
-                    &mut rec,
-                    &on_tokens,
+            ws.whole_request(
+                sh,
+                i,
+                until_stopped(
+                    run_gen_unstreamed(
+                        &ws.client,
+                        &ws.endpoint,
+                        body,
+                        &sh.clock,
+                        &mut rec,
+                        &on_tokens,
+                    ),
+                    &sh.stop,
                 ),
-                &sh.stop,
             )
-            .await;
-            if let Ok(mut m) = ws.whole_in_flight.lock() {
-                m.remove(&i);
-            }
-            sh.whole_ended.notify_one();
-            finished
+            .await
         }
     } else {
         let mut est = 0;
@@ -657,9 +673,13 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) ->
             .collect();
         rec.prompt_tokens = Some(est);
         let body = embed_body(&w.model, inputs);
-        until_stopped(
-            run_embed(&ws.client, &ws.endpoint, body, w.batch, &sh.clock, &mut rec),
-            &sh.stop,
+        ws.whole_request(
+            sh,
+            i,
+            until_stopped(
+                run_embed(&ws.client, &ws.endpoint, body, w.batch, &sh.clock, &mut rec),
+                &sh.stop,
+            ),
         )
         .await
     };

@@ -113,7 +113,14 @@ async fn gen_and_embed_window_agrees_with_the_server_counter() {
     let ts: f64 = r.workloads[0].timeseries.iter().map(|p| p.throughput).sum();
     assert!((ts - g.output_tokens).abs() < 1e-6 * g.output_tokens.max(1.0) + 1e-6);
     let e = r.workloads[1].embed.as_ref().unwrap();
-    assert!(e.sequences > 0 && e.sequences % 8 == 0);
+    // Each batch of 8 spread over its lifetime: the window's share, and the time series
+    // adds up to it.
+    assert!(e.sequences > 0.0, "{e:?}");
+    let ts: f64 = r.workloads[1].timeseries.iter().map(|p| p.throughput).sum();
+    assert!(
+        (ts - e.sequences).abs() < 1e-6 * e.sequences,
+        "{ts} vs {e:?}"
+    );
     // 64-token inputs under a words+2 tokenizer: close to 64 per sequence.
     assert!(
         (e.mean_tokens_per_seq - 64.0).abs() < 4.0,
@@ -127,8 +134,13 @@ async fn gen_and_embed_window_agrees_with_the_server_counter() {
         r.workloads[0].errors
     );
     assert!(!r.interrupted);
-    // Streamed requests are cut at the window's end: no drain.
-    assert!(r.drain.is_none(), "{:?}", r.drain);
+    // Streamed requests are cut at the window's end; the embed batches in flight there
+    // are waited for (their sequences count over their lifetimes), briefly.
+    let d = r
+        .drain
+        .as_ref()
+        .expect("embed responses come whole: drained");
+    assert!(!d.timed_out && d.timeout_s < 10.0, "{d:?}");
     // The JSON round-trips with its schema version.
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["schema_version"], 1);
@@ -267,7 +279,10 @@ async fn window_by_request_count() {
     s.max_requests = Some(50);
     let r = run(&s, None, CancellationToken::new()).await.unwrap();
     assert_eq!(r.workloads[0].requests_completed, 50);
-    assert_eq!(r.workloads[0].embed.as_ref().unwrap().sequences, 100);
+    // 50 batches of 2 ended in the window; spread over their lifetimes, the window's
+    // sequences differ from 100 by at most what was in flight at each edge (4 x 2).
+    let seqs = r.workloads[0].embed.as_ref().unwrap().sequences;
+    assert!((seqs - 100.0).abs() <= 16.0, "{seqs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,7 +424,7 @@ async fn seed_presets_send_the_seed_texts_whole() {
     // seed-embed: batches of 4 numbered sentences.
     let e = r.workloads[1].embed.as_ref().unwrap();
     assert_eq!(r.workloads[1].preset, Some(Preset::SeedEmbed));
-    assert!(e.sequences > 0 && e.sequences % 4 == 0, "{e:?}");
+    assert!(e.sequences > 0.0, "{e:?}");
     let bodies = emb.bodies.lock().unwrap().clone();
     let batch = bodies
         .iter()
