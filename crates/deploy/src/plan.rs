@@ -280,9 +280,12 @@ pub fn plan_with(
             notes.push(n);
         }
         let dt = dtype_bytes(e.kind, &device, shape.as_ref());
+        // The built-in engine dequantises a block-FP8 checkpoint (its CPU path; FP8 on
+        // its CUDA path is to come); vLLM and SGLang keep it in FP8.
+        let keep_fp8 = e.kind != EngineKind::Builtin;
         let weights = shape
             .as_ref()
-            .map(|m| m.weights_bytes(e.task == Task::Generate, dt))
+            .map(|m| m.weights_bytes(e.task == Task::Generate, dt, keep_fp8))
             .unwrap_or(0);
         let kv_per_token = match (&shape, e.task) {
             (Some(m), Task::Generate) => m.kv_bytes_per_token(dt),

@@ -1,8 +1,9 @@
 //! Turns `--model` / `--task` / `--load-format` / `--device` into a ready model: reads the
 //! config (file or preset), the tokenizer, the weights (safetensors or dummy), and builds
 //! the architecture's model for the chosen device: on the CPU the portable models
-//! (`model::qwen3`, `model::bert`) on [`CpuBackend`]; on CUDA the CUDA model
-//! (`model::qwen3_cuda`), from the same config and weight source.
+//! (`model::qwen3` for dense and MoE Qwen3, `model::bert`) on [`CpuBackend`], FP8
+//! checkpoints dequantised at load; on CUDA the CUDA model (`model::qwen3_cuda`, dense
+//! Qwen3 in bf16 only so far), from the same config and weight source.
 
 use std::path::{Path, PathBuf};
 
@@ -178,7 +179,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     }
 
     let source = match (&dir, opts.load_format) {
-        (Some(dir), LoadFormat::Auto) => WeightSource::open_dir(dir)?,
+        (Some(dir), LoadFormat::Auto) => WeightSource::open_model(dir, &config)?,
         (_, LoadFormat::Dummy) | (None, LoadFormat::Auto) => {
             WeightSource::Dummy { seed: opts.seed }
         }
@@ -192,7 +193,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
                 .unwrap_or(config.max_position_embeddings)
                 .min(config.max_position_embeddings),
         ),
-        Arch::Qwen3 => None,
+        Arch::Qwen3 | Arch::Qwen3Moe => None,
     };
     let tok = match &dir {
         Some(d) => tokenizer::load_dir(d, truncate_to)?,
@@ -228,6 +229,8 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     }
 
     if let Device::Cuda(ordinal) = opts.device {
+        cuda_supports(&config)
+            .with_context(|| format!("cannot load {} on cuda:{ordinal}", opts.model))?;
         return load_cuda(opts, ordinal, &config, &source, task, eos, tokenizer);
     }
     let backend = CpuBackend::new();
@@ -306,6 +309,23 @@ fn load_cuda(
     })
 }
 
+/// What the CUDA path does not run yet: mixture-of-experts models and FP8 checkpoints
+/// (issue 17: grouped expert GEMMs and FP8 weights on the GPU are to come).
+fn cuda_supports(config: &ModelConfig) -> anyhow::Result<()> {
+    if config.moe.is_some() {
+        anyhow::bail!(
+            "{} is a mixture-of-experts model, which runs on the CPU only for now (use --device cpu)",
+            config.arch.name()
+        );
+    }
+    if config.fp8.is_some() {
+        anyhow::bail!(
+            "block-FP8 checkpoints (quantization_config) run on the CPU only for now (use --device cpu)"
+        );
+    }
+    Ok(())
+}
+
 /// A build without the `cuda` feature (the quickstart's CPU build) has no CUDA model.
 #[cfg(not(feature = "cuda"))]
 fn load_cuda(
@@ -347,14 +367,10 @@ pub fn model_info(
     }
 }
 
-/// Weight bytes actually loaded: an embedder never loads an untied `lm_head`.
+/// Weight bytes actually loaded: an embedder never loads an untied `lm_head`; an FP8
+/// checkpoint is held dequantised (the only path that loads one is the CPU's).
 fn loaded_weight_bytes(config: &ModelConfig, task: Task, dtype_bytes: usize) -> usize {
-    let head = if config.arch == Arch::Qwen3 && task == Task::Embed && !config.tie_word_embeddings {
-        config.vocab_size * config.hidden_size * dtype_bytes
-    } else {
-        0
-    };
-    config.weight_bytes(dtype_bytes) - head
+    config.resident_weight_bytes(dtype_bytes, false, task == Task::Generate)
 }
 
 /// `MemAvailable` from `/proc/meminfo` (Linux); `None` elsewhere.
@@ -373,12 +389,12 @@ pub fn build<B: Backend>(
     info: ModelInfo,
 ) -> anyhow::Result<LoadedModel> {
     Ok(match (config.arch, info.task) {
-        (Arch::Qwen3, Task::Generate) => LoadedModel::Generator(Box::new(
+        (Arch::Qwen3 | Arch::Qwen3Moe, Task::Generate) => LoadedModel::Generator(Box::new(
             qwen3::Qwen3Generator::new(backend, config, source, info)?,
         )),
-        (Arch::Qwen3, Task::Embed) => LoadedModel::Embedder(Box::new(qwen3::Qwen3Embedder::new(
-            backend, config, source, info,
-        )?)),
+        (Arch::Qwen3 | Arch::Qwen3Moe, Task::Embed) => LoadedModel::Embedder(Box::new(
+            qwen3::Qwen3Embedder::new(backend, config, source, info)?,
+        )),
         (Arch::Bert, Task::Embed) => {
             LoadedModel::Embedder(Box::new(bert::Bert::new(backend, config, source, info)?))
         }

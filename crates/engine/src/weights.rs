@@ -3,6 +3,11 @@
 //! and checked against the config's shape, handed over in its stored dtype (to a
 //! [`Backend`] by [`WeightSource::get`], to the CUDA model through
 //! [`SafetensorsFiles::tensor`]); or seeded dummy weights that the device generates itself.
+//! Block-FP8 tensors (e4m3 with a `weight_scale_inv`, see [`fp8`]) reach a [`Backend`]
+//! dequantised to f32 at load: the portable path computes in f32. The CUDA path reads float
+//! tensors only (FP8 on the GPU is still to come), and is told so by name.
+
+pub mod fp8;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +16,7 @@ use anyhow::Context as _;
 use memmap2::Mmap;
 
 use crate::backend::{Backend, DType, Init};
+use crate::model::config::ModelConfig;
 
 /// Where a model's weights come from.
 pub enum WeightSource {
@@ -25,14 +31,27 @@ pub enum WeightSource {
 pub struct SafetensorsFiles {
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, TensorLoc>,
+    /// `quantization_config.weight_block_size` of a block-FP8 checkpoint.
+    fp8_block: Option<[usize; 2]>,
 }
 
 struct TensorLoc {
     file: usize,
-    dtype: DType,
+    dtype: Stored,
     shape: Vec<usize>,
     start: usize,
     end: usize,
+}
+
+/// A tensor's dtype in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    Float(DType),
+    /// e4m3fn, one byte, with a `weight_scale_inv` tensor beside it.
+    F8E4M3,
+    /// Anything else (integer buffers such as BERT's `position_ids`, other FP8 kinds):
+    /// kept so that asking for one as a weight names its dtype.
+    Other(safetensors::Dtype),
 }
 
 impl WeightSource {
@@ -80,11 +99,11 @@ impl WeightSource {
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let dtype = match info.dtype {
-                    safetensors::Dtype::F32 => DType::F32,
-                    safetensors::Dtype::F16 => DType::F16,
-                    safetensors::Dtype::BF16 => DType::BF16,
-                    // Integer buffers (e.g. BERT's position_ids) are not weights.
-                    _ => continue,
+                    safetensors::Dtype::F32 => Stored::Float(DType::F32),
+                    safetensors::Dtype::F16 => Stored::Float(DType::F16),
+                    safetensors::Dtype::BF16 => Stored::Float(DType::BF16),
+                    safetensors::Dtype::F8_E4M3 => Stored::F8E4M3,
+                    other => Stored::Other(other),
                 };
                 let (s, e) = info.data_offsets;
                 tensors.insert(
@@ -103,7 +122,18 @@ impl WeightSource {
         Ok(WeightSource::Safetensors(SafetensorsFiles {
             files,
             tensors,
+            fp8_block: None,
         }))
+    }
+
+    /// Opens `dir`'s safetensors for the model of `config`: as [`WeightSource::open_dir`],
+    /// knowing the block size of a block-FP8 checkpoint's scales.
+    pub fn open_model(dir: &Path, config: &ModelConfig) -> anyhow::Result<Self> {
+        let mut src = Self::open_dir(dir)?;
+        if let WeightSource::Safetensors(st) = &mut src {
+            st.fp8_block = config.fp8.as_ref().map(|q| q.block);
+        }
+        Ok(src)
     }
 
     /// Loads the first of `names` that exists as a `[rows, cols]` tensor (1-D tensors
@@ -120,8 +150,16 @@ impl WeightSource {
         match self {
             WeightSource::Dummy { seed } => b.dummy(rows, cols, init, seed_for(*seed, &names[0])),
             WeightSource::Safetensors(st) => {
-                let t = st.tensor(names, rows, cols)?;
-                b.upload(t.dtype, rows, cols, t.bytes)
+                let (name, loc) = st.find(names, rows, cols)?;
+                match loc.dtype {
+                    Stored::F8E4M3 => {
+                        b.upload_f32(rows, cols, &st.dequantised(name, loc, rows, cols)?)
+                    }
+                    _ => {
+                        let t = st.stored(name, loc)?;
+                        b.upload(t.dtype, rows, cols, t.bytes)
+                    }
+                }
             }
         }
     }
@@ -163,17 +201,48 @@ impl StoredTensor<'_> {
                 .collect(),
         }
     }
+
+    /// The values as f32 (exact for every stored float dtype).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let b = self.bytes;
+        match self.dtype {
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        }
+    }
 }
 
 impl SafetensorsFiles {
-    /// The first of `names` that exists, checked to be a `[rows, cols]` tensor (a 1-D
-    /// tensor of `cols` elements when `rows == 1`).
+    /// The first of `names` that exists, checked to be a `[rows, cols]` float tensor (a
+    /// 1-D tensor of `cols` elements when `rows == 1`). An FP8 tensor is an error here:
+    /// callers that take them go through [`WeightSource::get`], which dequantises.
     pub fn tensor(
         &self,
         names: &[String],
         rows: usize,
         cols: usize,
     ) -> anyhow::Result<StoredTensor<'_>> {
+        let (name, loc) = self.find(names, rows, cols)?;
+        self.stored(name, loc)
+    }
+
+    /// The first of `names` that exists, with its shape checked against `[rows, cols]`.
+    fn find<'s>(
+        &'s self,
+        names: &'s [String],
+        rows: usize,
+        cols: usize,
+    ) -> anyhow::Result<(&'s str, &'s TensorLoc)> {
         let (name, loc) = names
             .iter()
             .find_map(|n| self.tensors.get(n).map(|l| (n, l)))
@@ -189,10 +258,56 @@ impl SafetensorsFiles {
                 loc.shape
             );
         }
+        Ok((name, loc))
+    }
+
+    /// A float tensor's bytes; other dtypes are an error naming the tensor.
+    fn stored(&self, name: &str, loc: &TensorLoc) -> anyhow::Result<StoredTensor<'_>> {
+        let dtype = match loc.dtype {
+            Stored::Float(d) => d,
+            Stored::F8E4M3 => anyhow::bail!(
+                "tensor {name} is FP8 (e4m3): block-FP8 checkpoints run on the CPU only for now"
+            ),
+            Stored::Other(d) => {
+                anyhow::bail!(
+                    "tensor {name} has dtype {d:?}, which is not a supported weight dtype"
+                )
+            }
+        };
         Ok(StoredTensor {
-            dtype: loc.dtype,
+            dtype,
             bytes: &self.files[loc.file].1[loc.start..loc.end],
         })
+    }
+
+    /// An e4m3 weight times its `<name>_scale_inv` blocks, as f32 (see [`fp8`]).
+    fn dequantised(
+        &self,
+        name: &str,
+        loc: &TensorLoc,
+        rows: usize,
+        cols: usize,
+    ) -> anyhow::Result<Vec<f32>> {
+        let block = self.fp8_block.with_context(|| {
+            format!(
+                "tensor {name} is FP8 (e4m3) but config.json has no quantization_config with weight_block_size"
+            )
+        })?;
+        let scale_name = format!("{name}_scale_inv");
+        let (sr, sc) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
+        let scales = match self.tensors.get(&scale_name) {
+            Some(l) if l.shape == [sr, sc] => self.stored(&scale_name, l)?.to_f32(),
+            Some(l) => anyhow::bail!(
+                "tensor {scale_name}: shape {:?}, expected [{sr}, {sc}] for a [{rows}, {cols}] weight in {block:?} blocks",
+                l.shape
+            ),
+            None => anyhow::bail!(
+                "tensor {name} is FP8 (e4m3) but {scale_name} is not in {}",
+                self.describe()
+            ),
+        };
+        let bytes = &self.files[loc.file].1[loc.start..loc.end];
+        fp8::dequantise(bytes, rows, cols, &scales, block).with_context(|| format!("tensor {name}"))
     }
 
     fn describe(&self) -> String {

@@ -518,6 +518,51 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn zeros(&self, rows: usize, cols: usize) -> anyhow::Result<CpuTensor> {
+        Ok(CpuTensor::zeros(rows, cols))
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[u32]) -> anyhow::Result<CpuTensor> {
+        let mut out = CpuTensor::uninit(rows.len(), x.cols);
+        for (dst, &r) in out.data.chunks_exact_mut(x.cols.max(1)).zip(rows) {
+            if r as usize >= x.rows {
+                anyhow::bail!("gather_rows: row {r} out of range ({} rows)", x.rows);
+            }
+            dst.copy_from_slice(x.row(r as usize));
+        }
+        Ok(out)
+    }
+
+    fn scatter_add_rows(
+        &self,
+        out: &mut CpuTensor,
+        x: &CpuTensor,
+        rows: &[u32],
+        weights: &[f32],
+    ) -> anyhow::Result<()> {
+        if x.cols != out.cols || x.rows != rows.len() || weights.len() != rows.len() {
+            anyhow::bail!(
+                "scatter_add_rows: {} rows of {} into width {} with {} targets and {} weights",
+                x.rows,
+                x.cols,
+                out.cols,
+                rows.len(),
+                weights.len()
+            );
+        }
+        let cols = out.cols;
+        for (i, (&r, &w)) in rows.iter().zip(weights).enumerate() {
+            if r as usize >= out.rows {
+                anyhow::bail!("scatter_add_rows: row {r} out of range ({} rows)", out.rows);
+            }
+            let dst = &mut out.data[r as usize * cols..(r as usize + 1) * cols];
+            for (d, &v) in dst.iter_mut().zip(x.row(i)) {
+                *d += w * v;
+            }
+        }
+        Ok(())
+    }
+
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> anyhow::Result<CpuTensor> {
         check_same(gate, up, "silu_mul")?;
         let mut out = gate.clone();

@@ -1,6 +1,11 @@
 //! Model configuration: where `--model` points (a preset or a folder), the config read from
 //! a Hugging Face `config.json` or built from a preset that mirrors a released model's
-//! config, plus the memory formulas the planner (`deploy`) shares with the engine.
+//! config, plus the memory formulas the planner (`deploy`) shares with the engine. The
+//! mixture-of-experts keys of `qwen3_moe` are [`moe`]'s, a block-FP8 `quantization_config`
+//! is [`fp8`]'s.
+
+mod fp8;
+mod moe;
 
 use std::path::Path;
 
@@ -14,6 +19,9 @@ use crate::model_api::Task;
 pub enum Arch {
     /// Qwen3 dense decoder (`model_type: qwen3`).
     Qwen3,
+    /// Qwen3 mixture-of-experts decoder (`model_type: qwen3_moe`, Qwen3-30B-A3B): Qwen3's
+    /// attention, a sparse MoE block in place of the MLP (see [`MoeConfig::is_sparse`]).
+    Qwen3Moe,
     /// BERT encoder (`model_type: bert`).
     Bert,
 }
@@ -22,10 +30,19 @@ impl Arch {
     pub fn name(self) -> &'static str {
         match self {
             Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3_moe",
             Arch::Bert => "bert",
         }
     }
+
+    /// A causal decoder (Qwen3, dense or MoE), as opposed to an encoder.
+    pub fn is_decoder(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
+    }
 }
+
+pub use fp8::Fp8Config;
+pub use moe::MoeConfig;
 
 /// The fields of a model config the engine uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +68,10 @@ pub struct ModelConfig {
     pub stored_dtype_bytes: usize,
     /// The task this model is for when `--task` is not given.
     pub default_task: Task,
+    /// The experts of a `qwen3_moe` model (`None` for dense models).
+    pub moe: Option<MoeConfig>,
+    /// A block-FP8 checkpoint's `quantization_config` (`None`: weights stored as floats).
+    pub fp8: Option<Fp8Config>,
 }
 
 /// Presets (`preset:NAME`) with the configs of the released models.
@@ -62,6 +83,9 @@ const PRESETS: &[&str] = &[
     "qwen3-8b",
     "qwen3-embedding-0.6b",
     "qwen3-embedding-8b",
+    "qwen3-moe-tiny",
+    "qwen3-30b-a3b",
+    "qwen3-30b-a3b-fp8",
 ];
 
 /// Names accepted after `preset:`.
@@ -120,6 +144,9 @@ struct RawConfig {
     torch_dtype: Option<String>,
     dtype: Option<String>,
     hidden_act: Option<String>,
+    #[serde(flatten)]
+    moe: moe::RawMoe,
+    quantization_config: Option<fp8::RawQuantization>,
 }
 
 #[derive(Deserialize)]
@@ -165,9 +192,10 @@ impl ModelConfig {
         let model_type = raw.model_type.clone().unwrap_or_default();
         let arch = match model_type.as_str() {
             "qwen3" => Arch::Qwen3,
+            "qwen3_moe" => Arch::Qwen3Moe,
             "bert" => Arch::Bert,
             other => anyhow::bail!(
-                "unsupported model_type {other:?} (architectures {:?}); supported: qwen3, bert",
+                "unsupported model_type {other:?} (architectures {:?}); supported: qwen3, qwen3_moe, bert",
                 raw.architectures
             ),
         };
@@ -198,11 +226,22 @@ impl ModelConfig {
         let is_embedding = raw
             .architectures
             .iter()
-            .any(|a| a.ends_with("Model") && arch == Arch::Qwen3);
+            .any(|a| a.ends_with("Model") && arch.is_decoder());
         let default_task = match arch {
             Arch::Bert => Task::Embed,
-            Arch::Qwen3 if is_embedding => Task::Embed,
-            Arch::Qwen3 => Task::Generate,
+            _ if is_embedding => Task::Embed,
+            Arch::Qwen3 | Arch::Qwen3Moe => Task::Generate,
+        };
+        let moe = match arch {
+            Arch::Qwen3Moe => Some(raw.moe.resolve(raw.num_hidden_layers)?),
+            Arch::Qwen3 | Arch::Bert => None,
+        };
+        let fp8 = match raw.quantization_config {
+            Some(_) if arch == Arch::Bert => {
+                anyhow::bail!("quantization_config: FP8 checkpoints are supported for qwen3 and qwen3_moe only")
+            }
+            Some(q) => Some(q.resolve()?),
+            None => None,
         };
         Ok(Self {
             arch,
@@ -215,15 +254,20 @@ impl ModelConfig {
             head_dim,
             max_position_embeddings: raw.max_position_embeddings,
             norm_eps: match arch {
-                Arch::Qwen3 => raw.rms_norm_eps.unwrap_or(1e-6),
+                Arch::Qwen3 | Arch::Qwen3Moe => raw.rms_norm_eps.unwrap_or(1e-6),
                 Arch::Bert => raw.layer_norm_eps.unwrap_or(1e-12),
             },
             rope_theta,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(arch == Arch::Bert),
-            type_vocab_size: raw.type_vocab_size.unwrap_or(2),
+            // Token types are BERT's; a decoder has none (as its presets say).
+            type_vocab_size: raw
+                .type_vocab_size
+                .unwrap_or(if arch == Arch::Bert { 2 } else { 0 }),
             eos_token_ids: raw.eos_token_id.map(EosIds::into_vec).unwrap_or_default(),
             stored_dtype_bytes: dtype_bytes(raw.torch_dtype.as_deref().or(raw.dtype.as_deref())),
             default_task,
+            moe,
+            fp8,
         })
     }
 
@@ -232,6 +276,7 @@ impl ModelConfig {
         // (hidden, intermediate, layers, heads, kv heads, vocab, max positions, tied, task)
         let (h, i, l, nh, nkv, vocab, max_pos, tied, task) = match name {
             "qwen3-tiny" => (64, 128, 2, 4, 2, 512, 4096, false, Task::Generate),
+            "qwen3-moe-tiny" => (64, 128, 3, 4, 2, 512, 4096, false, Task::Generate),
             "qwen3-0.6b" => (1024, 3072, 28, 16, 8, 151_936, 40_960, true, Task::Generate),
             "qwen3-1.7b" => (2048, 6144, 28, 16, 8, 151_936, 40_960, true, Task::Generate),
             "qwen3-4b" => (2560, 9728, 36, 32, 8, 151_936, 40_960, true, Task::Generate),
@@ -248,11 +293,58 @@ impl ModelConfig {
             ),
             "qwen3-embedding-0.6b" => (1024, 3072, 28, 16, 8, 151_669, 32_768, true, Task::Embed),
             "qwen3-embedding-8b" => (4096, 12_288, 36, 32, 8, 151_665, 40_960, false, Task::Embed),
+            "qwen3-30b-a3b" | "qwen3-30b-a3b-fp8" => (
+                2048,
+                6144,
+                48,
+                32,
+                4,
+                151_936,
+                40_960,
+                false,
+                Task::Generate,
+            ),
             other => anyhow::bail!("unknown preset {other:?}; presets: {}", PRESETS.join(", ")),
         };
-        let tiny = name == "qwen3-tiny";
+        let tiny = name.ends_with("-tiny");
+        let moe = match name {
+            // The test fixture's shape (scripts/gpu/make-moe-fixture.py): layer 1 dense.
+            "qwen3-moe-tiny" => Some(MoeConfig {
+                num_experts: 8,
+                num_experts_per_tok: 2,
+                moe_intermediate_size: 32,
+                norm_topk_prob: true,
+                decoder_sparse_step: 1,
+                mlp_only_layers: vec![1],
+            }),
+            // Qwen/Qwen3-30B-A3B's config.json (../shared/vllm/models/qwen3-30b-a3b-fp8).
+            "qwen3-30b-a3b" | "qwen3-30b-a3b-fp8" => Some(MoeConfig {
+                num_experts: 128,
+                num_experts_per_tok: 8,
+                moe_intermediate_size: 768,
+                norm_topk_prob: true,
+                decoder_sparse_step: 1,
+                mlp_only_layers: Vec::new(),
+            }),
+            _ => None,
+        };
+        // Qwen/Qwen3-30B-A3B-FP8's quantization_config: every layer's norms and router
+        // gate, and lm_head, stay bf16.
+        let fp8 = (name == "qwen3-30b-a3b-fp8").then(|| Fp8Config {
+            block: [128, 128],
+            modules_to_not_convert: std::iter::once("lm_head".to_string())
+                .chain((0..l).flat_map(|n| {
+                    ["input_layernorm", "mlp.gate", "post_attention_layernorm"]
+                        .map(|m| format!("model.layers.{n}.{m}"))
+                }))
+                .collect(),
+        });
         Ok(Self {
-            arch: Arch::Qwen3,
+            arch: if moe.is_some() {
+                Arch::Qwen3Moe
+            } else {
+                Arch::Qwen3
+            },
             vocab_size: vocab,
             hidden_size: h,
             intermediate_size: i,
@@ -272,19 +364,49 @@ impl ModelConfig {
             },
             stored_dtype_bytes: if tiny { 4 } else { 2 },
             default_task: task,
+            moe,
+            fp8,
         })
     }
 
-    /// Number of parameters the engine loads (BERT's unused pooler excluded).
+    /// Whether decoder layer `layer` has a sparse MoE block instead of the dense MLP.
+    pub fn is_sparse_layer(&self, layer: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| m.is_sparse(layer))
+    }
+
+    /// Number of parameters the engine loads (BERT's unused pooler excluded); a MoE model
+    /// counts every expert (all are resident).
     pub fn num_parameters(&self) -> usize {
+        self.parameters(false)
+    }
+
+    /// Parameters one token uses: a MoE layer's `num_experts_per_tok` experts instead of
+    /// all (Qwen3-30B-A3B: 3.3 B of 30.5 B); the total for dense models.
+    pub fn active_parameters(&self) -> usize {
+        self.parameters(true)
+    }
+
+    fn parameters(&self, active: bool) -> usize {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         match self.arch {
-            Arch::Qwen3 => {
+            Arch::Qwen3 | Arch::Qwen3Moe => {
                 let q = self.num_attention_heads * self.head_dim;
                 let kv = self.num_key_value_heads * self.head_dim;
-                let per_layer = h * q + 2 * h * kv + q * h + 2 * self.head_dim + 2 * h + 3 * h * i;
-                let head = if self.tie_word_embeddings { 0 } else { v * h };
-                v * h + self.num_hidden_layers * per_layer + h + head
+                let attention = h * q + 2 * h * kv + q * h + 2 * self.head_dim + 2 * h;
+                let mlps: usize = (0..self.num_hidden_layers)
+                    .map(|l| match &self.moe {
+                        Some(m) if m.is_sparse(l) => {
+                            let experts = if active {
+                                m.num_experts_per_tok
+                            } else {
+                                m.num_experts
+                            };
+                            h * m.num_experts + experts * 3 * h * m.moe_intermediate_size
+                        }
+                        _ => 3 * h * i,
+                    })
+                    .sum();
+                v * h + self.num_hidden_layers * attention + mlps + h + self.lm_head_parameters()
             }
             Arch::Bert => {
                 let emb = (v + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h;
@@ -294,16 +416,100 @@ impl ModelConfig {
         }
     }
 
-    /// Bytes the weights take with `dtype_bytes` per element.
+    /// Parameters of an untied `lm_head` (0 when tied, and for encoders).
+    pub fn lm_head_parameters(&self) -> usize {
+        if self.arch.is_decoder() && !self.tie_word_embeddings {
+            self.vocab_size * self.hidden_size
+        } else {
+            0
+        }
+    }
+
+    /// Bytes the weights take with `dtype_bytes` per element (what the CPU holds: it
+    /// dequantises FP8 at load).
     pub fn weight_bytes(&self, dtype_bytes: usize) -> usize {
-        self.num_parameters() * dtype_bytes
+        self.resident_weight_bytes(dtype_bytes, false, true)
+    }
+
+    /// Bytes of the weights a device holds: every parameter at `dtype_bytes`, except, with
+    /// `keep_fp8`, a block-FP8 checkpoint's quantised linears at one byte plus an f32 scale
+    /// per block (as vLLM holds them); without `lm_head` unless `with_lm_head` (an
+    /// embedder never loads an untied one).
+    pub fn resident_weight_bytes(
+        &self,
+        dtype_bytes: usize,
+        keep_fp8: bool,
+        with_lm_head: bool,
+    ) -> usize {
+        let mut bytes = self.num_parameters() * dtype_bytes;
+        if !with_lm_head {
+            bytes -= self.lm_head_parameters() * dtype_bytes;
+        }
+        if let (true, Some(q)) = (keep_fp8, &self.fp8) {
+            for (module, rows, cols) in self.linear_modules(with_lm_head) {
+                if q.converts(&module) {
+                    bytes = bytes - rows * cols * dtype_bytes + q.quantised_bytes(rows, cols);
+                }
+            }
+        }
+        bytes
+    }
+
+    /// Every linear layer of a decoder as `(module name, rows, cols)` (checkpoint names:
+    /// what `quantization_config.modules_to_not_convert` lists); empty for encoders.
+    fn linear_modules(&self, with_lm_head: bool) -> Vec<(String, usize, usize)> {
+        if !self.arch.is_decoder() {
+            return Vec::new();
+        }
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let mut out = Vec::new();
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for (name, rows, cols) in [
+                ("q_proj", q, h),
+                ("k_proj", kv, h),
+                ("v_proj", kv, h),
+                ("o_proj", h, q),
+            ] {
+                out.push((format!("{p}.self_attn.{name}"), rows, cols));
+            }
+            match &self.moe {
+                Some(m) if m.is_sparse(l) => {
+                    out.push((format!("{p}.mlp.gate"), m.num_experts, h));
+                    let mi = m.moe_intermediate_size;
+                    for e in 0..m.num_experts {
+                        for (name, rows, cols) in [
+                            ("gate_proj", mi, h),
+                            ("up_proj", mi, h),
+                            ("down_proj", h, mi),
+                        ] {
+                            out.push((format!("{p}.mlp.experts.{e}.{name}"), rows, cols));
+                        }
+                    }
+                }
+                _ => {
+                    let i = self.intermediate_size;
+                    for (name, rows, cols) in
+                        [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+                    {
+                        out.push((format!("{p}.mlp.{name}"), rows, cols));
+                    }
+                }
+            }
+        }
+        if with_lm_head && self.lm_head_parameters() > 0 {
+            out.push(("lm_head".to_string(), self.vocab_size, h));
+        }
+        out
     }
 
     /// Bytes of K and V for one token over all layers with `dtype_bytes` per element
-    /// (0 for encoders, which keep no KV cache).
+    /// (0 for encoders, which keep no KV cache). The same for MoE models: experts hold no KV.
     pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
         match self.arch {
-            Arch::Qwen3 => {
+            Arch::Qwen3 | Arch::Qwen3Moe => {
                 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
             }
             Arch::Bert => 0,
@@ -366,6 +572,36 @@ mod tests {
             .weight_bytes(2) as f64
             / 1e9;
         assert!((gb - 3.44).abs() < 0.05, "{gb}");
+        // Qwen3-30B-A3B: 30.5 B parameters, 3.3 B active (the model card); all 128 experts
+        // resident: 61 GB in bf16, about 31 GB as published in FP8 (128 x 128 blocks).
+        let moe = ModelConfig::from_preset("qwen3-30b-a3b").unwrap();
+        let total = moe.num_parameters() as f64 / 1e9;
+        let active = moe.active_parameters() as f64 / 1e9;
+        assert!((total - 30.53).abs() < 0.05, "{total}");
+        assert!((active - 3.35).abs() < 0.05, "{active}");
+        let gb = |b: usize| b as f64 / 1e9;
+        assert!((gb(moe.weight_bytes(2)) - 61.06).abs() < 0.1);
+        let fp8 = ModelConfig::from_preset("qwen3-30b-a3b-fp8").unwrap();
+        assert_eq!(fp8.num_parameters(), moe.num_parameters());
+        let kept = gb(fp8.resident_weight_bytes(2, true, true));
+        assert!((31.0..31.3).contains(&kept), "{kept} GB");
+        // Without keeping FP8 (the CPU dequantises) it is the bf16 size; a model without a
+        // quantization_config is the same either way.
+        assert_eq!(
+            fp8.resident_weight_bytes(2, false, true),
+            moe.weight_bytes(2)
+        );
+        assert_eq!(
+            moe.resident_weight_bytes(2, true, true),
+            moe.weight_bytes(2)
+        );
+        // KV: 48 layers x 4 kv heads x 128 x (K, V) x 2 bytes, experts add none.
+        assert_eq!(moe.kv_bytes_per_token(2), 98_304);
+        // An embedder drops the untied lm_head: 151,936 x 2,048, quantised or not.
+        assert_eq!(
+            fp8.resident_weight_bytes(2, true, true) - fp8.resident_weight_bytes(2, true, false),
+            151_936 * 2048 * 2
+        );
         assert!(ModelConfig::from_preset("nope").is_err());
         for n in preset_names() {
             ModelConfig::from_preset(n).unwrap();
@@ -390,5 +626,46 @@ mod tests {
             err.to_string().contains("vocab_size"),
             "names the field: {err}"
         );
+    }
+
+    /// The published Qwen3-30B-A3B-FP8 config.json (carried in ../shared when present)
+    /// reads as the preset, EOS aside (generation_config.json has both ids).
+    #[test]
+    fn reads_the_published_moe_config() {
+        let carried = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/vllm/models/qwen3-30b-a3b-fp8/config.json");
+        if carried.is_file() {
+            let mut c = ModelConfig::from_file(&carried).unwrap();
+            assert_eq!(c.eos_token_ids, vec![151_645]);
+            c.eos_token_ids = vec![151_645, 151_643];
+            assert_eq!(c, ModelConfig::from_preset("qwen3-30b-a3b-fp8").unwrap());
+        }
+        let tiny = r#"{"model_type":"qwen3_moe","architectures":["Qwen3MoeForCausalLM"],
+            "vocab_size":512,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":3,
+            "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "max_position_embeddings":4096,"rope_theta":1000000.0,"eos_token_id":2,
+            "dtype":"float32","num_experts":8,"num_experts_per_tok":2,"norm_topk_prob":true,
+            "moe_intermediate_size":32,"decoder_sparse_step":1,"mlp_only_layers":[1]}"#;
+        let c = ModelConfig::from_json(tiny).unwrap();
+        assert_eq!(c.arch, Arch::Qwen3Moe);
+        assert_eq!(c.default_task, Task::Generate);
+        assert_eq!(
+            (0..3).map(|l| c.is_sparse_layer(l)).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        let mut preset = ModelConfig::from_preset("qwen3-moe-tiny").unwrap();
+        preset.eos_token_ids = vec![2];
+        assert_eq!(c, preset);
+        // Errors name the field.
+        let err = ModelConfig::from_json(&tiny.replace(r#""num_experts":8,"#, ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("num_experts is missing"), "{err}");
+        let bad_quant = tiny.replace(
+            r#""dtype""#,
+            r#""quantization_config":{"quant_method":"gptq"},"dtype""#,
+        );
+        let err = ModelConfig::from_json(&bad_quant).unwrap_err().to_string();
+        assert!(err.contains("quant_method \"gptq\""), "{err}");
     }
 }

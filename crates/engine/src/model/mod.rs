@@ -1,6 +1,7 @@
 //! Model architectures, one file per architecture and device, with names mirroring the
-//! Hugging Face parameter names: `qwen3` and `bert` are written only against
-//! [`crate::backend::Backend`] ops (the CPU backend runs them; the numerics reference);
+//! Hugging Face parameter names: `qwen3` (dense Qwen3 and Qwen3-MoE, whose sparse block is
+//! `moe`) and `bert` are written only against [`crate::backend::Backend`] ops (the CPU
+//! backend runs them; the numerics reference);
 //! `qwen3_cuda` is Qwen3 on the CUDA path (fused bf16 weights and its forward pass of
 //! kernels and GEMMs, served by `backend::cuda::executor`).
 //! Every model reads the one [`config::ModelConfig`], loads through the one
@@ -11,6 +12,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod moe;
 pub mod qwen3;
 #[cfg(feature = "cuda")]
 pub mod qwen3_cuda;

@@ -1,19 +1,73 @@
-//! Qwen3 dense decoder (Qwen3-0.6B ... 8B, Qwen3-Embedding), a port of transformers'
-//! `modeling_qwen3.py` onto [`Backend`] ops: embedding, per layer RMSNorm -> q/k/v ->
-//! per-head q/k RMSNorm + RoPE -> GQA causal attention -> o_proj -> residual RMSNorm ->
-//! SiLU-gated MLP, final norm, tied or untied `lm_head`. Field names mirror the Hugging
-//! Face parameter names. As a [`Generator`] it runs on the paged KV cache; as an
-//! [`Embedder`] (Qwen3-Embedding) it runs dense causal attention, pools the last token and
+//! Qwen3 decoders, a port of transformers' `modeling_qwen3.py` and `modeling_qwen3_moe.py`
+//! onto [`Backend`] ops: embedding, per layer RMSNorm -> q/k/v -> per-head q/k RMSNorm +
+//! RoPE -> GQA causal attention -> o_proj -> residual RMSNorm -> feed-forward, final norm,
+//! tied or untied `lm_head`. The two architectures differ only in the feed-forward
+//! ([`Mlp`]): dense Qwen3 (Qwen3-0.6B ... 8B, Qwen3-Embedding) has a SiLU-gated MLP in every
+//! layer; Qwen3-MoE (Qwen3-30B-A3B) has the sparse block of [`super::moe`] in its sparse
+//! layers and the dense MLP in `mlp_only_layers`. Field names mirror the Hugging Face
+//! parameter names. As a [`Generator`] it runs on the paged KV cache; as an [`Embedder`]
+//! (Qwen3-Embedding) it runs dense causal attention, pools the last token and
 //! L2-normalises.
 
 use crate::backend::{AttnDims, Backend, Init, KvShape, Pooling, StepMeta};
 use crate::model::config::ModelConfig;
+use crate::model::moe::SparseMoe;
 use crate::model::StepBuilder;
 use crate::model_api::{Embedder, Generator, ModelInfo, SampleSpec, SeqStep};
 use crate::weights::WeightSource;
 
 /// Std of dummy weights (transformers' `initializer_range`).
 const DUMMY_STD: f32 = 0.02;
+
+/// Loads one weight by its name without the `model.` prefix, as `[rows, cols]`, dummy
+/// weights filled by the [`Init`].
+pub(crate) type GetWeight<'a, T> = dyn Fn(&str, usize, usize, Init) -> anyhow::Result<T> + 'a;
+
+/// A SiLU-gated MLP, `down(silu(gate(x)) * up(x))`: Qwen3's feed-forward and each expert
+/// of Qwen3-MoE.
+pub(crate) struct GatedMlp<T> {
+    gate_proj: T,
+    up_proj: T,
+    down_proj: T,
+}
+
+impl<T> GatedMlp<T> {
+    /// Loads `{prefix}.{gate,up,down}_proj.weight` of width `inter`.
+    pub(crate) fn load(
+        get: &GetWeight<'_, T>,
+        prefix: &str,
+        hidden: usize,
+        inter: usize,
+        init: Init,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            gate_proj: get(&format!("{prefix}.gate_proj.weight"), inter, hidden, init)?,
+            up_proj: get(&format!("{prefix}.up_proj.weight"), inter, hidden, init)?,
+            down_proj: get(&format!("{prefix}.down_proj.weight"), hidden, inter, init)?,
+        })
+    }
+
+    pub(crate) fn forward<B: Backend<Tensor = T>>(&self, b: &B, x: &T) -> anyhow::Result<T> {
+        let gate = b.linear(x, &self.gate_proj, None)?;
+        let up = b.linear(x, &self.up_proj, None)?;
+        b.linear(&b.silu_mul(&gate, &up)?, &self.down_proj, None)
+    }
+}
+
+/// A layer's feed-forward.
+enum Mlp<T> {
+    Dense(GatedMlp<T>),
+    Sparse(SparseMoe<T>),
+}
+
+impl<T> Mlp<T> {
+    fn forward<B: Backend<Tensor = T>>(&self, b: &B, x: &T) -> anyhow::Result<T> {
+        match self {
+            Mlp::Dense(m) => m.forward(b, x),
+            Mlp::Sparse(m) => m.forward(b, x),
+        }
+    }
+}
 
 struct Layer<T> {
     input_layernorm: T,
@@ -24,12 +78,10 @@ struct Layer<T> {
     q_norm: T,
     k_norm: T,
     post_attention_layernorm: T,
-    gate_proj: T,
-    up_proj: T,
-    down_proj: T,
+    mlp: Mlp<T>,
 }
 
-/// The weights and shapes of a Qwen3 model on a backend.
+/// The weights and shapes of a Qwen3 (dense or MoE) model on a backend.
 pub struct Qwen3<B: Backend> {
     backend: B,
     embed_tokens: B::Tensor,
@@ -70,6 +122,18 @@ impl<B: Backend> Qwen3<B> {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = |s: &str| format!("layers.{l}.{s}.weight");
+            let mlp = match &cfg.moe {
+                Some(moe) if moe.is_sparse(l) => {
+                    Mlp::Sparse(SparseMoe::load(&get, l, h, moe, normal)?)
+                }
+                _ => Mlp::Dense(GatedMlp::load(
+                    &get,
+                    &format!("layers.{l}.mlp"),
+                    h,
+                    i,
+                    normal,
+                )?),
+            };
             layers.push(Layer {
                 input_layernorm: get(&p("input_layernorm"), 1, h, Init::Ones)?,
                 q_proj: get(&p("self_attn.q_proj"), q, h, normal)?,
@@ -79,9 +143,7 @@ impl<B: Backend> Qwen3<B> {
                 q_norm: get(&p("self_attn.q_norm"), 1, hd, Init::Ones)?,
                 k_norm: get(&p("self_attn.k_norm"), 1, hd, Init::Ones)?,
                 post_attention_layernorm: get(&p("post_attention_layernorm"), 1, h, Init::Ones)?,
-                gate_proj: get(&p("mlp.gate_proj"), i, h, normal)?,
-                up_proj: get(&p("mlp.up_proj"), i, h, normal)?,
-                down_proj: get(&p("mlp.down_proj"), h, i, normal)?,
+                mlp,
             });
         }
         let norm = get("norm.weight", 1, h, Init::Ones)?;
@@ -160,9 +222,7 @@ impl<B: Backend> Qwen3<B> {
             let o = b.linear(&attn, &layer.o_proj, None)?;
             let h2 =
                 b.add_rms_norm(&mut residual, &o, &layer.post_attention_layernorm, self.eps)?;
-            let gate = b.linear(&h2, &layer.gate_proj, None)?;
-            let up = b.linear(&h2, &layer.up_proj, None)?;
-            let mlp = b.linear(&b.silu_mul(&gate, &up)?, &layer.down_proj, None)?;
+            let mlp = layer.mlp.forward(b, &h2)?;
             let next_norm = if l == last {
                 &self.norm
             } else {
