@@ -4,14 +4,20 @@
 //! Co-location efficiency of a condition = Σ over engines of (co-located throughput /
 //! that engine's solo throughput at the same offered load). 2.0 means each engine kept
 //! everything it had alone; 1.0 is no better than taking turns on the GPU. An engine with
-//! several workloads contributes the mean of its workloads' ratios.
+//! several workloads contributes the mean of its workloads' ratios, and each copy of an
+//! engine run in copies is an engine of its own.
+//!
+//! Per tenant (`tenants`): its latency percentiles, its slowdown against its own solo run
+//! (latency over solo latency at the same load; a copy's solo run is its workload's), and
+//! per condition the fairness between tenants (`fairness`).
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::fairness::Fairness;
 use crate::matrix::{Condition, LoadLevel};
-use crate::results::{ConditionResult, Percentiles, Results, WorkloadMetrics};
+use crate::results::{ConditionResult, DrainWait, Percentiles, Results, WorkloadMetrics};
 use crate::spec::{Experiment, Kind, WorkloadObjectives};
 
 /// Mean and sample standard deviation over repetitions.
@@ -68,9 +74,13 @@ pub fn efficiency(colocated: &BTreeMap<String, f64>, solo: &BTreeMap<String, f64
     Some(sum)
 }
 
-/// One workload of one condition, over its repetitions.
+/// One tenant of one condition (a workload, or one copy of it), over its repetitions.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct WorkloadSummary {
+    /// The experiment's workload it runs (its own name, unless it is a copy).
+    pub workload: String,
+    /// Which copy of that workload, when its engine ran in copies.
+    pub copy: Option<u32>,
     /// generate or embed.
     pub kind: Option<Kind>,
     /// Engine.
@@ -83,10 +93,38 @@ pub struct WorkloadSummary {
     pub requests_per_s: Stat,
     /// Mean throughput over that engine's solo mean at the same load.
     pub vs_solo: Option<f64>,
-    /// Latency figures (ms) by name: ttft_p50, ttft_p99, tpot_p50, tpot_p99, latency_p50, latency_p99, itl_p50.
+    /// Latency figures (ms) by name: ttft_p50, ttft_p99, tpot_p50, tpot_p99, itl_p50,
+    /// latency_mean, latency_p50, latency_p90, latency_p95, latency_p99.
     pub latency: BTreeMap<String, Stat>,
     /// Errors over all repetitions.
     pub errors: u64,
+    /// Median latency over the median of its solo run at the same load (1.0: as alone).
+    pub slowdown_p50: Option<f64>,
+    /// The same for the 99th percentile.
+    pub slowdown_p99: Option<f64>,
+    /// Its latency samples pooled over the repetitions, ms (densities and tests).
+    #[serde(skip)]
+    pub sample: Vec<f64>,
+    /// Requests those samples were taken from.
+    pub sampled_of: u64,
+    /// Whole responses never ended (cut at the drain's time-out), over repetitions.
+    pub unfinished: u64,
+    /// The longest wait after a window for its whole responses, and whether any timed out.
+    pub drain: Option<DrainWait>,
+}
+
+/// A workload of the experiment in one condition: its tenants together (one, or one per
+/// copy when its engine ran in copies).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkloadTotal {
+    /// How many tenants ran it.
+    pub tenants: usize,
+    /// Unit of the throughput.
+    pub unit: &'static str,
+    /// Their throughput summed per repetition.
+    pub throughput: Stat,
+    /// The mean over its tenants of their fraction of solo.
+    pub vs_solo: Option<f64>,
 }
 
 /// One condition over its repetitions.
@@ -110,6 +148,10 @@ pub struct CellSummary {
     pub efficiency: Option<Stat>,
     /// SLO misses (empty: all met, or no SLOs).
     pub slo_misses: Vec<String>,
+    /// Per workload of the experiment, its tenants together.
+    pub totals: BTreeMap<String, WorkloadTotal>,
+    /// Fairness between the tenants (co-located conditions).
+    pub fairness: Option<Fairness>,
 }
 
 impl CellSummary {
@@ -155,47 +197,80 @@ fn latency_stats(metrics: &[&WorkloadMetrics]) -> BTreeMap<String, Stat> {
     add("tpot_p50", &p(|m| m.tpot_ms, |p| p.p50));
     add("tpot_p99", &p(|m| m.tpot_ms, |p| p.p99));
     add("itl_p50", &p(|m| m.itl_ms, |p| p.p50));
+    add("latency_mean", &p(|m| m.latency_ms, |p| p.mean));
     add("latency_p50", &p(|m| m.latency_ms, |p| p.p50));
+    add("latency_p90", &p(|m| m.latency_ms, |p| p.p90));
+    add("latency_p95", &p(|m| m.latency_ms, |p| p.p95));
     add("latency_p99", &p(|m| m.latency_ms, |p| p.p99));
     out
 }
 
-/// Per workload, the mean solo throughput for (workload, load): the baseline table.
-fn solo_means(results: &[ConditionResult]) -> BTreeMap<(String, String), f64> {
-    let mut acc: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+/// The experiment's workload a tenant of `r` runs: its own name, or the workload it copies.
+pub fn origin<'a>(tenant: &'a str, m: &'a WorkloadMetrics) -> &'a str {
+    m.copy_of.as_ref().map_or(tenant, |c| c.workload.as_str())
+}
+
+/// The load a tenant ran in its condition (its workload's), as labels write it.
+fn load_of(r: &ConditionResult, tenant: &str, m: &WorkloadMetrics) -> String {
+    r.condition
+        .loads
+        .get(origin(tenant, m))
+        .map(LoadLevel::short)
+        .unwrap_or_default()
+}
+
+/// A workload's solo figures at one load: means over the repetitions.
+#[derive(Debug, Clone, Copy, Default)]
+struct Solo {
+    throughput: f64,
+    latency_p50: Option<f64>,
+    latency_p99: Option<f64>,
+}
+
+/// Per (workload, load), the solo figures: the baseline table.
+fn solo_means(results: &[ConditionResult]) -> BTreeMap<(String, String), Solo> {
+    let mut acc: BTreeMap<(String, String), Vec<&WorkloadMetrics>> = BTreeMap::new();
     for r in results
         .iter()
         .filter(|r| r.condition.is_solo() && r.failed.is_none())
     {
         for (w, m) in &r.workloads {
-            let load = r
-                .condition
-                .loads
-                .get(w)
-                .map(LoadLevel::short)
-                .unwrap_or_default();
-            acc.entry((w.clone(), load)).or_default().push(m.throughput);
+            let key = (origin(w, m).to_string(), load_of(r, w, m));
+            acc.entry(key).or_default().push(m);
         }
     }
+    let mean = |v: Vec<f64>| Stat::of(&v).map(|s| s.mean);
     acc.into_iter()
-        .filter_map(|(k, v)| Stat::of(&v).map(|s| (k, s.mean)))
+        .filter_map(|(k, ms)| {
+            let throughput = mean(ms.iter().map(|m| m.throughput).collect())?;
+            let lat = |q: fn(&Percentiles) -> f64| {
+                mean(
+                    ms.iter()
+                        .filter_map(|m| m.latency_ms.as_ref().map(q))
+                        .collect(),
+                )
+            };
+            Some((
+                k,
+                Solo {
+                    throughput,
+                    latency_p50: lat(|p| p.p50),
+                    latency_p99: lat(|p| p.p99),
+                },
+            ))
+        })
         .collect()
 }
 
 /// Per engine ratios co-located / solo for one repetition.
 fn engine_ratios(
     r: &ConditionResult,
-    solo: &BTreeMap<(String, String), f64>,
+    solo: &BTreeMap<(String, String), Solo>,
 ) -> Option<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
     let mut ratios: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for (w, m) in &r.workloads {
-        let load = r
-            .condition
-            .loads
-            .get(w)
-            .map(LoadLevel::short)
-            .unwrap_or_default();
-        let s = *solo.get(&(w.clone(), load))?;
+        let key = (origin(w, m).to_string(), load_of(r, w, m));
+        let s = solo.get(&key)?.throughput;
         if s <= 0.0 {
             return None;
         }
@@ -212,13 +287,72 @@ fn engine_ratios(
     Some((co, ones))
 }
 
-/// Checks a cell's workloads against the experiment's SLOs; returns the misses.
+/// Per workload of the experiment, its tenants of one condition together: throughput
+/// summed in each repetition, the mean of their fractions of solo.
+fn totals(
+    reps: &[&ConditionResult],
+    tenants: &BTreeMap<String, WorkloadSummary>,
+) -> BTreeMap<String, WorkloadTotal> {
+    let mut out: BTreeMap<String, WorkloadTotal> = BTreeMap::new();
+    let mut members: BTreeMap<&str, Vec<(&String, &WorkloadSummary)>> = BTreeMap::new();
+    for (name, t) in tenants {
+        members
+            .entry(t.workload.as_str())
+            .or_default()
+            .push((name, t));
+    }
+    for (w, ts) in members {
+        let sums: Vec<f64> = reps
+            .iter()
+            .filter(|r| ts.iter().any(|(n, _)| r.workloads.contains_key(*n)))
+            .map(|r| {
+                ts.iter()
+                    .filter_map(|(n, _)| r.workloads.get(*n))
+                    .map(|m| m.throughput)
+                    .sum()
+            })
+            .collect();
+        let ratios: Option<Vec<f64>> = ts.iter().map(|(_, t)| t.vs_solo).collect();
+        out.insert(
+            w.to_string(),
+            WorkloadTotal {
+                tenants: ts.len(),
+                unit: ts[0].1.unit,
+                throughput: Stat::of(&sums).unwrap_or_default(),
+                vs_solo: ratios
+                    .filter(|r| !r.is_empty())
+                    .map(|r| r.iter().sum::<f64>() / r.len() as f64),
+            },
+        );
+    }
+    out
+}
+
+/// Checks a cell's tenants against the experiment's SLOs (each copy of a workload against
+/// the workload's); returns the misses.
 pub fn slo_misses(slos: &BTreeMap<String, WorkloadObjectives>, cell: &CellSummary) -> Vec<String> {
     let mut misses = Vec::new();
-    for (w, slo) in slos {
-        let Some(ws) = cell.workloads.get(w) else {
-            continue; // workload not active in this condition
-        };
+    for (workload, slo) in slos {
+        // no tenant: the workload is not active in this condition
+        let tenants = cell
+            .workloads
+            .iter()
+            .filter(|(name, t)| *name == workload || t.workload == *workload);
+        for (w, ws) in tenants {
+            tenant_slo_misses(&mut misses, w, ws, slo, cell.is_solo());
+        }
+    }
+    misses
+}
+
+fn tenant_slo_misses(
+    misses: &mut Vec<String>,
+    w: &str,
+    ws: &WorkloadSummary,
+    slo: &WorkloadObjectives,
+    solo: bool,
+) {
+    {
         let checks: [(&str, Option<std::time::Duration>); 6] = [
             ("ttft_p99", slo.ttft_p99),
             ("ttft_p50", slo.ttft_p50),
@@ -245,12 +379,11 @@ pub fn slo_misses(slos: &BTreeMap<String, WorkloadObjectives>, cell: &CellSummar
                     v * 100.0,
                     f * 100.0
                 )),
-                None if cell.is_solo() => {}
+                None if solo => {}
                 None => misses.push(format!("{w} has no solo baseline")),
             }
         }
     }
-    misses
 }
 
 /// The recommendation rule: among co-located conditions with every repetition measured
@@ -355,35 +488,60 @@ pub fn analyse(results: &Results) -> Analysis {
                     v
                 });
         for w in names {
-            let ms: Vec<&WorkloadMetrics> = ok.iter().filter_map(|r| r.workloads.get(&w)).collect();
-            let first = ms[0];
+            let with: Vec<(&ConditionResult, &WorkloadMetrics)> = ok
+                .iter()
+                .filter_map(|r| r.workloads.get(&w).map(|m| (*r, m)))
+                .collect();
+            let ms: Vec<&WorkloadMetrics> = with.iter().map(|(_, m)| *m).collect();
+            let (r0, first) = with[0];
             let tp: Vec<f64> = ms.iter().map(|m| m.throughput).collect();
             let rq: Vec<f64> = ms.iter().map(|m| m.requests_per_s).collect();
-            let load = cell
-                .condition
-                .as_ref()
-                .and_then(|c| c.loads.get(&w))
-                .map(LoadLevel::short)
-                .unwrap_or_default();
+            let base = solo.get(&(origin(&w, first).to_string(), load_of(r0, &w, first)));
             let thr = Stat::of(&tp).unwrap_or_default();
-            let vs_solo = solo
-                .get(&(w.clone(), load))
-                .filter(|s| **s > 0.0)
-                .map(|s| thr.mean / s);
+            let latency = latency_stats(&ms);
+            let slowdown = |key: &str, solo: Option<f64>| {
+                let co = latency.get(key)?.mean;
+                solo.filter(|s| *s > 0.0).map(|s| co / s)
+            };
+            let sample: Vec<f64> = ms
+                .iter()
+                .filter_map(|m| m.latency_sample.as_ref())
+                .flat_map(|s| s.ms.iter().copied())
+                .collect();
+            let drain = ms.iter().filter_map(|m| m.drain).reduce(|a, b| DrainWait {
+                waited_s: a.waited_s.max(b.waited_s),
+                timeout_s: a.timeout_s.max(b.timeout_s),
+                timed_out: a.timed_out || b.timed_out,
+            });
             cell.workloads.insert(
                 w.clone(),
                 WorkloadSummary {
+                    workload: origin(&w, first).to_string(),
+                    copy: first.copy_of.as_ref().map(|c| c.index),
                     kind: first.kind,
                     engine: first.engine.clone(),
                     unit: first.unit(),
                     throughput: thr,
                     requests_per_s: Stat::of(&rq).unwrap_or_default(),
-                    vs_solo,
-                    latency: latency_stats(&ms),
+                    vs_solo: base
+                        .filter(|s| s.throughput > 0.0)
+                        .map(|s| thr.mean / s.throughput),
+                    slowdown_p50: slowdown("latency_p50", base.and_then(|s| s.latency_p50)),
+                    slowdown_p99: slowdown("latency_p99", base.and_then(|s| s.latency_p99)),
                     errors: ms.iter().map(|m| m.errors.values().sum::<u64>()).sum(),
+                    sampled_of: ms
+                        .iter()
+                        .filter_map(|m| m.latency_sample.as_ref())
+                        .map(|s| s.of)
+                        .sum(),
+                    sample,
+                    unfinished: ms.iter().map(|m| m.unfinished).sum(),
+                    drain,
+                    latency,
                 },
             );
         }
+        cell.totals = totals(&ok, &cell.workloads);
         for (key, _) in crate::results::COUNTERS {
             let v: Vec<f64> = ok
                 .iter()
@@ -402,6 +560,11 @@ pub fn analyse(results: &Results) -> Analysis {
                 .filter_map(|(co, ones)| efficiency(&co, &ones))
                 .collect();
             cell.efficiency = Stat::of(&effs);
+            if let Some(cond) = &cell.condition {
+                if !ok.is_empty() {
+                    cell.fairness = Some(crate::fairness::assess(exp, cond, &ok, &cell.workloads));
+                }
+            }
         }
         cell.slo_misses = slo_misses(&exp.slo, &cell);
         cells.push(cell);
@@ -475,6 +638,7 @@ mod tests {
                 mps_split: None,
                 memory_split: None,
                 loads: BTreeMap::new(),
+                copies: BTreeMap::new(),
             }),
             reps_ok: 1,
             failures: vec!["boom".to_string(); failures],

@@ -14,19 +14,27 @@ use crate::spec::Experiment;
 
 /// The `colocate up` deployment of `cond`: the template's engines the condition runs, in its
 /// order, shared as it says (a solo baseline runs its engine alone, time-sliced), with its
-/// SM split and memory split. MPS settings are dropped under other modes, where they are an
-/// error. A template without a name of its own takes the experiment's.
+/// SM split and memory split (a split names one value per template engine; copies of an
+/// engine each get its value), and an engine run in copies as that many replicas. MPS
+/// settings are dropped under other modes, where they are an error. A template without a
+/// name of its own takes the experiment's.
 pub fn for_condition(exp: &Experiment, cond: &Condition) -> Result<DeploymentSpec> {
     let template = &exp.deployment;
     let sharing = cond.sharing.deployed();
     let mut engines = Vec::with_capacity(cond.engines.len());
-    for (i, name) in cond.engines.iter().enumerate() {
-        let mut e = template
+    for name in &cond.engines {
+        // splits are per engine of the template, in its order, whichever engines run
+        let i = template
             .engines
             .iter()
-            .find(|e| &e.name == name)
-            .cloned()
+            .position(|e| &e.name == name)
             .ok_or_else(|| anyhow!("deployment.engines: no engine {name:?}"))?;
+        let mut e = template.engines[i].clone();
+        // copies of an engine are its replicas, each a tenant of its own
+        let copies = cond.copies_of(name);
+        if copies > 1 {
+            e.replicas = copies;
+        }
         if sharing != Sharing::Mps {
             e.sm_percent = None;
         }
@@ -334,5 +342,50 @@ concurrency = 1
         let e = check_models(&exp, &solo_gen).unwrap_err().to_string();
         assert!(e.contains("(gen)") && !e.contains("(emb)"), "{e}");
         check_models(&exp, &[]).unwrap();
+    }
+
+    /// Copies of an engine are its replicas (deploy names them `NAME-0`, ... on `port + i`);
+    /// a split gives each copy its engine's value, by the template's order.
+    #[test]
+    fn copies_are_replicas() {
+        let exp = Experiment::parse(&TWO.replace(
+            "[axes]\nsharing = [\"mps\", \"timeslice\"]\nmps_default = false\nmps_split = [[70, 30]]\nmemory_split = [[0.5, 0.3]]\n",
+            "[[conditions]]\nsharing = \"mps\"\nmps_split = [20, 60]\nmemory_split = [0.1, 0.5]\ncopies = { gen = 3 }\n[[conditions]]\nsharing = \"mps\"\nmps_split = [20, 60]\nmemory_split = [0.3, 0.5]\ncopies = { gen = 2, emb = 0 }\n",
+        ))
+        .unwrap();
+        let p = plan(&exp);
+        let three = p.iter().find(|c| c.copies_of("gen") == 3).unwrap();
+        let d = for_condition(&exp, three).unwrap();
+        assert_eq!(d.engines.len(), 2);
+        assert_eq!(d.engines[0].replicas, 3);
+        assert_eq!(d.engines[0].instances()[2], ("gen-2".to_string(), 18102));
+        assert_eq!(d.engines[0].sm_percent, Some(20));
+        assert_eq!(d.engines[1].replicas, 1);
+        assert_eq!(d.engines[1].sm_percent, Some(60));
+        let valid = Deployments::check(&exp, &p).unwrap();
+        assert_eq!(
+            valid.valid.len(),
+            3,
+            "gen solo (emb has no workload), two steps"
+        );
+        // deploy counts each copy's memory: the template's 0.6 twice is over the GPU
+        let over = Experiment::parse(&TWO.replace(
+            "[axes]\nsharing = [\"mps\", \"timeslice\"]\nmps_default = false\nmps_split = [[70, 30]]\nmemory_split = [[0.5, 0.3]]\n",
+            "[[conditions]]\nsharing = \"mps\"\ncopies = { gen = 2, emb = 0 }\n",
+        ))
+        .unwrap();
+        let e = format!("{:#}", Deployments::check(&over, &plan(&over)).unwrap_err());
+        assert!(
+            e.contains("condition mps default [2 gen]: chat c=1") && e.contains("times replicas"),
+            "{e}"
+        );
+        // the embedder left out: the split is still read by the template's order
+        let two = p.iter().find(|c| c.copies_of("gen") == 2).unwrap();
+        let d = for_condition(&exp, two).unwrap();
+        assert_eq!(d.engines.len(), 1);
+        assert_eq!(
+            (d.engines[0].replicas, d.engines[0].sm_percent),
+            (2, Some(20))
+        );
     }
 }

@@ -5,6 +5,11 @@
 //! that each co-located throughput has a solo figure at the same offered load. Solo runs
 //! go first because `"50% of solo"` rates need the solo capacity (the engine alone at its
 //! workloads' base load) before they can be resolved.
+//!
+//! A scaling experiment (`copies`) runs some engines in several copies: a condition then
+//! holds a subset of the engines, each with its count (`4 small + 1 large`); copy `i` of an
+//! engine is deploy's replica `NAME-i`, each its own tenant (`tenants`). The solo baseline of
+//! an engine is one copy alone, and stands for every copy.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -151,8 +156,12 @@ pub struct Condition {
     /// GPU memory fraction per engine (same order as `engines`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_split: Option<Vec<f64>>,
-    /// Load per active workload.
+    /// Load per active workload (each copy of a workload runs this load).
     pub loads: BTreeMap<String, LoadLevel>,
+    /// Copies of each engine of `engines` (a scaling experiment); empty when the
+    /// experiment asks for none, and then every engine runs once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub copies: BTreeMap<String, u32>,
 }
 
 impl Condition {
@@ -171,15 +180,40 @@ impl Condition {
         deployment_label(
             self.sharing,
             &self.engines,
+            &self.copies,
             &self.mps_split,
             &self.memory_split,
         )
     }
+
+    /// Copies of `engine` in this condition: 0 when it does not run, else its count (1
+    /// without a scaling experiment).
+    pub fn copies_of(&self, engine: &str) -> u32 {
+        if !self.engines.iter().any(|e| e == engine) {
+            return 0;
+        }
+        self.copies.get(engine).copied().unwrap_or(1)
+    }
+
+    /// Engine copies in all.
+    pub fn instances(&self) -> u32 {
+        self.engines.iter().map(|e| self.copies_of(e)).sum()
+    }
+}
+
+/// `4 small + 1 large`: the engine set of a scaling step.
+pub fn copies_text(engines: &[String], copies: &BTreeMap<String, u32>) -> String {
+    engines
+        .iter()
+        .map(|e| format!("{} {e}", copies.get(e).copied().unwrap_or(1)))
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 fn deployment_label(
     sharing: ConditionSharing,
     engines: &[String],
+    copies: &BTreeMap<String, u32>,
     mps: &Option<Vec<u32>>,
     mem: &Option<Vec<f64>>,
 ) -> String {
@@ -207,12 +241,16 @@ fn deployment_label(
                 .join("/")
         ));
     }
+    if !copies.is_empty() {
+        s.push_str(&format!(" [{}]", copies_text(engines, copies)));
+    }
     s
 }
 
 fn label(
     sharing: ConditionSharing,
     engines: &[String],
+    copies: &BTreeMap<String, u32>,
     mps: &Option<Vec<u32>>,
     mem: &Option<Vec<f64>>,
     loads: &BTreeMap<String, LoadLevel>,
@@ -222,15 +260,66 @@ fn label(
         .map(|(w, l)| format!("{w} {}", l.short()))
         .collect::<Vec<_>>()
         .join(", ");
-    format!("{}: {l}", deployment_label(sharing, engines, mps, mem))
+    format!(
+        "{}: {l}",
+        deployment_label(sharing, engines, copies, mps, mem)
+    )
 }
 
 /// A co-located cell before repetitions and labels.
+#[derive(PartialEq)]
 struct Cell {
     sharing: Sharing,
+    /// The engines it runs, in template order.
+    engines: Vec<String>,
+    /// Their copies (empty without a scaling experiment).
+    copies: BTreeMap<String, u32>,
     mps: Option<Vec<u32>>,
     mem: Option<Vec<f64>>,
     loads: BTreeMap<String, LoadLevel>,
+}
+
+impl Cell {
+    fn instances(&self) -> u32 {
+        self.engines
+            .iter()
+            .map(|e| self.copies.get(e).copied().unwrap_or(1))
+            .sum()
+    }
+}
+
+/// Whether the experiment asks for copies anywhere.
+fn uses_copies(exp: &Experiment) -> bool {
+    exp.axes.as_ref().is_some_and(|a| !a.copies.is_empty())
+        || exp
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| !c.copies.is_empty())
+}
+
+/// The engines a set of copy counts runs (template order, those with a count of at least
+/// one; an engine not named runs once) and each one's count; without copies, every engine
+/// and an empty map.
+fn engine_set(
+    exp: &Experiment,
+    copies: &BTreeMap<String, u32>,
+    with_copies: bool,
+) -> (Vec<String>, BTreeMap<String, u32>) {
+    let engines: Vec<String> = exp
+        .engines()
+        .into_iter()
+        .filter(|e| copies.get(e).copied().unwrap_or(1) > 0)
+        .collect();
+    let counts = if with_copies {
+        engines
+            .iter()
+            .map(|e| (e.clone(), copies.get(e).copied().unwrap_or(1)))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    (engines, counts)
 }
 
 /// Builds the ordered plan of an experiment, every repetition included.
@@ -244,7 +333,8 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
     let cells = colocated_cells(exp, &base);
 
     // Solo baselines: per engine, its base load first (the capacity), then every other
-    // load level its workloads see co-located.
+    // load level its workloads see co-located. An engine that no co-located cell runs
+    // (a scaling experiment that leaves it out) has none.
     let mut out = Vec::new();
     for e in &engines {
         let mine: Vec<&str> = exp
@@ -253,7 +343,7 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
             .filter(|w| &w.engine == e)
             .map(|w| w.name.as_str())
             .collect();
-        if mine.is_empty() {
+        if mine.is_empty() || (!cells.is_empty() && !cells.iter().any(|c| c.engines.contains(e))) {
             continue;
         }
         let restrict = |loads: &BTreeMap<String, LoadLevel>| -> BTreeMap<String, LoadLevel> {
@@ -264,7 +354,7 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
                 .collect()
         };
         let mut levels = vec![restrict(&base)];
-        for c in &cells {
+        for c in cells.iter().filter(|c| c.engines.contains(e)) {
             let r = restrict(&c.loads);
             if !levels.contains(&r) {
                 levels.push(r);
@@ -277,6 +367,7 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
                 &mut out,
                 ConditionSharing::Solo,
                 &solo_engines,
+                BTreeMap::new(),
                 None,
                 None,
                 loads,
@@ -285,21 +376,25 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
     }
     for c in cells {
         let sharing = ConditionSharing::Shared(c.sharing);
-        push_reps(exp, &mut out, sharing, &engines, c.mps, c.mem, c.loads);
+        push_reps(
+            exp, &mut out, sharing, &c.engines, c.copies, c.mps, c.mem, c.loads,
+        );
     }
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 fn push_reps(
     exp: &Experiment,
     out: &mut Vec<Condition>,
     sharing: ConditionSharing,
     engines: &[String],
+    copies: BTreeMap<String, u32>,
     mps: Option<Vec<u32>>,
     mem: Option<Vec<f64>>,
     loads: BTreeMap<String, LoadLevel>,
 ) {
-    let label = label(sharing, engines, &mps, &mem, &loads);
+    let label = label(sharing, engines, &copies, &mps, &mem, &loads);
     for repetition in 1..=exp.repetitions {
         out.push(Condition {
             label: label.clone(),
@@ -309,28 +404,60 @@ fn push_reps(
             mps_split: mps.clone(),
             memory_split: mem.clone(),
             loads: loads.clone(),
+            copies: copies.clone(),
         });
     }
 }
 
+/// The workloads of `engines`, with their load.
+fn loads_of(
+    exp: &Experiment,
+    engines: &[String],
+    loads: BTreeMap<String, LoadLevel>,
+) -> BTreeMap<String, LoadLevel> {
+    loads
+        .into_iter()
+        .filter(|(w, _)| exp.workload(w).is_some_and(|d| engines.contains(&d.engine)))
+        .collect()
+}
+
+/// Co-located cells with two or more engine copies in all (fewer is a solo baseline).
 fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>) -> Vec<Cell> {
-    if exp.engines().len() < 2 {
+    let with_copies = uses_copies(exp);
+    if exp.engines().len() < 2 && !with_copies {
         return Vec::new();
     }
+    let mut cells: Vec<Cell> = Vec::new();
+    // load levels of a workload whose engine a step leaves out make the same cell again
+    for c in all_cells(exp, base, with_copies) {
+        if c.instances() >= 2 && !cells.contains(&c) {
+            cells.push(c);
+        }
+    }
+    cells
+}
+
+fn all_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>, with_copies: bool) -> Vec<Cell> {
     if let Some(list) = &exp.conditions {
         return list
             .iter()
-            .map(|c| Cell {
-                sharing: c.sharing,
-                mps: c.mps_split.clone(),
-                mem: c.memory_split.clone(),
-                loads: base
+            .map(|c| {
+                let (engines, copies) = engine_set(exp, &c.copies, with_copies);
+                let loads = base
                     .iter()
                     .map(|(w, l)| {
                         let l = c.load.get(w).map(|o| l.with(o)).unwrap_or(*l);
                         (w.clone(), l)
                     })
-                    .collect(),
+                    .collect();
+                Cell {
+                    sharing: c.sharing,
+                    loads: loads_of(exp, &engines, loads),
+                    engines,
+                    copies,
+                    mps: c.mps_split.clone(),
+                    mem: c.memory_split.clone(),
+                }
             })
             .collect();
     }
@@ -392,6 +519,20 @@ fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>) -> Vec<
             })
             .collect();
     }
+    // Copy counts per engine, crossed over engines (an engine not named runs once).
+    let mut copy_sets: Vec<BTreeMap<String, u32>> = vec![BTreeMap::new()];
+    for (e, counts) in &axes.copies {
+        copy_sets = copy_sets
+            .into_iter()
+            .flat_map(|set| {
+                counts.iter().map(move |&n| {
+                    let mut s = set.clone();
+                    s.insert(e.clone(), n);
+                    s
+                })
+            })
+            .collect();
+    }
     let mut cells = Vec::new();
     for &s in &sharing {
         let mps: Vec<Option<Vec<u32>>> = if s == Sharing::Mps {
@@ -406,13 +547,18 @@ fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>) -> Vec<
         };
         for m in &mps {
             for mem in &mems {
-                for loads in &load_sets {
-                    cells.push(Cell {
-                        sharing: s,
-                        mps: m.clone(),
-                        mem: mem.clone(),
-                        loads: loads.clone(),
-                    });
+                for set in &copy_sets {
+                    let (engines, copies) = engine_set(exp, set, with_copies);
+                    for loads in &load_sets {
+                        cells.push(Cell {
+                            sharing: s,
+                            engines: engines.clone(),
+                            copies: copies.clone(),
+                            mps: m.clone(),
+                            mem: mem.clone(),
+                            loads: loads_of(exp, &engines, loads.clone()),
+                        });
+                    }
                 }
             }
         }
@@ -420,20 +566,42 @@ fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>) -> Vec<
     cells
 }
 
-/// Estimated wall time of a plan: windows plus one start-up per engine each time the
-/// deployment changes.
+/// Estimated wall time of a plan: windows, one start-up per engine copy each time the
+/// deployment changes, and the drain allowance ([`drain_allowance`]) after each window
+/// with whole responses.
 pub fn estimate(exp: &Experiment, plan: &[Condition]) -> Duration {
     let mut total = Duration::ZERO;
     let mut last: Option<String> = None;
     for c in plan {
         let key = c.deployment_key();
         if last.as_ref() != Some(&key) {
-            total += exp.startup_estimate * c.engines.len() as u32;
+            total += exp.startup_estimate * c.instances();
             last = Some(key);
         }
         total += exp.warmup + exp.duration;
+        if !whole_workloads(exp, c).is_empty() {
+            total += drain_allowance(exp);
+        }
     }
     total
+}
+
+/// The wait the estimate allows after a window with whole responses (every embed workload,
+/// gen presets not streamed): bench waits for those in flight at the window's end, about
+/// one E2EL. Nothing is measured before the run, so the estimate takes `drain_estimate`, or
+/// else the warm-up, which should itself last an E2EL.
+pub fn drain_allowance(exp: &Experiment) -> Duration {
+    exp.drain_estimate.unwrap_or(exp.warmup)
+}
+
+/// The workloads of `c` whose responses come whole.
+fn whole_workloads<'a>(exp: &'a Experiment, c: &Condition) -> Vec<&'a str> {
+    c.loads
+        .keys()
+        .filter_map(|w| exp.workload(w))
+        .filter(|w| w.whole_responses())
+        .map(|w| w.name.as_str())
+        .collect()
 }
 
 /// The dry-run text: one line per condition and the estimated time.
@@ -458,8 +626,29 @@ pub fn describe(exp: &Experiment, plan: &[Condition]) -> String {
         last = Some(key);
         s.push_str(&format!("{:>4}  {marker} {}\n", i + 1, c.id()));
     }
+    let drained = plan
+        .iter()
+        .filter(|c| !whole_workloads(exp, c).is_empty())
+        .count();
+    let drain = if drained == 0 {
+        String::new()
+    } else {
+        let mut names: Vec<&str> = plan.iter().flat_map(|c| whole_workloads(exp, c)).collect();
+        names.sort_unstable();
+        names.dedup();
+        format!(
+            ", and a drain of {} after each of the {drained} windows with whole responses ({}: about one E2EL, taken as {})",
+            humantime::format_duration(drain_allowance(exp)),
+            names.join(", "),
+            if exp.drain_estimate.is_some() {
+                "drain_estimate"
+            } else {
+                "the warm-up; set drain_estimate to change it"
+            }
+        )
+    };
     s.push_str(&format!(
-        "estimated time: {} (start-up estimate {} per engine per deployment)\n",
+        "estimated time: {} (start-up estimate {} per engine copy per deployment{drain})\n",
         humantime::format_duration(Duration::from_secs(estimate(exp, plan).as_secs())),
         humantime::format_duration(exp.startup_estimate)
     ));
@@ -555,11 +744,27 @@ batch = 8
     fn estimate_counts_startups_once_per_deployment() {
         let e = Experiment::parse(BASE).unwrap();
         let p = plan(&e);
-        // solo gen, solo emb, timeslice: 3 deployments, 1+1+2 engines x 5s; 6 windows x 3s
+        // solo gen, solo emb, timeslice: 3 deployments, 1+1+2 engines x 5s; 6 windows x 3s;
+        // the embedder's responses come whole: a drain of one warm-up (1s) after each of
+        // the 4 windows it runs in
         assert_eq!(p.len(), 6);
-        assert_eq!(estimate(&e, &p), Duration::from_secs(20 + 18));
+        assert_eq!(estimate(&e, &p), Duration::from_secs(20 + 18 + 4));
         let d = describe(&e, &p);
-        assert!(d.contains("estimated time: 38s"), "{d}");
+        assert!(d.contains("estimated time: 42s"), "{d}");
+        assert!(
+            d.contains("a drain of 1s after each of the 4 windows with whole responses (vec: about one E2EL, taken as the warm-up; set drain_estimate to change it)"),
+            "{d}"
+        );
+        let e = Experiment::parse(&BASE.replace(
+            "startup_estimate",
+            "drain_estimate = \"3s\"\nstartup_estimate",
+        ))
+        .unwrap();
+        assert_eq!(estimate(&e, &p), Duration::from_secs(20 + 18 + 12));
+        assert!(describe(&e, &p).contains("taken as drain_estimate)"));
+        // streamed gen alone drains nothing
+        let gen_only: Vec<Condition> = p.iter().filter(|c| c.engines == ["gen"]).cloned().collect();
+        assert_eq!(estimate(&e, &gen_only), Duration::from_secs(5 + 3 * 2));
     }
 
     #[test]
@@ -580,5 +785,118 @@ batch = 8
                 .count(),
             4
         );
+    }
+
+    const SCALING: &str = r#"
+name = "s"
+warmup = "1s"
+duration = "2s"
+startup_estimate = "5s"
+[deployment]
+[[deployment.engines]]
+name = "small"
+port = 18100
+[[deployment.engines]]
+name = "large"
+task = "embed"
+port = 18200
+[[workloads]]
+name = "chat"
+engine = "small"
+kind = "generate"
+concurrency = 2
+[[workloads]]
+name = "vec"
+engine = "large"
+kind = "embed"
+concurrency = 2
+"#;
+
+    /// `axes.copies` crosses copy counts per engine: steps with fewer than two copies in
+    /// all are the solo baselines; an engine left out runs none of its workloads there.
+    #[test]
+    fn copies_axis_makes_scaling_steps() {
+        let e = Experiment::parse(&format!(
+            "{SCALING}[axes]\ncopies = {{ small = [1, 2, 3, 4, 10], large = [0, 1] }}\n"
+        ))
+        .unwrap();
+        let p = plan(&e);
+        let co: Vec<&Condition> = p.iter().filter(|c| !c.is_solo()).collect();
+        // small 2,3,4,10 alone; small 1,2,3,4,10 with one large
+        assert_eq!(
+            co.len(),
+            9,
+            "{:#?}",
+            co.iter().map(|c| &c.label).collect::<Vec<_>>()
+        );
+        let alone = co
+            .iter()
+            .find(|c| c.copies_of("small") == 4 && c.copies_of("large") == 0)
+            .unwrap();
+        assert_eq!(alone.engines, vec!["small"]);
+        assert_eq!(alone.loads.keys().collect::<Vec<_>>(), vec!["chat"]);
+        assert_eq!(alone.instances(), 4);
+        assert_eq!(alone.label, "timeslice [4 small]: chat c=2");
+        let mixed = co
+            .iter()
+            .find(|c| c.copies_of("small") == 4 && c.copies_of("large") == 1)
+            .unwrap();
+        assert_eq!(
+            mixed.label,
+            "timeslice [4 small + 1 large]: chat c=2, vec c=2 b=1"
+        );
+        assert_eq!(mixed.instances(), 5);
+        assert!(co.iter().all(|c| c.instances() >= 2));
+        // one solo per engine (one copy), run first
+        let solo: Vec<&Condition> = p.iter().filter(|c| c.is_solo()).collect();
+        assert_eq!(solo.len(), 2);
+        assert!(solo
+            .iter()
+            .all(|c| c.copies.is_empty() && c.instances() == 1));
+        // a step's start-up counts every copy
+        let ten = co.iter().find(|c| c.copies_of("small") == 10).unwrap();
+        assert_eq!(
+            estimate(&e, &[(*ten).clone()]),
+            Duration::from_secs(10 * 5 + 3)
+        );
+        // results.json keeps copies; files without them read as before
+        let json = serde_json::to_string(mixed).unwrap();
+        assert!(json.contains(r#""copies":{"large":1,"small":4}"#), "{json}");
+        assert_eq!(&serde_json::from_str::<Condition>(&json).unwrap(), *mixed);
+    }
+
+    #[test]
+    fn explicit_conditions_name_their_copies() {
+        let e = Experiment::parse(&format!(
+            "{SCALING}[[conditions]]\nsharing = \"timeslice\"\ncopies = {{ small = 4, large = 1 }}\n[[conditions]]\nsharing = \"timeslice\"\ncopies = {{ small = 3, large = 0 }}\n"
+        ))
+        .unwrap();
+        let co: Vec<Condition> = plan(&e).into_iter().filter(|c| !c.is_solo()).collect();
+        assert_eq!(co.len(), 2);
+        assert_eq!(co[0].copies_of("small"), 4);
+        assert_eq!(co[1].engines, vec!["small"]);
+        assert_eq!(co[1].copies_of("large"), 0);
+        // the pair without copies keeps its label
+        let pair = Experiment::parse(SCALING).unwrap();
+        let co: Vec<Condition> = plan(&pair).into_iter().filter(|c| !c.is_solo()).collect();
+        assert_eq!(co[0].label, "timeslice: chat c=2, vec c=2 b=1");
+        assert!(co[0].copies.is_empty());
+        assert_eq!(co[0].copies_of("small"), 1);
+    }
+
+    /// A single engine in copies is a scaling experiment of its own.
+    #[test]
+    fn one_engine_in_copies() {
+        let one = SCALING
+            .split("[[deployment.engines]]\nname = \"large\"")
+            .next()
+            .unwrap()
+            .to_string()
+            + "[[workloads]]\nname = \"chat\"\nengine = \"small\"\nkind = \"generate\"\nconcurrency = 2\n";
+        let e =
+            Experiment::parse(&format!("{one}[axes]\ncopies = {{ small = [1, 2, 3] }}\n")).unwrap();
+        let p = plan(&e);
+        assert_eq!(p.len(), 3, "solo, 2 and 3 copies");
+        assert_eq!(p[2].label, "timeslice [3 small]: chat c=2");
     }
 }

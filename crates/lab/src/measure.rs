@@ -6,8 +6,14 @@
 //! scraped over the window too (`engine_metrics::EngineScraper`). The rest of the lab uses
 //! deploy's spec types only (`deployments` builds and validates them), so a change in how
 //! deployments run or load is measured is absorbed here.
+//!
+//! Where each workload's requests go: to its engine when it runs once; through the
+//! gateway when the template gives the engine `replicas` (one tenant, balanced); to each
+//! replica in turn when the condition runs the engine in copies (one tenant per copy,
+//! `tenants::copy_name`). Each tenant keeps a bounded sample of its request latencies for
+//! the report's distributions and tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine_metrics::{EngineMetricsWindow, EngineScraper};
 use crate::results::{
-    host_environment, CounterStat, Environment, FaultPhase, GpuEnv, GpuWindow, Percentiles,
-    PresetUse, WindowFault, WorkloadMetrics,
+    host_environment, CopyOf, CounterStat, DrainWait, Environment, FaultPhase, GpuEnv, GpuWindow,
+    LatencySample, Percentiles, PresetUse, WindowFault, WorkloadMetrics,
 };
 use crate::runner::{Harness, Measurement, ResolvedWorkload};
 use crate::spec::{Experiment, Kind};
@@ -57,22 +63,105 @@ pub fn environment() -> Environment {
     env
 }
 
-/// An engine's address and the model name its requests carry.
+/// An engine replica's address and the model name its requests carry.
 #[derive(Debug, Clone)]
 struct Endpoint {
+    /// The replica's name (the engine's when it runs once).
+    name: String,
     url: String,
     served_model_name: String,
+}
+
+/// One tenant of a window: a workload against one address.
+#[derive(Debug, Clone)]
+struct Tenant {
+    /// The workload as bench runs it (its name is the tenant's).
+    workload: ResolvedWorkload,
+    /// Where its requests go.
+    endpoint: Endpoint,
+    /// The engine (or replica) it drives, as results name it.
+    engine: String,
+    copy_of: Option<CopyOf>,
+}
+
+/// The tenants of `workloads` on the running deployment: `replicas` holds each engine's
+/// replicas in order, `balanced` the engines whose replicas are one tenant behind the
+/// gateway at `gateway`.
+fn tenants_of(
+    workloads: &[ResolvedWorkload],
+    replicas: &BTreeMap<String, Vec<Endpoint>>,
+    balanced: &BTreeSet<String>,
+    gateway: Option<&str>,
+) -> Result<Vec<Tenant>> {
+    let mut out = Vec::new();
+    for w in workloads {
+        let engine = &w.def.engine;
+        let reps = replicas
+            .get(engine)
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| anyhow!("workload {}: engine {engine} is not running", w.def.name))?;
+        if reps.len() == 1 {
+            out.push(Tenant {
+                workload: w.clone(),
+                endpoint: reps[0].clone(),
+                engine: engine.clone(),
+                copy_of: None,
+            });
+        } else if balanced.contains(engine) {
+            let url = gateway.ok_or_else(|| {
+                anyhow!(
+                    "workload {}: engine {engine} has {} replicas and the deployment no gateway to balance them",
+                    w.def.name,
+                    reps.len()
+                )
+            })?;
+            out.push(Tenant {
+                workload: w.clone(),
+                endpoint: Endpoint {
+                    name: engine.clone(),
+                    url: url.to_string(),
+                    served_model_name: reps[0].served_model_name.clone(),
+                },
+                engine: engine.clone(),
+                copy_of: None,
+            });
+        } else {
+            for (i, ep) in reps.iter().enumerate() {
+                let mut copy = w.clone();
+                copy.def.name = crate::tenants::copy_name(&w.def.name, i as u32);
+                out.push(Tenant {
+                    workload: copy,
+                    endpoint: ep.clone(),
+                    engine: ep.name.clone(),
+                    copy_of: Some(CopyOf {
+                        workload: w.def.name.clone(),
+                        index: i as u32,
+                    }),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The real harness: deploy, bench, the GPU sampler and the engines' `/metrics`.
 pub struct RealHarness {
     rt: tokio::runtime::Runtime,
     running: Option<deploy::Deployment>,
-    endpoints: BTreeMap<String, Endpoint>,
+    /// Each engine's replicas, in order, of the running deployment.
+    endpoints: BTreeMap<String, Vec<Endpoint>>,
+    /// The running deployment's gateway.
+    gateway_url: Option<String>,
+    /// Engines the template runs as replicas of one tenant (balanced by the gateway);
+    /// replicas of the others are copies, a tenant each.
+    balanced: BTreeSet<String>,
     /// Every replica of the running deployment: (replica name, base URL), scraped.
     replicas: Vec<(String, String)>,
     gpu_index: Option<u32>,
     sampler: std::result::Result<gpu::telemetry::Sampler, String>,
+    /// Cancelled by Ctrl-C with `cancel`: a deployment still starting stops what it started
+    /// and fails, and the runner leaves its condition unrecorded (not run).
+    start_cancel: CancellationToken,
     /// The last MPS fault (by id) of the running deployment already given to a window.
     faults_reported: u64,
 }
@@ -85,12 +174,15 @@ impl RealHarness {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
+        let start_cancel = CancellationToken::new();
+        let on_signal = start_cancel.clone();
         rt.spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!(
                     "\ninterrupted: finishing the current window; `lab run --resume` continues"
                 );
                 cancel.store(true, Ordering::SeqCst);
+                on_signal.cancel();
             }
         });
         let sampler =
@@ -99,9 +191,18 @@ impl RealHarness {
             rt,
             running: None,
             endpoints: BTreeMap::new(),
+            gateway_url: None,
+            balanced: exp
+                .deployment
+                .engines
+                .iter()
+                .filter(|e| e.replicas > 1)
+                .map(|e| e.name.clone())
+                .collect(),
             replicas: Vec::new(),
             gpu_index: None,
             sampler,
+            start_cancel,
             faults_reported: 0,
         })
     }
@@ -306,12 +407,52 @@ fn percentiles(s: &bench::Stats) -> Option<Percentiles> {
     })
 }
 
+/// Each workload's request latencies (ms) in the window, in the order the requests ended:
+/// the requests bench's latency figures count (ended successfully inside the window); E2EL
+/// for generate, the request for embed.
+fn latencies(r: &bench::BenchResults) -> BTreeMap<String, Vec<f64>> {
+    let (w0, w1) = r.window;
+    let mut ended: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
+    for q in r.requests.iter().filter(|q| q.in_latency_set(w0, w1)) {
+        let gen = r
+            .spec
+            .workloads
+            .get(q.workload)
+            .is_some_and(|w| w.kind.is_gen());
+        let latency = if gen { q.e2el() } else { Some(q.end - q.sent) };
+        if let Some(l) = latency {
+            ended.entry(q.workload).or_default().push((q.end, l * 1e3));
+        }
+    }
+    ended
+        .into_iter()
+        .filter_map(|(i, mut v)| {
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let name = r.spec.workloads.get(i)?.name.clone();
+            Some((name, v.into_iter().map(|(_, l)| l).collect()))
+        })
+        .collect()
+}
+
+/// What the run's drain was to a workload whose responses come whole (every embed, a gen
+/// workload not streamed); `None` for the others or when the run did not drain.
+fn drain_of(r: &bench::BenchResults, w: &bench::WorkloadResult) -> Option<DrainWait> {
+    let whole = !w.kind.is_gen() || !w.streamed;
+    let d = r.drain.as_ref().filter(|_| whole)?;
+    Some(DrainWait {
+        waited_s: (d.ended - r.window.1).max(0.0),
+        timeout_s: d.timeout_s,
+        timed_out: d.timed_out,
+    })
+}
+
 fn metrics(r: &bench::WorkloadResult, engine: &str) -> WorkloadMetrics {
     let mut m = WorkloadMetrics {
         engine: engine.to_string(),
         completed: r.requests_completed,
         errors: r.errors.clone(),
         timeseries: r.timeseries.iter().map(|p| (p.t, p.throughput)).collect(),
+        unfinished: r.unfinished,
         ..Default::default()
     };
     if let Some(g) = &r.gen {
@@ -365,10 +506,11 @@ impl Harness for RealHarness {
             engine_bin: None, // COLOCATE_BIN, else this executable
             // engine output goes to the logs in run_dir; the console has the progress bar
             quiet: true,
+            start_cancel: self.start_cancel.clone(),
         };
         let d = self.rt.block_on(deploy::Deployment::up(deployment, opts))?;
-        // workloads go straight to their engine (first replica), not through the gateway;
-        // every replica's /metrics is scraped
+        // workloads go straight to their engine, to each copy, or through the gateway to
+        // replicas of one tenant (`tenants_of`); every replica's /metrics is scraped
         self.replicas = d
             .plan()
             .engines
@@ -378,11 +520,14 @@ impl Harness for RealHarness {
         for e in &d.plan().engines {
             self.endpoints
                 .entry(e.engine.clone())
-                .or_insert_with(|| Endpoint {
+                .or_default()
+                .push(Endpoint {
+                    name: e.name.clone(),
                     url: e.url(),
                     served_model_name: e.served_model_name.clone(),
                 });
         }
+        self.gateway_url = d.gateway_url();
         self.running = Some(d);
         self.faults_reported = 0;
         Ok(())
@@ -396,20 +541,21 @@ impl Harness for RealHarness {
         live: &dyn Fn(String),
         cancel: &AtomicBool,
     ) -> Result<Measurement> {
+        let tenants = tenants_of(
+            workloads,
+            &self.endpoints,
+            &self.balanced,
+            self.gateway_url.as_deref(),
+        )?;
         let mut spec = bench::BenchSpec::new(Vec::new());
-        for w in workloads {
-            let ep = self.endpoints.get(&w.def.engine).ok_or_else(|| {
-                anyhow!(
-                    "workload {}: engine {} is not running",
-                    w.def.name,
-                    w.def.engine
-                )
-            })?;
-            let (ws, preset) = bench_workload(w, ep);
+        for t in &tenants {
+            let (ws, preset) = bench_workload(&t.workload, &t.endpoint);
             spec.push_workload(ws, preset);
         }
         spec.warmup = warmup;
         spec.duration = Some(duration);
+        // every request, for each tenant's latency sample
+        spec.record_requests = true;
         // The repetition's seed: the runner sets it on every workload of the window.
         spec.seed = workloads.iter().find_map(|w| w.def.seed).unwrap_or(0);
         let token = CancellationToken::new();
@@ -486,13 +632,14 @@ impl Harness for RealHarness {
                 ));
             }
         }
+        let mut samples = latencies(&result);
         for r in &result.workloads {
-            let engine = workloads
-                .iter()
-                .find(|w| w.def.name == r.name)
-                .map(|w| w.def.engine.clone())
-                .unwrap_or_default();
-            out.workloads.insert(r.name.clone(), metrics(r, &engine));
+            let tenant = tenants.iter().find(|t| t.workload.def.name == r.name);
+            let mut m = metrics(r, tenant.map(|t| t.engine.as_str()).unwrap_or_default());
+            m.copy_of = tenant.and_then(|t| t.copy_of.clone());
+            m.drain = drain_of(&result, r);
+            m.latency_sample = samples.remove(&r.name).map(|v| LatencySample::of(&v));
+            out.workloads.insert(r.name.clone(), m);
         }
         Ok(out)
     }
@@ -504,6 +651,7 @@ impl Harness for RealHarness {
             }
         }
         self.endpoints.clear();
+        self.gateway_url = None;
         self.replicas.clear();
     }
 }
@@ -580,6 +728,7 @@ concurrency = 2
         )
         .unwrap();
         let ep = Endpoint {
+            name: "gen".into(),
             url: "http://127.0.0.1:8100".into(),
             served_model_name: "qwen".into(),
         };
@@ -660,5 +809,106 @@ concurrency = 2
         assert_eq!(w[0].engines, vec!["gen", "embed"]);
         assert!(w[0].action.as_deref().unwrap().contains("restarted"));
         assert!(window_faults(&faults, 5, 0.0, 0.0).is_empty());
+    }
+
+    fn ep(name: &str, port: u16) -> Endpoint {
+        Endpoint {
+            name: name.into(),
+            url: format!("http://127.0.0.1:{port}"),
+            served_model_name: "m".into(),
+        }
+    }
+
+    /// A workload goes to its engine when it runs once, through the gateway to replicas of
+    /// one tenant, and to each copy as a tenant of its own.
+    #[test]
+    fn tenants_follow_copies_and_replicas() {
+        let exp = Experiment::parse(
+            r#"
+name = "t"
+warmup = "1s"
+duration = "1s"
+[deployment]
+[[deployment.engines]]
+name = "one"
+[[deployment.engines]]
+name = "small"
+[[deployment.engines]]
+name = "pool"
+[[workloads]]
+name = "a"
+engine = "one"
+kind = "generate"
+concurrency = 1
+[[workloads]]
+name = "b"
+engine = "small"
+kind = "generate"
+concurrency = 1
+[[workloads]]
+name = "c"
+engine = "pool"
+kind = "embed"
+concurrency = 1
+"#,
+        )
+        .unwrap();
+        let ws: Vec<ResolvedWorkload> = ["a", "b", "c"]
+            .iter()
+            .map(|n| {
+                resolved(
+                    &exp,
+                    n,
+                    crate::matrix::LoadLevel::base(exp.workload(n).unwrap()),
+                )
+            })
+            .collect();
+        let replicas: BTreeMap<String, Vec<Endpoint>> = [
+            ("one", vec![ep("one", 1)]),
+            ("small", vec![ep("small-0", 2), ep("small-1", 3)]),
+            ("pool", vec![ep("pool-0", 4), ep("pool-1", 5)]),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let balanced: BTreeSet<String> = ["pool".to_string()].into();
+        let ts = tenants_of(&ws, &replicas, &balanced, Some("http://127.0.0.1:9")).unwrap();
+        let got: Vec<(&str, &str, &str)> = ts
+            .iter()
+            .map(|t| {
+                (
+                    t.workload.def.name.as_str(),
+                    t.endpoint.url.as_str(),
+                    t.engine.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", "http://127.0.0.1:1", "one"),
+                ("b-0", "http://127.0.0.1:2", "small-0"),
+                ("b-1", "http://127.0.0.1:3", "small-1"),
+                ("c", "http://127.0.0.1:9", "pool"),
+            ]
+        );
+        assert_eq!(
+            ts[2].copy_of,
+            Some(CopyOf {
+                workload: "b".into(),
+                index: 1
+            })
+        );
+        assert!(ts[3].copy_of.is_none());
+        let e = tenants_of(&ws, &replicas, &balanced, None).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("no gateway to balance them"),
+            "{e:#}"
+        );
+        let e = tenants_of(&ws, &BTreeMap::new(), &balanced, None).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("workload a: engine one is not running"),
+            "{e:#}"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! The report's SVG plots (plotters, SVG backend; text is left to the SVG viewer, so no
-//! fonts are needed): throughput per condition, the gen-vs-embed trade-off normalised to
-//! solo, and throughput plus GPU counters over time for one condition.
+//! fonts are needed): throughput per condition, the trade-off between tenants normalised
+//! to solo (two tenants against each other; with more, each against the others together),
+//! and throughput plus GPU counters over time for one condition. The tenants' latency
+//! violins are `violins`, the scaling plot `scaling`.
 //!
 //! Conditions are named `C1`, `C2`, ... on the axes; the report's tables carry the same
 //! numbers next to the full labels.
@@ -11,8 +13,7 @@ use anyhow::Result;
 use plotters::prelude::*;
 
 use crate::analysis::{Analysis, CellSummary};
-use crate::results::{ConditionResult, Results, COUNTERS};
-use crate::spec::Kind;
+use crate::results::{ConditionResult, COUNTERS};
 
 /// File names of the plots, relative to the run folder.
 pub const THROUGHPUT_SVG: &str = "throughput.svg";
@@ -25,8 +26,8 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e}")
 }
 
-/// Bars of each workload's throughput per condition (mean, with ± sigma), one panel per
-/// workload; solo baselines grey, co-located blue.
+/// Bars of each workload's throughput per condition (mean, with ± sigma; a workload run in
+/// copies: its tenants' sum), one panel per workload; solo baselines grey, co-located blue.
 pub fn throughput(analysis: &Analysis, workloads: &[String], path: &Path) -> Result<()> {
     let n = analysis.cells.len().max(1);
     let panels = workloads.len().max(1);
@@ -39,7 +40,7 @@ pub fn throughput(analysis: &Analysis, workloads: &[String], path: &Path) -> Res
             .cells
             .iter()
             .map(|c| {
-                c.workloads
+                c.totals
                     .get(w)
                     .map(|s| (s.throughput.mean, s.throughput.sigma, c.is_solo()))
             })
@@ -47,7 +48,7 @@ pub fn throughput(analysis: &Analysis, workloads: &[String], path: &Path) -> Res
         let unit = analysis
             .cells
             .iter()
-            .find_map(|c| c.workloads.get(w).map(|s| s.unit))
+            .find_map(|c| c.totals.get(w).map(|s| s.unit))
             .unwrap_or("");
         let ymax = vals
             .iter()
@@ -116,17 +117,126 @@ pub fn throughput(analysis: &Analysis, workloads: &[String], path: &Path) -> Res
     Ok(())
 }
 
-/// Picks the two workloads of the trade-off plot: the first generate and the first embed
-/// workload, else the first two.
-pub fn tradeoff_pair(results: &Results) -> Option<(String, String)> {
-    let ws = &results.experiment.workloads;
-    let g = ws.iter().find(|w| w.kind == Kind::Generate);
-    let e = ws.iter().find(|w| w.kind == Kind::Embed);
-    match (g, e) {
-        (Some(g), Some(e)) => Some((g.name.clone(), e.name.clone())),
-        _ if ws.len() >= 2 => Some((ws[0].name.clone(), ws[1].name.clone())),
-        _ => None,
+/// What the trade-off plot shows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tradeoff {
+    /// Every co-located condition has these two tenants: one against the other.
+    Pair(String, String),
+    /// Any other number: each tenant against the others together.
+    Many,
+}
+
+/// The trade-off plot of a run: the pair when every co-located condition measured the same
+/// two tenants (in the experiment's workload order), else each against the others; `None`
+/// without a co-located condition of two or more tenants.
+pub fn tradeoff_kind(analysis: &Analysis, workloads: &[String]) -> Option<Tradeoff> {
+    let sets: Vec<Vec<&String>> = analysis
+        .cells
+        .iter()
+        .filter(|c| !c.is_solo() && c.workloads.len() >= 2)
+        .map(|c| c.workloads.keys().collect())
+        .collect();
+    let first = sets.first()?;
+    if first.len() == 2 && sets.iter().all(|s| s == first) {
+        let rank = |t: &str| workloads.iter().position(|w| w == t).unwrap_or(usize::MAX);
+        let (mut x, mut y) = (first[0].clone(), first[1].clone());
+        if rank(&y) < rank(&x) {
+            std::mem::swap(&mut x, &mut y);
+        }
+        return Some(Tradeoff::Pair(x, y));
     }
+    Some(Tradeoff::Many)
+}
+
+/// Each tenant of each co-located condition as a point: x = its fraction of solo, y = the
+/// sum of the other tenants' fractions; colour by the workload it runs. On the red line
+/// x + y = 1 the tenants together did what taking turns would.
+pub fn tradeoff_many(analysis: &Analysis, path: &Path) -> Result<()> {
+    let mut origins: Vec<String> = Vec::new();
+    let mut pts: Vec<(usize, usize, f64, f64)> = Vec::new();
+    for (i, c) in analysis.cells.iter().enumerate() {
+        if c.is_solo() {
+            continue;
+        }
+        let ratios: Option<Vec<(&String, f64)>> = c
+            .workloads
+            .values()
+            .map(|t| t.vs_solo.map(|v| (&t.workload, v)))
+            .collect();
+        let Some(ratios) = ratios.filter(|r| r.len() >= 2) else {
+            continue;
+        };
+        let total: f64 = ratios.iter().map(|r| r.1).sum();
+        for (w, x) in ratios {
+            let k = match origins.iter().position(|o| o == w) {
+                Some(k) => k,
+                None => {
+                    origins.push(w.clone());
+                    origins.len() - 1
+                }
+            };
+            pts.push((i, k, x, total - x));
+        }
+    }
+    let xmax = pts.iter().map(|p| p.2).fold(1.1f64, f64::max) * 1.05;
+    let ymax = pts.iter().map(|p| p.3).fold(1.1f64, f64::max) * 1.05;
+    let root = SVGBackend::new(path, (680, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "each tenant against the others together: fractions of solo",
+            ("sans-serif", 18),
+        )
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("the tenant / its solo")
+        .y_desc("Σ the others / their solo")
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(LineSeries::new(
+            vec![(0.0, 1.0), (1.0, 0.0)],
+            RGBColor(200, 80, 80),
+        ))
+        .map_err(err)?
+        .label("taking turns (efficiency 1.0)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(200, 80, 80)));
+    for (k, w) in origins.iter().enumerate() {
+        let (r, g, b) = Palette99::pick(k).rgb();
+        let color = RGBColor(r, g, b);
+        chart
+            .draw_series(
+                pts.iter()
+                    .filter(|p| p.1 == k)
+                    .map(|p| Circle::new((p.2, p.3), 5, color.filled())),
+            )
+            .map_err(err)?
+            .label(w.clone())
+            .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+    }
+    chart
+        .draw_series(pts.iter().map(|&(i, _, x, y)| {
+            Text::new(
+                format!("C{}", i + 1),
+                (x + 0.012 * xmax, y + 0.012 * ymax),
+                ("sans-serif", 12),
+            )
+        }))
+        .map_err(err)?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
 }
 
 /// Each co-located condition as a point (x = first workload's fraction of solo, y = the

@@ -4,18 +4,22 @@
 //! report says so wherever its figures appear), the recommendation with its `colocate up`
 //! file, every condition in detail (workloads, GPU counters and each engine's own
 //! `/metrics` over the same window, or why an engine was not scraped), the plots, the
-//! experiment file.
+//! experiment file. With several tenants: the fairness between them (`report_tenants`:
+//! each tenant's percentiles, slowdown and latency violins per condition), and for a
+//! scaling experiment its steps (`scaling`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::analysis::{analyse, Analysis, CellSummary, Stat};
+use crate::analysis::{analyse, Analysis, Stat};
 use crate::deployments;
 use crate::engine_metrics::{CounterDelta, Dialect, EngineMetricsWindow, GaugeSummary};
 use crate::plots;
+use crate::report_tenants;
 use crate::results::{ConditionResult, Results, WindowFault, COUNTERS};
+use crate::scaling;
 
 /// The report file name inside a run folder.
 pub const REPORT_FILE: &str = "report.md";
@@ -118,7 +122,9 @@ fn lat(s: Option<&Stat>) -> String {
 }
 
 /// The headline table: one row per condition, each workload's throughput and change
-/// against solo, the efficiency and the SLO verdict.
+/// against solo (a workload run in copies: its tenants' sum and their mean change), the
+/// efficiency, Jain's index over the tenants (when the run has co-located conditions) and
+/// the SLO verdict.
 pub fn headline(results: &Results, a: &Analysis) -> String {
     let names: Vec<String> = results
         .experiment
@@ -130,11 +136,20 @@ pub fn headline(results: &Results, a: &Analysis) -> String {
     for w in &names {
         let _ = write!(s, " {w} | vs solo |");
     }
-    s.push_str(" efficiency | SLOs |\n|---|---|");
+    let jain = a.cells.iter().any(|c| c.fairness.is_some());
+    s.push_str(if jain {
+        " efficiency | Jain | SLOs |\n|---|---|"
+    } else {
+        " efficiency | SLOs |\n|---|---|"
+    });
     for _ in &names {
         s.push_str("---:|---:|");
     }
-    s.push_str("---:|---|\n");
+    s.push_str(if jain {
+        "---:|---:|---|\n"
+    } else {
+        "---:|---|\n"
+    });
     for (i, c) in a.cells.iter().enumerate() {
         let mark = if faults_of(results, &c.label).is_empty() {
             String::new()
@@ -143,13 +158,18 @@ pub fn headline(results: &Results, a: &Analysis) -> String {
         };
         let _ = write!(s, "| {} | {}{mark} |", cid(i), c.label);
         for w in &names {
-            match c.workloads.get(w) {
+            match c.totals.get(w) {
                 Some(ws) => {
                     let _ = write!(
                         s,
-                        " {} {} | {} |",
+                        " {} {}{} | {} |",
                         ws.throughput.show(1),
                         ws.unit,
+                        if ws.tenants > 1 {
+                            format!(" ({} copies)", ws.tenants)
+                        } else {
+                            String::new()
+                        },
                         if c.is_solo() {
                             "solo".into()
                         } else {
@@ -160,10 +180,19 @@ pub fn headline(results: &Results, a: &Analysis) -> String {
                 None => s.push_str(" | |"),
             }
         }
-        let eff = c
+        let mut eff = c
             .efficiency
             .map(|e| e.show(2))
             .unwrap_or_else(|| "–".into());
+        if jain {
+            let j = c
+                .fairness
+                .as_ref()
+                .and_then(|f| f.jain_vs_solo)
+                .map(|j| format!("{j:.3}"))
+                .unwrap_or_else(|| "–".into());
+            eff = format!("{eff} | {j}");
+        }
         let slo = if !c.failures.is_empty() && c.reps_ok == 0 {
             format!("failed: {}", c.failures[0].replace('|', "/"))
         } else if results.experiment.slo.is_empty() {
@@ -310,7 +339,8 @@ fn engine_metrics_table(out: &mut String, results: &Results, label: &str) {
     }
 }
 
-fn condition_detail(out: &mut String, i: usize, c: &CellSummary, results: &Results) {
+fn condition_detail(out: &mut String, i: usize, a: &Analysis, results: &Results, run_dir: &Path) {
+    let c = &a.cells[i];
     let _ = writeln!(out, "### {} — {}\n", cid(i), c.label);
     let reps = results.experiment.repetitions;
     let _ = write!(out, "Repetitions measured: {}/{reps}", c.reps_ok);
@@ -419,6 +449,7 @@ fn condition_detail(out: &mut String, i: usize, c: &CellSummary, results: &Resul
         out.push('\n');
     }
     engine_metrics_table(out, results, &c.label);
+    report_tenants::tenant_detail(out, a, i, run_dir);
     if !c.slo_misses.is_empty() {
         let _ = writeln!(out, "SLO misses: {}.\n", c.slo_misses.join("; "));
     }
@@ -487,6 +518,7 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
     out.push_str(&head);
     out.push('\n');
     out.push_str(&faults_section(results, &a));
+    out.push_str(&report_tenants::fairness_section(&a));
 
     out.push_str("## Recommendation\n\n");
     let _ = writeln!(out, "{}\n", a.recommendation.reason);
@@ -549,13 +581,24 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
         }
         Err(e) => plot_errors.push(format!("throughput: {e:#}")),
     }
-    if let Some((x, y)) = plots::tradeoff_pair(results) {
-        match plots::tradeoff(&a, (&x, &y), &run_dir.join(plots::TRADEOFF_SVG)) {
-            Ok(()) => {
-                let _ = writeln!(out, "Trade-off, each normalised to its solo throughput (points above the red line beat taking turns):\n\n![{x} vs {y}]({})\n", plots::TRADEOFF_SVG);
+    match plots::tradeoff_kind(&a, &names) {
+        Some(plots::Tradeoff::Pair(x, y)) => {
+            match plots::tradeoff(&a, (&x, &y), &run_dir.join(plots::TRADEOFF_SVG)) {
+                Ok(()) => {
+                    let _ = writeln!(out, "Trade-off, each normalised to its solo throughput (points above the red line beat taking turns):\n\n![{x} vs {y}]({})\n", plots::TRADEOFF_SVG);
+                }
+                Err(e) => plot_errors.push(format!("trade-off: {e:#}")),
             }
-            Err(e) => plot_errors.push(format!("trade-off: {e:#}")),
         }
+        Some(plots::Tradeoff::Many) => {
+            match plots::tradeoff_many(&a, &run_dir.join(plots::TRADEOFF_SVG)) {
+                Ok(()) => {
+                    let _ = writeln!(out, "Trade-off with more than two tenants: each tenant's fraction of its solo throughput against the others' together, per co-located condition (points above the red line beat taking turns):\n\n![each tenant against the others]({})\n", plots::TRADEOFF_SVG);
+                }
+                Err(e) => plot_errors.push(format!("trade-off: {e:#}")),
+            }
+        }
+        None => {}
     }
     if let Some((i, rep)) = timeline_choice(results, &a) {
         match plots::timeline(&a.cells[i], i, rep, &run_dir.join(plots::TIMELINE_SVG)) {
@@ -568,6 +611,8 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
     for e in &plot_errors {
         let _ = writeln!(out, "- plot failed: {e}");
     }
+    out.push('\n');
+    out.push_str(&scaling::section(&a, &names, run_dir));
 
     out.push_str("## Conditions\n\n");
     if results
@@ -577,8 +622,11 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
     {
         out.push_str("Beside the GPU counters, each engine's own counters from its Prometheus `/metrics` over the same window (vLLM's names or the built-in engine's): requests running and waiting and the KV cache in use are gauges (mean over the window, and its max), prompt tokens, generated tokens and embedded sequences are counter rates; mean ± sigma over the repetitions. An engine that could not be scraped is *not scraped*, with the reason below its table.\n\n");
     }
-    for (i, c) in a.cells.iter().enumerate() {
-        condition_detail(&mut out, i, c, results);
+    if report_tenants::has_samples(&a) {
+        out.push_str("Each condition's tenants: request latency percentiles (E2EL for generate, the request for embed; mean over repetitions, ms), the slowdown against the tenant's workload alone at the same load, and the fairness between equal tenants (see *Fairness*); the violins are drawn from a sample of each tenant's requests (every one up to 1,000 per window).\n\n");
+    }
+    for i in 0..a.cells.len() {
+        condition_detail(&mut out, i, &a, results, run_dir);
     }
 
     out.push_str("## Experiment file\n\n```toml\n");

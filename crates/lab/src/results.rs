@@ -18,7 +18,8 @@ use crate::spec::{Experiment, Kind};
 
 /// Version of the results.json layout; bumped on incompatible changes. Additions that an
 /// older reader may skip and a newer one defaults (`gpu.mps_faults`, `engine_metrics`,
-/// `presets`) keep it.
+/// `presets`, a workload's `copy_of`, `latency_sample`, `unfinished` and `drain`,
+/// a condition's `copies`) keep it.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// The name of the results file inside a run folder.
@@ -201,6 +202,78 @@ pub struct WorkloadMetrics {
     /// Headline throughput per second of the window: (Unix seconds, value).
     #[serde(default)]
     pub timeseries: Vec<(f64, f64)>,
+    /// When this tenant is one copy of a workload (its engine run in copies): which.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_of: Option<CopyOf>,
+    /// A bounded sample of the request latencies behind `latency_ms`, for the report's
+    /// distributions and significance tests (results written before the lab kept one have
+    /// none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_sample: Option<LatencySample>,
+    /// Whole responses sent before the window's end that never ended (bench cut them at
+    /// its drain's time-out or an interruption): their tokens are missing, so the
+    /// throughput is an underestimate.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unfinished: u64,
+    /// For a workload whose responses come whole: the run's wait after the window for
+    /// those still in flight (bench's drain, the same for every such workload of the
+    /// condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainWait>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A tenant that is copy `index` of `workload` (against its engine's replica `index`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CopyOf {
+    /// The workload of the experiment it runs.
+    pub workload: String,
+    /// Which copy, from 0.
+    pub index: u32,
+}
+
+/// The most latencies a [`LatencySample`] keeps: enough for a density and a rank test,
+/// few enough that a results.json of a hundred tenant windows stays a few megabytes.
+pub const LATENCY_SAMPLE_MAX: usize = 1000;
+
+/// Request latencies (ms; E2EL for generate, the request for embed) of the requests that
+/// ended in the window, in the order they ended: every one when there were at most
+/// [`LATENCY_SAMPLE_MAX`], else that many taken at even steps through that order (a
+/// systematic sample: each part of the window is represented as it was).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LatencySample {
+    /// Requests it was taken from.
+    pub of: u64,
+    /// The sampled latencies, ms.
+    pub ms: Vec<f64>,
+}
+
+impl LatencySample {
+    /// The sample of `latencies_ms` (in the order the requests ended), rounded to the
+    /// microsecond.
+    pub fn of(latencies_ms: &[f64]) -> Self {
+        let n = latencies_ms.len();
+        let keep = n.min(LATENCY_SAMPLE_MAX);
+        let ms = (0..keep)
+            .map(|i| latencies_ms[i * n / keep.max(1)])
+            .map(|v| (v * 1000.0).round() / 1000.0)
+            .collect();
+        LatencySample { of: n as u64, ms }
+    }
+}
+
+/// How long a run waited after its window for whole responses.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct DrainWait {
+    /// Seconds from the window's end to the drain's end.
+    pub waited_s: f64,
+    /// Its time-out, seconds (twice the longest E2EL seen, at most 5 minutes).
+    pub timeout_s: f64,
+    /// True when requests were still in flight at the time-out (see `unfinished`).
+    pub timed_out: bool,
 }
 
 impl WorkloadMetrics {
@@ -444,5 +517,19 @@ preset = "seed-gen"
         assert!(back.conditions[0].engine_metrics.is_empty());
         assert!(back.conditions[0].presets.is_empty());
         assert_eq!(back.conditions[0].window, Some((10.0, 11.0)));
+    }
+
+    /// At most [`LATENCY_SAMPLE_MAX`] latencies, taken at even steps through the order the
+    /// requests ended; fewer are all kept.
+    #[test]
+    fn latency_samples_are_bounded_and_systematic() {
+        let few = LatencySample::of(&[3.0, 1.23456789, 2.0]);
+        assert_eq!(few.of, 3);
+        assert_eq!(few.ms, vec![3.0, 1.235, 2.0]);
+        let many: Vec<f64> = (0..2500).map(|i| i as f64).collect();
+        let s = LatencySample::of(&many);
+        assert_eq!((s.of, s.ms.len()), (2500, LATENCY_SAMPLE_MAX));
+        assert_eq!((s.ms[0], s.ms[1], s.ms[999]), (0.0, 2.0, 2497.0));
+        assert!(LatencySample::of(&[]).ms.is_empty());
     }
 }

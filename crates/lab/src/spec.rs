@@ -68,6 +68,17 @@ pub struct Experiment {
     /// Expected time for a deployment to come up (only for the dry-run estimate).
     #[serde(default = "default_startup", with = "units::duration")]
     pub startup_estimate: Duration,
+    /// Expected wait after each window for the whole responses still in flight (only for
+    /// the dry-run estimate): about one E2EL of the slowest workload whose responses come
+    /// whole (every embed workload, and gen presets that are not streamed), which the run
+    /// waits for before it stops the load. Default: the warm-up, which should itself last
+    /// an E2EL or more (the window's first requests were sent in it).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "units::duration::option"
+    )]
+    pub drain_estimate: Option<Duration>,
     /// GPU sampling interval for the counters.
     #[serde(default = "default_sample", with = "units::duration")]
     pub sample_interval: Duration,
@@ -229,6 +240,21 @@ pub struct WorkloadDef {
     pub seed: Option<u64>,
 }
 
+impl WorkloadDef {
+    /// Whether its responses come whole (every embedding; a gen preset that is not
+    /// streamed): bench then waits after the window for those in flight at its end.
+    pub fn whole_responses(&self) -> bool {
+        match (self.kind, self.preset) {
+            (Kind::Embed, _) => true,
+            (Kind::Generate, Some(p)) => !p.streams(),
+            (Kind::Generate, None) => false,
+        }
+    }
+}
+
+/// The most copies of one engine a condition may ask for.
+pub const MAX_COPIES: u32 = 64;
+
 fn default_burstiness() -> f64 {
     1.0
 }
@@ -329,6 +355,14 @@ pub struct Axes {
     /// Load levels per workload name.
     #[serde(default)]
     pub load: BTreeMap<String, LoadAxis>,
+    /// Copies per engine name (a scaling experiment): each count is one level, crossed
+    /// with the other engines' and the other axes. An engine not named runs once; 0 leaves
+    /// it out. Copy `i` of an engine is its replica `NAME-i` (deploy's `replicas`), with
+    /// each of the engine's workloads run against it as a tenant of its own (`WORKLOAD-i`).
+    /// Steps with fewer than two engine copies in all are left out: the solo baselines
+    /// are that step.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub copies: BTreeMap<String, Vec<u32>>,
 }
 
 /// Load levels of one workload: each concurrency (closed loop) and each rate (open loop)
@@ -362,6 +396,10 @@ pub struct ConditionDef {
     /// Load per workload name (missing workloads keep their base load).
     #[serde(default)]
     pub load: BTreeMap<String, LoadOverride>,
+    /// Copies per engine name, as in `axes.copies` (an engine not named runs once; 0 leaves
+    /// it out): `copies = { small = 4, large = 1 }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub copies: BTreeMap<String, u32>,
 }
 
 /// The load of one workload in one condition.
@@ -570,6 +608,94 @@ impl Experiment {
                 bail!("timeline_condition: must not be empty");
             }
         }
+        self.validate_copies(&engines)?;
+        self.validate_replicas()?;
+        Ok(())
+    }
+
+    /// `axes.copies` and `conditions[].copies`: engines that exist, counts within
+    /// [`MAX_COPIES`], no copies of an engine that is already one tenant balanced over
+    /// replicas, and no workload named as another's copy would be.
+    fn validate_copies(&self, engines: &[String]) -> Result<()> {
+        let mut most: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut check = |name: &str, counts: &[u32], at: &str| -> Result<()> {
+            let e = self
+                .deployment
+                .engines
+                .iter()
+                .find(|e| e.name == name)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{at}: no engine {name:?} in deployment.engines (have: {})",
+                        engines.join(", ")
+                    )
+                })?;
+            if counts.is_empty() {
+                bail!("{at}: give at least one count");
+            }
+            if let Some(n) = counts.iter().find(|&&n| n > MAX_COPIES) {
+                bail!("{at}: {n} copies; at most {MAX_COPIES}");
+            }
+            let copied = counts.iter().any(|&n| n > 1);
+            if copied && e.replicas > 1 {
+                bail!("{at}: engine {name} has replicas = {}, one tenant balanced by the gateway; copies make each replica a tenant of its own: give it replicas = 1 to copy it", e.replicas);
+            }
+            let m = most.entry(e.name.as_str()).or_insert(1);
+            *m = (*m).max(counts.iter().copied().max().unwrap_or(1));
+            Ok(())
+        };
+        if let Some(axes) = &self.axes {
+            for (name, counts) in &axes.copies {
+                check(name, counts, &format!("axes.copies.{name}"))?;
+            }
+        }
+        for (i, c) in self.conditions.iter().flatten().enumerate() {
+            for (name, n) in &c.copies {
+                check(name, &[*n], &format!("conditions[{i}].copies.{name}"))?;
+            }
+            if !c.copies.is_empty() {
+                let instances: u32 = engines
+                    .iter()
+                    .map(|e| c.copies.get(e).copied().unwrap_or(1))
+                    .sum();
+                if instances < 2 {
+                    bail!("conditions[{i}].copies: {instances} engine copy in all; a co-located condition needs two or more (each engine alone is the implied solo baseline)");
+                }
+            }
+        }
+        for (engine, n) in most.into_iter().filter(|(_, n)| *n > 1) {
+            for w in self.workloads.iter().filter(|w| w.engine == engine) {
+                for k in 0..n {
+                    let copy = crate::tenants::copy_name(&w.name, k);
+                    if let Some(j) = self.workloads.iter().position(|o| o.name == copy) {
+                        bail!("workloads[{j}] ({copy}).name: also the name of copy {k} of workload {} (engine {engine} runs in up to {n} copies); rename it", w.name);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An engine with `replicas` > 1 is one tenant whose requests the gateway balances over
+    /// its replicas: the deployment needs a gateway, and no other engine may serve the same
+    /// model name (the gateway routes by it, and would send the tenant's requests there too).
+    fn validate_replicas(&self) -> Result<()> {
+        let engines = &self.deployment.engines;
+        for (i, e) in engines.iter().enumerate() {
+            if e.replicas <= 1 || !self.workloads.iter().any(|w| w.engine == e.name) {
+                continue;
+            }
+            let at = format!("deployment.engines[{i}] ({})", e.name);
+            if self.deployment.gateway.is_none() {
+                bail!("{at}.replicas: {} replicas of one tenant are balanced by the gateway: add a [deployment.gateway] table (address = \"127.0.0.1:PORT\")", e.replicas);
+            }
+            if let Some(o) = engines
+                .iter()
+                .find(|o| o.name != e.name && o.served_name() == e.served_name())
+            {
+                bail!("{at}.served_model_name: the gateway routes by model name and engine {} serves {:?} too, so this tenant's requests would reach it: give each engine a served_model_name of its own", o.name, e.served_name());
+            }
+        }
         Ok(())
     }
 
@@ -624,7 +750,8 @@ impl Experiment {
     }
 }
 
-fn kind_word(k: Kind) -> &'static str {
+/// `generate` or `embed`, as files write it.
+pub(crate) fn kind_word(k: Kind) -> &'static str {
     match k {
         Kind::Generate => "generate",
         Kind::Embed => "embed",
@@ -1044,5 +1171,59 @@ concurrency = 128
     fn load_names_the_file() {
         let m = Experiment::load(Path::new("/nonexistent/x.toml")).unwrap_err();
         assert!(format!("{m:#}").contains("/nonexistent/x.toml"));
+    }
+
+    #[test]
+    fn copies_and_replicas_errors_name_the_field() {
+        assert!(err("[axes.copies]\nnope = [2]\n").contains("axes.copies.nope: no engine \"nope\""));
+        assert!(
+            err("[axes.copies]\ngen = []\n").contains("axes.copies.gen: give at least one count")
+        );
+        assert!(
+            err("[axes.copies]\ngen = [65]\n").contains("axes.copies.gen: 65 copies; at most 64")
+        );
+        let m = err("[[conditions]]\nsharing = \"timeslice\"\ncopies = { gen = 1, emb = 0 }\n");
+        assert!(
+            m.contains("conditions[0].copies: 1 engine copy in all"),
+            "{m}"
+        );
+        // a workload named like a copy of another
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!(
+                "{}[[workloads]]\nname = \"chat-1\"\nengine = \"emb\"\nkind = \"embed\"\nconcurrency = 1\n[axes.copies]\ngen = [2]\n",
+                BASE
+            ))
+            .unwrap_err()
+        );
+        assert!(
+            m.contains("workloads[2] (chat-1).name: also the name of copy 1 of workload chat"),
+            "{m}"
+        );
+        // replicas of one tenant need the gateway, and a model name of their own
+        let replicated = BASE.replace("port = 18100", "port = 18100\nreplicas = 2");
+        let m = format!("{:#}", Experiment::parse(&replicated).unwrap_err());
+        assert!(m.contains("deployment.engines[0] (gen).replicas: 2 replicas of one tenant are balanced by the gateway: add a [deployment.gateway] table"), "{m}");
+        let gw = replicated.replace(
+            "[deployment]\n",
+            "[deployment.gateway]\naddress = \"127.0.0.1:18999\"\n[deployment]\n",
+        );
+        let m = format!("{:#}", Experiment::parse(&gw).unwrap_err());
+        assert!(m.contains("deployment.engines[0] (gen).served_model_name: the gateway routes by model name and engine emb serves \"preset:qwen3-tiny\" too"), "{m}");
+        let ok = gw.replace(
+            "port = 18100\n",
+            "port = 18100\nserved_model_name = \"pool\"\n",
+        );
+        let e = Experiment::parse(&ok).unwrap();
+        assert_eq!(e.deployment.engines[0].replicas, 2);
+        // copies of a replicated engine: one or the other
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{ok}[axes.copies]\ngen = [2]\n")).unwrap_err()
+        );
+        assert!(
+            m.contains("axes.copies.gen: engine gen has replicas = 2"),
+            "{m}"
+        );
     }
 }
