@@ -644,7 +644,7 @@ mod tests {
             "vocab_size":512,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":3,
             "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
             "max_position_embeddings":4096,"rope_theta":1000000.0,"eos_token_id":2,
-            "dtype":"float32","num_experts":8,"num_experts_per_tok":2,"norm_topk_prob":true,
+            "dtype":"float32","num_local_experts":8,"num_experts_per_tok":2,"norm_topk_prob":true,
             "moe_intermediate_size":32,"decoder_sparse_step":1,"mlp_only_layers":[1]}"#;
         let c = ModelConfig::from_json(tiny).unwrap();
         assert_eq!(c.arch, Arch::Qwen3Moe);
@@ -657,7 +657,8 @@ mod tests {
         preset.eos_token_ids = vec![2];
         assert_eq!(c, preset);
         // Errors name the field.
-        let err = ModelConfig::from_json(&tiny.replace(r#""num_experts":8,"#, ""))
+        // transformers 5's num_local_experts is num_experts; without either, an error.
+        let err = ModelConfig::from_json(&tiny.replace(r#""num_local_experts":8,"#, ""))
             .unwrap_err()
             .to_string();
         assert!(err.contains("num_experts is missing"), "{err}");

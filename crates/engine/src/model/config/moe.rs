@@ -35,6 +35,8 @@ impl MoeConfig {
 /// The `config.json` keys of a MoE model (absent for dense ones).
 #[derive(Deserialize, Default)]
 pub(super) struct RawMoe {
+    /// transformers 5 writes `num_local_experts`.
+    #[serde(alias = "num_local_experts")]
     num_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
     moe_intermediate_size: Option<usize>,
