@@ -248,6 +248,10 @@ fn run_one(
         ));
         if let Err(e) = harness.up(deployment, &dir) {
             harness.down();
+            if cancel.load(Ordering::SeqCst) {
+                // interrupted while starting: not run, resume starts it again
+                return None;
+            }
             let reason = format!("deployment did not come up: {e:#}");
             up_failed.insert(key, reason.clone());
             return Some(ConditionResult::failed(cond.clone(), reason));
@@ -357,6 +361,9 @@ rate = ["50% of solo"]
         seeds: Vec<Vec<Option<u64>>>,
         fail_up_with_mps: bool,
         cancel_after: Option<usize>,
+        /// Ctrl-C arrives while the n-th deployment starts: `up` sets the flag and fails as
+        /// a cancelled start does.
+        interrupt_up: Option<(usize, std::sync::Arc<AtomicBool>)>,
     }
     struct Fake(Rc<RefCell<Log>>);
 
@@ -366,6 +373,12 @@ rate = ["50% of solo"]
             let sharing = d.spec().sharing;
             let n = d.spec().engines.len();
             log.ups.push(format!("{sharing}/{n}"));
+            if let Some((nth, flag)) = &log.interrupt_up {
+                if *nth == log.ups.len() {
+                    flag.store(true, Ordering::SeqCst);
+                    anyhow::bail!("cancelled while starting");
+                }
+            }
             if log.fail_up_with_mps && sharing == deploy::Sharing::Mps {
                 anyhow::bail!("MPS daemon refused");
             }
@@ -583,6 +596,49 @@ rate = ["50% of solo"]
             );
         }
         assert!(results.complete);
+    }
+
+    /// Ctrl-C while a deployment starts (vLLM takes minutes): its conditions are not run,
+    /// not failed, so a plain resume measures them.
+    #[test]
+    fn an_interrupted_start_is_not_run_and_resume_measures_it() {
+        let exp = Experiment::parse(EXP).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let flag = std::sync::Arc::new(AtomicBool::new(false));
+        let log = Rc::new(RefCell::new(Log {
+            interrupt_up: Some((2, flag.clone())),
+            ..Default::default()
+        }));
+        let mut results = fresh(&exp);
+        run(
+            &mut results,
+            dir.path(),
+            &mut Fake(log.clone()),
+            &mut Deployments::default(),
+            &flag,
+            &ProgressView::new(0, 0, true),
+        )
+        .unwrap();
+        let on_disk = Results::load(dir.path()).unwrap();
+        assert!(!on_disk.complete);
+        assert!(!on_disk.conditions.is_empty());
+        assert!(
+            on_disk.conditions.iter().all(|c| c.failed.is_none()),
+            "nothing is recorded as failed"
+        );
+        let mut resumed = Results::load(dir.path()).unwrap();
+        run(
+            &mut resumed,
+            dir.path(),
+            &mut Fake(Rc::new(RefCell::new(Log::default()))),
+            &mut Deployments::default(),
+            &AtomicBool::new(false),
+            &ProgressView::new(0, 0, true),
+        )
+        .unwrap();
+        assert!(resumed.complete);
+        assert_eq!(resumed.conditions.len(), plan(&exp).len());
+        assert!(resumed.conditions.iter().all(|c| c.failed.is_none()));
     }
 
     #[test]

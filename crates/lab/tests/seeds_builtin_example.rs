@@ -7,8 +7,12 @@ use lab::matrix::{describe, plan};
 use lab::spec::Experiment;
 
 fn load(name: &str) -> Experiment {
-    Experiment::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name))
-        .unwrap()
+    Experiment::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -32,6 +36,11 @@ fn same_clients_and_embedder_as_the_vllm_study_with_the_builtin_generator() {
     assert_eq!(gen.model, "preset:qwen3-8b");
     let planned = plan(&builtin);
     // 7 co-located + implied solos (gen at 1024 and 512, embed at 64x8, 128x32, 32x64), 3 reps
-    assert_eq!(planned.len(), 3 * (7 + 5), "{}", describe(&builtin, &planned));
+    assert_eq!(
+        planned.len(),
+        3 * (7 + 5),
+        "{}",
+        describe(&builtin, &planned)
+    );
     lab::deployments::Deployments::check(&builtin, &planned).unwrap();
 }
