@@ -38,6 +38,9 @@ pub struct CommandInput<'a> {
     pub colocate_bin: &'a str,
     /// vLLM: the version the command line is written for.
     pub vllm_version: VllmVersion,
+    /// Workers across the engine's GPUs (vLLM `--tensor-parallel-size`, SGLang
+    /// `--tp-size`; written only above 1, which is each engine's default).
+    pub tensor_parallel_size: u32,
 }
 
 /// Formats a fraction the way engines print them: at most 4 decimals, no trailing zeros.
@@ -76,7 +79,7 @@ pub fn command_line(input: &CommandInput<'_>) -> Vec<String> {
             c.extend(scheduler_flags(e));
             c
         }
-        EngineKind::Vllm => vllm_command(e, &port, input.vllm_version),
+        EngineKind::Vllm => vllm_command(e, &port, input.vllm_version, input.tensor_parallel_size),
         EngineKind::Sglang => {
             let mut c = vec![
                 s("python3"),
@@ -93,6 +96,9 @@ pub fn command_line(input: &CommandInput<'_>) -> Vec<String> {
             ];
             if e.task == Task::Embed {
                 c.push(s("--is-embedding"));
+            }
+            if input.tensor_parallel_size > 1 {
+                c.extend([s("--tp-size"), input.tensor_parallel_size.to_string()]);
             }
             if let Some(f) = &e.load_format {
                 c.extend([s("--load-format"), f.clone()]);
@@ -161,7 +167,7 @@ fn scheduler_flags(e: &EngineSpec) -> Vec<String> {
 
 /// `<launcher> serve MODEL ...` for the vLLM version in use (before the memory flag and
 /// the spec's `args`). Flags a version lacks are left out here and reported by the plan.
-fn vllm_command(e: &EngineSpec, port: &str, v: VllmVersion) -> Vec<String> {
+fn vllm_command(e: &EngineSpec, port: &str, v: VllmVersion, tp: u32) -> Vec<String> {
     let s = |x: &str| x.to_string();
     let mut c = vllm::launcher(e);
     c.extend([
@@ -176,6 +182,9 @@ fn vllm_command(e: &EngineSpec, port: &str, v: VllmVersion) -> Vec<String> {
     ]);
     if e.task == Task::Embed {
         c.extend(vllm::embed_flags(v).iter().map(|f| s(f)));
+    }
+    if tp > 1 {
+        c.extend([s(vllm::TENSOR_PARALLEL_SIZE_FLAG), tp.to_string()]);
     }
     if let Some(f) = &e.load_format {
         c.extend([s("--load-format"), f.clone()]);
@@ -273,6 +282,7 @@ mod tests {
             memory,
             colocate_bin: "colocate",
             vllm_version: VllmVersion::parse(v).unwrap(),
+            tensor_parallel_size: 1,
         })
         .join(" ")
     }

@@ -19,6 +19,39 @@ pub struct GpuFacts {
     pub name: String,
     /// Total memory in bytes.
     pub memory_total_bytes: u64,
+    /// Every GPU of this machine as NVML lists it (index, name, total memory), so that an
+    /// engine's `gpus` can be checked and planned against each GPU's own memory; empty when
+    /// the facts come from the catalogue (the machine is not this one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machine: Vec<MachineGpu>,
+}
+
+/// One GPU of the machine, as NVML numbers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineGpu {
+    pub index: u32,
+    pub name: String,
+    pub memory_total_bytes: u64,
+}
+
+impl GpuFacts {
+    /// Facts of a GPU model from the catalogue: no machine behind them.
+    pub fn of_model(name: &str, memory_total_bytes: u64) -> GpuFacts {
+        GpuFacts {
+            name: name.to_string(),
+            memory_total_bytes,
+            machine: Vec::new(),
+        }
+    }
+
+    /// Total memory of GPU `index` of the machine; the selected GPU's when the machine is
+    /// not known (the catalogue: every GPU taken to be that model).
+    pub fn memory_of(&self, index: Option<u32>) -> u64 {
+        index
+            .and_then(|i| self.machine.iter().find(|g| g.index == i))
+            .map(|g| g.memory_total_bytes)
+            .unwrap_or(self.memory_total_bytes)
+    }
 }
 
 /// Total memory of a GPU model by name (the `gpu` crate's catalogue), for planning on a
@@ -42,6 +75,14 @@ pub fn detect(sel: &GpuSelector) -> anyhow::Result<GpuFacts> {
         Some(g) => Ok(GpuFacts {
             name: g.name.clone(),
             memory_total_bytes: g.memory_total_bytes,
+            machine: gpus
+                .iter()
+                .map(|g| MachineGpu {
+                    index: g.index,
+                    name: g.name.clone(),
+                    memory_total_bytes: g.memory_total_bytes,
+                })
+                .collect(),
         }),
         None => bail!(
             "GPU {sel} not found on this machine (it has: {})",
@@ -60,8 +101,24 @@ pub struct Mps {
 }
 
 impl Mps {
-    /// Starts the daemon with its folders under `dir`.
+    /// Starts the daemon with its folders under `dir`. The daemon inherits this
+    /// process's environment; see [`Mps::start_seeing`].
     pub fn start(dir: &Path) -> anyhow::Result<Mps> {
+        Self::start_seeing(dir, &[])
+    }
+
+    /// Starts the daemon, first checking that it will see `gpus` (the deployment's GPU
+    /// indices, e.g. both GPUs of a tensor-parallel engine) under their own numbers. The
+    /// daemon inherits `CUDA_VISIBLE_DEVICES` from this process, and a daemon started
+    /// under it renumbers the devices for its clients (NVIDIA's MPS guide: with "0,2" a
+    /// client sees devices 0 and 1), so the engines' `CUDA_VISIBLE_DEVICES`, written with
+    /// the machine's indices, would name other GPUs or none. Unset, the daemon sees every
+    /// GPU of the machine.
+    pub fn start_seeing(dir: &Path, gpus: &[u32]) -> anyhow::Result<Mps> {
+        let inherited = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        if let Err(why) = daemon_sees(inherited.as_deref(), gpus) {
+            bail!("{why}");
+        }
         Ok(Mps {
             daemon: gpu::mps::MpsDaemon::start(dir)?,
         })
@@ -158,23 +215,64 @@ impl MpsFaultLog {
     }
 }
 
+/// Whether an MPS daemon started under `inherited` (this process's
+/// `CUDA_VISIBLE_DEVICES`) sees each of `gpus` under its own index: unset, or a list that
+/// starts `0,1,2,...` and reaches every one of them, renumbers nothing.
+pub fn daemon_sees(inherited: Option<&str>, gpus: &[u32]) -> Result<(), String> {
+    let Some(v) = inherited.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(());
+    };
+    let listed: Vec<&str> = v.split(',').map(str::trim).collect();
+    let identity = listed
+        .iter()
+        .enumerate()
+        .all(|(k, d)| d.parse::<usize>() == Ok(k));
+    let hidden: Vec<String> = gpus
+        .iter()
+        .filter(|g| **g as usize >= listed.len())
+        .map(|g| g.to_string())
+        .collect();
+    if identity && hidden.is_empty() {
+        return Ok(());
+    }
+    let why = if identity {
+        format!("hides GPU {} from it", hidden.join(", "))
+    } else {
+        "renumbers the GPUs for its clients (the first listed becomes 0), so the engines' CUDA_VISIBLE_DEVICES would name other GPUs".to_string()
+    };
+    Err(format!(
+        "CUDA_VISIBLE_DEVICES={v} is set where colocate runs: the MPS daemon inherits it, which {why}; unset it (engines are given their GPUs one by one)"
+    ))
+}
+
 fn limits(sm_percent: Option<u32>, pinned_bytes: Option<u64>) -> gpu::mps::ClientLimits {
+    limits_on(sm_percent, pinned_bytes, 1)
+}
+
+/// Limits for a client that sees `devices` GPUs: the pinned limit for each of them, by
+/// the ordinal the client sees (its `CUDA_VISIBLE_DEVICES` renumbers them 0, 1, ...).
+fn limits_on(
+    sm_percent: Option<u32>,
+    pinned_bytes: Option<u64>,
+    devices: usize,
+) -> gpu::mps::ClientLimits {
     gpu::mps::ClientLimits {
         active_thread_percentage: sm_percent,
-        // Device 0: each client sees only its GPU through CUDA_VISIBLE_DEVICES.
         pinned_device_mem_limit: pinned_bytes
-            .map(|b| vec![("0".to_string(), b)])
+            .map(|b| (0..devices.max(1)).map(|d| (d.to_string(), b)).collect())
             .unwrap_or_default(),
     }
 }
 
 /// The per-client MPS limits of one engine as environment (without the daemon's folders,
-/// which exist only once `up` started it): SM share and pinned device memory.
+/// which exist only once `up` started it): SM share, and pinned device memory on each of
+/// the `devices` GPUs it sees (the same limit per GPU: a budget is per GPU).
 pub fn mps_client_limits(
     sm_percent: Option<u32>,
     pinned_bytes: Option<u64>,
+    devices: usize,
 ) -> Vec<(String, String)> {
-    limits(sm_percent, pinned_bytes).env()
+    limits_on(sm_percent, pinned_bytes, devices).env()
 }
 
 #[cfg(test)]
@@ -226,7 +324,7 @@ mod tests {
     #[test]
     fn mps_limits_env() {
         assert_eq!(
-            mps_client_limits(Some(70), Some(20 << 30)),
+            mps_client_limits(Some(70), Some(20 << 30), 1),
             vec![
                 (
                     "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".to_string(),
@@ -238,6 +336,32 @@ mod tests {
                 ),
             ]
         );
-        assert!(mps_client_limits(None, None).is_empty());
+        assert!(mps_client_limits(None, None, 2).is_empty());
+        // Two GPUs: the client's ordinals 0 and 1, whatever the machine's indices.
+        assert_eq!(
+            mps_client_limits(None, Some(60 << 30), 2),
+            vec![(
+                "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".to_string(),
+                "0=61440M,1=61440M".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn the_daemon_must_see_the_gpus_unrenumbered() {
+        assert!(daemon_sees(None, &[0, 1]).is_ok());
+        assert!(daemon_sees(Some(""), &[3]).is_ok());
+        assert!(daemon_sees(Some("0,1"), &[0, 1]).is_ok());
+        let e = daemon_sees(Some("0"), &[0, 1]).unwrap_err();
+        assert!(
+            e.contains("CUDA_VISIBLE_DEVICES=0 is set") && e.contains("hides GPU 1"),
+            "{e}"
+        );
+        let e = daemon_sees(Some("1"), &[1]).unwrap_err();
+        assert!(
+            e.contains("renumbers the GPUs") && e.contains("unset it"),
+            "{e}"
+        );
+        assert!(daemon_sees(Some("GPU-abc"), &[]).is_err());
     }
 }

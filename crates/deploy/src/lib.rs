@@ -4,6 +4,7 @@
 //! - [`spec`]: the deployment file and its validation, once, into a [`ValidDeployment`].
 //! - [`model`]: model shapes (presets, `config.json`) for the memory plan.
 //! - [`plan`]: the memory table and each engine's own flags.
+//! - [`topology`]: which GPUs each engine uses; tensor parallelism's checks.
 //! - [`adapters`]: command lines per engine kind.
 //! - [`process`]: one child process: own process group, parent-death signal, logs.
 //! - [`supervisor`]: start in order behind `/health`, restart with backoff, MPS fault model.
@@ -22,6 +23,7 @@ pub mod process;
 pub mod spec;
 pub mod state;
 pub mod supervisor;
+pub mod topology;
 pub mod units;
 pub mod vllm;
 

@@ -14,6 +14,11 @@
 //!
 //! Engines without a budget on a GPU share what the budgeted ones leave, equally.
 //!
+//! An engine across several GPUs (tensor parallelism, [`crate::topology`]) is planned per
+//! GPU: weights / TP, the KV heads each GPU holds, and its budget taken from *each* of its
+//! GPUs (vLLM's `--gpu-memory-utilization` is per GPU too). The fit is checked per GPU:
+//! what every engine places on that GPU against that GPU's memory ([`GpuUse`]).
+//!
 //! Under MPS an engine with a budget gets it as `CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`, which
 //! the driver enforces (H200, 2026-11-30: a client limited to 4 GiB allocated 3.25 GiB, then
 //! ran out), while `cudaMemGetInfo` reports free = the limit and total = the whole GPU.
@@ -22,7 +27,7 @@
 //! minus the CUDA context the limit also holds; the plan prints both sides
 //! ([`PinnedSizing`]) and reports a sizing that cannot fit its limit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -31,7 +36,8 @@ use crate::adapters::{self, CommandInput, MemoryFlag};
 use crate::gpu_glue;
 pub use crate::gpu_glue::{catalogue_memory, GpuFacts};
 use crate::model::ModelShape;
-use crate::spec::{EngineKind, EngineSpec, Sharing, Task, ValidDeployment};
+use crate::spec::{EngineKind, EngineSpec, GpuSelector, Sharing, Task, ValidDeployment};
+use crate::topology::{self, GpuUse};
 use crate::units::human_bytes;
 use crate::vllm::{self, VllmVersion};
 
@@ -61,6 +67,14 @@ pub struct EnginePlan {
     pub port: u16,
     /// `cpu` or `cuda`.
     pub device: String,
+    /// The GPUs it runs on, in its `CUDA_VISIBLE_DEVICES` order (empty on the CPU).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
+    /// Workers across `gpus` (1: one GPU).
+    #[serde(default = "one")]
+    pub tensor_parallel_size: u32,
+    /// Weights on each of its GPUs (the whole model at TP = 1). The KV bytes per token,
+    /// overhead, total and budget below are per GPU too.
     pub weights_bytes: u64,
     pub kv_bytes_per_token: u64,
     /// Tokens the KV budget holds; `None` when there is no budget (engine default) or no KV.
@@ -148,9 +162,24 @@ pub struct Plan {
     pub fits: bool,
     /// Why it does not fit, when it does not.
     pub problems: Vec<String>,
+    /// What each GPU of the deployment holds (every engine's share on it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuUse>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Bytes per weight/KV element an engine uses.
+/// The machine index of a GPU named by index (a UUID has none here).
+fn index_of(g: &GpuSelector) -> Option<u32> {
+    match g {
+        GpuSelector::Index(i) => Some(*i),
+        _ => None,
+    }
+}
+
 fn dtype_bytes(kind: EngineKind, device: &str, model: Option<&ModelShape>) -> u64 {
     match (kind, device) {
         // The built-in CPU backend computes in f32.
@@ -211,57 +240,110 @@ pub fn plan_with(
         None
     } else {
         gpu.cloned().or_else(|| {
-            spec.gpu_name.as_deref().and_then(|n| {
-                gpu_glue::catalogue_memory(n).map(|b| GpuFacts {
-                    name: n.to_string(),
-                    memory_total_bytes: b,
-                })
-            })
+            spec.gpu_name
+                .as_deref()
+                .and_then(|n| gpu_glue::catalogue_memory(n).map(|b| GpuFacts::of_model(n, b)))
         })
     };
+    if let Some(f) = &facts {
+        let machine: Vec<(u32, String)> = f
+            .machine
+            .iter()
+            .map(|g| (g.index, g.name.clone()))
+            .collect();
+        topology::missing_gpus(spec, &machine).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     let total_mem = facts.as_ref().map(|f| f.memory_total_bytes);
     let mut problems = Vec::new();
+    let gpu_list = topology::deployment_gpus(spec);
+    let several = gpu_list.len() > 1;
+    let mem_of = |g: &GpuSelector| facts.as_ref().map(|f| f.memory_of(index_of(g)));
+    // An engine's memory is that of its smallest GPU: its budget is taken from each.
+    let engine_mem = |e: &EngineSpec| -> Option<u64> {
+        let gpus = topology::engine_gpus(spec, e);
+        let mems: Option<Vec<u64>> = gpus.iter().map(mem_of).collect();
+        mems.and_then(|m| m.into_iter().min())
+    };
+    let gpu_name = |g: &GpuSelector| -> String {
+        let f = facts.as_ref();
+        f.and_then(|f| f.machine.iter().find(|m| Some(m.index) == index_of(g)))
+            .map(|m| m.name.clone())
+            .or_else(|| f.map(|f| f.name.clone()))
+            .unwrap_or_default()
+    };
+    let on_gpu = |g: &GpuSelector| {
+        if several {
+            format!("GPU {g}: ")
+        } else {
+            String::new()
+        }
+    };
 
-    // Budgets in bytes; engines without one share what is left (on a known GPU).
+    // Budgets in bytes per GPU of each replica; engines without one share what is left
+    // (on a known GPU), on each of their GPUs.
     let mut budgets: Vec<Option<u64>> = Vec::new();
-    let mut budgeted: u64 = 0;
-    let mut unbudgeted = 0u64;
+    let mut budgeted: BTreeMap<String, u64> = BTreeMap::new();
+    let mut unbudgeted: BTreeMap<String, u64> = BTreeMap::new();
     for e in &spec.engines {
+        let gpus = topology::engine_gpus(spec, e);
         for _ in 0..e.replicas.max(1) {
-            let b = e.memory.and_then(|m| m.bytes(total_mem));
-            if let Some(b) = b {
-                budgeted += b;
-            } else if !on_cpu && spec.sharing != Sharing::Mig {
-                unbudgeted += 1;
+            let b = e.memory.and_then(|m| m.bytes(engine_mem(e)));
+            for g in &gpus {
+                match b {
+                    Some(b) => *budgeted.entry(g.to_string()).or_default() += b,
+                    None if spec.sharing != Sharing::Mig => {
+                        *unbudgeted.entry(g.to_string()).or_default() += 1
+                    }
+                    None => {}
+                }
             }
             budgets.push(b);
         }
     }
-    // The budgets the file gives, against the GPU's memory (every mode: MIG slices are
+    // The budgets the file gives, against each GPU's memory (every mode: MIG slices are
     // parts of it too).
-    let over_budget = match (total_mem, &facts) {
-        (Some(t), Some(f)) if budgeted > t => {
+    let mut over_budget: BTreeSet<String> = BTreeSet::new();
+    for g in &gpu_list {
+        let b = budgeted.get(&g.to_string()).copied().unwrap_or(0);
+        if let Some(t) = mem_of(g).filter(|t| b > *t) {
             problems.push(format!(
-                "budgets over 100%: {} of {} on {}",
-                human_bytes(budgeted),
+                "{}budgets over 100%: {} of {} on {}",
+                on_gpu(g),
+                human_bytes(b),
                 human_bytes(t),
-                f.name
+                gpu_name(g)
             ));
-            true
+            over_budget.insert(g.to_string());
         }
-        _ => false,
-    };
-    if let (Some(t), true) = (total_mem, unbudgeted > 0) {
-        let share = t.saturating_sub(budgeted) / unbudgeted;
-        for b in budgets.iter_mut().filter(|b| b.is_none()) {
-            *b = Some(share);
+    }
+    let mut idx = 0;
+    for e in &spec.engines {
+        let gpus = topology::engine_gpus(spec, e);
+        let share = gpus
+            .iter()
+            .map(|g| {
+                let key = g.to_string();
+                let left = mem_of(g)?.saturating_sub(budgeted.get(&key).copied().unwrap_or(0));
+                Some(left / unbudgeted.get(&key).copied().unwrap_or(1).max(1))
+            })
+            .collect::<Option<Vec<u64>>>()
+            .and_then(|v| v.into_iter().min());
+        for _ in 0..e.replicas.max(1) {
+            if budgets[idx].is_none() && spec.sharing != Sharing::Mig {
+                budgets[idx] = share;
+            }
+            idx += 1;
         }
     }
 
     let mut engines = Vec::new();
-    let mut started_before: u64 = 0;
+    // What the engines started so far placed on each GPU (SGLang sizes from what is free).
+    let mut placed: BTreeMap<String, u64> = BTreeMap::new();
     let mut idx = 0;
     for e in &spec.engines {
+        let gpus = topology::engine_gpus(spec, e);
+        let tp = topology::tensor_parallel_size(spec, e);
+        let total_mem = engine_mem(e);
         let device =
             e.device
                 .clone()
@@ -279,16 +361,24 @@ pub fn plan_with(
         if let Some(n) = shape.as_ref().and_then(|m| m.note.clone()) {
             notes.push(n);
         }
+        if e.gpus.is_some() && facts.as_ref().is_none_or(|f| f.machine.is_empty()) {
+            notes.push(format!(
+                "gpus {} not checked against a machine: planned for a GPU model, each GPU taken to be one",
+                topology::cuda_visible_devices(&gpus).unwrap_or_default()
+            ));
+        }
         let dt = dtype_bytes(e.kind, &device, shape.as_ref());
         // The built-in engine dequantises a block-FP8 checkpoint (its CPU path; FP8 on
         // its CUDA path is to come); vLLM and SGLang keep it in FP8.
         let keep_fp8 = e.kind != EngineKind::Builtin;
+        // Per GPU: the weights split TP ways, and the KV heads each GPU holds.
         let weights = shape
             .as_ref()
             .map(|m| m.weights_bytes(e.task == Task::Generate, dt, keep_fp8))
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .div_ceil(tp as u64);
         let kv_per_token = match (&shape, e.task) {
-            (Some(m), Task::Generate) => m.kv_bytes_per_token(dt),
+            (Some(m), Task::Generate) => topology::kv_bytes_per_token_per_gpu(m, dt, tp),
             _ => 0,
         };
         let overhead = overhead_bytes(e.kind, &device);
@@ -307,6 +397,11 @@ pub fn plan_with(
             notes.extend(version_limits(e, version));
         }
 
+        let started_before = gpus
+            .iter()
+            .map(|g| placed.get(&g.to_string()).copied().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
         for (inst, port) in e.instances() {
             let budget = budgets[idx];
             idx += 1;
@@ -389,6 +484,7 @@ pub fn plan_with(
                 memory,
                 colocate_bin: "colocate",
                 vllm_version: version,
+                tensor_parallel_size: tp,
             });
             let mut env = Vec::new();
             match spec.sharing {
@@ -398,19 +494,34 @@ pub fn plan_with(
                     }
                 }
                 _ => {
-                    if let Some(v) = spec.gpu.cuda_visible_devices() {
+                    if let Some(v) = topology::cuda_visible_devices(&gpus) {
                         env.push(("CUDA_VISIBLE_DEVICES".to_string(), v));
                     }
                 }
             }
             if spec.sharing == Sharing::Mps {
                 let pinned = if explicit { budget } else { None };
-                env.extend(gpu_glue::mps_client_limits(e.sm_percent, pinned));
+                env.extend(gpu_glue::mps_client_limits(
+                    e.sm_percent,
+                    pinned,
+                    gpus.len(),
+                ));
+            }
+            if gpus.len() > 1 || tp > 1 {
+                env.extend(
+                    topology::MULTICAST_OFF
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string())),
+                );
             }
             env.extend(adapters::engine_env(e, version));
-            env.extend(e.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for (k, v) in &e.env {
+                // A switch the file repeats at its required value is said once.
+                if !env.iter().any(|(ek, ev)| ek == k && ev == v) {
+                    env.push((k.clone(), v.clone()));
+                }
+            }
             let total = budget.unwrap_or(weights + overhead);
-            started_before += total;
             engines.push(EnginePlan {
                 name: inst,
                 engine: e.name.clone(),
@@ -420,6 +531,8 @@ pub fn plan_with(
                 served_model_name: e.served_name().to_string(),
                 port,
                 device: device.clone(),
+                gpus: gpus.iter().map(|g| g.to_string()).collect(),
+                tensor_parallel_size: tp,
                 weights_bytes: weights,
                 kv_bytes_per_token: kv_per_token,
                 kv_tokens,
@@ -434,17 +547,50 @@ pub fn plan_with(
                 pinned,
             });
         }
-    }
-    let total_bytes: u64 = engines.iter().map(|e| e.total_bytes).sum();
-    if let Some(t) = total_mem {
-        if spec.sharing != Sharing::Mig && total_bytes > t && !over_budget {
-            problems.push(format!(
-                "the engines need {} but the GPU has {}",
-                human_bytes(total_bytes),
-                human_bytes(t)
-            ));
+        let per_replica = engines
+            .last()
+            .map(|p: &EnginePlan| p.total_bytes)
+            .unwrap_or(0);
+        for g in &gpus {
+            *placed.entry(g.to_string()).or_default() += per_replica * e.replicas.max(1) as u64;
         }
     }
+    // Every GPU's share of every engine, against that GPU's memory.
+    let uses: Vec<GpuUse> = gpu_list
+        .iter()
+        .map(|g| {
+            GpuUse::of(
+                g,
+                (!gpu_name(g).is_empty()).then(|| gpu_name(g)),
+                mem_of(g),
+                &engines,
+            )
+        })
+        .collect();
+    for u in &uses {
+        if let Some(t) = u.memory_bytes {
+            if spec.sharing != Sharing::Mig && u.total_bytes > t && !over_budget.contains(&u.gpu) {
+                problems.push(if several {
+                    format!(
+                        "GPU {}: the engines need {} but it has {}",
+                        u.gpu,
+                        human_bytes(u.total_bytes),
+                        human_bytes(t)
+                    )
+                } else {
+                    format!(
+                        "the engines need {} but the GPU has {}",
+                        human_bytes(u.total_bytes),
+                        human_bytes(t)
+                    )
+                });
+            }
+        }
+    }
+    let total_bytes: u64 = engines
+        .iter()
+        .map(|e| e.total_bytes * e.gpus.len().max(1) as u64)
+        .sum();
     Ok(Plan {
         name: spec.name.clone(),
         gpu: spec.gpu.to_string(),
@@ -455,6 +601,7 @@ pub fn plan_with(
         total_bytes,
         fits: problems.is_empty(),
         problems,
+        gpus: uses,
     })
 }
 
@@ -602,6 +749,13 @@ impl fmt::Display for Plan {
             self.name, self.sharing
         )?;
         writeln!(f)?;
+        let spans = self.gpus.len() > 1 || self.engines.iter().any(|e| e.gpus.len() > 1);
+        if spans {
+            writeln!(
+                f,
+                "per GPU of each engine (weights / TP, the KV heads each GPU holds, the budget on each of its GPUs):"
+            )?;
+        }
         let header = [
             "engine",
             "kind",
@@ -656,7 +810,12 @@ impl fmt::Display for Plan {
         for r in &rows {
             writeln!(f, "{}", line(r))?;
         }
+        if spans {
+            writeln!(f)?;
+            topology::write_gpu_table(f, &self.gpus, &self.engines)?;
+        }
         let sum = match self.gpu_memory_bytes {
+            _ if spans => "all GPUs".to_string(),
             Some(m) => format!(
                 "sum: {} of {} ({:.1}%)",
                 human_bytes(self.total_bytes),
@@ -731,10 +890,7 @@ mod tests {
     }
 
     fn h100() -> GpuFacts {
-        GpuFacts {
-            name: "NVIDIA H100 80GB HBM3".into(),
-            memory_total_bytes: 81_559 << 20,
-        }
+        GpuFacts::of_model("NVIDIA H100 80GB HBM3", 81_559 << 20)
     }
 
     #[test]
@@ -801,10 +957,7 @@ mod tests {
     }
 
     fn h200() -> GpuFacts {
-        GpuFacts {
-            name: "NVIDIA H200".into(),
-            memory_total_bytes: 143_771 << 20,
-        }
+        GpuFacts::of_model("NVIDIA H200", 143_771 << 20)
     }
 
     /// The seeds' pair on the H200 under MPS at 50/30: each limit holds what vLLM sizes.

@@ -295,6 +295,78 @@ pub fn default_start_timeout(kind: EngineKind) -> Duration {
     }
 }
 
+/// How the gateway treats an engine's requests when tenants compete (issue 18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Priority {
+    /// Latency-critical: never throttled; its `slo` drives the gateway's controller.
+    Latency,
+    /// Served as it comes, neither throttled nor protected (no `priority` given).
+    #[default]
+    Normal,
+    /// Gets what the latency tenants leave: its requests in flight are limited by the
+    /// controller, the rest wait in a bounded queue or are refused with 429.
+    BestEffort,
+}
+
+impl Priority {
+    /// The name in files: `latency`, `normal`, `best-effort`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Latency => "latency",
+            Priority::Normal => "normal",
+            Priority::BestEffort => "best-effort",
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A tenant's latency objectives: 99th percentiles as the gateway measures them on the
+/// traffic it proxies (over [`ControlSpec::window`]), with vLLM's names: TTFT (to the first
+/// streamed chunk), TPOT (a streamed request's mean gap between chunks), E2EL (the whole
+/// request). In TOML: `slo = { ttft_p99 = "300ms", tpot_p99 = "40ms" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SloSpec {
+    #[serde(
+        with = "::units::duration::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttft_p99: Option<Duration>,
+    #[serde(
+        with = "::units::duration::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tpot_p99: Option<Duration>,
+    #[serde(
+        with = "::units::duration::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub e2el_p99: Option<Duration>,
+}
+
+impl SloSpec {
+    /// Each objective that is set, by its field name.
+    pub fn objectives(&self) -> Vec<(&'static str, Duration)> {
+        [
+            ("ttft_p99", self.ttft_p99),
+            ("tpot_p99", self.tpot_p99),
+            ("e2el_p99", self.e2el_p99),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+}
+
 /// One engine: a model served by one program, possibly as several replicas.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -354,6 +426,20 @@ pub struct EngineSpec {
     /// the memory budget (bytes or `"8GiB"`).
     #[serde(with = "bytes_serde")]
     pub kv_cache_memory: Option<u64>,
+    /// The GPUs this engine spans, by index (`gpus = [0, 1]`); default: the deployment's
+    /// `gpu`. Several GPUs run the model with tensor parallelism across them (issue 19).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<Vec<u32>>,
+    /// vLLM / SGLang: `--tensor-parallel-size` / `--tp-size`; default: the number of
+    /// `gpus`, which it must equal when given (one worker per GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensor_parallel_size: Option<u32>,
+    /// How the gateway treats this engine's requests beside the others' (`latency`,
+    /// `normal`, `best-effort`).
+    pub priority: Priority,
+    /// Latency objectives the gateway keeps (a `latency` engine needs one; a `normal`
+    /// one's are measured and shown, not enforced).
+    pub slo: Option<SloSpec>,
 }
 
 impl Default for EngineSpec {
@@ -383,6 +469,10 @@ impl Default for EngineSpec {
             attention_backend: None,
             api_server_count: None,
             kv_cache_memory: None,
+            gpus: None,
+            tensor_parallel_size: None,
+            priority: Priority::Normal,
+            slo: None,
         }
     }
 }
@@ -420,6 +510,8 @@ pub struct GatewaySpec {
     /// How long in-flight requests may take to finish at shutdown.
     #[serde(with = "::units::duration")]
     pub drain_timeout: Duration,
+    /// The SLO controller's settings (used when an engine has a `priority`).
+    pub control: ControlSpec,
 }
 
 impl Default for GatewaySpec {
@@ -428,6 +520,43 @@ impl Default for GatewaySpec {
             address: "127.0.0.1:8080".into(),
             models: Vec::new(),
             drain_timeout: Duration::from_secs(30),
+            control: ControlSpec::default(),
+        }
+    }
+}
+
+/// `[gateway.control]`: how the gateway keeps the latency engines' SLOs by limiting the
+/// best-effort engines' requests in flight (additive increase, multiplicative decrease).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSpec {
+    /// How often the controller looks at the measured latency and moves the limit.
+    #[serde(with = "::units::duration")]
+    pub interval: Duration,
+    /// The sliding window the p99 latencies are measured over.
+    #[serde(with = "::units::duration")]
+    pub window: Duration,
+    /// The fewest best-effort requests in flight the controller goes down to (0: all
+    /// best-effort work pauses while a latency engine is over its SLO).
+    pub min_best_effort: u32,
+    /// The most best-effort requests in flight (also the limit it starts from).
+    pub max_best_effort: u32,
+    /// Best-effort requests that may wait for a place, per engine; beyond: 429.
+    pub queue: u32,
+    /// How long a best-effort request may wait for a place before it gets 429.
+    #[serde(with = "::units::duration")]
+    pub queue_timeout: Duration,
+}
+
+impl Default for ControlSpec {
+    fn default() -> Self {
+        ControlSpec {
+            interval: Duration::from_millis(200),
+            window: Duration::from_secs(10),
+            min_best_effort: 1,
+            max_best_effort: 64,
+            queue: 256,
+            queue_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -751,6 +880,100 @@ fn engine_options_problems(e: &EngineSpec) -> Vec<(&'static str, String)> {
     out
 }
 
+/// Problems with an engine's `priority` and `slo`: a latency engine needs an SLO to keep,
+/// a best-effort one cannot be promised one, an embedding engine's answers are not
+/// streamed (so it has no TTFT or TPOT), and only a gateway can enforce any of it.
+fn priority_problems(e: &EngineSpec, has_gateway: bool) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if !has_gateway && (e.priority != Priority::Normal || e.slo.is_some()) {
+        let field = if e.priority != Priority::Normal {
+            "priority"
+        } else {
+            "slo"
+        };
+        out.push((
+            field,
+            "needs a [gateway]: the gateway measures latency and enforces priorities".into(),
+        ));
+    }
+    match (&e.slo, e.priority) {
+        (None, Priority::Latency) => out.push((
+            "slo",
+            "missing: priority = \"latency\" needs an SLO to keep, e.g. slo = { ttft_p99 = \"300ms\" }"
+                .into(),
+        )),
+        (Some(_), Priority::BestEffort) => out.push((
+            "slo",
+            "a best-effort engine gets what the others leave and cannot be promised an SLO: remove slo or use priority = \"normal\"".into(),
+        )),
+        _ => {}
+    }
+    if let Some(slo) = &e.slo {
+        if slo.objectives().is_empty() {
+            out.push((
+                "slo",
+                "empty: give at least one of ttft_p99, tpot_p99, e2el_p99".into(),
+            ));
+        }
+        for (name, d) in slo.objectives() {
+            let field = match name {
+                "ttft_p99" => "slo.ttft_p99",
+                "tpot_p99" => "slo.tpot_p99",
+                _ => "slo.e2el_p99",
+            };
+            if d.is_zero() {
+                out.push((field, "must be longer than zero".into()));
+            } else if e.task == Task::Embed && name != "e2el_p99" {
+                out.push((
+                    field,
+                    "an embedding engine's answers are not streamed, so they have no first token or token gaps: use e2el_p99".into(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Problems with `[gateway.control]`.
+fn control_problems(c: &ControlSpec) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if c.interval.is_zero() {
+        out.push(("interval", "must be longer than zero".into()));
+    }
+    if c.window < c.interval {
+        out.push((
+            "window",
+            format!(
+                "{} is shorter than interval ({}): the controller would look at no sample",
+                ::units::duration::format(c.window),
+                ::units::duration::format(c.interval)
+            ),
+        ));
+    }
+    if c.max_best_effort == 0 {
+        out.push((
+            "max_best_effort",
+            "must be at least 1: best-effort engines would never be served".into(),
+        ));
+    }
+    if c.min_best_effort > c.max_best_effort {
+        out.push((
+            "min_best_effort",
+            format!(
+                "{} is above max_best_effort ({})",
+                c.min_best_effort, c.max_best_effort
+            ),
+        ));
+    }
+    if c.queue > 0 && c.queue_timeout.is_zero() {
+        out.push((
+            "queue_timeout",
+            "must be longer than zero (queue = 0 refuses at once instead)".into(),
+        ));
+    }
+    out
+}
+
 /// Checks what the types cannot: names, ports, budgets, sharing-mode settings. Every
 /// problem is reported, one per line, each as `field: reason`. Whether the budgets fit the
 /// GPU's memory is left to the plan, which knows the GPU.
@@ -776,7 +999,6 @@ pub fn validate(spec: DeploymentSpec) -> anyhow::Result<ValidDeployment> {
 
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     let mut ports: BTreeMap<u16, String> = BTreeMap::new();
-    let mut fraction_sum = 0.0f64;
     for (i, e) in spec.engines.iter().enumerate() {
         let at = |f: &str| format!("engines[{i}].{f}");
         if e.name.trim().is_empty() {
@@ -896,6 +1118,12 @@ pub fn validate(spec: DeploymentSpec) -> anyhow::Result<ValidDeployment> {
         for (field, reason) in engine_options_problems(e) {
             err(at(field), reason);
         }
+        for (field, reason) in crate::topology::engine_problems(&spec, e) {
+            err(at(field), reason);
+        }
+        for (field, reason) in priority_problems(e, spec.gateway.is_some()) {
+            err(at(field), reason);
+        }
         for k in e.env.keys() {
             if k.is_empty() || k.contains('=') {
                 err(
@@ -905,7 +1133,7 @@ pub fn validate(spec: DeploymentSpec) -> anyhow::Result<ValidDeployment> {
             }
         }
         match e.memory {
-            Some(MemoryBudget::Fraction(f)) => {
+            Some(MemoryBudget::Fraction(_)) => {
                 if spec.gpu.is_cpu() {
                     err(
                         at("memory"),
@@ -913,19 +1141,13 @@ pub fn validate(spec: DeploymentSpec) -> anyhow::Result<ValidDeployment> {
                             .into(),
                     );
                 }
-                fraction_sum += f * e.replicas.max(1) as f64;
             }
             Some(MemoryBudget::Bytes(_)) | None => {}
         }
     }
-    if fraction_sum > 1.0 + 1e-9 {
-        err(
-            "engines[*].memory".into(),
-            format!(
-                "budgets over 100%: the engines' memory fractions (times replicas) add up to {:.1}%",
-                fraction_sum * 100.0
-            ),
-        );
+    // Fractions add up per GPU: `memory = 0.5` is half of each GPU of its engine.
+    for (field, reason) in crate::topology::fraction_problems(&spec) {
+        err(field, reason);
     }
     if let Some(g) = &spec.gateway {
         match g.port() {
@@ -945,6 +1167,27 @@ pub fn validate(spec: DeploymentSpec) -> anyhow::Result<ValidDeployment> {
         for m in &g.models {
             if !spec.engines.iter().any(|e| e.served_name() == m) {
                 err("gateway.models".into(), format!("no engine serves `{m}`"));
+            }
+        }
+        for (field, reason) in control_problems(&g.control) {
+            err(format!("gateway.control.{field}"), reason);
+        }
+    }
+    for (i, e) in spec.engines.iter().enumerate() {
+        // The gateway tells tenants apart by the model a request names.
+        if let Some((j, other)) = spec.engines[..i]
+            .iter()
+            .enumerate()
+            .find(|(_, o)| o.served_name() == e.served_name())
+        {
+            if (other.priority, other.slo) != (e.priority, e.slo) {
+                err(
+                    format!("engines[{i}].priority"),
+                    format!(
+                        "engines[{j}] serves `{}` too with another priority or slo: the gateway tells tenants apart by the model a request names, so give both the same",
+                        e.served_name()
+                    ),
+                );
             }
         }
     }
@@ -1048,6 +1291,128 @@ replicas = 2
         assert_eq!(s.engines[0].start_timeout, Duration::from_secs(90));
         assert!(
             problems(&one_engine("vllm", "start_timeout = \"0s\"")).contains("longer than zero")
+        );
+    }
+
+    /// Priorities and SLOs (issue 18): read with their units, written back, and every
+    /// misuse named with its field and reason.
+    #[test]
+    fn priorities_and_slos_read_and_check() {
+        let pair = |gen: &str, embed: &str, gateway: &str| {
+            format!(
+                "gpu = \"cpu\"\n{gateway}\n[[engines]]\nname = \"gen\"\nmodel = \"m\"\nport = 8001\n{gen}\n[[engines]]\nname = \"embed\"\nmodel = \"e\"\ntask = \"embed\"\nport = 8002\n{embed}\n"
+            )
+        };
+        let good = pair(
+            "priority = \"latency\"\nslo = { ttft_p99 = \"300ms\", tpot_p99 = \"40ms\" }",
+            "priority = \"best-effort\"",
+            "[gateway]\n[gateway.control]\nmin_best_effort = 0\nqueue_timeout = \"2s\"",
+        );
+        let spec = validate(parse(&good).unwrap()).unwrap().into_spec();
+        let gen = &spec.engines[0];
+        assert_eq!(gen.priority, Priority::Latency);
+        let slo = gen.slo.unwrap();
+        assert_eq!(slo.ttft_p99, Some(Duration::from_millis(300)));
+        assert_eq!(slo.tpot_p99, Some(Duration::from_millis(40)));
+        assert_eq!(slo.e2el_p99, None);
+        assert_eq!(spec.engines[1].priority, Priority::BestEffort);
+        let control = &spec.gateway.as_ref().unwrap().control;
+        assert_eq!(control.min_best_effort, 0);
+        assert_eq!(control.queue_timeout, Duration::from_secs(2));
+        assert_eq!(control.interval, ControlSpec::default().interval);
+        let out = spec.to_toml().unwrap();
+        assert_eq!(parse(&out).unwrap(), spec, "{out}");
+        assert!(out.contains("priority = \"best-effort\""), "{out}");
+        assert!(!out.contains("priority = \"normal\""), "{out}");
+
+        let gw = "[gateway]";
+        for (gen, embed, gateway, want) in [
+            (
+                "priority = \"latency\"",
+                "",
+                gw,
+                "engines[0].slo: missing: priority = \"latency\" needs an SLO",
+            ),
+            (
+                "priority = \"latency\"\nslo = {}",
+                "",
+                gw,
+                "engines[0].slo: empty: give at least one of",
+            ),
+            (
+                "priority = \"latency\"\nslo = { ttft_p99 = \"0s\" }",
+                "",
+                gw,
+                "engines[0].slo.ttft_p99: must be longer than zero",
+            ),
+            (
+                "",
+                "priority = \"best-effort\"\nslo = { e2el_p99 = \"1s\" }",
+                gw,
+                "engines[1].slo: a best-effort engine",
+            ),
+            (
+                "",
+                "slo = { ttft_p99 = \"1s\" }",
+                gw,
+                "engines[1].slo.ttft_p99: an embedding engine's answers are not streamed",
+            ),
+            (
+                "",
+                "priority = \"best-effort\"",
+                "",
+                "engines[1].priority: needs a [gateway]",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\nmin_best_effort = 9\nmax_best_effort = 4",
+                "gateway.control.min_best_effort: 9 is above max_best_effort (4)",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\nmax_best_effort = 0",
+                "gateway.control.max_best_effort: must be at least 1",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\ninterval = \"1s\"\nwindow = \"500ms\"",
+                "gateway.control.window: 500ms is shorter than interval (1s)",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\nqueue_timeout = 0",
+                "gateway.control.queue_timeout: must be longer than zero",
+            ),
+        ] {
+            let got = problems(&pair(gen, embed, gateway));
+            assert!(got.contains(want), "{gen} / {embed} / {gateway}: {got}");
+        }
+        // read errors name the key and what to write
+        for (bad, want) in [
+            ("priority = \"urgent\"", "unknown variant `urgent`"),
+            ("slo = { ttft_p99 = \"fast\" }", "bad duration \"fast\""),
+            ("slo = { ttft = \"1s\" }", "unknown field `ttft`"),
+        ] {
+            let got = problems(&pair(bad, "", gw));
+            assert!(got.contains(want), "{bad}: {got}");
+        }
+        // engines serving one model are one tenant: they must agree
+        let twin = format!(
+            "{}\n[[engines]]\nname = \"gen2\"\nmodel = \"m\"\nport = 8003\n",
+            pair(
+                "priority = \"latency\"\nslo = { ttft_p99 = \"1s\" }",
+                "",
+                gw
+            )
+        );
+        assert!(
+            problems(&twin).contains("engines[2].priority: engines[0] serves `m` too"),
+            "{}",
+            problems(&twin)
         );
     }
 

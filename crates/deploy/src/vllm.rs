@@ -88,6 +88,11 @@ pub const ATTENTION_BACKEND_FLAG_SINCE: VllmVersion = VllmVersion::new(0, 14, 0)
 /// `--api-server-count` (several front-end processes in front of one engine core).
 pub const API_SERVER_COUNT_SINCE: VllmVersion = VllmVersion::new(0, 9, 0);
 
+/// Tensor parallelism across the GPUs of `CUDA_VISIBLE_DEVICES`: in every release
+/// colocate writes command lines for (0.8 on; `-tp` is its short form), checked against
+/// the installation's `serve --help=all` like every other flag.
+pub const TENSOR_PARALLEL_SIZE_FLAG: &str = "--tensor-parallel-size";
+
 /// The flags that make an embedding server of a model with a generative architecture
 /// (Qwen3-Embedding's config names `Qwen3ForCausalLM`).
 pub fn embed_flags(v: VllmVersion) -> &'static [&'static str] {
@@ -260,6 +265,7 @@ pub fn field_of_flag(flag: &str, e: &EngineSpec) -> &'static str {
         "--api-server-count" => "api_server_count",
         "--kv-cache-memory-bytes" => "kv_cache_memory",
         "--gpu-memory-utilization" => "memory",
+        "--tensor-parallel-size" => "tensor_parallel_size",
         _ => "launcher",
     }
 }
@@ -560,6 +566,7 @@ mod tests {
             "--api-server-count",
             "-asc",
             "-tp",
+            TENSOR_PARALLEL_SIZE_FLAG,
             "--enable-prefix-caching",
             "--no-enable-prefix-caching",
             "-h",
