@@ -207,7 +207,8 @@ pub fn tradeoff_many(analysis: &Analysis, path: &Path) -> Result<()> {
         .label("taking turns (efficiency 1.0)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(200, 80, 80)));
     for (k, w) in origins.iter().enumerate() {
-        let (r, g, b) = Palette99::pick(k).rgb();
+        // from the second colour: the first is close to the reference line's red
+        let (r, g, b) = Palette99::pick(k + 1).rgb();
         let color = RGBColor(r, g, b);
         chart
             .draw_series(

@@ -172,6 +172,8 @@ pub fn headline(results: &Results, a: &Analysis) -> String {
                         },
                         if c.is_solo() {
                             "solo".into()
+                        } else if ws.tenants > 1 {
+                            format!("{} each", pct(ws.vs_solo))
                         } else {
                             pct(ws.vs_solo)
                         }

@@ -41,6 +41,26 @@ fn p_value(p: Option<f64>) -> String {
     }
 }
 
+/// The most pairs of one class listed in a condition's detail; beyond, the most different.
+const PAIRS_LISTED: usize = 10;
+
+/// Tenants as a list, shortened past four: `chat-0, chat-1, ... chat-9 (10)`.
+fn members(names: &[String]) -> String {
+    match names {
+        [first, second, .., last] if names.len() > 4 => {
+            format!("{first}, {second}, ... {last} ({})", names.len())
+        }
+        _ => names.join(", "),
+    }
+}
+
+/// The smaller p-value of a pair's two tests (1 when neither is defined).
+fn min_p(p: &PairTest) -> f64 {
+    let w = p.welch.map_or(1.0, |t| t.p);
+    let u = p.mann_whitney.map_or(1.0, |t| t.p);
+    w.min(u)
+}
+
 /// The "Fairness" section: one row per co-located condition. Empty when no co-located
 /// condition has fairness figures.
 pub fn fairness_section(a: &Analysis) -> String {
@@ -72,7 +92,7 @@ pub fn fairness_section(a: &Analysis) -> String {
                 .map(|k| {
                     format!(
                         "{}: {}",
-                        k.tenants.join(", "),
+                        members(&k.tenants),
                         k.jain.map(|j| j.show(3)).unwrap_or_else(|| "–".into())
                     )
                 })
@@ -188,8 +208,19 @@ fn fairness_detail(out: &mut String, f: &Fairness) {
             out.push_str("No latency samples to test.\n\n");
             continue;
         }
+        let mut listed: Vec<&PairTest> = k.pairs.iter().collect();
+        if listed.len() > PAIRS_LISTED {
+            listed.sort_by(|a, b| min_p(a).total_cmp(&min_p(b)));
+            listed.truncate(PAIRS_LISTED);
+            let _ = writeln!(
+                out,
+                "{} pairs, {} significant; the {PAIRS_LISTED} most different:\n",
+                k.pairs.len(),
+                k.pairs.iter().filter(|p| p.significant()).count()
+            );
+        }
         out.push_str("| pair | n | median ms | Welch t | p | Mann-Whitney U | p | |\n|---|---:|---:|---:|---:|---:|---:|---|\n");
-        for p in &k.pairs {
+        for p in listed {
             pair_row(out, p);
         }
         out.push('\n');

@@ -258,7 +258,8 @@ fn plot(series: &[(String, Vec<Step<'_>>)], path: &Path) -> Result<()> {
             if line.is_empty() {
                 continue;
             }
-            let (r, g, b) = Palette99::pick(k).rgb();
+            // from the second colour: the first is close to the reference line's red
+            let (r, g, b) = Palette99::pick(k + 1).rgb();
             let color = RGBColor(r, g, b);
             chart
                 .draw_series(LineSeries::new(
