@@ -92,7 +92,8 @@ fn tp2_pair_under_mps_has_per_gpu_limits_and_multicast_off() {
         whole.weights_bytes(true, 2, true).div_ceil(2)
     );
     assert_eq!(gen.kv_bytes_per_token, 98_304 / 2);
-    // Each GPU holds both engines' shares, within its memory.
+    // Each GPU holds both engines' shares, within its memory; the MPS daemon must see both.
+    assert_eq!(p.gpu_indices(), [0, 1]);
     assert_eq!(p.gpus.len(), 2);
     for u in &p.gpus {
         assert_eq!(u.engines.len(), 2, "{u:?}");
