@@ -254,6 +254,13 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
             i.last_exit.as_deref().unwrap_or("-")
         );
     }
+    let control = control_lines(&st);
+    if !control.is_empty() {
+        println!();
+        for l in control {
+            println!("{l}");
+        }
+    }
     let faults = mps_fault_lines(&st);
     if !faults.is_empty() {
         println!();
@@ -269,6 +276,71 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `status`'s SLO control section: the best-effort limit and its decisions, then each
+/// tenant's priority, measured p99s against its objectives and its queue. Nothing for a
+/// deployment without priorities.
+pub fn control_lines(st: &state::StateFile) -> Vec<String> {
+    let Some(c) = &st.gateway_control else {
+        return Vec::new();
+    };
+    let ms = |s: f64| format!("{:.0}ms", s * 1000.0);
+    let mut out = vec![format!(
+        "SLO control: best-effort limit {} (min {}, max {}), {} in flight; pressure {}; decisions: {} increase, {} decrease, {} hold",
+        c.limit,
+        c.min,
+        c.max,
+        c.in_flight,
+        c.pressure.map_or("-".to_string(), |p| format!("{p:.2}")),
+        c.decisions_increase,
+        c.decisions_decrease,
+        c.decisions_hold
+    )];
+    out.push(format!(
+        "{:<16} {:<12} {:<44} {:>9} {:>7} {:>9} {:>9} {:>9}",
+        "tenant",
+        "priority",
+        format!("p99 over {:.0}s (slo)", c.window_seconds),
+        "in flight",
+        "queued",
+        "admitted",
+        "429 full",
+        "429 wait"
+    ));
+    for t in &c.tenants {
+        let latency: Vec<String> = t
+            .latency
+            .iter()
+            .map(|m| {
+                let slo = m
+                    .slo_seconds
+                    .map(|s| format!(" ({})", ms(s)))
+                    .unwrap_or_default();
+                format!("{} {}{slo}", m.metric.name(), ms(m.p99_seconds))
+            })
+            .collect();
+        let latency = if latency.is_empty() {
+            "-".to_string()
+        } else {
+            latency.join(", ")
+        };
+        let q = |f: fn(&crate::gateway::QueueStats) -> String| {
+            t.queue.as_ref().map_or("-".to_string(), f)
+        };
+        out.push(format!(
+            "{:<16} {:<12} {:<44} {:>9} {:>7} {:>9} {:>9} {:>9}",
+            t.name,
+            t.priority.name(),
+            latency,
+            q(|q| q.in_flight.to_string()),
+            q(|q| q.queued.to_string()),
+            q(|q| q.admitted.to_string()),
+            q(|q| q.rejected_queue_full.to_string()),
+            q(|q| q.rejected_timeout.to_string()),
+        ));
+    }
+    out
 }
 
 /// How many of the most recent MPS faults `status` details.
@@ -332,9 +404,11 @@ mod tests {
             events: Vec::new(),
             mps_faults: Vec::new(),
             mps_faults_total: 0,
+            gateway_control: None,
         };
         assert_eq!(mps_fault_lines(&st), vec!["MPS faults: none"]);
         st.sharing = "timeslice".into();
         assert!(mps_fault_lines(&st).is_empty());
+        assert!(control_lines(&st).is_empty());
     }
 }

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::{Gateway, LeastOutstanding, WorkerSpec};
+use crate::gateway::{Gateway, LeastOutstanding, TenantSpec, WorkerSpec};
 use crate::gpu_glue::{self, Mps, MpsFaultLog};
 use crate::plan::Plan;
 use crate::process::{log_path, ProcSpec};
@@ -65,6 +65,50 @@ pub struct Deployment {
     mps: Option<Mps>,
     state: Arc<Mutex<StateFile>>,
     stop_timeout: Duration,
+    /// Copies the gateway's control snapshot into the state file every second.
+    control_writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Each engine as the gateway's tenant: the model its requests name, its priority and SLO
+/// (validation made engines serving one model agree on both).
+fn tenants(spec: &crate::spec::DeploymentSpec) -> Vec<TenantSpec> {
+    let mut out: Vec<TenantSpec> = Vec::new();
+    for e in &spec.engines {
+        match out.iter_mut().find(|t| t.model == e.served_name()) {
+            Some(t) => {
+                t.name.push('+');
+                t.name.push_str(&e.name);
+            }
+            None => out.push(TenantSpec {
+                name: e.name.clone(),
+                model: e.served_name().to_string(),
+                priority: e.priority,
+                slo: e.slo,
+            }),
+        }
+    }
+    out
+}
+
+/// How often `colocate status`'s view of the SLO controller is refreshed.
+const CONTROL_STATE_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes the gateway's control snapshot into the state file every
+/// [`CONTROL_STATE_EVERY`] until aborted.
+async fn write_control(
+    source: impl Fn() -> Option<crate::gateway::ControlSnapshot>,
+    state: Arc<Mutex<StateFile>>,
+    run_dir: PathBuf,
+) {
+    let mut every = tokio::time::interval(CONTROL_STATE_EVERY);
+    loop {
+        every.tick().await;
+        let mut s = state.lock();
+        s.gateway_control = source();
+        if let Err(e) = state::write(&run_dir, &s) {
+            tracing::warn!("state file: {e:#}");
+        }
+    }
 }
 
 /// The binary that runs built-in engines.
@@ -154,6 +198,7 @@ impl Deployment {
             events: Vec::new(),
             mps_faults: Vec::new(),
             mps_faults_total: 0,
+            gateway_control: None,
         }));
 
         // The gateway first: a port in use fails now.
@@ -175,6 +220,8 @@ impl Deployment {
                         &g.models,
                         Arc::new(LeastOutstanding),
                         g.drain_timeout,
+                        tenants(spec),
+                        g.control.clone(),
                     )
                     .await?,
                 )
@@ -183,12 +230,22 @@ impl Deployment {
         };
         let gateway_url = gateway.as_ref().map(|g| g.url());
         state.lock().gateway_url = gateway_url.clone();
+        let control_writer = gateway.as_ref().filter(|g| g.control().is_some()).map(|g| {
+            tokio::spawn(write_control(
+                g.control_source(),
+                state.clone(),
+                run_dir.clone(),
+            ))
+        });
 
         let mps = if spec.sharing == Sharing::Mps {
             let dir = run_dir.join("mps");
             match tokio::task::spawn_blocking(move || Mps::start(&dir)).await? {
                 Ok(m) => Some(m),
                 Err(e) => {
+                    if let Some(w) = &control_writer {
+                        w.abort();
+                    }
                     if let Some(g) = gateway {
                         g.shutdown().await;
                     }
@@ -278,6 +335,9 @@ impl Deployment {
         {
             Ok(s) => s,
             Err(e) => {
+                if let Some(w) = &control_writer {
+                    w.abort();
+                }
                 if let Some(g) = gateway {
                     g.shutdown().await;
                 }
@@ -306,6 +366,7 @@ impl Deployment {
             mps,
             state,
             stop_timeout: spec.supervise.stop_timeout,
+            control_writer,
         })
     }
 
@@ -368,6 +429,9 @@ impl Deployment {
 
     /// Gateway drains, engines stop in reverse order, MPS quits.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        if let Some(w) = &self.control_writer {
+            w.abort();
+        }
         {
             let mut s = self.state.lock();
             s.phase = "stopping".into();

@@ -102,12 +102,9 @@ pub struct Mps {
 
 impl Mps {
     /// Starts the daemon with its folders under `dir`. The daemon inherits this
-    /// process's environment unchecked; [`Mps::start_seeing`] checks that it sees the
-    /// deployment's GPUs.
+    /// process's environment; see [`Mps::start_seeing`].
     pub fn start(dir: &Path) -> anyhow::Result<Mps> {
-        Ok(Mps {
-            daemon: gpu::mps::MpsDaemon::start(dir)?,
-        })
+        Self::start_seeing(dir, &[])
     }
 
     /// Starts the daemon, first checking that it will see `gpus` (the deployment's GPU
@@ -122,7 +119,9 @@ impl Mps {
         if let Err(why) = daemon_sees(inherited.as_deref(), gpus) {
             bail!("{why}");
         }
-        Self::start(dir)
+        Ok(Mps {
+            daemon: gpu::mps::MpsDaemon::start(dir)?,
+        })
     }
 
     /// The environment of one client: the daemon's folders and this engine's limits.

@@ -171,17 +171,6 @@ fn one() -> u32 {
     1
 }
 
-impl Plan {
-    /// The machine indices of the GPUs the deployment uses (what the MPS daemon must see:
-    /// `gpu_glue::Mps::start_seeing`); GPUs named by UUID are left out.
-    pub fn gpu_indices(&self) -> Vec<u32> {
-        self.gpus
-            .iter()
-            .filter_map(|u| u.gpu.parse().ok())
-            .collect()
-    }
-}
-
 /// Bytes per weight/KV element an engine uses.
 /// The machine index of a GPU named by index (a UUID has none here).
 fn index_of(g: &GpuSelector) -> Option<u32> {

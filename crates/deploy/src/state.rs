@@ -39,6 +39,10 @@ pub struct StateFile {
     /// MPS faults seen in all.
     #[serde(default)]
     pub mps_faults_total: u64,
+    /// The gateway's SLO controller and tenants, refreshed every second while it runs
+    /// (absent without priorities; older readers ignore it, so the schema stays 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_control: Option<crate::gateway::ControlSnapshot>,
 }
 
 impl StateFile {
@@ -107,6 +111,7 @@ mod tests {
             events: Vec::new(),
             mps_faults: Vec::new(),
             mps_faults_total: 0,
+            gateway_control: None,
         }
     }
 

@@ -18,17 +18,35 @@
 //! - [`request`]: reading a client's body and the `model` it is routed by.
 //! - [`routes`]: the router: the gateway's own routes and the error answers.
 //! - [`proxy`]: forwarding to a replica, retries, streaming back.
+//!
+//! Tenant priorities and SLO control (issue 18): each engine is a tenant (`latency`,
+//! `normal` or `best-effort`); the gateway measures every tenant's latency from the
+//! traffic it proxies and keeps the latency tenants within their SLOs by limiting the
+//! best-effort tenants' requests in flight.
+//! - [`slo`]: the live latency of each tenant (TTFT, chunk gaps, whole request; p99 over a
+//!   sliding window).
+//! - [`controller`]: the AIMD rule that moves the best-effort limit (pure).
+//! - [`admission`]: the best-effort limit, a bounded FIFO queue per tenant, 429 beyond.
+//! - [`control`]: tenants, the tick that feeds the rule and sets the limit, the snapshot
+//!   shown in `/metrics` and `colocate status`.
 
+mod admission;
+mod control;
+mod controller;
 mod health;
 mod policy;
 mod proxy;
 mod request;
 mod routes;
+mod slo;
 mod stats;
 
+pub use admission::QueueStats;
+pub use control::{ControlSnapshot, MetricNow, TenantSnapshot, TenantSpec};
 pub use health::{Worker, WorkerHealth, WorkerSpec};
 pub use policy::{LeastOutstanding, Policy};
 pub use request::MAX_BODY_BYTES;
+pub use slo::Metric;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,7 +56,10 @@ use anyhow::Context;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use control::Control;
 use stats::StatsTable;
+
+use crate::spec::ControlSpec;
 
 /// How long an idle pooled connection to an engine is kept. Below the engines' own idle
 /// limit (`http_guard::Limits::header_read_timeout`, 30 s for `colocate serve`) so that
@@ -53,6 +74,7 @@ pub(crate) struct Shared {
     pub(crate) policy: Arc<dyn Policy>,
     pub(crate) client: reqwest::Client,
     pub(crate) stats: Mutex<StatsTable>,
+    pub(crate) control: Arc<Control>,
 }
 
 impl Shared {
@@ -69,18 +91,24 @@ pub struct Gateway {
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<()>,
     checker: tokio::task::JoinHandle<()>,
+    controller: Option<tokio::task::JoinHandle<()>>,
     drain_timeout: Duration,
 }
 
 impl Gateway {
     /// Listens on `address` and starts health checks. `models`: the served model names
-    /// to expose (empty: every worker's).
+    /// to expose (empty: every worker's). `tenants`: each served model's priority and SLO
+    /// (a model not listed is `normal`); when one is `latency` or `best-effort`, the SLO
+    /// controller runs with the settings of `control`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         address: &str,
         workers: Vec<WorkerSpec>,
         models: &[String],
         policy: Arc<dyn Policy>,
         drain_timeout: Duration,
+        tenants: Vec<TenantSpec>,
+        control: ControlSpec,
     ) -> anyhow::Result<Gateway> {
         let listener = tokio::net::TcpListener::bind(address)
             .await
@@ -108,6 +136,7 @@ impl Gateway {
             policy,
             client,
             stats: Mutex::new(StatsTable::default()),
+            control: Arc::new(Control::new(tenants, control)),
         });
         let cancel = CancellationToken::new();
         // Every client connection may hold one to an engine: two descriptors each.
@@ -119,14 +148,33 @@ impl Gateway {
         let stop = cancel.clone();
         let server = tokio::spawn(server.serve(async move { stop.cancelled().await }));
         let checker = tokio::spawn(health::check_loop(shared.clone(), cancel.clone()));
+        let controller = shared
+            .control
+            .active()
+            .then(|| tokio::spawn(control::tick_loop(shared.control.clone(), cancel.clone())));
         Ok(Gateway {
             shared,
             addr,
             cancel,
             server,
             checker,
+            controller,
             drain_timeout,
         })
+    }
+
+    /// The SLO controller and the tenants now (`None` when no engine has a priority).
+    pub fn control(&self) -> Option<ControlSnapshot> {
+        self.shared
+            .control
+            .active()
+            .then(|| self.shared.control.snapshot())
+    }
+
+    /// A callback form of [`Gateway::control`], for the state file's writer.
+    pub fn control_source(&self) -> impl Fn() -> Option<ControlSnapshot> + Send + Sync + 'static {
+        let control = self.shared.control.clone();
+        move || control.active().then(|| control.snapshot())
     }
 
     /// `http://HOST:PORT`.
@@ -170,6 +218,9 @@ impl Gateway {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         self.checker.abort();
+        if let Some(c) = self.controller {
+            c.abort();
+        }
         let mut server = self.server;
         if tokio::time::timeout(self.drain_timeout, &mut server)
             .await

@@ -5,10 +5,14 @@
 //! mid-answer, a streamed (SSE) answer ends with an OpenAI error event and `[DONE]`, as
 //! vLLM ends a stream that fails, and any other answer is cut; the gateway goes on
 //! serving and the worker is left to the health checks and the supervisor.
+//!
+//! On the way, a best-effort tenant's request first waits for a place in admission
+//! ([`super::admission`]; refused with 429 and `Retry-After`), and every answer's timing
+//! (first chunk, chunk gaps, end) is recorded for its tenant ([`super::slo`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -17,8 +21,11 @@ use axum::response::Response;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
+use super::admission::{Permit, Refusal};
+use super::control::Tenant;
 use super::request::{error, read_body, routing_model};
 use super::routes::no_route;
+use super::slo::{ChunkTimes, Metric};
 use super::{Shared, Worker};
 
 /// The route label of requests forwarded on paths outside [`super::routes::FORWARDED`]:
@@ -102,6 +109,25 @@ async fn dispatch(
             ),
         );
     }
+    let tenant = s.control.tenant_of(model).cloned();
+    // A best-effort request waits for a place first (held until its answer ends).
+    let mut permit = match tenant.as_ref().and_then(|t| t.best_effort()) {
+        Some(i) => match s.control.admission.admit(i).await {
+            Ok(p) => Some(p),
+            Err(why) => {
+                let (name, wait) = (
+                    tenant.as_ref().map_or("", |t| t.spec.name.as_str()),
+                    s.control.admission.retry_after(i),
+                );
+                return own_answer(
+                    s,
+                    route,
+                    refusal(why, name, wait, s.control.admission.queue_timeout()),
+                );
+            }
+        },
+        None => None,
+    };
     let mut tried: Vec<usize> = Vec::new();
     let mut soft_failed: Vec<usize> = Vec::new();
     loop {
@@ -147,6 +173,11 @@ async fn dispatch(
             route: route.to_string(),
             start,
             ok: true,
+            tenant: None,
+            permit: None,
+            times: ChunkTimes::default(),
+            measured: false,
+            completed: false,
         };
         let target = format!(
             "{}{}",
@@ -177,6 +208,10 @@ async fn dispatch(
                     .get(header::CONTENT_TYPE.as_str())
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.starts_with("text/event-stream"));
+                // The place is held until the body ends; only successes are timed.
+                finish.permit = permit.take();
+                finish.measured = status.is_success();
+                finish.tenant = tenant.clone();
                 let body = Passthrough::new(resp.bytes_stream().boxed(), finish, sse).into_body();
                 return out.body(body).unwrap_or_else(|e| {
                     error(
@@ -204,13 +239,50 @@ async fn dispatch(
     }
 }
 
-/// Ends a request's accounting when its response body is dropped (finished or aborted).
+/// A best-effort request refused: 429 with `Retry-After` (503 when the gateway is
+/// closing), in an OpenAI error body.
+fn refusal(why: Refusal, tenant: &str, retry_after: Duration, timeout: Duration) -> Response {
+    let secs = retry_after.as_secs().max(1);
+    let message = match why {
+        Refusal::QueueFull => format!(
+            "`{tenant}` is best-effort and throttled to keep the latency engines within their SLOs; its queue is full: retry after {secs} s"
+        ),
+        Refusal::Timeout => format!(
+            "`{tenant}` is best-effort and throttled to keep the latency engines within their SLOs; no place came free within {}: retry after {secs} s",
+            ::units::duration::format(timeout)
+        ),
+        Refusal::Closed => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                openai::ErrorBody::unavailable("the gateway is shutting down"),
+            )
+        }
+    };
+    let mut r = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        openai::ErrorBody::new(429, "rate_limit_error", message, None),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r
+}
+
+/// Ends a request's accounting when its response body is dropped (finished or aborted):
+/// counters, the tenant's latency samples, and its best-effort place given back.
 struct Finish {
     shared: Arc<Shared>,
     worker: Arc<Worker>,
     route: String,
     start: Instant,
     ok: bool,
+    tenant: Option<Arc<Tenant>>,
+    /// Dropped with this: the place goes back after the body ended.
+    permit: Option<Permit>,
+    times: ChunkTimes,
+    /// A 2xx answer: its latency is the engine's (not a refusal's).
+    measured: bool,
+    /// The body ended normally (not cut, not abandoned by the client).
+    completed: bool,
 }
 
 impl Drop for Finish {
@@ -220,6 +292,12 @@ impl Drop for Finish {
         self.shared.policy.on_finish(&self.worker, self.ok, latency);
         self.shared
             .record(&self.worker.spec.name, &self.route, self.ok, Some(latency));
+        if let (Some(t), true) = (&self.tenant, self.measured && self.completed && self.ok) {
+            t.record(Metric::E2el, self.start, latency);
+            if let Some(tpot) = self.times.tpot() {
+                t.record(Metric::Tpot, self.start, tpot);
+            }
+        }
     }
 }
 
@@ -260,8 +338,20 @@ impl Passthrough {
         if self.ended {
             return None;
         }
-        match self.upstream.next().await? {
+        let Some(item) = self.upstream.next().await else {
+            self.finish.completed = true;
+            return None;
+        };
+        match item {
             Ok(chunk) => {
+                if !chunk.is_empty() && self.sse {
+                    let now = Instant::now();
+                    if self.finish.times.chunk(now) && self.finish.measured {
+                        if let Some(t) = &self.finish.tenant {
+                            t.record(Metric::Ttft, self.finish.start, now - self.finish.start);
+                        }
+                    }
+                }
                 match chunk.len() {
                     0 => {}
                     1 => self.tail = [self.tail[1], chunk[0]],

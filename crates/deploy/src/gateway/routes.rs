@@ -100,6 +100,9 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    let text = s.stats.lock().render(&s.workers);
+    let mut text = s.stats.lock().render(&s.workers);
+    if s.control.active() {
+        s.control.snapshot().render(&mut text);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

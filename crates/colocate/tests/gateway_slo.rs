@@ -1,0 +1,493 @@
+//! SLO control end to end (issue 18): `colocate up` of two real built-in engines on the
+//! CPU (a tiny Qwen3 generator, priority `latency`, and a tiny embedder, `best-effort`)
+//! behind the real gateway. A stream of generation requests runs alone, then beside a
+//! flood of embedding requests, first with no priorities (nothing controlled) and then
+//! with the SLO controller on.
+//!
+//! The SLO is chosen from the solo baseline measured here, not as an absolute number, so
+//! that the test holds on a slow or loaded machine: the uncontrolled flood must push the
+//! generator's TTFT p99 over it and the controlled one must keep it within (with margin
+//! for the p99 of a few hundred samples). Every flood request is answered 200 or refused
+//! 429 with `Retry-After` and an OpenAI error body; none is lost.
+//!
+//! The controller may go down to no best-effort request in flight (`min_best_effort =
+//! 0`): on two CPU cores a single embedding request keeps the embedder's threads busy for
+//! its whole length, so only a pause gives the generator its cores back.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_colocate");
+
+/// Concurrent clients of the best-effort flood (closed loop).
+const FLOOD_CLIENTS: usize = 16;
+/// Inputs per embedding request, and characters (byte-level tokens) per input: heavy
+/// enough that 16 in flight keep the embedder's threads busy, light enough that one in
+/// flight leaves the generator most of the CPU.
+const FLOOD_INPUTS: usize = 4;
+const FLOOD_INPUT_CHARS: usize = 192;
+/// Characters (byte-level tokens) of the generator's prompt.
+const PROMPT_CHARS: usize = 100;
+/// How long each latency measurement runs.
+const MEASURE: Duration = Duration::from_secs(5);
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A running `colocate up`, killed on drop (its engines die with it).
+struct Up {
+    child: Child,
+    run_dir: PathBuf,
+    gw: String,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn state(run_dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(run_dir.join("state.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The generator and the embedder behind a gateway; with `slo`, the generator is a
+/// latency tenant with that TTFT p99 objective and the embedder best-effort.
+fn start_up(dir: &Path, name: &str, slo: Option<Duration>) -> Up {
+    let (gen_port, embed_port, gw_port) = (free_port(), free_port(), free_port());
+    let (gen_priority, embed_priority) = match slo {
+        Some(d) => (
+            format!(
+                "priority = \"latency\"\nslo = {{ ttft_p99 = \"{}ms\" }}",
+                d.as_millis()
+            ),
+            "priority = \"best-effort\"".to_string(),
+        ),
+        None => (String::new(), String::new()),
+    };
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+name = "{name}"
+gpu = "cpu"
+[gateway]
+address = "127.0.0.1:{gw_port}"
+drain_timeout = "5s"
+[gateway.control]
+interval = "100ms"
+window = "3s"
+min_best_effort = 0
+max_best_effort = {FLOOD_CLIENTS}
+queue = 64
+queue_timeout = "2s"
+[supervise]
+stop_timeout = "5s"
+[[engines]]
+name = "gen"
+model = "preset:qwen3-tiny"
+served_model_name = "tiny-gen"
+load_format = "dummy"
+port = {gen_port}
+memory = "64MiB"
+{gen_priority}
+[[engines]]
+name = "embed"
+model = "preset:qwen3-tiny"
+served_model_name = "tiny-embed"
+task = "embed"
+load_format = "dummy"
+port = {embed_port}
+{embed_priority}
+"#
+        ),
+    )
+    .unwrap();
+    let run_dir = dir.join(name);
+    let child = Command::new(BIN)
+        .args(["up", file.to_str().unwrap(), "--run-dir"])
+        .arg(&run_dir)
+        .arg("--quiet")
+        .env("COLOCATE_BIN", BIN)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = Up {
+        child,
+        run_dir,
+        gw: format!("http://127.0.0.1:{gw_port}"),
+    };
+    let t0 = Instant::now();
+    while !state(&up.run_dir).is_some_and(|s| s["phase"] == "running") {
+        if let Ok(Some(st)) = up.child.try_wait() {
+            panic!(
+                "`colocate up` exited early: {st}; logs in {}",
+                up.run_dir.display()
+            );
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "`up` never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    up
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// The `q`th percentile by linear interpolation (vLLM's rule).
+fn percentile(v: &[Duration], q: f64) -> Duration {
+    let mut s: Vec<f64> = v.iter().map(Duration::as_secs_f64).collect();
+    s.sort_by(f64::total_cmp);
+    assert!(!s.is_empty(), "no sample");
+    let rank = q / 100.0 * (s.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    Duration::from_secs_f64(s[lo] + (s[hi] - s[lo]) * (rank - lo as f64))
+}
+
+/// Streamed completions one after another for `how_long`: each one's TTFT as the client
+/// sees it (send to the first body chunk). Every one must succeed.
+async fn latency_stream(gw: &str, how_long: Duration) -> Vec<Duration> {
+    let c = client();
+    let prompt: String = "The quick brown fox jumps over the lazy dog. "
+        .repeat(PROMPT_CHARS / 45 + 1)
+        .chars()
+        .take(PROMPT_CHARS)
+        .collect();
+    let body = serde_json::json!({
+        "model": "tiny-gen", "prompt": prompt, "max_tokens": 8,
+        "temperature": 0, "ignore_eos": true, "stream": true,
+    });
+    let mut ttfts = Vec::new();
+    let end = Instant::now() + how_long;
+    while Instant::now() < end {
+        let t0 = Instant::now();
+        let r = c
+            .post(format!("{gw}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let mut stream = r.bytes_stream();
+        let mut first = None;
+        let mut text = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.unwrap();
+            if first.is_none() && !chunk.is_empty() {
+                first = Some(t0.elapsed());
+            }
+            text.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        ttfts.push(first.expect("an empty stream"));
+    }
+    ttfts
+}
+
+/// What the flood got back.
+#[derive(Debug, Default)]
+struct FloodCounts {
+    ok: u64,
+    refused: u64,
+}
+
+/// `FLOOD_CLIENTS` clients sending embedding requests back to back until `stop`; a 429
+/// must carry `Retry-After` and an OpenAI error body (the client then tries again after a
+/// short pause, as an impatient client would). Anything else fails the test.
+async fn flood(gw: String, stop: Arc<AtomicBool>) -> FloodCounts {
+    let input: Vec<String> = (0..FLOOD_INPUTS)
+        .map(|i| {
+            format!("{i} lorem ipsum dolor sit amet ")
+                .repeat(FLOOD_INPUT_CHARS / 28 + 1)
+                .chars()
+                .take(FLOOD_INPUT_CHARS)
+                .collect()
+        })
+        .collect();
+    let body = serde_json::json!({ "model": "tiny-embed", "input": input });
+    let tasks: Vec<_> = (0..FLOOD_CLIENTS)
+        .map(|_| {
+            let (gw, stop, body) = (gw.clone(), stop.clone(), body.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let mut counts = FloodCounts::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = c
+                        .post(format!("{gw}/v1/embeddings"))
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("the gateway did not answer");
+                    let status = r.status().as_u16();
+                    let retry_after = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    let v: serde_json::Value = r.json().await.expect("not a JSON answer");
+                    match status {
+                        200 => {
+                            assert_eq!(v["data"].as_array().map(Vec::len), Some(FLOOD_INPUTS));
+                            counts.ok += 1;
+                        }
+                        429 => {
+                            assert_eq!(v["error"]["code"], 429, "{v}");
+                            assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+                            assert!(v["error"]["message"].is_string(), "{v}");
+                            assert!(retry_after.is_some_and(|s| s >= 1), "no Retry-After: {v}");
+                            counts.refused += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        other => panic!("flood request answered {other}: {v}"),
+                    }
+                }
+                counts
+            })
+        })
+        .collect();
+    let mut total = FloodCounts::default();
+    for t in tasks {
+        let c = t.await.unwrap();
+        total.ok += c.ok;
+        total.refused += c.refused;
+    }
+    total
+}
+
+/// The latency stream beside the flood, both running `warm` (the controller, when there
+/// is one, converges) and then [`MEASURE`], over which the stream is measured. Returns
+/// the stream's TTFTs and the flood's answers.
+async fn under_flood(gw: &str, warm: Duration) -> (Vec<Duration>, FloodCounts) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = tokio::spawn(flood(gw.to_string(), stop.clone()));
+    let _ = latency_stream(gw, warm).await;
+    let ttfts = latency_stream(gw, MEASURE).await;
+    stop.store(true, Ordering::Relaxed);
+    let counts = flood.await.unwrap();
+    (ttfts, counts)
+}
+
+async fn metrics(gw: &str) -> String {
+    client()
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_keeps_the_latency_tenant_within_its_slo_under_a_best_effort_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let t_start = Instant::now();
+
+    // 1. No priorities: the solo baseline, then the flood uncontrolled.
+    let up = start_up(dir.path(), "uncontrolled", None);
+    let _ = latency_stream(&up.gw, Duration::from_millis(500)).await; // warm-up
+    let solo = latency_stream(&up.gw, MEASURE).await;
+    let (flooded, counts_u) = under_flood(&up.gw, Duration::from_secs(1)).await;
+    let text = metrics(&up.gw).await;
+    assert!(
+        !text.contains("colocate_gateway_best_effort_limit"),
+        "no priorities, no controller:\n{text}"
+    );
+    drop(up);
+    let solo_p99 = percentile(&solo, 99.0);
+    let flood_p99 = percentile(&flooded, 99.0);
+    eprintln!(
+        "solo: {} requests, TTFT p50 {:.1} ms p99 {:.1} ms; uncontrolled flood: {} requests, p50 {:.1} ms p99 {:.1} ms; flood answers {counts_u:?}",
+        solo.len(),
+        ms(percentile(&solo, 50.0)),
+        ms(solo_p99),
+        flooded.len(),
+        ms(percentile(&flooded, 50.0)),
+        ms(flood_p99)
+    );
+    assert_eq!(counts_u.refused, 0, "nothing refuses without priorities");
+
+    // The SLO: halfway (geometrically) between the solo p99 and the flooded one, so that
+    // the uncontrolled flood misses it and a change of the machine's background load by
+    // less than that factor does not decide the test.
+    let slo = Duration::from_secs_f64((solo_p99.as_secs_f64() * flood_p99.as_secs_f64()).sqrt());
+    assert!(
+        flood_p99 > slo * 3 / 2,
+        "the flood does not hurt the generator enough to test control: solo p99 {:.1} ms, flooded {:.1} ms",
+        ms(solo_p99),
+        ms(flood_p99)
+    );
+
+    // 2. The generator a latency tenant with that SLO, the embedder best-effort.
+    let up = start_up(dir.path(), "controlled", Some(slo));
+    let _ = latency_stream(&up.gw, Duration::from_millis(500)).await;
+    let trace_stop = Arc::new(AtomicBool::new(false));
+    let tracer = {
+        let (gw, stop) = (up.gw.clone(), trace_stop.clone());
+        tokio::spawn(async move {
+            let mut trace = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let text = metrics(&gw).await;
+                trace.push(format!(
+                    "{}/{}",
+                    metric(&text, "colocate_gateway_best_effort_limit "),
+                    metric(&text, "colocate_gateway_best_effort_in_flight ")
+                ));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            trace
+        })
+    };
+    let (controlled, counts_c) = under_flood(&up.gw, Duration::from_secs(3)).await;
+    trace_stop.store(true, Ordering::Relaxed);
+    eprintln!(
+        "limit/in flight every 250 ms: {}",
+        tracer.await.unwrap().join(" ")
+    );
+    let ctl_p99 = percentile(&controlled, 99.0);
+    let text = metrics(&up.gw).await;
+    let decreases = metric(
+        &text,
+        "colocate_gateway_controller_decisions_total{decision=\"decrease\"}",
+    );
+    let limit = metric(&text, "colocate_gateway_best_effort_limit ");
+    eprintln!(
+        "controlled (SLO {:.1} ms): {} requests, TTFT p50 {:.1} ms p99 {:.1} ms; flood answers {counts_c:?}; limit now {limit}, {decreases} decreases",
+        ms(slo),
+        controlled.len(),
+        ms(percentile(&controlled, 50.0)),
+        ms(ctl_p99)
+    );
+    assert!(decreases >= 1.0, "{text}");
+    assert!(
+        ctl_p99 <= slo * 5 / 4,
+        "TTFT p99 {:.1} ms over the SLO of {:.1} ms",
+        ms(ctl_p99),
+        ms(slo)
+    );
+    assert!(
+        ctl_p99 * 2 < flood_p99,
+        "control did not help: {:.1} ms against {:.1} ms uncontrolled",
+        ms(ctl_p99),
+        ms(flood_p99)
+    );
+    // The embedder still gets what the generator leaves.
+    assert!(counts_c.ok > 0, "{counts_c:?}");
+    assert!(
+        text.contains("colocate_gateway_tenant_slo_seconds{tenant=\"gen\",metric=\"ttft\"}"),
+        "{text}"
+    );
+    assert!(text.contains("colocate_gateway_queue_depth{tenant=\"embed\"}"));
+    // Every answer the gateway gave the flood is counted: 200s as admitted, 429s as
+    // rejected.
+    let admitted = metric(&text, "colocate_gateway_admitted_total{tenant=\"embed\"}");
+    let rejected = metric(
+        &text,
+        "colocate_gateway_rejected_total{tenant=\"embed\",reason=\"timeout\"}",
+    ) + metric(
+        &text,
+        "colocate_gateway_rejected_total{tenant=\"embed\",reason=\"queue_full\"}",
+    );
+    assert_eq!(admitted as u64, counts_c.ok, "{text}");
+    assert_eq!(rejected as u64, counts_c.refused, "{text}");
+
+    // `colocate status` shows the controller and the tenants (the state file is
+    // refreshed every second; a few requests put the generator back in the window).
+    let _ = latency_stream(&up.gw, Duration::from_millis(300)).await;
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = Command::new(BIN)
+        .args(["status", up.run_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        status.contains("SLO control: best-effort limit"),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("gen ") && l.contains("latency") && l.contains("ttft")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("embed ") && l.contains("best-effort")),
+        "{status}"
+    );
+    eprintln!("{status}");
+    eprintln!("took {:.1} s", t_start.elapsed().as_secs_f64());
+}
+
+/// The example deployment reads, validates and plans (its priorities, SLOs and
+/// `[gateway.control]` included).
+#[test]
+fn the_example_deployment_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(BIN)
+        .args(["plan", "examples/slo-controlled.toml"])
+        .current_dir(&root)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // and a misuse is named with its field and reason
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("examples/slo-controlled.toml"))
+        .unwrap()
+        .replace("slo = { ttft_p99 = \"300ms\", tpot_p99 = \"40ms\" }", "");
+    let file = dir.path().join("no-slo.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["plan", file.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("engines[0].slo: missing: priority = \"latency\" needs an SLO"),
+        "{err}"
+    );
+}

@@ -1,0 +1,545 @@
+//! Tenant priorities and SLO control: the tenants, their measured latency, the AIMD
+//! [`controller`](super::controller) on a tick, and best-effort [`admission`](super::admission).
+//!
+//! A tenant is what a request names in `model`: the engine(s) serving that model, with the
+//! engine's `priority` and `slo`. Each tick (`[gateway.control] interval`) the loop reads
+//! every latency tenant's p99 over the window against its objectives, lets the controller
+//! decide, and hands the new limit to admission, which releases waiting best-effort
+//! requests at once when it rises. Nothing here talks to an engine.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::admission::{Admission, QueueStats};
+use super::controller::{worst, Aimd, Decision, Observation};
+use super::slo::{Metric, TenantLatency};
+use crate::spec::{ControlSpec, Priority, SloSpec};
+
+/// A tenant as the gateway is told about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantSpec {
+    /// The engine's name (replicas share it).
+    pub name: String,
+    /// The model name its requests carry.
+    pub model: String,
+    pub priority: Priority,
+    pub slo: Option<SloSpec>,
+}
+
+/// One tenant and its live measurements.
+pub(crate) struct Tenant {
+    pub(crate) spec: TenantSpec,
+    latency: Mutex<TenantLatency>,
+    /// Its index in [`Admission`] when best-effort.
+    best_effort: Option<usize>,
+}
+
+impl Tenant {
+    /// Records a sample of `metric` for a request that reached the gateway at `start`.
+    pub(crate) fn record(&self, metric: Metric, start: Instant, value: Duration) {
+        self.latency
+            .lock()
+            .push(metric, start, Instant::now(), value);
+    }
+
+    /// Its place in admission, when it is best-effort.
+    pub(crate) fn best_effort(&self) -> Option<usize> {
+        self.best_effort
+    }
+}
+
+/// The controller's counters.
+#[derive(Default)]
+struct Decisions {
+    increase: AtomicU64,
+    decrease: AtomicU64,
+    hold: AtomicU64,
+}
+
+/// Tenants, admission and the controller's state, shared by the handlers and the tick.
+pub(crate) struct Control {
+    tenants: Vec<Arc<Tenant>>,
+    pub(crate) admission: Arc<Admission>,
+    aimd: Mutex<AimdState>,
+    decisions: Decisions,
+    spec: ControlSpec,
+}
+
+struct AimdState {
+    aimd: Aimd,
+    /// When the limit last went down: samples of requests sent before it are stale.
+    last_decrease: Option<Instant>,
+    /// The last tick's worst pressure over the whole window.
+    pressure: Option<f64>,
+}
+
+impl Control {
+    /// The tenants of a deployment and the controller's settings.
+    pub(crate) fn new(tenants: Vec<TenantSpec>, spec: ControlSpec) -> Control {
+        let mut n_be = 0;
+        let tenants: Vec<Arc<Tenant>> = tenants
+            .into_iter()
+            .map(|t| {
+                let best_effort = (t.priority == Priority::BestEffort).then(|| {
+                    n_be += 1;
+                    n_be - 1
+                });
+                Arc::new(Tenant {
+                    spec: t,
+                    latency: Mutex::new(TenantLatency::default()),
+                    best_effort,
+                })
+            })
+            .collect();
+        let aimd = Aimd::new(spec.min_best_effort, spec.max_best_effort);
+        let admission = Arc::new(Admission::new(
+            n_be,
+            aimd.limit(),
+            spec.queue as usize,
+            spec.queue_timeout,
+        ));
+        Control {
+            tenants,
+            admission,
+            aimd: Mutex::new(AimdState {
+                aimd,
+                last_decrease: None,
+                pressure: None,
+            }),
+            decisions: Decisions::default(),
+            spec,
+        }
+    }
+
+    /// The tenant whose requests name `model`.
+    pub(crate) fn tenant_of(&self, model: &str) -> Option<&Arc<Tenant>> {
+        self.tenants.iter().find(|t| t.spec.model == model)
+    }
+
+    /// True when some tenant has a priority to enforce (a latency or best-effort one).
+    pub(crate) fn active(&self) -> bool {
+        self.tenants
+            .iter()
+            .any(|t| t.spec.priority != Priority::Normal)
+    }
+
+    /// One tick: prune the windows, observe, decide, set the limit.
+    pub(crate) fn tick(&self, now: Instant) -> Decision {
+        let mut st = self.aimd.lock();
+        let since = st.last_decrease;
+        let views: Vec<(Option<f64>, Option<f64>)> = self
+            .tenants
+            .iter()
+            .filter(|t| t.spec.priority == Priority::Latency)
+            .filter_map(|t| {
+                let slo = t.spec.slo?;
+                let mut lat = t.latency.lock();
+                lat.prune(now, self.spec.window);
+                Some((pressure(&lat, &slo, since), pressure(&lat, &slo, None)))
+            })
+            .collect();
+        // the others' windows are pruned too, for what /metrics shows
+        for t in &self.tenants {
+            if t.spec.priority != Priority::Latency {
+                t.latency.lock().prune(now, self.spec.window);
+            }
+        }
+        let obs = Observation {
+            fresh: worst(views.iter().map(|v| v.0)),
+            window: worst(views.iter().map(|v| v.1)),
+        };
+        st.pressure = obs.window;
+        let decision = st.aimd.step(obs);
+        if decision == Decision::Decrease {
+            st.last_decrease = Some(now);
+        }
+        let counter = match decision {
+            Decision::Increase => &self.decisions.increase,
+            Decision::Decrease => &self.decisions.decrease,
+            Decision::Hold => &self.decisions.hold,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let limit = st.aimd.limit();
+        drop(st);
+        if decision != Decision::Hold {
+            tracing::debug!(limit, "gateway control: {}", decision.name());
+        }
+        self.admission.set_limit(limit);
+        decision
+    }
+
+    /// What `/metrics` and `colocate status` show.
+    pub fn snapshot(&self) -> ControlSnapshot {
+        let (limit, in_flight) = self.admission.load();
+        let st = self.aimd.lock();
+        let (min, max) = st.aimd.bounds();
+        let pressure = st.pressure;
+        drop(st);
+        let queues = self.admission.stats();
+        let tenants = self
+            .tenants
+            .iter()
+            .map(|t| {
+                let lat = t.latency.lock();
+                let measured = Metric::ALL
+                    .into_iter()
+                    .filter_map(|m| {
+                        let s = lat.series(m);
+                        (!s.is_empty()).then(|| MetricNow {
+                            metric: m,
+                            p99_seconds: s.p99_since(None).unwrap_or(0.0),
+                            samples: s.len() as u64,
+                            slo_seconds: t.spec.slo.and_then(|slo| objective(&slo, m)),
+                        })
+                    })
+                    .collect();
+                TenantSnapshot {
+                    name: t.spec.name.clone(),
+                    model: t.spec.model.clone(),
+                    priority: t.spec.priority,
+                    slo: t.spec.slo,
+                    latency: measured,
+                    queue: t.best_effort.and_then(|i| queues.get(i).cloned()),
+                }
+            })
+            .collect();
+        ControlSnapshot {
+            limit,
+            min,
+            max,
+            in_flight,
+            pressure,
+            decisions_increase: self.decisions.increase.load(Ordering::Relaxed),
+            decisions_decrease: self.decisions.decrease.load(Ordering::Relaxed),
+            decisions_hold: self.decisions.hold.load(Ordering::Relaxed),
+            window_seconds: self.spec.window.as_secs_f64(),
+            tenants,
+        }
+    }
+}
+
+/// An SLO's objective for `metric`, in seconds.
+fn objective(slo: &SloSpec, metric: Metric) -> Option<f64> {
+    match metric {
+        Metric::Ttft => slo.ttft_p99,
+        Metric::Tpot => slo.tpot_p99,
+        Metric::E2el => slo.e2el_p99,
+    }
+    .map(|d| d.as_secs_f64())
+}
+
+/// A latency tenant's worst p99 over objective among the requests in the window sent at
+/// or after `since` (`None`: every request in the window); `None` without a sample.
+fn pressure(lat: &TenantLatency, slo: &SloSpec, since: Option<Instant>) -> Option<f64> {
+    worst(Metric::ALL.into_iter().map(|m| {
+        let target = objective(slo, m).filter(|t| *t > 0.0)?;
+        Some(lat.series(m).p99_since(since)? / target)
+    }))
+}
+
+/// Runs [`Control::tick`] every `interval` until cancelled.
+pub(crate) async fn tick_loop(control: Arc<Control>, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(control.spec.interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => { control.tick(Instant::now()); }
+        }
+    }
+}
+
+/// One metric of a tenant over the window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricNow {
+    pub metric: Metric,
+    pub p99_seconds: f64,
+    pub samples: u64,
+    /// The tenant's objective for it, when it has one.
+    pub slo_seconds: Option<f64>,
+}
+
+/// One tenant now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantSnapshot {
+    pub name: String,
+    pub model: String,
+    pub priority: Priority,
+    pub slo: Option<SloSpec>,
+    /// Each metric with samples in the window.
+    pub latency: Vec<MetricNow>,
+    /// Best-effort tenants: the queue and its counters.
+    pub queue: Option<QueueStats>,
+}
+
+/// The controller and every tenant now: what `colocate status` shows (kept in the state
+/// file) and `/metrics` renders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlSnapshot {
+    /// Best-effort requests allowed in flight, and its bounds.
+    pub limit: u32,
+    pub min: u32,
+    pub max: u32,
+    /// Best-effort requests in flight.
+    pub in_flight: u32,
+    /// The last tick's worst p99 / objective over the window among latency tenants (none:
+    /// no latency traffic).
+    pub pressure: Option<f64>,
+    pub decisions_increase: u64,
+    pub decisions_decrease: u64,
+    pub decisions_hold: u64,
+    pub window_seconds: f64,
+    pub tenants: Vec<TenantSnapshot>,
+}
+
+impl ControlSnapshot {
+    /// Prometheus text.
+    pub(crate) fn render(&self, out: &mut String) {
+        let gauge = |out: &mut String, name: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        };
+        let counter = |out: &mut String, name: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        };
+        gauge(
+            out,
+            "colocate_gateway_best_effort_limit",
+            "Best-effort requests the SLO controller allows in flight.",
+        );
+        let _ = writeln!(out, "colocate_gateway_best_effort_limit {}", self.limit);
+        gauge(
+            out,
+            "colocate_gateway_best_effort_in_flight",
+            "Best-effort requests in flight.",
+        );
+        let _ = writeln!(
+            out,
+            "colocate_gateway_best_effort_in_flight {}",
+            self.in_flight
+        );
+        gauge(
+            out,
+            "colocate_gateway_slo_pressure",
+            "The latency tenants' worst p99 over its objective at the last tick (1 = at the SLO; NaN without latency traffic).",
+        );
+        let _ = writeln!(
+            out,
+            "colocate_gateway_slo_pressure {}",
+            self.pressure.map_or("NaN".to_string(), |p| p.to_string())
+        );
+        counter(
+            out,
+            "colocate_gateway_controller_decisions_total",
+            "The SLO controller's ticks by decision.",
+        );
+        for (d, n) in [
+            ("increase", self.decisions_increase),
+            ("decrease", self.decisions_decrease),
+            ("hold", self.decisions_hold),
+        ] {
+            let _ = writeln!(
+                out,
+                "colocate_gateway_controller_decisions_total{{decision=\"{d}\"}} {n}"
+            );
+        }
+        gauge(
+            out,
+            "colocate_gateway_tenant_latency_p99_seconds",
+            "Each tenant's p99 latency over the controller's window, measured by the gateway.",
+        );
+        for t in &self.tenants {
+            for m in &t.latency {
+                let _ = writeln!(
+                    out,
+                    "colocate_gateway_tenant_latency_p99_seconds{{tenant=\"{}\",metric=\"{}\"}} {}",
+                    t.name,
+                    m.metric.name(),
+                    m.p99_seconds
+                );
+            }
+        }
+        gauge(
+            out,
+            "colocate_gateway_tenant_slo_seconds",
+            "Each tenant's p99 objective.",
+        );
+        for t in &self.tenants {
+            for (name, d) in t.slo.map(|s| s.objectives()).unwrap_or_default() {
+                let metric = name.trim_end_matches("_p99");
+                let _ = writeln!(
+                    out,
+                    "colocate_gateway_tenant_slo_seconds{{tenant=\"{}\",metric=\"{metric}\"}} {}",
+                    t.name,
+                    d.as_secs_f64()
+                );
+            }
+        }
+        let queues: Vec<(&str, &QueueStats)> = self
+            .tenants
+            .iter()
+            .filter_map(|t| t.queue.as_ref().map(|q| (t.name.as_str(), q)))
+            .collect();
+        gauge(
+            out,
+            "colocate_gateway_queue_depth",
+            "Best-effort requests waiting for a place, per tenant.",
+        );
+        for (t, q) in &queues {
+            let _ = writeln!(
+                out,
+                "colocate_gateway_queue_depth{{tenant=\"{t}\"}} {}",
+                q.queued
+            );
+        }
+        gauge(
+            out,
+            "colocate_gateway_tenant_in_flight",
+            "Best-effort requests in flight, per tenant.",
+        );
+        for (t, q) in &queues {
+            let _ = writeln!(
+                out,
+                "colocate_gateway_tenant_in_flight{{tenant=\"{t}\"}} {}",
+                q.in_flight
+            );
+        }
+        counter(
+            out,
+            "colocate_gateway_admitted_total",
+            "Best-effort requests given a place, per tenant.",
+        );
+        for (t, q) in &queues {
+            let _ = writeln!(
+                out,
+                "colocate_gateway_admitted_total{{tenant=\"{t}\"}} {}",
+                q.admitted
+            );
+        }
+        counter(
+            out,
+            "colocate_gateway_queue_wait_seconds_total",
+            "Time admitted best-effort requests waited for their place, per tenant.",
+        );
+        for (t, q) in &queues {
+            let _ = writeln!(
+                out,
+                "colocate_gateway_queue_wait_seconds_total{{tenant=\"{t}\"}} {}",
+                q.wait_seconds_sum
+            );
+        }
+        counter(
+            out,
+            "colocate_gateway_rejected_total",
+            "Best-effort requests refused with 429, per tenant and reason.",
+        );
+        for (t, q) in &queues {
+            for (why, n) in [
+                ("queue_full", q.rejected_queue_full),
+                ("timeout", q.rejected_timeout),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "colocate_gateway_rejected_total{{tenant=\"{t}\",reason=\"{why}\"}} {n}"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ControlSpec {
+        ControlSpec {
+            min_best_effort: 0,
+            max_best_effort: 8,
+            window: Duration::from_secs(5),
+            ..ControlSpec::default()
+        }
+    }
+
+    fn tenants() -> Vec<TenantSpec> {
+        vec![
+            TenantSpec {
+                name: "gen".into(),
+                model: "g".into(),
+                priority: Priority::Latency,
+                slo: Some(SloSpec {
+                    ttft_p99: Some(Duration::from_millis(100)),
+                    ..SloSpec::default()
+                }),
+            },
+            TenantSpec {
+                name: "embed".into(),
+                model: "e".into(),
+                priority: Priority::BestEffort,
+                slo: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn ticks_follow_the_latency_tenant() {
+        let c = Control::new(tenants(), spec());
+        assert!(c.active());
+        let t0 = Instant::now();
+        assert_eq!(c.tick(t0), Decision::Increase); // idle: at max already
+        assert_eq!(c.admission.load().0, 8);
+        let gen = c.tenant_of("g").unwrap().clone();
+        assert!(c.tenant_of("e").unwrap().best_effort().is_some());
+        gen.record(Metric::Ttft, t0, Duration::from_millis(200));
+        let t1 = t0 + Duration::from_millis(200);
+        assert_eq!(c.tick(t1), Decision::Decrease);
+        assert_eq!(c.admission.load().0, 4);
+        // the slow sample is from before the decrease: no second decrease
+        assert_eq!(c.tick(t1 + Duration::from_millis(200)), Decision::Hold);
+        // a request sent after the decrease (start > t1), fast; the window still holds
+        // the slow one: hold
+        gen.latency.lock().push(
+            Metric::Ttft,
+            t1 + Duration::from_millis(250),
+            t1 + Duration::from_millis(260),
+            Duration::from_millis(10),
+        );
+        assert_eq!(c.tick(t1 + Duration::from_millis(400)), Decision::Hold);
+        assert_eq!(c.admission.load().0, 4);
+        let snap = c.snapshot();
+        assert_eq!((snap.limit, snap.min, snap.max), (4, 0, 8));
+        assert_eq!(snap.decisions_decrease, 1);
+        assert_eq!(snap.tenants[0].latency[0].samples, 2);
+        assert_eq!(snap.tenants[0].latency[0].slo_seconds, Some(0.1));
+        let mut text = String::new();
+        snap.render(&mut text);
+        for line in [
+            "colocate_gateway_best_effort_limit 4\n",
+            "colocate_gateway_controller_decisions_total{decision=\"decrease\"} 1\n",
+            "colocate_gateway_tenant_slo_seconds{tenant=\"gen\",metric=\"ttft\"} 0.1\n",
+            "colocate_gateway_queue_depth{tenant=\"embed\"} 0\n",
+            "colocate_gateway_rejected_total{tenant=\"embed\",reason=\"timeout\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        // the window forgets: idle again, the limit grows
+        assert_eq!(c.tick(t1 + Duration::from_secs(30)), Decision::Increase);
+        assert_eq!(c.admission.load().0, 5);
+        assert!(c.snapshot().tenants[0].latency.is_empty());
+    }
+
+    #[test]
+    fn without_priorities_nothing_is_controlled() {
+        let plain = vec![TenantSpec {
+            name: "a".into(),
+            model: "a".into(),
+            priority: Priority::Normal,
+            slo: None,
+        }];
+        assert!(!Control::new(plain, spec()).active());
+    }
+}

@@ -1,0 +1,298 @@
+//! The rule that moves the best-effort limit: additive increase, multiplicative decrease
+//! (AIMD, TCP's congestion rule), on the latency tenants' measured p99 against their SLOs.
+//!
+//! Pure: an observation in, a decision and the new limit out; the loop that feeds it
+//! ([`super::control`]) owns the clock. A *pressure* is a measured p99 over its objective
+//! (1.0: exactly at the SLO); each tick sees two, the worst among the latency tenants:
+//! - `fresh`: over the requests sent since the last decrease. Above [`DECREASE_ABOVE`]
+//!   (near the SLO, not yet over it) the limit is multiplied by [`DECREASE_FACTOR`]
+//!   (rounded down, never below `min`). Only requests sent after a decrease show its
+//!   effect, so it decreases at most once per "round trip", as TCP does; without this the
+//!   limit would fall to `min` on one spike's lingering samples.
+//! - `window`: over every request in the window. Below [`INCREASE_BELOW`] (headroom), or
+//!   with no latency traffic at all, the limit grows by one (never above `max`). Growing
+//!   only on a whole window with headroom keeps the limit where it is for a window after
+//!   a decrease, until the samples of the violation have aged out: a tail latency needs
+//!   many samples to be read, and a limit that grew back at once would only miss again.
+//! - otherwise the limit holds, which is where the rule settles.
+
+/// Pressure above which the limit decreases: a fraction of the SLO, so that the
+/// controller acts before the objective is missed.
+pub const DECREASE_ABOVE: f64 = 0.85;
+/// Pressure below which the limit increases.
+pub const INCREASE_BELOW: f64 = 0.7;
+/// What a decrease multiplies the limit by.
+pub const DECREASE_FACTOR: f64 = 0.5;
+/// What an increase adds to the limit.
+pub const INCREASE_STEP: u32 = 1;
+
+/// What the controller sees on a tick: the latency tenants' worst pressures (p99 over
+/// objective), `None` where there is no sample.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Observation {
+    /// Over the requests sent since the last decrease.
+    pub fresh: Option<f64>,
+    /// Over every request in the window (`None`: no latency traffic, nothing to protect).
+    pub window: Option<f64>,
+}
+
+/// What a tick did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Increase,
+    Decrease,
+    Hold,
+}
+
+impl Decision {
+    /// `increase`, `decrease`, `hold`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Increase => "increase",
+            Decision::Decrease => "decrease",
+            Decision::Hold => "hold",
+        }
+    }
+}
+
+/// The limit on best-effort requests in flight and its bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Aimd {
+    min: u32,
+    max: u32,
+    limit: u32,
+}
+
+/// True for a pressure near or over the SLO (NaN, never produced, counts as one: the rule
+/// must not loosen on a broken measurement).
+fn high(p: f64) -> bool {
+    p.is_nan() || p > DECREASE_ABOVE
+}
+
+impl Aimd {
+    /// A controller between `min` and `max` (swapped if given the wrong way round),
+    /// starting at `max`: with no latency traffic yet there is nothing to protect.
+    pub fn new(min: u32, max: u32) -> Aimd {
+        let (min, max) = (min.min(max), min.max(max));
+        Aimd {
+            min,
+            max,
+            limit: max,
+        }
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// `(min, max)`.
+    pub fn bounds(&self) -> (u32, u32) {
+        (self.min, self.max)
+    }
+
+    /// One tick: the decision and the limit after it.
+    pub fn step(&mut self, obs: Observation) -> Decision {
+        let decision = match obs {
+            Observation { fresh: Some(p), .. } if high(p) => Decision::Decrease,
+            Observation { window: None, .. } => Decision::Increase,
+            Observation {
+                window: Some(p), ..
+            } if p < INCREASE_BELOW => Decision::Increase,
+            _ => Decision::Hold,
+        };
+        self.limit = match decision {
+            Decision::Increase => self.limit.saturating_add(INCREASE_STEP).min(self.max),
+            Decision::Decrease => {
+                ((f64::from(self.limit) * DECREASE_FACTOR).floor() as u32).max(self.min)
+            }
+            Decision::Hold => self.limit,
+        };
+        decision
+    }
+}
+
+/// The worst of several pressures (`None` when none; NaN wins).
+pub fn worst(pressures: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    pressures
+        .into_iter()
+        .flatten()
+        .fold(None, |acc: Option<f64>, p| {
+            Some(acc.map_or(p, |a| if p > a || p.is_nan() { p } else { a }))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    impl Observation {
+        /// No latency request in the window.
+        const IDLE: Observation = Observation {
+            fresh: None,
+            window: None,
+        };
+
+        /// The same pressure fresh and over the window.
+        fn steady(p: f64) -> Observation {
+            Observation {
+                fresh: Some(p),
+                window: Some(p),
+            }
+        }
+    }
+
+    fn pressure() -> impl Strategy<Value = Option<f64>> {
+        prop_oneof![
+            Just(None),
+            (0.0f64..5.0).prop_map(Some),
+            Just(Some(f64::NAN)),
+            Just(Some(f64::INFINITY)),
+        ]
+    }
+
+    fn observation() -> impl Strategy<Value = Observation> {
+        (pressure(), pressure()).prop_map(|(fresh, window)| Observation { fresh, window })
+    }
+
+    #[test]
+    fn the_rule_on_examples() {
+        let mut c = Aimd::new(1, 16);
+        assert_eq!(c.limit(), 16);
+        assert_eq!(c.step(Observation::steady(2.0)), Decision::Decrease);
+        assert_eq!(c.limit(), 8);
+        // nothing sent since, the window still shows the violation: hold
+        let after = Observation {
+            fresh: None,
+            window: Some(2.0),
+        };
+        assert_eq!(c.step(after), Decision::Hold);
+        // fresh requests are fine, but the window has not forgotten: hold
+        let better = Observation {
+            fresh: Some(0.3),
+            window: Some(2.0),
+        };
+        assert_eq!(c.step(better), Decision::Hold);
+        assert_eq!(c.limit(), 8);
+        assert_eq!(c.step(Observation::steady(0.8)), Decision::Hold);
+        assert_eq!(c.step(Observation::steady(0.1)), Decision::Increase);
+        assert_eq!(c.limit(), 9);
+        for _ in 0..10 {
+            c.step(Observation::steady(1.0));
+        }
+        assert_eq!(c.limit(), 1, "never below min");
+        let mut z = Aimd::new(0, 4);
+        for _ in 0..3 {
+            z.step(Observation::steady(9.0));
+        }
+        assert_eq!(z.limit(), 0, "min 0 pauses best-effort work");
+        z.step(Observation::IDLE);
+        assert_eq!(z.limit(), 1, "and the first increase lets one through");
+        assert_eq!(Aimd::new(9, 3).bounds(), (3, 9));
+    }
+
+    #[test]
+    fn the_worst_pressure() {
+        assert_eq!(worst([]), None);
+        assert_eq!(worst([None, None]), None);
+        assert_eq!(worst([Some(0.2), None, Some(0.5)]), Some(0.5));
+        assert!(worst([Some(0.1), Some(f64::NAN), Some(0.2)])
+            .unwrap()
+            .is_nan());
+    }
+
+    proptest! {
+        /// Whatever it sees, the limit stays within [min, max].
+        #[test]
+        fn the_limit_stays_within_its_bounds(
+            min in 0u32..50,
+            span in 0u32..200,
+            obs in proptest::collection::vec(observation(), 0..300),
+        ) {
+            let max = min + span;
+            let mut c = Aimd::new(min, max);
+            for o in obs {
+                c.step(o);
+                prop_assert!(c.limit() >= min && c.limit() <= max, "{} not in [{min}, {max}]", c.limit());
+            }
+        }
+
+        /// Fresh requests near or over the SLO: the limit falls (to at most half) unless
+        /// already at min, whatever the window shows. A window with headroom (or no
+        /// latency traffic) and no fresh violation: it grows by one unless at max. In
+        /// between it holds.
+        #[test]
+        fn it_decreases_under_pressure_and_increases_with_headroom(
+            min in 0u32..20,
+            span in 0u32..100,
+            warm in proptest::collection::vec(observation(), 0..50),
+            obs in observation(),
+        ) {
+            let max = min + span;
+            let mut c = Aimd::new(min, max);
+            for o in warm {
+                c.step(o);
+            }
+            let before = c.limit();
+            let d = c.step(obs);
+            let fresh_high = obs.fresh.is_some_and(|p| p.is_nan() || p > DECREASE_ABOVE);
+            let headroom = obs.window.is_none_or(|p| p < INCREASE_BELOW);
+            if fresh_high {
+                prop_assert_eq!(d, Decision::Decrease);
+                prop_assert!(c.limit() == min || c.limit() <= before / 2, "{before} -> {}", c.limit());
+                if before > min { prop_assert!(c.limit() < before); }
+            } else if headroom {
+                prop_assert_eq!(d, Decision::Increase);
+                prop_assert_eq!(c.limit(), (before + 1).min(max));
+            } else {
+                prop_assert_eq!(d, Decision::Hold);
+                prop_assert_eq!(c.limit(), before);
+            }
+        }
+
+        /// Against a plant whose latency grows with the best-effort work in flight (a line
+        /// from `base` with no best-effort work, first above DECREASE_ABOVE at some limit
+        /// L*) and a window that remembers the last `memory` ticks, the limit converges:
+        /// after a settling time it stays within [max(min, L*/2), L*] (or at max when L*
+        /// lies beyond it), and the latency never sits where the SLO is missed outright.
+        #[test]
+        fn it_converges_against_a_monotone_plant(
+            min in 0u32..4,
+            max in 4u32..256,
+            base in 0.0f64..0.6,
+            k in 0.001f64..0.15,
+            memory in 1usize..30,
+        ) {
+            let plant = |l: u32| base + k * f64::from(l);
+            let l_star = (0..).find(|&l| plant(l) > DECREASE_ABOVE).unwrap();
+            let mut c = Aimd::new(min, max);
+            let settle = (2 * max as usize + 64) * (memory + 1);
+            let mut recent: std::collections::VecDeque<f64> = Default::default();
+            let mut seen = Vec::new();
+            for t in 0..settle + 400 {
+                let p = plant(c.limit());
+                recent.push_back(p);
+                if recent.len() > memory {
+                    recent.pop_front();
+                }
+                let obs = Observation { fresh: Some(p), window: worst(recent.iter().map(|p| Some(*p))) };
+                c.step(obs);
+                if t >= settle {
+                    seen.push(c.limit());
+                }
+            }
+            let hi = *seen.iter().max().unwrap();
+            let lo = *seen.iter().min().unwrap();
+            let top = l_star.min(max).max(min);
+            prop_assert!(hi <= top, "above the crossing point: {hi} > {top} (L* = {l_star})");
+            let bottom = (l_star / 2).max(min).min(top);
+            prop_assert!(lo >= bottom, "{lo} below {bottom} (L* = {l_star})");
+            if l_star > min {
+                for l in seen {
+                    prop_assert!(plant(l) <= 1.0, "missed the SLO at limit {l}");
+                }
+            }
+        }
+    }
+}
