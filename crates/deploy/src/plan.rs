@@ -171,6 +171,17 @@ fn one() -> u32 {
     1
 }
 
+impl Plan {
+    /// The machine indices of the GPUs the deployment uses (what the MPS daemon must see:
+    /// `gpu_glue::Mps::start_seeing`); GPUs named by UUID are left out.
+    pub fn gpu_indices(&self) -> Vec<u32> {
+        self.gpus
+            .iter()
+            .filter_map(|u| u.gpu.parse().ok())
+            .collect()
+    }
+}
+
 /// Bytes per weight/KV element an engine uses.
 /// The machine index of a GPU named by index (a UUID has none here).
 fn index_of(g: &GpuSelector) -> Option<u32> {
@@ -740,6 +751,14 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let gpu = match (&self.gpu_name, self.gpu_memory_bytes) {
             _ if self.gpu == "cpu" => "CPU (memory: unknown)".to_string(),
+            _ if self.gpus.len() > 1 => format!(
+                "GPUs {} (memory per GPU below)",
+                self.gpus
+                    .iter()
+                    .map(|u| u.gpu.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             (Some(n), Some(m)) => format!("GPU {} ({n}, {})", self.gpu, human_bytes(m)),
             _ => format!("GPU {} (memory: unknown)", self.gpu),
         };
