@@ -102,9 +102,12 @@ pub struct Mps {
 
 impl Mps {
     /// Starts the daemon with its folders under `dir`. The daemon inherits this
-    /// process's environment; see [`Mps::start_seeing`].
+    /// process's environment unchecked; [`Mps::start_seeing`] checks that it sees the
+    /// deployment's GPUs.
     pub fn start(dir: &Path) -> anyhow::Result<Mps> {
-        Self::start_seeing(dir, &[])
+        Ok(Mps {
+            daemon: gpu::mps::MpsDaemon::start(dir)?,
+        })
     }
 
     /// Starts the daemon, first checking that it will see `gpus` (the deployment's GPU
@@ -119,9 +122,7 @@ impl Mps {
         if let Err(why) = daemon_sees(inherited.as_deref(), gpus) {
             bail!("{why}");
         }
-        Ok(Mps {
-            daemon: gpu::mps::MpsDaemon::start(dir)?,
-        })
+        Self::start(dir)
     }
 
     /// The environment of one client: the daemon's folders and this engine's limits.

@@ -92,7 +92,8 @@ fn tp2_pair_under_mps_has_per_gpu_limits_and_multicast_off() {
         whole.weights_bytes(true, 2, true).div_ceil(2)
     );
     assert_eq!(gen.kv_bytes_per_token, 98_304 / 2);
-    // Each GPU holds both engines' shares, within its memory.
+    // Each GPU holds both engines' shares, within its memory; the MPS daemon must see both.
+    assert_eq!(p.gpu_indices(), [0, 1]);
     assert_eq!(p.gpus.len(), 2);
     for u in &p.gpus {
         assert_eq!(u.engines.len(), 2, "{u:?}");
@@ -362,4 +363,36 @@ fn kv_heads_that_neither_split_nor_replicate_are_refused() {
         "gpus = [0, 1, 2, 3, 4, 5, 6, 7]",
     );
     assert_eq!(problems(&eight), "");
+}
+
+/// SGLang spells it `--tp-size`; TEI has none; a spec with gpus writes back as it reads.
+#[test]
+fn sglang_tp_size_tei_refusal_and_round_trip() {
+    let text = r#"
+        gpu = 0
+        [[engines]]
+        name = "s"
+        kind = "sglang"
+        model = "Qwen/Qwen3-8B"
+        port = 8100
+        gpus = [0, 1]
+        memory = 0.5
+        "#;
+    let spec = parse(text).unwrap();
+    let p = deploy::plan(&validate(spec.clone()).unwrap(), Some(&two_h200())).unwrap();
+    let line = p.engines[0].command.join(" ");
+    assert!(line.contains("--tp-size 2"), "{line}");
+    assert!(!line.contains("--tensor-parallel-size"), "{line}");
+    let back = parse(&spec.to_toml().unwrap()).unwrap();
+    assert_eq!(back, spec);
+    assert!(spec.to_toml().unwrap().contains("gpus = ["));
+
+    let tei = text
+        .replace("kind = \"sglang\"", "kind = \"tei\"\ntask = \"embed\"")
+        .replace("memory = 0.5", "");
+    let got = problems(&tei);
+    assert!(
+        got.contains("engines[0].tensor_parallel_size: 2: TEI has no tensor parallelism"),
+        "{got}"
+    );
 }
