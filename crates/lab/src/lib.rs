@@ -6,7 +6,13 @@
 //! condition's deployment, typed edits of that spec, validated once) → [`runner`] (drives a
 //! [`runner::Harness`]; [`measure`] is the real one, the only module that starts
 //! deployments and talks to `bench` and `gpu`) → [`results`] (results.json) → [`analysis`]
-//! (efficiency, SLOs, recommendation) → [`report`] and [`plots`].
+//! (efficiency, SLOs, recommendation; per tenant, [`fairness`] between tenants) →
+//! [`report`] and [`plots`].
+//!
+//! Many tenants: [`tenants`] names the copies of an engine run in copies and says which
+//! tenants are equal; [`significance`] (Welch's t, Mann-Whitney U) and [`kde`] (the
+//! densities of [`violins`]) are the statistics; [`report_tenants`] and [`scaling`] the
+//! report's pages for them.
 pub mod analysis;
 pub mod cli;
 pub mod deployments;

@@ -393,6 +393,24 @@ fn presets_used(r: &bench::BenchResults) -> BTreeMap<String, PresetUse> {
         .collect()
 }
 
+/// The presets by the experiment's workload: a copy's entry under the workload it copies.
+fn by_workload(
+    presets: BTreeMap<String, PresetUse>,
+    tenants: &[Tenant],
+) -> BTreeMap<String, PresetUse> {
+    presets
+        .into_iter()
+        .map(|(name, used)| {
+            let origin = tenants
+                .iter()
+                .find(|t| t.workload.def.name == name)
+                .and_then(|t| t.copy_of.as_ref())
+                .map_or(name, |c| c.workload.clone());
+            (origin, used)
+        })
+        .collect()
+}
+
 fn percentiles(s: &bench::Stats) -> Option<Percentiles> {
     if s.count == 0 {
         return None;
@@ -610,7 +628,7 @@ impl Harness for RealHarness {
             interrupted: result.interrupted,
             gpu: self.gpu_window(w0, w1),
             engine_metrics,
-            presets: presets_used(&result),
+            presets: by_workload(presets_used(&result), &tenants),
             ..Default::default()
         };
         if let Some(d) = &self.running {

@@ -62,7 +62,9 @@ impl Scale {
 
 /// A latency as a tick label: more decimals for small values.
 fn tick(v: f64) -> String {
-    if v >= 100.0 {
+    if v == 0.0 {
+        "0".into()
+    } else if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 1.0 {
         format!("{v:.1}")
@@ -275,5 +277,6 @@ mod tests {
         assert_eq!(tick(1234.5), "1234");
         assert_eq!(tick(12.34), "12.3");
         assert_eq!(tick(0.1234), "0.123");
+        assert_eq!(tick(0.0), "0");
     }
 }
