@@ -99,17 +99,32 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let opts = UpOptions { run_dir: run_dir.clone(), engine_bin: args.engine_bin, quiet: args.quiet };
+        let start_cancel = tokio_util::sync::CancellationToken::new();
+        let opts = UpOptions {
+            run_dir: run_dir.clone(),
+            engine_bin: args.engine_bin,
+            quiet: args.quiet,
+            start_cancel: start_cancel.clone(),
+        };
         let up = Deployment::up(&valid, opts);
         let signals = shutdown_signal();
         tokio::pin!(up);
         tokio::pin!(signals);
         let deployment = tokio::select! {
             d = &mut up => d?,
-            _ = &mut signals => bail!("interrupted while starting (engines started so far were stopped)"),
+            _ = &mut signals => {
+                // Let `up` stop what it started (engines, the MPS daemon) before leaving.
+                start_cancel.cancel();
+                let _ = up.await;
+                bail!("interrupted while starting (engines started so far were stopped)")
+            }
         };
         link_current(deployment.run_dir());
-        eprintln!("\ndeployment `{}` is up (run folder {}):", valid.spec().name, deployment.run_dir().display());
+        eprintln!(
+            "\ndeployment `{}` is up (run folder {}):",
+            valid.spec().name,
+            deployment.run_dir().display()
+        );
         for e in deployment.endpoints() {
             eprintln!("  {:<16} {:<28} {}", e.engine, e.model, e.url);
         }

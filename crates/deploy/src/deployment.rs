@@ -42,6 +42,10 @@ pub struct UpOptions {
     pub engine_bin: Option<PathBuf>,
     /// Do not copy engine output to the console.
     pub quiet: bool,
+    /// Cancels the start: engines already started are stopped, the MPS daemon quit, and
+    /// `up` fails with "cancelled while starting". It has no effect once `up` returned
+    /// (stopping a running deployment is [`Deployment::down`]).
+    pub start_cancel: CancellationToken,
 }
 
 /// One engine replica as a client reaches it.
@@ -240,7 +244,9 @@ impl Deployment {
 
         let mps = if spec.sharing == Sharing::Mps {
             let dir = run_dir.join("mps");
-            match tokio::task::spawn_blocking(move || Mps::start(&dir)).await? {
+            // The daemon must see every GPU of the deployment under its own number.
+            let gpus = plan.gpu_indices();
+            match tokio::task::spawn_blocking(move || Mps::start_seeing(&dir, &gpus)).await? {
                 Ok(m) => Some(m),
                 Err(e) => {
                     if let Some(w) = &control_writer {
@@ -323,16 +329,27 @@ impl Deployment {
             (None, Some(m)) => Some(m.fault_log()),
             (None, None) => None,
         };
-        let supervisor = match Supervisor::start(
+        // The supervisor's own token lives as long as the deployment; the caller's
+        // `start_cancel` reaches it only while the engines start.
+        let sup_cancel = CancellationToken::new();
+        let start_guard = tokio::spawn({
+            let (user, sup) = (opts.start_cancel.clone(), sup_cancel.clone());
+            async move {
+                user.cancelled().await;
+                sup.cancel();
+            }
+        });
+        let started = Supervisor::start(
             instances,
             opts_sup,
             on_change,
             availability,
-            CancellationToken::new(),
+            sup_cancel,
             fault_log,
         )
-        .await
-        {
+        .await;
+        start_guard.abort();
+        let supervisor = match started {
             Ok(s) => s,
             Err(e) => {
                 if let Some(w) = &control_writer {

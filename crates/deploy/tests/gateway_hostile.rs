@@ -63,6 +63,7 @@ async fn up(engines: Vec<EngineSpec>) -> (Deployment, tempfile::TempDir) {
         run_dir: dir.path().join("run"),
         engine_bin: None,
         quiet: true,
+        ..Default::default()
     };
     let d = Deployment::up(&deploy::validate(spec(engines)).unwrap(), opts)
         .await

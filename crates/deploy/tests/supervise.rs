@@ -81,6 +81,7 @@ fn opts(dir: &tempfile::TempDir) -> UpOptions {
         run_dir: dir.path().join("run"),
         engine_bin: None,
         quiet: true,
+        ..Default::default()
     }
 }
 
