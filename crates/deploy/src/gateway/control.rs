@@ -73,8 +73,8 @@ pub(crate) struct Control {
 
 struct AimdState {
     aimd: Aimd,
-    /// When the limit last went down: samples of requests sent before it are stale.
-    last_decrease: Option<Instant>,
+    /// When the limit last changed: requests sent before it saw another limit.
+    last_change: Option<Instant>,
     /// The last tick's worst pressure over the whole window.
     pressure: Option<f64>,
 }
@@ -109,7 +109,7 @@ impl Control {
             admission,
             aimd: Mutex::new(AimdState {
                 aimd,
-                last_decrease: None,
+                last_change: None,
                 pressure: None,
             }),
             decisions: Decisions::default(),
@@ -132,7 +132,7 @@ impl Control {
     /// One tick: prune the windows, observe, decide, set the limit.
     pub(crate) fn tick(&self, now: Instant) -> Decision {
         let mut st = self.aimd.lock();
-        let since = st.last_decrease;
+        let since = st.last_change;
         let views: Vec<(Option<f64>, Option<f64>)> = self
             .tenants
             .iter()
@@ -155,9 +155,10 @@ impl Control {
             window: worst(views.iter().map(|v| v.1)),
         };
         st.pressure = obs.window;
+        let before = st.aimd.limit();
         let decision = st.aimd.step(obs);
-        if decision == Decision::Decrease {
-            st.last_decrease = Some(now);
+        if st.aimd.limit() != before {
+            st.last_change = Some(now);
         }
         let counter = match decision {
             Decision::Increase => &self.decisions.increase,

@@ -4,16 +4,19 @@
 //! Pure: an observation in, a decision and the new limit out; the loop that feeds it
 //! ([`super::control`]) owns the clock. A *pressure* is a measured p99 over its objective
 //! (1.0: exactly at the SLO); each tick sees two, the worst among the latency tenants:
-//! - `fresh`: over the requests sent since the last decrease. Above [`DECREASE_ABOVE`]
-//!   (near the SLO, not yet over it) the limit is multiplied by [`DECREASE_FACTOR`]
-//!   (rounded down, never below `min`). Only requests sent after a decrease show its
-//!   effect, so it decreases at most once per "round trip", as TCP does; without this the
-//!   limit would fall to `min` on one spike's lingering samples.
-//! - `window`: over every request in the window. Below [`INCREASE_BELOW`] (headroom), or
-//!   with no latency traffic at all, the limit grows by one (never above `max`). Growing
-//!   only on a whole window with headroom keeps the limit where it is for a window after
-//!   a decrease, until the samples of the violation have aged out: a tail latency needs
-//!   many samples to be read, and a limit that grew back at once would only miss again.
+//! - `fresh`: over the requests sent since the limit last changed, which alone show the
+//!   current limit's effect. Above [`DECREASE_ABOVE`] (near the SLO, not yet over it) the
+//!   limit is multiplied by [`DECREASE_FACTOR`] (rounded down, never below `min`): at
+//!   once, even on a few samples (their p99 is about their worst), and at most once per
+//!   "round trip", as TCP does; without this the limit would fall to `min` on one spike's
+//!   lingering samples.
+//! - `window`: over every request in the window. Below [`INCREASE_BELOW`] (headroom), and
+//!   with at least one fresh request measured, the limit grows by one (never above `max`);
+//!   with no latency traffic at all it grows too. Growing only on a whole window with
+//!   headroom keeps the limit where it is for a window after a decrease, until the samples
+//!   of the violation have aged out (a tail latency needs many samples to be read, and a
+//!   limit that grew back at once would only miss again); growing only on a fresh sample
+//!   takes one step at a time, each seen by a request before the next.
 //! - otherwise the limit holds, which is where the rule settles.
 
 /// Pressure above which the limit decreases: a fraction of the SLO, so that the
@@ -30,7 +33,7 @@ pub const INCREASE_STEP: u32 = 1;
 /// objective), `None` where there is no sample.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Observation {
-    /// Over the requests sent since the last decrease.
+    /// Over the requests sent since the limit last changed.
     pub fresh: Option<f64>,
     /// Over every request in the window (`None`: no latency traffic, nothing to protect).
     pub window: Option<f64>,
@@ -93,12 +96,10 @@ impl Aimd {
 
     /// One tick: the decision and the limit after it.
     pub fn step(&mut self, obs: Observation) -> Decision {
-        let decision = match obs {
-            Observation { fresh: Some(p), .. } if high(p) => Decision::Decrease,
-            Observation { window: None, .. } => Decision::Increase,
-            Observation {
-                window: Some(p), ..
-            } if p < INCREASE_BELOW => Decision::Increase,
+        let decision = match (obs.fresh, obs.window) {
+            (Some(p), _) if high(p) => Decision::Decrease,
+            (_, None) => Decision::Increase,
+            (Some(_), Some(w)) if w < INCREASE_BELOW => Decision::Increase,
             _ => Decision::Hold,
         };
         self.limit = match decision {
@@ -219,9 +220,9 @@ mod tests {
         }
 
         /// Fresh requests near or over the SLO: the limit falls (to at most half) unless
-        /// already at min, whatever the window shows. A window with headroom (or no
-        /// latency traffic) and no fresh violation: it grows by one unless at max. In
-        /// between it holds.
+        /// already at min, whatever the window shows. A window with headroom and a fresh
+        /// request measured within it (or no latency traffic at all): it grows by one
+        /// unless at max. Otherwise it holds.
         #[test]
         fn it_decreases_under_pressure_and_increases_with_headroom(
             min in 0u32..20,
@@ -237,7 +238,8 @@ mod tests {
             let before = c.limit();
             let d = c.step(obs);
             let fresh_high = obs.fresh.is_some_and(|p| p.is_nan() || p > DECREASE_ABOVE);
-            let headroom = obs.window.is_none_or(|p| p < INCREASE_BELOW);
+            let headroom = obs.window.is_none()
+                || (obs.fresh.is_some() && obs.window.is_some_and(|p| p < INCREASE_BELOW));
             if fresh_high {
                 prop_assert_eq!(d, Decision::Decrease);
                 prop_assert!(c.limit() == min || c.limit() <= before / 2, "{before} -> {}", c.limit());
