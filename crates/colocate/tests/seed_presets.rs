@@ -101,8 +101,9 @@ fn bench_runs_the_seed_presets_against_the_builtin_engine() {
     );
     let e = &r["workloads"][1];
     assert_eq!(e["preset"], "seed-embed");
-    let seqs = e["embed"]["sequences"].as_u64().unwrap();
-    assert!(seqs > 0 && seqs.is_multiple_of(4), "{e}");
+    // every batch counts over its lifetime (the window's share of it)
+    let seqs = e["embed"]["sequences"].as_f64().unwrap();
+    assert!(seqs > 0.0, "{e}");
     assert!(e["errors"].as_object().unwrap().is_empty(), "{e}");
     // the numbered sentences are one fixed length each: the same tokens per sequence
     let per_seq = e["embed"]["mean_tokens_per_seq"].as_f64().unwrap();
