@@ -7,18 +7,18 @@
 //! dequantisation by hand; and the errors a user's folder can cause. Everything goes
 //! through `engine::load::load`, the same path as `colocate serve`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::*;
 
 use engine::backend::cpu::CpuBackend;
 use engine::backend::{Backend, Init};
-use engine::load::{load, Device, LoadFormat, LoadOptions, Loaded, LoadedModel};
+use engine::load::{load, Device, LoadFormat, LoadOptions};
 use engine::model::config::ModelConfig;
-use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep, Task};
+use engine::model_api::{SeqStep, Task};
 use engine::weights::WeightSource;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn fixture(name: &str) -> PathBuf {
     root().join("testdata").join(name)
@@ -35,20 +35,6 @@ fn opts(model: &Path, task: Option<Task>, load_format: LoadFormat) -> LoadOption
     }
 }
 
-fn generator(l: Loaded) -> Box<dyn Generator> {
-    match l.model {
-        LoadedModel::Generator(g) => g,
-        LoadedModel::Embedder(_) => panic!("expected a generator"),
-    }
-}
-
-fn embedder(l: Loaded) -> Box<dyn Embedder> {
-    match l.model {
-        LoadedModel::Embedder(e) => e,
-        LoadedModel::Generator(_) => panic!("expected an embedder"),
-    }
-}
-
 /// Max abs difference over max abs of the reference.
 fn max_rel(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
@@ -60,50 +46,9 @@ fn max_rel(got: &[f32], want: &[f32]) -> f32 {
     diff / want.iter().map(|x| x.abs()).fold(0f32, f32::max)
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-const GREEDY: SampleSpec<'static> = SampleSpec {
-    temperature: 0.0,
-    top_p: 1.0,
-    top_k: 0,
-    uniform: 0.5,
-    masked: &[],
-};
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 fn reference(dir: &Path) -> serde_json::Value {
     let path = dir.join("reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// A block table whose blocks are not in order.
-fn scattered_table(n: usize, offset: u32, num_blocks: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i * 7 + offset) % num_blocks)
-        .collect()
 }
 
 /// Every reference check of one fixture folder as a generator: last-token logits of the
@@ -278,29 +223,6 @@ fn fp8_load_is_the_dequantised_checkpoint() {
     assert_eq!(checked, 3 * 4 + 2 * 8 * 3 + 3);
 }
 
-/// Logits of the last position of `ids` fed in `chunks`, one step each.
-fn chunked_logits(g: &mut dyn Generator, ids: &[u32], chunks: &[usize], table: &[u32]) -> Vec<f32> {
-    let mut pos = 0;
-    let mut out = Vec::new();
-    for &n in chunks {
-        let last = pos + n == ids.len();
-        let seq = SeqStep {
-            tokens: &ids[pos..pos + n],
-            start_pos: pos,
-            block_table: table,
-            sample: last.then_some(GREEDY),
-        };
-        out = g
-            .step_logits(&[seq])
-            .unwrap()
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        pos += n;
-    }
-    out
-}
-
 /// Routing is per token: the same logits whether a prompt comes whole, in chunks, or
 /// beside another sequence in one step (the experts then serve tokens of both).
 #[test]
@@ -315,29 +237,9 @@ fn moe_steps_are_independent_of_chunking_and_batching() {
     let whole = chunked_logits(&mut *g, &ids, &[37], &scattered_table(10, 1, 97));
     let chunks = chunked_logits(&mut *g, &ids, &[5, 7, 13, 12], &scattered_table(10, 40, 97));
     assert!(max_rel(&chunks, &whole) < 1e-5);
-    let other: Vec<u32> = (0..9u32).map(|i| (i * 13 + 1) % 256).collect();
-    let (t1, t2) = (scattered_table(10, 2, 97), scattered_table(10, 50, 97));
-    chunked_logits(&mut *g, &ids[..20], &[20], &t1);
-    chunked_logits(&mut *g, &other[..8], &[8], &t2);
-    let batch = g
-        .step_logits(&[
-            SeqStep {
-                tokens: &ids[20..],
-                start_pos: 20,
-                block_table: &t1,
-                sample: Some(GREEDY),
-            },
-            SeqStep {
-                tokens: &other[8..],
-                start_pos: 8,
-                block_table: &t2,
-                sample: Some(GREEDY),
-            },
-        ])
-        .unwrap();
-    let alone = chunked_logits(&mut *g, &other, &[9], &scattered_table(10, 60, 97));
-    assert!(max_rel(&batch[0], &whole) < 1e-5);
-    assert!(max_rel(&batch[1], &alone) < 1e-5);
+    let (batched, other_batched, other_alone) = two_in_one_step(&mut *g, &ids);
+    assert!(max_rel(&batched, &whole) < 1e-5);
+    assert!(max_rel(&other_batched, &other_alone) < 1e-5);
 }
 
 /// `--load-format dummy` with an FP8 config: random weights of the right shapes (the

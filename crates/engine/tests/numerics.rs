@@ -4,14 +4,13 @@
 //! scattered block tables. Everything goes through `engine::load::load`, the same path
 //! as `colocate serve`.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use engine::load::{load, Device, LoadFormat, LoadOptions, Loaded, LoadedModel};
-use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep, Task};
+use std::path::PathBuf;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::*;
+use engine::load::{load, Device, LoadFormat, LoadOptions};
+use engine::model_api::{Generator, SampleSpec, SeqStep, Task};
 
 fn opts(model: &str, task: Option<Task>, load_format: LoadFormat) -> LoadOptions {
     LoadOptions {
@@ -21,20 +20,6 @@ fn opts(model: &str, task: Option<Task>, load_format: LoadFormat) -> LoadOptions
         device: Device::Cpu,
         seed: 7,
         gpu: Default::default(),
-    }
-}
-
-fn generator(l: Loaded) -> Box<dyn Generator> {
-    match l.model {
-        LoadedModel::Generator(g) => g,
-        LoadedModel::Embedder(_) => panic!("expected a generator"),
-    }
-}
-
-fn embedder(l: Loaded) -> Box<dyn Embedder> {
-    match l.model {
-        LoadedModel::Embedder(e) => e,
-        LoadedModel::Generator(_) => panic!("expected an embedder"),
     }
 }
 
@@ -59,47 +44,6 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-const GREEDY: SampleSpec<'static> = SampleSpec {
-    temperature: 0.0,
-    top_p: 1.0,
-    top_k: 0,
-    uniform: 0.5,
-    masked: &[],
-};
-
-/// A block table that is deliberately not in order: blocks of a sequence are scattered.
-fn scattered_table(n: usize, offset: u32, num_blocks: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i * 7 + offset) % num_blocks)
-        .collect()
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 fn reference(path: &str) -> serde_json::Value {
@@ -199,28 +143,6 @@ fn qwen3_tiny_embedding_matches_transformers() {
     }
 }
 
-/// Logits of the last position of `ids` after feeding it in `chunks` (sizes), each chunk
-/// one step, with the given block table.
-fn chunked_logits(g: &mut dyn Generator, ids: &[u32], chunks: &[usize], table: &[u32]) -> Vec<f32> {
-    let mut pos = 0;
-    let mut out = Vec::new();
-    for &n in chunks {
-        let last = pos + n == ids.len();
-        let seq = SeqStep {
-            tokens: &ids[pos..pos + n],
-            start_pos: pos,
-            block_table: table,
-            sample: last.then_some(GREEDY),
-        };
-        let l = g.step_logits(&[seq]).unwrap();
-        assert_eq!(l.len(), usize::from(last));
-        out = l.into_iter().next().unwrap_or_default();
-        pos += n;
-    }
-    assert_eq!(pos, ids.len());
-    out
-}
-
 #[test]
 fn paged_attention_is_independent_of_chunking_and_block_layout() {
     let mut g = generator(load(&opts("preset:qwen3-tiny", None, LoadFormat::Dummy)).unwrap());
@@ -245,30 +167,9 @@ fn paged_attention_is_independent_of_chunking_and_block_layout() {
 
     // Two sequences in one step (one prefill chunk with prior context, one decode token)
     // give the same logits as each alone.
-    let t1 = scattered_table(10, 2, 97);
-    let t2 = scattered_table(10, 50, 97);
-    chunked_logits(&mut *g, &ids[..20], &[20], &t1);
-    let other: Vec<u32> = (0..9u32).map(|i| (i * 13 + 1) % 256).collect();
-    chunked_logits(&mut *g, &other[..8], &[8], &t2);
-    let batch = g
-        .step_logits(&[
-            SeqStep {
-                tokens: &ids[20..],
-                start_pos: 20,
-                block_table: &t1,
-                sample: Some(GREEDY),
-            },
-            SeqStep {
-                tokens: &other[8..],
-                start_pos: 8,
-                block_table: &t2,
-                sample: Some(GREEDY),
-            },
-        ])
-        .unwrap();
-    let alone = chunked_logits(&mut *g, &other, &[9], &scattered_table(10, 60, 97));
-    assert!(rel_err(&batch[0], &whole) < 1e-5);
-    assert!(rel_err(&batch[1], &alone) < 1e-5);
+    let (batched, other_batched, other_alone) = two_in_one_step(&mut *g, &ids);
+    assert!(rel_err(&batched, &whole) < 1e-5);
+    assert!(rel_err(&other_batched, &other_alone) < 1e-5);
 }
 
 #[test]

@@ -1,0 +1,127 @@
+//! What the engine's numerics tests share: loading a model as a generator or embedder,
+//! reading reference files, greedy sampling, scattered block tables, and the paged-KV
+//! checks every decoder must pass (chunking, and two sequences in one step).
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::{Path, PathBuf};
+
+use engine::load::{Loaded, LoadedModel};
+use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep};
+
+/// The repository's root (testdata/ is there).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn generator(l: Loaded) -> Box<dyn Generator> {
+    match l.model {
+        LoadedModel::Generator(g) => g,
+        LoadedModel::Embedder(_) => panic!("expected a generator"),
+    }
+}
+
+pub fn embedder(l: Loaded) -> Box<dyn Embedder> {
+    match l.model {
+        LoadedModel::Embedder(e) => e,
+        LoadedModel::Generator(_) => panic!("expected an embedder"),
+    }
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub const GREEDY: SampleSpec<'static> = SampleSpec {
+    temperature: 0.0,
+    top_p: 1.0,
+    top_k: 0,
+    uniform: 0.5,
+    masked: &[],
+};
+
+/// A block table that is deliberately not in order: blocks of a sequence are scattered.
+pub fn scattered_table(n: usize, offset: u32, num_blocks: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 7 + offset) % num_blocks)
+        .collect()
+}
+
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// Logits of the last position of `ids` after feeding it in `chunks` (sizes), each chunk
+/// one step, with the given block table.
+pub fn chunked_logits(
+    g: &mut dyn Generator,
+    ids: &[u32],
+    chunks: &[usize],
+    table: &[u32],
+) -> Vec<f32> {
+    let mut pos = 0;
+    let mut out = Vec::new();
+    for &n in chunks {
+        let last = pos + n == ids.len();
+        let seq = SeqStep {
+            tokens: &ids[pos..pos + n],
+            start_pos: pos,
+            block_table: table,
+            sample: last.then_some(GREEDY),
+        };
+        let l = g.step_logits(&[seq]).unwrap();
+        assert_eq!(l.len(), usize::from(last));
+        out = l.into_iter().next().unwrap_or_default();
+        pos += n;
+    }
+    assert_eq!(pos, ids.len());
+    out
+}
+
+/// Two sequences in one step (a prefill chunk of `ids` with 20 tokens of prior context, and
+/// one decode token of another prompt) against each alone: returns (the batched `ids`
+/// logits, the batched other's logits, the other's logits alone), for the caller to
+/// compare with its own measure. Uses block tables at offsets 2, 50 and 60 of 97 blocks.
+pub fn two_in_one_step(g: &mut dyn Generator, ids: &[u32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let t1 = scattered_table(10, 2, 97);
+    let t2 = scattered_table(10, 50, 97);
+    chunked_logits(g, &ids[..20], &[20], &t1);
+    let other: Vec<u32> = (0..9u32).map(|i| (i * 13 + 1) % 256).collect();
+    chunked_logits(g, &other[..8], &[8], &t2);
+    let batch = g
+        .step_logits(&[
+            SeqStep {
+                tokens: &ids[20..],
+                start_pos: 20,
+                block_table: &t1,
+                sample: Some(GREEDY),
+            },
+            SeqStep {
+                tokens: &other[8..],
+                start_pos: 8,
+                block_table: &t2,
+                sample: Some(GREEDY),
+            },
+        ])
+        .unwrap();
+    let alone = chunked_logits(g, &other, &[9], &scattered_table(10, 60, 97));
+    let mut batch = batch.into_iter();
+    (batch.next().unwrap(), batch.next().unwrap(), alone)
+}
