@@ -12,6 +12,7 @@
 
 pub mod body;
 pub mod generate;
+pub mod share;
 pub mod sse;
 pub mod validate;
 
@@ -19,7 +20,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{Extension, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,6 +34,7 @@ use crate::scheduler::Admission;
 use crate::worker::{Command, EngineState, Ready};
 use body::JsonBody;
 use generate::{generate, Chat, Completions};
+use share::ComputeShare;
 use validate::ModelView;
 
 pub use body::MAX_REQUEST_BODY_BYTES;
@@ -45,9 +47,14 @@ pub struct AppState {
     pub admission: Arc<Admission>,
 }
 
-/// All routes of `colocate serve`.
+/// All routes of `colocate serve`; `/admin/compute-share` moves the engine's compute
+/// share at run time ([`share`]).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route(
+            "/admin/compute-share",
+            get(share::get_share).post(share::set_share),
+        )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
@@ -56,6 +63,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
+        .layer(Extension(Arc::new(ComputeShare::default())))
         .with_state(state)
 }
 
@@ -106,8 +114,12 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+async fn metrics(
+    State(st): State<Arc<AppState>>,
+    Extension(share): Extension<Arc<ComputeShare>>,
+) -> Response {
     let mut text = st.metrics.render(&st.served_model_name);
+    text.push_str(&share::render(&st.served_model_name, &share.status()));
     text.push_str(&crate::metrics::render_admission(
         &st.served_model_name,
         st.admission.waiting(),
@@ -189,10 +201,13 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 
 async fn embeddings(
     State(st): State<Arc<AppState>>,
+    Extension(share): Extension<Arc<ComputeShare>>,
     JsonBody(body): JsonBody,
 ) -> ApiResult<Response> {
     let ready = st.ready()?;
     let mut job = st.validated(&ready, body, validate::embedding).await?;
+    // Within the compute share: held until the vectors are back (or the client leaves).
+    let _inside = share.enter(job.prompt_tokens()).await;
     let prompt_tokens = u32::try_from(job.prompt_tokens()).unwrap_or(u32::MAX);
     let inputs = std::mem::take(&mut job.inputs);
     let (tx, rx) = oneshot::channel();

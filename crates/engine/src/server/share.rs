@@ -1,0 +1,296 @@
+//! The engine's compute share, movable at run time (issue 18): a cap on the prompt tokens
+//! of the embedding requests inside the engine at once, and its admin route.
+//!
+//! Why this lever: on a shared GPU the embedder's large batches fill every SM and the
+//! generator's small decode kernels queue behind them (the H100 study). The embedding
+//! queue batches whatever requests it holds up to `--max-num-batched-tokens`; bounding the
+//! tokens let in bounds every batch, so its kernels get smaller and leave the GPU sooner,
+//! without restarting the engine. A controller (the gateway's, or an operator) moves it
+//! through `POST /admin/compute-share`.
+//!
+//! Requests past the cap wait (in the server, before the engine thread sees them) until
+//! tokens leave; one larger than the cap runs alone, so nothing waits forever. A client
+//! that goes away while waiting takes nothing with it.
+//!
+//! ```text
+//! GET  /admin/compute-share  -> {"max_tokens_in_flight": 2048 | null, "tokens_in_flight": 512, "waiting": 3}
+//! POST /admin/compute-share  {"max_tokens_in_flight": 2048}   (null lifts the cap)
+//! ```
+
+use std::sync::Arc;
+
+use axum::extract::Extension;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use openai::ErrorBody;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::body::JsonBody;
+use super::ApiError;
+
+/// The cap and what is inside it now.
+#[derive(Debug, Default)]
+struct State {
+    cap: Option<usize>,
+    in_flight: usize,
+    waiting: usize,
+}
+
+/// The cap on embedding tokens in the engine, shared by the embedding route and the admin
+/// route (an axum `Extension`).
+#[derive(Debug, Default)]
+pub struct ComputeShare {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+/// What the admin route answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareStatus {
+    /// The cap; `None` (`null`): no cap.
+    pub max_tokens_in_flight: Option<usize>,
+    pub tokens_in_flight: usize,
+    pub waiting: usize,
+}
+
+impl ComputeShare {
+    /// Sets (or, with `None`, lifts) the cap; waiting requests that now fit go at once.
+    pub fn set(&self, cap: Option<usize>) {
+        self.state.lock().cap = cap;
+        self.changed.notify_waiters();
+    }
+
+    /// The cap and the tokens inside it now.
+    pub fn status(&self) -> ShareStatus {
+        let st = self.state.lock();
+        ShareStatus {
+            max_tokens_in_flight: st.cap,
+            tokens_in_flight: st.in_flight,
+            waiting: st.waiting,
+        }
+    }
+
+    /// Waits until `tokens` fit under the cap (or nothing else is inside), and holds them
+    /// until the returned guard drops.
+    pub async fn enter(self: &Arc<Self>, tokens: usize) -> TokensInside {
+        let mut counted = false;
+        loop {
+            // Registered before the check, so a release between the check and the wait
+            // is not missed.
+            let notified = self.changed.notified();
+            {
+                let mut st = self.state.lock();
+                let fits = st.cap.is_none_or(|cap| st.in_flight + tokens <= cap);
+                if fits || st.in_flight == 0 {
+                    st.in_flight += tokens;
+                    if counted {
+                        st.waiting -= 1;
+                    }
+                    return TokensInside {
+                        share: self.clone(),
+                        tokens,
+                    };
+                }
+                if !counted {
+                    st.waiting += 1;
+                    counted = true;
+                }
+            }
+            let mut guard = WaitingGuard {
+                share: self,
+                armed: true,
+            };
+            notified.await;
+            guard.armed = false;
+        }
+    }
+}
+
+/// Counts a waiter out if its request is dropped while it waits.
+struct WaitingGuard<'a> {
+    share: &'a ComputeShare,
+    armed: bool,
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.share.state.lock();
+            st.waiting = st.waiting.saturating_sub(1);
+        }
+    }
+}
+
+/// Tokens inside the engine; they leave when this drops (the answer is ready or the
+/// client went away).
+pub struct TokensInside {
+    share: Arc<ComputeShare>,
+    tokens: usize,
+}
+
+impl Drop for TokensInside {
+    fn drop(&mut self) {
+        {
+            let mut st = self.share.state.lock();
+            st.in_flight = st.in_flight.saturating_sub(self.tokens);
+        }
+        self.share.changed.notify_waiters();
+    }
+}
+
+/// The share as Prometheus gauges (`colocate:` names, as the engine's others).
+pub fn render(model_name: &str, st: &ShareStatus) -> String {
+    let l = format!("model_name=\"{model_name}\"");
+    format!(
+        "# HELP colocate:compute_share_max_tokens_in_flight The cap on embedding tokens in the engine at once (-1: none).\n\
+         # TYPE colocate:compute_share_max_tokens_in_flight gauge\n\
+         colocate:compute_share_max_tokens_in_flight{{{l}}} {}\n\
+         # HELP colocate:compute_share_tokens_in_flight Embedding tokens in the engine now.\n\
+         # TYPE colocate:compute_share_tokens_in_flight gauge\n\
+         colocate:compute_share_tokens_in_flight{{{l}}} {}\n\
+         # HELP colocate:compute_share_waiting Embedding requests waiting for the share.\n\
+         # TYPE colocate:compute_share_waiting gauge\n\
+         colocate:compute_share_waiting{{{l}}} {}\n",
+        st.max_tokens_in_flight.map_or(-1, |c| c as i64),
+        st.tokens_in_flight,
+        st.waiting
+    )
+}
+
+/// `GET /admin/compute-share`.
+pub async fn get_share(Extension(share): Extension<Arc<ComputeShare>>) -> Response {
+    axum::Json(share.status()).into_response()
+}
+
+/// `POST /admin/compute-share` with `{"max_tokens_in_flight": N | null}`.
+pub async fn set_share(
+    Extension(share): Extension<Arc<ComputeShare>>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let cap = parse_cap(&body)?;
+    share.set(cap);
+    Ok((StatusCode::OK, axum::Json(share.status())).into_response())
+}
+
+/// The new cap from a body: `max_tokens_in_flight` a whole number of at least 1, or null.
+fn parse_cap(body: &[u8]) -> Result<Option<usize>, ErrorBody> {
+    let param = Some("max_tokens_in_flight");
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ErrorBody::invalid_request(format!("the body is not valid JSON: {e}"), None)
+    })?;
+    let Some(map) = v.as_object() else {
+        return Err(ErrorBody::invalid_request(
+            "send a JSON object: {\"max_tokens_in_flight\": 2048} (null lifts the cap)",
+            None,
+        ));
+    };
+    if let Some(k) = map.keys().find(|k| *k != "max_tokens_in_flight") {
+        return Err(ErrorBody::invalid_request(
+            format!("unknown field `{k}`: the only setting is max_tokens_in_flight"),
+            Some(k),
+        ));
+    }
+    match map.get("max_tokens_in_flight") {
+        None => Err(ErrorBody::invalid_request(
+            "`max_tokens_in_flight` is required (null lifts the cap)",
+            param,
+        )),
+        Some(serde_json::Value::Null) => Ok(None),
+        Some(n) => match n.as_u64().and_then(|n| usize::try_from(n).ok()) {
+            Some(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(ErrorBody::invalid_request(
+                format!(
+                    "`max_tokens_in_flight` must be a whole number of at least 1 or null, got {n}"
+                ),
+                param,
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn caps_are_read_strictly() {
+        assert_eq!(
+            parse_cap(br#"{"max_tokens_in_flight": 512}"#),
+            Ok(Some(512))
+        );
+        assert_eq!(parse_cap(br#"{"max_tokens_in_flight": null}"#), Ok(None));
+        for bad in [
+            &br#"{"max_tokens_in_flight": 0}"#[..],
+            br#"{"max_tokens_in_flight": -3}"#,
+            br#"{"max_tokens_in_flight": 1.5}"#,
+            br#"{"max_tokens_in_flight": "9"}"#,
+            br#"{}"#,
+            br#"{"max_tokens": 9}"#,
+            br#"[1]"#,
+            b"{",
+        ] {
+            let e = parse_cap(bad).unwrap_err();
+            assert_eq!(e.status(), 400, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_past_the_cap_wait_until_tokens_leave() {
+        let share = Arc::new(ComputeShare::default());
+        share.set(Some(100));
+        let a = share.enter(60).await;
+        let s2 = share.clone();
+        let b = tokio::spawn(async move { s2.enter(60).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            share.status(),
+            ShareStatus {
+                max_tokens_in_flight: Some(100),
+                tokens_in_flight: 60,
+                waiting: 1
+            }
+        );
+        drop(a);
+        let b = tokio::time::timeout(Duration::from_secs(1), b)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(share.status().tokens_in_flight, 60);
+        assert_eq!(share.status().waiting, 0);
+        // larger than the cap: runs alone once nothing else is inside
+        let s2 = share.clone();
+        let big = tokio::spawn(async move { s2.enter(500).await.tokens });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!big.is_finished());
+        drop(b);
+        assert_eq!(big.await.unwrap(), 500);
+    }
+
+    #[tokio::test]
+    async fn raising_or_lifting_the_cap_releases_waiters_and_leavers_are_not_counted() {
+        let share = Arc::new(ComputeShare::default());
+        share.set(Some(10));
+        let _a = share.enter(10).await;
+        let s2 = share.clone();
+        let w = tokio::spawn(async move { s2.enter(5).await.tokens });
+        let s3 = share.clone();
+        let gone = tokio::spawn(async move { s3.enter(5).await.tokens });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(share.status().waiting, 2);
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(share.status().waiting, 1);
+        share.set(None);
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(1), w)
+                .await
+                .unwrap()
+                .unwrap(),
+            5
+        );
+        assert_eq!(share.status().waiting, 0);
+    }
+}
