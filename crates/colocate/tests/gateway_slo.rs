@@ -50,6 +50,8 @@ struct Up {
     child: Child,
     run_dir: PathBuf,
     gw: String,
+    /// The embedder itself, not through the gateway.
+    embed: String,
 }
 
 impl Drop for Up {
@@ -65,8 +67,9 @@ fn state(run_dir: &Path) -> Option<serde_json::Value> {
 }
 
 /// The generator and the embedder behind a gateway; with `slo`, the generator is a
-/// latency tenant with that TTFT p99 objective and the embedder best-effort.
-fn start_up(dir: &Path, name: &str, slo: Option<Duration>) -> Up {
+/// latency tenant with that TTFT p99 objective and the embedder best-effort;
+/// `extra_control` goes into `[gateway.control]`.
+fn start_up(dir: &Path, name: &str, slo: Option<Duration>, extra_control: &str) -> Up {
     let (gen_port, embed_port, gw_port) = (free_port(), free_port(), free_port());
     let (gen_priority, embed_priority) = match slo {
         Some(d) => (
@@ -95,6 +98,7 @@ min_best_effort = 0
 max_best_effort = {FLOOD_CLIENTS}
 queue = 64
 queue_timeout = "2s"
+{extra_control}
 [supervise]
 stop_timeout = "5s"
 [[engines]]
@@ -133,6 +137,7 @@ port = {embed_port}
         child,
         run_dir,
         gw: format!("http://127.0.0.1:{gw_port}"),
+        embed: format!("http://127.0.0.1:{embed_port}"),
     };
     let t0 = Instant::now();
     while !state(&up.run_dir).is_some_and(|s| s["phase"] == "running") {
@@ -326,7 +331,7 @@ async fn the_controller_keeps_the_latency_tenant_within_its_slo_under_a_best_eff
     let t_start = Instant::now();
 
     // 1. No priorities: the solo baseline, then the flood uncontrolled.
-    let up = start_up(dir.path(), "uncontrolled", None);
+    let up = start_up(dir.path(), "uncontrolled", None, "");
     let _ = latency_stream(&up.gw, Duration::from_millis(500)).await; // warm-up
     let solo = latency_stream(&up.gw, MEASURE).await;
     let (mut flooded, counts_u) = under_flood(&up.gw, Duration::from_secs(1), 1).await;
@@ -362,7 +367,7 @@ async fn the_controller_keeps_the_latency_tenant_within_its_slo_under_a_best_eff
     );
 
     // 2. The generator a latency tenant with that SLO, the embedder best-effort.
-    let up = start_up(dir.path(), "controlled", Some(slo));
+    let up = start_up(dir.path(), "controlled", Some(slo), "");
     let _ = latency_stream(&up.gw, Duration::from_millis(500)).await;
     let trace_stop = Arc::new(AtomicBool::new(false));
     let tracer = {
@@ -512,4 +517,70 @@ fn the_example_deployment_is_valid() {
         err.contains("engines[0].slo: missing: priority = \"latency\" needs an SLO"),
         "{err}"
     );
+}
+
+/// With `engine_share_tokens` the controller also moves the lever inside the best-effort
+/// built-in engine: an objective no request can meet (TTFT p99 of 1 ms) drives the limit
+/// down, and the embedder's `/admin/compute-share` follows it (limit x tokens per place, at
+/// least one place), as the gateway's `/metrics` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_moves_the_best_effort_engines_compute_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up(
+        dir.path(),
+        "share",
+        Some(Duration::from_millis(1)),
+        "engine_share_tokens = 16",
+    );
+    let c = client();
+    let share_of = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("colocate_gateway_engine_share_tokens "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    };
+    // No latency traffic yet: the limit stays at its top, the engine uncapped.
+    let engine_cap = |v: serde_json::Value| v["max_tokens_in_flight"].as_u64();
+    let got: serde_json::Value = c
+        .get(format!("{}/admin/compute-share", up.embed))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(engine_cap(got), None);
+    // Streamed requests over a 1 ms objective: pressure, decreases, a share.
+    let t0 = Instant::now();
+    let mut last = None;
+    while t0.elapsed() < Duration::from_secs(30) {
+        let _ = latency_stream(&up.gw, Duration::from_millis(300)).await;
+        let metrics = c
+            .get(format!("{}/metrics", up.gw))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let gw_share = share_of(&metrics).expect("the share gauge");
+        let got: serde_json::Value = c
+            .get(format!("{}/admin/compute-share", up.embed))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        last = Some((gw_share, engine_cap(got)));
+        // The limit halves from 32 towards 0; the engine holds what the gateway last sent.
+        if gw_share > 0 && gw_share <= 16 * 16 && engine_cap_matches(gw_share, last) {
+            return;
+        }
+    }
+    panic!("the engine's share never followed the controller: (gateway, engine) = {last:?}");
+}
+
+/// Whether the engine's cap is what the gateway says it sent.
+fn engine_cap_matches(gw_share: i64, last: Option<(i64, Option<u64>)>) -> bool {
+    matches!(last, Some((_, Some(cap))) if cap as i64 == gw_share)
 }

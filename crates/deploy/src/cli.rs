@@ -312,6 +312,11 @@ pub fn control_lines(st: &state::StateFile) -> Vec<String> {
         c.decisions_decrease,
         c.decisions_hold
     )];
+    if let Some(t) = c.engine_share_tokens {
+        out.push(format!(
+            "engine share: best-effort built-in engines hold at most {t} embedding tokens in flight"
+        ));
+    }
     out.push(format!(
         "{:<16} {:<12} {:<44} {:>9} {:>7} {:>9} {:>9} {:>9}",
         "tenant",

@@ -88,7 +88,18 @@ fn tenants(spec: &crate::spec::DeploymentSpec) -> Vec<TenantSpec> {
                 model: e.served_name().to_string(),
                 priority: e.priority,
                 slo: e.slo,
+                share_urls: Vec::new(),
             }),
+        }
+        // The built-in engine has the compute-share lever; other kinds do not.
+        if e.kind == EngineKind::Builtin {
+            if let Some(t) = out.iter_mut().find(|t| t.model == e.served_name()) {
+                t.share_urls.extend(
+                    e.instances()
+                        .into_iter()
+                        .map(|(_, port)| format!("http://127.0.0.1:{port}")),
+                );
+            }
         }
     }
     out

@@ -546,6 +546,12 @@ pub struct ControlSpec {
     /// How long a best-effort request may wait for a place before it gets 429.
     #[serde(with = "::units::duration")]
     pub queue_timeout: Duration,
+    /// Tokens of engine compute share per best-effort place. With it the controller also
+    /// moves the lever inside every best-effort built-in engine: its
+    /// `/admin/compute-share` cap on embedding tokens in flight is set to limit x this,
+    /// and lifted while the limit is at `max_best_effort`. Other engines have no lever.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_share_tokens: Option<u32>,
 }
 
 impl Default for ControlSpec {
@@ -557,6 +563,7 @@ impl Default for ControlSpec {
             max_best_effort: 64,
             queue: 256,
             queue_timeout: Duration::from_secs(30),
+            engine_share_tokens: None,
         }
     }
 }
@@ -963,6 +970,12 @@ fn control_problems(c: &ControlSpec) -> Vec<(&'static str, String)> {
                 "{} is above max_best_effort ({})",
                 c.min_best_effort, c.max_best_effort
             ),
+        ));
+    }
+    if c.engine_share_tokens == Some(0) {
+        out.push((
+            "engine_share_tokens",
+            "must be at least 1 (leave it out for no engine lever)".into(),
         ));
     }
     if c.queue > 0 && c.queue_timeout.is_zero() {
@@ -1374,6 +1387,12 @@ replicas = 2
                 "",
                 "[gateway]\n[gateway.control]\nmax_best_effort = 0",
                 "gateway.control.max_best_effort: must be at least 1",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\nengine_share_tokens = 0",
+                "gateway.control.engine_share_tokens: must be at least 1",
             ),
             (
                 "",

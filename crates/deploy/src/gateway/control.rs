@@ -30,6 +30,16 @@ pub struct TenantSpec {
     pub model: String,
     pub priority: Priority,
     pub slo: Option<SloSpec>,
+    /// Base URLs of its replicas that have the engine lever (`/admin/compute-share`: the
+    /// built-in engine's), moved with the limit when `engine_share_tokens` is set.
+    pub share_urls: Vec<String>,
+}
+
+/// The engine share for a best-effort limit: `limit x per_place` tokens (at least one
+/// place's: the engine's cap is at least 1), or no cap (`None`)
+/// at the top of the range, where the controller leaves best-effort work alone.
+pub fn engine_share(limit: u32, max: u32, per_place: u32) -> Option<u64> {
+    (limit < max).then(|| u64::from(limit.max(1)) * u64::from(per_place))
 }
 
 /// One tenant and its live measurements.
@@ -69,6 +79,8 @@ pub(crate) struct Control {
     aimd: Mutex<AimdState>,
     decisions: Decisions,
     spec: ControlSpec,
+    /// The engine share last sent to best-effort engines (-1: none, or no cap).
+    engine_share: std::sync::atomic::AtomicI64,
 }
 
 struct AimdState {
@@ -114,6 +126,7 @@ impl Control {
             }),
             decisions: Decisions::default(),
             spec,
+            engine_share: std::sync::atomic::AtomicI64::new(-1),
         }
     }
 
@@ -221,6 +234,7 @@ impl Control {
             decisions_hold: self.decisions.hold.load(Ordering::Relaxed),
             window_seconds: self.spec.window.as_secs_f64(),
             tenants,
+            engine_share_tokens: u64::try_from(self.engine_share.load(Ordering::Relaxed)).ok(),
         }
     }
 }
@@ -244,14 +258,52 @@ fn pressure(lat: &TenantLatency, slo: &SloSpec, since: Option<Instant>) -> Optio
     }))
 }
 
-/// Runs [`Control::tick`] every `interval` until cancelled.
-pub(crate) async fn tick_loop(control: Arc<Control>, cancel: CancellationToken) {
+/// Runs [`Control::tick`] every `interval` until cancelled; with `engine_share_tokens`,
+/// also sets each best-effort built-in engine's compute share whenever the share the limit
+/// asks for changes (and once at the start, so a restart of the gateway starts clean).
+pub(crate) async fn tick_loop(
+    control: Arc<Control>,
+    client: reqwest::Client,
+    cancel: CancellationToken,
+) {
     let mut every = tokio::time::interval(control.spec.interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pushed: Option<Option<u64>> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = every.tick() => { control.tick(Instant::now()); }
+        }
+        let Some(per) = control.spec.engine_share_tokens else {
+            continue;
+        };
+        let (limit, _) = control.admission.load();
+        let share = engine_share(limit, control.spec.max_best_effort, per);
+        if pushed == Some(share) {
+            continue;
+        }
+        pushed = Some(share);
+        control
+            .engine_share
+            .store(share.map_or(-1, |s| s as i64), Ordering::Relaxed);
+        for t in &control.tenants {
+            if t.spec.priority != Priority::BestEffort {
+                continue;
+            }
+            for url in &t.spec.share_urls {
+                let req = client
+                    .post(format!("{url}/admin/compute-share"))
+                    .json(&serde_json::json!({ "max_tokens_in_flight": share }));
+                let url = url.clone();
+                // Not awaited in the tick: a slow engine must not hold the controller up.
+                tokio::spawn(async move {
+                    match req.send().await {
+                        Ok(r) if r.status().is_success() => {}
+                        Ok(r) => tracing::warn!("{url}: compute share answered {}", r.status()),
+                        Err(e) => tracing::warn!("{url}: compute share not set: {e}"),
+                    }
+                });
+            }
         }
     }
 }
@@ -297,6 +349,10 @@ pub struct ControlSnapshot {
     pub decisions_hold: u64,
     pub window_seconds: f64,
     pub tenants: Vec<TenantSnapshot>,
+    /// The compute share last sent to the best-effort built-in engines, in tokens (none:
+    /// no cap, or no `engine_share_tokens`).
+    #[serde(default)]
+    pub engine_share_tokens: Option<u64>,
 }
 
 impl ControlSnapshot {
@@ -314,6 +370,16 @@ impl ControlSnapshot {
             "Best-effort requests the SLO controller allows in flight.",
         );
         let _ = writeln!(out, "colocate_gateway_best_effort_limit {}", self.limit);
+        gauge(
+            out,
+            "colocate_gateway_engine_share_tokens",
+            "The compute share (embedding tokens in flight) set in best-effort built-in engines (-1: no cap).",
+        );
+        let _ = writeln!(
+            out,
+            "colocate_gateway_engine_share_tokens {}",
+            self.engine_share_tokens.map_or(-1, |t| t as i64)
+        );
         gauge(
             out,
             "colocate_gateway_best_effort_in_flight",
@@ -476,12 +542,14 @@ mod tests {
                     ttft_p99: Some(Duration::from_millis(100)),
                     ..SloSpec::default()
                 }),
+                share_urls: vec![],
             },
             TenantSpec {
                 name: "embed".into(),
                 model: "e".into(),
                 priority: Priority::BestEffort,
                 slo: None,
+                share_urls: vec![],
             },
         ]
     }
@@ -534,12 +602,25 @@ mod tests {
     }
 
     #[test]
+    fn the_engine_share_follows_the_limit_and_is_lifted_at_the_top() {
+        assert_eq!(engine_share(64, 64, 512), None);
+        assert_eq!(engine_share(8, 64, 512), Some(4096));
+        // at 0 the gateway admits no best-effort request; the engine keeps a valid cap
+        assert_eq!(engine_share(0, 64, 512), Some(512));
+        assert_eq!(
+            engine_share(u32::MAX - 1, u32::MAX, u32::MAX),
+            Some(18446744060824649730)
+        );
+    }
+
+    #[test]
     fn without_priorities_nothing_is_controlled() {
         let plain = vec![TenantSpec {
             name: "a".into(),
             model: "a".into(),
             priority: Priority::Normal,
             slo: None,
+            share_urls: vec![],
         }];
         assert!(!Control::new(plain, spec()).active());
     }

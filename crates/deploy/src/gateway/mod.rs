@@ -148,10 +148,13 @@ impl Gateway {
         let stop = cancel.clone();
         let server = tokio::spawn(server.serve(async move { stop.cancelled().await }));
         let checker = tokio::spawn(health::check_loop(shared.clone(), cancel.clone()));
-        let controller = shared
-            .control
-            .active()
-            .then(|| tokio::spawn(control::tick_loop(shared.control.clone(), cancel.clone())));
+        let controller = shared.control.active().then(|| {
+            tokio::spawn(control::tick_loop(
+                shared.control.clone(),
+                shared.client.clone(),
+                cancel.clone(),
+            ))
+        });
         Ok(Gateway {
             shared,
             addr,
