@@ -132,7 +132,7 @@ fn experiment_file_errors_name_file_and_field() {
     }
     // a deployment error is caught by the deploy crate before anything starts
     let p = dir.path().join("baddeploy.toml");
-    std::fs::write(&p, good.replace("port = 38102", "port = 38101")).unwrap();
+    std::fs::write(&p, good.replace("port = 28102", "port = 28101")).unwrap();
     let o = lab(&["run", p.to_str().unwrap(), "--dry-run"]);
     assert!(!o.status.success());
     let (_, err) = text(&o);
@@ -225,8 +225,8 @@ fn a_run_that_measures_no_co_located_condition_fails_and_lists_why() {
     let good = std::fs::read_to_string(root().join("examples/quickstart.toml")).unwrap();
     let body = good
         .replace("models/all-minilm-l6-v2", broken.to_str().unwrap())
-        .replace("port = 38101", "port = 38171")
-        .replace("port = 38102", "port = 38172");
+        .replace("port = 28101", "port = 28171")
+        .replace("port = 28102", "port = 28172");
     let p = dir.path().join("broken.toml");
     std::fs::write(&p, body).unwrap();
     let out = dir.path().join("run");

@@ -20,14 +20,14 @@ name = "gen"
 kind = "builtin"
 model = "preset:qwen3-tiny"
 task = "generate"
-port = 38121
+port = 28121
 load_format = "dummy"
 [[deployment.engines]]
 name = "emb"
 kind = "builtin"
 model = "preset:qwen3-tiny"
 task = "embed"
-port = 38122
+port = 28122
 load_format = "dummy"
 [[workloads]]
 name = "chat"
@@ -113,7 +113,7 @@ fn ctrl_c_keeps_finished_conditions_and_resume_completes() {
     }
     // no engine left behind
     let t = Instant::now();
-    while !(port_free(38121) && port_free(38122)) {
+    while !(port_free(28121) && port_free(28122)) {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "an engine is still listening"

@@ -40,13 +40,13 @@ startup_estimate = "2s"
 gpu = "cpu"
 sharing = "timeslice"
 [deployment.gateway]
-address = "127.0.0.1:38391"
+address = "127.0.0.1:28391"
 [[deployment.engines]]
 name = "small"
 kind = "builtin"
 model = "preset:qwen3-tiny"
 served_model_name = "qwen3-tiny"
-port = 38381
+port = 28381
 load_format = "dummy"
 start_timeout = "60s"
 [[deployment.engines]]
@@ -54,7 +54,7 @@ name = "pool"
 kind = "builtin"
 model = "preset:qwen3-tiny"
 served_model_name = "pool"
-port = 38385
+port = 28385
 replicas = 2
 load_format = "dummy"
 start_timeout = "60s"

@@ -153,7 +153,7 @@ fn the_example_plans_its_steps() {
         labels.contains(&"timeslice [4 small + 1 large]: chat c=2, vectors c=2 b=4"),
         "{labels:#?}"
     );
-    // every step's deployment is valid (ports 38301.. for the copies, not the embedder's)
+    // every step's deployment is valid (ports 28301.. for the copies, not the embedder's)
     lab::deployments::Deployments::check(&exp, &p).unwrap();
 }
 
