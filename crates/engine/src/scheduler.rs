@@ -260,8 +260,10 @@ impl Scheduler {
     pub fn step(&mut self, model: &mut dyn Generator) -> anyhow::Result<()> {
         self.drop_cancelled();
         self.schedule();
+        // Published before the step too, so a client that sees a token also sees the
+        // blocks its sequence holds (the end-of-step update alone lags the first token).
+        self.update_gauges();
         if self.plan.is_empty() {
-            self.update_gauges();
             return Ok(());
         }
         // One uniform per sampling sequence, drawn before the steps borrow the sequences.
