@@ -13,7 +13,10 @@ mod output;
 mod summary;
 
 pub use output::{csv_row, Format, SampleWriter, CSV_HEADER};
-pub use summary::{percentile_sorted, stat, summarize, GpuWindow, Stat, WindowSummary};
+pub use summary::{
+    percentile_sorted, stat, summarize, summarize_totals, GpuWindow, Stat, TotalSample,
+    TotalsWindow, WindowSummary, COUNTER_NAMES, SUMMED,
+};
 
 use anyhow::{anyhow, bail, Result};
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
