@@ -1,9 +1,10 @@
 //! Turns `--model` / `--task` / `--load-format` / `--device` into a ready model: reads the
 //! config (file or preset), the tokenizer, the weights (safetensors or dummy), and builds
 //! the architecture's model for the chosen device: on the CPU the portable models
-//! (`model::qwen3` for dense and MoE Qwen3, `model::bert`) on [`CpuBackend`], FP8
-//! checkpoints dequantised at load; on CUDA the CUDA model (`model::qwen3_cuda`, dense
-//! Qwen3 in bf16 only so far), from the same config and weight source.
+//! (`model::decoder` for every decoder family: Qwen3 dense and MoE, Qwen2, Llama, Mistral,
+//! GPT-2; `model::bert`) on [`CpuBackend`], FP8 checkpoints dequantised at load; on CUDA
+//! the CUDA model (`model::qwen3_cuda`, dense Qwen3 in bf16 only so far), from the same
+//! config and weight source.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +18,7 @@ use crate::limits::{self, LimitFlags};
 use crate::model::config::{preset_names, Arch, ModelConfig, ModelLocation};
 #[cfg(feature = "cuda")]
 use crate::model::qwen3_cuda::CudaQwen3;
-use crate::model::{bert, qwen3};
+use crate::model::{bert, decoder};
 use crate::model_api::{Embedder, Generator, ModelInfo, Task};
 use crate::tokenizer::{self, Tokenizer};
 use crate::weights::WeightSource;
@@ -186,15 +187,12 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     };
 
     // Encoders truncate like sentence-transformers; generators check prompt lengths instead.
-    let truncate_to = match config.arch {
-        Arch::Bert => Some(
-            dir.as_deref()
-                .and_then(sentence_max_seq_length)
-                .unwrap_or(config.max_position_embeddings)
-                .min(config.max_position_embeddings),
-        ),
-        Arch::Qwen3 | Arch::Qwen3Moe => None,
-    };
+    let truncate_to = (!config.arch.is_decoder()).then(|| {
+        dir.as_deref()
+            .and_then(sentence_max_seq_length)
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings)
+    });
     let tok = match &dir {
         Some(d) => tokenizer::load_dir(d, truncate_to)?,
         None => None,
@@ -309,9 +307,26 @@ fn load_cuda(
     })
 }
 
-/// What the CUDA path does not run yet: mixture-of-experts models and FP8 checkpoints
-/// (issue 17: grouped expert GEMMs and FP8 weights on the GPU are to come).
+/// What the CUDA path does not run yet: the decoder families other than Qwen3 (issue 20),
+/// mixture-of-experts models and FP8 checkpoints (issue 17: grouped expert GEMMs and FP8
+/// weights on the GPU are to come), and what the CUDA Qwen3 does not compute (RoPE
+/// scaling, attention biases). Checked before any device is opened.
 fn cuda_supports(config: &ModelConfig) -> anyhow::Result<()> {
+    if matches!(
+        config.arch,
+        Arch::Qwen2 | Arch::Llama | Arch::Mistral | Arch::Gpt2
+    ) {
+        anyhow::bail!(
+            "the {} architecture runs on the CPU only for now: the CUDA model is Qwen3's (use --device cpu)",
+            config.arch.name()
+        );
+    }
+    if config.rope_scaling.is_some() || config.attention_bias {
+        anyhow::bail!(
+            "{}: RoPE scaling and attention biases run on the CPU only for now (use --device cpu)",
+            config.arch.name()
+        );
+    }
     if config.moe.is_some() {
         anyhow::bail!(
             "{} is a mixture-of-experts model, which runs on the CPU only for now (use --device cpu)",
@@ -389,15 +404,15 @@ pub fn build<B: Backend>(
     info: ModelInfo,
 ) -> anyhow::Result<LoadedModel> {
     Ok(match (config.arch, info.task) {
-        (Arch::Qwen3 | Arch::Qwen3Moe, Task::Generate) => LoadedModel::Generator(Box::new(
-            qwen3::Qwen3Generator::new(backend, config, source, info)?,
-        )),
-        (Arch::Qwen3 | Arch::Qwen3Moe, Task::Embed) => LoadedModel::Embedder(Box::new(
-            qwen3::Qwen3Embedder::new(backend, config, source, info)?,
-        )),
         (Arch::Bert, Task::Embed) => {
             LoadedModel::Embedder(Box::new(bert::Bert::new(backend, config, source, info)?))
         }
         (Arch::Bert, Task::Generate) => anyhow::bail!("a BERT encoder cannot generate"),
+        (_, Task::Generate) => LoadedModel::Generator(Box::new(decoder::DecoderGenerator::new(
+            backend, config, source, info,
+        )?)),
+        (_, Task::Embed) => LoadedModel::Embedder(Box::new(decoder::DecoderEmbedder::new(
+            backend, config, source, info,
+        )?)),
     })
 }

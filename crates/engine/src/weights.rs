@@ -164,6 +164,65 @@ impl WeightSource {
         }
     }
 
+    /// A `Conv1D` weight (GPT-2's projections), stored `[inp, out]`, the transpose of a
+    /// Linear's, as `parts` Linear weights `[out / parts, inp]`: the output features cut in
+    /// `parts` equal runs (`c_attn`'s q, k and v), each transposed. Dummy weights seed each
+    /// part from the first name and the part's index.
+    pub fn get_conv1d<B: Backend>(
+        &self,
+        b: &B,
+        names: &[String],
+        inp: usize,
+        out: usize,
+        parts: usize,
+        init: Init,
+    ) -> anyhow::Result<Vec<B::Tensor>> {
+        let part = split_width(&names[0], out, parts)?;
+        match self {
+            WeightSource::Dummy { seed } => (0..parts)
+                .map(|p| b.dummy(part, inp, init, part_seed(*seed, &names[0], p, parts)))
+                .collect(),
+            WeightSource::Safetensors(st) => {
+                let (name, loc) = st.find(names, inp, out)?;
+                let w = st.stored(name, loc)?.to_f32();
+                (0..parts)
+                    .map(|p| {
+                        let mut t = Vec::with_capacity(part * inp);
+                        for o in p * part..(p + 1) * part {
+                            t.extend((0..inp).map(|i| w[i * out + o]));
+                        }
+                        b.upload_f32(part, inp, &t)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// A 1-D tensor of `n` elements as `parts` rows `[1, n / parts]` (`c_attn`'s bias
+    /// into q, k and v), seeded as [`WeightSource::get_conv1d`]'s parts.
+    pub fn get_split<B: Backend>(
+        &self,
+        b: &B,
+        names: &[String],
+        n: usize,
+        parts: usize,
+        init: Init,
+    ) -> anyhow::Result<Vec<B::Tensor>> {
+        let part = split_width(&names[0], n, parts)?;
+        match self {
+            WeightSource::Dummy { seed } => (0..parts)
+                .map(|p| b.dummy(1, part, init, part_seed(*seed, &names[0], p, parts)))
+                .collect(),
+            WeightSource::Safetensors(st) => {
+                let (name, loc) = st.find(names, 1, n)?;
+                let v = st.stored(name, loc)?.to_f32();
+                v.chunks_exact(part)
+                    .map(|c| b.upload_f32(1, part, c))
+                    .collect()
+            }
+        }
+    }
+
     /// Whether any of `names` exists (optional tensors such as a checkpoint's `lm_head`).
     /// Dummy sources have every tensor.
     pub fn has(&self, names: &[String]) -> bool {
@@ -317,6 +376,24 @@ impl SafetensorsFiles {
             .map(|(p, _)| p.display().to_string())
             .collect();
         files.join(", ")
+    }
+}
+
+/// The width of each of `parts` equal runs of `n` features.
+fn split_width(name: &str, n: usize, parts: usize) -> anyhow::Result<usize> {
+    if parts == 0 || !n.is_multiple_of(parts) {
+        anyhow::bail!("tensor {name}: {n} features do not split into {parts} equal parts");
+    }
+    Ok(n / parts)
+}
+
+/// A part's seed: the whole tensor's (as [`WeightSource::get`] seeds it) when it is not
+/// split, else the name with the part's index.
+fn part_seed(seed: u64, name: &str, part: usize, parts: usize) -> u64 {
+    if parts == 1 {
+        seed_for(seed, name)
+    } else {
+        seed_for(seed, &format!("{name}#{part}"))
     }
 }
 

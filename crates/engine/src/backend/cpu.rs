@@ -7,7 +7,7 @@ use rand::{Rng as _, SeedableRng as _};
 use rand_distr::Distribution as _;
 use rayon::prelude::*;
 
-use super::{AttnDims, Backend, DType, IndexSource, Init, KvShape, Pooling, StepMeta};
+use super::{AttnDims, Backend, DType, Gelu, IndexSource, Init, KvShape, Pooling, StepMeta};
 use crate::model_api::SampleSpec;
 
 /// A row-major `[rows, cols]` f32 matrix in host memory. Activation buffers come from
@@ -287,24 +287,16 @@ impl Backend for CpuBackend {
         Ok(CpuKvCache { k, v, shape })
     }
 
-    fn rope_table(
-        &self,
-        head_dim: usize,
-        theta: f64,
-        max_positions: usize,
-    ) -> anyhow::Result<CpuTensor> {
-        let half = head_dim / 2;
-        let mut t = CpuTensor::zeros(max_positions, head_dim);
-        // inv_freq as transformers computes it (in f32), the angle in f64.
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-            .collect();
+    fn rope_table(&self, inv_freq: &[f32], max_positions: usize) -> anyhow::Result<CpuTensor> {
+        let half = inv_freq.len();
+        let mut t = CpuTensor::zeros(max_positions, 2 * half);
+        // The angle in f64 from transformers' f32 inv_freq.
         t.data
-            .par_chunks_mut(head_dim)
+            .par_chunks_mut(2 * half)
             .enumerate()
             .for_each(|(p, row)| {
-                for i in 0..half {
-                    let a = p as f64 * inv[i] as f64;
+                for (i, &f) in inv_freq.iter().enumerate() {
+                    let a = p as f64 * f as f64;
                     row[i] = a.cos() as f32;
                     row[half + i] = a.sin() as f32;
                 }
@@ -577,11 +569,21 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn gelu(&self, x: &CpuTensor) -> anyhow::Result<CpuTensor> {
+    fn gelu(&self, x: &CpuTensor, kind: Gelu) -> anyhow::Result<CpuTensor> {
+        // sqrt(2 / pi) as transformers' `math.sqrt(2.0 / math.pi)`, rounded to f32.
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
         let mut out = x.clone();
         out.data.par_chunks_mut(1 << 12).for_each(|o| {
             for v in o {
-                *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2));
+                *v = match kind {
+                    Gelu::Erf => {
+                        0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2))
+                    }
+                    Gelu::Tanh => {
+                        let x = *v;
+                        0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+                    }
+                };
             }
         });
         Ok(out)

@@ -83,6 +83,16 @@ pub enum Pooling {
     Mean,
 }
 
+/// The two forms of GELU transformers' activations compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    /// `0.5 x (1 + erf(x / sqrt 2))`: `gelu` (BERT).
+    Erf,
+    /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`: `gelu_new`,
+    /// `gelu_pytorch_tanh` (GPT-2).
+    Tanh,
+}
+
 /// Attention head layout of one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnDims {
@@ -187,14 +197,11 @@ pub trait Backend: Send + Sync + 'static {
     fn to_host(&self, t: &Self::Tensor) -> anyhow::Result<Vec<f32>>;
     /// Allocates the paged KV cache (zeroed).
     fn alloc_kv_cache(&self, shape: KvShape) -> anyhow::Result<Self::KvCache>;
-    /// Precomputes the RoPE table for positions `0 .. max_positions` (HF default rope:
-    /// `inv_freq[i] = theta^(-2i/head_dim)`).
-    fn rope_table(
-        &self,
-        head_dim: usize,
-        theta: f64,
-        max_positions: usize,
-    ) -> anyhow::Result<Self::Tensor>;
+    /// Precomputes the RoPE table for positions `0 .. max_positions` from the inverse
+    /// frequencies of one head (`head_dim / 2` of them: the model config's
+    /// [`crate::model::config::ModelConfig::rope_inv_freq`], where rope scaling is decided):
+    /// row `p` is `cos(p * inv_freq)` then `sin(p * inv_freq)`.
+    fn rope_table(&self, inv_freq: &[f32], max_positions: usize) -> anyhow::Result<Self::Tensor>;
 
     // ---- per-step metadata ---------------------------------------------------------------
     /// Copies a step's metadata to the device, once per step.
@@ -261,8 +268,9 @@ pub trait Backend: Send + Sync + 'static {
     ) -> anyhow::Result<()>;
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> anyhow::Result<Self::Tensor>;
-    /// GELU (erf form, as BERT's `gelu`), elementwise.
-    fn gelu(&self, x: &Self::Tensor) -> anyhow::Result<Self::Tensor>;
+    /// GELU, elementwise, in the form `kind` names (BERT's `gelu` is [`Gelu::Erf`], GPT-2's
+    /// `gelu_new` [`Gelu::Tanh`]).
+    fn gelu(&self, x: &Self::Tensor, kind: Gelu) -> anyhow::Result<Self::Tensor>;
     /// `a += b`, elementwise.
     fn add_assign(&self, a: &mut Self::Tensor, b: &Self::Tensor) -> anyhow::Result<()>;
     /// LayerNorm of each row of `x (+ residual)`, with weight and bias `[1, cols]`.

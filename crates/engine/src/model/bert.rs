@@ -5,7 +5,7 @@
 //! Checkpoints saved from `BertModel` have no `bert.` prefix; from `BertFor*` they do:
 //! both load.
 
-use crate::backend::{AttnDims, Backend, IndexSource, Init, Pooling};
+use crate::backend::{AttnDims, Backend, Gelu, IndexSource, Init, Pooling};
 use crate::model::config::ModelConfig;
 use crate::model::StepBuilder;
 use crate::model_api::{Embedder, ModelInfo};
@@ -165,7 +165,7 @@ impl<B: Backend> Embedder for Bert<B> {
             let o = lin(&attn, &layer.attention_output)?;
             let an = &layer.attention_norm;
             x = b.layer_norm(&o, Some(&x), &an.weight, &an.bias, self.eps)?;
-            let mid = b.gelu(&lin(&x, &layer.intermediate)?)?;
+            let mid = b.gelu(&lin(&x, &layer.intermediate)?, Gelu::Erf)?;
             let out = lin(&mid, &layer.output)?;
             let on = &layer.output_norm;
             x = b.layer_norm(&out, Some(&x), &on.weight, &on.bias, self.eps)?;

@@ -1,11 +1,20 @@
 //! Model configuration: where `--model` points (a preset or a folder), the config read from
 //! a Hugging Face `config.json` or built from a preset that mirrors a released model's
-//! config, plus the memory formulas the planner (`deploy`) shares with the engine. The
-//! mixture-of-experts keys of `qwen3_moe` are [`moe`]'s, a block-FP8 `quantization_config`
-//! is [`fp8`]'s.
+//! config ([`presets`] for the families beyond Qwen3), plus the memory formulas the planner
+//! (`deploy`) shares with the engine. The mixture-of-experts keys of `qwen3_moe` are
+//! [`moe`]'s, a block-FP8 `quantization_config` is [`fp8`]'s, RoPE scaling is [`rope`]'s,
+//! and what tells the decoder families apart ([`DecoderLayout`]) is [`layout`]'s.
+//!
+//! A decoder whose config slides its attention window (`sliding_window` of Mistral, or of
+//! Qwen2/Qwen3 with `use_sliding_window`) is read with `max_position_embeddings` capped
+//! at the window: within it, sliding and full attention are the same, so every sequence
+//! the engine accepts is computed exactly.
 
 mod fp8;
+mod layout;
 mod moe;
+mod presets;
+mod rope;
 
 use std::path::Path;
 
@@ -22,6 +31,15 @@ pub enum Arch {
     /// Qwen3 mixture-of-experts decoder (`model_type: qwen3_moe`, Qwen3-30B-A3B): Qwen3's
     /// attention, a sparse MoE block in place of the MLP (see [`MoeConfig::is_sparse`]).
     Qwen3Moe,
+    /// Qwen2 / Qwen2.5 decoder (`model_type: qwen2`): Qwen3 without q/k norm, with q/k/v
+    /// biases.
+    Qwen2,
+    /// Llama decoder (`model_type: llama`: Llama-3.x), RoPE scaled as its config says.
+    Llama,
+    /// Mistral decoder (`model_type: mistral`): Llama's layers.
+    Mistral,
+    /// GPT-2 (`model_type: gpt2`, also DistilGPT2): learned positions, LayerNorm, GELU.
+    Gpt2,
     /// BERT encoder (`model_type: bert`).
     Bert,
 }
@@ -31,18 +49,59 @@ impl Arch {
         match self {
             Arch::Qwen3 => "qwen3",
             Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Qwen2 => "qwen2",
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Gpt2 => "gpt2",
             Arch::Bert => "bert",
         }
     }
 
-    /// A causal decoder (Qwen3, dense or MoE), as opposed to an encoder.
+    /// The `model_type` values read, in this order.
+    const ALL: [Arch; 7] = [
+        Arch::Qwen3,
+        Arch::Qwen3Moe,
+        Arch::Qwen2,
+        Arch::Llama,
+        Arch::Mistral,
+        Arch::Gpt2,
+        Arch::Bert,
+    ];
+
+    /// A causal decoder, as opposed to an encoder.
     pub fn is_decoder(self) -> bool {
-        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
+        self != Arch::Bert
     }
 }
 
 pub use fp8::Fp8Config;
+pub use layout::{DecoderLayout, MlpKind, NormKind, PositionKind};
 pub use moe::MoeConfig;
+pub use rope::{inv_freq, RopeScaling};
+
+use crate::backend::Gelu;
+
+/// The activation of a model's MLP (`hidden_act`, GPT-2's `activation_function`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (the gated MLPs of Llama and Qwen).
+    Silu,
+    /// `gelu` ([`Gelu::Erf`]) or `gelu_new` / `gelu_pytorch_tanh` ([`Gelu::Tanh`]).
+    Gelu(Gelu),
+}
+
+impl Activation {
+    fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::Gelu(Gelu::Erf),
+            "gelu_new" | "gelu_pytorch_tanh" => Activation::Gelu(Gelu::Tanh),
+            other => anyhow::bail!(
+                "unsupported activation {other:?} (supported: silu, gelu, gelu_new, gelu_pytorch_tanh)"
+            ),
+        })
+    }
+}
 
 /// The fields of a model config the engine uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,9 +115,16 @@ pub struct ModelConfig {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub max_position_embeddings: usize,
-    /// RMSNorm eps (Qwen3) or LayerNorm eps (BERT).
+    /// RMSNorm eps (Qwen3, Qwen2, Llama, Mistral) or LayerNorm eps (BERT, GPT-2).
     pub norm_eps: f64,
     pub rope_theta: f64,
+    /// RoPE scaling (`None`: the default RoPE); see [`ModelConfig::rope_inv_freq`].
+    pub rope_scaling: Option<RopeScaling>,
+    /// `attention_bias` of Llama and Qwen3: biases on q/k/v/o (Qwen2 and GPT-2 have theirs
+    /// by architecture; [`ModelConfig::layout`] decides).
+    pub attention_bias: bool,
+    /// The MLP's activation.
+    pub activation: Activation,
     pub tie_word_embeddings: bool,
     /// BERT token types.
     pub type_vocab_size: usize,
@@ -74,7 +140,8 @@ pub struct ModelConfig {
     pub fp8: Option<Fp8Config>,
 }
 
-/// Presets (`preset:NAME`) with the configs of the released models.
+/// Presets (`preset:NAME`) with the configs of the released models: Qwen3's here, the
+/// other families' in [`presets`].
 const PRESETS: &[&str] = &[
     "qwen3-tiny",
     "qwen3-0.6b",
@@ -86,6 +153,18 @@ const PRESETS: &[&str] = &[
     "qwen3-moe-tiny",
     "qwen3-30b-a3b",
     "qwen3-30b-a3b-fp8",
+    "llama-tiny",
+    "llama-3.2-1b",
+    "llama-3.2-3b",
+    "mistral-7b",
+    "qwen2-tiny",
+    "qwen2.5-0.5b",
+    "qwen2.5-1.5b",
+    "qwen2.5-3b",
+    "qwen2.5-7b",
+    "gpt2-tiny",
+    "gpt2",
+    "distilgpt2",
 ];
 
 /// Names accepted after `preset:`.
@@ -120,38 +199,48 @@ impl<'a> ModelLocation<'a> {
     }
 }
 
-/// Raw `config.json` fields (both transformers 4 and 5 spellings).
+/// Raw `config.json` fields (both transformers 4 and 5 spellings, and GPT-2's own names).
 #[derive(Deserialize)]
 struct RawConfig {
     model_type: Option<String>,
     #[serde(default)]
     architectures: Vec<String>,
     vocab_size: usize,
+    #[serde(alias = "n_embd")]
     hidden_size: usize,
-    intermediate_size: usize,
+    /// GPT-2's `n_inner` (null: 4 x hidden).
+    #[serde(alias = "n_inner")]
+    intermediate_size: Option<usize>,
+    #[serde(alias = "n_layer")]
     num_hidden_layers: usize,
+    #[serde(alias = "n_head")]
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
+    #[serde(alias = "n_positions")]
     max_position_embeddings: usize,
     rms_norm_eps: Option<f64>,
+    #[serde(alias = "layer_norm_epsilon")]
     layer_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
-    rope_parameters: Option<RopeParameters>,
+    rope_parameters: Option<rope::RawRope>,
+    rope_scaling: Option<rope::RawRope>,
     tie_word_embeddings: Option<bool>,
     type_vocab_size: Option<usize>,
     eos_token_id: Option<EosIds>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    #[serde(alias = "activation_function")]
     hidden_act: Option<String>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    scale_attn_weights: Option<bool>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
     #[serde(flatten)]
     moe: moe::RawMoe,
     quantization_config: Option<fp8::RawQuantization>,
-}
-
-#[derive(Deserialize)]
-struct RopeParameters {
-    rope_theta: Option<f64>,
 }
 
 /// `eos_token_id` is an int or a list in HF configs.
@@ -190,18 +279,24 @@ impl ModelConfig {
     pub fn from_json(text: &str) -> anyhow::Result<Self> {
         let raw: RawConfig = serde_json::from_str(text)?;
         let model_type = raw.model_type.clone().unwrap_or_default();
-        let arch = match model_type.as_str() {
-            "qwen3" => Arch::Qwen3,
-            "qwen3_moe" => Arch::Qwen3Moe,
-            "bert" => Arch::Bert,
-            other => anyhow::bail!(
-                "unsupported model_type {other:?} (architectures {:?}); supported: qwen3, qwen3_moe, bert",
-                raw.architectures
-            ),
-        };
+        let arch = Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == model_type)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unsupported model_type {model_type:?} (architectures {:?}); supported: {}",
+                    raw.architectures,
+                    Arch::ALL.map(Arch::name).join(", ")
+                )
+            })?;
         if raw.num_attention_heads == 0 || raw.num_hidden_layers == 0 || raw.hidden_size == 0 {
             anyhow::bail!("hidden_size, num_hidden_layers and num_attention_heads must be > 0");
         }
+        let intermediate_size = match (raw.intermediate_size, arch) {
+            (Some(i), _) => i,
+            (None, Arch::Gpt2) => 4 * raw.hidden_size,
+            (None, _) => anyhow::bail!("intermediate_size is missing"),
+        };
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads);
@@ -212,53 +307,101 @@ impl ModelConfig {
                 raw.num_attention_heads
             );
         }
-        if arch == Arch::Bert {
-            if let Some(act) = raw.hidden_act.as_deref() {
-                if act != "gelu" {
-                    anyhow::bail!("unsupported BERT hidden_act {act:?} (only gelu)");
-                }
-            }
+        let activation = match (raw.hidden_act.as_deref(), arch) {
+            (Some(a), _) => Activation::parse(a)?,
+            (None, Arch::Bert) => Activation::Gelu(Gelu::Erf),
+            (None, Arch::Gpt2) => Activation::Gelu(Gelu::Tanh),
+            (None, _) => Activation::Silu,
+        };
+        match (arch, activation) {
+            (Arch::Bert, Activation::Gelu(Gelu::Erf)) | (Arch::Gpt2, Activation::Gelu(_)) => {}
+            (Arch::Bert | Arch::Gpt2, _) => anyhow::bail!(
+                "unsupported {} activation {:?} (only gelu{})",
+                arch.name(),
+                raw.hidden_act.as_deref().unwrap_or_default(),
+                if arch == Arch::Gpt2 { ", gelu_new" } else { "" }
+            ),
+            (_, Activation::Silu) => {}
+            (_, Activation::Gelu(_)) => anyhow::bail!(
+                "unsupported {} hidden_act {:?} (only silu)",
+                arch.name(),
+                raw.hidden_act.as_deref().unwrap_or_default()
+            ),
+        }
+        if raw.mlp_bias == Some(true) {
+            anyhow::bail!("mlp_bias: MLP biases of {} are not supported", arch.name());
+        }
+        if arch == Arch::Gpt2
+            && (raw.scale_attn_weights == Some(false)
+                || raw.scale_attn_by_inverse_layer_idx == Some(true))
+        {
+            anyhow::bail!(
+                "GPT-2 attention scaling other than 1/sqrt(head_dim) (scale_attn_weights false or scale_attn_by_inverse_layer_idx true) is not supported"
+            );
         }
         let rope_theta = raw
             .rope_theta
-            .or(raw.rope_parameters.and_then(|r| r.rope_theta))
+            .or(raw.rope_parameters.as_ref().and_then(|r| r.rope_theta))
             .unwrap_or(10_000.0);
+        let rope_scaling = match raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()) {
+            Some(r) if arch.is_decoder() && arch != Arch::Gpt2 => r.scaling()?,
+            _ => None,
+        };
+        let window = match arch {
+            Arch::Mistral => raw.sliding_window,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe if raw.use_sliding_window == Some(true) => {
+                raw.sliding_window
+            }
+            _ => None,
+        };
+        let max_position_embeddings = window.map_or(raw.max_position_embeddings, |w| {
+            w.clamp(1, raw.max_position_embeddings)
+        });
+        // A decoder saved as its bare model (`Qwen3Model`: Qwen3-Embedding) embeds; one
+        // with an LM head (`*ForCausalLM`, GPT-2's `GPT2LMHeadModel`) generates.
         let is_embedding = raw
             .architectures
             .iter()
-            .any(|a| a.ends_with("Model") && arch.is_decoder());
-        let default_task = match arch {
-            Arch::Bert => Task::Embed,
-            _ if is_embedding => Task::Embed,
-            Arch::Qwen3 | Arch::Qwen3Moe => Task::Generate,
+            .any(|a| a.ends_with("Model") && !a.ends_with("LMHeadModel") && arch.is_decoder());
+        let default_task = if arch == Arch::Bert || is_embedding {
+            Task::Embed
+        } else {
+            Task::Generate
         };
         let moe = match arch {
             Arch::Qwen3Moe => Some(raw.moe.resolve(raw.num_hidden_layers)?),
-            Arch::Qwen3 | Arch::Bert => None,
+            _ => None,
         };
         let fp8 = match raw.quantization_config {
-            Some(_) if arch == Arch::Bert => {
+            Some(_) if !matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe) => {
                 anyhow::bail!("quantization_config: FP8 checkpoints are supported for qwen3 and qwen3_moe only")
             }
             Some(q) => Some(q.resolve()?),
             None => None,
         };
+        let layer_norm = matches!(arch, Arch::Bert | Arch::Gpt2);
         Ok(Self {
             arch,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
-            intermediate_size: raw.intermediate_size,
+            intermediate_size,
             num_hidden_layers: raw.num_hidden_layers,
             num_attention_heads: raw.num_attention_heads,
             num_key_value_heads: num_kv,
             head_dim,
-            max_position_embeddings: raw.max_position_embeddings,
-            norm_eps: match arch {
-                Arch::Qwen3 | Arch::Qwen3Moe => raw.rms_norm_eps.unwrap_or(1e-6),
-                Arch::Bert => raw.layer_norm_eps.unwrap_or(1e-12),
+            max_position_embeddings,
+            norm_eps: match (arch, layer_norm) {
+                (Arch::Gpt2, _) => raw.layer_norm_eps.unwrap_or(1e-5),
+                (_, true) => raw.layer_norm_eps.unwrap_or(1e-12),
+                (_, false) => raw.rms_norm_eps.unwrap_or(1e-6),
             },
             rope_theta,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(arch == Arch::Bert),
+            rope_scaling,
+            attention_bias: raw.attention_bias.unwrap_or(false),
+            activation,
+            // transformers' default ties (PretrainedConfig); the decoders' own configs
+            // default to untied.
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(layer_norm),
             // Token types are BERT's; a decoder has none (as its presets say).
             type_vocab_size: raw
                 .type_vocab_size
@@ -304,7 +447,11 @@ impl ModelConfig {
                 false,
                 Task::Generate,
             ),
-            other => anyhow::bail!("unknown preset {other:?}; presets: {}", PRESETS.join(", ")),
+            other => {
+                return presets::other(other).unwrap_or_else(|| {
+                    anyhow::bail!("unknown preset {other:?}; presets: {}", PRESETS.join(", "))
+                })
+            }
         };
         let tiny = name.ends_with("-tiny");
         let moe = match name {
@@ -355,6 +502,9 @@ impl ModelConfig {
             max_position_embeddings: max_pos,
             norm_eps: 1e-6,
             rope_theta: 1_000_000.0,
+            rope_scaling: None,
+            attention_bias: false,
+            activation: Activation::Silu,
             tie_word_embeddings: tied,
             type_vocab_size: 0,
             eos_token_ids: if tiny {
@@ -388,32 +538,86 @@ impl ModelConfig {
 
     fn parameters(&self, active: bool) -> usize {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let Some(lay) = self.layout() else {
+            // BERT.
+            let emb = (v + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h;
+            let per_layer = 4 * (h * h + h) + 2 * (2 * h) + (h * i + i) + (i * h + h);
+            return emb + self.num_hidden_layers * per_layer;
+        };
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let attention = h * q
+            + 2 * h * kv
+            + q * h
+            + if lay.qkv_bias { q + 2 * kv } else { 0 }
+            + if lay.o_bias { h } else { 0 }
+            + if lay.qk_norm { 2 * self.head_dim } else { 0 }
+            + 2 * lay.norm_parameters(h);
+        let dense = match lay.mlp {
+            MlpKind::SiluGated => 3 * h * i,
+            MlpKind::Gelu(_) => 2 * h * i + i + h,
+        };
+        let mlps: usize = (0..self.num_hidden_layers)
+            .map(|l| match &self.moe {
+                Some(m) if m.is_sparse(l) => {
+                    let experts = if active {
+                        m.num_experts_per_tok
+                    } else {
+                        m.num_experts
+                    };
+                    h * m.num_experts + experts * 3 * h * m.moe_intermediate_size
+                }
+                _ => dense,
+            })
+            .sum();
+        let positions = match lay.positions {
+            PositionKind::Rope => 0,
+            PositionKind::Learned => self.max_position_embeddings * h,
+        };
+        v * h
+            + positions
+            + self.num_hidden_layers * attention
+            + mlps
+            + lay.norm_parameters(h)
+            + self.lm_head_parameters()
+    }
+
+    /// The decoder's options (`None` for encoders): the one place where the families'
+    /// differences are decided.
+    pub fn layout(&self) -> Option<DecoderLayout> {
+        let rope = |qk_norm, qkv_bias, o_bias| DecoderLayout {
+            qk_norm,
+            qkv_bias,
+            o_bias,
+            norm: NormKind::Rms,
+            positions: PositionKind::Rope,
+            mlp: MlpKind::SiluGated,
+        };
+        let bias = self.attention_bias;
         match self.arch {
-            Arch::Qwen3 | Arch::Qwen3Moe => {
-                let q = self.num_attention_heads * self.head_dim;
-                let kv = self.num_key_value_heads * self.head_dim;
-                let attention = h * q + 2 * h * kv + q * h + 2 * self.head_dim + 2 * h;
-                let mlps: usize = (0..self.num_hidden_layers)
-                    .map(|l| match &self.moe {
-                        Some(m) if m.is_sparse(l) => {
-                            let experts = if active {
-                                m.num_experts_per_tok
-                            } else {
-                                m.num_experts
-                            };
-                            h * m.num_experts + experts * 3 * h * m.moe_intermediate_size
-                        }
-                        _ => 3 * h * i,
-                    })
-                    .sum();
-                v * h + self.num_hidden_layers * attention + mlps + h + self.lm_head_parameters()
-            }
-            Arch::Bert => {
-                let emb = (v + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h;
-                let per_layer = 4 * (h * h + h) + 2 * (2 * h) + (h * i + i) + (i * h + h);
-                emb + self.num_hidden_layers * per_layer
-            }
+            Arch::Qwen3 | Arch::Qwen3Moe => Some(rope(true, bias, bias)),
+            Arch::Llama => Some(rope(false, bias, bias)),
+            Arch::Mistral => Some(rope(false, false, false)),
+            Arch::Qwen2 => Some(rope(false, true, false)),
+            Arch::Gpt2 => Some(DecoderLayout {
+                qk_norm: false,
+                qkv_bias: true,
+                o_bias: true,
+                norm: NormKind::Layer,
+                positions: PositionKind::Learned,
+                mlp: MlpKind::Gelu(match self.activation {
+                    Activation::Gelu(g) => g,
+                    Activation::Silu => Gelu::Tanh,
+                }),
+            }),
+            Arch::Bert => None,
         }
+    }
+
+    /// The `head_dim / 2` RoPE inverse frequencies of this model (its `rope_theta` and
+    /// scaling), from which every device builds its table.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        inv_freq(self.head_dim, self.rope_theta, self.rope_scaling.as_ref())
     }
 
     /// Parameters of an untied `lm_head` (0 when tied, and for encoders).
@@ -455,10 +659,11 @@ impl ModelConfig {
         bytes
     }
 
-    /// Every linear layer of a decoder as `(module name, rows, cols)` (checkpoint names:
-    /// what `quantization_config.modules_to_not_convert` lists); empty for encoders.
+    /// Every linear layer of a Qwen3 decoder as `(module name, rows, cols)` (checkpoint
+    /// names: what `quantization_config.modules_to_not_convert` lists); empty for the other
+    /// architectures, whose FP8 checkpoints are not read.
     fn linear_modules(&self, with_lm_head: bool) -> Vec<(String, usize, usize)> {
-        if !self.arch.is_decoder() {
+        if !matches!(self.arch, Arch::Qwen3 | Arch::Qwen3Moe) {
             return Vec::new();
         }
         let h = self.hidden_size;
@@ -508,11 +713,10 @@ impl ModelConfig {
     /// Bytes of K and V for one token over all layers with `dtype_bytes` per element
     /// (0 for encoders, which keep no KV cache). The same for MoE models: experts hold no KV.
     pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
-        match self.arch {
-            Arch::Qwen3 | Arch::Qwen3Moe => {
-                2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
-            }
-            Arch::Bert => 0,
+        if self.arch.is_decoder() {
+            2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+        } else {
+            0
         }
     }
 }
@@ -618,9 +822,9 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(nested.rope_theta, 7.0);
-        let err =
-            ModelConfig::from_json(&format!("{{{}}}", base.replace("qwen3", "llama"))).unwrap_err();
-        assert!(err.to_string().contains("llama"), "{err}");
+        let err = ModelConfig::from_json(&format!("{{{}}}", base.replace("qwen3", "falcon")))
+            .unwrap_err();
+        assert!(err.to_string().contains("falcon"), "{err}");
         let err = ModelConfig::from_json(r#"{"model_type":"qwen3","hidden_size":8}"#).unwrap_err();
         assert!(
             err.to_string().contains("vocab_size"),

@@ -1,17 +1,24 @@
-//! Model architectures, one file per architecture and device, with names mirroring the
-//! Hugging Face parameter names: `qwen3` (dense Qwen3 and Qwen3-MoE, whose sparse block is
-//! `moe`) and `bert` are written only against [`crate::backend::Backend`] ops (the CPU
-//! backend runs them; the numerics reference);
+//! Model architectures, with names mirroring the Hugging Face parameter names. The
+//! portable models are written only against [`crate::backend::Backend`] ops (the CPU
+//! backend runs them; the numerics reference): `decoder` is the one causal decoder of
+//! every decoder family, its options decided by the config
+//! ([`config::DecoderLayout`]), fed by one loader per checkpoint naming: `qwen3` (Qwen3,
+//! Qwen3-MoE, whose sparse block is `moe`, Qwen2/Qwen2.5, Llama, Mistral) and `gpt2`
+//! (GPT-2, DistilGPT2); `bert` is the encoder.
 //! `qwen3_cuda` is Qwen3 on the CUDA path (fused bf16 weights and its forward pass of
-//! kernels and GEMMs, served by `backend::cuda::executor`).
+//! kernels and GEMMs, served by `backend::cuda::executor`); the other architectures run on
+//! the CPU only so far, and `--device cuda` names them in its error.
 //! Every model reads the one [`config::ModelConfig`], loads through the one
 //! [`crate::weights::WeightSource`], samples with the one rule
 //! ([`crate::backend::sampling`]) and packs its steps with the one [`StepBuilder`], which
 //! flattens a step's sequences into the varlen layout ([`StepMeta`]) a device receives
-//! once per step. A new architecture is a model file per device plus its `config` entry.
+//! once per step. A new architecture is a model file per device plus its `config` entry (a
+//! new decoder family: a loader, or none where it shares a naming, and its layout).
 
 pub mod bert;
 pub mod config;
+pub mod decoder;
+pub mod gpt2;
 pub mod moe;
 pub mod qwen3;
 #[cfg(feature = "cuda")]

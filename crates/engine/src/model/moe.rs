@@ -13,7 +13,7 @@
 
 use crate::backend::{Backend, Init};
 use crate::model::config::MoeConfig;
-use crate::model::qwen3::{GatedMlp, GetWeight};
+use crate::model::decoder::{GatedMlp, GetWeight};
 
 /// One MoE layer's weights.
 pub struct SparseMoe<T> {
