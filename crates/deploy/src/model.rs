@@ -5,11 +5,13 @@
 //! at one byte plus an f32 scale per block where the engine keeps them so; KV per token =
 //! 2 x layers x kv_heads x head_dim x dtype bytes) live once, in the engine's
 //! `ModelConfig`, which reads presets (`preset:qwen3-8b`, `preset:qwen3-30b-a3b-fp8`,
-//! mirroring the real Hugging Face configs) and `config.json` folders (dense `qwen3`,
-//! `qwen3_moe`, `bert`). This module adds what only planning needs: Hugging Face ids of the
-//! presets' models (so `model = "Qwen/Qwen3-8B"` for vLLM plans without the checkpoint on
-//! disk), the embedding case (no `lm_head`), and an activation estimate for sizing an
-//! embedder's batch.
+//! `preset:llama-3.2-3b`, `preset:qwen2.5-7b`, `preset:gpt2`..., mirroring the real Hugging
+//! Face configs) and `config.json` folders (`qwen3`, `qwen3_moe`, `qwen2`, `llama`,
+//! `mistral`, `gpt2`, `bert`). This module adds what only planning needs: Hugging Face ids
+//! of the presets' models (so `model = "Qwen/Qwen3-8B"` or
+//! `"meta-llama/Llama-3.2-3B-Instruct"` for vLLM plans without the checkpoint on disk; base
+//! and `-Instruct` releases have the same shapes), the embedding case (no `lm_head`), and an
+//! activation estimate for sizing an embedder's batch.
 //!
 //! A model folder that does not exist on this machine (`/tmp/vllm-models/qwen3-8b` exists
 //! only on the GPU machine) is planned with the known model its folder is named after, and
@@ -29,11 +31,28 @@ pub struct ModelShape {
     pub note: Option<String>,
 }
 
+/// The organisations whose Hugging Face ids name presets' models.
+const ORGS: [&str; 5] = [
+    "qwen/",
+    "meta-llama/",
+    "mistralai/",
+    "openai-community/",
+    "distilbert/",
+];
+
 /// The preset a Hugging Face id or bare name names (`Qwen/Qwen3-8B` -> `qwen3-8b`,
-/// `qwen3-30b-a3b-fp8`).
+/// `qwen3-30b-a3b-fp8`, `meta-llama/Llama-3.2-3B-Instruct` -> `llama-3.2-3b`,
+/// `mistralai/Mistral-7B-Instruct-v0.3` -> `mistral-7b`, `openai-community/gpt2`).
 fn known_by_name(name: &str) -> Option<ModelConfig> {
     let lower = name.to_ascii_lowercase();
-    let bare = lower.strip_prefix("qwen/").unwrap_or(&lower);
+    let bare = ORGS
+        .iter()
+        .find_map(|o| lower.strip_prefix(o))
+        .unwrap_or(&lower);
+    let bare = match bare {
+        "mistral-7b-v0.3" | "mistral-7b-instruct-v0.3" => "mistral-7b",
+        other => other.strip_suffix("-instruct").unwrap_or(other),
+    };
     let preset = config::preset_names().iter().find(|p| **p == bare)?;
     ModelConfig::from_preset(preset).ok()
 }
@@ -150,6 +169,34 @@ mod tests {
         let p = m.parameters(false) as f64 / 1e6;
         assert!((22.5..23.0).contains(&p), "{p}");
         assert_eq!(m.kv_bytes_per_token(4), 0);
+    }
+
+    /// The A100 study's and the blog's models by their Hugging Face ids: weights and KV as
+    /// the engine's presets count them.
+    #[test]
+    fn issue_20_models_by_hf_id() {
+        for (id, preset) in [
+            ("meta-llama/Llama-3.2-3B-Instruct", "llama-3.2-3b"),
+            ("meta-llama/Llama-3.2-1B", "llama-3.2-1b"),
+            ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b"),
+            ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-0.5b"),
+            ("Qwen/Qwen2.5-7B", "qwen2.5-7b"),
+            ("openai-community/gpt2", "gpt2"),
+            ("distilbert/distilgpt2", "distilgpt2"),
+            ("/no/such/dir/qwen2.5-3b-instruct", "qwen2.5-3b"),
+        ] {
+            let m = ModelShape::resolve(id).unwrap();
+            let p = ModelShape::resolve(&format!("preset:{preset}")).unwrap();
+            assert_eq!(m.config, p.config, "{id}");
+        }
+        // Llama-3.2-3B: 3.21 B parameters, tied; 28 layers x 8 kv heads x 128 x 2 x 2 bytes.
+        let m = ModelShape::resolve("meta-llama/Llama-3.2-3B-Instruct").unwrap();
+        assert_eq!(m.parameters(true), 3_212_749_824);
+        assert_eq!(m.kv_bytes_per_token(2), 114_688);
+        // DistilGPT2 (82 M parameters) in 16-bit.
+        let d = ModelShape::resolve("distilgpt2").unwrap();
+        assert_eq!(d.weights_bytes(true, 2, false), 2 * 81_912_576);
+        assert!(ModelShape::resolve("mistralai/Mistral-7B-v0.9").is_err());
     }
 
     /// Qwen3-30B-A3B: 30.5 B parameters (the model card), 3.3 B active; FP8 weights about

@@ -873,4 +873,152 @@ mod tests {
         let err = ModelConfig::from_json(&bad_quant).unwrap_err().to_string();
         assert!(err.contains("quant_method \"gptq\""), "{err}");
     }
+
+    /// Parameter counts of the released checkpoints (as transformers counts them, a tied
+    /// head once) and their KV bytes per bf16 token.
+    #[test]
+    fn decoder_presets_have_the_published_sizes() {
+        let c = |n: &str| ModelConfig::from_preset(n).unwrap();
+        for (name, params, kv) in [
+            ("llama-3.2-1b", 1_235_814_400, 2 * 16 * 8 * 64 * 2),
+            ("llama-3.2-3b", 3_212_749_824, 2 * 28 * 8 * 128 * 2),
+            ("mistral-7b", 7_248_023_552, 2 * 32 * 8 * 128 * 2),
+            ("qwen2.5-0.5b", 494_032_768, 2 * 24 * 2 * 64 * 2),
+            ("qwen2.5-1.5b", 1_543_714_304, 2 * 28 * 2 * 128 * 2),
+            ("qwen2.5-3b", 3_085_938_688, 2 * 36 * 2 * 128 * 2),
+            ("qwen2.5-7b", 7_615_616_512, 2 * 28 * 4 * 128 * 2),
+            ("gpt2", 124_439_808, 2 * 12 * 12 * 64 * 2),
+            ("distilgpt2", 81_912_576, 2 * 6 * 12 * 64 * 2),
+        ] {
+            assert_eq!(c(name).num_parameters(), params, "{name}");
+            assert_eq!(c(name).active_parameters(), params, "{name}");
+            assert_eq!(c(name).kv_bytes_per_token(2), kv, "{name}");
+            assert_eq!(c(name).weight_bytes(2), 2 * params, "{name}");
+        }
+        // An embedder never loads an untied head; a tied one is the embeddings.
+        let m = c("mistral-7b");
+        assert_eq!(
+            m.resident_weight_bytes(2, false, true) - m.resident_weight_bytes(2, false, false),
+            32_768 * 4096 * 2
+        );
+        assert_eq!(c("llama-3.2-1b").lm_head_parameters(), 0);
+    }
+
+    /// The published config.json of a model of each family reads as its preset, EOS
+    /// aside where the preset has generation_config.json's list.
+    #[test]
+    fn reads_the_published_decoder_configs() {
+        let llama = r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "bos_token_id": 128000,
+            "eos_token_id": [128001, 128008, 128009], "head_dim": 64, "hidden_act": "silu",
+            "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+            "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+            "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+            "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0,
+            "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+            "transformers_version": "4.45.0.dev0", "use_cache": true, "vocab_size": 128256}"#;
+        assert_eq!(
+            ModelConfig::from_json(llama).unwrap(),
+            ModelConfig::from_preset("llama-3.2-1b").unwrap()
+        );
+        let mistral = r#"{"architectures": ["MistralForCausalLM"], "attention_dropout": 0.0,
+            "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+            "initializer_range": 0.02, "intermediate_size": 14336,
+            "max_position_embeddings": 32768, "model_type": "mistral",
+            "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
+            "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_cache": true,
+            "vocab_size": 32768}"#;
+        assert_eq!(
+            ModelConfig::from_json(mistral).unwrap(),
+            ModelConfig::from_preset("mistral-7b").unwrap()
+        );
+        let qwen2 = r#"{"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
+            "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+            "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2",
+            "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+            "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072,
+            "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_cache": true,
+            "use_sliding_window": false, "vocab_size": 152064}"#;
+        let mut c = ModelConfig::from_json(qwen2).unwrap();
+        assert_eq!(c.eos_token_ids, vec![151_645]);
+        c.eos_token_ids = vec![151_645, 151_643];
+        assert_eq!(c, ModelConfig::from_preset("qwen2.5-7b").unwrap());
+        let gpt2 = r#"{"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+            "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1,
+            "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+            "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12,
+            "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": null,
+            "summary_first_dropout": 0.1, "summary_proj_to_labels": true,
+            "summary_type": "cls_index", "summary_use_proj": true,
+            "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}},
+            "vocab_size": 50257}"#;
+        assert_eq!(
+            ModelConfig::from_json(gpt2).unwrap(),
+            ModelConfig::from_preset("gpt2").unwrap()
+        );
+        assert_eq!(
+            ModelConfig::from_json(&gpt2.replace(r#""n_layer": 12"#, r#""n_layer": 6"#)).unwrap(),
+            ModelConfig::from_preset("distilgpt2").unwrap()
+        );
+
+        // A sliding window caps the positions where it applies.
+        let window = |text: &str| {
+            ModelConfig::from_json(text)
+                .unwrap()
+                .max_position_embeddings
+        };
+        assert_eq!(window(&mistral.replace("null", "4096")), 4096);
+        assert_eq!(window(qwen2), 32_768);
+        let sliding = qwen2
+            .replace(
+                r#""use_sliding_window": false"#,
+                r#""use_sliding_window": true"#,
+            )
+            .replace("131072", "4096");
+        assert_eq!(window(&sliding), 4096);
+
+        // Llama's attention_bias puts biases on q, k, v and o.
+        let biased = ModelConfig::from_json(
+            &llama.replace(r#""attention_bias": false"#, r#""attention_bias": true"#),
+        )
+        .unwrap();
+        let layout = biased.layout().unwrap();
+        assert!(layout.qkv_bias && layout.o_bias && !layout.qk_norm);
+        assert_eq!(
+            biased.num_parameters() - ModelConfig::from_json(llama).unwrap().num_parameters(),
+            16 * (2048 + 2 * 512 + 2048)
+        );
+
+        // What is not computed is an error naming it.
+        for (text, named) in [
+            (
+                llama.replace(r#""mlp_bias": false"#, r#""mlp_bias": true"#),
+                "mlp_bias",
+            ),
+            (llama.replace(r#""llama3""#, r#""yarn""#), "yarn"),
+            (llama.replace(r#""silu""#, r#""gelu""#), "hidden_act"),
+            (gpt2.replace("gelu_new", "relu"), "relu"),
+            (
+                gpt2.replace(
+                    r#""n_ctx""#,
+                    r#""scale_attn_by_inverse_layer_idx": true, "n_ctx""#,
+                ),
+                "scale_attn_by_inverse_layer_idx",
+            ),
+            (
+                mistral.replace(
+                    r#""hidden_size": 4096"#,
+                    r#""hidden_size": 4096, "quantization_config": {"quant_method": "fp8"}"#,
+                ),
+                "FP8",
+            ),
+        ] {
+            let err = format!("{:#}", ModelConfig::from_json(&text).unwrap_err());
+            assert!(err.contains(named), "{named}: {err}");
+        }
+    }
 }
