@@ -3,6 +3,10 @@
 //! vLLM's convention: inter-arrival times ~ Gamma(shape = burstiness, scale =
 //! 1 / (rate * burstiness)); the mean is 1/rate whatever the burstiness, the coefficient of
 //! variation is 1/sqrt(burstiness); burstiness = 1 is a Poisson process (exponential gaps).
+//!
+//! [`Schedule`] turns the gaps into arrival times over a span of the run: an open loop runs
+//! from the start of the load, or from a load step's time (`LoadStep`), until the end of the
+//! run or the step that replaces it.
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -42,6 +46,39 @@ impl Arrivals {
             GapDist::Exp(d) => d.sample(&mut self.rng),
             GapDist::Gamma(d) => d.sample(&mut self.rng),
         }
+    }
+}
+
+/// Arrival times (seconds on the run's clock) after `from` and before `until`: the first at
+/// `from` plus one gap, each next one gap later.
+pub struct Schedule {
+    arrivals: Arrivals,
+    t: f64,
+    until: Option<f64>,
+}
+
+impl Schedule {
+    /// The arrivals of `arrivals` from `from` (exclusive) to `until` (exclusive; `None`:
+    /// endless).
+    pub fn new(arrivals: Arrivals, from: f64, until: Option<f64>) -> Schedule {
+        Schedule {
+            arrivals,
+            t: from,
+            until,
+        }
+    }
+}
+
+impl Iterator for Schedule {
+    type Item = f64;
+
+    fn next(&mut self) -> Option<f64> {
+        let t = self.t + self.arrivals.next_gap();
+        if self.until.is_some_and(|u| t >= u) {
+            return None;
+        }
+        self.t = t;
+        Some(t)
     }
 }
 
@@ -109,5 +146,31 @@ mod tests {
         let xc: Vec<f64> = (0..100).map(|_| c.next_gap()).collect();
         assert_eq!(xa, xb);
         assert_ne!(xa, xc);
+    }
+
+    /// A load step from 10/s to 40/s at t = 20 s: each span draws its own arrivals, the
+    /// first ends before the step, the second starts after it, and the counts follow the
+    /// rates (Poisson counts: sd = sqrt(200) ~ 14 and sqrt(800) ~ 28; the bounds are
+    /// beyond 4 sd, and the seed fixes them anyway).
+    #[test]
+    fn a_load_step_changes_the_arrival_rate_at_its_time() {
+        let before: Vec<f64> =
+            Schedule::new(Arrivals::new(10.0, 1.0, 5).unwrap(), 0.0, Some(20.0)).collect();
+        let after: Vec<f64> = Schedule::new(Arrivals::new(40.0, 1.0, 6).unwrap(), 20.0, None)
+            .take_while(|&t| t < 40.0)
+            .collect();
+        assert!(before.iter().all(|&t| t > 0.0 && t < 20.0));
+        assert!(after.iter().all(|&t| t > 20.0 && t < 40.0));
+        assert!(before.windows(2).all(|w| w[0] < w[1]));
+        assert!((140..=260).contains(&before.len()), "{}", before.len());
+        assert!((680..=920).contains(&after.len()), "{}", after.len());
+        // per second, the step multiplies the rate by about four
+        let ratio = (after.len() as f64 / 20.0) / (before.len() as f64 / 20.0);
+        assert!((3.0..=5.5).contains(&ratio), "{ratio}");
+        // an empty span has no arrival
+        assert_eq!(
+            Schedule::new(Arrivals::new(10.0, 1.0, 5).unwrap(), 3.0, Some(3.0)).count(),
+            0
+        );
     }
 }

@@ -23,6 +23,8 @@ const SEED_MEASUREMENT: Duration = Duration::from_secs(60);
     after_help = "Workload form: KIND:key=value,...  KIND = gen (chat), completions or embed.
 Keys: url, model, name, concurrency=N (closed loop) | rate=R [burstiness=B] [max_concurrency=N] (open loop),
 input=N or MIN-MAX (tokens), output=N or MIN-MAX (gen; fixed uses ignore_eos), batch=N (embed), file=PATH.
+A load step: step_at=T (after the window opens) with step_concurrency=N | step_rate=R [step_burstiness=B]
+[step_max_concurrency=N]: from then on that load replaces the first (e.g. rate=5,step_at=30s,step_concurrency=64).
 Example: --workload gen:url=http://127.0.0.1:8100,model=qwen,concurrency=64,input=128,output=128
 The seed studies' clients: seed-gen (one fixed ~30-token prompt, 512 tokens with ignore_eos, not
 streamed, concurrency 512) and seed-embed (batches of 8 numbered ~25-token sentences, concurrency 64);

@@ -23,4 +23,6 @@ pub mod unstreamed;
 pub use metrics::{EmbedStats, GenStats, RequestRecord, Stats, TimePoint};
 pub use results::{BenchResults, WorkloadResult, SCHEMA_VERSION};
 pub use runner::{run, Phase, Progress, WorkloadProgress};
-pub use spec::{parse_workload, BenchSpec, LengthDist, Load, Slo, WorkloadKind, WorkloadSpec};
+pub use spec::{
+    parse_workload, BenchSpec, LengthDist, Load, LoadStep, Slo, WorkloadKind, WorkloadSpec,
+};

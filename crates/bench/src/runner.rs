@@ -38,7 +38,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::arrivals::Arrivals;
+use crate::arrivals::{Arrivals, Schedule};
 use crate::client::{
     calibrate, embed_body, gen_body, make_client, run_embed, run_gen, until_stopped, Clock,
 };
@@ -290,7 +290,13 @@ pub async fn run(
     });
     let mut drivers = JoinSet::new();
     for ws in &states {
-        spawn_driver(&mut drivers, ws.clone(), shared.clone(), started_at)?;
+        // a load step: the workload's own load until it, the step's load from it
+        let step_at = ws.spec.step.as_ref().map(|s| w0 + s.at.as_secs_f64());
+        let load = ws.spec.load.clone();
+        spawn_driver(&mut drivers, ws, &shared, load, (started_at, step_at), 0)?;
+        if let (Some(step), Some(at)) = (&ws.spec.step, step_at) {
+            spawn_driver(&mut drivers, ws, &shared, step.load.clone(), (at, None), 1)?;
+        }
     }
 
     // Wait for the end of the window, publishing progress.
@@ -527,19 +533,31 @@ impl Live {
     }
 }
 
-/// Starts the closed- or open-loop driver of one workload.
+/// Starts the closed- or open-loop driver of one workload's `load` over `(from, until)`
+/// on the run's clock (`until` = `None`: to the end of the run). A closed loop's slots start
+/// at `from` and start no request at or after `until`; an open loop's arrivals fall in
+/// between. `part` numbers the loads of one workload (0, and 1 after a load step), so that
+/// each draws arrivals of its own.
 fn spawn_driver(
     set: &mut JoinSet<()>,
-    ws: Arc<WorkloadState>,
-    sh: Arc<Shared>,
-    t0: f64,
+    ws: &Arc<WorkloadState>,
+    sh: &Arc<Shared>,
+    load: Load,
+    (from, until): (f64, Option<f64>),
+    part: u64,
 ) -> anyhow::Result<()> {
-    match ws.spec.load.clone() {
+    match load {
         Load::Closed { concurrency } => {
             for _ in 0..concurrency {
                 let (ws, sh) = (ws.clone(), sh.clone());
                 set.spawn(async move {
-                    while !sh.stop.is_cancelled() {
+                    if sh.clock.now() < from {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(sh.clock.instant_at(from).into()) => {}
+                            _ = sh.stop.cancelled() => return,
+                        }
+                    }
+                    while !sh.stop.is_cancelled() && until.is_none_or(|u| sh.clock.now() < u) {
                         if !one_request(&ws, &sh, None).await {
                             // A failing endpoint (503 when its queue is full, refused
                             // connections) would otherwise be hammered in a tight loop that
@@ -558,14 +576,13 @@ fn spawn_driver(
             burstiness,
             max_concurrency,
         } => {
-            let seed = request_rng(sh.seed, ws.idx, u64::MAX).next_u64_seed();
-            let mut arrivals = Arrivals::new(rate, burstiness, seed)?;
+            let seed = request_rng(sh.seed, ws.idx, u64::MAX - part).next_u64_seed();
+            let schedule = Schedule::new(Arrivals::new(rate, burstiness, seed)?, from, until);
             let sem = max_concurrency.map(|n| Arc::new(Semaphore::new(n)));
+            let (ws, sh) = (ws.clone(), sh.clone());
             set.spawn(async move {
                 let mut tasks = JoinSet::new();
-                let mut t = t0;
-                loop {
-                    t += arrivals.next_gap();
+                for t in schedule {
                     let at = sh.clock.instant_at(t);
                     tokio::select! {
                         _ = tokio::time::sleep_until(at.into()) => {}

@@ -155,6 +155,50 @@ fn one() -> f64 {
     1.0
 }
 
+/// A load step: from `at` after the measurement window opens, the workload runs `load`
+/// instead of its own (issue 18: an embedder jumps from a quarter of its capacity to
+/// saturating in the middle of a window). The first load stops starting requests at the
+/// step (those in flight finish), the second starts there; a closed loop's slots and an
+/// open loop's arrivals are each drawn as they would be alone. In TOML:
+/// `step = { at = "15s", load = { mode = "closed", concurrency = 64 } }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadStep {
+    /// Time after the window opens (after the warm-up).
+    #[serde(with = "units::duration")]
+    pub at: Duration,
+    /// The load from then on.
+    pub load: Load,
+}
+
+impl Load {
+    /// Checks a load, naming the workload `n` and `field` (`load`, `step.load`).
+    fn validate(&self, n: &str, field: &str) -> anyhow::Result<()> {
+        match self {
+            Load::Closed { concurrency: 0 } => {
+                bail!("workload {n}: {field}: concurrency must be >= 1")
+            }
+            Load::Open {
+                rate,
+                burstiness,
+                max_concurrency,
+            } => {
+                if !(rate.is_finite() && *rate > 0.0) {
+                    bail!("workload {n}: {field}: rate must be > 0 requests/s, got {rate}");
+                }
+                if !(burstiness.is_finite() && *burstiness > 0.0) {
+                    bail!("workload {n}: {field}: burstiness must be > 0, got {burstiness}");
+                }
+                if *max_concurrency == Some(0) {
+                    bail!("workload {n}: {field}: max_concurrency must be >= 1");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 /// A length in tokens: fixed, or uniform over `[min, max]`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -234,6 +278,9 @@ pub struct WorkloadSpec {
     /// Prompts from the lines of this text file instead of random words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_file: Option<PathBuf>,
+    /// A load step in the window: from `step.at` on, `step.load` replaces `load`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<LoadStep>,
 }
 
 fn one_usize() -> usize {
@@ -272,24 +319,9 @@ impl WorkloadSpec {
         if self.model.is_empty() {
             bail!("workload {n}: model is empty");
         }
-        match &self.load {
-            Load::Closed { concurrency: 0 } => bail!("workload {n}: concurrency must be >= 1"),
-            Load::Open {
-                rate,
-                burstiness,
-                max_concurrency,
-            } => {
-                if !(rate.is_finite() && *rate > 0.0) {
-                    bail!("workload {n}: rate must be > 0 requests/s, got {rate}");
-                }
-                if !(burstiness.is_finite() && *burstiness > 0.0) {
-                    bail!("workload {n}: burstiness must be > 0, got {burstiness}");
-                }
-                if *max_concurrency == Some(0) {
-                    bail!("workload {n}: max_concurrency must be >= 1");
-                }
-            }
-            _ => {}
+        self.load.validate(n, "load")?;
+        if let Some(step) = &self.step {
+            step.load.validate(n, "step.load")?;
         }
         self.input
             .validate()
@@ -395,6 +427,16 @@ impl BenchSpec {
         let mut names = std::collections::BTreeSet::new();
         for w in &self.workloads {
             w.validate()?;
+            if let (Some(step), Some(d)) = (&w.step, self.duration) {
+                if step.at >= d {
+                    bail!(
+                        "workload {}: step.at ({}) is not inside the window ({})",
+                        w.name,
+                        humantime::format_duration(step.at),
+                        humantime::format_duration(d)
+                    );
+                }
+            }
             if !names.insert(&w.name) {
                 bail!("two workloads are named {:?}", w.name);
             }
@@ -546,6 +588,7 @@ impl Preset {
             output: self.output(),
             batch: batch.unwrap_or_else(|| self.default_batch()),
             input_file: None,
+            step: None,
         }
     }
 }
@@ -600,7 +643,8 @@ fn expand_preset_tables(table: &mut toml::Table) -> anyhow::Result<Vec<(usize, P
 /// `gen:url=...,model=...,concurrency=512,input=128,output=512` (chat; `completions:` for
 /// the completions API) or `embed:url=...,model=...,batch=64,input=512,rate=5`.
 /// Keys: url, model, name, concurrency | rate (+ burstiness, max_concurrency), input,
-/// output, batch, file.
+/// output, batch, file; a load step: step_at (time after the window opens) with
+/// step_concurrency | step_rate (+ step_burstiness, step_max_concurrency).
 pub fn parse_workload(s: &str) -> anyhow::Result<WorkloadSpec> {
     parse_workload_entry(s).map(|(w, _)| w)
 }
@@ -671,6 +715,8 @@ fn parse_plain_workload(s: &str, kind_s: &str, rest: &str) -> anyhow::Result<Wor
     let (mut url, mut model, mut name) = (None, None, String::new());
     let (mut concurrency, mut rate, mut burstiness, mut max_conc) = (None, None, None, None);
     let (mut input, mut output, mut batch, mut file) = (None, None, None, None);
+    let (mut step_at, mut step_conc, mut step_rate, mut step_burst, mut step_max) =
+        (None, None, None, None, None);
     for part in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
@@ -689,8 +735,13 @@ fn parse_plain_workload(s: &str, kind_s: &str, rest: &str) -> anyhow::Result<Wor
             "output" => output = Some(LengthDist::parse(v).with_context(ctx)?),
             "batch" => batch = Some(v.parse::<usize>().with_context(ctx)?),
             "file" | "input_file" => file = Some(PathBuf::from(v)),
+            "step_at" => step_at = Some(humantime::parse_duration(v).with_context(ctx)?),
+            "step_concurrency" => step_conc = Some(v.parse::<usize>().with_context(ctx)?),
+            "step_rate" => step_rate = Some(v.parse::<f64>().with_context(ctx)?),
+            "step_burstiness" => step_burst = Some(v.parse::<f64>().with_context(ctx)?),
+            "step_max_concurrency" => step_max = Some(v.parse::<usize>().with_context(ctx)?),
             other => bail!(
-                "workload {s:?}: unknown key {other:?} (expected url, model, name, concurrency, rate, burstiness, max_concurrency, input, output, batch, file)"
+                "workload {s:?}: unknown key {other:?} (expected url, model, name, concurrency, rate, burstiness, max_concurrency, input, output, batch, file, step_at, step_concurrency, step_rate, step_burstiness, step_max_concurrency)"
             ),
         }
     }
@@ -716,6 +767,35 @@ fn parse_plain_workload(s: &str, kind_s: &str, rest: &str) -> anyhow::Result<Wor
     if max_conc.is_some() && matches!(load, Load::Closed { .. }) {
         bail!("workload {s:?}: max_concurrency applies to the open loop (rate=...)");
     }
+    let step = match (step_at, step_conc, step_rate) {
+        (None, None, None) if step_burst.is_none() && step_max.is_none() => None,
+        (None, _, _) => {
+            bail!("workload {s:?}: a load step needs step_at (time after the window opens)")
+        }
+        (Some(_), Some(_), Some(_)) => {
+            bail!("workload {s:?}: give step_concurrency or step_rate, not both")
+        }
+        (Some(_), None, None) => {
+            bail!("workload {s:?}: step_at needs step_concurrency (closed loop) or step_rate (open loop)")
+        }
+        (Some(at), Some(c), None) => {
+            if step_burst.is_some() || step_max.is_some() {
+                bail!("workload {s:?}: step_burstiness and step_max_concurrency need step_rate (open loop)");
+            }
+            Some(LoadStep {
+                at,
+                load: Load::Closed { concurrency: c },
+            })
+        }
+        (Some(at), None, Some(r)) => Some(LoadStep {
+            at,
+            load: Load::Open {
+                rate: r,
+                burstiness: step_burst.unwrap_or(1.0),
+                max_concurrency: step_max,
+            },
+        }),
+    };
     let w = WorkloadSpec {
         name,
         kind,
@@ -733,6 +813,7 @@ fn parse_plain_workload(s: &str, kind_s: &str, rest: &str) -> anyhow::Result<Wor
         },
         batch: batch.unwrap_or(1),
         input_file: file,
+        step,
     };
     Ok(w)
 }
@@ -961,6 +1042,73 @@ mod tests {
         assert_eq!(s.tpot, Some(Duration::from_millis(50)));
         assert!(Slo::parse("itl=3ms").is_err());
         assert!(Slo::parse("ttft=fast").is_err());
+    }
+
+    /// A load step on the command line and in TOML; its errors name the field.
+    #[test]
+    fn load_steps_parse_and_say_what_is_wrong() {
+        let w = parse_workload(
+            "embed:url=http://h:1,model=m,rate=5,step_at=10s,step_concurrency=64,batch=8",
+        )
+        .unwrap();
+        assert_eq!(
+            w.step,
+            Some(LoadStep {
+                at: Duration::from_secs(10),
+                load: Load::Closed { concurrency: 64 }
+            })
+        );
+        let w = parse_workload(
+            "gen:url=http://h:1,model=m,concurrency=2,step_at=1500ms,step_rate=9,step_max_concurrency=4",
+        )
+        .unwrap();
+        assert_eq!(
+            w.step.unwrap().load,
+            Load::Open {
+                rate: 9.0,
+                burstiness: 1.0,
+                max_concurrency: Some(4)
+            }
+        );
+        for (s, want) in [
+            ("step_concurrency=4", "needs step_at"),
+            ("step_at=1s", "step_at needs step_concurrency"),
+            ("step_at=1s,step_concurrency=4,step_rate=2", "not both"),
+            (
+                "step_at=1s,step_concurrency=4,step_burstiness=2",
+                "need step_rate",
+            ),
+            ("step_at=soon,step_rate=2", "step_at=soon"),
+        ] {
+            let e =
+                parse_workload(&format!("embed:url=http://h:1,model=m,rate=5,{s}")).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{s}: {e:#}");
+        }
+        let mut spec = BenchSpec::new(vec![parse_workload(
+            "embed:url=http://h:1,model=m,rate=5,step_at=10s,step_rate=0",
+        )
+        .unwrap()]);
+        spec.fill_names();
+        spec.duration = Some(Duration::from_secs(20));
+        let e = spec.validate().unwrap_err();
+        assert!(
+            format!("{e:#}").contains("workload embed0: step.load: rate must be > 0"),
+            "{e:#}"
+        );
+        spec.workloads[0].step.as_mut().unwrap().load = Load::Closed { concurrency: 4 };
+        spec.validate().unwrap();
+        spec.duration = Some(Duration::from_secs(10));
+        let e = spec.validate().unwrap_err();
+        assert!(
+            format!("{e:#}").contains("step.at (10s) is not inside the window (10s)"),
+            "{e:#}"
+        );
+        // in a file
+        let t: WorkloadSpec = toml::from_str(
+            "kind = \"embed\"\nurl = \"http://h:1\"\nmodel = \"m\"\ninput = 8\nload = { mode = \"open\", rate = 5.0 }\nstep = { at = \"15s\", load = { mode = \"closed\", concurrency = 64 } }\n",
+        )
+        .unwrap();
+        assert_eq!(t.step.unwrap().at, Duration::from_secs(15));
     }
 }
 

@@ -285,6 +285,60 @@ async fn window_by_request_count() {
     assert!((seqs - 100.0).abs() <= 16.0, "{seqs}");
 }
 
+/// A load step in the window (issue 18): an open loop of 8 req/s for the first second,
+/// then a closed loop of 2 slots. The open loop's requests keep their arrival time
+/// (`scheduled`, before the step); the closed loop's are sent when a slot is free, all at or
+/// after the step. Facts of the records, not rates, so a loaded machine cannot fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_step_switches_the_load_at_its_time() {
+    let m = mock_server::start(
+        0,
+        MockOptions {
+            embed_delay: Duration::from_millis(20),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut s = spec(
+        &[format!(
+            "embed:url={},model=mock,rate=8,step_at=1s,step_concurrency=2,batch=1,input=8",
+            m.url()
+        )],
+        0,
+        2000,
+    );
+    s.record_requests = true;
+    let r = run(&s, None, CancellationToken::new()).await.unwrap();
+    let step = r.window.0 + 1.0;
+    let before: Vec<_> = r.requests.iter().filter(|q| q.scheduled < step).collect();
+    let after: Vec<_> = r.requests.iter().filter(|q| q.scheduled >= step).collect();
+    // Poisson(8) arrivals in the first second, fixed by the seed
+    assert!((1..=20).contains(&before.len()), "{}", before.len());
+    // the closed loop: sent as scheduled, never before the step, never more than 2 at once
+    assert!(after
+        .iter()
+        .all(|q| q.sent == q.scheduled && q.sent >= step));
+    assert!(
+        after.len() > before.len(),
+        "{} after, {} before",
+        after.len(),
+        before.len()
+    );
+    for q in &after {
+        let overlapping = after
+            .iter()
+            .filter(|o| o.sent <= q.sent && o.end > q.sent)
+            .count();
+        assert!(overlapping <= 2, "{overlapping} in flight at {}", q.sent);
+    }
+    // the spec in the results carries the step
+    assert_eq!(
+        r.spec.workloads[0].step.as_ref().unwrap().at,
+        Duration::from_secs(1)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_rate_and_client_queueing() {
     // 40 req/s offered to a server that takes 100 ms per request, capped at 2 in flight:
