@@ -7,8 +7,10 @@ use crate::load::LoadFormat;
 /// Arguments of `colocate serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// `preset:NAME` (qwen3-tiny, qwen3-0.6b, ..., qwen3-embedding-8b) or a Hugging Face
-    /// model folder (config.json, *.safetensors, tokenizer.json).
+    /// `preset:NAME` (qwen3-0.6b ... qwen3-8b, qwen3-embedding-8b, qwen3-30b-a3b,
+    /// llama-3.2-1b, llama-3.2-3b, mistral-7b, qwen2.5-0.5b ... qwen2.5-7b, gpt2, distilgpt2,
+    /// and the tiny test ones) or a Hugging Face model folder (config.json, *.safetensors,
+    /// tokenizer.json).
     #[arg(long)]
     pub model: String,
     /// What to serve: `generate` (completions, chat) or `embed` (embeddings). Default: the

@@ -1,5 +1,5 @@
 //! The tensor-op seam between model code and devices (DESIGN.md, "Architecture":
-//! `engine/backend`). The portable models (`model::qwen3`, `model::bert`) are written only
+//! `engine/backend`). The portable models (`model::decoder`, `model::bert`) are written only
 //! against [`Backend`], candle-style; [`cpu`] (f32) implements it and is the numerics
 //! reference. The CUDA path ([`cuda`]: device, NVRTC kernels, cuBLAS GEMMs, step buffer,
 //! decode graphs, KV cache, and the executor that serves a CUDA model) does not implement

@@ -180,8 +180,8 @@ mod tests {
     /// transformers 5.24.0's `ROPE_INIT_FUNCTIONS["llama3"]` for Llama-3.2-1B (head_dim 64,
     /// theta 500000), torch 2.15 on CPU: both ends and the smoothed band (15 to 17).
     const LLAMA_3_2_INV_FREQ: [(usize, f32); 7] = [
-        (1, 0.663_601_28),
-        (14, 0.003_211_446_1),
+        (1, 0.663_601_3),
+        (14, 0.003_211_446),
         (15, 0.001_290_548),
         (16, 0.000_429_556_7),
         (17, 9.708_286e-5),
