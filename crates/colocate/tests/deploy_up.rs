@@ -4,31 +4,21 @@
 //! answers through the gateway equal direct ones; SIGTERM (and even SIGKILL) to `up`
 //! leaves no engine running.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_colocate");
+use common::up::{state, Up};
+use common::{free_port, BIN};
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-struct Up {
-    child: Child,
-    run_dir: PathBuf,
+/// `colocate up` and the ports of its engines and gateway.
+struct Deployed {
+    process: Up,
     gen_port: u16,
     embed_port: u16,
     gw_port: u16,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // A failed assertion must not leave `up` (and with it the engines) running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn write_deployment(dir: &Path) -> (PathBuf, u16, u16, u16) {
@@ -67,11 +57,6 @@ start_timeout = "120s"
     (f, gen_port, embed_port, gw_port)
 }
 
-fn state(run_dir: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(run_dir.join("state.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -80,41 +65,14 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn start_up(dir: &Path) -> Up {
+fn start_up(dir: &Path) -> Deployed {
     let (file, gen_port, embed_port, gw_port) = write_deployment(dir);
-    let run_dir = dir.join("run");
-    let child = Command::new(BIN)
-        .args([
-            "up",
-            file.to_str().unwrap(),
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-            "--quiet",
-        ])
-        .env("COLOCATE_BIN", BIN)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut up = Up {
-        child,
-        run_dir,
+    Deployed {
+        process: Up::start(&file, dir.join("run"), Duration::from_secs(180)),
         gen_port,
         embed_port,
         gw_port,
-    };
-    wait_until("`up` running", Duration::from_secs(180), || {
-        if let Ok(Some(status)) = up.child.try_wait() {
-            panic!(
-                "`colocate up` exited early: {status}; logs in {}",
-                up.run_dir.display()
-            );
-        }
-        state(&up.run_dir).is_some_and(|s| s["phase"] == "running")
-    });
-    up
+    }
 }
 
 fn pids(run_dir: &Path) -> Vec<u32> {
@@ -143,11 +101,7 @@ fn signal(pid: u32, sig: i32) {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    common::up::client(Duration::from_secs(30))
 }
 
 /// The generated text of an SSE completion stream, chunk by chunk.
@@ -233,7 +187,7 @@ async fn up_serves_both_models_survives_a_kill_and_stops_cleanly() {
 
     // `colocate status` shows both, running and healthy.
     let out = Command::new(BIN)
-        .args(["status", up.run_dir.to_str().unwrap()])
+        .args(["status", up.process.run_dir.to_str().unwrap()])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -255,7 +209,7 @@ async fn up_serves_both_models_survives_a_kill_and_stops_cleanly() {
 
     // kill -9 the generator: the gateway answers 503 (OpenAI error) or, once it is back,
     // 200 — nothing else — and the embedder is untouched.
-    let before = pids(&up.run_dir);
+    let before = pids(&up.process.run_dir);
     let gen_pid = before[0];
     signal(gen_pid, libc::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -274,7 +228,7 @@ async fn up_serves_both_models_survives_a_kill_and_stops_cleanly() {
             assert!(body.contains("service_unavailable_error"), "{body}");
         }
         saw.push(st);
-        let s = state(&up.run_dir).unwrap();
+        let s = state(&up.process.run_dir).unwrap();
         if st == 200 && s["instances"][0]["restarts"] == 1 {
             break;
         }
@@ -284,21 +238,21 @@ async fn up_serves_both_models_survives_a_kill_and_stops_cleanly() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let s = state(&up.run_dir).unwrap();
+    let s = state(&up.process.run_dir).unwrap();
     assert_eq!(
         s["instances"][1]["restarts"], 0,
         "the embedder was restarted too: {s}"
     );
-    let after = pids(&up.run_dir);
+    let after = pids(&up.process.run_dir);
     assert_ne!(after[0], gen_pid);
     assert_eq!(after[1], before[1]);
     assert!(!alive(gen_pid));
 
     // SIGTERM to `up`: it exits cleanly and no engine is left.
-    signal(up.child.id(), libc::SIGTERM);
+    signal(up.process.child.id(), libc::SIGTERM);
     let t0 = Instant::now();
     let status = loop {
-        if let Some(s) = up.child.try_wait().unwrap() {
+        if let Some(s) = up.process.child.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -311,26 +265,26 @@ async fn up_serves_both_models_survives_a_kill_and_stops_cleanly() {
     for p in before.iter().chain(after.iter()) {
         assert!(!alive(*p), "engine {p} survived `up`");
     }
-    assert_eq!(state(&up.run_dir).unwrap()["phase"], "stopped");
+    assert_eq!(state(&up.process.run_dir).unwrap()["phase"], "stopped");
     // Logs per engine, with what the engine printed.
-    assert!(up.run_dir.join("logs/gen.log").exists());
-    assert!(up.run_dir.join("logs/embed.log").exists());
+    assert!(up.process.run_dir.join("logs/gen.log").exists());
+    assert!(up.process.run_dir.join("logs/embed.log").exists());
 }
 
 #[test]
 fn sigkill_of_up_takes_the_engines_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut up = start_up(dir.path());
-    let engines = pids(&up.run_dir);
+    let engines = pids(&up.process.run_dir);
     assert_eq!(engines.len(), 2);
-    up.child.kill().unwrap(); // SIGKILL: no chance to clean up
-    up.child.wait().unwrap();
+    up.process.child.kill().unwrap(); // SIGKILL: no chance to clean up
+    up.process.child.wait().unwrap();
     wait_until("engines to die with `up`", Duration::from_secs(10), || {
         engines.iter().all(|p| !alive(*p))
     });
     // `status` says the deployment is gone rather than pretending.
     let out = Command::new(BIN)
-        .args(["status", up.run_dir.to_str().unwrap()])
+        .args(["status", up.process.run_dir.to_str().unwrap()])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -4,39 +4,23 @@
 //! errors, a generator killed mid-stream ends that stream with an error event, and the
 //! gateway and the other engine go on serving.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_colocate");
+use common::free_port;
+use common::up::Up;
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// A running `colocate up`, killed on drop (its engines die with it).
-struct Up {
-    child: Child,
-    run_dir: PathBuf,
+/// `colocate up` and where its engines and gateway listen.
+struct Deployed {
+    process: Up,
     gen: String,
     embed: String,
     gw: String,
 }
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn state(run_dir: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(run_dir.join("state.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-fn start_up(dir: &Path) -> Up {
+fn start_up(dir: &Path) -> Deployed {
     let (gen_port, embed_port, gw_port) = (free_port(), free_port(), free_port());
     let file = dir.join("deploy.toml");
     std::fs::write(
@@ -72,45 +56,16 @@ start_timeout = "120s"
         ),
     )
     .unwrap();
-    let run_dir = dir.join("run");
-    let child = Command::new(BIN)
-        .args(["up", file.to_str().unwrap(), "--run-dir"])
-        .arg(&run_dir)
-        .arg("--quiet")
-        .env("COLOCATE_BIN", BIN)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut up = Up {
-        child,
-        run_dir,
+    Deployed {
+        process: Up::start(&file, dir.join("run"), Duration::from_secs(180)),
         gen: format!("http://127.0.0.1:{gen_port}"),
         embed: format!("http://127.0.0.1:{embed_port}"),
         gw: format!("http://127.0.0.1:{gw_port}"),
-    };
-    let t0 = Instant::now();
-    while !state(&up.run_dir).is_some_and(|s| s["phase"] == "running") {
-        if let Ok(Some(st)) = up.child.try_wait() {
-            panic!(
-                "`colocate up` exited early: {st}; logs in {}",
-                up.run_dir.display()
-            );
-        }
-        assert!(t0.elapsed() < Duration::from_secs(180), "`up` never ran");
-        std::thread::sleep(Duration::from_millis(100));
     }
-    up
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
+    common::up::client(Duration::from_secs(60))
 }
 
 /// POSTs raw bytes: status, content type, body.
@@ -222,7 +177,7 @@ async fn the_gateway_refuses_bad_input_passes_engine_errors_and_survives_a_mid_s
             .unwrap();
         assert_eq!(r.status().as_u16(), 200);
         let mut text = String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()).into_owned();
-        let pid = state(&up.run_dir).unwrap()["instances"][0]["pid"]
+        let pid = up.process.state().unwrap()["instances"][0]["pid"]
             .as_u64()
             .unwrap();
         // SAFETY: plain kill(2) on the engine process `up` started for this test.
@@ -252,7 +207,7 @@ async fn the_gateway_refuses_bad_input_passes_engine_errors_and_survives_a_mid_s
     let (st, _, text) = post(&url, r#"{"model":"tiny-gen","prompt":"hi","max_tokens":3}"#).await;
     assert_eq!(st, 200, "{text}");
     assert_eq!(
-        state(&up.run_dir).unwrap()["instances"][1]["restarts"],
+        up.process.state().unwrap()["instances"][1]["restarts"],
         0,
         "the embedder was restarted"
     );

@@ -6,7 +6,8 @@
 //!
 //! The SLO is chosen from what is measured here, not as an absolute number, so that the
 //! test holds on a slow or loaded machine: halfway (geometrically) between the solo TTFT
-//! p99 and the uncontrolled flood's. The uncontrolled flood must miss it by half again;
+//! p99 (the better of two 5 s windows) and the uncontrolled flood's. The uncontrolled
+//! flood must miss it by half again;
 //! the controlled one must keep within it (a quarter of margin for the p99 of about a
 //! thousand samples) in the better of two 5 s windows after a 3 s warm-up (a burst of
 //! load from outside the test can spoil one window whatever the controller does), and at
@@ -18,15 +19,19 @@
 //! 0`): the SLO is a few milliseconds over the generator's solo p99, and on two CPU cores
 //! even one embedding request at the wrong moment can cost that.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-const BIN: &str = env!("CARGO_BIN_EXE_colocate");
+use common::{free_port, BIN};
+use common::up::Up;
+
 
 /// Concurrent clients of the best-effort flood (closed loop).
 const FLOOD_CLIENTS: usize = 32;
@@ -40,36 +45,18 @@ const PROMPT_CHARS: usize = 100;
 /// How long each latency measurement runs.
 const MEASURE: Duration = Duration::from_secs(5);
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// A running `colocate up`, killed on drop (its engines die with it).
-struct Up {
-    child: Child,
-    run_dir: PathBuf,
+/// `colocate up` and where its gateway and embedder listen.
+struct Deployed {
+    process: Up,
     gw: String,
     /// The embedder itself, not through the gateway.
     embed: String,
 }
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn state(run_dir: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(run_dir.join("state.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
 /// The generator and the embedder behind a gateway; with `slo`, the generator is a
 /// latency tenant with that TTFT p99 objective and the embedder best-effort;
 /// `extra_control` goes into `[gateway.control]`.
-fn start_up(dir: &Path, name: &str, slo: Option<Duration>, extra_control: &str) -> Up {
+fn start_up(dir: &Path, name: &str, slo: Option<Duration>, extra_control: &str) -> Deployed {
     let (gen_port, embed_port, gw_port) = (free_port(), free_port(), free_port());
     let (gen_priority, embed_priority) = match slo {
         Some(d) => (
@@ -121,44 +108,15 @@ port = {embed_port}
         ),
     )
     .unwrap();
-    let run_dir = dir.join(name);
-    let child = Command::new(BIN)
-        .args(["up", file.to_str().unwrap(), "--run-dir"])
-        .arg(&run_dir)
-        .arg("--quiet")
-        .env("COLOCATE_BIN", BIN)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut up = Up {
-        child,
-        run_dir,
+    Deployed {
+        process: Up::start(&file, dir.join(name), Duration::from_secs(120)),
         gw: format!("http://127.0.0.1:{gw_port}"),
         embed: format!("http://127.0.0.1:{embed_port}"),
-    };
-    let t0 = Instant::now();
-    while !state(&up.run_dir).is_some_and(|s| s["phase"] == "running") {
-        if let Ok(Some(st)) = up.child.try_wait() {
-            panic!(
-                "`colocate up` exited early: {st}; logs in {}",
-                up.run_dir.display()
-            );
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "`up` never ran");
-        std::thread::sleep(Duration::from_millis(50));
     }
-    up
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
+    common::up::client(Duration::from_secs(60))
 }
 
 /// The `q`th percentile by linear interpolation (vLLM's rule).
@@ -321,19 +279,40 @@ fn metric(text: &str, line_start: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
 }
 
+/// The two tests that run deployments take this in turn: run side by side (cargo runs a
+/// file's tests in parallel), each one's flood would be the other's background load.
+static ONE_DEPLOYMENT_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_deployment_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_DEPLOYMENT_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_keeps_the_latency_tenant_within_its_slo_under_a_best_effort_flood() {
+    let _turn = one_deployment_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let t_start = Instant::now();
 
     // 1. No priorities: the solo baseline, then the flood uncontrolled.
     let up = start_up(dir.path(), "uncontrolled", None, "");
     let _ = latency_stream(&up.gw, Duration::from_millis(500)).await; // warm-up
-    let solo = latency_stream(&up.gw, MEASURE).await;
+    // The better of two solo windows, for the reason the controlled run takes the better of
+    // two: a burst of load from outside the test can spoil one window's p99.
+    let solo = {
+        let a = latency_stream(&up.gw, MEASURE).await;
+        let b = latency_stream(&up.gw, MEASURE).await;
+        if percentile(&a, 99.0) <= percentile(&b, 99.0) {
+            a
+        } else {
+            b
+        }
+    };
     let (mut flooded, counts_u) = under_flood(&up.gw, Duration::from_secs(1), 1).await;
     let flooded = flooded.remove(0);
     let text = metrics(&up.gw).await;
@@ -454,7 +433,7 @@ async fn the_controller_keeps_the_latency_tenant_within_its_slo_under_a_best_eff
     let _ = latency_stream(&up.gw, Duration::from_millis(300)).await;
     std::thread::sleep(Duration::from_millis(1200));
     let out = Command::new(BIN)
-        .args(["status", up.run_dir.to_str().unwrap()])
+        .args(["status", up.process.run_dir.to_str().unwrap()])
         .output()
         .unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
@@ -525,6 +504,7 @@ fn the_example_deployment_is_valid() {
 /// least one place), as the gateway's `/metrics` says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_moves_the_best_effort_engines_compute_share() {
+    let _turn = one_deployment_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let up = start_up(
         dir.path(),

@@ -2,27 +2,13 @@
 //! with dummy weights and the real all-MiniLM-L6-v2) on the CPU, shortened windows; then
 //! the report's tables and plots, resume after an interruption, re-render and compare.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::Path;
 
-fn colocate(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_colocate"))
-        .args(args)
-        .current_dir(root())
-        .env("COLOCATE_BIN", env!("CARGO_BIN_EXE_colocate"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run colocate");
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+use common::{colocate, workspace_root};
+
+
 
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -30,12 +16,7 @@ fn json(p: &Path) -> serde_json::Value {
 
 #[test]
 fn quickstart_runs_reports_and_resumes() {
-    let fetch = Command::new("bash")
-        .arg("scripts/fetch-minilm.sh")
-        .current_dir(root())
-        .status()
-        .expect("run fetch-minilm.sh");
-    assert!(fetch.success(), "fetch-minilm.sh failed");
+    common::fetch_minilm();
 
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");

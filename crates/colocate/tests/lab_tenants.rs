@@ -4,28 +4,14 @@
 //! processes; the report must carry each tenant's distribution and the fairness between
 //! the two equal copies. And the scaling example's plan, without running it.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 use std::time::Instant;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::{colocate, workspace_root};
 
-fn colocate(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_colocate"))
-        .args(args)
-        .current_dir(root())
-        .env("COLOCATE_BIN", env!("CARGO_BIN_EXE_colocate"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run colocate");
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+
 
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -193,12 +179,7 @@ fn three_tenants_report_distributions_and_fairness() {
 /// copy's start-up and the embedder's drain in its estimate, and says so.
 #[test]
 fn scaling_example_dry_run() {
-    let st = Command::new("bash")
-        .arg("scripts/fetch-minilm.sh")
-        .current_dir(root())
-        .status()
-        .expect("run fetch-minilm.sh");
-    assert!(st.success(), "scripts/fetch-minilm.sh failed");
+    common::fetch_minilm();
     let (ok, out, err) = colocate(&["lab", "run", "examples/scaling-cpu.toml", "--dry-run"]);
     assert!(ok, "{out}\n{err}");
     for needle in [

@@ -2,34 +2,18 @@
 //! the two-H200 deployment (per-GPU table, vLLM TP=2 command lines under MPS per-GPU
 //! limits, the JSON's per-GPU table) and the experiment's dry run.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
-fn colocate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_colocate"))
-        .args(args)
-        .current_dir(root())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run colocate")
-}
+use common::{colocate, workspace_root};
 
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+
+
 
 #[test]
 fn two_gpu_deployment_plans_per_gpu_with_tp2_command_lines() {
-    let o = colocate(&["plan", "examples/deploy-h200x2-tp2.toml"]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{out}\n{err}");
+    let (ok, out, err) = colocate(&["plan", "examples/deploy-h200x2-tp2.toml"]);
+    assert!(ok, "{out}\n{err}");
     assert!(
         out.contains("deployment `h200x2-tp2` on GPUs 0, 1 (memory per GPU below), sharing: mps"),
         "{out}"
@@ -43,9 +27,8 @@ fn two_gpu_deployment_plans_per_gpu_with_tp2_command_lines() {
     );
     assert!(out.contains("all GPUs: fits"), "{out}");
 
-    let o = colocate(&["plan", "examples/deploy-h200x2-tp2.toml", "--json"]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{out}\n{err}");
+    let (ok, out, err) = colocate(&["plan", "examples/deploy-h200x2-tp2.toml", "--json"]);
+    assert!(ok, "{out}\n{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let line = |i: usize| {
         v["engines"][i]["command"]
@@ -96,8 +79,18 @@ fn two_gpu_deployment_plans_per_gpu_with_tp2_command_lines() {
 
 #[test]
 fn two_gpu_experiment_dry_run_plans_its_conditions() {
-    let o = colocate(&["lab", "run", "examples/h200x2-tp2.toml", "--dry-run"]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{out}\n{err}");
-    assert!(out.contains("mps sm 70/30"), "{out}");
+    let (ok, out, err) = colocate(&["lab", "run", "examples/h200x2-tp2.toml", "--dry-run"]);
+    assert!(ok, "{out}\n{err}");
+    // the four layouts, each engine's TP size and GPUs in the condition's label
+    for layout in [
+        "timeslice (gen TP1 on GPU 0; embed TP1 on GPU 1)",
+        "mps default (gen TP2 on GPU 0,1; embed TP2 on GPU 0,1)",
+        "timeslice (gen TP2 on GPU 0,1; embed TP2 on GPU 0,1)",
+        "mps default (gen TP2 on GPU 0,1; embed TP1 on GPU 1)",
+        "solo gen (TP2 on GPU 0,1)",
+        "solo embed (TP1 on GPU 1)",
+    ] {
+        assert!(out.contains(layout), "{layout} missing:\n{out}");
+    }
+    assert!(out.contains("GPUs used: 0, 1"), "{out}");
 }

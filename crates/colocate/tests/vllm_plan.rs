@@ -2,34 +2,18 @@
 //! --dry-run`), the recommended deployment's command lines for vLLM 0.26, the memory plan
 //! under MPS pinned limits, and the seed workloads of `bench`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
-fn colocate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_colocate"))
-        .args(args)
-        .current_dir(root())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run colocate")
-}
+use common::{colocate, workspace_root};
 
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+
+
 
 #[test]
 fn seeds_study_dry_run_plans_every_condition() {
-    let o = colocate(&["lab", "run", "examples/h200-seeds-vllm.toml", "--dry-run"]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{out}\n{err}");
+    let (ok, out, err) = colocate(&["lab", "run", "examples/h200-seeds-vllm.toml", "--dry-run"]);
+    assert!(ok, "{out}\n{err}");
     // 15 co-located + 12 implied solo baselines, 3 repetitions
     assert!(
         out.contains("81 conditions (27 distinct x 3 repetitions)"),
@@ -47,9 +31,8 @@ fn seeds_study_dry_run_plans_every_condition() {
 /// The seeds' recommended pair, as `up` would start it on the GPU machine.
 #[test]
 fn recommended_deployment_has_vllm_026_command_lines() {
-    let o = colocate(&["plan", "examples/deploy-h200-vllm.toml", "--json"]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{out}\n{err}");
+    let (ok, out, err) = colocate(&["plan", "examples/deploy-h200-vllm.toml", "--json"]);
+    assert!(ok, "{out}\n{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let line = |i: usize| {
         v["engines"][i]["command"]
@@ -91,15 +74,14 @@ fn recommended_deployment_has_vllm_026_command_lines() {
 fn the_pair_under_mps_shows_limit_and_sizing() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("mps.toml");
-    let base = std::fs::read_to_string(root().join("examples/deploy-h200-vllm.toml")).unwrap();
+    let base = std::fs::read_to_string(workspace_root().join("examples/deploy-h200-vllm.toml")).unwrap();
     std::fs::write(
         &f,
         base.replace("sharing = \"timeslice\"", "sharing = \"mps\""),
     )
     .unwrap();
-    let o = colocate(&["plan", f.to_str().unwrap()]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{out}\n{err}");
+    let (ok, out, err) = colocate(&["plan", f.to_str().unwrap()]);
+    assert!(ok, "{out}\n{err}");
     assert!(
         out.contains("MPS pinned limits and each engine's own sizing"),
         "{out}"
@@ -121,9 +103,8 @@ fn the_pair_under_mps_shows_limit_and_sizing() {
             "max_model_len = 4096\nkv_cache_memory = \"60GiB\"",
         );
     std::fs::write(&f, too_big).unwrap();
-    let o = colocate(&["plan", f.to_str().unwrap()]);
-    let (out, err) = text(&o);
-    assert!(!o.status.success(), "{out}");
+    let (ok, out, err) = colocate(&["plan", f.to_str().unwrap()]);
+    assert!(!ok, "{out}");
     assert!(out.contains("exceeds its pinned limit 70.2 GiB"), "{out}");
     assert!(err.contains("does not fit"), "{err}");
 }
@@ -132,7 +113,7 @@ fn the_pair_under_mps_shows_limit_and_sizing() {
 #[test]
 fn vllm_field_errors_name_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let base = std::fs::read_to_string(root().join("examples/deploy-h200-vllm.toml")).unwrap();
+    let base = std::fs::read_to_string(workspace_root().join("examples/deploy-h200-vllm.toml")).unwrap();
     for (name, from, to, want) in [
         (
             "version",
@@ -155,9 +136,8 @@ fn vllm_field_errors_name_file_and_field() {
     ] {
         let f = dir.path().join(format!("{name}.toml"));
         std::fs::write(&f, base.replacen(from, to, 1)).unwrap();
-        let o = colocate(&["plan", f.to_str().unwrap()]);
-        let (_, err) = text(&o);
-        assert!(!o.status.success(), "{name}: accepted");
+        let (ok, _, err) = colocate(&["plan", f.to_str().unwrap()]);
+        assert!(!ok, "{name}: accepted");
         assert!(err.contains(f.to_str().unwrap()), "{name}: {err}");
         assert!(err.contains(want), "{name}: {err}");
     }
@@ -167,22 +147,20 @@ fn vllm_field_errors_name_file_and_field() {
 /// warm-up and says which endpoint.
 #[test]
 fn bench_takes_the_seed_presets() {
-    let o = colocate(&[
+    let (ok, out, err) = colocate(&[
         "bench",
         "--workload",
         "seed-gen:url=http://127.0.0.1:9,model=gen,concurrency=512",
         "--workload",
         "seed-embed:url=http://127.0.0.1:9,model=embed,batch=8,concurrency=64",
     ]);
-    let (out, err) = text(&o);
-    assert!(!o.status.success(), "{out}");
+    assert!(!ok, "{out}");
     assert!(err.contains("127.0.0.1:9"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    let o = colocate(&[
+    let (ok, _, err) = colocate(&[
         "bench",
         "--workload",
         "seed-gen:url=http://h:1,model=m,input=9",
     ]);
-    let (_, err) = text(&o);
     assert!(err.contains("sends its own fixed text"), "{err}");
 }

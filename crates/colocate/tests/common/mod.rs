@@ -302,3 +302,21 @@ pub fn sse_events(body: &str) -> Vec<String> {
         })
         .collect()
 }
+pub mod up;
+
+/// Runs `colocate ARGS` to its end from the workspace root, with this build as the engine
+/// binary and quiet logs: whether it succeeded, its stdout and its stderr.
+pub fn colocate(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(BIN)
+        .args(args)
+        .current_dir(workspace_root())
+        .env("COLOCATE_BIN", BIN)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("cannot run colocate");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
