@@ -639,6 +639,7 @@ mod tests {
                 memory_split: None,
                 loads: BTreeMap::new(),
                 copies: BTreeMap::new(),
+                control: false,
             }),
             reps_ok: 1,
             failures: vec!["boom".to_string(); failures],

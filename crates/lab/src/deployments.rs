@@ -16,8 +16,9 @@ use crate::spec::Experiment;
 /// order, shared as it says (a solo baseline runs its engine alone, time-sliced), with its
 /// SM split and memory split (a split names one value per template engine; copies of an
 /// engine each get its value), and an engine run in copies as that many replicas. MPS
-/// settings are dropped under other modes, where they are an error. A template without a
-/// name of its own takes the experiment's.
+/// settings are dropped under other modes, where they are an error. Engine priorities and
+/// SLOs (the gateway's SLO controller) are kept in a controlled condition and dropped in the
+/// others, which are static. A template without a name of its own takes the experiment's.
 pub fn for_condition(exp: &Experiment, cond: &Condition) -> Result<DeploymentSpec> {
     let template = &exp.deployment;
     let sharing = cond.sharing.deployed();
@@ -37,6 +38,10 @@ pub fn for_condition(exp: &Experiment, cond: &Condition) -> Result<DeploymentSpe
         }
         if sharing != Sharing::Mps {
             e.sm_percent = None;
+        }
+        if !cond.control {
+            e.priority = deploy::spec::Priority::Normal;
+            e.slo = None;
         }
         if let Some(split) = &cond.mps_split {
             let p = split

@@ -13,17 +13,23 @@
 //! tenants are equal; [`significance`] (Welch's t, Mann-Whitney U) and [`kde`] (the
 //! densities of [`violins`]) are the statistics; [`report_tenants`] and [`scaling`] the
 //! report's pages for them.
+//!
+//! SLO control (issue 18): a controlled condition runs the gateway's controller with every
+//! workload through the gateway; [`gateway_metrics`] keeps the controller's timeline over
+//! the window and [`report_control`] the report's page for it.
 pub mod analysis;
 pub mod cli;
 pub mod deployments;
 pub mod engine_metrics;
 pub mod fairness;
+pub mod gateway_metrics;
 pub mod kde;
 pub mod matrix;
 #[cfg(feature = "measure")]
 pub mod measure;
 pub mod plots;
 pub mod report;
+pub mod report_control;
 pub mod report_tenants;
 pub mod results;
 pub mod runner;

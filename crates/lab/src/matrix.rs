@@ -17,7 +17,7 @@ use std::time::Duration;
 use deploy::Sharing;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Experiment, Kind, LoadOverride, Rate, WorkloadDef};
+use crate::spec::{Experiment, Kind, LoadOverride, Rate, StepDef, WorkloadDef};
 
 /// How a condition's engines share the GPU: one engine alone (a solo baseline, deployed
 /// time-sliced), or all of them in one of deploy's sharing modes. In results.json and
@@ -86,6 +86,9 @@ pub struct LoadLevel {
     /// Embed: inputs per request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<u32>,
+    /// A load step in the window: the load from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepDef>,
 }
 
 impl LoadLevel {
@@ -101,6 +104,7 @@ impl LoadLevel {
             batch: w
                 .batch
                 .or(if w.kind == Kind::Embed { Some(1) } else { None }),
+            step: None,
         }
     }
 
@@ -118,10 +122,13 @@ impl LoadLevel {
         if let Some(b) = o.batch {
             l.batch = Some(b);
         }
+        if let Some(st) = o.step {
+            l.step = Some(st);
+        }
         l
     }
 
-    /// Short text for labels: `c=4`, `rate=50%solo`, `b=8`.
+    /// Short text for labels: `c=4`, `rate=50%solo`, `b=8`, a step `step@50%:c=64`.
     pub fn short(&self) -> String {
         let mut parts = Vec::new();
         if let Some(c) = self.concurrency {
@@ -134,6 +141,9 @@ impl LoadLevel {
         }
         if let Some(b) = self.batch {
             parts.push(format!("b={b}"));
+        }
+        if let Some(st) = &self.step {
+            parts.push(format!("step{}", st.short()));
         }
         parts.join(" ")
     }
@@ -162,6 +172,10 @@ pub struct Condition {
     /// experiment asks for none, and then every engine runs once.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub copies: BTreeMap<String, u32>,
+    /// Under the gateway's SLO controller: the template's priorities and SLOs, every
+    /// workload through the gateway (labels say `controlled`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub control: bool,
 }
 
 impl Condition {
@@ -177,13 +191,18 @@ impl Condition {
 
     /// Two conditions with the same key run on the same deployment (only the load differs).
     pub fn deployment_key(&self) -> String {
-        deployment_label(
+        let key = deployment_label(
             self.sharing,
             &self.engines,
             &self.copies,
             &self.mps_split,
             &self.memory_split,
-        )
+        );
+        if self.control {
+            format!("{key} {CONTROLLED}")
+        } else {
+            key
+        }
     }
 
     /// Copies of `engine` in this condition: 0 when it does not run, else its count (1
@@ -200,6 +219,9 @@ impl Condition {
         self.engines.iter().map(|e| self.copies_of(e)).sum()
     }
 }
+
+/// What a controlled condition's label says after its sharing mode and splits.
+pub const CONTROLLED: &str = "controlled";
 
 /// `4 small + 1 large`: the engine set of a scaling step.
 pub fn copies_text(engines: &[String], copies: &BTreeMap<String, u32>) -> String {
@@ -247,6 +269,7 @@ fn deployment_label(
     s
 }
 
+#[allow(clippy::too_many_arguments)]
 fn label(
     sharing: ConditionSharing,
     engines: &[String],
@@ -254,14 +277,20 @@ fn label(
     mps: &Option<Vec<u32>>,
     mem: &Option<Vec<f64>>,
     loads: &BTreeMap<String, LoadLevel>,
+    control: bool,
 ) -> String {
     let l = loads
         .iter()
         .map(|(w, l)| format!("{w} {}", l.short()))
         .collect::<Vec<_>>()
         .join(", ");
+    let controlled = if control {
+        format!(" {CONTROLLED}")
+    } else {
+        String::new()
+    };
     format!(
-        "{}: {l}",
+        "{}{controlled}: {l}",
         deployment_label(sharing, engines, copies, mps, mem)
     )
 }
@@ -277,6 +306,7 @@ struct Cell {
     mps: Option<Vec<u32>>,
     mem: Option<Vec<f64>>,
     loads: BTreeMap<String, LoadLevel>,
+    control: bool,
 }
 
 impl Cell {
@@ -371,13 +401,14 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
                 None,
                 None,
                 loads,
+                false,
             );
         }
     }
     for c in cells {
         let sharing = ConditionSharing::Shared(c.sharing);
         push_reps(
-            exp, &mut out, sharing, &c.engines, c.copies, c.mps, c.mem, c.loads,
+            exp, &mut out, sharing, &c.engines, c.copies, c.mps, c.mem, c.loads, c.control,
         );
     }
     out
@@ -393,8 +424,9 @@ fn push_reps(
     mps: Option<Vec<u32>>,
     mem: Option<Vec<f64>>,
     loads: BTreeMap<String, LoadLevel>,
+    control: bool,
 ) {
-    let label = label(sharing, engines, &copies, &mps, &mem, &loads);
+    let label = label(sharing, engines, &copies, &mps, &mem, &loads, control);
     for repetition in 1..=exp.repetitions {
         out.push(Condition {
             label: label.clone(),
@@ -405,6 +437,7 @@ fn push_reps(
             memory_split: mem.clone(),
             loads: loads.clone(),
             copies: copies.clone(),
+            control,
         });
     }
 }
@@ -457,6 +490,7 @@ fn all_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>, with_copies: 
                     copies,
                     mps: c.mps_split.clone(),
                     mem: c.memory_split.clone(),
+                    control: c.control,
                 }
             })
             .collect();
@@ -533,6 +567,16 @@ fn all_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>, with_copies: 
             })
             .collect();
     }
+    // the SLO controller off, on, or both (in the order given)
+    let mut controls: Vec<bool> = Vec::new();
+    for &c in &axes.control {
+        if !controls.contains(&c) {
+            controls.push(c);
+        }
+    }
+    if controls.is_empty() {
+        controls.push(false);
+    }
     let mut cells = Vec::new();
     for &s in &sharing {
         let mps: Vec<Option<Vec<u32>>> = if s == Sharing::Mps {
@@ -549,15 +593,19 @@ fn all_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>, with_copies: 
             for mem in &mems {
                 for set in &copy_sets {
                     let (engines, copies) = engine_set(exp, set, with_copies);
-                    for loads in &load_sets {
-                        cells.push(Cell {
-                            sharing: s,
-                            engines: engines.clone(),
-                            copies: copies.clone(),
-                            mps: m.clone(),
-                            mem: mem.clone(),
-                            loads: loads_of(exp, &engines, loads.clone()),
-                        });
+                    // MIG slices share no SMs: nothing for the controller to move
+                    for &control in controls.iter().filter(|&&c| !(c && s == Sharing::Mig)) {
+                        for loads in &load_sets {
+                            cells.push(Cell {
+                                sharing: s,
+                                engines: engines.clone(),
+                                copies: copies.clone(),
+                                mps: m.clone(),
+                                mem: mem.clone(),
+                                loads: loads_of(exp, &engines, loads.clone()),
+                                control,
+                            });
+                        }
                     }
                 }
             }

@@ -8,10 +8,12 @@
 //! deployments run or load is measured is absorbed here.
 //!
 //! Where each workload's requests go: to its engine when it runs once; through the
-//! gateway when the template gives the engine `replicas` (one tenant, balanced); to each
-//! replica in turn when the condition runs the engine in copies (one tenant per copy,
+//! gateway when the workload says `via = "gateway"` (every workload of a controlled
+//! condition does) or the template gives the engine `replicas` (one tenant, balanced); to
+//! each replica in turn when the condition runs the engine in copies (one tenant per copy,
 //! `tenants::copy_name`). Each tenant keeps a bounded sample of its request latencies for
-//! the report's distributions and tests.
+//! the report's distributions and tests. When any goes through the gateway, the gateway's
+//! `/metrics` is sampled too (`gateway_metrics`): the SLO controller's timeline.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -23,6 +25,7 @@ use anyhow::{anyhow, Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine_metrics::{EngineMetricsWindow, EngineScraper};
+use crate::gateway_metrics::{GatewayScraper, GatewayWindow};
 use crate::results::{
     host_environment, CopyOf, CounterStat, DrainWait, Environment, FaultPhase, GpuEnv, GpuWindow,
     LatencySample, Percentiles, PresetUse, WindowFault, WorkloadMetrics,
@@ -100,20 +103,28 @@ fn tenants_of(
             .get(engine)
             .filter(|r| !r.is_empty())
             .ok_or_else(|| anyhow!("workload {}: engine {engine} is not running", w.def.name))?;
-        if reps.len() == 1 {
+        let via_gateway = w.def.via == Some(crate::spec::Via::Gateway);
+        if reps.len() == 1 && !via_gateway {
             out.push(Tenant {
                 workload: w.clone(),
                 endpoint: reps[0].clone(),
                 engine: engine.clone(),
                 copy_of: None,
             });
-        } else if balanced.contains(engine) {
+        } else if balanced.contains(engine) || via_gateway {
             let url = gateway.ok_or_else(|| {
-                anyhow!(
-                    "workload {}: engine {engine} has {} replicas and the deployment no gateway to balance them",
-                    w.def.name,
-                    reps.len()
-                )
+                if via_gateway {
+                    anyhow!(
+                        "workload {} goes through the gateway and the deployment has none",
+                        w.def.name
+                    )
+                } else {
+                    anyhow!(
+                        "workload {}: engine {engine} has {} replicas and the deployment no gateway to balance them",
+                        w.def.name,
+                        reps.len()
+                    )
+                }
             })?;
             out.push(Tenant {
                 workload: w.clone(),
@@ -164,6 +175,9 @@ pub struct RealHarness {
     start_cancel: CancellationToken,
     /// The last MPS fault (by id) of the running deployment already given to a window.
     faults_reported: u64,
+    /// How often the gateway's `/metrics` is read when workloads go through it (the GPU
+    /// sampling interval).
+    gateway_every: Duration,
 }
 
 impl RealHarness {
@@ -204,6 +218,7 @@ impl RealHarness {
             sampler,
             start_cancel,
             faults_reported: 0,
+            gateway_every: exp.sample_interval,
         })
     }
 
@@ -371,8 +386,31 @@ fn bench_workload(
         output,
         batch,
         input_file: None,
+        step: None,
     };
     (spec, None)
+}
+
+/// The load step of `w` as bench runs it, in a window of `window`: its time after the
+/// window opens, and its load (a `% of solo` rate was resolved by the runner).
+fn bench_step(w: &ResolvedWorkload, window: Duration) -> Option<bench::spec::LoadStep> {
+    let step = w.load.step?;
+    let load = match (step.concurrency, step.rate) {
+        (Some(c), _) => bench::Load::Closed {
+            concurrency: c as usize,
+        },
+        (None, Some(crate::spec::Rate::PerSecond(rate))) => bench::Load::Open {
+            rate,
+            burstiness: w.def.burstiness,
+            max_concurrency: None,
+        },
+        // validated: one of the two, and the runner resolves relative rates
+        _ => return None,
+    };
+    Some(bench::spec::LoadStep {
+        at: step.at.resolve(window),
+        load,
+    })
 }
 
 /// The presets bench ran, by workload, as results keep them.
@@ -567,7 +605,8 @@ impl Harness for RealHarness {
         )?;
         let mut spec = bench::BenchSpec::new(Vec::new());
         for t in &tenants {
-            let (ws, preset) = bench_workload(&t.workload, &t.endpoint);
+            let (mut ws, preset) = bench_workload(&t.workload, &t.endpoint);
+            ws.step = bench_step(&t.workload, duration);
             spec.push_workload(ws, preset);
         }
         spec.warmup = warmup;
@@ -581,6 +620,18 @@ impl Harness for RealHarness {
         // that cannot start leaves every engine "not scraped", never the condition failed.
         let scraper = EngineScraper::start(self.rt.handle(), &self.replicas, scrape_every(warmup))
             .map_err(|e| format!("{e:#}"));
+        // The gateway's controller, when workloads go through the gateway.
+        let gateway = self
+            .gateway_url
+            .as_deref()
+            .filter(|g| tenants.iter().any(|t| t.endpoint.url.as_str() == *g));
+        let gateway_scraper = gateway.map(|g| {
+            (
+                g.to_string(),
+                GatewayScraper::start(self.rt.handle(), g, self.gateway_every)
+                    .map_err(|e| format!("{e:#}")),
+            )
+        });
         let warmup_start = unix_now();
         let (tx, mut rx) = tokio::sync::watch::channel(bench::Progress::default());
         let result = self.rt.block_on(async {
@@ -623,12 +674,21 @@ impl Harness for RealHarness {
                 live(format!("{}: /metrics not scraped: {why}", w.engine));
             }
         }
+        let gateway = gateway_scraper.map(|(url, s)| match s {
+            Ok(s) => self.rt.block_on(s.window(w0, w1)),
+            Err(why) => GatewayWindow {
+                url,
+                notes: vec![format!("not scraped: {why}")],
+                ..Default::default()
+            },
+        });
         let mut out = Measurement {
             window: (w0, w1),
             interrupted: result.interrupted,
             gpu: self.gpu_window(w0, w1),
             engine_metrics,
             presets: by_workload(presets_used(&result), &tenants),
+            gateway,
             ..Default::default()
         };
         if let Some(d) = &self.running {
@@ -764,6 +824,7 @@ concurrency = 2
             concurrency: Some(32),
             rate: None,
             batch: Some(64),
+            step: None,
         };
         let (e, p) = bench_workload(&resolved(&exp, "e", load), &ep);
         assert_eq!(p, Some(bench::spec::Preset::SeedEmbed));

@@ -316,8 +316,9 @@ pub fn tradeoff(analysis: &Analysis, pair: (&str, &str), path: &Path) -> Result<
     Ok(())
 }
 
-/// One condition over time: each workload's throughput per second (top) and the GPU
-/// counters (bottom), on the window's clock.
+/// One condition over time: each workload's throughput per second (top), the gateway's SLO
+/// controller when the window has it (`report_control::limit_panel`), and the GPU counters
+/// (bottom), on the window's clock.
 pub fn timeline(
     cell: &CellSummary,
     index: usize,
@@ -337,9 +338,21 @@ pub fn timeline(
             .flat_map(|m| m.timeseries.last().map(|p| p.0 - t0))
             .fold(1.0, f64::max),
     );
-    let root = SVGBackend::new(path, (900, 620)).into_drawing_area();
+    let control = crate::report_control::has_panel(rep);
+    let height = if control { 900 } else { 620 };
+    let root = SVGBackend::new(path, (900, height)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (top, bottom) = root.split_vertically(310);
+    let (middle, bottom) = if control {
+        let (m, b) = bottom.split_vertically(280);
+        (Some(m), b)
+    } else {
+        (None, bottom)
+    };
+    if let (Some(area), Some(g)) = (&middle, &rep.gateway) {
+        let step = crate::report_control::step_time(rep);
+        crate::report_control::limit_panel(area, g, t0, tmax, step)?;
+    }
     // top: throughput normalised to its own maximum so every workload fits one axis
     let mut chart = ChartBuilder::on(&top)
         .caption(

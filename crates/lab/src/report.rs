@@ -6,7 +6,8 @@
 //! `/metrics` over the same window, or why an engine was not scraped), the plots, the
 //! experiment file. With several tenants: the fairness between them (`report_tenants`:
 //! each tenant's percentiles, slowdown and latency violins per condition), and for a
-//! scaling experiment its steps (`scaling`).
+//! scaling experiment its steps (`scaling`); with controlled conditions, what the gateway's
+//! SLO controller did (`report_control`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use crate::analysis::{analyse, Analysis, Stat};
 use crate::deployments;
 use crate::engine_metrics::{CounterDelta, Dialect, EngineMetricsWindow, GaugeSummary};
 use crate::plots;
+use crate::report_control;
 use crate::report_tenants;
 use crate::results::{ConditionResult, Results, WindowFault, COUNTERS};
 use crate::scaling;
@@ -615,6 +617,7 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
     }
     out.push('\n');
     out.push_str(&scaling::section(&a, &names, run_dir));
+    out.push_str(&report_control::section(results, &a, run_dir));
 
     out.push_str("## Conditions\n\n");
     if results
@@ -857,6 +860,7 @@ ttft_p99 = "100ms"
                 },
                 engine_metrics: Vec::new(),
                 presets: BTreeMap::new(),
+                gateway: None,
             });
         }
         Results {

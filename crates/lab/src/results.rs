@@ -13,13 +13,14 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::engine_metrics::EngineMetricsWindow;
+use crate::gateway_metrics::GatewayWindow;
 use crate::matrix::Condition;
 use crate::spec::{Experiment, Kind};
 
 /// Version of the results.json layout; bumped on incompatible changes. Additions that an
 /// older reader may skip and a newer one defaults (`gpu.mps_faults`, `engine_metrics`,
 /// `presets`, a workload's `copy_of`, `latency_sample`, `unfinished` and `drain`,
-/// a condition's `copies`) keep it.
+/// a condition's `copies`, `control`, a load's `step`, `gateway`) keep it.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// The name of the results file inside a run folder.
@@ -112,6 +113,10 @@ pub struct ConditionResult {
     /// Workloads that ran as a seed study's client (bench presets), by workload name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub presets: BTreeMap<String, PresetUse>,
+    /// The gateway's SLO controller over the same window (its limit, queue and decisions
+    /// as a timeline), when workloads went through the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayWindow>,
 }
 
 /// How a workload ran as a bench preset, as bench reported it.
@@ -150,6 +155,7 @@ impl ConditionResult {
             gpu: GpuWindow::default(),
             engine_metrics: Vec::new(),
             presets: BTreeMap::new(),
+            gateway: None,
         }
     }
 }

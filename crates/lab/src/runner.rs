@@ -15,16 +15,17 @@ use deploy::ValidDeployment;
 
 use crate::deployments::Deployments;
 use crate::engine_metrics::EngineMetricsWindow;
+use crate::gateway_metrics::GatewayWindow;
 use crate::matrix::{plan, Condition, LoadLevel};
 use crate::results::{ConditionResult, GpuWindow, PresetUse, Results, WorkloadMetrics};
-use crate::spec::{Experiment, Kind, Rate, WorkloadDef};
+use crate::spec::{Experiment, Kind, Rate, Via, WorkloadDef};
 
 /// A workload ready to run in one condition.
 #[derive(Debug, Clone)]
 pub struct ResolvedWorkload {
     /// Its definition.
     pub def: WorkloadDef,
-    /// The load of this condition.
+    /// The load of this condition (a step's `% of solo` rate resolved to requests/s).
     pub load: LoadLevel,
     /// Open loop: requests/s after resolving `% of solo`.
     pub rate_per_s: Option<f64>,
@@ -43,6 +44,8 @@ pub struct Measurement {
     pub engine_metrics: Vec<EngineMetricsWindow>,
     /// Workloads that ran as a bench preset.
     pub presets: BTreeMap<String, PresetUse>,
+    /// The gateway's SLO controller over the window, when workloads went through it.
+    pub gateway: Option<GatewayWindow>,
     /// True when the window was cut short by Ctrl-C (the result is then not kept).
     pub interrupted: bool,
 }
@@ -106,6 +109,32 @@ pub fn resolve_rate(
             Ok(Some(cap * pct / 100.0))
         }
     }
+}
+
+/// `load` with its step's `% of solo` rate resolved to requests/s (as [`resolve_rate`]).
+pub fn resolve_step(
+    w: &WorkloadDef,
+    load: &LoadLevel,
+    done: &[ConditionResult],
+) -> Result<LoadLevel> {
+    let mut out = *load;
+    if let Some(step) = out.step.as_mut() {
+        let at_step = LoadLevel {
+            concurrency: None,
+            rate: step.rate,
+            batch: load.batch,
+            step: None,
+        };
+        if let Some(r) = resolve_rate(w, &at_step, done)? {
+            step.rate = Some(Rate::PerSecond(r));
+        }
+    }
+    Ok(out)
+}
+
+/// The key of a workload's rate after its load step in `resolved_rates`.
+pub fn step_rate_key(workload: &str) -> String {
+    format!("{workload} after the step")
 }
 
 /// Progress display: a bar over conditions with the live figures of the current one.
@@ -215,10 +244,15 @@ fn run_one(
         // repetition, solo baselines included, share theirs.
         let mut def = def.clone();
         def.seed = Some(def.seed.unwrap_or(0) + u64::from(cond.repetition.saturating_sub(1)));
-        match resolve_rate(&def, load, done) {
-            Ok(rate_per_s) => workloads.push(ResolvedWorkload {
+        // the SLO controller sees only what goes through the gateway
+        if cond.control {
+            def.via = Some(Via::Gateway);
+        }
+        match resolve_rate(&def, load, done).and_then(|r| Ok((r, resolve_step(&def, load, done)?)))
+        {
+            Ok((rate_per_s, load)) => workloads.push(ResolvedWorkload {
                 def,
-                load: *load,
+                load,
                 rate_per_s,
             }),
             Err(e) => return Some(ConditionResult::failed(cond.clone(), format!("{e:#}"))),
@@ -269,11 +303,16 @@ fn run_one(
             resolved_rates: workloads
                 .iter()
                 .filter_map(|w| w.rate_per_s.map(|r| (w.def.name.clone(), r)))
+                .chain(workloads.iter().filter_map(|w| match w.load.step?.rate? {
+                    Rate::PerSecond(r) => Some((step_rate_key(&w.def.name), r)),
+                    Rate::OfSolo(_) => None,
+                }))
                 .collect(),
             workloads: m.workloads,
             gpu: m.gpu,
             engine_metrics: m.engine_metrics,
             presets: m.presets,
+            gateway: m.gateway,
         }),
         Err(e) => {
             // the engines may be broken: start afresh for the next condition
@@ -711,6 +750,7 @@ rate = ["50% of solo"]
             rate: Some(Rate::OfSolo(50.0)),
             concurrency: None,
             batch: Some(4),
+            step: None,
         };
         let e = resolve_rate(w, &load, &[]).unwrap_err();
         assert!(format!("{e}").contains("solo capacity"), "{e}");

@@ -238,6 +238,21 @@ pub struct WorkloadDef {
     /// Seed of the synthetic prompts and arrivals (default 0); repetition r uses seed + r - 1.
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Where its requests go: `"engine"` (straight to it) or `"gateway"` (through the
+    /// deployment's gateway, which routes by model name). Default: the engine, except in a
+    /// controlled condition (`control`), where every workload goes through the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
+}
+
+/// Where a workload's requests go.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// Straight to the engine (each copy of it, when it runs in copies).
+    Engine,
+    /// Through the deployment's gateway: what its SLO controller sees and limits.
+    Gateway,
 }
 
 impl WorkloadDef {
@@ -363,6 +378,13 @@ pub struct Axes {
     /// are that step.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub copies: BTreeMap<String, Vec<u32>>,
+    /// The gateway's SLO controller off and on (`[false, true]`), crossed with the other
+    /// axes; default off. A controlled cell runs the template's engine `priority`, `slo` and
+    /// `[deployment.gateway.control]` with every workload through the gateway; static
+    /// cells run without priorities. Cells under `mig` are not controlled (slices share no
+    /// SMs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub control: Vec<bool>,
 }
 
 /// Load levels of one workload: each concurrency (closed loop) and each rate (open loop)
@@ -400,6 +422,9 @@ pub struct ConditionDef {
     /// it out): `copies = { small = 4, large = 1 }`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub copies: BTreeMap<String, u32>,
+    /// Under the gateway's SLO controller (see `Axes::control`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub control: bool,
 }
 
 /// The load of one workload in one condition.
@@ -415,6 +440,89 @@ pub struct LoadOverride {
     /// Embed batch.
     #[serde(default)]
     pub batch: Option<u32>,
+    /// A load step in the window: `step = { at = "50%", concurrency = 64 }`.
+    #[serde(default)]
+    pub step: Option<StepDef>,
+}
+
+/// A load step: from `at` on, the workload runs this load instead (issue 18: the embedder
+/// jumps from a quarter of its capacity to saturating in the middle of the window).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StepDef {
+    /// When, after the window opens: a time (`"15s"`) or a share of the window (`"50%"`).
+    pub at: StepAt,
+    /// Closed loop from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Open loop from then on (absolute, or `"400% of solo"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+}
+
+impl StepDef {
+    /// `@50%:c=64`, for labels.
+    pub fn short(&self) -> String {
+        let to = match (self.concurrency, self.rate) {
+            (Some(c), _) => format!("c={c}"),
+            (None, Some(Rate::PerSecond(r))) => format!("rate={r}/s"),
+            (None, Some(Rate::OfSolo(p))) => format!("rate={p}%solo"),
+            (None, None) => "?".into(),
+        };
+        format!("@{}:{to}", self.at)
+    }
+}
+
+/// When a load step comes: a time after the window opens, or a share of the window.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum StepAt {
+    After(Duration),
+    /// A fraction of the window, in (0, 1).
+    Share(f64),
+}
+
+impl StepAt {
+    /// The time after the window opens, for a window of `window`.
+    pub fn resolve(self, window: Duration) -> Duration {
+        match self {
+            StepAt::After(d) => d,
+            StepAt::Share(f) => window.mul_f64(f),
+        }
+    }
+}
+
+impl TryFrom<String> for StepAt {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            return match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p < 100.0 => Ok(StepAt::Share(p / 100.0)),
+                _ => Err(format!(
+                    "bad step time {s:?}: a share of the window must be between 0% and 100%, e.g. \"50%\""
+                )),
+            };
+        }
+        humantime::parse_duration(t)
+            .map(StepAt::After)
+            .map_err(|_| format!("bad step time {s:?}: expected a time after the window opens (\"15s\") or a share of the window (\"50%\")"))
+    }
+}
+
+impl From<StepAt> for String {
+    fn from(a: StepAt) -> String {
+        a.to_string()
+    }
+}
+
+impl std::fmt::Display for StepAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepAt::After(d) => write!(f, "{}", humantime::format_duration(*d)),
+            StepAt::Share(x) => write!(f, "{}%", x * 100.0),
+        }
+    }
 }
 
 /// Latency objectives of one workload (all optional; percentiles of the window).
@@ -587,6 +695,9 @@ impl Experiment {
                 }
                 for (i, c) in list.iter().enumerate() {
                     let at = format!("conditions[{i}]");
+                    if c.control && c.sharing == Sharing::Mig {
+                        bail!("{at}.control: the controller moves work between tenants that share SMs (mps or timeslice); MIG slices share none");
+                    }
                     if c.mps_split.is_some() && c.sharing != Sharing::Mps {
                         bail!("{at}.mps_split: only with sharing = \"mps\"");
                     }
@@ -610,6 +721,88 @@ impl Experiment {
         }
         self.validate_copies(&engines)?;
         self.validate_replicas()?;
+        self.validate_gateway_use()?;
+        Ok(())
+    }
+
+    /// Whether any condition runs under the gateway's SLO controller, and the field that
+    /// asks for it.
+    pub fn controlled(&self) -> Option<String> {
+        if self
+            .axes
+            .as_ref()
+            .is_some_and(|a| a.control.contains(&true))
+        {
+            return Some("axes.control".into());
+        }
+        self.conditions
+            .iter()
+            .flatten()
+            .position(|c| c.control)
+            .map(|i| format!("conditions[{i}].control"))
+    }
+
+    /// Workloads through the gateway (`via = "gateway"`, or every one when a condition is
+    /// controlled) need a gateway, engines it can tell apart by model name, and no copies
+    /// (the gateway would balance a tenant's copies as one); a controlled condition needs
+    /// a latency engine with an SLO and a best-effort one in the template.
+    fn validate_gateway_use(&self) -> Result<()> {
+        let control = self.controlled();
+        let engines = &self.deployment.engines;
+        let copied = |engine: &str| {
+            self.axes
+                .iter()
+                .flat_map(|a| a.copies.get(engine))
+                .flatten()
+                .chain(
+                    self.conditions
+                        .iter()
+                        .flatten()
+                        .flat_map(|c| c.copies.get(engine)),
+                )
+                .any(|&n| n > 1)
+        };
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = format!("workloads[{i}] ({})", w.name);
+            let through = match (w.via, &control) {
+                (Some(Via::Engine), Some(field)) => bail!("{at}.via: \"engine\", but {field} runs conditions under the gateway's SLO controller, which sees only the requests through the gateway: remove via or set it to \"gateway\""),
+                (Some(Via::Gateway), _) => format!("{at}.via"),
+                (None, Some(field)) => field.clone(),
+                (_, None) => continue,
+            };
+            if self.deployment.gateway.is_none() {
+                bail!("{through}: workload {} goes through the gateway: add a [deployment.gateway] table (address = \"127.0.0.1:PORT\")", w.name);
+            }
+            if copied(&w.engine) {
+                bail!("{through}: engine {} runs in copies, tenants of their own driven directly; through the gateway they would be balanced as one tenant", w.engine);
+            }
+            let (j, e) = engines
+                .iter()
+                .enumerate()
+                .find(|(_, e)| e.name == w.engine)
+                .expect("validated engine");
+            if let Some(o) = engines
+                .iter()
+                .find(|o| o.name != e.name && o.served_name() == e.served_name())
+            {
+                bail!("deployment.engines[{j}] ({}).served_model_name: workload {} goes through the gateway, which routes by model name, and engine {} serves {:?} too: give each engine a served_model_name of its own", e.name, w.name, o.name, e.served_name());
+            }
+        }
+        if let Some(field) = control {
+            let latency = engines
+                .iter()
+                .any(|e| e.priority == deploy::spec::Priority::Latency && e.slo.is_some());
+            let best_effort = engines
+                .iter()
+                .any(|e| e.priority == deploy::spec::Priority::BestEffort);
+            if !(latency && best_effort) {
+                let have: Vec<String> = engines
+                    .iter()
+                    .map(|e| format!("{} {}", e.name, e.priority))
+                    .collect();
+                bail!("{field}: the controller keeps a latency engine's SLO by limiting the best-effort ones: give deployment.engines a priority = \"latency\" engine with an slo and a priority = \"best-effort\" one (have: {})", have.join(", "));
+            }
+        }
         Ok(())
     }
 
@@ -742,6 +935,26 @@ impl Experiment {
         }
         if l.batch.is_some() && def.kind == Kind::Generate {
             bail!("{at}.batch: only embed workloads take a batch");
+        }
+        if let Some(st) = &l.step {
+            match (st.concurrency, st.rate) {
+                (Some(_), Some(_)) => bail!("{at}.step: give concurrency or rate, not both"),
+                (None, None) => {
+                    bail!("{at}.step: give the load from the step on: concurrency or rate")
+                }
+                (Some(0), _) => bail!("{at}.step.concurrency: must be at least 1"),
+                (None, Some(Rate::OfSolo(_))) if def.concurrency.is_none() => bail!("{at}.step.rate: \"% of solo\" needs a closed-loop base load (workloads.{w}.concurrency)"),
+                _ => {}
+            }
+            if let StepAt::After(d) = st.at {
+                if d.is_zero() || d >= self.duration {
+                    bail!(
+                        "{at}.step.at: {} is not inside the window (duration = {})",
+                        st.at,
+                        humantime::format_duration(self.duration)
+                    );
+                }
+            }
         }
         if matches!(l.rate, Some(Rate::OfSolo(_))) && def.concurrency.is_none() {
             bail!("{at}.rate: \"% of solo\" needs a closed-loop base load (workloads.{w}.concurrency)");
@@ -1223,6 +1436,238 @@ concurrency = 128
         );
         assert!(
             m.contains("axes.copies.gen: engine gen has replicas = 2"),
+            "{m}"
+        );
+    }
+    /// BASE with a gateway, a model name per engine, a latency generator and a best-effort
+    /// embedder: what a controlled condition needs.
+    fn controlled_base() -> String {
+        BASE.replace("[deployment]\n", "[deployment.gateway]\naddress = \"127.0.0.1:18999\"\n[deployment]\n")
+            .replace(
+                "port = 18100",
+                "port = 18100\nserved_model_name = \"g\"\npriority = \"latency\"\nslo = { ttft_p99 = \"300ms\" }",
+            )
+            .replace(
+                "port = 18200",
+                "port = 18200\nserved_model_name = \"e\"\npriority = \"best-effort\"",
+            )
+    }
+
+    /// The controller as an axis and per condition: controlled cells beside the static
+    /// ones (never under MIG), labelled, with the template's priorities kept only there.
+    #[test]
+    fn controlled_conditions_are_planned_beside_the_static_ones() {
+        let e = Experiment::parse(&format!(
+            "{}[axes]\nsharing = [\"timeslice\", \"mps\", \"mig\"]\nmps_default = true\ncontrol = [false, true]\n",
+            controlled_base()
+        ))
+        .unwrap();
+        assert_eq!(e.controlled().as_deref(), Some("axes.control"));
+        let plan = crate::matrix::plan(&e);
+        let co: Vec<(&str, bool)> = plan
+            .iter()
+            .filter(|c| !c.is_solo())
+            .map(|c| (c.label.as_str(), c.control))
+            .collect();
+        assert_eq!(
+            co.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![
+                "timeslice: chat c=4, vec c=2 b=8",
+                "timeslice controlled: chat c=4, vec c=2 b=8",
+                "mps default: chat c=4, vec c=2 b=8",
+                "mps default controlled: chat c=4, vec c=2 b=8",
+                "mig: chat c=4, vec c=2 b=8",
+            ]
+        );
+        assert!(co[1].1 && co[3].1 && !co[0].1);
+        assert!(plan.iter().filter(|c| c.is_solo()).all(|c| !c.control));
+        // solo gen, solo emb, then the co-located cells in the order above
+        let (fixed, ctl) = (&plan[2], &plan[3]);
+        assert!(ctl.control && !fixed.control);
+        assert_ne!(fixed.deployment_key(), ctl.deployment_key());
+        let d = crate::deployments::for_condition(&e, ctl).unwrap();
+        assert_eq!(d.engines[0].priority, deploy::spec::Priority::Latency);
+        assert_eq!(d.engines[1].priority, deploy::spec::Priority::BestEffort);
+        let d = crate::deployments::for_condition(&e, fixed).unwrap();
+        assert_eq!(d.engines[0].priority, deploy::spec::Priority::Normal);
+        assert!(d.engines[0].slo.is_none());
+        // results.json keeps the flag
+        let json = serde_json::to_string(ctl).unwrap();
+        assert!(json.contains("\"control\":true"), "{json}");
+        assert!(!serde_json::to_string(fixed).unwrap().contains("control"));
+        // an explicit list
+        let e = Experiment::parse(&format!(
+            "{}[[conditions]]\nsharing = \"mps\"\ncontrol = true\n",
+            controlled_base()
+        ))
+        .unwrap();
+        assert_eq!(e.controlled().as_deref(), Some("conditions[0].control"));
+        assert!(crate::matrix::plan(&e).iter().any(|c| c.control));
+    }
+
+    #[test]
+    fn control_and_via_errors_name_the_field() {
+        let ctl = "[[conditions]]\nsharing = \"mps\"\ncontrol = true\n";
+        // no gateway
+        let m = err(ctl);
+        assert!(
+            m.contains("conditions[0].control: workload chat goes through the gateway: add a [deployment.gateway] table"),
+            "{m}"
+        );
+        // no priorities
+        let plain = BASE
+            .replace(
+                "[deployment]\n",
+                "[deployment.gateway]\naddress = \"127.0.0.1:18999\"\n[deployment]\n",
+            )
+            .replace("port = 18100", "port = 18100\nserved_model_name = \"g\"");
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{plain}{ctl}")).unwrap_err()
+        );
+        assert!(
+            m.contains("conditions[0].control: the controller keeps a latency engine's SLO by limiting the best-effort ones")
+                && m.contains("have: gen normal, emb normal"),
+            "{m}"
+        );
+        // one model name for both engines: the gateway cannot tell them apart
+        let same = controlled_base().replace("served_model_name = \"g\"\n", "");
+        let same = same.replace("served_model_name = \"e\"\n", "");
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{same}{ctl}")).unwrap_err()
+        );
+        assert!(
+            m.contains("deployment.engines[0] (gen).served_model_name: workload chat goes through the gateway"),
+            "{m}"
+        );
+        // a workload that insists on going to its engine
+        let direct =
+            controlled_base().replace("concurrency = 4\n", "concurrency = 4\nvia = \"engine\"\n");
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{direct}{ctl}")).unwrap_err()
+        );
+        assert!(
+            m.contains("workloads[0] (chat).via: \"engine\", but conditions[0].control runs conditions under the gateway's SLO controller"),
+            "{m}"
+        );
+        // via = "gateway" without a controller: a gateway is needed, and no copies
+        let via = BASE.replace("concurrency = 4\n", "concurrency = 4\nvia = \"gateway\"\n");
+        let m = format!("{:#}", Experiment::parse(&via).unwrap_err());
+        assert!(
+            m.contains("workloads[0] (chat).via: workload chat goes through the gateway: add a [deployment.gateway]"),
+            "{m}"
+        );
+        let via =
+            controlled_base().replace("concurrency = 4\n", "concurrency = 4\nvia = \"gateway\"\n");
+        let e = Experiment::parse(&via).unwrap();
+        assert_eq!(e.workloads[0].via, Some(Via::Gateway));
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{via}[axes.copies]\ngen = [2]\n")).unwrap_err()
+        );
+        assert!(
+            m.contains("workloads[0] (chat).via: engine gen runs in copies"),
+            "{m}"
+        );
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{via}[axes]\nsharing = [\"mpx\"]\n")).unwrap_err()
+        );
+        assert!(m.contains("axes.sharing[0]"), "{m}");
+        // MIG slices share no SMs
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!(
+                "{}[[conditions]]\nsharing = \"mig\"\ncontrol = true\n",
+                controlled_base()
+            ))
+            .unwrap_err()
+        );
+        assert!(
+            m.contains(
+                "conditions[0].control: the controller moves work between tenants that share SMs"
+            ),
+            "{m}"
+        );
+    }
+
+    /// A load step in a condition: in the label and the load, given to the solo baseline
+    /// too (the same offered load), with its errors named.
+    #[test]
+    fn load_steps_in_conditions() {
+        let e = Experiment::parse(&format!(
+            "{BASE}[[conditions]]\nsharing = \"mps\"\nload.vec = {{ concurrency = 1, step = {{ at = \"50%\", concurrency = 8 }} }}\n"
+        ))
+        .unwrap();
+        let plan = crate::matrix::plan(&e);
+        let co = plan.iter().find(|c| !c.is_solo()).unwrap();
+        let step = co.loads["vec"].step.unwrap();
+        assert_eq!(step.at, StepAt::Share(0.5));
+        assert_eq!(
+            step.at.resolve(Duration::from_secs(2)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(step.concurrency, Some(8));
+        assert!(
+            co.label.contains("vec c=1 b=8 step@50%:c=8"),
+            "{}",
+            co.label
+        );
+        assert!(plan
+            .iter()
+            .any(|c| c.is_solo() && c.loads.get("vec") == co.loads.get("vec")));
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Experiment>(&json).unwrap(), e);
+        let with = |step: &str| {
+            format!(
+                "{:#}",
+                Experiment::parse(&format!(
+                    "{BASE}[[conditions]]\nsharing = \"mps\"\nload.vec = {{ step = {step} }}\n"
+                ))
+                .unwrap_err()
+            )
+        };
+        let m = with("{ at = \"1s\" }");
+        assert!(
+            m.contains("conditions[0].load.vec.step: give the load from the step on"),
+            "{m}"
+        );
+        let m = with("{ at = \"1s\", concurrency = 2, rate = 3 }");
+        assert!(
+            m.contains("conditions[0].load.vec.step: give concurrency or rate, not both"),
+            "{m}"
+        );
+        let m = with("{ at = \"2s\", concurrency = 2 }");
+        assert!(
+            m.contains(
+                "conditions[0].load.vec.step.at: 2s is not inside the window (duration = 2s)"
+            ),
+            "{m}"
+        );
+        let m = with("{ at = \"150%\", concurrency = 2 }");
+        assert!(m.contains("between 0% and 100%"), "{m}");
+        let m = with("{ at = \"later\", concurrency = 2 }");
+        assert!(m.contains("bad step time \"later\""), "{m}");
+        let m = with("{ at = \"1s\", concurrency = 0 }");
+        assert!(
+            m.contains("conditions[0].load.vec.step.concurrency: must be at least 1"),
+            "{m}"
+        );
+        // "% of solo" after the step needs the closed-loop base load, as a rate does
+        let open = BASE.replace("concurrency = 2\nbatch = 8", "rate = 2.0\nbatch = 8");
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!(
+                "{open}[[conditions]]\nsharing = \"mps\"\nload.vec = {{ step = {{ at = \"1s\", rate = \"400% of solo\" }} }}\n"
+            ))
+            .unwrap_err()
+        );
+        assert!(
+            m.contains(
+                "conditions[0].load.vec.step.rate: \"% of solo\" needs a closed-loop base load"
+            ),
             "{m}"
         );
     }

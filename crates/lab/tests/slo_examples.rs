@@ -1,0 +1,78 @@
+//! The SLO-control experiments (issue 18): the CPU one and the two H200 ones plan their
+//! controlled conditions beside the static ones at the same loads, with the load step, and
+//! every deployment validates (the controlled ones with the gateway and the priorities, the
+//! static ones without priorities).
+
+use std::path::Path;
+
+use lab::matrix::{describe, plan};
+use lab::spec::{Experiment, StepAt};
+
+fn load(name: &str) -> Experiment {
+    Experiment::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[test]
+fn slo_examples_plan_controlled_and_static_cells_with_the_step() {
+    for (file, controlled, stepped) in [
+        ("slo-lab-cpu.toml", 1, 2),
+        ("h200-slo-pair-a.toml", 5, 3),
+        ("h200-slo-seeds-vllm.toml", 4, 3),
+    ] {
+        let exp = load(file);
+        let planned = plan(&exp);
+        let first: Vec<_> = planned.iter().filter(|c| c.repetition == 1).collect();
+        let co: Vec<_> = first.iter().filter(|c| !c.is_solo()).collect();
+        assert_eq!(
+            co.iter().filter(|c| c.control).count(),
+            controlled,
+            "{file}: {}",
+            describe(&exp, &planned)
+        );
+        assert_eq!(
+            co.iter()
+                .filter(|c| c.loads["embed"].step.is_some())
+                .count(),
+            stepped,
+            "{file}"
+        );
+        for c in co.iter().filter(|c| c.control) {
+            assert!(c.label.contains(" controlled: "), "{file}: {}", c.label);
+            // beside a static cell at the same loads
+            assert!(
+                co.iter()
+                    .any(|s| !s.control && s.loads == c.loads && s.engines == c.engines),
+                "{file}: {} has no static twin",
+                c.label
+            );
+        }
+        // the step comes in the middle of the window, after a quarter of solo capacity
+        let step = co
+            .iter()
+            .find_map(|c| c.loads["embed"].step)
+            .expect("a step");
+        assert_eq!(step.at, StepAt::Share(0.5), "{file}");
+        // solo baselines at the stepped load too, never controlled
+        assert!(first
+            .iter()
+            .any(|c| c.is_solo() && c.loads.get("embed").is_some_and(|l| l.step.is_some())));
+        assert!(first.iter().filter(|c| c.is_solo()).all(|c| !c.control));
+        let mut d = lab::deployments::Deployments::check(&exp, &planned)
+            .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        for c in &co {
+            let spec = d.of(&exp, c).unwrap().spec().clone();
+            assert!(spec.gateway.is_some(), "{file}");
+            let prio: Vec<_> = spec.engines.iter().map(|e| e.priority.name()).collect();
+            if c.control {
+                assert_eq!(prio, ["latency", "best-effort"], "{file}: {}", c.label);
+            } else {
+                assert_eq!(prio, ["normal", "normal"], "{file}: {}", c.label);
+            }
+        }
+    }
+}
