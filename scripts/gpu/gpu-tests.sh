@@ -31,7 +31,10 @@ run() { "$@" || { echo "FAILED: $*"; fails=$((fails + 1)); }; }
 
 {
   step "device"
-  date -u; nvidia-smi -L; nvidia-smi --query-gpu=driver_version,compute_mode,mig.mode.current --format=csv
+  date -u; nvidia-smi -L; nvidia-smi --query-gpu=index,driver_version,compute_mode,mig.mode.current --format=csv
+  # several GPUs (nvidia-h200-x2): their interconnect; every_gpu_and_their_totals then checks
+  # each GPU apart (a GEMM on the last one only) and the totals per tick
+  [ "$(nvidia-smi -L | grep -c '^GPU ')" -gt 1 ] && nvidia-smi topo -m
   python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
 
   step "colocate gpu info"

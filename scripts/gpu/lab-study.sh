@@ -8,12 +8,26 @@
 # is measured again on resume; the lab stops its engines and quits its MPS daemon on SIGINT.
 # Env: BIN (default .gpu: colocate and runs/), LAB_ARGS (extra `lab run` arguments for a new
 # run, e.g. "--repetitions 1 --warmup 15s --duration 30s"; a resumed run keeps its own),
-# RETRY=1 (a resumed run measures its failed conditions again: `--retry-failed`).
+# RETRY=1 (a resumed run measures its failed conditions again: `--retry-failed`), GPUS=N
+# (the studies need N GPUs: stop at once on a machine with fewer, before any engine starts).
+# Two GPUs (issue 19, device kind nvidia-h200-x2), e.g. the four TP layouts:
+#   GPUS=2 LIMIT=560 LAB_ARGS="--repetitions 1 --warmup 15s --duration 30s" \
+#       scripts/gpu/lab-study.sh examples/h200x2-tp2.toml:h200x2-tp2
+# device.txt then lists every GPU and their interconnect (`nvidia-smi topo -m`). NVLink
+# multicast stays off for everything started here (the lent machines require it; deploy
+# also sets it on every engine across GPUs).
 set -uo pipefail
 LIMIT=${LIMIT:-560}; OUT=${OUT:-gpu-out}; BIN=${BIN:-.gpu}; C=$BIN/colocate
 mkdir -p "$BIN/runs" "$OUT"
 end=$(( $(date +%s) + LIMIT ))
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+have=$(nvidia-smi -L | grep -c '^GPU ')
+if [ "$have" -gt 1 ]; then nvidia-smi topo -m >> "$OUT/device.txt" 2>&1; fi
+if [ -n "${GPUS:-}" ] && [ "$have" -lt "$GPUS" ]; then
+  echo "lab-study: these studies need $GPUS GPUs and this machine has $have (use the nvidia-h200-x$GPUS kind)" | tee -a "$OUT/device.txt" >&2
+  exit 2
+fi
 for spec in "$@"; do
   exp=${spec%%:*}; name=${spec##*:}; run=$BIN/runs/$name
   left=$(( end - $(date +%s) ))

@@ -212,6 +212,65 @@ fn gpm_sm_active_tracks_a_gemm_loop() {
     assert!(b.tensor_active.expect("tensor active").mean > 20.0);
 }
 
+/// Issue 19: every GPU of a machine sampled at once, a GEMM loop on the last one only; each
+/// GPU's summary tells them apart and the totals add power up per tick (on the two-GPU
+/// machine the idle GPU stays idle and the totals' SM active is the mean of the two).
+#[test]
+#[ignore = "needs NVIDIA GPUs (two for the per-GPU check) and python3 with torch"]
+fn every_gpu_and_their_totals() {
+    require_gpu();
+    let gpus: Vec<u32> = gpu::info().unwrap().iter().map(|g| g.index).collect();
+    let busy = *gpus.last().unwrap();
+    let sampler = Sampler::start(Duration::from_millis(200), None).unwrap();
+    let child = gemm(8.0, &[("CUDA_VISIBLE_DEVICES".into(), busy.to_string())]);
+    let out = child.wait_with_output().unwrap();
+    let tf = tflops(&out);
+    let end = gpu::telemetry::now_unix();
+    let t = sampler.stop();
+    let (from, to) = (end - 6.5, end - 1.5);
+    let each = gpu::telemetry::summarize(&t.samples, from, to);
+    let total = gpu::telemetry::summarize_totals(&t.samples, &gpus, from, to);
+    for g in &each.gpus {
+        println!("GPU {}: {}", g.gpu, serde_json::to_string(g).unwrap());
+    }
+    println!(
+        "GEMM on GPU {busy} ({tf:.0} TFLOP/s); totals of {:?}: {}",
+        gpus,
+        serde_json::to_string(&total.stats()).unwrap()
+    );
+    assert_eq!(each.gpus.len(), gpus.len());
+    assert!(total.ticks > 0, "no tick with every GPU: {:?}", t.notes);
+    assert_eq!(
+        total.partial_ticks, 0,
+        "the sampler reads every GPU each tick"
+    );
+    let b = each.gpus.iter().find(|g| g.gpu == busy).unwrap();
+    assert!(b.sm_active.expect("SM active").mean > 80.0, "{b:?}");
+    for s in &total.series {
+        let sum: f64 = t
+            .samples
+            .iter()
+            .filter(|x| x.t == s.t && gpus.contains(&x.gpu))
+            .filter_map(|x| x.power_w)
+            .sum();
+        assert!((s.power_w.expect("power") - sum).abs() < 1e-6);
+    }
+    if gpus.len() > 1 {
+        let idle = each.gpus.iter().find(|g| g.gpu != busy).unwrap();
+        assert!(
+            idle.sm_active.expect("SM active").mean < 10.0,
+            "the GEMM ran on GPU {busy} only: {idle:?}"
+        );
+        let mean_sm = each
+            .gpus
+            .iter()
+            .map(|g| g.sm_active.unwrap().mean)
+            .sum::<f64>()
+            / gpus.len() as f64;
+        assert!((total.sm_active.unwrap().mean - mean_sm).abs() < 1.0);
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn info_describes_the_gpu() {

@@ -210,13 +210,16 @@ pub fn origin<'a>(tenant: &'a str, m: &'a WorkloadMetrics) -> &'a str {
     m.copy_of.as_ref().map_or(tenant, |c| c.workload.as_str())
 }
 
-/// The load a tenant ran in its condition (its workload's), as labels write it.
+/// The load a tenant ran in its condition (its workload's), as labels write it, and where
+/// its engine ran when the condition says (a solo figure is per placement).
 fn load_of(r: &ConditionResult, tenant: &str, m: &WorkloadMetrics) -> String {
-    r.condition
+    let load = r
+        .condition
         .loads
         .get(origin(tenant, m))
         .map(LoadLevel::short)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    load + &crate::layout::solo_key(&r.condition, &m.engine)
 }
 
 /// A workload's solo figures at one load: means over the repetitions.
@@ -640,6 +643,8 @@ mod tests {
                 loads: BTreeMap::new(),
                 copies: BTreeMap::new(),
                 control: false,
+                placements: BTreeMap::new(),
+                baseline: false,
             }),
             reps_ok: 1,
             failures: vec!["boom".to_string(); failures],

@@ -51,7 +51,8 @@ struct RunArgs {
     /// The experiment file (TOML).
     #[arg(required_unless_present = "resume")]
     experiment: Option<PathBuf>,
-    /// Print the plan with its estimated time and exit.
+    /// Print the plan with its estimated time (each condition's GPUs and TP sizes in its
+    /// label, the GPUs used), check every deployment, and exit.
     #[arg(long)]
     dry_run: bool,
     /// Continue an interrupted run (its folder); finished conditions are kept.
@@ -154,12 +155,26 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             for line in preset_lines(&exp) {
                 println!("{line}");
             }
+            let gpus = crate::layout::gpus_used(&planned);
+            if !gpus.is_empty() {
+                let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+                println!(
+                    "GPUs used: {} (each condition's layout is in its label: engine, TP size, GPUs)",
+                    list.join(", ")
+                );
+            }
             Deployments::check(&exp, &planned)?;
             deployments::check_models(&exp, &planned)?;
+            crate::layout::check_machine(
+                &exp,
+                &planned,
+                &crate::layout::machine_of(&environment()),
+            )?;
             return Ok(());
         }
         let valid = Deployments::check(&exp, &planned)?;
         deployments::check_models(&exp, &planned)?;
+        crate::layout::check_machine(&exp, &planned, &crate::layout::machine_of(&environment()))?;
         let dir = match &a.out {
             Some(d) => d.clone(),
             None => {
@@ -220,6 +235,12 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         .cloned()
         .collect();
     deployments::check_models(&results.experiment, &left)?;
+    // a resumed run may be on another machine: its GPUs are those of this one
+    crate::layout::check_machine(
+        &results.experiment,
+        &left,
+        &crate::layout::machine_of(&environment()),
+    )?;
     eprintln!(
         "lab: {} — {total} conditions ({done} already done), results in {}",
         results.experiment.name,

@@ -16,7 +16,8 @@ use crate::spec::Experiment;
 /// order, shared as it says (a solo baseline runs its engine alone, time-sliced), with its
 /// SM split and memory split (a split names one value per template engine; copies of an
 /// engine each get its value), and an engine run in copies as that many replicas. MPS
-/// settings are dropped under other modes, where they are an error. Engine priorities and
+/// settings are dropped under other modes, where they are an error. A condition's layout
+/// gives an engine its GPUs and TP size (`crate::layout`). Engine priorities and
 /// SLOs (the gateway's SLO controller) are kept in a controlled condition and dropped in the
 /// others, which are static. A template without a name of its own takes the experiment's.
 pub fn for_condition(exp: &Experiment, cond: &Condition) -> Result<DeploymentSpec> {
@@ -42,6 +43,12 @@ pub fn for_condition(exp: &Experiment, cond: &Condition) -> Result<DeploymentSpe
         if !cond.control {
             e.priority = deploy::spec::Priority::Normal;
             e.slo = None;
+        }
+        // the condition's layout: the engine's GPUs and TP size (issue 19)
+        if let Some(p) = cond.placements.get(name) {
+            e.gpus = Some(p.gpus.clone());
+            e.tensor_parallel_size =
+                (p.tensor_parallel_size as usize != p.gpus.len()).then_some(p.tensor_parallel_size);
         }
         if let Some(split) = &cond.mps_split {
             let p = split

@@ -17,14 +17,22 @@
 //! SLO control (issue 18): a controlled condition runs the gateway's controller with every
 //! workload through the gateway; [`gateway_metrics`] keeps the controller's timeline over
 //! the window and [`report_control`] the report's page for it.
+//!
+//! Several GPUs (issue 19): [`layout`] places engines on other GPUs per condition (their GPUs
+//! and TP size, the study's baseline), [`per_gpu`] keeps every GPU of a deployment over the
+//! window with the deployment's totals, and [`hypotheses`] judges the seeds' expectations for
+//! tensor parallelism against the baseline.
 pub mod analysis;
 pub mod cli;
 pub mod deployments;
 pub mod engine_metrics;
 pub mod fairness;
+pub mod hypotheses;
 pub mod gateway_metrics;
 pub mod kde;
+pub mod layout;
 pub mod matrix;
+pub mod per_gpu;
 #[cfg(feature = "measure")]
 pub mod measure;
 pub mod plots;

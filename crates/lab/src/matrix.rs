@@ -17,6 +17,7 @@ use std::time::Duration;
 use deploy::Sharing;
 use serde::{Deserialize, Serialize};
 
+use crate::layout::Placement;
 use crate::spec::{Experiment, Kind, LoadOverride, Rate, StepDef, WorkloadDef};
 
 /// How a condition's engines share the GPU: one engine alone (a solo baseline, deployed
@@ -176,6 +177,13 @@ pub struct Condition {
     /// workload through the gateway (labels say `controlled`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub control: bool,
+    /// Where each engine of `engines` runs (its GPUs and TP size) when the experiment's
+    /// conditions name layouts (`layout`); empty otherwise, and in results written before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub placements: BTreeMap<String, Placement>,
+    /// The study's baseline (`baseline = true`): the hypotheses are judged against it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub baseline: bool,
 }
 
 impl Condition {
@@ -198,11 +206,12 @@ impl Condition {
             &self.mps_split,
             &self.memory_split,
         );
-        if self.control {
+        let key = if self.control {
             format!("{key} {CONTROLLED}")
         } else {
             key
-        }
+        };
+        key + &crate::layout::label_text(&self.engines, &self.placements, self.is_solo())
     }
 
     /// Copies of `engine` in this condition: 0 when it does not run, else its count (1
@@ -307,6 +316,15 @@ struct Cell {
     mem: Option<Vec<f64>>,
     loads: BTreeMap<String, LoadLevel>,
     control: bool,
+    /// Where each engine runs (empty without layouts), and whether it is the baseline.
+    place: Placing,
+}
+
+/// A condition's placements and baseline mark, as one argument.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Placing {
+    placements: BTreeMap<String, Placement>,
+    baseline: bool,
 }
 
 impl Cell {
@@ -364,7 +382,8 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
 
     // Solo baselines: per engine, its base load first (the capacity), then every other
     // load level its workloads see co-located. An engine that no co-located cell runs
-    // (a scaling experiment that leaves it out) has none.
+    // (a scaling experiment that leaves it out) has none. With layouts, the same in each
+    // placement the engine has co-located: *vs solo* compares it with itself on those GPUs.
     let mut out = Vec::new();
     for e in &engines {
         let mine: Vec<&str> = exp
@@ -383,15 +402,32 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
                 .map(|(w, l)| (w.clone(), *l))
                 .collect()
         };
-        let mut levels = vec![restrict(&base)];
+        let mut places: Vec<Option<&Placement>> = Vec::new();
         for c in cells.iter().filter(|c| c.engines.contains(e)) {
-            let r = restrict(&c.loads);
-            if !levels.contains(&r) {
-                levels.push(r);
+            let p = c.place.placements.get(e);
+            if !places.contains(&p) {
+                places.push(p);
+            }
+        }
+        if places.is_empty() {
+            places.push(None);
+        }
+        let mut levels = Vec::new();
+        for p in places {
+            levels.push((p, restrict(&base)));
+            for c in cells.iter().filter(|c| c.engines.contains(e)) {
+                let r = (p, restrict(&c.loads));
+                if c.place.placements.get(e) == p && !levels.contains(&r) {
+                    levels.push(r);
+                }
             }
         }
         let solo_engines = vec![e.clone()];
-        for loads in levels {
+        for (p, loads) in levels {
+            let place = Placing {
+                placements: p.map(|p| (e.clone(), p.clone())).into_iter().collect(),
+                baseline: false,
+            };
             push_reps(
                 exp,
                 &mut out,
@@ -402,13 +438,14 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
                 None,
                 loads,
                 false,
+                place,
             );
         }
     }
     for c in cells {
         let sharing = ConditionSharing::Shared(c.sharing);
         push_reps(
-            exp, &mut out, sharing, &c.engines, c.copies, c.mps, c.mem, c.loads, c.control,
+            exp, &mut out, sharing, &c.engines, c.copies, c.mps, c.mem, c.loads, c.control, c.place,
         );
     }
     out
@@ -425,8 +462,15 @@ fn push_reps(
     mem: Option<Vec<f64>>,
     loads: BTreeMap<String, LoadLevel>,
     control: bool,
+    place: Placing,
 ) {
     let label = label(sharing, engines, &copies, &mps, &mem, &loads, control);
+    // where the engines run goes after the deployment's words, before the loads
+    let at = crate::layout::label_text(engines, &place.placements, sharing.is_solo());
+    let label = match label.split_once(": ") {
+        Some((deployment, loads)) if !at.is_empty() => format!("{deployment}{at}: {loads}"),
+        _ => label,
+    };
     for repetition in 1..=exp.repetitions {
         out.push(Condition {
             label: label.clone(),
@@ -438,6 +482,8 @@ fn push_reps(
             loads: loads.clone(),
             copies: copies.clone(),
             control,
+            placements: place.placements.clone(),
+            baseline: place.baseline,
         });
     }
 }
@@ -462,8 +508,23 @@ fn colocated_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>) -> Vec<
     }
     let mut cells: Vec<Cell> = Vec::new();
     // load levels of a workload whose engine a step leaves out make the same cell again
-    for c in all_cells(exp, base, with_copies) {
-        if c.instances() >= 2 && !cells.contains(&c) {
+    for mut c in all_cells(exp, base, with_copies) {
+        if c.instances() < 2 {
+            continue;
+        }
+        // the same cell twice is measured once; a baseline mark on either stays
+        let mark = c.place.baseline;
+        let mut merged = false;
+        for o in cells.iter_mut() {
+            c.place.baseline = o.place.baseline;
+            if *o == c {
+                o.place.baseline |= mark;
+                merged = true;
+                break;
+            }
+        }
+        if !merged {
+            c.place.baseline = mark;
             cells.push(c);
         }
     }
@@ -483,6 +544,7 @@ fn all_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>, with_copies: 
                         (w.clone(), l)
                     })
                     .collect();
+                let placements = crate::layout::resolve(exp, &engines, &c.layout);
                 Cell {
                     sharing: c.sharing,
                     loads: loads_of(exp, &engines, loads),
@@ -491,6 +553,10 @@ fn all_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>, with_copies: 
                     mps: c.mps_split.clone(),
                     mem: c.memory_split.clone(),
                     control: c.control,
+                    place: Placing {
+                        placements,
+                        baseline: c.baseline,
+                    },
                 }
             })
             .collect();
@@ -604,6 +670,7 @@ fn all_cells(exp: &Experiment, base: &BTreeMap<String, LoadLevel>, with_copies: 
                                 mem: mem.clone(),
                                 loads: loads_of(exp, &engines, loads.clone()),
                                 control,
+                                place: Placing::default(),
                             });
                         }
                     }

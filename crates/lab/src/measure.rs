@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::engine_metrics::{EngineMetricsWindow, EngineScraper};
 use crate::gateway_metrics::{GatewayScraper, GatewayWindow};
 use crate::results::{
-    host_environment, CopyOf, CounterStat, DrainWait, Environment, FaultPhase, GpuEnv, GpuWindow,
-    LatencySample, Percentiles, PresetUse, WindowFault, WorkloadMetrics,
+    host_environment, CopyOf, DrainWait, Environment, FaultPhase, GpuEnv, GpuWindow, LatencySample,
+    Percentiles, PresetUse, WindowFault, WorkloadMetrics,
 };
 use crate::runner::{Harness, Measurement, ResolvedWorkload};
 use crate::spec::{Experiment, Kind};
@@ -168,7 +168,10 @@ pub struct RealHarness {
     balanced: BTreeSet<String>,
     /// Every replica of the running deployment: (replica name, base URL), scraped.
     replicas: Vec<(String, String)>,
-    gpu_index: Option<u32>,
+    /// The running deployment's GPUs, by index (every one is summarised; `per_gpu`).
+    gpus: Vec<u32>,
+    /// Where its engine replicas run, as `up` planned them.
+    placement: Vec<crate::per_gpu::EnginePlacement>,
     sampler: std::result::Result<gpu::telemetry::Sampler, String>,
     /// Cancelled by Ctrl-C with `cancel`: a deployment still starting stops what it started
     /// and fails, and the runner leaves its condition unrecorded (not run).
@@ -214,7 +217,8 @@ impl RealHarness {
                 .map(|e| e.name.clone())
                 .collect(),
             replicas: Vec::new(),
-            gpu_index: None,
+            gpus: Vec::new(),
+            placement: Vec::new(),
             sampler,
             start_cancel,
             faults_reported: 0,
@@ -233,64 +237,14 @@ impl RealHarness {
                 }
             }
         };
-        let summary = sampler.summarize(w0, w1);
-        let g = summary
-            .gpus
-            .iter()
-            .find(|g| Some(g.gpu) == self.gpu_index)
-            .or_else(|| summary.gpus.first());
-        let Some(g) = g else {
-            return GpuWindow {
-                available: false,
-                reason: Some("no GPU samples in the window".into()),
-                ..Default::default()
-            };
-        };
-        let mut counters = BTreeMap::new();
-        let conv = |s: &gpu::telemetry::Stat| CounterStat {
-            mean: s.mean,
-            p50: s.p50,
-            max: s.max,
-        };
-        for (k, v) in [
-            ("sm_active", &g.sm_active),
-            ("sm_occupancy", &g.sm_occupancy),
-            ("tensor_active", &g.tensor_active),
-            ("dram_bw", &g.dram_bw),
-            ("power_w", &g.power_w),
-        ] {
-            if let Some(s) = v {
-                counters.insert(k.to_string(), conv(s));
-            }
-        }
-        let samples = sampler
-            .samples()
-            .into_iter()
-            .filter(|s| s.gpu == g.gpu && s.t >= w0 && s.t <= w1)
-            .map(|s| {
-                let mut m = BTreeMap::new();
-                for (k, v) in [
-                    ("sm_active", s.sm_active),
-                    ("sm_occupancy", s.sm_occupancy),
-                    ("tensor_active", s.tensor_active),
-                    ("dram_bw", s.dram_bw),
-                    ("power_w", s.power_w),
-                ] {
-                    if let Some(v) = v {
-                        m.insert(k.to_string(), v);
-                    }
-                }
-                (s.t, m)
-            })
-            .collect();
-        let notes = sampler.notes();
-        GpuWindow {
-            available: true,
-            reason: (!notes.is_empty()).then(|| notes.join("; ")),
-            counters,
-            samples,
-            mps_faults: Vec::new(),
-        }
+        crate::per_gpu::window(
+            &sampler.samples(),
+            &self.gpus,
+            w0,
+            w1,
+            sampler.notes(),
+            self.placement.clone(),
+        )
     }
 }
 
@@ -553,10 +507,14 @@ fn live_line(p: &bench::Progress) -> String {
 impl Harness for RealHarness {
     fn up(&mut self, deployment: &deploy::ValidDeployment, run_dir: &Path) -> Result<()> {
         self.down();
-        self.gpu_index = match deployment.spec().gpu {
-            deploy::GpuSelector::Index(i) => Some(i),
-            _ => None,
-        };
+        // every GPU of the deployment is measured (issue 19); one named by UUID: the first
+        self.gpus = deploy::topology::deployment_gpus(deployment.spec())
+            .into_iter()
+            .filter_map(|g| match g {
+                deploy::GpuSelector::Index(i) => Some(i),
+                _ => None,
+            })
+            .collect();
         let opts = deploy::UpOptions {
             run_dir: run_dir.to_path_buf(),
             engine_bin: None, // COLOCATE_BIN, else this executable
@@ -584,6 +542,7 @@ impl Harness for RealHarness {
                 });
         }
         self.gateway_url = d.gateway_url();
+        self.placement = crate::per_gpu::EnginePlacement::of_plan(d.plan());
         self.running = Some(d);
         self.faults_reported = 0;
         Ok(())

@@ -318,7 +318,7 @@ pub fn tradeoff(analysis: &Analysis, pair: (&str, &str), path: &Path) -> Result<
 
 /// One condition over time: each workload's throughput per second (top), the gateway's SLO
 /// controller when the window has it (`report_control::limit_panel`), and the GPU counters
-/// (bottom), on the window's clock.
+/// (bottom; one panel per GPU of a deployment across GPUs), on the window's clock.
 pub fn timeline(
     cell: &CellSummary,
     index: usize,
@@ -339,7 +339,9 @@ pub fn timeline(
             .fold(1.0, f64::max),
     );
     let control = crate::report_control::has_panel(rep);
-    let height = if control { 900 } else { 620 };
+    // a deployment across GPUs: one counters panel per GPU (`per_gpu::draw_panels`)
+    let gpu_panels = rep.gpu.per_gpu.len().max(1) as u32;
+    let height = if control { 900 } else { 620 } + 310 * (gpu_panels - 1);
     let root = SVGBackend::new(path, (900, height)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (top, bottom) = root.split_vertically(310);
@@ -399,6 +401,11 @@ pub fn timeline(
         .draw()
         .map_err(err)?;
 
+    if rep.gpu.available && rep.gpu.per_gpu.len() > 1 {
+        crate::per_gpu::draw_panels(&bottom, rep, t0, tmax)?;
+        root.present().map_err(err)?;
+        return Ok(());
+    }
     if !rep.gpu.available || rep.gpu.samples.is_empty() {
         let reason = rep
             .gpu

@@ -451,6 +451,7 @@ fn condition_detail(out: &mut String, i: usize, a: &Analysis, results: &Results,
             }
         }
         out.push('\n');
+        out.push_str(&crate::per_gpu::table(results, &c.label));
     }
     engine_metrics_table(out, results, &c.label);
     report_tenants::tenant_detail(out, a, i, run_dir);
@@ -523,6 +524,7 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
     out.push('\n');
     out.push_str(&faults_section(results, &a));
     out.push_str(&report_tenants::fairness_section(&a));
+    out.push_str(&crate::hypotheses::section(results, &a));
 
     out.push_str("## Recommendation\n\n");
     let _ = writeln!(out, "{}\n", a.recommendation.reason);
@@ -856,7 +858,7 @@ ttft_p99 = "100ms"
                     reason: None,
                     counters,
                     samples,
-                    mps_faults: Vec::new(),
+                    ..Default::default()
                 },
                 engine_metrics: Vec::new(),
                 presets: BTreeMap::new(),

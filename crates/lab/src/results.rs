@@ -20,7 +20,8 @@ use crate::spec::{Experiment, Kind};
 /// Version of the results.json layout; bumped on incompatible changes. Additions that an
 /// older reader may skip and a newer one defaults (`gpu.mps_faults`, `engine_metrics`,
 /// `presets`, a workload's `copy_of`, `latency_sample`, `unfinished` and `drain`,
-/// a condition's `copies`, `control`, a load's `step`, `gateway`) keep it.
+/// a condition's `copies`, `control`, a load's `step`, `gateway`, a condition's `placements`
+/// and `baseline`, `gpu.gpus`, `gpu.per_gpu` and `gpu.placement`) keep it.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// The name of the results file inside a run folder.
@@ -292,7 +293,7 @@ impl WorkloadMetrics {
     }
 }
 
-/// GPU counters over a window.
+/// GPU counters over a window: the deployment's, over every GPU it uses (`per_gpu`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GpuWindow {
     /// Whether counters were sampled.
@@ -300,7 +301,10 @@ pub struct GpuWindow {
     /// Why not, when they were not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Per counter (sm_active, sm_occupancy, tensor_active, dram_bw, power_w): summary.
+    /// Per counter (sm_active, sm_occupancy, tensor_active, dram_bw, power_w; since issue 19
+    /// also temp_c, sm_clock_mhz, mem_clock_mhz, mem_used_bytes): summary. Over several GPUs,
+    /// the deployment's totals (power and memory summed, the rest averaged: `per_gpu`), and
+    /// so are `samples`.
     #[serde(default)]
     pub counters: BTreeMap<String, CounterStat>,
     /// The samples in the window: (Unix seconds, counter -> value).
@@ -311,6 +315,16 @@ pub struct GpuWindow {
     /// have been) restarted around this measurement: it is not a clean one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mps_faults: Vec<WindowFault>,
+    /// The GPUs of the condition's deployment, whose totals `counters` are (empty in results
+    /// written before the lab measured every GPU: their counters are one GPU's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<u32>,
+    /// Each of those GPUs alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_gpu: Vec<crate::per_gpu::GpuCounters>,
+    /// Where each engine replica ran, as `up` planned it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<crate::per_gpu::EnginePlacement>,
 }
 
 /// When, relative to a condition's measurement, an MPS fault was seen.

@@ -425,6 +425,15 @@ pub struct ConditionDef {
     /// Under the gateway's SLO controller (see `Axes::control`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub control: bool,
+    /// Other GPUs per engine name for this condition (`crate::layout`): `layout.gen =
+    /// { gpus = [0, 1] }`, optionally with `tensor_parallel_size`; an engine not named keeps
+    /// the template's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub layout: BTreeMap<String, crate::layout::LayoutOverride>,
+    /// The study's baseline: the report judges the hypotheses of a multi-GPU study
+    /// (`crate::hypotheses`) against this condition. At most one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub baseline: bool,
 }
 
 /// The load of one workload in one condition.
@@ -721,6 +730,7 @@ impl Experiment {
         }
         self.validate_copies(&engines)?;
         self.validate_replicas()?;
+        crate::layout::validate(self)?;
         self.validate_gateway_use()?;
         Ok(())
     }
@@ -1439,6 +1449,7 @@ concurrency = 128
             "{m}"
         );
     }
+
     /// BASE with a gateway, a model name per engine, a latency generator and a best-effort
     /// embedder: what a controlled condition needs.
     fn controlled_base() -> String {

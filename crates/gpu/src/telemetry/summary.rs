@@ -240,7 +240,7 @@ pub fn summarize_totals(samples: &[Sample], gpus: &[u32], from: f64, to: f64) ->
         }
     }
     let col = |f: &dyn Fn(&TotalSample) -> Option<f64>| {
-        stat(&series.iter().filter_map(|s| f(s)).collect::<Vec<_>>())
+        stat(&series.iter().filter_map(f).collect::<Vec<_>>())
     };
     TotalsWindow {
         from,
