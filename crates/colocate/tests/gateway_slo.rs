@@ -29,9 +29,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use common::{free_port, BIN};
 use common::up::Up;
-
+use common::{free_port, BIN};
 
 /// Concurrent clients of the best-effort flood (closed loop).
 const FLOOD_CLIENTS: usize = 32;
@@ -281,13 +280,9 @@ fn metric(text: &str, line_start: &str) -> f64 {
 
 /// The two tests that run deployments take this in turn: run side by side (cargo runs a
 /// file's tests in parallel), each one's flood would be the other's background load.
-static ONE_DEPLOYMENT_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_deployment_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_DEPLOYMENT_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+/// (An async mutex: the guard is held across the test's awaits, and a failed test does not
+/// poison it for the other.)
+static ONE_DEPLOYMENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -295,15 +290,15 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_keeps_the_latency_tenant_within_its_slo_under_a_best_effort_flood() {
-    let _turn = one_deployment_at_a_time();
+    let _turn = ONE_DEPLOYMENT_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let t_start = Instant::now();
 
     // 1. No priorities: the solo baseline, then the flood uncontrolled.
     let up = start_up(dir.path(), "uncontrolled", None, "");
     let _ = latency_stream(&up.gw, Duration::from_millis(500)).await; // warm-up
-    // The better of two solo windows, for the reason the controlled run takes the better of
-    // two: a burst of load from outside the test can spoil one window's p99.
+                                                                      // The better of two solo windows, for the reason the controlled run takes the better of
+                                                                      // two: a burst of load from outside the test can spoil one window's p99.
     let solo = {
         let a = latency_stream(&up.gw, MEASURE).await;
         let b = latency_stream(&up.gw, MEASURE).await;
@@ -504,7 +499,7 @@ fn the_example_deployment_is_valid() {
 /// least one place), as the gateway's `/metrics` says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_moves_the_best_effort_engines_compute_share() {
-    let _turn = one_deployment_at_a_time();
+    let _turn = ONE_DEPLOYMENT_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let up = start_up(
         dir.path(),

@@ -135,6 +135,9 @@ fn a_controlled_condition_runs_through_the_gateway_and_records_the_controller() 
         format!("| C{} (", si + 1),
         "Load steps:".to_string(),
         format!("| C{} | controller's limit |", ci + 1),
+        format!("| C{} | efficiency | |", ci + 1),
+        "| # | workload | throughput of solo | TPOT p99 / solo | latency p99 / solo |".to_string(),
+        format!("| C{} | gen |", ci + 1),
         format!("![C{} over time](timeline-C{}.svg)", ci + 1, ci + 1),
     ] {
         assert!(md.contains(&needle), "report lacks {needle:?}:\n{md}");

@@ -6,9 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{colocate, workspace_root};
-
-
+use common::colocate;
 
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()

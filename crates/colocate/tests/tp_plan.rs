@@ -4,11 +4,7 @@
 
 mod common;
 
-
-use common::{colocate, workspace_root};
-
-
-
+use common::colocate;
 
 #[test]
 fn two_gpu_deployment_plans_per_gpu_with_tp2_command_lines() {

@@ -4,11 +4,7 @@
 
 mod common;
 
-
 use common::{colocate, workspace_root};
-
-
-
 
 #[test]
 fn seeds_study_dry_run_plans_every_condition() {
@@ -74,7 +70,8 @@ fn recommended_deployment_has_vllm_026_command_lines() {
 fn the_pair_under_mps_shows_limit_and_sizing() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("mps.toml");
-    let base = std::fs::read_to_string(workspace_root().join("examples/deploy-h200-vllm.toml")).unwrap();
+    let base =
+        std::fs::read_to_string(workspace_root().join("examples/deploy-h200-vllm.toml")).unwrap();
     std::fs::write(
         &f,
         base.replace("sharing = \"timeslice\"", "sharing = \"mps\""),
@@ -113,7 +110,8 @@ fn the_pair_under_mps_shows_limit_and_sizing() {
 #[test]
 fn vllm_field_errors_name_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let base = std::fs::read_to_string(workspace_root().join("examples/deploy-h200-vllm.toml")).unwrap();
+    let base =
+        std::fs::read_to_string(workspace_root().join("examples/deploy-h200-vllm.toml")).unwrap();
     for (name, from, to, want) in [
         (
             "version",
@@ -162,5 +160,6 @@ fn bench_takes_the_seed_presets() {
         "--workload",
         "seed-gen:url=http://h:1,model=m,input=9",
     ]);
+    assert!(!ok, "{err}");
     assert!(err.contains("sends its own fixed text"), "{err}");
 }

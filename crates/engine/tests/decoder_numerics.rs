@@ -12,11 +12,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
-use engine::load::{load, Device, LoadFormat, LoadOptions};
+use engine::load::{load, Device, LoadFormat};
 use engine::model::config::ModelConfig;
 use engine::model_api::{SeqStep, Task};
 
@@ -25,37 +25,6 @@ const FIXTURES: [(&str, &str); 3] = [
     ("qwen2-tiny", "qwen2"),
     ("gpt2-tiny", "gpt2"),
 ];
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("testdata").join(name)
-}
-
-fn opts(model: &Path, task: Option<Task>, load_format: LoadFormat) -> LoadOptions {
-    LoadOptions {
-        model: model.display().to_string(),
-        task,
-        load_format,
-        device: Device::Cpu,
-        seed: 7,
-        gpu: Default::default(),
-    }
-}
-
-/// Max abs difference over max abs of the reference.
-fn max_rel(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    diff / want.iter().map(|x| x.abs()).fold(0f32, f32::max)
-}
-
-fn reference(dir: &Path) -> serde_json::Value {
-    let path = dir.join("reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 /// The last-token logits of every reference prompt in one prefill each, from the model in
 /// `dir`; returns the worst max-rel difference.
@@ -177,7 +146,7 @@ fn embeddings_match_transformers() {
 #[test]
 fn two_sequences_in_one_step_are_independent() {
     for (name, _) in FIXTURES {
-        let mut g = generator(load(&opts(&fixture(name), None, LoadFormat::Auto)).unwrap());
+        let mut g = generator(load(&opts(fixture(name), None, LoadFormat::Auto)).unwrap());
         g.init_kv_cache(97, 4).unwrap();
         let ids: Vec<u32> = (0..37u32).map(|i| (i * 31 + 5) % 512).collect();
         let whole = chunked_logits(&mut *g, &ids, &[37], &scattered_table(10, 1, 97));
@@ -227,7 +196,7 @@ fn llama_without_its_rope_scaling_is_off() {
 #[test]
 fn cuda_names_the_architecture_it_does_not_run() {
     for (name, arch) in FIXTURES {
-        let mut o = opts(&fixture(name), None, LoadFormat::Auto);
+        let mut o = opts(fixture(name), None, LoadFormat::Auto);
         o.device = Device::Cuda(0);
         let err = format!("{:#}", load(&o).err().expect("cuda refuses"));
         assert!(

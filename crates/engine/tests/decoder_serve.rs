@@ -1,10 +1,12 @@
-//! `colocate serve --model testdata/gpt2-tiny` (and `llama-tiny`) in process (issue 20):
-//! the engine thread, the routes and a plain HTTP/1.1 request, as `lifecycle` wires them.
-//! GPT-2's completion of a text prompt goes through its own tokenizer.json both ways and
-//! is transformers' greedy continuation, decoded by the same tokenizer in Python; Llama's
-//! completion of a token-id prompt is transformers' greedy tokens.
+//! `colocate serve --model testdata/gpt2-tiny` (and `llama-tiny`, `qwen3-moe-tiny`) in
+//! process (issues 20 and 17): the engine thread, the routes and a plain HTTP/1.1 request,
+//! as `lifecycle` wires them. GPT-2's completion of a text prompt goes through its own
+//! tokenizer.json both ways and is transformers' greedy continuation, decoded by the same
+//! tokenizer in Python; Llama's and the MoE's completions of token-id prompts are
+//! transformers' greedy tokens.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,24 +19,7 @@ use engine::tokenizer::Tokenizer;
 use engine::worker::{self, EngineState};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata")
-        .join(name)
-}
-
-fn reference(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap())
-        .unwrap()
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect()
-}
+use common::{fixture, reference, u32s};
 
 /// One request on a fresh connection; the response's status and body.
 async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
@@ -114,7 +99,7 @@ fn serves_greedy_completions_of_gpt2_and_llama() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // GPT-2: text in, text out, through the fixture's tokenizer.json.
-        let r = reference("gpt2-tiny");
+        let r = reference(&fixture("gpt2-tiny"));
         let item = r["items"]
             .as_array()
             .unwrap()
@@ -132,7 +117,7 @@ fn serves_greedy_completions_of_gpt2_and_llama() {
         // Llama: token ids in, the byte-level tokenizer's text of transformers' tokens out,
         // less a character split at the end (random tokens: a lone UTF-8 lead byte), which
         // the detokenizer holds back as vLLM's does (`detok`).
-        let r = reference("llama-tiny");
+        let r = reference(&fixture("llama-tiny"));
         let item = &r["items"][1];
         let addr = serve("llama-tiny").await;
         let text = complete(addr, "llama-tiny", item["input_ids"].clone()).await;
@@ -141,5 +126,20 @@ fn serves_greedy_completions_of_gpt2_and_llama() {
             .unwrap();
         assert_eq!(text, want.trim_end_matches('\u{FFFD}'));
         assert!(text.chars().count() >= 6, "{text:?}");
+    });
+}
+
+#[test]
+fn serves_greedy_completions_of_the_moe_fixture() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let r = reference(&fixture("qwen3-moe-tiny"));
+        let item = &r["items"][0];
+        let addr = serve("qwen3-moe-tiny").await;
+        let text = complete(addr, "qwen3-moe-tiny", item["input_ids"].clone()).await;
+        let want = Tokenizer::byte_level()
+            .decode(&u32s(&item["greedy"]))
+            .unwrap();
+        assert_eq!(text, want);
     });
 }

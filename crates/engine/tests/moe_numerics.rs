@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
@@ -19,37 +19,6 @@ use engine::load::{load, Device, LoadFormat, LoadOptions};
 use engine::model::config::ModelConfig;
 use engine::model_api::{SeqStep, Task};
 use engine::weights::WeightSource;
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("testdata").join(name)
-}
-
-fn opts(model: &Path, task: Option<Task>, load_format: LoadFormat) -> LoadOptions {
-    LoadOptions {
-        model: model.display().to_string(),
-        task,
-        load_format,
-        device: Device::Cpu,
-        seed: 7,
-        gpu: Default::default(),
-    }
-}
-
-/// Max abs difference over max abs of the reference.
-fn max_rel(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    diff / want.iter().map(|x| x.abs()).fold(0f32, f32::max)
-}
-
-fn reference(dir: &Path) -> serde_json::Value {
-    let path = dir.join("reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 /// Every reference check of one fixture folder as a generator: last-token logits of the
 /// whole prompt in one prefill, the argmax at every position token by token, and 8 greedy
@@ -270,7 +239,7 @@ fn fp8_config_loads_with_dummy_weights() {
 fn moe_errors_name_the_problem() {
     // MoE (and FP8) on CUDA: not yet, and said so.
     for name in ["qwen3-moe-tiny", "qwen3-moe-tiny-fp8"] {
-        let mut o = opts(&fixture(name), None, LoadFormat::Auto);
+        let mut o = opts(fixture(name), None, LoadFormat::Auto);
         o.device = Device::Cuda(0);
         let err = format!("{:#}", load(&o).err().unwrap());
         assert!(

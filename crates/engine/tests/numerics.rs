@@ -9,19 +9,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use engine::load::{load, Device, LoadFormat, LoadOptions};
+use engine::load::{load, LoadFormat};
 use engine::model_api::{Generator, SampleSpec, SeqStep, Task};
-
-fn opts(model: &str, task: Option<Task>, load_format: LoadFormat) -> LoadOptions {
-    LoadOptions {
-        model: model.to_string(),
-        task,
-        load_format,
-        device: Device::Cpu,
-        seed: 7,
-        gpu: Default::default(),
-    }
-}
 
 fn tiny_dir() -> String {
     root().join("testdata/qwen3-tiny").display().to_string()
@@ -46,14 +35,10 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (na * nb)
 }
 
-fn reference(path: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(root().join(path)).unwrap()).unwrap()
-}
-
 #[test]
 fn qwen3_tiny_matches_transformers() {
-    let r = reference("testdata/qwen3-tiny/reference.json");
-    let loaded = load(&opts(&tiny_dir(), Some(Task::Generate), LoadFormat::Auto)).unwrap();
+    let r = reference(&fixture("qwen3-tiny"));
+    let loaded = load(&opts(tiny_dir(), Some(Task::Generate), LoadFormat::Auto)).unwrap();
     assert_eq!(loaded.info.eos_token_ids, vec![2]);
     assert_eq!(loaded.info.vocab_size, 512);
     // 2 layers * 2 kv heads * 16 * (K, V) * 4 bytes
@@ -125,8 +110,8 @@ fn qwen3_tiny_matches_transformers() {
 
 #[test]
 fn qwen3_tiny_embedding_matches_transformers() {
-    let r = reference("testdata/qwen3-tiny/reference.json");
-    let mut e = embedder(load(&opts(&tiny_dir(), Some(Task::Embed), LoadFormat::Auto)).unwrap());
+    let r = reference(&fixture("qwen3-tiny"));
+    let mut e = embedder(load(&opts(tiny_dir(), Some(Task::Embed), LoadFormat::Auto)).unwrap());
     let items = r["items"].as_array().unwrap();
     let inputs: Vec<Vec<u32>> = items.iter().map(|i| u32s(&i["input_ids"])).collect();
     let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
@@ -283,7 +268,10 @@ fn fetch_minilm() -> PathBuf {
 #[test]
 fn minilm_matches_sentence_transformers() {
     let dir = fetch_minilm();
-    let r = reference("testdata/minilm-reference.json");
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("testdata/minilm-reference.json")).unwrap(),
+    )
+    .unwrap();
     let loaded = load(&opts(dir.to_str().unwrap(), None, LoadFormat::Auto)).unwrap();
     assert_eq!(loaded.info.task, Task::Embed);
     assert_eq!(loaded.info.kv_bytes_per_token, 0);

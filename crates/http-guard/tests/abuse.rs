@@ -122,9 +122,11 @@ async fn thousands_of_idle_connections_stay_under_the_cap_and_the_server_still_a
 
     // Every idle connection is cut at the head timeout; none outlives twice its time plus
     // its wait in the backlog.
-    wait_for("the idle connections to be closed", header.as_secs_f64() * 4.0, || {
-        srv.stats.open_connections() == 0
-    })
+    wait_for(
+        "the idle connections to be closed",
+        header.as_secs_f64() * 4.0,
+        || srv.stats.open_connections() == 0,
+    )
     .await;
     println!("all closed {:?} after opening", t0.elapsed());
     assert!(

@@ -27,14 +27,14 @@ pub mod cli;
 pub mod deployments;
 pub mod engine_metrics;
 pub mod fairness;
-pub mod hypotheses;
 pub mod gateway_metrics;
+pub mod hypotheses;
 pub mod kde;
 pub mod layout;
 pub mod matrix;
-pub mod per_gpu;
 #[cfg(feature = "measure")]
 pub mod measure;
+pub mod per_gpu;
 pub mod plots;
 pub mod report;
 pub mod report_control;

@@ -144,6 +144,7 @@ pub fn section(results: &Results, a: &Analysis, run_dir: &Path) -> String {
         );
     }
     out.push('\n');
+    out.push_str(&against_solo(a, &cells));
     for &(i, c) in &cells {
         for r in measured(results, &c.label) {
             for n in r.gateway.iter().flat_map(|g| &g.notes) {
@@ -179,41 +180,157 @@ pub fn section(results: &Results, a: &Analysis, run_dir: &Path) -> String {
     out
 }
 
-/// Conditions with a load step: each workload's throughput before and after it, and the
-/// controller's mean limit in each part (means over repetitions).
+/// Each workload of the controlled cells and of their best static twins against its solo
+/// run at the same load: throughput, TPOT p99 and request latency p99 (issue 18's goal reads
+/// from it: the generator's share of solo and TPOT, the embedder's share).
+fn against_solo(a: &Analysis, cells: &[(usize, &CellSummary)]) -> String {
+    let mut rows: Vec<usize> = Vec::new();
+    for &(i, c) in cells {
+        rows.push(i);
+        if let Some((j, _, _)) = c.condition.as_ref().and_then(|cond| best_static(a, cond)) {
+            if !rows.contains(&j) {
+                rows.push(j);
+            }
+        }
+    }
+    let mut out = String::from("Each workload against its solo run at the same load, in the controlled conditions and their best static twins:\n\n| # | workload | throughput of solo | TPOT p99 / solo | latency p99 / solo |\n|---|---|---:|---:|---:|\n");
+    for i in rows {
+        let c = &a.cells[i];
+        for (w, ws) in &c.workloads {
+            let tpot = c.condition.as_ref().and_then(|cond| {
+                let solo = solo_of(a, cond, &ws.workload)?
+                    .workloads
+                    .get(&ws.workload)?;
+                ratio(
+                    ws.latency.get("tpot_p99").map(|s| s.mean),
+                    solo.latency.get("tpot_p99").map(|s| s.mean),
+                )
+            });
+            let times =
+                |r: Option<f64>| r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "–".into());
+            let _ = writeln!(
+                out,
+                "| {} | {w} | {} | {} | {} |",
+                cid(i),
+                pct(ws.vs_solo),
+                times(tpot),
+                times(ws.slowdown_p99)
+            );
+        }
+    }
+    out.push('\n');
+    out
+}
+
+/// A workload's mean throughput per second before and after the step, over the measured
+/// repetitions of `label` (the step's own second left out): `offset` is the step's time
+/// after the window opens.
+fn phases(results: &Results, label: &str, w: &str, offset: f64) -> (Option<f64>, Option<f64>) {
+    let (b, f): (Vec<_>, Vec<_>) = measured(results, label)
+        .iter()
+        .filter_map(|r| {
+            let m = r.workloads.get(w)?;
+            let (w0, w1) = r.window?;
+            let s = w0 + offset;
+            Some((
+                mean_in(&m.timeseries, w0, s),
+                mean_in(&m.timeseries, s + 1.0, w1),
+            ))
+        })
+        .unzip();
+    (mean(b.into_iter()), mean(f.into_iter()))
+}
+
+/// The solo cell of workload `w` at the load it has in `cond`.
+fn solo_of<'a>(a: &'a Analysis, cond: &Condition, w: &str) -> Option<&'a CellSummary> {
+    let load = cond.loads.get(w)?;
+    a.cells.iter().find(|c| {
+        c.is_solo()
+            && c.reps_ok > 0
+            && c.condition
+                .as_ref()
+                .is_some_and(|s| s.loads.get(w) == Some(load))
+    })
+}
+
+fn ratio(x: Option<f64>, solo: Option<f64>) -> Option<f64> {
+    match (x, solo) {
+        (Some(x), Some(s)) if s > 0.0 => Some(x / s),
+        _ => None,
+    }
+}
+
+fn pct(r: Option<f64>) -> String {
+    r.map(|r| format!("{:.0}%", r * 100.0))
+        .unwrap_or_else(|| "–".into())
+}
+
+/// Conditions with a load step: each workload's throughput before and after the step and
+/// against its solo run's same part (the solo baseline steps alike), the co-location
+/// efficiency of each part, and the controller's mean limit in each part (means over
+/// repetitions).
 fn steps_table(results: &Results, a: &Analysis) -> String {
     let mut out = String::new();
     for (i, c) in a.cells.iter().enumerate() {
         let reps = measured(results, &c.label);
-        let Some(step) = reps.first().and_then(|r| step_time(r)) else {
+        let (Some(step), Some(cond)) = (
+            reps.first().and_then(|r| step_time(r)),
+            c.condition.as_ref(),
+        ) else {
             continue;
         };
         if out.is_empty() {
-            out.push_str("Load steps: each workload's throughput per second before and after the step (the step's second left out), and the controller's mean limit in each part.\n\n| # | workload | before the step | after the step | change |\n|---|---|---:|---:|---:|\n");
+            out.push_str("Load steps: each workload's throughput per second before and after the step (the step's second left out), as a share of its solo run's same part (the solo baseline steps alike); the efficiency of each part (Σ over engines of the share of solo); and the controller's mean limit in each part.\n\n| # | workload | before the step | of solo | after the step | of solo | change |\n|---|---|---:|---:|---:|---:|---:|\n");
         }
         let offset = step - reps[0].window.map_or(0.0, |w| w.0);
-        let parts = |r: &ConditionResult, series: &[(f64, f64)]| {
-            let (w0, w1) = r.window.unwrap_or_default();
-            let s = w0 + offset;
-            (mean_in(series, w0, s), mean_in(series, s + 1.0, w1))
-        };
+        // per engine, its workloads' shares of solo in each part
+        let mut shares: std::collections::BTreeMap<&str, (Vec<f64>, Vec<f64>)> =
+            std::collections::BTreeMap::new();
         for (w, m0) in &reps[0].workloads {
-            let (b, f): (Vec<_>, Vec<_>) = reps
-                .iter()
-                .filter_map(|r| r.workloads.get(w).map(|m| parts(r, &m.timeseries)))
-                .unzip();
-            let (b, f) = (mean(b.into_iter()), mean(f.into_iter()));
+            let (b, f) = phases(results, &c.label, w, offset);
+            let (sb, sf) = if c.is_solo() {
+                (None, None)
+            } else {
+                solo_of(a, cond, w)
+                    .map(|s| phases(results, &s.label, w, offset))
+                    .unwrap_or_default()
+            };
+            let (rb, rf) = (ratio(b, sb), ratio(f, sf));
+            let e = shares.entry(m0.engine.as_str()).or_default();
+            e.0.extend(rb);
+            e.1.extend(rf);
             let change = match (b, f) {
                 (Some(b), Some(f)) if b > 0.0 => format!("{:+.0}%", (f / b - 1.0) * 100.0),
                 _ => "–".into(),
             };
             let _ = writeln!(
                 out,
-                "| {} | {w} | {} {u} | {} {u} | {change} |",
+                "| {} | {w} | {} {u} | {} | {} {u} | {} | {change} |",
                 cid(i),
                 num(b, 1),
+                if c.is_solo() { "solo".into() } else { pct(rb) },
                 num(f, 1),
+                if c.is_solo() { "solo".into() } else { pct(rf) },
                 u = m0.unit()
+            );
+        }
+        if !c.is_solo() {
+            let eff = |before: bool| -> Option<f64> {
+                shares
+                    .values()
+                    .map(|(b, f)| {
+                        let v = if before { b } else { f };
+                        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+                    })
+                    .sum()
+            };
+            let (eb, ef) = (eff(true), eff(false));
+            let _ = writeln!(
+                out,
+                "| {} | efficiency | | {} | | {} | |",
+                cid(i),
+                num(eb, 2),
+                num(ef, 2)
             );
         }
         let limits = |before: bool| {
@@ -231,7 +348,7 @@ fn steps_table(results: &Results, a: &Analysis) -> String {
         if let (Some(b), Some(f)) = (limits(true), limits(false)) {
             let _ = writeln!(
                 out,
-                "| {} | controller's limit | {b:.1} | {f:.1} | {:+.1} |",
+                "| {} | controller's limit | {b:.1} | | {f:.1} | | {:+.1} |",
                 cid(i),
                 f - b
             );

@@ -5,12 +5,47 @@
 
 use std::path::{Path, PathBuf};
 
-use engine::load::{Loaded, LoadedModel};
+use engine::load::{Device, LoadFormat, LoadOptions, Loaded, LoadedModel};
+use engine::model_api::Task;
 use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep};
 
 /// The repository's root (testdata/ is there).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A fixture folder under testdata/.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("testdata").join(name)
+}
+
+/// Load options for the CPU with a fixed seed: `model` is a folder or `preset:NAME`.
+pub fn opts(model: impl AsRef<Path>, task: Option<Task>, load_format: LoadFormat) -> LoadOptions {
+    LoadOptions {
+        model: model.as_ref().display().to_string(),
+        task,
+        load_format,
+        device: Device::Cpu,
+        seed: 7,
+        gpu: Default::default(),
+    }
+}
+
+/// Max abs difference over max abs of the reference.
+pub fn max_rel(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    diff / want.iter().map(|x| x.abs()).fold(0f32, f32::max)
+}
+
+/// A fixture folder's reference.json (transformers' logits and tokens).
+pub fn reference(dir: &Path) -> serde_json::Value {
+    let path = dir.join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 pub fn generator(l: Loaded) -> Box<dyn Generator> {
