@@ -6,8 +6,9 @@
 //! relative (max abs diff / max abs), the argmax at every position through the decode
 //! path, 8 greedy tokens, the pooled embedding, and paged attention with two sequences in
 //! one step; the fixture configs read as the tiny presets; Llama without its RoPE scaling
-//! is measurably off (the check sees the scaling); and `--device cuda` names the
-//! architecture it does not run. Everything goes through `engine::load::load`, the same
+//! is measurably off (the check sees the scaling); and `--device cuda` runs Llama, Qwen2
+//! and Mistral (their numerics on the GPU: `tests/cuda_engine.rs`) and names GPT-2, which
+//! it does not run. Everything goes through `engine::load::load`, the same
 //! path as `colocate serve`.
 
 mod common;
@@ -191,25 +192,50 @@ fn llama_without_its_rope_scaling_is_off() {
     assert!(err > 1e-3, "unscaled RoPE is only {err} off");
 }
 
-/// The CUDA model is Qwen3's: `--device cuda` with these answers an error naming the
-/// architecture, before any device is opened (so this runs without a GPU).
+/// `--device cuda` runs the Llama, Qwen2 and Mistral families (no refusal: on a machine
+/// without a GPU the error is the missing driver's) and answers GPT-2 with an error naming
+/// the architecture, before any device is opened (so this runs without a GPU).
 #[test]
 fn cuda_names_the_architecture_it_does_not_run() {
-    for (name, arch) in FIXTURES {
-        let mut o = opts(fixture(name), None, LoadFormat::Auto);
+    let on_cuda = |model: &Path, format| {
+        let mut o = opts(model, None, format);
         o.device = Device::Cuda(0);
-        let err = format!("{:#}", load(&o).err().expect("cuda refuses"));
-        assert!(
-            err.contains(&format!("the {arch} architecture runs on the CPU only"))
-                && err.contains("--device cpu"),
-            "{name}: {err}"
-        );
+        o.gpu.memory_utilization = 0.05;
+        o.gpu.max_model_len = Some(256);
+        load(&o)
+    };
+    let err = format!(
+        "{:#}",
+        on_cuda(&fixture("gpt2-tiny"), LoadFormat::Auto)
+            .err()
+            .expect("cuda refuses gpt2")
+    );
+    assert!(
+        err.contains("the gpt2 architecture runs on the CPU only") && err.contains("--device cpu"),
+        "{err}"
+    );
+    // A tiny Mistral (sliding window) beside the Llama and Qwen2 fixtures.
+    let tmp = tempfile::tempdir().unwrap();
+    let mistral = r#"{"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "sliding_window": 4096}"#;
+    std::fs::write(tmp.path().join("config.json"), mistral).unwrap();
+    for (dir, format) in [
+        (fixture("llama-tiny"), LoadFormat::Auto),
+        (fixture("qwen2-tiny"), LoadFormat::Auto),
+        (tmp.path().to_path_buf(), LoadFormat::Dummy),
+    ] {
+        if let Err(e) = on_cuda(&dir, format) {
+            let err = format!("{e:#}");
+            assert!(!err.contains("CPU only"), "{}: {err}", dir.display());
+            assert!(
+                err.contains("no NVIDIA driver/GPU found") || err.contains("not available"),
+                "{}: {err}",
+                dir.display()
+            );
+        }
     }
-    let mut o = opts(Path::new("preset:mistral-7b"), None, LoadFormat::Dummy);
-    o.model = "preset:mistral-7b".into();
-    o.device = Device::Cuda(0);
-    let err = format!("{:#}", load(&o).err().expect("cuda refuses"));
-    assert!(err.contains("mistral"), "{err}");
 }
 
 /// The tiny presets run with seeded dummy weights (`--load-format dummy`), as the real

@@ -1,20 +1,29 @@
-//! Qwen3 on the GPU: the CUDA model beside the portable one (`qwen3.rs`), as
-//! text-embeddings-inference keeps `flash_qwen3.rs` beside `qwen3.rs`. Same config
-//! ([`ModelConfig`]), same weight reader ([`WeightSource`], same parameter names) as the
-//! CPU model; the step builder, the sampling rule, the KV cache and the decode graphs come
-//! with the executor that runs it ([`CudaExecutor`]). What is this file's own is the
-//! device layout and the forward pass:
-//! - weights in bf16 with q/k/v fused into one `[(nq + 2 nkv) * D, H]` matrix and gate/up
-//!   into one `[2 I, H]` matrix, so a layer runs 4 GEMMs (cuBLAS, or the cuBLASLt
-//!   algorithm the executor timed fastest for the decode shape: `gemm_specs`);
-//! - per layer: add+RMSNorm -> qkv GEMM -> q/k norm + RoPE + KV write -> attention
-//!   (split decode, paged prefill tiles, or flash for embeddings) -> o GEMM ->
-//!   add+RMSNorm -> gate_up GEMM -> SiLU*up -> down GEMM; then the final norm of the
-//!   output rows and the LM head + argmax, or the pooled rows. The residual stream is
-//!   fp32; everything else bf16 with fp32 accumulation.
+//! The dense decoders of the Qwen3 naming on the GPU (Qwen3, Qwen2/Qwen2.5, Llama,
+//! Mistral): the CUDA model beside the portable one (`decoder.rs` with the `qwen3.rs`
+//! loader), as text-embeddings-inference keeps `flash_qwen3.rs` beside `qwen3.rs`. Same
+//! config ([`ModelConfig`]), same family options ([`DecoderLayout`], decided once by
+//! [`ModelConfig::layout`]: q/k norm, q/k/v and o biases), same weight reader
+//! ([`WeightSource`], same parameter names) as the CPU model; the step builder, the
+//! sampling rule, the KV cache, the RoPE table (the config's inverse frequencies, scaling
+//! included) and the decode graphs come with the executor that runs it ([`CudaExecutor`]).
+//! What is this file's own is the device layout and the forward pass:
+//! - weights in bf16 with q/k/v fused into one `[(nq + 2 nkv) * D, H]` matrix (and their
+//!   biases into one `[(nq + 2 nkv) * D]` vector) and gate/up into one `[2 I, H]` matrix,
+//!   so a layer runs 4 GEMMs (cuBLAS, or the cuBLASLt algorithm the executor timed
+//!   fastest for the decode shape: `gemm_specs`);
+//! - per layer: add+RMSNorm -> qkv GEMM -> q/k/v bias + q/k norm + RoPE + KV write (each
+//!   of bias and norm where the layout has it) -> attention (split decode, paged prefill
+//!   tiles, or flash for embeddings) -> o GEMM -> add (+ o bias) + RMSNorm -> gate_up
+//!   GEMM -> SiLU*up -> down GEMM; then the final norm of the output rows and the LM
+//!   head + argmax, or the pooled rows. The residual stream is fp32; everything else bf16
+//!   with fp32 accumulation.
+//!
+//! What it does not compute (LayerNorm, learned positions, a GELU MLP: GPT-2; sparse
+//! experts: Qwen3-MoE; BERT) is refused by [`cuda_layout`] before any device is opened.
 //!
 //! The CPU model is the reference: `tests/cuda_engine.rs` (feature `gpu-tests`) compares
-//! both with transformers' outputs for the tiny Qwen3 fixture, and with each other.
+//! both with transformers' outputs for the tiny Qwen3, Llama and Qwen2 fixtures, and with
+//! each other.
 
 use anyhow::{anyhow, bail};
 use half::bf16;
@@ -26,7 +35,7 @@ use crate::backend::cuda::gemm::{GemmSpec, OutType};
 use crate::backend::cuda::kernels::{DevPtr, Kernels};
 use crate::backend::cuda::profile::Launcher;
 use crate::backend::cuda::step::CudaOptions;
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::{DecoderLayout, MlpKind, ModelConfig, NormKind, PositionKind};
 use crate::model::qwen3::param_names;
 use crate::model_api::{ModelInfo, Task};
 use crate::weights::{SafetensorsFiles, WeightSource};
@@ -45,7 +54,6 @@ struct Dims {
     kv_heads: usize,
     head_dim: usize,
     eps: f32,
-    rope_theta: f32,
 }
 
 impl Dims {
@@ -59,7 +67,6 @@ impl Dims {
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
             eps: c.norm_eps as f32,
-            rope_theta: c.rope_theta as f32,
         }
     }
 
@@ -77,16 +84,49 @@ impl Dims {
     }
 }
 
-/// One decoder layer, in the fused layout.
+/// What the CUDA model runs: the decoders whose layout is RMSNorm, RoPE and a SiLU-gated
+/// MLP without sparse layers, with or without q/k norm and biases (Qwen3, Qwen2, Llama,
+/// Mistral: which family has which option is the config's [`ModelConfig::layout`]).
+/// Anything else is an error naming the architecture, before any device is opened.
+pub fn cuda_layout(config: &ModelConfig) -> anyhow::Result<DecoderLayout> {
+    let arch = config.arch.name();
+    if config.moe.is_some() {
+        bail!(
+            "--device cuda: {arch} is a mixture-of-experts model, which runs on the CPU only for now (use --device cpu)"
+        );
+    }
+    match config.layout() {
+        Some(l)
+            if l.norm == NormKind::Rms
+                && l.positions == PositionKind::Rope
+                && l.mlp == MlpKind::SiluGated =>
+        {
+            Ok(l)
+        }
+        _ => bail!(
+            "--device cuda: the {arch} architecture runs on the CPU only for now: the CUDA model runs the RMSNorm/RoPE/SiLU decoders (qwen3, qwen2, llama, mistral) (use --device cpu)"
+        ),
+    }
+}
+
+/// One decoder layer, in the fused layout; `None` where the layout has no such weight.
 struct LayerWeights {
     input_norm: DevBuf,
     qkv: DevBuf,
-    q_norm: DevBuf,
-    k_norm: DevBuf,
+    /// The q, k and v biases concatenated, `[(nq + 2 nkv) * D]`.
+    qkv_bias: Option<DevBuf>,
+    q_norm: Option<DevBuf>,
+    k_norm: Option<DevBuf>,
     o_proj: DevBuf,
+    o_bias: Option<DevBuf>,
     post_norm: DevBuf,
     gate_up: DevBuf,
     down: DevBuf,
+}
+
+/// A weight's address, 0 (what the kernels read as "none") when absent.
+fn ptr_or_null(b: &Option<DevBuf>) -> DevPtr {
+    b.as_ref().map_or(0, |b| b.ptr)
 }
 
 /// The whole model's weights on the device.
@@ -99,19 +139,20 @@ struct Weights {
 }
 
 impl Weights {
-    /// Loads from `src`; `with_lm_head` is false for embedders.
+    /// Loads from `src` the weights `layout` has; `with_lm_head` is false for embedders.
     fn load(
         dev: &CudaDevice,
         k: &Kernels,
         d: &Dims,
+        layout: &DecoderLayout,
         tied: bool,
         src: &WeightSource,
         with_lm_head: bool,
     ) -> anyhow::Result<Self> {
         let lm_head = with_lm_head && !tied;
         match src {
-            WeightSource::Dummy { seed } => Self::dummy(dev, k, d, *seed, lm_head),
-            WeightSource::Safetensors(st) => Self::from_safetensors(dev, d, st, lm_head),
+            WeightSource::Dummy { seed } => Self::dummy(dev, k, d, layout, *seed, lm_head),
+            WeightSource::Safetensors(st) => Self::from_safetensors(dev, d, layout, st, lm_head),
         }
     }
 
@@ -124,16 +165,19 @@ impl Weights {
     fn bytes(&self) -> usize {
         let layer = |l: &LayerWeights| {
             [
-                &l.input_norm,
-                &l.qkv,
-                &l.q_norm,
-                &l.k_norm,
-                &l.o_proj,
-                &l.post_norm,
-                &l.gate_up,
-                &l.down,
+                Some(&l.input_norm),
+                Some(&l.qkv),
+                l.qkv_bias.as_ref(),
+                l.q_norm.as_ref(),
+                l.k_norm.as_ref(),
+                Some(&l.o_proj),
+                l.o_bias.as_ref(),
+                Some(&l.post_norm),
+                Some(&l.gate_up),
+                Some(&l.down),
             ]
             .iter()
+            .flatten()
             .map(|b| b.bytes)
             .sum::<usize>()
         };
@@ -143,13 +187,15 @@ impl Weights {
             + self.lm_head.as_ref().map_or(0, |b| b.bytes)
     }
 
-    /// Seeded random weights (`--load-format dummy`), filled by a GPU kernel at memory
-    /// speed: linear layers uniform with std 0.02 (HF's initializer range), norms at
-    /// 1 ± 0.05. The same seed gives the same weights (not the CPU backend's values).
+    /// Seeded random weights (`--load-format dummy`) of the weights `layout` has, filled by
+    /// a GPU kernel at memory speed: linear layers and their biases uniform with std 0.02
+    /// (HF's initializer range), norms at 1 ± 0.05. The same seed gives the same weights
+    /// (not the CPU backend's values).
     fn dummy(
         dev: &CudaDevice,
         k: &Kernels,
         d: &Dims,
+        layout: &DecoderLayout,
         seed: u64,
         lm_head: bool,
     ) -> anyhow::Result<Self> {
@@ -169,12 +215,29 @@ impl Weights {
         let embed = fill(d.vocab * h, a, 0.0)?;
         let mut layers = Vec::with_capacity(d.layers);
         for _ in 0..d.layers {
+            let input_norm = fill(h, 0.05, 1.0)?;
+            let qkv = fill(d.qkv_width() * h, a, 0.0)?;
+            let qkv_bias = match layout.qkv_bias {
+                true => Some(fill(d.qkv_width(), a, 0.0)?),
+                false => None,
+            };
+            let (q_norm, k_norm) = match layout.qk_norm {
+                true => (Some(fill(hd, 0.05, 1.0)?), Some(fill(hd, 0.05, 1.0)?)),
+                false => (None, None),
+            };
+            let o_proj = fill(h * d.q_width(), a, 0.0)?;
+            let o_bias = match layout.o_bias {
+                true => Some(fill(h, a, 0.0)?),
+                false => None,
+            };
             layers.push(LayerWeights {
-                input_norm: fill(h, 0.05, 1.0)?,
-                qkv: fill(d.qkv_width() * h, a, 0.0)?,
-                q_norm: fill(hd, 0.05, 1.0)?,
-                k_norm: fill(hd, 0.05, 1.0)?,
-                o_proj: fill(h * d.q_width(), a, 0.0)?,
+                input_norm,
+                qkv,
+                qkv_bias,
+                q_norm,
+                k_norm,
+                o_proj,
+                o_bias,
                 post_norm: fill(h, 0.05, 1.0)?,
                 gate_up: fill(2 * d.inter * h, a, 0.0)?,
                 down: fill(h * d.inter, a, 0.0)?,
@@ -199,10 +262,12 @@ impl Weights {
 
     /// A Hugging Face checkpoint through the shared reader (names with or without the
     /// `model.` prefix, shapes checked against the config), converted to bf16 on the host
-    /// one tensor at a time; q/k/v and gate/up concatenated row-wise before upload.
+    /// one tensor at a time; q/k/v (and their biases) and gate/up concatenated row-wise
+    /// before upload. Biases and q/k norms are read where `layout` has them.
     fn from_safetensors(
         dev: &CudaDevice,
         d: &Dims,
+        layout: &DecoderLayout,
         st: &SafetensorsFiles,
         lm_head: bool,
     ) -> anyhow::Result<Self> {
@@ -216,14 +281,34 @@ impl Weights {
         let mut layers = Vec::with_capacity(d.layers);
         for l in 0..d.layers {
             let p = |s: &str| format!("layers.{l}.{s}.weight");
+            let pb = |s: &str| format!("layers.{l}.{s}.bias");
             let input_norm = up(&get(&p("input_layernorm"), 1, h)?)?;
             let mut qkv = get(&p("self_attn.q_proj"), q, h)?;
             qkv.extend(get(&p("self_attn.k_proj"), kv, h)?);
             qkv.extend(get(&p("self_attn.v_proj"), kv, h)?);
             let qkv = up(&qkv)?;
-            let q_norm = up(&get(&p("self_attn.q_norm"), 1, hd)?)?;
-            let k_norm = up(&get(&p("self_attn.k_norm"), 1, hd)?)?;
+            let qkv_bias = if layout.qkv_bias {
+                let mut b = get(&pb("self_attn.q_proj"), 1, q)?;
+                b.extend(get(&pb("self_attn.k_proj"), 1, kv)?);
+                b.extend(get(&pb("self_attn.v_proj"), 1, kv)?);
+                Some(up(&b)?)
+            } else {
+                None
+            };
+            let (q_norm, k_norm) = if layout.qk_norm {
+                (
+                    Some(up(&get(&p("self_attn.q_norm"), 1, hd)?)?),
+                    Some(up(&get(&p("self_attn.k_norm"), 1, hd)?)?),
+                )
+            } else {
+                (None, None)
+            };
             let o_proj = up(&get(&p("self_attn.o_proj"), h, q)?)?;
+            let o_bias = if layout.o_bias {
+                Some(up(&get(&pb("self_attn.o_proj"), 1, h)?)?)
+            } else {
+                None
+            };
             let post_norm = up(&get(&p("post_attention_layernorm"), 1, h)?)?;
             let mut gate_up = get(&p("mlp.gate_proj"), i, h)?;
             gate_up.extend(get(&p("mlp.up_proj"), i, h)?);
@@ -232,9 +317,11 @@ impl Weights {
             layers.push(LayerWeights {
                 input_norm,
                 qkv,
+                qkv_bias,
                 q_norm,
                 k_norm,
                 o_proj,
+                o_bias,
                 post_norm,
                 gate_up,
                 down,
@@ -328,19 +415,23 @@ impl Activations {
     }
 }
 
-/// Qwen3's weights and activations on the GPU, and its forward pass.
+/// A dense decoder's weights and activations on the GPU (Qwen3, Qwen2, Llama, Mistral:
+/// the name is the naming's), and its forward pass.
 pub struct Qwen3Cuda {
     d: Dims,
     w: Weights,
     act: Activations,
 }
 
-/// Qwen3 (generate or embed) on one GPU, behind the model_api seam.
+/// A dense decoder of the Qwen3 naming (generate or embed) on one GPU, behind the
+/// model_api seam.
 pub type CudaQwen3 = CudaExecutor<Qwen3Cuda>;
 
 impl CudaQwen3 {
     /// Opens GPU `ordinal` and loads `config`'s model from `weights` (no `lm_head` for an
-    /// embedder), with scratch sized by `opts`. `info.task` picks generate or embed.
+    /// embedder), with scratch sized by `opts`. `info.task` picks generate or embed. A
+    /// model the CUDA path does not compute ([`cuda_layout`]) is refused before the GPU is
+    /// opened.
     pub fn new(
         ordinal: usize,
         config: &ModelConfig,
@@ -348,19 +439,14 @@ impl CudaQwen3 {
         weights: &WeightSource,
         opts: CudaOptions,
     ) -> anyhow::Result<Self> {
-        if config.arch != Arch::Qwen3 {
-            bail!(
-                "--device cuda: only Qwen3 models run on the CUDA backend so far ({} does not); use --device cpu",
-                config.arch.name()
-            );
-        }
+        let layout = cuda_layout(config)?;
         let generate = info.task == Task::Generate;
         let d = Dims::of(config);
         let tied = config.tie_word_embeddings;
         CudaExecutor::open(ordinal, config, info, opts, |dev, k, opts| {
             Ok(Qwen3Cuda {
                 d,
-                w: Weights::load(dev, k, &d, tied, weights, generate)?,
+                w: Weights::load(dev, k, &d, &layout, tied, weights, generate)?,
                 act: Activations::alloc(dev, &d, opts.max_tokens, opts.max_seqs)?,
             })
         })
@@ -486,9 +572,9 @@ impl Qwen3Cuda {
     }
 
     /// The attention half of `layer`: residual add (of the previous layer's MLP output) +
-    /// input RMSNorm, the fused qkv GEMM, q/k norm + RoPE + KV write, attention (flash for
-    /// embeddings, prefill tiles, or the split decode kernel, else the one-block-per-token
-    /// paged kernel), the o GEMM into `delta`.
+    /// input RMSNorm, the fused qkv GEMM, q/k/v bias + q/k norm (each where the layout has
+    /// it) + RoPE + KV write, attention (flash for embeddings, prefill tiles, or the split
+    /// decode kernel, else the one-block-per-token paged kernel), the o GEMM into `delta`.
     fn attention(
         &self,
         cx: &ForwardCtx<'_>,
@@ -507,6 +593,7 @@ impl Qwen3Cuda {
             k.add_rmsnorm(
                 a.residual.ptr,
                 delta,
+                0,
                 lw.input_norm.ptr,
                 a.normed.ptr,
                 0,
@@ -530,8 +617,9 @@ impl Qwen3Cuda {
         ops.op("qk norm+rope+kv write", || {
             k.qk_norm_rope_kv(
                 a.qkv.ptr,
-                lw.q_norm.ptr,
-                lw.k_norm.ptr,
+                ptr_or_null(&lw.qkv_bias),
+                ptr_or_null(&lw.q_norm),
+                ptr_or_null(&lw.k_norm),
                 meta(lay.pos),
                 meta(lay.slots),
                 if flash.is_some() { 0 } else { kc },
@@ -541,7 +629,6 @@ impl Qwen3Cuda {
                 d.heads,
                 d.kv_heads,
                 d.eps,
-                d.rope_theta,
             )
         })?;
         if let Some(ft) = flash {
@@ -620,8 +707,9 @@ impl Qwen3Cuda {
         })
     }
 
-    /// The MLP half of `layer`: residual add (of the attention output) + post-attention
-    /// RMSNorm, the fused gate/up GEMM, SiLU(gate) * up, the down GEMM into `delta`.
+    /// The MLP half of `layer`: residual add (of the attention output and the o bias, where
+    /// the layout has one) + post-attention RMSNorm, the fused gate/up GEMM,
+    /// SiLU(gate) * up, the down GEMM into `delta`.
     fn mlp(
         &self,
         cx: &ForwardCtx<'_>,
@@ -635,6 +723,7 @@ impl Qwen3Cuda {
             k.add_rmsnorm(
                 a.residual.ptr,
                 a.delta.ptr,
+                ptr_or_null(&lw.o_bias),
                 lw.post_norm.ptr,
                 a.normed.ptr,
                 0,
@@ -685,6 +774,7 @@ impl Qwen3Cuda {
             k.add_rmsnorm(
                 a.residual.ptr,
                 a.delta.ptr,
+                0,
                 self.w.norm.ptr,
                 a.normed.ptr,
                 0,
@@ -725,6 +815,7 @@ impl Qwen3Cuda {
         ops.op("rmsnorm rows", || {
             k.add_rmsnorm(
                 a.residual.ptr,
+                0,
                 0,
                 self.w.norm.ptr,
                 a.last.ptr,

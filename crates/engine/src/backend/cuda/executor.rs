@@ -45,6 +45,22 @@ const GREEDY: SampleSpec<'static> = SampleSpec {
     masked: &[],
 };
 
+/// The RoPE table the kernels read: `(cos, sin)` of `p * inv_freq[i]` for every position
+/// `p` below `positions` and pair `i`, from the config's inverse frequencies (the one
+/// computation, RoPE scaling included), the angle in f64 as the CPU backend builds its own.
+fn rope_table(inv_freq: &[f32], positions: usize) -> Vec<[f32; 2]> {
+    use rayon::prelude::*;
+    let half = inv_freq.len().max(1);
+    let mut table = vec![[0f32; 2]; positions * half];
+    table.par_chunks_mut(half).enumerate().for_each(|(p, row)| {
+        for (cs, &f) in row.iter_mut().zip(inv_freq) {
+            let a = p as f64 * f as f64;
+            *cs = [a.cos() as f32, a.sin() as f32];
+        }
+    });
+    table
+}
+
 /// One forward pass: the packed step, where K/V go, and how it ends.
 #[derive(Debug, Clone, Copy)]
 pub struct Pass {
@@ -144,7 +160,8 @@ pub struct CudaExecutor<M> {
     /// Use the tensor-core flash kernel for embeddings (else the paged prefill kernel).
     embed_flash: bool,
     rope: RopeTable,
-    _rope_buf: DevBuf,
+    /// The RoPE table and its inverse frequencies.
+    _rope_bufs: [DevBuf; 2],
     graphs: DecodeGraphs,
     profiler: Option<Profiler>,
 }
@@ -221,11 +238,13 @@ impl<M: CudaModel> CudaExecutor<M> {
         let rope_positions = opts
             .max_model_len
             .min(config.max_position_embeddings.max(1));
-        let rope_buf = DevBuf::alloc(&dev, rope_positions * head_dim / 2 * 8)?;
-        kernels.rope_table(rope_buf.ptr, rope_positions, config.rope_theta as f32)?;
+        let inv_freq = config.rope_inv_freq();
+        let rope_buf = DevBuf::upload(&dev, &rope_table(&inv_freq, rope_positions))?;
+        let inv_freq_buf = DevBuf::upload(&dev, &inv_freq)?;
         let rope = RopeTable {
             ptr: rope_buf.ptr,
             positions: rope_positions,
+            inv_freq: inv_freq_buf.ptr,
         };
         let embed_flash = kernels.has_flash_attention();
         let graphs = DecodeGraphs::new(&opts.graph_buckets, opts.max_seqs);
@@ -258,7 +277,7 @@ impl<M: CudaModel> CudaExecutor<M> {
             flash: None,
             embed_flash,
             rope,
-            _rope_buf: rope_buf,
+            _rope_bufs: [rope_buf, inv_freq_buf],
             graphs,
             profiler: None,
         };

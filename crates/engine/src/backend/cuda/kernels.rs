@@ -49,12 +49,16 @@ pub enum DecodeKernel {
     Split,
 }
 
-/// The RoPE cos/sin table on the device (filled by `Kernels::rope_table`).
+/// The RoPE cos/sin table on the device: `(cos, sin)` fp32 pairs, `head_dim / 2` per
+/// position, built on the host from the model's inverse frequencies (its RoPE scaling
+/// included; see the executor).
 #[derive(Clone, Copy)]
 pub struct RopeTable {
     pub ptr: DevPtr,
-    /// Positions covered; later ones are computed in the kernel.
+    /// Positions covered; later ones are computed in the kernel from `inv_freq`.
     pub positions: usize,
+    /// The `head_dim / 2` fp32 inverse frequencies.
+    pub inv_freq: DevPtr,
 }
 
 /// The compiled kernel set of one model shape.
@@ -67,7 +71,6 @@ pub struct Kernels {
     silu_mul: CudaFunction,
     paged_attention: CudaFunction,
     prefill_attention: CudaFunction,
-    rope_table: CudaFunction,
     /// Present when the head size is a multiple of 16 (the tensor-core tile).
     embed_flash_attention: Option<CudaFunction>,
     /// Split decode attention: present when the head size is a multiple of 16 and the
@@ -125,7 +128,7 @@ impl Kernels {
     /// Compiles the kernels for `dev`'s architecture and a model with `head_dim` and
     /// `group` query heads per KV head. Takes about 100 ms.
     pub fn compile(dev: &CudaDevice, head_dim: usize, group: usize) -> Result<Self, CudaError> {
-        if head_dim > 256 || !head_dim.is_multiple_of(2) || group == 0 || group > 16 {
+        if head_dim > 256 || !head_dim.is_multiple_of(4) || group == 0 || group > 16 {
             return Err(CudaError::Compile {
                 arch: dev.arch.clone(),
                 message: format!("unsupported attention shape: head_dim {head_dim}, group {group}"),
@@ -156,7 +159,6 @@ impl Kernels {
             silu_mul: f("silu_mul")?,
             paged_attention: f("paged_attention")?,
             prefill_attention: f("prefill_attention")?,
-            rope_table: f("rope_table")?,
             embed_flash_attention: if head_dim.is_multiple_of(16) {
                 Some(f("embed_flash_attention")?)
             } else {
@@ -199,13 +201,16 @@ impl Kernels {
             .map_err(launch_err)
     }
 
-    /// residual += delta (when `delta != 0`); out = rmsnorm(residual) * w. With `rows != 0`,
-    /// output row r normalises input row rows[r] (and `delta` must be 0).
+    /// residual += delta (when `delta != 0`) + `delta_bias` (a `[hidden]` bias broadcast
+    /// over the rows, when not 0: the bias of the projection that produced `delta`);
+    /// out = rmsnorm(residual) * w. With `rows != 0`, output row r normalises input row
+    /// rows[r] (and `delta` must be 0).
     #[allow(clippy::too_many_arguments)]
     pub fn add_rmsnorm(
         &self,
         residual: DevPtr,
         delta: DevPtr,
+        delta_bias: DevPtr,
         w: DevPtr,
         out: DevPtr,
         rows_map: DevPtr,
@@ -217,6 +222,7 @@ impl Kernels {
         let mut b = self.stream.launch_builder(&self.add_rmsnorm);
         b.arg(&residual)
             .arg(&delta)
+            .arg(&delta_bias)
             .arg(&w)
             .arg(&out)
             .arg(&rows_map)
@@ -252,24 +258,15 @@ impl Kernels {
             .map_err(launch_err)
     }
 
-    /// Fills `table` (at least `positions * head_dim / 2` float pairs) with the RoPE cos/sin
-    /// of every position below `positions`.
-    pub fn rope_table(&self, table: DevPtr, positions: usize, theta: f32) -> Result<(), CudaError> {
-        let n = positions * self.head_dim / 2;
-        let (p, d) = (positions as i32, self.head_dim as i32);
-        let mut b = self.stream.launch_builder(&self.rope_table);
-        b.arg(&table).arg(&p).arg(&d).arg(&theta);
-        unsafe { b.launch(Self::cfg((n.div_ceil(256) as u32, 1), 256, 0)) }
-            .map(|_| ())
-            .map_err(launch_err)
-    }
-
-    /// Per-head q/k RMSNorm + RoPE in place on `qkv`, K/V written to the caches by slot
-    /// (not at all when `kcache` is 0).
+    /// The epilogue of the fused q/k/v projection, in place on `qkv`: the q/k/v bias
+    /// (`bias`, `[(nq + 2 nkv) * head_dim]`; 0 for none), per-head q/k RMSNorm with `qw` /
+    /// `kw` (0 for none: the families without q/k norm), RoPE; K/V written to the caches by
+    /// slot (not at all when `kcache` is 0).
     #[allow(clippy::too_many_arguments)]
     pub fn qk_norm_rope_kv(
         &self,
         qkv: DevPtr,
+        bias: DevPtr,
         qw: DevPtr,
         kw: DevPtr,
         positions: DevPtr,
@@ -281,13 +278,13 @@ impl Kernels {
         nq: usize,
         nkv: usize,
         eps: f32,
-        theta: f32,
     ) -> Result<(), CudaError> {
         let (nq_, nkv_, d) = (nq as i32, nkv as i32, self.head_dim as i32);
         let rope_len = rope.positions as i32;
         let warps = (nq + 2 * nkv).min(32) as u32;
         let mut b = self.stream.launch_builder(&self.qk_norm_rope_kv);
         b.arg(&qkv)
+            .arg(&bias)
             .arg(&qw)
             .arg(&kw)
             .arg(&positions)
@@ -295,8 +292,9 @@ impl Kernels {
             .arg(&kcache)
             .arg(&vcache)
             .arg(&rope.ptr)
-            .arg(&rope_len);
-        b.arg(&nq_).arg(&nkv_).arg(&d).arg(&eps).arg(&theta);
+            .arg(&rope_len)
+            .arg(&rope.inv_freq);
+        b.arg(&nq_).arg(&nkv_).arg(&d).arg(&eps);
         unsafe { b.launch(Self::cfg((tokens as u32, 1), warps * 32, 0)) }
             .map(|_| ())
             .map_err(launch_err)

@@ -57,13 +57,15 @@ extern "C" __global__ void embed_gather(const bf16* __restrict__ table, const in
         residual[(size_t)t * hidden + i] = bf2f(row[i]);
 }
 
-// RMSNorm fused with the residual add: if `delta` is non-null, residual += delta (fp32
-// stream, bf16 delta); then out = rmsnorm(residual) * w. One block per row.
+// RMSNorm fused with the residual add: if `delta` is non-null, residual += delta (+ dbias,
+// the projection's bias broadcast over the rows, when non-null) (fp32 stream, bf16 delta);
+// then out = rmsnorm(residual) * w. One block per row.
 // `rows` (optional) maps output row r to input row rows[r] (last-token gather for lm_head
 // and pooling); then delta must be null.
 extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16* __restrict__ delta,
-                                       const bf16* __restrict__ w, bf16* __restrict__ out,
-                                       const int* __restrict__ rows, int hidden, float eps) {
+                                       const bf16* __restrict__ dbias, const bf16* __restrict__ w,
+                                       bf16* __restrict__ out, const int* __restrict__ rows, int hidden,
+                                       float eps) {
     int r = blockIdx.x;
     int src = rows ? rows[r] : r;
     float* x = residual + (size_t)src * hidden;
@@ -71,7 +73,11 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16*
     float ss = 0.f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = x[i];
-        if (d) { v += bf2f(d[i]); x[i] = v; }
+        if (d) {
+            v += bf2f(d[i]);
+            if (dbias) v += bf2f(dbias[i]);
+            x[i] = v;
+        }
         ss += v * v;
     }
     float inv = rsqrtf(block_sum(ss) / hidden + eps);
@@ -92,31 +98,42 @@ extern "C" __global__ void rmsnorm_rows_f32(const float* __restrict__ residual, 
         out[(size_t)r * hidden + i] = x[i] * inv * bf2f(w[i]);
 }
 
-// RoPE angles, computed once at start-up: table[pos * D/2 + i] = (cos, sin) of
-// pos * theta^(-2i/D) for pos < max_pos (HF's inv_freq, fp32 as on the CPU backend).
-extern "C" __global__ void rope_table(float2* __restrict__ table, int max_pos, int D, float theta) {
-    int half = D / 2;
-    int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= max_pos * half) return;
-    int pos = idx / half, i = idx - pos * half;
-    float freq = powf(theta, -2.0f * (float)i / (float)D);
-    float s, c;
-    sincosf((float)pos * freq, &s, &c);
-    table[idx] = make_float2(c, s);
+// Two adjacent bf16 values (one 32-bit word) as floats, and back.
+__device__ __forceinline__ float2 unpack2(unsigned u) {
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+__device__ __forceinline__ unsigned pack2(float a, float b) {
+    return (unsigned)f2bf(a) | ((unsigned)f2bf(b) << 16);
+}
+// Dims i, i + 1 of x (i even) as floats, plus the bias pair when `b` (the head's bias as
+// 32-bit words) is non-null.
+__device__ __forceinline__ float2 load2(const bf16* x, const unsigned* b, int i) {
+    float2 v = unpack2(*(const unsigned*)(x + i));
+    if (b) {
+        float2 c = unpack2(b[i / 2]);
+        v.x += c.x;
+        v.y += c.y;
+    }
+    return v;
 }
 
-// Per-head q/k RMSNorm fused with RoPE (HF non-interleaved: pairs (i, i + D/2)) and the KV
-// cache write by slot. qkv is [T, (nq + 2 nkv) * D] from the fused projection; q and k
-// are rotated in place, k (rotated) and v are written to the caches at slots[t] (skipped
-// when the slot is negative, padding rows of a captured batch, or when kcache is null,
-// the embedding path, whose attention reads k and v from qkv). Angles come from the
-// rope_table (positions past it are computed directly). One block per token, one warp per
+// The q/k/v epilogue of the fused projection: the q/k/v bias (when `bias`, [(nq + 2 nkv) * D],
+// is non-null), per-head q/k RMSNorm (when qw/kw are non-null) and RoPE (HF non-interleaved:
+// pairs (i, i + D/2)), and the KV cache write by slot. qkv is [T, (nq + 2 nkv) * D] from the
+// fused projection; q and k are biased, normalised and rotated in place, v biased in place;
+// k (rotated) and v are written to the caches at slots[t] (skipped when the slot is
+// negative, padding rows of a captured batch, or when kcache is null, the embedding path,
+// whose attention reads k and v from qkv). Angles come from the table (cos, sin per
+// position and pair, built on the host from the model's inv_freq, RoPE scaling included);
+// positions past it are computed from inv_freq directly. One block per token, one warp per
 // head, each lane two adjacent dims of each half (32-bit loads).
-extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* __restrict__ qw,
-                                          const bf16* __restrict__ kw, const int* __restrict__ positions,
-                                          const int* __restrict__ slots, bf16* __restrict__ kcache,
-                                          bf16* __restrict__ vcache, const float2* __restrict__ rope,
-                                          int rope_len, int nq, int nkv, int D, float eps, float theta) {
+extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* __restrict__ bias,
+                                          const bf16* __restrict__ qw, const bf16* __restrict__ kw,
+                                          const int* __restrict__ positions, const int* __restrict__ slots,
+                                          bf16* __restrict__ kcache, bf16* __restrict__ vcache,
+                                          const float2* __restrict__ rope, int rope_len,
+                                          const float* __restrict__ inv_freq, int nq, int nkv, int D,
+                                          float eps) {
     int t = blockIdx.x;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     int width = (nq + 2 * nkv) * D;
@@ -127,40 +144,54 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* _
     int half = D / 2;
     for (int h = warp; h < nq + 2 * nkv; h += nwarps) {
         bf16* x = row + h * D;
-        if (h >= nq + nkv) {  // v: copy to the cache
-            if (slot >= 0) {
-                unsigned* dst = (unsigned*)(vcache + ((size_t)slot * nkv + (h - nq - nkv)) * D);
-                for (int i = lane; i < half; i += 32) dst[i] = ((const unsigned*)x)[i];
+        const unsigned* b = bias ? (const unsigned*)(bias + h * D) : nullptr;
+        if (h >= nq + nkv) {  // v: bias in place (the embedding path reads it), copy to the cache
+            unsigned* dst = nullptr;
+            if (slot >= 0) dst = (unsigned*)(vcache + ((size_t)slot * nkv + (h - nq - nkv)) * D);
+            if (!b && !dst) continue;
+            for (int i = lane; i < half; i += 32) {
+                unsigned u = ((const unsigned*)x)[i];
+                if (b) {
+                    float2 v = unpack2(u), c = unpack2(b[i]);
+                    u = pack2(v.x + c.x, v.y + c.y);
+                    ((unsigned*)x)[i] = u;
+                }
+                if (dst) dst[i] = u;
             }
             continue;
         }
+        // Without q/k norm (w null) the scale is 1 and each lane reads only what it writes.
         const bf16* w = h < nq ? qw : kw;
-        float ss = 0.f;
-        for (int i = 2 * lane; i < D; i += 64) {
-            unsigned u = *(const unsigned*)(x + i);
-            float a = __uint_as_float(u << 16), b = __uint_as_float(u & 0xffff0000u);
-            ss += a * a + b * b;
+        float inv = 1.f;
+        if (w) {
+            float ss = 0.f;
+            for (int i = 2 * lane; i < D; i += 64) {
+                float2 v = load2(x, b, i);
+                ss += v.x * v.x + v.y * v.y;
+            }
+            inv = rsqrtf(warp_sum(ss) / D + eps);
         }
-        float inv = rsqrtf(warp_sum(ss) / D + eps);
         unsigned* dst = nullptr;
         if (h >= nq && slot >= 0) dst = (unsigned*)(kcache + ((size_t)slot * nkv + (h - nq)) * D);
         for (int i = 2 * lane; i < half; i += 64) {
-            unsigned ua = *(const unsigned*)(x + i), ub = *(const unsigned*)(x + i + half);
-            unsigned wa = *(const unsigned*)(w + i), wb = *(const unsigned*)(w + i + half);
-            float a0 = __uint_as_float(ua << 16) * inv * __uint_as_float(wa << 16);
-            float a1 = __uint_as_float(ua & 0xffff0000u) * inv * __uint_as_float(wa & 0xffff0000u);
-            float b0 = __uint_as_float(ub << 16) * inv * __uint_as_float(wb << 16);
-            float b1 = __uint_as_float(ub & 0xffff0000u) * inv * __uint_as_float(wb & 0xffff0000u);
+            float2 a = load2(x, b, i), bb = load2(x, b, i + half);
+            float2 wa = make_float2(1.f, 1.f), wb = wa;
+            if (w) {
+                wa = unpack2(*(const unsigned*)(w + i));
+                wb = unpack2(*(const unsigned*)(w + i + half));
+            }
+            float a0 = a.x * inv * wa.x, a1 = a.y * inv * wa.y;
+            float b0 = bb.x * inv * wb.x, b1 = bb.y * inv * wb.y;
             float c0, s0, c1, s1;
             if (ipos < rope_len) {
                 float2 r0 = rope[(size_t)ipos * half + i], r1 = rope[(size_t)ipos * half + i + 1];
                 c0 = r0.x; s0 = r0.y; c1 = r1.x; s1 = r1.y;
             } else {
-                sincosf(pos * powf(theta, -2.0f * (float)i / (float)D), &s0, &c0);
-                sincosf(pos * powf(theta, -2.0f * (float)(i + 1) / (float)D), &s1, &c1);
+                sincosf(pos * inv_freq[i], &s0, &c0);
+                sincosf(pos * inv_freq[i + 1], &s1, &c1);
             }
-            unsigned o1 = (unsigned)f2bf(a0 * c0 - b0 * s0) | ((unsigned)f2bf(a1 * c1 - b1 * s1) << 16);
-            unsigned o2 = (unsigned)f2bf(b0 * c0 + a0 * s0) | ((unsigned)f2bf(b1 * c1 + a1 * s1) << 16);
+            unsigned o1 = pack2(a0 * c0 - b0 * s0, a1 * c1 - b1 * s1);
+            unsigned o2 = pack2(b0 * c0 + a0 * s0, b1 * c1 + a1 * s1);
             *(unsigned*)(x + i) = o1;
             *(unsigned*)(x + i + half) = o2;
             if (dst) { dst[i / 2] = o1; dst[(i + half) / 2] = o2; }
