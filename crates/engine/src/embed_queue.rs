@@ -4,7 +4,9 @@
 //! boundaries) until the next input would pass `max_batch_tokens` or the batch holds
 //! `max_batch_seqs` inputs; a single input longer than the budget still runs alone. A
 //! request is answered when all its inputs are embedded; one whose client went away is
-//! dropped before its remaining inputs run.
+//! dropped before its remaining inputs run. The engine's compute share
+//! ([`ComputeShare`]), when capped below the budget, is the budget of the next batch: the
+//! lever that makes the embedder's kernels smaller on a shared GPU at run time.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -15,6 +17,7 @@ use tokio::sync::oneshot;
 use crate::metrics::Metrics;
 use crate::model_api::Embedder;
 use crate::scheduler::Admission;
+use crate::server::share::ComputeShare;
 
 /// An embedding request as the queue takes it.
 #[derive(Debug)]
@@ -35,6 +38,8 @@ pub struct EmbedQueue {
     max_batch_seqs: usize,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
+    /// The live cap that bounds each batch below `max_batch_tokens` (none: the budget).
+    share: Option<Arc<ComputeShare>>,
 }
 
 impl EmbedQueue {
@@ -50,7 +55,21 @@ impl EmbedQueue {
             max_batch_seqs: max_batch_seqs.max(1),
             metrics,
             admission,
+            share: None,
         }
+    }
+
+    /// Bounds each batch by the compute share's cap as well, read before every batch.
+    pub fn with_share(mut self, share: Arc<ComputeShare>) -> Self {
+        self.share = Some(share);
+        self
+    }
+
+    /// The token budget of the next batch: `max_batch_tokens`, or the compute share's cap
+    /// when lower.
+    fn batch_budget(&self) -> usize {
+        let cap = self.share.as_ref().and_then(|s| s.cap());
+        cap.map_or(self.max_batch_tokens, |c| c.clamp(1, self.max_batch_tokens))
     }
 
     /// Queues a request (its admission place is already reserved).
@@ -86,11 +105,11 @@ impl EmbedQueue {
         let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut batch: Vec<&[u32]> = Vec::new();
         let mut tokens = 0;
+        let budget = self.batch_budget();
         'outer: for (qi, p) in self.queue.iter().enumerate() {
             let mut taken = 0;
             for input in &p.req.inputs[p.results.len()..] {
-                let fits = tokens + input.len() <= self.max_batch_tokens
-                    && batch.len() < self.max_batch_seqs;
+                let fits = tokens + input.len() <= budget && batch.len() < self.max_batch_seqs;
                 if !fits && !batch.is_empty() {
                     if taken > 0 {
                         spans.push((qi, taken));
@@ -246,6 +265,44 @@ mod tests {
         assert_eq!(got[0], vec![vec![4.0, 0.0], vec![4.0, 0.0]]);
         assert_eq!(got[2], vec![vec![20.0, 2.0]]);
         assert_eq!(got[3], vec![vec![1.0, 3.0], vec![2.0, 3.0]]);
+        assert_eq!(adm.waiting(), 0);
+    }
+
+    #[test]
+    fn the_compute_share_bounds_each_batch_at_run_time() {
+        let adm = Arc::new(Admission::new(10));
+        let share = Arc::new(ComputeShare::default());
+        let mut q = EmbedQueue::new(100, 100, Arc::new(Metrics::default()), adm.clone())
+            .with_share(share.clone());
+        let add = |q: &mut EmbedQueue| {
+            assert!(adm.try_enter());
+            let (tx, rx) = oneshot::channel();
+            q.add(EmbedRequest {
+                inputs: vec![vec![1; 4]; 6],
+                reply: tx,
+            });
+            rx
+        };
+        let mut m = fake();
+        // capped at 10 tokens: one request's six inputs go two at a time
+        share.set(Some(10));
+        let mut rx = add(&mut q);
+        while q.has_work() {
+            q.step(&mut m).unwrap();
+        }
+        assert_eq!(m.batches, vec![8, 8, 8]);
+        assert_eq!(rx.try_recv().unwrap().unwrap().len(), 6);
+        // the cap lifted (and one above the budget): the budget again, all at once
+        for cap in [None, Some(1000)] {
+            share.set(cap);
+            m.batches.clear();
+            let mut rx = add(&mut q);
+            while q.has_work() {
+                q.step(&mut m).unwrap();
+            }
+            assert_eq!(m.batches, vec![24], "cap {cap:?}");
+            assert_eq!(rx.try_recv().unwrap().unwrap().len(), 6);
+        }
         assert_eq!(adm.waiting(), 0);
     }
 

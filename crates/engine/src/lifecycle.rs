@@ -13,7 +13,7 @@ use crate::limits::{LimitFlags, DEFAULT_GPU_MEMORY_UTILIZATION};
 use crate::load::{Device, GpuLoadOptions, LoadOptions};
 use crate::metrics::Metrics;
 use crate::scheduler::Admission;
-use crate::server::{router, AppState};
+use crate::server::{router, AppState, ComputeShare};
 use crate::worker::{self, EngineState};
 
 /// Runs the server on a tokio runtime of its own until a shutdown signal.
@@ -59,8 +59,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         gpu: GpuLoadOptions::new(args.gpu_memory_utilization, &limits),
     };
-    let health = worker::spawn(load_opts, limits, metrics.clone(), admission.clone())
-        .context("cannot start the engine thread")?;
+    let share = Arc::new(ComputeShare::default());
+    let health = worker::spawn(
+        load_opts,
+        limits,
+        metrics.clone(),
+        admission.clone(),
+        share.clone(),
+    )
+    .context("cannot start the engine thread")?;
     let served = args
         .served_model_name
         .clone()
@@ -74,6 +81,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         health: health.clone(),
         metrics,
         admission,
+        share,
     });
     let mut h = health.clone();
     let stop = async move {

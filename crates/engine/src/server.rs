@@ -34,7 +34,7 @@ use crate::scheduler::Admission;
 use crate::worker::{Command, EngineState, Ready};
 use body::JsonBody;
 use generate::{generate, Chat, Completions};
-use share::ComputeShare;
+pub use share::ComputeShare;
 use validate::ModelView;
 
 pub use body::MAX_REQUEST_BODY_BYTES;
@@ -45,11 +45,15 @@ pub struct AppState {
     pub health: watch::Receiver<EngineState>,
     pub metrics: Arc<Metrics>,
     pub admission: Arc<Admission>,
+    /// The compute share: the admin route moves it, the embedding route and the engine's
+    /// embedding queue obey it.
+    pub share: Arc<ComputeShare>,
 }
 
 /// All routes of `colocate serve`; `/admin/compute-share` moves the engine's compute
 /// share at run time ([`share`]).
 pub fn router(state: Arc<AppState>) -> Router {
+    let share = state.share.clone();
     Router::new()
         .route(
             "/admin/compute-share",
@@ -63,7 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
-        .layer(Extension(Arc::new(ComputeShare::default())))
+        .layer(Extension(share))
         .with_state(state)
 }
 

@@ -19,6 +19,7 @@ use crate::load::{load, LoadOptions, LoadedModel};
 use crate::metrics::Metrics;
 use crate::model_api::ModelInfo;
 use crate::scheduler::{Admission, GenRequest, Scheduler, SchedulerConfig};
+use crate::server::ComputeShare;
 use crate::tokenizer::Tokenizer;
 
 /// A request for the engine thread.
@@ -48,11 +49,13 @@ pub enum EngineState {
 }
 
 /// Starts the engine thread; the returned watch says when it is ready (or why it failed).
+/// An embedder's batches obey `share` (the compute share the admin route moves).
 pub fn spawn(
     load_opts: LoadOptions,
     limits: LimitFlags,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
+    share: Arc<ComputeShare>,
 ) -> std::io::Result<watch::Receiver<EngineState>> {
     let (health_tx, health_rx) = watch::channel(EngineState::Loading);
     std::thread::Builder::new()
@@ -61,7 +64,7 @@ pub fn spawn(
             // A panic in the model must not leave a server that looks healthy but never
             // answers: it becomes `Failed`, which stops the server with a non-zero exit.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run(load_opts, limits, metrics, admission, &health_tx)
+                run(load_opts, limits, metrics, admission, share, &health_tx)
             }));
             let msg = match result {
                 Ok(Ok(())) => return,
@@ -93,6 +96,7 @@ fn run(
     limits: LimitFlags,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
+    share: Arc<ComputeShare>,
     health: &watch::Sender<EngineState>,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
@@ -173,7 +177,8 @@ fn run(
                 r.max_num_seqs,
                 metrics,
                 admission.clone(),
-            );
+            )
+            .with_share(share);
             tracing::info!(
                 "loaded {} ({}, embed) in {:.1}s: batches of up to {} tokens, max model len {}",
                 load_opts.model,

@@ -14,7 +14,7 @@ use engine::limits::LimitFlags;
 use engine::load::{Device, LoadFormat, LoadOptions};
 use engine::metrics::Metrics;
 use engine::scheduler::Admission;
-use engine::server::{router, AppState};
+use engine::server::{router, AppState, ComputeShare};
 use engine::tokenizer::Tokenizer;
 use engine::worker::{self, EngineState};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -56,7 +56,15 @@ async fn serve(name: &str) -> std::net::SocketAddr {
     };
     let metrics = Arc::new(Metrics::default());
     let admission = Arc::new(Admission::new(64));
-    let mut health = worker::spawn(load, limits, metrics.clone(), admission.clone()).unwrap();
+    let share = Arc::new(ComputeShare::default());
+    let mut health = worker::spawn(
+        load,
+        limits,
+        metrics.clone(),
+        admission.clone(),
+        share.clone(),
+    )
+    .unwrap();
     let ready = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             match &*health.borrow_and_update() {
@@ -77,6 +85,7 @@ async fn serve(name: &str) -> std::net::SocketAddr {
         health,
         metrics,
         admission,
+        share,
     });
     tokio::spawn(async move { axum::serve(listener, router(state)).await });
     addr

@@ -48,6 +48,18 @@ pub(crate) struct Tenant {
     latency: Mutex<TenantLatency>,
     /// Its index in [`Admission`] when best-effort.
     best_effort: Option<usize>,
+    /// Its requests between arrival and the end of their answers ([`Busy`]).
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// One of a tenant's requests in flight, counted until this drops (the answer ended or
+/// the client went away).
+pub(crate) struct Busy(Arc<Tenant>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Tenant {
@@ -56,6 +68,12 @@ impl Tenant {
         self.latency
             .lock()
             .push(metric, start, Instant::now(), value);
+    }
+
+    /// Counts a request of this tenant in flight until the guard drops.
+    pub(crate) fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
     }
 
     /// Its place in admission, when it is best-effort.
@@ -106,6 +124,7 @@ impl Control {
                     spec: t,
                     latency: Mutex::new(TenantLatency::default()),
                     best_effort,
+                    in_flight: Default::default(),
                 })
             })
             .collect();
@@ -146,7 +165,7 @@ impl Control {
     pub(crate) fn tick(&self, now: Instant) -> Decision {
         let mut st = self.aimd.lock();
         let since = st.last_change;
-        let views: Vec<(Option<f64>, Option<f64>)> = self
+        let views: Vec<(Option<f64>, Option<f64>, bool)> = self
             .tenants
             .iter()
             .filter(|t| t.spec.priority == Priority::Latency)
@@ -154,7 +173,12 @@ impl Control {
                 let slo = t.spec.slo?;
                 let mut lat = t.latency.lock();
                 lat.prune(now, self.spec.window);
-                Some((pressure(&lat, &slo, since), pressure(&lat, &slo, None)))
+                let busy = t.in_flight.load(Ordering::Relaxed) > 0;
+                Some((
+                    pressure(&lat, &slo, since),
+                    pressure(&lat, &slo, None),
+                    busy,
+                ))
             })
             .collect();
         // the others' windows are pruned too, for what /metrics shows
@@ -166,6 +190,7 @@ impl Control {
         let obs = Observation {
             fresh: worst(views.iter().map(|v| v.0)),
             window: worst(views.iter().map(|v| v.1)),
+            busy: views.iter().any(|v| v.2),
         };
         st.pressure = obs.window;
         let before = st.aimd.limit();
@@ -595,8 +620,14 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
-        // the window forgets: idle again, the limit grows
-        assert_eq!(c.tick(t1 + Duration::from_secs(30)), Decision::Increase);
+        // the window forgets, but a latency request is in flight (longer than the
+        // window): not idle, the limit holds
+        let busy = gen.busy();
+        assert_eq!(c.tick(t1 + Duration::from_secs(30)), Decision::Hold);
+        assert_eq!(c.admission.load().0, 4);
+        // it ended (no sample: say it failed): idle, the limit grows
+        drop(busy);
+        assert_eq!(c.tick(t1 + Duration::from_secs(31)), Decision::Increase);
         assert_eq!(c.admission.load().0, 5);
         assert!(c.snapshot().tenants[0].latency.is_empty());
     }

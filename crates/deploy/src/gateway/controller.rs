@@ -12,7 +12,9 @@
 //!   lingering samples.
 //! - `window`: over every request in the window. Below [`INCREASE_BELOW`] (headroom), and
 //!   with at least one fresh request measured, the limit grows by one (never above `max`);
-//!   with no latency traffic at all it grows too. Growing only on a whole window with
+//!   with no latency traffic at all it grows too — but not while latency requests are in
+//!   flight with none finished in the window (requests longer than the window, or a wave
+//!   of equal ones between its ends): no sample is not no traffic. Growing only on a whole window with
 //!   headroom keeps the limit where it is for a window after a decrease, until the samples
 //!   of the violation have aged out (a tail latency needs many samples to be read, and a
 //!   limit that grew back at once would only miss again); growing only on a fresh sample
@@ -35,8 +37,10 @@ pub const INCREASE_STEP: u32 = 1;
 pub struct Observation {
     /// Over the requests sent since the limit last changed.
     pub fresh: Option<f64>,
-    /// Over every request in the window (`None`: no latency traffic, nothing to protect).
+    /// Over every request in the window (`None`: no sample).
     pub window: Option<f64>,
+    /// A latency request is in flight: with no sample, the limit holds rather than grows.
+    pub busy: bool,
 }
 
 /// What a tick did.
@@ -98,7 +102,8 @@ impl Aimd {
     pub fn step(&mut self, obs: Observation) -> Decision {
         let decision = match (obs.fresh, obs.window) {
             (Some(p), _) if high(p) => Decision::Decrease,
-            (_, None) => Decision::Increase,
+            (_, None) if !obs.busy => Decision::Increase,
+            (_, None) => Decision::Hold,
             (Some(_), Some(w)) if w < INCREASE_BELOW => Decision::Increase,
             _ => Decision::Hold,
         };
@@ -133,6 +138,7 @@ mod tests {
         const IDLE: Observation = Observation {
             fresh: None,
             window: None,
+            busy: false,
         };
 
         /// The same pressure fresh and over the window.
@@ -140,6 +146,7 @@ mod tests {
             Observation {
                 fresh: Some(p),
                 window: Some(p),
+                busy: true,
             }
         }
     }
@@ -154,7 +161,11 @@ mod tests {
     }
 
     fn observation() -> impl Strategy<Value = Observation> {
-        (pressure(), pressure()).prop_map(|(fresh, window)| Observation { fresh, window })
+        (pressure(), pressure(), any::<bool>()).prop_map(|(fresh, window, busy)| Observation {
+            fresh,
+            window,
+            busy,
+        })
     }
 
     #[test]
@@ -167,12 +178,14 @@ mod tests {
         let after = Observation {
             fresh: None,
             window: Some(2.0),
+            busy: true,
         };
         assert_eq!(c.step(after), Decision::Hold);
         // fresh requests are fine, but the window has not forgotten: hold
         let better = Observation {
             fresh: Some(0.3),
             window: Some(2.0),
+            busy: true,
         };
         assert_eq!(c.step(better), Decision::Hold);
         assert_eq!(c.limit(), 8);
@@ -190,6 +203,14 @@ mod tests {
         assert_eq!(z.limit(), 0, "min 0 pauses best-effort work");
         z.step(Observation::IDLE);
         assert_eq!(z.limit(), 1, "and the first increase lets one through");
+        // latency requests in flight and none finished in the window: not idle, hold
+        let waiting = Observation {
+            fresh: None,
+            window: None,
+            busy: true,
+        };
+        assert_eq!(z.step(waiting), Decision::Hold);
+        assert_eq!(z.limit(), 1);
         assert_eq!(Aimd::new(9, 3).bounds(), (3, 9));
     }
 
@@ -221,8 +242,8 @@ mod tests {
 
         /// Fresh requests near or over the SLO: the limit falls (to at most half) unless
         /// already at min, whatever the window shows. A window with headroom and a fresh
-        /// request measured within it (or no latency traffic at all): it grows by one
-        /// unless at max. Otherwise it holds.
+        /// request measured within it (or no latency traffic at all: no sample and none in
+        /// flight): it grows by one unless at max. Otherwise it holds.
         #[test]
         fn it_decreases_under_pressure_and_increases_with_headroom(
             min in 0u32..20,
@@ -238,7 +259,7 @@ mod tests {
             let before = c.limit();
             let d = c.step(obs);
             let fresh_high = obs.fresh.is_some_and(|p| p.is_nan() || p > DECREASE_ABOVE);
-            let headroom = obs.window.is_none()
+            let headroom = (obs.window.is_none() && !obs.busy)
                 || (obs.fresh.is_some() && obs.window.is_some_and(|p| p < INCREASE_BELOW));
             if fresh_high {
                 prop_assert_eq!(d, Decision::Decrease);
@@ -278,7 +299,7 @@ mod tests {
                 if recent.len() > memory {
                     recent.pop_front();
                 }
-                let obs = Observation { fresh: Some(p), window: worst(recent.iter().map(|p| Some(*p))) };
+                let obs = Observation { fresh: Some(p), window: worst(recent.iter().map(|p| Some(*p))), busy: true };
                 c.step(obs);
                 if t >= settle {
                     seen.push(c.limit());

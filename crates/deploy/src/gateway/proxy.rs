@@ -22,7 +22,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 
 use super::admission::{Permit, Refusal};
-use super::control::Tenant;
+use super::control::{Busy, Tenant};
 use super::request::{error, read_body, routing_model};
 use super::routes::no_route;
 use super::slo::{ChunkTimes, Metric};
@@ -110,6 +110,9 @@ async fn dispatch(
         );
     }
     let tenant = s.control.tenant_of(model).cloned();
+    // Counted in flight from arrival to the end of its answer: the controller tells a
+    // tenant with long requests and no finished one yet from an idle one.
+    let mut busy = tenant.as_ref().map(|t| t.busy());
     // A best-effort request waits for a place first (held until its answer ends).
     let mut permit = match tenant.as_ref().and_then(|t| t.best_effort()) {
         Some(i) => match s.control.admission.admit(i).await {
@@ -174,6 +177,7 @@ async fn dispatch(
             start,
             ok: true,
             tenant: None,
+            busy: None,
             permit: None,
             times: ChunkTimes::default(),
             measured: false,
@@ -212,6 +216,7 @@ async fn dispatch(
                 finish.permit = permit.take();
                 finish.measured = status.is_success();
                 finish.tenant = tenant.clone();
+                finish.busy = busy.take();
                 let body = Passthrough::new(resp.bytes_stream().boxed(), finish, sse).into_body();
                 return out.body(body).unwrap_or_else(|e| {
                     error(
@@ -276,6 +281,8 @@ struct Finish {
     start: Instant,
     ok: bool,
     tenant: Option<Arc<Tenant>>,
+    /// The tenant's count of requests in flight, held until the body ends.
+    busy: Option<Busy>,
     /// Dropped with this: the place goes back after the body ended.
     permit: Option<Permit>,
     times: ChunkTimes,

@@ -4,8 +4,9 @@
 //! Why this lever: on a shared GPU the embedder's large batches fill every SM and the
 //! generator's small decode kernels queue behind them (the H100 study). The embedding
 //! queue batches whatever requests it holds up to `--max-num-batched-tokens`; bounding the
-//! tokens let in bounds every batch, so its kernels get smaller and leave the GPU sooner,
-//! without restarting the engine. A controller (the gateway's, or an operator) moves it
+//! tokens let in, and each batch by the same cap (`EmbedQueue`: one request larger than
+//! the cap is embedded in batches no larger than it), makes its kernels smaller so that
+//! they leave the GPU sooner, without restarting the engine. A controller (the gateway's, or an operator) moves it
 //! through `POST /admin/compute-share`.
 //!
 //! Requests past the cap wait (in the server, before the engine thread sees them) until
@@ -60,6 +61,11 @@ impl ComputeShare {
     pub fn set(&self, cap: Option<usize>) {
         self.state.lock().cap = cap;
         self.changed.notify_waiters();
+    }
+
+    /// The cap (`None`: none). The embedding queue bounds each batch by it too.
+    pub fn cap(&self) -> Option<usize> {
+        self.state.lock().cap
     }
 
     /// The cap and the tokens inside it now.
