@@ -328,7 +328,7 @@ impl fmt::Display for Priority {
 
 /// A tenant's latency objectives: 99th percentiles as the gateway measures them on the
 /// traffic it proxies (over [`ControlSpec::window`]), with vLLM's names: TTFT (to the first
-/// streamed chunk), TPOT (a streamed request's mean gap between chunks), E2EL (the whole
+/// streamed chunk), TPOT (a streamed request's mean gap between chunks, per second of a long stream), E2EL (the whole
 /// request). In TOML: `slo = { ttft_p99 = "300ms", tpot_p99 = "40ms" }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -25,7 +25,7 @@ use super::admission::{Permit, Refusal};
 use super::control::{Busy, Tenant};
 use super::request::{error, read_body, routing_model};
 use super::routes::no_route;
-use super::slo::{ChunkTimes, Metric};
+use super::slo::{ChunkSample, ChunkTimes, Metric};
 use super::{Shared, Worker};
 
 /// The route label of requests forwarded on paths outside [`super::routes::FORWARDED`]:
@@ -301,8 +301,8 @@ impl Drop for Finish {
             .record(&self.worker.spec.name, &self.route, self.ok, Some(latency));
         if let (Some(t), true) = (&self.tenant, self.measured && self.completed && self.ok) {
             t.record(Metric::E2el, self.start, latency);
-            if let Some(tpot) = self.times.tpot() {
-                t.record(Metric::Tpot, self.start, tpot);
+            if let Some((start, tpot)) = self.times.tpot() {
+                t.record(Metric::Tpot, start, tpot);
             }
         }
     }
@@ -353,9 +353,16 @@ impl Passthrough {
             Ok(chunk) => {
                 if !chunk.is_empty() && self.sse {
                     let now = Instant::now();
-                    if self.finish.times.chunk(now) && self.finish.measured {
-                        if let Some(t) = &self.finish.tenant {
-                            t.record(Metric::Ttft, self.finish.start, now - self.finish.start);
+                    let sample = self.finish.times.chunk(now);
+                    if let (Some(t), true) = (&self.finish.tenant, self.finish.measured) {
+                        match sample {
+                            ChunkSample::First => {
+                                t.record(Metric::Ttft, self.finish.start, now - self.finish.start)
+                            }
+                            ChunkSample::Tpot { start, tpot } => {
+                                t.record(Metric::Tpot, start, tpot)
+                            }
+                            ChunkSample::None => {}
                         }
                     }
                 }

@@ -10,9 +10,12 @@
 //!   first token before the request ends;
 //! - TPOT: a streamed answer's mean gap between chunks, (last - first) / (chunks - 1), the
 //!   gateway's proxy for time per output token (an engine sends one event per token);
+//!   a stream longer than [`TPOT_SLICE`] gives one sample per slice as it runs (each
+//!   slice's mean gap, kept with the slice's start) and the open slice at its end;
 //! - E2EL: from receiving the request to the end of the answer's body.
 //!
-//! Only successful (2xx) answers that ended normally count: a refusal answered in a
+//! Only successful (2xx) answers count, TTFT and a long stream's closed slices as they
+//! come, the rest when the answer ended normally: a refusal answered in a
 //! millisecond says nothing about the engine's speed. Each sample keeps the time its
 //! request *started*, so that the controller can ask for the latency of requests sent
 //! after its last decision ([`Series::p99_since`]); requests sent before it saw the old
@@ -162,34 +165,64 @@ impl TenantLatency {
     }
 }
 
-/// What a streamed answer's chunks looked like, to turn into samples at its end.
+/// How long a slice of a streamed answer is: a stream longer than this gives a TPOT
+/// sample per slice as it runs, so the controller sees a long request's pace within a
+/// second instead of when it ends (saturated, a request can outlive the whole window).
+pub const TPOT_SLICE: Duration = Duration::from_secs(1);
+
+/// What a streamed answer's chunks looked like: TTFT at the first chunk, the mean gap
+/// between chunks (TPOT) per [`TPOT_SLICE`] while it runs, and the rest at its end.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ChunkTimes {
     pub first: Option<Instant>,
     pub last: Option<Instant>,
     pub chunks: u32,
+    /// Where the current slice began: its first chunk's time and the count by then.
+    slice: Option<(Instant, u32)>,
+}
+
+/// What one chunk gives to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkSample {
+    /// The first chunk: TTFT is now.
+    First,
+    /// A slice ended: its mean gap between chunks, and when it began.
+    Tpot { start: Instant, tpot: Duration },
+    /// Nothing yet.
+    None,
 }
 
 impl ChunkTimes {
-    /// Notes a non-empty chunk arriving now; true when it was the first.
-    pub fn chunk(&mut self, now: Instant) -> bool {
+    /// Notes a non-empty chunk arriving now and says what it gives to measure.
+    pub fn chunk(&mut self, now: Instant) -> ChunkSample {
         self.chunks = self.chunks.saturating_add(1);
         self.last = Some(now);
-        if self.first.is_none() {
+        let Some((start, at)) = self.slice else {
             self.first = Some(now);
-            return true;
+            self.slice = Some((now, self.chunks));
+            return ChunkSample::First;
+        };
+        let span = now.saturating_duration_since(start);
+        if span < TPOT_SLICE {
+            return ChunkSample::None;
         }
-        false
+        self.slice = Some((now, self.chunks));
+        ChunkSample::Tpot {
+            start,
+            tpot: span / (self.chunks - at),
+        }
     }
 
-    /// The mean gap between chunks; `None` with fewer than two.
-    pub fn tpot(&self) -> Option<Duration> {
-        match (self.first, self.last) {
-            (Some(f), Some(l)) if self.chunks >= 2 => {
-                Some(l.saturating_duration_since(f) / (self.chunks - 1))
-            }
-            _ => None,
-        }
+    /// At the end, the TPOT sample of the slice still open (the whole answer when it was
+    /// shorter than a slice) and when it began; `None` without a gap in it.
+    pub fn tpot(&self) -> Option<(Instant, Duration)> {
+        let ((start, at), last) = (self.slice?, self.last?);
+        (self.chunks > at).then(|| {
+            (
+                start,
+                last.saturating_duration_since(start) / (self.chunks - at),
+            )
+        })
     }
 }
 
@@ -241,12 +274,39 @@ mod tests {
     #[test]
     fn chunk_gaps_give_the_mean_time_per_chunk() {
         let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let mut c = ChunkTimes::default();
         assert_eq!(c.tpot(), None);
-        assert!(c.chunk(t0));
+        assert_eq!(c.chunk(t0), ChunkSample::First);
         assert_eq!(c.tpot(), None);
-        assert!(!c.chunk(t0 + Duration::from_millis(30)));
-        assert!(!c.chunk(t0 + Duration::from_millis(90)));
-        assert_eq!(c.tpot(), Some(Duration::from_millis(45)));
+        assert_eq!(c.chunk(t0 + ms(30)), ChunkSample::None);
+        assert_eq!(c.chunk(t0 + ms(90)), ChunkSample::None);
+        assert_eq!(c.tpot(), Some((t0, ms(45))));
+    }
+
+    #[test]
+    fn a_long_stream_gives_a_tpot_sample_per_slice_and_the_rest_at_its_end() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut c = ChunkTimes::default();
+        assert_eq!(c.chunk(t0), ChunkSample::First);
+        let mut slices = vec![];
+        let mut feed = |c: &mut ChunkTimes, times: &mut dyn Iterator<Item = u64>| {
+            for t in times {
+                if let ChunkSample::Tpot { start, tpot } = c.chunk(t0 + ms(t)) {
+                    slices.push((start.duration_since(t0), tpot));
+                }
+            }
+        };
+        // 100 ms a chunk: the chunk at 1 s closes the first slice (10 gaps)
+        feed(&mut c, &mut (1..=10).map(|i| 100 * i));
+        // then 40 ms a chunk for 600 ms: the slice still open holds 15 gaps
+        feed(&mut c, &mut (1..=15).map(|i| 1000 + 40 * i));
+        assert_eq!(c.tpot(), Some((t0 + ms(1000), ms(40))));
+        // to 2 s: the second slice closes (25 gaps), and nothing is left open
+        feed(&mut c, &mut (16..=25).map(|i| 1000 + 40 * i));
+        assert_eq!(slices, vec![(ms(0), ms(100)), (ms(1000), ms(40))]);
+        assert_eq!(c.tpot(), None);
+        assert_eq!(c.chunks, 36);
     }
 }
