@@ -52,38 +52,9 @@ fn matches_transformers(dir: &Path) -> f32 {
         assert!(err < 1e-4, "prompt of {} tokens: {err}", ids.len());
         worst = worst.max(err);
 
-        let argmax_want = u32s(&item["argmax"]);
-        for (p, &t) in ids.iter().enumerate() {
-            let seq = SeqStep {
-                tokens: std::slice::from_ref(&t),
-                start_pos: p,
-                block_table: &table,
-                sample: Some(GREEDY),
-            };
-            let l = g.step_logits(&[seq]).unwrap().remove(0);
-            assert_eq!(argmax(&l), argmax_want[p], "argmax at position {p}");
-        }
-
+        assert_argmax_per_position(&mut *g, &ids, &table, &u32s(&item["argmax"]), "moe");
         let want_tokens = u32s(&item["greedy"]);
-        let table = scattered_table((ids.len() + 8).div_ceil(4), 11, 61);
-        let seq = SeqStep {
-            tokens: &ids,
-            start_pos: 0,
-            block_table: &table,
-            sample: Some(GREEDY),
-        };
-        let mut got = vec![g.step(&[seq]).unwrap()[0]];
-        while got.len() < want_tokens.len() {
-            let pos = ids.len() + got.len() - 1;
-            let last = [*got.last().unwrap()];
-            let seq = SeqStep {
-                tokens: &last,
-                start_pos: pos,
-                block_table: &table,
-                sample: Some(GREEDY),
-            };
-            got.push(g.step(&[seq]).unwrap()[0]);
-        }
+        let got = greedy_tokens(&mut *g, &ids, want_tokens.len());
         assert_eq!(got, want_tokens, "greedy tokens");
     }
     worst

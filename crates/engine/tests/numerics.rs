@@ -70,40 +70,12 @@ fn qwen3_tiny_matches_transformers() {
         );
 
         // Token by token through the decode path: the argmax at every position.
-        let argmax_want = u32s(&item["argmax_per_position"]);
-        for (p, &t) in ids.iter().enumerate() {
-            let seq = SeqStep {
-                tokens: std::slice::from_ref(&t),
-                start_pos: p,
-                block_table: &table,
-                sample: Some(GREEDY),
-            };
-            let l = g.step_logits(&[seq]).unwrap().remove(0);
-            assert_eq!(argmax(&l), argmax_want[p], "argmax at position {p}");
-        }
+        let want = u32s(&item["argmax_per_position"]);
+        assert_argmax_per_position(&mut *g, &ids, &table, &want, "qwen3-tiny");
 
         // Greedy generation: prefill samples the first token, decode the rest.
         let want_tokens = u32s(&item["greedy_8"]);
-        let table = scattered_table((ids.len() + 8).div_ceil(4), 11, 61);
-        let mut got = Vec::new();
-        let seq = SeqStep {
-            tokens: &ids,
-            start_pos: 0,
-            block_table: &table,
-            sample: Some(GREEDY),
-        };
-        got.push(g.step(&[seq]).unwrap()[0]);
-        while got.len() < want_tokens.len() {
-            let pos = ids.len() + got.len() - 1;
-            let last = [*got.last().unwrap()];
-            let seq = SeqStep {
-                tokens: &last,
-                start_pos: pos,
-                block_table: &table,
-                sample: Some(GREEDY),
-            };
-            got.push(g.step(&[seq]).unwrap()[0]);
-        }
+        let got = greedy_tokens(&mut *g, &ids, want_tokens.len());
         assert_eq!(got, want_tokens, "greedy tokens");
     }
 }

@@ -160,3 +160,49 @@ pub fn two_in_one_step(g: &mut dyn Generator, ids: &[u32]) -> (Vec<f32>, Vec<f32
     let mut batch = batch.into_iter();
     (batch.next().unwrap(), batch.next().unwrap(), alone)
 }
+
+/// Token by token through the decode path with block table `table`: the argmax at every
+/// position of `ids` is `want`'s.
+pub fn assert_argmax_per_position(
+    g: &mut dyn Generator,
+    ids: &[u32],
+    table: &[u32],
+    want: &[u32],
+    what: &str,
+) {
+    for (p, t) in ids.iter().enumerate() {
+        let seq = SeqStep {
+            tokens: std::slice::from_ref(t),
+            start_pos: p,
+            block_table: table,
+            sample: Some(GREEDY),
+        };
+        let l = g.step_logits(&[seq]).unwrap().remove(0);
+        assert_eq!(argmax(&l), want[p], "{what}: argmax at position {p}");
+    }
+}
+
+/// Greedy generation of `n` tokens after `ids`: the prefill samples the first, decode
+/// steps the rest, in a scattered block table of its own.
+pub fn greedy_tokens(g: &mut dyn Generator, ids: &[u32], n: usize) -> Vec<u32> {
+    let table = scattered_table((ids.len() + 8).div_ceil(4), 11, 61);
+    let seq = SeqStep {
+        tokens: ids,
+        start_pos: 0,
+        block_table: &table,
+        sample: Some(GREEDY),
+    };
+    let mut got = vec![g.step(&[seq]).unwrap()[0]];
+    while got.len() < n {
+        let pos = ids.len() + got.len() - 1;
+        let last = [*got.last().unwrap()];
+        let seq = SeqStep {
+            tokens: &last,
+            start_pos: pos,
+            block_table: &table,
+            sample: Some(GREEDY),
+        };
+        got.push(g.step(&[seq]).unwrap()[0]);
+    }
+    got
+}
