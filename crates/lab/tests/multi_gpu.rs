@@ -94,11 +94,12 @@ fn the_four_layouts_are_one_plan() {
     assert_eq!(lab::layout::gpus_used(&planned), vec![0, 1]);
 }
 
-/// A results file from before issue 19 (the H200 seeds study, one GPU, no per-GPU data)
-/// still loads and renders: the counters table as before, no per-GPU table, no hypotheses.
+/// A results file from before issue 19 (the H200 seeds study's first slices, one GPU, no
+/// per-GPU data; kept in testdata/results/ as docs/results had it on 2026-12-01) still
+/// loads and renders: the counters table as before, no per-GPU table, no hypotheses.
 #[test]
 fn an_old_results_file_reads_and_reports() {
-    let path = root().join("docs/results/2026-12-01-h200-seeds-vllm/results.json");
+    let path = root().join("testdata/results/h200-seeds-vllm-before-issue-19.json");
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(!text.contains("per_gpu") && !text.contains("placements"));
     let results = Results::load(&path).unwrap();
