@@ -296,9 +296,10 @@ async fn the_controller_keeps_the_latency_tenant_within_its_slo_under_a_best_eff
 
     // 1. No priorities: the solo baseline, then the flood uncontrolled.
     let up = start_up(dir.path(), "uncontrolled", None, "");
-    let _ = latency_stream(&up.gw, Duration::from_millis(500)).await; // warm-up
-                                                                      // The better of two solo windows, for the reason the controlled run takes the better of
-                                                                      // two: a burst of load from outside the test can spoil one window's p99.
+    // A warm-up, then the better of two solo windows, for the reason the controlled run
+    // takes the better of two: a burst of load from outside the test can spoil one
+    // window's p99.
+    let _ = latency_stream(&up.gw, Duration::from_millis(500)).await;
     let solo = {
         let a = latency_stream(&up.gw, MEASURE).await;
         let b = latency_stream(&up.gw, MEASURE).await;
