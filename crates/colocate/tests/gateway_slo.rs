@@ -494,10 +494,11 @@ fn the_example_deployment_is_valid() {
     );
 }
 
-/// With `engine_share_tokens` the controller also moves the lever inside the best-effort
-/// built-in engine: an objective no request can meet (TTFT p99 of 1 ms) drives the limit
-/// down, and the embedder's `/admin/compute-share` follows it (limit x tokens per place, at
-/// least one place), as the gateway's `/metrics` says.
+/// With `engine_share_tokens` and `engine_duty_floor` the controller also moves the levers
+/// inside the best-effort built-in engine: an objective no request can meet (TTFT p99 of
+/// 1 ms) drives the limit down, and the embedder's `/admin/compute-share` follows it
+/// (limit x tokens per place, at least one place; a duty cycle from 20% at the floor), as
+/// the gateway's `/metrics` says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_moves_the_best_effort_engines_compute_share() {
     let _turn = ONE_DEPLOYMENT_AT_A_TIME.lock().await;
@@ -506,12 +507,12 @@ async fn the_controller_moves_the_best_effort_engines_compute_share() {
         dir.path(),
         "share",
         Some(Duration::from_millis(1)),
-        "engine_share_tokens = 16",
+        "engine_share_tokens = 16\nengine_duty_floor = 20",
     );
     let c = client();
-    let share_of = |text: &str| {
+    let gauge = |text: &str, name: &str| {
         text.lines()
-            .find_map(|l| l.strip_prefix("colocate_gateway_engine_share_tokens "))
+            .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().parse::<i64>().ok())
     };
     // No latency traffic yet: the limit stays at its top, the engine uncapped.
@@ -524,7 +525,8 @@ async fn the_controller_moves_the_best_effort_engines_compute_share() {
         .json()
         .await
         .unwrap();
-    assert_eq!(engine_cap(got), None);
+    assert_eq!(engine_cap(got.clone()), None);
+    assert_eq!(got["duty_percent"].as_u64(), None);
     // Streamed requests over a 1 ms objective: pressure, decreases, a share.
     let t0 = Instant::now();
     let mut last = None;
@@ -538,7 +540,10 @@ async fn the_controller_moves_the_best_effort_engines_compute_share() {
             .text()
             .await
             .unwrap();
-        let gw_share = share_of(&metrics).expect("the share gauge");
+        let gw_share =
+            gauge(&metrics, "colocate_gateway_engine_share_tokens ").expect("the share gauge");
+        let gw_duty =
+            gauge(&metrics, "colocate_gateway_engine_duty_percent ").expect("the duty gauge");
         let got: serde_json::Value = c
             .get(format!("{}/admin/compute-share", up.embed))
             .send()
@@ -547,9 +552,15 @@ async fn the_controller_moves_the_best_effort_engines_compute_share() {
             .json()
             .await
             .unwrap();
+        let engine_duty = got["duty_percent"].as_u64();
         last = Some((gw_share, engine_cap(got)));
         // The limit halves from 32 towards 0; the engine holds what the gateway last sent.
-        if gw_share > 0 && gw_share <= 16 * 16 && engine_cap_matches(gw_share, last) {
+        if gw_share > 0
+            && gw_share <= 16 * 16
+            && engine_cap_matches(gw_share, last)
+            && (20..100).contains(&gw_duty)
+            && engine_duty == Some(gw_duty as u64)
+        {
             return;
         }
     }

@@ -317,6 +317,11 @@ pub fn control_lines(st: &state::StateFile) -> Vec<String> {
             "engine share: best-effort built-in engines hold at most {t} embedding tokens in flight"
         ));
     }
+    if let Some(d) = c.engine_duty_percent {
+        out.push(format!(
+            "engine pacing: best-effort built-in engines compute at most {d}% of the time"
+        ));
+    }
     out.push(format!(
         "{:<16} {:<12} {:<44} {:>9} {:>7} {:>9} {:>9} {:>9}",
         "tenant",

@@ -552,6 +552,12 @@ pub struct ControlSpec {
     /// and lifted while the limit is at `max_best_effort`. Other engines have no lever.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_share_tokens: Option<u32>,
+    /// The duty cycle, in percent of the time, that best-effort built-in engines get at
+    /// the floor of the limit (`min_best_effort`): pacing, the second engine lever. It
+    /// rises in a line with the limit to none at `max_best_effort`. Other engines have no
+    /// lever.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_duty_floor: Option<u32>,
 }
 
 impl Default for ControlSpec {
@@ -564,6 +570,7 @@ impl Default for ControlSpec {
             queue: 256,
             queue_timeout: Duration::from_secs(30),
             engine_share_tokens: None,
+            engine_duty_floor: None,
         }
     }
 }
@@ -976,6 +983,12 @@ fn control_problems(c: &ControlSpec) -> Vec<(&'static str, String)> {
         out.push((
             "engine_share_tokens",
             "must be at least 1 (leave it out for no engine lever)".into(),
+        ));
+    }
+    if c.engine_duty_floor.is_some_and(|p| !(1..=99).contains(&p)) {
+        out.push((
+            "engine_duty_floor",
+            "must be a percentage from 1 to 99 (leave it out for no pacing)".into(),
         ));
     }
     if c.queue > 0 && c.queue_timeout.is_zero() {
@@ -1393,6 +1406,12 @@ replicas = 2
                 "",
                 "[gateway]\n[gateway.control]\nengine_share_tokens = 0",
                 "gateway.control.engine_share_tokens: must be at least 1",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\nengine_duty_floor = 100",
+                "gateway.control.engine_duty_floor: must be a percentage from 1 to 99",
             ),
             (
                 "",

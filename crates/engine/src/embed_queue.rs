@@ -19,6 +19,18 @@ use crate::model_api::Embedder;
 use crate::scheduler::Admission;
 use crate::server::share::ComputeShare;
 
+/// The longest pause pacing makes after one batch.
+pub const MAX_PACING_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long to wait after a batch that took `busy` so that batches fill `duty_percent` of
+/// the time: `busy x (100 - duty) / duty`, at most [`MAX_PACING_PAUSE`]; none at 100%.
+pub fn pacing_pause(busy: std::time::Duration, duty_percent: u32) -> std::time::Duration {
+    if duty_percent == 0 || duty_percent >= 100 {
+        return std::time::Duration::ZERO;
+    }
+    (busy * (100 - duty_percent) / duty_percent).min(MAX_PACING_PAUSE)
+}
+
 /// An embedding request as the queue takes it.
 #[derive(Debug)]
 pub struct EmbedRequest {
@@ -89,13 +101,19 @@ impl EmbedQueue {
     }
 
     /// Embeds one batch and answers the requests it completes. The gauges are current
-    /// afterwards on every path (a sweep reads them to see that nothing leaked).
+    /// afterwards on every path (a sweep reads them to see that nothing leaked). Under a
+    /// duty cycle (the compute share's pacing) it then waits so that batches fill at most
+    /// that share of the time.
     pub fn step(&mut self, model: &mut dyn Embedder) -> anyhow::Result<()> {
+        let t0 = std::time::Instant::now();
         let result = self.run_batch(model);
         self.metrics.requests_running.store(0, Relaxed);
         self.metrics
             .requests_waiting
             .store(self.queue.len() as u64, Relaxed);
+        if let Some(duty) = self.share.as_ref().and_then(|s| s.duty_percent()) {
+            std::thread::sleep(pacing_pause(t0.elapsed(), duty));
+        }
         result
     }
 
@@ -304,6 +322,48 @@ mod tests {
             assert_eq!(rx.try_recv().unwrap().unwrap().len(), 6);
         }
         assert_eq!(adm.waiting(), 0);
+    }
+
+    #[test]
+    fn pacing_fills_the_duty_cycle() {
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(pacing_pause(ms(30), 50), ms(30));
+        assert_eq!(pacing_pause(ms(30), 25), ms(90));
+        assert_eq!(pacing_pause(ms(30), 75), ms(10));
+        assert_eq!(pacing_pause(ms(30), 100), ms(0));
+        assert_eq!(pacing_pause(ms(900), 10), MAX_PACING_PAUSE);
+        // the queue waits after a batch under a duty cycle (a lower bound: sleeps are at
+        // least as long as asked)
+        let adm = Arc::new(Admission::new(10));
+        let share = Arc::new(ComputeShare::default());
+        let mut q = EmbedQueue::new(100, 100, Arc::new(Metrics::default()), adm.clone())
+            .with_share(share.clone());
+        share.set_duty(Some(1));
+        assert!(adm.try_enter());
+        let (tx, mut rx) = oneshot::channel();
+        q.add(EmbedRequest {
+            inputs: vec![vec![1; 4]],
+            reply: tx,
+        });
+        let mut slow = Slow(fake());
+        let t0 = std::time::Instant::now();
+        q.step(&mut slow).unwrap();
+        // 5 ms of work at 1%: the pause is capped at a second, and at least 495 ms
+        assert!(t0.elapsed() >= ms(500), "{:?}", t0.elapsed());
+        assert_eq!(rx.try_recv().unwrap().unwrap().len(), 1);
+    }
+
+    /// An embedder that takes at least 5 ms a batch.
+    struct Slow(Fake);
+
+    impl Embedder for Slow {
+        fn info(&self) -> &ModelInfo {
+            self.0.info()
+        }
+        fn embed(&mut self, inputs: &[&[u32]]) -> anyhow::Result<Vec<Vec<f32>>> {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            self.0.embed(inputs)
+        }
     }
 
     #[test]

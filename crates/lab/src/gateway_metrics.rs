@@ -27,6 +27,8 @@ pub const IN_FLIGHT: &str = "colocate_gateway_best_effort_in_flight";
 pub const PRESSURE: &str = "colocate_gateway_slo_pressure";
 /// The compute share set in the best-effort built-in engines (-1: no cap).
 pub const ENGINE_SHARE: &str = "colocate_gateway_engine_share_tokens";
+/// The duty cycle set in the best-effort built-in engines, percent (-1: no pacing).
+pub const ENGINE_DUTY: &str = "colocate_gateway_engine_duty_percent";
 /// Ticks by decision (label `decision`: increase, decrease, hold).
 pub const DECISIONS: &str = "colocate_gateway_controller_decisions_total";
 /// Best-effort requests waiting, per tenant.
@@ -53,6 +55,9 @@ pub struct ControlSample {
     /// Compute share set in the best-effort built-in engines, tokens (none: no cap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_share_tokens: Option<f64>,
+    /// Duty cycle set in the best-effort built-in engines, percent (none: no pacing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_duty_percent: Option<f64>,
     /// Decisions so far (counters).
     pub increases: f64,
     pub decreases: f64,
@@ -84,6 +89,7 @@ impl ControlSample {
             queued: e.sum(QUEUE_DEPTH).unwrap_or(0.0),
             pressure: e.sum(PRESSURE).filter(|p| p.is_finite()),
             engine_share_tokens: e.sum(ENGINE_SHARE).filter(|s| *s >= 0.0),
+            engine_duty_percent: e.sum(ENGINE_DUTY).filter(|d| *d >= 0.0),
             increases: decisions("increase"),
             decreases: decisions("decrease"),
             holds: decisions("hold"),
@@ -358,6 +364,7 @@ mod tests {
             "# TYPE colocate_gateway_best_effort_limit gauge\n\
              colocate_gateway_best_effort_limit {limit}\n\
              colocate_gateway_engine_share_tokens -1\n\
+             colocate_gateway_engine_duty_percent 35\n\
              colocate_gateway_best_effort_in_flight {limit}\n\
              colocate_gateway_slo_pressure {pressure}\n\
              colocate_gateway_controller_decisions_total{{decision=\"increase\"}} 3\n\
@@ -383,6 +390,7 @@ mod tests {
         assert_eq!((s.rejected, s.admitted), (7.0, 40.0));
         assert_eq!(s.pressure, Some(1.3));
         assert_eq!(s.engine_share_tokens, None);
+        assert_eq!(s.engine_duty_percent, Some(35.0));
         let s = sample(5.0, &page(8, 0, 0, 0, "NaN"));
         assert_eq!(s.pressure, None);
         // a gateway without a controller renders no limit

@@ -42,6 +42,18 @@ pub fn engine_share(limit: u32, max: u32, per_place: u32) -> Option<u64> {
     (limit < max).then(|| u64::from(limit.max(1)) * u64::from(per_place))
 }
 
+/// The duty cycle for a best-effort limit: from `floor` percent at `min` up in a line to
+/// none (`None`: no pacing) at `max`, where the controller leaves best-effort work alone.
+pub fn engine_duty(limit: u32, min: u32, max: u32, floor: u32) -> Option<u32> {
+    if limit >= max {
+        return None;
+    }
+    let above = u64::from(limit.saturating_sub(min));
+    let span = u64::from(max - min.min(max)).max(1);
+    let d = u64::from(floor) + u64::from(100 - floor.min(100)) * above / span;
+    Some((d as u32).clamp(floor.max(1), 99))
+}
+
 /// One tenant and its live measurements.
 pub(crate) struct Tenant {
     pub(crate) spec: TenantSpec,
@@ -99,6 +111,8 @@ pub(crate) struct Control {
     spec: ControlSpec,
     /// The engine share last sent to best-effort engines (-1: none, or no cap).
     engine_share: std::sync::atomic::AtomicI64,
+    /// The duty cycle last sent to best-effort engines, in percent (-1: none).
+    engine_duty: std::sync::atomic::AtomicI64,
 }
 
 struct AimdState {
@@ -146,6 +160,7 @@ impl Control {
             decisions: Decisions::default(),
             spec,
             engine_share: std::sync::atomic::AtomicI64::new(-1),
+            engine_duty: std::sync::atomic::AtomicI64::new(-1),
         }
     }
 
@@ -260,6 +275,7 @@ impl Control {
             window_seconds: self.spec.window.as_secs_f64(),
             tenants,
             engine_share_tokens: u64::try_from(self.engine_share.load(Ordering::Relaxed)).ok(),
+            engine_duty_percent: u32::try_from(self.engine_duty.load(Ordering::Relaxed)).ok(),
         }
     }
 }
@@ -283,9 +299,10 @@ fn pressure(lat: &TenantLatency, slo: &SloSpec, since: Option<Instant>) -> Optio
     }))
 }
 
-/// Runs [`Control::tick`] every `interval` until cancelled; with `engine_share_tokens`,
-/// also sets each best-effort built-in engine's compute share whenever the share the limit
-/// asks for changes (and once at the start, so a restart of the gateway starts clean).
+/// Runs [`Control::tick`] every `interval` until cancelled; with `engine_share_tokens` or
+/// `engine_duty_floor`, also sets each best-effort built-in engine's compute share (its
+/// token cap, its duty cycle) whenever what the limit asks for changes (and once at the
+/// start, so a restart of the gateway starts clean).
 pub(crate) async fn tick_loop(
     control: Arc<Control>,
     client: reqwest::Client,
@@ -293,24 +310,42 @@ pub(crate) async fn tick_loop(
 ) {
     let mut every = tokio::time::interval(control.spec.interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pushed: Option<Option<u64>> = None;
+    let mut pushed: Option<(Option<u64>, Option<u32>)> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = every.tick() => { control.tick(Instant::now()); }
         }
-        let Some(per) = control.spec.engine_share_tokens else {
-            continue;
-        };
-        let (limit, _) = control.admission.load();
-        let share = engine_share(limit, control.spec.max_best_effort, per);
-        if pushed == Some(share) {
+        let spec = &control.spec;
+        if spec.engine_share_tokens.is_none() && spec.engine_duty_floor.is_none() {
             continue;
         }
-        pushed = Some(share);
+        let (limit, _) = control.admission.load();
+        let share = spec
+            .engine_share_tokens
+            .and_then(|per| engine_share(limit, spec.max_best_effort, per));
+        let duty = spec.engine_duty_floor.and_then(|floor| {
+            engine_duty(limit, spec.min_best_effort, spec.max_best_effort, floor)
+        });
+        if pushed == Some((share, duty)) {
+            continue;
+        }
+        pushed = Some((share, duty));
         control
             .engine_share
             .store(share.map_or(-1, |s| s as i64), Ordering::Relaxed);
+        control
+            .engine_duty
+            .store(duty.map_or(-1, i64::from), Ordering::Relaxed);
+        // Only the levers configured: the other stays as the engine has it.
+        let mut body = serde_json::Map::new();
+        if spec.engine_share_tokens.is_some() {
+            body.insert("max_tokens_in_flight".into(), serde_json::json!(share));
+        }
+        if spec.engine_duty_floor.is_some() {
+            body.insert("duty_percent".into(), serde_json::json!(duty));
+        }
+        let body = serde_json::Value::Object(body);
         for t in &control.tenants {
             if t.spec.priority != Priority::BestEffort {
                 continue;
@@ -318,7 +353,7 @@ pub(crate) async fn tick_loop(
             for url in &t.spec.share_urls {
                 let req = client
                     .post(format!("{url}/admin/compute-share"))
-                    .json(&serde_json::json!({ "max_tokens_in_flight": share }));
+                    .json(&body);
                 let url = url.clone();
                 // Not awaited in the tick: a slow engine must not hold the controller up.
                 tokio::spawn(async move {
@@ -378,6 +413,10 @@ pub struct ControlSnapshot {
     /// no cap, or no `engine_share_tokens`).
     #[serde(default)]
     pub engine_share_tokens: Option<u64>,
+    /// The duty cycle last sent to them, in percent (none: no pacing, or no
+    /// `engine_duty_floor`).
+    #[serde(default)]
+    pub engine_duty_percent: Option<u32>,
 }
 
 impl ControlSnapshot {
@@ -404,6 +443,16 @@ impl ControlSnapshot {
             out,
             "colocate_gateway_engine_share_tokens {}",
             self.engine_share_tokens.map_or(-1, |t| t as i64)
+        );
+        gauge(
+            out,
+            "colocate_gateway_engine_duty_percent",
+            "The duty cycle (percent of the time) set in best-effort built-in engines (-1: no pacing).",
+        );
+        let _ = writeln!(
+            out,
+            "colocate_gateway_engine_duty_percent {}",
+            self.engine_duty_percent.map_or(-1, i64::from)
         );
         gauge(
             out,
@@ -630,6 +679,20 @@ mod tests {
         assert_eq!(c.tick(t1 + Duration::from_secs(31)), Decision::Increase);
         assert_eq!(c.admission.load().0, 5);
         assert!(c.snapshot().tenants[0].latency.is_empty());
+    }
+
+    #[test]
+    fn the_duty_cycle_rises_with_the_limit_and_is_lifted_at_the_top() {
+        assert_eq!(engine_duty(32, 1, 32, 20), None);
+        assert_eq!(engine_duty(1, 1, 32, 20), Some(20));
+        assert_eq!(engine_duty(0, 1, 32, 20), Some(20), "below min: the floor");
+        // halfway up the range, halfway from the floor to 100
+        assert_eq!(engine_duty(16, 1, 31, 20), Some(20 + 80 * 15 / 30));
+        assert_eq!(engine_duty(31, 1, 32, 20), Some(97));
+        // never 100 (that is no pacing) below the top, never 0
+        assert_eq!(engine_duty(63, 0, 64, 99), Some(99));
+        assert_eq!(engine_duty(0, 0, 1, 1), Some(1));
+        assert_eq!(engine_duty(5, 5, 5, 30), None);
     }
 
     #[test]

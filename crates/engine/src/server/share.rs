@@ -13,9 +13,15 @@
 //! tokens leave; one larger than the cap runs alone, so nothing waits forever. A client
 //! that goes away while waiting takes nothing with it.
 //!
+//! The second lever is pacing: a duty cycle, the percentage of time the embedder may
+//! compute. After each batch the engine thread waits so that its batches fill at most that
+//! share of the time, which leaves the GPU to the other engines in between.
+//!
 //! ```text
-//! GET  /admin/compute-share  -> {"max_tokens_in_flight": 2048 | null, "tokens_in_flight": 512, "waiting": 3}
-//! POST /admin/compute-share  {"max_tokens_in_flight": 2048}   (null lifts the cap)
+//! GET  /admin/compute-share  -> {"max_tokens_in_flight": 2048 | null, "duty_percent": 50 | null,
+//!                                "tokens_in_flight": 512, "waiting": 3}
+//! POST /admin/compute-share  {"max_tokens_in_flight": 2048, "duty_percent": 50}
+//!                            (either or both; null lifts that one)
 //! ```
 
 use std::sync::Arc;
@@ -35,6 +41,7 @@ use super::ApiError;
 #[derive(Debug, Default)]
 struct State {
     cap: Option<usize>,
+    duty_percent: Option<u32>,
     in_flight: usize,
     waiting: usize,
 }
@@ -52,6 +59,9 @@ pub struct ComputeShare {
 pub struct ShareStatus {
     /// The cap; `None` (`null`): no cap.
     pub max_tokens_in_flight: Option<usize>,
+    /// The duty cycle, 1-99 percent of the time; `None` (`null`): no pacing.
+    #[serde(default)]
+    pub duty_percent: Option<u32>,
     pub tokens_in_flight: usize,
     pub waiting: usize,
 }
@@ -68,11 +78,22 @@ impl ComputeShare {
         self.state.lock().cap
     }
 
+    /// Sets (or, with `None`, lifts) the duty cycle; 100 or more is none.
+    pub fn set_duty(&self, percent: Option<u32>) {
+        self.state.lock().duty_percent = percent.filter(|p| *p < 100);
+    }
+
+    /// The duty cycle in percent (`None`: no pacing).
+    pub fn duty_percent(&self) -> Option<u32> {
+        self.state.lock().duty_percent
+    }
+
     /// The cap and the tokens inside it now.
     pub fn status(&self) -> ShareStatus {
         let st = self.state.lock();
         ShareStatus {
             max_tokens_in_flight: st.cap,
+            duty_percent: st.duty_percent,
             tokens_in_flight: st.in_flight,
             waiting: st.waiting,
         }
@@ -153,6 +174,9 @@ pub fn render(model_name: &str, st: &ShareStatus) -> String {
         "# HELP colocate:compute_share_max_tokens_in_flight The cap on embedding tokens in the engine at once (-1: none).\n\
          # TYPE colocate:compute_share_max_tokens_in_flight gauge\n\
          colocate:compute_share_max_tokens_in_flight{{{l}}} {}\n\
+         # HELP colocate:compute_share_duty_percent The embedder's duty cycle, percent of the time (-1: no pacing).\n\
+         # TYPE colocate:compute_share_duty_percent gauge\n\
+         colocate:compute_share_duty_percent{{{l}}} {}\n\
          # HELP colocate:compute_share_tokens_in_flight Embedding tokens in the engine now.\n\
          # TYPE colocate:compute_share_tokens_in_flight gauge\n\
          colocate:compute_share_tokens_in_flight{{{l}}} {}\n\
@@ -160,6 +184,7 @@ pub fn render(model_name: &str, st: &ShareStatus) -> String {
          # TYPE colocate:compute_share_waiting gauge\n\
          colocate:compute_share_waiting{{{l}}} {}\n",
         st.max_tokens_in_flight.map_or(-1, |c| c as i64),
+        st.duty_percent.map_or(-1, i64::from),
         st.tokens_in_flight,
         st.waiting
     )
@@ -170,50 +195,74 @@ pub async fn get_share(Extension(share): Extension<Arc<ComputeShare>>) -> Respon
     axum::Json(share.status()).into_response()
 }
 
-/// `POST /admin/compute-share` with `{"max_tokens_in_flight": N | null}`.
+/// `POST /admin/compute-share` with `{"max_tokens_in_flight": N | null, "duty_percent":
+/// P | null}` (either or both).
 pub async fn set_share(
     Extension(share): Extension<Arc<ComputeShare>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let cap = parse_cap(&body)?;
-    share.set(cap);
+    let update = parse_update(&body)?;
+    if let Some(cap) = update.cap {
+        share.set(cap);
+    }
+    if let Some(duty) = update.duty_percent {
+        share.set_duty(duty);
+    }
     Ok((StatusCode::OK, axum::Json(share.status())).into_response())
 }
 
-/// The new cap from a body: `max_tokens_in_flight` a whole number of at least 1, or null.
-fn parse_cap(body: &[u8]) -> Result<Option<usize>, ErrorBody> {
-    let param = Some("max_tokens_in_flight");
+/// What a `POST` changes: each setting it names (`Some(None)`: lift it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct ShareUpdate {
+    cap: Option<Option<usize>>,
+    duty_percent: Option<Option<u32>>,
+}
+
+/// The settings of a body: `max_tokens_in_flight` a whole number of at least 1,
+/// `duty_percent` a whole number from 1 to 100 (100: no pacing), each or null; one at least.
+fn parse_update(body: &[u8]) -> Result<ShareUpdate, ErrorBody> {
+    const CAP: &str = "max_tokens_in_flight";
+    const DUTY: &str = "duty_percent";
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         ErrorBody::invalid_request(format!("the body is not valid JSON: {e}"), None)
     })?;
     let Some(map) = v.as_object() else {
         return Err(ErrorBody::invalid_request(
-            "send a JSON object: {\"max_tokens_in_flight\": 2048} (null lifts the cap)",
+            "send a JSON object: {\"max_tokens_in_flight\": 2048, \"duty_percent\": 50} (either or both; null lifts one)",
             None,
         ));
     };
-    if let Some(k) = map.keys().find(|k| *k != "max_tokens_in_flight") {
+    if let Some(k) = map.keys().find(|k| *k != CAP && *k != DUTY) {
         return Err(ErrorBody::invalid_request(
-            format!("unknown field `{k}`: the only setting is max_tokens_in_flight"),
+            format!("unknown field `{k}`: the settings are {CAP} and {DUTY}"),
             Some(k),
         ));
     }
-    match map.get("max_tokens_in_flight") {
-        None => Err(ErrorBody::invalid_request(
-            "`max_tokens_in_flight` is required (null lifts the cap)",
-            param,
-        )),
-        Some(serde_json::Value::Null) => Ok(None),
-        Some(n) => match n.as_u64().and_then(|n| usize::try_from(n).ok()) {
-            Some(n) if n >= 1 => Ok(Some(n)),
-            _ => Err(ErrorBody::invalid_request(
-                format!(
-                    "`max_tokens_in_flight` must be a whole number of at least 1 or null, got {n}"
-                ),
-                param,
-            )),
-        },
+    if map.is_empty() {
+        return Err(ErrorBody::invalid_request(
+            format!("`{CAP}` or `{DUTY}` is required (null lifts it)"),
+            Some(CAP),
+        ));
     }
+    let whole = |name: &str, min: u64, max: u64| -> Result<Option<Option<u64>>, ErrorBody> {
+        match map.get(name) {
+            None => Ok(None),
+            Some(serde_json::Value::Null) => Ok(Some(None)),
+            Some(n) => match n.as_u64() {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(Some(n))),
+                _ => Err(ErrorBody::invalid_request(
+                    format!("`{name}` must be a whole number from {min} to {max} or null, got {n}"),
+                    Some(name),
+                )),
+            },
+        }
+    };
+    let cap = whole(CAP, 1, usize::MAX as u64)?;
+    let duty = whole(DUTY, 1, 100)?;
+    Ok(ShareUpdate {
+        cap: cap.map(|c| c.map(|n| n as usize)),
+        duty_percent: duty.map(|d| d.map(|n| n as u32)),
+    })
 }
 
 #[cfg(test)]
@@ -222,25 +271,48 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn caps_are_read_strictly() {
+    fn settings_are_read_strictly() {
+        let ok = |b: &[u8]| parse_update(b).unwrap();
         assert_eq!(
-            parse_cap(br#"{"max_tokens_in_flight": 512}"#),
-            Ok(Some(512))
+            ok(br#"{"max_tokens_in_flight": 512}"#),
+            ShareUpdate {
+                cap: Some(Some(512)),
+                duty_percent: None
+            }
         );
-        assert_eq!(parse_cap(br#"{"max_tokens_in_flight": null}"#), Ok(None));
+        assert_eq!(ok(br#"{"max_tokens_in_flight": null}"#).cap, Some(None));
+        assert_eq!(
+            ok(br#"{"duty_percent": 25, "max_tokens_in_flight": null}"#),
+            ShareUpdate {
+                cap: Some(None),
+                duty_percent: Some(Some(25))
+            }
+        );
+        assert_eq!(ok(br#"{"duty_percent": null}"#).duty_percent, Some(None));
         for bad in [
             &br#"{"max_tokens_in_flight": 0}"#[..],
             br#"{"max_tokens_in_flight": -3}"#,
             br#"{"max_tokens_in_flight": 1.5}"#,
             br#"{"max_tokens_in_flight": "9"}"#,
+            br#"{"duty_percent": 0}"#,
+            br#"{"duty_percent": 101}"#,
+            br#"{"duty_percent": 50.5}"#,
             br#"{}"#,
             br#"{"max_tokens": 9}"#,
             br#"[1]"#,
             b"{",
         ] {
-            let e = parse_cap(bad).unwrap_err();
+            let e = parse_update(bad).unwrap_err();
             assert_eq!(e.status(), 400, "{}", String::from_utf8_lossy(bad));
         }
+        // 100% is no pacing
+        let share = ComputeShare::default();
+        share.set_duty(Some(100));
+        assert_eq!(share.duty_percent(), None);
+        share.set_duty(Some(40));
+        assert_eq!(share.status().duty_percent, Some(40));
+        assert!(render("m", &share.status())
+            .contains("colocate:compute_share_duty_percent{model_name=\"m\"} 40\n"));
     }
 
     #[tokio::test]
@@ -255,6 +327,7 @@ mod tests {
             share.status(),
             ShareStatus {
                 max_tokens_in_flight: Some(100),
+                duty_percent: None,
                 tokens_in_flight: 60,
                 waiting: 1
             }
