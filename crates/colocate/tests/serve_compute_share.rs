@@ -31,7 +31,7 @@ fn the_compute_share_caps_embedding_tokens_in_the_engine_and_moves_at_run_time()
     ]);
     assert_eq!(
         share(&s),
-        serde_json::json!({"max_tokens_in_flight": null, "tokens_in_flight": 0, "waiting": 0})
+        serde_json::json!({"max_tokens_in_flight": null, "duty_percent": null, "tokens_in_flight": 0, "waiting": 0})
     );
 
     // bad settings: 400 with an OpenAI body naming the field; other methods 405
@@ -40,6 +40,9 @@ fn the_compute_share_caps_embedding_tokens_in_the_engine_and_moves_at_run_time()
         r#"{"max_tokens_in_flight": "lots"}"#,
         r#"{"max_tokens": 64}"#,
         r#"{"max_tokens_in_flight": 64"#,
+        r#"{"duty_percent": 0}"#,
+        r#"{"duty_percent": 150}"#,
+        r#"{}"#,
     ] {
         let r = s.post("/admin/compute-share", bad);
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
@@ -114,11 +117,33 @@ fn the_compute_share_caps_embedding_tokens_in_the_engine_and_moves_at_run_time()
     );
     eprintln!("most tokens inside: {most}, most waiting: {waited}");
 
+    // paced: the duty cycle is set beside the cap, shown in /metrics, and embeddings still
+    // come back
+    let r = s.post("/admin/compute-share", r#"{"duty_percent": 50}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["duty_percent"], 50);
+    assert_eq!(r.json()["max_tokens_in_flight"], 64, "the cap stays");
+    let text = s.get("/metrics").text();
+    assert_eq!(
+        metric_value(&text, "colocate:compute_share_duty_percent"),
+        Some(50.0),
+        "{text}"
+    );
+    let r = s.post(
+        "/v1/embeddings",
+        &serde_json::json!({"model": "emb", "input": ["paced", "twice"]}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 2);
+
     // lifted: null
-    let r = s.post("/admin/compute-share", r#"{"max_tokens_in_flight": null}"#);
+    let r = s.post(
+        "/admin/compute-share",
+        r#"{"max_tokens_in_flight": null, "duty_percent": null}"#,
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         share(&s),
-        serde_json::json!({"max_tokens_in_flight": null, "tokens_in_flight": 0, "waiting": 0})
+        serde_json::json!({"max_tokens_in_flight": null, "duty_percent": null, "tokens_in_flight": 0, "waiting": 0})
     );
 }
