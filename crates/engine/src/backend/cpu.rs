@@ -8,6 +8,7 @@ use rand_distr::Distribution as _;
 use rayon::prelude::*;
 
 use super::{AttnDims, Backend, DType, Gelu, IndexSource, Init, KvShape, Pooling, StepMeta};
+use crate::model::config::cos_sin;
 use crate::model_api::SampleSpec;
 
 /// A row-major `[rows, cols]` f32 matrix in host memory. Activation buffers come from
@@ -290,15 +291,12 @@ impl Backend for CpuBackend {
     fn rope_table(&self, inv_freq: &[f32], max_positions: usize) -> anyhow::Result<CpuTensor> {
         let half = inv_freq.len();
         let mut t = CpuTensor::zeros(max_positions, 2 * half);
-        // The angle in f64 from transformers' f32 inv_freq.
         t.data
             .par_chunks_mut(2 * half)
             .enumerate()
             .for_each(|(p, row)| {
                 for (i, &f) in inv_freq.iter().enumerate() {
-                    let a = p as f64 * f as f64;
-                    row[i] = a.cos() as f32;
-                    row[half + i] = a.sin() as f32;
+                    (row[i], row[half + i]) = cos_sin(p, f);
                 }
             });
         Ok(t)

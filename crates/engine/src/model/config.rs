@@ -77,7 +77,7 @@ impl Arch {
 pub use fp8::Fp8Config;
 pub use layout::{DecoderLayout, MlpKind, NormKind, PositionKind};
 pub use moe::MoeConfig;
-pub use rope::{inv_freq, RopeScaling};
+pub use rope::{cos_sin, inv_freq, RopeScaling};
 
 use crate::backend::Gelu;
 

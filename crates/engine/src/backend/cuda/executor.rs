@@ -21,7 +21,7 @@ use super::kv_cache::{KvCache, KvPlace};
 use super::profile::{Launcher, Profiler};
 use super::step::{CudaOptions, DecodeSplit, PackedStep, StepBuffer, StepLayout};
 use crate::backend::sampling::sample_row;
-use crate::model::config::ModelConfig;
+use crate::model::config::{cos_sin, ModelConfig};
 use crate::model::StepBuilder;
 use crate::model_api::{Embedder, Generator, ModelInfo, SampleSpec, SeqStep, Task};
 
@@ -47,15 +47,16 @@ const GREEDY: SampleSpec<'static> = SampleSpec {
 
 /// The RoPE table the kernels read: `(cos, sin)` of `p * inv_freq[i]` for every position
 /// `p` below `positions` and pair `i`, from the config's inverse frequencies (the one
-/// computation, RoPE scaling included), the angle in f64 as the CPU backend builds its own.
+/// computation, RoPE scaling included) by the angle rule the CPU backend's table uses
+/// ([`cos_sin`]).
 fn rope_table(inv_freq: &[f32], positions: usize) -> Vec<[f32; 2]> {
     use rayon::prelude::*;
     let half = inv_freq.len().max(1);
     let mut table = vec![[0f32; 2]; positions * half];
     table.par_chunks_mut(half).enumerate().for_each(|(p, row)| {
         for (cs, &f) in row.iter_mut().zip(inv_freq) {
-            let a = p as f64 * f as f64;
-            *cs = [a.cos() as f32, a.sin() as f32];
+            let (c, s) = cos_sin(p, f);
+            *cs = [c, s];
         }
     });
     table

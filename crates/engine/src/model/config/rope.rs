@@ -106,6 +106,14 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> V
     inv
 }
 
+/// `(cos, sin)` of the rotation angle at `position` for one inverse frequency: the angle
+/// in f64 from transformers' f32 `inv_freq`, which every backend's RoPE table is built
+/// from.
+pub fn cos_sin(position: usize, inv_freq: f32) -> (f32, f32) {
+    let a = position as f64 * inv_freq as f64;
+    (a.cos() as f32, a.sin() as f32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
