@@ -174,7 +174,6 @@ pub const TPOT_SLICE: Duration = Duration::from_secs(1);
 /// between chunks (TPOT) per [`TPOT_SLICE`] while it runs, and the rest at its end.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ChunkTimes {
-    pub first: Option<Instant>,
     pub last: Option<Instant>,
     pub chunks: u32,
     /// Where the current slice began: its first chunk's time and the count by then.
@@ -198,7 +197,6 @@ impl ChunkTimes {
         self.chunks = self.chunks.saturating_add(1);
         self.last = Some(now);
         let Some((start, at)) = self.slice else {
-            self.first = Some(now);
             self.slice = Some((now, self.chunks));
             return ChunkSample::First;
         };
