@@ -20,7 +20,7 @@
 use std::path::Path;
 
 use anyhow::bail;
-use engine::model::config::{self, ModelConfig, ModelLocation};
+use engine::model::config::{self, Fp8Kept, ModelConfig, ModelLocation};
 
 /// A model's shape, as the engine reads it.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,12 +114,11 @@ impl ModelShape {
         (self.config.num_parameters() - head) as u64
     }
 
-    /// Bytes of weights at `dtype_bytes` per parameter; with `keep_fp8` (vLLM, SGLang: they
-    /// compute in FP8) a block-FP8 checkpoint's quantised linears at one byte plus an f32
-    /// scale per block, without it dequantised (the built-in engine's CPU path).
-    pub fn weights_bytes(&self, with_lm_head: bool, dtype_bytes: u64, keep_fp8: bool) -> u64 {
+    /// Bytes of weights at `dtype_bytes` per parameter, except a block-FP8 checkpoint's
+    /// quantised linears that `kept` keeps in FP8, at one byte plus an f32 scale per block.
+    pub fn weights_bytes(&self, with_lm_head: bool, dtype_bytes: u64, kept: Fp8Kept) -> u64 {
         self.config
-            .resident_weight_bytes(dtype_bytes as usize, keep_fp8, with_lm_head) as u64
+            .resident_weight_bytes(dtype_bytes as usize, kept, with_lm_head) as u64
     }
 
     /// KV cache bytes per token (0 for an encoder; experts add none).
@@ -195,7 +194,7 @@ mod tests {
         assert_eq!(m.kv_bytes_per_token(2), 114_688);
         // DistilGPT2 (82 M parameters) in 16-bit.
         let d = ModelShape::resolve("distilgpt2").unwrap();
-        assert_eq!(d.weights_bytes(true, 2, false), 2 * 81_912_576);
+        assert_eq!(d.weights_bytes(true, 2, Fp8Kept::None), 2 * 81_912_576);
         assert!(ModelShape::resolve("mistralai/Mistral-7B-v0.9").is_err());
     }
 
@@ -206,15 +205,15 @@ mod tests {
         let m = ModelShape::resolve("Qwen/Qwen3-30B-A3B-FP8").unwrap();
         let p = m.parameters(true) as f64 / 1e9;
         assert!((30.4..30.6).contains(&p), "{p}");
-        let w = m.weights_bytes(true, m.dtype_bytes(), true) as f64 / 1e9;
+        let w = m.weights_bytes(true, m.dtype_bytes(), Fp8Kept::All) as f64 / 1e9;
         assert!((31.0..31.3).contains(&w), "{w} GB");
         assert_eq!(m.kv_bytes_per_token(2), 98_304);
         // Dequantised (the built-in engine on the CPU, f32): every parameter at 4 bytes.
-        let f32s = m.weights_bytes(true, 4, false) as f64 / 1e9;
+        let f32s = m.weights_bytes(true, 4, Fp8Kept::None) as f64 / 1e9;
         assert!((122.0..122.3).contains(&f32s), "{f32s} GB");
         let bf16 = ModelShape::resolve("Qwen/Qwen3-30B-A3B").unwrap();
         assert!(bf16.is_moe());
-        let w16 = bf16.weights_bytes(true, 2, true) as f64 / 1e9;
+        let w16 = bf16.weights_bytes(true, 2, Fp8Kept::All) as f64 / 1e9;
         assert!((60.9..61.2).contains(&w16), "{w16} GB");
     }
 
@@ -228,8 +227,8 @@ mod tests {
             let from_folder = ModelShape::resolve(carried.to_str().unwrap()).unwrap();
             let by_id = ModelShape::resolve("Qwen/Qwen3-30B-A3B-FP8").unwrap();
             assert_eq!(
-                from_folder.weights_bytes(true, 2, true),
-                by_id.weights_bytes(true, 2, true)
+                from_folder.weights_bytes(true, 2, Fp8Kept::All),
+                by_id.weights_bytes(true, 2, Fp8Kept::All)
             );
             assert_eq!(from_folder.kv_bytes_per_token(2), 98_304);
         }

@@ -40,6 +40,7 @@ use crate::spec::{EngineKind, EngineSpec, GpuSelector, Sharing, Task, ValidDeplo
 use crate::topology::{self, GpuUse};
 use crate::units::human_bytes;
 use crate::vllm::{self, VllmVersion};
+use engine::model::config::Fp8Kept;
 
 const MIB: u64 = 1 << 20;
 /// A CUDA context with cuBLAS loaded: what `nvidia-smi` shows for an idle client.
@@ -197,6 +198,17 @@ fn dtype_bytes(kind: EngineKind, device: &str, model: Option<&ModelShape>) -> u6
         (EngineKind::Builtin, "cpu") => 4,
         (EngineKind::Builtin, _) => 2,
         _ => model.map(|m| m.dtype_bytes()).unwrap_or(2),
+    }
+}
+
+/// What an engine keeps in FP8 of a block-FP8 checkpoint: vLLM and SGLang compute in FP8;
+/// the built-in engine dequantises it on the CPU, and on CUDA keeps only a mixture of
+/// experts' experts in FP8.
+fn fp8_kept(kind: EngineKind, device: &str) -> Fp8Kept {
+    match (kind, device) {
+        (EngineKind::Builtin, "cpu") => Fp8Kept::None,
+        (EngineKind::Builtin, _) => Fp8Kept::Experts,
+        _ => Fp8Kept::All,
     }
 }
 
@@ -379,13 +391,11 @@ pub fn plan_with(
             ));
         }
         let dt = dtype_bytes(e.kind, &device, shape.as_ref());
-        // The built-in engine dequantises a block-FP8 checkpoint (its CPU path; FP8 on
-        // its CUDA path is to come); vLLM and SGLang keep it in FP8.
-        let keep_fp8 = e.kind != EngineKind::Builtin;
+        let kept = fp8_kept(e.kind, &device);
         // Per GPU: the weights split TP ways, and the KV heads each GPU holds.
         let weights = shape
             .as_ref()
-            .map(|m| m.weights_bytes(e.task == Task::Generate, dt, keep_fp8))
+            .map(|m| m.weights_bytes(e.task == Task::Generate, dt, kept))
             .unwrap_or(0)
             .div_ceil(tp as u64);
         let kv_per_token = match (&shape, e.task) {

@@ -89,7 +89,9 @@ fn tp2_pair_under_mps_has_per_gpu_limits_and_multicast_off() {
     let whole = deploy::model::ModelShape::resolve("Qwen/Qwen3-30B-A3B-FP8").unwrap();
     assert_eq!(
         gen.weights_bytes,
-        whole.weights_bytes(true, 2, true).div_ceil(2)
+        whole
+            .weights_bytes(true, 2, engine::model::config::Fp8Kept::All)
+            .div_ceil(2)
     );
     assert_eq!(gen.kv_bytes_per_token, 98_304 / 2);
     // Each GPU holds both engines' shares, within its memory; the MPS daemon must see both.

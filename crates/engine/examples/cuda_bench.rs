@@ -40,7 +40,7 @@ use engine::backend::cuda::kernels::{DecodeKernel, DecodePartials, Kernels};
 use engine::backend::cuda::step::{pack, DecodeSplit, StepLayout};
 use engine::backend::cuda::{CudaDevice, CudaOptions};
 use engine::load::model_info;
-use engine::model::config::ModelConfig;
+use engine::model::config::{Fp8Kept, ModelConfig};
 use engine::model::qwen3_cuda::CudaQwen3;
 use engine::model::StepBuilder;
 use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep, Task};
@@ -57,7 +57,13 @@ const GREEDY: SampleSpec<'static> = SampleSpec {
 /// The CUDA model of preset `name` with dummy weights on GPU 0.
 fn model(name: &str, task: Task, opts: CudaOptions) -> anyhow::Result<(CudaQwen3, ModelConfig)> {
     let config = ModelConfig::from_preset(name)?;
-    let info = model_info(&config, task, config.eos_token_ids.clone(), 2);
+    let info = model_info(
+        &config,
+        task,
+        config.eos_token_ids.clone(),
+        2,
+        Fp8Kept::Experts,
+    );
     let m = CudaQwen3::new(0, &config, info, &WeightSource::Dummy { seed: 0 }, opts)?;
     Ok((m, config))
 }

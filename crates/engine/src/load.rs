@@ -3,8 +3,9 @@
 //! the architecture's model for the chosen device: on the CPU the portable models
 //! (`model::decoder` for every decoder family: Qwen3 dense and MoE, Qwen2, Llama, Mistral,
 //! GPT-2; `model::bert`) on [`CpuBackend`], FP8 checkpoints dequantised at load; on CUDA
-//! the CUDA model (`model::qwen3_cuda`: the dense Qwen3, Qwen2, Llama and Mistral decoders
-//! in bf16), from the same config and weight source.
+//! the CUDA model (`model::qwen3_cuda`: the Qwen3, Qwen3-MoE, Qwen2, Llama and Mistral
+//! decoders in bf16, a mixture of experts' FP8 experts kept in FP8), from the same config
+//! and weight source.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +16,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaOptions;
 use crate::backend::Backend;
 use crate::limits::{self, LimitFlags};
-use crate::model::config::{preset_names, Arch, ModelConfig, ModelLocation};
+use crate::model::config::{preset_names, Arch, Fp8Kept, ModelConfig, ModelLocation};
 #[cfg(feature = "cuda")]
 use crate::model::qwen3_cuda::CudaQwen3;
 use crate::model::{bert, decoder};
@@ -227,12 +228,16 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     }
 
     if let Device::Cuda(ordinal) = opts.device {
-        cuda_supports(&config)
-            .with_context(|| format!("cannot load {} on cuda:{ordinal}", opts.model))?;
         return load_cuda(opts, ordinal, &config, &source, task, eos, tokenizer);
     }
     let backend = CpuBackend::new();
-    let info = model_info(&config, task, eos, backend.compute_dtype_bytes());
+    let info = model_info(
+        &config,
+        task,
+        eos,
+        backend.compute_dtype_bytes(),
+        Fp8Kept::None,
+    );
     if let Some(avail) = mem_available_bytes() {
         if info.weight_bytes > avail {
             anyhow::bail!(
@@ -253,8 +258,8 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     })
 }
 
-/// The CUDA model (`model::qwen3_cuda`): bf16 weights, fused kernels, graph-captured
-/// decode. Its step buffers are sized from the same limits (and defaults, [`crate::limits`])
+/// The CUDA model (`model::qwen3_cuda`): bf16 weights (FP8 experts kept in FP8), fused
+/// kernels, graph-captured decode. Its step buffers are sized from the same limits (and defaults, [`crate::limits`])
 /// the worker uses;
 /// `--gpu-memory-utilization` becomes the KV-cache byte budget the worker sizes its block
 /// manager with, as it does with `--kv-cache-memory` on the CPU.
@@ -269,7 +274,7 @@ fn load_cuda(
     tokenizer: Tokenizer,
 ) -> anyhow::Result<Loaded> {
     const BF16: usize = 2;
-    let info = model_info(config, task, eos, BF16);
+    let info = model_info(config, task, eos, BF16, Fp8Kept::Experts);
     let g = &opts.gpu;
     let defaults = CudaOptions::default();
     let max_model_len = g
@@ -307,26 +312,6 @@ fn load_cuda(
     })
 }
 
-/// What the CUDA path does not run yet: mixture-of-experts models and FP8 checkpoints
-/// (issue 17: grouped expert GEMMs and FP8 weights on the GPU are to come). Checked before
-/// any device is opened; the decoder families the CUDA model does not compute (GPT-2,
-/// BERT) are refused by name by the model itself, also before the device is opened
-/// (`model::qwen3_cuda::cuda_layout`).
-fn cuda_supports(config: &ModelConfig) -> anyhow::Result<()> {
-    if config.moe.is_some() {
-        anyhow::bail!(
-            "{} is a mixture-of-experts model, which runs on the CPU only for now (use --device cpu)",
-            config.arch.name()
-        );
-    }
-    if config.fp8.is_some() {
-        anyhow::bail!(
-            "block-FP8 checkpoints (quantization_config) run on the CPU only for now (use --device cpu)"
-        );
-    }
-    Ok(())
-}
-
 /// A build without the `cuda` feature (the quickstart's CPU build) has no CUDA model.
 #[cfg(not(feature = "cuda"))]
 fn load_cuda(
@@ -346,12 +331,13 @@ fn load_cuda(
 }
 
 /// What the serving side is told about `config` loaded for `task`, with activations and
-/// KV cache of `dtype_bytes` per element.
+/// KV cache of `dtype_bytes` per element and `kept` of an FP8 checkpoint in FP8.
 pub fn model_info(
     config: &ModelConfig,
     task: Task,
     eos: Vec<u32>,
     dtype_bytes: usize,
+    kept: Fp8Kept,
 ) -> ModelInfo {
     ModelInfo {
         architecture: config.arch.name().to_string(),
@@ -364,14 +350,19 @@ pub fn model_info(
         } else {
             0
         },
-        weight_bytes: loaded_weight_bytes(config, task, dtype_bytes),
+        weight_bytes: loaded_weight_bytes(config, task, dtype_bytes, kept),
     }
 }
 
-/// Weight bytes actually loaded: an embedder never loads an untied `lm_head`; an FP8
-/// checkpoint is held dequantised (the only path that loads one is the CPU's).
-fn loaded_weight_bytes(config: &ModelConfig, task: Task, dtype_bytes: usize) -> usize {
-    config.resident_weight_bytes(dtype_bytes, false, task == Task::Generate)
+/// Weight bytes actually loaded: an embedder never loads an untied `lm_head`; of an FP8
+/// checkpoint, `kept` stays in FP8 and the rest is held dequantised.
+fn loaded_weight_bytes(
+    config: &ModelConfig,
+    task: Task,
+    dtype_bytes: usize,
+    kept: Fp8Kept,
+) -> usize {
+    config.resident_weight_bytes(dtype_bytes, kept, task == Task::Generate)
 }
 
 /// `MemAvailable` from `/proc/meminfo` (Linux); `None` elsewhere.

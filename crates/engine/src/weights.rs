@@ -2,10 +2,11 @@
 //! sharded with `model.safetensors.index.json`), memory-mapped, each tensor found by name
 //! and checked against the config's shape, handed over in its stored dtype (to a
 //! [`Backend`] by [`WeightSource::get`], to the CUDA model through
-//! [`SafetensorsFiles::tensor`]); or seeded dummy weights that the device generates itself.
-//! Block-FP8 tensors (e4m3 with a `weight_scale_inv`, see [`fp8`]) reach a [`Backend`]
-//! dequantised to f32 at load: the portable path computes in f32. The CUDA path reads float
-//! tensors only (FP8 on the GPU is still to come), and is told so by name.
+//! [`SafetensorsFiles::bf16`] and [`SafetensorsFiles::fp8`]); or seeded dummy weights that
+//! the device generates itself. Block-FP8 tensors (e4m3 with a `weight_scale_inv`, see
+//! [`fp8`]) reach a [`Backend`] dequantised to f32 at load: the portable path computes in
+//! f32. The CUDA path takes a mixture-of-experts model's experts in FP8 as stored, and every
+//! other weight in bf16 (dequantised first when stored in FP8).
 
 pub mod fp8;
 
@@ -233,6 +234,14 @@ impl WeightSource {
     }
 }
 
+/// A block-FP8 weight as stored: e4m3 bytes, row-major, and an f32 scale per `block`
+/// (`[ceil(rows / br), ceil(cols / bc)]`, row-major).
+pub struct Fp8Weight<'a> {
+    pub bytes: &'a [u8],
+    pub scales: Vec<f32>,
+    pub block: [usize; 2],
+}
+
 /// One stored tensor: its bytes in the mapped file, little-endian `dtype`, row-major.
 #[derive(Debug, Clone, Copy)]
 pub struct StoredTensor<'a> {
@@ -284,7 +293,8 @@ impl StoredTensor<'_> {
 impl SafetensorsFiles {
     /// The first of `names` that exists, checked to be a `[rows, cols]` float tensor (a
     /// 1-D tensor of `cols` elements when `rows == 1`). An FP8 tensor is an error here:
-    /// callers that take them go through [`WeightSource::get`], which dequantises.
+    /// callers that take them go through [`WeightSource::get`] or [`Self::bf16`], which
+    /// dequantise, or [`Self::fp8`].
     pub fn tensor(
         &self,
         names: &[String],
@@ -324,9 +334,9 @@ impl SafetensorsFiles {
     fn stored(&self, name: &str, loc: &TensorLoc) -> anyhow::Result<StoredTensor<'_>> {
         let dtype = match loc.dtype {
             Stored::Float(d) => d,
-            Stored::F8E4M3 => anyhow::bail!(
-                "tensor {name} is FP8 (e4m3): block-FP8 checkpoints run on the CPU only for now"
-            ),
+            Stored::F8E4M3 => {
+                anyhow::bail!("tensor {name} is FP8 (e4m3) where a float tensor is read")
+            }
             Stored::Other(d) => {
                 anyhow::bail!(
                     "tensor {name} has dtype {d:?}, which is not a supported weight dtype"
@@ -347,6 +357,19 @@ impl SafetensorsFiles {
         rows: usize,
         cols: usize,
     ) -> anyhow::Result<Vec<f32>> {
+        let w = self.fp8_parts(name, loc, rows, cols)?;
+        fp8::dequantise(w.bytes, rows, cols, &w.scales, w.block)
+            .with_context(|| format!("tensor {name}"))
+    }
+
+    /// An e4m3 weight's bytes and its `<name>_scale_inv` blocks, shapes checked.
+    fn fp8_parts(
+        &self,
+        name: &str,
+        loc: &TensorLoc,
+        rows: usize,
+        cols: usize,
+    ) -> anyhow::Result<Fp8Weight<'_>> {
         let block = self.fp8_block.with_context(|| {
             format!(
                 "tensor {name} is FP8 (e4m3) but config.json has no quantization_config with weight_block_size"
@@ -365,8 +388,53 @@ impl SafetensorsFiles {
                 self.describe()
             ),
         };
-        let bytes = &self.files[loc.file].1[loc.start..loc.end];
-        fp8::dequantise(bytes, rows, cols, &scales, block).with_context(|| format!("tensor {name}"))
+        Ok(Fp8Weight {
+            bytes: &self.files[loc.file].1[loc.start..loc.end],
+            scales,
+            block,
+        })
+    }
+
+    /// The first of `names` as a `[rows, cols]` weight in bf16 (the CUDA path's dtype): a
+    /// float tensor rounded to nearest, a block-FP8 one dequantised first.
+    pub fn bf16(
+        &self,
+        names: &[String],
+        rows: usize,
+        cols: usize,
+    ) -> anyhow::Result<Vec<half::bf16>> {
+        let (name, loc) = self.find(names, rows, cols)?;
+        match loc.dtype {
+            Stored::F8E4M3 => Ok(self
+                .dequantised(name, loc, rows, cols)?
+                .into_iter()
+                .map(half::bf16::from_f32)
+                .collect()),
+            _ => Ok(self.stored(name, loc)?.to_bf16()),
+        }
+    }
+
+    /// Whether the first of `names` that exists is stored in FP8.
+    pub fn is_fp8(&self, names: &[String]) -> bool {
+        names
+            .iter()
+            .find_map(|n| self.tensors.get(n))
+            .is_some_and(|l| l.dtype == Stored::F8E4M3)
+    }
+
+    /// The first of `names` as a block-FP8 `[rows, cols]` weight as stored (the CUDA path
+    /// keeps experts so): its e4m3 bytes, checked to hold no NaN, and its scales. A float
+    /// tensor is an error naming it.
+    pub fn fp8(&self, names: &[String], rows: usize, cols: usize) -> anyhow::Result<Fp8Weight<'_>> {
+        let (name, loc) = self.find(names, rows, cols)?;
+        if loc.dtype != Stored::F8E4M3 {
+            anyhow::bail!(
+                "tensor {name} is not FP8 (e4m3) while the checkpoint's other experts are"
+            );
+        }
+        let w = self.fp8_parts(name, loc, rows, cols)?;
+        fp8::check_finite(w.bytes).with_context(|| format!("tensor {name}"))?;
+        Ok(w)
     }
 
     fn describe(&self) -> String {

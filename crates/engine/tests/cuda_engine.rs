@@ -25,10 +25,11 @@ use common::argmax;
 use std::path::{Path, PathBuf};
 
 use engine::backend::cuda::kernels::compile_source;
+use engine::backend::cuda::moe_kernels;
 use engine::backend::cuda::CudaOptions;
 use engine::backend::sampling::sample_row;
 use engine::load::{self, Device, GpuLoadOptions, LoadFormat, LoadOptions, LoadedModel};
-use engine::model::config::ModelConfig;
+use engine::model::config::{Fp8Kept, ModelConfig};
 use engine::model::qwen3_cuda::CudaQwen3;
 use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep, Task};
 use engine::weights::WeightSource;
@@ -45,6 +46,10 @@ const GREEDY: SampleSpec<'static> = SampleSpec {
 const QWEN3: &str = "qwen3-tiny";
 const LLAMA: &str = "llama-tiny";
 const QWEN2: &str = "qwen2-tiny";
+/// Qwen3-MoE (8 experts, top 2, layer 1 dense) in f32, and the same model in block FP8
+/// (32 x 32 blocks; its reference is transformers on the dequantised weights).
+const MOE: &str = "qwen3-moe-tiny";
+const MOE_FP8: &str = "qwen3-moe-tiny-fp8";
 
 /// A tiny fixture (`qwen3-tiny`, `llama-tiny`, `qwen2-tiny`): the repo's copy (beside this
 /// crate, or under the working directory: the GPU machine runs the prebuilt binary from a
@@ -90,7 +95,13 @@ fn cuda_model(
     weights: &WeightSource,
     opts: CudaOptions,
 ) -> CudaQwen3 {
-    let info = load::model_info(config, task, config.eos_token_ids.clone(), 2);
+    let info = load::model_info(
+        config,
+        task,
+        config.eos_token_ids.clone(),
+        2,
+        Fp8Kept::Experts,
+    );
     CudaQwen3::new(0, config, info, weights, opts).unwrap_or_else(|e| {
         panic!("no GPU: this test needs an NVIDIA GPU (feature gpu-tests selects it): {e:#}")
     })
@@ -101,7 +112,7 @@ fn tiny_config(name: &str) -> ModelConfig {
 }
 
 fn tiny_weights(name: &str) -> WeightSource {
-    WeightSource::open_dir(&fixture_dir(name)).unwrap()
+    WeightSource::open_model(&fixture_dir(name), &tiny_config(name)).unwrap()
 }
 
 fn tiny_generator(name: &str) -> CudaQwen3 {
@@ -188,8 +199,8 @@ fn llama_and_qwen2_on_cuda_open_the_gpu_or_say_why_not() {
 }
 
 /// An architecture the CUDA model does not compute (BERT; GPT-2's LayerNorm, learned
-/// positions and GELU; Qwen3-MoE's experts) is refused by name before any device is
-/// opened, so the message is the same with and without a GPU.
+/// positions and GELU) is refused by name before any device is opened, so the message is
+/// the same with and without a GPU.
 #[test]
 fn families_without_a_cuda_model_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -216,15 +227,9 @@ fn families_without_a_cuda_model_are_refused_by_name() {
             "{msg}"
         );
     }
-    let moe = load::load(&on_cuda("preset:qwen3-moe-tiny".into()));
-    let msg = format!("{:#}", moe.err().expect("refused"));
-    assert!(
-        msg.contains("qwen3_moe") && msg.contains("mixture-of-experts"),
-        "{msg}"
-    );
     // The model itself refuses too, for callers that skip the loader.
     let gpt2 = ModelConfig::from_preset("gpt2-tiny").unwrap();
-    let info = load::model_info(&gpt2, Task::Generate, vec![], 2);
+    let info = load::model_info(&gpt2, Task::Generate, vec![], 2, Fp8Kept::Experts);
     let err = CudaQwen3::new(
         0,
         &gpt2,
@@ -337,6 +342,19 @@ fn cuda_kernels_compile_for_the_preset_shapes() {
         let flash = ptx.contains(".entry embed_flash_attention");
         assert_eq!(flash, d % 16 == 0, "head_dim {d}");
         assert_eq!(ptx.contains("mma.sync.aligned.m16n8k16"), flash);
+    }
+    // The MoE kernels, every grouped-GEMM tile of them.
+    let ptx = match moe_kernels::compile_source("sm_90") {
+        Ok(p) => p.to_src(),
+        Err(e) => panic!("moe.cu: {e}"),
+    };
+    for w in ["bf16", "fp8"] {
+        for dir in ["up", "down"] {
+            assert!(
+                ptx.contains(&format!(".entry moe_gemm_{dir}_{w}_16x")),
+                "{dir} {w}"
+            );
+        }
     }
 }
 
@@ -571,6 +589,11 @@ fn cuda_dummy_weights_run_for_every_cuda_family() {
             ModelConfig::from_preset("qwen2-tiny").unwrap(),
         ),
         ("llama-tiny with attention_bias", biased),
+        (
+            "qwen3-moe-tiny",
+            ModelConfig::from_preset("qwen3-moe-tiny").unwrap(),
+        ),
+        ("qwen3-moe-tiny in FP8", tiny_config(MOE_FP8)),
     ];
     for (name, config) in configs {
         let logits = |seed: u64| {
@@ -704,7 +727,7 @@ fn cuda_and_cpu_agree(dir: &Path, prompt: &[u32]) {
     ignore = "needs an NVIDIA GPU (feature gpu-tests)"
 )]
 fn cuda_and_cpu_models_agree_through_the_loader() {
-    for name in [QWEN3, LLAMA, QWEN2] {
+    for name in [QWEN3, LLAMA, QWEN2, MOE, MOE_FP8] {
         cuda_and_cpu_agree(&fixture_dir(name), &reference(name)[1].ids);
     }
 }
@@ -766,6 +789,227 @@ fn cuda_and_cpu_agree_for_llama_with_attention_bias() {
     let out = safetensors::serialize(views, &None).unwrap();
     std::fs::write(tmp.path().join("model.safetensors"), out).unwrap();
     cuda_and_cpu_agree(tmp.path(), &reference(LLAMA)[1].ids);
+}
+
+/// The tiny Qwen3-MoE against transformers, in f32 (experts in bf16 on the GPU) and in
+/// block FP8 (experts kept in FP8, 32 x 32 blocks): prefill logits, greedy tokens through
+/// the decode graphs, chunked-prefill argmax.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_tiny_moe_matches_transformers() {
+    for name in [MOE, MOE_FP8] {
+        prefill_and_greedy_match_transformers(name);
+        chunked_prefill_argmax_matches(name);
+    }
+}
+
+/// A random Qwen3-MoE checkpoint at shapes that take the wide grouped-GEMM tiles (hidden
+/// 256, experts of 128, 16 experts, top 4, FP8 blocks of 128 x 128 with a different scale
+/// per block), written once in block FP8 and once in f32 with the same values: on both
+/// devices through the loader, a 120-token prompt (more than 24 rows per expert: the
+/// 64-row blocks) and decode steps (16-row blocks).
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_and_cpu_agree_for_a_moe_at_the_wide_tiles() {
+    let prompt: Vec<u32> = (0..120).map(|i| (i * 37 % 500 + 3) as u32).collect();
+    for fp8 in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_random_moe(tmp.path(), fp8);
+        cuda_and_cpu_agree(tmp.path(), &prompt);
+    }
+}
+
+/// Writes a random Qwen3-MoE checkpoint (2 sparse layers) to `dir`: its linears in block
+/// FP8 (e4m3 bytes, no NaN, one scale per 128 x 128 block) when `fp8`, else the same
+/// values in f32; embeddings, norms, routers and `lm_head` in f32.
+fn write_random_moe(dir: &Path, fp8: bool) {
+    use safetensors::tensor::{Dtype, TensorView};
+    let (h, heads, kv_heads, hd, e, inter, vocab) = (256, 4, 2, 64, 16, 128, 512);
+    let mut config = serde_json::json!({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "hidden_size": h, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hd,
+        "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": false, "hidden_act": "silu",
+        "num_experts": e, "num_experts_per_tok": 4, "moe_intermediate_size": inter,
+        "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "bos_token_id": 1, "eos_token_id": 2,
+    });
+    if fp8 {
+        config["quantization_config"] = serde_json::json!({
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+            "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"],
+        });
+    }
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut state = 11u64;
+    let mut uniform = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut float = |name: String, shape: Vec<usize>, v: Vec<f32>| {
+        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push((name, Dtype::F32, shape, bytes));
+    };
+    let mut plain = |n: usize, amp: f32, offset: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| offset + amp * (2.0 * uniform() - 1.0))
+            .collect()
+    };
+    let mut linears: Vec<(String, usize, usize)> = Vec::new();
+    float(
+        "model.embed_tokens.weight".into(),
+        vec![vocab, h],
+        plain(vocab * h, 0.5, 0.0),
+    );
+    float("model.norm.weight".into(), vec![h], plain(h, 0.05, 1.0));
+    float(
+        "lm_head.weight".into(),
+        vec![vocab, h],
+        plain(vocab * h, 0.05, 0.0),
+    );
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            float(format!("{p}.{n}.weight"), vec![h], plain(h, 0.05, 1.0));
+        }
+        for n in ["q_norm", "k_norm"] {
+            float(
+                format!("{p}.self_attn.{n}.weight"),
+                vec![hd],
+                plain(hd, 0.05, 1.0),
+            );
+        }
+        float(
+            format!("{p}.mlp.gate.weight"),
+            vec![e, h],
+            plain(e * h, 0.1, 0.0),
+        );
+        for (n, rows, cols) in [
+            ("q_proj", heads * hd, h),
+            ("k_proj", kv_heads * hd, h),
+            ("v_proj", kv_heads * hd, h),
+            ("o_proj", h, heads * hd),
+        ] {
+            linears.push((format!("{p}.self_attn.{n}"), rows, cols));
+        }
+        for x in 0..e {
+            for (n, rows, cols) in [
+                ("gate_proj", inter, h),
+                ("up_proj", inter, h),
+                ("down_proj", h, inter),
+            ] {
+                linears.push((format!("{p}.mlp.experts.{x}.{n}"), rows, cols));
+            }
+        }
+    }
+    for (name, rows, cols) in linears {
+        // e4m3 bytes with NaN codes moved to their neighbour; a scale per block so that the
+        // weights have a std of about 0.03, each block a different one.
+        let q: Vec<u8> = (0..rows * cols)
+            .map(|_| {
+                let b = (uniform() * 256.0) as u8;
+                if b & 0x7f == 0x7f {
+                    b ^ 1
+                } else {
+                    b
+                }
+            })
+            .collect();
+        let blocks = [rows.div_ceil(128), cols.div_ceil(128)];
+        let scales: Vec<f32> = (0..blocks[0] * blocks[1])
+            .map(|_| (0.5 + uniform()) * 2.5e-4)
+            .collect();
+        if fp8 {
+            tensors.push((
+                format!("{name}.weight"),
+                Dtype::F8_E4M3,
+                vec![rows, cols],
+                q,
+            ));
+            let bytes = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
+            tensors.push((
+                format!("{name}.weight_scale_inv"),
+                Dtype::F32,
+                blocks.to_vec(),
+                bytes,
+            ));
+        } else {
+            let w = engine::weights::fp8::dequantise(&q, rows, cols, &scales, [128, 128]).unwrap();
+            let bytes = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+            tensors.push((
+                format!("{name}.weight"),
+                Dtype::F32,
+                vec![rows, cols],
+                bytes,
+            ));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, dt, shape, data)| {
+            (
+                n.clone(),
+                TensorView::new(*dt, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    let out = safetensors::serialize(views, &None).unwrap();
+    std::fs::write(dir.join("model.safetensors"), out).unwrap();
+}
+
+/// The seeds' generator at its real shapes with dummy weights (`preset:qwen3-30b-a3b-fp8`:
+/// 48 layers, 128 experts in FP8): it loads, holds the experts in FP8 (the bytes the plan
+/// counts, plus scratch), and gives finite logits through a prefill and a decode graph.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_qwen3_30b_a3b_fp8_preset_runs_with_fp8_experts() {
+    let config = ModelConfig::from_preset("qwen3-30b-a3b-fp8").unwrap();
+    let mut m = cuda_model(
+        &config,
+        Task::Generate,
+        &WeightSource::Dummy { seed: 3 },
+        small_opts(),
+    );
+    let weights = config.resident_weight_bytes(2, Fp8Kept::Experts, true);
+    let held = m.bytes_held();
+    eprintln!(
+        "qwen3-30b-a3b-fp8: {:.2} GB held, {:.2} GB of weights planned",
+        held as f64 / 1e9,
+        weights as f64 / 1e9
+    );
+    assert!(
+        held >= weights && held - weights < 1 << 30,
+        "{held} vs {weights}"
+    );
+    m.init_kv_cache(64, 16).unwrap();
+    let table: Vec<u32> = (0..16).collect();
+    let prompt: Vec<u32> = (0..40).map(|i| i * 7 + 1).collect();
+    let a = m
+        .step_logits(&one(&prompt, 0, &table, GREEDY))
+        .unwrap()
+        .remove(0);
+    assert!(a.iter().all(|x| x.is_finite()), "prefill logits finite");
+    let next = argmax(&a);
+    let b = m
+        .step_logits(&one(&[next], prompt.len(), &table, GREEDY))
+        .unwrap()
+        .remove(0);
+    assert!(b.iter().all(|x| x.is_finite()), "decode logits finite");
+    assert!(cosine(&a, &b) < 0.9999, "the decode step sees a new token");
 }
 
 /// One sequence's step.

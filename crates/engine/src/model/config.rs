@@ -74,7 +74,7 @@ impl Arch {
     }
 }
 
-pub use fp8::Fp8Config;
+pub use fp8::{Fp8Config, Fp8Kept};
 pub use layout::{DecoderLayout, MlpKind, NormKind, PositionKind};
 pub use moe::MoeConfig;
 pub use rope::{cos_sin, inv_freq, RopeScaling};
@@ -632,26 +632,26 @@ impl ModelConfig {
     /// Bytes the weights take with `dtype_bytes` per element (what the CPU holds: it
     /// dequantises FP8 at load).
     pub fn weight_bytes(&self, dtype_bytes: usize) -> usize {
-        self.resident_weight_bytes(dtype_bytes, false, true)
+        self.resident_weight_bytes(dtype_bytes, Fp8Kept::None, true)
     }
 
-    /// Bytes of the weights a device holds: every parameter at `dtype_bytes`, except, with
-    /// `keep_fp8`, a block-FP8 checkpoint's quantised linears at one byte plus an f32 scale
-    /// per block (as vLLM holds them); without `lm_head` unless `with_lm_head` (an
+    /// Bytes of the weights a device holds: every parameter at `dtype_bytes`, except the
+    /// block-FP8 checkpoint's quantised linears that `kept` keeps in FP8, at one byte plus an
+    /// f32 scale per block (as vLLM holds them); without `lm_head` unless `with_lm_head` (an
     /// embedder never loads an untied one).
     pub fn resident_weight_bytes(
         &self,
         dtype_bytes: usize,
-        keep_fp8: bool,
+        kept: Fp8Kept,
         with_lm_head: bool,
     ) -> usize {
         let mut bytes = self.num_parameters() * dtype_bytes;
         if !with_lm_head {
             bytes -= self.lm_head_parameters() * dtype_bytes;
         }
-        if let (true, Some(q)) = (keep_fp8, &self.fp8) {
+        if let Some(q) = &self.fp8 {
             for (module, rows, cols) in self.linear_modules(with_lm_head) {
-                if q.converts(&module) {
+                if q.converts(&module) && kept.keeps(&module) {
                     bytes = bytes - rows * cols * dtype_bytes + q.quantised_bytes(rows, cols);
                 }
             }
@@ -787,23 +787,29 @@ mod tests {
         assert!((gb(moe.weight_bytes(2)) - 61.06).abs() < 0.1);
         let fp8 = ModelConfig::from_preset("qwen3-30b-a3b-fp8").unwrap();
         assert_eq!(fp8.num_parameters(), moe.num_parameters());
-        let kept = gb(fp8.resident_weight_bytes(2, true, true));
+        let kept = gb(fp8.resident_weight_bytes(2, Fp8Kept::All, true));
         assert!((31.0..31.3).contains(&kept), "{kept} GB");
+        // The CUDA engine keeps only the experts in FP8: the attention's q/k/v/o add their
+        // bf16 half (48 x (4096 + 512 + 512 + 2048) x 2048 x 1 byte, less their scales).
+        let experts = gb(fp8.resident_weight_bytes(2, Fp8Kept::Experts, true));
+        assert!((32.0..32.3).contains(&experts), "{experts} GB");
+        assert!((experts - kept - 0.70).abs() < 0.02, "{}", experts - kept);
         // Without keeping FP8 (the CPU dequantises) it is the bf16 size; a model without a
         // quantization_config is the same either way.
         assert_eq!(
-            fp8.resident_weight_bytes(2, false, true),
+            fp8.resident_weight_bytes(2, Fp8Kept::None, true),
             moe.weight_bytes(2)
         );
         assert_eq!(
-            moe.resident_weight_bytes(2, true, true),
+            moe.resident_weight_bytes(2, Fp8Kept::All, true),
             moe.weight_bytes(2)
         );
         // KV: 48 layers x 4 kv heads x 128 x (K, V) x 2 bytes, experts add none.
         assert_eq!(moe.kv_bytes_per_token(2), 98_304);
         // An embedder drops the untied lm_head: 151,936 x 2,048, quantised or not.
         assert_eq!(
-            fp8.resident_weight_bytes(2, true, true) - fp8.resident_weight_bytes(2, true, false),
+            fp8.resident_weight_bytes(2, Fp8Kept::All, true)
+                - fp8.resident_weight_bytes(2, Fp8Kept::All, false),
             151_936 * 2048 * 2
         );
         assert!(ModelConfig::from_preset("nope").is_err());
@@ -898,7 +904,8 @@ mod tests {
         // An embedder never loads an untied head; a tied one is the embeddings.
         let m = c("mistral-7b");
         assert_eq!(
-            m.resident_weight_bytes(2, false, true) - m.resident_weight_bytes(2, false, false),
+            m.resident_weight_bytes(2, Fp8Kept::None, true)
+                - m.resident_weight_bytes(2, Fp8Kept::None, false),
             32_768 * 4096 * 2
         );
         assert_eq!(c("llama-3.2-1b").lm_head_parameters(), 0);

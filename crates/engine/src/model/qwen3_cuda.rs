@@ -1,4 +1,4 @@
-//! The dense decoders of the Qwen3 naming on the GPU (Qwen3, Qwen2/Qwen2.5, Llama,
+//! The decoders of the Qwen3 naming on the GPU (Qwen3, Qwen3-MoE, Qwen2/Qwen2.5, Llama,
 //! Mistral): the CUDA model beside the portable one (`decoder.rs` with the `qwen3.rs`
 //! loader), as text-embeddings-inference keeps `flash_qwen3.rs` beside `qwen3.rs`. Same
 //! config ([`ModelConfig`]), same family options ([`DecoderLayout`], decided once by
@@ -10,7 +10,9 @@
 //! - weights in bf16 with q/k/v fused into one `[(nq + 2 nkv) * D, H]` matrix (and their
 //!   biases into one `[(nq + 2 nkv) * D]` vector) and gate/up into one `[2 I, H]` matrix,
 //!   so a layer runs 4 GEMMs (cuBLAS, or the cuBLASLt algorithm the executor timed
-//!   fastest for the decode shape: `gemm_specs`);
+//!   fastest for the decode shape: `gemm_specs`); a mixture of experts' sparse layers run
+//!   the block of `moe_cuda` in place of the MLP (experts in FP8 where the checkpoint has
+//!   them so);
 //! - per layer: add+RMSNorm -> qkv GEMM -> q/k/v bias + q/k norm + RoPE + KV write (each
 //!   of bias and norm where the layout has it) -> attention (split decode, paged prefill
 //!   tiles, or flash for embeddings) -> o GEMM -> add (+ o bias) + RMSNorm -> gate_up
@@ -18,12 +20,12 @@
 //!   head + argmax, or the pooled rows. The residual stream is fp32; everything else bf16
 //!   with fp32 accumulation.
 //!
-//! What it does not compute (LayerNorm, learned positions, a GELU MLP: GPT-2; sparse
-//! experts: Qwen3-MoE; BERT) is refused by [`cuda_layout`] before any device is opened.
+//! What it does not compute (LayerNorm, learned positions, a GELU MLP: GPT-2; BERT) is
+//! refused by [`cuda_layout`] before any device is opened.
 //!
 //! The CPU model is the reference: `tests/cuda_engine.rs` (feature `gpu-tests`) compares
-//! both with transformers' outputs for the tiny Qwen3, Llama and Qwen2 fixtures, and with
-//! each other.
+//! both with transformers' outputs for the tiny Qwen3, Qwen3-MoE (bf16 and FP8), Llama and
+//! Qwen2 fixtures, and with each other.
 
 use anyhow::{anyhow, bail};
 use half::bf16;
@@ -36,6 +38,7 @@ use crate::backend::cuda::kernels::{DevPtr, Kernels};
 use crate::backend::cuda::profile::Launcher;
 use crate::backend::cuda::step::CudaOptions;
 use crate::model::config::{DecoderLayout, MlpKind, ModelConfig, NormKind, PositionKind};
+use crate::model::moe_cuda::{CudaMoe, SparseLayer};
 use crate::model::qwen3::param_names;
 use crate::model_api::{ModelInfo, Task};
 use crate::weights::{SafetensorsFiles, WeightSource};
@@ -85,16 +88,12 @@ impl Dims {
 }
 
 /// What the CUDA model runs: the decoders whose layout is RMSNorm, RoPE and a SiLU-gated
-/// MLP without sparse layers, with or without q/k norm and biases (Qwen3, Qwen2, Llama,
-/// Mistral: which family has which option is the config's [`ModelConfig::layout`]).
-/// Anything else is an error naming the architecture, before any device is opened.
+/// MLP (or sparse experts of such MLPs), with or without q/k norm and biases (Qwen3,
+/// Qwen3-MoE, Qwen2, Llama, Mistral: which family has which option is the config's
+/// [`ModelConfig::layout`]). Anything else is an error naming the architecture, before any
+/// device is opened.
 pub fn cuda_layout(config: &ModelConfig) -> anyhow::Result<DecoderLayout> {
     let arch = config.arch.name();
-    if config.moe.is_some() {
-        bail!(
-            "--device cuda: {arch} is a mixture-of-experts model, which runs on the CPU only for now (use --device cpu)"
-        );
-    }
     match config.layout() {
         Some(l)
             if l.norm == NormKind::Rms
@@ -104,7 +103,7 @@ pub fn cuda_layout(config: &ModelConfig) -> anyhow::Result<DecoderLayout> {
             Ok(l)
         }
         _ => bail!(
-            "--device cuda: the {arch} architecture runs on the CPU only for now: the CUDA model runs the RMSNorm/RoPE/SiLU decoders (qwen3, qwen2, llama, mistral) (use --device cpu)"
+            "--device cuda: the {arch} architecture runs on the CPU only for now: the CUDA model runs the RMSNorm/RoPE/SiLU decoders (qwen3, qwen3_moe, qwen2, llama, mistral) (use --device cpu)"
         ),
     }
 }
@@ -120,8 +119,23 @@ struct LayerWeights {
     o_proj: DevBuf,
     o_bias: Option<DevBuf>,
     post_norm: DevBuf,
-    gate_up: DevBuf,
-    down: DevBuf,
+    mlp: Mlp,
+}
+
+/// A layer's MLP: dense (gate and up fused into one `[2 I, H]` matrix), or a mixture of
+/// experts' sparse block.
+enum Mlp {
+    Dense { gate_up: DevBuf, down: DevBuf },
+    Sparse(Box<SparseLayer>),
+}
+
+impl Mlp {
+    fn bytes(&self) -> usize {
+        match self {
+            Mlp::Dense { gate_up, down } => gate_up.bytes + down.bytes,
+            Mlp::Sparse(s) => s.bytes(),
+        }
+    }
 }
 
 /// A weight's address, 0 (what the kernels read as "none") when absent.
@@ -139,20 +153,25 @@ struct Weights {
 }
 
 impl Weights {
-    /// Loads from `src` the weights `layout` has; `with_lm_head` is false for embedders.
+    /// Loads from `src` the weights `layout` has (the sparse layers' from `moe`'s);
+    /// `with_lm_head` is false for embedders.
+    #[allow(clippy::too_many_arguments)]
     fn load(
         dev: &CudaDevice,
         k: &Kernels,
         d: &Dims,
         layout: &DecoderLayout,
+        moe: Option<&CudaMoe>,
         tied: bool,
         src: &WeightSource,
         with_lm_head: bool,
     ) -> anyhow::Result<Self> {
         let lm_head = with_lm_head && !tied;
         match src {
-            WeightSource::Dummy { seed } => Self::dummy(dev, k, d, layout, *seed, lm_head),
-            WeightSource::Safetensors(st) => Self::from_safetensors(dev, d, layout, st, lm_head),
+            WeightSource::Dummy { seed } => Self::dummy(dev, k, d, layout, moe, *seed, lm_head),
+            WeightSource::Safetensors(st) => {
+                Self::from_safetensors(dev, d, layout, moe, st, lm_head)
+            }
         }
     }
 
@@ -173,13 +192,12 @@ impl Weights {
                 Some(&l.o_proj),
                 l.o_bias.as_ref(),
                 Some(&l.post_norm),
-                Some(&l.gate_up),
-                Some(&l.down),
             ]
             .iter()
             .flatten()
             .map(|b| b.bytes)
             .sum::<usize>()
+                + l.mlp.bytes()
         };
         self.embed.bytes
             + self.layers.iter().map(layer).sum::<usize>()
@@ -196,17 +214,18 @@ impl Weights {
         k: &Kernels,
         d: &Dims,
         layout: &DecoderLayout,
+        moe: Option<&CudaMoe>,
         seed: u64,
         lm_head: bool,
     ) -> anyhow::Result<Self> {
-        let mut n = 0u64;
-        let mut next_seed = || {
-            n += 1;
+        let n = std::cell::Cell::new(0u64);
+        let next_seed = || {
+            n.set(n.get() + 1);
             seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
-                .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .wrapping_add(n.get().wrapping_mul(0x9E37_79B9_7F4A_7C15))
         };
         let a = 0.02f32 * 3f32.sqrt();
-        let mut fill = |elems: usize, amp: f32, offset: f32| -> anyhow::Result<DevBuf> {
+        let fill = |elems: usize, amp: f32, offset: f32| -> anyhow::Result<DevBuf> {
             let b = DevBuf::alloc(dev, elems * BF16)?;
             k.fill_uniform(b.ptr, elems, next_seed(), amp, offset)?;
             Ok(b)
@@ -214,7 +233,7 @@ impl Weights {
         let (h, hd) = (d.hidden, d.head_dim);
         let embed = fill(d.vocab * h, a, 0.0)?;
         let mut layers = Vec::with_capacity(d.layers);
-        for _ in 0..d.layers {
+        for l in 0..d.layers {
             let input_norm = fill(h, 0.05, 1.0)?;
             let qkv = fill(d.qkv_width() * h, a, 0.0)?;
             let qkv_bias = match layout.qkv_bias {
@@ -230,6 +249,14 @@ impl Weights {
                 true => Some(fill(h, a, 0.0)?),
                 false => None,
             };
+            let post_norm = fill(h, 0.05, 1.0)?;
+            let mlp = match moe.filter(|m| m.is_sparse(l)) {
+                Some(m) => Mlp::Sparse(Box::new(m.dummy_layer(dev, k, next_seed)?)),
+                None => Mlp::Dense {
+                    gate_up: fill(2 * d.inter * h, a, 0.0)?,
+                    down: fill(h * d.inter, a, 0.0)?,
+                },
+            };
             layers.push(LayerWeights {
                 input_norm,
                 qkv,
@@ -238,9 +265,8 @@ impl Weights {
                 k_norm,
                 o_proj,
                 o_bias,
-                post_norm: fill(h, 0.05, 1.0)?,
-                gate_up: fill(2 * d.inter * h, a, 0.0)?,
-                down: fill(h * d.inter, a, 0.0)?,
+                post_norm,
+                mlp,
             });
         }
         let norm = fill(h, 0.05, 1.0)?;
@@ -262,17 +288,19 @@ impl Weights {
 
     /// A Hugging Face checkpoint through the shared reader (names with or without the
     /// `model.` prefix, shapes checked against the config), converted to bf16 on the host
-    /// one tensor at a time; q/k/v (and their biases) and gate/up concatenated row-wise
-    /// before upload. Biases and q/k norms are read where `layout` has them.
+    /// one tensor at a time (dequantised first where stored in FP8); q/k/v (and their
+    /// biases) and gate/up concatenated row-wise before upload. Biases and q/k norms are
+    /// read where `layout` has them; sparse layers' routers and experts by `moe`.
     fn from_safetensors(
         dev: &CudaDevice,
         d: &Dims,
         layout: &DecoderLayout,
+        moe: Option<&CudaMoe>,
         st: &SafetensorsFiles,
         lm_head: bool,
     ) -> anyhow::Result<Self> {
         let get = |name: &str, rows: usize, cols: usize| -> anyhow::Result<Vec<bf16>> {
-            Ok(st.tensor(&param_names(name), rows, cols)?.to_bf16())
+            st.bf16(&param_names(name), rows, cols)
         };
         let up = |data: &[bf16]| DevBuf::upload(dev, data);
         let (h, i, hd) = (d.hidden, d.inter, d.head_dim);
@@ -310,10 +338,17 @@ impl Weights {
                 None
             };
             let post_norm = up(&get(&p("post_attention_layernorm"), 1, h)?)?;
-            let mut gate_up = get(&p("mlp.gate_proj"), i, h)?;
-            gate_up.extend(get(&p("mlp.up_proj"), i, h)?);
-            let gate_up = up(&gate_up)?;
-            let down = up(&get(&p("mlp.down_proj"), h, i)?)?;
+            let mlp = match moe.filter(|m| m.is_sparse(l)) {
+                Some(m) => Mlp::Sparse(Box::new(m.layer_from_safetensors(dev, st, l)?)),
+                None => {
+                    let mut gate_up = get(&p("mlp.gate_proj"), i, h)?;
+                    gate_up.extend(get(&p("mlp.up_proj"), i, h)?);
+                    Mlp::Dense {
+                        gate_up: up(&gate_up)?,
+                        down: up(&get(&p("mlp.down_proj"), h, i)?)?,
+                    }
+                }
+            };
             layers.push(LayerWeights {
                 input_norm,
                 qkv,
@@ -323,14 +358,16 @@ impl Weights {
                 o_proj,
                 o_bias,
                 post_norm,
-                gate_up,
-                down,
+                mlp,
             });
         }
         let norm = up(&get("norm.weight", 1, h)?)?;
         let lm_head = if lm_head {
-            let w = st.tensor(&["lm_head.weight".to_string()], d.vocab, h)?;
-            Some(up(&w.to_bf16())?)
+            Some(up(&st.bf16(
+                &["lm_head.weight".to_string()],
+                d.vocab,
+                h,
+            )?)?)
         } else {
             None
         };
@@ -355,6 +392,7 @@ struct Activations {
     attn: DevBuf,
     /// Output of the last projection (o or down), added to the residual by the next norm.
     delta: DevBuf,
+    /// The dense MLP's (empty when every layer is sparse).
     gate_up: DevBuf,
     act: DevBuf,
     /// Normalised output rows (the LM head's input).
@@ -367,16 +405,25 @@ struct Activations {
 }
 
 impl Activations {
-    fn alloc(dev: &CudaDevice, d: &Dims, tokens: usize, seqs: usize) -> anyhow::Result<Self> {
+    /// Scratch for steps of `tokens` tokens and `seqs` output rows; `dense` when some layer
+    /// has the dense MLP.
+    fn alloc(
+        dev: &CudaDevice,
+        d: &Dims,
+        tokens: usize,
+        seqs: usize,
+        dense: bool,
+    ) -> anyhow::Result<Self> {
         let (t, n) = (tokens, seqs);
+        let inter = if dense { d.inter } else { 0 };
         let act = Self {
             residual: DevBuf::alloc(dev, t * d.hidden * 4)?,
             normed: DevBuf::alloc(dev, t * d.hidden * BF16)?,
             qkv: DevBuf::alloc(dev, t * d.qkv_width() * BF16)?,
             attn: DevBuf::alloc(dev, t * d.q_width() * BF16)?,
             delta: DevBuf::alloc(dev, t * d.hidden * BF16)?,
-            gate_up: DevBuf::alloc(dev, t * 2 * d.inter * BF16)?,
-            act: DevBuf::alloc(dev, t * d.inter * BF16)?,
+            gate_up: DevBuf::alloc(dev, t * 2 * inter * BF16)?,
+            act: DevBuf::alloc(dev, t * inter * BF16)?,
             last: DevBuf::alloc(dev, n * d.hidden * BF16)?,
             logits: DevBuf::alloc(dev, n * d.vocab * 4)?,
             sampled: DevBuf::alloc(dev, n * 4)?,
@@ -415,16 +462,18 @@ impl Activations {
     }
 }
 
-/// A dense decoder's weights and activations on the GPU (Qwen3, Qwen2, Llama, Mistral:
-/// the name is the naming's), and its forward pass.
+/// A decoder's weights and activations on the GPU (Qwen3, Qwen3-MoE, Qwen2, Llama,
+/// Mistral: the name is the naming's), and its forward pass.
 pub struct Qwen3Cuda {
     d: Dims,
     w: Weights,
     act: Activations,
+    /// The sparse blocks of a mixture of experts.
+    moe: Option<CudaMoe>,
 }
 
-/// A dense decoder of the Qwen3 naming (generate or embed) on one GPU, behind the
-/// model_api seam.
+/// A decoder of the Qwen3 naming (generate or embed) on one GPU, behind the model_api
+/// seam.
 pub type CudaQwen3 = CudaExecutor<Qwen3Cuda>;
 
 impl CudaQwen3 {
@@ -444,10 +493,13 @@ impl CudaQwen3 {
         let d = Dims::of(config);
         let tied = config.tie_word_embeddings;
         CudaExecutor::open(ordinal, config, info, opts, |dev, k, opts| {
+            let moe = CudaMoe::new(dev, config, opts.max_tokens)?;
+            let dense = (0..d.layers).any(|l| !config.is_sparse_layer(l));
             Ok(Qwen3Cuda {
                 d,
-                w: Weights::load(dev, k, &d, &layout, tied, weights, generate)?,
-                act: Activations::alloc(dev, &d, opts.max_tokens, opts.max_seqs)?,
+                w: Weights::load(dev, k, &d, &layout, moe.as_ref(), tied, weights, generate)?,
+                act: Activations::alloc(dev, &d, opts.max_tokens, opts.max_seqs, dense)?,
+                moe,
             })
         })
     }
@@ -477,7 +529,7 @@ impl CudaModel for Qwen3Cuda {
     }
 
     fn bytes_held(&self) -> usize {
-        self.w.bytes() + self.act.bytes()
+        self.w.bytes() + self.act.bytes() + self.moe.as_ref().map_or(0, CudaMoe::scratch_bytes)
     }
 
     fn outputs(&self) -> Outputs {
@@ -493,6 +545,17 @@ impl CudaModel for Qwen3Cuda {
         let tokens = a.normed.bytes / (d.hidden * BF16);
         let rows = a.last.bytes / (d.hidden * BF16);
         let each = |f: fn(&LayerWeights) -> DevPtr| w.layers.iter().map(f).collect::<Vec<_>>();
+        // The dense MLPs' and the routers' weights (each empty for a model without them:
+        // the tuner skips those).
+        let dense = |down: bool| {
+            w.layers
+                .iter()
+                .filter_map(|l| match &l.mlp {
+                    Mlp::Dense { gate_up, down: d } => Some(if down { d.ptr } else { gate_up.ptr }),
+                    Mlp::Sparse(_) => None,
+                })
+                .collect::<Vec<_>>()
+        };
         let spec = |op, n, k, x: &DevBuf, y: &DevBuf, weights| GemmSpec {
             op,
             n,
@@ -503,7 +566,7 @@ impl CudaModel for Qwen3Cuda {
             max_m: tokens,
             weights,
         };
-        vec![
+        let mut specs = vec![
             spec(
                 "qkv",
                 d.qkv_width(),
@@ -526,16 +589,9 @@ impl CudaModel for Qwen3Cuda {
                 d.hidden,
                 &a.normed,
                 &a.gate_up,
-                each(|l| l.gate_up.ptr),
+                dense(false),
             ),
-            spec(
-                "down",
-                d.hidden,
-                d.inter,
-                &a.act,
-                &a.delta,
-                each(|l| l.down.ptr),
-            ),
+            spec("down", d.hidden, d.inter, &a.act, &a.delta, dense(true)),
             GemmSpec {
                 op: "lm_head",
                 n: d.vocab,
@@ -546,7 +602,28 @@ impl CudaModel for Qwen3Cuda {
                 max_m: rows,
                 weights: vec![w.lm_head_ptr()],
             },
-        ]
+        ];
+        if let Some(m) = &self.moe {
+            let (n, k, logits) = m.router_gemm();
+            specs.push(GemmSpec {
+                op: "router",
+                n,
+                k,
+                out: OutType::F32,
+                x: a.normed.ptr,
+                y: logits,
+                max_m: tokens,
+                weights: w
+                    .layers
+                    .iter()
+                    .filter_map(|l| match &l.mlp {
+                        Mlp::Sparse(s) => Some(s.router_ptr()),
+                        Mlp::Dense { .. } => None,
+                    })
+                    .collect(),
+            });
+        }
+        specs
     }
 }
 
@@ -708,8 +785,8 @@ impl Qwen3Cuda {
     }
 
     /// The MLP half of `layer`: residual add (of the attention output and the o bias, where
-    /// the layout has one) + post-attention RMSNorm, the fused gate/up GEMM,
-    /// SiLU(gate) * up, the down GEMM into `delta`.
+    /// the layout has one) + post-attention RMSNorm, then the dense MLP (the fused gate/up
+    /// GEMM, SiLU(gate) * up, the down GEMM) or the sparse block, into `delta`.
     fn mlp(
         &self,
         cx: &ForwardCtx<'_>,
@@ -732,11 +809,18 @@ impl Qwen3Cuda {
                 d.eps,
             )
         })?;
+        let (gate_up, down) = match (&lw.mlp, &self.moe) {
+            (Mlp::Dense { gate_up, down }, _) => (gate_up, down),
+            (Mlp::Sparse(sw), Some(moe)) => {
+                return moe.forward(cx, ops, sw, a.normed.ptr, a.delta.ptr, t);
+            }
+            (Mlp::Sparse(_), None) => bail!("layer {layer} is sparse in a dense model"),
+        };
         ops.op("gemm gate_up", || {
             cx.gemm.linear(
                 cx.dev,
                 a.normed.ptr,
-                lw.gate_up.ptr,
+                gate_up.ptr,
                 a.gate_up.ptr,
                 t,
                 2 * d.inter,
@@ -751,7 +835,7 @@ impl Qwen3Cuda {
             cx.gemm.linear(
                 cx.dev,
                 a.act.ptr,
-                lw.down.ptr,
+                down.ptr,
                 a.delta.ptr,
                 t,
                 h,

@@ -59,9 +59,7 @@ pub fn dequantise(
             scales.len()
         );
     }
-    if let Some(i) = q.iter().position(|&b| b & 0x7f == 0x7f) {
-        anyhow::bail!("element {i} is NaN (e4m3 byte {:#04x})", q[i]);
-    }
+    check_finite(q)?;
     let mut out = Vec::with_capacity(q.len());
     for (r, row) in q.chunks_exact(cols.max(1)).enumerate() {
         let s = &scales[(r / br) * scale_cols..(r / br + 1) * scale_cols];
@@ -72,6 +70,14 @@ pub fn dequantise(
         );
     }
     Ok(out)
+}
+
+/// An error naming the first NaN byte of `q`, if any: no finite weight encodes to one.
+pub fn check_finite(q: &[u8]) -> anyhow::Result<()> {
+    match q.iter().position(|&b| b & 0x7f == 0x7f) {
+        Some(i) => anyhow::bail!("element {i} is NaN (e4m3 byte {:#04x})", q[i]),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,35 @@ impl DevBuf {
     }
 }
 
+impl DevBuf {
+    /// Copies `data` in at byte `offset` (a piece of a weight assembled on the device, such
+    /// as one expert of a layer's stacked experts).
+    pub fn write_at<T: Copy>(
+        &self,
+        dev: &CudaDevice,
+        offset: usize,
+        data: &[T],
+    ) -> anyhow::Result<()> {
+        let n = std::mem::size_of_val(data);
+        if offset + n > self.bytes {
+            anyhow::bail!(
+                "writing {n} bytes at {offset} into a buffer of {}",
+                self.bytes
+            );
+        }
+        // SAFETY: the range is inside the buffer (checked); pageable copies have read
+        // `data` when they return.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                self.ptr + offset as u64,
+                data,
+                dev.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| anyhow!("copying weights to the GPU: {e}"))
+    }
+}
+
 /// Copies `n` elements at `ptr` to the host, after the stream's queued work.
 pub fn download<T: Copy + Default>(
     dev: &CudaDevice,

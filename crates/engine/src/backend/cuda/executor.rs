@@ -387,8 +387,9 @@ impl<M: CudaModel> CudaExecutor<M> {
         2 * self.shape.layers * self.shape.kv_width * BF16
     }
 
-    /// Weights, step metadata, activations, decode partials and the cuBLAS workspace.
-    fn bytes_held(&self) -> usize {
+    /// Device bytes held: weights, step metadata, activations, decode partials and the
+    /// cuBLAS workspace.
+    pub fn bytes_held(&self) -> usize {
         let parts = self.decode_parts.as_ref().map_or(0, |(b, _)| b.bytes);
         self.model.bytes_held() + self.step.bytes() + parts + BLAS_WORKSPACE
     }

@@ -13,7 +13,11 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use super::device::{CudaDevice, CudaError};
 
-const SOURCE: &str = include_str!("kernels/engine.cu");
+/// `engine.cu` with the helpers it shares with `moe.cu` in front.
+const SOURCE: &str = concat!(
+    include_str!("kernels/common.cu"),
+    include_str!("kernels/engine.cu")
+);
 
 /// Query tokens per block of `prefill_attention` (`QT` in engine.cu).
 pub const PREFILL_TILE: usize = 8;
@@ -97,31 +101,46 @@ fn include_paths() -> Vec<String> {
         .collect()
 }
 
-fn launch_err(source: cudarc::driver::DriverError) -> CudaError {
+pub(super) fn launch_err(source: cudarc::driver::DriverError) -> CudaError {
     CudaError::Driver {
         what: "kernel launch",
         source,
     }
 }
 
+/// Compiles `source` (named `name` in errors) to PTX for `arch` (e.g. `sm_90`) with
+/// `options` besides the architecture. Needs only NVRTC, no GPU.
+pub(super) fn compile_ptx(
+    arch: &str,
+    name: &str,
+    source: &str,
+    options: Vec<String>,
+) -> Result<Ptx, CudaError> {
+    let opts = CompileOptions {
+        include_paths: include_paths(),
+        options: [vec![format!("--gpu-architecture={arch}")], options].concat(),
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(source, opts).map_err(|e| CudaError::Compile {
+        arch: arch.to_string(),
+        message: e.to_string(),
+    })
+}
+
 /// Compiles `kernels/engine.cu` to PTX for `arch` (e.g. `sm_90`) with the attention
 /// shape baked in. Needs only NVRTC, no GPU.
 pub fn compile_source(arch: &str, head_dim: usize, group: usize) -> Result<Ptx, CudaError> {
-    let opts = CompileOptions {
-        include_paths: include_paths(),
-        options: vec![
-            format!("--gpu-architecture={arch}"),
+    compile_ptx(
+        arch,
+        "engine.cu",
+        SOURCE,
+        vec![
             format!("-DHEAD_DIM={head_dim}"),
             format!("-DGQA={group}"),
             "--use_fast_math".to_string(),
         ],
-        name: Some("engine.cu".to_string()),
-        ..Default::default()
-    };
-    compile_ptx_with_opts(SOURCE, opts).map_err(|e| CudaError::Compile {
-        arch: arch.to_string(),
-        message: e.to_string(),
-    })
+    )
 }
 
 impl Kernels {
@@ -176,7 +195,7 @@ impl Kernels {
         })
     }
 
-    fn cfg(grid: (u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    pub(super) fn cfg(grid: (u32, u32), block: u32, smem: u32) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (grid.0, grid.1, 1),
             block_dim: (block, 1, 1),

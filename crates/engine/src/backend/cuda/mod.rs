@@ -23,6 +23,7 @@ pub mod gemm_tune;
 pub mod graphs;
 pub mod kernels;
 pub mod kv_cache;
+pub mod moe_kernels;
 pub mod profile;
 pub mod step;
 

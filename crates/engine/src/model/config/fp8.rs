@@ -33,6 +33,30 @@ impl Fp8Config {
     }
 }
 
+/// Which of a block-FP8 checkpoint's quantised linears a device keeps in FP8 (the others
+/// it holds dequantised).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Kept {
+    /// None: the built-in engine's CPU path dequantises everything at load.
+    None,
+    /// All of them: vLLM and SGLang compute in FP8.
+    All,
+    /// A mixture-of-experts model's experts (`.mlp.experts.`): the built-in engine's CUDA
+    /// path, whose other GEMMs are bf16.
+    Experts,
+}
+
+impl Fp8Kept {
+    /// Whether the linear `module` stays in FP8 when its checkpoint stores it so.
+    pub fn keeps(self, module: &str) -> bool {
+        match self {
+            Fp8Kept::None => false,
+            Fp8Kept::All => true,
+            Fp8Kept::Experts => module.contains(".mlp.experts."),
+        }
+    }
+}
+
 /// `quantization_config` as written by transformers' `FineGrainedFP8Config` (and the
 /// published Qwen3 FP8 checkpoints).
 #[derive(Deserialize)]

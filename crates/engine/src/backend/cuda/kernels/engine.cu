@@ -5,28 +5,7 @@
 //
 // Paged KV layout (see runner.rs): K and V caches of one layer are
 // [num_blocks * block_size, num_kv_heads, head_dim] bf16; token at slot s lives at row s.
-// bf16 is handled as raw 16-bit storage with our own conversions (round to nearest even,
-// as cuda_bf16.h does), so compilation needs no CUDA headers on the machine: NVRTC alone.
-typedef unsigned short bf16;
-
-__device__ __forceinline__ float bf2f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
-__device__ __forceinline__ bf16 f2bf(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    return v;
-}
+// common.cu (bf16 conversions, warp reductions, the tensor-core MMA) is compiled in front.
 
 // Sum over a block of up to 1024 threads; every thread gets the result.
 __device__ float block_sum(float v) {
@@ -416,18 +395,6 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
 #define FA_BQ 64
 #define FA_BK 64
 #define FA_PAD 8
-__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return (unsigned)__cvta_generic_to_shared(p);
 }
@@ -794,11 +761,7 @@ extern "C" __global__ void fill_uniform(bf16* __restrict__ out, unsigned long lo
     unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
     unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (; i < n; i += stride) {
-        unsigned long long z = seed + i * 0x9E3779B97F4A7C15ull;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+        float u = uniform01(seed, i);
         out[i] = f2bf(offset + a * (2.f * u - 1.f));
     }
 }

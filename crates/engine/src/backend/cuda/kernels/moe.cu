@@ -1,0 +1,340 @@
+// Kernels of Qwen3-MoE's sparse block (transformers' Qwen3MoeSparseMoeBlock, vLLM's fused
+// MoE), compiled by NVRTC with common.cu in front, for mixture-of-experts models only.
+// The routing never leaves the device, so a decode step with them is captured into a CUDA
+// graph like a dense one: the grids are sized for the worst case of a step's token count,
+// and blocks past the padded work return at once.
+//
+// Per sparse layer: router GEMM (cuBLAS, fp32 logits) -> moe_topk_softmax -> moe_align ->
+// moe_gemm (gate/up) -> silu_mul -> moe_gemm (down, times the router weight) -> moe_sum.
+// Flat index s = t * top_k + j names token t's j-th expert choice; expert rows are grouped
+// by moe_align into blocks of BM rows of one expert (padded with the sentinel n = T * k).
+
+#define MOE_MAX_EXPERTS 512
+#define MOE_EPL (MOE_MAX_EXPERTS / 32)
+
+// One warp per token: softmax of the router logits in fp32, the top k probabilities in k
+// rounds of a warp arg-max (ties to the lower expert id, as the CPU's Routing::of_logits),
+// divided by their sum when renorm (norm_topk_prob). ids/w: [tokens, k].
+extern "C" __global__ void moe_topk_softmax(const float* __restrict__ logits, int* __restrict__ ids,
+                                            float* __restrict__ w, int tokens, int experts, int k,
+                                            int renorm) {
+    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (t >= tokens) return;
+    const float* row = logits + (size_t)t * experts;
+    float p[MOE_EPL];
+    float mx = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int i = 0; i < MOE_EPL; i++) {
+        int e = i * 32 + lane;
+        p[i] = e < experts ? row[e] : -__int_as_float(0x7f800000);
+        mx = fmaxf(mx, p[i]);
+    }
+    mx = warp_max(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < MOE_EPL; i++) {
+        p[i] = i * 32 + lane < experts ? expf(p[i] - mx) : 0.f;
+        sum += p[i];
+    }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int i = 0; i < MOE_EPL; i++) p[i] = i * 32 + lane < experts ? p[i] / sum : -1.f;
+    float chosen = 0.f;
+    for (int j = 0; j < k; j++) {
+        float best = -1.f;
+        int bi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < MOE_EPL; i++)
+            if (p[i] > best) { best = p[i]; bi = i * 32 + lane; }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ob = __shfl_xor_sync(0xffffffff, best, o);
+            int oi = __shfl_xor_sync(0xffffffff, bi, o);
+            if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+        }
+        if (lane == 0) {
+            ids[t * k + j] = bi;
+            w[t * k + j] = best;
+        }
+        chosen += best;
+#pragma unroll
+        for (int i = 0; i < MOE_EPL; i++)
+            if (i * 32 + lane == bi) p[i] = -1.f;
+    }
+    if (renorm && lane == 0)
+        for (int j = 0; j < k; j++) w[t * k + j] = w[t * k + j] / chosen;
+}
+
+// One block: groups the n = T * k flat choices by expert. Each expert's run is padded to a
+// multiple of bm; sorted[cap] holds the flat indices (sentinel n in the padding and past
+// the end), block_expert[cap / bm] the expert of each bm-row block (-1 past the end),
+// post_pad[0] the padded total. Order within an expert is that of the atomics: no sum
+// crosses rows, so results do not depend on it. Shared memory: 3 * experts + 1 ints.
+extern "C" __global__ void moe_align(const int* __restrict__ ids, int n, int experts, int bm, int cap,
+                                     int* __restrict__ sorted, int* __restrict__ block_expert,
+                                     int* __restrict__ post_pad) {
+    extern __shared__ int sh[];
+    int* count = sh;
+    int* off = sh + experts;
+    int* cur = off + experts + 1;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&count[ids[i]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int e = 0; e < experts; e++) {
+            off[e] = acc;
+            acc += (count[e] + bm - 1) / bm * bm;
+        }
+        off[experts] = acc;
+        post_pad[0] = acc;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < cap; i += blockDim.x) sorted[i] = n;
+    for (int b = threadIdx.x; b < cap / bm; b += blockDim.x) {
+        int start = b * bm, e = -1;
+        if (start < off[experts]) {
+            // The last expert whose run starts at or before `start` (empty runs skipped).
+            int lo = 0, hi = experts - 1;
+            while (lo < hi) {
+                int mid = (lo + hi + 1) >> 1;
+                if (off[mid] <= start) lo = mid; else hi = mid - 1;
+            }
+            e = lo;
+        }
+        block_expert[b] = e;
+    }
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) cur[e] = off[e];
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sorted[atomicAdd(&cur[ids[i]], 1)] = i;
+}
+
+// 4 e4m3 bytes -> 4 bf16 of the same value times 2^-120, exactly (subnormals included):
+// sign and the 7 exponent/mantissa bits move into bf16's fields, whose exponent bias is 120
+// more. The 2^120 goes into the block scale.
+__device__ __forceinline__ uint2 e4m3x4_to_bf16x4(unsigned w) {
+    unsigned lo = __byte_perm(w, 0, 0x1404), hi = __byte_perm(w, 0, 0x3424);
+    uint2 r;
+    r.x = (lo & 0x80008000u) | ((lo >> 4) & 0x07f007f0u);
+    r.y = (hi & 0x80008000u) | ((hi >> 4) & 0x07f007f0u);
+    return r;
+}
+
+#define MG_THREADS 128
+#define MG_PAD 8
+
+// The grouped expert GEMM: block (mb, nb) computes rows mb*BM.. of the sorted choices
+// against columns nb*BN.. of its expert's weight W[e] [N, K] (row-major, as a Linear's).
+// A row of a choice s is a[s / top_k] (gate/up: the token's normed hidden state) or a[s]
+// (down: the choice's activation); the output row is out[s], times the router weight w[s]
+// when DOWN. FP8: W is e4m3 with fp32 scales per [bn, bk] block ([E, N/bn, K/bk]); a tile
+// lies in one block (BN | bn, BK | bk, checked by the host), so each k-tile's partial sum
+// takes its block's scale once, in fp32 (W8A16: the weight is exact in bf16, no
+// activation quantisation). Tiles go global -> registers (the next tile's loads are in
+// flight while the current one computes) -> shared memory -> mma.sync.
+template <int BM, int BN, int BK, bool FP8, bool DOWN>
+__device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void* __restrict__ wv,
+                                         const float* __restrict__ scales, bf16* __restrict__ out,
+                                         const int* __restrict__ sorted, const int* __restrict__ block_expert,
+                                         const int* __restrict__ post_pad, const float* __restrict__ topk_w,
+                                         int n_rows, int top_k, int N, int K, int bn, int bk) {
+    constexpr int WM = BM / 16 < 4 ? BM / 16 : 4;
+    constexpr int WN = 4 / WM;
+    constexpr int MT = BM / 16 / WM;
+    constexpr int WCOLS = BN / WN;
+    constexpr int NT = WCOLS / 8;
+    constexpr int A_CH = BM * BK / 8;
+    constexpr int A_PER = (A_CH + MG_THREADS - 1) / MG_THREADS;
+    constexpr int W_EL = FP8 ? 16 : 8;
+    constexpr int W_CH = BN * BK / W_EL;
+    constexpr int W_PER = (W_CH + MG_THREADS - 1) / MG_THREADS;
+    __shared__ __align__(16) bf16 as[BM][BK + MG_PAD];
+    __shared__ __align__(16) bf16 ws[BN][BK + MG_PAD];
+    __shared__ int arow[BM];
+
+    const int mb = blockIdx.x;
+    if (mb * BM >= post_pad[0]) return;
+    const int e = block_expert[mb];
+    const int n0 = blockIdx.y * BN;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
+    const int wm = warp % WM, wn = warp / WM;
+    for (int r = tid; r < BM; r += MG_THREADS) {
+        int s = sorted[mb * BM + r];
+        arow[r] = s < n_rows ? (DOWN ? s : s / top_k) : -1;
+    }
+    __syncthreads();
+
+    const size_t wexp = (size_t)e * N * K;
+    const int kb = (K + bk - 1) / bk;
+    const float* sc = FP8 ? scales + ((size_t)e * ((N + bn - 1) / bn) + n0 / bn) * kb : nullptr;
+    uint4 ra[A_PER], rw[W_PER];
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+
+#define MG_LOAD(k0)                                                                                   \
+    {                                                                                                 \
+        _Pragma("unroll") for (int i = 0; i < A_PER; i++) {                                           \
+            int c = tid + i * MG_THREADS;                                                             \
+            int r = c / (BK / 8), kc = (c % (BK / 8)) * 8;                                            \
+            int row = c < A_CH ? arow[r] : -1;                                                        \
+            ra[i] = row >= 0 && (k0) + kc < K ? *(const uint4*)(a + (size_t)row * K + (k0) + kc) : zero; \
+        }                                                                                             \
+        _Pragma("unroll") for (int i = 0; i < W_PER; i++) {                                           \
+            int c = tid + i * MG_THREADS;                                                             \
+            int nn = c / (BK / W_EL), kc = (c % (BK / W_EL)) * W_EL;                                  \
+            bool ok = c < W_CH && n0 + nn < N && (k0) + kc < K;                                       \
+            size_t at = wexp + (size_t)(n0 + nn) * K + (k0) + kc;                                     \
+            rw[i] = !ok ? zero                                                                        \
+                        : FP8 ? *(const uint4*)((const unsigned char*)wv + at)                        \
+                              : *(const uint4*)((const bf16*)wv + at);                                \
+        }                                                                                             \
+    }
+
+    float acc[MT][NT][4];
+    float part[MT][NT][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[m][j][q] = 0.f;
+
+    MG_LOAD(0);
+    for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+        for (int i = 0; i < A_PER; i++) {
+            int c = tid + i * MG_THREADS;
+            if (c < A_CH) *(uint4*)&as[c / (BK / 8)][(c % (BK / 8)) * 8] = ra[i];
+        }
+#pragma unroll
+        for (int i = 0; i < W_PER; i++) {
+            int c = tid + i * MG_THREADS;
+            if (c >= W_CH) continue;
+            int nn = c / (BK / W_EL), kc = (c % (BK / W_EL)) * W_EL;
+            if (FP8) {
+                uint2 p0 = e4m3x4_to_bf16x4(rw[i].x), p1 = e4m3x4_to_bf16x4(rw[i].y);
+                uint2 p2 = e4m3x4_to_bf16x4(rw[i].z), p3 = e4m3x4_to_bf16x4(rw[i].w);
+                *(uint4*)&ws[nn][kc] = make_uint4(p0.x, p0.y, p1.x, p1.y);
+                *(uint4*)&ws[nn][kc + 8] = make_uint4(p2.x, p2.y, p3.x, p3.y);
+            } else {
+                *(uint4*)&ws[nn][kc] = rw[i];
+            }
+        }
+        __syncthreads();
+        if (k0 + BK < K) MG_LOAD(k0 + BK);
+        float(*dst)[NT][4] = FP8 ? part : acc;
+        if (FP8) {
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int j = 0; j < NT; j++)
+#pragma unroll
+                    for (int q = 0; q < 4; q++) part[m][j][q] = 0.f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                int r0 = (wm * MT + m) * 16 + g;
+                unsigned af[4] = {*(const unsigned*)&as[r0][kk + 2 * tg], *(const unsigned*)&as[r0 + 8][kk + 2 * tg],
+                                  *(const unsigned*)&as[r0][kk + 2 * tg + 8],
+                                  *(const unsigned*)&as[r0 + 8][kk + 2 * tg + 8]};
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    int col = wn * WCOLS + j * 8 + g;
+                    mma_bf16(dst[m][j], af, *(const unsigned*)&ws[col][kk + 2 * tg],
+                             *(const unsigned*)&ws[col][kk + 2 * tg + 8]);
+                }
+            }
+        }
+        if (FP8) {
+            // The tile's block scale, times the 2^120 the exact conversion took out.
+            float s = sc[k0 / bk] * __int_as_float((127 + 120) << 23);
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int j = 0; j < NT; j++)
+#pragma unroll
+                    for (int q = 0; q < 4; q++) acc[m][j][q] += part[m][j][q] * s;
+        }
+        __syncthreads();
+    }
+#undef MG_LOAD
+
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int r = (wm * MT + m) * 16 + g + 8 * h;
+            int s = sorted[mb * BM + r];
+            if (s >= n_rows) continue;
+            float f = DOWN ? topk_w[s] : 1.f;
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                int col = n0 + wn * WCOLS + j * 8 + 2 * tg;
+                if (col < N)
+                    *(unsigned*)(out + (size_t)s * N + col) =
+                        pack_bf16x2(acc[m][j][2 * h] * f, acc[m][j][2 * h + 1] * f);
+            }
+        }
+    }
+}
+
+#define MOE_GEMM(name, BM, BN, BK, FP8, DOWN)                                                          \
+    extern "C" __global__ void __launch_bounds__(MG_THREADS)                                          \
+        name(const bf16* a, const void* w, const float* scales, bf16* out, const int* sorted,         \
+             const int* block_expert, const int* post_pad, const float* topk_w, int n_rows, int top_k, \
+             int N, int K, int bn, int bk) {                                                          \
+        moe_gemm<BM, BN, BK, FP8, DOWN>(a, w, scales, out, sorted, block_expert, post_pad, topk_w,    \
+                                        n_rows, top_k, N, K, bn, bk);                                 \
+    }
+// Tiles (BM x BN x BK): 16 x 128 x 64 for a few rows per expert (decode), 64 x 64 x 64 for
+// many; 16/64 x 32 x 32 for FP8 blocks of 32 (the tiny test checkpoint).
+#define MOE_GEMM_SET(tag, BM, BN, BK, FP8)                  \
+    MOE_GEMM(moe_gemm_up_##tag, BM, BN, BK, FP8, false)     \
+    MOE_GEMM(moe_gemm_down_##tag, BM, BN, BK, FP8, true)
+MOE_GEMM_SET(bf16_16x128x64, 16, 128, 64, false)
+MOE_GEMM_SET(bf16_64x64x64, 64, 64, 64, false)
+MOE_GEMM_SET(fp8_16x128x64, 16, 128, 64, true)
+MOE_GEMM_SET(fp8_64x64x64, 64, 64, 64, true)
+MOE_GEMM_SET(fp8_16x32x32, 16, 32, 32, true)
+MOE_GEMM_SET(fp8_64x32x32, 64, 32, 32, true)
+
+// out[t] = sum over j of y[t * k + j], in fp32 in j order (the block's output, which the
+// next add_rmsnorm adds to the residual).
+extern "C" __global__ void moe_sum(const bf16* __restrict__ y, bf16* __restrict__ out, int hidden, int k) {
+    const int t = blockIdx.x;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float s = 0.f;
+        for (int j = 0; j < k; j++) s += bf2f(y[((size_t)t * k + j) * hidden + c]);
+        out[(size_t)t * hidden + c] = f2bf(s);
+    }
+}
+
+// Nearest e4m3fn of x, saturating at +-448 (no infinities in the format).
+__device__ __forceinline__ unsigned char f2e4m3(float x) {
+    unsigned char s = x < 0.f ? 0x80 : 0;
+    float v = fminf(fabsf(x), 448.f);
+    if (v < 0.015625f) return s | (unsigned char)__float2int_rn(v * 512.f);  // subnormals: m * 2^-9
+    int e;
+    float f = frexpf(v, &e);  // v = f * 2^e, f in [0.5, 1): v = (1 + m / 8) * 2^(e - 1)
+    int m = __float2int_rn((2.f * f - 1.f) * 8.f);
+    int eb = e - 1 + 7;
+    if (m == 8) { m = 0; eb++; }
+    if (eb > 15 || (eb == 15 && m == 7)) return s | 0x7e;
+    return s | (unsigned char)(eb << 3) | (unsigned char)m;
+}
+
+// Seeded dummy FP8 weights: e4m3 of a uniform in [-448, 448) (with block scales a / 448,
+// a uniform in [-a, a) as fill_uniform's bf16 weights).
+extern "C" __global__ void fill_e4m3_uniform(unsigned char* __restrict__ out, unsigned long long n,
+                                             unsigned long long seed) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (; i < n; i += stride) out[i] = f2e4m3(448.f * (2.f * uniform01(seed, i) - 1.f));
+}
+
+extern "C" __global__ void fill_f32(float* __restrict__ out, unsigned long long n, float v) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (i < n) out[i] = v;
+}

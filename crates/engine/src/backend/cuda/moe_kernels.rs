@@ -1,0 +1,409 @@
+//! The mixture-of-experts kernels (`kernels/moe.cu`), compiled at start-up for MoE models
+//! only, and the sizing rules their launches share with the buffers they write: which
+//! grouped-GEMM tile a step uses ([`ExpertFormat::tiles`], [`block_rows`]) and how long the
+//! expert-sorted index is ([`sorted_len`]). Every grid is a function of the step's token
+//! count alone, so a decode bucket's launches are captured into its CUDA graph unchanged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::bail;
+use cudarc::driver::{CudaFunction, CudaStream, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use super::device::{CudaDevice, CudaError};
+use super::kernels::{compile_ptx, launch_err, DevPtr, Kernels};
+
+const SOURCE: &str = concat!(
+    include_str!("kernels/common.cu"),
+    include_str!("kernels/moe.cu")
+);
+
+/// Most experts a model may have (`MOE_MAX_EXPERTS` in moe.cu: the router softmax keeps a
+/// token's probabilities in one warp's registers).
+pub const MAX_EXPERTS: usize = 512;
+
+/// Threads of a `moe_gemm` block (`MG_THREADS`).
+const GEMM_THREADS: u32 = 128;
+
+/// How the experts' weights are stored on the device, which picks the GEMM kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertFormat {
+    Bf16,
+    /// e4m3 with an fp32 scale per `block` = `[rows, cols]` of each expert's weight (the
+    /// checkpoint's `weight_block_size`).
+    Fp8 {
+        block: [usize; 2],
+    },
+}
+
+/// One grouped-GEMM tile: `bm` expert rows x `bn` output columns x `bk` of the reduction
+/// per step (`moe_gemm_*_{tag}` in moe.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeTile {
+    pub bm: usize,
+    pub bn: usize,
+    pub bk: usize,
+}
+
+impl MoeTile {
+    fn tag(&self, format: ExpertFormat) -> String {
+        let w = match format {
+            ExpertFormat::Bf16 => "bf16",
+            ExpertFormat::Fp8 { .. } => "fp8",
+        };
+        format!("{w}_{}x{}x{}", self.bm, self.bn, self.bk)
+    }
+}
+
+/// The grouped GEMM's rows per block for a step of `tokens` tokens: 16 while the experts
+/// get few rows each (decode: one block per expert, little padding), 64 once they get
+/// more than 24 on average (fewer blocks re-reading the same expert's weights).
+pub fn block_rows(tokens: usize, top_k: usize, experts: usize) -> usize {
+    if tokens * top_k <= 24 * experts {
+        16
+    } else {
+        64
+    }
+}
+
+/// Entries of the expert-sorted index for `tokens` tokens at `bm` rows per block: every
+/// choice, plus each expert's padding to a whole block, rounded up to a whole block.
+pub fn sorted_len(tokens: usize, top_k: usize, experts: usize, bm: usize) -> usize {
+    (tokens * top_k + experts * (bm - 1)).div_ceil(bm) * bm
+}
+
+impl ExpertFormat {
+    /// The (few rows, many rows) tiles of this storage for experts with `[inter, hidden]`
+    /// gate/up and `[hidden, inter]` down weights. An FP8 tile must lie inside one scale
+    /// block, and gate and up (concatenated) must each be whole blocks; shapes the kernels
+    /// cannot take are an error naming the reason.
+    pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<[MoeTile; 2]> {
+        let t = |bm, bn, bk| MoeTile { bm, bn, bk };
+        let wide = [t(16, 128, 64), t(64, 64, 64)];
+        if !hidden.is_multiple_of(16) || !inter.is_multiple_of(16) {
+            bail!("the CUDA MoE kernels need hidden_size ({hidden}) and moe_intermediate_size ({inter}) to be multiples of 16");
+        }
+        match *self {
+            ExpertFormat::Bf16 => Ok(wide),
+            ExpertFormat::Fp8 { block: [br, bc] } => {
+                if !inter.is_multiple_of(br) {
+                    bail!("FP8 blocks of {br} rows do not divide moe_intermediate_size {inter}: gate and up would share a block");
+                }
+                if br.is_multiple_of(128) && bc.is_multiple_of(64) {
+                    Ok(wide)
+                } else if br.is_multiple_of(32) && bc.is_multiple_of(32) {
+                    Ok([t(16, 32, 32), t(64, 32, 32)])
+                } else {
+                    bail!("FP8 weight_block_size [{br}, {bc}]: the CUDA MoE kernels take blocks whose sides are multiples of 32")
+                }
+            }
+        }
+    }
+}
+
+/// Where one step's routing lives on the device (written by `topk_softmax` and `align`,
+/// read by the GEMMs).
+#[derive(Debug, Clone, Copy)]
+pub struct Routing {
+    /// `[tokens * top_k]` i32 expert ids.
+    pub ids: DevPtr,
+    /// `[tokens * top_k]` f32 router weights.
+    pub weights: DevPtr,
+    /// Expert-sorted flat choice indices ([`sorted_len`] of them).
+    pub sorted: DevPtr,
+    /// The expert of each block of `bm` sorted entries.
+    pub block_expert: DevPtr,
+    /// One i32: sorted entries in use (padding included).
+    pub post_pad: DevPtr,
+}
+
+/// One grouped GEMM: `rows` choices against the experts' `[n, k]` weights at `w` (and
+/// their FP8 scales), reading `a` and writing `out`.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupedGemm {
+    pub a: DevPtr,
+    pub w: DevPtr,
+    /// FP8 scales, 0 for bf16 weights.
+    pub scales: DevPtr,
+    pub out: DevPtr,
+    pub n: usize,
+    pub k: usize,
+    /// Gate/up (`a` row = token) or down (`a` row = choice, output times its weight).
+    pub down: bool,
+}
+
+/// The compiled MoE kernels.
+pub struct MoeKernels {
+    stream: Arc<CudaStream>,
+    topk_softmax: CudaFunction,
+    align: CudaFunction,
+    sum: CudaFunction,
+    fill_e4m3: CudaFunction,
+    fill_f32: CudaFunction,
+    /// By `moe_gemm_{up,down}_{tag}` name.
+    gemms: HashMap<String, CudaFunction>,
+}
+
+/// Compiles `kernels/moe.cu` to PTX for `arch` (e.g. `sm_90`), without fast math: the
+/// router softmax picks experts, and a flipped near-tie would change a token's experts.
+/// Needs only NVRTC, no GPU.
+pub fn compile_source(arch: &str) -> Result<Ptx, CudaError> {
+    compile_ptx(arch, "moe.cu", SOURCE, Vec::new())
+}
+
+impl MoeKernels {
+    /// Compiles moe.cu for `dev`'s architecture ([`compile_source`]) and loads it.
+    pub fn compile(dev: &CudaDevice) -> Result<Self, CudaError> {
+        let ptx = compile_source(&dev.arch)?;
+        let module = dev
+            .ctx
+            .load_module(ptx)
+            .map_err(|source| CudaError::Driver {
+                what: "loading the compiled MoE kernels",
+                source,
+            })?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|source| CudaError::Driver {
+                    what: "finding a MoE kernel",
+                    source,
+                })
+        };
+        let mut gemms = HashMap::new();
+        for tag in [
+            "bf16_16x128x64",
+            "bf16_64x64x64",
+            "fp8_16x128x64",
+            "fp8_64x64x64",
+            "fp8_16x32x32",
+            "fp8_64x32x32",
+        ] {
+            for dir in ["up", "down"] {
+                let name = format!("moe_gemm_{dir}_{tag}");
+                gemms.insert(name.clone(), f(&name)?);
+            }
+        }
+        Ok(Self {
+            stream: dev.stream.clone(),
+            topk_softmax: f("moe_topk_softmax")?,
+            align: f("moe_align")?,
+            sum: f("moe_sum")?,
+            fill_e4m3: f("fill_e4m3_uniform")?,
+            fill_f32: f("fill_f32")?,
+            gemms,
+        })
+    }
+
+    /// Routes `tokens` rows of fp32 `logits` (`[tokens, experts]`): the top `top_k`
+    /// experts by softmax probability, renormalised when `renormalise`.
+    pub fn topk_softmax(
+        &self,
+        logits: DevPtr,
+        r: &Routing,
+        tokens: usize,
+        experts: usize,
+        top_k: usize,
+        renormalise: bool,
+    ) -> Result<(), CudaError> {
+        let (t, e, k, rn) = (
+            tokens as i32,
+            experts as i32,
+            top_k as i32,
+            renormalise as i32,
+        );
+        let mut b = self.stream.launch_builder(&self.topk_softmax);
+        b.arg(&logits)
+            .arg(&r.ids)
+            .arg(&r.weights)
+            .arg(&t)
+            .arg(&e)
+            .arg(&k)
+            .arg(&rn);
+        unsafe { b.launch(Kernels::cfg((tokens.div_ceil(4) as u32, 1), 128, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// Groups the `tokens * top_k` choices by expert in blocks of `bm` rows.
+    pub fn align(
+        &self,
+        r: &Routing,
+        tokens: usize,
+        top_k: usize,
+        experts: usize,
+        bm: usize,
+    ) -> Result<(), CudaError> {
+        let cap = sorted_len(tokens, top_k, experts, bm) as i32;
+        let (n, e, bm_) = ((tokens * top_k) as i32, experts as i32, bm as i32);
+        let mut b = self.stream.launch_builder(&self.align);
+        b.arg(&r.ids)
+            .arg(&n)
+            .arg(&e)
+            .arg(&bm_)
+            .arg(&cap)
+            .arg(&r.sorted)
+            .arg(&r.block_expert)
+            .arg(&r.post_pad);
+        let smem = ((3 * experts + 1) * 4) as u32;
+        unsafe { b.launch(Kernels::cfg((1, 1), 1024, smem)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// One grouped GEMM over the routed choices of `tokens` tokens, in `tile`'s blocks
+    /// (`tile.bm` must be the `bm` the routing was aligned with).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        g: &GroupedGemm,
+        r: &Routing,
+        format: ExpertFormat,
+        tile: MoeTile,
+        tokens: usize,
+        top_k: usize,
+        experts: usize,
+    ) -> Result<(), CudaError> {
+        let dir = if g.down { "down" } else { "up" };
+        let func = &self.gemms[&format!("moe_gemm_{dir}_{}", tile.tag(format))];
+        let [bn, bk] = match format {
+            ExpertFormat::Bf16 => [tile.bn, tile.bk],
+            ExpertFormat::Fp8 { block } => block,
+        };
+        let (rows, k_, n, kk) = (
+            (tokens * top_k) as i32,
+            top_k as i32,
+            g.n as i32,
+            g.k as i32,
+        );
+        let (bn, bk) = (bn as i32, bk as i32);
+        let mut b = self.stream.launch_builder(func);
+        b.arg(&g.a)
+            .arg(&g.w)
+            .arg(&g.scales)
+            .arg(&g.out)
+            .arg(&r.sorted)
+            .arg(&r.block_expert)
+            .arg(&r.post_pad)
+            .arg(&r.weights)
+            .arg(&rows)
+            .arg(&k_)
+            .arg(&n)
+            .arg(&kk)
+            .arg(&bn)
+            .arg(&bk);
+        let grid = (
+            (sorted_len(tokens, top_k, experts, tile.bm) / tile.bm) as u32,
+            g.n.div_ceil(tile.bn) as u32,
+        );
+        unsafe { b.launch(Kernels::cfg(grid, GEMM_THREADS, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// `out[t] = sum_j y[t * top_k + j]` (`[tokens, hidden]` bf16).
+    pub fn sum(
+        &self,
+        y: DevPtr,
+        out: DevPtr,
+        tokens: usize,
+        hidden: usize,
+        top_k: usize,
+    ) -> Result<(), CudaError> {
+        let (h, k) = (hidden as i32, top_k as i32);
+        let mut b = self.stream.launch_builder(&self.sum);
+        b.arg(&y).arg(&out).arg(&h).arg(&k);
+        unsafe { b.launch(Kernels::cfg((tokens as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// `n` seeded e4m3 bytes of a uniform in [-448, 448) (dummy FP8 weights).
+    pub fn fill_e4m3_uniform(&self, out: DevPtr, n: usize, seed: u64) -> Result<(), CudaError> {
+        let n_ = n as u64;
+        let mut b = self.stream.launch_builder(&self.fill_e4m3);
+        b.arg(&out).arg(&n_).arg(&seed);
+        let blocks = n.div_ceil(256).min(65_536) as u32;
+        unsafe { b.launch(Kernels::cfg((blocks, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// `n` fp32 values of `v`.
+    pub fn fill_f32(&self, out: DevPtr, n: usize, v: f32) -> Result<(), CudaError> {
+        let n_ = n as u64;
+        let mut b = self.stream.launch_builder(&self.fill_f32);
+        b.arg(&out).arg(&n_).arg(&v);
+        unsafe { b.launch(Kernels::cfg((n.div_ceil(256) as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_follow_the_weight_storage() {
+        let t = |bm, bn, bk| MoeTile { bm, bn, bk };
+        // Qwen3-30B-A3B: bf16, or FP8 in 128 x 128 blocks, take the wide tiles.
+        let wide = [t(16, 128, 64), t(64, 64, 64)];
+        assert_eq!(ExpertFormat::Bf16.tiles(2048, 768).unwrap(), wide);
+        let fp8 = ExpertFormat::Fp8 { block: [128, 128] };
+        assert_eq!(fp8.tiles(2048, 768).unwrap(), wide);
+        // The tiny FP8 fixture's 32 x 32 blocks.
+        let small = ExpertFormat::Fp8 { block: [32, 32] };
+        assert_eq!(small.tiles(64, 32).unwrap(), [t(16, 32, 32), t(64, 32, 32)]);
+        // Every tile's BN divides the block rows and BK the block columns.
+        for f in [fp8, small] {
+            let ExpertFormat::Fp8 { block } = f else {
+                unreachable!()
+            };
+            for tile in f.tiles(2048, 768).unwrap() {
+                assert_eq!(block[0] % tile.bn, 0);
+                assert_eq!(block[1] % tile.bk, 0);
+            }
+        }
+        let err = ExpertFormat::Fp8 { block: [48, 48] }
+            .tiles(96, 96)
+            .unwrap_err();
+        assert!(err.to_string().contains("multiples of 32"), "{err}");
+        let err = ExpertFormat::Fp8 { block: [128, 128] }
+            .tiles(2048, 64)
+            .unwrap_err();
+        assert!(err.to_string().contains("gate and up"), "{err}");
+        assert!(ExpertFormat::Bf16.tiles(2048, 760).is_err());
+    }
+
+    #[test]
+    fn decode_steps_take_short_blocks_and_prefill_long_ones() {
+        // 128 experts, top 8: up to 384 tokens average at most 24 rows per expert.
+        assert_eq!(block_rows(1, 8, 128), 16);
+        assert_eq!(block_rows(384, 8, 128), 16);
+        assert_eq!(block_rows(385, 8, 128), 64);
+        assert_eq!(block_rows(8192, 8, 128), 64);
+    }
+
+    /// The sorted index holds every choice plus the worst-case padding (each expert one
+    /// block short of full), in whole blocks.
+    #[test]
+    fn the_sorted_index_covers_the_worst_padding() {
+        assert_eq!(
+            sorted_len(1, 8, 128, 16),
+            (8 + 128 * 15_usize).div_ceil(16) * 16
+        );
+        for (tokens, k, e, bm) in [(1, 2, 8, 16), (7, 2, 8, 64), (512, 8, 128, 64)] {
+            let len = sorted_len(tokens, k, e, bm);
+            assert_eq!(len % bm, 0);
+            // Worst case: every expert has a partial block.
+            let n = tokens * k;
+            let worst: usize = (0..e)
+                .map(|i| n / e + usize::from(i < n % e))
+                .map(|c| c.div_ceil(bm) * bm)
+                .sum();
+            assert!(len >= worst, "{tokens} {k} {e} {bm}: {len} < {worst}");
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Qwen3-MoE's sparse block on the GPU, beside the portable one (`model::moe`, the
+//! numerics reference), as vLLM's fused MoE runs it: the router GEMM (cuBLAS, fp32
+//! logits), the top-k softmax and the grouping of each token's choices by expert on the
+//! device (`moe_kernels`), one grouped GEMM for every expert's gate/up and one for down
+//! (the router weight applied in fp32), and the sum of each token's expert outputs. Nothing
+//! goes to the host, so decode steps are captured into CUDA graphs as the dense model's.
+//!
+//! The experts of a block-FP8 checkpoint (Qwen3-30B-A3B-FP8) stay in FP8 as stored, one
+//! byte per weight plus a scale per block, and the GEMMs convert them exactly to bf16 in
+//! shared memory (W8A16): decode reads each expert's weights once per step, so keeping
+//! half the bytes is what makes it fast, and the activations stay in bf16, as the dense
+//! path's. The layer's other weights (attention, router, norms) are bf16, dequantised at
+//! load when stored in FP8.
+
+use anyhow::anyhow;
+
+use crate::backend::cuda::buffer::DevBuf;
+use crate::backend::cuda::device::CudaDevice;
+use crate::backend::cuda::executor::ForwardCtx;
+use crate::backend::cuda::gemm::OutType;
+use crate::backend::cuda::kernels::{DevPtr, Kernels};
+use crate::backend::cuda::moe_kernels::{
+    block_rows, sorted_len, ExpertFormat, GroupedGemm, MoeKernels, MoeTile, Routing, MAX_EXPERTS,
+};
+use crate::backend::cuda::profile::Launcher;
+use crate::model::config::ModelConfig;
+use crate::model::qwen3::param_names;
+use crate::weights::SafetensorsFiles;
+
+const BF16: usize = 2;
+
+/// The sparse block's numbers.
+#[derive(Debug, Clone, Copy)]
+struct MoeDims {
+    experts: usize,
+    top_k: usize,
+    /// One expert's MLP width (`moe_intermediate_size`).
+    inter: usize,
+    hidden: usize,
+    renormalise: bool,
+}
+
+/// One sparse layer's weights: the router `[E, H]` bf16, the experts' gate and up stacked
+/// as `w13` `[E, 2I, H]` (gate rows first, as the dense path's gate_up) and down as `w2`
+/// `[E, H, I]`, in bf16 or in FP8 with their block scales (`[E, 2I/br, H/bc]`,
+/// `[E, H/br, I/bc]`).
+pub(crate) struct SparseLayer {
+    router: DevBuf,
+    w13: DevBuf,
+    w13_scales: Option<DevBuf>,
+    w2: DevBuf,
+    w2_scales: Option<DevBuf>,
+}
+
+impl SparseLayer {
+    /// Device bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        [
+            Some(&self.router),
+            Some(&self.w13),
+            self.w13_scales.as_ref(),
+            Some(&self.w2),
+            self.w2_scales.as_ref(),
+        ]
+        .iter()
+        .flatten()
+        .map(|b| b.bytes)
+        .sum()
+    }
+
+    /// The router's weight (tuned as a GEMM of its own).
+    pub(crate) fn router_ptr(&self) -> DevPtr {
+        self.router.ptr
+    }
+}
+
+/// The routing and expert activations of one step, sized for the largest.
+struct Scratch {
+    /// `[T, E]` fp32 router logits.
+    logits: DevBuf,
+    ids: DevBuf,
+    weights: DevBuf,
+    sorted: DevBuf,
+    block_expert: DevBuf,
+    post_pad: DevBuf,
+    /// `[T * k, max(2I, H)]` bf16: gate/up output, then (once `act` has consumed it) the
+    /// down output.
+    inter: DevBuf,
+    /// `[T * k, I]` bf16: SiLU(gate) * up.
+    act: DevBuf,
+}
+
+impl Scratch {
+    fn bytes(&self) -> usize {
+        [
+            &self.logits,
+            &self.ids,
+            &self.weights,
+            &self.sorted,
+            &self.block_expert,
+            &self.post_pad,
+            &self.inter,
+            &self.act,
+        ]
+        .iter()
+        .map(|b| b.bytes)
+        .sum()
+    }
+
+    fn routing(&self) -> Routing {
+        Routing {
+            ids: self.ids.ptr,
+            weights: self.weights.ptr,
+            sorted: self.sorted.ptr,
+            block_expert: self.block_expert.ptr,
+            post_pad: self.post_pad.ptr,
+        }
+    }
+}
+
+/// A mixture-of-experts model's sparse blocks on the device: their kernels, the expert
+/// storage and tiles, which layers are sparse, and the step scratch.
+pub(crate) struct CudaMoe {
+    d: MoeDims,
+    format: ExpertFormat,
+    /// Tiles for few and many rows per expert (`moe_kernels::block_rows` picks).
+    tiles: [MoeTile; 2],
+    sparse: Vec<bool>,
+    kernels: MoeKernels,
+    scratch: Scratch,
+}
+
+impl CudaMoe {
+    /// The sparse blocks of `config` (`None` for a dense model), with scratch for steps of
+    /// up to `max_tokens` tokens. The experts are kept in FP8 when the checkpoint's
+    /// `quantization_config` quantises them, else in bf16. Shapes the kernels cannot take
+    /// are an error naming the reason.
+    pub(crate) fn new(
+        dev: &CudaDevice,
+        config: &ModelConfig,
+        max_tokens: usize,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(m) = &config.moe else {
+            return Ok(None);
+        };
+        let d = MoeDims {
+            experts: m.num_experts,
+            top_k: m.num_experts_per_tok,
+            inter: m.moe_intermediate_size,
+            hidden: config.hidden_size,
+            renormalise: m.norm_topk_prob,
+        };
+        if d.experts > MAX_EXPERTS || d.top_k == 0 || d.top_k > d.experts {
+            anyhow::bail!(
+                "--device cuda: top-{} of {} experts (the CUDA MoE kernels take up to {MAX_EXPERTS} experts)",
+                d.top_k,
+                d.experts
+            );
+        }
+        let format = match &config.fp8 {
+            Some(q) if q.converts("model.layers.0.mlp.experts.0.gate_proj") => {
+                ExpertFormat::Fp8 { block: q.block }
+            }
+            _ => ExpertFormat::Bf16,
+        };
+        let tiles = format.tiles(d.hidden, d.inter)?;
+        let kernels = MoeKernels::compile(dev)?;
+        let (t, k, e) = (max_tokens.max(1), d.top_k, d.experts);
+        let i32s = |n: usize| DevBuf::alloc(dev, n * 4);
+        let scratch = Scratch {
+            logits: i32s(t * e)?,
+            ids: i32s(t * k)?,
+            weights: i32s(t * k)?,
+            sorted: i32s(sorted_len(t, k, e, 64).max(sorted_len(t, k, e, 16)))?,
+            block_expert: i32s(sorted_len(t, k, e, 16) / 16)?,
+            post_pad: i32s(1)?,
+            inter: DevBuf::alloc(dev, t * k * (2 * d.inter).max(d.hidden) * BF16)?,
+            act: DevBuf::alloc(dev, t * k * d.inter * BF16)?,
+        };
+        Ok(Some(Self {
+            d,
+            format,
+            tiles,
+            sparse: (0..config.num_hidden_layers)
+                .map(|l| config.is_sparse_layer(l))
+                .collect(),
+            kernels,
+            scratch,
+        }))
+    }
+
+    /// Whether `layer` has the sparse block (else the dense MLP).
+    pub(crate) fn is_sparse(&self, layer: usize) -> bool {
+        self.sparse.get(layer).copied().unwrap_or(false)
+    }
+
+    /// Device bytes of the step scratch.
+    pub(crate) fn scratch_bytes(&self) -> usize {
+        self.scratch.bytes()
+    }
+
+    /// Seeded random weights of one sparse layer (`--load-format dummy`), as the dense
+    /// model's: uniform with the initializer's std; FP8 experts as e4m3 of a uniform with
+    /// every block's scale set so that the weight has the same range.
+    pub(crate) fn dummy_layer(
+        &self,
+        dev: &CudaDevice,
+        k: &Kernels,
+        mut next_seed: impl FnMut() -> u64,
+    ) -> anyhow::Result<SparseLayer> {
+        let d = &self.d;
+        let a = 0.02f32 * 3f32.sqrt();
+        let bf16 = |elems: usize, seed: u64| -> anyhow::Result<DevBuf> {
+            let b = DevBuf::alloc(dev, elems * BF16)?;
+            k.fill_uniform(b.ptr, elems, seed, a, 0.0)?;
+            Ok(b)
+        };
+        let router = bf16(d.experts * d.hidden, next_seed())?;
+        let mut experts = |rows: usize, cols: usize| -> anyhow::Result<(DevBuf, Option<DevBuf>)> {
+            let elems = d.experts * rows * cols;
+            match self.format {
+                ExpertFormat::Bf16 => Ok((bf16(elems, next_seed())?, None)),
+                ExpertFormat::Fp8 { block: [br, bc] } => {
+                    let w = DevBuf::alloc(dev, elems)?;
+                    self.kernels.fill_e4m3_uniform(w.ptr, elems, next_seed())?;
+                    let n = d.experts * rows.div_ceil(br) * cols.div_ceil(bc);
+                    let s = DevBuf::alloc(dev, n * 4)?;
+                    self.kernels.fill_f32(s.ptr, n, a / 448.0)?;
+                    Ok((w, Some(s)))
+                }
+            }
+        };
+        let (w13, w13_scales) = experts(2 * d.inter, d.hidden)?;
+        let (w2, w2_scales) = experts(d.hidden, d.inter)?;
+        Ok(SparseLayer {
+            router,
+            w13,
+            w13_scales,
+            w2,
+            w2_scales,
+        })
+    }
+
+    /// Sparse layer `layer` of a Hugging Face checkpoint: the router in bf16, each expert's
+    /// gate, up and down copied into the stacked device weights one expert at a time (the
+    /// host holds one expert's weights at a time), in FP8 as stored or in bf16.
+    pub(crate) fn layer_from_safetensors(
+        &self,
+        dev: &CudaDevice,
+        st: &SafetensorsFiles,
+        layer: usize,
+    ) -> anyhow::Result<SparseLayer> {
+        let d = &self.d;
+        let (h, i, e_n) = (d.hidden, d.inter, d.experts);
+        let p = format!("layers.{layer}.mlp");
+        let router = DevBuf::upload(
+            dev,
+            &st.bf16(&param_names(&format!("{p}.gate.weight")), e_n, h)?,
+        )?;
+        let name = |e: usize, w: &str| param_names(&format!("{p}.experts.{e}.{w}.weight"));
+        // (stacked weight, its scales): gate and up rows of expert e at e * 2I * H, down at
+        // e * H * I (in elements).
+        let parts: [(&str, usize, usize, usize); 3] = [
+            ("gate_proj", i, h, 0),
+            ("up_proj", i, h, i * h),
+            ("down_proj", h, i, 0),
+        ];
+        let elem = match self.format {
+            ExpertFormat::Bf16 => BF16,
+            ExpertFormat::Fp8 { .. } => 1,
+        };
+        let w13 = DevBuf::alloc(dev, e_n * 2 * i * h * elem)?;
+        let w2 = DevBuf::alloc(dev, e_n * h * i * elem)?;
+        let mut s13 = Vec::new();
+        let mut s2 = Vec::new();
+        for e in 0..e_n {
+            for (j, &(w, rows, cols, within)) in parts.iter().enumerate() {
+                let (buf, stride, scales) = if j < 2 {
+                    (&w13, 2 * i * h, &mut s13)
+                } else {
+                    (&w2, h * i, &mut s2)
+                };
+                let at = (e * stride + within) * elem;
+                match self.format {
+                    ExpertFormat::Bf16 => {
+                        buf.write_at(dev, at, &st.bf16(&name(e, w), rows, cols)?)?
+                    }
+                    ExpertFormat::Fp8 { .. } => {
+                        let q = st.fp8(&name(e, w), rows, cols)?;
+                        buf.write_at(dev, at, q.bytes)?;
+                        scales.extend_from_slice(&q.scales);
+                    }
+                }
+            }
+        }
+        let scales = |s: Vec<f32>| -> anyhow::Result<Option<DevBuf>> {
+            match self.format {
+                ExpertFormat::Bf16 => Ok(None),
+                ExpertFormat::Fp8 { .. } => Ok(Some(DevBuf::upload(dev, &s)?)),
+            }
+        };
+        let weights = SparseLayer {
+            router,
+            w13,
+            w13_scales: scales(s13)?,
+            w2,
+            w2_scales: scales(s2)?,
+        };
+        dev.stream
+            .synchronize()
+            .map_err(|e| anyhow!("uploading layer {layer}'s experts: {e}"))?;
+        Ok(weights)
+    }
+
+    /// The sparse block over `tokens` rows of the normed hidden state `x` (`[T, H]` bf16),
+    /// its output into `out` (`[T, H]` bf16, added to the residual by the next norm).
+    pub(crate) fn forward(
+        &self,
+        cx: &ForwardCtx<'_>,
+        ops: &mut Launcher<'_>,
+        w: &SparseLayer,
+        x: DevPtr,
+        out: DevPtr,
+        tokens: usize,
+    ) -> anyhow::Result<()> {
+        let (d, s, mk) = (&self.d, &self.scratch, &self.kernels);
+        let (t, k, e) = (tokens, d.top_k, d.experts);
+        let bm = block_rows(t, k, e);
+        let tile = self.tiles[usize::from(bm != self.tiles[0].bm)];
+        let r = s.routing();
+        let scales = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
+        ops.op("gemm router", || {
+            cx.gemm.linear(
+                cx.dev,
+                x,
+                w.router.ptr,
+                s.logits.ptr,
+                t,
+                e,
+                d.hidden,
+                OutType::F32,
+            )
+        })?;
+        ops.op("moe route", || {
+            mk.topk_softmax(s.logits.ptr, &r, t, e, k, d.renormalise)
+        })?;
+        ops.op("moe align", || mk.align(&r, t, k, e, tile.bm))?;
+        let up = GroupedGemm {
+            a: x,
+            w: w.w13.ptr,
+            scales: scales(&w.w13_scales),
+            out: s.inter.ptr,
+            n: 2 * d.inter,
+            k: d.hidden,
+            down: false,
+        };
+        ops.op("moe gemm gate_up", || {
+            mk.gemm(&up, &r, self.format, tile, t, k, e)
+        })?;
+        ops.op("silu*up", || {
+            cx.kernels.silu_mul(s.inter.ptr, s.act.ptr, t * k, d.inter)
+        })?;
+        let down = GroupedGemm {
+            a: s.act.ptr,
+            w: w.w2.ptr,
+            scales: scales(&w.w2_scales),
+            out: s.inter.ptr,
+            n: d.hidden,
+            k: d.inter,
+            down: true,
+        };
+        ops.op("moe gemm down", || {
+            mk.gemm(&down, &r, self.format, tile, t, k, e)
+        })?;
+        ops.op("moe sum", || mk.sum(s.inter.ptr, out, t, d.hidden, k))
+    }
+
+    /// The router GEMM's shape (`n`, `k`) and its output buffer, for tuning.
+    pub(crate) fn router_gemm(&self) -> (usize, usize, DevPtr) {
+        (self.d.experts, self.d.hidden, self.scratch.logits.ptr)
+    }
+}
