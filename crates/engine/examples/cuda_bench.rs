@@ -6,7 +6,7 @@
 //! `scripts/gpu/cuda-bench.sh`:
 //!
 //! `cargo run --release -p engine --example cuda_bench -- [PARTS]`
-//! with PARTS a comma-separated subset of `attn,gemm,gen17,embed,gen8,long8` (`gen17,embed,gen8`
+//! with PARTS a comma-separated subset of `attn,gemm,gen17,embed,gen8,long8,moe` (`gen17,embed,gen8`
 //! by default; the `COLOCATE_CUDA_BENCH` variable is read when no argument is given).
 //! `attn` checks the decode attention kernels on their own against an f64 reference on
 //! the host (random Q/K/V, scattered blocks, contexts from 1 to 4,100 keys, split and
@@ -27,7 +27,9 @@
 //! combination's (`CHECK` lines). After each load, `GEMMTUNE` and `GEMM` lines give what
 //! the tuning measured per shape.
 //! `gen8-64` is the 8B batch-64 workload of `gen8` alone (for sweeps of
-//! `COLOCATE_DECODE_MIN_CHUNK`).
+//! `COLOCATE_DECODE_MIN_CHUNK`). `moe` is the gen workload of the seeds' generator,
+//! Qwen3-30B-A3B-FP8 (experts kept in FP8), at batch 64 and 256; its floor counts the
+//! experts a step routes to.
 
 use std::time::Instant;
 
@@ -107,30 +109,48 @@ fn measure_bandwidth() -> anyhow::Result<f64> {
     Ok(bw)
 }
 
-/// Weight bytes a decode step reads: every parameter but the input embedding table (only
-/// the batch's rows of it are gathered), unless it doubles as the LM head.
-fn weights_read(c: &ModelConfig) -> f64 {
+/// Weight bytes a decode step of `batch` sequences reads, as the engine holds them (bf16;
+/// a mixture of experts' FP8 experts in FP8): every parameter but the input embedding
+/// table (only the batch's rows of it are gathered) unless it doubles as the LM head, and
+/// of the experts only those the batch routes to, taking the routing as uniform (as random
+/// weights give): `E (1 - (1 - k/E)^batch)` experts per sparse layer.
+fn weights_read(c: &ModelConfig, batch: usize) -> f64 {
     let embed = if c.tie_word_embeddings {
         0
     } else {
         c.vocab_size * c.hidden_size
     };
-    ((c.num_parameters() - embed) * 2) as f64
+    let mut bytes = (c.resident_weight_bytes(2, Fp8Kept::Experts, true) - embed * 2) as f64;
+    if let Some(m) = &c.moe {
+        let fp8 = c
+            .fp8
+            .as_ref()
+            .is_some_and(|q| q.converts("model.layers.0.mlp.experts.0.gate_proj"));
+        let per_expert =
+            (3 * c.hidden_size * m.moe_intermediate_size * if fp8 { 1 } else { 2 }) as f64;
+        let e = m.num_experts as f64;
+        let touched = e * (1.0 - (1.0 - m.num_experts_per_tok as f64 / e).powi(batch as i32));
+        let sparse = (0..c.num_hidden_layers)
+            .filter(|&l| c.is_sparse_layer(l))
+            .count() as f64;
+        bytes -= sparse * (e - touched) * per_expert;
+    }
+    bytes
 }
 
 /// Floor of one decode step: the weights and the K/V of `batch` sequences of `ctx` tokens
 /// read once at `bw` bytes/s, in ms.
 fn step_floor_ms(c: &ModelConfig, batch: usize, ctx: f64, bw: f64) -> f64 {
     let kv = batch as f64 * ctx * c.kv_bytes_per_token(2) as f64;
-    (weights_read(c) + kv) / bw * 1e3
+    (weights_read(c, batch) + kv) / bw * 1e3
 }
 
 /// Bandwidth limit of the gen workload: every decode step reads the weights and the KV of
 /// every sequence (mean context prompt + gen/2) at the measured bandwidth; prefill at
-/// 790 TFLOP/s.
+/// 790 TFLOP/s over the parameters a token uses (a mixture of experts' active ones).
 fn gen_limit_tok_s(c: &ModelConfig, batch: usize, prompt: usize, gen: usize, bw: f64) -> f64 {
     let step = step_floor_ms(c, batch, (prompt + gen / 2) as f64, bw) * 1e-3;
-    let params = c.weight_bytes(2) as f64 / 2.0;
+    let params = c.active_parameters() as f64;
     let prefill = 2.0 * params * (batch * prompt) as f64 / 790e12;
     (batch * gen) as f64 / (gen as f64 * step + prefill)
 }
@@ -918,6 +938,10 @@ fn main() -> anyhow::Result<()> {
                 bench_gen("qwen3-8b", 256, 1, &vs, bw)?;
             }
             "gen8-64" => bench_gen("qwen3-8b", 64, 2, &vs, bw)?,
+            "moe" => {
+                bench_gen("qwen3-30b-a3b-fp8", 64, 2, &vs, bw)?;
+                bench_gen("qwen3-30b-a3b-fp8", 256, 1, &vs, bw)?;
+            }
             "long8" => {
                 bench_long("qwen3-8b", 32, 2048, 32, &vs, bw)?;
                 bench_long("qwen3-8b", 32, 8192, 32, &vs, bw)?;
@@ -927,7 +951,7 @@ fn main() -> anyhow::Result<()> {
             "gemm" => gemm_check()?,
             other => {
                 anyhow::bail!(
-                    "unknown bench part {other:?} (attn, gemm, gen17, embed, gen8, gen8-64, long8)"
+                    "unknown bench part {other:?} (attn, gemm, gen17, embed, gen8, gen8-64, long8, moe)"
                 )
             }
         }
