@@ -80,10 +80,10 @@ impl ExpertFormat {
     /// cannot take are an error naming the reason.
     pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<[MoeTile; 2]> {
         let t = |bm, bn, bk| MoeTile { bm, bn, bk };
-        let wide = [t(16, 128, 64), t(64, 64, 64)];
         if !hidden.is_multiple_of(16) || !inter.is_multiple_of(16) {
             bail!("the CUDA MoE kernels need hidden_size ({hidden}) and moe_intermediate_size ({inter}) to be multiples of 16");
         }
+        let wide = [t(16, 128, 64), t(64, 64, 64)];
         match *self {
             ExpertFormat::Bf16 => Ok(wide),
             ExpertFormat::Fp8 { block: [br, bc] } => {

@@ -289,6 +289,10 @@ extern "C" __global__ void paged_attention(const bf16* __restrict__ qkv, bf16* _
 // tile_start/tile_len come from the host (tiles never cross sequences).
 #define QT 8
 #define KT 32
+// The block's queries in fp32, pre-scaled, where they fit in the 48 KiB of static shared
+// memory beside the K/V tile; else (GQA 8 at head size 128: Qwen3-30B-A3B) in bf16 as
+// stored, the scale applied to each score.
+#define PA_SQ_F32 (QT * GQA * HEAD_DIM * 4 + KT * (2 * HEAD_DIM + 2) * 2 <= 48 * 1024)
 extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16* __restrict__ out,
                                             const bf16* __restrict__ kcache, const bf16* __restrict__ vcache,
                                             const int* __restrict__ block_tables, int max_blocks,
@@ -296,7 +300,6 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
                                             const int* __restrict__ tile_start, const int* __restrict__ tile_len,
                                             int block_size, int nkv, float scale) {
     const int D = HEAD_DIM, G = GQA, E = ATT_E;
-    const int KS = D + 2;  // padded K row (bf16 elements): conflict-free lane-per-row reads
     int nq = nkv * G;
     int kvh = blockIdx.y;
     int t0 = tile_start[blockIdx.x], n = tile_len[blockIdx.x];
@@ -310,14 +313,23 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
     int d0 = lane * E;
     bool dact = d0 < D;
 
+#if PA_SQ_F32
     __shared__ float sq[QT][GQA][HEAD_DIM];
+#else
+    __shared__ bf16 sq[QT][GQA][HEAD_DIM];
+#endif
+    // K rows padded by one pair: conflict-free lane-per-row reads.
     __shared__ bf16 sk[KT][HEAD_DIM + 2];
     __shared__ bf16 sv[KT][HEAD_DIM];
     if (active) {
 #pragma unroll
         for (int g = 0; g < G; g++) {
             const bf16* qp = qkv + (size_t)t * width + (kvh * G + g) * D;
+#if PA_SQ_F32
             for (int d = lane; d < D; d += 32) sq[warp][g][d] = bf2f(qp[d]) * scale;
+#else
+            for (int d = lane; d < D; d += 32) sq[warp][g][d] = qp[d];
+#endif
         }
     }
     float acc[GQA][ATT_E], m[GQA], l[GQA];
@@ -351,12 +363,23 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
 #pragma unroll
         for (int g = 0; g < G; g++) {
             float s = 0.f;
+#if PA_SQ_F32
             const float* qv = sq[warp][g];
 #pragma unroll 8
             for (int d = 0; d < D; d += 2) {
                 unsigned kk = *(const unsigned*)(&sk[lane][d]);
                 s += qv[d] * __uint_as_float(kk << 16) + qv[d + 1] * __uint_as_float(kk & 0xffff0000u);
             }
+#else
+            const bf16* qv = sq[warp][g];
+#pragma unroll 8
+            for (int d = 0; d < D; d += 2) {
+                unsigned kk = *(const unsigned*)(&sk[lane][d]), qq = *(const unsigned*)(&qv[d]);
+                s += __uint_as_float(qq << 16) * __uint_as_float(kk << 16) +
+                     __uint_as_float(qq & 0xffff0000u) * __uint_as_float(kk & 0xffff0000u);
+            }
+            s *= scale;
+#endif
             s = valid ? s : -1e30f;
             float mn = fmaxf(m[g], warp_max(s));
             float corr = __expf(m[g] - mn);

@@ -110,19 +110,27 @@ extern "C" __global__ void moe_align(const int* __restrict__ ids, int n, int exp
     for (int i = threadIdx.x; i < n; i += blockDim.x) sorted[atomicAdd(&cur[ids[i]], 1)] = i;
 }
 
-// 4 e4m3 bytes -> 4 bf16 of the same value times 2^-120, exactly (subnormals included):
-// sign and the 7 exponent/mantissa bits move into bf16's fields, whose exponent bias is 120
-// more. The 2^120 goes into the block scale.
-__device__ __forceinline__ uint2 e4m3x4_to_bf16x4(unsigned w) {
-    unsigned lo = __byte_perm(w, 0, 0x1404), hi = __byte_perm(w, 0, 0x3424);
-    uint2 r;
-    r.x = (lo & 0x80008000u) | ((lo >> 4) & 0x07f007f0u);
-    r.y = (hi & 0x80008000u) | ((hi >> 4) & 0x07f007f0u);
-    return r;
+// 2 e4m3 bytes (the low half of x) -> 2 bf16 of the same values times 2^-120, exactly
+// (subnormals included): sign and the 7 exponent/mantissa bits move into bf16's fields,
+// whose exponent bias is 120 more. The 2^120 goes into the block scale.
+__device__ __forceinline__ unsigned e4m3x2_to_bf16x2(unsigned x) {
+    unsigned v = __byte_perm(x, 0, 0x1404);
+    return (v & 0x80008000u) | ((v >> 4) & 0x07f007f0u);
+}
+
+// 16 bytes global -> shared without registers (zero-filled when !valid).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 #define MG_THREADS 128
-#define MG_PAD 8
 
 // The grouped expert GEMM: block (mb, nb) computes rows mb*BM.. of the sorted choices
 // against columns nb*BN.. of its expert's weight W[e] [N, K] (row-major, as a Linear's).
@@ -130,27 +138,29 @@ __device__ __forceinline__ uint2 e4m3x4_to_bf16x4(unsigned w) {
 // (down: the choice's activation); the output row is out[s], times the router weight w[s]
 // when DOWN. FP8: W is e4m3 with fp32 scales per [bn, bk] block ([E, N/bn, K/bk]); a tile
 // lies in one block (BN | bn, BK | bk, checked by the host), so each k-tile's partial sum
-// takes its block's scale once, in fp32 (W8A16: the weight is exact in bf16, no
-// activation quantisation). Tiles go global -> registers (the next tile's loads are in
-// flight while the current one computes) -> shared memory -> mma.sync.
-template <int BM, int BN, int BK, bool FP8, bool DOWN>
+// takes its block's scale once, in fp32 (W8A16: the weight is exact in bf16, no activation
+// quantisation). Tiles stream global -> shared memory by cp.async through NST stages (the
+// weights as stored: decode is bound by their stream, so FP8 halves it), and FP8 weights
+// are converted as the B fragments are read. Four warps side by side over the columns,
+// each over all BM rows, so every weight is converted once per block.
+template <int BM, int BN, int BK, int NST, bool FP8, bool DOWN>
 __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void* __restrict__ wv,
                                          const float* __restrict__ scales, bf16* __restrict__ out,
                                          const int* __restrict__ sorted, const int* __restrict__ block_expert,
                                          const int* __restrict__ post_pad, const float* __restrict__ topk_w,
                                          int n_rows, int top_k, int N, int K, int bn, int bk) {
-    constexpr int WM = BM / 16 < 4 ? BM / 16 : 4;
-    constexpr int WN = 4 / WM;
-    constexpr int MT = BM / 16 / WM;
-    constexpr int WCOLS = BN / WN;
+    constexpr int WB = FP8 ? 1 : 2;      // bytes per weight
+    constexpr int AS = BK + 8;           // A row stride, bf16 elements (conflict-free fragments)
+    constexpr int WS = BK * WB + 16;     // W row stride, bytes (conflict-free fragments)
+    constexpr int A_BYTES = BM * AS * 2;
+    constexpr int STAGE = A_BYTES + BN * WS;
+    constexpr int MT = BM / 16;
+    constexpr int WCOLS = BN / 4;
     constexpr int NT = WCOLS / 8;
-    constexpr int A_CH = BM * BK / 8;
-    constexpr int A_PER = (A_CH + MG_THREADS - 1) / MG_THREADS;
-    constexpr int W_EL = FP8 ? 16 : 8;
-    constexpr int W_CH = BN * BK / W_EL;
-    constexpr int W_PER = (W_CH + MG_THREADS - 1) / MG_THREADS;
-    __shared__ __align__(16) bf16 as[BM][BK + MG_PAD];
-    __shared__ __align__(16) bf16 ws[BN][BK + MG_PAD];
+    constexpr int A_CH = BM * BK / 8;    // 16-byte chunks per stage
+    constexpr int W_CPR = BK * WB / 16;  // 16-byte chunks per weight row
+    constexpr int W_CH = BN * W_CPR;
+    __shared__ __align__(16) unsigned char sm[NST * STAGE];
     __shared__ int arow[BM];
 
     const int mb = blockIdx.x;
@@ -158,37 +168,33 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     const int e = block_expert[mb];
     const int n0 = blockIdx.y * BN;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
-    const int wm = warp % WM, wn = warp / WM;
     for (int r = tid; r < BM; r += MG_THREADS) {
         int s = sorted[mb * BM + r];
         arow[r] = s < n_rows ? (DOWN ? s : s / top_k) : -1;
     }
     __syncthreads();
 
-    const size_t wexp = (size_t)e * N * K;
+    const unsigned char* wexp = (const unsigned char*)wv + (size_t)e * N * K * WB;
     const int kb = (K + bk - 1) / bk;
     const float* sc = FP8 ? scales + ((size_t)e * ((N + bn - 1) / bn) + n0 / bn) * kb : nullptr;
-    uint4 ra[A_PER], rw[W_PER];
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-
-#define MG_LOAD(k0)                                                                                   \
-    {                                                                                                 \
-        _Pragma("unroll") for (int i = 0; i < A_PER; i++) {                                           \
-            int c = tid + i * MG_THREADS;                                                             \
-            int r = c / (BK / 8), kc = (c % (BK / 8)) * 8;                                            \
-            int row = c < A_CH ? arow[r] : -1;                                                        \
-            ra[i] = row >= 0 && (k0) + kc < K ? *(const uint4*)(a + (size_t)row * K + (k0) + kc) : zero; \
-        }                                                                                             \
-        _Pragma("unroll") for (int i = 0; i < W_PER; i++) {                                           \
-            int c = tid + i * MG_THREADS;                                                             \
-            int nn = c / (BK / W_EL), kc = (c % (BK / W_EL)) * W_EL;                                  \
-            bool ok = c < W_CH && n0 + nn < N && (k0) + kc < K;                                       \
-            size_t at = wexp + (size_t)(n0 + nn) * K + (k0) + kc;                                     \
-            rw[i] = !ok ? zero                                                                        \
-                        : FP8 ? *(const uint4*)((const unsigned char*)wv + at)                        \
-                              : *(const uint4*)((const bf16*)wv + at);                                \
-        }                                                                                             \
-    }
+    const int nk = (K + BK - 1) / BK;
+    auto issue = [&](int kt) {
+        unsigned char* st = sm + (kt % NST) * STAGE;
+        const int k0 = kt * BK;
+        for (int c = tid; c < A_CH; c += MG_THREADS) {
+            int r = c / (BK / 8), kc = (c % (BK / 8)) * 8;
+            int row = arow[r];
+            bool ok = row >= 0 && k0 + kc < K;
+            const bf16* src = ok ? a + (size_t)row * K + k0 + kc : a;
+            cp_async16(st + (r * AS + kc) * 2, src, ok);
+        }
+        for (int c = tid; c < W_CH; c += MG_THREADS) {
+            int nn = c / W_CPR, cb = (c % W_CPR) * 16;
+            bool ok = n0 + nn < N && k0 * WB + cb < K * WB;
+            const unsigned char* src = ok ? wexp + ((size_t)(n0 + nn) * K + k0) * WB + cb : wexp;
+            cp_async16(st + A_BYTES + nn * WS + cb, src, ok);
+        }
+    };
 
     float acc[MT][NT][4];
     float part[MT][NT][4];
@@ -199,31 +205,19 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 #pragma unroll
             for (int q = 0; q < 4; q++) acc[m][j][q] = 0.f;
 
-    MG_LOAD(0);
-    for (int k0 = 0; k0 < K; k0 += BK) {
 #pragma unroll
-        for (int i = 0; i < A_PER; i++) {
-            int c = tid + i * MG_THREADS;
-            if (c < A_CH) *(uint4*)&as[c / (BK / 8)][(c % (BK / 8)) * 8] = ra[i];
-        }
-#pragma unroll
-        for (int i = 0; i < W_PER; i++) {
-            int c = tid + i * MG_THREADS;
-            if (c >= W_CH) continue;
-            int nn = c / (BK / W_EL), kc = (c % (BK / W_EL)) * W_EL;
-            if (FP8) {
-                uint2 p0 = e4m3x4_to_bf16x4(rw[i].x), p1 = e4m3x4_to_bf16x4(rw[i].y);
-                uint2 p2 = e4m3x4_to_bf16x4(rw[i].z), p3 = e4m3x4_to_bf16x4(rw[i].w);
-                *(uint4*)&ws[nn][kc] = make_uint4(p0.x, p0.y, p1.x, p1.y);
-                *(uint4*)&ws[nn][kc + 8] = make_uint4(p2.x, p2.y, p3.x, p3.y);
-            } else {
-                *(uint4*)&ws[nn][kc] = rw[i];
-            }
-        }
+    for (int s = 0; s < NST - 1; s++) {
+        if (s < nk) issue(s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        cp_async_wait<NST - 2>();
         __syncthreads();
-        if (k0 + BK < K) MG_LOAD(k0 + BK);
-        float(*dst)[NT][4] = FP8 ? part : acc;
-        if (FP8) {
+        if (kt + NST - 1 < nk) issue(kt + NST - 1);
+        cp_async_commit();
+        const bf16* as = (const bf16*)(sm + (kt % NST) * STAGE);
+        const unsigned char* ws = sm + (kt % NST) * STAGE + A_BYTES;
+        if constexpr (FP8) {
 #pragma unroll
             for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -233,23 +227,36 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
         }
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
+            unsigned af[MT][4];
 #pragma unroll
             for (int m = 0; m < MT; m++) {
-                int r0 = (wm * MT + m) * 16 + g;
-                unsigned af[4] = {*(const unsigned*)&as[r0][kk + 2 * tg], *(const unsigned*)&as[r0 + 8][kk + 2 * tg],
-                                  *(const unsigned*)&as[r0][kk + 2 * tg + 8],
-                                  *(const unsigned*)&as[r0 + 8][kk + 2 * tg + 8]};
+                const bf16* r0 = as + (m * 16 + g) * AS + kk + 2 * tg;
+                af[m][0] = *(const unsigned*)r0;
+                af[m][1] = *(const unsigned*)(r0 + 8 * AS);
+                af[m][2] = *(const unsigned*)(r0 + 8);
+                af[m][3] = *(const unsigned*)(r0 + 8 * AS + 8);
+            }
 #pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    int col = wn * WCOLS + j * 8 + g;
-                    mma_bf16(dst[m][j], af, *(const unsigned*)&ws[col][kk + 2 * tg],
-                             *(const unsigned*)&ws[col][kk + 2 * tg + 8]);
+            for (int j = 0; j < NT; j++) {
+                const unsigned char* wr = ws + (warp * WCOLS + j * 8 + g) * WS + (kk + 2 * tg) * WB;
+                unsigned b0, b1;
+                if constexpr (FP8) {
+                    b0 = e4m3x2_to_bf16x2(*(const unsigned short*)wr);
+                    b1 = e4m3x2_to_bf16x2(*(const unsigned short*)(wr + 8));
+                } else {
+                    b0 = *(const unsigned*)wr;
+                    b1 = *(const unsigned*)(wr + 16);
+                }
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    if constexpr (FP8) mma_bf16(part[m][j], af[m], b0, b1);
+                    else mma_bf16(acc[m][j], af[m], b0, b1);
                 }
             }
         }
-        if (FP8) {
+        if constexpr (FP8) {
             // The tile's block scale, times the 2^120 the exact conversion took out.
-            float s = sc[k0 / bk] * __int_as_float((127 + 120) << 23);
+            float s = sc[kt * BK / bk] * __int_as_float((127 + 120) << 23);
 #pragma unroll
             for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -257,21 +264,19 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 #pragma unroll
                     for (int q = 0; q < 4; q++) acc[m][j][q] += part[m][j][q] * s;
         }
-        __syncthreads();
     }
-#undef MG_LOAD
+    cp_async_wait<0>();
 
 #pragma unroll
     for (int m = 0; m < MT; m++) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            int r = (wm * MT + m) * 16 + g + 8 * h;
-            int s = sorted[mb * BM + r];
+            int s = sorted[mb * BM + m * 16 + g + 8 * h];
             if (s >= n_rows) continue;
             float f = DOWN ? topk_w[s] : 1.f;
 #pragma unroll
             for (int j = 0; j < NT; j++) {
-                int col = n0 + wn * WCOLS + j * 8 + 2 * tg;
+                int col = n0 + warp * WCOLS + j * 8 + 2 * tg;
                 if (col < N)
                     *(unsigned*)(out + (size_t)s * N + col) =
                         pack_bf16x2(acc[m][j][2 * h] * f, acc[m][j][2 * h + 1] * f);
@@ -280,25 +285,26 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     }
 }
 
-#define MOE_GEMM(name, BM, BN, BK, FP8, DOWN)                                                          \
+#define MOE_GEMM(name, BM, BN, BK, NST, FP8, DOWN)                                                     \
     extern "C" __global__ void __launch_bounds__(MG_THREADS)                                          \
         name(const bf16* a, const void* w, const float* scales, bf16* out, const int* sorted,         \
              const int* block_expert, const int* post_pad, const float* topk_w, int n_rows, int top_k, \
              int N, int K, int bn, int bk) {                                                          \
-        moe_gemm<BM, BN, BK, FP8, DOWN>(a, w, scales, out, sorted, block_expert, post_pad, topk_w,    \
-                                        n_rows, top_k, N, K, bn, bk);                                 \
+        moe_gemm<BM, BN, BK, NST, FP8, DOWN>(a, w, scales, out, sorted, block_expert, post_pad,       \
+                                             topk_w, n_rows, top_k, N, K, bn, bk);                    \
     }
-// Tiles (BM x BN x BK): 16 x 128 x 64 for a few rows per expert (decode), 64 x 64 x 64 for
-// many; 16/64 x 32 x 32 for FP8 blocks of 32 (the tiny test checkpoint).
-#define MOE_GEMM_SET(tag, BM, BN, BK, FP8)                  \
-    MOE_GEMM(moe_gemm_up_##tag, BM, BN, BK, FP8, false)     \
-    MOE_GEMM(moe_gemm_down_##tag, BM, BN, BK, FP8, true)
-MOE_GEMM_SET(bf16_16x128x64, 16, 128, 64, false)
-MOE_GEMM_SET(bf16_64x64x64, 64, 64, 64, false)
-MOE_GEMM_SET(fp8_16x128x64, 16, 128, 64, true)
-MOE_GEMM_SET(fp8_64x64x64, 64, 64, 64, true)
-MOE_GEMM_SET(fp8_16x32x32, 16, 32, 32, true)
-MOE_GEMM_SET(fp8_64x32x32, 64, 32, 32, true)
+// Tiles (BM x BN x BK, stages): 16 x 128 for a few rows per expert (decode), 64 x 64 for
+// many; BK 64; three stages for FP8, two for bf16 (48 KiB of static shared memory);
+// 16/64 x 32 x 32 for FP8 blocks of 32 (the tiny test checkpoint).
+#define MOE_GEMM_SET(tag, BM, BN, BK, NST, FP8)                 \
+    MOE_GEMM(moe_gemm_up_##tag, BM, BN, BK, NST, FP8, false)    \
+    MOE_GEMM(moe_gemm_down_##tag, BM, BN, BK, NST, FP8, true)
+MOE_GEMM_SET(bf16_16x128x64, 16, 128, 64, 2, false)
+MOE_GEMM_SET(bf16_64x64x64, 64, 64, 64, 2, false)
+MOE_GEMM_SET(fp8_16x128x64, 16, 128, 64, 3, true)
+MOE_GEMM_SET(fp8_64x64x64, 64, 64, 64, 3, true)
+MOE_GEMM_SET(fp8_16x32x32, 16, 32, 32, 3, true)
+MOE_GEMM_SET(fp8_64x32x32, 64, 32, 32, 3, true)
 
 // out[t] = sum over j of y[t * k + j], in fp32 in j order (the block's output, which the
 // next add_rmsnorm adds to the residual).
