@@ -6,10 +6,10 @@
 //! goes to the host, so decode steps are captured into CUDA graphs as the dense model's.
 //!
 //! The experts of a block-FP8 checkpoint (Qwen3-30B-A3B-FP8) stay in FP8 as stored, one
-//! byte per weight plus a scale per block, and the GEMMs convert them exactly to bf16 in
-//! shared memory (W8A16): decode reads each expert's weights once per step, so keeping
-//! half the bytes is what makes it fast, and the activations stay in bf16, as the dense
-//! path's. The layer's other weights (attention, router, norms) are bf16, dequantised at
+//! byte per weight plus a scale per block, and the GEMMs convert them exactly to f16 as
+//! they read them (W8A16, the activations in f16 rather than quantised to FP8): decode
+//! reads each expert's weights once per step, so keeping half the bytes is what makes it
+//! fast. The layer's other weights (attention, router, norms) are bf16, dequantised at
 //! load when stored in FP8.
 
 use anyhow::anyhow;
@@ -86,8 +86,10 @@ struct Scratch {
     /// `[T * k, max(2I, H)]` bf16: gate/up output, then (once `act` has consumed it) the
     /// down output.
     inter: DevBuf,
-    /// `[T * k, I]` bf16: SiLU(gate) * up.
+    /// `[T * k, I]`: SiLU(gate) * up (f16 for FP8 experts, else bf16).
     act: DevBuf,
+    /// `[T, H]` f16: the input in f16 for FP8 experts (unused otherwise).
+    x16: DevBuf,
 }
 
 impl Scratch {
@@ -101,6 +103,7 @@ impl Scratch {
             &self.post_pad,
             &self.inter,
             &self.act,
+            &self.x16,
         ]
         .iter()
         .map(|b| b.bytes)
@@ -176,6 +179,13 @@ impl CudaMoe {
             post_pad: i32s(1)?,
             inter: DevBuf::alloc(dev, t * k * (2 * d.inter).max(d.hidden) * BF16)?,
             act: DevBuf::alloc(dev, t * k * d.inter * BF16)?,
+            x16: DevBuf::alloc(
+                dev,
+                match format {
+                    ExpertFormat::Fp8 { .. } => t * d.hidden * BF16,
+                    ExpertFormat::Bf16 => 0,
+                },
+            )?,
         };
         Ok(Some(Self {
             d,
@@ -345,6 +355,14 @@ impl CudaMoe {
             mk.topk_softmax(s.logits.ptr, &r, t, e, k, d.renormalise)
         })?;
         ops.op("moe align", || mk.align(&r, t, k, e, tile.bm))?;
+        let fp8 = matches!(self.format, ExpertFormat::Fp8 { .. });
+        // FP8 experts take f16 activations (see moe.cu's moe_gemm).
+        let x = if fp8 {
+            ops.op("moe to f16", || mk.to_f16(x, s.x16.ptr, t * d.hidden))?;
+            s.x16.ptr
+        } else {
+            x
+        };
         let up = GroupedGemm {
             a: x,
             w: w.w13.ptr,
@@ -358,7 +376,11 @@ impl CudaMoe {
             mk.gemm(&up, &r, self.format, tile, t, k, e)
         })?;
         ops.op("silu*up", || {
-            cx.kernels.silu_mul(s.inter.ptr, s.act.ptr, t * k, d.inter)
+            if fp8 {
+                mk.silu_mul_f16(s.inter.ptr, s.act.ptr, t * k, d.inter)
+            } else {
+                cx.kernels.silu_mul(s.inter.ptr, s.act.ptr, t * k, d.inter)
+            }
         })?;
         let down = GroupedGemm {
             a: s.act.ptr,

@@ -139,6 +139,8 @@ pub struct MoeKernels {
     topk_softmax: CudaFunction,
     align: CudaFunction,
     sum: CudaFunction,
+    to_f16: CudaFunction,
+    silu_mul_f16: CudaFunction,
     fill_e4m3: CudaFunction,
     fill_f32: CudaFunction,
     /// By `moe_gemm_{up,down}_{tag}` name.
@@ -190,6 +192,8 @@ impl MoeKernels {
             topk_softmax: f("moe_topk_softmax")?,
             align: f("moe_align")?,
             sum: f("moe_sum")?,
+            to_f16: f("moe_to_f16")?,
+            silu_mul_f16: f("moe_silu_mul_f16")?,
             fill_e4m3: f("fill_e4m3_uniform")?,
             fill_f32: f("fill_f32")?,
             gemms,
@@ -315,6 +319,34 @@ impl MoeKernels {
         let mut b = self.stream.launch_builder(&self.sum);
         b.arg(&y).arg(&out).arg(&h).arg(&k);
         unsafe { b.launch(Kernels::cfg((tokens as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// `n` bf16 values (even) to f16 (the FP8 GEMMs' activations).
+    pub fn to_f16(&self, x: DevPtr, out: DevPtr, n: usize) -> Result<(), CudaError> {
+        let n_ = n as i32;
+        let mut b = self.stream.launch_builder(&self.to_f16);
+        b.arg(&x).arg(&out).arg(&n_);
+        unsafe { b.launch(Kernels::cfg(((n / 2).div_ceil(256) as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// SiLU(gate) * up of `rows` gate/up rows (`[rows, 2 inter]` bf16) into f16 `[rows,
+    /// inter]` (the FP8 down GEMM's activations).
+    pub fn silu_mul_f16(
+        &self,
+        gu: DevPtr,
+        out: DevPtr,
+        rows: usize,
+        inter: usize,
+    ) -> Result<(), CudaError> {
+        let total = rows * inter;
+        let (i, n) = (inter as i32, total as i32);
+        let mut b = self.stream.launch_builder(&self.silu_mul_f16);
+        b.arg(&gu).arg(&out).arg(&i).arg(&n);
+        unsafe { b.launch(Kernels::cfg(((total / 2).div_ceil(256) as u32, 1), 256, 0)) }
             .map(|_| ())
             .map_err(launch_err)
     }

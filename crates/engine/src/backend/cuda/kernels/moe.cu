@@ -110,12 +110,27 @@ extern "C" __global__ void moe_align(const int* __restrict__ ids, int n, int exp
     for (int i = threadIdx.x; i < n; i += blockDim.x) sorted[atomicAdd(&cur[ids[i]], 1)] = i;
 }
 
-// 2 e4m3 bytes (the low half of x) -> 2 bf16 of the same values times 2^-120, exactly
-// (subnormals included): sign and the 7 exponent/mantissa bits move into bf16's fields,
-// whose exponent bias is 120 more. The 2^120 goes into the block scale.
-__device__ __forceinline__ unsigned e4m3x2_to_bf16x2(unsigned x) {
-    unsigned v = __byte_perm(x, 0, 0x1404);
-    return (v & 0x80008000u) | ((v >> 4) & 0x07f007f0u);
+// 2 e4m3 (the low byte to the low half) -> 2 f16, exactly: one instruction on sm_89+.
+__device__ __forceinline__ unsigned e4m3x2_to_f16x2(unsigned short x) {
+    unsigned r;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(r) : "h"(x));
+    return r;
+}
+__device__ __forceinline__ void mma_f16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two floats -> f16x2 (lo in the low half), clamped to f16's finite range.
+__device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) {
+    const float m = 65504.f;
+    lo = fminf(fmaxf(lo, -m), m);
+    hi = fminf(fmaxf(hi, -m), m);
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 
 // 16 bytes global -> shared without registers (zero-filled when !valid).
@@ -136,13 +151,17 @@ __device__ __forceinline__ void cp_async_wait() {
 // against columns nb*BN.. of its expert's weight W[e] [N, K] (row-major, as a Linear's).
 // A row of a choice s is a[s / top_k] (gate/up: the token's normed hidden state) or a[s]
 // (down: the choice's activation); the output row is out[s], times the router weight w[s]
-// when DOWN. FP8: W is e4m3 with fp32 scales per [bn, bk] block ([E, N/bn, K/bk]); a tile
-// lies in one block (BN | bn, BK | bk, checked by the host), so each k-tile's partial sum
-// takes its block's scale once, in fp32 (W8A16: the weight is exact in bf16, no activation
-// quantisation). Tiles stream global -> shared memory by cp.async through NST stages (the
-// weights as stored: decode is bound by their stream, so FP8 halves it), and FP8 weights
-// are converted as the B fragments are read. Four warps side by side over the columns,
-// each over all BM rows, so every weight is converted once per block.
+// when DOWN. bf16 weights take bf16 activations. FP8: W is e4m3 with fp32 scales per
+// [bn, bk] block ([E, N/bn, K/bk]), the activations f16 (moe_to_f16, moe_silu_mul_f16:
+// more mantissa than bf16, and e4m3 converts to f16 exactly in one instruction), the MMA in
+// f16 with fp32 accumulation; a tile lies in one block (BN | bn, BK | bk, checked by the
+// host), so each k-tile's partial sum takes its block's scale once, in fp32 (W8A16: no
+// activation quantisation). FP8 tiles read k in a permuted order, the same for A and W
+// (MMA k 2t, 2t+1, 2t+8, 2t+9 at stored k 4t .. 4t+3), so a lane's B fragment is one
+// 4-byte read and two conversions. Tiles stream global -> shared memory by cp.async
+// through NST stages (the weights as stored: decode is bound by their stream, so FP8
+// halves it). Four warps side by side over the columns, each over all BM rows, so every
+// weight is converted once per block.
 template <int BM, int BN, int BK, int NST, bool FP8, bool DOWN>
 __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void* __restrict__ wv,
                                          const float* __restrict__ scales, bf16* __restrict__ out,
@@ -150,7 +169,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
                                          const int* __restrict__ post_pad, const float* __restrict__ topk_w,
                                          int n_rows, int top_k, int N, int K, int bn, int bk) {
     constexpr int WB = FP8 ? 1 : 2;      // bytes per weight
-    constexpr int AS = BK + 8;           // A row stride, bf16 elements (conflict-free fragments)
+    constexpr int AS = BK + (FP8 ? 16 : 8);  // A row stride, elements (conflict-free fragments)
     constexpr int WS = BK * WB + 16;     // W row stride, bytes (conflict-free fragments)
     constexpr int A_BYTES = BM * AS * 2;
     constexpr int STAGE = A_BYTES + BN * WS;
@@ -230,33 +249,40 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
             unsigned af[MT][4];
 #pragma unroll
             for (int m = 0; m < MT; m++) {
-                const bf16* r0 = as + (m * 16 + g) * AS + kk + 2 * tg;
-                af[m][0] = *(const unsigned*)r0;
-                af[m][1] = *(const unsigned*)(r0 + 8 * AS);
-                af[m][2] = *(const unsigned*)(r0 + 8);
-                af[m][3] = *(const unsigned*)(r0 + 8 * AS + 8);
+                if constexpr (FP8) {
+                    const bf16* r0 = as + (m * 16 + g) * AS + kk + 4 * tg;
+                    uint2 lo = *(const uint2*)r0, hi = *(const uint2*)(r0 + 8 * AS);
+                    af[m][0] = lo.x;
+                    af[m][1] = hi.x;
+                    af[m][2] = lo.y;
+                    af[m][3] = hi.y;
+                } else {
+                    const bf16* r0 = as + (m * 16 + g) * AS + kk + 2 * tg;
+                    af[m][0] = *(const unsigned*)r0;
+                    af[m][1] = *(const unsigned*)(r0 + 8 * AS);
+                    af[m][2] = *(const unsigned*)(r0 + 8);
+                    af[m][3] = *(const unsigned*)(r0 + 8 * AS + 8);
+                }
             }
 #pragma unroll
             for (int j = 0; j < NT; j++) {
-                const unsigned char* wr = ws + (warp * WCOLS + j * 8 + g) * WS + (kk + 2 * tg) * WB;
-                unsigned b0, b1;
+                const unsigned char* wr = ws + (warp * WCOLS + j * 8 + g) * WS;
                 if constexpr (FP8) {
-                    b0 = e4m3x2_to_bf16x2(*(const unsigned short*)wr);
-                    b1 = e4m3x2_to_bf16x2(*(const unsigned short*)(wr + 8));
-                } else {
-                    b0 = *(const unsigned*)wr;
-                    b1 = *(const unsigned*)(wr + 16);
-                }
+                    unsigned x = *(const unsigned*)(wr + kk + 4 * tg);
+                    unsigned b0 = e4m3x2_to_f16x2((unsigned short)(x & 0xffff));
+                    unsigned b1 = e4m3x2_to_f16x2((unsigned short)(x >> 16));
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    if constexpr (FP8) mma_bf16(part[m][j], af[m], b0, b1);
-                    else mma_bf16(acc[m][j], af[m], b0, b1);
+                    for (int m = 0; m < MT; m++) mma_f16(part[m][j], af[m], b0, b1);
+                } else {
+                    const unsigned char* wk = wr + (kk + 2 * tg) * 2;
+                    unsigned b0 = *(const unsigned*)wk, b1 = *(const unsigned*)(wk + 16);
+#pragma unroll
+                    for (int m = 0; m < MT; m++) mma_bf16(acc[m][j], af[m], b0, b1);
                 }
             }
         }
         if constexpr (FP8) {
-            // The tile's block scale, times the 2^120 the exact conversion took out.
-            float s = sc[kt * BK / bk] * __int_as_float((127 + 120) << 23);
+            float s = sc[kt * BK / bk];
 #pragma unroll
             for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -305,6 +331,28 @@ MOE_GEMM_SET(fp8_16x128x64, 16, 128, 64, 3, true)
 MOE_GEMM_SET(fp8_64x64x64, 64, 64, 64, 3, true)
 MOE_GEMM_SET(fp8_16x32x32, 16, 32, 32, 3, true)
 MOE_GEMM_SET(fp8_64x32x32, 64, 32, 32, 3, true)
+
+// in (bf16) -> out (f16, clamped to its finite range), n even: the FP8 GEMMs' activations.
+extern "C" __global__ void moe_to_f16(const bf16* __restrict__ in, unsigned* __restrict__ out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (2 * i >= n) return;
+    unsigned v = *(const unsigned*)(in + 2 * i);
+    out[i] = pack_f16x2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+}
+
+// silu_mul (engine.cu) with f16 output: SiLU(gate) * up of each choice's gate/up row, the
+// FP8 down GEMM's activations.
+extern "C" __global__ void moe_silu_mul_f16(const bf16* __restrict__ gu, unsigned* __restrict__ out, int inter,
+                                            int total) {
+    int idx = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (idx >= total) return;
+    int t = idx / inter, i = idx - t * inter;
+    unsigned g = *(const unsigned*)(gu + (size_t)t * 2 * inter + i);
+    unsigned u = *(const unsigned*)(gu + (size_t)t * 2 * inter + inter + i);
+    float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xffff0000u);
+    float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xffff0000u);
+    out[idx / 2] = pack_f16x2(g0 / (1.f + expf(-g0)) * u0, g1 / (1.f + expf(-g1)) * u1);
+}
 
 // out[t] = sum over j of y[t * k + j], in fp32 in j order (the block's output, which the
 // next add_rmsnorm adds to the residual).
