@@ -20,7 +20,8 @@ use crate::backend::cuda::executor::ForwardCtx;
 use crate::backend::cuda::gemm::OutType;
 use crate::backend::cuda::kernels::{DevPtr, Kernels};
 use crate::backend::cuda::moe_kernels::{
-    block_rows, sorted_len, ExpertFormat, GroupedGemm, MoeKernels, MoeTile, Routing, MAX_EXPERTS,
+    block_rows, sorted_len, tile_weight, ExpertFormat, GroupedGemm, MoeKernels, MoeTile, Routing,
+    MAX_EXPERTS,
 };
 use crate::backend::cuda::profile::Launcher;
 use crate::model::config::ModelConfig;
@@ -253,7 +254,8 @@ impl CudaMoe {
 
     /// Sparse layer `layer` of a Hugging Face checkpoint: the router in bf16, each expert's
     /// gate, up and down copied into the stacked device weights one expert at a time (the
-    /// host holds one expert's weights at a time), in FP8 as stored or in bf16.
+    /// host holds one expert's weights at a time), in FP8 as stored or in bf16, in the
+    /// grouped GEMM's tiled layout (`moe_kernels::tiled_offset`).
     pub(crate) fn layer_from_safetensors(
         &self,
         dev: &CudaDevice,
@@ -268,13 +270,7 @@ impl CudaMoe {
             &st.bf16(&param_names(&format!("{p}.gate.weight")), e_n, h)?,
         )?;
         let name = |e: usize, w: &str| param_names(&format!("{p}.experts.{e}.{w}.weight"));
-        // (stacked weight, its scales): gate and up rows of expert e at e * 2I * H, down at
-        // e * H * I (in elements).
-        let parts: [(&str, usize, usize, usize); 3] = [
-            ("gate_proj", i, h, 0),
-            ("up_proj", i, h, i * h),
-            ("down_proj", h, i, 0),
-        ];
+        let bk = self.tiles[0].bk;
         let elem = match self.format {
             ExpertFormat::Bf16 => BF16,
             ExpertFormat::Fp8 { .. } => 1,
@@ -283,23 +279,29 @@ impl CudaMoe {
         let w2 = DevBuf::alloc(dev, e_n * h * i * elem)?;
         let mut s13 = Vec::new();
         let mut s2 = Vec::new();
+        // Expert e: gate and up stacked as one [2I, H] weight, down [H, I], each in the
+        // grouped GEMM's tiled layout at e times its size.
         for e in 0..e_n {
-            for (j, &(w, rows, cols, within)) in parts.iter().enumerate() {
-                let (buf, stride, scales) = if j < 2 {
-                    (&w13, 2 * i * h, &mut s13)
-                } else {
-                    (&w2, h * i, &mut s2)
-                };
-                let at = (e * stride + within) * elem;
-                match self.format {
-                    ExpertFormat::Bf16 => {
-                        buf.write_at(dev, at, &st.bf16(&name(e, w), rows, cols)?)?
-                    }
-                    ExpertFormat::Fp8 { .. } => {
-                        let q = st.fp8(&name(e, w), rows, cols)?;
-                        buf.write_at(dev, at, q.bytes)?;
-                        scales.extend_from_slice(&q.scales);
-                    }
+            match self.format {
+                ExpertFormat::Bf16 => {
+                    let mut gu = st.bf16(&name(e, "gate_proj"), i, h)?;
+                    gu.extend(st.bf16(&name(e, "up_proj"), i, h)?);
+                    w13.write_at(dev, e * 2 * i * h * BF16, &tile_weight(&gu, 2 * i, h, bk))?;
+                    let down = st.bf16(&name(e, "down_proj"), h, i)?;
+                    w2.write_at(dev, e * h * i * BF16, &tile_weight(&down, h, i, bk))?;
+                }
+                ExpertFormat::Fp8 { .. } => {
+                    let (g, u) = (
+                        st.fp8(&name(e, "gate_proj"), i, h)?,
+                        st.fp8(&name(e, "up_proj"), i, h)?,
+                    );
+                    let gu = [g.bytes, u.bytes].concat();
+                    w13.write_at(dev, e * 2 * i * h, &tile_weight(&gu, 2 * i, h, bk))?;
+                    s13.extend(g.scales);
+                    s13.extend(u.scales);
+                    let down = st.fp8(&name(e, "down_proj"), h, i)?;
+                    w2.write_at(dev, e * h * i, &tile_weight(down.bytes, h, i, bk))?;
+                    s2.extend(down.scales);
                 }
             }
         }

@@ -1,7 +1,8 @@
 //! The mixture-of-experts kernels (`kernels/moe.cu`), compiled at start-up for MoE models
-//! only, and the sizing rules their launches share with the buffers they write: which
-//! grouped-GEMM tile a step uses ([`ExpertFormat::tiles`], [`block_rows`]) and how long the
-//! expert-sorted index is ([`sorted_len`]). Every grid is a function of the step's token
+//! only, and the rules their launches share with the buffers they read and write: which
+//! grouped-GEMM tile a step uses ([`ExpertFormat::tiles`], [`block_rows`]), how the expert
+//! weights are laid out for them ([`tiled_offset`]) and how long the expert-sorted index is
+//! ([`sorted_len`]). Every grid is a function of the step's token
 //! count alone, so a decode bucket's launches are captured into its CUDA graph unchanged.
 
 use std::collections::HashMap;
@@ -25,6 +26,31 @@ pub const MAX_EXPERTS: usize = 512;
 
 /// Threads of a `moe_gemm` block (`MG_THREADS`).
 const GEMM_THREADS: u32 = 128;
+
+/// Rows of a weight's row group in the tiled layout.
+pub const ROW_GROUP: usize = 32;
+
+/// Where element (`n`, `k`) of an expert's `[rows, cols]` weight lives in the tiled layout
+/// the grouped GEMM reads: k-tiles of `bk` columns, each made of the row groups of
+/// [`ROW_GROUP`] rows in order, each group `ROW_GROUP x bk` row-major. A GEMM stage (a
+/// k-tile of consecutive row groups) is then one contiguous run of memory, not a row
+/// segment per row: decode streams whole expert weights, and short strided segments left
+/// it at 45% of the bandwidth. Needs `rows % ROW_GROUP == 0` and `cols % bk == 0`.
+pub fn tiled_offset(n: usize, k: usize, rows: usize, bk: usize) -> usize {
+    ((k / bk * (rows / ROW_GROUP) + n / ROW_GROUP) * ROW_GROUP + n % ROW_GROUP) * bk + k % bk
+}
+
+/// A row-major `[rows, cols]` weight in the tiled layout ([`tiled_offset`]).
+pub fn tile_weight<T: Copy + Default>(w: &[T], rows: usize, cols: usize, bk: usize) -> Vec<T> {
+    let mut out = vec![T::default(); w.len()];
+    for (n, row) in w.chunks_exact(cols).enumerate().take(rows) {
+        for (kt, seg) in row.chunks_exact(bk).enumerate() {
+            let at = tiled_offset(n, kt * bk, rows, bk);
+            out[at..at + bk].copy_from_slice(seg);
+        }
+    }
+    out
+}
 
 /// How the experts' weights are stored on the device, which picks the GEMM kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,25 +101,28 @@ pub fn sorted_len(tokens: usize, top_k: usize, experts: usize, bm: usize) -> usi
 
 impl ExpertFormat {
     /// The (few rows, many rows) tiles of this storage for experts with `[inter, hidden]`
-    /// gate/up and `[hidden, inter]` down weights. An FP8 tile must lie inside one scale
-    /// block, and gate and up (concatenated) must each be whole blocks; shapes the kernels
-    /// cannot take are an error naming the reason.
+    /// gate/up and `[hidden, inter]` down weights, both of one depth `bk` (the weights'
+    /// tiled layout, [`tiled_offset`]): 64 where the shapes (and FP8 blocks) allow, else 32.
+    /// An FP8 tile must lie inside one scale block, and gate and up (concatenated) must each
+    /// be whole blocks; shapes the kernels cannot take are an error naming the reason.
     pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<[MoeTile; 2]> {
         let t = |bm, bn, bk| MoeTile { bm, bn, bk };
-        if !hidden.is_multiple_of(16) || !inter.is_multiple_of(16) {
-            bail!("the CUDA MoE kernels need hidden_size ({hidden}) and moe_intermediate_size ({inter}) to be multiples of 16");
+        if !hidden.is_multiple_of(32) || !inter.is_multiple_of(32) {
+            bail!("the CUDA MoE kernels need hidden_size ({hidden}) and moe_intermediate_size ({inter}) to be multiples of 32");
         }
         let wide = [t(16, 128, 64), t(64, 64, 64)];
+        let narrow = [t(16, 32, 32), t(64, 32, 32)];
+        let deep = hidden.is_multiple_of(64) && inter.is_multiple_of(64);
         match *self {
-            ExpertFormat::Bf16 => Ok(wide),
+            ExpertFormat::Bf16 => Ok(if deep { wide } else { narrow }),
             ExpertFormat::Fp8 { block: [br, bc] } => {
                 if !inter.is_multiple_of(br) {
                     bail!("FP8 blocks of {br} rows do not divide moe_intermediate_size {inter}: gate and up would share a block");
                 }
-                if br.is_multiple_of(128) && bc.is_multiple_of(64) {
+                if deep && br.is_multiple_of(128) && bc.is_multiple_of(64) {
                     Ok(wide)
                 } else if br.is_multiple_of(32) && bc.is_multiple_of(32) {
-                    Ok([t(16, 32, 32), t(64, 32, 32)])
+                    Ok(narrow)
                 } else {
                     bail!("FP8 weight_block_size [{br}, {bc}]: the CUDA MoE kernels take blocks whose sides are multiples of 32")
                 }
@@ -177,6 +206,8 @@ impl MoeKernels {
         for tag in [
             "bf16_16x128x64",
             "bf16_64x64x64",
+            "bf16_16x32x32",
+            "bf16_64x32x32",
             "fp8_16x128x64",
             "fp8_64x64x64",
             "fp8_16x32x32",
@@ -407,6 +438,49 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("gate and up"), "{err}");
         assert!(ExpertFormat::Bf16.tiles(2048, 760).is_err());
+        // bf16 experts of 32 (the tiny fixture) take the narrow tiles; both tiles of a
+        // storage have one depth, the tiled layout's.
+        assert_eq!(ExpertFormat::Bf16.tiles(64, 32).unwrap()[0], t(16, 32, 32));
+        for f in [ExpertFormat::Bf16, fp8, small] {
+            for (h, i) in [(2048, 768), (64, 32), (256, 128)] {
+                if let Ok([a, b]) = f.tiles(h, i) {
+                    assert_eq!(a.bk, b.bk, "{f:?} {h} {i}");
+                    assert!(h % a.bk == 0 && i % a.bk == 0);
+                }
+            }
+        }
+    }
+
+    /// The tiled layout is a permutation, and a GEMM stage (a k-tile of consecutive row
+    /// groups) is one contiguous run.
+    #[test]
+    fn the_tiled_layout_makes_each_stage_contiguous() {
+        let (rows, cols, bk) = (96, 128, 32);
+        let mut seen = vec![false; rows * cols];
+        for n in 0..rows {
+            for k in 0..cols {
+                let at = tiled_offset(n, k, rows, bk);
+                assert!(!seen[at], "({n}, {k}) collides");
+                seen[at] = true;
+            }
+        }
+        // Rows 32..96 of k-tile 2: one run of 64 x 32.
+        let start = tiled_offset(32, 64, rows, bk);
+        for n in 32..96 {
+            for k in 64..96 {
+                assert_eq!(
+                    tiled_offset(n, k, rows, bk),
+                    start + (n - 32) * bk + (k - 64)
+                );
+            }
+        }
+        let w: Vec<u32> = (0..(rows * cols) as u32).collect();
+        let t = tile_weight(&w, rows, cols, bk);
+        for n in 0..rows {
+            for k in 0..cols {
+                assert_eq!(t[tiled_offset(n, k, rows, bk)], w[n * cols + k]);
+            }
+        }
     }
 
     #[test]

@@ -148,7 +148,8 @@ __device__ __forceinline__ void cp_async_wait() {
 #define MG_THREADS 128
 
 // The grouped expert GEMM: block (mb, nb) computes rows mb*BM.. of the sorted choices
-// against columns nb*BN.. of its expert's weight W[e] [N, K] (row-major, as a Linear's).
+// against columns nb*BN.. of its expert's weight W[e] [N, K] (a Linear's, stored tiled in
+// k-tiles of BK and row groups of 32: N % 32 == 0 and K % BK == 0, checked by the host).
 // A row of a choice s is a[s / top_k] (gate/up: the token's normed hidden state) or a[s]
 // (down: the choice's activation); the output row is out[s], times the router weight w[s]
 // when DOWN. bf16 weights take bf16 activations. FP8: W is e4m3 with fp32 scales per
@@ -207,10 +208,15 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
             const bf16* src = ok ? a + (size_t)row * K + k0 + kc : a;
             cp_async16(st + (r * AS + kc) * 2, src, ok);
         }
+        // The weights are stored tiled (moe_kernels::tiled_offset): each k-tile of 32 rows
+        // is 32 * BK contiguous weights, and the row groups of one k-tile follow each
+        // other, so a stage reads one contiguous run of BN * BK weights.
         for (int c = tid; c < W_CH; c += MG_THREADS) {
             int nn = c / W_CPR, cb = (c % W_CPR) * 16;
-            bool ok = n0 + nn < N && k0 * WB + cb < K * WB;
-            const unsigned char* src = ok ? wexp + ((size_t)(n0 + nn) * K + k0) * WB + cb : wexp;
+            int n = n0 + nn;
+            bool ok = n < N;
+            size_t row = ((size_t)kt * (N / 32) + n / 32) * 32 + n % 32;
+            const unsigned char* src = ok ? wexp + row * BK * WB + cb : wexp;
             cp_async16(st + A_BYTES + nn * WS + cb, src, ok);
         }
     };
@@ -321,12 +327,15 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     }
 // Tiles (BM x BN x BK, stages): 16 x 128 for a few rows per expert (decode), 64 x 64 for
 // many; BK 64; three stages for FP8, two for bf16 (48 KiB of static shared memory);
-// 16/64 x 32 x 32 for FP8 blocks of 32 (the tiny test checkpoint).
+// 16/64 x 32 x 32 where the shapes or FP8 blocks are multiples of 32 only (the tiny test
+// checkpoints).
 #define MOE_GEMM_SET(tag, BM, BN, BK, NST, FP8)                 \
     MOE_GEMM(moe_gemm_up_##tag, BM, BN, BK, NST, FP8, false)    \
     MOE_GEMM(moe_gemm_down_##tag, BM, BN, BK, NST, FP8, true)
 MOE_GEMM_SET(bf16_16x128x64, 16, 128, 64, 2, false)
 MOE_GEMM_SET(bf16_64x64x64, 64, 64, 64, 2, false)
+MOE_GEMM_SET(bf16_16x32x32, 16, 32, 32, 2, false)
+MOE_GEMM_SET(bf16_64x32x32, 64, 32, 32, 2, false)
 MOE_GEMM_SET(fp8_16x128x64, 16, 128, 64, 3, true)
 MOE_GEMM_SET(fp8_64x64x64, 64, 64, 64, 3, true)
 MOE_GEMM_SET(fp8_16x32x32, 16, 32, 32, 3, true)
