@@ -28,7 +28,7 @@
 //! the tuning measured per shape.
 //! `gen8-64` is the 8B batch-64 workload of `gen8` alone (for sweeps of
 //! `COLOCATE_DECODE_MIN_CHUNK`). `moe` is the gen workload of the seeds' generator,
-//! Qwen3-30B-A3B-FP8 (experts kept in FP8), at batch 64 and 256; its floor counts the
+//! Qwen3-30B-A3B-FP8 (experts kept in FP8), at batch 64 and 512; its floor counts the
 //! experts a step routes to.
 
 use std::time::Instant;
@@ -940,7 +940,7 @@ fn main() -> anyhow::Result<()> {
             "gen8-64" => bench_gen("qwen3-8b", 64, 2, &vs, bw)?,
             "moe" => {
                 bench_gen("qwen3-30b-a3b-fp8", 64, 2, &vs, bw)?;
-                bench_gen("qwen3-30b-a3b-fp8", 256, 1, &vs, bw)?;
+                bench_gen("qwen3-30b-a3b-fp8", 512, 1, &vs, bw)?;
             }
             "long8" => {
                 bench_long("qwen3-8b", 32, 2048, 32, &vs, bw)?;

@@ -120,7 +120,7 @@ impl ExpertFormat {
                     bail!("FP8 blocks of {br} rows do not divide moe_intermediate_size {inter}: gate and up would share a block");
                 }
                 if deep && br.is_multiple_of(128) && bc.is_multiple_of(64) {
-                    Ok(wide)
+                    Ok([t(16, 128, 64), t(64, 128, 64)])
                 } else if br.is_multiple_of(32) && bc.is_multiple_of(32) {
                     Ok(narrow)
                 } else {
@@ -209,7 +209,7 @@ impl MoeKernels {
             "bf16_16x32x32",
             "bf16_64x32x32",
             "fp8_16x128x64",
-            "fp8_64x64x64",
+            "fp8_64x128x64",
             "fp8_16x32x32",
             "fp8_64x32x32",
         ] {
@@ -415,7 +415,10 @@ mod tests {
         let wide = [t(16, 128, 64), t(64, 64, 64)];
         assert_eq!(ExpertFormat::Bf16.tiles(2048, 768).unwrap(), wide);
         let fp8 = ExpertFormat::Fp8 { block: [128, 128] };
-        assert_eq!(fp8.tiles(2048, 768).unwrap(), wide);
+        assert_eq!(
+            fp8.tiles(2048, 768).unwrap(),
+            [t(16, 128, 64), t(64, 128, 64)]
+        );
         // The tiny FP8 fixture's 32 x 32 blocks.
         let small = ExpertFormat::Fp8 { block: [32, 32] };
         assert_eq!(small.tiles(64, 32).unwrap(), [t(16, 32, 32), t(64, 32, 32)]);

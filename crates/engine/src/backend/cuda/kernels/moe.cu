@@ -326,7 +326,9 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
                                              topk_w, n_rows, top_k, N, K, bn, bk);                    \
     }
 // Tiles (BM x BN x BK, stages): 16 x 128 for a few rows per expert (decode), 64 x 64 for
-// many; BK 64; three stages for FP8, two for bf16 (48 KiB of static shared memory);
+// many (64 x 128 for FP8: each block re-reads its 64 activation rows, so wider blocks
+// read them fewer times); BK 64; three stages for FP8, two for bf16 and the 64 x 128 FP8
+// tile (48 KiB of static shared memory);
 // 16/64 x 32 x 32 where the shapes or FP8 blocks are multiples of 32 only (the tiny test
 // checkpoints).
 #define MOE_GEMM_SET(tag, BM, BN, BK, NST, FP8)                 \
@@ -337,7 +339,7 @@ MOE_GEMM_SET(bf16_64x64x64, 64, 64, 64, 2, false)
 MOE_GEMM_SET(bf16_16x32x32, 16, 32, 32, 2, false)
 MOE_GEMM_SET(bf16_64x32x32, 64, 32, 32, 2, false)
 MOE_GEMM_SET(fp8_16x128x64, 16, 128, 64, 3, true)
-MOE_GEMM_SET(fp8_64x64x64, 64, 64, 64, 3, true)
+MOE_GEMM_SET(fp8_64x128x64, 64, 128, 64, 2, true)
 MOE_GEMM_SET(fp8_16x32x32, 16, 32, 32, 3, true)
 MOE_GEMM_SET(fp8_64x32x32, 64, 32, 32, 3, true)
 
