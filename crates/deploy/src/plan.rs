@@ -914,6 +914,24 @@ mod tests {
     use super::*;
     use crate::spec::{parse, validate, DeploymentSpec, EngineSpec, GpuSelector, MemoryBudget};
 
+    /// The seeds' FP8 MoE generator weighs what each engine holds of it: vLLM keeps every
+    /// quantised linear in FP8 (~31 GB), the built-in CUDA engine its experts (the
+    /// attention dequantised to bf16: ~32 GB), the built-in CPU engine nothing (f32).
+    #[test]
+    fn an_fp8_moe_weighs_what_each_engine_keeps_in_fp8() {
+        let model = crate::model::ModelShape::resolve("preset:qwen3-30b-a3b-fp8").unwrap();
+        let gb = |kind, device| {
+            let dt = dtype_bytes(kind, device, Some(&model));
+            model.weights_bytes(true, dt, fp8_kept(kind, device)) as f64 / 1e9
+        };
+        let vllm = gb(EngineKind::Vllm, "cuda");
+        let builtin = gb(EngineKind::Builtin, "cuda");
+        let cpu = gb(EngineKind::Builtin, "cpu");
+        assert!((31.0..31.3).contains(&vllm), "{vllm}");
+        assert!((32.0..32.3).contains(&builtin), "{builtin}");
+        assert!((122.0..122.3).contains(&cpu), "{cpu}");
+    }
+
     fn valid(spec: &DeploymentSpec) -> ValidDeployment {
         validate(spec.clone()).unwrap()
     }

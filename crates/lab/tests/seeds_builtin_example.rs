@@ -33,7 +33,7 @@ fn same_clients_and_embedder_as_the_vllm_study_with_the_builtin_generator() {
     assert_eq!(engine(&builtin, "embed"), engine(&vllm, "embed"));
     let gen = engine(&builtin, "gen");
     assert_eq!(gen.kind, deploy::EngineKind::Builtin);
-    assert_eq!(gen.model, "preset:qwen3-8b");
+    assert_eq!(gen.model, "preset:qwen3-30b-a3b-fp8");
     let planned = plan(&builtin);
     // 7 co-located + implied solos (gen at 1024 and 512, embed at 64x8, 128x32, 32x64), 3 reps
     assert_eq!(
