@@ -18,18 +18,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_USE_DEEP_GEMM=0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
-wait_health() { # port, seconds
-  python3 - "$1" "$2" <<'PY'
-import sys, time, urllib.request
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
-    try:
-        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2).status == 200: sys.exit(0)
-    except Exception: pass
-    time.sleep(1)
-sys.exit(1)
-PY
-}
+. "$(dirname "$0")/health.sh"
 
 status=0
 for engine in $ENGINES; do

@@ -6,17 +6,7 @@ set -uo pipefail
 BIN=${1:-.gpu}; OUT=${2:-gpu-out}; C="$BIN/colocate"
 WARM=${WARM:-5s}; DUR=${DUR:-20s}
 mkdir -p "$OUT"
-wait_health() { # port: up to 120 s for the model to load
-  python3 - "$1" <<'PY'
-import sys, time, urllib.request
-for _ in range(240):
-    try:
-        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2).status == 200: sys.exit(0)
-    except Exception: pass
-    time.sleep(0.5)
-sys.exit(1)
-PY
-}
+. "$(dirname "$0")/health.sh"
 status=0
 "$C" serve --device cuda --model preset:qwen3-1.7b --load-format dummy --port 8100 \
   --served-model-name gen --max-num-seqs 256 --max-num-batched-tokens 8192 --max-model-len 512 \

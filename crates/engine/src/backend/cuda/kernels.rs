@@ -128,6 +128,28 @@ pub(super) fn compile_ptx(
     })
 }
 
+/// Loads compiled kernels on `dev`; the function returned finds one by name.
+pub(super) fn load_module(
+    dev: &CudaDevice,
+    ptx: Ptx,
+) -> Result<impl Fn(&str) -> Result<CudaFunction, CudaError>, CudaError> {
+    let module = dev
+        .ctx
+        .load_module(ptx)
+        .map_err(|source| CudaError::Driver {
+            what: "loading the compiled kernels",
+            source,
+        })?;
+    Ok(move |name: &str| {
+        module
+            .load_function(name)
+            .map_err(|source| CudaError::Driver {
+                what: "finding a kernel",
+                source,
+            })
+    })
+}
+
 /// Compiles `kernels/engine.cu` to PTX for `arch` (e.g. `sm_90`) with the attention
 /// shape baked in. Needs only NVRTC, no GPU.
 pub fn compile_source(arch: &str, head_dim: usize, group: usize) -> Result<Ptx, CudaError> {
@@ -153,22 +175,7 @@ impl Kernels {
                 message: format!("unsupported attention shape: head_dim {head_dim}, group {group}"),
             });
         }
-        let ptx = compile_source(&dev.arch, head_dim, group)?;
-        let module = dev
-            .ctx
-            .load_module(ptx)
-            .map_err(|source| CudaError::Driver {
-                what: "loading the compiled kernels",
-                source,
-            })?;
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|source| CudaError::Driver {
-                    what: "finding a kernel",
-                    source,
-                })
-        };
+        let f = load_module(dev, compile_source(&dev.arch, head_dim, group)?)?;
         Ok(Self {
             stream: dev.stream.clone(),
             embed_gather: f("embed_gather")?,

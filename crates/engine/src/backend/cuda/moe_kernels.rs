@@ -13,7 +13,7 @@ use cudarc::driver::{CudaFunction, CudaStream, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 use super::device::{CudaDevice, CudaError};
-use super::kernels::{compile_ptx, launch_err, DevPtr, Kernels};
+use super::kernels::{compile_ptx, launch_err, load_module, DevPtr, Kernels};
 
 const SOURCE: &str = concat!(
     include_str!("kernels/common.cu"),
@@ -186,22 +186,7 @@ pub fn compile_source(arch: &str) -> Result<Ptx, CudaError> {
 impl MoeKernels {
     /// Compiles moe.cu for `dev`'s architecture ([`compile_source`]) and loads it.
     pub fn compile(dev: &CudaDevice) -> Result<Self, CudaError> {
-        let ptx = compile_source(&dev.arch)?;
-        let module = dev
-            .ctx
-            .load_module(ptx)
-            .map_err(|source| CudaError::Driver {
-                what: "loading the compiled MoE kernels",
-                source,
-            })?;
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|source| CudaError::Driver {
-                    what: "finding a MoE kernel",
-                    source,
-                })
-        };
+        let f = load_module(dev, compile_source(&dev.arch)?)?;
         let mut gemms = HashMap::new();
         for tag in [
             "bf16_16x128x64",

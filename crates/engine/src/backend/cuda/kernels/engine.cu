@@ -183,13 +183,8 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* _
 extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restrict__ out, int inter, int total) {
     int idx = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (idx >= total) return;
-    int t = idx / inter, i = idx - t * inter;
-    unsigned g = *(const unsigned*)(gu + (size_t)t * 2 * inter + i);
-    unsigned u = *(const unsigned*)(gu + (size_t)t * 2 * inter + inter + i);
-    float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xffff0000u);
-    float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xffff0000u);
-    float o0 = g0 / (1.f + __expf(-g0)) * u0, o1 = g1 / (1.f + __expf(-g1)) * u1;
-    *(unsigned*)(out + idx) = (unsigned)f2bf(o0) | ((unsigned)f2bf(o1) << 16);
+    float2 o = silu_mul_pair(gu, inter, idx);
+    *(unsigned*)(out + idx) = (unsigned)f2bf(o.x) | ((unsigned)f2bf(o.y) << 16);
 }
 
 // Paged causal attention for prefill chunks and decode alike. Query token t of sequence

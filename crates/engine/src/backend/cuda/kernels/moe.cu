@@ -116,13 +116,6 @@ __device__ __forceinline__ unsigned e4m3x2_to_f16x2(unsigned short x) {
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(r) : "h"(x));
     return r;
 }
-__device__ __forceinline__ void mma_f16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 // Two floats -> f16x2 (lo in the low half), clamped to f16's finite range.
 __device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) {
     const float m = 65504.f;
@@ -357,12 +350,8 @@ extern "C" __global__ void moe_silu_mul_f16(const bf16* __restrict__ gu, unsigne
                                             int total) {
     int idx = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (idx >= total) return;
-    int t = idx / inter, i = idx - t * inter;
-    unsigned g = *(const unsigned*)(gu + (size_t)t * 2 * inter + i);
-    unsigned u = *(const unsigned*)(gu + (size_t)t * 2 * inter + inter + i);
-    float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xffff0000u);
-    float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xffff0000u);
-    out[idx / 2] = pack_f16x2(g0 / (1.f + expf(-g0)) * u0, g1 / (1.f + expf(-g1)) * u1);
+    float2 o = silu_mul_pair(gu, inter, idx);
+    out[idx / 2] = pack_f16x2(o.x, o.y);
 }
 
 // out[t] = sum over j of y[t * k + j], in fp32 in j order (the block's output, which the

@@ -1,0 +1,14 @@
+# Sourced by the GPU scripts: wait_health PORT [SECONDS] waits (120 s by default) for
+# http://127.0.0.1:PORT/health to answer 200. The GPU machine has no curl: Python polls.
+wait_health() {
+  python3 - "$1" "${2:-120}" <<'PY'
+import sys, time, urllib.request
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2).status == 200: sys.exit(0)
+    except Exception: pass
+    time.sleep(0.5)
+sys.exit(1)
+PY
+}
