@@ -291,20 +291,6 @@ impl StoredTensor<'_> {
 }
 
 impl SafetensorsFiles {
-    /// The first of `names` that exists, checked to be a `[rows, cols]` float tensor (a
-    /// 1-D tensor of `cols` elements when `rows == 1`). An FP8 tensor is an error here:
-    /// callers that take them go through [`WeightSource::get`] or [`Self::bf16`], which
-    /// dequantise, or [`Self::fp8`].
-    pub fn tensor(
-        &self,
-        names: &[String],
-        rows: usize,
-        cols: usize,
-    ) -> anyhow::Result<StoredTensor<'_>> {
-        let (name, loc) = self.find(names, rows, cols)?;
-        self.stored(name, loc)
-    }
-
     /// The first of `names` that exists, with its shape checked against `[rows, cols]`.
     fn find<'s>(
         &'s self,
@@ -412,14 +398,6 @@ impl SafetensorsFiles {
                 .collect()),
             _ => Ok(self.stored(name, loc)?.to_bf16()),
         }
-    }
-
-    /// Whether the first of `names` that exists is stored in FP8.
-    pub fn is_fp8(&self, names: &[String]) -> bool {
-        names
-            .iter()
-            .find_map(|n| self.tensors.get(n))
-            .is_some_and(|l| l.dtype == Stored::F8E4M3)
     }
 
     /// The first of `names` as a block-FP8 `[rows, cols]` weight as stored (the CUDA path
