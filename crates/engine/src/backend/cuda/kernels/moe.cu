@@ -5,7 +5,8 @@
 // and blocks past the padded work return at once.
 //
 // Per sparse layer: router GEMM (cuBLAS, fp32 logits) -> moe_topk_softmax -> moe_align ->
-// moe_gemm (gate/up) -> silu_mul -> moe_gemm (down, times the router weight) -> moe_sum.
+// moe_gemm (gate/up) -> silu_mul -> moe_gemm (down, times the router weight) -> moe_sum;
+// FP8 experts take f16 activations: moe_to_f16 before gate/up, moe_silu_mul_f16 for SiLU.
 // Flat index s = t * top_k + j names token t's j-th expert choice; expert rows are grouped
 // by moe_align into blocks of BM rows of one expert (padded with the sentinel n = T * k).
 
