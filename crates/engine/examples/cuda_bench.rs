@@ -39,6 +39,7 @@ use engine::backend::cuda::buffer::{self, DevBuf};
 use engine::backend::cuda::gemm::{self, Gemms, OutType};
 use engine::backend::cuda::gemm_tune::LtProblem;
 use engine::backend::cuda::kernels::{DecodeKernel, DecodePartials, Kernels};
+use engine::backend::cuda::moe_kernels::ExpertFormat;
 use engine::backend::cuda::step::{pack, DecodeSplit, StepLayout};
 use engine::backend::cuda::{CudaDevice, CudaOptions};
 use engine::load::model_info;
@@ -122,12 +123,9 @@ fn weights_read(c: &ModelConfig, batch: usize) -> f64 {
     };
     let mut bytes = (c.resident_weight_bytes(2, Fp8Kept::Experts, true) - embed * 2) as f64;
     if let Some(m) = &c.moe {
-        let fp8 = c
-            .fp8
-            .as_ref()
-            .is_some_and(|q| q.converts("model.layers.0.mlp.experts.0.gate_proj"));
         let per_expert =
-            (3 * c.hidden_size * m.moe_intermediate_size * if fp8 { 1 } else { 2 }) as f64;
+            (3 * c.hidden_size * m.moe_intermediate_size * ExpertFormat::of(c).bytes_per_weight())
+                as f64;
         let e = m.num_experts as f64;
         let touched = e * (1.0 - (1.0 - m.num_experts_per_tok as f64 / e).powi(batch as i32));
         let sparse = (0..c.num_hidden_layers)

@@ -18,7 +18,7 @@ use crate::backend::cuda::buffer::DevBuf;
 use crate::backend::cuda::device::CudaDevice;
 use crate::backend::cuda::executor::ForwardCtx;
 use crate::backend::cuda::gemm::OutType;
-use crate::backend::cuda::kernels::{DevPtr, Kernels};
+use crate::backend::cuda::kernels::DevPtr;
 use crate::backend::cuda::moe_kernels::{
     block_rows, sorted_len, tile_weight, ExpertFormat, GroupedGemm, MoeKernels, MoeTile, Routing,
     MAX_EXPERTS,
@@ -26,6 +26,7 @@ use crate::backend::cuda::moe_kernels::{
 use crate::backend::cuda::profile::Launcher;
 use crate::model::config::ModelConfig;
 use crate::model::qwen3::param_names;
+use crate::model::qwen3_cuda::dummy_range;
 use crate::weights::SafetensorsFiles;
 
 const BF16: usize = 2;
@@ -161,12 +162,7 @@ impl CudaMoe {
                 d.experts
             );
         }
-        let format = match &config.fp8 {
-            Some(q) if q.converts("model.layers.0.mlp.experts.0.gate_proj") => {
-                ExpertFormat::Fp8 { block: q.block }
-            }
-            _ => ExpertFormat::Bf16,
-        };
+        let format = ExpertFormat::of(config);
         let tiles = format.tiles(d.hidden, d.inter)?;
         let kernels = MoeKernels::compile(dev)?;
         let (t, k, e) = (max_tokens.max(1), d.top_k, d.experts);
@@ -211,32 +207,27 @@ impl CudaMoe {
     }
 
     /// Seeded random weights of one sparse layer (`--load-format dummy`), as the dense
-    /// model's: uniform with the initializer's std; FP8 experts as e4m3 of a uniform with
+    /// model's: `linear` fills a bf16 weight of that many elements as the dense model fills
+    /// its linears (uniform in +-[`dummy_range`]); FP8 experts are e4m3 of a uniform with
     /// every block's scale set so that the weight has the same range.
     pub(crate) fn dummy_layer(
         &self,
         dev: &CudaDevice,
-        k: &Kernels,
+        linear: &dyn Fn(usize) -> anyhow::Result<DevBuf>,
         mut next_seed: impl FnMut() -> u64,
     ) -> anyhow::Result<SparseLayer> {
         let d = &self.d;
-        let a = 0.02f32 * 3f32.sqrt();
-        let bf16 = |elems: usize, seed: u64| -> anyhow::Result<DevBuf> {
-            let b = DevBuf::alloc(dev, elems * BF16)?;
-            k.fill_uniform(b.ptr, elems, seed, a, 0.0)?;
-            Ok(b)
-        };
-        let router = bf16(d.experts * d.hidden, next_seed())?;
+        let router = linear(d.experts * d.hidden)?;
         let mut experts = |rows: usize, cols: usize| -> anyhow::Result<(DevBuf, Option<DevBuf>)> {
             let elems = d.experts * rows * cols;
             match self.format {
-                ExpertFormat::Bf16 => Ok((bf16(elems, next_seed())?, None)),
+                ExpertFormat::Bf16 => Ok((linear(elems)?, None)),
                 ExpertFormat::Fp8 { block: [br, bc] } => {
                     let w = DevBuf::alloc(dev, elems)?;
                     self.kernels.fill_e4m3_uniform(w.ptr, elems, next_seed())?;
                     let n = d.experts * rows.div_ceil(br) * cols.div_ceil(bc);
                     let s = DevBuf::alloc(dev, n * 4)?;
-                    self.kernels.fill_f32(s.ptr, n, a / 448.0)?;
+                    self.kernels.fill_f32(s.ptr, n, dummy_range() / 448.0)?;
                     Ok((w, Some(s)))
                 }
             }
@@ -271,10 +262,7 @@ impl CudaMoe {
         )?;
         let name = |e: usize, w: &str| param_names(&format!("{p}.experts.{e}.{w}.weight"));
         let bk = self.tiles[0].bk;
-        let elem = match self.format {
-            ExpertFormat::Bf16 => BF16,
-            ExpertFormat::Fp8 { .. } => 1,
-        };
+        let elem = self.format.bytes_per_weight();
         let w13 = DevBuf::alloc(dev, e_n * 2 * i * h * elem)?;
         let w2 = DevBuf::alloc(dev, e_n * h * i * elem)?;
         let mut s13 = Vec::new();
@@ -282,13 +270,14 @@ impl CudaMoe {
         // Expert e: gate and up stacked as one [2I, H] weight, down [H, I], each in the
         // grouped GEMM's tiled layout at e times its size.
         for e in 0..e_n {
+            let (at13, at2) = (e * 2 * i * h * elem, e * h * i * elem);
             match self.format {
                 ExpertFormat::Bf16 => {
                     let mut gu = st.bf16(&name(e, "gate_proj"), i, h)?;
                     gu.extend(st.bf16(&name(e, "up_proj"), i, h)?);
-                    w13.write_at(dev, e * 2 * i * h * BF16, &tile_weight(&gu, 2 * i, h, bk))?;
+                    w13.write_at(dev, at13, &tile_weight(&gu, 2 * i, h, bk))?;
                     let down = st.bf16(&name(e, "down_proj"), h, i)?;
-                    w2.write_at(dev, e * h * i * BF16, &tile_weight(&down, h, i, bk))?;
+                    w2.write_at(dev, at2, &tile_weight(&down, h, i, bk))?;
                 }
                 ExpertFormat::Fp8 { .. } => {
                     let (g, u) = (
@@ -296,11 +285,11 @@ impl CudaMoe {
                         st.fp8(&name(e, "up_proj"), i, h)?,
                     );
                     let gu = [g.bytes, u.bytes].concat();
-                    w13.write_at(dev, e * 2 * i * h, &tile_weight(&gu, 2 * i, h, bk))?;
+                    w13.write_at(dev, at13, &tile_weight(&gu, 2 * i, h, bk))?;
                     s13.extend(g.scales);
                     s13.extend(u.scales);
                     let down = st.fp8(&name(e, "down_proj"), h, i)?;
-                    w2.write_at(dev, e * h * i, &tile_weight(down.bytes, h, i, bk))?;
+                    w2.write_at(dev, at2, &tile_weight(down.bytes, h, i, bk))?;
                     s2.extend(down.scales);
                 }
             }

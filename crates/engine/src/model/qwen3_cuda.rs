@@ -46,6 +46,12 @@ use crate::weights::{SafetensorsFiles, WeightSource};
 /// Bytes per bf16 element.
 const BF16: usize = 2;
 
+/// Half-width of the uniform that dummy linear weights are drawn from: 0.02 x sqrt(3), a
+/// std of 0.02 (Hugging Face's initializer range).
+pub(crate) fn dummy_range() -> f32 {
+    0.02f32 * 3f32.sqrt()
+}
+
 /// The config's numbers in the form the kernels take.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -224,7 +230,7 @@ impl Weights {
             seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
                 .wrapping_add(n.get().wrapping_mul(0x9E37_79B9_7F4A_7C15))
         };
-        let a = 0.02f32 * 3f32.sqrt();
+        let a = dummy_range();
         let fill = |elems: usize, amp: f32, offset: f32| -> anyhow::Result<DevBuf> {
             let b = DevBuf::alloc(dev, elems * BF16)?;
             k.fill_uniform(b.ptr, elems, next_seed(), amp, offset)?;
@@ -251,7 +257,11 @@ impl Weights {
             };
             let post_norm = fill(h, 0.05, 1.0)?;
             let mlp = match moe.filter(|m| m.is_sparse(l)) {
-                Some(m) => Mlp::Sparse(Box::new(m.dummy_layer(dev, k, next_seed)?)),
+                Some(m) => Mlp::Sparse(Box::new(m.dummy_layer(
+                    dev,
+                    &|n| fill(n, a, 0.0),
+                    next_seed,
+                )?)),
                 None => Mlp::Dense {
                     gate_up: fill(2 * d.inter * h, a, 0.0)?,
                     down: fill(h * d.inter, a, 0.0)?,

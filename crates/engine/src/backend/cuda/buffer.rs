@@ -34,15 +34,10 @@ impl DevBuf {
     /// Allocates and copies `data` in.
     pub fn upload<T: Copy>(dev: &CudaDevice, data: &[T]) -> anyhow::Result<Self> {
         let buf = Self::alloc(dev, std::mem::size_of_val(data))?;
-        // SAFETY: the buffer is at least as large as `data`; pageable copies complete
-        // before returning.
-        unsafe { cudarc::driver::result::memcpy_htod_async(buf.ptr, data, dev.stream.cu_stream()) }
-            .map_err(|e| anyhow!("copying weights to the GPU: {e}"))?;
+        buf.write_at(dev, 0, data)?;
         Ok(buf)
     }
-}
 
-impl DevBuf {
     /// Copies `data` in at byte `offset` (a piece of a weight assembled on the device, such
     /// as one expert of a layer's stacked experts).
     pub fn write_at<T: Copy>(

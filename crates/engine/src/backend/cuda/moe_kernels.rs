@@ -14,6 +14,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::device::{CudaDevice, CudaError};
 use super::kernels::{compile_ptx, launch_err, load_module, DevPtr, Kernels};
+use crate::model::config::ModelConfig;
 
 const SOURCE: &str = concat!(
     include_str!("kernels/common.cu"),
@@ -100,6 +101,25 @@ pub fn sorted_len(tokens: usize, top_k: usize, experts: usize, bm: usize) -> usi
 }
 
 impl ExpertFormat {
+    /// How `config`'s experts are held on the device: in FP8 as stored when its
+    /// `quantization_config` quantises them, else in bf16.
+    pub fn of(config: &ModelConfig) -> Self {
+        match &config.fp8 {
+            Some(q) if q.converts("model.layers.0.mlp.experts.0.gate_proj") => {
+                ExpertFormat::Fp8 { block: q.block }
+            }
+            _ => ExpertFormat::Bf16,
+        }
+    }
+
+    /// Bytes of one expert weight (its block scales aside).
+    pub fn bytes_per_weight(&self) -> usize {
+        match self {
+            ExpertFormat::Bf16 => 2,
+            ExpertFormat::Fp8 { .. } => 1,
+        }
+    }
+
     /// The (few rows, many rows) tiles of this storage for experts with `[inter, hidden]`
     /// gate/up and `[hidden, inter]` down weights, both of one depth `bk` (the weights'
     /// tiled layout, [`tiled_offset`]): 64 where the shapes (and FP8 blocks) allow, else 32.
