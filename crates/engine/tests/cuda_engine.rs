@@ -845,7 +845,7 @@ fn cuda_and_cpu_models_agree_through_the_loader() {
     ignore = "needs an NVIDIA GPU (feature gpu-tests)"
 )]
 fn cuda_and_cpu_agree_for_llama_with_attention_bias() {
-    use safetensors::tensor::{Dtype, TensorView};
+    use safetensors::tensor::Dtype;
     let src = fixture_dir(LLAMA);
     let tmp = tempfile::tempdir().unwrap();
     let mut config: serde_json::Value =
@@ -854,10 +854,10 @@ fn cuda_and_cpu_agree_for_llama_with_attention_bias() {
     std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+    let mut tensors: Vec<RawTensor> = st
         .tensors()
         .into_iter()
-        .map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec()))
+        .map(|(n, t)| (n, Dtype::F32, t.shape().to_vec(), t.data().to_vec()))
         .collect();
     let c = ModelConfig::from_file(&src.join("config.json")).unwrap();
     let (h, q, kv) = (
@@ -868,30 +868,16 @@ fn cuda_and_cpu_agree_for_llama_with_attention_bias() {
     let mut state = 7u64;
     let mut bias = |n: usize| -> Vec<u8> {
         (0..n)
-            .flat_map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
-                (0.2 * (u - 0.5)).to_le_bytes()
-            })
+            .flat_map(|_| (0.2 * (next_uniform(&mut state) - 0.5)).to_le_bytes())
             .collect()
     };
     for l in 0..c.num_hidden_layers {
         for (proj, n) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)] {
             let name = format!("model.layers.{l}.self_attn.{proj}.bias");
-            tensors.push((name, vec![n], bias(n)));
+            tensors.push((name, Dtype::F32, vec![n], bias(n)));
         }
     }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, shape, data)| {
-            let v = TensorView::new(Dtype::F32, shape.clone(), data).unwrap();
-            (n.clone(), v)
-        })
-        .collect();
-    let out = safetensors::serialize(views, &None).unwrap();
-    std::fs::write(tmp.path().join("model.safetensors"), out).unwrap();
+    write_safetensors(&tmp.path().join("model.safetensors"), &tensors);
     cuda_and_cpu_agree(tmp.path(), &reference(LLAMA)[1].ids);
 }
 
@@ -983,7 +969,7 @@ fn cuda_fp8_experts_match_their_dequantised_bf16() {
 /// FP8 (e4m3 bytes, no NaN, one scale per 128 x 128 block) when `fp8`, else the same
 /// values in f32; embeddings, norms, routers and `lm_head` in f32.
 fn write_random_moe(dir: &Path, fp8: bool) {
-    use safetensors::tensor::{Dtype, TensorView};
+    use safetensors::tensor::Dtype;
     let (h, heads, kv_heads, hd, e, inter, vocab) = (256, 4, 2, 64, 16, 128, 512);
     let mut config = serde_json::json!({
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
@@ -1004,13 +990,8 @@ fn write_random_moe(dir: &Path, fp8: bool) {
     }
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let mut state = 11u64;
-    let mut uniform = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 40) as f32 / (1u64 << 24) as f32
-    };
-    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut uniform = move || next_uniform(&mut state);
+    let mut tensors: Vec<RawTensor> = Vec::new();
     let mut float = |name: String, shape: Vec<usize>, v: Vec<f32>| {
         let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         tensors.push((name, Dtype::F32, shape, bytes));
@@ -1109,17 +1090,30 @@ fn write_random_moe(dir: &Path, fp8: bool) {
             ));
         }
     }
-    let views: Vec<(String, TensorView<'_>)> = tensors
+    write_safetensors(&dir.join("model.safetensors"), &tensors);
+}
+
+/// A tensor to write: name, dtype, shape and little-endian bytes.
+type RawTensor = (String, safetensors::tensor::Dtype, Vec<usize>, Vec<u8>);
+
+/// Writes `tensors` as one safetensors file at `path`.
+fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(n, dt, shape, data)| {
-            (
-                n.clone(),
-                TensorView::new(*dt, shape.clone(), data).unwrap(),
-            )
+            let v = safetensors::tensor::TensorView::new(*dt, shape.clone(), data).unwrap();
+            (n.clone(), v)
         })
         .collect();
-    let out = safetensors::serialize(views, &None).unwrap();
-    std::fs::write(dir.join("model.safetensors"), out).unwrap();
+    std::fs::write(path, safetensors::serialize(views, &None).unwrap()).unwrap();
+}
+
+/// The next uniform in [0, 1) of a 64-bit LCG (reproducible test data).
+fn next_uniform(state: &mut u64) -> f32 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*state >> 40) as f32 / (1u64 << 24) as f32
 }
 
 /// The seeds' generator at its real shapes with dummy weights (`preset:qwen3-30b-a3b-fp8`:
