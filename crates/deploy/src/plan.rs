@@ -202,12 +202,12 @@ fn dtype_bytes(kind: EngineKind, device: &str, model: Option<&ModelShape>) -> u6
 }
 
 /// What an engine keeps in FP8 of a block-FP8 checkpoint: vLLM and SGLang compute in FP8;
-/// the built-in engine dequantises it on the CPU, and on CUDA keeps only a mixture of
-/// experts' experts in FP8.
+/// the built-in engine as its loader decides for the device (`Device::fp8_kept`).
 fn fp8_kept(kind: EngineKind, device: &str) -> Fp8Kept {
+    use engine::load::Device;
     match (kind, device) {
-        (EngineKind::Builtin, "cpu") => Fp8Kept::None,
-        (EngineKind::Builtin, _) => Fp8Kept::Experts,
+        (EngineKind::Builtin, "cpu") => Device::Cpu.fp8_kept(),
+        (EngineKind::Builtin, _) => Device::Cuda(0).fp8_kept(),
         _ => Fp8Kept::All,
     }
 }

@@ -54,6 +54,18 @@ pub enum Device {
     Cuda(usize),
 }
 
+impl Device {
+    /// What a block-FP8 checkpoint keeps in FP8 on this device: the CPU computes in f32 and
+    /// dequantises everything at load; CUDA keeps a mixture of experts' experts (its grouped
+    /// GEMMs read FP8) and dequantises the rest to bf16.
+    pub fn fp8_kept(self) -> Fp8Kept {
+        match self {
+            Device::Cpu => Fp8Kept::None,
+            Device::Cuda(_) => Fp8Kept::Experts,
+        }
+    }
+}
+
 /// What to load.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -236,7 +248,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
         task,
         eos,
         backend.compute_dtype_bytes(),
-        Fp8Kept::None,
+        Device::Cpu.fp8_kept(),
     );
     if let Some(avail) = mem_available_bytes() {
         if info.weight_bytes > avail {
@@ -274,7 +286,7 @@ fn load_cuda(
     tokenizer: Tokenizer,
 ) -> anyhow::Result<Loaded> {
     const BF16: usize = 2;
-    let info = model_info(config, task, eos, BF16, Fp8Kept::Experts);
+    let info = model_info(config, task, eos, BF16, Device::Cuda(ordinal).fp8_kept());
     let g = &opts.gpu;
     let defaults = CudaOptions::default();
     let max_model_len = g
