@@ -66,21 +66,48 @@ pub enum ExpertFormat {
 
 /// One grouped-GEMM tile: `bm` expert rows x `bn` output columns x `bk` of the reduction
 /// per step (`moe_gemm_*_{tag}` in moe.cu).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MoeTile {
     pub bm: usize,
     pub bn: usize,
     pub bk: usize,
 }
 
-impl MoeTile {
-    fn tag(&self, format: ExpertFormat) -> String {
-        let w = match format {
-            ExpertFormat::Bf16 => "bf16",
-            ExpertFormat::Fp8 { .. } => "fp8",
-        };
-        format!("{w}_{}x{}x{}", self.bm, self.bn, self.bk)
-    }
+const fn tile(bm: usize, bn: usize, bk: usize) -> MoeTile {
+    MoeTile { bm, bn, bk }
+}
+
+/// The grouped GEMMs moe.cu instantiates (its `MOE_GEMM_SET` lines): (FP8 weights, tile),
+/// each for gate/up and for down.
+const COMPILED: [(bool, MoeTile); 8] = [
+    (false, tile(16, 128, 64)),
+    (false, tile(64, 64, 64)),
+    (false, tile(16, 32, 32)),
+    (false, tile(64, 32, 32)),
+    (true, tile(16, 128, 64)),
+    (true, tile(64, 128, 64)),
+    (true, tile(16, 32, 32)),
+    (true, tile(64, 32, 32)),
+];
+
+/// The names of every grouped GEMM kernel moe.cu compiles.
+pub fn gemm_kernel_names() -> Vec<String> {
+    COMPILED
+        .iter()
+        .flat_map(|&(fp8, t)| [false, true].map(|down| gemm_name(fp8, t, down)))
+        .collect()
+}
+
+/// The kernel name of a grouped GEMM: `moe_gemm_{up,down}_{bf16,fp8}_{bm}x{bn}x{bk}`.
+fn gemm_name(fp8: bool, t: MoeTile, down: bool) -> String {
+    format!(
+        "moe_gemm_{}_{}_{}x{}x{}",
+        if down { "down" } else { "up" },
+        if fp8 { "fp8" } else { "bf16" },
+        t.bm,
+        t.bn,
+        t.bk
+    )
 }
 
 /// The grouped GEMM's rows per block for a step of `tokens` tokens: 16 while the experts
@@ -126,7 +153,7 @@ impl ExpertFormat {
     /// An FP8 tile must lie inside one scale block, and gate and up (concatenated) must each
     /// be whole blocks; shapes the kernels cannot take are an error naming the reason.
     pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<[MoeTile; 2]> {
-        let t = |bm, bn, bk| MoeTile { bm, bn, bk };
+        let t = tile;
         if !hidden.is_multiple_of(32) || !inter.is_multiple_of(32) {
             bail!("the CUDA MoE kernels need hidden_size ({hidden}) and moe_intermediate_size ({inter}) to be multiples of 32");
         }
@@ -192,8 +219,8 @@ pub struct MoeKernels {
     silu_mul_f16: CudaFunction,
     fill_e4m3: CudaFunction,
     fill_f32: CudaFunction,
-    /// By `moe_gemm_{up,down}_{tag}` name.
-    gemms: HashMap<String, CudaFunction>,
+    /// By (FP8 weights, tile, down): [`COMPILED`].
+    gemms: HashMap<(bool, MoeTile, bool), CudaFunction>,
 }
 
 /// Compiles `kernels/moe.cu` to PTX for `arch` (e.g. `sm_90`), without fast math: the
@@ -208,19 +235,9 @@ impl MoeKernels {
     pub fn compile(dev: &CudaDevice) -> Result<Self, CudaError> {
         let f = load_module(dev, compile_source(&dev.arch)?)?;
         let mut gemms = HashMap::new();
-        for tag in [
-            "bf16_16x128x64",
-            "bf16_64x64x64",
-            "bf16_16x32x32",
-            "bf16_64x32x32",
-            "fp8_16x128x64",
-            "fp8_64x128x64",
-            "fp8_16x32x32",
-            "fp8_64x32x32",
-        ] {
-            for dir in ["up", "down"] {
-                let name = format!("moe_gemm_{dir}_{tag}");
-                gemms.insert(name.clone(), f(&name)?);
+        for (fp8, t) in COMPILED {
+            for down in [false, true] {
+                gemms.insert((fp8, t, down), f(&gemm_name(fp8, t, down))?);
             }
         }
         Ok(Self {
@@ -305,8 +322,8 @@ impl MoeKernels {
         top_k: usize,
         experts: usize,
     ) -> Result<(), CudaError> {
-        let dir = if g.down { "down" } else { "up" };
-        let func = &self.gemms[&format!("moe_gemm_{dir}_{}", tile.tag(format))];
+        let fp8 = matches!(format, ExpertFormat::Fp8 { .. });
+        let func = &self.gemms[&(fp8, tile, g.down)];
         let [bn, bk] = match format {
             ExpertFormat::Bf16 => [tile.bn, tile.bk],
             ExpertFormat::Fp8 { block } => block,
@@ -489,6 +506,32 @@ mod tests {
                 assert_eq!(t[tiled_offset(n, k, rows, bk)], w[n * cols + k]);
             }
         }
+    }
+
+    /// Every tile a storage can be given is one moe.cu compiles, and the names are the
+    /// kernels' (checked against the PTX on the GPU machine by
+    /// `cuda_kernels_compile_for_the_preset_shapes`).
+    #[test]
+    fn every_tile_chosen_is_compiled() {
+        let formats = [
+            ExpertFormat::Bf16,
+            ExpertFormat::Fp8 { block: [128, 128] },
+            ExpertFormat::Fp8 { block: [32, 32] },
+            ExpertFormat::Fp8 { block: [64, 64] },
+        ];
+        for f in formats {
+            for (h, i) in [(2048, 768), (64, 32), (256, 128), (96, 64)] {
+                let Ok(tiles) = f.tiles(h, i) else { continue };
+                let fp8 = matches!(f, ExpertFormat::Fp8 { .. });
+                for t in tiles {
+                    assert!(COMPILED.contains(&(fp8, t)), "{f:?} {h} {i}: {t:?}");
+                }
+            }
+        }
+        assert_eq!(
+            gemm_name(true, tile(16, 128, 64), true),
+            "moe_gemm_down_fp8_16x128x64"
+        );
     }
 
     #[test]
