@@ -28,8 +28,12 @@
 //! the tuning measured per shape.
 //! `gen8-64` is the 8B batch-64 workload of `gen8` alone (for sweeps of
 //! `COLOCATE_DECODE_MIN_CHUNK`). `moe` is the gen workload of the seeds' generator,
-//! Qwen3-30B-A3B-FP8 (experts kept in FP8), at batch 64 and 512; its floor counts the
-//! experts a step routes to.
+//! Qwen3-30B-A3B-FP8 (experts kept in FP8), at the batches of `CUDA_BENCH_MOE_BATCHES`
+//! (`64,512` by default); its floor counts the experts a step routes to.
+//! `CUDA_BENCH_MOE_TILES` (`auto` by default) lists grouped-GEMM tiles to run every MoE step
+//! in, e.g. `auto,16x128x64s3w1,64x128x64s4w2` (`moe_kernels::MoeTile` names; `auto` is the
+//! engine's pick by rows per expert), one more variant each. `CUDA_BENCH_PROFILE=0` skips
+//! the gen workloads' per-op breakdowns.
 
 use std::time::Instant;
 
@@ -39,7 +43,7 @@ use engine::backend::cuda::buffer::{self, DevBuf};
 use engine::backend::cuda::gemm::{self, Gemms, OutType};
 use engine::backend::cuda::gemm_tune::LtProblem;
 use engine::backend::cuda::kernels::{DecodeKernel, DecodePartials, Kernels};
-use engine::backend::cuda::moe_kernels::ExpertFormat;
+use engine::backend::cuda::moe_kernels::{ExpertFormat, MoeTile};
 use engine::backend::cuda::step::{pack, DecodeSplit, StepLayout};
 use engine::backend::cuda::{CudaDevice, CudaOptions};
 use engine::load::model_info;
@@ -171,6 +175,8 @@ struct Variant {
     kernel: DecodeKernel,
     /// GEMMs on the algorithms tuned at load (else `cublasGemmEx` everywhere).
     tuned: bool,
+    /// A mixture of experts' grouped-GEMM tile for every step (`None`: the engine's pick).
+    moe_tile: Option<MoeTile>,
 }
 
 /// `CUDA_BENCH_DECODE` (paged, split or both) times `CUDA_BENCH_GEMM` (cublas, tuned or
@@ -193,23 +199,54 @@ fn variants() -> anyhow::Result<Vec<Variant>> {
         "both" => vec![("cublas", false), ("tuned", true)],
         other => anyhow::bail!("CUDA_BENCH_GEMM={other:?}: cublas, tuned or both"),
     };
+    let tiles: Vec<Option<MoeTile>> = std::env::var("CUDA_BENCH_MOE_TILES")
+        .unwrap_or_else(|_| "auto".to_string())
+        .split(',')
+        .map(|t| match t {
+            "auto" => Ok(None),
+            t => t.parse().map(Some),
+        })
+        .collect::<anyhow::Result<_>>()?;
     let mut out = Vec::new();
     for (kl, kernel) in &kernels {
         for (gl, tuned) in &gemms {
-            out.push(Variant {
-                label: format!("{kl}, {gl}"),
-                kernel: *kernel,
-                tuned: *tuned,
-            });
+            for tile in &tiles {
+                let tl = tile.map_or(String::new(), |t| format!(", moe {t}"));
+                out.push(Variant {
+                    label: format!("{kl}, {gl}{tl}"),
+                    kernel: *kernel,
+                    tuned: *tuned,
+                    moe_tile: *tile,
+                });
+            }
         }
     }
     Ok(out)
 }
 
+/// The variants that apply to `config`: MoE tiles only to a mixture of experts.
+fn variants_for(variants: &[Variant], config: &ModelConfig) -> Vec<Variant> {
+    variants
+        .iter()
+        .filter(|v| config.moe.is_some() || v.moe_tile.is_none())
+        .cloned()
+        .collect()
+}
+
+/// Whether the gen workloads end each variant with a per-op breakdown (an eager round);
+/// `CUDA_BENCH_PROFILE=0` skips it, for sweeps of many variants.
+fn profile_wanted() -> bool {
+    std::env::var("CUDA_BENCH_PROFILE").map_or(true, |v| v != "0")
+}
+
 /// Puts `m` on variant `v` (drops its captured graphs).
-fn apply(m: &mut CudaQwen3, v: &Variant) {
+fn apply(m: &mut CudaQwen3, v: &Variant) -> anyhow::Result<()> {
     m.set_decode_kernel(v.kernel);
     m.set_gemm_tuned(v.tuned);
+    if v.moe_tile.is_some() || m.is_moe() {
+        m.set_moe_tile(v.moe_tile)?;
+    }
+    Ok(())
 }
 
 /// What GEMM tuning measured at load: one `GEMMTUNE` line per shape and decode size, and a
@@ -393,10 +430,10 @@ fn check_variants(
     label: &str,
 ) -> anyhow::Result<()> {
     let (first, rest) = variants.split_first().expect("at least one variant");
-    apply(m, first);
+    apply(m, first)?;
     let reference = m.step_logits(&decode_steps(toks, tables, pos))?;
     for v in rest {
-        apply(m, v);
+        apply(m, v)?;
         let got = m.step_logits(&decode_steps(toks, tables, pos))?;
         compare_logits(
             &format!("{label} [{}]", v.label),
@@ -753,6 +790,7 @@ fn bench_gen(
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
         .collect();
+    let variants = &variants_for(variants, &config);
     let limit = gen_limit_tok_s(&config, batch, prompt, gen, bw);
     let floor = step_floor_ms(&config, batch, (prompt + gen / 2) as f64, bw);
     // K/V bytes the decode attention reads in one round (contexts prompt + 1 .. prompt + gen - 1).
@@ -760,7 +798,7 @@ fn bench_gen(
         .map(|g| (batch * (prompt + g) * config.kv_bytes_per_token(2)) as f64)
         .sum();
     for v in variants {
-        apply(&mut m, v);
+        apply(&mut m, v)?;
         let t = Instant::now();
         m.capture_all()?;
         let capture_s = t.elapsed().as_secs_f64();
@@ -782,6 +820,9 @@ fn bench_gen(
             step_ms / floor,
             m.gemm_tune_secs()
         );
+        if !profile_wanted() {
+            continue;
+        }
         m.set_profiling(true);
         gen_round(&mut m, &prompts, &tables, gen, max_tokens)?;
         m.collect_profile();
@@ -836,10 +877,11 @@ fn bench_long(
         .collect();
     let mut rng = Lcg(5);
     let toks: Vec<[u32; 1]> = (0..batch).map(|_| [rng.next(150_000)]).collect();
+    let variants = &variants_for(variants, &config);
     let floor = step_floor_ms(&config, batch, (ctx + steps / 2) as f64, bw);
     let kv_step = |pos: usize| (batch * (pos + 1) * config.kv_bytes_per_token(2)) as f64;
     for v in variants {
-        apply(&mut m, v);
+        apply(&mut m, v)?;
         let t = Instant::now();
         m.capture_all()?;
         let capture_s = t.elapsed().as_secs_f64();
@@ -937,8 +979,14 @@ fn main() -> anyhow::Result<()> {
             }
             "gen8-64" => bench_gen("qwen3-8b", 64, 2, &vs, bw)?,
             "moe" => {
-                bench_gen("qwen3-30b-a3b-fp8", 64, 2, &vs, bw)?;
-                bench_gen("qwen3-30b-a3b-fp8", 512, 1, &vs, bw)?;
+                let batches = std::env::var("CUDA_BENCH_MOE_BATCHES")
+                    .unwrap_or_else(|_| "64,512".to_string());
+                for b in batches.split(',') {
+                    let b: usize = b
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("CUDA_BENCH_MOE_BATCHES: {b:?} is not a batch size"))?;
+                    bench_gen("qwen3-30b-a3b-fp8", b, if b <= 64 { 2 } else { 1 }, &vs, bw)?;
+                }
             }
             "long8" => {
                 bench_long("qwen3-8b", 32, 2048, 32, &vs, bw)?;

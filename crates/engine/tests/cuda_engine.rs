@@ -372,6 +372,12 @@ fn cuda_kernels_compile_for_the_preset_shapes() {
     for name in moe_kernels::gemm_kernel_names() {
         assert!(ptx.contains(&format!(".entry {name}(")), "{name}");
     }
+    // For reading registers and spills with ptxas: COLOCATE_PTX_DIR=dir keeps the PTX.
+    if let Ok(dir) = std::env::var("COLOCATE_PTX_DIR") {
+        std::fs::write(format!("{dir}/moe.ptx"), &ptx).unwrap();
+        let engine = compile_source("sm_90", 128, 8).unwrap().to_src();
+        std::fs::write(format!("{dir}/engine_128_8.ptx"), engine).unwrap();
+    }
 }
 
 /// Prefill (one step for all three prompts of fixture `name` at once), then decode 7
@@ -957,6 +963,47 @@ fn cuda_fp8_experts_match_their_dequantised_bf16() {
                 0.03,
             );
         }
+    }
+}
+
+/// Every grouped-GEMM tile the random MoE's experts can take (FP8 and bf16), forced for
+/// every step, gives the logits of the engine's own pick: a 120-token prompt (many rows
+/// per expert) and a 5-token one (few), within float rounding.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn every_moe_tile_gives_the_same_logits() {
+    let long: Vec<u32> = (0..120).map(|i| (i * 37 % 500 + 3) as u32).collect();
+    let prompts = [long, vec![5, 6, 7, 8, 9]];
+    for fp8 in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_random_moe(tmp.path(), fp8);
+        let config = ModelConfig::from_file(&tmp.path().join("config.json")).unwrap();
+        let weights = WeightSource::open_model(tmp.path(), &config).unwrap();
+        let mut m = cuda_model(&config, Task::Generate, &weights, small_opts());
+        m.init_kv_cache(64, 16).unwrap();
+        let table: Vec<u32> = (0..16).collect();
+        let logits = |m: &mut CudaQwen3| -> Vec<Vec<f32>> {
+            prompts
+                .iter()
+                .map(|p| m.step_logits(&one(p, 0, &table, GREEDY)).unwrap().remove(0))
+                .collect()
+        };
+        let auto = logits(&mut m);
+        let mut tried = 0;
+        for tile in moe_kernels::compiled_tiles(fp8) {
+            if m.set_moe_tile(Some(tile)).is_err() {
+                continue; // another depth or FP8 block
+            }
+            tried += 1;
+            for (i, (got, want)) in logits(&mut m).iter().zip(&auto).enumerate() {
+                assert_logits_within(got, want, &format!("fp8 {fp8}, tile {tile}, prompt {i}"), 0.002);
+            }
+        }
+        assert!(tried >= 2, "fp8 {fp8}: only {tried} tiles fit the random MoE");
+        m.set_moe_tile(None).unwrap();
     }
 }
 

@@ -20,7 +20,7 @@ use crate::backend::cuda::executor::ForwardCtx;
 use crate::backend::cuda::gemm::OutType;
 use crate::backend::cuda::kernels::DevPtr;
 use crate::backend::cuda::moe_kernels::{
-    block_rows, sorted_len, tile_weight, ExpertFormat, GroupedGemm, MoeKernels, MoeTile, Routing,
+    block_rows, compiled_tiles, sorted_len, tile_weight, ExpertFormat, GroupedGemm, MoeKernels, MoeTile, Routing,
     MAX_EXPERTS,
 };
 use crate::backend::cuda::profile::Launcher;
@@ -130,6 +130,8 @@ pub(crate) struct CudaMoe {
     format: ExpertFormat,
     /// Tiles for few and many rows per expert (`moe_kernels::block_rows` picks).
     tiles: [MoeTile; 2],
+    /// One tile for every step instead (`set_tile`: the benchmark's sweeps).
+    forced: Option<MoeTile>,
     sparse: Vec<bool>,
     kernels: MoeKernels,
     scratch: Scratch,
@@ -167,12 +169,17 @@ impl CudaMoe {
         let kernels = MoeKernels::compile(dev)?;
         let (t, k, e) = (max_tokens.max(1), d.top_k, d.experts);
         let i32s = |n: usize| DevBuf::alloc(dev, n * 4);
+        // The sorted index of the tallest tile any step may take, the block list of the
+        // shortest.
+        let fp8 = matches!(format, ExpertFormat::Fp8 { .. });
+        let bms = || compiled_tiles(fp8).map(|t| t.bm);
+        let (bm_max, bm_min) = (bms().max().unwrap_or(64), bms().min().unwrap_or(16));
         let scratch = Scratch {
             logits: i32s(t * e)?,
             ids: i32s(t * k)?,
             weights: i32s(t * k)?,
-            sorted: i32s(sorted_len(t, k, e, 64).max(sorted_len(t, k, e, 16)))?,
-            block_expert: i32s(sorted_len(t, k, e, 16) / 16)?,
+            sorted: i32s(sorted_len(t, k, e, bm_max))?,
+            block_expert: i32s(sorted_len(t, k, e, bm_min) / bm_min)?,
             post_pad: i32s(1)?,
             inter: DevBuf::alloc(dev, t * k * (2 * d.inter).max(d.hidden) * BF16)?,
             act: DevBuf::alloc(dev, t * k * d.inter * BF16)?,
@@ -188,12 +195,38 @@ impl CudaMoe {
             d,
             format,
             tiles,
+            forced: None,
             sparse: (0..config.num_hidden_layers)
                 .map(|l| config.is_sparse_layer(l))
                 .collect(),
             kernels,
             scratch,
         }))
+    }
+
+    /// Runs every step's grouped GEMMs in `tile` (`None`: the tile `block_rows` picks). A
+    /// tile must be compiled for this storage, of its depth, and inside one FP8 block.
+    pub(crate) fn set_tile(&mut self, tile: Option<MoeTile>) -> anyhow::Result<()> {
+        if let Some(t) = tile {
+            let fp8 = matches!(self.format, ExpertFormat::Fp8 { .. });
+            let fits = match self.format {
+                ExpertFormat::Fp8 { block: [br, bc] } => br % t.bn == 0 && bc % t.bk == 0,
+                ExpertFormat::Bf16 => true,
+            };
+            if !compiled_tiles(fp8).any(|c| c == t) || t.bk != self.tiles[0].bk || !fits {
+                anyhow::bail!(
+                    "MoE tile {t} does not fit these experts ({:?}, depth {}); compiled: {}",
+                    self.format,
+                    self.tiles[0].bk,
+                    compiled_tiles(fp8)
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        self.forced = tile;
+        Ok(())
     }
 
     /// Whether `layer` has the sparse block (else the dense MLP).
@@ -326,8 +359,10 @@ impl CudaMoe {
     ) -> anyhow::Result<()> {
         let (d, s, mk) = (&self.d, &self.scratch, &self.kernels);
         let (t, k, e) = (tokens, d.top_k, d.experts);
-        let bm = block_rows(t, k, e);
-        let tile = self.tiles[usize::from(bm != self.tiles[0].bm)];
+        let tile = self.forced.unwrap_or_else(|| {
+            let bm = block_rows(t, k, e);
+            self.tiles[usize::from(bm != self.tiles[0].bm)]
+        });
         let r = s.routing();
         let scales = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
         ops.op("gemm router", || {

@@ -38,6 +38,7 @@ use crate::backend::cuda::kernels::{DevPtr, Kernels};
 use crate::backend::cuda::profile::Launcher;
 use crate::backend::cuda::step::CudaOptions;
 use crate::model::config::{DecoderLayout, MlpKind, ModelConfig, NormKind, PositionKind};
+use crate::backend::cuda::moe_kernels::MoeTile;
 use crate::model::moe_cuda::{CudaMoe, SparseLayer};
 use crate::model::qwen3::param_names;
 use crate::model_api::{ModelInfo, Task};
@@ -512,6 +513,26 @@ impl CudaQwen3 {
                 moe,
             })
         })
+    }
+
+    /// Whether the model has sparse (mixture-of-experts) blocks.
+    pub fn is_moe(&self) -> bool {
+        self.model().moe.is_some()
+    }
+
+    /// Runs a mixture of experts' grouped GEMMs in one tile at every step (`None`: the
+    /// engine's choice by rows per expert); for the benchmark's sweeps. Drops captured
+    /// graphs. A dense model, or a tile its experts cannot take, is an error.
+
+    pub fn set_moe_tile(&mut self, tile: Option<MoeTile>) -> anyhow::Result<()> {
+        let moe = self
+            .model_mut()
+            .moe
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("not a mixture of experts: no MoE tile to set"))?;
+        moe.set_tile(tile)?;
+        self.drop_graphs();
+        Ok(())
     }
 }
 

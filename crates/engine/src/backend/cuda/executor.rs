@@ -427,6 +427,22 @@ impl<M: CudaModel> CudaExecutor<M> {
         self.graphs.clear();
     }
 
+    /// The model, to change how it runs; the caller drops captured graphs
+    /// ([`Self::drop_graphs`]) when that changes what a step launches.
+    pub(crate) fn model_mut(&mut self) -> &mut M {
+        &mut self.model
+    }
+
+    /// The model.
+    pub(crate) fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// Forgets captured decode graphs (recaptured by [`Self::capture_all`] or on use).
+    pub(crate) fn drop_graphs(&mut self) {
+        self.graphs.clear();
+    }
+
     /// The decode attention kernel of decode steps.
     pub fn decode_kernel(&self) -> DecodeKernel {
         self.decode_kernel

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::bail;
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
@@ -21,12 +22,29 @@ const SOURCE: &str = concat!(
     include_str!("kernels/moe.cu")
 );
 
+/// What moe.cu's source needs appended: one `MOE_GEMM_SET` line per [`COMPILED`] tile, so
+/// the kernels compiled are exactly the ones the host can pick.
+fn instantiations() -> String {
+    COMPILED
+        .iter()
+        .map(|&(fp8, t)| {
+            format!(
+                "MOE_GEMM_SET({}, {}, {}, {}, {}, {}, {})\n",
+                if fp8 { "fp8" } else { "bf16" },
+                t.bm,
+                t.bn,
+                t.bk,
+                t.stages,
+                t.warps_m,
+                fp8
+            )
+        })
+        .collect()
+}
+
 /// Most experts a model may have (`MOE_MAX_EXPERTS` in moe.cu: the router softmax keeps a
 /// token's probabilities in one warp's registers).
 pub const MAX_EXPERTS: usize = 512;
-
-/// Threads of a `moe_gemm` block (`MG_THREADS`).
-const GEMM_THREADS: u32 = 128;
 
 /// Rows of a weight's row group in the tiled layout.
 pub const ROW_GROUP: usize = 32;
@@ -65,30 +83,95 @@ pub enum ExpertFormat {
 }
 
 /// One grouped-GEMM tile: `bm` expert rows x `bn` output columns x `bk` of the reduction
-/// per step (`moe_gemm_*_{tag}` in moe.cu).
+/// per step, streamed through `stages` buffers, by `4 * warps_m` warps (`warps_m` over the
+/// rows). Named `{bm}x{bn}x{bk}s{stages}w{warps_m}` (moe.cu's kernel names and the
+/// benchmark's `CUDA_BENCH_MOE_TILES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MoeTile {
     pub bm: usize,
     pub bn: usize,
     pub bk: usize,
+    pub stages: usize,
+    pub warps_m: usize,
 }
 
-const fn tile(bm: usize, bn: usize, bk: usize) -> MoeTile {
-    MoeTile { bm, bn, bk }
+const fn tile(bm: usize, bn: usize, bk: usize, stages: usize, warps_m: usize) -> MoeTile {
+    MoeTile {
+        bm,
+        bn,
+        bk,
+        stages,
+        warps_m,
+    }
 }
 
-/// The grouped GEMMs moe.cu instantiates (its `MOE_GEMM_SET` lines): (FP8 weights, tile),
-/// each for gate/up and for down.
-const COMPILED: [(bool, MoeTile); 8] = [
-    (false, tile(16, 128, 64)),
-    (false, tile(64, 64, 64)),
-    (false, tile(16, 32, 32)),
-    (false, tile(64, 32, 32)),
-    (true, tile(16, 128, 64)),
-    (true, tile(64, 128, 64)),
-    (true, tile(16, 32, 32)),
-    (true, tile(64, 32, 32)),
+impl MoeTile {
+    /// Threads of a block.
+    pub fn threads(&self) -> u32 {
+        128 * self.warps_m as u32
+    }
+
+    /// Dynamic shared memory of a block: `stages` x (activations `bm x (bk + pad)` in 16-bit,
+    /// weights `bn x (bk * bytes + 16)`), moe.cu's `NST * STAGE` (which traps when a launch
+    /// gives less).
+    pub fn smem_bytes(&self, fp8: bool) -> usize {
+        let (pad, wb) = if fp8 { (16, 1) } else { (8, 2) };
+        self.stages * (self.bm * (self.bk + pad) * 2 + self.bn * (self.bk * wb + 16))
+    }
+}
+
+impl std::fmt::Display for MoeTile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}x{}x{}s{}w{}",
+            self.bm, self.bn, self.bk, self.stages, self.warps_m
+        )
+    }
+}
+
+impl std::str::FromStr for MoeTile {
+    type Err = anyhow::Error;
+
+    /// `{bm}x{bn}x{bk}s{stages}w{warps_m}`, e.g. `64x128x64s4w2`.
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let bad = || anyhow::anyhow!("MoE tile {s:?}: expected BMxBNxBKsSTAGESwWARPS, e.g. 64x128x64s4w2");
+        let (dims, rest) = s.split_once('s').ok_or_else(bad)?;
+        let (stages, warps) = rest.split_once('w').ok_or_else(bad)?;
+        let n: Vec<usize> = dims
+            .split('x')
+            .map(|v| v.parse().map_err(|_| bad()))
+            .collect::<anyhow::Result<_>>()?;
+        let [bm, bn, bk] = n[..] else { return Err(bad()) };
+        let num = |v: &str| v.parse::<usize>().map_err(|_| bad());
+        Ok(tile(bm, bn, bk, num(stages)?, num(warps)?))
+    }
+}
+
+/// The grouped GEMMs moe.cu is compiled with (one `MOE_GEMM_SET` line each, appended by
+/// [`instantiations`]): (FP8 weights, tile), each for gate/up and for down.
+const COMPILED: [(bool, MoeTile); 12] = [
+    (false, tile(16, 128, 64, 2, 1)),
+    (false, tile(64, 64, 64, 2, 1)),
+    (false, tile(16, 32, 32, 2, 1)),
+    (false, tile(64, 32, 32, 2, 1)),
+    (true, tile(16, 128, 64, 3, 1)),
+    (true, tile(16, 128, 64, 5, 1)),
+    (true, tile(32, 128, 64, 4, 2)),
+    (true, tile(64, 128, 64, 2, 1)),
+    (true, tile(64, 128, 64, 3, 2)),
+    (true, tile(64, 128, 64, 4, 2)),
+    (true, tile(16, 32, 32, 3, 1)),
+    (true, tile(64, 32, 32, 3, 1)),
 ];
+
+/// Every compiled tile for FP8 (`fp8`) or bf16 experts.
+pub fn compiled_tiles(fp8: bool) -> impl Iterator<Item = MoeTile> {
+    COMPILED
+        .iter()
+        .filter(move |&&(f, _)| f == fp8)
+        .map(|&(_, t)| t)
+}
 
 /// The names of every grouped GEMM kernel moe.cu compiles.
 pub fn gemm_kernel_names() -> Vec<String> {
@@ -98,15 +181,12 @@ pub fn gemm_kernel_names() -> Vec<String> {
         .collect()
 }
 
-/// The kernel name of a grouped GEMM: `moe_gemm_{up,down}_{bf16,fp8}_{bm}x{bn}x{bk}`.
+/// The kernel name of a grouped GEMM: `moe_gemm_{up,down}_{bf16,fp8}_{tile}`.
 fn gemm_name(fp8: bool, t: MoeTile, down: bool) -> String {
     format!(
-        "moe_gemm_{}_{}_{}x{}x{}",
+        "moe_gemm_{}_{}_{t}",
         if down { "down" } else { "up" },
         if fp8 { "fp8" } else { "bf16" },
-        t.bm,
-        t.bn,
-        t.bk
     )
 }
 
@@ -153,23 +233,22 @@ impl ExpertFormat {
     /// An FP8 tile must lie inside one scale block, and gate and up (concatenated) must each
     /// be whole blocks; shapes the kernels cannot take are an error naming the reason.
     pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<[MoeTile; 2]> {
-        let t = tile;
         if !hidden.is_multiple_of(32) || !inter.is_multiple_of(32) {
             bail!("the CUDA MoE kernels need hidden_size ({hidden}) and moe_intermediate_size ({inter}) to be multiples of 32");
         }
-        let wide = [t(16, 128, 64), t(64, 64, 64)];
-        let narrow = [t(16, 32, 32), t(64, 32, 32)];
+        let wide = [tile(16, 128, 64, 2, 1), tile(64, 64, 64, 2, 1)];
+        let narrow = |s| [tile(16, 32, 32, s, 1), tile(64, 32, 32, s, 1)];
         let deep = hidden.is_multiple_of(64) && inter.is_multiple_of(64);
         match *self {
-            ExpertFormat::Bf16 => Ok(if deep { wide } else { narrow }),
+            ExpertFormat::Bf16 => Ok(if deep { wide } else { narrow(2) }),
             ExpertFormat::Fp8 { block: [br, bc] } => {
                 if !inter.is_multiple_of(br) {
                     bail!("FP8 blocks of {br} rows do not divide moe_intermediate_size {inter}: gate and up would share a block");
                 }
                 if deep && br.is_multiple_of(128) && bc.is_multiple_of(64) {
-                    Ok([t(16, 128, 64), t(64, 128, 64)])
+                    Ok([tile(16, 128, 64, 3, 1), tile(64, 128, 64, 2, 1)])
                 } else if br.is_multiple_of(32) && bc.is_multiple_of(32) {
-                    Ok(narrow)
+                    Ok(narrow(3))
                 } else {
                     bail!("FP8 weight_block_size [{br}, {bc}]: the CUDA MoE kernels take blocks whose sides are multiples of 32")
                 }
@@ -227,7 +306,12 @@ pub struct MoeKernels {
 /// router softmax picks experts, and a flipped near-tie would change a token's experts.
 /// Needs only NVRTC, no GPU.
 pub fn compile_source(arch: &str) -> Result<Ptx, CudaError> {
-    compile_ptx(arch, "moe.cu", SOURCE, Vec::new())
+    compile_ptx(
+        arch,
+        "moe.cu",
+        &format!("{SOURCE}{}", instantiations()),
+        Vec::new(),
+    )
 }
 
 impl MoeKernels {
@@ -237,7 +321,17 @@ impl MoeKernels {
         let mut gemms = HashMap::new();
         for (fp8, t) in COMPILED {
             for down in [false, true] {
-                gemms.insert((fp8, t, down), f(&gemm_name(fp8, t, down))?);
+                let func = f(&gemm_name(fp8, t, down))?;
+                // Above 48 KiB a kernel must be allowed its dynamic shared memory.
+                func.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    t.smem_bytes(fp8) as i32,
+                )
+                .map_err(|source| CudaError::Driver {
+                    what: "allowing a grouped GEMM its shared memory",
+                    source,
+                })?;
+                gemms.insert((fp8, t, down), func);
             }
         }
         Ok(Self {
@@ -354,7 +448,8 @@ impl MoeKernels {
             (sorted_len(tokens, top_k, experts, tile.bm) / tile.bm) as u32,
             g.n.div_ceil(tile.bn) as u32,
         );
-        unsafe { b.launch(Kernels::cfg(grid, GEMM_THREADS, 0)) }
+        let smem = tile.smem_bytes(fp8) as u32;
+        unsafe { b.launch(Kernels::cfg(grid, tile.threads(), smem)) }
             .map(|_| ())
             .map_err(launch_err)
     }
@@ -432,18 +527,21 @@ mod tests {
 
     #[test]
     fn tiles_follow_the_weight_storage() {
-        let t = |bm, bn, bk| MoeTile { bm, bn, bk };
+        let t = |s: &str| s.parse::<MoeTile>().unwrap();
         // Qwen3-30B-A3B: bf16, or FP8 in 128 x 128 blocks, take the wide tiles.
-        let wide = [t(16, 128, 64), t(64, 64, 64)];
+        let wide = [t("16x128x64s2w1"), t("64x64x64s2w1")];
         assert_eq!(ExpertFormat::Bf16.tiles(2048, 768).unwrap(), wide);
         let fp8 = ExpertFormat::Fp8 { block: [128, 128] };
         assert_eq!(
             fp8.tiles(2048, 768).unwrap(),
-            [t(16, 128, 64), t(64, 128, 64)]
+            [t("16x128x64s3w1"), t("64x128x64s2w1")]
         );
         // The tiny FP8 fixture's 32 x 32 blocks.
         let small = ExpertFormat::Fp8 { block: [32, 32] };
-        assert_eq!(small.tiles(64, 32).unwrap(), [t(16, 32, 32), t(64, 32, 32)]);
+        assert_eq!(
+            small.tiles(64, 32).unwrap(),
+            [t("16x32x32s3w1"), t("64x32x32s3w1")]
+        );
         // Every tile's BN divides the block rows and BK the block columns.
         for f in [fp8, small] {
             let ExpertFormat::Fp8 { block } = f else {
@@ -465,7 +563,7 @@ mod tests {
         assert!(ExpertFormat::Bf16.tiles(2048, 760).is_err());
         // bf16 experts of 32 (the tiny fixture) take the narrow tiles; both tiles of a
         // storage have one depth, the tiled layout's.
-        assert_eq!(ExpertFormat::Bf16.tiles(64, 32).unwrap()[0], t(16, 32, 32));
+        assert_eq!(ExpertFormat::Bf16.tiles(64, 32).unwrap()[0], t("16x32x32s2w1"));
         for f in [ExpertFormat::Bf16, fp8, small] {
             for (h, i) in [(2048, 768), (64, 32), (256, 128)] {
                 if let Ok([a, b]) = f.tiles(h, i) {
@@ -529,9 +627,30 @@ mod tests {
             }
         }
         assert_eq!(
-            gemm_name(true, tile(16, 128, 64), true),
-            "moe_gemm_down_fp8_16x128x64"
+            gemm_name(true, tile(16, 128, 64, 3, 1), true),
+            "moe_gemm_down_fp8_16x128x64s3w1"
         );
+        // moe.cu gets one instantiation per compiled tile, in the macro's argument order.
+        let inst = instantiations();
+        assert_eq!(inst.lines().count(), COMPILED.len());
+        assert!(inst.contains("MOE_GEMM_SET(fp8, 64, 128, 64, 4, 2, true)\n"));
+    }
+
+    #[test]
+    fn tiles_print_and_parse_by_name_and_size_their_shared_memory() {
+        for (fp8, t) in COMPILED {
+            assert_eq!(t.to_string().parse::<MoeTile>().unwrap(), t);
+            assert_eq!(t.bm % (16 * t.warps_m), 0, "{t}: whole MMA rows per warp");
+            // Two blocks must fit a multiprocessor (227 KiB on sm_90).
+            assert!(2 * t.smem_bytes(fp8) <= 227 * 1024, "{t}");
+        }
+        // moe.cu's STAGE for 64 x 128 x 64 in FP8: A 64 x 80 halves, W 128 x 80 bytes.
+        assert_eq!(tile(64, 128, 64, 4, 2).smem_bytes(true), 4 * (64 * 80 * 2 + 128 * 80));
+        assert_eq!(tile(64, 128, 64, 4, 2).threads(), 256);
+        for bad in ["64x128x64", "64x128s4w2", "axbxcs1w1", "64x128x64s4"] {
+            let err = bad.parse::<MoeTile>().unwrap_err().to_string();
+            assert!(err.contains("BMxBNxBK"), "{bad}: {err}");
+        }
     }
 
     #[test]

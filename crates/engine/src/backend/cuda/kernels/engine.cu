@@ -36,11 +36,24 @@ extern "C" __global__ void embed_gather(const bf16* __restrict__ table, const in
         residual[(size_t)t * hidden + i] = bf2f(row[i]);
 }
 
+// Two adjacent bf16 values (one 32-bit word) as floats, and back.
+__device__ __forceinline__ float2 unpack2(unsigned u) {
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+__device__ __forceinline__ unsigned pack2(float a, float b) {
+    return (unsigned)f2bf(a) | ((unsigned)f2bf(b) << 16);
+}
+
 // RMSNorm fused with the residual add: if `delta` is non-null, residual += delta (+ dbias,
 // the projection's bias broadcast over the rows, when non-null) (fp32 stream, bf16 delta);
 // then out = rmsnorm(residual) * w. One block per row.
 // `rows` (optional) maps output row r to input row rows[r] (last-token gather for lm_head
 // and pooling); then delta must be null.
+// Up to RMS_VEC float4 of a row per thread stay in registers between the sum of squares
+// and the scaling: rows of up to RMS_VEC * 4 * blockDim.x values (8,192 at 256 threads)
+// with hidden % 4 == 0 take 16-byte residual and 8-byte bf16 accesses; others the scalar
+// loop.
+#define RMS_VEC 8
 extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16* __restrict__ delta,
                                        const bf16* __restrict__ dbias, const bf16* __restrict__ w,
                                        bf16* __restrict__ out, const int* __restrict__ rows, int hidden,
@@ -50,6 +63,39 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16*
     float* x = residual + (size_t)src * hidden;
     const bf16* d = delta ? delta + (size_t)src * hidden : nullptr;
     float ss = 0.f;
+    if ((hidden & 3) == 0 && hidden <= RMS_VEC * 4 * (int)blockDim.x) {
+        float4 v[RMS_VEC];
+#pragma unroll
+        for (int j = 0; j < RMS_VEC; j++) {
+            const int i = 4 * (threadIdx.x + j * blockDim.x);
+            if (i >= hidden) break;
+            float4 a = *(const float4*)(x + i);
+            if (d) {
+                const uint2 dd = *(const uint2*)(d + i);
+                float2 d0 = unpack2(dd.x), d1 = unpack2(dd.y);
+                if (dbias) {
+                    const uint2 bb = *(const uint2*)(dbias + i);
+                    const float2 b0 = unpack2(bb.x), b1 = unpack2(bb.y);
+                    d0.x += b0.x; d0.y += b0.y; d1.x += b1.x; d1.y += b1.y;
+                }
+                a.x += d0.x; a.y += d0.y; a.z += d1.x; a.w += d1.y;
+                *(float4*)(x + i) = a;
+            }
+            v[j] = a;
+            ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+        }
+        const float inv = rsqrtf(block_sum(ss) / hidden + eps);
+#pragma unroll
+        for (int j = 0; j < RMS_VEC; j++) {
+            const int i = 4 * (threadIdx.x + j * blockDim.x);
+            if (i >= hidden) break;
+            const uint2 ww = *(const uint2*)(w + i);
+            const float2 w0 = unpack2(ww.x), w1 = unpack2(ww.y);
+            *(uint2*)(out + (size_t)r * hidden + i) =
+                make_uint2(pack2(v[j].x * inv * w0.x, v[j].y * inv * w0.y), pack2(v[j].z * inv * w1.x, v[j].w * inv * w1.y));
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = x[i];
         if (d) {
@@ -77,13 +123,6 @@ extern "C" __global__ void rmsnorm_rows_f32(const float* __restrict__ residual, 
         out[(size_t)r * hidden + i] = x[i] * inv * bf2f(w[i]);
 }
 
-// Two adjacent bf16 values (one 32-bit word) as floats, and back.
-__device__ __forceinline__ float2 unpack2(unsigned u) {
-    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
-}
-__device__ __forceinline__ unsigned pack2(float a, float b) {
-    return (unsigned)f2bf(a) | ((unsigned)f2bf(b) << 16);
-}
 // Dims i, i + 1 of x (i even) as floats, plus the bias pair when `b` (the head's bias as
 // 32-bit words) is non-null.
 __device__ __forceinline__ float2 load2(const bf16* x, const unsigned* b, int i) {
@@ -597,7 +636,9 @@ __device__ __forceinline__ void da_load(uint4 (&kf)[2][DA_NCC], uint4 (&vf)[2][D
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(DA_WARPS * 32) decode_attention(
+// Four blocks resident (at most 128 registers): the merge's per-slot sums must not cost
+// the main loop a block.
+extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(
     const bf16* __restrict__ qkv, bf16* __restrict__ out, const bf16* __restrict__ kcache,
     const bf16* __restrict__ vcache, const int* __restrict__ block_tables, int max_blocks,
     const int* __restrict__ seq_of, const int* __restrict__ work, const int* __restrict__ item_first,
@@ -717,27 +758,46 @@ extern "C" __global__ void __launch_bounds__(DA_WARPS * 32) decode_attention(
     prev = __shfl_sync(0xffffffff, prev, 0);
     if (prev != count - 1) return;
     __threadfence();
-    for (int g = 0; g < G; g++) {
-        float mx = NEG;
-        for (int i = lane; i < count; i += 32)
-            mx = fmaxf(mx, __ldcg(part_ml + ((size_t)(first + i) * nkv + kvh) * G + g).x);
+    // Lanes over (head, 4 dims) slots, items in order with a running maximum: each item's
+    // loads (every slot's m, l and o) are independent of the previous item's sums, so a
+    // merge costs about one round trip per item, not one per item and head.
+    constexpr int Q4 = HEAD_DIM / 4, SLOTS = (G * Q4 + 31) / 32;
+    float4 num[SLOTS];
+    float den[SLOTS], mx[SLOTS];
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off));
-        for (int d4 = lane; d4 < D / 4; d4 += 32) {
-            float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
-            float den = 0.f;
-            for (int i = 0; i < count; i++) {
-                const size_t row = ((size_t)(first + i) * nkv + kvh) * G + g;
-                const float2 ml = __ldcg(part_ml + row);
-                const float4 v = __ldcg((const float4*)(part_o + row * D) + d4);
-                const float w = exp2f(ml.x - mx);
-                num.x += w * v.x; num.y += w * v.y; num.z += w * v.z; num.w += w * v.w;
-                den += w * ml.y;
-            }
-            const float inv = den > 0.f ? 1.f / den : 0.f;
-            uint2 packed = make_uint2(pack_bf16x2(num.x * inv, num.y * inv), pack_bf16x2(num.z * inv, num.w * inv));
-            *(uint2*)(out + (size_t)t * nq * D + (size_t)(kvh * G + g) * D + 4 * d4) = packed;
+    for (int q = 0; q < SLOTS; q++) {
+        num[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+        den[q] = 0.f;
+        mx[q] = NEG;
+    }
+#pragma unroll 2
+    for (int i = 0; i < count; i++) {
+        const size_t base = ((size_t)(first + i) * nkv + kvh) * G;
+#pragma unroll
+        for (int q = 0; q < SLOTS; q++) {
+            const int slot = lane + 32 * q;
+            if (slot >= G * Q4) continue;
+            const size_t row = base + slot / Q4;
+            const float2 ml = __ldcg(part_ml + row);
+            const float4 v = __ldcg((const float4*)(part_o + row * D) + slot % Q4);
+            // Every item has a key, so ml.x and the new maximum are finite.
+            const float nm = fmaxf(mx[q], ml.x), c = exp2f(mx[q] - nm), w = exp2f(ml.x - nm);
+            num[q].x = num[q].x * c + w * v.x;
+            num[q].y = num[q].y * c + w * v.y;
+            num[q].z = num[q].z * c + w * v.z;
+            num[q].w = num[q].w * c + w * v.w;
+            den[q] = den[q] * c + w * ml.y;
+            mx[q] = nm;
         }
+    }
+#pragma unroll
+    for (int q = 0; q < SLOTS; q++) {
+        const int slot = lane + 32 * q;
+        if (slot >= G * Q4) continue;
+        const int g = slot / Q4, d4 = slot % Q4;
+        const float inv = den[q] > 0.f ? 1.f / den[q] : 0.f;
+        uint2 packed = make_uint2(pack_bf16x2(num[q].x * inv, num[q].y * inv), pack_bf16x2(num[q].z * inv, num[q].w * inv));
+        *(uint2*)(out + (size_t)t * nq * D + (size_t)(kvh * G + g) * D + 4 * d4) = packed;
     }
     if (lane == 0) counters[t * nkv + kvh] = 0;
 }

@@ -139,8 +139,6 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-#define MG_THREADS 128
-
 // The grouped expert GEMM: block (mb, nb) computes rows mb*BM.. of the sorted choices
 // against columns nb*BN.. of its expert's weight W[e] [N, K] (a Linear's, stored tiled in
 // k-tiles of BK and row groups of 32: N % 32 == 0 and K % BK == 0, checked by the host).
@@ -154,35 +152,46 @@ __device__ __forceinline__ void cp_async_wait() {
 // activation quantisation). FP8 tiles read k in a permuted order, the same for A and W
 // (MMA k 2t, 2t+1, 2t+8, 2t+9 at stored k 4t .. 4t+3), so a lane's B fragment is one
 // 4-byte read and two conversions. Tiles stream global -> shared memory by cp.async
-// through NST stages (the weights as stored: decode is bound by their stream, so FP8
-// halves it). Four warps side by side over the columns, each over all BM rows, so every
-// weight is converted once per block.
-template <int BM, int BN, int BK, int NST, bool FP8, bool DOWN>
+// through NST stages in dynamic shared memory (the host sizes it: MoeTile::smem_bytes;
+// the weights as stored: decode is bound by their stream, so FP8 halves it). 4 * WM warps:
+// four side by side over the columns, WM over the rows (BM / WM rows each), so every
+// weight is converted WM times per block; WM = 2 halves the accumulators of a tall tile.
+template <int BM, int BN, int BK, int NST, int WM, bool FP8, bool DOWN>
 __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void* __restrict__ wv,
                                          const float* __restrict__ scales, bf16* __restrict__ out,
                                          const int* __restrict__ sorted, const int* __restrict__ block_expert,
                                          const int* __restrict__ post_pad, const float* __restrict__ topk_w,
                                          int n_rows, int top_k, int N, int K, int bn, int bk) {
+    constexpr int THREADS = 128 * WM;
     constexpr int WB = FP8 ? 1 : 2;      // bytes per weight
     constexpr int AS = BK + (FP8 ? 16 : 8);  // A row stride, elements (conflict-free fragments)
     constexpr int WS = BK * WB + 16;     // W row stride, bytes (conflict-free fragments)
     constexpr int A_BYTES = BM * AS * 2;
     constexpr int STAGE = A_BYTES + BN * WS;
-    constexpr int MT = BM / 16;
+    constexpr int RM = BM / WM;          // rows per warp
+    constexpr int MT = RM / 16;
     constexpr int WCOLS = BN / 4;
     constexpr int NT = WCOLS / 8;
     constexpr int A_CH = BM * BK / 8;    // 16-byte chunks per stage
     constexpr int W_CPR = BK * WB / 16;  // 16-byte chunks per weight row
     constexpr int W_CH = BN * W_CPR;
-    __shared__ __align__(16) unsigned char sm[NST * STAGE];
+    static_assert(RM % 16 == 0, "each warp takes whole 16-row MMA tiles");
+    extern __shared__ __align__(16) unsigned char sm[];
     __shared__ int arow[BM];
 
     const int mb = blockIdx.x;
     if (mb * BM >= post_pad[0]) return;
+    {
+        // A launch with less shared memory than NST stages would overrun it.
+        unsigned dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+        if (dyn < (unsigned)(NST * STAGE)) __trap();
+    }
     const int e = block_expert[mb];
     const int n0 = blockIdx.y * BN;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
-    for (int r = tid; r < BM; r += MG_THREADS) {
+    const int wc = warp & 3, r0w = (warp >> 2) * RM;
+    for (int r = tid; r < BM; r += THREADS) {
         int s = sorted[mb * BM + r];
         arow[r] = s < n_rows ? (DOWN ? s : s / top_k) : -1;
     }
@@ -195,7 +204,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     auto issue = [&](int kt) {
         unsigned char* st = sm + (kt % NST) * STAGE;
         const int k0 = kt * BK;
-        for (int c = tid; c < A_CH; c += MG_THREADS) {
+        for (int c = tid; c < A_CH; c += THREADS) {
             int r = c / (BK / 8), kc = (c % (BK / 8)) * 8;
             int row = arow[r];
             bool ok = row >= 0 && k0 + kc < K;
@@ -205,7 +214,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
         // The weights are stored tiled (moe_kernels::tiled_offset): each k-tile of 32 rows
         // is 32 * BK contiguous weights, and the row groups of one k-tile follow each
         // other, so a stage reads one contiguous run of BN * BK weights.
-        for (int c = tid; c < W_CH; c += MG_THREADS) {
+        for (int c = tid; c < W_CH; c += THREADS) {
             int nn = c / W_CPR, cb = (c % W_CPR) * 16;
             int n = n0 + nn;
             bool ok = n < N;
@@ -250,14 +259,14 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if constexpr (FP8) {
-                    const bf16* r0 = as + (m * 16 + g) * AS + kk + 4 * tg;
+                    const bf16* r0 = as + (r0w + m * 16 + g) * AS + kk + 4 * tg;
                     uint2 lo = *(const uint2*)r0, hi = *(const uint2*)(r0 + 8 * AS);
                     af[m][0] = lo.x;
                     af[m][1] = hi.x;
                     af[m][2] = lo.y;
                     af[m][3] = hi.y;
                 } else {
-                    const bf16* r0 = as + (m * 16 + g) * AS + kk + 2 * tg;
+                    const bf16* r0 = as + (r0w + m * 16 + g) * AS + kk + 2 * tg;
                     af[m][0] = *(const unsigned*)r0;
                     af[m][1] = *(const unsigned*)(r0 + 8 * AS);
                     af[m][2] = *(const unsigned*)(r0 + 8);
@@ -266,7 +275,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
             }
 #pragma unroll
             for (int j = 0; j < NT; j++) {
-                const unsigned char* wr = ws + (warp * WCOLS + j * 8 + g) * WS;
+                const unsigned char* wr = ws + (wc * WCOLS + j * 8 + g) * WS;
                 if constexpr (FP8) {
                     unsigned x = *(const unsigned*)(wr + kk + 4 * tg);
                     unsigned b0 = e4m3x2_to_f16x2((unsigned short)(x & 0xffff));
@@ -297,12 +306,12 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     for (int m = 0; m < MT; m++) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            int s = sorted[mb * BM + m * 16 + g + 8 * h];
+            int s = sorted[mb * BM + r0w + m * 16 + g + 8 * h];
             if (s >= n_rows) continue;
             float f = DOWN ? topk_w[s] : 1.f;
 #pragma unroll
             for (int j = 0; j < NT; j++) {
-                int col = n0 + warp * WCOLS + j * 8 + 2 * tg;
+                int col = n0 + wc * WCOLS + j * 8 + 2 * tg;
                 if (col < N)
                     *(unsigned*)(out + (size_t)s * N + col) =
                         pack_bf16x2(acc[m][j][2 * h] * f, acc[m][j][2 * h + 1] * f);
@@ -311,32 +320,23 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     }
 }
 
-#define MOE_GEMM(name, BM, BN, BK, NST, FP8, DOWN)                                                     \
-    extern "C" __global__ void __launch_bounds__(MG_THREADS)                                          \
+// Launch bounds by row warps: one warp row leaves ptxas free (fewer registers than with a
+// minimum of one block); two ask for two resident blocks (at most 128 registers).
+#define MOE_LB_1 __launch_bounds__(128)
+#define MOE_LB_2 __launch_bounds__(256, 2)
+#define MOE_GEMM(name, BM, BN, BK, NST, WM, FP8, DOWN)                                                 \
+    extern "C" __global__ void MOE_LB_##WM                                                            \
         name(const bf16* a, const void* w, const float* scales, bf16* out, const int* sorted,         \
              const int* block_expert, const int* post_pad, const float* topk_w, int n_rows, int top_k, \
              int N, int K, int bn, int bk) {                                                          \
-        moe_gemm<BM, BN, BK, NST, FP8, DOWN>(a, w, scales, out, sorted, block_expert, post_pad,       \
-                                             topk_w, n_rows, top_k, N, K, bn, bk);                    \
+        moe_gemm<BM, BN, BK, NST, WM, FP8, DOWN>(a, w, scales, out, sorted, block_expert, post_pad,   \
+                                                 topk_w, n_rows, top_k, N, K, bn, bk);                \
     }
-// Tiles (BM x BN x BK, stages): 16 x 128 for a few rows per expert (decode), 64 x 64 for
-// many (64 x 128 for FP8: each block re-reads its 64 activation rows, so wider blocks
-// read them fewer times); BK 64; three stages for FP8, two for bf16 and the 64 x 128 FP8
-// tile (48 KiB of static shared memory);
-// 16/64 x 32 x 32 where the shapes or FP8 blocks are multiples of 32 only (the tiny test
-// checkpoints).
-#define MOE_GEMM_SET(tag, BM, BN, BK, NST, FP8)                 \
-    MOE_GEMM(moe_gemm_up_##tag, BM, BN, BK, NST, FP8, false)    \
-    MOE_GEMM(moe_gemm_down_##tag, BM, BN, BK, NST, FP8, true)
-MOE_GEMM_SET(bf16_16x128x64, 16, 128, 64, 2, false)
-MOE_GEMM_SET(bf16_64x64x64, 64, 64, 64, 2, false)
-MOE_GEMM_SET(bf16_16x32x32, 16, 32, 32, 2, false)
-MOE_GEMM_SET(bf16_64x32x32, 64, 32, 32, 2, false)
-MOE_GEMM_SET(fp8_16x128x64, 16, 128, 64, 3, true)
-MOE_GEMM_SET(fp8_64x128x64, 64, 128, 64, 2, true)
-MOE_GEMM_SET(fp8_16x32x32, 16, 32, 32, 3, true)
-MOE_GEMM_SET(fp8_64x32x32, 64, 32, 32, 3, true)
-
+// Tiles (BM x BN x BK, stages, row warps) are the list moe_kernels::COMPILED names, each
+// instantiated for gate/up and down: moe_gemm_{up,down}_{bf16,fp8}_{BM}x{BN}x{BK}s{NST}w{WM}.
+#define MOE_GEMM_SET(kind, BM, BN, BK, NST, WM, FP8)                                     \
+    MOE_GEMM(moe_gemm_up_##kind##_##BM##x##BN##x##BK##s##NST##w##WM, BM, BN, BK, NST, WM, FP8, false) \
+    MOE_GEMM(moe_gemm_down_##kind##_##BM##x##BN##x##BK##s##NST##w##WM, BM, BN, BK, NST, WM, FP8, true)
 // in (bf16) -> out (f16, clamped to its finite range), n even: the FP8 GEMMs' activations.
 extern "C" __global__ void moe_to_f16(const bf16* __restrict__ in, unsigned* __restrict__ out, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
