@@ -10,8 +10,8 @@ set -uo pipefail
 BIN=${1:-.gpu}
 OUT=${2:-gpu-out}
 mkdir -p "$OUT"
-TILES=${TILES:-auto,16x128x64s3w1,16x128x64s5w1,32x128x64s4w2,64x128x64s2w1,64x128x64s3w2,64x128x64s4w2}
-CUDA_BENCH_MOE_TILES=$TILES CUDA_BENCH_MOE_BATCHES=${BATCHES:-64,256,512} \
+TILES=${TILES:-auto,16x128x64s4w1a8,64x128x64s2w1,64x128x64s3w1a8,64x128x64s4w2a8}
+CUDA_BENCH_MOE_TILES=$TILES CUDA_BENCH_MOE_BATCHES=${BATCHES:-64,256,512,1024} \
   CUDA_BENCH_PROFILE=${PROFILE:-0} "$BIN/cuda_bench" moe 2>&1 | grep -v "^GEMMTUNE" | tee "$OUT/moe-tiles.log"
 echo "== summary =="
 grep -h "^RESULT\|^CHECK" "$OUT/moe-tiles.log"

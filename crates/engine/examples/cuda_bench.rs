@@ -982,9 +982,9 @@ fn main() -> anyhow::Result<()> {
                 let batches = std::env::var("CUDA_BENCH_MOE_BATCHES")
                     .unwrap_or_else(|_| "64,512".to_string());
                 for b in batches.split(',') {
-                    let b: usize = b
-                        .parse()
-                        .map_err(|_| anyhow::anyhow!("CUDA_BENCH_MOE_BATCHES: {b:?} is not a batch size"))?;
+                    let b: usize = b.parse().map_err(|_| {
+                        anyhow::anyhow!("CUDA_BENCH_MOE_BATCHES: {b:?} is not a batch size")
+                    })?;
                     bench_gen("qwen3-30b-a3b-fp8", b, if b <= 64 { 2 } else { 1 }, &vs, bw)?;
                 }
             }

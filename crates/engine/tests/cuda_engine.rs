@@ -999,10 +999,18 @@ fn every_moe_tile_gives_the_same_logits() {
             }
             tried += 1;
             for (i, (got, want)) in logits(&mut m).iter().zip(&auto).enumerate() {
-                assert_logits_within(got, want, &format!("fp8 {fp8}, tile {tile}, prompt {i}"), 0.002);
+                assert_logits_within(
+                    got,
+                    want,
+                    &format!("fp8 {fp8}, tile {tile}, prompt {i}"),
+                    0.002,
+                );
             }
         }
-        assert!(tried >= 2, "fp8 {fp8}: only {tried} tiles fit the random MoE");
+        assert!(
+            tried >= 2,
+            "fp8 {fp8}: only {tried} tiles fit the random MoE"
+        );
         m.set_moe_tile(None).unwrap();
     }
 }

@@ -29,14 +29,15 @@ fn instantiations() -> String {
         .iter()
         .map(|&(fp8, t)| {
             format!(
-                "MOE_GEMM_SET({}, {}, {}, {}, {}, {}, {})\n",
+                "MOE_GEMM_SET({}, {}, {}, {}, {}, {}, {fp8}, {}, {})\n",
                 if fp8 { "fp8" } else { "bf16" },
                 t.bm,
                 t.bn,
                 t.bk,
                 t.stages,
                 t.warps_m,
-                fp8
+                t.a8,
+                if t.a8 { "a8" } else { "" }
             )
         })
         .collect()
@@ -84,8 +85,9 @@ pub enum ExpertFormat {
 
 /// One grouped-GEMM tile: `bm` expert rows x `bn` output columns x `bk` of the reduction
 /// per step, streamed through `stages` buffers, by `4 * warps_m` warps (`warps_m` over the
-/// rows). Named `{bm}x{bn}x{bk}s{stages}w{warps_m}` (moe.cu's kernel names and the
-/// benchmark's `CUDA_BENCH_MOE_TILES`).
+/// rows); `a8`: W8A8, FP8 experts with activations quantised to e4m3 per row and k-block
+/// (else 16-bit activations). Named `{bm}x{bn}x{bk}s{stages}w{warps_m}` plus `a8` (moe.cu's
+/// kernel names and the benchmark's `CUDA_BENCH_MOE_TILES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MoeTile {
     pub bm: usize,
@@ -93,6 +95,7 @@ pub struct MoeTile {
     pub bk: usize,
     pub stages: usize,
     pub warps_m: usize,
+    pub a8: bool,
 }
 
 const fn tile(bm: usize, bn: usize, bk: usize, stages: usize, warps_m: usize) -> MoeTile {
@@ -102,6 +105,14 @@ const fn tile(bm: usize, bn: usize, bk: usize, stages: usize, warps_m: usize) ->
         bk,
         stages,
         warps_m,
+        a8: false,
+    }
+}
+
+const fn tile_a8(bm: usize, bn: usize, bk: usize, stages: usize, warps_m: usize) -> MoeTile {
+    MoeTile {
+        a8: true,
+        ..tile(bm, bn, bk, stages, warps_m)
     }
 }
 
@@ -112,11 +123,16 @@ impl MoeTile {
     }
 
     /// Dynamic shared memory of a block: `stages` x (activations `bm x (bk + pad)` in 16-bit,
-    /// weights `bn x (bk * bytes + 16)`), moe.cu's `NST * STAGE` (which traps when a launch
-    /// gives less).
+    /// or `bm x (bk + 16)` bytes in e4m3, and weights `bn x (bk * bytes + 16)`), moe.cu's
+    /// `NST * STAGE` (which traps when a launch gives less).
     pub fn smem_bytes(&self, fp8: bool) -> usize {
         let (pad, wb) = if fp8 { (16, 1) } else { (8, 2) };
-        self.stages * (self.bm * (self.bk + pad) * 2 + self.bn * (self.bk * wb + 16))
+        let a_row = if self.a8 {
+            self.bk + 16
+        } else {
+            (self.bk + pad) * 2
+        };
+        self.stages * (self.bm * a_row + self.bn * (self.bk * wb + 16))
     }
 }
 
@@ -124,8 +140,13 @@ impl std::fmt::Display for MoeTile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}x{}x{}s{}w{}",
-            self.bm, self.bn, self.bk, self.stages, self.warps_m
+            "{}x{}x{}s{}w{}{}",
+            self.bm,
+            self.bn,
+            self.bk,
+            self.stages,
+            self.warps_m,
+            if self.a8 { "a8" } else { "" }
         )
     }
 }
@@ -133,24 +154,37 @@ impl std::fmt::Display for MoeTile {
 impl std::str::FromStr for MoeTile {
     type Err = anyhow::Error;
 
-    /// `{bm}x{bn}x{bk}s{stages}w{warps_m}`, e.g. `64x128x64s4w2`.
+    /// `{bm}x{bn}x{bk}s{stages}w{warps_m}[a8]`, e.g. `64x128x64s4w2a8`.
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        let bad = || anyhow::anyhow!("MoE tile {s:?}: expected BMxBNxBKsSTAGESwWARPS, e.g. 64x128x64s4w2");
-        let (dims, rest) = s.split_once('s').ok_or_else(bad)?;
+        let bad = || {
+            anyhow::anyhow!(
+                "MoE tile {s:?}: expected BMxBNxBKsSTAGESwWARPS[a8], e.g. 64x128x64s4w2a8"
+            )
+        };
+        let (body, a8) = match s.strip_suffix("a8") {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let (dims, rest) = body.split_once('s').ok_or_else(bad)?;
         let (stages, warps) = rest.split_once('w').ok_or_else(bad)?;
         let n: Vec<usize> = dims
             .split('x')
             .map(|v| v.parse().map_err(|_| bad()))
             .collect::<anyhow::Result<_>>()?;
-        let [bm, bn, bk] = n[..] else { return Err(bad()) };
+        let [bm, bn, bk] = n[..] else {
+            return Err(bad());
+        };
         let num = |v: &str| v.parse::<usize>().map_err(|_| bad());
-        Ok(tile(bm, bn, bk, num(stages)?, num(warps)?))
+        Ok(MoeTile {
+            a8,
+            ..tile(bm, bn, bk, num(stages)?, num(warps)?)
+        })
     }
 }
 
 /// The grouped GEMMs moe.cu is compiled with (one `MOE_GEMM_SET` line each, appended by
 /// [`instantiations`]): (FP8 weights, tile), each for gate/up and for down.
-const COMPILED: [(bool, MoeTile); 12] = [
+const COMPILED: [(bool, MoeTile); 15] = [
     (false, tile(16, 128, 64, 2, 1)),
     (false, tile(64, 64, 64, 2, 1)),
     (false, tile(16, 32, 32, 2, 1)),
@@ -161,9 +195,22 @@ const COMPILED: [(bool, MoeTile); 12] = [
     (true, tile(64, 128, 64, 2, 1)),
     (true, tile(64, 128, 64, 3, 2)),
     (true, tile(64, 128, 64, 4, 2)),
+    (true, tile_a8(16, 128, 64, 4, 1)),
+    (true, tile_a8(64, 128, 64, 3, 1)),
+    (true, tile_a8(64, 128, 64, 4, 2)),
     (true, tile(16, 32, 32, 3, 1)),
     (true, tile(64, 32, 32, 3, 1)),
 ];
+
+/// Whether W8A8 tiles can quantise activations of experts with `hidden` and `inter` in
+/// groups of `group` (the weights' block columns): moe.cu's quant_group takes a multiple of
+/// 32 up to `QUANT_MAX_GROUP` (256), and both widths must be whole groups.
+pub fn quant_group_fits(hidden: usize, inter: usize, group: usize) -> bool {
+    group.is_multiple_of(32)
+        && group <= 256
+        && hidden.is_multiple_of(group)
+        && inter.is_multiple_of(group)
+}
 
 /// Every compiled tile for FP8 (`fp8`) or bf16 experts.
 pub fn compiled_tiles(fp8: bool) -> impl Iterator<Item = MoeTile> {
@@ -277,7 +324,10 @@ pub struct Routing {
 /// their FP8 scales), reading `a` and writing `out`.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupedGemm {
+    /// The activations: bf16, f16 (FP8 experts) or e4m3 (W8A8 tiles).
     pub a: DevPtr,
+    /// The e4m3 activations' scales (`[rows, k / block columns]` f32), 0 otherwise.
+    pub a_scales: DevPtr,
     pub w: DevPtr,
     /// FP8 scales, 0 for bf16 weights.
     pub scales: DevPtr,
@@ -296,6 +346,8 @@ pub struct MoeKernels {
     sum: CudaFunction,
     to_f16: CudaFunction,
     silu_mul_f16: CudaFunction,
+    quant_fp8: CudaFunction,
+    silu_mul_fp8: CudaFunction,
     fill_e4m3: CudaFunction,
     fill_f32: CudaFunction,
     /// By (FP8 weights, tile, down): [`COMPILED`].
@@ -341,6 +393,8 @@ impl MoeKernels {
             sum: f("moe_sum")?,
             to_f16: f("moe_to_f16")?,
             silu_mul_f16: f("moe_silu_mul_f16")?,
+            quant_fp8: f("moe_quant_fp8")?,
+            silu_mul_fp8: f("moe_silu_mul_fp8")?,
             fill_e4m3: f("fill_e4m3_uniform")?,
             fill_f32: f("fill_f32")?,
             gemms,
@@ -431,6 +485,7 @@ impl MoeKernels {
         let (bn, bk) = (bn as i32, bk as i32);
         let mut b = self.stream.launch_builder(func);
         b.arg(&g.a)
+            .arg(&g.a_scales)
             .arg(&g.w)
             .arg(&g.scales)
             .arg(&g.out)
@@ -499,6 +554,55 @@ impl MoeKernels {
             .map_err(launch_err)
     }
 
+    /// `rows` rows of `k` bf16 values to e4m3 with an f32 scale per `group` of each row
+    /// (`q`: `[rows, k]` bytes, `s`: `[rows, k / group]`): the W8A8 gate/up GEMM's input.
+    pub fn quant_fp8(
+        &self,
+        x: DevPtr,
+        q: DevPtr,
+        s: DevPtr,
+        rows: usize,
+        k: usize,
+        group: usize,
+    ) -> Result<(), CudaError> {
+        self.quantise(&self.quant_fp8, x, q, s, rows, k, group)
+    }
+
+    /// SiLU(gate) * up of `rows` gate/up rows (`[rows, 2 inter]` bf16), quantised as
+    /// [`Self::quant_fp8`] into `[rows, inter]`: the W8A8 down GEMM's input.
+    pub fn silu_mul_fp8(
+        &self,
+        gu: DevPtr,
+        q: DevPtr,
+        s: DevPtr,
+        rows: usize,
+        inter: usize,
+        group: usize,
+    ) -> Result<(), CudaError> {
+        self.quantise(&self.silu_mul_fp8, gu, q, s, rows, inter, group)
+    }
+
+    /// One warp per (row, group) of a quantisation kernel (moe.cu's quant_group).
+    #[allow(clippy::too_many_arguments)]
+    fn quantise(
+        &self,
+        func: &CudaFunction,
+        x: DevPtr,
+        q: DevPtr,
+        s: DevPtr,
+        rows: usize,
+        k: usize,
+        group: usize,
+    ) -> Result<(), CudaError> {
+        let (r, k_, g) = (rows as i32, k as i32, group as i32);
+        let mut b = self.stream.launch_builder(func);
+        b.arg(&x).arg(&q).arg(&s).arg(&r).arg(&k_).arg(&g);
+        let warps = rows * (k / group);
+        unsafe { b.launch(Kernels::cfg((warps.div_ceil(8) as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
     /// `n` seeded e4m3 bytes of a uniform in [-448, 448) (dummy FP8 weights).
     pub fn fill_e4m3_uniform(&self, out: DevPtr, n: usize, seed: u64) -> Result<(), CudaError> {
         let n_ = n as u64;
@@ -563,7 +667,10 @@ mod tests {
         assert!(ExpertFormat::Bf16.tiles(2048, 760).is_err());
         // bf16 experts of 32 (the tiny fixture) take the narrow tiles; both tiles of a
         // storage have one depth, the tiled layout's.
-        assert_eq!(ExpertFormat::Bf16.tiles(64, 32).unwrap()[0], t("16x32x32s2w1"));
+        assert_eq!(
+            ExpertFormat::Bf16.tiles(64, 32).unwrap()[0],
+            t("16x32x32s2w1")
+        );
         for f in [ExpertFormat::Bf16, fp8, small] {
             for (h, i) in [(2048, 768), (64, 32), (256, 128)] {
                 if let Ok([a, b]) = f.tiles(h, i) {
@@ -633,7 +740,8 @@ mod tests {
         // moe.cu gets one instantiation per compiled tile, in the macro's argument order.
         let inst = instantiations();
         assert_eq!(inst.lines().count(), COMPILED.len());
-        assert!(inst.contains("MOE_GEMM_SET(fp8, 64, 128, 64, 4, 2, true)\n"));
+        assert!(inst.contains("MOE_GEMM_SET(fp8, 64, 128, 64, 4, 2, true, false, )\n"));
+        assert!(inst.contains("MOE_GEMM_SET(fp8, 64, 128, 64, 4, 2, true, true, a8)\n"));
     }
 
     #[test]
@@ -645,7 +753,21 @@ mod tests {
             assert!(2 * t.smem_bytes(fp8) <= 227 * 1024, "{t}");
         }
         // moe.cu's STAGE for 64 x 128 x 64 in FP8: A 64 x 80 halves, W 128 x 80 bytes.
-        assert_eq!(tile(64, 128, 64, 4, 2).smem_bytes(true), 4 * (64 * 80 * 2 + 128 * 80));
+        assert_eq!(
+            tile(64, 128, 64, 4, 2).smem_bytes(true),
+            4 * (64 * 80 * 2 + 128 * 80)
+        );
+        // W8A8: A 64 x 80 bytes.
+        assert_eq!(
+            tile_a8(64, 128, 64, 4, 2).smem_bytes(true),
+            4 * (64 * 80 + 128 * 80)
+        );
+        assert_eq!(
+            "64x128x64s4w2a8".parse::<MoeTile>().unwrap(),
+            tile_a8(64, 128, 64, 4, 2)
+        );
+        assert!(quant_group_fits(2048, 768, 128));
+        assert!(!quant_group_fits(2048, 768, 512) && !quant_group_fits(2048, 760, 128));
         assert_eq!(tile(64, 128, 64, 4, 2).threads(), 256);
         for bad in ["64x128x64", "64x128s4w2", "axbxcs1w1", "64x128x64s4"] {
             let err = bad.parse::<MoeTile>().unwrap_err().to_string();
