@@ -20,8 +20,8 @@ use crate::backend::cuda::executor::ForwardCtx;
 use crate::backend::cuda::gemm::OutType;
 use crate::backend::cuda::kernels::DevPtr;
 use crate::backend::cuda::moe_kernels::{
-    block_rows, compiled_tiles, quant_group_fits, sorted_len, tile_weight, ExpertFormat,
-    GroupedGemm, MoeKernels, MoeTile, Routing, MAX_EXPERTS,
+    block_rows, compiled_tiles, sorted_len, tile_weight, ExpertFormat, GroupedGemm, MoeKernels,
+    MoeTile, Routing, MAX_EXPERTS,
 };
 use crate::backend::cuda::profile::Launcher;
 use crate::model::config::ModelConfig;
@@ -88,14 +88,10 @@ struct Scratch {
     /// `[T * k, max(2I, H)]` bf16: gate/up output, then (once `act` has consumed it) the
     /// down output.
     inter: DevBuf,
-    /// `[T * k, I]`: SiLU(gate) * up (f16 for FP8 experts, e4m3 for W8A8 tiles, else bf16).
+    /// `[T * k, I]`: SiLU(gate) * up (f16 for FP8 experts, else bf16).
     act: DevBuf,
-    /// `[T, H]` f16: the input in f16 for FP8 experts, or e4m3 for W8A8 tiles (unused for
-    /// bf16 experts).
+    /// `[T, H]` f16: the input in f16 for FP8 experts (unused otherwise).
     x16: DevBuf,
-    /// f32 scales of the e4m3 activations of W8A8 tiles, per row and block of columns
-    /// (`x16`'s, then `act`'s); empty for bf16 experts.
-    a_scales: DevBuf,
 }
 
 impl Scratch {
@@ -110,7 +106,6 @@ impl Scratch {
             &self.inter,
             &self.act,
             &self.x16,
-            &self.a_scales,
         ]
         .iter()
         .map(|b| b.bytes)
@@ -195,15 +190,6 @@ impl CudaMoe {
                     ExpertFormat::Bf16 => 0,
                 },
             )?,
-            a_scales: DevBuf::alloc(
-                dev,
-                match format {
-                    ExpertFormat::Fp8 { block: [_, bc] } => {
-                        t * d.hidden.max(k * d.inter).div_ceil(bc) * 4
-                    }
-                    ExpertFormat::Bf16 => 0,
-                },
-            )?,
         };
         Ok(Some(Self {
             d,
@@ -224,11 +210,7 @@ impl CudaMoe {
         if let Some(t) = tile {
             let fp8 = matches!(self.format, ExpertFormat::Fp8 { .. });
             let fits = match self.format {
-                ExpertFormat::Fp8 { block: [br, bc] } => {
-                    br % t.bn == 0
-                        && bc % t.bk == 0
-                        && (!t.a8 || quant_group_fits(self.d.hidden, self.d.inter, bc))
-                }
+                ExpertFormat::Fp8 { block: [br, bc] } => br % t.bn == 0 && bc % t.bk == 0,
                 ExpertFormat::Bf16 => true,
             };
             if !compiled_tiles(fp8).any(|c| c == t) || t.bk != self.tiles[0].bk || !fits {
@@ -400,26 +382,15 @@ impl CudaMoe {
         })?;
         ops.op("moe align", || mk.align(&r, t, k, e, tile.bm))?;
         let fp8 = matches!(self.format, ExpertFormat::Fp8 { .. });
-        // The activations' quantisation group of W8A8 tiles: the weights' block columns.
-        let group = match self.format {
-            ExpertFormat::Fp8 { block: [_, bc] } => bc,
-            ExpertFormat::Bf16 => 0,
-        };
-        // FP8 experts take f16 activations, or e4m3 in W8A8 tiles (see moe.cu's moe_gemm).
-        let (x, a_scales) = if tile.a8 {
-            ops.op("moe quant fp8", || {
-                mk.quant_fp8(x, s.x16.ptr, s.a_scales.ptr, t, d.hidden, group)
-            })?;
-            (s.x16.ptr, s.a_scales.ptr)
-        } else if fp8 {
+        // FP8 experts take f16 activations (see moe.cu's moe_gemm).
+        let x = if fp8 {
             ops.op("moe to f16", || mk.to_f16(x, s.x16.ptr, t * d.hidden))?;
-            (s.x16.ptr, 0)
+            s.x16.ptr
         } else {
-            (x, 0)
+            x
         };
         let up = GroupedGemm {
             a: x,
-            a_scales,
             w: w.w13.ptr,
             scales: scales(&w.w13_scales),
             out: s.inter.ptr,
@@ -431,16 +402,7 @@ impl CudaMoe {
             mk.gemm(&up, &r, self.format, tile, t, k, e)
         })?;
         ops.op("silu*up", || {
-            if tile.a8 {
-                mk.silu_mul_fp8(
-                    s.inter.ptr,
-                    s.act.ptr,
-                    s.a_scales.ptr,
-                    t * k,
-                    d.inter,
-                    group,
-                )
-            } else if fp8 {
+            if fp8 {
                 mk.silu_mul_f16(s.inter.ptr, s.act.ptr, t * k, d.inter)
             } else {
                 cx.kernels.silu_mul(s.inter.ptr, s.act.ptr, t * k, d.inter)
@@ -448,7 +410,6 @@ impl CudaMoe {
         })?;
         let down = GroupedGemm {
             a: s.act.ptr,
-            a_scales,
             w: w.w2.ptr,
             scales: scales(&w.w2_scales),
             out: s.inter.ptr,

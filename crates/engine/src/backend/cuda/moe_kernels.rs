@@ -29,15 +29,14 @@ fn instantiations() -> String {
         .iter()
         .map(|&(fp8, t)| {
             format!(
-                "MOE_GEMM_SET({}, {}, {}, {}, {}, {}, {fp8}, {}, {})\n",
+                "MOE_GEMM_SET({}, {}, {}, {}, {}, {}, {})\n",
                 if fp8 { "fp8" } else { "bf16" },
                 t.bm,
                 t.bn,
                 t.bk,
                 t.stages,
                 t.warps_m,
-                t.a8,
-                if t.a8 { "a8" } else { "" }
+                fp8
             )
         })
         .collect()
@@ -85,9 +84,8 @@ pub enum ExpertFormat {
 
 /// One grouped-GEMM tile: `bm` expert rows x `bn` output columns x `bk` of the reduction
 /// per step, streamed through `stages` buffers, by `4 * warps_m` warps (`warps_m` over the
-/// rows); `a8`: W8A8, FP8 experts with activations quantised to e4m3 per row and k-block
-/// (else 16-bit activations). Named `{bm}x{bn}x{bk}s{stages}w{warps_m}` plus `a8` (moe.cu's
-/// kernel names and the benchmark's `CUDA_BENCH_MOE_TILES`).
+/// rows). Named `{bm}x{bn}x{bk}s{stages}w{warps_m}` (moe.cu's kernel names and the
+/// benchmark's `CUDA_BENCH_MOE_TILES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MoeTile {
     pub bm: usize,
@@ -95,7 +93,6 @@ pub struct MoeTile {
     pub bk: usize,
     pub stages: usize,
     pub warps_m: usize,
-    pub a8: bool,
 }
 
 const fn tile(bm: usize, bn: usize, bk: usize, stages: usize, warps_m: usize) -> MoeTile {
@@ -105,14 +102,6 @@ const fn tile(bm: usize, bn: usize, bk: usize, stages: usize, warps_m: usize) ->
         bk,
         stages,
         warps_m,
-        a8: false,
-    }
-}
-
-const fn tile_a8(bm: usize, bn: usize, bk: usize, stages: usize, warps_m: usize) -> MoeTile {
-    MoeTile {
-        a8: true,
-        ..tile(bm, bn, bk, stages, warps_m)
     }
 }
 
@@ -123,16 +112,11 @@ impl MoeTile {
     }
 
     /// Dynamic shared memory of a block: `stages` x (activations `bm x (bk + pad)` in 16-bit,
-    /// or `bm x (bk + 16)` bytes in e4m3, and weights `bn x (bk * bytes + 16)`), moe.cu's
-    /// `NST * STAGE` (which traps when a launch gives less).
+    /// weights `bn x (bk * bytes + 16)`), moe.cu's `NST * STAGE` (which traps when a launch
+    /// gives less).
     pub fn smem_bytes(&self, fp8: bool) -> usize {
         let (pad, wb) = if fp8 { (16, 1) } else { (8, 2) };
-        let a_row = if self.a8 {
-            self.bk + 16
-        } else {
-            (self.bk + pad) * 2
-        };
-        self.stages * (self.bm * a_row + self.bn * (self.bk * wb + 16))
+        self.stages * (self.bm * (self.bk + pad) * 2 + self.bn * (self.bk * wb + 16))
     }
 }
 
@@ -140,13 +124,8 @@ impl std::fmt::Display for MoeTile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}x{}x{}s{}w{}{}",
-            self.bm,
-            self.bn,
-            self.bk,
-            self.stages,
-            self.warps_m,
-            if self.a8 { "a8" } else { "" }
+            "{}x{}x{}s{}w{}",
+            self.bm, self.bn, self.bk, self.stages, self.warps_m
         )
     }
 }
@@ -154,18 +133,12 @@ impl std::fmt::Display for MoeTile {
 impl std::str::FromStr for MoeTile {
     type Err = anyhow::Error;
 
-    /// `{bm}x{bn}x{bk}s{stages}w{warps_m}[a8]`, e.g. `64x128x64s4w2a8`.
+    /// `{bm}x{bn}x{bk}s{stages}w{warps_m}`, e.g. `64x128x64s4w2`.
     fn from_str(s: &str) -> anyhow::Result<Self> {
         let bad = || {
-            anyhow::anyhow!(
-                "MoE tile {s:?}: expected BMxBNxBKsSTAGESwWARPS[a8], e.g. 64x128x64s4w2a8"
-            )
+            anyhow::anyhow!("MoE tile {s:?}: expected BMxBNxBKsSTAGESwWARPS, e.g. 64x128x64s4w2")
         };
-        let (body, a8) = match s.strip_suffix("a8") {
-            Some(b) => (b, true),
-            None => (s, false),
-        };
-        let (dims, rest) = body.split_once('s').ok_or_else(bad)?;
+        let (dims, rest) = s.split_once('s').ok_or_else(bad)?;
         let (stages, warps) = rest.split_once('w').ok_or_else(bad)?;
         let n: Vec<usize> = dims
             .split('x')
@@ -175,42 +148,25 @@ impl std::str::FromStr for MoeTile {
             return Err(bad());
         };
         let num = |v: &str| v.parse::<usize>().map_err(|_| bad());
-        Ok(MoeTile {
-            a8,
-            ..tile(bm, bn, bk, num(stages)?, num(warps)?)
-        })
+        Ok(tile(bm, bn, bk, num(stages)?, num(warps)?))
     }
 }
 
 /// The grouped GEMMs moe.cu is compiled with (one `MOE_GEMM_SET` line each, appended by
-/// [`instantiations`]): (FP8 weights, tile), each for gate/up and for down.
-const COMPILED: [(bool, MoeTile); 15] = [
+/// [`instantiations`]): (FP8 weights, tile), each for gate/up and for down; the tiles
+/// [`ExpertFormat::tiles`] picks. Others swept on the H200 (2026-12-02, `scripts/gpu/moe-tiles.sh`:
+/// two row warps, 3-5 stages, 32 rows, W8A8 on FP8 MMAs) were not faster
+/// (docs/bench/cuda-moe.md); add one here to sweep it again.
+const COMPILED: [(bool, MoeTile); 8] = [
     (false, tile(16, 128, 64, 2, 1)),
     (false, tile(64, 64, 64, 2, 1)),
     (false, tile(16, 32, 32, 2, 1)),
     (false, tile(64, 32, 32, 2, 1)),
     (true, tile(16, 128, 64, 3, 1)),
-    (true, tile(16, 128, 64, 5, 1)),
-    (true, tile(32, 128, 64, 4, 2)),
     (true, tile(64, 128, 64, 2, 1)),
-    (true, tile(64, 128, 64, 3, 2)),
-    (true, tile(64, 128, 64, 4, 2)),
-    (true, tile_a8(16, 128, 64, 4, 1)),
-    (true, tile_a8(64, 128, 64, 3, 1)),
-    (true, tile_a8(64, 128, 64, 4, 2)),
     (true, tile(16, 32, 32, 3, 1)),
     (true, tile(64, 32, 32, 3, 1)),
 ];
-
-/// Whether W8A8 tiles can quantise activations of experts with `hidden` and `inter` in
-/// groups of `group` (the weights' block columns): moe.cu's quant_group takes a multiple of
-/// 32 up to `QUANT_MAX_GROUP` (256), and both widths must be whole groups.
-pub fn quant_group_fits(hidden: usize, inter: usize, group: usize) -> bool {
-    group.is_multiple_of(32)
-        && group <= 256
-        && hidden.is_multiple_of(group)
-        && inter.is_multiple_of(group)
-}
 
 /// Every compiled tile for FP8 (`fp8`) or bf16 experts.
 pub fn compiled_tiles(fp8: bool) -> impl Iterator<Item = MoeTile> {
@@ -324,10 +280,7 @@ pub struct Routing {
 /// their FP8 scales), reading `a` and writing `out`.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupedGemm {
-    /// The activations: bf16, f16 (FP8 experts) or e4m3 (W8A8 tiles).
     pub a: DevPtr,
-    /// The e4m3 activations' scales (`[rows, k / block columns]` f32), 0 otherwise.
-    pub a_scales: DevPtr,
     pub w: DevPtr,
     /// FP8 scales, 0 for bf16 weights.
     pub scales: DevPtr,
@@ -346,8 +299,6 @@ pub struct MoeKernels {
     sum: CudaFunction,
     to_f16: CudaFunction,
     silu_mul_f16: CudaFunction,
-    quant_fp8: CudaFunction,
-    silu_mul_fp8: CudaFunction,
     fill_e4m3: CudaFunction,
     fill_f32: CudaFunction,
     /// By (FP8 weights, tile, down): [`COMPILED`].
@@ -393,8 +344,6 @@ impl MoeKernels {
             sum: f("moe_sum")?,
             to_f16: f("moe_to_f16")?,
             silu_mul_f16: f("moe_silu_mul_f16")?,
-            quant_fp8: f("moe_quant_fp8")?,
-            silu_mul_fp8: f("moe_silu_mul_fp8")?,
             fill_e4m3: f("fill_e4m3_uniform")?,
             fill_f32: f("fill_f32")?,
             gemms,
@@ -485,7 +434,6 @@ impl MoeKernels {
         let (bn, bk) = (bn as i32, bk as i32);
         let mut b = self.stream.launch_builder(func);
         b.arg(&g.a)
-            .arg(&g.a_scales)
             .arg(&g.w)
             .arg(&g.scales)
             .arg(&g.out)
@@ -550,55 +498,6 @@ impl MoeKernels {
         let mut b = self.stream.launch_builder(&self.silu_mul_f16);
         b.arg(&gu).arg(&out).arg(&i).arg(&n);
         unsafe { b.launch(Kernels::cfg(((total / 2).div_ceil(256) as u32, 1), 256, 0)) }
-            .map(|_| ())
-            .map_err(launch_err)
-    }
-
-    /// `rows` rows of `k` bf16 values to e4m3 with an f32 scale per `group` of each row
-    /// (`q`: `[rows, k]` bytes, `s`: `[rows, k / group]`): the W8A8 gate/up GEMM's input.
-    pub fn quant_fp8(
-        &self,
-        x: DevPtr,
-        q: DevPtr,
-        s: DevPtr,
-        rows: usize,
-        k: usize,
-        group: usize,
-    ) -> Result<(), CudaError> {
-        self.quantise(&self.quant_fp8, x, q, s, rows, k, group)
-    }
-
-    /// SiLU(gate) * up of `rows` gate/up rows (`[rows, 2 inter]` bf16), quantised as
-    /// [`Self::quant_fp8`] into `[rows, inter]`: the W8A8 down GEMM's input.
-    pub fn silu_mul_fp8(
-        &self,
-        gu: DevPtr,
-        q: DevPtr,
-        s: DevPtr,
-        rows: usize,
-        inter: usize,
-        group: usize,
-    ) -> Result<(), CudaError> {
-        self.quantise(&self.silu_mul_fp8, gu, q, s, rows, inter, group)
-    }
-
-    /// One warp per (row, group) of a quantisation kernel (moe.cu's quant_group).
-    #[allow(clippy::too_many_arguments)]
-    fn quantise(
-        &self,
-        func: &CudaFunction,
-        x: DevPtr,
-        q: DevPtr,
-        s: DevPtr,
-        rows: usize,
-        k: usize,
-        group: usize,
-    ) -> Result<(), CudaError> {
-        let (r, k_, g) = (rows as i32, k as i32, group as i32);
-        let mut b = self.stream.launch_builder(func);
-        b.arg(&x).arg(&q).arg(&s).arg(&r).arg(&k_).arg(&g);
-        let warps = rows * (k / group);
-        unsafe { b.launch(Kernels::cfg((warps.div_ceil(8) as u32, 1), 256, 0)) }
             .map(|_| ())
             .map_err(launch_err)
     }
@@ -740,8 +639,7 @@ mod tests {
         // moe.cu gets one instantiation per compiled tile, in the macro's argument order.
         let inst = instantiations();
         assert_eq!(inst.lines().count(), COMPILED.len());
-        assert!(inst.contains("MOE_GEMM_SET(fp8, 64, 128, 64, 4, 2, true, false, )\n"));
-        assert!(inst.contains("MOE_GEMM_SET(fp8, 64, 128, 64, 4, 2, true, true, a8)\n"));
+        assert!(inst.contains("MOE_GEMM_SET(fp8, 64, 128, 64, 2, 1, true)\n"));
     }
 
     #[test]
@@ -757,17 +655,6 @@ mod tests {
             tile(64, 128, 64, 4, 2).smem_bytes(true),
             4 * (64 * 80 * 2 + 128 * 80)
         );
-        // W8A8: A 64 x 80 bytes.
-        assert_eq!(
-            tile_a8(64, 128, 64, 4, 2).smem_bytes(true),
-            4 * (64 * 80 + 128 * 80)
-        );
-        assert_eq!(
-            "64x128x64s4w2a8".parse::<MoeTile>().unwrap(),
-            tile_a8(64, 128, 64, 4, 2)
-        );
-        assert!(quant_group_fits(2048, 768, 128));
-        assert!(!quant_group_fits(2048, 768, 512) && !quant_group_fits(2048, 760, 128));
         assert_eq!(tile(64, 128, 64, 4, 2).threads(), 256);
         for bad in ["64x128x64", "64x128s4w2", "axbxcs1w1", "64x128x64s4"] {
             let err = bad.parse::<MoeTile>().unwrap_err().to_string();

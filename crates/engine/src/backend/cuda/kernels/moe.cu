@@ -139,49 +139,6 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// D += A B on FP8 tensor cores (sm_89+): mma.sync m16n8k32, e4m3 inputs, fp32 accumulators.
-// A (16 x 32, row-major bytes): a[0] row g, k 4t..4t+3; a[1] row g + 8; a[2], a[3] the same
-// at k + 16. B (32 x 8): b0 k 4t..4t+3 of column g, b1 at k + 16. C as m16n8k16's.
-__device__ __forceinline__ void mma_e4m3(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// x -> e4m3 (round to nearest, saturating at +-448), one byte.
-__device__ __forceinline__ unsigned char to_e4m3(float x) {
-    unsigned short r;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(0.f), "f"(x));
-    return (unsigned char)(r & 0xff);
-}
-
-// Per-token-group FP8 quantisation of activations (vLLM's W8A8 block FP8, the checkpoints'
-// `activation_scheme: dynamic`): each group of `group` values of a row (the weights' block
-// columns, so a k-tile's activations share one scale) becomes e4m3 of x / s with s = the
-// group's amax / 448, s in fp32 ([rows, K / group]). One warp per (row, group), group a
-// multiple of 32 and at most 256 (checked by the host). `v(i)` gives value i < group.
-#define QUANT_MAX_GROUP 256
-template <typename V>
-__device__ __forceinline__ void quant_group(V v, int group, unsigned char* __restrict__ q, float* __restrict__ s,
-                                            int lane) {
-    constexpr int MAXE = QUANT_MAX_GROUP / 32;
-    float x[MAXE];
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < MAXE; i++) {
-        x[i] = lane + 32 * i < group ? v(lane + 32 * i) : 0.f;
-        amax = fmaxf(amax, fabsf(x[i]));
-    }
-    amax = warp_max(amax);
-    const float sc = fmaxf(amax, 1e-10f) / 448.f, inv = 1.f / sc;
-#pragma unroll
-    for (int i = 0; i < MAXE; i++)
-        if (lane + 32 * i < group) q[lane + 32 * i] = to_e4m3(x[i] * inv);
-    if (lane == 0) *s = sc;
-}
-
 // The grouped expert GEMM: block (mb, nb) computes rows mb*BM.. of the sorted choices
 // against columns nb*BN.. of its expert's weight W[e] [N, K] (a Linear's, stored tiled in
 // k-tiles of BK and row groups of 32: N % 32 == 0 and K % BK == 0, checked by the host).
@@ -199,33 +156,23 @@ __device__ __forceinline__ void quant_group(V v, int group, unsigned char* __res
 // the weights as stored: decode is bound by their stream, so FP8 halves it). 4 * WM warps:
 // four side by side over the columns, WM over the rows (BM / WM rows each), so every
 // weight is converted WM times per block; WM = 2 halves the accumulators of a tall tile.
-// A8 (FP8 weights only): W8A8, the activations e4m3 too with an fp32 scale per row and
-// k-block (moe_quant_fp8, moe_silu_mul_fp8: `a_scales` [rows, K / bk]), the MMA on FP8
-// tensor cores (k 32 a step, natural k order, no conversion), each k-tile's partial sum
-// scaled by the weight block's scale times its row's.
-template <int BM, int BN, int BK, int NST, int WM, bool FP8, bool A8, bool DOWN>
-__device__ __forceinline__ void moe_gemm(const void* __restrict__ av, const float* __restrict__ a_scales,
-                                         const void* __restrict__ wv,
+template <int BM, int BN, int BK, int NST, int WM, bool FP8, bool DOWN>
+__device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void* __restrict__ wv,
                                          const float* __restrict__ scales, bf16* __restrict__ out,
                                          const int* __restrict__ sorted, const int* __restrict__ block_expert,
                                          const int* __restrict__ post_pad, const float* __restrict__ topk_w,
                                          int n_rows, int top_k, int N, int K, int bn, int bk) {
-    static_assert(FP8 || !A8, "W8A8 needs FP8 weights");
     constexpr int THREADS = 128 * WM;
     constexpr int WB = FP8 ? 1 : 2;      // bytes per weight
-    constexpr int AB = A8 ? 1 : 2;       // bytes per activation
-    // A row stride in bytes (conflict-free fragments): 16-bit rows padded by 16 (FP8) or 8
-    // elements, e4m3 rows by 16 bytes.
-    constexpr int AS = A8 ? BK + 16 : (BK + (FP8 ? 16 : 8)) * 2;
+    constexpr int AS = BK + (FP8 ? 16 : 8);  // A row stride, elements (conflict-free fragments)
     constexpr int WS = BK * WB + 16;     // W row stride, bytes (conflict-free fragments)
-    constexpr int A_BYTES = BM * AS;
+    constexpr int A_BYTES = BM * AS * 2;
     constexpr int STAGE = A_BYTES + BN * WS;
     constexpr int RM = BM / WM;          // rows per warp
     constexpr int MT = RM / 16;
     constexpr int WCOLS = BN / 4;
     constexpr int NT = WCOLS / 8;
-    constexpr int A_CPR = BK * AB / 16;  // 16-byte chunks per activation row
-    constexpr int A_CH = BM * A_CPR;    // 16-byte chunks per stage
+    constexpr int A_CH = BM * BK / 8;    // 16-byte chunks per stage
     constexpr int W_CPR = BK * WB / 16;  // 16-byte chunks per weight row
     constexpr int W_CH = BN * W_CPR;
     static_assert(RM % 16 == 0, "each warp takes whole 16-row MMA tiles");
@@ -258,12 +205,11 @@ __device__ __forceinline__ void moe_gemm(const void* __restrict__ av, const floa
         unsigned char* st = sm + (kt % NST) * STAGE;
         const int k0 = kt * BK;
         for (int c = tid; c < A_CH; c += THREADS) {
-            int r = c / A_CPR, cb = (c % A_CPR) * 16;
+            int r = c / (BK / 8), kc = (c % (BK / 8)) * 8;
             int row = arow[r];
-            bool ok = row >= 0 && k0 * AB + cb < K * AB;
-            const unsigned char* src = ok ? (const unsigned char*)av + ((size_t)row * K + k0) * AB + cb
-                                          : (const unsigned char*)av;
-            cp_async16(st + r * AS + cb, src, ok);
+            bool ok = row >= 0 && k0 + kc < K;
+            const bf16* src = ok ? a + (size_t)row * K + k0 + kc : a;
+            cp_async16(st + (r * AS + kc) * 2, src, ok);
         }
         // The weights are stored tiled (moe_kernels::tiled_offset): each k-tile of 32 rows
         // is 32 * BK contiguous weights, and the row groups of one k-tile follow each
@@ -297,8 +243,8 @@ __device__ __forceinline__ void moe_gemm(const void* __restrict__ av, const floa
         __syncthreads();
         if (kt + NST - 1 < nk) issue(kt + NST - 1);
         cp_async_commit();
-        const unsigned char* as = sm + (kt % NST) * STAGE;
-        const unsigned char* ws = as + A_BYTES;
+        const bf16* as = (const bf16*)(sm + (kt % NST) * STAGE);
+        const unsigned char* ws = sm + (kt % NST) * STAGE + A_BYTES;
         if constexpr (FP8) {
 #pragma unroll
             for (int m = 0; m < MT; m++)
@@ -307,82 +253,44 @@ __device__ __forceinline__ void moe_gemm(const void* __restrict__ av, const floa
 #pragma unroll
                     for (int q = 0; q < 4; q++) part[m][j][q] = 0.f;
         }
-        if constexpr (A8) {
 #pragma unroll
-            for (int kk = 0; kk < BK; kk += 32) {
-                unsigned af[MT][4];
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned af[MT][4];
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    const unsigned char* r0 = as + (r0w + m * 16 + g) * AS + kk + 4 * tg;
+            for (int m = 0; m < MT; m++) {
+                if constexpr (FP8) {
+                    const bf16* r0 = as + (r0w + m * 16 + g) * AS + kk + 4 * tg;
+                    uint2 lo = *(const uint2*)r0, hi = *(const uint2*)(r0 + 8 * AS);
+                    af[m][0] = lo.x;
+                    af[m][1] = hi.x;
+                    af[m][2] = lo.y;
+                    af[m][3] = hi.y;
+                } else {
+                    const bf16* r0 = as + (r0w + m * 16 + g) * AS + kk + 2 * tg;
                     af[m][0] = *(const unsigned*)r0;
                     af[m][1] = *(const unsigned*)(r0 + 8 * AS);
-                    af[m][2] = *(const unsigned*)(r0 + 16);
-                    af[m][3] = *(const unsigned*)(r0 + 8 * AS + 16);
-                }
-#pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    const unsigned char* wr = ws + (wc * WCOLS + j * 8 + g) * WS + kk + 4 * tg;
-                    const unsigned b0 = *(const unsigned*)wr, b1 = *(const unsigned*)(wr + 16);
-#pragma unroll
-                    for (int m = 0; m < MT; m++) mma_e4m3(part[m][j], af[m], b0, b1);
+                    af[m][2] = *(const unsigned*)(r0 + 8);
+                    af[m][3] = *(const unsigned*)(r0 + 8 * AS + 8);
                 }
             }
-        } else {
 #pragma unroll
-            for (int kk = 0; kk < BK; kk += 16) {
-                unsigned af[MT][4];
+            for (int j = 0; j < NT; j++) {
+                const unsigned char* wr = ws + (wc * WCOLS + j * 8 + g) * WS;
+                if constexpr (FP8) {
+                    unsigned x = *(const unsigned*)(wr + kk + 4 * tg);
+                    unsigned b0 = e4m3x2_to_f16x2((unsigned short)(x & 0xffff));
+                    unsigned b1 = e4m3x2_to_f16x2((unsigned short)(x >> 16));
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    if constexpr (FP8) {
-                        const unsigned char* r0 = as + (r0w + m * 16 + g) * AS + (kk + 4 * tg) * 2;
-                        uint2 lo = *(const uint2*)r0, hi = *(const uint2*)(r0 + 8 * AS);
-                        af[m][0] = lo.x;
-                        af[m][1] = hi.x;
-                        af[m][2] = lo.y;
-                        af[m][3] = hi.y;
-                    } else {
-                        const unsigned char* r0 = as + (r0w + m * 16 + g) * AS + (kk + 2 * tg) * 2;
-                        af[m][0] = *(const unsigned*)r0;
-                        af[m][1] = *(const unsigned*)(r0 + 8 * AS);
-                        af[m][2] = *(const unsigned*)(r0 + 16);
-                        af[m][3] = *(const unsigned*)(r0 + 8 * AS + 16);
-                    }
-                }
+                    for (int m = 0; m < MT; m++) mma_f16(part[m][j], af[m], b0, b1);
+                } else {
+                    const unsigned char* wk = wr + (kk + 2 * tg) * 2;
+                    unsigned b0 = *(const unsigned*)wk, b1 = *(const unsigned*)(wk + 16);
 #pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    const unsigned char* wr = ws + (wc * WCOLS + j * 8 + g) * WS;
-                    if constexpr (FP8) {
-                        unsigned x = *(const unsigned*)(wr + kk + 4 * tg);
-                        unsigned b0 = e4m3x2_to_f16x2((unsigned short)(x & 0xffff));
-                        unsigned b1 = e4m3x2_to_f16x2((unsigned short)(x >> 16));
-#pragma unroll
-                        for (int m = 0; m < MT; m++) mma_f16(part[m][j], af[m], b0, b1);
-                    } else {
-                        const unsigned char* wk = wr + (kk + 2 * tg) * 2;
-                        unsigned b0 = *(const unsigned*)wk, b1 = *(const unsigned*)(wk + 16);
-#pragma unroll
-                        for (int m = 0; m < MT; m++) mma_bf16(acc[m][j], af[m], b0, b1);
-                    }
+                    for (int m = 0; m < MT; m++) mma_bf16(acc[m][j], af[m], b0, b1);
                 }
             }
         }
-        if constexpr (A8) {
-            // The weight block's scale times each row's activation scale (padding rows: 0).
-            const float s = sc[kt * BK / bk];
-            const int kg = kt * BK / bk, groups = K / bk;
-#pragma unroll
-            for (int m = 0; m < MT; m++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int row = arow[r0w + m * 16 + g + 8 * h];
-                    const float f = row >= 0 ? s * a_scales[(size_t)row * groups + kg] : 0.f;
-#pragma unroll
-                    for (int j = 0; j < NT; j++) {
-                        acc[m][j][2 * h] += part[m][j][2 * h] * f;
-                        acc[m][j][2 * h + 1] += part[m][j][2 * h + 1] * f;
-                    }
-                }
-        } else if constexpr (FP8) {
+        if constexpr (FP8) {
             float s = sc[kt * BK / bk];
 #pragma unroll
             for (int m = 0; m < MT; m++)
@@ -416,20 +324,19 @@ __device__ __forceinline__ void moe_gemm(const void* __restrict__ av, const floa
 // minimum of one block); two ask for two resident blocks (at most 128 registers).
 #define MOE_LB_1 __launch_bounds__(128)
 #define MOE_LB_2 __launch_bounds__(256, 2)
-#define MOE_GEMM(name, BM, BN, BK, NST, WM, FP8, A8, DOWN)                                             \
+#define MOE_GEMM(name, BM, BN, BK, NST, WM, FP8, DOWN)                                                 \
     extern "C" __global__ void MOE_LB_##WM                                                            \
-        name(const void* a, const float* a_scales, const void* w, const float* scales, bf16* out,     \
-             const int* sorted, const int* block_expert, const int* post_pad, const float* topk_w,    \
-             int n_rows, int top_k, int N, int K, int bn, int bk) {                                   \
-        moe_gemm<BM, BN, BK, NST, WM, FP8, A8, DOWN>(a, a_scales, w, scales, out, sorted, block_expert, \
-                                                     post_pad, topk_w, n_rows, top_k, N, K, bn, bk);  \
+        name(const bf16* a, const void* w, const float* scales, bf16* out, const int* sorted,         \
+             const int* block_expert, const int* post_pad, const float* topk_w, int n_rows, int top_k, \
+             int N, int K, int bn, int bk) {                                                          \
+        moe_gemm<BM, BN, BK, NST, WM, FP8, DOWN>(a, w, scales, out, sorted, block_expert, post_pad,   \
+                                                 topk_w, n_rows, top_k, N, K, bn, bk);                \
     }
-// Tiles (BM x BN x BK, stages, row warps, W8A8) are the list moe_kernels::COMPILED names,
-// each instantiated for gate/up and down:
-// moe_gemm_{up,down}_{bf16,fp8}_{BM}x{BN}x{BK}s{NST}w{WM}[a8]; `sfx` is a8 or empty.
-#define MOE_GEMM_SET(kind, BM, BN, BK, NST, WM, FP8, A8, sfx)                                                 \
-    MOE_GEMM(moe_gemm_up_##kind##_##BM##x##BN##x##BK##s##NST##w##WM##sfx, BM, BN, BK, NST, WM, FP8, A8, false) \
-    MOE_GEMM(moe_gemm_down_##kind##_##BM##x##BN##x##BK##s##NST##w##WM##sfx, BM, BN, BK, NST, WM, FP8, A8, true)
+// Tiles (BM x BN x BK, stages, row warps) are the list moe_kernels::COMPILED names, each
+// instantiated for gate/up and down: moe_gemm_{up,down}_{bf16,fp8}_{BM}x{BN}x{BK}s{NST}w{WM}.
+#define MOE_GEMM_SET(kind, BM, BN, BK, NST, WM, FP8)                                     \
+    MOE_GEMM(moe_gemm_up_##kind##_##BM##x##BN##x##BK##s##NST##w##WM, BM, BN, BK, NST, WM, FP8, false) \
+    MOE_GEMM(moe_gemm_down_##kind##_##BM##x##BN##x##BK##s##NST##w##WM, BM, BN, BK, NST, WM, FP8, true)
 // in (bf16) -> out (f16, clamped to its finite range), n even: the FP8 GEMMs' activations.
 extern "C" __global__ void moe_to_f16(const bf16* __restrict__ in, unsigned* __restrict__ out, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -446,35 +353,6 @@ extern "C" __global__ void moe_silu_mul_f16(const bf16* __restrict__ gu, unsigne
     if (idx >= total) return;
     float2 o = silu_mul_pair(gu, inter, idx);
     out[idx / 2] = pack_f16x2(o.x, o.y);
-}
-
-// in [rows, K] bf16 -> e4m3 [rows, K] and scales [rows, K / group] (quant_group): the W8A8
-// gate/up GEMM's activations.
-extern "C" __global__ void moe_quant_fp8(const bf16* __restrict__ in, unsigned char* __restrict__ q,
-                                         float* __restrict__ s, int rows, int K, int group) {
-    const int w = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    const int groups = K / group;
-    if (w >= rows * groups) return;
-    const int row = w / groups, g0 = (w % groups) * group;
-    const bf16* src = in + (size_t)row * K + g0;
-    quant_group([&](int i) { return bf2f(src[i]); }, group, q + (size_t)row * K + g0, s + w, lane);
-}
-
-// SiLU(gate) * up of each choice's gate/up row ([rows, 2 inter] bf16), quantised per group
-// (quant_group): the W8A8 down GEMM's activations.
-extern "C" __global__ void moe_silu_mul_fp8(const bf16* __restrict__ gu, unsigned char* __restrict__ q,
-                                            float* __restrict__ s, int rows, int inter, int group) {
-    const int w = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    const int groups = inter / group;
-    if (w >= rows * groups) return;
-    const int row = w / groups, g0 = (w % groups) * group;
-    const bf16* g = gu + (size_t)row * 2 * inter + g0;
-    quant_group(
-        [&](int i) {
-            const float x = bf2f(g[i]);
-            return x / (1.f + expf(-x)) * bf2f(g[inter + i]);
-        },
-        group, q + (size_t)row * inter + g0, s + w, lane);
 }
 
 // out[t] = sum over j of y[t * k + j], in fp32 in j order (the block's output, which the
