@@ -523,7 +523,6 @@ impl CudaQwen3 {
     /// Runs a mixture of experts' grouped GEMMs in one tile at every step (`None`: the
     /// engine's choice by rows per expert); for the benchmark's sweeps. Drops captured
     /// graphs. A dense model, or a tile its experts cannot take, is an error.
-
     pub fn set_moe_tile(&mut self, tile: Option<MoeTile>) -> anyhow::Result<()> {
         let moe = self
             .model_mut()
