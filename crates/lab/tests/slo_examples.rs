@@ -76,3 +76,25 @@ fn slo_examples_plan_controlled_and_static_cells_with_the_step() {
         }
     }
 }
+
+/// The pacing study (issue 18): the embedder saturating under MPS, static beside
+/// controlled, with both engine levers of the controller set (the compute share and the
+/// duty cycle at the floor), and its deployments validate.
+#[test]
+fn the_pacing_example_plans_a_static_and_a_controlled_cell_with_both_levers() {
+    let file = "h200-slo-pacing.toml";
+    let exp = load(file);
+    let planned = plan(&exp);
+    let first: Vec<_> = planned.iter().filter(|c| c.repetition == 1).collect();
+    let co: Vec<_> = first.iter().filter(|c| !c.is_solo()).collect();
+    assert_eq!(co.len(), 2, "{}", describe(&exp, &planned));
+    assert_eq!(co.iter().filter(|c| c.control).count(), 1);
+    assert_eq!(first.iter().filter(|c| c.is_solo()).count(), 2);
+    let mut d = lab::deployments::Deployments::check(&exp, &planned)
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    let controlled = co.iter().find(|c| c.control).unwrap();
+    let spec = d.of(&exp, controlled).unwrap().spec().clone();
+    let control = spec.gateway.unwrap().control;
+    assert_eq!(control.engine_duty_floor, Some(25));
+    assert_eq!(control.engine_share_tokens, Some(2048));
+}
