@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 out=.gpu
 rm -rf "$out" && mkdir -p "$out"
 cargo build --release -p colocate
-cargo build --release -p engine --example cuda_bench
+cargo build --release -p engine --example cuda_bench --example green_probe
 # Test binaries: the path of each comes from cargo's JSON messages. The engine's GPU tests
 # are compiled in by its `gpu-tests` feature (without it they are ignored); the gpu and
 # colocate crates mark theirs #[ignore] and gpu-tests.sh runs them with --include-ignored.
@@ -22,6 +22,7 @@ for l in sys.stdin:
 }
 cp target/release/colocate "$out/colocate"
 cp target/release/examples/cuda_bench "$out/cuda_bench"
+cp target/release/examples/green_probe "$out/green_probe"
 cp "$(exe engine cuda_engine --features gpu-tests)" "$out/cuda_engine"
 cp "$(exe gpu device)" "$out/gpu-device"
 cp "$(exe colocate gpu_cli)" "$out/gpu-cli"
@@ -29,7 +30,7 @@ cp "$(cargo test --release -p gpu --lib --no-run --message-format=json 2>/dev/nu
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["lib"]: print(m["executable"])' | tail -n 1)" "$out/gpu-unit"
-strip "$out"/colocate "$out"/cuda_engine "$out"/cuda_bench "$out"/gpu-*
+strip "$out"/colocate "$out"/cuda_engine "$out"/cuda_bench "$out"/green_probe "$out"/gpu-*
 cp -r testdata/qwen3-tiny "$out/qwen3-tiny"
 base=../shared/baselines
 [ -d "$base" ] || { echo "prepare: $base not found (the baselines live beside the checkout)" >&2; exit 1; }
