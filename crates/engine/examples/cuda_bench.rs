@@ -930,6 +930,7 @@ fn bench_embed(name: &str, batch: usize, len: usize, secs: f64) -> anyhow::Resul
         max_seqs: batch,
         max_model_len: len,
         graph_buckets: vec![],
+        ..Default::default()
     };
     let (mut m, _) = model(name, Task::Embed, opts)?;
     let mut rng = Lcg(7);

@@ -109,7 +109,10 @@ fn main() -> anyhow::Result<()> {
     };
     let mps = std::env::var("CUDA_MPS_PIPE_DIRECTORY").is_ok();
     let pct = std::env::var("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE").unwrap_or_else(|_| "-".into());
-    let label = format!("mps {}, active thread % {pct}", if mps { "on" } else { "off" });
+    let label = format!(
+        "mps {}, active thread % {pct}",
+        if mps { "on" } else { "off" }
+    );
     let ptx = compile_ptx(KERNEL).context("compiling the probe kernel")?;
     let ptx = CString::new(ptx.to_src())?;
     // SAFETY: plain driver calls on handles this function creates and checks.
@@ -131,7 +134,10 @@ fn main() -> anyhow::Result<()> {
         ok(sys::cuCtxSetCurrent(primary), "cuCtxSetCurrent")?;
         let mut stream = std::ptr::null_mut();
         ok(
-            sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32),
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            ),
             "cuStreamCreate",
         )?;
         let (used, secs) = run_on(stream, &ptx)?;
@@ -157,7 +163,14 @@ fn main() -> anyhow::Result<()> {
             let mut group: sys::CUdevResource = std::mem::zeroed();
             let mut rest: sys::CUdevResource = std::mem::zeroed();
             let mut groups = 1u32;
-            let r = sys::cuDevSmResourceSplitByCount(&mut group, &mut groups, &full, &mut rest, 0, want);
+            let r = sys::cuDevSmResourceSplitByCount(
+                &mut group,
+                &mut groups,
+                &full,
+                &mut rest,
+                0,
+                want,
+            );
             if r != CUresult::CUDA_SUCCESS {
                 println!("GREEN [{label}] asked {want} SMs: split failed: {r:?}");
                 continue;
@@ -179,7 +192,10 @@ fn main() -> anyhow::Result<()> {
                 continue;
             }
             let mut gctx = std::ptr::null_mut();
-            ok(sys::cuCtxFromGreenCtx(&mut gctx, green), "cuCtxFromGreenCtx")?;
+            ok(
+                sys::cuCtxFromGreenCtx(&mut gctx, green),
+                "cuCtxFromGreenCtx",
+            )?;
             ok(sys::cuCtxSetCurrent(gctx), "cuCtxSetCurrent (green)")?;
             let mut gstream = std::ptr::null_mut();
             ok(
@@ -193,16 +209,36 @@ fn main() -> anyhow::Result<()> {
             )?;
             let (used, secs) = run_on(gstream, &ptx)?;
             println!(
-                "GREEN [{label}] asked {want} SMs, group of {}: {BLOCKS} blocks ran on {used} distinct SMs in {:.1} ms",
+                "GREEN [{label}] asked {want} SMs, group of {}: {BLOCKS} blocks ran on {used} distinct SMs in {:.1} ms (cuGreenCtxStreamCreate)",
                 group.__bindgen_anon_1.sm.smCount,
                 secs * 1e3
             );
             ok(sys::cuStreamDestroy_v2(gstream), "cuStreamDestroy")?;
+            // The engine's way (`--sm-partition`): an ordinary stream made while the green
+            // context's CUcontext is current.
+            let mut cstream = std::ptr::null_mut();
+            ok(
+                sys::cuStreamCreate(
+                    &mut cstream,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                ),
+                "cuStreamCreate (green current)",
+            )?;
+            let (used, secs) = run_on(cstream, &ptx)?;
+            println!(
+                "GREEN [{label}] asked {want} SMs, group of {}: {BLOCKS} blocks ran on {used} distinct SMs in {:.1} ms (cuStreamCreate in the green context)",
+                group.__bindgen_anon_1.sm.smCount,
+                secs * 1e3
+            );
+            ok(sys::cuStreamDestroy_v2(cstream), "cuStreamDestroy")?;
             ok(sys::cuCtxSetCurrent(primary), "cuCtxSetCurrent (primary)")?;
             ok(sys::cuGreenCtxDestroy(green), "cuGreenCtxDestroy")?;
         }
         ok(sys::cuStreamDestroy_v2(stream), "cuStreamDestroy")?;
-        ok(sys::cuDevicePrimaryCtxRelease_v2(dev), "cuDevicePrimaryCtxRelease")?;
+        ok(
+            sys::cuDevicePrimaryCtxRelease_v2(dev),
+            "cuDevicePrimaryCtxRelease",
+        )?;
     }
     Ok(())
 }

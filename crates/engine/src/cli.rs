@@ -48,6 +48,12 @@ pub struct ServeArgs {
     /// Fraction of the GPU's memory for weights, KV cache and workspace (CUDA backend).
     #[arg(long, default_value_t = limits::DEFAULT_GPU_MEMORY_UTILIZATION, value_parser = parse_fraction)]
     pub gpu_memory_utilization: f64,
+    /// Run every kernel of the engine on this many of the GPU's SMs, no others: a CUDA
+    /// green context, rounded up to the device's granularity (8 on Hopper); the rest stay
+    /// free for engines beside it (`--device cuda`; not inside an MPS client with
+    /// CUDA_MPS_ACTIVE_THREAD_PERCENTAGE set, where the driver cannot split the SMs).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sm_partition: Option<u32>,
     /// Requests accepted but not yet running; beyond it the server answers 503.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,

@@ -34,6 +34,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--gpu-memory-utilization is ignored with --device cpu (use --kv-cache-memory)"
         );
     }
+    if matches!(args.device, Device::Cpu) && args.sm_partition.is_some() {
+        anyhow::bail!("--sm-partition needs --device cuda: it confines the engine's GPU kernels to some of the SMs");
+    }
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -57,7 +60,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         load_format: args.load_format,
         device: args.device,
         seed: args.seed,
-        gpu: GpuLoadOptions::new(args.gpu_memory_utilization, &limits),
+        gpu: GpuLoadOptions {
+            sm_partition: args.sm_partition,
+            ..GpuLoadOptions::new(args.gpu_memory_utilization, &limits)
+        },
     };
     let share = Arc::new(ComputeShare::default());
     let health = worker::spawn(

@@ -92,6 +92,8 @@ pub struct GpuLoadOptions {
     pub max_num_batched_tokens: Option<usize>,
     pub max_num_seqs: Option<usize>,
     pub max_model_len: Option<usize>,
+    /// `--sm-partition`: confine the engine's kernels to this many SMs (a green context).
+    pub sm_partition: Option<u32>,
 }
 
 impl GpuLoadOptions {
@@ -103,6 +105,7 @@ impl GpuLoadOptions {
             max_num_batched_tokens: limits.max_num_batched_tokens,
             max_num_seqs: limits.max_num_seqs,
             max_model_len: limits.max_model_len,
+            sm_partition: None,
         }
     }
 }
@@ -115,6 +118,7 @@ impl Default for GpuLoadOptions {
             max_num_batched_tokens: None,
             max_num_seqs: None,
             max_model_len: None,
+            sm_partition: None,
         }
     }
 }
@@ -298,6 +302,7 @@ fn load_cuda(
         max_tokens: max_tokens.max(1),
         max_seqs: limits::max_num_seqs_bound(g.max_num_seqs).max(1),
         max_model_len,
+        sm_partition: g.sm_partition,
         ..defaults
     };
     let loading = || format!("loading {} on cuda:{ordinal}", opts.model);

@@ -729,6 +729,7 @@ fn cuda_flash_embedding_matches_paged_kernel() {
         max_seqs: 16,
         max_model_len: 512,
         graph_buckets: vec![],
+        ..Default::default()
     };
     let mut m = cuda_model(&config, Task::Embed, &WeightSource::Dummy { seed: 3 }, opts);
     let mut state = 11u64;
@@ -964,6 +965,44 @@ fn cuda_fp8_experts_match_their_dequantised_bf16() {
             );
         }
     }
+}
+
+/// `--sm-partition`: the tiny model in a green context of 16 SMs gives the logits it gives
+/// on the whole GPU, and a partition larger than the GPU is an error naming the flag.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn an_sm_partition_gives_the_same_logits() {
+    let ids: Vec<u32> = (0..9).map(|i| (i * 13 % 200 + 3) as u32).collect();
+    let table: Vec<u32> = (0..16).collect();
+    let dir = fixture_dir(QWEN3);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = WeightSource::open_model(&dir, &config).unwrap();
+    let logits = |sm_partition| {
+        let opts = CudaOptions {
+            sm_partition,
+            ..small_opts()
+        };
+        let mut m = cuda_model(&config, Task::Generate, &weights, opts);
+        m.init_kv_cache(64, 16).unwrap();
+        m.step_logits(&one(&ids, 0, &table, GREEDY))
+            .unwrap()
+            .remove(0)
+    };
+    let whole = logits(None);
+    let part = logits(Some(16));
+    assert_eq!(whole, part, "the same kernels on fewer SMs");
+    let info = load::model_info(&config, Task::Generate, vec![], 2, Fp8Kept::None);
+    let opts = CudaOptions {
+        sm_partition: Some(100_000),
+        ..small_opts()
+    };
+    let err = CudaQwen3::new(0, &config, info, &weights, opts)
+        .err()
+        .expect("a partition larger than the GPU");
+    assert!(format!("{err:#}").contains("--sm-partition"), "{err:#}");
 }
 
 /// Every grouped-GEMM tile the random MoE's experts can take (FP8 and bf16), forced for

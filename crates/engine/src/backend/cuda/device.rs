@@ -8,6 +8,8 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
 
+use super::green::SmPartition;
+
 /// Why the CUDA backend could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -33,6 +35,8 @@ pub enum CudaError {
     },
     #[error("NVRTC could not compile the engine kernels for {arch}: {message}")]
     Compile { arch: String, message: String },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// A library the backend needs, and the function telling whether it can be loaded.
@@ -77,6 +81,8 @@ pub struct CudaDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub blas: CudaBlas,
+    /// SMs of the green context the kernels are confined to (`--sm-partition`), if any.
+    pub partition: Option<u32>,
     /// e.g. `sm_90`.
     pub arch: String,
     pub name: String,
@@ -89,9 +95,26 @@ impl CudaDevice {
     /// tracking on, with "stream capture isolation" (seen on the H100). The engine orders
     /// all its work on this one stream, so the tracking is not needed.
     pub fn open(ordinal: usize) -> Result<Self, CudaError> {
+        Self::open_with(ordinal, None)
+    }
+
+    /// [`Self::open`], with every kernel of this device confined to a partition of at
+    /// least `sm_partition` SMs (a green context, [`SmPartition`]) when given.
+    pub fn open_with(ordinal: usize, sm_partition: Option<u32>) -> Result<Self, CudaError> {
         check_libraries()?;
-        let ctx =
+        let primary =
             CudaContext::new(ordinal).map_err(|source| CudaError::NoDevice { ordinal, source })?;
+        let (ctx, partition) = match sm_partition {
+            None => (primary, None),
+            Some(want) => {
+                let p = SmPartition::create(ordinal, &primary, want)?;
+                tracing::info!(
+                    "cuda:{ordinal}: kernels confined to a green context of {} SMs (asked {want})",
+                    p.sms
+                );
+                (p.ctx.clone(), Some(p.sms))
+            }
+        };
         // SAFETY: called before any buffer or stream of this context exists.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|source| CudaError::Driver {
@@ -117,10 +140,28 @@ impl CudaDevice {
             ctx,
             stream,
             blas,
+            partition,
             arch: format!("sm_{major}{minor}"),
             name,
             total_memory,
         })
+    }
+
+    /// Multiprocessors the kernels may use: the partition's, else the device's.
+    pub fn sm_count(&self) -> Result<usize, CudaError> {
+        if let Some(p) = self.partition {
+            return Ok(p as usize);
+        }
+        let n = self
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|source| CudaError::Driver {
+                what: "reading the multiprocessor count",
+                source,
+            })?;
+        Ok(n.max(1) as usize)
     }
 
     /// Free and total device memory in bytes, as the driver sees them now.

@@ -180,7 +180,7 @@ impl<M: CudaModel> CudaExecutor<M> {
         opts: CudaOptions,
         load: impl FnOnce(&CudaDevice, &Kernels, &CudaOptions) -> anyhow::Result<M>,
     ) -> anyhow::Result<Self> {
-        let dev = CudaDevice::open(ordinal)?;
+        let dev = CudaDevice::open_with(ordinal, opts.sm_partition)?;
         let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
         if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             bail!(
@@ -190,13 +190,7 @@ impl<M: CudaModel> CudaExecutor<M> {
         let head_dim = config.head_dim;
         let kernels = Kernels::compile(&dev, head_dim, heads / kv_heads)?;
         let model = load(&dev, &kernels, &opts)?;
-        let sms = dev
-            .ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map_err(|e| anyhow!("reading the multiprocessor count: {e}"))?
-            .max(1) as usize;
+        let sms = dev.sm_count()?;
         let min_chunk = std::env::var("COLOCATE_DECODE_MIN_CHUNK")
             .ok()
             .and_then(|v| v.parse().ok())

@@ -2,7 +2,7 @@
 //! (the decode shapes on the cuBLASLt algorithms timed fastest at load), everything else
 //! in kernels compiled at start-up by NVRTC for the device (see `kernels/engine.cu`),
 //! decode steps captured as CUDA graphs per batch-size bucket. This folder is the device
-//! (`device`, `buffer`, `kernels`, `gemm`, `gemm_tune`, `kv_cache`, `step`, `graphs`,
+//! (`device`, `green`, `buffer`, `kernels`, `gemm`, `gemm_tune`, `kv_cache`, `step`, `graphs`,
 //! `profile`) and the `executor` that runs any CUDA model behind the `model_api` seam;
 //! the models themselves live beside the portable ones (`model::qwen3_cuda`).
 //!
@@ -21,6 +21,7 @@ pub mod executor;
 pub mod gemm;
 pub mod gemm_tune;
 pub mod graphs;
+pub mod green;
 pub mod kernels;
 pub mod kv_cache;
 pub mod moe_kernels;

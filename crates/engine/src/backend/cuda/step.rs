@@ -23,6 +23,9 @@ pub struct CudaOptions {
     pub max_model_len: usize,
     /// Decode batch sizes captured as CUDA graphs (a step pads up to the next bucket).
     pub graph_buckets: Vec<usize>,
+    /// Confine every kernel to a green context of at least this many SMs
+    /// (`--sm-partition`; `backend::cuda::green`).
+    pub sm_partition: Option<u32>,
 }
 
 impl Default for CudaOptions {
@@ -32,6 +35,7 @@ impl Default for CudaOptions {
             max_seqs: 256,
             max_model_len: 4096,
             graph_buckets: vec![1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256],
+            sm_partition: None,
         }
     }
 }
@@ -331,6 +335,7 @@ mod tests {
             max_seqs: 4,
             max_model_len: 64,
             graph_buckets: vec![1, 2, 4],
+            sm_partition: None,
         }
     }
 
