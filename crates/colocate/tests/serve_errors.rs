@@ -203,6 +203,26 @@ fn bad_command_lines_exit_non_zero_naming_the_flag_or_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--kv-cache-memory"));
 
+    // An SM partition is a GPU setting: refused on the CPU, and 0 SMs refused by clap.
+    let port = common::free_port().to_string();
+    for (n, why) in [("16", "--device cuda"), ("0", "--sm-partition")] {
+        let out = run_colocate(
+            &[
+                "serve",
+                "--model",
+                "preset:qwen3-tiny",
+                "--port",
+                &port,
+                "--sm-partition",
+                n,
+            ],
+            t,
+        );
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--sm-partition") && err.contains(why), "{n}: {err}");
+    }
+
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-model");
     let port = common::free_port().to_string();
