@@ -220,7 +220,10 @@ fn bad_command_lines_exit_non_zero_naming_the_flag_or_file() {
         );
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("--sm-partition") && err.contains(why), "{n}: {err}");
+        assert!(
+            err.contains("--sm-partition") && err.contains(why),
+            "{n}: {err}"
+        );
     }
 
     let dir = tempfile::tempdir().unwrap();

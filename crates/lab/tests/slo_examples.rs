@@ -98,3 +98,25 @@ fn the_pacing_example_plans_a_static_and_a_controlled_cell_with_both_levers() {
     assert_eq!(control.engine_duty_floor, Some(25));
     assert_eq!(control.engine_share_tokens, Some(2048));
 }
+
+/// The SM-partition study (issue 18): the embedder started on 64 SMs (`--sm-partition`)
+/// beside the generator under MPS with default limits, solo and together, and its
+/// deployments validate.
+#[test]
+fn the_green_example_starts_the_embedder_on_an_sm_partition() {
+    let file = "h200-slo-green.toml";
+    let exp = load(file);
+    let planned = plan(&exp);
+    let first: Vec<_> = planned.iter().filter(|c| c.repetition == 1).collect();
+    assert_eq!(first.len(), 3, "{}", describe(&exp, &planned));
+    let mut d = lab::deployments::Deployments::check(&exp, &planned)
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    let pair = first.iter().find(|c| !c.is_solo()).unwrap();
+    let spec = d.of(&exp, pair).unwrap().spec().clone();
+    let embed = spec.engines.iter().find(|e| e.name == "embed").unwrap();
+    assert_eq!(embed.args, ["--sm-partition", "64"]);
+    assert!(
+        spec.engines.iter().all(|e| e.sm_percent.is_none()),
+        "green contexts need MPS without a thread limit"
+    );
+}
