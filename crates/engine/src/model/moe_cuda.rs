@@ -209,10 +209,7 @@ impl CudaMoe {
     pub(crate) fn set_tile(&mut self, tile: Option<MoeTile>) -> anyhow::Result<()> {
         if let Some(t) = tile {
             let fp8 = matches!(self.format, ExpertFormat::Fp8 { .. });
-            let fits = match self.format {
-                ExpertFormat::Fp8 { block: [br, bc] } => br % t.bn == 0 && bc % t.bk == 0,
-                ExpertFormat::Bf16 => true,
-            };
+            let fits = self.format.fits(t);
             if !compiled_tiles(fp8).any(|c| c == t) || t.bk != self.tiles[0].bk || !fits {
                 anyhow::bail!(
                     "MoE tile {t} does not fit these experts ({:?}, depth {}); compiled: {}",

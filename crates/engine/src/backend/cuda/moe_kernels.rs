@@ -230,11 +230,25 @@ impl ExpertFormat {
         }
     }
 
+    /// Whether tile `t` lies inside one scale block of this storage (a block's scale is
+    /// applied once per k-tile): always for bf16.
+    pub fn fits(&self, t: MoeTile) -> bool {
+        match *self {
+            ExpertFormat::Fp8 { block: [br, bc] } => br % t.bn == 0 && bc % t.bk == 0,
+            ExpertFormat::Bf16 => true,
+        }
+    }
+
     /// The (few rows, many rows) tiles of this storage for experts with `[inter, hidden]`
     /// gate/up and `[hidden, inter]` down weights, both of one depth `bk` (the weights'
     /// tiled layout, [`tiled_offset`]): 64 where the shapes (and FP8 blocks) allow, else 32.
-    /// An FP8 tile must lie inside one scale block, and gate and up (concatenated) must each
-    /// be whole blocks; shapes the kernels cannot take are an error naming the reason.
+    /// An FP8 tile must lie inside one scale block ([`Self::fits`]), and gate and up
+    /// (concatenated) must each be whole blocks; shapes the kernels cannot take are an error
+    /// naming the reason. The tiles: 16 x 128 for a few rows per expert (decode), 64 x 64 for
+    /// many (64 x 128 for FP8: each block re-reads its 64 activation rows, so wider blocks
+    /// read them fewer times); three stages for the 16-row FP8 tile and the narrow FP8 ones,
+    /// two for bf16 and the 64 x 128 FP8 tile; 16/64 x 32 x 32 where the shapes or FP8
+    /// blocks are multiples of 32 only (the tiny test checkpoints).
     pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<[MoeTile; 2]> {
         if !hidden.is_multiple_of(32) || !inter.is_multiple_of(32) {
             bail!("the CUDA MoE kernels need hidden_size ({hidden}) and moe_intermediate_size ({inter}) to be multiples of 32");
@@ -553,6 +567,7 @@ mod tests {
             for tile in f.tiles(2048, 768).unwrap() {
                 assert_eq!(block[0] % tile.bn, 0);
                 assert_eq!(block[1] % tile.bk, 0);
+                assert!(f.fits(tile));
             }
         }
         let err = ExpertFormat::Fp8 { block: [48, 48] }

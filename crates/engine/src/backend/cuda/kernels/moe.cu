@@ -332,11 +332,13 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
         moe_gemm<BM, BN, BK, NST, WM, FP8, DOWN>(a, w, scales, out, sorted, block_expert, post_pad,   \
                                                  topk_w, n_rows, top_k, N, K, bn, bk);                \
     }
-// Tiles (BM x BN x BK, stages, row warps) are the list moe_kernels::COMPILED names, each
-// instantiated for gate/up and down: moe_gemm_{up,down}_{bf16,fp8}_{BM}x{BN}x{BK}s{NST}w{WM}.
+// Tiles (BM x BN x BK, stages, row warps) are the list moe_kernels::COMPILED names (why
+// those: ExpertFormat::tiles), each instantiated for gate/up and down:
+// moe_gemm_{up,down}_{bf16,fp8}_{BM}x{BN}x{BK}s{NST}w{WM}.
 #define MOE_GEMM_SET(kind, BM, BN, BK, NST, WM, FP8)                                     \
     MOE_GEMM(moe_gemm_up_##kind##_##BM##x##BN##x##BK##s##NST##w##WM, BM, BN, BK, NST, WM, FP8, false) \
     MOE_GEMM(moe_gemm_down_##kind##_##BM##x##BN##x##BK##s##NST##w##WM, BM, BN, BK, NST, WM, FP8, true)
+
 // in (bf16) -> out (f16, clamped to its finite range), n even: the FP8 GEMMs' activations.
 extern "C" __global__ void moe_to_f16(const bf16* __restrict__ in, unsigned* __restrict__ out, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
