@@ -370,7 +370,8 @@ fn engine_set(
     (engines, counts)
 }
 
-/// Builds the ordered plan of an experiment, every repetition included.
+/// Builds the ordered plan of an experiment, every repetition included: the solo baselines,
+/// then the co-located conditions, those of one deployment back to back.
 pub fn plan(exp: &Experiment) -> Vec<Condition> {
     let engines = exp.engines();
     let base: BTreeMap<String, LoadLevel> = exp
@@ -442,13 +443,39 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
             );
         }
     }
+    let mut colocated = Vec::new();
     for c in cells {
         let sharing = ConditionSharing::Shared(c.sharing);
         push_reps(
-            exp, &mut out, sharing, &c.engines, c.copies, c.mps, c.mem, c.loads, c.control, c.place,
+            exp,
+            &mut colocated,
+            sharing,
+            &c.engines,
+            c.copies,
+            c.mps,
+            c.mem,
+            c.loads,
+            c.control,
+            c.place,
         );
     }
+    out.extend(grouped_by_deployment(colocated));
     out
+}
+
+/// `conds` with those that share a deployment back to back, in the order each deployment
+/// first appears: every start-up is paid once (a vLLM pair takes minutes to start), where
+/// the listed order would stop and start the same engines again between other cells.
+fn grouped_by_deployment(conds: Vec<Condition>) -> Vec<Condition> {
+    let mut groups: Vec<(String, Vec<Condition>)> = Vec::new();
+    for c in conds {
+        let key = c.deployment_key();
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(c),
+            None => groups.push((key, vec![c])),
+        }
+    }
+    groups.into_iter().flat_map(|(_, g)| g).collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -853,6 +880,55 @@ batch = 8
         assert!(c.is_solo());
         assert_eq!(c.sharing.deployed(), Sharing::Timeslice);
         assert_eq!(serde_json::to_string(&c).unwrap(), old);
+    }
+
+    /// Listed conditions alternate between two deployments; the plan runs each deployment's
+    /// conditions back to back, in the order the deployments first appear, so that each
+    /// starts once.
+    #[test]
+    fn conditions_of_one_deployment_run_back_to_back() {
+        let e = Experiment::parse(&format!(
+            "{}{}",
+            BASE.replace("repetitions = 2", "repetitions = 1"),
+            r#"
+[[conditions]]
+sharing = "timeslice"
+load.chat = { concurrency = 8 }
+[[conditions]]
+sharing = "mps"
+load.chat = { concurrency = 8 }
+[[conditions]]
+sharing = "timeslice"
+load.chat = { concurrency = 16 }
+[[conditions]]
+sharing = "mps"
+load.chat = { concurrency = 16 }
+"#
+        ))
+        .unwrap();
+        let p = plan(&e);
+        let coloc: Vec<(String, Option<u32>)> = p
+            .iter()
+            .filter(|c| !c.is_solo())
+            .map(|c| (c.deployment_key(), c.loads["chat"].concurrency))
+            .collect();
+        let ts = coloc[0].0.clone();
+        let mps = coloc[2].0.clone();
+        assert_ne!(ts, mps);
+        assert_eq!(
+            coloc,
+            vec![
+                (ts.clone(), Some(8)),
+                (ts, Some(16)),
+                (mps.clone(), Some(8)),
+                (mps, Some(16))
+            ]
+        );
+        // solo gen at 4, 8, 16 (1 start), solo emb (1), timeslice (2 engines), mps (2)
+        let starts = Duration::from_secs(5) * (1 + 1 + 2 + 2);
+        let windows = Duration::from_secs(3) * p.len() as u32;
+        let drains = Duration::from_secs(1) * 5; // the embedder's 5 windows
+        assert_eq!(estimate(&e, &p), starts + windows + drains);
     }
 
     #[test]
