@@ -7,7 +7,7 @@
 //! `ModelConfig`, which reads presets (`preset:qwen3-8b`, `preset:qwen3-30b-a3b-fp8`,
 //! `preset:llama-3.2-3b`, `preset:qwen2.5-7b`, `preset:gpt2`..., mirroring the real Hugging
 //! Face configs) and `config.json` folders (`qwen3`, `qwen3_moe`, `qwen2`, `llama`,
-//! `mistral`, `gpt2`, `bert`). This module adds what only planning needs: Hugging Face ids
+//! `mistral`, `gpt2`, `bert`, `roberta`, `distilbert`). This module adds what only planning needs: Hugging Face ids
 //! of the presets' models (so `model = "Qwen/Qwen3-8B"` or
 //! `"meta-llama/Llama-3.2-3B-Instruct"` for vLLM plans without the checkpoint on disk; base
 //! and `-Instruct` releases have the same shapes), the embedding case (no `lm_head`), and an
@@ -32,12 +32,15 @@ pub struct ModelShape {
 }
 
 /// The organisations whose Hugging Face ids name presets' models.
-const ORGS: [&str; 5] = [
+const ORGS: [&str; 8] = [
     "qwen/",
     "meta-llama/",
     "mistralai/",
     "openai-community/",
     "distilbert/",
+    "google-bert/",
+    "facebookai/",
+    "sentence-transformers/",
 ];
 
 /// The preset a Hugging Face id or bare name names (`Qwen/Qwen3-8B` -> `qwen3-8b`,
@@ -183,6 +186,14 @@ mod tests {
             ("openai-community/gpt2", "gpt2"),
             ("distilbert/distilgpt2", "distilgpt2"),
             ("/no/such/dir/qwen2.5-3b-instruct", "qwen2.5-3b"),
+            (
+                "distilbert/distilbert-base-uncased",
+                "distilbert-base-uncased",
+            ),
+            ("FacebookAI/roberta-base", "roberta-base"),
+            ("distilbert/distilroberta-base", "distilroberta-base"),
+            ("google-bert/bert-base-uncased", "bert-base-uncased"),
+            ("sentence-transformers/all-MiniLM-L6-v2", "all-minilm-l6-v2"),
         ] {
             let m = ModelShape::resolve(id).unwrap();
             let p = ModelShape::resolve(&format!("preset:{preset}")).unwrap();

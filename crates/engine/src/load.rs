@@ -16,7 +16,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaOptions;
 use crate::backend::Backend;
 use crate::limits::{self, LimitFlags};
-use crate::model::config::{preset_names, Arch, Fp8Kept, ModelConfig, ModelLocation};
+use crate::model::config::{preset_names, Fp8Kept, ModelConfig, ModelLocation};
 #[cfg(feature = "cuda")]
 use crate::model::qwen3_cuda::CudaQwen3;
 use crate::model::{bert, decoder};
@@ -189,10 +189,11 @@ fn sentence_max_seq_length(dir: &Path) -> Option<usize> {
 pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     let (config, dir) = resolve(&opts.model)?;
     let task = opts.task.unwrap_or(config.default_task);
-    if config.arch == Arch::Bert && task == Task::Generate {
+    if config.arch.is_encoder() && task == Task::Generate {
         anyhow::bail!(
-            "--model {}: a BERT encoder cannot --task generate (use --task embed)",
-            opts.model
+            "--model {}: a {} encoder cannot --task generate (use --task embed)",
+            opts.model,
+            config.arch.name()
         );
     }
 
@@ -398,10 +399,12 @@ pub fn build<B: Backend>(
     info: ModelInfo,
 ) -> anyhow::Result<LoadedModel> {
     Ok(match (config.arch, info.task) {
-        (Arch::Bert, Task::Embed) => {
+        (a, Task::Embed) if a.is_encoder() => {
             LoadedModel::Embedder(Box::new(bert::Bert::new(backend, config, source, info)?))
         }
-        (Arch::Bert, Task::Generate) => anyhow::bail!("a BERT encoder cannot generate"),
+        (a, Task::Generate) if a.is_encoder() => {
+            anyhow::bail!("a {} encoder cannot generate", a.name())
+        }
         (_, Task::Generate) => LoadedModel::Generator(Box::new(decoder::DecoderGenerator::new(
             backend, config, source, info,
         )?)),

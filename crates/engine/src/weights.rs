@@ -165,6 +165,29 @@ impl WeightSource {
         }
     }
 
+    /// Rows `skip..rows` of a `[rows, cols]` tensor: RoBERTa's position table past the
+    /// rows before position 0. Dummy weights make the `rows - skip` rows directly.
+    pub fn get_rows_after<B: Backend>(
+        &self,
+        b: &B,
+        names: &[String],
+        (rows, skip): (usize, usize),
+        cols: usize,
+        init: Init,
+    ) -> anyhow::Result<B::Tensor> {
+        match self {
+            _ if skip == 0 => self.get(b, names, rows, cols, init),
+            WeightSource::Dummy { seed } => {
+                b.dummy(rows - skip, cols, init, seed_for(*seed, &names[0]))
+            }
+            WeightSource::Safetensors(st) => {
+                let (name, loc) = st.find(names, rows, cols)?;
+                let w = st.stored(name, loc)?.to_f32();
+                b.upload_f32(rows - skip, cols, &w[skip * cols..])
+            }
+        }
+    }
+
     /// A `Conv1D` weight (GPT-2's projections), stored `[inp, out]`, the transpose of a
     /// Linear's, as `parts` Linear weights `[out / parts, inp]`: the output features cut in
     /// `parts` equal runs (`c_attn`'s q, k and v), each transposed. Dummy weights seed each

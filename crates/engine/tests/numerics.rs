@@ -227,6 +227,45 @@ fn load_errors_name_the_path_or_flag() {
     assert!(load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Dummy)).is_ok());
 }
 
+/// A BERT-family fixture (`testdata/{bert,roberta,distilbert}-tiny`, made by transformers:
+/// scripts/gpu/make-encoder-fixtures.py): every input in one batch, each embedding against
+/// the one transformers computed for that input alone.
+fn encoder_matches_transformers(name: &str, arch: &str) {
+    let dir = fixture(name);
+    let r = reference(&dir);
+    let loaded = load(&opts(&dir, None, LoadFormat::Auto)).unwrap();
+    assert_eq!(loaded.info.task, Task::Embed);
+    assert_eq!(loaded.info.architecture, arch);
+    let mut e = embedder(loaded);
+    let items = r["items"].as_array().unwrap();
+    let inputs: Vec<Vec<u32>> = items.iter().map(|i| u32s(&i["input_ids"])).collect();
+    let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+    let got = e.embed(&refs).unwrap();
+    assert_eq!(got.len(), items.len());
+    for (item, emb) in items.iter().zip(&got) {
+        let want = f32s(&item["embedding"]);
+        let err = rel_err(emb, &want);
+        assert!(err < 1e-4, "{name}: embedding rel err {err}");
+    }
+}
+
+#[test]
+fn bert_tiny_matches_transformers() {
+    encoder_matches_transformers("bert-tiny", "bert");
+}
+
+/// RoBERTa's positions start at pad_token_id + 1: a table read from row 0 fails this.
+#[test]
+fn roberta_tiny_matches_transformers() {
+    encoder_matches_transformers("roberta-tiny", "roberta");
+}
+
+/// DistilBERT's names and its missing token types.
+#[test]
+fn distilbert_tiny_matches_transformers() {
+    encoder_matches_transformers("distilbert-tiny", "distilbert");
+}
+
 fn fetch_minilm() -> PathBuf {
     let status = std::process::Command::new("bash")
         .arg("scripts/fetch-minilm.sh")

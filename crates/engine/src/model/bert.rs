@@ -1,12 +1,15 @@
-//! BERT encoder (all-MiniLM-L6-v2 and kin), a port of transformers' `modeling_bert.py`
-//! onto [`Backend`] ops, with sentence-transformers' mean pooling and L2 normalisation.
-//! Embeddings (word + absolute position + token type 0) -> LayerNorm, then per layer
+//! The BERT family's encoder (BERT, all-MiniLM-L6-v2 and kin, RoBERTa, DistilBERT), a port
+//! of transformers' `modeling_bert.py` onto [`Backend`] ops, with sentence-transformers'
+//! mean pooling and L2 normalisation; the families' names are [`EncoderNames`].
+//! Embeddings (word + absolute position + token type 0 where the family has types) ->
+//! LayerNorm, then per layer
 //! bidirectional attention -> dense -> Add&LayerNorm -> GELU MLP -> Add&LayerNorm.
 //! Checkpoints saved from `BertModel` have no `bert.` prefix; from `BertFor*` they do:
 //! both load.
 
 use crate::backend::{AttnDims, Backend, Gelu, IndexSource, Init, Pooling};
 use crate::model::config::ModelConfig;
+use crate::model::encoder::EncoderNames;
 use crate::model::StepBuilder;
 use crate::model_api::{Embedder, ModelInfo};
 use crate::weights::WeightSource;
@@ -39,7 +42,8 @@ pub struct Bert<B: Backend> {
     backend: B,
     word_embeddings: B::Tensor,
     position_embeddings: B::Tensor,
-    token_type_embeddings: B::Tensor,
+    /// `None`: DistilBERT has no token types.
+    token_type_embeddings: Option<B::Tensor>,
     embeddings_norm: Norm<B::Tensor>,
     layers: Vec<Layer<B::Tensor>>,
     dims: AttnDims,
@@ -58,62 +62,59 @@ impl<B: Backend> Bert<B> {
         info: ModelInfo,
     ) -> anyhow::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let names = EncoderNames::of(cfg)
+            .ok_or_else(|| anyhow::anyhow!("{} is not a BERT-family encoder", cfg.arch.name()))?;
         let normal = Init::Normal { std: DUMMY_STD };
-        let get = |name: &str, r, c, init| {
-            src.get(
-                &backend,
-                &[name.to_string(), format!("bert.{name}")],
-                r,
-                c,
-                init,
-            )
+        let get = |name: &str, suffix: &str, r, c, init| {
+            src.get(&backend, &names.candidates(name, suffix), r, c, init)
         };
         let linear = |name: &str, out, inp| -> anyhow::Result<Linear<B::Tensor>> {
             Ok(Linear {
-                weight: get(&format!("{name}.weight"), out, inp, normal)?,
-                bias: get(&format!("{name}.bias"), 1, out, Init::Zeros)?,
+                weight: get(name, ".weight", out, inp, normal)?,
+                bias: get(name, ".bias", 1, out, Init::Zeros)?,
             })
         };
         let norm = |name: &str| -> anyhow::Result<Norm<B::Tensor>> {
             Ok(Norm {
-                weight: get(&format!("{name}.weight"), 1, h, Init::Ones)?,
-                bias: get(&format!("{name}.bias"), 1, h, Init::Zeros)?,
+                weight: get(name, ".weight", 1, h, Init::Ones)?,
+                bias: get(name, ".bias", 1, h, Init::Zeros)?,
             })
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let p = format!("encoder.layer.{l}");
+            let n = names.layer(l);
             layers.push(Layer {
-                query: linear(&format!("{p}.attention.self.query"), h, h)?,
-                key: linear(&format!("{p}.attention.self.key"), h, h)?,
-                value: linear(&format!("{p}.attention.self.value"), h, h)?,
-                attention_output: linear(&format!("{p}.attention.output.dense"), h, h)?,
-                attention_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
-                intermediate: linear(&format!("{p}.intermediate.dense"), i, h)?,
-                output: linear(&format!("{p}.output.dense"), h, i)?,
-                output_norm: norm(&format!("{p}.output.LayerNorm"))?,
+                query: linear(&n.query, h, h)?,
+                key: linear(&n.key, h, h)?,
+                value: linear(&n.value, h, h)?,
+                attention_output: linear(&n.attention_output, h, h)?,
+                attention_norm: norm(&n.attention_norm)?,
+                intermediate: linear(&n.intermediate, i, h)?,
+                output: linear(&n.output, h, i)?,
+                output_norm: norm(&n.output_norm)?,
             });
         }
+        let offset = cfg.position_offset;
         Ok(Self {
             word_embeddings: get(
-                "embeddings.word_embeddings.weight",
+                names.word_embeddings(),
+                ".weight",
                 cfg.vocab_size,
                 h,
                 normal,
             )?,
-            position_embeddings: get(
-                "embeddings.position_embeddings.weight",
-                cfg.max_position_embeddings,
+            position_embeddings: src.get_rows_after(
+                &backend,
+                &names.candidates(names.position_embeddings(), ".weight"),
+                (cfg.max_position_embeddings + offset, offset),
                 h,
                 normal,
             )?,
-            token_type_embeddings: get(
-                "embeddings.token_type_embeddings.weight",
-                cfg.type_vocab_size,
-                h,
-                normal,
-            )?,
-            embeddings_norm: norm("embeddings.LayerNorm")?,
+            token_type_embeddings: names
+                .token_type_embeddings()
+                .map(|t| get(t, ".weight", cfg.type_vocab_size, h, normal))
+                .transpose()?,
+            embeddings_norm: norm(names.embeddings_norm())?,
             layers,
             dims: AttnDims {
                 num_heads: cfg.num_attention_heads,
@@ -147,10 +148,9 @@ impl<B: Backend> Embedder for Bert<B> {
             &mut x,
             &b.embedding(&self.position_embeddings, &step, IndexSource::Positions)?,
         )?;
-        b.add_assign(
-            &mut x,
-            &b.embedding(&self.token_type_embeddings, &step, IndexSource::Zero)?,
-        )?;
+        if let Some(types) = &self.token_type_embeddings {
+            b.add_assign(&mut x, &b.embedding(types, &step, IndexSource::Zero)?)?;
+        }
         let n = &self.embeddings_norm;
         let mut x = b.layer_norm(&x, None, &n.weight, &n.bias, self.eps)?;
         let scale = 1.0 / (self.dims.head_dim as f32).sqrt();

@@ -40,8 +40,14 @@ pub enum Arch {
     Mistral,
     /// GPT-2 (`model_type: gpt2`, also DistilGPT2): learned positions, LayerNorm, GELU.
     Gpt2,
-    /// BERT encoder (`model_type: bert`).
+    /// BERT encoder (`model_type: bert`: BERT, MiniLM).
     Bert,
+    /// RoBERTa encoder (`model_type: roberta`): BERT's layers, positions numbered from
+    /// `pad_token_id + 1` ([`ModelConfig::position_offset`]).
+    Roberta,
+    /// DistilBERT encoder (`model_type: distilbert`): BERT's layers under other names, no
+    /// token types.
+    DistilBert,
 }
 
 impl Arch {
@@ -54,11 +60,13 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Gpt2 => "gpt2",
             Arch::Bert => "bert",
+            Arch::Roberta => "roberta",
+            Arch::DistilBert => "distilbert",
         }
     }
 
     /// The `model_type` values read, in this order.
-    const ALL: [Arch; 7] = [
+    const ALL: [Arch; 9] = [
         Arch::Qwen3,
         Arch::Qwen3Moe,
         Arch::Qwen2,
@@ -66,11 +74,18 @@ impl Arch {
         Arch::Mistral,
         Arch::Gpt2,
         Arch::Bert,
+        Arch::Roberta,
+        Arch::DistilBert,
     ];
 
     /// A causal decoder, as opposed to an encoder.
     pub fn is_decoder(self) -> bool {
-        self != Arch::Bert
+        !self.is_encoder()
+    }
+
+    /// A BERT-family encoder (BERT, RoBERTa, DistilBERT): embeds, never generates.
+    pub fn is_encoder(self) -> bool {
+        matches!(self, Arch::Bert | Arch::Roberta | Arch::DistilBert)
     }
 }
 
@@ -128,6 +143,9 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// BERT token types.
     pub type_vocab_size: usize,
+    /// Rows of the position table before position 0: RoBERTa's `pad_token_id + 1` (its
+    /// table has `max_position_embeddings + position_offset` rows); 0 for the others.
+    pub position_offset: usize,
     /// End-of-sequence ids from `config.json` (`generation_config.json` overrides at load).
     pub eos_token_ids: Vec<u32>,
     /// Bytes per weight element as stored (bf16 = 2, f32 = 4).
@@ -165,6 +183,14 @@ const PRESETS: &[&str] = &[
     "gpt2-tiny",
     "gpt2",
     "distilgpt2",
+    "bert-tiny",
+    "bert-base-uncased",
+    "all-minilm-l6-v2",
+    "roberta-tiny",
+    "roberta-base",
+    "distilroberta-base",
+    "distilbert-tiny",
+    "distilbert-base-uncased",
 ];
 
 /// Names accepted after `preset:`.
@@ -206,14 +232,15 @@ struct RawConfig {
     #[serde(default)]
     architectures: Vec<String>,
     vocab_size: usize,
-    #[serde(alias = "n_embd")]
+    /// GPT-2's `n_embd`, DistilBERT's `dim`.
+    #[serde(alias = "n_embd", alias = "dim")]
     hidden_size: usize,
-    /// GPT-2's `n_inner` (null: 4 x hidden).
-    #[serde(alias = "n_inner")]
+    /// GPT-2's `n_inner` (null: 4 x hidden), DistilBERT's `hidden_dim`.
+    #[serde(alias = "n_inner", alias = "hidden_dim")]
     intermediate_size: Option<usize>,
-    #[serde(alias = "n_layer")]
+    #[serde(alias = "n_layer", alias = "n_layers")]
     num_hidden_layers: usize,
-    #[serde(alias = "n_head")]
+    #[serde(alias = "n_head", alias = "n_heads")]
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
@@ -230,8 +257,14 @@ struct RawConfig {
     eos_token_id: Option<EosIds>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
-    #[serde(alias = "activation_function")]
+    /// GPT-2's `activation_function`, DistilBERT's `activation`.
+    #[serde(alias = "activation_function", alias = "activation")]
     hidden_act: Option<String>,
+    /// RoBERTa numbers positions from `pad_token_id + 1`.
+    pad_token_id: Option<usize>,
+    /// DistilBERT's fixed sinusoidal position table (not supported: every released
+    /// DistilBERT learned its positions).
+    sinusoidal_pos_embds: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     sliding_window: Option<usize>,
@@ -309,13 +342,14 @@ impl ModelConfig {
         }
         let activation = match (raw.hidden_act.as_deref(), arch) {
             (Some(a), _) => Activation::parse(a)?,
-            (None, Arch::Bert) => Activation::Gelu(Gelu::Erf),
+            (None, a) if a.is_encoder() => Activation::Gelu(Gelu::Erf),
             (None, Arch::Gpt2) => Activation::Gelu(Gelu::Tanh),
             (None, _) => Activation::Silu,
         };
         match (arch, activation) {
-            (Arch::Bert, Activation::Gelu(Gelu::Erf)) | (Arch::Gpt2, Activation::Gelu(_)) => {}
-            (Arch::Bert | Arch::Gpt2, _) => anyhow::bail!(
+            (a, Activation::Gelu(Gelu::Erf)) if a.is_encoder() => {}
+            (Arch::Gpt2, Activation::Gelu(_)) => {}
+            (a, _) if a.is_encoder() || a == Arch::Gpt2 => anyhow::bail!(
                 "unsupported {} activation {:?} (only gelu{})",
                 arch.name(),
                 raw.hidden_act.as_deref().unwrap_or_default(),
@@ -363,7 +397,7 @@ impl ModelConfig {
             .architectures
             .iter()
             .any(|a| a.ends_with("Model") && !a.ends_with("LMHeadModel") && arch.is_decoder());
-        let default_task = if arch == Arch::Bert || is_embedding {
+        let default_task = if arch.is_encoder() || is_embedding {
             Task::Embed
         } else {
             Task::Generate
@@ -379,7 +413,23 @@ impl ModelConfig {
             Some(q) => Some(q.resolve()?),
             None => None,
         };
-        let layer_norm = matches!(arch, Arch::Bert | Arch::Gpt2);
+        if raw.sinusoidal_pos_embds == Some(true) {
+            anyhow::bail!("sinusoidal_pos_embds: DistilBERT's fixed sinusoidal positions are not supported (only learned ones)");
+        }
+        // RoBERTa's positions start past the padding id; the usable ones are those after.
+        let position_offset = match arch {
+            Arch::Roberta => raw.pad_token_id.unwrap_or(1) + 1,
+            _ => 0,
+        };
+        let Some(max_position_embeddings) = max_position_embeddings
+            .checked_sub(position_offset)
+            .filter(|&n| n > 0)
+        else {
+            anyhow::bail!(
+                "max_position_embeddings {max_position_embeddings} leaves no position after RoBERTa's offset of pad_token_id + 1 = {position_offset}"
+            );
+        };
+        let layer_norm = arch.is_encoder() || arch == Arch::Gpt2;
         Ok(Self {
             arch,
             vocab_size: raw.vocab_size,
@@ -403,9 +453,11 @@ impl ModelConfig {
             // default to untied.
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(layer_norm),
             // Token types are BERT's; a decoder has none (as its presets say).
-            type_vocab_size: raw
-                .type_vocab_size
-                .unwrap_or(if arch == Arch::Bert { 2 } else { 0 }),
+            type_vocab_size: match arch {
+                Arch::Bert | Arch::Roberta => raw.type_vocab_size.unwrap_or(2),
+                _ => 0,
+            },
+            position_offset,
             eos_token_ids: raw.eos_token_id.map(EosIds::into_vec).unwrap_or_default(),
             stored_dtype_bytes: dtype_bytes(raw.torch_dtype.as_deref().or(raw.dtype.as_deref())),
             default_task,
@@ -507,6 +559,7 @@ impl ModelConfig {
             activation: Activation::Silu,
             tie_word_embeddings: tied,
             type_vocab_size: 0,
+            position_offset: 0,
             eos_token_ids: if tiny {
                 vec![crate::tokenizer::BYTE_LEVEL_EOS]
             } else {
@@ -539,8 +592,9 @@ impl ModelConfig {
     fn parameters(&self, active: bool) -> usize {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let Some(lay) = self.layout() else {
-            // BERT.
-            let emb = (v + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h;
+            // The BERT family.
+            let positions = self.max_position_embeddings + self.position_offset;
+            let emb = (v + positions + self.type_vocab_size) * h + 2 * h;
             let per_layer = 4 * (h * h + h) + 2 * (2 * h) + (h * i + i) + (i * h + h);
             return emb + self.num_hidden_layers * per_layer;
         };
@@ -610,7 +664,7 @@ impl ModelConfig {
                     Activation::Silu => Gelu::Tanh,
                 }),
             }),
-            Arch::Bert => None,
+            Arch::Bert | Arch::Roberta | Arch::DistilBert => None,
         }
     }
 

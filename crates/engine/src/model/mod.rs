@@ -19,6 +19,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod encoder;
 pub mod decoder;
 pub mod gpt2;
 pub mod moe;

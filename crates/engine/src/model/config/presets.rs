@@ -13,6 +13,10 @@
 //! - GPT-2 and DistilGPT2 (`openai-community/gpt2`, `distilbert/distilgpt2`: 12 and 6
 //!   layers; their checkpoints are float32 but the config names no dtype, read as 16-bit
 //!   as vLLM serves them).
+//! - The BERT family's encoders (the A100 study's DistilBERT and RoBERTa, and the
+//!   sentence-transformers MiniLM): `bert-base-uncased`, `all-minilm-l6-v2`,
+//!   `roberta-base`, `distilroberta-base`, `distilbert-base-uncased`, and the tiny ones of
+//!   `testdata/{bert,roberta,distilbert}-tiny` (scripts/gpu/make-encoder-fixtures.py).
 
 use super::{Activation, Arch, ModelConfig, RopeScaling};
 use crate::backend::Gelu;
@@ -92,8 +96,57 @@ fn shape(name: &str) -> Option<Shape> {
     })
 }
 
+/// An encoder preset's fields; positions as usable (RoBERTa's table has 2 rows more).
+struct EncoderShape(Arch, usize, usize, usize, usize, usize, usize, usize, f64);
+
+/// (arch, hidden, intermediate, layers, heads, vocab, positions, token types, eps)
+#[rustfmt::skip]
+fn encoder(name: &str) -> Option<EncoderShape> {
+    use Arch::*;
+    let s = EncoderShape;
+    Some(match name {
+        "bert-tiny" => s(Bert, 64, 128, 2, 4, 512, 64, 2, 1e-12),
+        "bert-base-uncased" => s(Bert, 768, 3072, 12, 12, 30_522, 512, 2, 1e-12),
+        "all-minilm-l6-v2" => s(Bert, 384, 1536, 6, 12, 30_522, 512, 2, 1e-12),
+        "roberta-tiny" => s(Roberta, 64, 128, 2, 4, 512, 64, 1, 1e-5),
+        "roberta-base" => s(Roberta, 768, 3072, 12, 12, 50_265, 512, 1, 1e-5),
+        "distilroberta-base" => s(Roberta, 768, 3072, 6, 12, 50_265, 512, 1, 1e-5),
+        "distilbert-tiny" => s(DistilBert, 64, 128, 2, 4, 512, 64, 0, 1e-12),
+        "distilbert-base-uncased" => s(DistilBert, 768, 3072, 6, 12, 30_522, 512, 0, 1e-12),
+        _ => return None,
+    })
+}
+
 /// The config of preset `name` of these families (`None`: not one of theirs).
 pub(super) fn other(name: &str) -> Option<anyhow::Result<ModelConfig>> {
+    if let Some(EncoderShape(arch, h, i, layers, heads, vocab, positions, types, eps)) =
+        encoder(name)
+    {
+        return Some(Ok(ModelConfig {
+            arch,
+            vocab_size: vocab,
+            hidden_size: h,
+            intermediate_size: i,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: heads,
+            head_dim: h / heads,
+            max_position_embeddings: positions,
+            norm_eps: eps,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            attention_bias: false,
+            activation: Activation::Gelu(Gelu::Erf),
+            tie_word_embeddings: true,
+            type_vocab_size: types,
+            position_offset: if arch == Arch::Roberta { 2 } else { 0 },
+            eos_token_ids: Vec::new(),
+            stored_dtype_bytes: if name.ends_with("-tiny") { 4 } else { 2 },
+            default_task: Task::Embed,
+            moe: None,
+            fp8: None,
+        }));
+    }
     let s = shape(name)?;
     let tiny = name.ends_with("-tiny");
     Some(Ok(ModelConfig {
@@ -117,6 +170,7 @@ pub(super) fn other(name: &str) -> Option<anyhow::Result<ModelConfig>> {
         },
         tie_word_embeddings: s.tied,
         type_vocab_size: 0,
+        position_offset: 0,
         eos_token_ids: s.eos.to_vec(),
         stored_dtype_bytes: if tiny { 4 } else { 2 },
         default_task: Task::Generate,
