@@ -8,7 +8,8 @@
 # is measured again on resume; the lab stops its engines and quits its MPS daemon on SIGINT.
 # Env: BIN (default .gpu: colocate and runs/), LAB_ARGS (extra `lab run` arguments for a new
 # run, e.g. "--repetitions 1 --warmup 15s --duration 30s"; a resumed run keeps its own),
-# RETRY=1 (a resumed run measures its failed conditions again: `--retry-failed`), GPUS=N
+# RETRY=1 (a resumed run measures its failed conditions again: `--retry-failed`), REDO=TEXT
+# (a resumed run measures again the conditions whose id contains TEXT: `--redo`), GPUS=N
 # (the studies need N GPUs: stop at once on a machine with fewer, before any engine starts).
 # Two GPUs (issue 19, device kind nvidia-h200-x2), e.g. the four TP layouts:
 #   GPUS=2 LIMIT=560 LAB_ARGS="--repetitions 1 --warmup 15s --duration 30s" \
@@ -32,7 +33,7 @@ for spec in "$@"; do
   exp=${spec%%:*}; name=${spec##*:}; run=$BIN/runs/$name
   left=$(( end - $(date +%s) ))
   if [ "$left" -lt 60 ]; then echo "== $name: not started (${left}s left)"; continue; fi
-  if [ -f "$run/results.json" ]; then args=(--resume "$run"); [ "${RETRY:-0}" = 1 ] && args+=(--retry-failed); else read -ra extra <<< "${LAB_ARGS:-}"; args=("$exp" --out "$run" "${extra[@]}"); fi
+  if [ -f "$run/results.json" ]; then args=(--resume "$run"); [ "${RETRY:-0}" = 1 ] && args+=(--retry-failed); [ -n "${REDO:-}" ] && args+=(--redo "$REDO"); else read -ra extra <<< "${LAB_ARGS:-}"; args=("$exp" --out "$run" "${extra[@]}"); fi
   echo "== $name: ${args[*]} (${left}s left)"
   # SIGINT lets the lab finish the current window and clean up; KILL 90 s later at worst.
   timeout -s INT -k 90 "$left" "$C" lab run "${args[@]}" --quiet > "$OUT/$name.log" 2>&1

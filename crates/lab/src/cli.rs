@@ -18,7 +18,7 @@ use crate::deployments::{self, Deployments};
 use crate::matrix::{describe, plan, Condition};
 use crate::report::{compare, render, CommandLines};
 use crate::results::{Results, SCHEMA_VERSION};
-use crate::runner::{now_rfc3339, run as run_plan, ProgressView};
+use crate::runner::{now_rfc3339, run as run_plan, Only, ProgressView};
 use crate::spec::Experiment;
 
 /// Arguments of `colocate lab`.
@@ -61,6 +61,15 @@ struct RunArgs {
     /// With --resume: measure failed conditions again.
     #[arg(long, requires = "resume")]
     retry_failed: bool,
+    /// With --resume: measure again every recorded condition whose id contains TEXT
+    /// (repeatable; e.g. `--redo "solo "` for baselines taken under an older rule). The old
+    /// records stay in results.json's `superseded`.
+    #[arg(long, value_name = "TEXT", requires = "resume")]
+    redo: Vec<String>,
+    /// Measure only the conditions whose id contains TEXT (repeatable): a part of the plan
+    /// in this call, the rest with a later `--resume`. The dry run lists that part.
+    #[arg(long, value_name = "TEXT")]
+    only: Vec<String>,
     /// Override the warm-up of every condition (e.g. `1s`).
     #[arg(long, value_parser = humantime::parse_duration)]
     warmup: Option<Duration>,
@@ -126,6 +135,10 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         if a.retry_failed {
             r.conditions.retain(|c| c.failed.is_none());
         }
+        if !a.redo.is_empty() {
+            let n = r.redo(&a.redo)?;
+            eprintln!("lab: {n} recorded conditions will be measured again (--redo)");
+        }
         // what is left is validated before its first start
         (r, dir.clone(), Deployments::default())
     } else {
@@ -149,7 +162,14 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             }
             exp.repetitions = n;
         }
-        let planned = plan(&exp);
+        let only = Only(a.only.clone());
+        let planned: Vec<_> = plan(&exp).into_iter().filter(|c| only.selects(c)).collect();
+        if planned.is_empty() {
+            bail!(
+                "--only {:?} selects none of the plan's conditions (see --dry-run without it)",
+                a.only
+            );
+        }
         if a.dry_run {
             print!("{}", describe(&exp, &planned));
             for line in preset_lines(&exp) {
@@ -211,15 +231,18 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             complete: false,
             command: command_line(),
             conditions: Vec::new(),
+            superseded: Vec::new(),
         };
         r.save(&dir)?;
         (r, dir, valid)
     };
+    let only = Only(a.only.clone());
     if a.dry_run {
-        print!(
-            "{}",
-            describe(&results.experiment, &plan(&results.experiment))
-        );
+        let planned: Vec<_> = plan(&results.experiment)
+            .into_iter()
+            .filter(|c| only.selects(c) && results.find(&c.id()).is_none())
+            .collect();
+        print!("{}", describe(&results.experiment, &planned));
         for line in preset_lines(&results.experiment) {
             println!("{line}");
         }
@@ -231,9 +254,16 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     // a resumed run checks the models of what is left to measure
     let left: Vec<_> = planned
         .iter()
-        .filter(|c| results.find(&c.id()).is_none())
+        .filter(|c| results.find(&c.id()).is_none() && only.selects(c))
         .cloned()
         .collect();
+    if left.is_empty() && !only.0.is_empty() {
+        bail!(
+            "--only {:?} selects no condition left to measure in {}",
+            a.only,
+            dir.display()
+        );
+    }
     deployments::check_models(&results.experiment, &left)?;
     // a resumed run may be on another machine: its GPUs are those of this one
     crate::layout::check_machine(
@@ -259,6 +289,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         &mut valid,
         &cancel,
         &view,
+        &only,
     )?;
     drop(harness);
     let r = render(&results, &dir, command_lines())?;
@@ -409,6 +440,7 @@ concurrency = 1
             complete: true,
             command: "test".into(),
             conditions,
+            superseded: Vec::new(),
         };
         (r, planned)
     }

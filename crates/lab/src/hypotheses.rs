@@ -747,6 +747,7 @@ layout.embed = { gpus = [1] }
             complete: true,
             command: "colocate lab run tp.toml".into(),
             conditions,
+            superseded: Vec::new(),
         }
     }
 

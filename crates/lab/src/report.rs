@@ -876,6 +876,7 @@ ttft_p99 = "100ms"
             complete: true,
             command: "colocate lab run r.toml".into(),
             conditions,
+            superseded: Vec::new(),
         }
     }
 

@@ -50,6 +50,10 @@ pub struct Results {
     pub command: String,
     /// One entry per finished condition (measured or failed), in run order.
     pub conditions: Vec<ConditionResult>,
+    /// Measurements `lab run --resume --redo` took out of `conditions` to measure them
+    /// again (a baseline taken under an older rule): kept, not reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<ConditionResult>,
 }
 
 /// Where the run happened.
@@ -428,6 +432,30 @@ impl Results {
     pub fn find(&self, id: &str) -> Option<&ConditionResult> {
         self.conditions.iter().find(|c| c.condition.id() == id)
     }
+
+    /// Takes every condition whose id contains one of `patterns` out of the run, so that
+    /// a resume measures it again, and keeps the old record in `superseded`. A pattern
+    /// that matches nothing is an error naming it. Returns how many were taken out.
+    pub fn redo(&mut self, patterns: &[String]) -> Result<usize> {
+        let matches = |c: &ConditionResult, p: &str| c.condition.id().contains(p);
+        for p in patterns {
+            if !self.conditions.iter().any(|c| matches(c, p)) {
+                bail!(
+                    "--redo {p:?} matches none of the run's {} recorded conditions (ids look like {:?})",
+                    self.conditions.len(),
+                    self.conditions.first().map(|c| c.condition.id()).unwrap_or_default()
+                );
+            }
+        }
+        let (redo, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.conditions)
+            .into_iter()
+            .partition(|c| patterns.iter().any(|p| matches(c, p)));
+        self.conditions = keep;
+        self.complete = false;
+        let n = redo.len();
+        self.superseded.extend(redo);
+        Ok(n)
+    }
 }
 
 /// Collects host, OS and version; GPU fields are filled by the caller.
@@ -513,7 +541,25 @@ preset = "seed-gen"
             complete: true,
             command: "test".into(),
             conditions: vec![c],
+            superseded: Vec::new(),
         }
+    }
+
+    /// `--redo` takes the matching conditions out for a new measurement and keeps the old
+    /// ones; a pattern matching nothing changes nothing and says so.
+    #[test]
+    fn redo_supersedes_matching_conditions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = results();
+        let id = r.conditions[0].condition.id();
+        let err = r.redo(&["timeslice".into()]).unwrap_err().to_string();
+        assert!(err.contains("--redo \"timeslice\" matches none"), "{err}");
+        assert_eq!(r.conditions.len(), 1);
+        assert_eq!(r.redo(&["solo ".into()]).unwrap(), 1);
+        assert!(r.find(&id).is_none() && !r.complete);
+        assert_eq!(r.superseded[0].condition.id(), id);
+        r.save(dir.path()).unwrap();
+        assert_eq!(Results::load(dir.path()).unwrap(), r);
     }
 
     /// Engine metrics and presets survive results.json; a file written before the lab

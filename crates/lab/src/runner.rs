@@ -162,9 +162,22 @@ impl ProgressView {
     }
 }
 
-/// Runs every planned condition not yet in `results`, saving `results` into `run_dir`
-/// after each one. Returns when the plan is done or `cancel` is set. `deployments` holds
-/// those validated up front; the others are validated before their first start.
+/// `lab run --only TEXT`: the conditions whose id contains one of the texts (all when
+/// none is given), so that one call measures a part of a plan and a later one the rest.
+#[derive(Debug, Clone, Default)]
+pub struct Only(pub Vec<String>);
+
+impl Only {
+    pub fn selects(&self, c: &Condition) -> bool {
+        let id = c.id();
+        self.0.is_empty() || self.0.iter().any(|t| id.contains(t.as_str()))
+    }
+}
+
+/// Runs every planned condition not yet in `results` (of those `only` selects), saving
+/// `results` into `run_dir` after each one. Returns when the plan is done or `cancel` is
+/// set. `deployments` holds those validated up front; the others are validated before
+/// their first start.
 pub fn run(
     results: &mut Results,
     run_dir: &Path,
@@ -172,6 +185,7 @@ pub fn run(
     deployments: &mut Deployments,
     cancel: &AtomicBool,
     view: &ProgressView,
+    only: &Only,
 ) -> Result<()> {
     let exp: Experiment = results.experiment.clone();
     let planned = plan(&exp);
@@ -181,7 +195,7 @@ pub fn run(
         if cancel.load(Ordering::SeqCst) {
             break;
         }
-        if results.find(&cond.id()).is_some() {
+        if results.find(&cond.id()).is_some() || !only.selects(cond) {
             continue;
         }
         view.bar.set_message(cond.id());
@@ -484,6 +498,7 @@ rate = ["50% of solo"]
             complete: false,
             command: "test".into(),
             conditions: vec![],
+            superseded: Vec::new(),
         }
     }
 
@@ -503,6 +518,7 @@ rate = ["50% of solo"]
             &mut deployments,
             &AtomicBool::new(false),
             &view,
+            &Only::default(),
         )
         .unwrap();
         let planned = plan(&exp);
@@ -571,6 +587,7 @@ rate = ["50% of solo"]
             &mut Deployments::default(),
             &AtomicBool::new(false),
             &ProgressView::new(0, 0, true),
+            &Only::default(),
         )
         .unwrap();
         let failed: Vec<_> = results
@@ -612,6 +629,7 @@ rate = ["50% of solo"]
             &mut Deployments::default(),
             &AtomicBool::new(false),
             &ProgressView::new(0, 0, true),
+            &Only::default(),
         )
         .unwrap();
         assert_eq!(log.borrow().ups, vec!["timeslice/1", "timeslice/1"]);
@@ -656,6 +674,7 @@ rate = ["50% of solo"]
             &mut Deployments::default(),
             &flag,
             &ProgressView::new(0, 0, true),
+            &Only::default(),
         )
         .unwrap();
         let on_disk = Results::load(dir.path()).unwrap();
@@ -673,11 +692,48 @@ rate = ["50% of solo"]
             &mut Deployments::default(),
             &AtomicBool::new(false),
             &ProgressView::new(0, 0, true),
+            &Only::default(),
         )
         .unwrap();
         assert!(resumed.complete);
         assert_eq!(resumed.conditions.len(), plan(&exp).len());
         assert!(resumed.conditions.iter().all(|c| c.failed.is_none()));
+    }
+
+    /// `--only` measures the selected part of the plan; a later run without it measures
+    /// the rest and nothing twice.
+    #[test]
+    fn only_measures_a_part_and_resume_the_rest() {
+        let exp = Experiment::parse(EXP).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let all = plan(&exp);
+        let pick = all.iter().find(|c| !c.is_solo()).unwrap().id();
+        let mut results = fresh(&exp);
+        let log = Rc::new(RefCell::new(Log::default()));
+        let go = |results: &mut Results, log: &Rc<RefCell<Log>>, only: Only| {
+            run(
+                results,
+                dir.path(),
+                &mut Fake(log.clone()),
+                &mut Deployments::default(),
+                &AtomicBool::new(false),
+                &ProgressView::new(0, 0, true),
+                &only,
+            )
+            .unwrap()
+        };
+        go(&mut results, &log, Only(vec![pick.clone()]));
+        let ids: Vec<String> = results
+            .conditions
+            .iter()
+            .map(|c| c.condition.id())
+            .collect();
+        assert_eq!(ids, vec![pick.clone()]);
+        assert!(!results.complete);
+        let log2 = Rc::new(RefCell::new(Log::default()));
+        go(&mut results, &log2, Only::default());
+        assert!(results.complete);
+        assert_eq!(log2.borrow().measured.len(), all.len() - 1);
     }
 
     #[test]
@@ -697,6 +753,7 @@ rate = ["50% of solo"]
             &mut Deployments::default(),
             &cancel,
             &ProgressView::new(0, 0, true),
+            &Only::default(),
         )
         .unwrap();
         let on_disk = Results::load(dir.path()).unwrap();
@@ -722,6 +779,7 @@ rate = ["50% of solo"]
             &mut Deployments::default(),
             &AtomicBool::new(false),
             &ProgressView::new(0, 0, true),
+            &Only::default(),
         )
         .unwrap();
         let total = plan(&exp).len();

@@ -136,6 +136,7 @@ fn synthetic() -> Results {
         complete: true,
         command: "colocate lab run examples/scaling-cpu.toml".into(),
         conditions,
+        superseded: Vec::new(),
     }
 }
 
