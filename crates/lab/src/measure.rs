@@ -181,6 +181,8 @@ pub struct RealHarness {
     /// How often the gateway's `/metrics` is read when workloads go through it (the GPU
     /// sampling interval).
     gateway_every: Duration,
+    /// This machine's GPUs by UUID, recorded with each condition.
+    machine: Vec<String>,
 }
 
 impl RealHarness {
@@ -223,6 +225,9 @@ impl RealHarness {
             start_cancel,
             faults_reported: 0,
             gateway_every: exp.sample_interval,
+            machine: gpu::info()
+                .map(|g| g.into_iter().map(|g| g.uuid).collect())
+                .unwrap_or_default(),
         })
     }
 
@@ -505,6 +510,10 @@ fn live_line(p: &bench::Progress) -> String {
 }
 
 impl Harness for RealHarness {
+    fn gpu_uuids(&self) -> Vec<String> {
+        self.machine.clone()
+    }
+
     fn up(&mut self, deployment: &deploy::ValidDeployment, run_dir: &Path) -> Result<()> {
         self.down();
         // every GPU of the deployment is measured (issue 19); one named by UUID: the first

@@ -506,6 +506,7 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
             g.cuda
         );
     }
+    out.push_str(&machines_lines(results));
     let _ = writeln!(
         out,
         "- windows: warm-up {}, measurement {}, {} repetition(s); experiment file `{}` (at the end)\n",
@@ -743,9 +744,62 @@ pub fn compare(a: &Results, b: &Results) -> String {
     s
 }
 
+/// Which machine measured which conditions, when a resumed run spans several (the GPUs'
+/// UUIDs each condition recorded): *vs solo* then may compare rows of two machines. Empty
+/// when every condition was measured on one machine, or none recorded it.
+pub(crate) fn machines_lines(results: &Results) -> String {
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, c) in results.conditions.iter().enumerate() {
+        if c.failed.is_some() {
+            continue;
+        }
+        let key = c.gpu_uuids.join(", ");
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(i + 1),
+            None => groups.push((key, vec![i + 1])),
+        }
+    }
+    if groups.len() < 2 {
+        return String::new();
+    }
+    let mut out = String::from(
+        "- **measured on more than one machine** (a resumed run): *vs solo* compares rows of different GPUs where a condition and its baseline differ here\n",
+    );
+    for (key, rows) in groups {
+        let rows: Vec<String> = rows.iter().map(|r| format!("C{r}")).collect();
+        let on = if key.is_empty() {
+            "a GPU not recorded (results written before the lab recorded it)".to_string()
+        } else {
+            key
+        };
+        let _ = writeln!(out, "  - {}: {on}", rows.join(", "));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run resumed on another machine says which rows came from which GPU; one machine
+    /// (or none recorded) says nothing.
+    #[test]
+    fn rows_of_two_machines_are_named() {
+        let mut r = synthetic();
+        assert_eq!(machines_lines(&r), "");
+        for c in r.conditions.iter_mut() {
+            c.gpu_uuids = vec!["GPU-a".into()];
+        }
+        assert_eq!(machines_lines(&r), "");
+        let n = r.conditions.len();
+        r.conditions[n - 1].gpu_uuids = vec!["GPU-b".into()];
+        r.conditions[0].gpu_uuids.clear();
+        let text = machines_lines(&r);
+        assert!(text.contains("more than one machine"), "{text}");
+        assert!(text.contains(&format!("C{n}: GPU-b")), "{text}");
+        assert!(text.contains("C1: a GPU not recorded"), "{text}");
+        assert!(text.contains("C2, "), "{text}");
+    }
     use crate::matrix::{plan, ConditionSharing};
     use crate::results::{
         host_environment, ConditionResult, CounterStat, GpuWindow, WorkloadMetrics, SCHEMA_VERSION,
@@ -863,6 +917,7 @@ ttft_p99 = "100ms"
                 engine_metrics: Vec::new(),
                 presets: BTreeMap::new(),
                 gateway: None,
+                gpu_uuids: Vec::new(),
             });
         }
         Results {

@@ -122,6 +122,10 @@ pub struct ConditionResult {
     /// as a timeline), when workloads went through the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayWindow>,
+    /// The UUIDs of the GPUs of the machine that measured it (empty in results written
+    /// before the lab recorded them): a resumed run may span machines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_uuids: Vec<String>,
 }
 
 /// How a workload ran as a bench preset, as bench reported it.
@@ -161,6 +165,7 @@ impl ConditionResult {
             engine_metrics: Vec::new(),
             presets: BTreeMap::new(),
             gateway: None,
+            gpu_uuids: Vec::new(),
         }
     }
 }

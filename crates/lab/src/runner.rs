@@ -66,6 +66,11 @@ pub trait Harness {
     ) -> Result<Measurement>;
     /// Stops whatever `up` started (idempotent).
     fn down(&mut self);
+    /// The UUIDs of this machine's GPUs, recorded with every condition measured here (a
+    /// run resumed elsewhere then says which rows came from which machine).
+    fn gpu_uuids(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Resolves the open-loop rate of `w` under `load`: absolute as written, or a percentage
@@ -327,6 +332,7 @@ fn run_one(
             engine_metrics: m.engine_metrics,
             presets: m.presets,
             gateway: m.gateway,
+            gpu_uuids: harness.gpu_uuids(),
         }),
         Err(e) => {
             // the engines may be broken: start afresh for the next condition
@@ -421,6 +427,9 @@ rate = ["50% of solo"]
     struct Fake(Rc<RefCell<Log>>);
 
     impl Harness for Fake {
+        fn gpu_uuids(&self) -> Vec<String> {
+            vec!["GPU-fake".into()]
+        }
         fn up(&mut self, d: &ValidDeployment, _dir: &Path) -> Result<()> {
             let mut log = self.0.borrow_mut();
             let sharing = d.spec().sharing;
@@ -707,7 +716,7 @@ rate = ["50% of solo"]
         let exp = Experiment::parse(EXP).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let all = plan(&exp);
-        let pick = all.iter().find(|c| !c.is_solo()).unwrap().id();
+        let pick = all[0].id();
         let mut results = fresh(&exp);
         let log = Rc::new(RefCell::new(Log::default()));
         let go = |results: &mut Results, log: &Rc<RefCell<Log>>, only: Only| {
@@ -730,6 +739,8 @@ rate = ["50% of solo"]
             .collect();
         assert_eq!(ids, vec![pick.clone()]);
         assert!(!results.complete);
+        // each measured condition names the machine's GPUs
+        assert_eq!(results.conditions[0].gpu_uuids, vec!["GPU-fake".to_string()]);
         let log2 = Rc::new(RefCell::new(Log::default()));
         go(&mut results, &log2, Only::default());
         assert!(results.complete);
