@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use deploy::model::ModelShape;
 use lab::matrix::{describe, plan};
 use lab::spec::Experiment;
 
@@ -43,4 +44,34 @@ fn two_copies_of_each_model_and_shape_under_mps_beside_one_alone() {
         );
     }
     lab::deployments::Deployments::check(&exp, &planned).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// The same study with vLLM engines (`examples/h200-small-models-mps-vllm.toml`): the same
+/// plan, condition for condition, every engine a vLLM server of the Qwen2.5 folder that
+/// `scripts/gpu/vllm-small-models.sh` makes from `scripts/gpu/vllm-models/` (whose configs
+/// read as the built-in engine's presets of the same name), and every deployment validates.
+#[test]
+fn the_vllm_study_is_the_same_plan_on_vllm_engines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let builtin = Experiment::load(&root.join("examples/h200-small-models-mps.toml")).unwrap();
+    let vllm = Experiment::load(&root.join("examples/h200-small-models-mps-vllm.toml")).unwrap();
+    let ids = |e: &Experiment| plan(e).iter().map(|c| c.id()).collect::<Vec<_>>();
+    assert_eq!(ids(&builtin), ids(&vllm));
+    assert_eq!(builtin.workloads.len(), vllm.workloads.len());
+    for (b, v) in builtin.deployment.engines.iter().zip(&vllm.deployment.engines) {
+        assert_eq!(v.kind, deploy::spec::EngineKind::Vllm, "{}", v.name);
+        let preset = b.model.strip_prefix("preset:").unwrap();
+        assert_eq!(v.model, format!("/tmp/vllm-models/{preset}"));
+        let folder = root.join("scripts/gpu/vllm-models").join(preset);
+        let mut file = ModelShape::resolve(folder.to_str().unwrap()).unwrap().config;
+        let want = ModelShape::resolve(&format!("preset:{preset}")).unwrap().config;
+        file.eos_token_ids = want.eos_token_ids.clone();
+        assert_eq!(file, want, "{preset}");
+        assert_eq!(
+            (v.memory, v.max_model_len, v.served_model_name.clone()),
+            (b.memory, b.max_model_len, b.served_model_name.clone())
+        );
+    }
+    let planned = plan(&vllm);
+    lab::deployments::Deployments::check(&vllm, &planned).unwrap_or_else(|e| panic!("{e:#}"));
 }
