@@ -3,9 +3,8 @@
 //! the architecture's model for the chosen device: on the CPU the portable models
 //! (`model::decoder` for every decoder family: Qwen3 dense and MoE, Qwen2, Llama, Mistral,
 //! GPT-2; `model::bert`) on [`CpuBackend`], FP8 checkpoints dequantised at load; on CUDA
-//! the CUDA model (`model::qwen3_cuda`: the Qwen3, Qwen3-MoE, Qwen2, Llama and Mistral
-//! decoders in bf16, a mixture of experts' FP8 experts kept in FP8), from the same config
-//! and weight source.
+//! the CUDA model (`model::qwen3_cuda`: every decoder family in bf16, a mixture of
+//! experts' FP8 experts kept in FP8), from the same config and weight source.
 
 use std::path::{Path, PathBuf};
 

@@ -8,16 +8,18 @@
 //!   fixture (logits with bf16 tolerances, greedy tokens, embedding cosine), through the
 //!   prefill path, the eager decode path and the CUDA-graph decode path; against the CPU
 //!   model through the serving loader; the shared sampling rule on GPU logits;
-//! - the same for the tiny Llama (no q/k norm, Llama 3 RoPE scaling, tied embeddings)
-//!   and Qwen2 (no q/k norm, q/k/v biases) fixtures of `testdata/` (made by
-//!   `scripts/gpu/make-decoder-fixtures.py`), and their dummy weights;
+//! - the same for the tiny Llama (no q/k norm, Llama 3 RoPE scaling, tied embeddings),
+//!   Qwen2 (no q/k norm, q/k/v biases) and GPT-2 (LayerNorm, learned positions, gelu_new,
+//!   biases everywhere, Conv1D weights) fixtures of `testdata/` (made by
+//!   `scripts/gpu/make-decoder-fixtures.py`), and their dummy weights (DistilGPT2's too);
 //! - the flash embedding kernel against the paged one at the real head size;
 //! - the kernels' compilation for every preset shape (NVRTC only).
 //!
 //! The tests without the feature run on every machine and check what holds on every
 //! machine: asking for CUDA opens the GPU or says clearly why not, for every family the
-//! CUDA model runs; the others (GPT-2, Qwen3-MoE, BERT) are refused by name before any
-//! device is opened. The benchmark is the `cuda_bench` example.
+//! CUDA models run; what they do not run (an encoder asked to generate, an encoder given
+//! to the decoder model) is refused by name before any device is opened. The benchmark is
+//! the `cuda_bench` example.
 
 mod common;
 
@@ -46,12 +48,13 @@ const GREEDY: SampleSpec<'static> = SampleSpec {
 const QWEN3: &str = "qwen3-tiny";
 const LLAMA: &str = "llama-tiny";
 const QWEN2: &str = "qwen2-tiny";
+const GPT2: &str = "gpt2-tiny";
 /// Qwen3-MoE (8 experts, top 2, layer 1 dense) in f32, and the same model in block FP8
 /// (32 x 32 blocks; its reference is transformers on the dequantised weights).
 const MOE: &str = "qwen3-moe-tiny";
 const MOE_FP8: &str = "qwen3-moe-tiny-fp8";
 
-/// A tiny fixture (`qwen3-tiny`, `llama-tiny`, `qwen2-tiny`): the repo's copy (beside this
+/// A tiny fixture (`qwen3-tiny`, `llama-tiny`, `qwen2-tiny`, `gpt2-tiny`, ...): the repo's copy (beside this
 /// crate, or under the working directory: the GPU machine runs the prebuilt binary from a
 /// copy of the repository), the shared one beside the checkout, or the one carried to the
 /// GPU machine in `.gpu/`; `$QWEN3_TINY_DIR` names the Qwen3 one.
@@ -163,12 +166,12 @@ fn asking_for_cuda_opens_the_gpu_or_says_why_not() {
     }
 }
 
-/// The Llama and Qwen2 families run on CUDA: through the serving loader (dummy weights of
-/// the tiny presets) they load on a GPU machine, and elsewhere the error is the missing
-/// driver's, not a refusal of the family.
+/// The Llama, Qwen2 and GPT-2 families run on CUDA: through the serving loader (dummy
+/// weights of the tiny presets) they load on a GPU machine, and elsewhere the error is the
+/// missing driver's, not a refusal of the family.
 #[test]
-fn llama_and_qwen2_on_cuda_open_the_gpu_or_say_why_not() {
-    for preset in ["preset:llama-tiny", "preset:qwen2-tiny"] {
+fn every_decoder_family_on_cuda_opens_the_gpu_or_says_why_not() {
+    for preset in ["preset:llama-tiny", "preset:qwen2-tiny", "preset:gpt2-tiny"] {
         let opts = LoadOptions {
             model: preset.into(),
             task: None,
@@ -188,7 +191,10 @@ fn llama_and_qwen2_on_cuda_open_the_gpu_or_say_why_not() {
             }
             Err(e) => {
                 let msg = format!("{e:#}");
-                assert!(!msg.contains("CPU only"), "{preset} refused: {msg}");
+                assert!(
+                    !msg.contains("CPU only") && !msg.contains("does not run"),
+                    "{preset} refused: {msg}"
+                );
                 assert!(
                     msg.contains("no NVIDIA driver/GPU found") || msg.contains("not available"),
                     "{preset}: {msg}"
@@ -198,48 +204,47 @@ fn llama_and_qwen2_on_cuda_open_the_gpu_or_say_why_not() {
     }
 }
 
-/// An architecture the CUDA model does not compute (BERT; GPT-2's LayerNorm, learned
-/// positions and GELU) is refused by name before any device is opened, so the message is
-/// the same with and without a GPU.
+/// What the CUDA models do not run is refused by name before any device is opened, so the
+/// message is the same with and without a GPU: an encoder asked to generate (through the
+/// loader), and an encoder given to the decoder model (for callers that skip the loader).
 #[test]
-fn families_without_a_cuda_model_are_refused_by_name() {
+fn what_cuda_does_not_run_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let config = r#"{"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 512,
         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
         "num_attention_heads": 2, "max_position_embeddings": 64}"#;
     std::fs::write(dir.path().join("config.json"), config).unwrap();
-    let on_cuda = |model: String| LoadOptions {
-        model,
-        task: None,
+    let opts = LoadOptions {
+        model: dir.path().display().to_string(),
+        task: Some(Task::Generate),
         load_format: LoadFormat::Dummy,
         device: Device::Cuda(0),
         seed: 1,
         gpu: Default::default(),
     };
-    for (model, arch) in [
-        (dir.path().display().to_string(), "bert"),
-        ("preset:gpt2-tiny".to_string(), "gpt2"),
-    ] {
-        let msg = format!("{:#}", load::load(&on_cuda(model)).err().expect("refused"));
-        assert!(
-            msg.contains(&format!("the {arch} architecture runs on the CPU only"))
-                && msg.contains("--device cpu"),
-            "{msg}"
-        );
-    }
-    // The model itself refuses too, for callers that skip the loader.
-    let gpt2 = ModelConfig::from_preset("gpt2-tiny").unwrap();
-    let info = load::model_info(&gpt2, Task::Generate, vec![], 2, Fp8Kept::Experts);
+    let msg = format!("{:#}", load::load(&opts).err().expect("refused"));
+    assert!(
+        msg.to_lowercase()
+            .contains("bert encoder cannot --task generate")
+            && msg.contains("--task embed"),
+        "{msg}"
+    );
+    let bert = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let info = load::model_info(&bert, Task::Embed, vec![], 2, Fp8Kept::Experts);
     let err = CudaQwen3::new(
         0,
-        &gpt2,
+        &bert,
         info,
         &WeightSource::Dummy { seed: 0 },
         small_opts(),
     )
     .err()
     .expect("refused");
-    assert!(format!("{err:#}").contains("gpt2"), "{err:#}");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("the bert architecture is an encoder") && msg.contains("encoder_cuda"),
+        "{msg}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -346,11 +351,15 @@ fn cuda_kernels_compile_for_the_preset_shapes() {
             cudarc::get_lib_name_candidates("nvrtc").join(", ")
         );
     }
+    // (16, 1): the tiny GPT-2 and random BERT; (64, 1): GPT-2, DistilGPT2, BERT-base;
+    // (32, 1): all-MiniLM-L6-v2.
     for (d, g) in [
         (128, 2),
         (128, 4),
         (128, 8),
         (16, 2),
+        (16, 1),
+        (32, 1),
         (64, 1),
         (80, 2),
         (96, 8),
@@ -363,6 +372,22 @@ fn cuda_kernels_compile_for_the_preset_shapes() {
         let flash = ptx.contains(".entry embed_flash_attention");
         assert_eq!(flash, d % 16 == 0, "head_dim {d}");
         assert_eq!(ptx.contains("mma.sync.aligned.m16n8k16"), flash);
+        // The norms, activations and pooling of every layout, at every shape.
+        for name in [
+            "embed_gather",
+            "add_norm",
+            "norm_rows_f32",
+            "mean_rows_f32",
+            "qk_norm_rope_kv",
+            "silu_mul",
+            "bias_gelu",
+            "prefill_attention",
+        ] {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{name}, head_dim {d} group {g}"
+            );
+        }
     }
     // The MoE kernels, every grouped-GEMM tile of them.
     let ptx = match moe_kernels::compile_source("sm_90") {
@@ -375,8 +400,10 @@ fn cuda_kernels_compile_for_the_preset_shapes() {
     // For reading registers and spills with ptxas: COLOCATE_PTX_DIR=dir keeps the PTX.
     if let Ok(dir) = std::env::var("COLOCATE_PTX_DIR") {
         std::fs::write(format!("{dir}/moe.ptx"), &ptx).unwrap();
-        let engine = compile_source("sm_90", 128, 8).unwrap().to_src();
-        std::fs::write(format!("{dir}/engine_128_8.ptx"), engine).unwrap();
+        for (d, g) in [(128, 8), (64, 1), (32, 1)] {
+            let engine = compile_source("sm_90", d, g).unwrap().to_src();
+            std::fs::write(format!("{dir}/engine_{d}_{g}.ptx"), engine).unwrap();
+        }
     }
 }
 
@@ -661,10 +688,25 @@ fn cuda_tiny_qwen2_matches_transformers() {
     embeddings_match_transformers(QWEN2);
 }
 
+/// The tiny GPT-2 (LayerNorm with biases, learned positions, gelu_new, biases on every
+/// projection, Conv1D weights read transposed, tied `lm_head`; head size 16, no GQA)
+/// against transformers, as the Llama.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_tiny_gpt2_matches_transformers() {
+    prefill_and_greedy_match_transformers(GPT2);
+    chunked_prefill_argmax_matches(GPT2);
+    embeddings_match_transformers(GPT2);
+}
+
 /// Seeded dummy weights (`--load-format dummy`) of every family the CUDA model runs, with
-/// the weights its layout has (q/k norm or not, q/k/v biases, and a Llama with
-/// `attention_bias`, whose o bias no fixture has): finite logits, the same seed gives the
-/// same logits, another seed others.
+/// the weights its layout has (q/k norm or not, q/k/v biases, a Llama with
+/// `attention_bias`, whose o bias no fixture has, GPT-2's LayerNorms, position table and
+/// GELU MLP with biases at the tiny and the real DistilGPT2 shapes): finite logits, the
+/// same seed gives the same logits, another seed others.
 #[test]
 #[cfg_attr(
     not(feature = "gpu-tests"),
@@ -687,6 +729,12 @@ fn cuda_dummy_weights_run_for_every_cuda_family() {
             ModelConfig::from_preset("qwen2-tiny").unwrap(),
         ),
         ("llama-tiny with attention_bias", biased),
+        ("gpt2-tiny", ModelConfig::from_preset("gpt2-tiny").unwrap()),
+        // Head size 64, 12 heads, vocabulary 50,257 (an odd logits row).
+        (
+            "distilgpt2",
+            ModelConfig::from_preset("distilgpt2").unwrap(),
+        ),
         (
             "qwen3-moe-tiny",
             ModelConfig::from_preset("qwen3-moe-tiny").unwrap(),
@@ -833,7 +881,7 @@ fn cuda_and_cpu_agree(dir: &Path, prompt: &[u32]) {
     ignore = "needs an NVIDIA GPU (feature gpu-tests)"
 )]
 fn cuda_and_cpu_models_agree_through_the_loader() {
-    for name in [QWEN3, LLAMA, QWEN2, MOE, MOE_FP8] {
+    for name in [QWEN3, LLAMA, QWEN2, GPT2, MOE, MOE_FP8] {
         cuda_and_cpu_agree(&fixture_dir(name), &reference(name)[1].ids);
     }
 }

@@ -5,11 +5,11 @@
 //! ([`config::DecoderLayout`]), fed by one loader per checkpoint naming: `qwen3` (Qwen3,
 //! Qwen3-MoE, whose sparse block is `moe`, Qwen2/Qwen2.5, Llama, Mistral) and `gpt2`
 //! (GPT-2, DistilGPT2); `bert` is the encoder.
-//! `qwen3_cuda` is the decoders of the Qwen3 naming on the CUDA path (Qwen3, Qwen3-MoE,
-//! whose sparse block is `moe_cuda`, Qwen2, Llama, Mistral, their options from the same
-//! layout; fused bf16 weights and its forward pass of kernels and GEMMs, served by
-//! `backend::cuda::executor`); the other architectures (GPT-2, BERT) run on the CPU only so
-//! far, and `--device cuda` names them in its error.
+//! `qwen3_cuda` is every decoder on the CUDA path (Qwen3, Qwen3-MoE, whose sparse block is
+//! `moe_cuda`, Qwen2, Llama, Mistral, GPT-2, their options from the same layout; fused
+//! bf16 weights and its forward pass of kernels and GEMMs, served by
+//! `backend::cuda::executor`); the encoders run on the CPU only so far, and
+//! `--device cuda` names them in its error.
 //! Every model reads the one [`config::ModelConfig`], loads through the one
 //! [`crate::weights::WeightSource`], samples with the one rule
 //! ([`crate::backend::sampling`]) and packs its steps with the one [`StepBuilder`], which
@@ -19,8 +19,8 @@
 
 pub mod bert;
 pub mod config;
-pub mod encoder;
 pub mod decoder;
+pub mod encoder;
 pub mod gpt2;
 pub mod moe;
 #[cfg(feature = "cuda")]

@@ -102,7 +102,8 @@ pub struct Outputs {
     pub logits: DevPtr,
     /// i32 argmax of each logits row (generate).
     pub argmax: DevPtr,
-    /// fp32 final hidden state of each row, before L2 normalisation (embed).
+    /// fp32 pooled vector of each output row (a sequence), before L2 normalisation
+    /// (embed).
     pub pooled: DevPtr,
 }
 
@@ -133,6 +134,8 @@ struct Shape {
     layers: usize,
     /// K (or V) values per token per layer.
     kv_width: usize,
+    /// Positions the model has (`max_position_embeddings`: a learned table's rows).
+    max_positions: usize,
 }
 
 /// A CUDA model on one GPU, serving steps (generate) or embeddings (embed).
@@ -253,6 +256,7 @@ impl<M: CudaModel> CudaExecutor<M> {
                 hidden: config.hidden_size,
                 layers: config.num_hidden_layers,
                 kv_width: kv_heads * head_dim,
+                max_positions: config.max_position_embeddings,
             },
             info,
             opts,
@@ -515,6 +519,16 @@ impl<M: CudaModel> CudaExecutor<M> {
         let meta = self
             .builder
             .paged(seqs, &[], place.block_size, num_blocks, self.shape.vocab)?;
+        // As the CPU model: a position past the model's is an error, not a read past a
+        // learned position table.
+        if let Some(&p) = meta.positions.iter().max() {
+            if p as usize >= self.shape.max_positions {
+                bail!(
+                    "position {p} exceeds max_position_embeddings {}",
+                    self.shape.max_positions
+                );
+            }
+        }
         if let Some(b) = bucket {
             self.step.pack(&meta, b, lay, &self.opts)?;
             self.step.upload(&self.dev, b, lay)?;
@@ -705,9 +719,11 @@ impl<M: CudaModel> Embedder for CudaExecutor<M> {
         &self.info
     }
 
-    /// Last-token pooling after the final norm, L2-normalised (Qwen3-Embedding). Inputs
-    /// are run in chunks that fit the step limits; K/V live in a one-layer scratch reused
-    /// by every layer, since nothing is decoded afterwards.
+    /// The model's pooled rows (a decoder's last token after the final norm:
+    /// Qwen3-Embedding; an encoder's mean over its tokens), L2-normalised here. Inputs are
+    /// run in chunks that fit the step limits, each sequence's output row its last token's;
+    /// K/V live in a one-layer scratch reused by every layer (the paged kernel only; the
+    /// flash kernel reads them from the projection), since nothing is decoded afterwards.
     fn embed(&mut self, inputs: &[&[u32]]) -> anyhow::Result<Vec<Vec<f32>>> {
         self.bind()?;
         let bs = EMBED_BLOCK;
@@ -743,11 +759,11 @@ impl<M: CudaModel> Embedder for CudaExecutor<M> {
                 if inputs[j].is_empty() {
                     bail!("input {j} is empty");
                 }
-                if inputs[j].len() > self.opts.max_model_len {
+                let limit = self.opts.max_model_len.min(self.shape.max_positions);
+                if inputs[j].len() > limit {
                     bail!(
-                        "input {j} has {} tokens, over the limit {}",
-                        inputs[j].len(),
-                        self.opts.max_model_len
+                        "input {j} has {} tokens, over the limit {limit}",
+                        inputs[j].len()
                     );
                 }
                 toks += inputs[j].len();

@@ -12,6 +12,8 @@ use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use super::device::{CudaDevice, CudaError};
+use crate::backend::Gelu;
+use crate::model::config::NormKind;
 
 /// `engine.cu` with the helpers it shares with `moe.cu` in front.
 const SOURCE: &str = concat!(
@@ -65,14 +67,40 @@ pub struct RopeTable {
     pub inv_freq: DevPtr,
 }
 
+/// How a norm kernel normalises a row: RMSNorm or LayerNorm (the layout's [`NormKind`]),
+/// and whether the normalised row replaces the residual stream (a post-norm encoder, whose
+/// stream is each norm's output) or the stream keeps the sum (the pre-norm decoders).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormMode {
+    pub kind: NormKind,
+    pub write_back: bool,
+}
+
+impl NormMode {
+    /// A pre-norm decoder's norm of `kind`: the stream keeps the sum.
+    pub fn pre(kind: NormKind) -> Self {
+        Self {
+            kind,
+            write_back: false,
+        }
+    }
+
+    /// The mode bits `engine.cu` reads (`NORM_LAYER`, `NORM_WRITE_BACK`).
+    fn bits(self) -> i32 {
+        i32::from(self.kind == NormKind::Layer) | (i32::from(self.write_back) << 1)
+    }
+}
+
 /// The compiled kernel set of one model shape.
 pub struct Kernels {
     stream: Arc<CudaStream>,
     embed_gather: CudaFunction,
-    add_rmsnorm: CudaFunction,
-    rmsnorm_rows_f32: CudaFunction,
+    add_norm: CudaFunction,
+    norm_rows_f32: CudaFunction,
+    mean_rows_f32: CudaFunction,
     qk_norm_rope_kv: CudaFunction,
     silu_mul: CudaFunction,
+    bias_gelu: CudaFunction,
     paged_attention: CudaFunction,
     prefill_attention: CudaFunction,
     /// Present when the head size is a multiple of 16 (the tensor-core tile).
@@ -179,10 +207,12 @@ impl Kernels {
         Ok(Self {
             stream: dev.stream.clone(),
             embed_gather: f("embed_gather")?,
-            add_rmsnorm: f("add_rmsnorm")?,
-            rmsnorm_rows_f32: f("rmsnorm_rows_f32")?,
+            add_norm: f("add_norm")?,
+            norm_rows_f32: f("norm_rows_f32")?,
+            mean_rows_f32: f("mean_rows_f32")?,
             qk_norm_rope_kv: f("qk_norm_rope_kv")?,
             silu_mul: f("silu_mul")?,
+            bias_gelu: f("bias_gelu")?,
             paged_attention: f("paged_attention")?,
             prefill_attention: f("prefill_attention")?,
             embed_flash_attention: if head_dim.is_multiple_of(16) {
@@ -210,7 +240,10 @@ impl Kernels {
         }
     }
 
-    /// residual[t] = table[ids[t]] in fp32.
+    /// residual[t] = table[ids[t]] in fp32, plus `positions`' rows of `pos_table` (the row
+    /// of position 0 first; 0 for none: RoPE models) and the row `add_row` (0 for none: an
+    /// encoder's token type 0).
+    #[allow(clippy::too_many_arguments)]
     pub fn embed_gather(
         &self,
         table: DevPtr,
@@ -218,10 +251,19 @@ impl Kernels {
         residual: DevPtr,
         rows: usize,
         hidden: usize,
+        pos_table: DevPtr,
+        positions: DevPtr,
+        add_row: DevPtr,
     ) -> Result<(), CudaError> {
         let h = hidden as i32;
         let mut b = self.stream.launch_builder(&self.embed_gather);
-        b.arg(&table).arg(&ids).arg(&residual).arg(&h);
+        b.arg(&table)
+            .arg(&ids)
+            .arg(&residual)
+            .arg(&h)
+            .arg(&pos_table)
+            .arg(&positions)
+            .arg(&add_row);
         unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }
             .map(|_| ())
             .map_err(launch_err)
@@ -229,56 +271,91 @@ impl Kernels {
 
     /// residual += delta (when `delta != 0`) + `delta_bias` (a `[hidden]` bias broadcast
     /// over the rows, when not 0: the bias of the projection that produced `delta`);
-    /// out = rmsnorm(residual) * w. With `rows != 0`, output row r normalises input row
-    /// rows[r] (and `delta` must be 0).
+    /// out = norm(residual) * w (+ `norm_bias` when not 0), RMSNorm or LayerNorm as `mode`
+    /// says, which also says whether the normalised row replaces the residual. With
+    /// `rows != 0`, output row r normalises input row rows[r] (and `delta` must be 0, the
+    /// residual kept).
     #[allow(clippy::too_many_arguments)]
-    pub fn add_rmsnorm(
+    pub fn add_norm(
         &self,
         residual: DevPtr,
         delta: DevPtr,
         delta_bias: DevPtr,
         w: DevPtr,
+        norm_bias: DevPtr,
         out: DevPtr,
         rows_map: DevPtr,
         rows: usize,
         hidden: usize,
         eps: f32,
+        mode: NormMode,
     ) -> Result<(), CudaError> {
-        let h = hidden as i32;
-        let mut b = self.stream.launch_builder(&self.add_rmsnorm);
+        let (h, m) = (hidden as i32, mode.bits());
+        let mut b = self.stream.launch_builder(&self.add_norm);
         b.arg(&residual)
             .arg(&delta)
             .arg(&delta_bias)
             .arg(&w)
+            .arg(&norm_bias)
             .arg(&out)
             .arg(&rows_map)
             .arg(&h)
-            .arg(&eps);
+            .arg(&eps)
+            .arg(&m);
         unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }
             .map(|_| ())
             .map_err(launch_err)
     }
 
-    /// out[r] = rmsnorm(residual[rows[r]]) * w in fp32 (pooling).
+    /// out[r] = norm(residual[rows[r]]) * w (+ `norm_bias` when not 0) in fp32, RMSNorm or
+    /// LayerNorm as `kind` says (last-token pooling).
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_rows_f32(
+    pub fn norm_rows_f32(
         &self,
         residual: DevPtr,
         w: DevPtr,
+        norm_bias: DevPtr,
         out: DevPtr,
         rows_map: DevPtr,
         rows: usize,
         hidden: usize,
         eps: f32,
+        kind: NormKind,
     ) -> Result<(), CudaError> {
-        let h = hidden as i32;
-        let mut b = self.stream.launch_builder(&self.rmsnorm_rows_f32);
+        let (h, m) = (hidden as i32, NormMode::pre(kind).bits());
+        let mut b = self.stream.launch_builder(&self.norm_rows_f32);
         b.arg(&residual)
             .arg(&w)
+            .arg(&norm_bias)
             .arg(&out)
             .arg(&rows_map)
             .arg(&h)
-            .arg(&eps);
+            .arg(&eps)
+            .arg(&m);
+        unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// out[r] = the mean of residual rows `rows_map[r] - positions[rows_map[r]] ..=
+    /// rows_map[r]` in fp32 (mean pooling of the embedding path, whose sequences start at
+    /// position 0 and end at their row of `rows_map`).
+    pub fn mean_rows_f32(
+        &self,
+        residual: DevPtr,
+        out: DevPtr,
+        rows_map: DevPtr,
+        positions: DevPtr,
+        rows: usize,
+        hidden: usize,
+    ) -> Result<(), CudaError> {
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(&self.mean_rows_f32);
+        b.arg(&residual)
+            .arg(&out)
+            .arg(&rows_map)
+            .arg(&positions)
+            .arg(&h);
         unsafe { b.launch(Self::cfg((rows as u32, 1), 256, 0)) }
             .map(|_| ())
             .map_err(launch_err)
@@ -286,8 +363,9 @@ impl Kernels {
 
     /// The epilogue of the fused q/k/v projection, in place on `qkv`: the q/k/v bias
     /// (`bias`, `[(nq + 2 nkv) * head_dim]`; 0 for none), per-head q/k RMSNorm with `qw` /
-    /// `kw` (0 for none: the families without q/k norm), RoPE; K/V written to the caches by
-    /// slot (not at all when `kcache` is 0).
+    /// `kw` (0 for none: the families without q/k norm), RoPE from `rope` (`None`: learned
+    /// positions, no rotation); K/V written to the caches by slot (not at all when
+    /// `kcache` is 0).
     #[allow(clippy::too_many_arguments)]
     pub fn qk_norm_rope_kv(
         &self,
@@ -299,13 +377,19 @@ impl Kernels {
         slots: DevPtr,
         kcache: DevPtr,
         vcache: DevPtr,
-        rope: &RopeTable,
+        rope: Option<&RopeTable>,
         tokens: usize,
         nq: usize,
         nkv: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
         let (nq_, nkv_, d) = (nq as i32, nkv as i32, self.head_dim as i32);
+        let none = RopeTable {
+            ptr: 0,
+            positions: 0,
+            inv_freq: 0,
+        };
+        let rope = rope.unwrap_or(&none);
         let rope_len = rope.positions as i32;
         let warps = (nq + 2 * nkv).min(32) as u32;
         let mut b = self.stream.launch_builder(&self.qk_norm_rope_kv);
@@ -338,6 +422,27 @@ impl Kernels {
         let (i, n) = (inter as i32, total as i32);
         let mut b = self.stream.launch_builder(&self.silu_mul);
         b.arg(&gu).arg(&out).arg(&i).arg(&n);
+        let blocks = total.div_ceil(2 * 256) as u32;
+        unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// out = gelu(x + bias) over `[tokens, width]` (`bias` `[width]`, 0 for none), in the
+    /// form `kind` says.
+    pub fn bias_gelu(
+        &self,
+        x: DevPtr,
+        bias: DevPtr,
+        out: DevPtr,
+        tokens: usize,
+        width: usize,
+        kind: Gelu,
+    ) -> Result<(), CudaError> {
+        let total = tokens * width;
+        let (w, n, tanh) = (width as i32, total as i32, i32::from(kind == Gelu::Tanh));
+        let mut b = self.stream.launch_builder(&self.bias_gelu);
+        b.arg(&x).arg(&bias).arg(&out).arg(&w).arg(&n).arg(&tanh);
         let blocks = total.div_ceil(2 * 256) as u32;
         unsafe { b.launch(Self::cfg((blocks, 1), 256, 0)) }
             .map(|_| ())
@@ -514,8 +619,10 @@ impl Kernels {
         self.embed_flash_attention.is_some()
     }
 
-    /// Tensor-core causal attention of the embedding path over `tiles` query tiles
-    /// (`tiles_meta`: three ints per tile, see engine.cu); K/V are read from `qkv`.
+    /// Tensor-core attention of the embedding path over `tiles` query tiles (`tiles_meta`:
+    /// three ints per tile, see engine.cu), causal (decoders) or bidirectional within each
+    /// sequence (encoders); K/V are read from `qkv`.
+    #[allow(clippy::too_many_arguments)]
     pub fn embed_flash_attention(
         &self,
         qkv: DevPtr,
@@ -524,6 +631,7 @@ impl Kernels {
         tiles: usize,
         nq: usize,
         nkv: usize,
+        causal: bool,
     ) -> Result<(), CudaError> {
         let f = self
             .embed_flash_attention
@@ -533,13 +641,14 @@ impl Kernels {
                 message: format!("no flash attention for head_dim {}", self.head_dim),
             })?;
         let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
-        let nkv_ = nkv as i32;
+        let (nkv_, causal) = (nkv as i32, i32::from(causal));
         let mut b = self.stream.launch_builder(f);
         b.arg(&qkv)
             .arg(&out)
             .arg(&tiles_meta)
             .arg(&nkv_)
-            .arg(&scale_log2);
+            .arg(&scale_log2)
+            .arg(&causal);
         unsafe { b.launch(Self::cfg((tiles as u32, nq as u32), 128, 0)) }
             .map(|_| ())
             .map_err(launch_err)

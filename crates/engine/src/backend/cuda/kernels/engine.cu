@@ -27,13 +27,23 @@ __device__ float block_sum(float v) {
     return r;
 }
 
-// out[t, :] = table[ids[t], :] (bf16), residual[t, :] = same in fp32.
+// residual[t, :] = table[ids[t], :] in fp32, plus the learned position row
+// pos_table[positions[t], :] when pos_table is non-null (GPT-2's wpe, an encoder's position
+// table: the host points it at the row of position 0) and a constant row `add_row` when
+// non-null (an encoder's token type 0).
 extern "C" __global__ void embed_gather(const bf16* __restrict__ table, const int* __restrict__ ids,
-                                        float* __restrict__ residual, int hidden) {
+                                        float* __restrict__ residual, int hidden,
+                                        const bf16* __restrict__ pos_table, const int* __restrict__ positions,
+                                        const bf16* __restrict__ add_row) {
     int t = blockIdx.x;
     const bf16* row = table + (size_t)ids[t] * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        residual[(size_t)t * hidden + i] = bf2f(row[i]);
+    const bf16* prow = pos_table ? pos_table + (size_t)positions[t] * hidden : nullptr;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = bf2f(row[i]);
+        if (prow) v += bf2f(prow[i]);
+        if (add_row) v += bf2f(add_row[i]);
+        residual[(size_t)t * hidden + i] = v;
+    }
 }
 
 // Two adjacent bf16 values (one 32-bit word) as floats, and back.
@@ -44,25 +54,34 @@ __device__ __forceinline__ unsigned pack2(float a, float b) {
     return (unsigned)f2bf(a) | ((unsigned)f2bf(b) << 16);
 }
 
-// RMSNorm fused with the residual add: if `delta` is non-null, residual += delta (+ dbias,
-// the projection's bias broadcast over the rows, when non-null) (fp32 stream, bf16 delta);
-// then out = rmsnorm(residual) * w. One block per row.
+// The norm kernels' mode bits: NORM_LAYER normalises as LayerNorm (mean subtracted, then
+// the variance; `nb`, the norm's bias, added when non-null), else as RMSNorm;
+// NORM_WRITE_BACK also stores the normalised row (fp32) into the residual stream in place
+// of the sum (a post-norm encoder, whose stream is the norm's output).
+#define NORM_LAYER 1
+#define NORM_WRITE_BACK 2
+
+// RMSNorm or LayerNorm fused with the residual add: if `delta` is non-null, residual +=
+// delta (+ dbias, the projection's bias broadcast over the rows, when non-null) (fp32
+// stream, bf16 delta); then out = norm(residual) * w (+ nb). One block per row.
 // `rows` (optional) maps output row r to input row rows[r] (last-token gather for lm_head
-// and pooling); then delta must be null.
-// Up to RMS_VEC float4 of a row per thread stay in registers between the sum of squares
-// and the scaling: rows of up to RMS_VEC * 4 * blockDim.x values (8,192 at 256 threads)
+// and pooling); then delta must be null and NORM_WRITE_BACK unset.
+// Up to RMS_VEC float4 of a row per thread stay in registers between the reductions and
+// the scaling: rows of up to RMS_VEC * 4 * blockDim.x values (8,192 at 256 threads)
 // with hidden % 4 == 0 take 16-byte residual and 8-byte bf16 accesses; others the scalar
 // loop.
 #define RMS_VEC 8
-extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16* __restrict__ delta,
-                                       const bf16* __restrict__ dbias, const bf16* __restrict__ w,
-                                       bf16* __restrict__ out, const int* __restrict__ rows, int hidden,
-                                       float eps) {
+extern "C" __global__ void add_norm(float* __restrict__ residual, const bf16* __restrict__ delta,
+                                    const bf16* __restrict__ dbias, const bf16* __restrict__ w,
+                                    const bf16* __restrict__ nb, bf16* __restrict__ out,
+                                    const int* __restrict__ rows, int hidden, float eps, int mode) {
     int r = blockIdx.x;
     int src = rows ? rows[r] : r;
     float* x = residual + (size_t)src * hidden;
     const bf16* d = delta ? delta + (size_t)src * hidden : nullptr;
-    float ss = 0.f;
+    const bool layer = mode & NORM_LAYER, back = mode & NORM_WRITE_BACK;
+    // LayerNorm: the sum, then the centred sum of squares; RMSNorm: the sum of squares.
+    float s = 0.f;
     if ((hidden & 3) == 0 && hidden <= RMS_VEC * 4 * (int)blockDim.x) {
         float4 v[RMS_VEC];
 #pragma unroll
@@ -79,23 +98,44 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16*
                     d0.x += b0.x; d0.y += b0.y; d1.x += b1.x; d1.y += b1.y;
                 }
                 a.x += d0.x; a.y += d0.y; a.z += d1.x; a.w += d1.y;
-                *(float4*)(x + i) = a;
+                if (!back) *(float4*)(x + i) = a;
             }
             v[j] = a;
-            ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+            s += layer ? a.x + a.y + a.z + a.w : a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
         }
-        const float inv = rsqrtf(block_sum(ss) / hidden + eps);
+        float mean = 0.f, ss = block_sum(s);
+        if (layer) {
+            mean = ss / hidden;
+            ss = 0.f;
+#pragma unroll
+            for (int j = 0; j < RMS_VEC; j++) {
+                const int i = 4 * (threadIdx.x + j * blockDim.x);
+                if (i >= hidden) break;
+                const float a = v[j].x - mean, b = v[j].y - mean, c = v[j].z - mean, e = v[j].w - mean;
+                ss += a * a + b * b + c * c + e * e;
+            }
+            ss = block_sum(ss);
+        }
+        const float inv = rsqrtf(ss / hidden + eps);
 #pragma unroll
         for (int j = 0; j < RMS_VEC; j++) {
             const int i = 4 * (threadIdx.x + j * blockDim.x);
             if (i >= hidden) break;
             const uint2 ww = *(const uint2*)(w + i);
             const float2 w0 = unpack2(ww.x), w1 = unpack2(ww.y);
-            *(uint2*)(out + (size_t)r * hidden + i) =
-                make_uint2(pack2(v[j].x * inv * w0.x, v[j].y * inv * w0.y), pack2(v[j].z * inv * w1.x, v[j].w * inv * w1.y));
+            float4 y = make_float4((v[j].x - mean) * inv * w0.x, (v[j].y - mean) * inv * w0.y,
+                                   (v[j].z - mean) * inv * w1.x, (v[j].w - mean) * inv * w1.y);
+            if (nb) {
+                const uint2 bb = *(const uint2*)(nb + i);
+                const float2 b0 = unpack2(bb.x), b1 = unpack2(bb.y);
+                y.x += b0.x; y.y += b0.y; y.z += b1.x; y.w += b1.y;
+            }
+            *(uint2*)(out + (size_t)r * hidden + i) = make_uint2(pack2(y.x, y.y), pack2(y.z, y.w));
+            if (back) *(float4*)(x + i) = y;
         }
         return;
     }
+    // Each thread reads back only the values it wrote.
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = x[i];
         if (d) {
@@ -103,24 +143,59 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16*
             if (dbias) v += bf2f(dbias[i]);
             x[i] = v;
         }
-        ss += v * v;
+        s += layer ? v : v * v;
     }
-    float inv = rsqrtf(block_sum(ss) / hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        out[(size_t)r * hidden + i] = f2bf(x[i] * inv * bf2f(w[i]));
+    float mean = 0.f, ss = block_sum(s);
+    if (layer) {
+        mean = ss / hidden;
+        ss = 0.f;
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += (x[i] - mean) * (x[i] - mean);
+        ss = block_sum(ss);
+    }
+    const float inv = rsqrtf(ss / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float y = (x[i] - mean) * inv * bf2f(w[i]);
+        if (nb) y += bf2f(nb[i]);
+        out[(size_t)r * hidden + i] = f2bf(y);
+        if (back) x[i] = y;
+    }
 }
 
-// Like add_rmsnorm with rows, but fp32 output (pooling: the embedding is read on the host).
-extern "C" __global__ void rmsnorm_rows_f32(const float* __restrict__ residual, const bf16* __restrict__ w,
-                                            float* __restrict__ out, const int* __restrict__ rows,
-                                            int hidden, float eps) {
+// Like add_norm with rows, but fp32 output (pooling: the embedding is read on the host).
+extern "C" __global__ void norm_rows_f32(const float* __restrict__ residual, const bf16* __restrict__ w,
+                                         const bf16* __restrict__ nb, float* __restrict__ out,
+                                         const int* __restrict__ rows, int hidden, float eps, int mode) {
     int r = blockIdx.x;
     const float* x = residual + (size_t)rows[r] * hidden;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += x[i] * x[i];
-    float inv = rsqrtf(block_sum(ss) / hidden + eps);
+    const bool layer = mode & NORM_LAYER;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) s += layer ? x[i] : x[i] * x[i];
+    float mean = 0.f, ss = block_sum(s);
+    if (layer) {
+        mean = ss / hidden;
+        ss = 0.f;
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += (x[i] - mean) * (x[i] - mean);
+        ss = block_sum(ss);
+    }
+    const float inv = rsqrtf(ss / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        out[(size_t)r * hidden + i] = x[i] * inv * bf2f(w[i]);
+        out[(size_t)r * hidden + i] = (x[i] - mean) * inv * bf2f(w[i]) + (nb ? bf2f(nb[i]) : 0.f);
+}
+
+// Mean pooling of the embedding path: out[r, :] = the mean of residual rows
+// rows[r] - positions[rows[r]] ..= rows[r] in fp32 (each sequence's tokens are consecutive
+// rows from position 0, and rows[r] is its last). One block per output row.
+extern "C" __global__ void mean_rows_f32(const float* __restrict__ residual, float* __restrict__ out,
+                                         const int* __restrict__ rows, const int* __restrict__ positions,
+                                         int hidden) {
+    const int r = blockIdx.x, last = rows[r], n = positions[last] + 1;
+    const float* x = residual + (size_t)(last - n + 1) * hidden;
+    const float inv = 1.f / n;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float s = 0.f;
+        for (int t = 0; t < n; t++) s += x[(size_t)t * hidden + i];
+        out[(size_t)r * hidden + i] = s * inv;
+    }
 }
 
 // Dims i, i + 1 of x (i even) as floats, plus the bias pair when `b` (the head's bias as
@@ -143,8 +218,9 @@ __device__ __forceinline__ float2 load2(const bf16* x, const unsigned* b, int i)
 // negative, padding rows of a captured batch, or when kcache is null, the embedding path,
 // whose attention reads k and v from qkv). Angles come from the table (cos, sin per
 // position and pair, built on the host from the model's inv_freq, RoPE scaling included);
-// positions past it are computed from inv_freq directly. One block per token, one warp per
-// head, each lane two adjacent dims of each half (32-bit loads).
+// positions past it are computed from inv_freq directly; without inv_freq (null: learned
+// positions, GPT-2 and the encoders) q and k are not rotated. One block per token, one warp
+// per head, each lane two adjacent dims of each half (32-bit loads).
 extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* __restrict__ bias,
                                           const bf16* __restrict__ qw, const bf16* __restrict__ kw,
                                           const int* __restrict__ positions, const int* __restrict__ slots,
@@ -200,8 +276,9 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* _
             }
             float a0 = a.x * inv * wa.x, a1 = a.y * inv * wa.y;
             float b0 = bb.x * inv * wb.x, b1 = bb.y * inv * wb.y;
-            float c0, s0, c1, s1;
-            if (ipos < rope_len) {
+            float c0 = 1.f, s0 = 0.f, c1 = 1.f, s1 = 0.f;  // no RoPE: q and k as they are
+            if (!inv_freq) {
+            } else if (ipos < rope_len) {
                 float2 r0 = rope[(size_t)ipos * half + i], r1 = rope[(size_t)ipos * half + i + 1];
                 c0 = r0.x; s0 = r0.y; c1 = r1.x; s1 = r1.y;
             } else {
@@ -215,6 +292,32 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* _
             if (dst) { dst[i / 2] = o1; dst[(i + half) / 2] = o2; }
         }
     }
+}
+
+// out[t, i] = gelu(x[t, i] + bias[i]) (the bias when non-null: the fc projection's), the
+// exact form 0.5 x (1 + erf(x / sqrt 2)) or, with `tanh_form`, 0.5 x (1 + tanh(sqrt(2 / pi)
+// (x + 0.044715 x^3))) (GPT-2's gelu_new). Two adjacent outputs per thread (32-bit loads
+// and stores; width is even).
+extern "C" __global__ void bias_gelu(const bf16* __restrict__ x, const bf16* __restrict__ bias,
+                                     bf16* __restrict__ out, int width, int total, int tanh_form) {
+    int idx = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (idx >= total) return;
+    float2 v = unpack2(*(const unsigned*)(x + idx));
+    if (bias) {
+        float2 b = unpack2(*(const unsigned*)(bias + idx % width));
+        v.x += b.x;
+        v.y += b.y;
+    }
+    float g0, g1;
+    if (tanh_form) {
+        const float k = 0.7978845608028654f;
+        g0 = 0.5f * v.x * (1.f + tanhf(k * (v.x + 0.044715f * v.x * v.x * v.x)));
+        g1 = 0.5f * v.y * (1.f + tanhf(k * (v.y + 0.044715f * v.y * v.y * v.y)));
+    } else {
+        g0 = 0.5f * v.x * (1.f + erff(v.x * 0.7071067811865476f));
+        g1 = 0.5f * v.y * (1.f + erff(v.y * 0.7071067811865476f));
+    }
+    *(unsigned*)(out + idx) = pack2(g0, g1);
 }
 
 // out[t, i] = silu(gu[t, i]) * gu[t, I + i]  (gate and up from one fused projection).
@@ -440,10 +543,11 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
     }
 }
 
-// Causal attention of the embedding path on tensor cores (flash-attention 2 style, bf16
-// mma.sync m16n8k16 with fp32 accumulation). Each sequence's tokens are consecutive rows
-// of qkv (k already normed and rotated in place) and start at position 0, so K/V are read
-// straight from qkv: no cache write, no score matrix in memory. One block per (tile of 64
+// Attention of the embedding path on tensor cores (flash-attention 2 style, bf16
+// mma.sync m16n8k16 with fp32 accumulation): causal (the decoders), or bidirectional over
+// the whole sequence when `causal` is 0 (the encoders). Each sequence's tokens are
+// consecutive rows of qkv (k already normed and rotated in place) and start at position 0,
+// so K/V are read straight from qkv: no cache write, no score matrix in memory. One block per (tile of 64
 // query positions of one sequence, query head), 4 warps of 16 query rows; keys stream
 // through shared memory in tiles of 64; online softmax in registers. Tiles come from the
 // host: tiles[3 * b] = first token row of the sequence, [3b + 1] = first query position,
@@ -457,7 +561,7 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 }
 extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
     const bf16* __restrict__ qkv, bf16* __restrict__ out, const int* __restrict__ tiles, int nkv,
-    float scale_log2) {
+    float scale_log2, int causal) {
     const int D = HEAD_DIM, G = GQA, KC = HEAD_DIM / 16, ND = HEAD_DIM / 8;
     const int nq = nkv * G, width = (nq + 2 * nkv) * D;
     const int h = blockIdx.y, kvh = h / G;
@@ -487,7 +591,7 @@ extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
 #pragma unroll
     for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = NEG, m1 = NEG, l0 = 0.f, l1 = 0.f;
-    const int kend = min(q0 + FA_BQ, len);
+    const int kend = causal ? min(q0 + FA_BQ, len) : len;
     const bool warp_live = qr < len;
     for (int k0 = 0; k0 < kend; k0 += FA_BK) {
         __syncthreads();
@@ -505,7 +609,7 @@ extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
             *(uint4*)&sv[r][c] = vv;
         }
         __syncthreads();
-        if (!warp_live || k0 > qr + 15) continue;
+        if (!warp_live || (causal && k0 > qr + 15)) continue;
         // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
         float sc[FA_BK / 8][4];
 #pragma unroll
@@ -516,9 +620,9 @@ extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
             for (int c = 0; c < KC; c++)
                 mma_bf16(sc[n], qf[c], *(const unsigned*)(kr + 16 * c), *(const unsigned*)(kr + 16 * c + 8));
         }
-        // Scale, causal and length mask, online softmax (rows g and g + 8 of the warp).
+        // Scale, causal (where it is) and length mask, online softmax (rows g and g + 8 of the warp).
         float mx0 = NEG, mx1 = NEG;
-        const bool diag = k0 + FA_BK > qr;
+        const bool diag = causal && k0 + FA_BK > qr;
 #pragma unroll
         for (int n = 0; n < FA_BK / 8; n++) {
 #pragma unroll
