@@ -3,8 +3,9 @@
 //! the architecture's model for the chosen device: on the CPU the portable models
 //! (`model::decoder` for every decoder family: Qwen3 dense and MoE, Qwen2, Llama, Mistral,
 //! GPT-2; `model::bert`) on [`CpuBackend`], FP8 checkpoints dequantised at load; on CUDA
-//! the CUDA model (`model::qwen3_cuda`: every decoder family in bf16, a mixture of
-//! experts' FP8 experts kept in FP8), from the same config and weight source.
+//! the CUDA models (`model::qwen3_cuda`: every decoder family in bf16, a mixture of
+//! experts' FP8 experts kept in FP8; `model::encoder_cuda`: the BERT family's encoders),
+//! from the same config and weight source.
 
 use std::path::{Path, PathBuf};
 
@@ -16,9 +17,9 @@ use crate::backend::cuda::CudaOptions;
 use crate::backend::Backend;
 use crate::limits::{self, LimitFlags};
 use crate::model::config::{preset_names, Fp8Kept, ModelConfig, ModelLocation};
-#[cfg(feature = "cuda")]
-use crate::model::qwen3_cuda::CudaQwen3;
 use crate::model::{bert, decoder};
+#[cfg(feature = "cuda")]
+use crate::model::{encoder_cuda::CudaEncoder, qwen3_cuda::CudaQwen3};
 use crate::model_api::{Embedder, Generator, ModelInfo, Task};
 use crate::tokenizer::{self, Tokenizer};
 use crate::weights::WeightSource;
@@ -274,7 +275,8 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     })
 }
 
-/// The CUDA model (`model::qwen3_cuda`): bf16 weights (FP8 experts kept in FP8), fused
+/// The CUDA model (`model::qwen3_cuda` for a decoder, `model::encoder_cuda` for an
+/// encoder): bf16 weights (FP8 experts kept in FP8), fused
 /// kernels, graph-captured decode. Its step buffers are sized from the same limits (and defaults, [`crate::limits`])
 /// the worker uses;
 /// `--gpu-memory-utilization` becomes the KV-cache byte budget the worker sizes its block
@@ -306,6 +308,19 @@ fn load_cuda(
         ..defaults
     };
     let loading = || format!("loading {} on cuda:{ordinal}", opts.model);
+    if config.arch.is_encoder() {
+        let m = CudaEncoder::new(ordinal, config, info.clone(), source, cuda_opts)
+            .with_context(loading)?;
+        return Ok(Loaded {
+            model: LoadedModel::Embedder(Box::new(m)),
+            tokenizer,
+            info,
+            device_limits: Some(DeviceLimits {
+                kv_cache_bytes: 0,
+                max_model_len,
+            }),
+        });
+    }
     let m =
         CudaQwen3::new(ordinal, config, info.clone(), source, cuda_opts).with_context(loading)?;
     let (model, kv_cache_bytes) = match task {

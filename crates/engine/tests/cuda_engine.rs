@@ -1,4 +1,5 @@
-//! The CUDA model (`model::qwen3_cuda`) against the references, on the GPU.
+//! The CUDA models (`model::qwen3_cuda`, `model::encoder_cuda`) against the references, on
+//! the GPU.
 //!
 //! GPU tests are selected by the `gpu-tests` feature: without it (CI, no GPU) they are
 //! ignored; with it they run, assert on the GPU, and fail with a "no GPU" message where
@@ -12,6 +13,10 @@
 //!   Qwen2 (no q/k norm, q/k/v biases) and GPT-2 (LayerNorm, learned positions, gelu_new,
 //!   biases everywhere, Conv1D weights) fixtures of `testdata/` (made by
 //!   `scripts/gpu/make-decoder-fixtures.py`), and their dummy weights (DistilGPT2's too);
+//! - the encoders (`encoder_cuda`): the tiny BERT, RoBERTa and DistilBERT fixtures against
+//!   transformers (every input in one batch), a random BERT against the CPU model on inputs
+//!   of many lengths in one batch (and each alone), the real presets' shapes with dummy
+//!   weights;
 //! - the flash embedding kernel against the paged one at the real head size;
 //! - the kernels' compilation for every preset shape (NVRTC only).
 //!
@@ -32,6 +37,7 @@ use engine::backend::cuda::CudaOptions;
 use engine::backend::sampling::sample_row;
 use engine::load::{self, Device, GpuLoadOptions, LoadFormat, LoadOptions, LoadedModel};
 use engine::model::config::{Fp8Kept, ModelConfig};
+use engine::model::encoder_cuda::CudaEncoder;
 use engine::model::qwen3_cuda::CudaQwen3;
 use engine::model_api::{Embedder, Generator, SampleSpec, SeqStep, Task};
 use engine::weights::WeightSource;
@@ -49,6 +55,8 @@ const QWEN3: &str = "qwen3-tiny";
 const LLAMA: &str = "llama-tiny";
 const QWEN2: &str = "qwen2-tiny";
 const GPT2: &str = "gpt2-tiny";
+/// The tiny encoders (references: each input's embedding computed alone).
+const ENCODERS: [&str; 3] = ["bert-tiny", "roberta-tiny", "distilbert-tiny"];
 /// Qwen3-MoE (8 experts, top 2, layer 1 dense) in f32, and the same model in block FP8
 /// (32 x 32 blocks; its reference is transformers on the dequantised weights).
 const MOE: &str = "qwen3-moe-tiny";
@@ -166,12 +174,20 @@ fn asking_for_cuda_opens_the_gpu_or_says_why_not() {
     }
 }
 
-/// The Llama, Qwen2 and GPT-2 families run on CUDA: through the serving loader (dummy
-/// weights of the tiny presets) they load on a GPU machine, and elsewhere the error is the
-/// missing driver's, not a refusal of the family.
+/// The Llama, Qwen2 and GPT-2 families and the encoders (BERT, RoBERTa, DistilBERT) run on
+/// CUDA: through the serving loader (dummy weights of the tiny presets) they load on a GPU
+/// machine, a generator with a KV budget, an encoder as an embedder, and elsewhere the
+/// error is the missing driver's, not a refusal of the family.
 #[test]
-fn every_decoder_family_on_cuda_opens_the_gpu_or_says_why_not() {
-    for preset in ["preset:llama-tiny", "preset:qwen2-tiny", "preset:gpt2-tiny"] {
+fn every_family_on_cuda_opens_the_gpu_or_says_why_not() {
+    for preset in [
+        "preset:llama-tiny",
+        "preset:qwen2-tiny",
+        "preset:gpt2-tiny",
+        "preset:bert-tiny",
+        "preset:roberta-tiny",
+        "preset:distilbert-tiny",
+    ] {
         let opts = LoadOptions {
             model: preset.into(),
             task: None,
@@ -186,8 +202,14 @@ fn every_decoder_family_on_cuda_opens_the_gpu_or_says_why_not() {
         };
         match load::load(&opts) {
             Ok(l) => {
-                assert!(l.device_limits.expect("a CUDA model").kv_cache_bytes > 0);
-                assert!(matches!(l.model, LoadedModel::Generator(_)), "{preset}");
+                let kv = l.device_limits.expect("a CUDA model").kv_cache_bytes;
+                match l.model {
+                    LoadedModel::Generator(_) => assert!(kv > 0, "{preset}"),
+                    LoadedModel::Embedder(_) => {
+                        assert!(preset.contains("bert"), "{preset}: an embedder");
+                        assert_eq!(kv, 0, "{preset}");
+                    }
+                }
             }
             Err(e) => {
                 let msg = format!("{e:#}");
@@ -206,7 +228,9 @@ fn every_decoder_family_on_cuda_opens_the_gpu_or_says_why_not() {
 
 /// What the CUDA models do not run is refused by name before any device is opened, so the
 /// message is the same with and without a GPU: an encoder asked to generate (through the
-/// loader), and an encoder given to the decoder model (for callers that skip the loader).
+/// loader, and by the encoder model itself), an encoder given to the decoder model and a
+/// decoder to the encoder model (for callers that skip the loader), and an encoder whose
+/// head size the tensor-core attention does not take.
 #[test]
 fn what_cuda_does_not_run_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -243,6 +267,35 @@ fn what_cuda_does_not_run_is_refused_by_name() {
     let msg = format!("{err:#}");
     assert!(
         msg.contains("the bert architecture is an encoder") && msg.contains("encoder_cuda"),
+        "{msg}"
+    );
+    let encoder = |config: &ModelConfig, task| {
+        let info = load::model_info(config, task, vec![], 2, Fp8Kept::Experts);
+        let dummy = WeightSource::Dummy { seed: 0 };
+        let err = CudaEncoder::new(0, config, info, &dummy, small_opts())
+            .err()
+            .expect("refused");
+        format!("{err:#}")
+    };
+    let gpt2 = ModelConfig::from_preset("gpt2-tiny").unwrap();
+    let msg = encoder(&gpt2, Task::Embed);
+    assert!(
+        msg.contains("the gpt2 architecture is a decoder") && msg.contains("qwen3_cuda"),
+        "{msg}"
+    );
+    let tiny = ModelConfig::from_preset("bert-tiny").unwrap();
+    let msg = encoder(&tiny, Task::Generate);
+    assert!(msg.contains("a bert encoder cannot generate"), "{msg}");
+    // 4 heads of 8: the tensor-core attention takes head sizes that are multiples of 16.
+    let narrow = ModelConfig::from_json(
+        &config.replace(r#""num_attention_heads": 2"#, r#""num_attention_heads": 4"#),
+    )
+    .unwrap();
+    let msg = encoder(&narrow, Task::Embed);
+    assert!(
+        msg.contains("4 heads of 8")
+            && msg.contains("multiple of 16")
+            && msg.contains("--device cpu"),
         "{msg}"
     );
 }
@@ -801,6 +854,286 @@ fn cuda_flash_embedding_matches_paged_kernel() {
         let c = cosine(f, p);
         eprintln!("length {n}: flash vs paged cosine {c:.6}");
         assert!(c >= 0.999, "length {n}: cosine {c}");
+    }
+}
+
+/// The CUDA encoder for `config` on GPU 0 (see [`cuda_model`]).
+fn cuda_encoder(config: &ModelConfig, weights: &WeightSource, opts: CudaOptions) -> CudaEncoder {
+    let info = load::model_info(config, Task::Embed, vec![], 2, Fp8Kept::None);
+    CudaEncoder::new(0, config, info, weights, opts).unwrap_or_else(|e| {
+        panic!("no GPU: this test needs an NVIDIA GPU (feature gpu-tests selects it): {e:#}")
+    })
+}
+
+/// Each of `inputs` embedded alone by `m`: the same as in `batch` (padding and the other
+/// sequences of a batch do not leak into a sequence), within bf16 GEMM reordering.
+fn alone_as_in_the_batch(what: &str, m: &mut CudaEncoder, inputs: &[&[u32]], batch: &[Vec<f32>]) {
+    for (i, (inp, b)) in inputs.iter().zip(batch).enumerate() {
+        let alone = m.embed(&[inp]).unwrap().remove(0);
+        let c = cosine(&alone, b);
+        assert!(
+            c >= 0.9999,
+            "{what}: input {i} ({} tokens) alone vs in the batch: cosine {c}",
+            inp.len()
+        );
+    }
+}
+
+/// The tiny BERT, RoBERTa (positions from pad_token_id + 1, one token type) and DistilBERT
+/// (its own names, no token types) fixtures on the CUDA encoder: every input in one batch
+/// (lengths 5, 17, 33 and 1: the bidirectional flash kernel, one tile and a partial one),
+/// each against transformers' embedding of that input alone (mean pooling, L2
+/// normalisation), and each embedded alone as in the batch.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_tiny_encoders_match_transformers() {
+    for name in ENCODERS {
+        let text = std::fs::read_to_string(fixture_dir(name).join("reference.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let nums = |x: &serde_json::Value| -> Vec<f64> {
+            x.as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_f64().unwrap())
+                .collect()
+        };
+        let items = v["items"].as_array().unwrap();
+        let inputs: Vec<Vec<u32>> = items
+            .iter()
+            .map(|it| {
+                nums(&it["input_ids"])
+                    .into_iter()
+                    .map(|x| x as u32)
+                    .collect()
+            })
+            .collect();
+        let wants: Vec<Vec<f32>> = items
+            .iter()
+            .map(|it| {
+                nums(&it["embedding"])
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect()
+            })
+            .collect();
+        let mut m = cuda_encoder(&tiny_config(name), &tiny_weights(name), small_opts());
+        let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+        let got = m.embed(&refs).unwrap();
+        assert_eq!(got.len(), wants.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(&wants).enumerate() {
+            let c = cosine(g, w);
+            let norm = g.iter().map(|x| x * x).sum::<f32>().sqrt();
+            eprintln!(
+                "{name}: input {i} ({} tokens): cosine {c:.6}",
+                inputs[i].len()
+            );
+            assert!(c >= 0.999, "{name}: input {i}: cosine {c}");
+            assert!((norm - 1.0).abs() < 1e-3, "{name}: input {i}: norm {norm}");
+        }
+        alone_as_in_the_batch(name, &mut m, &refs, &got);
+    }
+}
+
+/// Writes a random BERT checkpoint (hidden 128 in 4 heads of 32, all-MiniLM-L6-v2's head
+/// size; 2 layers; 256 positions) to `dir`, its tensors under the task model's `bert.`
+/// prefix, in f32, with weights large enough that attention and every input matter.
+fn write_random_bert(dir: &Path) {
+    use safetensors::tensor::Dtype;
+    let (h, inter, vocab, positions, types) = (128, 256, 512, 256, 2);
+    let config = serde_json::json!({
+        "architectures": ["BertModel"], "model_type": "bert", "hidden_size": h,
+        "intermediate_size": inter, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": vocab, "max_position_embeddings": positions, "type_vocab_size": types,
+        "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut state = 5u64;
+    let mut tensors: Vec<RawTensor> = Vec::new();
+    let mut put = |name: &str, shape: Vec<usize>, amp: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let bytes = (0..n)
+            .flat_map(|_| (offset + amp * (2.0 * next_uniform(&mut state) - 1.0)).to_le_bytes())
+            .collect();
+        tensors.push((format!("bert.{name}"), Dtype::F32, shape, bytes));
+    };
+    put(
+        "embeddings.word_embeddings.weight",
+        vec![vocab, h],
+        0.5,
+        0.0,
+    );
+    put(
+        "embeddings.position_embeddings.weight",
+        vec![positions, h],
+        0.2,
+        0.0,
+    );
+    put(
+        "embeddings.token_type_embeddings.weight",
+        vec![types, h],
+        0.2,
+        0.0,
+    );
+    let mut norms = vec!["embeddings.LayerNorm".to_string()];
+    for l in 0..2 {
+        let p = format!("encoder.layer.{l}");
+        for (name, out, inp, amp) in [
+            ("attention.self.query", h, h, 0.15),
+            ("attention.self.key", h, h, 0.15),
+            ("attention.self.value", h, h, 0.15),
+            ("attention.output.dense", h, h, 0.15),
+            ("intermediate.dense", inter, h, 0.15),
+            ("output.dense", h, inter, 0.1),
+        ] {
+            put(&format!("{p}.{name}.weight"), vec![out, inp], amp, 0.0);
+            put(&format!("{p}.{name}.bias"), vec![out], 0.1, 0.0);
+        }
+        norms.push(format!("{p}.attention.output.LayerNorm"));
+        norms.push(format!("{p}.output.LayerNorm"));
+    }
+    for name in norms {
+        put(&format!("{name}.weight"), vec![h], 0.1, 1.0);
+        put(&format!("{name}.bias"), vec![h], 0.05, 0.0);
+    }
+    write_safetensors(&dir.join("model.safetensors"), &tensors);
+}
+
+/// A random BERT on both devices through the serving loader: inputs of 1 to 200 tokens (on
+/// both sides of the flash kernel's 64-row tiles) in one batch, each CUDA embedding the
+/// CPU's within bf16 tolerance (whole, and less the inputs' mean), and each embedded alone
+/// as in the batch; different inputs give different embeddings (the weights make the test
+/// tell them apart).
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_and_cpu_encoders_agree_on_a_random_bert() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_random_bert(tmp.path());
+    let on = |device| LoadOptions {
+        model: tmp.path().display().to_string(),
+        task: None,
+        load_format: LoadFormat::Auto,
+        device,
+        seed: 0,
+        gpu: GpuLoadOptions {
+            max_model_len: Some(256),
+            ..Default::default()
+        },
+    };
+    let embedder = |device| match load::load(&on(device)) {
+        Ok(l) => match l.model {
+            LoadedModel::Embedder(e) => e,
+            LoadedModel::Generator(_) => panic!("a BERT embeds"),
+        },
+        Err(e) => panic!("no GPU: this test needs an NVIDIA GPU: {e:#}"),
+    };
+    let lens = [1usize, 5, 63, 64, 65, 130, 17, 200, 2];
+    let inputs: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| ((i * 31 + s * 97) % 509 + 3) as u32)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+    let want = embedder(Device::Cpu).embed(&refs).unwrap();
+    let mut gpu = embedder(Device::Cuda(0));
+    let got = gpu.embed(&refs).unwrap();
+    assert_eq!(got.len(), want.len());
+    // Mean pooling makes long inputs' embeddings alike (0.9 to 0.99 apart on the CPU): the
+    // part that tells them apart, each less the inputs' mean, is compared too (between
+    // different inputs at most 0.89 on the CPU).
+    let mean: Vec<f32> = (0..want[0].len())
+        .map(|k| want.iter().map(|v| v[k]).sum::<f32>() / want.len() as f32)
+        .collect();
+    let centred = |v: &[f32]| -> Vec<f32> { v.iter().zip(&mean).map(|(a, b)| a - b).collect() };
+    for ((g, w), n) in got.iter().zip(&want).zip(lens) {
+        let (c, cc) = (cosine(g, w), cosine(&centred(g), &centred(w)));
+        eprintln!("random BERT, {n} tokens: CUDA vs CPU cosine {c:.6}, centred {cc:.5}");
+        assert!(c >= 0.999, "{n} tokens: CUDA vs CPU cosine {c}");
+        assert!(cc >= 0.99, "{n} tokens: CUDA vs CPU centred cosine {cc}");
+    }
+    assert!(
+        cosine(&want[2], &want[3]) < 0.99 && cosine(&want[0], &want[8]) < 0.99,
+        "the random BERT tells inputs apart"
+    );
+    for (i, inp) in refs.iter().enumerate() {
+        let alone = gpu.embed(&[inp]).unwrap().remove(0);
+        let c = cosine(&alone, &got[i]);
+        assert!(
+            c >= 0.9999,
+            "{} tokens alone vs in the batch: cosine {c}",
+            inp.len()
+        );
+    }
+}
+
+/// The released encoders' shapes with dummy weights (all-MiniLM-L6-v2 through the serving
+/// loader, BERT-base, RoBERTa-base and DistilBERT-base directly): unit-norm, finite
+/// embeddings, the same seed the same ones, another seed others.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_encoder_presets_run_with_dummy_weights() {
+    let inputs: [&[u32]; 3] = [&[101, 2023, 2003, 102], &[101, 7592, 102], &[5; 300]];
+    let opts = LoadOptions {
+        model: "preset:all-minilm-l6-v2".into(),
+        task: None,
+        load_format: LoadFormat::Dummy,
+        device: Device::Cuda(0),
+        seed: 1,
+        gpu: GpuLoadOptions {
+            max_model_len: Some(512),
+            ..Default::default()
+        },
+    };
+    let LoadedModel::Embedder(mut e) = load::load(&opts)
+        .unwrap_or_else(|e| panic!("no GPU: this test needs an NVIDIA GPU: {e:#}"))
+        .model
+    else {
+        panic!("all-minilm-l6-v2 embeds");
+    };
+    let minilm = e.embed(&inputs).unwrap();
+    assert_eq!(minilm[0].len(), 384);
+    for name in [
+        "bert-base-uncased",
+        "roberta-base",
+        "distilbert-base-uncased",
+    ] {
+        let config = ModelConfig::from_preset(name).unwrap();
+        let embed = |seed| {
+            let opts = CudaOptions {
+                max_tokens: 1024,
+                max_model_len: 512,
+                ..small_opts()
+            };
+            let mut m = cuda_encoder(&config, &WeightSource::Dummy { seed }, opts);
+            m.embed(&inputs).unwrap()
+        };
+        let a = embed(1);
+        for (i, v) in a.iter().enumerate() {
+            assert_eq!(v.len(), config.hidden_size, "{name}");
+            assert!(v.iter().all(|x| x.is_finite()), "{name}: input {i} finite");
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-3, "{name}: input {i}: norm {norm}");
+        }
+        assert_eq!(a, embed(1), "{name}: seeded");
+        assert!(
+            cosine(&a[0], &embed(2)[0]) < 0.99,
+            "{name}: the seed matters"
+        );
+    }
+    for v in &minilm {
+        assert!(v.iter().all(|x| x.is_finite()), "all-minilm-l6-v2: finite");
     }
 }
 

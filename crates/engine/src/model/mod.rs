@@ -8,8 +8,8 @@
 //! `qwen3_cuda` is every decoder on the CUDA path (Qwen3, Qwen3-MoE, whose sparse block is
 //! `moe_cuda`, Qwen2, Llama, Mistral, GPT-2, their options from the same layout; fused
 //! bf16 weights and its forward pass of kernels and GEMMs, served by
-//! `backend::cuda::executor`); the encoders run on the CPU only so far, and
-//! `--device cuda` names them in its error.
+//! `backend::cuda::executor`); `encoder_cuda` is the BERT family's encoders there (BERT,
+//! RoBERTa, DistilBERT, by the names of `encoder`), served by the same executor.
 //! Every model reads the one [`config::ModelConfig`], loads through the one
 //! [`crate::weights::WeightSource`], samples with the one rule
 //! ([`crate::backend::sampling`]) and packs its steps with the one [`StepBuilder`], which
@@ -21,6 +21,8 @@ pub mod bert;
 pub mod config;
 pub mod decoder;
 pub mod encoder;
+#[cfg(feature = "cuda")]
+pub mod encoder_cuda;
 pub mod gpt2;
 pub mod moe;
 #[cfg(feature = "cuda")]

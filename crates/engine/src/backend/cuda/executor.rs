@@ -8,7 +8,8 @@
 //! replays decode steps as CUDA graphs per batch-size bucket (`graphs`), times ops when
 //! asked (`profile`), samples non-greedy rows by the shared rule (`backend::sampling`)
 //! and runs embedding inputs in chunks that fit the step limits. A model
-//! (`model::qwen3_cuda`) implements [`CudaModel`]: a new architecture is one such file.
+//! (`model::qwen3_cuda`, the decoders; `model::encoder_cuda`, the encoders) implements
+//! [`CudaModel`]: a new architecture is one such file.
 
 use anyhow::{anyhow, bail};
 
