@@ -138,6 +138,40 @@ fn engine_bin(opts: &UpOptions) -> anyhow::Result<PathBuf> {
         .context("finding the colocate binary for built-in engines (set COLOCATE_BIN)")
 }
 
+/// The MPS daemon's folder: `<run>/mps`, or, where that is too deep for the daemon's Unix
+/// socket (a lab condition's long folder name under a deep run folder), a short folder in
+/// the system's temporary folder named after the run folder, which `<run>/mps` then links
+/// to: the logs are found from the run folder either way.
+fn mps_dir(run_dir: &Path) -> anyhow::Result<PathBuf> {
+    let dir = run_dir.join("mps");
+    if gpu::mps::socket_fits(&dir) {
+        return Ok(dir);
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    run_dir.hash(&mut h);
+    let short = std::env::temp_dir().join(format!("colocate-mps-{:016x}", h.finish()));
+    if !gpu::mps::socket_fits(&short) {
+        bail!(
+            "the MPS folder {} is too deep for the daemon's socket, and so is {}",
+            dir.display(),
+            short.display()
+        );
+    }
+    std::fs::create_dir_all(&short)
+        .with_context(|| format!("creating the MPS folder {}", short.display()))?;
+    if std::fs::symlink_metadata(&dir).is_err() {
+        std::os::unix::fs::symlink(&short, &dir)
+            .with_context(|| format!("linking {} to {}", dir.display(), short.display()))?;
+    }
+    tracing::info!(
+        "MPS folder {} (linked from {}: the run folder is too deep for a Unix socket)",
+        short.display(),
+        dir.display()
+    );
+    Ok(short)
+}
+
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     if p.is_absolute() {
         Ok(p.to_path_buf())
@@ -254,7 +288,7 @@ impl Deployment {
         });
 
         let mps = if spec.sharing == Sharing::Mps {
-            let dir = run_dir.join("mps");
+            let dir = mps_dir(&run_dir)?;
             // The daemon must see every GPU of the deployment under its own number.
             let gpus = plan.gpu_indices();
             match tokio::task::spawn_blocking(move || Mps::start_seeing(&dir, &gpus)).await? {
@@ -482,5 +516,31 @@ impl Deployment {
         s.updated_at = chrono::Utc::now().to_rfc3339();
         let _ = state::write(&self.run_dir, &s);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run folder too deep for the daemon's socket gets a short MPS folder that its
+    /// `mps` links to; a shallow one keeps `<run>/mps`.
+    #[test]
+    fn a_deep_run_folder_gets_a_short_linked_mps_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shallow = tmp.path().join("run");
+        assert_eq!(mps_dir(&shallow).unwrap(), shallow.join("mps"));
+        let deep = tmp
+            .path()
+            .join("deployments")
+            .join("mps_default_1_gpt2_1_dbert_1_roberta_1_llama_1_mistral_and_more");
+        std::fs::create_dir_all(&deep).unwrap();
+        assert!(!gpu::mps::socket_fits(&deep.join("mps")));
+        let dir = mps_dir(&deep).unwrap();
+        assert!(gpu::mps::socket_fits(&dir), "{}", dir.display());
+        assert_eq!(std::fs::read_link(deep.join("mps")).unwrap(), dir);
+        // the same run folder finds the same folder again
+        assert_eq!(mps_dir(&deep).unwrap(), dir);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

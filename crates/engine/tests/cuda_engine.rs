@@ -133,7 +133,8 @@ fn tiny_generator(name: &str) -> CudaQwen3 {
         &tiny_weights(name),
         small_opts(),
     );
-    m.init_kv_cache(64, 4).unwrap();
+    // 20 blocks of 4 per reference prompt (gpt2-tiny has four prompts)
+    m.init_kv_cache(128, 4).unwrap();
     m
 }
 
@@ -1164,12 +1165,15 @@ fn cuda_and_cpu_agree(dir: &Path, prompt: &[u32]) {
     let mut gpu = generator(Device::Cuda(0));
     cpu.init_kv_cache(32, 16).unwrap();
     gpu.init_kv_cache(32, 16).unwrap();
-    let table: Vec<u32> = (0..16).collect();
+    // as many blocks as the model's length allows (gpt2-tiny: 128 positions, 8 blocks)
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let blocks = 256.min(config.max_position_embeddings) / 16;
+    let table: Vec<u32> = (0..blocks as u32).collect();
     let mut ids = prompt.to_vec();
     let prompt = one(&ids, 0, &table, GREEDY);
     let mut want = cpu.step_logits(&prompt).unwrap().remove(0);
     let mut got = gpu.step_logits(&prompt).unwrap().remove(0);
-    let tol = logits_tolerance(&ModelConfig::from_file(&dir.join("config.json")).unwrap());
+    let tol = logits_tolerance(&config);
     assert_logits_within(
         &got,
         &want,

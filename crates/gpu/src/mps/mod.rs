@@ -34,7 +34,7 @@ use control::Control;
 /// The pid file the control daemon writes into its pipe folder.
 const PID_FILE: &str = "nvidia-cuda-mps-control.pid";
 /// Longest path a Unix socket may have (sun_path, including the NUL).
-const MAX_SOCKET_PATH: usize = 107;
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// What the daemon reports through its control pipe.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -268,6 +268,22 @@ fn absolute(dir: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The longest socket the control daemon makes in its pipe folder. Seen on the H200
+/// (driver 580): a daemon whose `pipe/control` path was 98 bytes logged that socket and
+/// exited 1, while 91-byte ones ran; the daemon's privileged control socket beside it,
+/// 11 bytes longer, is what passes 107 there.
+const LONGEST_SOCKET: &str = "control_privileged";
+
+/// The longest socket path the daemon makes under `dir`.
+fn socket_len(dir: &Path) -> usize {
+    dir.join("pipe").join(LONGEST_SOCKET).as_os_str().len()
+}
+
+/// Whether the daemon's sockets under `dir` (`<dir>/pipe/...`) fit a Unix socket address.
+pub fn socket_fits(dir: &Path) -> bool {
+    socket_len(dir) <= MAX_SOCKET_PATH
+}
+
 /// Creates `<dir>/pipe` (mode 0700: the pipe is a door into every client's GPU work) and
 /// `<dir>/log`, and checks the socket path fits a Unix socket address.
 fn prepare_dirs(dir: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -275,11 +291,12 @@ fn prepare_dirs(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let root = absolute(dir)?;
     let pipe = root.join("pipe");
     let log = root.join("log");
-    let sock_len = pipe.join("control").as_os_str().len();
+    let sock_len = socket_len(&root);
     if sock_len > MAX_SOCKET_PATH {
         bail!(
-            "MPS folder {} is too deep: its control socket path would be {sock_len} bytes, over the {MAX_SOCKET_PATH} a Unix socket allows; use a shorter --dir",
-            root.display()
+            "MPS folder {} is too deep: its sockets' paths would be up to {sock_len} bytes ({}), over the {MAX_SOCKET_PATH} a Unix socket allows; use a shorter --dir",
+            root.display(),
+            pipe.join(LONGEST_SOCKET).display()
         );
     }
     for d in [&pipe, &log] {
@@ -328,6 +345,15 @@ mod tests {
         let deep = tmp.path().join("x".repeat(120));
         let err = prepare_dirs(&deep).unwrap_err().to_string();
         assert!(err.contains("too deep"), "{err}");
+    }
+
+    /// The H200's daemons: with `pipe/control` at 91 bytes they ran, at 98 one exited.
+    #[test]
+    fn sockets_fit_as_the_daemon_found() {
+        let root = |control_len: usize| PathBuf::from(format!("/{}", "a".repeat(control_len - 14)));
+        assert_eq!(root(91).join("pipe/control").as_os_str().len(), 91);
+        assert!(socket_fits(&root(91)));
+        assert!(!socket_fits(&root(98)));
     }
 
     #[test]
