@@ -506,7 +506,7 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
             g.cuda
         );
     }
-    out.push_str(&machines_lines(results));
+    out.push_str(&machines_lines(results, &a));
     let _ = writeln!(
         out,
         "- windows: warm-up {}, measurement {}, {} repetition(s); experiment file `{}` (at the end)\n",
@@ -747,16 +747,21 @@ pub fn compare(a: &Results, b: &Results) -> String {
 /// Which machine measured which conditions, when a resumed run spans several (the GPUs'
 /// UUIDs each condition recorded): *vs solo* then may compare rows of two machines. Empty
 /// when every condition was measured on one machine, or none recorded it.
-pub(crate) fn machines_lines(results: &Results) -> String {
+pub(crate) fn machines_lines(results: &Results, a: &Analysis) -> String {
+    // by the report's numbering: the cells, in plan order
     let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-    for (i, c) in results.conditions.iter().enumerate() {
-        if c.failed.is_some() {
-            continue;
-        }
-        let key = c.gpu_uuids.join(", ");
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, v)) => v.push(i + 1),
-            None => groups.push((key, vec![i + 1])),
+    for (i, cell) in a.cells.iter().enumerate() {
+        for c in results
+            .conditions
+            .iter()
+            .filter(|c| c.condition.label == cell.label && c.failed.is_none())
+        {
+            let key = c.gpu_uuids.join(", ");
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) if !v.contains(&(i + 1)) => v.push(i + 1),
+                Some(_) => {}
+                None => groups.push((key, vec![i + 1])),
+            }
         }
     }
     if groups.len() < 2 {
@@ -786,15 +791,33 @@ mod tests {
     #[test]
     fn rows_of_two_machines_are_named() {
         let mut r = synthetic();
-        assert_eq!(machines_lines(&r), "");
+        let lines = |r: &Results| machines_lines(r, &crate::analysis::analyse(r));
+        assert_eq!(lines(&r), "");
         for c in r.conditions.iter_mut() {
             c.gpu_uuids = vec!["GPU-a".into()];
         }
-        assert_eq!(machines_lines(&r), "");
-        let n = r.conditions.len();
-        r.conditions[n - 1].gpu_uuids = vec!["GPU-b".into()];
-        r.conditions[0].gpu_uuids.clear();
-        let text = machines_lines(&r);
+        assert_eq!(lines(&r), "");
+        // the last cell's records on another GPU, the first's not recorded
+        let cells = crate::analysis::analyse(&r).cells;
+        let (first, last) = (cells[0].label.clone(), cells[cells.len() - 1].label.clone());
+        for c in r.conditions.iter_mut() {
+            if c.condition.label == last {
+                c.gpu_uuids = vec!["GPU-b".into()];
+            } else if c.condition.label == first {
+                c.gpu_uuids.clear();
+            }
+        }
+        let n = cells.len();
+        // a retried condition is recorded last whatever its place in the plan: the lines
+        // number rows as the report does
+        let k = r
+            .conditions
+            .iter()
+            .position(|c| c.condition.label == last)
+            .unwrap();
+        let moved = r.conditions.remove(k);
+        r.conditions.insert(0, moved);
+        let text = lines(&r);
         assert!(text.contains("more than one machine"), "{text}");
         assert!(text.contains(&format!("C{n}: GPU-b")), "{text}");
         assert!(text.contains("C1: a GPU not recorded"), "{text}");
