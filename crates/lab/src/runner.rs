@@ -740,7 +740,10 @@ rate = ["50% of solo"]
         assert_eq!(ids, vec![pick.clone()]);
         assert!(!results.complete);
         // each measured condition names the machine's GPUs
-        assert_eq!(results.conditions[0].gpu_uuids, vec!["GPU-fake".to_string()]);
+        assert_eq!(
+            results.conditions[0].gpu_uuids,
+            vec!["GPU-fake".to_string()]
+        );
         let log2 = Rc::new(RefCell::new(Log::default()));
         go(&mut results, &log2, Only::default());
         assert!(results.complete);

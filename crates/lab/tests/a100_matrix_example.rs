@@ -17,7 +17,12 @@ fn the_studys_categories_at_batch_8_of_128_tokens() {
     .unwrap();
     let planned = plan(&exp);
     let text = describe(&exp, &planned);
-    let engines: Vec<&str> = exp.deployment.engines.iter().map(|e| e.name.as_str()).collect();
+    let engines: Vec<&str> = exp
+        .deployment
+        .engines
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
     assert_eq!(engines, ["gpt2", "dbert", "roberta", "llama", "mistral"]);
     // the study's load: 8 sequences of 128 tokens per iteration, one iteration at a time
     for w in &exp.workloads {
@@ -47,9 +52,15 @@ fn the_studys_categories_at_batch_8_of_128_tokens() {
     }
     assert!(has(&[("dbert", 1), ("roberta", 1)]), "{text}");
     assert!(has(&[("gpt2", 1), ("llama", 1), ("mistral", 1)]), "{text}");
-    assert!(has(&engines.iter().map(|e| (*e, 1)).collect::<Vec<_>>()), "{text}");
+    assert!(
+        has(&engines.iter().map(|e| (*e, 1)).collect::<Vec<_>>()),
+        "{text}"
+    );
     assert!(has(&[("dbert", 4), ("mistral", 1)]), "{text}");
     assert_eq!(planned.len(), 5 + 5 + 4 + 3, "{text}");
-    assert!(planned.iter().filter(|c| !c.is_solo()).all(|c| c.label.starts_with("mps")));
+    assert!(planned
+        .iter()
+        .filter(|c| !c.is_solo())
+        .all(|c| c.label.starts_with("mps")));
     lab::deployments::Deployments::check(&exp, &planned).unwrap_or_else(|e| panic!("{e:#}"));
 }

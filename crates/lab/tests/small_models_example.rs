@@ -58,13 +58,22 @@ fn the_vllm_study_is_the_same_plan_on_vllm_engines() {
     let ids = |e: &Experiment| plan(e).iter().map(|c| c.id()).collect::<Vec<_>>();
     assert_eq!(ids(&builtin), ids(&vllm));
     assert_eq!(builtin.workloads.len(), vllm.workloads.len());
-    for (b, v) in builtin.deployment.engines.iter().zip(&vllm.deployment.engines) {
+    for (b, v) in builtin
+        .deployment
+        .engines
+        .iter()
+        .zip(&vllm.deployment.engines)
+    {
         assert_eq!(v.kind, deploy::spec::EngineKind::Vllm, "{}", v.name);
         let preset = b.model.strip_prefix("preset:").unwrap();
         assert_eq!(v.model, format!("/tmp/vllm-models/{preset}"));
         let folder = root.join("scripts/gpu/vllm-models").join(preset);
-        let mut file = ModelShape::resolve(folder.to_str().unwrap()).unwrap().config;
-        let want = ModelShape::resolve(&format!("preset:{preset}")).unwrap().config;
+        let mut file = ModelShape::resolve(folder.to_str().unwrap())
+            .unwrap()
+            .config;
+        let want = ModelShape::resolve(&format!("preset:{preset}"))
+            .unwrap()
+            .config;
         file.eos_token_ids = want.eos_token_ids.clone();
         assert_eq!(file, want, "{preset}");
         assert_eq!(
