@@ -37,7 +37,7 @@ use crate::backend::cuda::step::CudaOptions;
 use crate::backend::Gelu;
 use crate::model::config::{Activation, ModelConfig, NormKind};
 use crate::model::encoder::EncoderNames;
-use crate::model::qwen3_cuda::dummy_range;
+use crate::model::qwen3_cuda::{dummy_range, DummyFill};
 use crate::model_api::{ModelInfo, Task};
 use crate::weights::{SafetensorsFiles, WeightSource};
 
@@ -208,18 +208,9 @@ impl Weights {
         names: &EncoderNames,
         seed: u64,
     ) -> anyhow::Result<Self> {
-        let n = std::cell::Cell::new(0u64);
-        let next_seed = || {
-            n.set(n.get() + 1);
-            seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
-                .wrapping_add(n.get().wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        };
+        let dummy = DummyFill::new(dev, k, seed);
         let a = dummy_range();
-        let fill = |elems: usize, amp: f32, offset: f32| -> anyhow::Result<DevBuf> {
-            let b = DevBuf::alloc(dev, elems * BF16)?;
-            k.fill_uniform(b.ptr, elems, next_seed(), amp, offset)?;
-            Ok(b)
-        };
+        let fill = |elems: usize, amp: f32, offset: f32| dummy.fill(elems, amp, offset);
         let linear = |out: usize, inp: usize| -> anyhow::Result<Linear> {
             Ok(Linear {
                 w: fill(out * inp, a, 0.0)?,

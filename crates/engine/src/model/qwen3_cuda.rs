@@ -57,6 +57,42 @@ pub(crate) fn dummy_range() -> f32 {
     0.02f32 * 3f32.sqrt()
 }
 
+/// New device buffers of seeded uniform bf16 values, a seed of their own for each in the
+/// order they are made: the dummy weights (`--load-format dummy`) of every CUDA model.
+pub(crate) struct DummyFill<'a> {
+    dev: &'a CudaDevice,
+    kernels: &'a Kernels,
+    seed: u64,
+    made: std::cell::Cell<u64>,
+}
+
+impl<'a> DummyFill<'a> {
+    pub(crate) fn new(dev: &'a CudaDevice, kernels: &'a Kernels, seed: u64) -> Self {
+        Self {
+            dev,
+            kernels,
+            seed,
+            made: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The next buffer's seed (for fills of other kinds, such as FP8 experts).
+    pub(crate) fn next_seed(&self) -> u64 {
+        self.made.set(self.made.get() + 1);
+        self.seed
+            .wrapping_mul(0x2545_F491_4F6C_DD1D)
+            .wrapping_add(self.made.get().wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    /// `elems` values uniform in `offset ± amp`.
+    pub(crate) fn fill(&self, elems: usize, amp: f32, offset: f32) -> anyhow::Result<DevBuf> {
+        let seed = self.next_seed();
+        let b = DevBuf::alloc(self.dev, elems * BF16)?;
+        self.kernels.fill_uniform(b.ptr, elems, seed, amp, offset)?;
+        Ok(b)
+    }
+}
+
 /// The config's numbers in the form the kernels take.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -288,18 +324,9 @@ impl Weights {
         seed: u64,
         lm_head: bool,
     ) -> anyhow::Result<Self> {
-        let n = std::cell::Cell::new(0u64);
-        let next_seed = || {
-            n.set(n.get() + 1);
-            seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
-                .wrapping_add(n.get().wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        };
+        let dummy = DummyFill::new(dev, k, seed);
         let a = dummy_range();
-        let fill = |elems: usize, amp: f32, offset: f32| -> anyhow::Result<DevBuf> {
-            let b = DevBuf::alloc(dev, elems * BF16)?;
-            k.fill_uniform(b.ptr, elems, next_seed(), amp, offset)?;
-            Ok(b)
-        };
+        let fill = |elems: usize, amp: f32, offset: f32| dummy.fill(elems, amp, offset);
         let bias = |on: bool, elems: usize| on.then(|| fill(elems, a, 0.0)).transpose();
         let layer_norm = layout.norm == NormKind::Layer;
         let norm = |h: usize| -> anyhow::Result<NormWeights> {
@@ -328,7 +355,7 @@ impl Weights {
                 Some(m) => Mlp::Sparse(Box::new(m.dummy_layer(
                     dev,
                     &|n| fill(n, a, 0.0),
-                    next_seed,
+                    || dummy.next_seed(),
                 )?)),
                 None => Mlp::Dense {
                     up: fill(d.up_width * h, a, 0.0)?,
