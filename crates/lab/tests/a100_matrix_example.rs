@@ -64,3 +64,40 @@ fn the_studys_categories_at_batch_8_of_128_tokens() {
         .all(|c| c.label.starts_with("mps")));
     lab::deployments::Deployments::check(&exp, &planned).unwrap_or_else(|e| panic!("{e:#}"));
 }
+
+/// The same matrix with a serving load (`examples/h200-a100-matrix-serving.toml`): the same
+/// co-located sets, every co-located tenant open-loop at half its solo requests/s (its
+/// solo capacity measured first at the study's closed-loop load), and every deployment
+/// validates.
+#[test]
+fn the_serving_reading_is_the_same_sets_at_half_their_solo_rate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let closed = Experiment::load(&root.join("h200-a100-matrix.toml")).unwrap();
+    let open = Experiment::load(&root.join("h200-a100-matrix-serving.toml")).unwrap();
+    let sets = |e: &Experiment| {
+        plan(e)
+            .iter()
+            .filter(|c| !c.is_solo())
+            .map(|c| c.copies.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sets(&closed), sets(&open));
+    let planned = plan(&open);
+    for c in planned.iter().filter(|c| !c.is_solo()) {
+        assert!(!c.loads.is_empty(), "{}", c.label);
+        for (w, l) in &c.loads {
+            assert_eq!(l.rate, Some(lab::spec::Rate::OfSolo(50.0)), "{}: {w}", c.label);
+        }
+    }
+    // each engine's capacity (closed loop, the study's load) before its half-rate solo
+    for e in ["gpt2", "dbert", "roberta", "llama", "mistral"] {
+        let solos: Vec<_> = planned
+            .iter()
+            .filter(|c| c.is_solo() && c.engines == [e.to_string()])
+            .collect();
+        assert_eq!(solos.len(), 2, "{e}");
+        assert!(solos[0].loads[e].concurrency.is_some() && solos[0].loads[e].rate.is_none());
+        assert_eq!(solos[1].loads[e].rate, Some(lab::spec::Rate::OfSolo(50.0)));
+    }
+    lab::deployments::Deployments::check(&open, &planned).unwrap_or_else(|e| panic!("{e:#}"));
+}
