@@ -86,7 +86,12 @@ fn the_serving_reading_is_the_same_sets_at_half_their_solo_rate() {
     for c in planned.iter().filter(|c| !c.is_solo()) {
         assert!(!c.loads.is_empty(), "{}", c.label);
         for (w, l) in &c.loads {
-            assert_eq!(l.rate, Some(lab::spec::Rate::OfSolo(50.0)), "{}: {w}", c.label);
+            assert_eq!(
+                l.rate,
+                Some(lab::spec::Rate::OfSolo(50.0)),
+                "{}: {w}",
+                c.label
+            );
         }
     }
     // each engine's capacity (closed loop, the study's load) before its half-rate solo
