@@ -484,18 +484,7 @@ impl Weights {
             });
         }
         let norm = rms("norm.weight", h)?;
-        let lm_head = if lm_head {
-            Some(up(&st.bf16(
-                &["lm_head.weight".to_string()],
-                d.vocab,
-                h,
-            )?)?)
-        } else {
-            None
-        };
-        dev.stream
-            .synchronize()
-            .map_err(|e| anyhow!("uploading weights: {e}"))?;
+        let lm_head = untied_lm_head(dev, d, st, lm_head)?;
         Ok(Self {
             embed,
             embed_positions: None,
@@ -570,18 +559,7 @@ impl Weights {
             });
         }
         let norm = norm("ln_f")?;
-        let lm_head = if lm_head {
-            Some(up(&st.bf16(
-                &["lm_head.weight".to_string()],
-                d.vocab,
-                h,
-            )?)?)
-        } else {
-            None
-        };
-        dev.stream
-            .synchronize()
-            .map_err(|e| anyhow!("uploading weights: {e}"))?;
+        let lm_head = untied_lm_head(dev, d, st, lm_head)?;
         Ok(Self {
             embed,
             embed_positions,
@@ -590,6 +568,26 @@ impl Weights {
             lm_head,
         })
     }
+}
+
+/// The checkpoint's own `lm_head` (`None` when the model ties it to the embeddings or
+/// embeds), then the wait for every upload a loader queued: the end of both decoder loaders.
+fn untied_lm_head(
+    dev: &CudaDevice,
+    d: &Dims,
+    st: &SafetensorsFiles,
+    lm_head: bool,
+) -> anyhow::Result<Option<DevBuf>> {
+    let head = if lm_head {
+        let w = st.bf16(&["lm_head.weight".to_string()], d.vocab, d.hidden)?;
+        Some(DevBuf::upload(dev, &w)?)
+    } else {
+        None
+    };
+    dev.stream
+        .synchronize()
+        .map_err(|e| anyhow!("uploading weights: {e}"))?;
+    Ok(head)
 }
 
 /// Activation scratch, sized for the largest step.
