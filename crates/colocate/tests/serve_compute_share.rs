@@ -31,7 +31,7 @@ fn the_compute_share_caps_embedding_tokens_in_the_engine_and_moves_at_run_time()
     ]);
     assert_eq!(
         share(&s),
-        serde_json::json!({"max_tokens_in_flight": null, "duty_percent": null, "tokens_in_flight": 0, "waiting": 0})
+        serde_json::json!({"max_tokens_in_flight": null, "duty_percent": null, "sm_percent": null, "sms": null, "sm_partitions": [], "tokens_in_flight": 0, "waiting": 0})
     );
 
     // bad settings: 400 with an OpenAI body naming the field; other methods 405
@@ -42,12 +42,24 @@ fn the_compute_share_caps_embedding_tokens_in_the_engine_and_moves_at_run_time()
         r#"{"max_tokens_in_flight": 64"#,
         r#"{"duty_percent": 0}"#,
         r#"{"duty_percent": 150}"#,
+        r#"{"sm_percent": 0}"#,
         r#"{}"#,
     ] {
         let r = s.post("/admin/compute-share", bad);
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
         assert_eq!(r.json()["error"]["code"], 400, "{}", r.text());
     }
+    // an SM share on an engine without SM partitions (a CPU engine): 400 naming the flag,
+    // and nothing of the body applied
+    let r = s.post(
+        "/admin/compute-share",
+        r#"{"sm_percent": 25, "max_tokens_in_flight": 64}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("--sm-partitions"), "{msg}");
+    assert_eq!(r.json()["error"]["param"], "sm_percent", "{}", r.text());
+    assert_eq!(share(&s)["max_tokens_in_flight"], serde_json::Value::Null);
     let r = request(s.port, "PUT", "/admin/compute-share", Some("{}")).unwrap();
     assert_eq!(r.status, 405, "{}", r.text());
     assert!(r.json()["error"]["message"].is_string());
@@ -144,6 +156,6 @@ fn the_compute_share_caps_embedding_tokens_in_the_engine_and_moves_at_run_time()
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         share(&s),
-        serde_json::json!({"max_tokens_in_flight": null, "duty_percent": null, "tokens_in_flight": 0, "waiting": 0})
+        serde_json::json!({"max_tokens_in_flight": null, "duty_percent": null, "sm_percent": null, "sms": null, "sm_partitions": [], "tokens_in_flight": 0, "waiting": 0})
     );
 }

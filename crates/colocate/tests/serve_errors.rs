@@ -225,6 +225,34 @@ fn bad_command_lines_exit_non_zero_naming_the_flag_or_file() {
             "{n}: {err}"
         );
     }
+    // The movable partitions likewise: refused on the CPU, 0 refused, and not beside a
+    // fixed partition.
+    for (args, why) in [
+        (&["--sm-partitions", "16,32"][..], "--device cuda"),
+        (&["--sm-partitions", "16,0"][..], "--sm-partitions"),
+        (
+            &["--sm-partitions", "16", "--sm-partition", "16"][..],
+            "cannot be used with",
+        ),
+    ] {
+        let mut all = vec![
+            "serve",
+            "--model",
+            "preset:qwen3-tiny",
+            "--task",
+            "embed",
+            "--port",
+            &port,
+        ];
+        all.extend_from_slice(args);
+        let out = run_colocate(&all, t);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--sm-partition") && err.contains(why),
+            "{args:?}: {err}"
+        );
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-model");

@@ -52,8 +52,16 @@ pub struct ServeArgs {
     /// green context, rounded up to the device's granularity (8 on Hopper); the rest stay
     /// free for engines beside it (`--device cuda`; not inside an MPS client with
     /// CUDA_MPS_ACTIVE_THREAD_PERCENTAGE set, where the driver cannot split the SMs).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "sm_partitions")]
     pub sm_partition: Option<u32>,
+    /// An embedder's SM partitions, movable while it runs: CUDA green contexts of these
+    /// many SMs (comma-separated, e.g. `16,32,64`; rounded up as for --sm-partition) made at
+    /// start, between which `POST /admin/compute-share {"sm_percent": 25}` moves its
+    /// batches (the smallest with at least that share of the SMs; the whole GPU without
+    /// one). The gateway's `engine_sm_floor` moves it with the SLO controller
+    /// (`--device cuda`, `--task embed`).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
+    pub sm_partitions: Vec<u32>,
     /// Requests accepted but not yet running; beyond it the server answers 503.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,

@@ -52,6 +52,9 @@ pub struct EmbedQueue {
     admission: Arc<Admission>,
     /// The live cap that bounds each batch below `max_batch_tokens` (none: the budget).
     share: Option<Arc<ComputeShare>>,
+    /// The share of SMs the model last ran with (`None`: all), so that a change of
+    /// `sm_percent` reaches the model once, before the next batch.
+    sm_applied: Option<u32>,
 }
 
 impl EmbedQueue {
@@ -68,6 +71,7 @@ impl EmbedQueue {
             metrics,
             admission,
             share: None,
+            sm_applied: None,
         }
     }
 
@@ -105,6 +109,7 @@ impl EmbedQueue {
     /// duty cycle (the compute share's pacing) it then waits so that batches fill at most
     /// that share of the time.
     pub fn step(&mut self, model: &mut dyn Embedder) -> anyhow::Result<()> {
+        self.apply_sm_share(model);
         let t0 = std::time::Instant::now();
         let result = self.run_batch(model);
         self.metrics.requests_running.store(0, Relaxed);
@@ -115,6 +120,21 @@ impl EmbedQueue {
             std::thread::sleep(pacing_pause(t0.elapsed(), duty));
         }
         result
+    }
+
+    /// Moves the model onto the SM partition the share asks for, when that changed since
+    /// the last batch. A model that cannot is logged once per change and keeps its SMs.
+    fn apply_sm_share(&mut self, model: &mut dyn Embedder) {
+        let Some(share) = &self.share else { return };
+        let want = share.sm_percent();
+        if want == self.sm_applied {
+            return;
+        }
+        self.sm_applied = want;
+        match model.set_sm_share(want) {
+            Ok(sms) => share.set_sms_in_use(sms),
+            Err(e) => tracing::warn!("SM share {want:?} not applied: {e:#}"),
+        }
     }
 
     fn run_batch(&mut self, model: &mut dyn Embedder) -> anyhow::Result<()> {
@@ -322,6 +342,70 @@ mod tests {
             assert_eq!(rx.try_recv().unwrap().unwrap().len(), 6);
         }
         assert_eq!(adm.waiting(), 0);
+    }
+
+    /// A fake with SM partitions: records the share it is moved to before each batch.
+    struct Partitioned {
+        inner: Fake,
+        parts: crate::sm_share::SmPartitions,
+        /// (share set, batches embedded before it)
+        moves: Vec<(Option<u32>, usize)>,
+    }
+
+    impl Embedder for Partitioned {
+        fn info(&self) -> &ModelInfo {
+            self.inner.info()
+        }
+        fn embed(&mut self, inputs: &[&[u32]]) -> anyhow::Result<Vec<Vec<f32>>> {
+            self.inner.embed(inputs)
+        }
+        fn sm_partitions(&self) -> Option<crate::sm_share::SmPartitions> {
+            Some(self.parts.clone())
+        }
+        fn set_sm_share(&mut self, percent: Option<u32>) -> anyhow::Result<u32> {
+            self.moves.push((percent, self.inner.batches.len()));
+            Ok(self.parts.sms(self.parts.pick(percent)))
+        }
+    }
+
+    #[test]
+    fn a_new_sm_share_reaches_the_model_once_before_the_next_batch() {
+        let adm = Arc::new(Admission::new(10));
+        let share = Arc::new(ComputeShare::default());
+        let mut q = EmbedQueue::new(100, 100, Arc::new(Metrics::default()), adm.clone())
+            .with_share(share.clone());
+        let mut m = Partitioned {
+            inner: fake(),
+            parts: crate::sm_share::SmPartitions::new(132, [16, 64]),
+            moves: Vec::new(),
+        };
+        share.set_partitions(m.sm_partitions().unwrap());
+        let run = |q: &mut EmbedQueue, m: &mut Partitioned| {
+            assert!(adm.try_enter());
+            let (tx, _rx) = oneshot::channel();
+            q.add(EmbedRequest {
+                inputs: vec![vec![1; 4]],
+                reply: tx,
+            });
+            while q.has_work() {
+                q.step(m).unwrap();
+            }
+        };
+        run(&mut q, &mut m);
+        assert!(
+            m.moves.is_empty(),
+            "no share asked: the model is left alone"
+        );
+        share.set_sm_percent(Some(25));
+        run(&mut q, &mut m);
+        run(&mut q, &mut m);
+        share.set_sm_percent(None);
+        run(&mut q, &mut m);
+        assert_eq!(m.moves, vec![(Some(25), 1), (None, 3)]);
+        assert_eq!(share.status().sms, Some(132));
+        share.set_sm_percent(Some(10));
+        run(&mut q, &mut m);
+        assert_eq!(share.status().sms, Some(16));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod model;
 pub mod model_api;
 pub mod scheduler;
 pub mod server;
+pub mod sm_share;
 pub mod tokenizer;
 pub mod weights;
 pub mod worker;

@@ -37,6 +37,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if matches!(args.device, Device::Cpu) && args.sm_partition.is_some() {
         anyhow::bail!("--sm-partition needs --device cuda: it confines the engine's GPU kernels to some of the SMs");
     }
+    if matches!(args.device, Device::Cpu) && !args.sm_partitions.is_empty() {
+        anyhow::bail!("--sm-partitions needs --device cuda: they are CUDA green contexts the embedder's GPU kernels move between");
+    }
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -62,6 +65,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         gpu: GpuLoadOptions {
             sm_partition: args.sm_partition,
+            sm_partitions: args.sm_partitions.clone(),
             ..GpuLoadOptions::new(args.gpu_memory_utilization, &limits)
         },
     };

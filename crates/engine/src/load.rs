@@ -94,6 +94,8 @@ pub struct GpuLoadOptions {
     pub max_model_len: Option<usize>,
     /// `--sm-partition`: confine the engine's kernels to this many SMs (a green context).
     pub sm_partition: Option<u32>,
+    /// `--sm-partitions`: an embedder's green contexts, movable while it runs.
+    pub sm_partitions: Vec<u32>,
 }
 
 impl GpuLoadOptions {
@@ -106,6 +108,7 @@ impl GpuLoadOptions {
             max_num_seqs: limits.max_num_seqs,
             max_model_len: limits.max_model_len,
             sm_partition: None,
+            sm_partitions: Vec::new(),
         }
     }
 }
@@ -119,6 +122,7 @@ impl Default for GpuLoadOptions {
             max_num_seqs: None,
             max_model_len: None,
             sm_partition: None,
+            sm_partitions: Vec::new(),
         }
     }
 }
@@ -305,9 +309,16 @@ fn load_cuda(
         max_seqs: limits::max_num_seqs_bound(g.max_num_seqs).max(1),
         max_model_len,
         sm_partition: g.sm_partition,
+        sm_partitions: g.sm_partitions.clone(),
         ..defaults
     };
     let loading = || format!("loading {} on cuda:{ordinal}", opts.model);
+    if !g.sm_partitions.is_empty() && (task != Task::Embed || config.moe.is_some()) {
+        anyhow::bail!(
+            "--sm-partitions is a lever of dense embedders (--task embed): a generator's steps \
+             and CUDA graphs stay on one set of SMs (--sm-partition confines a generator)"
+        );
+    }
     if config.arch.is_encoder() {
         let m = CudaEncoder::new(ordinal, config, info.clone(), source, cuda_opts)
             .with_context(loading)?;

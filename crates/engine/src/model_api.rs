@@ -102,4 +102,17 @@ pub trait Embedder: Send {
     fn info(&self) -> &ModelInfo;
     /// One L2-normalised embedding per input.
     fn embed(&mut self, inputs: &[&[u32]]) -> anyhow::Result<Vec<Vec<f32>>>;
+    /// The SM partitions its batches can move between while it runs (a CUDA embedder
+    /// started with `--sm-partitions`); `None`: it has none.
+    fn sm_partitions(&self) -> Option<crate::sm_share::SmPartitions> {
+        None
+    }
+    /// Runs the next batches on the partition for `percent` of the GPU's SMs
+    /// ([`crate::sm_share::SmPartitions::pick`]; `None`: all of them) and returns the SMs
+    /// they may use. Only an embedder with partitions can.
+    fn set_sm_share(&mut self, _percent: Option<u32>) -> anyhow::Result<u32> {
+        anyhow::bail!(
+            "this engine has no SM partitions (start it with --device cuda --sm-partitions)"
+        )
+    }
 }

@@ -172,6 +172,14 @@ fn run(
             }
         }
         LoadedModel::Embedder(mut model) => {
+            if let Some(parts) = model.sm_partitions() {
+                tracing::info!(
+                    "SM partitions of {:?} of {} SMs: /admin/compute-share sm_percent moves the batches between them",
+                    parts.sizes,
+                    parts.total
+                );
+                share.set_partitions(parts);
+            }
             let mut queue = EmbedQueue::new(
                 r.max_num_batched_tokens,
                 r.max_num_seqs,

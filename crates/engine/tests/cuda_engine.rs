@@ -1711,3 +1711,66 @@ fn cuda_sampling_follows_the_shared_rule() {
         "a mask of every id is dropped"
     );
 }
+
+/// `--sm-partitions`: an embedder moves its batches between green contexts while it runs
+/// and gives the same vectors on each (the tiny Qwen3 as an embedder, and the tiny BERT);
+/// the SMs it reports follow the share. The time of a larger batch on each partition is
+/// printed (not asserted: speed belongs to benchmarks) to show the confinement in the log.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn sm_partitions_move_embeddings_at_run_time() {
+    let inputs: Vec<Vec<u32>> = [5usize, 17, 33, 1, 64]
+        .iter()
+        .map(|&n| (0..n).map(|i| (i * 13 % 200 + 3) as u32).collect())
+        .collect();
+    let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+    let big: Vec<Vec<u32>> = (0..8)
+        .map(|s| (0..48).map(|i| ((i * 7 + s) % 200 + 3) as u32).collect())
+        .collect();
+    let big: Vec<&[u32]> = big.iter().map(Vec::as_slice).collect();
+    let opts = || CudaOptions {
+        sm_partitions: vec![32, 16, 16],
+        ..small_opts()
+    };
+    let check = |what: &str, m: &mut dyn Embedder| {
+        let parts = m.sm_partitions().expect("partitions were asked for");
+        assert_eq!(parts.sizes, vec![16, 32], "{what}: sorted, one of each");
+        let whole = m.embed(&refs).unwrap();
+        for (share, sms) in [
+            (Some(10), 16),
+            (Some(20), 32),
+            (None, parts.total),
+            (Some(1), 16),
+        ] {
+            assert_eq!(m.set_sm_share(share).unwrap(), sms, "{what}: {share:?}");
+            let got = m.embed(&refs).unwrap();
+            for (i, (g, w)) in got.iter().zip(&whole).enumerate() {
+                let c = cosine(g, w);
+                assert!(c >= 0.9999, "{what}: input {i} on {sms} SMs: cosine {c}");
+            }
+            m.embed(&big).unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..5 {
+                m.embed(&big).unwrap();
+            }
+            eprintln!(
+                "{what}: 8 x 48 tokens on {sms} of {} SMs: {:.2} ms a batch",
+                parts.total,
+                t.elapsed().as_secs_f64() * 200.0
+            );
+        }
+    };
+    let dir = fixture_dir(QWEN3);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = WeightSource::open_model(&dir, &config).unwrap();
+    let mut m = cuda_model(&config, Task::Embed, &weights, opts());
+    check("qwen3-tiny", &mut m);
+    let dir = fixture_dir("bert-tiny");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = WeightSource::open_model(&dir, &config).unwrap();
+    let mut e = cuda_encoder(&config, &weights, opts());
+    check("bert-tiny", &mut e);
+}

@@ -17,11 +17,19 @@
 //! compute. After each batch the engine thread waits so that its batches fill at most that
 //! share of the time, which leaves the GPU to the other engines in between.
 //!
+//! The third lever is an SM partition (`sm_percent`): an embedder started with
+//! `--device cuda --sm-partitions 16,32,64` runs each batch on the smallest of those CUDA
+//! green contexts with at least that share of the GPU's SMs ([`crate::sm_share`]), so that
+//! the SMs outside it stay free for the engines beside it. An engine without partitions
+//! refuses the setting (400) and keeps the others as they were.
+//!
 //! ```text
 //! GET  /admin/compute-share  -> {"max_tokens_in_flight": 2048 | null, "duty_percent": 50 | null,
+//!                                "sm_percent": 25 | null, "sms": 64 | null,
+//!                                "sm_partitions": [16, 32, 64],
 //!                                "tokens_in_flight": 512, "waiting": 3}
-//! POST /admin/compute-share  {"max_tokens_in_flight": 2048, "duty_percent": 50}
-//!                            (either or both; null lifts that one)
+//! POST /admin/compute-share  {"max_tokens_in_flight": 2048, "duty_percent": 50, "sm_percent": 25}
+//!                            (any of them; null lifts that one)
 //! ```
 
 use std::sync::Arc;
@@ -36,12 +44,18 @@ use tokio::sync::Notify;
 
 use super::body::JsonBody;
 use super::ApiError;
+use crate::sm_share::SmPartitions;
 
 /// The cap and what is inside it now.
 #[derive(Debug, Default)]
 struct State {
     cap: Option<usize>,
     duty_percent: Option<u32>,
+    sm_percent: Option<u32>,
+    /// The engine's SM partitions, once its model is loaded (none: the lever is absent).
+    partitions: Option<SmPartitions>,
+    /// SMs the embedder's batches may use now, as the engine last applied the share.
+    sms: Option<u32>,
     in_flight: usize,
     waiting: usize,
 }
@@ -55,13 +69,24 @@ pub struct ComputeShare {
 }
 
 /// What the admin route answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShareStatus {
     /// The cap; `None` (`null`): no cap.
     pub max_tokens_in_flight: Option<usize>,
     /// The duty cycle, 1-99 percent of the time; `None` (`null`): no pacing.
     #[serde(default)]
     pub duty_percent: Option<u32>,
+    /// The share of the GPU's SMs asked for, 1-99 percent; `None` (`null`): all of them.
+    #[serde(default)]
+    pub sm_percent: Option<u32>,
+    /// SMs the embedder's batches may use now; `None` (`null`): the engine has no SM
+    /// partitions.
+    #[serde(default)]
+    pub sms: Option<u32>,
+    /// The engine's SM partitions (`--sm-partitions`, as the driver rounded them); empty:
+    /// none, and `sm_percent` is refused.
+    #[serde(default)]
+    pub sm_partitions: Vec<u32>,
     pub tokens_in_flight: usize,
     pub waiting: usize,
 }
@@ -88,12 +113,47 @@ impl ComputeShare {
         self.state.lock().duty_percent
     }
 
-    /// The cap and the tokens inside it now.
+    /// Makes the SM lever available: the engine's partitions (its model is loaded), all
+    /// SMs in use until a share is set.
+    pub fn set_partitions(&self, partitions: SmPartitions) {
+        let mut st = self.state.lock();
+        st.sms = Some(partitions.total);
+        st.partitions = Some(partitions);
+    }
+
+    /// True once the engine has SM partitions to move between.
+    pub fn has_partitions(&self) -> bool {
+        self.state.lock().partitions.is_some()
+    }
+
+    /// Sets (or, with `None`, lifts) the share of SMs; 100 or more is all of them.
+    pub fn set_sm_percent(&self, percent: Option<u32>) {
+        self.state.lock().sm_percent = percent.filter(|p| *p < 100);
+    }
+
+    /// The share of SMs asked for (`None`: all); the engine applies it before each batch.
+    pub fn sm_percent(&self) -> Option<u32> {
+        self.state.lock().sm_percent
+    }
+
+    /// What the engine applied: the SMs its batches may use now.
+    pub fn set_sms_in_use(&self, sms: u32) {
+        self.state.lock().sms = Some(sms);
+    }
+
+    /// The settings and the tokens inside the cap now.
     pub fn status(&self) -> ShareStatus {
         let st = self.state.lock();
         ShareStatus {
             max_tokens_in_flight: st.cap,
             duty_percent: st.duty_percent,
+            sm_percent: st.sm_percent,
+            sms: st.sms,
+            sm_partitions: st
+                .partitions
+                .as_ref()
+                .map(|p| p.sizes.clone())
+                .unwrap_or_default(),
             tokens_in_flight: st.in_flight,
             waiting: st.waiting,
         }
@@ -177,6 +237,12 @@ pub fn render(model_name: &str, st: &ShareStatus) -> String {
          # HELP colocate:compute_share_duty_percent The embedder's duty cycle, percent of the time (-1: no pacing).\n\
          # TYPE colocate:compute_share_duty_percent gauge\n\
          colocate:compute_share_duty_percent{{{l}}} {}\n\
+         # HELP colocate:compute_share_sm_percent The share of the GPU's SMs asked for the embedder's batches (-1: all).\n\
+         # TYPE colocate:compute_share_sm_percent gauge\n\
+         colocate:compute_share_sm_percent{{{l}}} {}\n\
+         # HELP colocate:compute_share_sms SMs the embedder's batches may use now (-1: no SM partitions).\n\
+         # TYPE colocate:compute_share_sms gauge\n\
+         colocate:compute_share_sms{{{l}}} {}\n\
          # HELP colocate:compute_share_tokens_in_flight Embedding tokens in the engine now.\n\
          # TYPE colocate:compute_share_tokens_in_flight gauge\n\
          colocate:compute_share_tokens_in_flight{{{l}}} {}\n\
@@ -185,6 +251,8 @@ pub fn render(model_name: &str, st: &ShareStatus) -> String {
          colocate:compute_share_waiting{{{l}}} {}\n",
         st.max_tokens_in_flight.map_or(-1, |c| c as i64),
         st.duty_percent.map_or(-1, i64::from),
+        st.sm_percent.map_or(-1, i64::from),
+        st.sms.map_or(-1, i64::from),
         st.tokens_in_flight,
         st.waiting
     )
@@ -196,12 +264,22 @@ pub async fn get_share(Extension(share): Extension<Arc<ComputeShare>>) -> Respon
 }
 
 /// `POST /admin/compute-share` with `{"max_tokens_in_flight": N | null, "duty_percent":
-/// P | null}` (either or both).
+/// P | null, "sm_percent": S | null}` (any of them). Nothing changes when one is refused.
 pub async fn set_share(
     Extension(share): Extension<Arc<ComputeShare>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let update = parse_update(&body)?;
+    if let Some(sm) = update.sm_percent {
+        if !share.has_partitions() {
+            return Err(ErrorBody::invalid_request(
+                format!("`{SM}`: this engine has no SM partitions to move between; start an embedder with --device cuda --sm-partitions 16,32,64 (CUDA green contexts of that many SMs)"),
+                Some(SM),
+            )
+            .into());
+        }
+        share.set_sm_percent(sm);
+    }
     if let Some(cap) = update.cap {
         share.set(cap);
     }
@@ -216,31 +294,35 @@ pub async fn set_share(
 struct ShareUpdate {
     cap: Option<Option<usize>>,
     duty_percent: Option<Option<u32>>,
+    sm_percent: Option<Option<u32>>,
 }
 
+const CAP: &str = "max_tokens_in_flight";
+const DUTY: &str = "duty_percent";
+const SM: &str = "sm_percent";
+
 /// The settings of a body: `max_tokens_in_flight` a whole number of at least 1,
-/// `duty_percent` a whole number from 1 to 100 (100: no pacing), each or null; one at least.
+/// `duty_percent` and `sm_percent` whole numbers from 1 to 100 (100: no pacing, all
+/// SMs), each or null; one at least.
 fn parse_update(body: &[u8]) -> Result<ShareUpdate, ErrorBody> {
-    const CAP: &str = "max_tokens_in_flight";
-    const DUTY: &str = "duty_percent";
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         ErrorBody::invalid_request(format!("the body is not valid JSON: {e}"), None)
     })?;
     let Some(map) = v.as_object() else {
         return Err(ErrorBody::invalid_request(
-            "send a JSON object: {\"max_tokens_in_flight\": 2048, \"duty_percent\": 50} (either or both; null lifts one)",
+            "send a JSON object: {\"max_tokens_in_flight\": 2048, \"duty_percent\": 50, \"sm_percent\": 25} (any of them; null lifts one)",
             None,
         ));
     };
-    if let Some(k) = map.keys().find(|k| *k != CAP && *k != DUTY) {
+    if let Some(k) = map.keys().find(|k| ![CAP, DUTY, SM].contains(&k.as_str())) {
         return Err(ErrorBody::invalid_request(
-            format!("unknown field `{k}`: the settings are {CAP} and {DUTY}"),
+            format!("unknown field `{k}`: the settings are {CAP}, {DUTY} and {SM}"),
             Some(k),
         ));
     }
     if map.is_empty() {
         return Err(ErrorBody::invalid_request(
-            format!("`{CAP}` or `{DUTY}` is required (null lifts it)"),
+            format!("`{CAP}`, `{DUTY}` or `{SM}` is required (null lifts it)"),
             Some(CAP),
         ));
     }
@@ -259,9 +341,11 @@ fn parse_update(body: &[u8]) -> Result<ShareUpdate, ErrorBody> {
     };
     let cap = whole(CAP, 1, usize::MAX as u64)?;
     let duty = whole(DUTY, 1, 100)?;
+    let sm = whole(SM, 1, 100)?;
     Ok(ShareUpdate {
         cap: cap.map(|c| c.map(|n| n as usize)),
         duty_percent: duty.map(|d| d.map(|n| n as u32)),
+        sm_percent: sm.map(|d| d.map(|n| n as u32)),
     })
 }
 
@@ -277,7 +361,7 @@ mod tests {
             ok(br#"{"max_tokens_in_flight": 512}"#),
             ShareUpdate {
                 cap: Some(Some(512)),
-                duty_percent: None
+                ..ShareUpdate::default()
             }
         );
         assert_eq!(ok(br#"{"max_tokens_in_flight": null}"#).cap, Some(None));
@@ -285,9 +369,12 @@ mod tests {
             ok(br#"{"duty_percent": 25, "max_tokens_in_flight": null}"#),
             ShareUpdate {
                 cap: Some(None),
-                duty_percent: Some(Some(25))
+                duty_percent: Some(Some(25)),
+                sm_percent: None
             }
         );
+        assert_eq!(ok(br#"{"sm_percent": 25}"#).sm_percent, Some(Some(25)));
+        assert_eq!(ok(br#"{"sm_percent": null}"#).sm_percent, Some(None));
         assert_eq!(ok(br#"{"duty_percent": null}"#).duty_percent, Some(None));
         for bad in [
             &br#"{"max_tokens_in_flight": 0}"#[..],
@@ -297,6 +384,9 @@ mod tests {
             br#"{"duty_percent": 0}"#,
             br#"{"duty_percent": 101}"#,
             br#"{"duty_percent": 50.5}"#,
+            br#"{"sm_percent": 0}"#,
+            br#"{"sm_percent": 101}"#,
+            br#"{"sm_percent": "25"}"#,
             br#"{}"#,
             br#"{"max_tokens": 9}"#,
             br#"[1]"#,
@@ -315,6 +405,30 @@ mod tests {
             .contains("colocate:compute_share_duty_percent{model_name=\"m\"} 40\n"));
     }
 
+    #[test]
+    fn the_sm_share_shows_the_partitions_and_what_is_in_use() {
+        let share = ComputeShare::default();
+        let text = render("m", &share.status());
+        assert!(
+            text.contains("colocate:compute_share_sms{model_name=\"m\"} -1\n"),
+            "{text}"
+        );
+        assert!(!share.has_partitions());
+        share.set_partitions(SmPartitions::new(132, [16, 64]));
+        share.set_sm_percent(Some(100));
+        assert_eq!(share.sm_percent(), None);
+        share.set_sm_percent(Some(25));
+        share.set_sms_in_use(64);
+        let st = share.status();
+        assert_eq!(
+            (st.sm_percent, st.sms, st.sm_partitions.clone()),
+            (Some(25), Some(64), vec![16, 64])
+        );
+        let text = render("m", &st);
+        assert!(text.contains("colocate:compute_share_sm_percent{model_name=\"m\"} 25\n"));
+        assert!(text.contains("colocate:compute_share_sms{model_name=\"m\"} 64\n"));
+    }
+
     #[tokio::test]
     async fn requests_past_the_cap_wait_until_tokens_leave() {
         let share = Arc::new(ComputeShare::default());
@@ -328,6 +442,9 @@ mod tests {
             ShareStatus {
                 max_tokens_in_flight: Some(100),
                 duty_percent: None,
+                sm_percent: None,
+                sms: None,
+                sm_partitions: vec![],
                 tokens_in_flight: 60,
                 waiting: 1
             }

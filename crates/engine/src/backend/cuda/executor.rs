@@ -19,6 +19,7 @@ use super::gemm::{GemmSpec, Gemms, TuneRecord};
 use super::graphs::{self, DecodeGraphs};
 use super::kernels::{DecodeKernel, DecodePartials, DevPtr, Kernels, RopeTable, FLASH_QUERY_TILE};
 use super::kv_cache::{KvCache, KvPlace};
+use super::lanes::Lanes;
 use super::profile::{Launcher, Profiler};
 use super::step::{CudaOptions, DecodeSplit, PackedStep, StepBuffer, StepLayout};
 use crate::backend::sampling::sample_row;
@@ -169,6 +170,9 @@ pub struct CudaExecutor<M> {
     _rope_bufs: [DevBuf; 2],
     graphs: DecodeGraphs,
     profiler: Option<Profiler>,
+    /// An embedder's SM partitions (`--sm-partitions`): embedding passes run on the
+    /// active one.
+    lanes: Option<Lanes>,
 }
 
 impl<M: CudaModel> CudaExecutor<M> {
@@ -234,6 +238,18 @@ impl<M: CudaModel> CudaExecutor<M> {
         let step = StepBuffer::alloc(&dev, &opts, split)?;
         let blas_workspace = DevBuf::alloc(&dev, BLAS_WORKSPACE)?;
         let gemm = Gemms::new(&dev, blas_workspace.ptr, BLAS_WORKSPACE)?;
+        let lanes = if opts.sm_partitions.is_empty() {
+            None
+        } else {
+            Some(Lanes::open(
+                ordinal,
+                &dev,
+                &opts.sm_partitions,
+                head_dim,
+                heads / kv_heads,
+                BLAS_WORKSPACE,
+            )?)
+        };
         let rope_positions = opts
             .max_model_len
             .min(config.max_position_embeddings.max(1));
@@ -280,6 +296,7 @@ impl<M: CudaModel> CudaExecutor<M> {
             _rope_bufs: [rope_buf, inv_freq_buf],
             graphs,
             profiler: None,
+            lanes,
         };
         if generate {
             ex.tune_gemms()?;
@@ -503,6 +520,14 @@ impl<M: CudaModel> CudaExecutor<M> {
             .map_err(|e| anyhow!("binding the CUDA context: {e}"))
     }
 
+    /// The device embedding passes run on: the active SM partition's, else the engine's.
+    fn embed_dev(&self) -> &CudaDevice {
+        self.lanes
+            .as_ref()
+            .and_then(Lanes::active)
+            .map_or(&self.dev, |l| &l.dev)
+    }
+
     /// Runs a step: graph replay for pure decode batches, eager otherwise. Leaves the
     /// selected rows' logits and argmax on the device; returns the number of rows.
     fn run_step(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<usize> {
@@ -604,28 +629,39 @@ impl<M: CudaModel> CudaExecutor<M> {
             .as_mut()
             .ok_or_else(|| anyhow!("flash attention tiles"))?;
         ft.count = count;
+        let stream = self
+            .lanes
+            .as_ref()
+            .and_then(Lanes::active)
+            .map_or(&self.dev.stream, |l| &l.dev.stream);
         // SAFETY: the buffer holds at least tiles.len() i32.
         unsafe {
-            cudarc::driver::result::memcpy_htod_async(
-                ft.buf.ptr,
-                &tiles,
-                self.dev.stream.cu_stream(),
-            )
+            cudarc::driver::result::memcpy_htod_async(ft.buf.ptr, &tiles, stream.cu_stream())
         }
         .map_err(|e| anyhow!("uploading attention tiles: {e}"))?;
         Ok(())
     }
 
-    /// Enqueues the model's forward pass, its ops timed when profiling is on.
+    /// Enqueues the model's forward pass, its ops timed when profiling is on; an
+    /// embedding pass on the active SM partition when there is one.
     fn forward(&mut self, pass: Pass) -> anyhow::Result<()> {
         let mut prof = self.profiler.take();
         let flash = self
             .flash
             .as_ref()
             .filter(|_| pass.embed && self.embed_flash);
+        let lane = self
+            .lanes
+            .as_ref()
+            .and_then(Lanes::active)
+            .filter(|_| pass.embed);
+        let (dev, kernels, gemm) = match lane {
+            Some(l) => (&l.dev, &l.kernels, &l.gemm),
+            None => (&self.dev, &self.kernels, &self.gemm),
+        };
         let cx = ForwardCtx {
-            dev: &self.dev,
-            kernels: &self.kernels,
+            dev,
+            kernels,
             step: &self.step,
             rope: &self.rope,
             flash,
@@ -634,9 +670,9 @@ impl<M: CudaModel> CudaExecutor<M> {
                 .as_ref()
                 .filter(|_| self.decode_kernel == DecodeKernel::Split)
                 .map(|(_, p)| *p),
-            gemm: &self.gemm,
+            gemm,
         };
-        let mut ops = Launcher::new(&self.dev.stream, &mut prof);
+        let mut ops = Launcher::new(&dev.stream, &mut prof);
         let r = self.model.enqueue_forward(&cx, &mut ops, &pass);
         self.profiler = prof;
         r
@@ -741,6 +777,22 @@ impl<M: CudaModel> Embedder for CudaExecutor<M> {
         if self.embed_kv.is_none() && !self.embed_flash {
             self.embed_kv = Some(DevBuf::alloc(&self.dev, 2 * layer_bytes)?);
         }
+        if self.embed_flash && self.flash.is_none() {
+            // The most tiles a chunk can have, allocated before a partition's context
+            // becomes current (allocations are ordered on the engine's own stream).
+            let most = self.opts.max_tokens.div_ceil(FLASH_QUERY_TILE) + self.opts.max_seqs;
+            self.flash = Some(FlashTiles {
+                buf: DevBuf::alloc(&self.dev, 3 * most * 4)?,
+                count: 0,
+            });
+        }
+        if self.lanes.as_ref().and_then(Lanes::active).is_some() {
+            buffer::synchronize(&self.dev)?;
+            self.embed_dev()
+                .ctx
+                .bind_to_thread()
+                .map_err(|e| anyhow!("binding the SM partition's context: {e}"))?;
+        }
         let place = KvPlace {
             base: self.embed_kv.as_ref().map(|b| b.ptr).unwrap_or(0),
             layer_stride: 0,
@@ -799,7 +851,7 @@ impl<M: CudaModel> Embedder for CudaExecutor<M> {
                 .builder
                 .paged(&seqs, &[], bs, slots_needed / bs, self.shape.vocab)?;
             let packed = self.step.pack(&meta, 0, lay, &self.opts)?;
-            self.step.upload(&self.dev, seqs.len(), lay)?;
+            self.step.upload(self.embed_dev(), seqs.len(), lay)?;
             let lens: Vec<usize> = inputs[i..j].iter().map(|x| x.len()).collect();
             self.prepare_flash(&lens)?;
             self.forward(Pass {
@@ -809,8 +861,11 @@ impl<M: CudaModel> Embedder for CudaExecutor<M> {
                 embed: true,
             })?;
             let hidden = self.shape.hidden;
-            let pooled: Vec<f32> =
-                buffer::download(&self.dev, self.model.outputs().pooled, packed.rows * hidden)?;
+            let pooled: Vec<f32> = buffer::download(
+                self.embed_dev(),
+                self.model.outputs().pooled,
+                packed.rows * hidden,
+            )?;
             self.collect_profile();
             for row in pooled.chunks(hidden) {
                 let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
@@ -819,5 +874,16 @@ impl<M: CudaModel> Embedder for CudaExecutor<M> {
             i = j;
         }
         Ok(out)
+    }
+
+    fn sm_partitions(&self) -> Option<crate::sm_share::SmPartitions> {
+        self.lanes.as_ref().map(|l| l.partitions().clone())
+    }
+
+    fn set_sm_share(&mut self, percent: Option<u32>) -> anyhow::Result<u32> {
+        match self.lanes.as_mut() {
+            Some(l) => Ok(l.set(percent)),
+            None => bail!("this engine has no SM partitions (start it with --sm-partitions)"),
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! (the decode shapes on the cuBLASLt algorithms timed fastest at load), everything else
 //! in kernels compiled at start-up by NVRTC for the device (see `kernels/engine.cu`),
 //! decode steps captured as CUDA graphs per batch-size bucket. This folder is the device
-//! (`device`, `green`, `buffer`, `kernels`, `gemm`, `gemm_tune`, `kv_cache`, `step`, `graphs`,
+//! (`device`, `green`, `lanes`, `buffer`, `kernels`, `gemm`, `gemm_tune`, `kv_cache`, `step`, `graphs`,
 //! `profile`) and the `executor` that runs any CUDA model behind the `model_api` seam;
 //! the models themselves live beside the portable ones (`model::qwen3_cuda`).
 //!
@@ -24,6 +24,7 @@ pub mod graphs;
 pub mod green;
 pub mod kernels;
 pub mod kv_cache;
+pub mod lanes;
 pub mod moe_kernels;
 pub mod profile;
 pub mod step;

@@ -26,6 +26,9 @@ pub struct CudaOptions {
     /// Confine every kernel to a green context of at least this many SMs
     /// (`--sm-partition`; `backend::cuda::green`).
     pub sm_partition: Option<u32>,
+    /// An embedder's green contexts, movable while it runs (`--sm-partitions`;
+    /// `backend::cuda::lanes`).
+    pub sm_partitions: Vec<u32>,
 }
 
 impl Default for CudaOptions {
@@ -36,6 +39,7 @@ impl Default for CudaOptions {
             max_model_len: 4096,
             graph_buckets: vec![1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256],
             sm_partition: None,
+            sm_partitions: Vec::new(),
         }
     }
 }
@@ -336,6 +340,7 @@ mod tests {
             max_model_len: 64,
             graph_buckets: vec![1, 2, 4],
             sm_partition: None,
+            sm_partitions: Vec::new(),
         }
     }
 
