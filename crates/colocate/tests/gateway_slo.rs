@@ -498,7 +498,11 @@ fn the_example_deployment_is_valid() {
 /// inside the best-effort built-in engine: an objective no request can meet (TTFT p99 of
 /// 1 ms) drives the limit down, and the embedder's `/admin/compute-share` follows it
 /// (limit x tokens per place, at least one place; a duty cycle from 20% at the floor), as
-/// the gateway's `/metrics` says.
+/// the gateway's `/metrics` says. With `engine_sm_floor` as well, the gateway computes the
+/// SM share from the limit (12% at the floor, as `control::engine_sm`) and posts it on its
+/// own: the CPU engine has no SM partitions and refuses it with 400, which is counted in
+/// `colocate_gateway_engine_lever_errors_total` (once per change of the limit, not every
+/// tick), and costs the token cap and the duty cycle nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_moves_the_best_effort_engines_compute_share() {
     let _turn = ONE_DEPLOYMENT_AT_A_TIME.lock().await;
@@ -507,7 +511,7 @@ async fn the_controller_moves_the_best_effort_engines_compute_share() {
         dir.path(),
         "share",
         Some(Duration::from_millis(1)),
-        "engine_share_tokens = 16\nengine_duty_floor = 20",
+        "engine_share_tokens = 16\nengine_duty_floor = 20\nengine_sm_floor = 12",
     );
     let c = client();
     let gauge = |text: &str, name: &str| {
@@ -530,6 +534,7 @@ async fn the_controller_moves_the_best_effort_engines_compute_share() {
     // Streamed requests over a 1 ms objective: pressure, decreases, a share.
     let t0 = Instant::now();
     let mut last = None;
+    let mut seen = String::new();
     while t0.elapsed() < Duration::from_secs(30) {
         let _ = latency_stream(&up.gw, Duration::from_millis(300)).await;
         let metrics = c
@@ -544,6 +549,18 @@ async fn the_controller_moves_the_best_effort_engines_compute_share() {
             gauge(&metrics, "colocate_gateway_engine_share_tokens ").expect("the share gauge");
         let gw_duty =
             gauge(&metrics, "colocate_gateway_engine_duty_percent ").expect("the duty gauge");
+        let gw_sm = gauge(&metrics, "colocate_gateway_engine_sm_percent ").expect("the SM gauge");
+        let gw_limit =
+            gauge(&metrics, "colocate_gateway_best_effort_limit ").expect("the limit gauge");
+        let errors = gauge(&metrics, "colocate_gateway_engine_lever_errors_total ")
+            .expect("the lever errors counter");
+        let changes = metric(
+            &metrics,
+            "colocate_gateway_controller_decisions_total{decision=\"increase\"}",
+        ) + metric(
+            &metrics,
+            "colocate_gateway_controller_decisions_total{decision=\"decrease\"}",
+        );
         let got: serde_json::Value = c
             .get(format!("{}/admin/compute-share", up.embed))
             .send()
@@ -554,17 +571,31 @@ async fn the_controller_moves_the_best_effort_engines_compute_share() {
             .unwrap();
         let engine_duty = got["duty_percent"].as_u64();
         last = Some((gw_share, engine_cap(got)));
+        seen = format!(
+            "limit {gw_limit}, SM gauge {gw_sm}, lever errors {errors}, limit changes {changes}"
+        );
+        // At most one SM POST for the start and each change of the limit: a refusal is
+        // not repeated every tick.
+        assert!(errors as f64 <= changes + 1.0, "{seen}");
+        // The SM share follows the limit (12% at 0, a line to none at 32), whatever the
+        // engine answered; the counter has the refusal once the POST came back.
+        let sm_follows = gw_limit < 32 && gw_sm == i64::from(12 + 88 * gw_limit as u32 / 32);
         // The limit halves from 32 towards 0; the engine holds what the gateway last sent.
         if gw_share > 0
             && gw_share <= 16 * 16
             && engine_cap_matches(gw_share, last)
             && (20..100).contains(&gw_duty)
             && engine_duty == Some(gw_duty as u64)
+            && sm_follows
+            && errors >= 1
         {
+            eprintln!("the levers followed: {seen}; engine {last:?}");
             return;
         }
     }
-    panic!("the engine's share never followed the controller: (gateway, engine) = {last:?}");
+    panic!(
+        "the engine's share never followed the controller: (gateway, engine) = {last:?}; {seen}"
+    );
 }
 
 /// Whether the engine's cap is what the gateway says it sent.

@@ -322,6 +322,17 @@ pub fn control_lines(st: &state::StateFile) -> Vec<String> {
             "engine pacing: best-effort built-in engines compute at most {d}% of the time"
         ));
     }
+    if let Some(p) = c.engine_sm_percent {
+        out.push(format!(
+            "engine SMs: best-effort built-in engines run on their smallest SM partition with at least {p}% of the GPU's SMs"
+        ));
+    }
+    if c.engine_lever_errors > 0 {
+        out.push(format!(
+            "engine levers: {} settings refused or not answered by best-effort engines (the gateway's log says why)",
+            c.engine_lever_errors
+        ));
+    }
     out.push(format!(
         "{:<16} {:<12} {:<44} {:>9} {:>7} {:>9} {:>9} {:>9}",
         "tenant",
@@ -435,5 +446,68 @@ mod tests {
         st.sharing = "timeslice".into();
         assert!(mps_fault_lines(&st).is_empty());
         assert!(control_lines(&st).is_empty());
+    }
+
+    #[test]
+    fn status_shows_the_engine_levers_and_their_refusals() {
+        let snap = crate::gateway::ControlSnapshot {
+            limit: 4,
+            min: 1,
+            max: 32,
+            in_flight: 3,
+            pressure: Some(1.2),
+            decisions_increase: 0,
+            decisions_decrease: 3,
+            decisions_hold: 9,
+            window_seconds: 5.0,
+            tenants: Vec::new(),
+            engine_share_tokens: Some(8192),
+            engine_duty_percent: Some(35),
+            engine_sm_percent: Some(20),
+            engine_lever_errors: 2,
+        };
+        let mut st = state::StateFile {
+            schema: state::SCHEMA,
+            name: "t".into(),
+            phase: "running".into(),
+            up_pid: 1,
+            run_dir: PathBuf::from("/tmp/x"),
+            started_at: String::new(),
+            updated_at: String::new(),
+            gpu: "0".into(),
+            sharing: "mps".into(),
+            gateway_url: None,
+            instances: Vec::new(),
+            events: Vec::new(),
+            mps_faults: Vec::new(),
+            mps_faults_total: 0,
+            gateway_control: Some(snap.clone()),
+        };
+        let lines = control_lines(&st).join("\n");
+        for want in [
+            "at most 8192 embedding tokens in flight",
+            "at most 35% of the time",
+            "smallest SM partition with at least 20% of the GPU's SMs",
+            "engine levers: 2 settings refused or not answered",
+        ] {
+            assert!(lines.contains(want), "{want} not in\n{lines}");
+        }
+        // lifted levers and no refusal: no lines for them
+        st.gateway_control = Some(crate::gateway::ControlSnapshot {
+            engine_share_tokens: None,
+            engine_duty_percent: None,
+            engine_sm_percent: None,
+            engine_lever_errors: 0,
+            ..snap
+        });
+        let lines = control_lines(&st).join("\n");
+        assert!(!lines.contains("engine "), "{lines}");
+        // a state file written before the SM lever still reads
+        let mut v = serde_json::to_value(&st).unwrap();
+        let c = v["gateway_control"].as_object_mut().unwrap();
+        c.remove("engine_sm_percent");
+        c.remove("engine_lever_errors");
+        let back: state::StateFile = serde_json::from_value(v).unwrap();
+        assert_eq!(back.gateway_control, st.gateway_control);
     }
 }

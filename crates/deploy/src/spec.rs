@@ -558,6 +558,14 @@ pub struct ControlSpec {
     /// lever.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_duty_floor: Option<u32>,
+    /// The percentage of the GPU's SMs that best-effort built-in engines get at the floor
+    /// of the limit (`min_best_effort`): an SM partition, the third engine lever. It rises
+    /// in a line with the limit to none (the whole GPU) at `max_best_effort`. Only an
+    /// engine started with `--sm-partitions` takes it (it runs each embedding batch on its
+    /// smallest partition with at least that share of the SMs); the others refuse it, and
+    /// keep the other levers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_sm_floor: Option<u32>,
 }
 
 impl Default for ControlSpec {
@@ -571,6 +579,7 @@ impl Default for ControlSpec {
             queue_timeout: Duration::from_secs(30),
             engine_share_tokens: None,
             engine_duty_floor: None,
+            engine_sm_floor: None,
         }
     }
 }
@@ -989,6 +998,12 @@ fn control_problems(c: &ControlSpec) -> Vec<(&'static str, String)> {
         out.push((
             "engine_duty_floor",
             "must be a percentage from 1 to 99 (leave it out for no pacing)".into(),
+        ));
+    }
+    if c.engine_sm_floor.is_some_and(|p| !(1..=99).contains(&p)) {
+        out.push((
+            "engine_sm_floor",
+            "must be a percentage from 1 to 99 (leave it out for the whole GPU)".into(),
         ));
     }
     if c.queue > 0 && c.queue_timeout.is_zero() {
@@ -1412,6 +1427,18 @@ replicas = 2
                 "",
                 "[gateway]\n[gateway.control]\nengine_duty_floor = 100",
                 "gateway.control.engine_duty_floor: must be a percentage from 1 to 99",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\nengine_sm_floor = 0",
+                "gateway.control.engine_sm_floor: must be a percentage from 1 to 99 (leave it out for the whole GPU)",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\nengine_sm_floor = 100",
+                "gateway.control.engine_sm_floor: must be a percentage from 1 to 99",
             ),
             (
                 "",

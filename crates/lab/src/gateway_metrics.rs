@@ -3,8 +3,8 @@
 //! (every `sample_interval`, as the GPU counters) and kept as a timeline beside them, so the
 //! report can show what the controller did and when: its best-effort limit, the best-effort
 //! requests in flight and waiting, its pressure (the latency tenants' worst p99 over
-//! objective), its decisions, the requests it refused with 429, and the compute share it
-//! set in the best-effort built-in engines.
+//! objective), its decisions, the requests it refused with 429, and the engine levers it
+//! set in the best-effort built-in engines (compute share, duty cycle, SM share).
 //!
 //! The names are those `deploy`'s gateway renders (`gateway/control.rs`); a gateway whose
 //! controller is not active (no engine has a priority) renders none of them, and the window
@@ -29,6 +29,9 @@ pub const PRESSURE: &str = "colocate_gateway_slo_pressure";
 pub const ENGINE_SHARE: &str = "colocate_gateway_engine_share_tokens";
 /// The duty cycle set in the best-effort built-in engines, percent (-1: no pacing).
 pub const ENGINE_DUTY: &str = "colocate_gateway_engine_duty_percent";
+/// The percentage of the GPU's SMs set in the best-effort built-in engines (-1: the whole
+/// GPU).
+pub const ENGINE_SM: &str = "colocate_gateway_engine_sm_percent";
 /// Ticks by decision (label `decision`: increase, decrease, hold).
 pub const DECISIONS: &str = "colocate_gateway_controller_decisions_total";
 /// Best-effort requests waiting, per tenant.
@@ -58,6 +61,10 @@ pub struct ControlSample {
     /// Duty cycle set in the best-effort built-in engines, percent (none: no pacing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_duty_percent: Option<f64>,
+    /// Percentage of the GPU's SMs set in the best-effort built-in engines (none: the whole
+    /// GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_sm_percent: Option<f64>,
     /// Decisions so far (counters).
     pub increases: f64,
     pub decreases: f64,
@@ -90,6 +97,7 @@ impl ControlSample {
             pressure: e.sum(PRESSURE).filter(|p| p.is_finite()),
             engine_share_tokens: e.sum(ENGINE_SHARE).filter(|s| *s >= 0.0),
             engine_duty_percent: e.sum(ENGINE_DUTY).filter(|d| *d >= 0.0),
+            engine_sm_percent: e.sum(ENGINE_SM).filter(|p| *p >= 0.0),
             increases: decisions("increase"),
             decreases: decisions("decrease"),
             holds: decisions("hold"),
@@ -360,11 +368,14 @@ mod tests {
 
     /// A page as the gateway renders it (`ControlSnapshot::render`), cut to the lines read.
     fn page(limit: u32, queued: u32, decreases: u32, rejected: u32, pressure: &str) -> String {
+        // the SM share rises with the limit, lifted at 64 (as `control::engine_sm`)
+        let sm = if limit >= 64 { -1 } else { 12 + limit as i64 };
         format!(
             "# TYPE colocate_gateway_best_effort_limit gauge\n\
              colocate_gateway_best_effort_limit {limit}\n\
              colocate_gateway_engine_share_tokens -1\n\
              colocate_gateway_engine_duty_percent 35\n\
+             colocate_gateway_engine_sm_percent {sm}\n\
              colocate_gateway_best_effort_in_flight {limit}\n\
              colocate_gateway_slo_pressure {pressure}\n\
              colocate_gateway_controller_decisions_total{{decision=\"increase\"}} 3\n\
@@ -391,8 +402,13 @@ mod tests {
         assert_eq!(s.pressure, Some(1.3));
         assert_eq!(s.engine_share_tokens, None);
         assert_eq!(s.engine_duty_percent, Some(35.0));
+        assert_eq!(s.engine_sm_percent, Some(20.0));
         let s = sample(5.0, &page(8, 0, 0, 0, "NaN"));
         assert_eq!(s.pressure, None);
+        assert_eq!(
+            sample(5.0, &page(64, 0, 0, 0, "NaN")).engine_sm_percent,
+            None
+        );
         // a gateway without a controller renders no limit
         let plain = parse("colocate_gateway_requests_total{model=\"m\"} 3\n").unwrap();
         assert_eq!(ControlSample::of(1.0, &plain), None);

@@ -1,7 +1,8 @@
 //! The report's page for SLO control (issue 18): the controlled conditions beside the static
 //! ones at the same loads, what the gateway's controller did in each window (its
 //! best-effort limit, decisions, the requests it queued and refused), each workload's
-//! throughput before and after a load step, and a timeline per controlled condition with
+//! throughput before and after a load step, the engine levers it set (compute share, duty
+//! cycle, SM share) when it had any, and a timeline per controlled condition with
 //! the controller's limit between throughput and the GPU counters (drawn by
 //! [`limit_panel`], which `plots::timeline` calls when the window has the controller).
 
@@ -12,7 +13,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::analysis::{Analysis, CellSummary};
-use crate::gateway_metrics::GatewayWindow;
+use crate::gateway_metrics::{ControlSample, GatewayWindow};
 use crate::matrix::Condition;
 use crate::plots;
 use crate::results::{ConditionResult, Results};
@@ -144,6 +145,7 @@ pub fn section(results: &Results, a: &Analysis, run_dir: &Path) -> String {
         );
     }
     out.push('\n');
+    out.push_str(&levers_table(results, &cells));
     out.push_str(&against_solo(a, &cells));
     for &(i, c) in &cells {
         for r in measured(results, &c.label) {
@@ -178,6 +180,90 @@ pub fn section(results: &Results, a: &Analysis, run_dir: &Path) -> String {
         }
     }
     out
+}
+
+/// One engine lever of the controlled cells: its name, its unit and how a sample reads it.
+type Lever = (
+    &'static str,
+    &'static str,
+    fn(&ControlSample) -> Option<f64>,
+);
+
+/// The engine levers the controller set in the best-effort built-in engines: per controlled
+/// cell, each lever's mean, least and most over the samples in the windows where it was set,
+/// and how often it was lifted. Only the levers set somewhere (the deployment template's
+/// `engine_*` settings); empty when none was.
+fn levers_table(results: &Results, cells: &[(usize, &CellSummary)]) -> String {
+    const LEVERS: [Lever; 3] = [
+        ("compute share", " tokens", |s| s.engine_share_tokens),
+        ("duty cycle", "%", |s| s.engine_duty_percent),
+        ("SM share", "%", |s| s.engine_sm_percent),
+    ];
+    let samples: Vec<(usize, Vec<&ControlSample>)> = cells
+        .iter()
+        .map(|&(i, c)| {
+            let s = measured(results, &c.label)
+                .into_iter()
+                .filter_map(|r| {
+                    let g = r.gateway.as_ref()?;
+                    let (w0, w1) = r.window.unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
+                    Some(g.samples.iter().filter(move |s| s.t >= w0 && s.t <= w1))
+                })
+                .flatten()
+                .collect();
+            (i, s)
+        })
+        .collect();
+    let used: Vec<&Lever> = LEVERS
+        .iter()
+        .filter(|(_, _, f)| {
+            samples
+                .iter()
+                .any(|(_, s)| s.iter().any(|s| f(s).is_some()))
+        })
+        .collect();
+    if used.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("The engine levers the controller set in the best-effort built-in engines over the windows (mean, least–most while set; lifted: no cap, no pacing, the whole GPU):\n\n| # |");
+    for (name, _, _) in &used {
+        let _ = write!(out, " {name} |");
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---:|".repeat(used.len()));
+    out.push('\n');
+    for (i, s) in &samples {
+        let _ = write!(out, "| {} |", cid(*i));
+        for (_, unit, f) in &used {
+            let _ = write!(out, " {} |", lever_text(s.iter().map(|s| f(s)), unit));
+        }
+        out.push('\n');
+    }
+    out.push('\n');
+    out
+}
+
+/// A lever over samples (`None`: lifted at that sample): "mean (least–most)" while set, and
+/// the share of the samples it was lifted at.
+fn lever_text(v: impl Iterator<Item = Option<f64>>, unit: &str) -> String {
+    let v: Vec<Option<f64>> = v.collect();
+    let set: Vec<f64> = v.iter().flatten().copied().collect();
+    if set.is_empty() {
+        return if v.is_empty() { "–" } else { "lifted" }.into();
+    }
+    let mean = set.iter().sum::<f64>() / set.len() as f64;
+    let lo = set.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = set.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lifted = v.len() - set.len();
+    let lifted = if lifted > 0 {
+        format!(
+            ", lifted at {:.0}% of samples",
+            100.0 * lifted as f64 / v.len() as f64
+        )
+    } else {
+        String::new()
+    };
+    format!("{mean:.0}{unit} ({lo:.0}–{hi:.0}){lifted}")
 }
 
 /// Each workload of the controlled cells and of their best static twins against its solo
@@ -443,4 +529,104 @@ pub fn limit_panel<DB: DrawingBackend>(
 /// Whether a repetition's timeline gets the controller's panel.
 pub fn has_panel(rep: &ConditionResult) -> bool {
     rep.gateway.as_ref().is_some_and(|g| !g.samples.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lever_reads_as_its_mean_and_range_while_set() {
+        let v = [Some(12.0), Some(56.0), None, Some(100.0)];
+        assert_eq!(
+            lever_text(v.into_iter(), "%"),
+            "56% (12–100), lifted at 25% of samples"
+        );
+        assert_eq!(
+            lever_text([Some(2048.0)].into_iter(), " tokens"),
+            "2048 tokens (2048–2048)"
+        );
+        assert_eq!(lever_text([None, None].into_iter(), "%"), "lifted");
+        assert_eq!(lever_text(std::iter::empty(), "%"), "–");
+    }
+
+    /// The levers' table shows the levers set (here the SM share and the compute share,
+    /// not the duty cycle), over the samples inside the window only.
+    #[test]
+    fn the_levers_table_has_the_levers_set_in_the_window() {
+        const EXP: &str = r#"
+name = "r"
+warmup = "0s"
+duration = "1s"
+[deployment]
+[[deployment.engines]]
+name = "gen"
+[[workloads]]
+name = "g"
+engine = "gen"
+preset = "seed-gen"
+"#;
+        let exp = crate::spec::Experiment::parse(EXP).unwrap();
+        let cond = crate::matrix::plan(&exp).remove(0);
+        let at = |t: f64, sm: Option<f64>| ControlSample {
+            t,
+            limit: 4.0,
+            engine_share_tokens: Some(8192.0),
+            engine_sm_percent: sm,
+            ..Default::default()
+        };
+        let c = ConditionResult {
+            failed: None,
+            window: Some((10.0, 20.0)),
+            gateway: Some(GatewayWindow {
+                samples: vec![
+                    at(9.0, Some(1.0)), // before the window: not counted
+                    at(10.0, Some(12.0)),
+                    at(15.0, Some(56.0)),
+                    at(20.0, None),
+                ],
+                ..Default::default()
+            }),
+            ..ConditionResult::failed(cond.clone(), String::new())
+        };
+        let results = Results {
+            schema_version: crate::results::SCHEMA_VERSION,
+            experiment: exp,
+            experiment_text: EXP.into(),
+            experiment_path: "r.toml".into(),
+            environment: crate::results::host_environment(),
+            started_at: String::new(),
+            updated_at: String::new(),
+            complete: true,
+            command: "test".into(),
+            conditions: vec![c],
+            superseded: Vec::new(),
+        };
+        let cell = CellSummary {
+            label: cond.label.clone(),
+            condition: Some(cond),
+            ..Default::default()
+        };
+        let table = levers_table(&results, &[(2, &cell)]);
+        assert!(
+            table.contains("| # | compute share | SM share |\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| C3 | 8192 tokens (8192–8192) | 34% (12–56), lifted at 33% of samples |\n"
+            ),
+            "{table}"
+        );
+        // no lever set: no table
+        let mut bare = results.clone();
+        bare.conditions[0].gateway = Some(GatewayWindow {
+            samples: vec![ControlSample {
+                t: 15.0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert_eq!(levers_table(&bare, &[(2, &cell)]), "");
+    }
 }

@@ -1,4 +1,4 @@
-//! The SLO-control experiments (issue 18): the CPU one and the two H200 ones plan their
+//! The SLO-control experiments (issue 18): the CPU one and the H200 ones plan their
 //! controlled conditions beside the static ones at the same loads, with the load step, and
 //! every deployment validates (the controlled ones with the gateway and the priorities, the
 //! static ones without priorities).
@@ -119,4 +119,55 @@ fn the_green_example_starts_the_embedder_on_an_sm_partition() {
         spec.engines.iter().all(|e| e.sm_percent.is_none()),
         "green contexts need MPS without a thread limit"
     );
+}
+
+/// The SM partition under control (issue 18's third lever): the embedder started with its
+/// partitions (`--sm-partitions`) under MPS with default limits, the controller moving its
+/// SM share (`engine_sm_floor`) with the embedder saturating, at 25% and 50% of solo and
+/// through the load step, beside one static condition with the embedder saturating; its
+/// deployments validate.
+#[test]
+fn the_green_controlled_example_moves_the_sm_share_with_the_limit() {
+    let file = "h200-slo-green-controlled.toml";
+    let exp = load(file);
+    let planned = plan(&exp);
+    let first: Vec<_> = planned.iter().filter(|c| c.repetition == 1).collect();
+    let co: Vec<_> = first.iter().filter(|c| !c.is_solo()).collect();
+    assert_eq!(co.len(), 5, "{}", describe(&exp, &planned));
+    assert_eq!(co.iter().filter(|c| c.control).count(), 4);
+    let stepped: Vec<_> = co
+        .iter()
+        .filter_map(|c| c.loads["embed"].step.map(|s| (c.control, s)))
+        .collect();
+    assert_eq!(stepped.len(), 1, "{file}");
+    assert!(stepped[0].0, "the step runs under the controller");
+    assert_eq!(stepped[0].1.at, StepAt::Share(0.5));
+    // the static one: saturating, as the controlled one without a rate
+    let fixed = co.iter().find(|c| !c.control).unwrap();
+    assert!(co
+        .iter()
+        .any(|c| c.control && c.loads == fixed.loads && c.engines == fixed.engines));
+    assert!(first.iter().filter(|c| c.is_solo()).all(|c| !c.control));
+    let mut d = lab::deployments::Deployments::check(&exp, &planned)
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    for c in &co {
+        let spec = d.of(&exp, c).unwrap().spec().clone();
+        assert!(
+            spec.engines.iter().all(|e| e.sm_percent.is_none()),
+            "green contexts need MPS without a thread limit"
+        );
+        let embed = spec.engines.iter().find(|e| e.name == "embed").unwrap();
+        assert_eq!(embed.args, ["--sm-partitions", "16,32,48,64,96"]);
+        let prio: Vec<_> = spec.engines.iter().map(|e| e.priority.name()).collect();
+        if c.control {
+            assert_eq!(prio, ["latency", "best-effort"], "{file}: {}", c.label);
+            let control = spec.gateway.unwrap().control;
+            assert_eq!(control.engine_sm_floor, Some(12));
+            assert_eq!(control.engine_duty_floor, None);
+            assert_eq!(control.engine_share_tokens, None);
+            assert_eq!((control.min_best_effort, control.max_best_effort), (1, 32));
+        } else {
+            assert_eq!(prio, ["normal", "normal"], "{file}: {}", c.label);
+        }
+    }
 }

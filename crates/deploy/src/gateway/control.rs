@@ -42,16 +42,33 @@ pub fn engine_share(limit: u32, max: u32, per_place: u32) -> Option<u64> {
     (limit < max).then(|| u64::from(limit.max(1)) * u64::from(per_place))
 }
 
-/// The duty cycle for a best-effort limit: from `floor` percent at `min` up in a line to
-/// none (`None`: no pacing) at `max`, where the controller leaves best-effort work alone.
-pub fn engine_duty(limit: u32, min: u32, max: u32, floor: u32) -> Option<u32> {
+/// A lever that loosens as the limit rises: `floor` percent at `min` (and below), up in a
+/// line towards 100 at `max`, where it is lifted (`None`: the controller leaves best-effort
+/// work alone). Below the top it is never under `floor` (nor 1) and never over `top` (with
+/// a floor from 1 to 99, as the spec asks, the line stays under 100 before `max` anyway;
+/// `top` bounds any other floor). Both percentage levers use it: the duty cycle
+/// ([`engine_duty`]) and the SM share ([`engine_sm`]).
+pub fn rising_to_none(limit: u32, min: u32, max: u32, floor: u32, top: u32) -> Option<u32> {
     if limit >= max {
         return None;
     }
+    let top = top.clamp(1, 100);
     let above = u64::from(limit.saturating_sub(min));
     let span = u64::from(max - min.min(max)).max(1);
     let d = u64::from(floor) + u64::from(100 - floor.min(100)) * above / span;
-    Some((d as u32).clamp(floor.max(1), 99))
+    Some((d.min(u64::from(top)) as u32).max(floor.clamp(1, top)))
+}
+
+/// The duty cycle for a best-effort limit ([`rising_to_none`]): never 100 below the top,
+/// since 100% of the time is no pacing, which only the top lifts.
+pub fn engine_duty(limit: u32, min: u32, max: u32, floor: u32) -> Option<u32> {
+    rising_to_none(limit, min, max, floor, 99)
+}
+
+/// The percentage of the GPU's SMs for a best-effort limit ([`rising_to_none`]), at most
+/// 100 (every SM: the engine's whole GPU).
+pub fn engine_sm(limit: u32, min: u32, max: u32, floor: u32) -> Option<u32> {
+    rising_to_none(limit, min, max, floor, 100)
 }
 
 /// One tenant and its live measurements.
@@ -113,6 +130,13 @@ pub(crate) struct Control {
     engine_share: std::sync::atomic::AtomicI64,
     /// The duty cycle last sent to best-effort engines, in percent (-1: none).
     engine_duty: std::sync::atomic::AtomicI64,
+    /// The percentage of the GPU's SMs last sent to best-effort engines (-1: none).
+    engine_sm: std::sync::atomic::AtomicI64,
+    /// Lever POSTs to engines that failed (refused, or not answered).
+    lever_errors: AtomicU64,
+    /// The (engine URL, lever) pairs whose failure was logged at warn level already: a
+    /// refusal is said once per engine, not every time the limit moves.
+    lever_warned: Mutex<std::collections::HashSet<(String, &'static str)>>,
 }
 
 struct AimdState {
@@ -161,6 +185,9 @@ impl Control {
             spec,
             engine_share: std::sync::atomic::AtomicI64::new(-1),
             engine_duty: std::sync::atomic::AtomicI64::new(-1),
+            engine_sm: std::sync::atomic::AtomicI64::new(-1),
+            lever_errors: AtomicU64::new(0),
+            lever_warned: Mutex::new(Default::default()),
         }
     }
 
@@ -276,6 +303,8 @@ impl Control {
             tenants,
             engine_share_tokens: u64::try_from(self.engine_share.load(Ordering::Relaxed)).ok(),
             engine_duty_percent: u32::try_from(self.engine_duty.load(Ordering::Relaxed)).ok(),
+            engine_sm_percent: u32::try_from(self.engine_sm.load(Ordering::Relaxed)).ok(),
+            engine_lever_errors: self.lever_errors.load(Ordering::Relaxed),
         }
     }
 }
@@ -299,10 +328,14 @@ fn pressure(lat: &TenantLatency, slo: &SloSpec, since: Option<Instant>) -> Optio
     }))
 }
 
-/// Runs [`Control::tick`] every `interval` until cancelled; with `engine_share_tokens` or
-/// `engine_duty_floor`, also sets each best-effort built-in engine's compute share (its
-/// token cap, its duty cycle) whenever what the limit asks for changes (and once at the
-/// start, so a restart of the gateway starts clean).
+/// Runs [`Control::tick`] every `interval` until cancelled; with `engine_share_tokens`,
+/// `engine_duty_floor` or `engine_sm_floor`, also sets each best-effort built-in engine's
+/// compute share (its token cap, its duty cycle, its SM partition) whenever what the limit
+/// asks for changes (and once at the start, so a restart of the gateway starts clean).
+///
+/// The token cap and the duty cycle go in one `POST /admin/compute-share`, the SM share in
+/// a POST of its own: an engine without SM partitions (any CPU engine, a CUDA engine started
+/// without `--sm-partitions`) refuses it with 400, and must not lose the other two with it.
 pub(crate) async fn tick_loop(
     control: Arc<Control>,
     client: reqwest::Client,
@@ -310,60 +343,103 @@ pub(crate) async fn tick_loop(
 ) {
     let mut every = tokio::time::interval(control.spec.interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pushed: Option<(Option<u64>, Option<u32>)> = None;
+    let mut pushed_share: Option<(Option<u64>, Option<u32>)> = None;
+    let mut pushed_sm: Option<Option<u32>> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = every.tick() => { control.tick(Instant::now()); }
         }
         let spec = &control.spec;
-        if spec.engine_share_tokens.is_none() && spec.engine_duty_floor.is_none() {
-            continue;
-        }
         let (limit, _) = control.admission.load();
-        let share = spec
-            .engine_share_tokens
-            .and_then(|per| engine_share(limit, spec.max_best_effort, per));
-        let duty = spec.engine_duty_floor.and_then(|floor| {
-            engine_duty(limit, spec.min_best_effort, spec.max_best_effort, floor)
-        });
-        if pushed == Some((share, duty)) {
+        let (min, max) = (spec.min_best_effort, spec.max_best_effort);
+        if spec.engine_share_tokens.is_some() || spec.engine_duty_floor.is_some() {
+            let share = spec
+                .engine_share_tokens
+                .and_then(|per| engine_share(limit, max, per));
+            let duty = spec
+                .engine_duty_floor
+                .and_then(|floor| engine_duty(limit, min, max, floor));
+            if pushed_share != Some((share, duty)) {
+                pushed_share = Some((share, duty));
+                control
+                    .engine_share
+                    .store(share.map_or(-1, |s| s as i64), Ordering::Relaxed);
+                control
+                    .engine_duty
+                    .store(duty.map_or(-1, i64::from), Ordering::Relaxed);
+                // Only the levers configured: the other stays as the engine has it.
+                let mut body = serde_json::Map::new();
+                if spec.engine_share_tokens.is_some() {
+                    body.insert("max_tokens_in_flight".into(), serde_json::json!(share));
+                }
+                if spec.engine_duty_floor.is_some() {
+                    body.insert("duty_percent".into(), serde_json::json!(duty));
+                }
+                post_lever(&control, &client, "compute share", body.into());
+            }
+        }
+        if let Some(floor) = spec.engine_sm_floor {
+            let sm = engine_sm(limit, min, max, floor);
+            if pushed_sm != Some(sm) {
+                pushed_sm = Some(sm);
+                control
+                    .engine_sm
+                    .store(sm.map_or(-1, i64::from), Ordering::Relaxed);
+                post_lever(
+                    &control,
+                    &client,
+                    "SM share",
+                    serde_json::json!({ "sm_percent": sm }),
+                );
+            }
+        }
+    }
+}
+
+/// Posts `body` to `/admin/compute-share` of every best-effort built-in replica, without
+/// waiting for the answers (a slow engine must not hold the controller up). A failure
+/// counts in `lever_errors`; the first of each engine and lever is a warning, the rest
+/// debug lines.
+fn post_lever(
+    control: &Arc<Control>,
+    client: &reqwest::Client,
+    lever: &'static str,
+    body: serde_json::Value,
+) {
+    for t in &control.tenants {
+        if t.spec.priority != Priority::BestEffort {
             continue;
         }
-        pushed = Some((share, duty));
-        control
-            .engine_share
-            .store(share.map_or(-1, |s| s as i64), Ordering::Relaxed);
-        control
-            .engine_duty
-            .store(duty.map_or(-1, i64::from), Ordering::Relaxed);
-        // Only the levers configured: the other stays as the engine has it.
-        let mut body = serde_json::Map::new();
-        if spec.engine_share_tokens.is_some() {
-            body.insert("max_tokens_in_flight".into(), serde_json::json!(share));
-        }
-        if spec.engine_duty_floor.is_some() {
-            body.insert("duty_percent".into(), serde_json::json!(duty));
-        }
-        let body = serde_json::Value::Object(body);
-        for t in &control.tenants {
-            if t.spec.priority != Priority::BestEffort {
-                continue;
-            }
-            for url in &t.spec.share_urls {
-                let req = client
-                    .post(format!("{url}/admin/compute-share"))
-                    .json(&body);
-                let url = url.clone();
-                // Not awaited in the tick: a slow engine must not hold the controller up.
-                tokio::spawn(async move {
-                    match req.send().await {
-                        Ok(r) if r.status().is_success() => {}
-                        Ok(r) => tracing::warn!("{url}: compute share answered {}", r.status()),
-                        Err(e) => tracing::warn!("{url}: compute share not set: {e}"),
+        for url in &t.spec.share_urls {
+            let req = client
+                .post(format!("{url}/admin/compute-share"))
+                .json(&body);
+            let (url, control) = (url.clone(), control.clone());
+            tokio::spawn(async move {
+                let why = match req.send().await {
+                    Ok(r) if r.status().is_success() => return,
+                    Ok(r) => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        let message = serde_json::from_str::<serde_json::Value>(&text)
+                            .ok()
+                            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                            .unwrap_or_else(|| text.chars().take(200).collect());
+                        format!("answered {status}: {message}")
                     }
-                });
-            }
+                    Err(e) => format!("not set: {e}"),
+                };
+                control.lever_errors.fetch_add(1, Ordering::Relaxed);
+                let first = control.lever_warned.lock().insert((url.clone(), lever));
+                if first {
+                    tracing::warn!(
+                        "{url}: {lever} {why} (said once per engine; colocate_gateway_engine_lever_errors_total counts them all)"
+                    );
+                } else {
+                    tracing::debug!("{url}: {lever} {why}");
+                }
+            });
         }
     }
 }
@@ -417,6 +493,14 @@ pub struct ControlSnapshot {
     /// `engine_duty_floor`).
     #[serde(default)]
     pub engine_duty_percent: Option<u32>,
+    /// The percentage of the GPU's SMs last sent to them (none: the whole GPU, or no
+    /// `engine_sm_floor`).
+    #[serde(default)]
+    pub engine_sm_percent: Option<u32>,
+    /// Lever POSTs to best-effort engines that failed so far (refused, e.g. the SM share by
+    /// an engine without partitions, or not answered).
+    #[serde(default)]
+    pub engine_lever_errors: u64,
 }
 
 impl ControlSnapshot {
@@ -453,6 +537,26 @@ impl ControlSnapshot {
             out,
             "colocate_gateway_engine_duty_percent {}",
             self.engine_duty_percent.map_or(-1, i64::from)
+        );
+        gauge(
+            out,
+            "colocate_gateway_engine_sm_percent",
+            "The percentage of the GPU's SMs set in best-effort built-in engines (-1: the whole GPU).",
+        );
+        let _ = writeln!(
+            out,
+            "colocate_gateway_engine_sm_percent {}",
+            self.engine_sm_percent.map_or(-1, i64::from)
+        );
+        counter(
+            out,
+            "colocate_gateway_engine_lever_errors_total",
+            "Engine lever POSTs (/admin/compute-share) to best-effort built-in engines that were refused or not answered.",
+        );
+        let _ = writeln!(
+            out,
+            "colocate_gateway_engine_lever_errors_total {}",
+            self.engine_lever_errors
         );
         gauge(
             out,
@@ -666,6 +770,8 @@ mod tests {
             "colocate_gateway_tenant_slo_seconds{tenant=\"gen\",metric=\"ttft\"} 0.1\n",
             "colocate_gateway_queue_depth{tenant=\"embed\"} 0\n",
             "colocate_gateway_rejected_total{tenant=\"embed\",reason=\"timeout\"} 0\n",
+            "colocate_gateway_engine_sm_percent -1\n",
+            "colocate_gateway_engine_lever_errors_total 0\n",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
@@ -693,6 +799,182 @@ mod tests {
         assert_eq!(engine_duty(63, 0, 64, 99), Some(99));
         assert_eq!(engine_duty(0, 0, 1, 1), Some(1));
         assert_eq!(engine_duty(5, 5, 5, 30), None);
+    }
+
+    #[test]
+    fn the_sm_share_rises_with_the_limit_to_the_whole_gpu() {
+        // (limit, min, max, floor, want)
+        for (limit, min, max, floor, want) in [
+            (32, 1, 32, 12, None),
+            (40, 1, 32, 12, None),
+            (1, 1, 32, 12, Some(12)),
+            (0, 1, 32, 12, Some(12)),
+            (16, 1, 31, 12, Some(12 + 88 * 15 / 30)),
+            (31, 1, 32, 12, Some(97)),
+            // the line stays under 100 below the top
+            (63, 0, 64, 99, Some(99)),
+            (31, 0, 32, 99, Some(99)),
+            // a floor out of the spec's range is bounded by the top: 100 (every SM)
+            (10, 0, 64, 150, Some(100)),
+            (0, 0, 1, 1, Some(1)),
+            (5, 5, 5, 30, None),
+        ] {
+            assert_eq!(
+                engine_sm(limit, min, max, floor),
+                want,
+                "limit {limit} in {min}..={max}, floor {floor}"
+            );
+        }
+        // the same rule as the duty cycle's, with another top
+        assert_eq!(engine_duty(10, 0, 64, 150), Some(99));
+        assert_eq!(engine_sm(20, 1, 32, 25), rising_to_none(20, 1, 32, 25, 100));
+    }
+
+    proptest::proptest! {
+        /// For any floor and range: the floor at (and below) `min`, none at (and above)
+        /// `max`, never below the floor or above the top in between, and never lower for
+        /// a higher limit (none, the whole GPU or no pacing, counting as the most).
+        #[test]
+        fn the_rising_lever_is_monotone_from_its_floor_to_none(
+            min in 0u32..80,
+            span in 0u32..80,
+            floor in 1u32..=99,
+            top in proptest::sample::select(vec![99u32, 100]),
+        ) {
+            let max = min + span;
+            let rank = |v: Option<u32>| v.unwrap_or(u32::MAX);
+            let mut before = 0;
+            for limit in 0..=max + 2 {
+                let v = rising_to_none(limit, min, max, floor, top);
+                if limit >= max {
+                    proptest::prop_assert_eq!(v, None);
+                } else {
+                    let p = v.unwrap();
+                    proptest::prop_assert!(p >= floor && p <= top, "{} at {}", p, limit);
+                    if limit <= min {
+                        proptest::prop_assert_eq!(p, floor);
+                    }
+                }
+                proptest::prop_assert!(rank(v) >= before, "{:?} at {}", v, limit);
+                before = rank(v);
+            }
+        }
+    }
+
+    /// The levers against an engine that has the compute share but no SM partitions (as
+    /// the CPU engine): the token cap and duty cycle arrive in their own POST, the SM
+    /// share is refused with 400 in its own, the refusals are counted (and warned about
+    /// once per engine), and each lever is posted again only when the limit moves it.
+    #[tokio::test]
+    async fn a_refused_sm_share_costs_the_other_levers_nothing() {
+        use axum::routing::post;
+        let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let app = axum::Router::new().route(
+            "/admin/compute-share",
+            post({
+                let got = got.clone();
+                move |axum::Json(v): axum::Json<serde_json::Value>| {
+                    let got = got.clone();
+                    async move {
+                        let refuse = v.get("sm_percent").is_some();
+                        got.lock().push(v);
+                        if refuse {
+                            (
+                                axum::http::StatusCode::BAD_REQUEST,
+                                axum::Json(serde_json::json!({"error": {
+                                    "message": "start the engine with --sm-partitions",
+                                    "type": "invalid_request_error", "code": 400}})),
+                            )
+                        } else {
+                            (
+                                axum::http::StatusCode::OK,
+                                axum::Json(serde_json::json!({})),
+                            )
+                        }
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut ts = tenants();
+        ts[1].share_urls = vec![url.clone()];
+        let c = Arc::new(Control::new(
+            ts,
+            ControlSpec {
+                interval: Duration::from_millis(20),
+                engine_share_tokens: Some(16),
+                engine_duty_floor: Some(20),
+                engine_sm_floor: Some(12),
+                ..spec()
+            },
+        ));
+        let cancel = CancellationToken::new();
+        let ticks = tokio::spawn(tick_loop(
+            c.clone(),
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+            cancel.clone(),
+        ));
+        let wait_for = |n: usize| {
+            let got = got.clone();
+            async move {
+                for _ in 0..200 {
+                    if got.lock().len() >= n {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        // At the start, at the top: everything lifted, once, in two POSTs.
+        wait_for(2).await;
+        {
+            let got = got.lock();
+            assert_eq!(got.len(), 2, "{got:?}");
+            assert!(got.contains(
+                &serde_json::json!({"max_tokens_in_flight": null, "duty_percent": null})
+            ));
+            assert!(got.contains(&serde_json::json!({"sm_percent": null})));
+        }
+        let snap = c.snapshot();
+        assert_eq!(snap.engine_sm_percent, None);
+        assert_eq!(snap.engine_lever_errors, 1);
+        // A slow latency request: the limit halves (8 -> 4), every lever moves.
+        c.tenant_of("g")
+            .unwrap()
+            .record(Metric::Ttft, Instant::now(), Duration::from_millis(500));
+        wait_for(4).await;
+        let snap = c.snapshot();
+        assert_eq!(snap.limit, 4);
+        let sm = engine_sm(4, 0, 8, 12);
+        assert_eq!(sm, Some(12 + 88 * 4 / 8));
+        assert_eq!(snap.engine_sm_percent, sm);
+        assert_eq!(snap.engine_share_tokens, Some(64));
+        assert_eq!(snap.engine_duty_percent, engine_duty(4, 0, 8, 20));
+        {
+            let got = got.lock();
+            assert_eq!(got.len(), 4, "posted only when the limit moved: {got:?}");
+            assert!(got.contains(&serde_json::json!({"sm_percent": sm})));
+            assert!(got.contains(&serde_json::json!({
+                "max_tokens_in_flight": 64, "duty_percent": engine_duty(4, 0, 8, 20)
+            })));
+        }
+        assert_eq!(
+            snap.engine_lever_errors, 2,
+            "both SM POSTs refused, no other"
+        );
+        assert_eq!(c.lever_warned.lock().len(), 1, "one warning for the engine");
+        let mut text = String::new();
+        snap.render(&mut text);
+        assert!(text.contains(&format!(
+            "colocate_gateway_engine_sm_percent {}\n",
+            sm.unwrap()
+        )));
+        assert!(text.contains("colocate_gateway_engine_lever_errors_total 2\n"));
+        cancel.cancel();
+        ticks.await.unwrap();
     }
 
     #[test]
