@@ -9,7 +9,9 @@
 # Env: BIN (default .gpu: colocate and runs/), LAB_ARGS (extra `lab run` arguments for a new
 # run, e.g. "--repetitions 1 --warmup 15s --duration 30s"; a resumed run keeps its own),
 # RETRY=1 (a resumed run measures its failed conditions again: `--retry-failed`), REDO=TEXT
-# (a resumed run measures again the conditions whose id contains TEXT: `--redo`), GPUS=N
+# (a resumed run measures again the conditions whose id contains TEXT: `--redo`), ONLY="A B"
+# (new and resumed runs measure only the conditions whose id contains A or B: `--only`,
+# which a run folder does not keep), GPUS=N
 # (the studies need N GPUs: stop at once on a machine with fewer, before any engine starts).
 # Two GPUs (issue 19, device kind nvidia-h200-x2), e.g. the four TP layouts:
 #   GPUS=2 LIMIT=560 LAB_ARGS="--repetitions 1 --warmup 15s --duration 30s" \
@@ -34,6 +36,7 @@ for spec in "$@"; do
   left=$(( end - $(date +%s) ))
   if [ "$left" -lt 60 ]; then echo "== $name: not started (${left}s left)"; continue; fi
   if [ -f "$run/results.json" ]; then args=(--resume "$run"); [ "${RETRY:-0}" = 1 ] && args+=(--retry-failed); [ -n "${REDO:-}" ] && args+=(--redo "$REDO"); else read -ra extra <<< "${LAB_ARGS:-}"; args=("$exp" --out "$run" "${extra[@]}"); fi
+  for o in ${ONLY:-}; do args+=(--only "$o"); done
   echo "== $name: ${args[*]} (${left}s left)"
   # SIGINT lets the lab finish the current window and clean up; KILL 90 s later at worst.
   timeout -s INT -k 90 "$left" "$C" lab run "${args[@]}" --quiet > "$OUT/$name.log" 2>&1
