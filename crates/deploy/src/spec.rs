@@ -566,6 +566,11 @@ pub struct ControlSpec {
     /// keep the other levers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_sm_floor: Option<u32>,
+    /// The pressure (a latency tenant's p99 over its SLO) above which the limit halves:
+    /// below 1.0 the controller acts before the SLO is missed.
+    pub decrease_above: f64,
+    /// The pressure below which the limit grows by one (headroom).
+    pub increase_below: f64,
 }
 
 impl Default for ControlSpec {
@@ -580,6 +585,8 @@ impl Default for ControlSpec {
             engine_share_tokens: None,
             engine_duty_floor: None,
             engine_sm_floor: None,
+            decrease_above: crate::gateway::controller::DECREASE_ABOVE,
+            increase_below: crate::gateway::controller::INCREASE_BELOW,
         }
     }
 }
@@ -998,6 +1005,23 @@ fn control_problems(c: &ControlSpec) -> Vec<(&'static str, String)> {
         out.push((
             "engine_duty_floor",
             "must be a percentage from 1 to 99 (leave it out for no pacing)".into(),
+        ));
+    }
+    if !(c.decrease_above > 0.0 && c.decrease_above <= 1.0) {
+        out.push((
+            "decrease_above",
+            format!(
+                "must be above 0 and at most 1.0 (a fraction of the SLO), got {}",
+                c.decrease_above
+            ),
+        ));
+    } else if !(c.increase_below > 0.0 && c.increase_below < c.decrease_above) {
+        out.push((
+            "increase_below",
+            format!(
+                "must be above 0 and below decrease_above ({}), got {}",
+                c.decrease_above, c.increase_below
+            ),
         ));
     }
     if c.engine_sm_floor.is_some_and(|p| !(1..=99).contains(&p)) {
@@ -1439,6 +1463,18 @@ replicas = 2
                 "",
                 "[gateway]\n[gateway.control]\nengine_sm_floor = 100",
                 "gateway.control.engine_sm_floor: must be a percentage from 1 to 99",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\ndecrease_above = 1.2",
+                "gateway.control.decrease_above: must be above 0 and at most 1.0",
+            ),
+            (
+                "",
+                "",
+                "[gateway]\n[gateway.control]\ndecrease_above = 0.95\nincrease_below = 0.95",
+                "gateway.control.increase_below: must be above 0 and below decrease_above (0.95)",
             ),
             (
                 "",

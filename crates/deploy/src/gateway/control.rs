@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::admission::{Admission, QueueStats};
-use super::controller::{worst, Aimd, Decision, Observation};
+use super::controller::{worst, Aimd, Band, Decision, Observation};
 use super::slo::{Metric, TenantLatency};
 use crate::spec::{ControlSpec, Priority, SloSpec};
 
@@ -166,7 +166,10 @@ impl Control {
                 })
             })
             .collect();
-        let aimd = Aimd::new(spec.min_best_effort, spec.max_best_effort);
+        let aimd = Aimd::new(spec.min_best_effort, spec.max_best_effort).with_band(Band {
+            increase_below: spec.increase_below,
+            decrease_above: spec.decrease_above,
+        });
         let admission = Arc::new(Admission::new(
             n_be,
             aimd.limit(),

@@ -62,18 +62,34 @@ impl Decision {
     }
 }
 
+/// The pressures the rule acts at: it decreases above `decrease_above` and increases
+/// below `increase_below` ([`DECREASE_ABOVE`] and [`INCREASE_BELOW`] unless the deployment
+/// says otherwise: `[gateway.control]`). A band nearer 1.0 lets the latency tenants come
+/// closer to their SLO before best-effort work is held back; measured on the H200, an SLO
+/// of 1.25x the solo TPOT with the default 0.85 held the embedder at its floor at every
+/// load (docs/results/2026-12-02-h200-slo-green-controlled/).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Band {
+    pub increase_below: f64,
+    pub decrease_above: f64,
+}
+
+impl Default for Band {
+    fn default() -> Self {
+        Band {
+            increase_below: INCREASE_BELOW,
+            decrease_above: DECREASE_ABOVE,
+        }
+    }
+}
+
 /// The limit on best-effort requests in flight and its bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Aimd {
     min: u32,
     max: u32,
     limit: u32,
-}
-
-/// True for a pressure near or over the SLO (NaN, never produced, counts as one: the rule
-/// must not loosen on a broken measurement).
-fn high(p: f64) -> bool {
-    p.is_nan() || p > DECREASE_ABOVE
+    band: Band,
 }
 
 impl Aimd {
@@ -85,7 +101,20 @@ impl Aimd {
             min,
             max,
             limit: max,
+            band: Band::default(),
         }
+    }
+
+    /// The same controller acting at `band`'s pressures.
+    pub fn with_band(mut self, band: Band) -> Aimd {
+        self.band = band;
+        self
+    }
+
+    /// True for a pressure near or over the SLO (NaN, never produced, counts as one: the
+    /// rule must not loosen on a broken measurement).
+    fn high(&self, p: f64) -> bool {
+        p.is_nan() || p > self.band.decrease_above
     }
 
     /// The current limit.
@@ -101,10 +130,10 @@ impl Aimd {
     /// One tick: the decision and the limit after it.
     pub fn step(&mut self, obs: Observation) -> Decision {
         let decision = match (obs.fresh, obs.window) {
-            (Some(p), _) if high(p) => Decision::Decrease,
+            (Some(p), _) if self.high(p) => Decision::Decrease,
             (_, None) if !obs.busy => Decision::Increase,
             (_, None) => Decision::Hold,
-            (Some(_), Some(w)) if w < INCREASE_BELOW => Decision::Increase,
+            (Some(_), Some(w)) if w < self.band.increase_below => Decision::Increase,
             _ => Decision::Hold,
         };
         self.limit = match decision {
@@ -166,6 +195,34 @@ mod tests {
             window,
             busy,
         })
+    }
+
+    #[test]
+    fn a_band_nearer_the_slo_lets_the_limit_grow_where_the_default_holds_it() {
+        // 1.15x solo against an SLO of 1.25x: pressure 0.92
+        let steady = Observation::steady(0.92);
+        let mut default = Aimd::new(1, 8);
+        let mut near = Aimd::new(1, 8).with_band(Band {
+            increase_below: 0.95,
+            decrease_above: 1.0,
+        });
+        for _ in 0..4 {
+            default.step(steady);
+            near.step(steady);
+        }
+        assert_eq!(
+            default.limit(),
+            1,
+            "0.92 is above 0.85: halved to the floor"
+        );
+        assert_eq!(
+            near.limit(),
+            8,
+            "0.92 is below 0.95: it grew and stays at max"
+        );
+        assert_eq!(near.step(Observation::steady(1.1)), Decision::Decrease);
+        assert_eq!(near.limit(), 4);
+        assert_eq!(near.step(Observation::steady(0.97)), Decision::Hold);
     }
 
     #[test]

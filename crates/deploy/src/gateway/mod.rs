@@ -32,7 +32,7 @@
 
 mod admission;
 mod control;
-mod controller;
+pub(crate) mod controller;
 mod health;
 mod policy;
 mod proxy;
