@@ -425,23 +425,7 @@ mod tests {
 
     #[test]
     fn status_says_none_under_mps_and_nothing_otherwise() {
-        let mut st = state::StateFile {
-            schema: state::SCHEMA,
-            name: "t".into(),
-            phase: "running".into(),
-            up_pid: 1,
-            run_dir: PathBuf::from("/tmp/x"),
-            started_at: String::new(),
-            updated_at: String::new(),
-            gpu: "0".into(),
-            sharing: "mps".into(),
-            gateway_url: None,
-            instances: Vec::new(),
-            events: Vec::new(),
-            mps_faults: Vec::new(),
-            mps_faults_total: 0,
-            gateway_control: None,
-        };
+        let mut st = state::sample(state::SCHEMA);
         assert_eq!(mps_fault_lines(&st), vec!["MPS faults: none"]);
         st.sharing = "timeslice".into();
         assert!(mps_fault_lines(&st).is_empty());
@@ -467,21 +451,8 @@ mod tests {
             engine_lever_errors: 2,
         };
         let mut st = state::StateFile {
-            schema: state::SCHEMA,
-            name: "t".into(),
-            phase: "running".into(),
-            up_pid: 1,
-            run_dir: PathBuf::from("/tmp/x"),
-            started_at: String::new(),
-            updated_at: String::new(),
-            gpu: "0".into(),
-            sharing: "mps".into(),
-            gateway_url: None,
-            instances: Vec::new(),
-            events: Vec::new(),
-            mps_faults: Vec::new(),
-            mps_faults_total: 0,
             gateway_control: Some(snap.clone()),
+            ..state::sample(state::SCHEMA)
         };
         let lines = control_lines(&st).join("\n");
         for want in [

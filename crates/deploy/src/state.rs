@@ -91,34 +91,36 @@ pub fn read(run_dir: &Path) -> anyhow::Result<StateFile> {
     Ok(state)
 }
 
+/// A state file of a running MPS deployment with nothing in it, for tests.
+#[cfg(test)]
+pub(crate) fn sample(schema: u32) -> StateFile {
+    StateFile {
+        schema,
+        name: "t".into(),
+        phase: "running".into(),
+        up_pid: 1,
+        run_dir: PathBuf::from("/tmp/x"),
+        started_at: String::new(),
+        updated_at: String::new(),
+        gpu: "0".into(),
+        sharing: "mps".into(),
+        gateway_url: None,
+        instances: Vec::new(),
+        events: Vec::new(),
+        mps_faults: Vec::new(),
+        mps_faults_total: 0,
+        gateway_control: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn state(schema: u32) -> StateFile {
-        StateFile {
-            schema,
-            name: "t".into(),
-            phase: "running".into(),
-            up_pid: 1,
-            run_dir: PathBuf::from("/tmp/x"),
-            started_at: String::new(),
-            updated_at: String::new(),
-            gpu: "0".into(),
-            sharing: "mps".into(),
-            gateway_url: None,
-            instances: Vec::new(),
-            events: Vec::new(),
-            mps_faults: Vec::new(),
-            mps_faults_total: 0,
-            gateway_control: None,
-        }
-    }
-
     #[test]
     fn a_schema_1_file_reads_and_a_newer_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut v = serde_json::to_value(state(1)).unwrap();
+        let mut v = serde_json::to_value(sample(1)).unwrap();
         let obj = v.as_object_mut().unwrap();
         obj.remove("mps_faults");
         obj.remove("mps_faults_total");
@@ -126,7 +128,7 @@ mod tests {
         let s = read(dir.path()).unwrap();
         assert!(s.mps_faults.is_empty());
 
-        write(dir.path(), &state(SCHEMA + 1)).unwrap();
+        write(dir.path(), &sample(SCHEMA + 1)).unwrap();
         let err = read(dir.path()).unwrap_err().to_string();
         assert!(err.contains("newer than this colocate reads"), "{err}");
     }
