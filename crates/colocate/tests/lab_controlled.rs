@@ -22,12 +22,14 @@ fn json(p: &Path) -> serde_json::Value {
 fn a_controlled_condition_runs_through_the_gateway_and_records_the_controller() {
     let example =
         std::fs::read_to_string(workspace_root().join("examples/slo-lab-cpu.toml")).unwrap();
-    // an objective no request meets: the controller decreases on every fresh sample
+    // an objective no request meets: the controller decreases on every fresh sample; the
+    // TPOT objective stays the example's, 1.25 x the generator's solo TPOT p99
     let text = example.replace(
-        "slo = { ttft_p99 = \"25ms\", tpot_p99 = \"10ms\" }",
+        "slo = { ttft_p99 = \"25ms\" }",
         "slo = { ttft_p99 = \"1us\" }",
     );
     assert_ne!(text, example, "the example's SLO line changed");
+    assert!(text.contains("[control_slo.gen]\ntpot_p99 = 1.25\n"));
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("slo-lab-cpu.toml");
     std::fs::write(&file, &text).unwrap();
@@ -72,6 +74,66 @@ fn a_controlled_condition_runs_through_the_gateway_and_records_the_controller() 
 
     // the static window went straight to the engines: no gateway, no controller
     assert!(fixed.get("gateway").is_none(), "{:#}", fixed["gateway"]);
+
+    // the TPOT SLO set from the generator's solo run, recorded with the condition and in the
+    // deployment it started (the run's deployments/ folder)
+    assert!(fixed.get("control_slo").is_none(), "{fixed:#}");
+    let set = ctl["control_slo"].as_array().expect("control_slo recorded");
+    assert_eq!(set.len(), 1, "{set:#?}");
+    let s = &set[0];
+    assert_eq!(
+        (&s["engine"], &s["metric"]),
+        (&"gen".into(), &"tpot_p99".into())
+    );
+    assert_eq!(s["factor"].as_f64(), Some(1.25));
+    let solo_ms = s["solo_ms"].as_f64().unwrap();
+    let solo_tpot = conds
+        .iter()
+        .find(|c| c["condition"]["sharing"] == "solo" && c["workloads"].get("gen").is_some())
+        .and_then(|c| c["workloads"]["gen"]["tpot_ms"]["p99"].as_f64())
+        .expect("the generator's solo TPOT p99");
+    assert!(
+        (solo_ms - solo_tpot).abs() < 1e-9,
+        "{s:#} vs solo {solo_tpot}"
+    );
+    assert!(
+        s["solo"]
+            .as_str()
+            .unwrap()
+            .starts_with("gen c=2, 1 solo run"),
+        "{s:#}"
+    );
+    let slo_text = s["slo"].as_str().unwrap().to_string();
+    let slo = serde_json::from_value::<lab::control_slo::SoloSlo>(s.clone())
+        .unwrap()
+        .slo;
+    assert!(
+        (slo.as_secs_f64() * 1e3 - 1.25 * solo_ms).abs() < 1e-3,
+        "{slo_text} is not 1.25 x {solo_ms} ms"
+    );
+    let toml_of = |dir: &std::path::Path| {
+        std::fs::read_to_string(dir.join("deployment.toml")).unwrap_or_default()
+    };
+    let written: Vec<(String, String)> = std::fs::read_dir(run.join("deployments"))
+        .unwrap()
+        .map(|d| {
+            let d = d.unwrap().path();
+            (
+                d.file_name().unwrap().to_string_lossy().into_owned(),
+                toml_of(&d),
+            )
+        })
+        .collect();
+    let (name, deployed) = written
+        .iter()
+        .find(|(n, _)| n.contains("controlled"))
+        .unwrap_or_else(|| panic!("no controlled deployment in {written:?}"));
+    assert!(name.contains("slo_gen_tpot_p99_"), "{name}");
+    assert!(
+        deployed.contains(&format!("tpot_p99 = \"{slo_text}\""))
+            && deployed.contains("ttft_p99 = \"1us\""),
+        "{name}: {deployed}"
+    );
 
     // the controlled one through the gateway, whose controller is in the results
     let g = &ctl["gateway"];
@@ -139,6 +201,8 @@ fn a_controlled_condition_runs_through_the_gateway_and_records_the_controller() 
         "| # | workload | throughput of solo | TPOT p99 / solo | latency p99 / solo |".to_string(),
         format!("| C{} | gen |", ci + 1),
         format!("![C{} over time](timeline-C{}.svg)", ci + 1, ci + 1),
+        "Controller SLO set from the solo run (`control_slo`): gen SLO tpot_p99 ".to_string(),
+        format!("- C{}: gen SLO tpot_p99 ", ci + 1),
     ] {
         assert!(md.contains(&needle), "report lacks {needle:?}:\n{md}");
     }

@@ -213,13 +213,20 @@ pub fn origin<'a>(tenant: &'a str, m: &'a WorkloadMetrics) -> &'a str {
 /// The load a tenant ran in its condition (its workload's), as labels write it, and where
 /// its engine ran when the condition says (a solo figure is per placement).
 fn load_of(r: &ConditionResult, tenant: &str, m: &WorkloadMetrics) -> String {
-    let load = r
-        .condition
+    solo_pairing(&r.condition, origin(tenant, m), &m.engine)
+}
+
+/// What pairs workload `workload` (on `engine`) of `cond` with its solo baseline: its load
+/// in `cond`, as labels write it, and where the engine ran when the condition says. A solo
+/// condition with the same text for the workload is its baseline (*vs solo*, and the
+/// SLO relative to solo of `crate::control_slo`).
+pub fn solo_pairing(cond: &Condition, workload: &str, engine: &str) -> String {
+    let load = cond
         .loads
-        .get(origin(tenant, m))
+        .get(workload)
         .map(LoadLevel::short)
         .unwrap_or_default();
-    load + &crate::layout::solo_key(&r.condition, &m.engine)
+    load + &crate::layout::solo_key(cond, engine)
 }
 
 /// A workload's solo figures at one load: means over the repetitions.

@@ -1,6 +1,7 @@
 //! Each condition's deployment: the experiment's `[deployment]` (deploy's typed spec, read
 //! with the experiment) with the condition applied as typed edits, validated once per
-//! distinct deployment; and the check, before anything runs, that every built-in engine's
+//! distinct deployment (a controlled condition's SLOs relative to solo set when its solo has
+//! run, `control_slo`); and the check, before anything runs, that every built-in engine's
 //! model folder is there.
 
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use deploy::{DeploymentSpec, EngineKind, MemoryBudget, Sharing, ValidDeployment};
 
+use crate::control_slo::{self, SoloSlo};
 use crate::matrix::Condition;
 use crate::spec::Experiment;
 
@@ -19,7 +21,9 @@ use crate::spec::Experiment;
 /// settings are dropped under other modes, where they are an error. A condition's layout
 /// gives an engine its GPUs and TP size (`crate::layout`). Engine priorities and
 /// SLOs (the gateway's SLO controller) are kept in a controlled condition and dropped in the
-/// others, which are static. A template without a name of its own takes the experiment's.
+/// others, which are static; a metric the experiment sets relative to solo (`control_slo`)
+/// is not in it: [`for_condition_with`] sets it. A template without a name of its own takes
+/// the experiment's.
 pub fn for_condition(exp: &Experiment, cond: &Condition) -> Result<DeploymentSpec> {
     let template = &exp.deployment;
     let sharing = cond.sharing.deployed();
@@ -81,6 +85,18 @@ pub fn for_condition(exp: &Experiment, cond: &Condition) -> Result<DeploymentSpe
     })
 }
 
+/// [`for_condition`] with the SLOs a controlled condition got from the solo run
+/// (`crate::control_slo::resolve`): the deployment it starts.
+pub fn for_condition_with(
+    exp: &Experiment,
+    cond: &Condition,
+    slos: &[SoloSlo],
+) -> Result<DeploymentSpec> {
+    let mut spec = for_condition(exp, cond)?;
+    control_slo::apply(&mut spec, slos)?;
+    Ok(spec)
+}
+
 /// The validated deployments of a run, by deployment key: each distinct deployment is
 /// validated once, up front ([`Deployments::check`]) or before its first start
 /// ([`Deployments::of`]), and the runner starts what was validated.
@@ -101,12 +117,39 @@ impl Deployments {
         Ok(d)
     }
 
-    /// The validated deployment of `cond`, validated now if it was not yet.
+    /// The validated deployment of `cond`, validated now if it was not yet. A metric set
+    /// relative to solo (`control_slo`) has [`control_slo::STAND_IN`] here: the deployment
+    /// is checked before any solo has run; the runner starts [`Deployments::resolved`].
     pub fn of(&mut self, exp: &Experiment, cond: &Condition) -> Result<&ValidDeployment> {
         let key = cond.deployment_key();
         if !self.valid.contains_key(&key) {
             let at = || format!("condition {}", cond.label);
-            let spec = for_condition(exp, cond).with_context(at)?;
+            let mut spec = for_condition(exp, cond).with_context(at)?;
+            control_slo::apply_stand_ins(exp, cond, &mut spec);
+            let valid = deploy::validate(spec)
+                .context("deployment")
+                .with_context(at)?;
+            self.valid.insert(key.clone(), valid);
+        }
+        Ok(&self.valid[&key])
+    }
+
+    /// The validated deployment `cond` starts with the SLOs it got from the solo run
+    /// (`slos`, from `control_slo::resolve`; without any, [`Deployments::of`]), by
+    /// [`control_slo::start_key`].
+    pub fn resolved(
+        &mut self,
+        exp: &Experiment,
+        cond: &Condition,
+        slos: &[SoloSlo],
+    ) -> Result<&ValidDeployment> {
+        if slos.is_empty() {
+            return self.of(exp, cond);
+        }
+        let key = control_slo::start_key(cond, slos);
+        if !self.valid.contains_key(&key) {
+            let at = || format!("condition {}", cond.label);
+            let spec = for_condition_with(exp, cond, slos).with_context(at)?;
             let valid = deploy::validate(spec)
                 .context("deployment")
                 .with_context(at)?;

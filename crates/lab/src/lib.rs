@@ -16,7 +16,8 @@
 //!
 //! SLO control (issue 18): a controlled condition runs the gateway's controller with every
 //! workload through the gateway; [`gateway_metrics`] keeps the controller's timeline over
-//! the window and [`report_control`] the report's page for it.
+//! the window and [`report_control`] the report's page for it; [`control_slo`] sets an
+//! engine's SLO there relative to its solo run measured earlier in the same run.
 //!
 //! Several GPUs (issue 19): [`layout`] places engines on other GPUs per condition (their GPUs
 //! and TP size, the study's baseline), [`per_gpu`] keeps every GPU of a deployment over the
@@ -24,6 +25,7 @@
 //! tensor parallelism against the baseline.
 pub mod analysis;
 pub mod cli;
+pub mod control_slo;
 pub mod deployments;
 pub mod engine_metrics;
 pub mod fairness;

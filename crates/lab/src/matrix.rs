@@ -459,17 +459,19 @@ pub fn plan(exp: &Experiment) -> Vec<Condition> {
             c.place,
         );
     }
-    out.extend(grouped_by_deployment(colocated));
+    out.extend(grouped_by_deployment(exp, colocated));
     out
 }
 
 /// `conds` with those that share a deployment back to back, in the order each deployment
 /// first appears: every start-up is paid once (a vLLM pair takes minutes to start), where
-/// the listed order would stop and start the same engines again between other cells.
-fn grouped_by_deployment(conds: Vec<Condition>) -> Vec<Condition> {
+/// the listed order would stop and start the same engines again between other cells. A
+/// controlled condition's SLO relative to solo is part of its deployment
+/// (`control_slo::plan_key`).
+fn grouped_by_deployment(exp: &Experiment, conds: Vec<Condition>) -> Vec<Condition> {
     let mut groups: Vec<(String, Vec<Condition>)> = Vec::new();
     for c in conds {
-        let key = c.deployment_key();
+        let key = crate::control_slo::plan_key(exp, &c);
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, g)) => g.push(c),
             None => groups.push((key, vec![c])),
@@ -715,7 +717,7 @@ pub fn estimate(exp: &Experiment, plan: &[Condition]) -> Duration {
     let mut total = Duration::ZERO;
     let mut last: Option<String> = None;
     for c in plan {
-        let key = c.deployment_key();
+        let key = crate::control_slo::plan_key(exp, c);
         if last.as_ref() != Some(&key) {
             total += exp.startup_estimate * c.instances();
             last = Some(key);
@@ -746,7 +748,8 @@ fn whole_workloads<'a>(exp: &'a Experiment, c: &Condition) -> Vec<&'a str> {
         .collect()
 }
 
-/// The dry-run text: one line per condition and the estimated time.
+/// The dry-run text: one line per condition and the estimated time, and how the SLOs
+/// relative to solo are set (`control_slo`).
 pub fn describe(exp: &Experiment, plan: &[Condition]) -> String {
     let mut s = format!(
         "experiment {:?}: {} conditions ({} distinct x {} repetitions), warm-up {}, window {}\n",
@@ -759,7 +762,7 @@ pub fn describe(exp: &Experiment, plan: &[Condition]) -> String {
     );
     let mut last = None;
     for (i, c) in plan.iter().enumerate() {
-        let key = c.deployment_key();
+        let key = crate::control_slo::plan_key(exp, c);
         let marker = if last.as_ref() != Some(&key) {
             "up "
         } else {
@@ -794,6 +797,10 @@ pub fn describe(exp: &Experiment, plan: &[Condition]) -> String {
         humantime::format_duration(Duration::from_secs(estimate(exp, plan).as_secs())),
         humantime::format_duration(exp.startup_estimate)
     ));
+    for line in crate::control_slo::plan_lines(exp, plan) {
+        s.push_str(&line);
+        s.push('\n');
+    }
     s
 }
 

@@ -393,6 +393,17 @@ fn condition_detail(out: &mut String, i: usize, a: &Analysis, results: &Results,
     if !rates.is_empty() {
         let _ = writeln!(out, "Open-loop rates used: {}.\n", rates.join(", "));
     }
+    let slos: Vec<String> = crate::control_slo::recorded(results, &c.label)
+        .iter()
+        .map(|s| s.describe())
+        .collect();
+    if !slos.is_empty() {
+        let _ = writeln!(
+            out,
+            "Controller SLO set from the solo run (`control_slo`): {}.\n",
+            slos.join("; ")
+        );
+    }
     if c.workloads.is_empty() {
         return;
     }
@@ -547,14 +558,32 @@ pub fn render(results: &Results, run_dir: &Path, commands: CommandLines<'_>) -> 
             .condition
             .clone()
             .context("recommended cell without condition")?;
-        let deployment = deployments::for_condition(exp, &cond)?;
+        // the SLOs it ran with, those set from the solo run as the absolute values used
+        let slos: Vec<crate::control_slo::SoloSlo> =
+            crate::control_slo::recorded(results, &cond.label)
+                .into_iter()
+                .cloned()
+                .collect();
+        let mut first: Vec<crate::control_slo::SoloSlo> = Vec::new();
+        for s in slos {
+            if !first
+                .iter()
+                .any(|f| f.engine == s.engine && f.metric == s.metric)
+            {
+                first.push(s);
+            }
+        }
+        let deployment = deployments::for_condition_with(exp, &cond, &first)?;
         let text = deployment
             .to_toml()
             .context("cannot write the deployment as TOML")?;
-        let header = format!(
+        let mut header = format!(
             "# Recommended by `colocate lab` ({}, {}): {}\n# Run it with: colocate up {RECOMMENDED_FILE}\n",
             exp.name, results.updated_at, cond.label
         );
+        for s in &first {
+            let _ = writeln!(header, "# {} (control_slo)", s.describe());
+        }
         std::fs::write(run_dir.join(RECOMMENDED_FILE), format!("{header}{text}")).with_context(
             || format!("cannot write {}", run_dir.join(RECOMMENDED_FILE).display()),
         )?;
@@ -941,6 +970,7 @@ ttft_p99 = "100ms"
                 presets: BTreeMap::new(),
                 gateway: None,
                 gpu_uuids: Vec::new(),
+                control_slo: Vec::new(),
             });
         }
         Results {

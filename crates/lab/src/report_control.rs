@@ -145,6 +145,18 @@ pub fn section(results: &Results, a: &Analysis, run_dir: &Path) -> String {
         );
     }
     out.push('\n');
+    // the SLOs set from the solo run (`control_slo`), as each controlled cell ran them
+    let mut slos = String::new();
+    for &(i, c) in &cells {
+        for s in crate::control_slo::recorded(results, &c.label) {
+            let _ = writeln!(slos, "- {}: {}", cid(i), s.describe());
+        }
+    }
+    if !slos.is_empty() {
+        out.push_str("SLOs set from the solo run (`control_slo`: a factor of the p99 its workload had solo at the same load, the mean over the solo's repetitions):\n\n");
+        out.push_str(&slos);
+        out.push('\n');
+    }
     out.push_str(&levers_table(results, &cells));
     out.push_str(&against_solo(a, &cells));
     for &(i, c) in &cells {

@@ -21,7 +21,8 @@ use crate::spec::{Experiment, Kind};
 /// older reader may skip and a newer one defaults (`gpu.mps_faults`, `engine_metrics`,
 /// `presets`, a workload's `copy_of`, `latency_sample`, `unfinished` and `drain`,
 /// a condition's `copies`, `control`, a load's `step`, `gateway`, a condition's `placements`
-/// and `baseline`, `gpu.gpus`, `gpu.per_gpu` and `gpu.placement`) keep it.
+/// and `baseline`, `gpu.gpus`, `gpu.per_gpu` and `gpu.placement`, a result's `control_slo`
+/// and the experiment's) keep it.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// The name of the results file inside a run folder.
@@ -126,6 +127,10 @@ pub struct ConditionResult {
     /// before the lab recorded them): a resumed run may span machines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_uuids: Vec<String>,
+    /// The SLOs a controlled condition's deployment got from the solo run
+    /// (`[control_slo]`, `crate::control_slo`): each metric's factor, solo p99 and value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub control_slo: Vec<crate::control_slo::SoloSlo>,
 }
 
 /// How a workload ran as a bench preset, as bench reported it.
@@ -166,6 +171,7 @@ impl ConditionResult {
             presets: BTreeMap::new(),
             gateway: None,
             gpu_uuids: Vec::new(),
+            control_slo: Vec::new(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Runs a plan: one condition after the other, recording each as it finishes.
 //!
 //! The runner owns the order and the bookkeeping (deployment reuse, failure recording,
-//! resume, `% of solo` rates, progress); the actual work (start engines, drive load,
+//! resume, `% of solo` rates and SLOs, progress); the actual work (start engines, drive load,
 //! sample the GPU) is behind [`Harness`], whose real implementation is `measure` — the
 //! one module that knows the `deploy`, `bench` and `gpu` crates.
 
@@ -277,14 +277,19 @@ fn run_one(
             Err(e) => return Some(ConditionResult::failed(cond.clone(), format!("{e:#}"))),
         }
     }
-    let key = cond.deployment_key();
+    // a controlled condition's SLOs relative to solo, from the solo baselines run before it
+    let slos = match crate::control_slo::resolve(exp, cond, done) {
+        Ok(s) => s,
+        Err(e) => return Some(ConditionResult::failed(cond.clone(), format!("{e:#}"))),
+    };
+    let key = crate::control_slo::start_key(cond, &slos);
     if let Some(reason) = up_failed.get(&key) {
         return Some(ConditionResult::failed(cond.clone(), reason.clone()));
     }
     if current.as_ref() != Some(&key) {
         harness.down();
         *current = None;
-        let deployment = match deployments.of(exp, cond) {
+        let deployment = match deployments.resolved(exp, cond, &slos) {
             Ok(d) => d,
             Err(e) => {
                 // not valid: neither is it for the next condition on it
@@ -333,6 +338,7 @@ fn run_one(
             presets: m.presets,
             gateway: m.gateway,
             gpu_uuids: harness.gpu_uuids(),
+            control_slo: slos,
         }),
         Err(e) => {
             // the engines may be broken: start afresh for the next condition
@@ -423,6 +429,11 @@ rate = ["50% of solo"]
         /// Ctrl-C arrives while the n-th deployment starts: `up` sets the flag and fails as
         /// a cancelled start does.
         interrupt_up: Option<(usize, std::sync::Arc<AtomicBool>)>,
+        /// The gen engine's SLO and the folder of every deployment started.
+        slos: Vec<Option<deploy::spec::SloSpec>>,
+        dirs: Vec<std::path::PathBuf>,
+        /// Generate windows measure no TPOT.
+        no_tpot: bool,
     }
     struct Fake(Rc<RefCell<Log>>);
 
@@ -430,11 +441,14 @@ rate = ["50% of solo"]
         fn gpu_uuids(&self) -> Vec<String> {
             vec!["GPU-fake".into()]
         }
-        fn up(&mut self, d: &ValidDeployment, _dir: &Path) -> Result<()> {
+        fn up(&mut self, d: &ValidDeployment, dir: &Path) -> Result<()> {
             let mut log = self.0.borrow_mut();
             let sharing = d.spec().sharing;
             let n = d.spec().engines.len();
             log.ups.push(format!("{sharing}/{n}"));
+            let gen = d.spec().engines.iter().find(|e| e.name == "gen");
+            log.slos.push(gen.and_then(|e| e.slo));
+            log.dirs.push(dir.to_path_buf());
             if let Some((nth, flag)) = &log.interrupt_up {
                 if *nth == log.ups.len() {
                     flag.store(true, Ordering::SeqCst);
@@ -476,9 +490,18 @@ rate = ["50% of solo"]
                     format!("{} in the fake", w.def.engine),
                 ));
                 let (thr, rps) = match w.def.kind {
+                    // through the gateway (controlled) a little more, so that it is chosen
+                    Kind::Generate if w.def.via == Some(Via::Gateway) => (1100.0, 10.0),
                     Kind::Generate => (1000.0, 10.0),
                     Kind::Embed => (w.rate_per_s.map(|r| r * 4.0).unwrap_or(80.0), 20.0),
                 };
+                // TPOT p99 half a millisecond per request in flight
+                let tpot = (w.def.kind == Kind::Generate && !log.no_tpot).then(|| {
+                    crate::results::Percentiles {
+                        p99: f64::from(w.load.concurrency.unwrap_or(1)) * 0.5,
+                        ..Default::default()
+                    }
+                });
                 m.workloads.insert(
                     w.def.name.clone(),
                     WorkloadMetrics {
@@ -486,6 +509,7 @@ rate = ["50% of solo"]
                         engine: w.def.engine.clone(),
                         throughput: thr,
                         requests_per_s: rps,
+                        tpot_ms: tpot,
                         ..Default::default()
                     },
                 );
@@ -812,6 +836,169 @@ rate = ["50% of solo"]
         assert_eq!(&ids[..4], &first_four[..]);
         // and the earlier figures are kept as they were
         assert_eq!(&resumed.conditions[..4], &on_disk.conditions[..]);
+    }
+
+    /// A generator whose TPOT SLO is 1.25 x solo, controlled and static at two loads.
+    const CONTROLLED: &str = r#"
+name = "t"
+warmup = "0s"
+duration = "1s"
+repetitions = 2
+[deployment]
+gpu = 0
+[deployment.gateway]
+address = "127.0.0.1:3"
+[[deployment.engines]]
+name = "gen"
+model = "preset:qwen3-tiny"
+port = 1
+served_model_name = "g"
+priority = "latency"
+slo = { ttft_p99 = "2s" }
+[[deployment.engines]]
+name = "emb"
+model = "preset:qwen3-tiny"
+task = "embed"
+port = 2
+served_model_name = "e"
+priority = "best-effort"
+[[workloads]]
+name = "chat"
+engine = "gen"
+kind = "generate"
+concurrency = 4
+[[workloads]]
+name = "vec"
+engine = "emb"
+kind = "embed"
+concurrency = 2
+batch = 4
+[axes]
+sharing = ["mps"]
+mps_default = true
+control = [false, true]
+[axes.load.chat]
+concurrency = [4, 8]
+[control_slo.gen]
+tpot_p99 = 1.25
+"#;
+
+    fn run_controlled(log: &Rc<RefCell<Log>>, dir: &Path) -> Results {
+        let exp = Experiment::parse(CONTROLLED).unwrap();
+        let mut results = fresh(&exp);
+        let mut deployments = Deployments::check(&exp, &plan(&exp)).unwrap();
+        run(
+            &mut results,
+            dir,
+            &mut Fake(log.clone()),
+            &mut deployments,
+            &AtomicBool::new(false),
+            &ProgressView::new(0, 0, true),
+            &Only::default(),
+        )
+        .unwrap();
+        results
+    }
+
+    /// The solo baselines run first; each controlled condition's deployment starts with
+    /// 1.25 x the generator's solo TPOT p99 at its own load (the absolute TTFT kept), in a
+    /// folder of its own, the value recorded with the condition and shown in the report and
+    /// the recommended deployment; static conditions start without SLOs.
+    #[test]
+    fn a_controlled_condition_deploys_the_slo_relative_to_its_solo() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Rc::new(RefCell::new(Log::default()));
+        let results = run_controlled(&log, dir.path());
+        assert!(results.complete);
+        assert!(results.conditions.iter().all(|c| c.failed.is_none()));
+        let log = log.borrow();
+        // solo gen (both loads), solo emb, static, controlled at c=4, controlled at c=8
+        assert_eq!(
+            log.ups,
+            vec!["timeslice/1", "timeslice/1", "mps/2", "mps/2", "mps/2"]
+        );
+        assert_eq!(&log.slos[..3], &[None, None, None]);
+        let ms = |us: u64| Some(Duration::from_micros(us));
+        for (slo, tpot) in log.slos[3..].iter().zip([2500, 5000]) {
+            let slo = slo.unwrap();
+            assert_eq!(slo.tpot_p99, ms(tpot), "{slo:?}");
+            assert_eq!(slo.ttft_p99, Some(Duration::from_secs(2)));
+        }
+        let names: Vec<String> = log.dirs[3..]
+            .iter()
+            .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "mps_default_controlled_slo_gen_tpot_p99_2.5ms",
+                "mps_default_controlled_slo_gen_tpot_p99_5ms"
+            ]
+        );
+        // recorded with every repetition of the controlled conditions, none elsewhere
+        for c in &results.conditions {
+            if !c.condition.control {
+                assert!(c.control_slo.is_empty(), "{}", c.condition.id());
+                continue;
+            }
+            assert_eq!(c.control_slo.len(), 1);
+            let s = &c.control_slo[0];
+            let load = c.condition.loads["chat"].concurrency.unwrap();
+            assert_eq!(s.solo, format!("chat c={load}, 2 solo runs"));
+            assert_eq!(s.slo, Duration::from_micros(u64::from(load) * 625));
+        }
+        let back = Results::load(dir.path()).unwrap();
+        assert_eq!(back, results);
+        // the report says it; the recommended (controlled) deployment carries the value
+        crate::report::render(&results, dir.path(), None).unwrap();
+        let md = std::fs::read_to_string(dir.path().join(crate::report::REPORT_FILE)).unwrap();
+        for needle in [
+            "Controller SLO set from the solo run (`control_slo`): gen SLO tpot_p99 2.5 ms = 1.25 x solo 2 ms (chat c=4, 2 solo runs).",
+            "SLOs set from the solo run (`control_slo`",
+            "gen SLO tpot_p99 5 ms = 1.25 x solo 4 ms (chat c=8, 2 solo runs)",
+        ] {
+            assert!(md.contains(needle), "report lacks {needle:?}:\n{md}");
+        }
+        let rec =
+            std::fs::read_to_string(dir.path().join(crate::report::RECOMMENDED_FILE)).unwrap();
+        assert!(rec.contains("controlled"), "{rec}");
+        assert!(
+            rec.contains("tpot_p99 = \"2ms 500us\"") || rec.contains("tpot_p99 = \"5ms\""),
+            "{rec}"
+        );
+        assert!(rec.contains("# gen SLO tpot_p99 "), "{rec}");
+    }
+
+    /// A solo that measured no TPOT: the controlled conditions fail with the reason (no
+    /// start), the others run.
+    #[test]
+    fn a_controlled_condition_without_its_solo_metric_fails_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Rc::new(RefCell::new(Log {
+            no_tpot: true,
+            ..Default::default()
+        }));
+        let results = run_controlled(&log, dir.path());
+        assert!(results.complete);
+        assert_eq!(
+            log.borrow().ups,
+            vec!["timeslice/1", "timeslice/1", "mps/2"]
+        );
+        let failed: Vec<&ConditionResult> = results
+            .conditions
+            .iter()
+            .filter(|c| c.failed.is_some())
+            .collect();
+        assert_eq!(failed.len(), 4, "two loads, two repetitions");
+        for c in failed {
+            assert!(c.condition.control);
+            let why = c.failed.as_deref().unwrap();
+            assert!(
+                why.contains("control_slo.gen.tpot_p99: no solo TPOT p99 of chat c=")
+                    && why.contains("its solo baseline measured no TPOT p99"),
+                "{why}"
+            );
+        }
     }
 
     #[test]

@@ -37,6 +37,9 @@
 //!
 //! [slo.chat]
 //! ttft_p99 = "2s"
+//!
+//! [control_slo.gen]            # controlled conditions: the engine's gateway SLO as a
+//! tpot_p99 = 1.25              # factor of its solo run's p99 at the same load
 //! ```
 
 use std::collections::BTreeMap;
@@ -100,6 +103,12 @@ pub struct Experiment {
     /// Latency objectives per workload, for the recommendation.
     #[serde(default)]
     pub slo: BTreeMap<String, WorkloadObjectives>,
+    /// The gateway's SLO of an engine in the controlled conditions relative to its solo
+    /// run (`[control_slo.<engine>]`, e.g. `tpot_p99 = 1.25`): each metric that factor times
+    /// the p99 its workloads had solo at the condition's load, measured earlier in the same
+    /// run (`crate::control_slo`). In place of that metric in the engine's `slo`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub control_slo: BTreeMap<String, RelativeSlo>,
     /// Workload plotted over time in the counters plot: the condition to show
     /// (its label); by default the recommended one.
     #[serde(default)]
@@ -379,10 +388,10 @@ pub struct Axes {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub copies: BTreeMap<String, Vec<u32>>,
     /// The gateway's SLO controller off and on (`[false, true]`), crossed with the other
-    /// axes; default off. A controlled cell runs the template's engine `priority`, `slo` and
-    /// `[deployment.gateway.control]` with every workload through the gateway; static
-    /// cells run without priorities. Cells under `mig` are not controlled (slices share no
-    /// SMs).
+    /// axes; default off. A controlled cell runs the template's engine `priority`, `slo` (with
+    /// `control_slo`'s metrics set from the solo run) and `[deployment.gateway.control]`
+    /// with every workload through the gateway; static cells run without priorities. Cells
+    /// under `mig` are not controlled (slices share no SMs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub control: Vec<bool>,
 }
@@ -561,6 +570,41 @@ pub struct WorkloadObjectives {
     pub min_fraction_of_solo: Option<f64>,
 }
 
+/// An engine's SLO in the controlled conditions relative to its solo run
+/// (`[control_slo.<engine>]`): each metric (the gateway's, as in the engine's `slo`) a
+/// factor of the p99 the engine's workloads had in their solo baseline at the condition's
+/// load. `tpot_p99 = 1.25`: the controller holds the engine's TPOT p99 to 1.25 x solo.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelativeSlo {
+    /// Time to first token, 99th percentile, as a factor of the solo's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_p99: Option<f64>,
+    /// Time per output token, 99th percentile, as a factor of the solo's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpot_p99: Option<f64>,
+    /// Whole-request latency (E2EL), 99th percentile, as a factor of the solo's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e2el_p99: Option<f64>,
+}
+
+impl RelativeSlo {
+    /// The metrics, by their names in files (deploy's `SloSpec` fields).
+    pub const METRICS: [&'static str; 3] = ["ttft_p99", "tpot_p99", "e2el_p99"];
+
+    /// Each metric given, with its factor, in [`Self::METRICS`] order.
+    pub fn factors(&self) -> Vec<(&'static str, f64)> {
+        [
+            ("ttft_p99", self.ttft_p99),
+            ("tpot_p99", self.tpot_p99),
+            ("e2el_p99", self.e2el_p99),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+}
+
 impl Experiment {
     /// Reads and validates an experiment file; errors name the file and the field.
     pub fn load(path: &Path) -> Result<Self> {
@@ -573,6 +617,7 @@ impl Experiment {
     pub fn parse(text: &str) -> Result<Self> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         check_sharing_names(&table)?;
+        check_control_slo_table(&table)?;
         let exp: Experiment = if expand_presets(&mut table)? {
             toml::Value::Table(table)
                 .try_into()
@@ -732,6 +777,67 @@ impl Experiment {
         self.validate_replicas()?;
         crate::layout::validate(self)?;
         self.validate_gateway_use()?;
+        self.validate_control_slo()?;
+        Ok(())
+    }
+
+    /// `[control_slo.<engine>]`: used by a controlled condition, on an engine of the
+    /// template that can be promised an SLO, with workloads whose solo run measures the
+    /// metric, each factor above zero, no metric also given absolute in the engine's `slo`.
+    fn validate_control_slo(&self) -> Result<()> {
+        let Some(first) = self.control_slo.keys().next() else {
+            return Ok(());
+        };
+        if self.controlled().is_none() {
+            bail!("control_slo.{first}: no condition runs under the gateway's SLO controller (axes.control or conditions[].control), the only place this SLO is set");
+        }
+        let engines = &self.deployment.engines;
+        for (name, rel) in &self.control_slo {
+            let at = format!("control_slo.{name}");
+            let Some((i, e)) = engines.iter().enumerate().find(|(_, e)| &e.name == name) else {
+                bail!(
+                    "{at}: no engine {name:?} in deployment.engines (have: {})",
+                    self.engines().join(", ")
+                );
+            };
+            let factors = rel.factors();
+            if factors.is_empty() {
+                bail!(
+                    "{at}: empty: give at least one of {} (a factor of the solo run's p99)",
+                    RelativeSlo::METRICS.join(", ")
+                );
+            }
+            for (metric, f) in &factors {
+                if !(f.is_finite() && *f > 0.0) {
+                    bail!("{at}.{metric}: {f} is not a factor above zero (e.g. 1.25: a quarter over the solo run's p99)");
+                }
+            }
+            if e.priority == deploy::spec::Priority::BestEffort {
+                bail!("{at}: engine {name} is best-effort: it gets what the others leave and cannot be promised an SLO (give the SLO to a priority = \"latency\" engine)");
+            }
+            if let Some(abs) = &e.slo {
+                for (metric, _) in &factors {
+                    if let Some((_, d)) = abs.objectives().into_iter().find(|(m, _)| m == metric) {
+                        bail!("{at}.{metric}: deployment.engines[{i}] ({name}).slo.{metric} is set too ({}): give the SLO absolute there or relative to solo here, not both", humantime::format_duration(d));
+                    }
+                }
+            }
+            let mine: Vec<&WorkloadDef> = self
+                .workloads
+                .iter()
+                .filter(|w| &w.engine == name)
+                .collect();
+            if mine.is_empty() {
+                bail!("{at}: engine {name} has no workload, so no solo run to take its SLO from");
+            }
+            for (metric, _) in &factors {
+                if *metric == "e2el_p99" || mine.iter().any(|w| streamed(w)) {
+                    continue;
+                }
+                let names: Vec<&str> = mine.iter().map(|w| w.name.as_str()).collect();
+                bail!("{at}.{metric}: no workload of engine {name} is a streamed generate one ({}): its solo run measures no {} (use e2el_p99)", names.join(", "), if *metric == "ttft_p99" { "TTFT" } else { "TPOT" });
+            }
+        }
         Ok(())
     }
 
@@ -799,9 +905,10 @@ impl Experiment {
             }
         }
         if let Some(field) = control {
-            let latency = engines
-                .iter()
-                .any(|e| e.priority == deploy::spec::Priority::Latency && e.slo.is_some());
+            let latency = engines.iter().any(|e| {
+                e.priority == deploy::spec::Priority::Latency
+                    && (e.slo.is_some() || self.control_slo.contains_key(&e.name))
+            });
             let best_effort = engines
                 .iter()
                 .any(|e| e.priority == deploy::spec::Priority::BestEffort);
@@ -810,7 +917,7 @@ impl Experiment {
                     .iter()
                     .map(|e| format!("{} {}", e.name, e.priority))
                     .collect();
-                bail!("{field}: the controller keeps a latency engine's SLO by limiting the best-effort ones: give deployment.engines a priority = \"latency\" engine with an slo and a priority = \"best-effort\" one (have: {})", have.join(", "));
+                bail!("{field}: the controller keeps a latency engine's SLO by limiting the best-effort ones: give deployment.engines a priority = \"latency\" engine with an slo (or a [control_slo.<engine>]) and a priority = \"best-effort\" one (have: {})", have.join(", "));
             }
         }
         Ok(())
@@ -973,6 +1080,12 @@ impl Experiment {
     }
 }
 
+/// Whether a workload's requests are streamed generations: those whose solo run measures
+/// TTFT and TPOT.
+pub(crate) fn streamed(w: &WorkloadDef) -> bool {
+    w.kind == Kind::Generate && !w.whole_responses()
+}
+
 /// `generate` or `embed`, as files write it.
 pub(crate) fn kind_word(k: Kind) -> &'static str {
     match k {
@@ -1041,6 +1154,38 @@ fn check_sharing_names(table: &toml::Table) -> Result<()> {
     for (i, c) in conditions.into_iter().flatten().enumerate() {
         if let Some(s) = c.get("sharing").and_then(|s| s.as_str()) {
             check_sharing(s, &format!("conditions[{i}].sharing"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks the `[control_slo]` tables before the file is read as typed values, so that an
+/// unknown metric or a value that is not a factor is named with its key.
+fn check_control_slo_table(table: &toml::Table) -> Result<()> {
+    let Some(v) = table.get("control_slo") else {
+        return Ok(());
+    };
+    let example = "e.g. [control_slo.gen] tpot_p99 = 1.25";
+    let Some(engines) = v.as_table() else {
+        bail!("control_slo: a table of engines, {example}");
+    };
+    for (engine, v) in engines {
+        let at = format!("control_slo.{engine}");
+        let Some(metrics) = v.as_table() else {
+            bail!("{at}: a table of metrics, {example}");
+        };
+        for (metric, v) in metrics {
+            if !RelativeSlo::METRICS.contains(&metric.as_str()) {
+                bail!(
+                    "{at}.{metric}: unknown metric (the gateway's SLO metrics: {})",
+                    RelativeSlo::METRICS.join(", ")
+                );
+            }
+            match v {
+                toml::Value::Integer(_) | toml::Value::Float(_) => {}
+                toml::Value::String(s) => bail!("{at}.{metric}: {s:?} is not a factor: give the factor of the solo run's p99 as a number (e.g. 1.25); an absolute objective goes in the engine's slo"),
+                other => bail!("{at}.{metric}: {other} is not a factor: give the factor of the solo run's p99 as a number (e.g. 1.25)"),
+            }
         }
     }
     Ok(())
@@ -1602,6 +1747,149 @@ concurrency = 128
             ),
             "{m}"
         );
+    }
+
+    /// `[control_slo.<engine>]`: the controller's SLO as factors of the solo run, read,
+    /// kept in results.json, and refused with the key and the reason when it cannot be used.
+    #[test]
+    fn control_slo_is_read_and_checked() {
+        let ctl = "[[conditions]]\nsharing = \"timeslice\"\ncontrol = true\n";
+        // the generator's TTFT absolute, its TPOT relative (an integer factor reads too)
+        let base = controlled_base();
+        let ok = format!("{base}{ctl}[control_slo.gen]\ntpot_p99 = 1.25\ne2el_p99 = 3\n");
+        let e = Experiment::parse(&ok).unwrap();
+        assert_eq!(
+            e.control_slo["gen"],
+            RelativeSlo {
+                tpot_p99: Some(1.25),
+                e2el_p99: Some(3.0),
+                ttft_p99: None
+            }
+        );
+        assert_eq!(
+            e.control_slo["gen"].factors(),
+            vec![("tpot_p99", 1.25), ("e2el_p99", 3.0)]
+        );
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Experiment>(&json).unwrap(), e);
+        assert!(!serde_json::to_string(&Experiment::parse(BASE).unwrap())
+            .unwrap()
+            .contains("control_slo"));
+        // only relative: the latency engine needs no absolute slo, and its deployment
+        // validates with the stand-in before any solo has run
+        let rel_only = base.replace("slo = { ttft_p99 = \"300ms\" }", "");
+        assert_ne!(rel_only, base);
+        let e = Experiment::parse(&format!(
+            "{rel_only}{ctl}[control_slo.gen]\nttft_p99 = 2.0\n"
+        ))
+        .unwrap();
+        let plan = crate::matrix::plan(&e);
+        let mut d = crate::deployments::Deployments::check(&e, &plan).unwrap();
+        let c = plan.iter().find(|c| c.control).unwrap();
+        let spec = d.of(&e, c).unwrap().spec().clone();
+        assert_eq!(
+            spec.engines[0].slo.unwrap().ttft_p99,
+            Some(crate::control_slo::STAND_IN)
+        );
+        // without it, the controller has nothing to keep
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{rel_only}{ctl}")).unwrap_err()
+        );
+        assert!(
+            m.contains("conditions[0].control: the controller keeps a latency engine's SLO"),
+            "{m}"
+        );
+
+        let bad = |extra: &str| {
+            format!(
+                "{:#}",
+                Experiment::parse(&format!("{base}{ctl}{extra}")).unwrap_err()
+            )
+        };
+        for (extra, want) in [
+            (
+                "[control_slo.nope]\ntpot_p99 = 1.25\n",
+                "control_slo.nope: no engine \"nope\" in deployment.engines (have: gen, emb)",
+            ),
+            (
+                "[control_slo.gen]\ntpot_p90 = 1.25\n",
+                "control_slo.gen.tpot_p90: unknown metric (the gateway's SLO metrics: ttft_p99, tpot_p99, e2el_p99)",
+            ),
+            (
+                "[control_slo.gen]\ntpot_p99 = 0\n",
+                "control_slo.gen.tpot_p99: 0 is not a factor above zero",
+            ),
+            (
+                "[control_slo.gen]\ntpot_p99 = -1.5\n",
+                "control_slo.gen.tpot_p99: -1.5 is not a factor above zero",
+            ),
+            (
+                "[control_slo.gen]\ntpot_p99 = nan\n",
+                "control_slo.gen.tpot_p99: NaN is not a factor above zero",
+            ),
+            (
+                "[control_slo.gen]\ntpot_p99 = \"3.5ms\"\n",
+                "control_slo.gen.tpot_p99: \"3.5ms\" is not a factor: give the factor of the solo run's p99 as a number (e.g. 1.25); an absolute objective goes in the engine's slo",
+            ),
+            (
+                "[control_slo.gen]\ntpot_p99 = true\n",
+                "control_slo.gen.tpot_p99: true is not a factor",
+            ),
+            (
+                "[control_slo.gen]\n",
+                "control_slo.gen: empty: give at least one of ttft_p99, tpot_p99, e2el_p99",
+            ),
+            (
+                "[control_slo]\ngen = 1.25\n",
+                "control_slo.gen: a table of metrics",
+            ),
+            // the same metric absolute and relative
+            (
+                "[control_slo.gen]\nttft_p99 = 2\n",
+                "control_slo.gen.ttft_p99: deployment.engines[0] (gen).slo.ttft_p99 is set too (300ms): give the SLO absolute there or relative to solo here, not both",
+            ),
+            (
+                "[control_slo.emb]\ne2el_p99 = 2\n",
+                "control_slo.emb: engine emb is best-effort: it gets what the others leave and cannot be promised an SLO",
+            ),
+        ] {
+            let m = bad(extra);
+            assert!(m.contains(want), "{extra:?}: {m}");
+        }
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("control_slo = 1.25\n{base}{ctl}")).unwrap_err()
+        );
+        assert!(
+            m.contains("control_slo: a table of engines, e.g. [control_slo.gen] tpot_p99 = 1.25"),
+            "{m}"
+        );
+        // no controlled condition: nothing would use it
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{base}[control_slo.gen]\ntpot_p99 = 1.25\n")).unwrap_err()
+        );
+        assert!(
+            m.contains("control_slo.gen: no condition runs under the gateway's SLO controller"),
+            "{m}"
+        );
+        // an engine whose workloads are not streamed measures no TPOT solo
+        let whole = base.replace(
+            "kind = \"generate\"\nconcurrency = 4",
+            "preset = \"seed-gen\"\nconcurrency = 4",
+        );
+        assert_ne!(whole, base);
+        let m = format!(
+            "{:#}",
+            Experiment::parse(&format!("{whole}{ctl}[control_slo.gen]\ntpot_p99 = 1.25\n"))
+                .unwrap_err()
+        );
+        assert!(
+            m.contains("control_slo.gen.tpot_p99: no workload of engine gen is a streamed generate one (chat): its solo run measures no TPOT (use e2el_p99)"),
+            "{m}"
+        );
+        Experiment::parse(&format!("{whole}{ctl}[control_slo.gen]\ne2el_p99 = 1.25\n")).unwrap();
     }
 
     /// A load step in a condition: in the label and the load, given to the solo baseline

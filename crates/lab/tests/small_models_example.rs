@@ -53,7 +53,7 @@ fn two_copies_of_each_model_and_shape_under_mps_beside_one_alone() {
         let (engine, n) = two[0];
         assert_eq!(*n, 2, "{}", c.label);
         // every other engine is named with 0 (one not named would run once beside them)
-        assert_eq!(c.engines, [engine.clone()], "{}", c.label);
+        assert_eq!(c.engines, std::slice::from_ref(engine), "{}", c.label);
         assert!(c.label.starts_with("mps default"), "{}", c.label);
         let load = c.loads[engine.as_str()].concurrency.expect("closed loop");
         pairs.insert((engine.clone(), load));
@@ -142,7 +142,7 @@ fn every_load_fits(exp: &Experiment) {
             .iter()
             .find(|e| e.name == w.engine)
             .unwrap();
-        let len = e.max_model_len.expect("max_model_len") as u32;
+        let len = e.max_model_len.expect("max_model_len");
         assert!(w.input_tokens + w.output_tokens <= len, "{}: {len}", w.name);
         // the client's estimate of a BPE tokenizer may run a little long: room for it
         if w.input_tokens >= 8192 {
