@@ -19,7 +19,7 @@ use super::gemm::{GemmSpec, Gemms, TuneRecord};
 use super::graphs::{self, DecodeGraphs};
 use super::kernels::{DecodeKernel, DecodePartials, DevPtr, Kernels, RopeTable, FLASH_QUERY_TILE};
 use super::kv_cache::{KvCache, KvPlace};
-use super::lanes::Lanes;
+use super::lanes::{Lane, Lanes};
 use super::profile::{Launcher, Profiler};
 use super::step::{CudaOptions, DecodeSplit, PackedStep, StepBuffer, StepLayout};
 use crate::backend::sampling::sample_row;
@@ -520,12 +520,14 @@ impl<M: CudaModel> CudaExecutor<M> {
             .map_err(|e| anyhow!("binding the CUDA context: {e}"))
     }
 
+    /// The SM partition embedding passes run on now (`None`: the engine's own device).
+    fn embed_lane(&self) -> Option<&Lane> {
+        self.lanes.as_ref().and_then(Lanes::active)
+    }
+
     /// The device embedding passes run on: the active SM partition's, else the engine's.
     fn embed_dev(&self) -> &CudaDevice {
-        self.lanes
-            .as_ref()
-            .and_then(Lanes::active)
-            .map_or(&self.dev, |l| &l.dev)
+        self.embed_lane().map_or(&self.dev, |l| &l.dev)
     }
 
     /// Runs a step: graph replay for pure decode batches, eager otherwise. Leaves the
@@ -629,14 +631,14 @@ impl<M: CudaModel> CudaExecutor<M> {
             .as_mut()
             .ok_or_else(|| anyhow!("flash attention tiles"))?;
         ft.count = count;
-        let stream = self
-            .lanes
-            .as_ref()
-            .and_then(Lanes::active)
-            .map_or(&self.dev.stream, |l| &l.dev.stream);
+        let ptr = ft.buf.ptr;
         // SAFETY: the buffer holds at least tiles.len() i32.
         unsafe {
-            cudarc::driver::result::memcpy_htod_async(ft.buf.ptr, &tiles, stream.cu_stream())
+            cudarc::driver::result::memcpy_htod_async(
+                ptr,
+                &tiles,
+                self.embed_dev().stream.cu_stream(),
+            )
         }
         .map_err(|e| anyhow!("uploading attention tiles: {e}"))?;
         Ok(())
@@ -650,11 +652,7 @@ impl<M: CudaModel> CudaExecutor<M> {
             .flash
             .as_ref()
             .filter(|_| pass.embed && self.embed_flash);
-        let lane = self
-            .lanes
-            .as_ref()
-            .and_then(Lanes::active)
-            .filter(|_| pass.embed);
+        let lane = self.embed_lane().filter(|_| pass.embed);
         let (dev, kernels, gemm) = match lane {
             Some(l) => (&l.dev, &l.kernels, &l.gemm),
             None => (&self.dev, &self.kernels, &self.gemm),
@@ -786,7 +784,7 @@ impl<M: CudaModel> Embedder for CudaExecutor<M> {
                 count: 0,
             });
         }
-        if self.lanes.as_ref().and_then(Lanes::active).is_some() {
+        if self.embed_lane().is_some() {
             buffer::synchronize(&self.dev)?;
             self.embed_dev()
                 .ctx
