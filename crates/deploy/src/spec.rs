@@ -365,6 +365,16 @@ impl SloSpec {
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .collect()
     }
+
+    /// The objective named as in [`Self::objectives`], to set; `None` for another name.
+    pub fn objective_mut(&mut self, name: &str) -> Option<&mut Option<Duration>> {
+        match name {
+            "ttft_p99" => Some(&mut self.ttft_p99),
+            "tpot_p99" => Some(&mut self.tpot_p99),
+            "e2el_p99" => Some(&mut self.e2el_p99),
+            _ => None,
+        }
+    }
 }
 
 /// One engine: a model served by one program, possibly as several replicas.

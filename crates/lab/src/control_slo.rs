@@ -178,11 +178,9 @@ pub fn resolve(
 }
 
 fn set(slo: &mut SloSpec, metric: &str, d: Duration) -> Result<()> {
-    match metric {
-        "ttft_p99" => slo.ttft_p99 = Some(d),
-        "tpot_p99" => slo.tpot_p99 = Some(d),
-        "e2el_p99" => slo.e2el_p99 = Some(d),
-        other => bail!("control_slo: unknown metric {other:?}"),
+    match slo.objective_mut(metric) {
+        Some(m) => *m = Some(d),
+        None => bail!("control_slo: unknown metric {metric:?}"),
     }
     Ok(())
 }
