@@ -26,8 +26,8 @@ export QWEN3_TINY_DIR="$PWD/$BIN/qwen3-tiny"
 status=0
 if [ "${TESTS:-1}" = 1 ]; then
   "$BIN/cuda_engine" --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" || status=1
-  echo "== again with COLOCATE_DECODE_MIN_CHUNK=16 ==" | tee -a "$OUT/tests.log"
-  COLOCATE_DECODE_MIN_CHUNK=16 "$BIN/cuda_engine" --test-threads=1 --nocapture 2>&1 |
+  echo "== again with COLOCATE_DECODE_MIN_CHUNK=16 COLOCATE_PREFILL_FLASH_MIN=1 ==" | tee -a "$OUT/tests.log"
+  COLOCATE_DECODE_MIN_CHUNK=16 COLOCATE_PREFILL_FLASH_MIN=1 "$BIN/cuda_engine" --test-threads=1 --nocapture 2>&1 |
     tee -a "$OUT/tests.log" || status=1
 fi
 CUDA_BENCH_DECODE="${DECODE:-split}" CUDA_BENCH_GEMM="${GEMM:-tuned}" "$BIN/cuda_bench" "${PARTS:-gen17,embed,gen8}" 2>&1 |

@@ -6,7 +6,7 @@
 //! `scripts/gpu/cuda-bench.sh`:
 //!
 //! `cargo run --release -p engine --example cuda_bench -- [PARTS]`
-//! with PARTS a comma-separated subset of `attn,gemm,gen17,embed,gen8,long8,moe` (`gen17,embed,gen8`
+//! with PARTS a comma-separated subset of `attn,gemm,gen17,embed,gen8,long8,prefill8,moe` (`gen17,embed,gen8`
 //! by default; the `COLOCATE_CUDA_BENCH` variable is read when no argument is given).
 //! `attn` checks the decode attention kernels on their own against an f64 reference on
 //! the host (random Q/K/V, scattered blocks, contexts from 1 to 4,100 keys, split and
@@ -26,6 +26,9 @@
 //! the same loaded model, and the logits of one decode step are compared with the first
 //! combination's (`CHECK` lines). After each load, `GEMMTUNE` and `GEMM` lines give what
 //! the tuning measured per shape.
+//! `prefill8` times Qwen3-8B prompts of 2,048 and 8,192 tokens, whole and in chunks, with
+//! the flash prefill and with the 8-query tiles (`RESULT prefill` lines, a `CHECK` of their
+//! logits).
 //! `gen8-64` is the 8B batch-64 workload of `gen8` alone (for sweeps of
 //! `COLOCATE_DECODE_MIN_CHUNK`). `moe` is the gen workload of the seeds' generator,
 //! Qwen3-30B-A3B-FP8 (experts kept in FP8), at the batches of `CUDA_BENCH_MOE_BATCHES`
@@ -388,7 +391,7 @@ fn print_attention(label: &str, ms: f64, steps: usize, kv_bytes: f64, bw: f64) {
     );
 }
 
-/// Compares the logits of two runs of one decode step, row by row.
+/// Compares the logits of two runs of one step, row by row.
 fn compare_logits(label: &str, reference: &str, a: &[Vec<f32>], b: &[Vec<f32>]) {
     let (mut max_diff, mut range, mut min_cos, mut agree) = (0f32, 0f32, 1f64, 0usize);
     for (x, y) in a.iter().zip(b) {
@@ -412,7 +415,7 @@ fn compare_logits(label: &str, reference: &str, a: &[Vec<f32>], b: &[Vec<f32>]) 
     }
     let ok = max_diff.is_finite() && min_cos > 0.999;
     println!(
-        "CHECK {label}: vs {reference}, decode logits over {} rows: max |diff| {max_diff:.4} (largest |logit| {range:.3}), min cosine {min_cos:.6}, argmax agree {agree}/{}{}",
+        "CHECK {label}: vs {reference}, logits over {} rows: max |diff| {max_diff:.4} (largest |logit| {range:.3}), min cosine {min_cos:.6}, argmax agree {agree}/{}{}",
         a.len(),
         a.len(),
         if ok { "" } else { "  << MISMATCH" }
@@ -924,6 +927,95 @@ fn bench_long(
     Ok(())
 }
 
+/// Prompt-heavy prefill (issue 16's 2,048 + 128 and 8,192 + 128 points): fresh prompts
+/// of `len` tokens, as many as fit one 8,192-token step, and the same prompts continued
+/// in chunks of `chunk` tokens (each chunk's keys partly from earlier steps), timed with
+/// the flash prefill (chunks of 16 tokens and more on tensor cores) and with the 8-query
+/// tiles on the same loaded model; the last rows' logits of the two are compared.
+fn bench_prefill(name: &str, len: usize, chunk: usize) -> anyhow::Result<()> {
+    let max_tokens = 8192usize;
+    let batch = (max_tokens / len).max(1);
+    let bs = 16;
+    let opts = CudaOptions {
+        max_tokens,
+        max_seqs: batch.max(8),
+        max_model_len: len + 128,
+        graph_buckets: vec![],
+        ..Default::default()
+    };
+    let (mut m, config) = model(name, Task::Generate, opts)?;
+    let per_seq = (len + 128).div_ceil(bs);
+    m.init_kv_cache(batch * per_seq, bs)?;
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+        .collect();
+    let mut rng = Lcg(13);
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|_| (0..len).map(|_| rng.next(150_000)).collect())
+        .collect();
+    // Causal attention FLOPs of the prompts (QK^T and PV) beside the weights'.
+    let params = weights_read(&config, 1) / 2.0;
+    let (d, heads, layers) = (
+        config.head_dim as f64,
+        config.num_attention_heads as f64,
+        config.num_hidden_layers as f64,
+    );
+    let flops =
+        batch as f64 * (2.0 * params * len as f64 + 2.0 * d * heads * layers * (len * len) as f64);
+    let mut logits = Vec::new();
+    for (label, flash) in [("flash", Some(16)), ("tiles", None)] {
+        m.set_prefill_flash(flash);
+        let whole = |m: &mut CudaQwen3| -> anyhow::Result<Vec<Vec<f32>>> {
+            let steps: Vec<SeqStep<'_>> = (0..batch)
+                .map(|k| SeqStep {
+                    tokens: &prompts[k],
+                    start_pos: 0,
+                    block_table: &tables[k],
+                    sample: Some(GREEDY),
+                })
+                .collect();
+            m.step_logits(&steps)
+        };
+        whole(&mut m)?;
+        let t = Instant::now();
+        let out = whole(&mut m)?;
+        let whole_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        for c in (0..len).step_by(chunk) {
+            let steps: Vec<SeqStep<'_>> = (0..batch)
+                .map(|k| SeqStep {
+                    tokens: &prompts[k][c..(c + chunk).min(len)],
+                    start_pos: c,
+                    block_table: &tables[k],
+                    sample: Some(GREEDY),
+                })
+                .collect();
+            m.step(&steps)?;
+        }
+        let chunked_ms = t.elapsed().as_secs_f64() * 1e3;
+        println!(
+            "RESULT prefill {name} {batch} x {len} tokens [{label}]: one step {whole_ms:.1} ms ({:.0} tok/s, {:.0} TFLOP/s with causal attention); in chunks of {chunk}: {chunked_ms:.1} ms",
+            (batch * len) as f64 * 1e3 / whole_ms,
+            flops / whole_ms / 1e9,
+        );
+        m.set_profiling(true);
+        whole(&mut m)?;
+        print_profile(
+            &m,
+            &format!("prefill {name} {batch} x {len} [{label}], one step"),
+        );
+        m.set_profiling(false);
+        logits.push(out);
+    }
+    compare_logits(
+        &format!("prefill {name} {batch} x {len}"),
+        "flash",
+        &logits[0],
+        &logits[1],
+    );
+    Ok(())
+}
+
 fn bench_embed(name: &str, batch: usize, len: usize, secs: f64) -> anyhow::Result<()> {
     let opts = CudaOptions {
         max_tokens: batch * len,
@@ -993,12 +1085,16 @@ fn main() -> anyhow::Result<()> {
                 bench_long("qwen3-8b", 32, 2048, 32, &vs, bw)?;
                 bench_long("qwen3-8b", 32, 8192, 32, &vs, bw)?;
             }
+            "prefill8" => {
+                bench_prefill("qwen3-8b", 2048, 512)?;
+                bench_prefill("qwen3-8b", 8192, 2048)?;
+            }
             "embed" => bench_embed("qwen3-embedding-0.6b", 64, 512, 5.0)?,
             "attn" => attention_check()?,
             "gemm" => gemm_check()?,
             other => {
                 anyhow::bail!(
-                    "unknown bench part {other:?} (attn, gemm, gen17, embed, gen8, gen8-64, long8, moe)"
+                    "unknown bench part {other:?} (attn, gemm, gen17, embed, gen8, gen8-64, long8, prefill8, moe)"
                 )
             }
         }

@@ -425,6 +425,7 @@ fn cuda_kernels_compile_for_the_preset_shapes() {
         // The tensor-core attention exists exactly where the head size allows it.
         let flash = ptx.contains(".entry embed_flash_attention");
         assert_eq!(flash, d % 16 == 0, "head_dim {d}");
+        assert_eq!(ptx.contains(".entry prefill_flash_attention"), flash);
         assert_eq!(ptx.contains("mma.sync.aligned.m16n8k16"), flash);
         // The norms, activations and pooling of every layout, at every shape.
         for name in [
@@ -855,6 +856,112 @@ fn cuda_flash_embedding_matches_paged_kernel() {
         let c = cosine(f, p);
         eprintln!("length {n}: flash vs paged cosine {c:.6}");
         assert!(c >= 0.999, "length {n}: cosine {c}");
+    }
+}
+
+/// The generators' flash prefill (prompt chunks on tensor cores, K/V from the paged cache)
+/// against the 8-query tiles, at the real head size (128) and GQA 2 and 4 (Qwen3-0.6B and
+/// 8B shapes, dummy weights): fresh prompts of lengths around the 64-query tiles in one
+/// step; a prompt continued in a second chunk (keys from an earlier step); and a step
+/// mixing a decode token (tiles) with a fresh chunk (flash).
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_flash_prefill_matches_the_tiled_kernel() {
+    let opts = CudaOptions {
+        max_tokens: 1024,
+        max_seqs: 8,
+        max_model_len: 1024,
+        graph_buckets: vec![],
+        ..Default::default()
+    };
+    let mut state = 7u64;
+    let mut next = |n: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % n) as u32
+    };
+    let prompt = |next: &mut dyn FnMut(u64) -> u32, n: usize| -> Vec<u32> {
+        (0..n).map(|_| next(150_000)).collect()
+    };
+    let lens = [1usize, 17, 63, 64, 65, 130, 300];
+    let fresh: Vec<Vec<u32>> = lens.iter().map(|&n| prompt(&mut next, n)).collect();
+    let long = prompt(&mut next, 400);
+    let (x, y) = (prompt(&mut next, 101), prompt(&mut next, 200));
+    // 64 blocks of 16 tokens per sequence slot.
+    let table = |slot: usize| -> Vec<u32> { (0..64).map(|b| (slot * 64 + b) as u32).collect() };
+    let tables: Vec<Vec<u32>> = (0..8).map(table).collect();
+    for preset in ["qwen3-0.6b", "qwen3-8b"] {
+        let config = ModelConfig::from_preset(preset).unwrap();
+        let mut m = cuda_model(
+            &config,
+            Task::Generate,
+            &WeightSource::Dummy { seed: 5 },
+            opts.clone(),
+        );
+        m.init_kv_cache(8 * 64, 16).unwrap();
+        let run = |m: &mut CudaQwen3, flash: bool| -> Vec<Vec<f32>> {
+            m.set_prefill_flash(flash.then_some(16));
+            let mut out = Vec::new();
+            // Fresh prompts, one step.
+            let step: Vec<SeqStep<'_>> = fresh
+                .iter()
+                .enumerate()
+                .map(|(i, p)| SeqStep {
+                    tokens: p,
+                    start_pos: 0,
+                    block_table: &tables[i],
+                    sample: Some(GREEDY),
+                })
+                .collect();
+            out.extend(m.step_logits(&step).unwrap());
+            // A prompt in two chunks: 150 tokens, then 250 that attend to them.
+            m.step_logits(&one(&long[..150], 0, &tables[7], GREEDY))
+                .unwrap();
+            out.extend(
+                m.step_logits(&one(&long[150..], 150, &tables[7], GREEDY))
+                    .unwrap(),
+            );
+            // x's last token decoded beside y's fresh 200-token chunk.
+            m.step_logits(&one(&x[..100], 0, &tables[0], GREEDY))
+                .unwrap();
+            let mixed = [
+                SeqStep {
+                    tokens: &x[100..],
+                    start_pos: 100,
+                    block_table: &tables[0],
+                    sample: Some(GREEDY),
+                },
+                SeqStep {
+                    tokens: &y,
+                    start_pos: 0,
+                    block_table: &tables[1],
+                    sample: Some(GREEDY),
+                },
+            ];
+            out.extend(m.step_logits(&mixed).unwrap());
+            out
+        };
+        let flash = run(&mut m, true);
+        let tiled = run(&mut m, false);
+        let what = lens
+            .iter()
+            .map(|n| format!("fresh {n}"))
+            .chain(["second chunk of 250 at 150".into()])
+            .chain([
+                "decode beside a chunk".into(),
+                "chunk of 200 beside a decode".into(),
+            ]);
+        assert_eq!(flash.len(), lens.len() + 3, "{preset}");
+        for ((f, t), what) in flash.iter().zip(&tiled).zip(what) {
+            let c = cosine(f, t);
+            eprintln!("{preset}, {what}: flash vs tiles cosine {c:.6}");
+            assert!(f.iter().all(|v| v.is_finite()), "{preset}, {what}: finite");
+            assert!(c >= 0.999, "{preset}, {what}: cosine {c}");
+        }
     }
 }
 
@@ -1709,6 +1816,120 @@ fn cuda_sampling_follows_the_shared_rule() {
         run(&mut m, all_masked),
         best,
         "a mask of every id is dropped"
+    );
+}
+
+/// Sampling with a temperature on the CUDA path is the shared host rule for the same seed:
+/// six sequences of the tiny Qwen3 in one batch (the reference prompts, each in its own
+/// blocks), each with its own spec (temperature 0.7 or 1.3, top-k and top-p on and off, one
+/// greedy row among them) and its own seeded RNG drawing one uniform a step as the
+/// scheduler does, run a prefill and 5 decode steps (the decode-graph path); at every step
+/// each token `step` returns is `sample_row` on the same step's logits (`step_logits` on the
+/// same batch) with the same spec, and the sequences go on with those tokens. Then one
+/// prompt's row at temperature 1.3, drawn with 16 seeds' uniforms, follows the rule at each
+/// and gives at least two distinct tokens (the GPU path does not fall back to its argmax).
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_seeded_temperature_sampling_matches_the_host_rule() {
+    use rand::{Rng, SeedableRng};
+    let seeded = |seed: u64| rand::rngs::StdRng::seed_from_u64(seed);
+    let items = reference(QWEN3);
+    let mut m = tiny_generator(QWEN3);
+    // (temperature, top_p, top_k, seed) of each row; row i runs prompt i % 3 in blocks
+    // 20 * i .. 20 * i + 20 (the generator has 128 blocks of 4 tokens).
+    let rows: [(f32, f32, usize, u64); 6] = [
+        (0.7, 1.0, 0, 11),
+        (1.3, 1.0, 0, 12),
+        (0.0, 1.0, 0, 13),
+        (0.7, 0.9, 40, 14),
+        (1.3, 0.8, 0, 15),
+        (1.3, 1.0, 64, 16),
+    ];
+    let tables: Vec<Vec<u32>> = (0..rows.len() as u32)
+        .map(|i| (20 * i..20 * i + 20).collect())
+        .collect();
+    let mut seqs: Vec<Vec<u32>> = (0..rows.len())
+        .map(|i| items[i % items.len()].ids.clone())
+        .collect();
+    let mut rngs: Vec<_> = rows.iter().map(|r| seeded(r.3)).collect();
+    let spec = |(temperature, top_p, top_k, _): (f32, f32, usize, u64), uniform| SampleSpec {
+        temperature,
+        top_p,
+        top_k,
+        uniform,
+        masked: &[],
+    };
+    let mut off_argmax = 0;
+    for step in 0..6 {
+        // One uniform per sampling sequence and step, from its seeded RNG (the scheduler's).
+        let specs: Vec<SampleSpec<'_>> = rows
+            .iter()
+            .zip(rngs.iter_mut())
+            .map(|(&r, rng)| spec(r, rng.gen::<f32>()))
+            .collect();
+        let got = {
+            let steps: Vec<SeqStep<'_>> = seqs
+                .iter()
+                .zip(&tables)
+                .zip(&specs)
+                .map(|((s, tb), sp)| {
+                    let start = if step == 0 { 0 } else { s.len() - 1 };
+                    SeqStep {
+                        tokens: &s[start..],
+                        start_pos: start,
+                        block_table: tb,
+                        sample: Some(*sp),
+                    }
+                })
+                .collect();
+            let logits = m.step_logits(&steps).unwrap();
+            assert_eq!(logits.len(), rows.len(), "step {step}: logits rows");
+            let got = m.step(&steps).unwrap();
+            assert_eq!(got.len(), rows.len(), "step {step}: sampled rows");
+            for (i, ((l, sp), &t)) in logits.iter().zip(&specs).zip(&got).enumerate() {
+                let want = sample_row(l, sp).unwrap();
+                assert_eq!(t, want, "step {step}, row {i}: {sp:?}");
+                if sp.temperature > 0.0 && t != argmax(l) {
+                    off_argmax += 1;
+                }
+            }
+            got
+        };
+        eprintln!("step {step}: sampled {got:?}");
+        for (s, t) in seqs.iter_mut().zip(got) {
+            s.push(t);
+        }
+    }
+    eprintln!("{off_argmax} of 30 tempered tokens are not their row's argmax");
+    // One row, many draws: prompt 1 in the spare blocks 120 .. 128, at temperature 1.3.
+    let ids = &items[1].ids;
+    let table: Vec<u32> = (120..128).collect();
+    let logits = m
+        .step_logits(&one(ids, 0, &table, GREEDY))
+        .unwrap()
+        .remove(0);
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 100..116 {
+        let sp = spec((1.3, 1.0, 0, seed), seeded(seed).gen::<f32>());
+        let got = m.step(&one(ids, 0, &table, sp)).unwrap()[0];
+        assert_eq!(
+            got,
+            sample_row(&logits, &sp).unwrap(),
+            "seed {seed}: {sp:?}"
+        );
+        seen.insert(got);
+    }
+    eprintln!(
+        "16 draws at temperature 1.3: {} distinct tokens (argmax {})",
+        seen.len(),
+        argmax(&logits)
+    );
+    assert!(
+        seen.len() >= 2,
+        "16 draws at temperature 1.3 all gave {seen:?}: the row was not sampled"
     );
 }
 

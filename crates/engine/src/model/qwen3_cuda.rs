@@ -902,7 +902,8 @@ impl Qwen3Cuda {
     /// The attention half of `layer`: residual add (of the previous layer's MLP output and
     /// its bias, where it has one) and the input norm, the fused qkv GEMM, q/k/v bias, q/k
     /// norm and RoPE (each where the layout has it) and the KV write, attention (flash for
-    /// embeddings, prefill tiles, or the split decode kernel, else the
+    /// embeddings; flash over the paged cache for long prompt chunks and 8-query prefill
+    /// tiles for the rest of a prefill step; or the split decode kernel, else the
     /// one-block-per-token paged kernel), the o GEMM into `delta`.
     fn attention(
         &self,
@@ -972,24 +973,45 @@ impl Qwen3Cuda {
                     a.qkv.ptr, a.attn.ptr, ft.buf.ptr, ft.count, d.heads, d.kv_heads, true,
                 )
             })?;
-        } else if p.step.tiles > 0 {
-            ops.op("attention (prefill)", || {
-                k.prefill_attention(
-                    a.qkv.ptr,
-                    a.attn.ptr,
-                    kc,
-                    vc,
-                    meta(lay.tables),
-                    lay.max_blocks,
-                    meta(lay.seq_of),
-                    meta(lay.pos),
-                    meta(lay.tile_start),
-                    meta(lay.tile_len),
-                    p.step.tiles,
-                    p.kv.block_size,
-                    d.kv_heads,
-                )
-            })?;
+        } else if p.step.tiles > 0 || p.step.flash_tiles > 0 {
+            // Prompt chunks long enough for the flash kernel and the rest of the step's
+            // tokens (decode tokens, short chunks) write disjoint rows of `attn`.
+            if p.step.flash_tiles > 0 {
+                ops.op("attention (flash, prefill)", || {
+                    k.prefill_flash_attention(
+                        a.qkv.ptr,
+                        a.attn.ptr,
+                        kc,
+                        vc,
+                        meta(lay.tables),
+                        lay.max_blocks,
+                        meta(lay.flash),
+                        p.step.flash_tiles,
+                        p.kv.block_size,
+                        d.heads,
+                        d.kv_heads,
+                    )
+                })?;
+            }
+            if p.step.tiles > 0 {
+                ops.op("attention (prefill)", || {
+                    k.prefill_attention(
+                        a.qkv.ptr,
+                        a.attn.ptr,
+                        kc,
+                        vc,
+                        meta(lay.tables),
+                        lay.max_blocks,
+                        meta(lay.seq_of),
+                        meta(lay.pos),
+                        meta(lay.tile_start),
+                        meta(lay.tile_len),
+                        p.step.tiles,
+                        p.kv.block_size,
+                        d.kv_heads,
+                    )
+                })?;
+            }
         } else if let Some(parts) = cx.decode {
             // Split decode attention over the step's work items; the last warp of a split
             // token merges its pieces.

@@ -36,6 +36,11 @@ const DECODE_WARPS_PER_SM: usize = 32;
 /// Fewest keys per decode work item by default (`COLOCATE_DECODE_MIN_CHUNK` overrides it,
 /// for tests that want the merge path on short contexts).
 const DECODE_MIN_CHUNK: usize = 64;
+/// Prompt chunks of at least this many tokens attend with the tensor-core flash kernel by
+/// default, where the head size has it (`COLOCATE_PREFILL_FLASH_MIN` overrides it: 1 puts
+/// every chunk on it, for tests; 0 none). Below it the 8-query tiles of
+/// `prefill_attention` waste less of a 64-query tile.
+const PREFILL_FLASH_MIN: usize = 16;
 /// Bytes per bf16 element.
 const BF16: usize = 2;
 
@@ -165,6 +170,9 @@ pub struct CudaExecutor<M> {
     flash: Option<FlashTiles>,
     /// Use the tensor-core flash kernel for embeddings (else the paged prefill kernel).
     embed_flash: bool,
+    /// A generator's prompt chunks of at least this many tokens use the flash kernel over
+    /// the paged cache (0: none; `StepLayout::flash_min_chunk`).
+    prefill_flash_min: usize,
     rope: RopeTable,
     /// The RoPE table and its inverse frequencies.
     _rope_bufs: [DevBuf; 2],
@@ -262,6 +270,14 @@ impl<M: CudaModel> CudaExecutor<M> {
             inv_freq: inv_freq_buf.ptr,
         };
         let embed_flash = kernels.has_flash_attention();
+        let prefill_flash_min = if embed_flash {
+            std::env::var("COLOCATE_PREFILL_FLASH_MIN")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(PREFILL_FLASH_MIN)
+        } else {
+            0
+        };
         let graphs = DecodeGraphs::new(&opts.graph_buckets, opts.max_seqs);
         let generate = info.task == Task::Generate;
         let mut ex = Self {
@@ -292,6 +308,7 @@ impl<M: CudaModel> CudaExecutor<M> {
             decode_parts,
             flash: None,
             embed_flash,
+            prefill_flash_min,
             rope,
             _rope_bufs: [rope_buf, inv_freq_buf],
             graphs,
@@ -483,6 +500,19 @@ impl<M: CudaModel> CudaExecutor<M> {
         self.embed_flash = on && self.kernels.has_flash_attention();
     }
 
+    /// Chooses a generator's prefill attention: prompt chunks of at least `min` tokens
+    /// on the tensor-core flash kernel (where the head size has it), the rest on the
+    /// 8-query tiles; `None` puts every chunk on the latter (the reference for tests).
+    pub fn set_prefill_flash(&mut self, min: Option<usize>) {
+        let min = min
+            .filter(|_| self.kernels.has_flash_attention())
+            .unwrap_or(0);
+        self.prefill_flash_min = min;
+        if let Some((_, lay)) = self.kv.as_mut() {
+            *lay = lay.with_flash_prefill(min);
+        }
+    }
+
     /// Pre-captures the decode graphs of every bucket (start-up, so the first requests do
     /// not pay for it). Needs the KV cache.
     pub fn capture_all(&mut self) -> anyhow::Result<()> {
@@ -585,6 +615,7 @@ impl<M: CudaModel> CudaExecutor<M> {
                 tokens: b,
                 rows: b,
                 tiles: 0,
+                flash_tiles: 0,
                 items: 0,
             },
             layout,
@@ -701,7 +732,8 @@ impl<M: CudaModel> Generator for CudaExecutor<M> {
             self.opts.max_seqs,
             max_blocks,
             self.split,
-        );
+        )
+        .with_flash_prefill(self.prefill_flash_min);
         self.kv = Some((kv, layout));
         Ok(())
     }

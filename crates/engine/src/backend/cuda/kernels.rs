@@ -27,7 +27,7 @@ pub const PREFILL_TILE: usize = 8;
 /// Device address of a buffer.
 pub type DevPtr = u64;
 
-/// Query positions per block of `embed_flash_attention` (`FA_BQ` in engine.cu).
+/// Query positions per block of the flash kernels (`FA_BQ` in engine.cu).
 pub const FLASH_QUERY_TILE: usize = 64;
 
 /// Work items (warps) per block of `decode_attention` (`DA_WARPS` in engine.cu).
@@ -104,7 +104,7 @@ pub struct Kernels {
     paged_attention: CudaFunction,
     prefill_attention: CudaFunction,
     /// Present when the head size is a multiple of 16 (the tensor-core tile).
-    embed_flash_attention: Option<CudaFunction>,
+    flash: Option<FlashAttention>,
     /// Split decode attention: present when the head size is a multiple of 16 and the
     /// GQA group at most 8 (the tensor-core tile's columns).
     decode_attention: Option<CudaFunction>,
@@ -112,6 +112,14 @@ pub struct Kernels {
     fill_uniform: CudaFunction,
     head_dim: usize,
     group: usize,
+}
+
+/// The two entry points of the tensor-core attention (`flash_attention_tile` in
+/// engine.cu): K/V read from the projection (embeddings), or from the paged cache (the
+/// generators' prefill chunks).
+struct FlashAttention {
+    embed: CudaFunction,
+    prefill: CudaFunction,
 }
 
 /// Include folders tried for `cuda_bf16.h` (NVRTC also ships built-in copies in CUDA 12+).
@@ -215,8 +223,11 @@ impl Kernels {
             bias_gelu: f("bias_gelu")?,
             paged_attention: f("paged_attention")?,
             prefill_attention: f("prefill_attention")?,
-            embed_flash_attention: if head_dim.is_multiple_of(16) {
-                Some(f("embed_flash_attention")?)
+            flash: if head_dim.is_multiple_of(16) {
+                Some(FlashAttention {
+                    embed: f("embed_flash_attention")?,
+                    prefill: f("prefill_flash_attention")?,
+                })
             } else {
                 None
             },
@@ -614,9 +625,17 @@ impl Kernels {
         .map_err(launch_err)
     }
 
-    /// Whether `embed_flash_attention` exists for this head size.
+    /// Whether the flash kernels (`embed_flash_attention`, `prefill_flash_attention`)
+    /// exist for this head size.
     pub fn has_flash_attention(&self) -> bool {
-        self.embed_flash_attention.is_some()
+        self.flash.is_some()
+    }
+
+    fn flash(&self) -> Result<&FlashAttention, CudaError> {
+        self.flash.as_ref().ok_or_else(|| CudaError::Compile {
+            arch: String::new(),
+            message: format!("no flash attention for head_dim {}", self.head_dim),
+        })
     }
 
     /// Tensor-core attention of the embedding path over `tiles` query tiles (`tiles_meta`:
@@ -633,13 +652,7 @@ impl Kernels {
         nkv: usize,
         causal: bool,
     ) -> Result<(), CudaError> {
-        let f = self
-            .embed_flash_attention
-            .as_ref()
-            .ok_or_else(|| CudaError::Compile {
-                arch: String::new(),
-                message: format!("no flash attention for head_dim {}", self.head_dim),
-            })?;
+        let f = &self.flash()?.embed;
         let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
         let (nkv_, causal) = (nkv as i32, i32::from(causal));
         let mut b = self.stream.launch_builder(f);
@@ -649,6 +662,43 @@ impl Kernels {
             .arg(&nkv_)
             .arg(&scale_log2)
             .arg(&causal);
+        unsafe { b.launch(Self::cfg((tiles as u32, nq as u32), 128, 0)) }
+            .map(|_| ())
+            .map_err(launch_err)
+    }
+
+    /// Tensor-core causal attention of a step's prompt chunks over the paged cache (the
+    /// chunks' own K/V already written there): `tiles` tiles of up to 64 queries, five ints
+    /// each at `tiles_meta` (`StepLayout::flash`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_flash_attention(
+        &self,
+        qkv: DevPtr,
+        out: DevPtr,
+        kcache: DevPtr,
+        vcache: DevPtr,
+        block_tables: DevPtr,
+        max_blocks: usize,
+        tiles_meta: DevPtr,
+        tiles: usize,
+        block_size: usize,
+        nq: usize,
+        nkv: usize,
+    ) -> Result<(), CudaError> {
+        let f = &self.flash()?.prefill;
+        let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
+        let (mb, bs, nkv_) = (max_blocks as i32, block_size as i32, nkv as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&qkv)
+            .arg(&out)
+            .arg(&kcache)
+            .arg(&vcache)
+            .arg(&block_tables)
+            .arg(&mb)
+            .arg(&tiles_meta)
+            .arg(&bs)
+            .arg(&nkv_)
+            .arg(&scale_log2);
         unsafe { b.launch(Self::cfg((tiles as u32, nq as u32), 128, 0)) }
             .map(|_| ())
             .map_err(launch_err)

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail};
 
 use super::buffer::DevBuf;
 use super::device::CudaDevice;
-use super::kernels::{DevPtr, PREFILL_TILE};
+use super::kernels::{DevPtr, FLASH_QUERY_TILE, PREFILL_TILE};
 use crate::backend::StepMeta;
 
 /// Sizes fixed at start-up (they size the scratch buffers and the metadata layout).
@@ -81,6 +81,14 @@ pub struct StepLayout {
     pub tile_len: usize,
     /// Token rows whose output is wanted (logits or pooled), in order.
     pub rows: usize,
+    /// Flash prefill tiles, five i32 each: first token row of the chunk, first query of
+    /// the tile in the chunk, chunk length, position of the chunk's first token, sequence
+    /// (`FLASH_QUERY_TILE` queries a tile; `flash_cap` of them at most).
+    pub flash: usize,
+    /// Prompt chunks of at least this many tokens attend with the tensor-core flash kernel
+    /// (`prefill_flash_attention`), the others with the 8-query `prefill_attention`
+    /// tiles; 0: every chunk with the latter (a head size without the flash kernel).
+    pub flash_min_chunk: usize,
     /// Decode work items, three i32 each: token row, first key, keys
     /// (`split.items + max_seqs` of them at most).
     pub work: usize,
@@ -96,7 +104,8 @@ pub struct StepLayout {
 impl StepLayout {
     pub fn new(max_tokens: usize, max_seqs: usize, max_blocks: usize, split: DecodeSplit) -> Self {
         let t = max_tokens;
-        let work = 6 * t + max_seqs;
+        let flash = 6 * t + max_seqs;
+        let work = flash + 5 * Self::flash_cap(t, max_seqs);
         let item_first = work + 3 * (split.items + max_seqs);
         Self {
             ids: 0,
@@ -106,12 +115,27 @@ impl StepLayout {
             tile_start: 4 * t,
             tile_len: 5 * t,
             rows: 6 * t,
+            flash,
+            flash_min_chunk: 0,
             work,
             item_first,
             tables: item_first + max_seqs + 1,
             max_blocks,
             split,
         }
+    }
+
+    /// This layout with prompt chunks of at least `min` tokens on the flash kernel (0:
+    /// none).
+    pub fn with_flash_prefill(mut self, min: usize) -> Self {
+        self.flash_min_chunk = min;
+        self
+    }
+
+    /// The most flash prefill tiles a step can have: every chunk's queries in tiles of
+    /// `FLASH_QUERY_TILE`, one partial tile per sequence at most.
+    pub fn flash_cap(max_tokens: usize, max_seqs: usize) -> usize {
+        max_tokens.div_ceil(FLASH_QUERY_TILE) + max_seqs
     }
 
     /// Work items the split decode kernel is launched for with `tokens` token rows (the
@@ -135,6 +159,9 @@ pub struct PackedStep {
     pub rows: usize,
     /// Prefill attention tiles; 0 when every sequence brings one token (decode kernel).
     pub tiles: usize,
+    /// Flash prefill tiles (`StepLayout::flash`); a step with either kind of tile is a
+    /// prefill step.
+    pub flash_tiles: usize,
     /// Decode work items (0 for prefill steps).
     pub items: usize,
 }
@@ -168,10 +195,23 @@ pub fn pack(
     m.resize(lay.len(rows_n), 0);
     let seq = |i: usize| meta.seq_starts[i] as usize..meta.seq_starts[i + 1] as usize;
     let prefill = (0..n).any(|i| seq(i).len() > 1);
-    let mut tiles = 0usize;
+    let (mut tiles, mut flash_tiles) = (0usize, 0usize);
     for i in 0..n {
         let rows = seq(i);
-        if prefill {
+        if prefill && flash_chunk(meta, rows.clone(), lay.flash_min_chunk) {
+            let p0 = meta.positions[rows.start] as i32;
+            for q0 in (0..rows.len()).step_by(FLASH_QUERY_TILE) {
+                let f = lay.flash + 5 * flash_tiles;
+                m[f..f + 5].copy_from_slice(&[
+                    rows.start as i32,
+                    q0 as i32,
+                    rows.len() as i32,
+                    p0,
+                    i as i32,
+                ]);
+                flash_tiles += 1;
+            }
+        } else if prefill {
             let mut c = 0;
             while c < rows.len() {
                 m[lay.tile_start + tiles] = (rows.start + c) as i32;
@@ -245,6 +285,7 @@ pub fn pack(
             tokens: pad_to,
             rows: pad_to,
             tiles,
+            flash_tiles,
             items,
         }
     } else {
@@ -252,9 +293,21 @@ pub fn pack(
             tokens: t,
             rows: meta.sample_rows.len(),
             tiles,
+            flash_tiles,
             items,
         }
     })
+}
+
+/// Whether the chunk of `rows` attends with the flash kernel: at least `min` tokens (0:
+/// never) at consecutive positions, as the kernel puts query row r at the chunk's first
+/// position + r.
+fn flash_chunk(meta: &StepMeta<'_>, rows: std::ops::Range<usize>, min: usize) -> bool {
+    min > 0
+        && rows.len() >= min
+        && meta.positions[rows.clone()]
+            .windows(2)
+            .all(|w| w[1] == w[0] + 1)
 }
 
 /// The step metadata buffer: packed on the host, uploaded once per step.
@@ -376,6 +429,7 @@ mod tests {
                 tokens: 13,
                 rows: 1,
                 tiles: 3,
+                flash_tiles: 0,
                 items: 0
             }
         );
@@ -394,6 +448,81 @@ mod tests {
         assert_eq!(at(lay.rows, 1), [9]);
         assert_eq!(at(lay.tables, 3), [5, 2, 9]);
         assert_eq!(at(lay.tables + lay.max_blocks, 3), [1, 3, 0]);
+    }
+
+    /// With the flash prefill on, a chunk of at least the minimum goes to flash tiles of
+    /// `FLASH_QUERY_TILE` queries (its row, first query, length, first position and
+    /// sequence), while a decode token and a shorter chunk of the same step keep the
+    /// 8-query tiles; the same step with the flash prefill off has no flash tile.
+    #[test]
+    fn long_chunks_get_flash_tiles_and_the_rest_keep_prefill_tiles() {
+        let long: Vec<u32> = (0..150).collect();
+        let short = [1u32, 2, 3];
+        let one = [9u32];
+        let table: Vec<u32> = (0..40).collect();
+        let seqs = [
+            SeqStep {
+                tokens: &one,
+                start_pos: 20,
+                block_table: &table[..6],
+                sample: Some(GREEDY),
+            },
+            SeqStep {
+                tokens: &long,
+                start_pos: 30,
+                block_table: &table,
+                sample: Some(GREEDY),
+            },
+            SeqStep {
+                tokens: &short,
+                start_pos: 0,
+                block_table: &table[..1],
+                sample: None,
+            },
+        ];
+        let mut builder = StepBuilder::default();
+        let meta = builder.paged(&seqs, &[], 8, 64, 1000).unwrap();
+        let o = CudaOptions {
+            max_tokens: 256,
+            max_seqs: 4,
+            max_model_len: 320,
+            ..opts()
+        };
+        let lay = StepLayout::new(256, 4, 40, SPLIT).with_flash_prefill(16);
+        let mut m = Vec::new();
+        let packed = pack(&mut m, &meta, 0, lay, &o).unwrap();
+        assert_eq!(
+            (packed.tokens, packed.tiles, packed.flash_tiles),
+            (154, 2, 3)
+        );
+        let at = |off: usize, n: usize| m[off..off + n].to_vec();
+        // The decode token (row 0) and the 3-token chunk (rows 151..154) keep 8-query tiles.
+        assert_eq!(at(lay.tile_start, 2), [0, 151]);
+        assert_eq!(at(lay.tile_len, 2), [1, 3]);
+        // The 150-token chunk at positions 30.. of sequence 1 starts at row 1: 64 + 64 + 22.
+        assert_eq!(
+            at(lay.flash, 15),
+            [1, 0, 150, 30, 1, 1, 64, 150, 30, 1, 1, 128, 150, 30, 1]
+        );
+        assert!(packed.flash_tiles <= StepLayout::flash_cap(256, 4));
+        let off = pack(&mut m, &meta, 0, lay.with_flash_prefill(0), &o).unwrap();
+        assert_eq!((off.tiles, off.flash_tiles), (2 + 150usize.div_ceil(8), 0));
+    }
+
+    /// The flash tiles' region never runs into the decode work items: the most tiles a
+    /// step can make (every sequence's chunk cut into 64-query tiles) fit `flash_cap`.
+    #[test]
+    fn the_flash_region_holds_the_most_tiles_a_step_makes() {
+        for (t, n) in [(8192usize, 256usize), (256, 4), (100, 7)] {
+            let lay = StepLayout::new(t, n, 16, SPLIT);
+            // n chunks sharing t tokens: at most t / 64 + n tiles.
+            let worst: usize = (0..n)
+                .map(|i| (t / n + usize::from(i < t % n)).div_ceil(FLASH_QUERY_TILE))
+                .sum();
+            assert!(worst <= StepLayout::flash_cap(t, n), "{t} tokens, {n} seqs");
+            assert_eq!(lay.work - lay.flash, 5 * StepLayout::flash_cap(t, n));
+            assert!(lay.flash >= lay.rows + n);
+        }
     }
 
     /// A decode batch of three padded to the bucket of four: no tiles (the decode kernel),
@@ -423,6 +552,7 @@ mod tests {
                 tokens: 4,
                 rows: 4,
                 tiles: 0,
+                flash_tiles: 0,
                 items: 4
             }
         );

@@ -559,13 +559,19 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return (unsigned)__cvta_generic_to_shared(p);
 }
-extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
-    const bf16* __restrict__ qkv, bf16* __restrict__ out, const int* __restrict__ tiles, int nkv,
-    float scale_log2, int causal) {
+// One block's work, shared by the two entry points below. PAGED = false: K/V of the
+// sequence's `len` tokens are rows s0.. of qkv and the sequence starts at position 0 (p0 =
+// 0). PAGED = true: the rows s0.. of qkv are a chunk of `len` tokens at positions p0..,
+// and every key 0 .. p0 + len - 1 (the chunk's own included: qk_norm_rope_kv wrote them)
+// is read from the paged cache through `table`.
+template <bool PAGED>
+__device__ __forceinline__ void flash_attention_tile(
+    const bf16* __restrict__ qkv, bf16* __restrict__ out, const bf16* __restrict__ kcache,
+    const bf16* __restrict__ vcache, const int* __restrict__ table, int block_size, int s0, int q0,
+    int len, int p0, int nkv, float scale_log2, int causal) {
     const int D = HEAD_DIM, G = GQA, KC = HEAD_DIM / 16, ND = HEAD_DIM / 8;
     const int nq = nkv * G, width = (nq + 2 * nkv) * D;
     const int h = blockIdx.y, kvh = h / G;
-    const int s0 = tiles[3 * blockIdx.x], q0 = tiles[3 * blockIdx.x + 1], len = tiles[3 * blockIdx.x + 2];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
     const int qr = q0 + warp * 16;  // this warp's first query position
     __shared__ __align__(16) bf16 sk[FA_BK][HEAD_DIM + FA_PAD];
@@ -591,7 +597,9 @@ extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
 #pragma unroll
     for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = NEG, m1 = NEG, l0 = 0.f, l1 = 0.f;
-    const int kend = causal ? min(q0 + FA_BQ, len) : len;
+    // Keys 0 .. kend - 1 of the context; query row r sits at position p0 + r.
+    const int ctx = p0 + len;
+    const int kend = causal ? min(p0 + q0 + FA_BQ, ctx) : ctx;
     const bool warp_live = qr < len;
     for (int k0 = 0; k0 < kend; k0 += FA_BK) {
         __syncthreads();
@@ -600,16 +608,22 @@ extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
             int r = idx / vecs, c = (idx - r * vecs) * 8;
             int j = k0 + r;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (j < len) {
-                const bf16* src = qkv + (size_t)(s0 + j) * width + (nq + kvh) * D + c;
-                kv = *(const uint4*)src;
-                vv = *(const uint4*)(src + nkv * D);
+            if (j < ctx) {
+                if (PAGED) {
+                    size_t off = ((size_t)(table[j / block_size] * block_size + j % block_size) * nkv + kvh) * D + c;
+                    kv = *(const uint4*)(kcache + off);
+                    vv = *(const uint4*)(vcache + off);
+                } else {
+                    const bf16* src = qkv + (size_t)(s0 + j) * width + (nq + kvh) * D + c;
+                    kv = *(const uint4*)src;
+                    vv = *(const uint4*)(src + nkv * D);
+                }
             }
             *(uint4*)&sk[r][c] = kv;
             *(uint4*)&sv[r][c] = vv;
         }
         __syncthreads();
-        if (!warp_live || (causal && k0 > qr + 15)) continue;
+        if (!warp_live || (causal && k0 > p0 + qr + 15)) continue;
         // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
         float sc[FA_BK / 8][4];
 #pragma unroll
@@ -622,16 +636,16 @@ extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
         }
         // Scale, causal (where it is) and length mask, online softmax (rows g and g + 8 of the warp).
         float mx0 = NEG, mx1 = NEG;
-        const bool diag = causal && k0 + FA_BK > qr;
+        const bool diag = causal && k0 + FA_BK > p0 + qr;
 #pragma unroll
         for (int n = 0; n < FA_BK / 8; n++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int key = k0 + n * 8 + 2 * tg + (e & 1);
-                int row = qr + g + (e >> 1) * 8;
+                int row = p0 + qr + g + (e >> 1) * 8;
                 float v = sc[n][e] * scale_log2;
                 if (diag && key > row) v = NEG;
-                if (key >= len) v = NEG;
+                if (key >= ctx) v = NEG;
                 sc[n][e] = v;
             }
             mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
@@ -689,6 +703,26 @@ extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
         if (r0 < len) *(unsigned*)(out + (size_t)(s0 + r0) * nq * D + col) = pack_bf16x2(o[n][0] * i0, o[n][1] * i0);
         if (r1 < len) *(unsigned*)(out + (size_t)(s0 + r1) * nq * D + col) = pack_bf16x2(o[n][2] * i1, o[n][3] * i1);
     }
+}
+extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
+    const bf16* __restrict__ qkv, bf16* __restrict__ out, const int* __restrict__ tiles, int nkv,
+    float scale_log2, int causal) {
+    const int* t = tiles + 3 * blockIdx.x;
+    flash_attention_tile<false>(qkv, out, nullptr, nullptr, nullptr, 1, t[0], t[1], t[2], 0, nkv, scale_log2,
+                                causal);
+}
+// The generators' prefill on tensor cores: causal attention of prompt chunks whose keys
+// are in the paged cache (a chunk that continues a sequence attends to what earlier steps
+// wrote). Tiles come from the step metadata, five ints each: first token row of the
+// chunk, first query of the tile within the chunk, the chunk's length, the position of its
+// first token, and its sequence (row of block_tables).
+extern "C" __global__ void __launch_bounds__(128) prefill_flash_attention(
+    const bf16* __restrict__ qkv, bf16* __restrict__ out, const bf16* __restrict__ kcache,
+    const bf16* __restrict__ vcache, const int* __restrict__ block_tables, int max_blocks,
+    const int* __restrict__ tiles, int block_size, int nkv, float scale_log2) {
+    const int* t = tiles + 5 * blockIdx.x;
+    flash_attention_tile<true>(qkv, out, kcache, vcache, block_tables + (size_t)t[4] * max_blocks, block_size,
+                               t[0], t[1], t[2], t[3], nkv, scale_log2, 1);
 }
 
 // Decode attention on tensor cores, split over the context (flash-decoding). The host
