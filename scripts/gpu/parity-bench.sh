@@ -6,7 +6,7 @@
 # transformers' static-cache generate (compiled, CUDA graphs) at the same decode shape.
 #   usage: scripts/gpu/parity-bench.sh BIN_DIR OUT_DIR
 #   env:   MODELS="gen8 gen17 emb06 emb8" (default gen8 gen17), ENGINES="builtin vllm",
-#          WARM=5s DUR=15s, MEM=0.85, HF=1 (transformers at batch 64, 128 + 128; HF_TIMEOUT=240 s each)
+#          WARM=5s DUR=15s (LONG_WARM=10s LONG_DUR=30s for p2k, p8k), MEM=0.85, HF=1 (transformers at batch 64, 128 + 128; HF_TIMEOUT=240 s each)
 # Workloads (issue 16's table): gen8 Qwen3-8B 128+128 at 64 and 256 concurrent, 2,048+128 and
 # 8,192+128 at 32; gen17 Qwen3-1.7B 128+128 at 64 and 256; emb06 Qwen3-Embedding-0.6B
 # 512-token inputs, batch 64, 4 concurrent; emb8 Qwen3-Embedding-8B 25-token inputs, batch 8,
@@ -80,8 +80,10 @@ for model in $MODELS; do
       IFS=';' read -ra wls <<< "$workloads"
       for wl in "${wls[@]}"; do
         name=${wl%%=*}; w=${wl#*=}; kind=${w%%:*}; params=${w#*:}
+        # The prompt-heavy points (p2k, p8k) take seconds a request: longer windows.
+        warm=$WARM; dur=$DUR; [[ $name == p* ]] && { warm=${LONG_WARM:-10s}; dur=${LONG_DUR:-30s}; }
         "$C" bench --workload "$kind:url=http://127.0.0.1:8100,model=m,$params" \
-          --warmup "$WARM" --duration "$DUR" --out "$OUT/parity-$model-$engine-$name.json" \
+          --warmup "$warm" --duration "$dur" --out "$OUT/parity-$model-$engine-$name.json" \
           > "$OUT/parity-$model-$engine-$name.txt" 2>&1 || status=1
       done
     else
