@@ -7,7 +7,9 @@
 # session carries the file back (ignored folder .vllm/) and `restore`s it before the study.
 #   scripts/gpu/vllm-cache.sh save "$OUT/vllm-cache.tgz"     # on the GPU machine, last call
 #   scripts/gpu/vllm-cache.sh restore .vllm/vllm-cache.tgz   # on the GPU machine, before vLLM starts
-# Keep the file under 16 MiB (what one call returns per file; 14.5 MiB after the seeds' pair).
+# One call returns files of at most 16 MiB: `save` splits a larger archive into FILE.part-aa,
+# -ab, ... of 15 MiB (the seeds' pair with Triton's cache came to 20 MiB on 2026-12-02),
+# and `restore` joins FILE.part-* when FILE itself is not there.
 set -euo pipefail
 cmd=${1:-}; file=${2:-}
 [ -n "$cmd" ] && [ -n "$file" ] || { echo "usage: $0 save|restore FILE" >&2; exit 2; }
@@ -17,9 +19,16 @@ case "$cmd" in
     [ ${#dirs[@]} -gt 0 ] || { echo "vllm-cache: nothing to save in $HOME" >&2; exit 1; }
     tar czf "$file" -C "$HOME" "${dirs[@]}"
     echo "vllm-cache: saved ${dirs[*]} ($(du -h "$file" | cut -f1)) to $file"
+    if [ "$(stat -c %s "$file")" -gt $((15 << 20)) ]; then
+      rm -f "$file".part-*; split -b 15M "$file" "$file.part-" && rm "$file"
+      echo "vllm-cache: split into $(ls "$file".part-* | wc -l) parts of at most 15 MiB: $file.part-*"
+    fi
     ;;
   restore)
-    [ -f "$file" ] || { echo "vllm-cache: no $file (carry it from .vllm/)" >&2; exit 1; }
+    if [ ! -f "$file" ] && compgen -G "$file.part-*" > /dev/null; then
+      cat "$file".part-* > "/tmp/vllm-cache-joined.tgz"; file=/tmp/vllm-cache-joined.tgz
+    fi
+    [ -f "$file" ] || { echo "vllm-cache: no $file nor its parts (carry them from .vllm/)" >&2; exit 1; }
     tar xzf "$file" -C "$HOME"
     echo "vllm-cache: restored $(tar tzf "$file" | wc -l) entries into $HOME"
     ;;
