@@ -5,7 +5,8 @@
 # same `colocate bench` clients, with the copy bandwidth of the same call and, with HF=1,
 # transformers' static-cache generate (compiled, CUDA graphs) at the same decode shape.
 #   usage: scripts/gpu/parity-bench.sh BIN_DIR OUT_DIR
-#   env:   MODELS="gen8 gen17 emb06 emb8" (default gen8 gen17), ENGINES="builtin vllm",
+#   env:   MODELS="gen8 gen17 emb06 emb8" (default gen8 gen17), ENGINES="builtin vllm" (or
+#          builtin-flash: the built-in engine with COLOCATE_PREFILL_FLASH_MIN=16),
 #          WARM=5s DUR=15s (LONG_WARM=10s LONG_DUR=30s for p2k, p8k), MEM=0.85, HF=1 (transformers at batch 64, 128 + 128; HF_TIMEOUT=240 s each)
 # Workloads (issue 16's table): gen8 Qwen3-8B 128+128 at 64 and 256 concurrent, 2,048+128 and
 # 8,192+128 at 32; gen17 Qwen3-1.7B 128+128 at 64 and 256; emb06 Qwen3-Embedding-0.6B
@@ -59,9 +60,11 @@ for model in $MODELS; do
   for engine in $ENGINES; do
     log="$OUT/parity-$model-$engine.log"
     case $engine in
-      builtin)
+      builtin|builtin-flash)
+        # builtin-flash: prompt chunks of 16 tokens and more on the flash prefill kernel.
+        flash=0; [ "$engine" = builtin-flash ] && flash=16
         # shellcheck disable=SC2086
-        setsid "$C" serve --device cuda --model "preset:$preset" --load-format dummy --port 8100 \
+        COLOCATE_PREFILL_FLASH_MIN=$flash setsid "$C" serve --device cuda --model "preset:$preset" --load-format dummy --port 8100 \
           --served-model-name m --task "$task" --max-num-batched-tokens 8192 \
           --gpu-memory-utilization "$MEM" $args > "$log" 2>&1 &
         wait_s=300 ;;
@@ -109,7 +112,8 @@ import glob, json, os, re, sys
 out = sys.argv[1]
 rows = {}
 for f in sorted(glob.glob(os.path.join(out, "parity-*-*-*.json"))):
-    model, engine, wl = os.path.basename(f)[7:-5].split("-", 2)
+    parts = os.path.basename(f)[7:-5].split("-")
+    model, engine, wl = parts[0], "-".join(parts[1:-1]), parts[-1]
     try:
         w = json.load(open(f))["workloads"][0]
         if "gen" in w and w["gen"]:
@@ -126,14 +130,22 @@ if os.path.exists(os.path.join(out, "parity-hf.txt")):
         if m: hf[m.group(1)] = float(m.group(2))
 print(open(os.path.join(out, "parity-bandwidth.txt")).read().strip())
 print()
-print("| model | workload | colocate | vLLM 0.26 | colocate / vLLM | transformers | errors (colocate, vLLM) |")
-print("|---|---|---:|---:|---:|---:|---|")
+# One column per colocate engine that ran (builtin, builtin-flash), each with its ratio.
+ours = sorted({eng for e in rows.values() for eng in e if eng != "vllm"})
+fmt = lambda x: f"{x[0]:,.0f} {x[1]}" if x else "-"
+head = "".join(f" {o} | {o} / vLLM |" for o in ours)
+print(f"| model | workload |{head} vLLM 0.26 | transformers | errors ({', '.join(ours + ['vllm'])}) |")
+print("|---|---|" + "---:|---:|" * len(ours) + "---:|---:|---|")
 for (model, wl), e in rows.items():
-    b, v = e.get("builtin"), e.get("vllm")
-    ratio = f"{b[0] / v[0]:.2f}x" if b and v and v[0] > 0 else "-"
+    v = e.get("vllm")
+    cells = ""
+    for o in ours:
+        b = e.get(o)
+        ratio = f"{b[0] / v[0]:.2f}x" if b and v and v[0] > 0 else "-"
+        cells += f" {fmt(b)} | {ratio} |"
     t = f"{hf[model]:.0f}" if wl == "c64" and model in hf else "-"
-    fmt = lambda x: f"{x[0]:,.0f} {x[1]}" if x else "-"
-    print(f"| {model} | {wl} | {fmt(b)} | {fmt(v)} | {ratio} | {t} | {b[2] if b else '-'}, {v[2] if v else '-'} |")
+    errs = ", ".join(str(e[k][2]) if k in e else "-" for k in ours + ["vllm"])
+    print(f"| {model} | {wl} |{cells} {fmt(v)} | {t} | {errs} |")
 PY
 pgrep -af "vllm.entrypoints|colocate serve" && echo "WARNING: an engine is still running"
 exit $status

@@ -36,11 +36,13 @@ const DECODE_WARPS_PER_SM: usize = 32;
 /// Fewest keys per decode work item by default (`COLOCATE_DECODE_MIN_CHUNK` overrides it,
 /// for tests that want the merge path on short contexts).
 const DECODE_MIN_CHUNK: usize = 64;
-/// Prompt chunks of at least this many tokens attend with the tensor-core flash kernel by
-/// default, where the head size has it (`COLOCATE_PREFILL_FLASH_MIN` overrides it: 1 puts
-/// every chunk on it, for tests; 0 none). Below it the 8-query tiles of
-/// `prefill_attention` waste less of a 64-query tile.
-const PREFILL_FLASH_MIN: usize = 16;
+/// Prompt chunks of at least this many tokens attend with the tensor-core flash kernel
+/// when `COLOCATE_PREFILL_FLASH_MIN` is unset, where the head size has it. 0 (none) until
+/// the kernel has run on a GPU: on 2026-12-02 it was compiled by NVRTC only, so serving
+/// keeps the 8-query tiles of `prefill_attention` unless asked. `COLOCATE_PREFILL_FLASH_MIN=16`
+/// is the setting it is meant for (below 16 tokens the tiles waste less of a 64-query
+/// tile); 1 puts every chunk on it (the GPU tests' second run).
+const PREFILL_FLASH_MIN: usize = 0;
 /// Bytes per bf16 element.
 const BF16: usize = 2;
 
