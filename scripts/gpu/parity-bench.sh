@@ -4,7 +4,7 @@
 # installed: ../shared/vllm/README.md), one after the other in the same call, driven by the
 # same `colocate bench` clients, with the copy bandwidth of the same call and, with HF=1,
 # transformers' static-cache generate (compiled, CUDA graphs) at the same decode shape.
-#   usage: scripts/gpu/parity-bench.sh BIN_DIR OUT_DIR
+#   usage: LIMIT=540 scripts/gpu/parity-bench.sh BIN_DIR OUT_DIR
 #   env:   MODELS="gen8 gen17 emb06 emb8" (default gen8 gen17), ENGINES="builtin vllm" (or
 #          builtin-flash: the built-in engine with COLOCATE_PREFILL_FLASH_MIN=16),
 #          WARM=5s DUR=15s (LONG_WARM=10s LONG_DUR=30s for p2k, p8k), MEM=0.85, HF=1 (transformers at batch 64, 128 + 128; HF_TIMEOUT=240 s each)
@@ -12,15 +12,20 @@
 # 8,192+128 at 32; gen17 Qwen3-1.7B 128+128 at 64 and 256; emb06 Qwen3-Embedding-0.6B
 # 512-token inputs, batch 64, 4 concurrent; emb8 Qwen3-Embedding-8B 25-token inputs, batch 8,
 # 64 concurrent. Random weights in the real shapes (--load-format dummy), ignore_eos.
-# Results: $OUT/parity-$MODEL-$ENGINE-$WORKLOAD.json and .txt, logs, a table last
-# (parity.md) with each workload's colocate / vLLM ratio.
+# Results: parity-$MODEL-$ENGINE-$WORKLOAD.json and .txt and logs in OUT_DIR/parity.tgz, and
+# a table (OUT_DIR/parity.md) with each workload's colocate / vLLM ratio.
 # The 8B's max-model-len leaves room over 8,192 + 128: the bench's prompts land within a
 # few % of the asked length by each server's own tokenizer (vLLM answered 400 to 3,535
 # requests of the 8,192-token point at --max-model-len 8448, 2026-12-02). Time: gen8 and
 # gen17 took about 8 minutes on the H200 with vLLM's compile cache cold; keep the call's
 # limit above that, and HF=1 adds about 1.5 minutes a model.
 set -uo pipefail
-BIN=${1:-.gpu}; OUT=${2:-gpu-out}; C="$BIN/colocate"
+BIN=${1:-.gpu}; FINAL=${2:-gpu-out}; C="$BIN/colocate"
+# Files go to a work folder, packed at the end into $FINAL/parity.tgz beside parity.md (a
+# device call returns at most 8 files). LIMIT (seconds, default 540) is the call's budget:
+# an engine is not started with less than 150 s left, nor transformers with less than 120.
+LIMIT=${LIMIT:-540}; end=$(( $(date +%s) + LIMIT )); left() { echo $(( end - $(date +%s) )); }
+OUT=/tmp/parity-run; rm -rf "$OUT"; mkdir -p "$FINAL"
 MODELS=${MODELS:-gen8 gen17}; ENGINES=${ENGINES:-builtin vllm}
 WARM=${WARM:-5s}; DUR=${DUR:-15s}; MEM=${MEM:-0.85}
 mkdir -p "$OUT"
@@ -58,6 +63,7 @@ for model in $MODELS; do
   IFS='|' read -r folder preset args workloads <<< "$spec"
   task=generate; [[ $model == emb* ]] && task=embed
   for engine in $ENGINES; do
+    if [ "$(left)" -lt 150 ]; then echo "$model $engine: not started ($(left) s left of LIMIT)"; continue; fi
     log="$OUT/parity-$model-$engine.log"
     case $engine in
       builtin|builtin-flash)
@@ -78,6 +84,7 @@ for model in $MODELS; do
       *) echo "unknown engine $engine"; status=1; continue ;;
     esac
     pid=$!; t0=$(date +%s)
+    [ "$wait_s" -gt $(( $(left) - 60 )) ] && wait_s=$(( $(left) - 60 ))
     if wait_health 8100 $wait_s; then
       echo "$model $engine: healthy after $(( $(date +%s) - t0 )) s"
       IFS=';' read -ra wls <<< "$workloads"
@@ -102,7 +109,9 @@ done
 if [ "${HF:-0}" = 1 ]; then
   for model in $MODELS; do
     [[ $model == gen* ]] || continue
-    timeout "${HF_TIMEOUT:-240}" python3 "$(dirname "$0")/hf-static-decode.py" "$model" 64 2>&1 | grep -v Warning |
+    [ "$(left)" -ge 120 ] || { echo "transformers $model: not started ($(left) s left)"; continue; }
+    t=$(( $(left) - 60 )); [ "$t" -gt "${HF_TIMEOUT:-240}" ] && t=${HF_TIMEOUT:-240}
+    timeout "$t" python3 "$(dirname "$0")/hf-static-decode.py" "$model" 64 2>&1 | grep -v Warning |
       tee -a "$OUT/parity-hf.txt"
   done
 fi
@@ -147,5 +156,8 @@ for (model, wl), e in rows.items():
     errs = ", ".join(str(e[k][2]) if k in e else "-" for k in ours + ["vllm"])
     print(f"| {model} | {wl} |{cells} {fmt(v)} | {t} | {errs} |")
 PY
-pgrep -af "vllm.entrypoints|colocate serve" && echo "WARNING: an engine is still running"
+cp "$OUT/parity.md" "$FINAL/parity.md"
+tar czf "$FINAL/parity.tgz" -C /tmp parity-run && echo "results: $FINAL/parity.tgz, $FINAL/parity.md"
+# (the pattern in brackets does not match this script's own command line)
+pgrep -af "[v]llm.entrypoints|[c]olocate serve" && echo "WARNING: an engine is still running"
 exit $status
