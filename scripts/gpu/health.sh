@@ -12,3 +12,11 @@ while time.time() < end:
 sys.exit(1)
 PY
 }
+# stop_group PID: SIGINT to the process group PID leads (a server started with setsid, vLLM's
+# API servers and EngineCore with it), up to 30 s for it to go, then SIGKILL; reaps PID.
+stop_group() {
+  kill -INT -- "-$1" 2>/dev/null
+  for _ in $(seq 1 30); do kill -0 -- "-$1" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$1" 2>/dev/null
+  wait "$1" 2>/dev/null
+}

@@ -50,10 +50,7 @@ for engine in $ENGINES; do
   else
     echo "$engine: not healthy"; tail -n 30 "$log"; status=1
   fi
-  kill -INT -- "-$pid" 2>/dev/null
-  for _ in $(seq 1 30); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
-  kill -KILL -- "-$pid" 2>/dev/null
-  wait $pid 2>/dev/null
+  stop_group "$pid"
 done
 
 python3 - "$OUT" <<'PY'
