@@ -298,6 +298,22 @@ fn print_gemms(m: &CudaQwen3, name: &str, batch: usize, bw: f64) {
     );
 }
 
+/// One step that prefills prompts `range` whole, each in its own block table.
+fn prompt_steps<'a>(
+    prompts: &'a [Vec<u32>],
+    tables: &'a [Vec<u32>],
+    range: std::ops::Range<usize>,
+) -> Vec<SeqStep<'a>> {
+    range
+        .map(|k| SeqStep {
+            tokens: &prompts[k],
+            start_pos: 0,
+            block_table: &tables[k],
+            sample: Some(GREEDY),
+        })
+        .collect()
+}
+
 /// Prefills every prompt (chunked to the step limit); returns each one's next token.
 fn prefill(
     m: &mut CudaQwen3,
@@ -314,15 +330,7 @@ fn prefill(
             toks += prompts[j].len();
             j += 1;
         }
-        let steps: Vec<SeqStep<'_>> = (i..j)
-            .map(|k| SeqStep {
-                tokens: &prompts[k],
-                start_pos: 0,
-                block_table: &tables[k],
-                sample: Some(GREEDY),
-            })
-            .collect();
-        let out = m.step(&steps)?;
+        let out = m.step(&prompt_steps(prompts, tables, i..j))?;
         last[i..j].copy_from_slice(&out);
         i = j;
     }
@@ -965,17 +973,7 @@ fn bench_prefill(name: &str, len: usize, chunk: usize) -> anyhow::Result<()> {
     let mut logits = Vec::new();
     for (label, flash) in [("flash", Some(16)), ("tiles", None)] {
         m.set_prefill_flash(flash);
-        let whole = |m: &mut CudaQwen3| -> anyhow::Result<Vec<Vec<f32>>> {
-            let steps: Vec<SeqStep<'_>> = (0..batch)
-                .map(|k| SeqStep {
-                    tokens: &prompts[k],
-                    start_pos: 0,
-                    block_table: &tables[k],
-                    sample: Some(GREEDY),
-                })
-                .collect();
-            m.step_logits(&steps)
-        };
+        let whole = |m: &mut CudaQwen3| m.step_logits(&prompt_steps(&prompts, &tables, 0..batch));
         whole(&mut m)?;
         let t = Instant::now();
         let out = whole(&mut m)?;
