@@ -89,6 +89,16 @@ const TPOT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
     0.75, 1.0, 2.5,
 ];
+/// Engine steps: from a graph replay of a small model (~1 ms) to an 8k-token prefill.
+const STEP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.012, 0.015, 0.02, 0.03, 0.05, 0.1,
+    0.25, 0.5, 1.0,
+];
+/// The host's time between two busy steps (scheduling, token delivery, the next step's
+/// packing before its launch): tens of microseconds to milliseconds.
+const GAP_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05,
+];
 const E2E_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
     60.0, 120.0,
@@ -112,6 +122,14 @@ pub struct Metrics {
     pub ttft: Histogram,
     pub tpot: Histogram,
     pub e2e: Histogram,
+    /// Duration of a model step that only decodes (one token per sequence).
+    pub step_decode: Histogram,
+    /// Duration of a model step that carries prompt tokens (a prefill chunk, maybe beside
+    /// decodes): with `step_decode` and `step_gap`, where a served step's time goes.
+    pub step_mixed: Histogram,
+    /// The host's time from the end of one step to the start of the next while sequences
+    /// are running: what the GPU waits for between steps.
+    pub step_gap: Histogram,
 }
 
 impl Default for Metrics {
@@ -132,6 +150,9 @@ impl Default for Metrics {
             ttft: Histogram::new(TTFT_BUCKETS),
             tpot: Histogram::new(TPOT_BUCKETS),
             e2e: Histogram::new(E2E_BUCKETS),
+            step_decode: Histogram::new(STEP_BUCKETS),
+            step_mixed: Histogram::new(STEP_BUCKETS),
+            step_gap: Histogram::new(GAP_BUCKETS),
         }
     }
 }
@@ -251,6 +272,21 @@ impl Metrics {
             "colocate:e2e_request_latency_seconds",
             "Time from arrival to the last token.",
         );
+        let step = "colocate:engine_step_seconds";
+        Histogram::render_header(
+            &mut out,
+            step,
+            "Duration of a model step (launch to sampled tokens on the host), by kind: decode only, or with prompt tokens.",
+        );
+        self.step_decode
+            .render_series(&mut out, step, "kind=\"decode\"");
+        self.step_mixed
+            .render_series(&mut out, step, "kind=\"mixed\"");
+        self.step_gap.render(
+            &mut out,
+            "colocate:engine_step_gap_seconds",
+            "Host time between consecutive steps while sequences run (scheduling, token delivery, packing).",
+        );
         out
     }
 }
@@ -287,6 +323,37 @@ mod tests {
         assert!(t.contains("colocate:time_to_first_token_seconds_bucket{le=\"80\"} 1\n"));
         assert!(t.contains("colocate:time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(t.contains("colocate:time_to_first_token_seconds_count 2\n"));
+    }
+
+    #[test]
+    fn step_histograms_by_kind() {
+        let m = Metrics::default();
+        m.step_decode.observe(0.0059);
+        m.step_mixed.observe(0.04);
+        m.step_mixed.observe(0.2);
+        m.step_gap.observe(0.0003);
+        let t = m.render("q");
+        assert!(
+            t.contains("colocate:engine_step_seconds_bucket{kind=\"decode\",le=\"0.006\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("colocate:engine_step_seconds_count{kind=\"mixed\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("colocate:engine_step_seconds_bucket{kind=\"mixed\",le=\"0.05\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("colocate:engine_step_gap_seconds_bucket{le=\"0.0005\"} 1\n"),
+            "{t}"
+        );
+        assert_eq!(
+            t.matches("# TYPE colocate:engine_step_seconds histogram")
+                .count(),
+            1
+        );
     }
 
     #[test]

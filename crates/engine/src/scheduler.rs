@@ -182,6 +182,8 @@ pub struct Scheduler {
     /// Reused per step: (index into `running`, tokens to run).
     plan: Vec<(usize, usize)>,
     uniforms: Vec<f32>,
+    /// When the last step ended with sequences still running (the start of a step gap).
+    busy_since: Option<Instant>,
 }
 
 impl Scheduler {
@@ -205,6 +207,7 @@ impl Scheduler {
             admission,
             plan: Vec::new(),
             uniforms: Vec::new(),
+            busy_since: None,
         }
     }
 
@@ -264,6 +267,7 @@ impl Scheduler {
         // blocks its sequence holds (the end-of-step update alone lags the first token).
         self.update_gauges();
         if self.plan.is_empty() {
+            self.busy_since = None;
             return Ok(());
         }
         // One uniform per sampling sequence, drawn before the steps borrow the sequences.
@@ -308,7 +312,20 @@ impl Scheduler {
                     }
                 })
                 .collect();
-            model.step(&steps)
+            let mixed = self.plan.iter().any(|&(_, n)| n > 1);
+            let start = Instant::now();
+            if let Some(end) = self.busy_since {
+                self.metrics.step_gap.observe_duration(start - end);
+            }
+            let r = model.step(&steps);
+            let took = start.elapsed();
+            if mixed {
+                &self.metrics.step_mixed
+            } else {
+                &self.metrics.step_decode
+            }
+            .observe_duration(took);
+            r
         };
         let sampled = match result {
             Ok(t) if t.len() == self.uniforms.len() => t,
@@ -328,6 +345,7 @@ impl Scheduler {
         };
         self.apply(&sampled);
         self.update_gauges();
+        self.busy_since = (!self.running.is_empty()).then(Instant::now);
         Ok(())
     }
 
@@ -675,6 +693,11 @@ mod tests {
         assert_eq!(s.kv().num_free(), 100);
         assert_eq!(metrics.generation_tokens.load(Relaxed), 5);
         assert_eq!(metrics.prompt_tokens.load(Relaxed), 40);
+        // Three steps with prompt tokens, four decodes, and a gap before each step that
+        // followed a step with the sequence still running (the last step finished it).
+        assert_eq!(metrics.step_mixed.count(), 3);
+        assert_eq!(metrics.step_decode.count(), 4);
+        assert_eq!(metrics.step_gap.count(), 6);
     }
 
     #[test]
