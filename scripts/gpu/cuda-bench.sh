@@ -12,9 +12,10 @@
 # or more combinations each workload runs with all of them on the same loaded model and
 # compares their logits. BASELINES=1 runs the transformers baselines in the same call,
 # TESTS=0 skips the numerics tests.
-# The tests run twice: as built, then with decode work items of 16 keys
-# (COLOCATE_DECODE_MIN_CHUNK=16), so that the tiny model's short contexts are split too
-# and the merge path is checked against transformers and the CPU. Logs go to $OUT (or
+# The tests run twice: as built (prompt chunks of 16 tokens and more on the flash prefill),
+# then with decode work items of 16 keys (COLOCATE_DECODE_MIN_CHUNK=16) and every prompt
+# chunk on the flash prefill (COLOCATE_PREFILL_FLASH_MIN=1), so that the tiny model's short
+# contexts are split too and both paths are checked against transformers and the CPU. Logs go to $OUT (or
 # ./gpu-out).
 # Never touches clocks, power, compute mode or MIG.
 set -uo pipefail

@@ -6,13 +6,16 @@
 # transformers' static-cache generate (compiled, CUDA graphs) at the same decode shape.
 #   usage: LIMIT=540 scripts/gpu/parity-bench.sh BIN_DIR OUT_DIR
 #   env:   MODELS="gen8 gen17 emb06 emb8" (default gen8 gen17), ENGINES="builtin vllm" (or
-#          builtin-flash: the built-in engine with COLOCATE_PREFILL_FLASH_MIN=16),
+#          builtin-tiles: the built-in engine with its flash prefill off,
+#          COLOCATE_PREFILL_FLASH_MIN=0, every prompt chunk on the 8-query tiles),
+#          WORKLOADS="p2k p8k" (only these of each model's workloads; default all),
 #          WARM=5s DUR=15s (LONG_WARM=10s LONG_DUR=30s for p2k, p8k), MEM=0.85, HF=1 (transformers at batch 64, 128 + 128; HF_TIMEOUT=240 s each)
 # Workloads (issue 16's table): gen8 Qwen3-8B 128+128 at 64 and 256 concurrent, 2,048+128 and
 # 8,192+128 at 32; gen17 Qwen3-1.7B 128+128 at 64 and 256; emb06 Qwen3-Embedding-0.6B
 # 512-token inputs, batch 64, 4 concurrent; emb8 Qwen3-Embedding-8B 25-token inputs, batch 8,
 # 64 concurrent. Random weights in the real shapes (--load-format dummy), ignore_eos.
-# Results: parity-$MODEL-$ENGINE-$WORKLOAD.json and .txt and logs in OUT_DIR/parity.tgz, and
+# Results: parity-$MODEL-$ENGINE-$WORKLOAD.json, .txt and .metrics (the server's /metrics
+# after the workload) and logs in OUT_DIR/parity.tgz, and
 # a table (OUT_DIR/parity.md) with each workload's colocate / vLLM ratio.
 # The 8B's max-model-len leaves room over 8,192 + 128: the bench's prompts land within a
 # few % of the asked length by each server's own tokenizer (vLLM answered 400 to 3,535
@@ -66,9 +69,10 @@ for model in $MODELS; do
     if [ "$(left)" -lt 150 ]; then echo "$model $engine: not started ($(left) s left of LIMIT)"; continue; fi
     log="$OUT/parity-$model-$engine.log"
     case $engine in
-      builtin|builtin-flash)
-        # builtin-flash: prompt chunks of 16 tokens and more on the flash prefill kernel.
-        flash=0; [ "$engine" = builtin-flash ] && flash=16
+      builtin|builtin-tiles)
+        # builtin: the engine's defaults (prompt chunks of 16 tokens and more on the flash
+        # prefill kernel); builtin-tiles: every chunk on the 8-query tiles.
+        flash=16; [ "$engine" = builtin-tiles ] && flash=0
         # shellcheck disable=SC2086
         COLOCATE_PREFILL_FLASH_MIN=$flash setsid "$C" serve --device cuda --model "preset:$preset" --load-format dummy --port 8100 \
           --served-model-name m --task "$task" --max-num-batched-tokens 8192 \
@@ -90,11 +94,17 @@ for model in $MODELS; do
       IFS=';' read -ra wls <<< "$workloads"
       for wl in "${wls[@]}"; do
         name=${wl%%=*}; w=${wl#*=}; kind=${w%%:*}; params=${w#*:}
+        [ -n "${WORKLOADS:-}" ] && [[ " $WORKLOADS " != *" $name "* ]] && continue
         # The prompt-heavy points (p2k, p8k) take seconds a request: longer windows.
         warm=$WARM; dur=$DUR; [[ $name == p* ]] && { warm=${LONG_WARM:-10s}; dur=${LONG_DUR:-30s}; }
         "$C" bench --workload "$kind:url=http://127.0.0.1:8100,model=m,$params" \
           --warmup "$warm" --duration "$dur" --out "$OUT/parity-$model-$engine-$name.json" \
           > "$OUT/parity-$model-$engine-$name.txt" 2>&1 || status=1
+        # The server's own counters after the workload (cumulative since its start): for
+        # colocate the step times by kind and the host's gaps between steps.
+        # (no curl on the GPU machine)
+        python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8100/metrics", timeout=5).read().decode())' \
+          > "$OUT/parity-$model-$engine-$name.metrics" 2>&1 || true
       done
     else
       echo "$model $engine: not healthy"; tail -n 30 "$log"; status=1
@@ -136,7 +146,7 @@ if os.path.exists(os.path.join(out, "parity-hf.txt")):
         if m: hf[m.group(1)] = float(m.group(2))
 print(open(os.path.join(out, "parity-bandwidth.txt")).read().strip())
 print()
-# One column per colocate engine that ran (builtin, builtin-flash), each with its ratio.
+# One column per colocate engine that ran (builtin, builtin-tiles), each with its ratio.
 ours = sorted({eng for e in rows.values() for eng in e if eng != "vllm"})
 fmt = lambda x: f"{x[0]:,.0f} {x[1]}" if x else "-"
 head = "".join(f" {o} | {o} / vLLM |" for o in ours)

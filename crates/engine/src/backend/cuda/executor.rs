@@ -37,12 +37,13 @@ const DECODE_WARPS_PER_SM: usize = 32;
 /// for tests that want the merge path on short contexts).
 const DECODE_MIN_CHUNK: usize = 64;
 /// Prompt chunks of at least this many tokens attend with the tensor-core flash kernel
-/// when `COLOCATE_PREFILL_FLASH_MIN` is unset, where the head size has it. 0 (none) until
-/// the kernel has run on a GPU: on 2026-12-02 it was compiled by NVRTC only, so serving
-/// keeps the 8-query tiles of `prefill_attention` unless asked. `COLOCATE_PREFILL_FLASH_MIN=16`
-/// is the setting it is meant for (below 16 tokens the tiles waste less of a 64-query
-/// tile); 1 puts every chunk on it (the GPU tests' second run).
-const PREFILL_FLASH_MIN: usize = 0;
+/// when `COLOCATE_PREFILL_FLASH_MIN` is unset, where the head size has it; shorter chunks
+/// take the 8-query tiles of `prefill_attention`, which waste less of a 64-query tile.
+/// On the H200 (2026-12-03) the flash kernel made Qwen3-8B's 4 x 2,048-token prefill 3.3x
+/// and its 8,192-token one 7.3x faster than the tiles, and the GPU tests passed with it
+/// (`docs/results/2026-12-03-h200-flash-parity/`). 0 turns it off; 1 puts every chunk on
+/// it (the GPU tests' second run).
+const PREFILL_FLASH_MIN: usize = 16;
 /// Bytes per bf16 element.
 const BF16: usize = 2;
 
