@@ -68,6 +68,13 @@ pub struct ServeArgs {
     /// Seed of dummy weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Reuse the KV blocks of prompt prefixes computed before (automatic prefix caching,
+    /// on by default as in vLLM; whole blocks of identical leading tokens).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Compute every prompt from its first token.
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
     /// Tokens per KV block.
     #[arg(long, default_value_t = limits::DEFAULT_BLOCK_SIZE as u64, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub block_size: u64,

@@ -56,6 +56,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_model_len: args.max_model_len.map(|v| v as usize),
         kv_cache_memory: args.kv_cache_memory,
         block_size: args.block_size as usize,
+        prefix_caching: !args.no_enable_prefix_caching,
     };
     let load_opts = LoadOptions {
         model: args.model.clone(),

@@ -44,6 +44,8 @@ pub struct LimitFlags {
     /// KV cache budget in bytes.
     pub kv_cache_memory: u64,
     pub block_size: usize,
+    /// Reuse the KV blocks of prompt prefixes computed before (`kv::BlockManager`).
+    pub prefix_caching: bool,
 }
 
 /// The limits the engine serves with: the flags resolved against the loaded model.
@@ -147,6 +149,7 @@ mod tests {
             max_model_len: mml,
             kv_cache_memory: kv,
             block_size: 16,
+            prefix_caching: true,
         }
     }
 

@@ -119,6 +119,10 @@ pub struct Metrics {
     pub requests_aborted: AtomicU64,
     pub requests_rejected: AtomicU64,
     pub embedding_sequences: AtomicU64,
+    /// Prompt tokens (and a preempted sequence's output) looked up in the prefix cache at
+    /// admission, and those found there (not computed again).
+    pub prefix_cache_queries: AtomicU64,
+    pub prefix_cache_hits: AtomicU64,
     pub ttft: Histogram,
     pub tpot: Histogram,
     pub e2e: Histogram,
@@ -147,6 +151,8 @@ impl Default for Metrics {
             requests_aborted: AtomicU64::new(0),
             requests_rejected: AtomicU64::new(0),
             embedding_sequences: AtomicU64::new(0),
+            prefix_cache_queries: AtomicU64::new(0),
+            prefix_cache_hits: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             tpot: Histogram::new(TPOT_BUCKETS),
             e2e: Histogram::new(E2E_BUCKETS),
@@ -234,6 +240,18 @@ impl Metrics {
             "request_rejected_total",
             "Requests refused because the waiting queue was full.",
             &self.requests_rejected,
+        );
+        counter(
+            &mut out,
+            "prefix_cache_queries_total",
+            "Tokens looked up in the prefix cache when a sequence was admitted.",
+            &self.prefix_cache_queries,
+        );
+        counter(
+            &mut out,
+            "prefix_cache_hits_total",
+            "Tokens found in the prefix cache (their K/V reused, not computed).",
+            &self.prefix_cache_hits,
         );
         counter(
             &mut out,

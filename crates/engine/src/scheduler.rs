@@ -1,4 +1,4 @@
-//! Continuous batching for a [`Generator`] (vLLM v1's scheduler, without prefix caching).
+//! Continuous batching for a [`Generator`] (vLLM v1's scheduler).
 //!
 //! One step = one call of `Generator::step`. Each step is built under a token budget
 //! (`--max-num-batched-tokens`) with **chunked prefill**: first every running sequence gets
@@ -7,6 +7,12 @@
 //! budget, `--max-num-seqs` and free KV blocks allow, each with as much of its prompt as the
 //! remaining budget holds. So a request joins the running batch at the next step, decodes
 //! never stall behind a long prompt, and a long prompt is spread over several steps.
+//!
+//! Prefix caching: a request being admitted first takes the cached blocks that hold the
+//! longest whole-block prefix of its tokens (all but the last, which must be computed to
+//! sample from) and starts computing after them; every block a step fills is filed for
+//! later requests ([`BlockManager::match_prefix`], [`BlockManager::commit`]). A preempted
+//! sequence takes its own blocks back this way when they are still cached.
 //!
 //! KV blocks: a waiting request is admitted only when the blocks for its chunk are free
 //! (otherwise it waits). When a running sequence needs a block and none is free, the
@@ -403,10 +409,23 @@ impl Scheduler {
             let Some(s) = self.waiting.front_mut() else {
                 break;
             };
+            // A waiting sequence holds no blocks: the cached prefix is taken here.
+            let hit = self
+                .kv
+                .match_prefix(&mut s.table, &s.tokens, s.tokens.len() - 1);
+            s.computed = hit;
             let n = (s.tokens.len() - s.computed).min(budget);
             if !self.kv.grow(&mut s.table, s.computed + n) {
+                self.kv.release(&mut s.table);
+                s.computed = 0;
                 break;
             }
+            self.metrics
+                .prefix_cache_queries
+                .fetch_add(s.tokens.len() as u64, Relaxed);
+            self.metrics
+                .prefix_cache_hits
+                .fetch_add(hit as u64, Relaxed);
             let mut s = self.waiting.pop_front().expect("front exists");
             if !s.started {
                 s.started = true;
@@ -437,6 +456,7 @@ impl Scheduler {
         for &(i, n) in &self.plan {
             let s = &mut self.running[i];
             s.computed += n;
+            self.kv.commit(&mut s.table, &s.tokens, s.computed);
             if s.computed != s.tokens.len() {
                 continue; // a prefill chunk that is not the last
             }
@@ -567,14 +587,21 @@ mod tests {
             Ok(())
         }
         fn step(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<u32>> {
-            let mut seen = std::collections::HashSet::new();
+            // Blocks may be shared for reading (a cached prefix), never where a step writes.
+            let mut held = std::collections::HashMap::new();
+            for s in seqs {
+                for b in s.block_table {
+                    *held.entry(*b).or_insert(0) += 1;
+                }
+            }
             let mut out = vec![];
             let mut record = vec![];
             for s in seqs {
                 let end = s.start_pos + s.tokens.len();
                 assert!(s.block_table.len() * self.block_size >= end);
-                for b in s.block_table {
-                    assert!(seen.insert(*b), "block {b} shared");
+                for p in s.start_pos..end {
+                    let b = s.block_table[p / self.block_size];
+                    assert_eq!(held[&b], 1, "block {b} written while shared");
                 }
                 record.push((s.start_pos, s.tokens.len(), s.sample.is_some()));
                 if let Some(spec) = s.sample {
@@ -698,6 +725,39 @@ mod tests {
         assert_eq!(metrics.step_mixed.count(), 3);
         assert_eq!(metrics.step_decode.count(), 4);
         assert_eq!(metrics.step_gap.count(), 6);
+    }
+
+    #[test]
+    fn a_repeated_prompt_computes_only_past_its_cached_blocks() {
+        for caching in [true, false] {
+            let (mut s, metrics) = sched(8, 64, 100, 4);
+            if !caching {
+                s.kv = BlockManager::new(100, 4).without_prefix_caching();
+            }
+            let mut m = Fake::new(4);
+            let (a, mut rx_a) = request(40, max_tokens(3));
+            s.add(a);
+            run(&mut s, &mut m);
+            let first = m.steps.len();
+            let (b, mut rx_b) = request(40, max_tokens(3));
+            s.add(b);
+            run(&mut s, &mut m);
+            // With the cache, 9 whole blocks (36 tokens, the last token kept to sample
+            // from) are taken: the first step computes 4 tokens from position 36.
+            let want = if caching {
+                (36, 4, true)
+            } else {
+                (0, 40, true)
+            };
+            assert_eq!(m.steps[first][0], want, "caching {caching}");
+            assert_eq!(collect(&mut rx_a), collect(&mut rx_b));
+            assert_eq!(
+                metrics.prefix_cache_hits.load(Relaxed),
+                if caching { 36 } else { 0 }
+            );
+            assert_eq!(metrics.prefix_cache_queries.load(Relaxed), 80);
+            assert_eq!(s.kv().num_used(), 0);
+        }
     }
 
     #[test]

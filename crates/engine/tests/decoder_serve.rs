@@ -39,6 +39,11 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Strin
 
 /// Starts the engine on the fixture `name` and its routes on a free loopback port.
 async fn serve(name: &str) -> std::net::SocketAddr {
+    serve_with(name, 16).await.0
+}
+
+/// `serve` with KV blocks of `block_size` tokens; also the engine's metrics.
+async fn serve_with(name: &str, block_size: usize) -> (std::net::SocketAddr, Arc<Metrics>) {
     let load = LoadOptions {
         model: fixture(name).display().to_string(),
         task: None,
@@ -52,7 +57,8 @@ async fn serve(name: &str) -> std::net::SocketAddr {
         max_num_batched_tokens: None,
         max_model_len: None,
         kv_cache_memory: 16 << 20,
-        block_size: 16,
+        block_size,
+        prefix_caching: true,
     };
     let metrics = Arc::new(Metrics::default());
     let admission = Arc::new(Admission::new(64));
@@ -83,24 +89,75 @@ async fn serve(name: &str) -> std::net::SocketAddr {
     let state = Arc::new(AppState {
         served_model_name: name.into(),
         health,
-        metrics,
+        metrics: metrics.clone(),
         admission,
         share,
     });
     tokio::spawn(async move { axum::serve(listener, router(state)).await });
-    addr
+    (addr, metrics)
 }
 
 /// A greedy completion of 8 tokens: the response's text.
 async fn complete(addr: std::net::SocketAddr, model: &str, prompt: serde_json::Value) -> String {
+    complete_n(addr, model, prompt, 8).await
+}
+
+/// A greedy completion of `n` tokens: the response's text.
+async fn complete_n(
+    addr: std::net::SocketAddr,
+    model: &str,
+    prompt: serde_json::Value,
+    n: usize,
+) -> String {
     let body = serde_json::json!({
-        "model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+        "model": model, "prompt": prompt, "max_tokens": n, "temperature": 0,
     });
     let (status, text) = post(addr, "/v1/completions", &body.to_string()).await;
     assert_eq!(status, 200, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], n, "{v}");
     v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// Prefix caching (on by default) reuses K/V and changes no token: Llama's 33-token prompt
+/// sent twice, then extended by the first four tokens of its own greedy continuation, gives
+/// transformers' greedy tokens each time, and the engine counts the tokens it did not
+/// compute again (blocks of 4 tokens: 32 of the repeat, 36 of the extension, whose ninth
+/// block the first request filled while it decoded).
+#[test]
+fn prefix_caching_reuses_blocks_and_keeps_transformers_tokens() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let r = reference(&fixture("llama-tiny"));
+        let item = &r["items"][2];
+        let ids = u32s(&item["input_ids"]);
+        let greedy = u32s(&item["greedy"]);
+        assert_eq!(ids.len(), 33);
+        let text = |t: &[u32]| Tokenizer::byte_level().decode(t).unwrap();
+        let (addr, metrics) = serve_with("llama-tiny", 4).await;
+        let hits = || metrics.prefix_cache_hits.load(Relaxed);
+        let first = complete(addr, "llama-tiny", item["input_ids"].clone()).await;
+        assert_eq!(hits(), 0);
+        let want = text(&greedy);
+        let want = want.trim_end_matches('\u{FFFD}');
+        assert_eq!(first, want);
+        let again = complete(addr, "llama-tiny", item["input_ids"].clone()).await;
+        assert_eq!(again, first);
+        assert_eq!(hits(), 32);
+        let longer: Vec<u32> = ids.iter().chain(&greedy[..4]).copied().collect();
+        let rest = complete_n(addr, "llama-tiny", serde_json::json!(longer), 4).await;
+        assert_eq!(hits(), 32 + 36);
+        // The continuation's text, byte-level: the whole greedy text less its first four
+        // tokens' bytes (a character split across the cut shows up in neither alone).
+        let head = text(&greedy[..4]);
+        let whole = text(&greedy);
+        assert!(
+            whole.ends_with(rest.trim_end_matches('\u{FFFD}')) && !rest.is_empty(),
+            "{rest:?} is not the tail of {whole:?} after {head:?}"
+        );
+        assert_eq!(metrics.prefix_cache_queries.load(Relaxed), 33 + 33 + 37);
+    });
 }
 
 #[test]
