@@ -17,8 +17,9 @@
 //! total at every moment, which the tests check under random allocation, sharing,
 //! cancellation and preemption.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 /// The blocks one sequence holds, in position order (`block_table[p / block_size]`).
 #[derive(Debug, Default)]
@@ -47,9 +48,11 @@ impl BlockTable {
 }
 
 /// The chain hash of a block: its tokens and, through `parent`, every token before it.
-fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    // Fixed keys: the same tokens give the same hash for the life of the process.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+/// SipHash under `keys`, drawn at random per process: a client cannot compute offline a
+/// prompt whose block collides with another tenant's and so read that tenant's cached K/V
+/// (the attack vLLM's `--prefix-caching-hash-algo sha256` answers).
+fn block_hash(keys: &RandomState, parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = keys.build_hasher();
     parent.hash(&mut h);
     tokens.hash(&mut h);
     h.finish()
@@ -74,6 +77,7 @@ pub struct BlockManager {
     cached: BTreeMap<u64, u32>,
     freed_at: Vec<u64>,
     clock: u64,
+    hash_keys: RandomState,
 }
 
 impl BlockManager {
@@ -92,6 +96,7 @@ impl BlockManager {
             cached: BTreeMap::new(),
             freed_at: vec![0; num_blocks],
             clock: 0,
+            hash_keys: RandomState::new(),
         }
     }
 
@@ -208,7 +213,7 @@ impl BlockManager {
         }
         let mut parent = 0;
         for chunk in tokens[..max_tokens.min(tokens.len())].chunks_exact(self.block_size) {
-            let h = block_hash(parent, chunk);
+            let h = block_hash(&self.hash_keys, parent, chunk);
             let Some(&b) = self.filed.get(&h) else { break };
             if self.refs[b as usize] == 0 {
                 self.cached.remove(&self.freed_at[b as usize]);
@@ -234,6 +239,7 @@ impl BlockManager {
         while table.hashed < full {
             let i = table.hashed;
             let h = block_hash(
+                &self.hash_keys,
                 table.last_hash,
                 &tokens[i * self.block_size..(i + 1) * self.block_size],
             );
