@@ -92,13 +92,18 @@ for model in $MODELS; do
     if wait_health 8100 $wait_s; then
       echo "$model $engine: healthy after $(( $(date +%s) - t0 )) s"
       IFS=';' read -ra wls <<< "$workloads"
+      k=0
       for wl in "${wls[@]}"; do
+        # Each workload's own prompt texts (the same for every engine): a server's prefix
+        # cache must not reuse the previous workload's prompts (vLLM's reused 31% of the
+        # tokens at 256 concurrent on 2026-12-03, when every workload drew the same texts).
+        k=$((k + 1))
         name=${wl%%=*}; w=${wl#*=}; kind=${w%%:*}; params=${w#*:}
         [ -n "${WORKLOADS:-}" ] && [[ " $WORKLOADS " != *" $name "* ]] && continue
         # The prompt-heavy points (p2k, p8k) take seconds a request: longer windows.
         warm=$WARM; dur=$DUR; [[ $name == p* ]] && { warm=${LONG_WARM:-10s}; dur=${LONG_DUR:-30s}; }
         "$C" bench --workload "$kind:url=http://127.0.0.1:8100,model=m,$params" \
-          --warmup "$warm" --duration "$dur" --out "$OUT/parity-$model-$engine-$name.json" \
+          --warmup "$warm" --duration "$dur" --prompt-seed "$k" --out "$OUT/parity-$model-$engine-$name.json" \
           > "$OUT/parity-$model-$engine-$name.txt" 2>&1 || status=1
         # The server's own counters after the workload (cumulative since its start): for
         # colocate the step times by kind and the host's gaps between steps.

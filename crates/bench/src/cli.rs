@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Seed for prompts and arrival times.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Seed for the prompts' texts alone (lengths and arrivals keep --seed's): a second
+    /// run against the same server sends texts its prefix cache has not seen.
+    #[arg(long)]
+    pub prompt_seed: Option<u64>,
     /// Percentiles to report, e.g. 50,90,95,99
     #[arg(long, value_delimiter = ',')]
     pub percentiles: Option<Vec<f64>>,
@@ -96,6 +100,9 @@ impl BenchArgs {
         }
         if let Some(s) = self.seed {
             spec.seed = s;
+        }
+        if self.prompt_seed.is_some() {
+            spec.prompt_seed = self.prompt_seed;
         }
         if let Some(p) = &self.percentiles {
             spec.percentiles = p.clone();

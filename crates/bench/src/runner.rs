@@ -120,6 +120,8 @@ pub fn drain_timeout(longest_e2el: Option<f64>) -> Duration {
 struct Shared {
     clock: Clock,
     seed: u64,
+    /// Seeds the prompts' texts when set (`BenchSpec::prompt_seed`).
+    prompt_seed: Option<u64>,
     /// Cancelled at the end of the run: no new requests, in-flight ones are cut.
     stop: CancellationToken,
     w0: f64,
@@ -281,6 +283,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         clock,
         seed: spec.seed,
+        prompt_seed: spec.prompt_seed,
         stop: CancellationToken::new(),
         w0,
         max_requests: spec.max_requests,
@@ -626,6 +629,8 @@ const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) -> bool {
     let i = ws.next_req.fetch_add(1, Relaxed);
     let mut rng = request_rng(sh.seed, ws.idx, i);
+    // The texts' own stream, where the spec separates it from lengths and arrivals.
+    let mut text_rng = sh.prompt_seed.map(|s| request_rng(s, ws.idx, i));
     let w = &ws.spec;
     let mut rec = RequestRecord {
         workload: ws.idx,
@@ -636,7 +641,9 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) ->
     ws.in_flight.fetch_add(1, Relaxed);
     let finished = if w.kind.is_gen() {
         let tokens = w.input.sample(&mut rng);
-        let (prompt, est) = ws.source.prompt(&mut rng, tokens);
+        let (prompt, est) = ws
+            .source
+            .prompt(text_rng.as_mut().unwrap_or(&mut rng), tokens);
         let output = w.output.map(|o| o.sample(&mut rng));
         rec.prompt_tokens = Some(est);
         let stream = ws.streams();
@@ -683,7 +690,9 @@ async fn one_request(ws: &WorkloadState, sh: &Shared, scheduled: Option<f64>) ->
         let inputs: Vec<String> = (0..w.batch)
             .map(|i| {
                 let tokens = w.input.sample(&mut rng);
-                let (p, e) = ws.source.prompt_at(&mut rng, tokens, i);
+                let (p, e) = ws
+                    .source
+                    .prompt_at(text_rng.as_mut().unwrap_or(&mut rng), tokens, i);
                 est += e;
                 p
             })

@@ -33,6 +33,12 @@ pub struct BenchSpec {
     /// Seeds prompt contents and open-loop arrival times: same seed, same run.
     #[serde(default)]
     pub seed: u64,
+    /// Seeds the prompts' texts apart from `seed` (their lengths and the arrivals stay
+    /// `seed`'s): runs against the same live servers then send texts none of them has
+    /// cached (vLLM's and the built-in engine's prefix caches would otherwise reuse an
+    /// earlier run's prompts), at the same lengths and times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_seed: Option<u64>,
     /// Percentiles reported for every latency statistic (0..=100).
     #[serde(default = "default_percentiles")]
     pub percentiles: Vec<f64>,
@@ -352,6 +358,7 @@ impl BenchSpec {
             duration: None,
             max_requests: None,
             seed: 0,
+            prompt_seed: None,
             percentiles: default_percentiles(),
             slo: None,
             record_requests: false,

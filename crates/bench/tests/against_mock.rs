@@ -684,3 +684,46 @@ async fn the_drain_ends_at_its_time_out() {
     );
     assert!(r.table().contains("unfinished"), "{}", r.table());
 }
+
+/// `prompt_seed` changes the prompts' texts and nothing else: two runs with the same seed
+/// send the same texts (a server's prefix cache would reuse the first run's), a third with
+/// a prompt seed sends none of them, at the same lengths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_seed_sends_new_texts_at_the_same_lengths() {
+    let m = mock_server::start(0, MockOptions::default()).await.unwrap();
+    let texts = |prompt_seed: Option<u64>| {
+        let url = m.url();
+        let bodies = m.bodies.clone();
+        async move {
+            bodies.lock().unwrap().clear();
+            let mut s = spec(
+                &[format!(
+                    "completions:url={url},model=mock,concurrency=1,input=40,output=2"
+                )],
+                0,
+                60_000,
+            );
+            s.max_requests = Some(12);
+            s.prompt_seed = prompt_seed;
+            run(&s, None, CancellationToken::new()).await.unwrap();
+            // The measured requests (max_tokens 2), in the order sent (one at a time).
+            let sent: Vec<String> = bodies
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|b| b["max_tokens"] == 2)
+                .map(|b| b["prompt"].as_str().unwrap().to_string())
+                .collect();
+            sent
+        }
+    };
+    let a = texts(None).await;
+    let b = texts(None).await;
+    let c = texts(Some(7)).await;
+    // (requests already sent when the twelfth completed are sent too: compare twelve)
+    assert!(a.len() >= 12 && b.len() >= 12 && c.len() >= 12, "{a:?}");
+    assert_eq!(a[..12], b[..12], "the same seed sends the same texts");
+    assert!(c.iter().all(|t| !a.contains(t)), "{c:?}");
+    let lens = |v: &[String]| v.iter().map(|t| t.len()).collect::<Vec<_>>();
+    assert_eq!(lens(&a[..12]), lens(&c[..12]));
+}

@@ -230,7 +230,9 @@ impl BlockManager {
     /// Files every block of `table` that `computed` tokens (of `tokens`, the sequence's
     /// prompt and output) fill and that is not filed yet, so that later sequences can match
     /// it. A block whose hash is already filed (the same tokens computed twice at once)
-    /// stays private to this table.
+    /// stays private to this table: one copy per hash is filed (vLLM keeps them all, so
+    /// that a burst of identical prompts stays matchable after the filed copy is evicted;
+    /// here the others become matchable again only when recomputed).
     pub fn commit(&mut self, table: &mut BlockTable, tokens: &[u32], computed: usize) {
         if !self.prefix_caching {
             return;

@@ -119,8 +119,9 @@ pub struct Metrics {
     pub requests_aborted: AtomicU64,
     pub requests_rejected: AtomicU64,
     pub embedding_sequences: AtomicU64,
-    /// Prompt tokens (and a preempted sequence's output) looked up in the prefix cache at
-    /// admission, and those found there (not computed again).
+    /// Prompt tokens looked up in the prefix cache at a request's first admission (with
+    /// the cache on), and those found there (not computed again); a preempted sequence
+    /// taking its own blocks back counts in neither, as in vLLM.
     pub prefix_cache_queries: AtomicU64,
     pub prefix_cache_hits: AtomicU64,
     pub ttft: Histogram,

@@ -410,9 +410,9 @@ impl Scheduler {
                 break;
             };
             // A waiting sequence holds no blocks: the cached prefix is taken here.
-            let hit = self
-                .kv
-                .match_prefix(&mut s.table, &s.tokens, s.tokens.len() - 1);
+            let hit =
+                self.kv
+                    .match_prefix(&mut s.table, &s.tokens, s.tokens.len().saturating_sub(1));
             s.computed = hit;
             let n = (s.tokens.len() - s.computed).min(budget);
             if !self.kv.grow(&mut s.table, s.computed + n) {
@@ -420,12 +420,16 @@ impl Scheduler {
                 s.computed = 0;
                 break;
             }
-            self.metrics
-                .prefix_cache_queries
-                .fetch_add(s.tokens.len() as u64, Relaxed);
-            self.metrics
-                .prefix_cache_hits
-                .fetch_add(hit as u64, Relaxed);
+            // As vLLM's counters: a request's first admission with the cache on (a
+            // preempted sequence taking its own blocks back is not a query).
+            if self.kv.prefix_caching() && !s.started {
+                self.metrics
+                    .prefix_cache_queries
+                    .fetch_add(s.tokens.len() as u64, Relaxed);
+                self.metrics
+                    .prefix_cache_hits
+                    .fetch_add(hit as u64, Relaxed);
+            }
             let mut s = self.waiting.pop_front().expect("front exists");
             if !s.started {
                 s.started = true;
@@ -755,7 +759,10 @@ mod tests {
                 metrics.prefix_cache_hits.load(Relaxed),
                 if caching { 36 } else { 0 }
             );
-            assert_eq!(metrics.prefix_cache_queries.load(Relaxed), 80);
+            assert_eq!(
+                metrics.prefix_cache_queries.load(Relaxed),
+                if caching { 80 } else { 0 }
+            );
             assert_eq!(s.kv().num_used(), 0);
         }
     }

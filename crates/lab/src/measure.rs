@@ -41,6 +41,12 @@ pub const ENGINE_SCRAPE_EVERY: Duration = Duration::from_secs(5);
 pub const ENGINE_SCRAPE_MIN: Duration = Duration::from_millis(500);
 
 /// The scrape interval for a warm-up.
+/// The prompt-text seed of the `window`-th window of a run whose repetition seed is `seed`:
+/// distinct for every window (and from `seed` itself).
+fn window_prompt_seed(seed: u64, window: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ window.wrapping_mul(0xD6E8_FEB8_6659_FD93)
+}
+
 fn scrape_every(warmup: Duration) -> Duration {
     ENGINE_SCRAPE_EVERY.min(warmup.max(ENGINE_SCRAPE_MIN))
 }
@@ -183,6 +189,8 @@ pub struct RealHarness {
     gateway_every: Duration,
     /// This machine's GPUs by UUID, recorded with each condition.
     machine: Vec<String>,
+    /// Windows measured so far: each draws its prompts' texts from its own seed.
+    windows: u64,
 }
 
 impl RealHarness {
@@ -228,6 +236,7 @@ impl RealHarness {
             machine: gpu::info()
                 .map(|g| g.into_iter().map(|g| g.uuid).collect())
                 .unwrap_or_default(),
+            windows: 0,
         })
     }
 
@@ -583,6 +592,12 @@ impl Harness for RealHarness {
         spec.record_requests = true;
         // The repetition's seed: the runner sets it on every workload of the window.
         spec.seed = workloads.iter().find_map(|w| w.def.seed).unwrap_or(0);
+        // Lengths and arrivals stay the repetition's, the texts are this window's own:
+        // engines kept running from one condition to the next (vLLM's and the built-in
+        // engine's prefix caches) must not find an earlier window's prompts cached, which
+        // would make a later condition look faster than the baseline it is compared with.
+        self.windows += 1;
+        spec.prompt_seed = Some(window_prompt_seed(spec.seed, self.windows));
         let token = CancellationToken::new();
         // The engines' own counters from before the warm-up to the window's end. A scraper
         // that cannot start leaves every engine "not scraped", never the condition failed.
