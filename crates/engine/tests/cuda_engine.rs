@@ -965,6 +965,93 @@ fn cuda_flash_prefill_matches_the_tiled_kernel() {
     }
 }
 
+/// Prefix caching on the device: a sequence whose table starts with another sequence's
+/// blocks (its prompt's first 288 tokens, as `kv::BlockManager::match_prefix` hands them
+/// out) and computes only the rest gives the logits of the same prompt computed whole in
+/// blocks of its own, alone and in one step beside the first sequence's decode (which
+/// writes to its own last block, past the shared ones).
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_shared_prefix_blocks_give_the_whole_prompts_logits() {
+    let opts = CudaOptions {
+        max_tokens: 1024,
+        max_seqs: 8,
+        max_model_len: 1024,
+        graph_buckets: vec![],
+        ..Default::default()
+    };
+    let mut state = 11u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % 150_000) as u32
+    };
+    let first: Vec<u32> = (0..300).map(|_| next()).collect();
+    // The second prompt: the first's 288 leading tokens (18 blocks of 16), then its own 60.
+    let second: Vec<u32> = first[..288]
+        .iter()
+        .copied()
+        .chain((0..60).map(|_| next()))
+        .collect();
+    let config = ModelConfig::from_preset("qwen3-0.6b").unwrap();
+    let mut m = cuda_model(
+        &config,
+        Task::Generate,
+        &WeightSource::Dummy { seed: 9 },
+        opts,
+    );
+    m.init_kv_cache(4 * 64, 16).unwrap();
+    let own = |slot: u32| -> Vec<u32> { (0..64).map(|b| slot * 64 + b).collect() };
+    let (t_first, t_whole) = (own(0), own(1));
+    // The second sequence's table: the first's 18 blocks, then blocks of slot 2.
+    let t_shared: Vec<u32> = t_first[..18]
+        .iter()
+        .copied()
+        .chain(own(2))
+        .take(64)
+        .collect();
+    // Reference: the second prompt whole, in blocks of its own.
+    let whole = m
+        .step_logits(&one(&second, 0, &t_whole, GREEDY))
+        .unwrap()
+        .remove(0);
+    // The first prompt fills its blocks; the second computes only its last 60 tokens.
+    m.step_logits(&one(&first, 0, &t_first, GREEDY)).unwrap();
+    let cached = m
+        .step_logits(&one(&second[288..], 288, &t_shared, GREEDY))
+        .unwrap()
+        .remove(0);
+    let c = cosine(&whole, &cached);
+    eprintln!("shared prefix alone: cosine {c:.6}");
+    assert!(c >= 0.9995, "shared prefix alone: cosine {c}");
+    // Again in one step beside the first sequence's next token (position 300, block 18 of
+    // its own table: not shared).
+    let extra = [next()];
+    let both = [
+        SeqStep {
+            tokens: &extra,
+            start_pos: 300,
+            block_table: &t_first,
+            sample: Some(GREEDY),
+        },
+        SeqStep {
+            tokens: &second[288..],
+            start_pos: 288,
+            block_table: &t_shared,
+            sample: Some(GREEDY),
+        },
+    ];
+    let out = m.step_logits(&both).unwrap();
+    let c = cosine(&whole, &out[1]);
+    eprintln!("shared prefix beside a decode: cosine {c:.6}");
+    assert!(c >= 0.9995, "shared prefix beside a decode: cosine {c}");
+    assert!(out[0].iter().all(|v| v.is_finite()));
+}
+
 /// The CUDA encoder for `config` on GPU 0 (see [`cuda_model`]).
 fn cuda_encoder(config: &ModelConfig, weights: &WeightSource, opts: CudaOptions) -> CudaEncoder {
     let info = load::model_info(config, Task::Embed, vec![], 2, Fp8Kept::None);
