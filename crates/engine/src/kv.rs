@@ -201,17 +201,21 @@ impl BlockManager {
     /// `tokens[..max_tokens]` in whole blocks, and returns how many tokens they hold (0
     /// without prefix caching). The caller keeps at least one token to compute, so that
     /// the step has logits to sample from (vLLM's rule): `max_tokens < tokens.len()`.
+    ///
+    /// Blocks are shared only between sequences of the same `salt` (vLLM's `cache_salt`):
+    /// it roots the chain of hashes, which `commit` then continues.
     pub fn match_prefix(
         &mut self,
         table: &mut BlockTable,
         tokens: &[u32],
         max_tokens: usize,
+        salt: Option<&str>,
     ) -> usize {
         debug_assert!(table.is_empty(), "matching into a table that holds blocks");
         if !self.prefix_caching || !table.is_empty() {
             return 0;
         }
-        let mut parent = 0;
+        let mut parent = salt.map_or(0, |s| self.hash_keys.hash_one(s));
         for chunk in tokens[..max_tokens.min(tokens.len())].chunks_exact(self.block_size) {
             let h = block_hash(&self.hash_keys, parent, chunk);
             let Some(&b) = self.filed.get(&h) else { break };
@@ -300,12 +304,16 @@ mod tests {
         let mut m = BlockManager::new(16, 4);
         let prompt: Vec<u32> = (0..10).collect();
         let mut a = BlockTable::default();
-        assert_eq!(m.match_prefix(&mut a, &prompt, 9), 0, "nothing filed yet");
+        assert_eq!(
+            m.match_prefix(&mut a, &prompt, 9, None),
+            0,
+            "nothing filed yet"
+        );
         assert!(m.grow(&mut a, 10));
         m.commit(&mut a, &prompt, 10);
         // Two whole blocks (8 tokens) are filed; the third is not full.
         let mut b = BlockTable::default();
-        assert_eq!(m.match_prefix(&mut b, &prompt, 9), 8);
+        assert_eq!(m.match_prefix(&mut b, &prompt, 9, None), 8);
         assert_eq!(b.ids(), &a.ids()[..2]);
         assert!(m.grow(&mut b, 10));
         assert_ne!(b.ids()[2], a.ids()[2], "the partial block is private");
@@ -314,11 +322,11 @@ mod tests {
         let mut other = prompt.clone();
         other[5] = 99;
         let mut c = BlockTable::default();
-        assert_eq!(m.match_prefix(&mut c, &other, 9), 4);
+        assert_eq!(m.match_prefix(&mut c, &other, 9, None), 4);
         m.release(&mut c);
         // Keeping one token to compute: a 8-token prompt matches one block, not two.
         let mut d = BlockTable::default();
-        assert_eq!(m.match_prefix(&mut d, &prompt[..8], 7), 4);
+        assert_eq!(m.match_prefix(&mut d, &prompt[..8], 7, None), 4);
         m.release(&mut d);
         m.release(&mut a);
         m.release(&mut b);
@@ -326,12 +334,28 @@ mod tests {
         assert_eq!(m.num_cached(), 2, "the filed blocks stay cached");
         let mut e = BlockTable::default();
         assert_eq!(
-            m.match_prefix(&mut e, &prompt, 9),
+            m.match_prefix(&mut e, &prompt, 9, None),
             8,
             "taken back from the cache"
         );
         assert_eq!(m.num_cached(), 0);
         m.release(&mut e);
+    }
+
+    #[test]
+    fn blocks_are_shared_only_within_one_salt() {
+        let mut m = BlockManager::new(16, 4);
+        let p: Vec<u32> = (0..9).collect();
+        let mut a = BlockTable::default();
+        assert_eq!(m.match_prefix(&mut a, &p, 8, Some("a")), 0);
+        assert!(m.grow(&mut a, 9));
+        m.commit(&mut a, &p, 9);
+        for (salt, want) in [(Some("a"), 8), (Some("b"), 0), (None, 0)] {
+            let mut t = BlockTable::default();
+            assert_eq!(m.match_prefix(&mut t, &p, 8, salt), want, "{salt:?}");
+            m.release(&mut t);
+        }
+        m.release(&mut a);
     }
 
     #[test]
@@ -349,7 +373,7 @@ mod tests {
         assert_eq!(m.num_cached(), 0);
         let mut c = BlockTable::default();
         assert_eq!(
-            m.match_prefix(&mut c, &p, 3),
+            m.match_prefix(&mut c, &p, 3, None),
             0,
             "the evicted blocks are unfiled"
         );
@@ -365,7 +389,7 @@ mod tests {
         assert!(m.grow(&mut a, 5));
         m.commit(&mut a, &p, 5);
         let mut b = BlockTable::default();
-        assert_eq!(m.match_prefix(&mut b, &p, 4), 0);
+        assert_eq!(m.match_prefix(&mut b, &p, 4, None), 0);
         m.release(&mut a);
         assert_eq!((m.num_free(), m.num_cached()), (8, 0));
     }
@@ -397,7 +421,8 @@ mod tests {
                     let cut = rng.gen_range(1..=toks.len());
                     toks.truncate(cut);
                     let mut t = BlockTable::default();
-                    let hit = m.match_prefix(&mut t, &toks, toks.len() - 1);
+                    let salt = [None, Some("tenant")][rng.gen_range(0..2)];
+                    let hit = m.match_prefix(&mut t, &toks, toks.len() - 1, salt);
                     hits += hit;
                     if m.grow(&mut t, toks.len()) {
                         m.commit(&mut t, &toks, toks.len());

@@ -55,6 +55,9 @@ pub struct GenParams {
     pub ignore_eos: bool,
     /// EOS and stop strings cannot end generation before this many tokens.
     pub min_tokens: usize,
+    /// Prefix-cache blocks are shared only between requests of the same salt (vLLM's
+    /// `cache_salt`); `None` is a salt of its own.
+    pub cache_salt: Option<String>,
 }
 
 impl Default for GenParams {
@@ -68,6 +71,7 @@ impl Default for GenParams {
             stop: vec![],
             ignore_eos: false,
             min_tokens: 0,
+            cache_salt: None,
         }
     }
 }
@@ -410,9 +414,12 @@ impl Scheduler {
                 break;
             };
             // A waiting sequence holds no blocks: the cached prefix is taken here.
-            let hit =
-                self.kv
-                    .match_prefix(&mut s.table, &s.tokens, s.tokens.len().saturating_sub(1));
+            let hit = self.kv.match_prefix(
+                &mut s.table,
+                &s.tokens,
+                s.tokens.len().saturating_sub(1),
+                s.params.cache_salt.as_deref(),
+            );
             s.computed = hit;
             let n = (s.tokens.len() - s.computed).min(budget);
             if !self.kv.grow(&mut s.table, s.computed + n) {

@@ -91,6 +91,10 @@ pub struct ChatCompletionRequest {
     /// vLLM extra: EOS and stop strings cannot end generation before this many tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_tokens: Option<u32>,
+    /// vLLM extra: the prefix cache shares blocks only between requests with the same
+    /// salt (a tenant's own), so that no other tenant can time what it has cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_salt: Option<String>,
 }
 
 impl ChatCompletionRequest {

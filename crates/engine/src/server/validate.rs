@@ -181,6 +181,7 @@ pub fn completion(body: &[u8], model: &ModelView<'_>) -> Checked<GenJob> {
             seed: req.seed,
             ignore_eos: req.ignore_eos,
             min_tokens: req.min_tokens,
+            cache_salt: req.cache_salt.as_deref(),
         },
         &prompt,
         "prompt",
@@ -239,6 +240,7 @@ pub fn chat(body: &[u8], model: &ModelView<'_>) -> Checked<GenJob> {
             seed: req.seed,
             ignore_eos: req.ignore_eos,
             min_tokens: req.min_tokens,
+            cache_salt: req.cache_salt.as_deref(),
         },
         &prompt,
         "messages",
@@ -265,6 +267,7 @@ struct Sampling<'a> {
     seed: Option<u64>,
     ignore_eos: bool,
     min_tokens: Option<u32>,
+    cache_salt: Option<&'a str>,
 }
 
 /// Validates the sampling fields against the prompt and the model's limits.
@@ -289,6 +292,12 @@ fn gen_params(
             "min_tokens",
         ));
     }
+    if s.cache_salt.is_some_and(str::is_empty) {
+        return Err(bad(
+            "cache_salt must be a non-empty string if provided",
+            "cache_salt",
+        ));
+    }
     Ok(GenParams {
         max_tokens,
         temperature: temperature(s.temperature)?,
@@ -298,6 +307,7 @@ fn gen_params(
         stop: stop_strings(s.stop)?,
         ignore_eos: s.ignore_eos,
         min_tokens,
+        cache_salt: s.cache_salt.map(str::to_owned),
     })
 }
 

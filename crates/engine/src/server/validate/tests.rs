@@ -111,6 +111,7 @@ fn sampling_numbers_out_of_range_are_400() {
             "min_tokens",
         ),
         (json!({"prompt": [1, 2, 300]}), "prompt"),
+        (json!({"prompt": "a", "cache_salt": ""}), "cache_salt"),
         (json!({"prompt": ""}), "prompt"),
         (json!({"prompt": "x".repeat(MAX_LEN)}), "prompt"),
     ] {
@@ -120,6 +121,8 @@ fn sampling_numbers_out_of_range_are_400() {
     let j = gen(json!({"prompt": "a", "top_k": i64::MAX, "seed": u64::MAX, "n": 1})).unwrap();
     assert_eq!(j.params.top_k, VOCAB);
     assert_eq!(j.params.seed, Some(u64::MAX));
+    let j = gen(json!({"prompt": "a", "cache_salt": "tenant-a"})).unwrap();
+    assert_eq!(j.params.cache_salt.as_deref(), Some("tenant-a"));
 }
 
 #[test]
