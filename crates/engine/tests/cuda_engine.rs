@@ -870,20 +870,8 @@ fn cuda_flash_embedding_matches_paged_kernel() {
     ignore = "needs an NVIDIA GPU (feature gpu-tests)"
 )]
 fn cuda_flash_prefill_matches_the_tiled_kernel() {
-    let opts = CudaOptions {
-        max_tokens: 1024,
-        max_seqs: 8,
-        max_model_len: 1024,
-        graph_buckets: vec![],
-        ..Default::default()
-    };
-    let mut state = 7u64;
-    let mut next = |n: u64| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % n) as u32
-    };
+    let opts = eager_opts();
+    let mut next = token_gen(7);
     let prompt = |next: &mut dyn FnMut(u64) -> u32, n: usize| -> Vec<u32> {
         (0..n).map(|_| next(150_000)).collect()
     };
@@ -976,20 +964,9 @@ fn cuda_flash_prefill_matches_the_tiled_kernel() {
     ignore = "needs an NVIDIA GPU (feature gpu-tests)"
 )]
 fn cuda_shared_prefix_blocks_give_the_whole_prompts_logits() {
-    let opts = CudaOptions {
-        max_tokens: 1024,
-        max_seqs: 8,
-        max_model_len: 1024,
-        graph_buckets: vec![],
-        ..Default::default()
-    };
-    let mut state = 11u64;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % 150_000) as u32
-    };
+    let opts = eager_opts();
+    let mut ids = token_gen(11);
+    let mut next = || ids(150_000);
     let first: Vec<u32> = (0..300).map(|_| next()).collect();
     // The second prompt: the first's 288 leading tokens (18 blocks of 16), then its own 60.
     let second: Vec<u32> = first[..288]
@@ -1818,6 +1795,29 @@ fn cuda_qwen3_30b_a3b_fp8_preset_runs_with_fp8_experts() {
         .remove(0);
     assert!(b.iter().all(|x| x.is_finite()), "decode logits finite");
     assert!(cosine(&a, &b) < 0.9999, "the decode step sees a new token");
+}
+
+/// Eager steps (no CUDA graphs) of up to 1,024 tokens and 8 sequences: the prefill tests'.
+fn eager_opts() -> CudaOptions {
+    CudaOptions {
+        max_tokens: 1024,
+        max_seqs: 8,
+        max_model_len: 1024,
+        graph_buckets: vec![],
+        ..Default::default()
+    }
+}
+
+/// Token ids below `n` from a linear congruential generator seeded with `seed` (Knuth's
+/// MMIX constants): the same prompts on every run, without a dependency.
+fn token_gen(seed: u64) -> impl FnMut(u64) -> u32 {
+    let mut state = seed;
+    move |n| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % n) as u32
+    }
 }
 
 /// One sequence's step.
