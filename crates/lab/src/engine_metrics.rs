@@ -216,6 +216,8 @@ struct Names {
     prompt_tokens: &'static [&'static str],
     generation_tokens: &'static [&'static str],
     embedded_sequences: &'static [&'static str],
+    prefix_cache_queries: &'static [&'static str],
+    prefix_cache_hits: &'static [&'static str],
 }
 
 const VLLM_NAMES: Names = Names {
@@ -226,6 +228,8 @@ const VLLM_NAMES: Names = Names {
     prompt_tokens: &["vllm:prompt_tokens_total"],
     generation_tokens: &["vllm:generation_tokens_total"],
     embedded_sequences: &[],
+    prefix_cache_queries: &["vllm:prefix_cache_queries_total"],
+    prefix_cache_hits: &["vllm:prefix_cache_hits_total"],
 };
 
 const BUILTIN_NAMES: Names = Names {
@@ -235,6 +239,8 @@ const BUILTIN_NAMES: Names = Names {
     prompt_tokens: &["colocate:prompt_tokens_total"],
     generation_tokens: &["colocate:generation_tokens_total"],
     embedded_sequences: &["colocate:embedding_sequences_total"],
+    prefix_cache_queries: &["colocate:prefix_cache_queries_total"],
+    prefix_cache_hits: &["colocate:prefix_cache_hits_total"],
 };
 
 impl Dialect {
@@ -305,6 +311,12 @@ pub struct EngineMetricsWindow {
     /// Built-in embedders: sequences embedded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedded_sequences: Option<CounterDelta>,
+    /// Prompt tokens looked up in the engine's prefix cache, and those found there (not
+    /// computed): a window whose prompts an earlier one sent shows here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_queries: Option<CounterDelta>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_hits: Option<CounterDelta>,
     /// Why something is missing (scrape failures, a counter reset by a restart).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -429,7 +441,19 @@ pub fn summarize(
     out.prompt_tokens = prompt;
     out.generation_tokens = generation;
     out.embedded_sequences = embedded;
+    out.prefix_cache_queries = counter(names.prefix_cache_queries);
+    out.prefix_cache_hits = counter(names.prefix_cache_hits);
     out
+}
+
+impl EngineMetricsWindow {
+    /// Prompt tokens served from the prefix cache in the window, in % of those looked up
+    /// (`None` without lookups).
+    pub fn prefix_hit_percent(&self) -> Option<f64> {
+        let q = self.prefix_cache_queries.as_ref()?.increase;
+        let h = self.prefix_cache_hits.as_ref()?.increase;
+        (q > 0.0).then(|| 100.0 * h / q)
+    }
 }
 
 #[cfg(feature = "measure")]
@@ -620,18 +644,23 @@ mod tests {
         assert!(w.notes.is_empty(), "{:?}", w.notes);
         assert_eq!(w.samples, 2);
         assert_eq!(w.span_s, 60.0);
-        let run = w.requests_running.unwrap();
+        let run = w.requests_running.as_ref().unwrap();
         assert_eq!((run.start, run.end), (512.0, 512.0));
-        let waiting = w.requests_waiting.unwrap();
+        let waiting = w.requests_waiting.as_ref().unwrap();
         assert_eq!(waiting.end, 0.0);
-        let kv = w.kv_cache_usage.unwrap();
+        let kv = w.kv_cache_usage.as_ref().unwrap();
         assert_eq!(kv.metric, "vllm:kv_cache_usage_perc");
         assert!((kv.end - 0.4412).abs() < 1e-9, "{kv:?}");
-        let gen = w.generation_tokens.unwrap();
+        let gen = w.generation_tokens.as_ref().unwrap();
         assert_eq!(gen.increase, 1_221_120.0);
         assert!((gen.per_s - 20_352.0).abs() < 1e-6);
-        let prompt = w.prompt_tokens.unwrap();
+        let prompt = w.prompt_tokens.as_ref().unwrap();
         assert_eq!(prompt.increase, 2385.0 * 33.0);
+        // The seeds' one fixed prompt: most of it comes from the prefix cache.
+        assert_eq!(w.prefix_cache_queries.as_ref().unwrap().increase, 78_705.0);
+        assert_eq!(w.prefix_cache_hits.as_ref().unwrap().increase, 38_160.0);
+        let pct = w.prefix_hit_percent().unwrap();
+        assert!((pct - 100.0 * 38_160.0 / 78_705.0).abs() < 1e-9, "{pct}");
     }
 
     /// Before the rename vLLM exposed only `gpu_cache_usage_perc`.

@@ -260,8 +260,8 @@ fn engine_metrics_table(out: &mut String, results: &Results, label: &str) {
     if engines.is_empty() {
         return;
     }
-    out.push_str("| engine (`/metrics`) | names | requests running | requests waiting | KV cache % | prompt tok/s | generated tok/s | embedded seq/s |\n");
-    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| engine (`/metrics`) | names | requests running | requests waiting | KV cache % | prompt tok/s | prefix-cache hits % | generated tok/s | embedded seq/s |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut notes = Vec::new();
     for e in engines {
         let windows: Vec<(u32, &EngineMetricsWindow)> = reps
@@ -288,7 +288,7 @@ fn engine_metrics_table(out: &mut String, results: &Results, label: &str) {
             }
         }
         if scraped.is_empty() {
-            let _ = writeln!(out, "| {e} | not scraped | – | – | – | – | – | – |");
+            let _ = writeln!(out, "| {e} | not scraped | – | – | – | – | – | – | – |");
             continue;
         }
         let names = match scraped.iter().find_map(|w| w.dialect) {
@@ -323,9 +323,16 @@ fn engine_metrics_table(out: &mut String, results: &Results, label: &str) {
                 .map(|s| s.show(1))
                 .unwrap_or_else(|| "–".into())
         };
+        let hits: Vec<f64> = scraped
+            .iter()
+            .filter_map(|w| w.prefix_hit_percent())
+            .collect();
+        let hits = Stat::of(&hits)
+            .map(|s| s.show(1))
+            .unwrap_or_else(|| "–".into());
         let _ = writeln!(
             out,
-            "| {e} | {names} | {} | {} | {} | {} | {} | {} |",
+            "| {e} | {names} | {} | {} | {} | {} | {hits} | {} | {} |",
             gauge(|w| w.requests_running.as_ref(), 1.0, 1),
             gauge(|w| w.requests_waiting.as_ref(), 1.0, 1),
             gauge(|w| w.kv_cache_usage.as_ref(), 100.0, 2),
@@ -1135,6 +1142,12 @@ ttft_p99 = "100ms"
                             "colocate:generation_tokens_total",
                             100.0 * rep,
                         )),
+                        // 25% of the prompt tokens looked up were cached
+                        prefix_cache_queries: Some(counter(
+                            "colocate:prefix_cache_queries_total",
+                            400.0,
+                        )),
+                        prefix_cache_hits: Some(counter("colocate:prefix_cache_hits_total", 100.0)),
                         ..Default::default()
                     }
                 } else if mps || rep == 2.0 {
@@ -1179,12 +1192,12 @@ ttft_p99 = "100ms"
             "each engine's own counters from its Prometheus `/metrics`",
             "| engine (`/metrics`) | names | requests running |",
             // two repetitions at 100 and 200 generated tok/s
-            "| gen | built-in | 3.0 ± 0.0 (max 4.0) | 0.0 ± 0.0 (max 1.0) | 50.00 ± 0.00 (max 75.00) | – | 150.0 ± 70.7 | – |",
+            "| gen | built-in | 3.0 ± 0.0 (max 4.0) | 0.0 ± 0.0 (max 1.0) | 50.00 ± 0.00 (max 75.00) | – | 25.0 ± 0.0 | 150.0 ± 70.7 | – |",
             // scraped in one repetition of the time-sliced condition
-            "| emb | built-in | – | – | – | – | – | 20.0 |",
+            "| emb | built-in | – | – | – | – | – | – | 20.0 |",
             "- emb, repetition 2: not scraped (http://127.0.0.1:18200/metrics: HTTP 404 Not Found)",
             // never under MPS: the row says so, the condition stands
-            "| emb | not scraped | – | – | – | – | – | – |",
+            "| emb | not scraped | – | – | – | – | – | – | – |",
         ] {
             assert!(md.contains(needle), "missing {needle} in\n{md}");
         }
