@@ -129,21 +129,23 @@ fn percentile(v: &[Duration], q: f64) -> Duration {
 }
 
 /// Streamed completions one after another for `how_long`: each one's TTFT as the client
-/// sees it (send to the first body chunk). Every one must succeed.
+/// sees it (send to the first body chunk). Every one must succeed. Each prompt starts with
+/// its own number, so that the engine's prefix cache has none of it and every request
+/// computes its whole prompt (the work the flood competes with).
 async fn latency_stream(gw: &str, how_long: Duration) -> Vec<Duration> {
     let c = client();
-    let prompt: String = "The quick brown fox jumps over the lazy dog. "
-        .repeat(PROMPT_CHARS / 45 + 1)
-        .chars()
-        .take(PROMPT_CHARS)
-        .collect();
-    let body = serde_json::json!({
-        "model": "tiny-gen", "prompt": prompt, "max_tokens": 8,
-        "temperature": 0, "ignore_eos": true, "stream": true,
-    });
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(PROMPT_CHARS / 45 + 1);
     let mut ttfts = Vec::new();
     let end = Instant::now() + how_long;
     while Instant::now() < end {
+        // (numbered across every stream of the test: no two requests share a prompt)
+        static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SENT.fetch_add(1, Ordering::Relaxed);
+        let prompt: String = format!("{n} {text}").chars().take(PROMPT_CHARS).collect();
+        let body = serde_json::json!({
+            "model": "tiny-gen", "prompt": prompt, "max_tokens": 8,
+            "temperature": 0, "ignore_eos": true, "stream": true,
+        });
         let t0 = Instant::now();
         let r = c
             .post(format!("{gw}/v1/completions"))
