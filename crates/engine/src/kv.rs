@@ -5,7 +5,7 @@
 //! holds a [`BlockTable`]; growing it takes blocks from the free list, freeing it returns
 //! them all.
 //!
-//! **Prefix caching** (on unless [`BlockManager::without_prefix_caching`]): once a block's
+//! **Prefix caching** (on unless [`BlockManager::with_prefix_caching`] says off): once a block's
 //! tokens are all computed, [`BlockManager::commit`] files it under a hash of its tokens
 //! and of every token before it (a chain, as vLLM's block hashes). A new sequence first
 //! takes the longest run of filed blocks its tokens match ([`BlockManager::match_prefix`])
@@ -100,10 +100,10 @@ impl BlockManager {
         }
     }
 
-    /// The same manager without prefix caching: nothing is filed, nothing matched
-    /// (`--no-enable-prefix-caching`).
-    pub fn without_prefix_caching(mut self) -> Self {
-        self.prefix_caching = false;
+    /// The same manager with prefix caching on or off; off, nothing is filed and nothing
+    /// matched (`--no-enable-prefix-caching`).
+    pub fn with_prefix_caching(mut self, on: bool) -> Self {
+        self.prefix_caching = on;
         self
     }
 
@@ -383,7 +383,7 @@ mod tests {
 
     #[test]
     fn without_prefix_caching_nothing_is_matched() {
-        let mut m = BlockManager::new(8, 2).without_prefix_caching();
+        let mut m = BlockManager::new(8, 2).with_prefix_caching(false);
         let p: Vec<u32> = vec![1, 2, 3, 4, 5];
         let mut a = BlockTable::default();
         assert!(m.grow(&mut a, 5));

@@ -742,9 +742,7 @@ mod tests {
     fn a_repeated_prompt_computes_only_past_its_cached_blocks() {
         for caching in [true, false] {
             let (mut s, metrics) = sched(8, 64, 100, 4);
-            if !caching {
-                s.kv = BlockManager::new(100, 4).without_prefix_caching();
-            }
+            s.kv = BlockManager::new(100, 4).with_prefix_caching(caching);
             let mut m = Fake::new(4);
             let (a, mut rx_a) = request(40, max_tokens(3));
             s.add(a);

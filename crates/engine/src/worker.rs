@@ -132,14 +132,8 @@ fn run(
                     max_num_batched_tokens: r.max_num_batched_tokens,
                     max_model_len: r.max_model_len,
                 },
-                {
-                    let kv = BlockManager::new(r.num_blocks, limits.block_size);
-                    if limits.prefix_caching {
-                        kv
-                    } else {
-                        kv.without_prefix_caching()
-                    }
-                },
+                BlockManager::new(r.num_blocks, limits.block_size)
+                    .with_prefix_caching(limits.prefix_caching),
                 info.eos_token_ids.clone(),
                 Arc::new(loaded.tokenizer.clone()),
                 metrics,

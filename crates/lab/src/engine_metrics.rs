@@ -335,6 +335,14 @@ impl EngineMetricsWindow {
         })
     }
 
+    /// Prompt tokens served from the prefix cache in the window, in % of those looked up
+    /// (`None` without lookups).
+    pub fn prefix_hit_percent(&self) -> Option<f64> {
+        let q = self.prefix_cache_queries.as_ref()?.increase;
+        let h = self.prefix_cache_hits.as_ref()?.increase;
+        (q > 0.0).then(|| 100.0 * h / q)
+    }
+
     /// A window for an engine that was not scraped at all, with the reason.
     pub fn unscraped(engine: &str, url: &str, reason: String) -> EngineMetricsWindow {
         EngineMetricsWindow {
@@ -444,16 +452,6 @@ pub fn summarize(
     out.prefix_cache_queries = counter(names.prefix_cache_queries);
     out.prefix_cache_hits = counter(names.prefix_cache_hits);
     out
-}
-
-impl EngineMetricsWindow {
-    /// Prompt tokens served from the prefix cache in the window, in % of those looked up
-    /// (`None` without lookups).
-    pub fn prefix_hit_percent(&self) -> Option<f64> {
-        let q = self.prefix_cache_queries.as_ref()?.increase;
-        let h = self.prefix_cache_hits.as_ref()?.increase;
-        (q > 0.0).then(|| 100.0 * h / q)
-    }
 }
 
 #[cfg(feature = "measure")]
