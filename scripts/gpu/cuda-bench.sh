@@ -11,7 +11,8 @@
 # algorithms timed fastest at load, cublas, cublasGemmEx everywhere, or both); with two
 # or more combinations each workload runs with all of them on the same loaded model and
 # compares their logits. BASELINES=1 runs the transformers baselines in the same call,
-# TESTS=0 skips the numerics tests.
+# TESTS=0 skips the numerics tests, FLASH_BLOCKS="3 2" runs the bench once per value of
+# COLOCATE_FLASH_MIN_BLOCKS (the flash kernels' register cap: blocks per multiprocessor).
 # The tests run twice: as built (prompt chunks of 16 tokens and more on the flash prefill),
 # then with decode work items of 16 keys (COLOCATE_DECODE_MIN_CHUNK=16) and every prompt
 # chunk on the flash prefill (COLOCATE_PREFILL_FLASH_MIN=1), so that the tiny model's short
@@ -31,8 +32,13 @@ if [ "${TESTS:-1}" = 1 ]; then
   COLOCATE_DECODE_MIN_CHUNK=16 COLOCATE_PREFILL_FLASH_MIN=1 "$BIN/cuda_engine" --test-threads=1 --nocapture 2>&1 |
     tee -a "$OUT/tests.log" || status=1
 fi
-CUDA_BENCH_DECODE="${DECODE:-split}" CUDA_BENCH_GEMM="${GEMM:-tuned}" "$BIN/cuda_bench" "${PARTS:-gen17,embed,gen8}" 2>&1 |
-  tee "$OUT/bench.log" || status=1
+: > "$OUT/bench.log"
+for fb in ${FLASH_BLOCKS:-default}; do
+  if [ "$fb" != default ]; then export COLOCATE_FLASH_MIN_BLOCKS=$fb; echo "== COLOCATE_FLASH_MIN_BLOCKS=$fb ==" | tee -a "$OUT/bench.log"; fi
+  CUDA_BENCH_DECODE="${DECODE:-split}" CUDA_BENCH_GEMM="${GEMM:-tuned}" "$BIN/cuda_bench" "${PARTS:-gen17,embed,gen8}" 2>&1 |
+    tee -a "$OUT/bench.log" || status=1
+done
+unset COLOCATE_FLASH_MIN_BLOCKS
 if [ "${BASELINES:-0}" = 1 ]; then
   export PYTHONUNBUFFERED=1
   python3 "$BIN/hf_static.py" 64 256 2>&1 | grep -v Warning | tee "$OUT/baselines.log"
@@ -40,6 +46,6 @@ if [ "${BASELINES:-0}" = 1 ]; then
 fi
 echo "== summary =="
 grep -h "test result\|^test .*\(ok\|FAILED\)$" "$OUT/tests.log" 2>/dev/null
-grep -h "^RESULT\|^CHECK\|^ATTN\|^GEMM \|^GEMMCHECK" "$OUT/bench.log"
+grep -h "^== COLOCATE\|^RESULT\|^CHECK\|^ATTN\|^GEMM \|^GEMMCHECK" "$OUT/bench.log"
 grep -h "tok/s\|seq/s" "$OUT/baselines.log" 2>/dev/null
 exit $status

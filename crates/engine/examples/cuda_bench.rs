@@ -634,6 +634,7 @@ fn attention_check() -> anyhow::Result<()> {
                         at(lay.seq_of),
                         at(lay.work),
                         at(lay.item_first),
+                        at(lay.dec_rows),
                         parts,
                         t,
                         cap,

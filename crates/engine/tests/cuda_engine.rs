@@ -863,7 +863,8 @@ fn cuda_flash_embedding_matches_paged_kernel() {
 /// against the 8-query tiles, at the real head size (128) and GQA 2 and 4 (Qwen3-0.6B and
 /// 8B shapes, dummy weights): fresh prompts of lengths around the 64-query tiles in one
 /// step; a prompt continued in a second chunk (keys from an earlier step); and a step
-/// mixing a decode token (tiles) with a fresh chunk (flash).
+/// mixing two decode tokens (the split decode kernel; contexts of 101 and 401 keys, cut
+/// into several work items) with a fresh chunk (flash), against the same on the tiles.
 #[test]
 #[cfg_attr(
     not(feature = "gpu-tests"),
@@ -879,6 +880,7 @@ fn cuda_flash_prefill_matches_the_tiled_kernel() {
     let fresh: Vec<Vec<u32>> = lens.iter().map(|&n| prompt(&mut next, n)).collect();
     let long = prompt(&mut next, 400);
     let (x, y) = (prompt(&mut next, 101), prompt(&mut next, 200));
+    let z = prompt(&mut next, 1);
     // 64 blocks of 16 tokens per sequence slot.
     let table = |slot: usize| -> Vec<u32> { (0..64).map(|b| (slot * 64 + b) as u32).collect() };
     let tables: Vec<Vec<u32>> = (0..8).map(table).collect();
@@ -891,8 +893,11 @@ fn cuda_flash_prefill_matches_the_tiled_kernel() {
             opts.clone(),
         );
         m.init_kv_cache(8 * 64, 16).unwrap();
+        // flash: long chunks on the flash kernel and one-token sequences of steps with
+        // prompts on the split decode kernel; else everything on the 8-query tiles.
         let run = |m: &mut CudaQwen3, flash: bool| -> Vec<Vec<f32>> {
             m.set_prefill_flash(flash.then_some(16));
+            m.set_mixed_decode(flash);
             let mut out = Vec::new();
             // Fresh prompts, one step.
             let step: Vec<SeqStep<'_>> = fresh
@@ -913,7 +918,8 @@ fn cuda_flash_prefill_matches_the_tiled_kernel() {
                 m.step_logits(&one(&long[150..], 150, &tables[7], GREEDY))
                     .unwrap(),
             );
-            // x's last token decoded beside y's fresh 200-token chunk.
+            // x's last token and the long prompt's next decoded beside y's fresh
+            // 200-token chunk.
             m.step_logits(&one(&x[..100], 0, &tables[0], GREEDY))
                 .unwrap();
             let mixed = [
@@ -921,6 +927,12 @@ fn cuda_flash_prefill_matches_the_tiled_kernel() {
                     tokens: &x[100..],
                     start_pos: 100,
                     block_table: &tables[0],
+                    sample: Some(GREEDY),
+                },
+                SeqStep {
+                    tokens: &z,
+                    start_pos: 400,
+                    block_table: &tables[7],
                     sample: Some(GREEDY),
                 },
                 SeqStep {
@@ -940,10 +952,11 @@ fn cuda_flash_prefill_matches_the_tiled_kernel() {
             .map(|n| format!("fresh {n}"))
             .chain(["second chunk of 250 at 150".into()])
             .chain([
-                "decode beside a chunk".into(),
-                "chunk of 200 beside a decode".into(),
+                "decode at 100 beside a chunk".into(),
+                "decode at 400 beside a chunk".into(),
+                "chunk of 200 beside two decodes".into(),
             ]);
-        assert_eq!(flash.len(), lens.len() + 3, "{preset}");
+        assert_eq!(flash.len(), lens.len() + 4, "{preset}");
         for ((f, t), what) in flash.iter().zip(&tiled).zip(what) {
             let c = cosine(f, t);
             eprintln!("{preset}, {what}: flash vs tiles cosine {c:.6}");

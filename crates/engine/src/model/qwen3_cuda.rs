@@ -950,6 +950,29 @@ impl Qwen3Cuda {
             )
         })?;
         let rope = (self.layout.positions == PositionKind::Rope).then_some(cx.rope);
+        // Split decode attention over the step's decode slots' work items; the last warp
+        // of a split token merges its pieces.
+        let split_decode = |ops: &mut Launcher<'_>, parts, name| {
+            ops.op(name, || {
+                k.decode_attention(
+                    a.qkv.ptr,
+                    a.attn.ptr,
+                    kc,
+                    vc,
+                    meta(lay.tables),
+                    lay.max_blocks,
+                    meta(lay.seq_of),
+                    meta(lay.work),
+                    meta(lay.item_first),
+                    meta(lay.dec_rows),
+                    parts,
+                    p.step.slots,
+                    lay.items_cap(p.step.slots),
+                    p.kv.block_size,
+                    d.kv_heads,
+                )
+            })
+        };
         ops.op("qk norm+rope+kv write", || {
             k.qk_norm_rope_kv(
                 a.qkv.ptr,
@@ -974,8 +997,15 @@ impl Qwen3Cuda {
                 )
             })?;
         } else if p.step.tiles > 0 || p.step.flash_tiles > 0 {
-            // Prompt chunks long enough for the flash kernel and the rest of the step's
-            // tokens (decode tokens, short chunks) write disjoint rows of `attn`.
+            // Prompt chunks long enough for the flash kernel, the one-token sequences on
+            // the split decode kernel (`StepLayout::mixed_decode`) and the rest of the
+            // step's tokens (short chunks) write disjoint rows of `attn`.
+            if p.step.items > 0 {
+                let parts = cx.decode.ok_or_else(|| {
+                    anyhow!("decode slots in a step without the split decode kernel")
+                })?;
+                split_decode(ops, parts, "attention (decode, mixed)")?;
+            }
             if p.step.flash_tiles > 0 {
                 ops.op("attention (flash, prefill)", || {
                     k.prefill_flash_attention(
@@ -1013,26 +1043,7 @@ impl Qwen3Cuda {
                 })?;
             }
         } else if let Some(parts) = cx.decode {
-            // Split decode attention over the step's work items; the last warp of a split
-            // token merges its pieces.
-            ops.op("attention (decode)", || {
-                k.decode_attention(
-                    a.qkv.ptr,
-                    a.attn.ptr,
-                    kc,
-                    vc,
-                    meta(lay.tables),
-                    lay.max_blocks,
-                    meta(lay.seq_of),
-                    meta(lay.work),
-                    meta(lay.item_first),
-                    parts,
-                    t,
-                    lay.items_cap(t),
-                    p.kv.block_size,
-                    d.kv_heads,
-                )
-            })?;
+            split_decode(ops, parts, "attention (decode)")?;
         } else {
             ops.op("attention (decode)", || {
                 k.paged_attention(

@@ -170,6 +170,12 @@ pub struct CudaExecutor<M> {
     decode_parts: Option<(DevBuf, DecodePartials)>,
     /// The decode attention kernel of decode steps.
     decode_kernel: DecodeKernel,
+    /// A prefill step's one-token sequences (decodes beside prompt chunks) attend with the
+    /// split decode kernel when it is the decode kernel (`StepLayout::mixed_decode`); else
+    /// with the 8-query tiles. On the H200 (2026-12-03, Qwen3-8B served with 2,048- and
+    /// 8,192-token prompts) steps with prompts took 26 and 87 ms longer than their prompt
+    /// tokens alone predicted: the tiles read each decode token's context with one warp.
+    mixed_decode: bool,
     flash: Option<FlashTiles>,
     /// Use the tensor-core flash kernel for embeddings (else the paged prefill kernel).
     embed_flash: bool,
@@ -309,6 +315,7 @@ impl<M: CudaModel> CudaExecutor<M> {
                 DecodeKernel::Paged
             },
             decode_parts,
+            mixed_decode: true,
             flash: None,
             embed_flash,
             prefill_flash_min,
@@ -460,7 +467,25 @@ impl<M: CudaModel> CudaExecutor<M> {
         } else {
             DecodeKernel::Paged
         };
+        self.relayout();
         self.graphs.clear();
+    }
+
+    /// Chooses how a prefill step's one-token sequences attend: with the split decode
+    /// kernel (`on`, the default, where it is the decode kernel) or with the 8-query
+    /// tiles (the reference for tests).
+    pub fn set_mixed_decode(&mut self, on: bool) {
+        self.mixed_decode = on;
+        self.relayout();
+    }
+
+    /// The step layout's attention choices, from the executor's.
+    fn relayout(&mut self) {
+        let mixed = self.mixed_decode && self.decode_kernel == DecodeKernel::Split;
+        let min = self.prefill_flash_min;
+        if let Some((_, lay)) = self.kv.as_mut() {
+            *lay = lay.with_flash_prefill(min).with_mixed_decode(mixed);
+        }
     }
 
     /// The model, to change how it runs; the caller drops captured graphs
@@ -511,9 +536,7 @@ impl<M: CudaModel> CudaExecutor<M> {
             .filter(|_| self.kernels.has_flash_attention())
             .unwrap_or(0);
         self.prefill_flash_min = min;
-        if let Some((_, lay)) = self.kv.as_mut() {
-            *lay = lay.with_flash_prefill(min);
-        }
+        self.relayout();
     }
 
     /// Pre-captures the decode graphs of every bucket (start-up, so the first requests do
@@ -619,6 +642,7 @@ impl<M: CudaModel> CudaExecutor<M> {
                 rows: b,
                 tiles: 0,
                 flash_tiles: 0,
+                slots: b,
                 items: 0,
             },
             layout,
@@ -735,9 +759,9 @@ impl<M: CudaModel> Generator for CudaExecutor<M> {
             self.opts.max_seqs,
             max_blocks,
             self.split,
-        )
-        .with_flash_prefill(self.prefill_flash_min);
+        );
         self.kv = Some((kv, layout));
+        self.relayout();
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
@@ -30,13 +31,19 @@ pub type DevPtr = u64;
 /// Query positions per block of the flash kernels (`FA_BQ` in engine.cu).
 pub const FLASH_QUERY_TILE: usize = 64;
 
+/// Dynamic shared memory of the flash kernels for `head_dim`: two stages of a K and a V
+/// tile of 64 keys, rows padded by 8 (`FA_STAGES`, `FA_BK`, `FA_ROW` in engine.cu).
+pub fn flash_smem_bytes(head_dim: usize) -> usize {
+    2 * 2 * 64 * (head_dim + 8) * 2
+}
+
 /// Work items (warps) per block of `decode_attention` (`DA_WARPS` in engine.cu).
 pub const DECODE_ITEMS_PER_BLOCK: usize = 4;
 
 /// Where `decode_attention` puts the partial results of tokens split over several work
 /// items: fp32 `[items, kv_heads, group, head_dim]` outputs and `[items, kv_heads, group]`
 /// (max, sum) pairs, for up to the capacity the buffers were sized for; and one i32
-/// counter per (token row, KV head), zero between launches (the warp that merges a
+/// counter per (decode slot, KV head), zero between launches (the warp that merges a
 /// token resets it).
 #[derive(Debug, Clone, Copy)]
 pub struct DecodePartials {
@@ -120,6 +127,8 @@ pub struct Kernels {
 struct FlashAttention {
     embed: CudaFunction,
     prefill: CudaFunction,
+    /// Dynamic shared memory of either ([`flash_smem_bytes`]).
+    smem: u32,
 }
 
 /// Include folders tried for `cuda_bf16.h` (NVRTC also ships built-in copies in CUDA 12+).
@@ -186,9 +195,21 @@ pub(super) fn load_module(
     })
 }
 
+/// Blocks per multiprocessor the flash kernels' registers are capped for
+/// (`__launch_bounds__`' second argument, `FA_MIN_BLOCKS` in engine.cu) unless
+/// `COLOCATE_FLASH_MIN_BLOCKS` says otherwise: 3 keeps the 168 registers of the kernel
+/// before its pipeline (12 warps a multiprocessor), at 48 bytes of spills for head size
+/// 128; 2 lets it keep everything in 179 registers (8 warps).
+const FLASH_MIN_BLOCKS: usize = 3;
+
 /// Compiles `kernels/engine.cu` to PTX for `arch` (e.g. `sm_90`) with the attention
 /// shape baked in. Needs only NVRTC, no GPU.
 pub fn compile_source(arch: &str, head_dim: usize, group: usize) -> Result<Ptx, CudaError> {
+    let min_blocks = std::env::var("COLOCATE_FLASH_MIN_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| (1..=8).contains(&n))
+        .unwrap_or(FLASH_MIN_BLOCKS);
     compile_ptx(
         arch,
         "engine.cu",
@@ -196,6 +217,7 @@ pub fn compile_source(arch: &str, head_dim: usize, group: usize) -> Result<Ptx, 
         vec![
             format!("-DHEAD_DIM={head_dim}"),
             format!("-DGQA={group}"),
+            format!("-DFA_MIN_BLOCKS={min_blocks}"),
             "--use_fast_math".to_string(),
         ],
     )
@@ -224,9 +246,23 @@ impl Kernels {
             paged_attention: f("paged_attention")?,
             prefill_attention: f("prefill_attention")?,
             flash: if head_dim.is_multiple_of(16) {
+                let smem = flash_smem_bytes(head_dim);
+                let allow = |func: CudaFunction| {
+                    // Above 48 KiB a kernel must be allowed its dynamic shared memory.
+                    func.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map(|_| func)
+                    .map_err(|source| CudaError::Driver {
+                        what: "allowing the flash attention its shared memory",
+                        source,
+                    })
+                };
                 Some(FlashAttention {
-                    embed: f("embed_flash_attention")?,
-                    prefill: f("prefill_flash_attention")?,
+                    embed: allow(f("embed_flash_attention")?)?,
+                    prefill: allow(f("prefill_flash_attention")?)?,
+                    smem: smem as u32,
                 })
             } else {
                 None
@@ -556,11 +592,11 @@ impl Kernels {
         self.decode_attention.is_some()
     }
 
-    /// Split decode attention for a step of `tokens` decode tokens (one per sequence):
+    /// Split decode attention for `slots` decode tokens (one per sequence) of a step:
     /// one warp per (work item, KV head) over `items_cap` work items (the step's own count
-    /// is on the device, in `item_first[tokens]`); the last warp of a split token merges
-    /// its partial results. The launch shape depends only on `tokens` and `items_cap`, so
-    /// it can be captured.
+    /// is on the device, in `item_first[slots]`; slot s is token row `dec_rows[s]`); the
+    /// last warp of a split token merges its partial results. The launch shape depends
+    /// only on `slots` and `items_cap`, so it can be captured.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         &self,
@@ -573,8 +609,9 @@ impl Kernels {
         seq_of: DevPtr,
         work: DevPtr,
         item_first: DevPtr,
+        dec_rows: DevPtr,
         part: DecodePartials,
-        tokens: usize,
+        slots: usize,
         items_cap: usize,
         block_size: usize,
         nkv: usize,
@@ -592,7 +629,7 @@ impl Kernels {
         let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
         let (mb, t, bs, nkv_) = (
             max_blocks as i32,
-            tokens as i32,
+            slots as i32,
             block_size as i32,
             nkv as i32,
         );
@@ -605,7 +642,8 @@ impl Kernels {
             .arg(&mb)
             .arg(&seq_of)
             .arg(&work)
-            .arg(&item_first);
+            .arg(&item_first)
+            .arg(&dec_rows);
         b.arg(&part.o)
             .arg(&part.ml)
             .arg(&part.counters)
@@ -652,7 +690,8 @@ impl Kernels {
         nkv: usize,
         causal: bool,
     ) -> Result<(), CudaError> {
-        let f = &self.flash()?.embed;
+        let fa = self.flash()?;
+        let f = &fa.embed;
         let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
         let (nkv_, causal) = (nkv as i32, i32::from(causal));
         let mut b = self.stream.launch_builder(f);
@@ -662,7 +701,7 @@ impl Kernels {
             .arg(&nkv_)
             .arg(&scale_log2)
             .arg(&causal);
-        unsafe { b.launch(Self::cfg((tiles as u32, nq as u32), 128, 0)) }
+        unsafe { b.launch(Self::cfg((tiles as u32, nq as u32), 128, fa.smem)) }
             .map(|_| ())
             .map_err(launch_err)
     }
@@ -685,7 +724,8 @@ impl Kernels {
         nq: usize,
         nkv: usize,
     ) -> Result<(), CudaError> {
-        let f = &self.flash()?.prefill;
+        let fa = self.flash()?;
+        let f = &fa.prefill;
         let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
         let (mb, bs, nkv_) = (max_blocks as i32, block_size as i32, nkv as i32);
         let mut b = self.stream.launch_builder(f);
@@ -699,7 +739,7 @@ impl Kernels {
             .arg(&bs)
             .arg(&nkv_)
             .arg(&scale_log2);
-        unsafe { b.launch(Self::cfg((tiles as u32, nq as u32), 128, 0)) }
+        unsafe { b.launch(Self::cfg((tiles as u32, nq as u32), 128, fa.smem)) }
             .map(|_| ())
             .map_err(launch_err)
     }

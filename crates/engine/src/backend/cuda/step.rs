@@ -89,12 +89,19 @@ pub struct StepLayout {
     /// (`prefill_flash_attention`), the others with the 8-query `prefill_attention`
     /// tiles; 0: every chunk with the latter (a head size without the flash kernel).
     pub flash_min_chunk: usize,
-    /// Decode work items, three i32 each: token row, first key, keys
+    /// Decode work items, three i32 each: decode slot, first key, keys
     /// (`split.items + max_seqs` of them at most).
     pub work: usize,
-    /// First work item of each decode token row, `max_seqs + 1` entries: token t owns
-    /// items `item_first[t] .. item_first[t + 1]`, and `item_first[rows]` is the count.
+    /// First work item of each decode slot, `max_seqs + 1` entries: slot s owns items
+    /// `item_first[s] .. item_first[s + 1]`, and `item_first[slots]` is the count.
     pub item_first: usize,
+    /// Token row of each decode slot, `max_seqs` entries: every row of a decode step in
+    /// order, or the one-token sequences of a prefill step (`mixed_decode`).
+    pub dec_rows: usize,
+    /// Whether a prefill step's one-token sequences (decodes beside prompt chunks) attend
+    /// with the split decode kernel, not with the 8-query tiles: only where the executor
+    /// runs that kernel.
+    pub mixed_decode: bool,
     /// Block table per sequence, `max_blocks` wide.
     pub tables: usize,
     pub max_blocks: usize,
@@ -107,6 +114,7 @@ impl StepLayout {
         let flash = 6 * t + max_seqs;
         let work = flash + 5 * Self::flash_cap(t, max_seqs);
         let item_first = work + 3 * (split.items + max_seqs);
+        let dec_rows = item_first + max_seqs + 1;
         Self {
             ids: 0,
             pos: t,
@@ -119,7 +127,9 @@ impl StepLayout {
             flash_min_chunk: 0,
             work,
             item_first,
-            tables: item_first + max_seqs + 1,
+            dec_rows,
+            mixed_decode: false,
+            tables: dec_rows + max_seqs,
             max_blocks,
             split,
         }
@@ -132,16 +142,23 @@ impl StepLayout {
         self
     }
 
+    /// This layout with a prefill step's one-token sequences on the split decode kernel
+    /// (`on`) or on the 8-query tiles.
+    pub fn with_mixed_decode(mut self, on: bool) -> Self {
+        self.mixed_decode = on;
+        self
+    }
+
     /// The most flash prefill tiles a step can have: every chunk's queries in tiles of
     /// `FLASH_QUERY_TILE`, one partial tile per sequence at most.
     pub fn flash_cap(max_tokens: usize, max_seqs: usize) -> usize {
         max_tokens.div_ceil(FLASH_QUERY_TILE) + max_seqs
     }
 
-    /// Work items the split decode kernel is launched for with `tokens` token rows (the
-    /// most a step of that many rows can have).
-    pub fn items_cap(&self, tokens: usize) -> usize {
-        self.split.items + tokens
+    /// Work items the split decode kernel is launched for with `slots` decode slots (the
+    /// most a step of that many can have).
+    pub fn items_cap(&self, slots: usize) -> usize {
+        self.split.items + slots
     }
 
     /// i32 elements used by a step of `seqs` sequences (block table rows).
@@ -162,7 +179,11 @@ pub struct PackedStep {
     /// Flash prefill tiles (`StepLayout::flash`); a step with either kind of tile is a
     /// prefill step.
     pub flash_tiles: usize,
-    /// Decode work items (0 for prefill steps).
+    /// Decode slots: the token rows the split decode kernel attends for (every row of a
+    /// decode step, padding included; a prefill step's one-token sequences with
+    /// `mixed_decode`, else none).
+    pub slots: usize,
+    /// Decode work items of those slots.
     pub items: usize,
 }
 
@@ -195,10 +216,15 @@ pub fn pack(
     m.resize(lay.len(rows_n), 0);
     let seq = |i: usize| meta.seq_starts[i] as usize..meta.seq_starts[i + 1] as usize;
     let prefill = (0..n).any(|i| seq(i).len() > 1);
-    let (mut tiles, mut flash_tiles) = (0usize, 0usize);
+    let (mut tiles, mut flash_tiles, mut slots) = (0usize, 0usize, 0usize);
     for i in 0..n {
         let rows = seq(i);
-        if prefill && flash_chunk(meta, rows.clone(), lay.flash_min_chunk) {
+        // A decode step's rows, and a prefill step's one-token sequences where the split
+        // kernel takes them, are decode slots (their work items follow below).
+        if !prefill || (lay.mixed_decode && rows.len() == 1) {
+            m[lay.dec_rows + slots] = rows.start as i32;
+            slots += 1;
+        } else if flash_chunk(meta, rows.clone(), lay.flash_min_chunk) {
             let p0 = meta.positions[rows.start] as i32;
             for q0 in (0..rows.len()).step_by(FLASH_QUERY_TILE) {
                 let f = lay.flash + 5 * flash_tiles;
@@ -211,7 +237,7 @@ pub fn pack(
                 ]);
                 flash_tiles += 1;
             }
-        } else if prefill {
+        } else {
             let mut c = 0;
             while c < rows.len() {
                 m[lay.tile_start + tiles] = (rows.start + c) as i32;
@@ -243,49 +269,46 @@ pub fn pack(
         m[lay.seq_of + p] = p as i32;
         m[lay.rows + p] = p as i32;
     }
-    // Decode steps: each token's keys 0..=pos cut into work items of one common length;
-    // a padding row gets one item of no keys (the kernel writes zeros for it).
+    // Decode slots: each one's keys 0..=pos cut into work items of one common length; a
+    // padding row (a slot of its own) gets one item of no keys (the kernel writes zeros).
+    let ctx_of = |m: &[i32], s: usize| meta.positions[m[lay.dec_rows + s] as usize] as usize + 1;
+    let total: usize = (0..slots).map(|s| ctx_of(m, s)).sum();
+    let chunk = lay.split.chunk(total);
+    let padded = if prefill { slots } else { pad_to.max(t) };
+    // sum(ceil(ctx / chunk)) <= total / chunk + slots <= split.items + slots, plus the
+    // padding: more would be a bug here, and would run into the arrays after `work`.
+    let cap = lay.items_cap(padded);
     let mut items = 0usize;
-    if !prefill {
-        let rows_t = pad_to.max(t);
-        let total: usize = meta.positions.iter().map(|&p| p as usize + 1).sum();
-        let chunk = lay.split.chunk(total);
-        for (tok, &pos) in meta.positions.iter().enumerate() {
-            m[lay.item_first + tok] = items as i32;
-            let ctx = pos as usize + 1;
-            let mut s = 0;
-            while s < ctx {
-                let w = lay.work + 3 * items;
-                m[w] = tok as i32;
-                m[w + 1] = s as i32;
-                m[w + 2] = chunk.min(ctx - s) as i32;
-                items += 1;
-                s += chunk;
+    for s in 0..padded {
+        m[lay.item_first + s] = items as i32;
+        let ctx = if s < slots {
+            ctx_of(m, s)
+        } else {
+            m[lay.dec_rows + s] = s as i32;
+            0
+        };
+        let mut k0 = 0;
+        loop {
+            if items == cap {
+                bail!("decode step of {padded} slots cut into more work items than the {cap} the kernel is launched for");
+            }
+            let w = lay.work + 3 * items;
+            m[w..w + 3].copy_from_slice(&[s as i32, k0 as i32, chunk.min(ctx - k0) as i32]);
+            items += 1;
+            k0 += chunk;
+            if k0 >= ctx {
+                break;
             }
         }
-        for tok in t..rows_t {
-            m[lay.item_first + tok] = items as i32;
-            let w = lay.work + 3 * items;
-            m[w] = tok as i32;
-            m[w + 1] = 0;
-            m[w + 2] = 0;
-            items += 1;
-        }
-        m[lay.item_first + rows_t] = items as i32;
-        // sum(ceil(ctx / chunk)) <= total / chunk + t <= split.items + t, plus the padding.
-        if items > lay.items_cap(rows_t) {
-            bail!(
-                "decode step of {t} tokens cut into {items} work items, over the {} the kernel is launched for",
-                lay.items_cap(rows_t)
-            );
-        }
     }
+    m[lay.item_first + padded] = items as i32;
     Ok(if pad_to > 0 {
         PackedStep {
             tokens: pad_to,
             rows: pad_to,
             tiles,
             flash_tiles,
+            slots: padded,
             items,
         }
     } else {
@@ -294,6 +317,7 @@ pub fn pack(
             rows: meta.sample_rows.len(),
             tiles,
             flash_tiles,
+            slots: padded,
             items,
         }
     })
@@ -430,6 +454,7 @@ mod tests {
                 rows: 1,
                 tiles: 3,
                 flash_tiles: 0,
+                slots: 0,
                 items: 0
             }
         );
@@ -507,6 +532,68 @@ mod tests {
         assert!(packed.flash_tiles <= StepLayout::flash_cap(256, 4));
         let off = pack(&mut m, &meta, 0, lay.with_flash_prefill(0), &o).unwrap();
         assert_eq!((off.tiles, off.flash_tiles), (2 + 150usize.div_ceil(8), 0));
+
+        // With the split decode kernel taking the step's one-token sequences, the decode
+        // token (row 0, position 20: 21 keys) is decode slot 0 with work items of its own;
+        // the chunks keep their tiles.
+        let mixed = lay.with_mixed_decode(true);
+        let packed = pack(&mut m, &meta, 0, mixed, &o).unwrap();
+        assert_eq!((packed.tiles, packed.flash_tiles, packed.slots), (1, 3, 1));
+        assert_eq!(at_m(&m, mixed.tile_start, 1), [151]);
+        assert_eq!(m[mixed.dec_rows], 0);
+        // 21 keys over 8 items: chunks of 16, so two items.
+        assert_eq!(packed.items, 2);
+        assert_eq!(at_m(&m, mixed.item_first, 2), [0, 2]);
+        assert_eq!(at_m(&m, mixed.work, 6), [0, 0, 16, 0, 16, 5]);
+    }
+
+    fn at_m(m: &[i32], off: usize, n: usize) -> Vec<i32> {
+        m[off..off + n].to_vec()
+    }
+
+    /// A prefill step whose one-token sequences sit between prompt chunks: each decode
+    /// slot names its own token row, so the decode kernel reads and writes the right rows
+    /// while the tiles take the chunks.
+    #[test]
+    fn decode_slots_of_a_prefill_step_name_their_rows() {
+        let a: Vec<u32> = (0..20).collect();
+        let b: Vec<u32> = (0..5).collect();
+        let (x, y) = ([7u32], [8u32]);
+        let table: Vec<u32> = (0..40).collect();
+        let step = |tokens, start_pos| SeqStep {
+            tokens,
+            start_pos,
+            block_table: &table,
+            sample: Some(GREEDY),
+        };
+        let seqs = [step(&a, 0), step(&x, 40), step(&b, 3), step(&y, 99)];
+        let mut builder = StepBuilder::default();
+        let meta = builder.paged(&seqs, &[], 8, 64, 1000).unwrap();
+        let o = CudaOptions {
+            max_tokens: 256,
+            max_seqs: 4,
+            max_model_len: 320,
+            ..opts()
+        };
+        let lay = StepLayout::new(256, 4, 40, SPLIT)
+            .with_flash_prefill(16)
+            .with_mixed_decode(true);
+        let mut m = Vec::new();
+        let packed = pack(&mut m, &meta, 0, lay, &o).unwrap();
+        // Rows: a 0..20, x 20, b 21..26, y 26.
+        assert_eq!(packed.slots, 2);
+        assert_eq!(at_m(&m, lay.dec_rows, 2), [20, 26]);
+        assert_eq!((packed.flash_tiles, packed.tiles), (1, 1));
+        assert_eq!(at_m(&m, lay.tile_start, 1), [21]);
+        // 41 + 100 keys over 8 items: chunks of 32; x in 2 items, y in 4.
+        assert_eq!(at_m(&m, lay.item_first, 3), [0, 2, 6]);
+        assert_eq!(packed.items, 6);
+        let work: Vec<i32> = at_m(&m, lay.work, 18);
+        assert_eq!(
+            work,
+            [0, 0, 32, 0, 32, 9, 1, 0, 32, 1, 32, 32, 1, 64, 32, 1, 96, 4]
+        );
+        assert!(packed.items <= lay.items_cap(packed.slots));
     }
 
     /// The flash tiles' region never runs into the decode work items: the most tiles a
@@ -553,6 +640,7 @@ mod tests {
                 rows: 4,
                 tiles: 0,
                 flash_tiles: 0,
+                slots: 4,
                 items: 4
             }
         );
@@ -563,6 +651,7 @@ mod tests {
         assert_eq!(at(lay.slots), [5, 13, 21, -1]);
         assert_eq!(at(lay.seq_of), [0, 1, 2, 3]);
         assert_eq!(at(lay.rows), [0, 1, 2, 3]);
+        assert_eq!(at(lay.dec_rows), [0, 1, 2, 3]);
         // Six keys each: one work item per token (chunk 16); the padding row one of none.
         assert_eq!(m[lay.item_first..lay.item_first + 5], [0, 1, 2, 3, 4]);
         assert_eq!(

@@ -549,15 +549,32 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
 // consecutive rows of qkv (k already normed and rotated in place) and start at position 0,
 // so K/V are read straight from qkv: no cache write, no score matrix in memory. One block per (tile of 64
 // query positions of one sequence, query head), 4 warps of 16 query rows; keys stream
-// through shared memory in tiles of 64; online softmax in registers. Tiles come from the
+// through shared memory in tiles of 64, two tiles in flight (cp.async: the next tile loads
+// while this one is computed, FlashAttention-2's pipeline); online softmax in registers. Tiles come from the
 // host: tiles[3 * b] = first token row of the sequence, [3b + 1] = first query position,
 // [3b + 2] = sequence length. Needs HEAD_DIM % 16 == 0.
 #if HEAD_DIM % 16 == 0
 #define FA_BQ 64
 #define FA_BK 64
 #define FA_PAD 8
+#define FA_STAGES 2
+// Dynamic shared memory of the flash kernels: FA_STAGES x (K tile, V tile), rows padded so
+// that ldmatrix's eight 16-byte rows fall in distinct banks (`flash_smem_bytes` in kernels.rs).
+#define FA_ROW (HEAD_DIM + FA_PAD)
+#define FA_TILE_ELEMS (FA_BK * FA_ROW)
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return (unsigned)__cvta_generic_to_shared(p);
+}
+// 16 bytes global -> shared without a register round trip; zeros when !valid (keys past
+// the context: their V rows must be 0, not stale, since 0 * NaN would poison the sums).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 // One block's work, shared by the two entry points below. PAGED = false: K/V of the
 // sequence's `len` tokens are rows s0.. of qkv and the sequence starts at position 0 (p0 =
@@ -574,10 +591,10 @@ __device__ __forceinline__ void flash_attention_tile(
     const int h = blockIdx.y, kvh = h / G;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
     const int qr = q0 + warp * 16;  // this warp's first query position
-    __shared__ __align__(16) bf16 sk[FA_BK][HEAD_DIM + FA_PAD];
-    __shared__ __align__(16) bf16 sv[FA_BK][HEAD_DIM + FA_PAD];
+    extern __shared__ __align__(16) bf16 fa_smem[];
+    // Stage s: K tile at fa_smem + 2 s FA_TILE_ELEMS, V tile right after it; row r, column c
+    // at r * FA_ROW + c.
     const float NEG = __int_as_float(0xff800000);
-
     // Q fragments (A operand, row-major 16 x 16 per chunk); rows past the sequence read
     // its last row and are never written out.
     unsigned qf[KC][4];
@@ -601,94 +618,129 @@ __device__ __forceinline__ void flash_attention_tile(
     const int ctx = p0 + len;
     const int kend = causal ? min(p0 + q0 + FA_BQ, ctx) : ctx;
     const bool warp_live = qr < len;
-    for (int k0 = 0; k0 < kend; k0 += FA_BK) {
-        __syncthreads();
+    // Loads the K/V tile of keys k0 .. k0 + FA_BK - 1 into stage st (one cp.async group).
+    auto load_tile = [&](int k0, int st) {
+        bf16* sk = fa_smem + 2 * st * FA_TILE_ELEMS;
+        bf16* sv = sk + FA_TILE_ELEMS;
         const int vecs = D / 8;  // 16-byte vectors per row
+#pragma unroll 1
         for (int idx = threadIdx.x; idx < FA_BK * vecs; idx += blockDim.x) {
             int r = idx / vecs, c = (idx - r * vecs) * 8;
             int j = k0 + r;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (j < ctx) {
-                if (PAGED) {
-                    size_t off = ((size_t)(table[j / block_size] * block_size + j % block_size) * nkv + kvh) * D + c;
-                    kv = *(const uint4*)(kcache + off);
-                    vv = *(const uint4*)(vcache + off);
-                } else {
-                    const bf16* src = qkv + (size_t)(s0 + j) * width + (nq + kvh) * D + c;
-                    kv = *(const uint4*)src;
-                    vv = *(const uint4*)(src + nkv * D);
-                }
+            bool valid = j < ctx;
+            const bf16 *ks, *vs;
+            if (PAGED) {
+                size_t off = valid ? ((size_t)(table[j / block_size] * block_size + j % block_size) * nkv + kvh) * D + c : 0;
+                ks = kcache + off;
+                vs = vcache + off;
+            } else {
+                ks = qkv + (size_t)(s0 + (valid ? j : 0)) * width + (nq + kvh) * D + c;
+                vs = ks + nkv * D;
             }
-            *(uint4*)&sk[r][c] = kv;
-            *(uint4*)&sv[r][c] = vv;
+            cp_async16(sk + r * FA_ROW + c, ks, valid);
+            cp_async16(sv + r * FA_ROW + c, vs, valid);
+        }
+        cp_async_commit();
+    };
+    const int ntiles = (kend + FA_BK - 1) / FA_BK;
+    load_tile(0, 0);
+    for (int it = 0; it < ntiles; it++) {
+        const int k0 = it * FA_BK, st = it & 1;
+        // The next tile goes into the other stage, which the previous iteration finished
+        // reading before its closing barrier; then wait for this tile's group only.
+        if (it + 1 < ntiles) {
+            load_tile(k0 + FA_BK, st ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
-        if (!warp_live || (causal && k0 > p0 + qr + 15)) continue;
-        // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
-        float sc[FA_BK / 8][4];
+        const bf16* sk = fa_smem + 2 * st * FA_TILE_ELEMS;
+        const bf16* sv = sk + FA_TILE_ELEMS;
+        // Warps whose rows all precede the tile (causal) or lie past the chunk skip it.
+        if (warp_live && !(causal && k0 > p0 + qr + 15)) {
+            // S = Q K^T for this warp's 16 rows and the tile's 64 keys; ldmatrix (not
+            // transposed) gives the B fragments of two 16-dim chunks of 8 keys at once.
+            float sc[FA_BK / 8][4];
 #pragma unroll
-        for (int n = 0; n < FA_BK / 8; n++) {
-            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-            const bf16* kr = &sk[n * 8 + g][2 * tg];
+            for (int n = 0; n < FA_BK / 8; n++) {
+                sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
 #pragma unroll
-            for (int c = 0; c < KC; c++)
-                mma_bf16(sc[n], qf[c], *(const unsigned*)(kr + 16 * c), *(const unsigned*)(kr + 16 * c + 8));
-        }
-        // Scale, causal (where it is) and length mask, online softmax (rows g and g + 8 of the warp).
-        float mx0 = NEG, mx1 = NEG;
-        const bool diag = causal && k0 + FA_BK > p0 + qr;
-#pragma unroll
-        for (int n = 0; n < FA_BK / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key = k0 + n * 8 + 2 * tg + (e & 1);
-                int row = p0 + qr + g + (e >> 1) * 8;
-                float v = sc[n][e] * scale_log2;
-                if (diag && key > row) v = NEG;
-                if (key >= ctx) v = NEG;
-                sc[n][e] = v;
+                for (int c = 0; c < KC; c += 2) {
+                    unsigned r0, r1, r2, r3;
+                    if (c + 1 < KC) {
+                        const bf16* src = sk + (n * 8 + (lane & 7)) * FA_ROW + 16 * c + 8 * (lane >> 3);
+                        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                                     : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                                     : "r"(smem_addr(src)));
+                        mma_bf16(sc[n], qf[c], r0, r1);
+                        mma_bf16(sc[n], qf[c + 1], r2, r3);
+                    } else {
+                        const bf16* src = sk + (n * 8 + (lane & 7)) * FA_ROW + 16 * c + 8 * ((lane >> 3) & 1);
+                        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                                     : "=r"(r0), "=r"(r1)
+                                     : "r"(smem_addr(src)));
+                        mma_bf16(sc[n], qf[c], r0, r1);
+                    }
+                }
             }
-            mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        // A row with every key masked so far keeps max -inf: subtract 0 instead (p = 0).
-        float b0 = n0 == NEG ? 0.f : n0, b1 = n1 == NEG ? 0.f : n1;
-        float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
-        m0 = n0; m1 = n1;
-        float ps0 = 0.f, ps1 = 0.f;
-        unsigned pa[FA_BK / 16][4];
+            // Scale, causal (where it is) and length mask, online softmax (rows g and g + 8 of the warp).
+            float mx0 = NEG, mx1 = NEG;
+            const bool diag = causal && k0 + FA_BK > p0 + qr;
 #pragma unroll
-        for (int n = 0; n < FA_BK / 8; n++) {
-            float p0 = exp2f(sc[n][0] - b0), p1 = exp2f(sc[n][1] - b0);
-            float p2 = exp2f(sc[n][2] - b1), p3 = exp2f(sc[n][3] - b1);
-            ps0 += p0 + p1; ps1 += p2 + p3;
-            // C fragment of key tiles 2c and 2c+1 = A fragment of key chunk c.
-            pa[n / 2][(n & 1) * 2] = pack_bf16x2(p0, p1);
-            pa[n / 2][(n & 1) * 2 + 1] = pack_bf16x2(p2, p3);
-        }
-        l0 = l0 * c0 + ps0; l1 = l1 * c1 + ps1;
+            for (int n = 0; n < FA_BK / 8; n++) {
 #pragma unroll
-        for (int n = 0; n < ND; n++) { o[n][0] *= c0; o[n][1] *= c0; o[n][2] *= c1; o[n][3] *= c1; }
-        // O += P V: V rows (keys) are the k dimension; ldmatrix.trans gives B fragments.
+                for (int e = 0; e < 4; e++) {
+                    int key = k0 + n * 8 + 2 * tg + (e & 1);
+                    int row = p0 + qr + g + (e >> 1) * 8;
+                    float v = sc[n][e] * scale_log2;
+                    if (diag && key > row) v = NEG;
+                    if (key >= ctx) v = NEG;
+                    sc[n][e] = v;
+                }
+                mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
+                mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+            float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+            // A row with every key masked so far keeps max -inf: subtract 0 instead (p = 0).
+            float b0 = n0 == NEG ? 0.f : n0, b1 = n1 == NEG ? 0.f : n1;
+            float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
+            m0 = n0; m1 = n1;
+            float ps0 = 0.f, ps1 = 0.f;
+            unsigned pa[FA_BK / 16][4];
 #pragma unroll
-        for (int c = 0; c < FA_BK / 16; c++) {
-            const int mi = lane >> 3, ri = lane & 7;
+            for (int n = 0; n < FA_BK / 8; n++) {
+                float p0 = exp2f(sc[n][0] - b0), p1 = exp2f(sc[n][1] - b0);
+                float p2 = exp2f(sc[n][2] - b1), p3 = exp2f(sc[n][3] - b1);
+                ps0 += p0 + p1; ps1 += p2 + p3;
+                // C fragment of key tiles 2c and 2c+1 = A fragment of key chunk c.
+                pa[n / 2][(n & 1) * 2] = pack_bf16x2(p0, p1);
+                pa[n / 2][(n & 1) * 2 + 1] = pack_bf16x2(p2, p3);
+            }
+            l0 = l0 * c0 + ps0; l1 = l1 * c1 + ps1;
 #pragma unroll
-            for (int n = 0; n < ND; n += 2) {
-                const bf16* src = &sv[c * 16 + (mi & 1) * 8 + ri][(n + (mi >> 1)) * 8];
-                unsigned r0, r1, r2, r3;
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                             : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                             : "r"(smem_addr(src)));
-                mma_bf16(o[n], pa[c], r0, r1);
-                mma_bf16(o[n + 1], pa[c], r2, r3);
+            for (int n = 0; n < ND; n++) { o[n][0] *= c0; o[n][1] *= c0; o[n][2] *= c1; o[n][3] *= c1; }
+            // O += P V: V rows (keys) are the k dimension; ldmatrix.trans gives B fragments.
+#pragma unroll
+            for (int c = 0; c < FA_BK / 16; c++) {
+                const int mi = lane >> 3, ri = lane & 7;
+#pragma unroll
+                for (int n = 0; n < ND; n += 2) {
+                    const bf16* src = sv + (c * 16 + (mi & 1) * 8 + ri) * FA_ROW + (n + (mi >> 1)) * 8;
+                    unsigned r0, r1, r2, r3;
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                                 : "r"(smem_addr(src)));
+                    mma_bf16(o[n], pa[c], r0, r1);
+                    mma_bf16(o[n + 1], pa[c], r2, r3);
+                }
             }
         }
+        __syncthreads();
     }
     if (!warp_live) return;
     l0 += __shfl_xor_sync(0xffffffff, l0, 1);
@@ -704,7 +756,7 @@ __device__ __forceinline__ void flash_attention_tile(
         if (r1 < len) *(unsigned*)(out + (size_t)(s0 + r1) * nq * D + col) = pack_bf16x2(o[n][2] * i1, o[n][3] * i1);
     }
 }
-extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
+extern "C" __global__ void __launch_bounds__(128, FA_MIN_BLOCKS) embed_flash_attention(
     const bf16* __restrict__ qkv, bf16* __restrict__ out, const int* __restrict__ tiles, int nkv,
     float scale_log2, int causal) {
     const int* t = tiles + 3 * blockIdx.x;
@@ -716,7 +768,7 @@ extern "C" __global__ void __launch_bounds__(128) embed_flash_attention(
 // wrote). Tiles come from the step metadata, five ints each: first token row of the
 // chunk, first query of the tile within the chunk, the chunk's length, the position of its
 // first token, and its sequence (row of block_tables).
-extern "C" __global__ void __launch_bounds__(128) prefill_flash_attention(
+extern "C" __global__ void __launch_bounds__(128, FA_MIN_BLOCKS) prefill_flash_attention(
     const bf16* __restrict__ qkv, bf16* __restrict__ out, const bf16* __restrict__ kcache,
     const bf16* __restrict__ vcache, const int* __restrict__ block_tables, int max_blocks,
     const int* __restrict__ tiles, int block_size, int nkv, float scale_log2) {
@@ -726,11 +778,12 @@ extern "C" __global__ void __launch_bounds__(128) prefill_flash_attention(
 }
 
 // Decode attention on tensor cores, split over the context (flash-decoding). The host
-// cuts every decode token's keys 0..=pos into work items of at most `chunk` keys
-// (`work[3i..3i+3]` = token, first key, keys; the items of token t are
-// item_first[t] .. item_first[t + 1], their total is item_first[tokens]; a padding row
+// cuts every decode slot's keys 0..=pos into work items of at most `chunk` keys
+// (`work[3i..3i+3]` = slot, first key, keys; the items of slot s are
+// item_first[s] .. item_first[s + 1], their total is item_first[slots]; a padding row
 // has one item of no keys), sized so that a step has about as many items as the GPU holds
-// warps, whatever the batch and context. One warp per (item, kv head), four warps per
+// warps, whatever the batch and context. Slot s is token row dec_rows[s]: every row of a
+// decode step, or the one-token sequences of a step that also carries prompt chunks. One warp per (item, kv head), four warps per
 // block, no shared memory, GQA <= 8: the group's query heads are the 8 columns of
 // mma.m16n8k16 (columns >= GQA are zero).
 // Scores are computed transposed, S^T = K Q^T, 16 keys per step: K streams from the paged
@@ -780,15 +833,17 @@ extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(
     const bf16* __restrict__ qkv, bf16* __restrict__ out, const bf16* __restrict__ kcache,
     const bf16* __restrict__ vcache, const int* __restrict__ block_tables, int max_blocks,
     const int* __restrict__ seq_of, const int* __restrict__ work, const int* __restrict__ item_first,
-    float* __restrict__ part_o, float2* __restrict__ part_ml, int* __restrict__ counters, int tokens,
-    int block_size, int nkv, float scale_log2) {
+    const int* __restrict__ dec_rows, float* __restrict__ part_o, float2* __restrict__ part_ml,
+    int* __restrict__ counters, int slots, int block_size, int nkv, float scale_log2) {
     const int D = HEAD_DIM, G = GQA, NCH = HEAD_DIM / 8;
     const int nq = nkv * G, width = (nq + 2 * nkv) * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, tg = lane & 3;
     const int item = blockIdx.x * DA_WARPS + warp, kvh = blockIdx.y;
-    if (item >= item_first[tokens]) return;
-    const int t = work[3 * item], start = work[3 * item + 1], end = start + work[3 * item + 2];
-    const int first = item_first[t], count = item_first[t + 1] - first;
+    if (item >= item_first[slots]) return;
+    const int start = work[3 * item + 1], end = start + work[3 * item + 2];
+    // The slot is read again where it is needed, so that it holds no register in the loop.
+    const int t = dec_rows[work[3 * item]];  // token row in qkv and out
+    const int first = item_first[work[3 * item]], count = item_first[work[3 * item] + 1] - first;
     const int* table = block_tables + (size_t)seq_of[t] * max_blocks;
     const float NEG = __int_as_float(0xff800000);
 
@@ -892,7 +947,8 @@ extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(
     __threadfence();
     __syncwarp();
     int prev = 0;
-    if (lane == 0) prev = atomicAdd(counters + t * nkv + kvh, 1);
+    const int slot = work[3 * item];
+    if (lane == 0) prev = atomicAdd(counters + slot * nkv + kvh, 1);
     prev = __shfl_sync(0xffffffff, prev, 0);
     if (prev != count - 1) return;
     __threadfence();
@@ -937,7 +993,7 @@ extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(
         uint2 packed = make_uint2(pack_bf16x2(num[q].x * inv, num[q].y * inv), pack_bf16x2(num[q].z * inv, num[q].w * inv));
         *(uint2*)(out + (size_t)t * nq * D + (size_t)(kvh * G + g) * D + 4 * d4) = packed;
     }
-    if (lane == 0) counters[t * nkv + kvh] = 0;
+    if (lane == 0) counters[slot * nkv + kvh] = 0;
 }
 #endif
 #endif
