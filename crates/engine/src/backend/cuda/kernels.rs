@@ -32,7 +32,8 @@ pub type DevPtr = u64;
 pub const FLASH_QUERY_TILE: usize = 64;
 
 /// Dynamic shared memory of the flash kernels for `head_dim`: two stages of a K and a V
-/// tile of 64 keys, rows padded by 8 (`FA_STAGES`, `FA_BK`, `FA_ROW` in engine.cu).
+/// tile of 64 keys, rows padded by 8 (`FA_BK`, `FA_ROW` and the stages of
+/// `flash_attention_tile` in engine.cu).
 pub fn flash_smem_bytes(head_dim: usize) -> usize {
     2 * 2 * 64 * (head_dim + 8) * 2
 }

@@ -268,6 +268,8 @@ pub fn pack(
         m[lay.slots + p] = -1;
         m[lay.seq_of + p] = p as i32;
         m[lay.rows + p] = p as i32;
+        // Its own decode slot (a decode step's slots are its rows).
+        m[lay.dec_rows + p] = p as i32;
     }
     // Decode slots: each one's keys 0..=pos cut into work items of one common length; a
     // padding row (a slot of its own) gets one item of no keys (the kernel writes zeros).
@@ -281,12 +283,7 @@ pub fn pack(
     let mut items = 0usize;
     for s in 0..padded {
         m[lay.item_first + s] = items as i32;
-        let ctx = if s < slots {
-            ctx_of(m, s)
-        } else {
-            m[lay.dec_rows + s] = s as i32;
-            0
-        };
+        let ctx = if s < slots { ctx_of(m, s) } else { 0 };
         let mut k0 = 0;
         loop {
             if items == cap {

@@ -557,9 +557,9 @@ extern "C" __global__ void prefill_attention(const bf16* __restrict__ qkv, bf16*
 #define FA_BQ 64
 #define FA_BK 64
 #define FA_PAD 8
-#define FA_STAGES 2
-// Dynamic shared memory of the flash kernels: FA_STAGES x (K tile, V tile), rows padded so
-// that ldmatrix's eight 16-byte rows fall in distinct banks (`flash_smem_bytes` in kernels.rs).
+// Dynamic shared memory of the flash kernels: two stages (the main loop alternates them,
+// `it & 1`) of a K tile and a V tile, rows padded so that ldmatrix's eight 16-byte rows
+// fall in distinct banks (`flash_smem_bytes` in kernels.rs).
 #define FA_ROW (HEAD_DIM + FA_PAD)
 #define FA_TILE_ELEMS (FA_BK * FA_ROW)
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
