@@ -9,7 +9,9 @@
 # Env: BIN (default .gpu: colocate and runs/), LAB_ARGS (extra `lab run` arguments for a new
 # run, e.g. "--repetitions 1 --warmup 15s --duration 30s"; a resumed run keeps its own),
 # RETRY=1 (a resumed run measures its failed conditions again: `--retry-failed`), REDO=TEXT
-# (a resumed run measures again the conditions whose id contains TEXT: `--redo`), ONLY="A B"
+# (a resumed run measures again the conditions whose id contains TEXT: `--redo`), REPS=N (a
+# resumed run gains repetitions up to N, each deployment's measured after one start:
+# `--repetitions`), ONLY="A B"
 # (new and resumed runs measure only the conditions whose id contains A or B: `--only`,
 # which a run folder does not keep), GPUS=N
 # (the studies need N GPUs: stop at once on a machine with fewer, before any engine starts).
@@ -35,7 +37,7 @@ for spec in "$@"; do
   exp=${spec%%:*}; name=${spec##*:}; run=$BIN/runs/$name
   left=$(( end - $(date +%s) ))
   if [ "$left" -lt 60 ]; then echo "== $name: not started (${left}s left)"; continue; fi
-  if [ -f "$run/results.json" ]; then args=(--resume "$run"); [ "${RETRY:-0}" = 1 ] && args+=(--retry-failed); [ -n "${REDO:-}" ] && args+=(--redo "$REDO"); else read -ra extra <<< "${LAB_ARGS:-}"; args=("$exp" --out "$run" "${extra[@]}"); fi
+  if [ -f "$run/results.json" ]; then args=(--resume "$run"); [ "${RETRY:-0}" = 1 ] && args+=(--retry-failed); [ -n "${REDO:-}" ] && args+=(--redo "$REDO"); [ -n "${REPS:-}" ] && args+=(--repetitions "$REPS"); else read -ra extra <<< "${LAB_ARGS:-}"; args=("$exp" --out "$run" "${extra[@]}"); fi
   for o in ${ONLY:-}; do args+=(--only "$o"); done
   echo "== $name: ${args[*]} (${left}s left)"
   # SIGINT lets the lab finish the current window and clean up; KILL 90 s later at worst.

@@ -76,7 +76,8 @@ struct RunArgs {
     /// Override the measurement window of every condition (e.g. `3s`).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    /// Override the number of repetitions.
+    /// Override the number of repetitions. With --resume it can only raise the run's own:
+    /// the repetitions it had not planned are measured, the recorded ones kept.
     #[arg(long)]
     repetitions: Option<u32>,
     /// Folder the run folder is created in (default: the experiment's `runs_dir`, else `runs`).
@@ -128,10 +129,16 @@ fn command_line() -> String {
 
 fn run_cmd(a: RunArgs) -> Result<()> {
     let (mut results, dir, mut valid) = if let Some(dir) = &a.resume {
-        if a.warmup.is_some() || a.duration.is_some() || a.repetitions.is_some() {
-            bail!("--resume continues a run with its own settings; --warmup, --duration and --repetitions cannot change them");
+        if a.warmup.is_some() || a.duration.is_some() {
+            bail!("--resume continues a run with its own windows; --warmup and --duration cannot change them");
         }
         let mut r = Results::load(dir)?;
+        if let Some(n) = a.repetitions {
+            let more = r.raise_repetitions(n)?;
+            if more > 0 {
+                eprintln!("lab: {more} more repetition(s) of every condition to measure (--repetitions {n})");
+            }
+        }
         if a.retry_failed {
             r.conditions.retain(|c| c.failed.is_none());
         }

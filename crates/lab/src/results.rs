@@ -444,6 +444,22 @@ impl Results {
         self.conditions.iter().find(|c| c.condition.id() == id)
     }
 
+    /// Raises the run's repetitions to `n`: a resume then measures repetitions the run had
+    /// not planned (each deployment's, back to back after one start), and keeps every one
+    /// recorded. Lowering them is an error: recorded repetitions are never dropped.
+    /// Returns how many repetitions each condition gains.
+    pub fn raise_repetitions(&mut self, n: u32) -> Result<u32> {
+        let have = self.experiment.repetitions;
+        if n < have {
+            bail!("--repetitions {n}: the run has {have}; a resume can add repetitions, not drop recorded ones");
+        }
+        if n > have {
+            self.experiment.repetitions = n;
+            self.complete = false;
+        }
+        Ok(n - have)
+    }
+
     /// Takes every condition whose id contains one of `patterns` out of the run, so that
     /// a resume measures it again, and keeps the old record in `superseded`. A pattern
     /// that matches nothing is an error naming it. Returns how many were taken out.
@@ -571,6 +587,29 @@ preset = "seed-gen"
         assert_eq!(r.superseded[0].condition.id(), id);
         r.save(dir.path()).unwrap();
         assert_eq!(Results::load(dir.path()).unwrap(), r);
+    }
+
+    /// A resume may raise the repetitions (the new ones are left to measure, the recorded
+    /// one kept) but not lower them.
+    #[test]
+    fn repetitions_are_raised_not_lowered() {
+        let mut r = results();
+        assert_eq!(r.experiment.repetitions, 1);
+        let err = r.raise_repetitions(0).unwrap_err().to_string();
+        assert!(err.contains("the run has 1"), "{err}");
+        assert_eq!(r.raise_repetitions(1).unwrap(), 0);
+        assert!(r.complete, "the same count changes nothing");
+        assert_eq!(r.raise_repetitions(3).unwrap(), 2);
+        assert!(!r.complete);
+        let left: Vec<String> = crate::matrix::plan(&r.experiment)
+            .iter()
+            .filter(|c| r.find(&c.id()).is_none())
+            .map(|c| c.id())
+            .collect();
+        assert_eq!(left, ["solo gen: g c=512 #2", "solo gen: g c=512 #3"]);
+        assert!(r.find("solo gen: g c=512 #1").is_some());
+        let err = r.raise_repetitions(2).unwrap_err().to_string();
+        assert!(err.contains("not drop recorded ones"), "{err}");
     }
 
     /// Engine metrics and presets survive results.json; a file written before the lab
