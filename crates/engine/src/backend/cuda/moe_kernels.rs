@@ -111,12 +111,12 @@ impl MoeTile {
         128 * self.warps_m as u32
     }
 
-    /// Dynamic shared memory of a block: `stages` x (activations `bm x (bk + pad)` in 16-bit,
+    /// Dynamic shared memory of a block: `stages` x (activations `bm x (bk + 8)` in 16-bit,
     /// weights `bn x (bk * bytes + 16)`), moe.cu's `NST * STAGE` (which traps when a launch
     /// gives less).
     pub fn smem_bytes(&self, fp8: bool) -> usize {
-        let (pad, wb) = if fp8 { (16, 1) } else { (8, 2) };
-        self.stages * (self.bm * (self.bk + pad) * 2 + self.bn * (self.bk * wb + 16))
+        let wb = if fp8 { 1 } else { 2 };
+        self.stages * (self.bm * (self.bk + 8) * 2 + self.bn * (self.bk * wb + 16))
     }
 }
 
@@ -488,7 +488,8 @@ impl MoeKernels {
             .map_err(launch_err)
     }
 
-    /// `n` bf16 values (even) to f16 (the FP8 GEMMs' activations).
+    /// `n` bf16 values (even) to f16 (the FP8 GEMMs' activations), each row's pairs in the
+    /// order the grouped GEMM's ldmatrix reads (moe.cu's `f16_pair_slot`).
     pub fn to_f16(&self, x: DevPtr, out: DevPtr, n: usize) -> Result<(), CudaError> {
         let n_ = n as i32;
         let mut b = self.stream.launch_builder(&self.to_f16);
@@ -499,7 +500,7 @@ impl MoeKernels {
     }
 
     /// SiLU(gate) * up of `rows` gate/up rows (`[rows, 2 inter]` bf16) into f16 `[rows,
-    /// inter]` (the FP8 down GEMM's activations).
+    /// inter]` (the FP8 down GEMM's activations, pairs in `f16_pair_slot` order).
     pub fn silu_mul_f16(
         &self,
         gu: DevPtr,
@@ -665,10 +666,10 @@ mod tests {
             // Two blocks must fit a multiprocessor (227 KiB on sm_90).
             assert!(2 * t.smem_bytes(fp8) <= 227 * 1024, "{t}");
         }
-        // moe.cu's STAGE for 64 x 128 x 64 in FP8: A 64 x 80 halves, W 128 x 80 bytes.
+        // moe.cu's STAGE for 64 x 128 x 64 in FP8: A 64 x 72 halves, W 128 x 80 bytes.
         assert_eq!(
             tile(64, 128, 64, 4, 2).smem_bytes(true),
-            4 * (64 * 80 * 2 + 128 * 80)
+            4 * (64 * 72 * 2 + 128 * 80)
         );
         assert_eq!(tile(64, 128, 64, 4, 2).threads(), 256);
         for bad in ["64x128x64", "64x128s4w2", "axbxcs1w1", "64x128x64s4"] {

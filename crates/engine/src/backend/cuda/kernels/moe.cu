@@ -148,10 +148,11 @@ __device__ __forceinline__ void cp_async_wait() {
 // [bn, bk] block ([E, N/bn, K/bk]), the activations f16 (moe_to_f16, moe_silu_mul_f16:
 // more mantissa than bf16, and e4m3 converts to f16 exactly in one instruction), the MMA in
 // f16 with fp32 accumulation; a tile lies in one block (BN | bn, BK | bk, checked by the
-// host), so each k-tile's partial sum takes its block's scale once, in fp32 (W8A16: no
-// activation quantisation). FP8 tiles read k in a permuted order, the same for A and W
+// host), so the partial sum of a scale block's k-tiles takes its scale once, in fp32 (W8A16:
+// no activation quantisation). FP8 tiles read k in a permuted order, the same for A and W
 // (MMA k 2t, 2t+1, 2t+8, 2t+9 at stored k 4t .. 4t+3), so a lane's B fragment is one
-// 4-byte read and two conversions. Tiles stream global -> shared memory by cp.async
+// 4-byte read and two conversions; the f16 activations are stored in that order
+// (f16_pair_slot), so ldmatrix loads their A fragments. Tiles stream global -> shared memory by cp.async
 // through NST stages in dynamic shared memory (the host sizes it: MoeTile::smem_bytes;
 // the weights as stored: decode is bound by their stream, so FP8 halves it). 4 * WM warps:
 // four side by side over the columns, WM over the rows (BM / WM rows each), so every
@@ -164,7 +165,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
                                          int n_rows, int top_k, int N, int K, int bn, int bk) {
     constexpr int THREADS = 128 * WM;
     constexpr int WB = FP8 ? 1 : 2;      // bytes per weight
-    constexpr int AS = BK + (FP8 ? 16 : 8);  // A row stride, elements (conflict-free fragments)
+    constexpr int AS = BK + 8;           // A row stride, elements (conflict-free ldmatrix / fragments)
     constexpr int WS = BK * WB + 16;     // W row stride, bytes (conflict-free fragments)
     constexpr int A_BYTES = BM * AS * 2;
     constexpr int STAGE = A_BYTES + BN * WS;
@@ -200,27 +201,48 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     const unsigned char* wexp = (const unsigned char*)wv + (size_t)e * N * K * WB;
     const int kb = (K + bk - 1) / bk;
     const float* sc = FP8 ? scales + ((size_t)e * ((N + bn - 1) / bn) + n0 / bn) * kb : nullptr;
-    const int nk = (K + BK - 1) / BK;
-    auto issue = [&](int kt) {
-        unsigned char* st = sm + (kt % NST) * STAGE;
+    const int nk = K / BK;  // K % BK == 0 (checked by the host)
+    // Each thread's cp.async chunks, worked out once: the copy's address arithmetic per
+    // k-tile was most of the instructions issued (Nsight Compute, 2026-12-03: 4.5 integer
+    // multiply-adds per MMA, issue-bound). Chunk i of a thread is chunk tid + i * THREADS;
+    // its shared destination and (for W) its source step by constants, A's source row is
+    // gathered once into an element offset; a k-tile then adds k0 (A) or kt * N * BK
+    // weights (W: tiled storage, moe_kernels::tiled_offset, puts weight row n of k-tile kt
+    // at (kt * N + n) * BK).
+    constexpr int A_PER = (A_CH + THREADS - 1) / THREADS;
+    constexpr int W_PER = (W_CH + THREADS - 1) / THREADS;
+    constexpr int A_RSTEP = THREADS / (BK / 8);  // rows between a thread's A chunks
+    constexpr int W_RSTEP = THREADS / W_CPR;     // weight rows between its W chunks
+    static_assert(THREADS % (BK / 8) == 0 && THREADS % W_CPR == 0, "chunks keep their column");
+    unsigned a_off[A_PER];
+    bool a_ok[A_PER];
+    const int a_r0 = tid / (BK / 8), a_kc = (tid % (BK / 8)) * 8;
+#pragma unroll
+    for (int i = 0; i < A_PER; i++) {
+        const int r = a_r0 + i * A_RSTEP;
+        const int row = (r < BM && tid + i * THREADS < A_CH) ? arow[r] : -1;
+        a_ok[i] = row >= 0;
+        a_off[i] = a_ok[i] ? (unsigned)row * (unsigned)K + a_kc : 0u;
+    }
+    const int a_dst = (a_r0 * AS + a_kc) * 2;
+    const int w_n0 = tid / W_CPR, w_cb = (tid % W_CPR) * 16;
+    const unsigned char* w_src = wexp + (size_t)(n0 + w_n0) * BK * WB + w_cb;
+    const size_t w_kstep = (size_t)N * BK * WB;
+    const int w_dst = A_BYTES + w_n0 * WS + w_cb;
+    auto issue = [&](int kt, int stage) {
+        unsigned char* st = sm + stage * STAGE;
         const int k0 = kt * BK;
-        for (int c = tid; c < A_CH; c += THREADS) {
-            int r = c / (BK / 8), kc = (c % (BK / 8)) * 8;
-            int row = arow[r];
-            bool ok = row >= 0 && k0 + kc < K;
-            const bf16* src = ok ? a + (size_t)row * K + k0 + kc : a;
-            cp_async16(st + (r * AS + kc) * 2, src, ok);
+#pragma unroll
+        for (int i = 0; i < A_PER; i++) {
+            if (A_CH % THREADS != 0 && tid + i * THREADS >= A_CH) break;
+            cp_async16(st + a_dst + i * A_RSTEP * AS * 2, a + (a_ok[i] ? a_off[i] + k0 : 0u), a_ok[i]);
         }
-        // The weights are stored tiled (moe_kernels::tiled_offset): each k-tile of 32 rows
-        // is 32 * BK contiguous weights, and the row groups of one k-tile follow each
-        // other, so a stage reads one contiguous run of BN * BK weights.
-        for (int c = tid; c < W_CH; c += THREADS) {
-            int nn = c / W_CPR, cb = (c % W_CPR) * 16;
-            int n = n0 + nn;
-            bool ok = n < N;
-            size_t row = ((size_t)kt * (N / 32) + n / 32) * 32 + n % 32;
-            const unsigned char* src = ok ? wexp + row * BK * WB + cb : wexp;
-            cp_async16(st + A_BYTES + nn * WS + cb, src, ok);
+        const unsigned char* wk = w_src + kt * w_kstep;
+#pragma unroll
+        for (int i = 0; i < W_PER; i++) {
+            if (W_CH % THREADS != 0 && tid + i * THREADS >= W_CH) break;
+            const bool ok = n0 + w_n0 + i * W_RSTEP < N;
+            cp_async16(st + w_dst + i * W_RSTEP * WS, ok ? wk + (size_t)i * W_RSTEP * BK * WB : wexp, ok);
         }
     };
 
@@ -235,36 +257,47 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 
 #pragma unroll
     for (int s = 0; s < NST - 1; s++) {
-        if (s < nk) issue(s);
+        if (s < nk) issue(s, s);
         cp_async_commit();
     }
+    // FP8: the k-tiles of one scale block (bk / BK of them) sum into `part`, which takes
+    // the block's scale once; the next block's scale is loaded a block ahead.
+    const int kpb = FP8 ? bk / BK : 1;
+    int kin = 0, sb = 0;
+    float scale = FP8 ? sc[0] : 1.f;
+    if constexpr (FP8) {
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) part[m][j][q] = 0.f;
+    }
+    int stage = 0, next = NST - 1;  // the stage read now, the stage issued next
     for (int kt = 0; kt < nk; kt++) {
         cp_async_wait<NST - 2>();
         __syncthreads();
-        if (kt + NST - 1 < nk) issue(kt + NST - 1);
+        if (kt + NST - 1 < nk) issue(kt + NST - 1, next);
         cp_async_commit();
-        const bf16* as = (const bf16*)(sm + (kt % NST) * STAGE);
-        const unsigned char* ws = sm + (kt % NST) * STAGE + A_BYTES;
-        if constexpr (FP8) {
-#pragma unroll
-            for (int m = 0; m < MT; m++)
-#pragma unroll
-                for (int j = 0; j < NT; j++)
-#pragma unroll
-                    for (int q = 0; q < 4; q++) part[m][j][q] = 0.f;
-        }
+        next = next + 1 == NST ? 0 : next + 1;
+        const bf16* as = (const bf16*)(sm + stage * STAGE);
+        const unsigned char* ws = sm + stage * STAGE + A_BYTES;
+        stage = stage + 1 == NST ? 0 : stage + 1;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned af[MT][4];
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if constexpr (FP8) {
-                    const bf16* r0 = as + (r0w + m * 16 + g) * AS + kk + 4 * tg;
-                    uint2 lo = *(const uint2*)r0, hi = *(const uint2*)(r0 + 8 * AS);
-                    af[m][0] = lo.x;
-                    af[m][1] = hi.x;
-                    af[m][2] = lo.y;
-                    af[m][3] = hi.y;
+                    // The four 8x8 blocks (rows +0/+8, columns +0/+8) in fragment order: the
+                    // f16 activations are stored permuted (f16_pair_slot), so these are the
+                    // k of the permuted order, register for register, with no moves.
+                    const bf16* r0 = as + (r0w + m * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * AS + kk +
+                                     (lane >> 4) * 8;
+                    unsigned sa = (unsigned)__cvta_generic_to_shared(r0);
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                                 : "=r"(af[m][0]), "=r"(af[m][1]), "=r"(af[m][2]), "=r"(af[m][3])
+                                 : "r"(sa));
                 } else {
                     const bf16* r0 = as + (r0w + m * 16 + g) * AS + kk + 2 * tg;
                     af[m][0] = *(const unsigned*)r0;
@@ -273,11 +306,27 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
                     af[m][3] = *(const unsigned*)(r0 + 8 * AS + 8);
                 }
             }
+            // FP8 with whole groups of four column tiles: one ldmatrix gives the 4-byte reads
+            // of four (row g of tile j, bytes kk + 4 tg ..) at once.
+            constexpr bool B_LDSM = FP8 && NT % 4 == 0;
+            unsigned bx[B_LDSM ? NT : 1];
+            if constexpr (B_LDSM) {
+#pragma unroll
+                for (int j0 = 0; j0 < NT; j0 += 4) {
+                    const unsigned char* wl = ws + (wc * WCOLS + (j0 + (lane >> 3)) * 8 + (lane & 7)) * WS + kk;
+                    unsigned sa = (unsigned)__cvta_generic_to_shared(wl);
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                                 : "=r"(bx[j0]), "=r"(bx[j0 + 1]), "=r"(bx[j0 + 2]), "=r"(bx[j0 + 3])
+                                 : "r"(sa));
+                }
+            }
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 const unsigned char* wr = ws + (wc * WCOLS + j * 8 + g) * WS;
                 if constexpr (FP8) {
-                    unsigned x = *(const unsigned*)(wr + kk + 4 * tg);
+                    unsigned x;
+                    if constexpr (B_LDSM) x = bx[j];
+                    else x = *(const unsigned*)(wr + kk + 4 * tg);
                     unsigned b0 = e4m3x2_to_f16x2((unsigned short)(x & 0xffff));
                     unsigned b1 = e4m3x2_to_f16x2((unsigned short)(x >> 16));
 #pragma unroll
@@ -291,13 +340,19 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
             }
         }
         if constexpr (FP8) {
-            float s = sc[kt * BK / bk];
+            if (++kin == kpb || kt + 1 == nk) {
 #pragma unroll
-            for (int m = 0; m < MT; m++)
+                for (int m = 0; m < MT; m++)
 #pragma unroll
-                for (int j = 0; j < NT; j++)
+                    for (int j = 0; j < NT; j++)
 #pragma unroll
-                    for (int q = 0; q < 4; q++) acc[m][j][q] += part[m][j][q] * s;
+                        for (int q = 0; q < 4; q++) {
+                            acc[m][j][q] += part[m][j][q] * scale;
+                            part[m][j][q] = 0.f;
+                        }
+                kin = 0;
+                if (++sb < kb) scale = sc[sb];
+            }
         }
     }
     cp_async_wait<0>();
@@ -339,22 +394,33 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     MOE_GEMM(moe_gemm_up_##kind##_##BM##x##BN##x##BK##s##NST##w##WM, BM, BN, BK, NST, WM, FP8, false) \
     MOE_GEMM(moe_gemm_down_##kind##_##BM##x##BN##x##BK##s##NST##w##WM, BM, BN, BK, NST, WM, FP8, true)
 
-// in (bf16) -> out (f16, clamped to its finite range), n even: the FP8 GEMMs' activations.
+// Where the FP8 GEMMs' f16 activations keep pair i (elements 2i, 2i + 1) of a row: within
+// each 16 elements, the pairs of k 4t, 4t + 1 first (t = 0..3), then those of 4t + 2, 4t + 3.
+// ldmatrix then hands a lane the k 4tg.. of its B fragment's 4-byte FP8 read (moe_gemm), in
+// the registers mma takes. Rows are multiples of 32 long (checked by the host), so the
+// groups of a flat index are those of its row.
+__device__ __forceinline__ int f16_pair_slot(int i) {
+    const int j = i & 7;
+    return (i & ~7) | ((j & 1) << 2) | (j >> 1);
+}
+
+// in (bf16) -> out (f16, clamped to its finite range, pairs at f16_pair_slot), n even: the
+// FP8 gate/up GEMM's activations.
 extern "C" __global__ void moe_to_f16(const bf16* __restrict__ in, unsigned* __restrict__ out, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (2 * i >= n) return;
     unsigned v = *(const unsigned*)(in + 2 * i);
-    out[i] = pack_f16x2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+    out[f16_pair_slot(i)] = pack_f16x2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
 }
 
-// silu_mul (engine.cu) with f16 output: SiLU(gate) * up of each choice's gate/up row, the
-// FP8 down GEMM's activations.
+// silu_mul (engine.cu) with f16 output (pairs at f16_pair_slot): SiLU(gate) * up of each
+// choice's gate/up row, the FP8 down GEMM's activations.
 extern "C" __global__ void moe_silu_mul_f16(const bf16* __restrict__ gu, unsigned* __restrict__ out, int inter,
                                             int total) {
     int idx = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (idx >= total) return;
     float2 o = silu_mul_pair(gu, inter, idx);
-    out[idx / 2] = pack_f16x2(o.x, o.y);
+    out[f16_pair_slot(idx / 2)] = pack_f16x2(o.x, o.y);
 }
 
 // out[t] = sum over j of y[t * k + j], in fp32 in j order (the block's output, which the
