@@ -576,6 +576,31 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+// Scores of one warp's 16 rows x FA_BK keys: scaled to base 2, then (MASK) -inf where a
+// key lies past the row (causal) or past the context; the rows' maxima (of this lane's
+// columns). Only a tile on the diagonal or at the context's end needs the mask: the
+// others skip its per-element comparisons (issue-bound kernel, 2026-12-03).
+template <bool MASK>
+__device__ __forceinline__ void fa_scale_mask(float (&sc)[FA_BK / 8][4], float scale_log2, bool diag, int k0,
+                                              int row0, int ctx, int g, int tg, float& mx0, float& mx1) {
+    const float NEG = __int_as_float(0xff800000);
+#pragma unroll
+    for (int n = 0; n < FA_BK / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float v = sc[n][e] * scale_log2;
+            if (MASK) {
+                int key = k0 + n * 8 + 2 * tg + (e & 1);
+                int row = row0 + g + (e >> 1) * 8;
+                if (diag && key > row) v = NEG;
+                if (key >= ctx) v = NEG;
+            }
+            sc[n][e] = v;
+        }
+        mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
+    }
+}
 // One block's work, shared by the two entry points below. PAGED = false: K/V of the
 // sequence's `len` tokens are rows s0.. of qkv and the sequence starts at position 0 (p0 =
 // 0). PAGED = true: the rows s0.. of qkv are a chunk of `len` tokens at positions p0..,
@@ -687,20 +712,10 @@ __device__ __forceinline__ void flash_attention_tile(
             // Scale, causal (where it is) and length mask, online softmax (rows g and g + 8 of the warp).
             float mx0 = NEG, mx1 = NEG;
             const bool diag = causal && k0 + FA_BK > p0 + qr;
-#pragma unroll
-            for (int n = 0; n < FA_BK / 8; n++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int key = k0 + n * 8 + 2 * tg + (e & 1);
-                    int row = p0 + qr + g + (e >> 1) * 8;
-                    float v = sc[n][e] * scale_log2;
-                    if (diag && key > row) v = NEG;
-                    if (key >= ctx) v = NEG;
-                    sc[n][e] = v;
-                }
-                mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
-                mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
-            }
+            if (diag || k0 + FA_BK > ctx)
+                fa_scale_mask<true>(sc, scale_log2, diag, k0, p0 + qr, ctx, g, tg, mx0, mx1);
+            else
+                fa_scale_mask<false>(sc, scale_log2, diag, k0, p0 + qr, ctx, g, tg, mx0, mx1);
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
