@@ -253,7 +253,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int q = 0; q < 4; q++) acc[m][j][q] = 0.f;
+            for (int q = 0; q < 4; q++) acc[m][j][q] = part[m][j][q] = 0.f;
 
 #pragma unroll
     for (int s = 0; s < NST - 1; s++) {
@@ -265,14 +265,6 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     const int kpb = FP8 ? bk / BK : 1;
     int kin = 0, sb = 0;
     float scale = FP8 ? sc[0] : 1.f;
-    if constexpr (FP8) {
-#pragma unroll
-        for (int m = 0; m < MT; m++)
-#pragma unroll
-            for (int j = 0; j < NT; j++)
-#pragma unroll
-                for (int q = 0; q < 4; q++) part[m][j][q] = 0.f;
-    }
     int stage = 0, next = NST - 1;  // the stage read now, the stage issued next
     for (int kt = 0; kt < nk; kt++) {
         cp_async_wait<NST - 2>();
