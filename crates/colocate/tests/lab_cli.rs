@@ -257,3 +257,43 @@ fn a_run_that_measures_no_co_located_condition_fails_and_lists_why() {
     assert!(out.join("report.md").exists(), "{stdout}\n{err}");
     assert!(stdout.contains("report: "), "{stdout}");
 }
+
+/// A resume may raise a run's repetitions (the dry run lists what is then left: every
+/// condition's new repetitions and the ones never measured) but not lower them, and a dry
+/// run writes nothing.
+#[test]
+fn a_resume_raises_the_repetitions_but_never_lowers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = root().join("docs/results/2026-12-01-h200-seeds-vllm/results.json");
+    let mut r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    r["experiment"]["repetitions"] = 1.into();
+    let measured = r["conditions"].as_array().unwrap().len();
+    let file = dir.path().join("results.json");
+    let text_before = serde_json::to_string_pretty(&r).unwrap();
+    std::fs::write(&file, &text_before).unwrap();
+    let d = dir.path().to_str().unwrap();
+
+    let o = lab(&["run", "--resume", d, "--repetitions", "3", "--dry-run"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        err.contains("2 more repetition(s) of every condition"),
+        "{err}"
+    );
+    // 27 conditions x 3, less those measured once
+    let left = 27 * 3 - measured;
+    assert!(out.contains(&format!("{left} conditions")), "{out}");
+    assert!(out.contains("x 3 repetitions"), "{out}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text_before);
+
+    r["experiment"]["repetitions"] = 2.into();
+    std::fs::write(&file, serde_json::to_string_pretty(&r).unwrap()).unwrap();
+    let o = lab(&["run", "--resume", d, "--repetitions", "1", "--dry-run"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}\n{err}");
+    assert!(
+        err.contains("--repetitions 1: the run has 2") && !err.contains("panicked"),
+        "{err}"
+    );
+}
