@@ -152,8 +152,8 @@ __device__ __forceinline__ void cp_async_wait() {
 // no activation quantisation). FP8 tiles read k in a permuted order, the same for A and W
 // (MMA k 2t, 2t+1, 2t+8, 2t+9 at stored k 4t .. 4t+3), so a lane's B fragment is one
 // 4-byte read and two conversions; the f16 activations are stored in that order
-// (f16_pair_slot), so ldmatrix loads their A fragments. Tiles stream global -> shared memory by cp.async
-// through NST stages in dynamic shared memory (the host sizes it: MoeTile::smem_bytes;
+// (f16_pair_slot), so ldmatrix loads their A fragments. Tiles stream global -> shared
+// memory by cp.async through NST stages in dynamic shared memory (the host sizes it: MoeTile::smem_bytes;
 // the weights as stored: decode is bound by their stream, so FP8 halves it). 4 * WM warps:
 // four side by side over the columns, WM over the rows (BM / WM rows each), so every
 // weight is converted WM times per block; WM = 2 halves the accumulators of a tall tile.
