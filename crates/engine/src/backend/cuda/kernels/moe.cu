@@ -111,11 +111,13 @@ extern "C" __global__ void moe_align(const int* __restrict__ ids, int n, int exp
     for (int i = threadIdx.x; i < n; i += blockDim.x) sorted[atomicAdd(&cur[ids[i]], 1)] = i;
 }
 
-// 2 e4m3 (the low byte to the low half) -> 2 f16, exactly: one instruction on sm_89+.
-__device__ __forceinline__ unsigned e4m3x2_to_f16x2(unsigned short x) {
-    unsigned r;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(r) : "h"(x));
-    return r;
+// 4 e4m3 (a 4-byte read) -> the f16x2 of bytes 0-1 (the low byte to the low half) and of
+// bytes 2-3, exactly: one instruction each on sm_89+. The halves are split by mov (register
+// halves), so the high one needs no shift before its conversion.
+__device__ __forceinline__ void e4m3x4_to_f16x2x2(unsigned x, unsigned& lo, unsigned& hi) {
+    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+        : "=r"(lo), "=r"(hi)
+        : "r"(x));
 }
 // Two floats -> f16x2 (lo in the low half), clamped to f16's finite range.
 __device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) {
@@ -319,8 +321,8 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
                     unsigned x;
                     if constexpr (B_LDSM) x = bx[j];
                     else x = *(const unsigned*)(wr + kk + 4 * tg);
-                    unsigned b0 = e4m3x2_to_f16x2((unsigned short)(x & 0xffff));
-                    unsigned b1 = e4m3x2_to_f16x2((unsigned short)(x >> 16));
+                    unsigned b0, b1;
+                    e4m3x4_to_f16x2x2(x, b0, b1);
 #pragma unroll
                     for (int m = 0; m < MT; m++) mma_f16(part[m][j], af[m], b0, b1);
                 } else {
