@@ -208,9 +208,9 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     // k-tile was most of the instructions issued (Nsight Compute, 2026-12-03: 4.5 integer
     // multiply-adds per MMA, issue-bound). Chunk i of a thread is chunk tid + i * THREADS;
     // its shared destination and (for W) its source step by constants, A's source row is
-    // gathered once into an element offset; a k-tile then adds k0 (A) or kt * N * BK
-    // weights (W: tiled storage, moe_kernels::tiled_offset, puts weight row n of k-tile kt
-    // at (kt * N + n) * BK).
+    // gathered once into an element offset; each k-tile then adds BK to A's offsets and
+    // N * BK weights to W's pointer (tiled storage, moe_kernels::tiled_offset, puts weight
+    // row n of k-tile kt at (kt * N + n) * BK).
     constexpr int A_PER = (A_CH + THREADS - 1) / THREADS;
     constexpr int W_PER = (W_CH + THREADS - 1) / THREADS;
     constexpr int A_RSTEP = THREADS / (BK / 8);  // rows between a thread's A chunks
@@ -228,24 +228,29 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     }
     const int a_dst = (a_r0 * AS + a_kc) * 2;
     const int w_n0 = tid / W_CPR, w_cb = (tid % W_CPR) * 16;
-    const unsigned char* w_src = wexp + (size_t)(n0 + w_n0) * BK * WB + w_cb;
+    bool w_ok[W_PER];
+#pragma unroll
+    for (int i = 0; i < W_PER; i++) w_ok[i] = n0 + w_n0 + i * W_RSTEP < N;
     const size_t w_kstep = (size_t)N * BK * WB;
     const int w_dst = A_BYTES + w_n0 * WS + w_cb;
-    auto issue = [&](int kt, int stage) {
+    // The k-tile the next issue() loads: calls come in k-tile order, one each.
+    const unsigned char* w_next = wexp + (size_t)(n0 + w_n0) * BK * WB + w_cb;
+    unsigned a_k = 0;
+    auto issue = [&](int stage) {
         unsigned char* st = sm + stage * STAGE;
-        const int k0 = kt * BK;
 #pragma unroll
         for (int i = 0; i < A_PER; i++) {
             if (A_CH % THREADS != 0 && tid + i * THREADS >= A_CH) break;
-            cp_async16(st + a_dst + i * A_RSTEP * AS * 2, a + (a_ok[i] ? a_off[i] + k0 : 0u), a_ok[i]);
+            cp_async16(st + a_dst + i * A_RSTEP * AS * 2, a + (a_ok[i] ? a_off[i] + a_k : 0u), a_ok[i]);
         }
-        const unsigned char* wk = w_src + kt * w_kstep;
 #pragma unroll
         for (int i = 0; i < W_PER; i++) {
             if (W_CH % THREADS != 0 && tid + i * THREADS >= W_CH) break;
-            const bool ok = n0 + w_n0 + i * W_RSTEP < N;
-            cp_async16(st + w_dst + i * W_RSTEP * WS, ok ? wk + (size_t)i * W_RSTEP * BK * WB : wexp, ok);
+            cp_async16(st + w_dst + i * W_RSTEP * WS, w_ok[i] ? w_next + (size_t)i * W_RSTEP * BK * WB : wexp,
+                       w_ok[i]);
         }
+        w_next += w_kstep;
+        a_k += BK;
     };
 
     float acc[MT][NT][4];
@@ -259,7 +264,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 
 #pragma unroll
     for (int s = 0; s < NST - 1; s++) {
-        if (s < nk) issue(s, s);
+        if (s < nk) issue(s);
         cp_async_commit();
     }
     // FP8: the k-tiles of one scale block (bk / BK of them) sum into `part`, which takes
@@ -271,7 +276,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     for (int kt = 0; kt < nk; kt++) {
         cp_async_wait<NST - 2>();
         __syncthreads();
-        if (kt + NST - 1 < nk) issue(kt + NST - 1, next);
+        if (kt + NST - 1 < nk) issue(next);
         cp_async_commit();
         next = next + 1 == NST ? 0 : next + 1;
         const bf16* as = (const bf16*)(sm + stage * STAGE);
