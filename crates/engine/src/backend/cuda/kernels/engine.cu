@@ -737,8 +737,12 @@ __device__ __forceinline__ void flash_attention_tile(
                 pa[n / 2][(n & 1) * 2 + 1] = pack_bf16x2(p2, p3);
             }
             l0 = l0 * c0 + ps0; l1 = l1 * c1 + ps1;
+            // Once the rows' maxima settle (most tiles of a long prompt), c0 = c1 = 1 exactly
+            // in every lane: the warp skips rescaling its accumulators (the same values).
+            if (__any_sync(0xffffffff, c0 != 1.f || c1 != 1.f)) {
 #pragma unroll
-            for (int n = 0; n < ND; n++) { o[n][0] *= c0; o[n][1] *= c0; o[n][2] *= c1; o[n][3] *= c1; }
+                for (int n = 0; n < ND; n++) { o[n][0] *= c0; o[n][1] *= c0; o[n][2] *= c1; o[n][3] *= c1; }
+            }
             // O += P V: V rows (keys) are the k dimension; ldmatrix.trans gives B fragments.
 #pragma unroll
             for (int c = 0; c < FA_BK / 16; c++) {
