@@ -14,7 +14,9 @@
 # `--repetitions`), ONLY="A B"
 # (new and resumed runs measure only the conditions whose id contains A or B: `--only`,
 # which a run folder does not keep), GPUS=N
-# (the studies need N GPUs: stop at once on a machine with fewer, before any engine starts).
+# (the studies need N GPUs: stop at once on a machine with fewer, before any engine starts),
+# VLLM_CACHE=FILE (vLLM's compile caches saved by scripts/gpu/vllm-cache.sh, restored before
+# the first start: about a minute of each cold vLLM start; carry .vllm/vllm-cache.tgz).
 # Two GPUs (issue 19, device kind nvidia-h200-x2), e.g. the four TP layouts:
 #   GPUS=2 LIMIT=560 LAB_ARGS="--repetitions 1 --warmup 15s --duration 30s" \
 #       scripts/gpu/lab-study.sh examples/h200x2-tp2.toml:h200x2-tp2
@@ -32,6 +34,9 @@ if [ "$have" -gt 1 ]; then nvidia-smi topo -m >> "$OUT/device.txt" 2>&1; fi
 if [ -n "${GPUS:-}" ] && [ "$have" -lt "$GPUS" ]; then
   echo "lab-study: these studies need $GPUS GPUs and this machine has $have (use the nvidia-h200-x$GPUS kind)" | tee -a "$OUT/device.txt" >&2
   exit 2
+fi
+if [ -n "${VLLM_CACHE:-}" ]; then
+  "$(dirname "$0")/vllm-cache.sh" restore "$VLLM_CACHE" || echo "lab-study: no compile cache restored; vLLM starts cold"
 fi
 for spec in "$@"; do
   exp=${spec%%:*}; name=${spec##*:}; run=$BIN/runs/$name
