@@ -504,12 +504,7 @@ mod tests {
         ];
         let mut builder = StepBuilder::default();
         let meta = builder.paged(&seqs, &[], 8, 64, 1000).unwrap();
-        let o = CudaOptions {
-            max_tokens: 256,
-            max_seqs: 4,
-            max_model_len: 320,
-            ..opts()
-        };
+        let o = prompt_step_opts();
         let lay = StepLayout::new(256, 4, 40, SPLIT).with_flash_prefill(16);
         let mut m = Vec::new();
         let packed = pack(&mut m, &meta, 0, lay, &o).unwrap();
@@ -517,13 +512,12 @@ mod tests {
             (packed.tokens, packed.tiles, packed.flash_tiles),
             (154, 2, 3)
         );
-        let at = |off: usize, n: usize| m[off..off + n].to_vec();
         // The decode token (row 0) and the 3-token chunk (rows 151..154) keep 8-query tiles.
-        assert_eq!(at(lay.tile_start, 2), [0, 151]);
-        assert_eq!(at(lay.tile_len, 2), [1, 3]);
+        assert_eq!(at_m(&m, lay.tile_start, 2), [0, 151]);
+        assert_eq!(at_m(&m, lay.tile_len, 2), [1, 3]);
         // The 150-token chunk at positions 30.. of sequence 1 starts at row 1: 64 + 64 + 22.
         assert_eq!(
-            at(lay.flash, 15),
+            at_m(&m, lay.flash, 15),
             [1, 0, 150, 30, 1, 1, 64, 150, 30, 1, 1, 128, 150, 30, 1]
         );
         assert!(packed.flash_tiles <= StepLayout::flash_cap(256, 4));
@@ -548,6 +542,16 @@ mod tests {
         m[off..off + n].to_vec()
     }
 
+    /// The options of the steps that carry prompt chunks beside one-token sequences.
+    fn prompt_step_opts() -> CudaOptions {
+        CudaOptions {
+            max_tokens: 256,
+            max_seqs: 4,
+            max_model_len: 320,
+            ..opts()
+        }
+    }
+
     /// A prefill step whose one-token sequences sit between prompt chunks: each decode
     /// slot names its own token row, so the decode kernel reads and writes the right rows
     /// while the tiles take the chunks.
@@ -566,12 +570,7 @@ mod tests {
         let seqs = [step(&a, 0), step(&x, 40), step(&b, 3), step(&y, 99)];
         let mut builder = StepBuilder::default();
         let meta = builder.paged(&seqs, &[], 8, 64, 1000).unwrap();
-        let o = CudaOptions {
-            max_tokens: 256,
-            max_seqs: 4,
-            max_model_len: 320,
-            ..opts()
-        };
+        let o = prompt_step_opts();
         let lay = StepLayout::new(256, 4, 40, SPLIT)
             .with_flash_prefill(16)
             .with_mixed_decode(true);
