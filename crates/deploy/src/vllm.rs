@@ -328,16 +328,22 @@ pub fn version_from_output(stdout: &str) -> Result<(String, VllmVersion), String
 }
 
 /// Asks one installation for its version and its `serve` flags.
+/// Both commands run at once: each imports vLLM and torch, 10-30 s apiece.
 pub async fn probe(launcher: &[String], env: &[(String, String)]) -> anyhow::Result<Install> {
-    let mut argv = launcher.to_vec();
-    argv.push("--version".into());
-    let out = run_capture(&argv, env, PROBE_TIMEOUT).await?;
-    let shown = crate::adapters::shell_line(&[], &argv);
-    let (version_text, version) = version_from_output(&out)
-        .map_err(|e| anyhow::anyhow!("`{shown}`: {e}; is this vLLM's CLI?"))?;
+    let mut version_argv = launcher.to_vec();
+    version_argv.push("--version".into());
     let mut argv = launcher.to_vec();
     argv.extend(["serve".to_string(), "--help=all".to_string()]);
-    let help = run_capture(&argv, env, PROBE_TIMEOUT).await?;
+    let (out, help) = tokio::join!(
+        run_capture(&version_argv, env, PROBE_TIMEOUT),
+        run_capture(&argv, env, PROBE_TIMEOUT)
+    );
+    // a launcher that is not vLLM fails at `--version` first, whatever `serve` said
+    let out = out?;
+    let shown = crate::adapters::shell_line(&[], &version_argv);
+    let (version_text, version) = version_from_output(&out)
+        .map_err(|e| anyhow::anyhow!("`{shown}`: {e}; is this vLLM's CLI?"))?;
+    let help = help?;
     let flags = KnownFlags::parse_help(&help);
     if flags.len() < 10 {
         bail!(
@@ -382,27 +388,37 @@ impl Installs {
 /// environment) and checks each pinned `vllm_version` against it. No vLLM engine: no probe.
 pub async fn probe_all(spec: &DeploymentSpec) -> anyhow::Result<Installs> {
     // One probe per launcher and environment: engines sharing them share an installation.
-    type Reach = (Vec<String>, Vec<(String, String)>);
-    let mut cache: BTreeMap<Reach, Install> = BTreeMap::new();
+    // Distinct ones are asked at once, and each only once per process (`PROBED`).
+    let mut reaches: BTreeMap<Reach, usize> = BTreeMap::new();
+    for (i, e) in spec.engines.iter().enumerate() {
+        if e.kind == EngineKind::Vllm {
+            reaches.entry(reach(e)).or_insert(i);
+        }
+    }
+    let probes = reaches.iter().map(|(key, &i)| async move {
+        if let Some(found) = PROBED.lock().get(key) {
+            return Ok((key.clone(), found.clone()));
+        }
+        let found = probe(&key.0, &key.1).await.with_context(|| {
+            format!(
+                "engines[{i}].launcher ({}): asking vLLM",
+                spec.engines[i].name
+            )
+        })?;
+        PROBED.lock().insert(key.clone(), found.clone());
+        anyhow::Ok((key.clone(), found))
+    });
+    let found: BTreeMap<Reach, Install> = futures::future::try_join_all(probes)
+        .await?
+        .into_iter()
+        .collect();
     let mut installs = Installs::default();
     for (i, e) in spec.engines.iter().enumerate() {
         if e.kind != EngineKind::Vllm {
             continue;
         }
         let l = launcher(e);
-        let env: Vec<(String, String)> =
-            e.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let key = (l.clone(), env.clone());
-        let install = match cache.get(&key) {
-            Some(found) => found.clone(),
-            None => {
-                let found = probe(&l, &env)
-                    .await
-                    .with_context(|| format!("engines[{i}].launcher ({}): asking vLLM", e.name))?;
-                cache.insert(key, found.clone());
-                found
-            }
-        };
+        let install = found[&reach(e)].clone();
         if let Some(pin) = &e.vllm_version {
             let want = VllmVersion::parse(pin)
                 .map_err(|why| anyhow::anyhow!("engines[{i}].vllm_version: {why}"))?;
@@ -418,6 +434,21 @@ pub async fn probe_all(spec: &DeploymentSpec) -> anyhow::Result<Installs> {
     }
     Ok(installs)
 }
+
+/// How an engine reaches its vLLM: the launcher and the environment added to it.
+type Reach = (Vec<String>, Vec<(String, String)>);
+
+fn reach(e: &EngineSpec) -> Reach {
+    let env = e.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    (launcher(e), env)
+}
+
+/// What this process's probes found. A lab run starts a deployment for each group of
+/// conditions, and asking vLLM again each time cost ~100 s per start on the H200 machine;
+/// an installation is assumed not to change while one `colocate` runs. Failures are not
+/// kept: a fixed launcher is asked again.
+static PROBED: parking_lot::Mutex<BTreeMap<Reach, Install>> =
+    parking_lot::Mutex::new(BTreeMap::new());
 
 /// Checks every vLLM command line of a plan against the flags its installation knows.
 /// Errors list each unknown flag with the field it came from and a close known one.
@@ -691,6 +722,31 @@ mod tests {
             e.contains("engines[0].vllm_version: pinned 0.15 but") && e.contains("runs 0.26.0"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_installation_is_asked_once_per_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = fake_vllm(dir.path(), "0.26.0");
+        // the fake launcher, counting its runs
+        let calls = dir.path().join("calls");
+        let script = std::fs::read_to_string(&l[1]).unwrap();
+        std::fs::write(
+            &l[1],
+            format!("echo \"$1\" >> {}\n{script}", calls.display()),
+        )
+        .unwrap();
+        let spec = vllm_spec(l, None, &[]);
+        for _ in 0..3 {
+            plan_checked(&spec, None).await.unwrap();
+        }
+        let mut asked: Vec<String> = std::fs::read_to_string(&calls)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        asked.sort();
+        assert_eq!(asked, ["--version", "serve"]);
     }
 
     #[tokio::test]
