@@ -20,8 +20,8 @@ use crate::backend::cuda::executor::ForwardCtx;
 use crate::backend::cuda::gemm::OutType;
 use crate::backend::cuda::kernels::DevPtr;
 use crate::backend::cuda::moe_kernels::{
-    block_rows, compiled_tiles, sorted_len, tile_weight, ExpertFormat, GroupedGemm, MoeKernels,
-    MoeTile, Routing, MAX_EXPERTS,
+    compiled_tiles, sorted_len, tile_weight, ExpertFormat, GroupedGemm, MoeKernels, MoeTile,
+    Routing, TileLadder, MAX_EXPERTS,
 };
 use crate::backend::cuda::profile::Launcher;
 use crate::model::config::ModelConfig;
@@ -128,8 +128,8 @@ impl Scratch {
 pub(crate) struct CudaMoe {
     d: MoeDims,
     format: ExpertFormat,
-    /// Tiles for few and many rows per expert (`moe_kernels::block_rows` picks).
-    tiles: [MoeTile; 2],
+    /// The tiles a step picks from by its rows per expert.
+    tiles: TileLadder,
     /// One tile for every step instead (`set_tile`: the benchmark's sweeps).
     forced: Option<MoeTile>,
     sparse: Vec<bool>,
@@ -204,17 +204,17 @@ impl CudaMoe {
         }))
     }
 
-    /// Runs every step's grouped GEMMs in `tile` (`None`: the tile `block_rows` picks). A
+    /// Runs every step's grouped GEMMs in `tile` (`None`: the tile the ladder picks). A
     /// tile must be compiled for this storage, of its depth, and inside one FP8 block.
     pub(crate) fn set_tile(&mut self, tile: Option<MoeTile>) -> anyhow::Result<()> {
         if let Some(t) = tile {
             let fp8 = matches!(self.format, ExpertFormat::Fp8 { .. });
             let fits = self.format.fits(t);
-            if !compiled_tiles(fp8).any(|c| c == t) || t.bk != self.tiles[0].bk || !fits {
+            if !compiled_tiles(fp8).any(|c| c == t) || t.bk != self.tiles.depth() || !fits {
                 anyhow::bail!(
                     "MoE tile {t} does not fit these experts ({:?}, depth {}); compiled: {}",
                     self.format,
-                    self.tiles[0].bk,
+                    self.tiles.depth(),
                     compiled_tiles(fp8)
                         .map(|c| c.to_string())
                         .collect::<Vec<_>>()
@@ -291,7 +291,7 @@ impl CudaMoe {
             &st.bf16(&param_names(&format!("{p}.gate.weight")), e_n, h)?,
         )?;
         let name = |e: usize, w: &str| param_names(&format!("{p}.experts.{e}.{w}.weight"));
-        let bk = self.tiles[0].bk;
+        let bk = self.tiles.depth();
         let elem = self.format.bytes_per_weight();
         let w13 = DevBuf::alloc(dev, e_n * 2 * i * h * elem)?;
         let w2 = DevBuf::alloc(dev, e_n * h * i * elem)?;
@@ -356,10 +356,7 @@ impl CudaMoe {
     ) -> anyhow::Result<()> {
         let (d, s, mk) = (&self.d, &self.scratch, &self.kernels);
         let (t, k, e) = (tokens, d.top_k, d.experts);
-        let tile = self.forced.unwrap_or_else(|| {
-            let bm = block_rows(t, k, e);
-            self.tiles[usize::from(bm != self.tiles[0].bm)]
-        });
+        let tile = self.forced.unwrap_or_else(|| self.tiles.pick(t, k, e));
         let r = s.routing();
         let scales = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
         ops.op("gemm router", || {

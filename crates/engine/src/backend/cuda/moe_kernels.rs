@@ -1,6 +1,6 @@
 //! The mixture-of-experts kernels (`kernels/moe.cu`), compiled at start-up for MoE models
 //! only, and the rules their launches share with the buffers they read and write: which
-//! grouped-GEMM tile a step uses ([`ExpertFormat::tiles`], [`block_rows`]), how the expert
+//! grouped-GEMM tile a step uses ([`ExpertFormat::tiles`], [`TileLadder::pick`]), how the expert
 //! weights are laid out for them ([`tiled_offset`]) and how long the expert-sorted index is
 //! ([`sorted_len`]). Every grid is a function of the step's token
 //! count alone, so a decode bucket's launches are captured into its CUDA graph unchanged.
@@ -156,9 +156,9 @@ impl std::str::FromStr for MoeTile {
 /// [`instantiations`]): (FP8 weights, tile), each for gate/up and for down; the tiles
 /// [`ExpertFormat::tiles`] picks. Others swept on the H200 (2026-12-02, `scripts/gpu/moe-tiles.sh`:
 /// two row warps, 3-5 stages, 32 rows, W8A8 on FP8 MMAs) were not faster
-/// (docs/bench/cuda-moe.md); add one here to sweep it again. The FP8 32-row tile is here
-/// to be swept again after the kernel lost its per-k-tile bookkeeping (2026-12-03): at 25-48
-/// rows per expert it pads less than the 64-row one and keeps four blocks a multiprocessor.
+/// (docs/bench/cuda-moe.md); add one here to sweep it again. The FP8 32-row tile, swept
+/// again after the kernel lost its per-k-tile bookkeeping (2026-12-03), won from 16 to 32
+/// rows per expert and is the middle of the FP8 ladder.
 const COMPILED: [(bool, MoeTile); 9] = [
     (false, tile(16, 128, 64, 2, 1)),
     (false, tile(64, 64, 64, 2, 1)),
@@ -196,14 +196,34 @@ fn gemm_name(fp8: bool, t: MoeTile, down: bool) -> String {
     )
 }
 
-/// The grouped GEMM's rows per block for a step of `tokens` tokens: 16 while the experts
-/// get few rows each (decode: one block per expert, little padding), 64 once they get
-/// more than 24 on average (fewer blocks re-reading the same expert's weights).
-pub fn block_rows(tokens: usize, top_k: usize, experts: usize) -> usize {
-    if tokens * top_k <= 24 * experts {
-        16
-    } else {
-        64
+/// The grouped-GEMM tiles of one expert storage, shortest blocks first, each with the most
+/// rows per expert (a step's choices over the experts, on average) it is picked for: short
+/// blocks pad little when experts get few rows (decode), tall ones re-read each expert's
+/// weights fewer times when they get many (prefill). [`ExpertFormat::tiles`] builds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TileLadder(Vec<(MoeTile, usize)>);
+
+impl TileLadder {
+    /// The tile for a step of `tokens` tokens choosing `top_k` of `experts` experts: the
+    /// first whose limit the step's rows per expert stay within, else the tallest.
+    pub fn pick(&self, tokens: usize, top_k: usize, experts: usize) -> MoeTile {
+        let rows = tokens * top_k;
+        self.0
+            .iter()
+            .find(|&&(_, up_to)| rows <= up_to.saturating_mul(experts))
+            .or(self.0.last())
+            .map(|&(t, _)| t)
+            .expect("a ladder has a tile")
+    }
+
+    /// Every tile of the ladder, shortest first.
+    pub fn tiles(&self) -> impl Iterator<Item = MoeTile> + '_ {
+        self.0.iter().map(|&(t, _)| t)
+    }
+
+    /// The reduction depth all its tiles share (the weights' tiled layout, [`tiled_offset`]).
+    pub fn depth(&self) -> usize {
+        self.0[0].0.bk
     }
 }
 
@@ -242,31 +262,40 @@ impl ExpertFormat {
         }
     }
 
-    /// The (few rows, many rows) tiles of this storage for experts with `[inter, hidden]`
-    /// gate/up and `[hidden, inter]` down weights, both of one depth `bk` (the weights'
-    /// tiled layout, [`tiled_offset`]): 64 where the shapes (and FP8 blocks) allow, else 32.
-    /// An FP8 tile must lie inside one scale block ([`Self::fits`]), and gate and up
-    /// (concatenated) must each be whole blocks; shapes the kernels cannot take are an error
-    /// naming the reason. The tiles: 16 x 128 for a few rows per expert (decode), 64 x 64 for
-    /// many (64 x 128 for FP8: each block re-reads its 64 activation rows, so wider blocks
-    /// read them fewer times); three stages for the 16-row FP8 tile and the narrow FP8 ones,
-    /// two for bf16 and the 64 x 128 FP8 tile; 16/64 x 32 x 32 where the shapes or FP8
+    /// The tiles of this storage ([`TileLadder`]) for experts with `[inter, hidden]` gate/up
+    /// and `[hidden, inter]` down weights, all of one depth `bk` (the weights' tiled layout,
+    /// [`tiled_offset`]): 64 where the shapes (and FP8 blocks) allow, else 32. An FP8 tile
+    /// must lie inside one scale block ([`Self::fits`]), and gate and up (concatenated) must
+    /// each be whole blocks; shapes the kernels cannot take are an error naming the reason.
+    ///
+    /// FP8 in 128 x 128 blocks (Qwen3-30B-A3B-FP8) climbs three tiles, as the H200 sweep of
+    /// 2026-12-03 ranked them (docs/bench/cuda-moe.md; decode step of the 30B at 4, 16 and 32
+    /// rows per expert, prefill at 120 to 960): 16 x 128 up to 12 rows per expert (13.00 ms
+    /// against 13.08 for 32 rows at 4), 32 x 128 up to 48 (16.27 against 18.68 ms at 16,
+    /// 24.17 against 25.34 for 64 rows at 32), 64 x 128 above (186 against 203 ms a prefill
+    /// round at 120). The limits 12 and 48 lie between measured points. bf16 keeps 16 x 128
+    /// up to 24 rows per expert, then 64 x 64; 16/64 x 32 x 32 where the shapes or FP8
     /// blocks are multiples of 32 only (the tiny test checkpoints).
-    pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<[MoeTile; 2]> {
+    pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<TileLadder> {
         if !hidden.is_multiple_of(32) || !inter.is_multiple_of(32) {
             bail!("the CUDA MoE kernels need hidden_size ({hidden}) and moe_intermediate_size ({inter}) to be multiples of 32");
         }
-        let wide = [tile(16, 128, 64, 2, 1), tile(64, 64, 64, 2, 1)];
-        let narrow = |s| [tile(16, 32, 32, s, 1), tile(64, 32, 32, s, 1)];
+        let two = |few, many| TileLadder(vec![(few, 24), (many, usize::MAX)]);
+        let narrow = |s| two(tile(16, 32, 32, s, 1), tile(64, 32, 32, s, 1));
         let deep = hidden.is_multiple_of(64) && inter.is_multiple_of(64);
         match *self {
-            ExpertFormat::Bf16 => Ok(if deep { wide } else { narrow(2) }),
+            ExpertFormat::Bf16 if deep => Ok(two(tile(16, 128, 64, 2, 1), tile(64, 64, 64, 2, 1))),
+            ExpertFormat::Bf16 => Ok(narrow(2)),
             ExpertFormat::Fp8 { block: [br, bc] } => {
                 if !inter.is_multiple_of(br) {
                     bail!("FP8 blocks of {br} rows do not divide moe_intermediate_size {inter}: gate and up would share a block");
                 }
                 if deep && br.is_multiple_of(128) && bc.is_multiple_of(64) {
-                    Ok([tile(16, 128, 64, 3, 1), tile(64, 128, 64, 2, 1)])
+                    Ok(TileLadder(vec![
+                        (tile(16, 128, 64, 3, 1), 12),
+                        (tile(32, 128, 64, 3, 1), 48),
+                        (tile(64, 128, 64, 2, 1), usize::MAX),
+                    ]))
                 } else if br.is_multiple_of(32) && bc.is_multiple_of(32) {
                     Ok(narrow(3))
                 } else {
@@ -550,25 +579,29 @@ mod tests {
     fn tiles_follow_the_weight_storage() {
         let t = |s: &str| s.parse::<MoeTile>().unwrap();
         // Qwen3-30B-A3B: bf16, or FP8 in 128 x 128 blocks, take the wide tiles.
-        let wide = [t("16x128x64s2w1"), t("64x64x64s2w1")];
-        assert_eq!(ExpertFormat::Bf16.tiles(2048, 768).unwrap(), wide);
+        let names = |l: TileLadder| l.tiles().map(|t| t.to_string()).collect::<Vec<_>>();
+        let bf16 = ExpertFormat::Bf16;
+        assert_eq!(
+            names(bf16.tiles(2048, 768).unwrap()),
+            ["16x128x64s2w1", "64x64x64s2w1"]
+        );
         let fp8 = ExpertFormat::Fp8 { block: [128, 128] };
         assert_eq!(
-            fp8.tiles(2048, 768).unwrap(),
-            [t("16x128x64s3w1"), t("64x128x64s2w1")]
+            names(fp8.tiles(2048, 768).unwrap()),
+            ["16x128x64s3w1", "32x128x64s3w1", "64x128x64s2w1"]
         );
         // The tiny FP8 fixture's 32 x 32 blocks.
         let small = ExpertFormat::Fp8 { block: [32, 32] };
         assert_eq!(
-            small.tiles(64, 32).unwrap(),
-            [t("16x32x32s3w1"), t("64x32x32s3w1")]
+            names(small.tiles(64, 32).unwrap()),
+            ["16x32x32s3w1", "64x32x32s3w1"]
         );
         // Every tile's BN divides the block rows and BK the block columns.
         for f in [fp8, small] {
             let ExpertFormat::Fp8 { block } = f else {
                 unreachable!()
             };
-            for tile in f.tiles(2048, 768).unwrap() {
+            for tile in f.tiles(2048, 768).unwrap().tiles() {
                 assert_eq!(block[0] % tile.bn, 0);
                 assert_eq!(block[1] % tile.bk, 0);
                 assert!(f.fits(tile));
@@ -585,15 +618,16 @@ mod tests {
         assert!(ExpertFormat::Bf16.tiles(2048, 760).is_err());
         // bf16 experts of 32 (the tiny fixture) take the narrow tiles; both tiles of a
         // storage have one depth, the tiled layout's.
-        assert_eq!(
-            ExpertFormat::Bf16.tiles(64, 32).unwrap()[0],
-            t("16x32x32s2w1")
-        );
-        for f in [ExpertFormat::Bf16, fp8, small] {
+        assert_eq!(bf16.tiles(64, 32).unwrap().pick(1, 2, 4), t("16x32x32s2w1"));
+        for f in [bf16, fp8, small] {
             for (h, i) in [(2048, 768), (64, 32), (256, 128)] {
-                if let Ok([a, b]) = f.tiles(h, i) {
-                    assert_eq!(a.bk, b.bk, "{f:?} {h} {i}");
-                    assert!(h % a.bk == 0 && i % a.bk == 0);
+                if let Ok(ladder) = f.tiles(h, i) {
+                    let bk = ladder.depth();
+                    assert!(ladder.tiles().all(|t| t.bk == bk), "{f:?} {h} {i}");
+                    assert!(h % bk == 0 && i % bk == 0);
+                    // shortest blocks first
+                    let bms: Vec<usize> = ladder.tiles().map(|t| t.bm).collect();
+                    assert!(bms.windows(2).all(|w| w[0] < w[1]), "{bms:?}");
                 }
             }
         }
@@ -644,9 +678,9 @@ mod tests {
         ];
         for f in formats {
             for (h, i) in [(2048, 768), (64, 32), (256, 128), (96, 64)] {
-                let Ok(tiles) = f.tiles(h, i) else { continue };
+                let Ok(ladder) = f.tiles(h, i) else { continue };
                 let fp8 = matches!(f, ExpertFormat::Fp8 { .. });
-                for t in tiles {
+                for t in ladder.tiles() {
                     assert!(COMPILED.contains(&(fp8, t)), "{f:?} {h} {i}: {t:?}");
                 }
             }
@@ -683,11 +717,21 @@ mod tests {
 
     #[test]
     fn decode_steps_take_short_blocks_and_prefill_long_ones() {
-        // 128 experts, top 8: up to 384 tokens average at most 24 rows per expert.
-        assert_eq!(block_rows(1, 8, 128), 16);
-        assert_eq!(block_rows(384, 8, 128), 16);
-        assert_eq!(block_rows(385, 8, 128), 64);
-        assert_eq!(block_rows(8192, 8, 128), 64);
+        // 128 experts, top 8: rows per expert = tokens / 16.
+        let bm = |f: ExpertFormat, tokens| f.tiles(2048, 768).unwrap().pick(tokens, 8, 128).bm;
+        let fp8 = ExpertFormat::Fp8 { block: [128, 128] };
+        // FP8: 16 rows up to 12 per expert, 32 up to 48, then 64
+        for (tokens, rows) in [(1, 16), (64, 16), (192, 16), (193, 32), (512, 32)] {
+            assert_eq!(bm(fp8, tokens), rows, "{tokens} tokens");
+        }
+        for (tokens, rows) in [(768, 32), (769, 64), (8192, 64), (usize::MAX / 8, 64)] {
+            assert_eq!(bm(fp8, tokens), rows, "{tokens} tokens");
+        }
+        // bf16: 16 rows up to 24 per expert, then 64
+        let bf16 = ExpertFormat::Bf16;
+        for (tokens, rows) in [(1, 16), (384, 16), (385, 64), (8192, 64)] {
+            assert_eq!(bm(bf16, tokens), rows, "{tokens} tokens");
+        }
     }
 
     /// The sorted index holds every choice plus the worst-case padding (each expert one
