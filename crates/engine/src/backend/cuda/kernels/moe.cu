@@ -129,11 +129,25 @@ __device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) {
     return r;
 }
 
-// 16 bytes global -> shared without registers (zero-filled when !valid).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+// 16 bytes global -> shared (at shared-window address `dst`) without registers; when
+// !valid no byte is read and the 16 are zero-filled.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
     int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+// Four 8x8 b16 matrices from shared-window address `sa` (ldmatrix .x4).
+__device__ __forceinline__ void ldsm_x4(unsigned sa, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(sa));
+}
+// D = A B on tensor cores (mma_f16 with a zero accumulator): the first k of an FP8 scale
+// block writes its partial sums instead of zeroing them and adding.
+__device__ __forceinline__ void mma_f16_fresh(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%10,%10,%10};\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -210,7 +224,9 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     // its shared destination and (for W) its source step by constants, A's source row is
     // gathered once into an element offset; each k-tile then adds BK to A's offsets and
     // N * BK weights to W's pointer (tiled storage, moe_kernels::tiled_offset, puts weight
-    // row n of k-tile kt at (kt * N + n) * BK).
+    // row n of k-tile kt at (kt * N + n) * BK). A chunk outside the rows (a padding row of A,
+    // a weight row past N) copies 0 bytes and zero-fills (cp_async16): its address is never
+    // read, so it is left as computed (A's is row 0's, inside `a`), without a select per copy.
     constexpr int A_PER = (A_CH + THREADS - 1) / THREADS;
     constexpr int W_PER = (W_CH + THREADS - 1) / THREADS;
     constexpr int A_RSTEP = THREADS / (BK / 8);  // rows between a thread's A chunks
@@ -226,6 +242,9 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
         a_ok[i] = row >= 0;
         a_off[i] = a_ok[i] ? (unsigned)row * (unsigned)K + a_kc : 0u;
     }
+    // Shared memory by its shared-window address: the stage base plus per-thread offsets
+    // worked out here, so a k-tile adds no address arithmetic of its own.
+    const unsigned sm_sa = (unsigned)__cvta_generic_to_shared(sm);
     const int a_dst = (a_r0 * AS + a_kc) * 2;
     const int w_n0 = tid / W_CPR, w_cb = (tid % W_CPR) * 16;
     bool w_ok[W_PER];
@@ -237,17 +256,16 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     const unsigned char* w_next = wexp + (size_t)(n0 + w_n0) * BK * WB + w_cb;
     unsigned a_k = 0;
     auto issue = [&](int stage) {
-        unsigned char* st = sm + stage * STAGE;
+        const unsigned st = sm_sa + stage * STAGE;
 #pragma unroll
         for (int i = 0; i < A_PER; i++) {
             if (A_CH % THREADS != 0 && tid + i * THREADS >= A_CH) break;
-            cp_async16(st + a_dst + i * A_RSTEP * AS * 2, a + (a_ok[i] ? a_off[i] + a_k : 0u), a_ok[i]);
+            cp_async16(st + a_dst + i * A_RSTEP * AS * 2, a + a_off[i] + a_k, a_ok[i]);
         }
 #pragma unroll
         for (int i = 0; i < W_PER; i++) {
             if (W_CH % THREADS != 0 && tid + i * THREADS >= W_CH) break;
-            cp_async16(st + w_dst + i * W_RSTEP * WS, w_ok[i] ? w_next + (size_t)i * W_RSTEP * BK * WB : wexp,
-                       w_ok[i]);
+            cp_async16(st + w_dst + i * W_RSTEP * WS, w_next + (size_t)i * W_RSTEP * BK * WB, w_ok[i]);
         }
         w_next += w_kstep;
         a_k += BK;
@@ -260,7 +278,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int q = 0; q < 4; q++) acc[m][j][q] = part[m][j][q] = 0.f;
+            for (int q = 0; q < 4; q++) acc[m][j][q] = 0.f;
 
 #pragma unroll
     for (int s = 0; s < NST - 1; s++) {
@@ -268,17 +286,34 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
         cp_async_commit();
     }
     // FP8: the k-tiles of one scale block (bk / BK of them) sum into `part`, which takes
-    // the block's scale once; the next block's scale is loaded a block ahead.
+    // the block's scale once; the block's first k-tile writes `part` (mma_f16_fresh) rather
+    // than zeroing it after the scale. The next block's scale is loaded a block ahead.
     const int kpb = FP8 ? bk / BK : 1;
     int kin = 0, sb = 0;
     float scale = FP8 ? sc[0] : 1.f;
     int stage = 0, next = NST - 1;  // the stage read now, the stage issued next
-    for (int kt = 0; kt < nk; kt++) {
+    // ldmatrix offsets in a stage (FP8): A, the four 8x8 blocks (rows +0/+8, columns +0/+8)
+    // of tile m in fragment order (the f16 activations are stored permuted, f16_pair_slot,
+    // so these are the k of the permuted order, register for register, with no moves); B,
+    // for whole groups of four column tiles, the 4-byte reads of (row g of tile j, bytes
+    // kk + 4 tg ..) of four tiles at once.
+    constexpr bool B_LDSM = FP8 && NT % 4 == 0;
+    unsigned a_ld[MT], b_ld[B_LDSM ? NT / 4 : 1];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+        a_ld[m] = ((r0w + m * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * AS + (lane >> 4) * 8) * 2;
+#pragma unroll
+    for (int q = 0; q < (B_LDSM ? NT / 4 : 1); q++)
+        b_ld[q] = A_BYTES + (wc * WCOLS + (4 * q + (lane >> 3)) * 8 + (lane & 7)) * WS;
+    // One k-tile; `fresh` (the first k-tile of an FP8 scale block) is a literal at both call
+    // sites, so the inlined copies are specialised and its test costs nothing.
+    auto ktile = [&](int kt, bool fresh) {
         cp_async_wait<NST - 2>();
         __syncthreads();
         if (kt + NST - 1 < nk) issue(next);
         cp_async_commit();
         next = next + 1 == NST ? 0 : next + 1;
+        const unsigned st = sm_sa + stage * STAGE;
         const bf16* as = (const bf16*)(sm + stage * STAGE);
         const unsigned char* ws = sm + stage * STAGE + A_BYTES;
         stage = stage + 1 == NST ? 0 : stage + 1;
@@ -288,15 +323,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if constexpr (FP8) {
-                    // The four 8x8 blocks (rows +0/+8, columns +0/+8) in fragment order: the
-                    // f16 activations are stored permuted (f16_pair_slot), so these are the
-                    // k of the permuted order, register for register, with no moves.
-                    const bf16* r0 = as + (r0w + m * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * AS + kk +
-                                     (lane >> 4) * 8;
-                    unsigned sa = (unsigned)__cvta_generic_to_shared(r0);
-                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                                 : "=r"(af[m][0]), "=r"(af[m][1]), "=r"(af[m][2]), "=r"(af[m][3])
-                                 : "r"(sa));
+                    ldsm_x4(st + a_ld[m] + kk * 2, af[m][0], af[m][1], af[m][2], af[m][3]);
                 } else {
                     const bf16* r0 = as + (r0w + m * 16 + g) * AS + kk + 2 * tg;
                     af[m][0] = *(const unsigned*)r0;
@@ -305,19 +332,11 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
                     af[m][3] = *(const unsigned*)(r0 + 8 * AS + 8);
                 }
             }
-            // FP8 with whole groups of four column tiles: one ldmatrix gives the 4-byte reads
-            // of four (row g of tile j, bytes kk + 4 tg ..) at once.
-            constexpr bool B_LDSM = FP8 && NT % 4 == 0;
             unsigned bx[B_LDSM ? NT : 1];
             if constexpr (B_LDSM) {
 #pragma unroll
-                for (int j0 = 0; j0 < NT; j0 += 4) {
-                    const unsigned char* wl = ws + (wc * WCOLS + (j0 + (lane >> 3)) * 8 + (lane & 7)) * WS + kk;
-                    unsigned sa = (unsigned)__cvta_generic_to_shared(wl);
-                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                                 : "=r"(bx[j0]), "=r"(bx[j0 + 1]), "=r"(bx[j0 + 2]), "=r"(bx[j0 + 3])
-                                 : "r"(sa));
-                }
+                for (int q = 0; q < NT / 4; q++)
+                    ldsm_x4(st + b_ld[q] + kk, bx[4 * q], bx[4 * q + 1], bx[4 * q + 2], bx[4 * q + 3]);
             }
 #pragma unroll
             for (int j = 0; j < NT; j++) {
@@ -329,7 +348,10 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
                     unsigned b0, b1;
                     e4m3x4_to_f16x2x2(x, b0, b1);
 #pragma unroll
-                    for (int m = 0; m < MT; m++) mma_f16(part[m][j], af[m], b0, b1);
+                    for (int m = 0; m < MT; m++) {
+                        if (fresh && kk == 0) mma_f16_fresh(part[m][j], af[m], b0, b1);
+                        else mma_f16(part[m][j], af[m], b0, b1);
+                    }
                 } else {
                     const unsigned char* wk = wr + (kk + 2 * tg) * 2;
                     unsigned b0 = *(const unsigned*)wk, b1 = *(const unsigned*)(wk + 16);
@@ -345,14 +367,15 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 #pragma unroll
                     for (int j = 0; j < NT; j++)
 #pragma unroll
-                        for (int q = 0; q < 4; q++) {
-                            acc[m][j][q] += part[m][j][q] * scale;
-                            part[m][j][q] = 0.f;
-                        }
+                        for (int q = 0; q < 4; q++) acc[m][j][q] += part[m][j][q] * scale;
                 kin = 0;
                 if (++sb < kb) scale = sc[sb];
             }
         }
+    };
+    for (int kt = 0; kt < nk; kt++) {
+        if (FP8 && kin == 0) ktile(kt, true);
+        else ktile(kt, false);
     }
     cp_async_wait<0>();
 
