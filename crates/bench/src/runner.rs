@@ -433,8 +433,9 @@ pub async fn run(
     }
     let w1 = known_w1.unwrap_or_else(|| {
         // Exactly `max_requests` completions in the window: it closes just after the
-        // max-th completion in time (tasks may report completions out of order); 1 µs,
-        // because 1e-9 is below the resolution of an f64 Unix time.
+        // max-th completion in time (tasks may report completions out of order), 1 µs
+        // after it or halfway to the next one if that came sooner (an f64 Unix time
+        // resolves about 0.24 µs; completions at the same instant all count).
         let mut ends: Vec<f64> = all
             .iter()
             .flatten()
@@ -443,7 +444,11 @@ pub async fn run(
             .collect();
         ends.sort_by(f64::total_cmp);
         let k = spec.max_requests.unwrap_or(1).max(1) as usize;
-        ends.get(k - 1).copied().unwrap_or(now) + 1e-6
+        match (ends.get(k - 1), ends.get(k)) {
+            (Some(&last), Some(&next)) if next > last => last + ((next - last) / 2.0).min(1e-6),
+            (Some(&last), _) => last + 1e-6,
+            (None, _) => now + 1e-6,
+        }
     });
     // Requests sent after the window's end (while draining) count for nothing.
     for recs in &mut all {
