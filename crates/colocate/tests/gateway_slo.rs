@@ -311,8 +311,14 @@ async fn the_controller_keeps_the_latency_tenant_within_its_slo_under_a_best_eff
             b
         }
     };
-    let (mut flooded, counts_u) = under_flood(&up.gw, Duration::from_secs(1), 1).await;
-    let flooded = flooded.remove(0);
+    // The worse of two flooded windows, as the better of two solo ones: on a 2-core machine
+    // one window's p99 moves with the background load both ways (one CI-like run: solo
+    // 11.6 ms against a flood of 24.1 ms, too close to test control in).
+    let (windows, counts_u) = under_flood(&up.gw, Duration::from_secs(1), 2).await;
+    let flooded = windows
+        .into_iter()
+        .max_by_key(|w| percentile(w, 99.0))
+        .expect("two windows");
     let text = metrics(&up.gw).await;
     assert!(
         !text.contains("colocate_gateway_best_effort_limit"),
