@@ -244,14 +244,14 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     }
     // Shared memory by its shared-window address: the stage base plus per-thread offsets
     // worked out here, so a k-tile adds no address arithmetic of its own.
-    const unsigned sm_sa = (unsigned)__cvta_generic_to_shared(sm);
-    const int a_dst = (a_r0 * AS + a_kc) * 2;
+    unsigned sm_sa = (unsigned)__cvta_generic_to_shared(sm);
+    unsigned a_dst = (a_r0 * AS + a_kc) * 2;
     const int w_n0 = tid / W_CPR, w_cb = (tid % W_CPR) * 16;
     bool w_ok[W_PER];
 #pragma unroll
     for (int i = 0; i < W_PER; i++) w_ok[i] = n0 + w_n0 + i * W_RSTEP < N;
     const size_t w_kstep = (size_t)N * BK * WB;
-    const int w_dst = A_BYTES + w_n0 * WS + w_cb;
+    unsigned w_dst = A_BYTES + w_n0 * WS + w_cb;
     // The k-tile the next issue() loads: calls come in k-tile order, one each.
     const unsigned char* w_next = wexp + (size_t)(n0 + w_n0) * BK * WB + w_cb;
     unsigned a_k = 0;
@@ -298,13 +298,12 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
     // for whole groups of four column tiles, the 4-byte reads of (row g of tile j, bytes
     // kk + 4 tg ..) of four tiles at once.
     constexpr bool B_LDSM = FP8 && NT % 4 == 0;
-    unsigned a_ld[MT], b_ld[B_LDSM ? NT / 4 : 1];
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-        a_ld[m] = ((r0w + m * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * AS + (lane >> 4) * 8) * 2;
-#pragma unroll
-    for (int q = 0; q < (B_LDSM ? NT / 4 : 1); q++)
-        b_ld[q] = A_BYTES + (wc * WCOLS + (4 * q + (lane >> 3)) * 8 + (lane & 7)) * WS;
+    // Tile m's A offset is a_ld + m * 16 rows, group q's B offset b_ld + q * 32 rows.
+    unsigned a_ld = ((r0w + (lane & 7) + ((lane >> 3) & 1) * 8) * AS + (lane >> 4) * 8) * 2;
+    unsigned b_ld = A_BYTES + (wc * WCOLS + (lane >> 3) * 8 + (lane & 7)) * WS;
+    // Opaque to ptxas, which otherwise works these out again from %tid (and the window
+    // base from %cgactaid) in every k-tile rather than keep five registers.
+    asm volatile("" : "+r"(sm_sa), "+r"(a_dst), "+r"(w_dst), "+r"(a_ld), "+r"(b_ld));
     // One k-tile; `fresh` (the first k-tile of an FP8 scale block) is a literal at both call
     // sites, so the inlined copies are specialised and its test costs nothing.
     auto ktile = [&](int kt, bool fresh) {
@@ -313,7 +312,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
         if (kt + NST - 1 < nk) issue(next);
         cp_async_commit();
         next = next + 1 == NST ? 0 : next + 1;
-        const unsigned st = sm_sa + stage * STAGE;
+        const unsigned st = sm_sa + stage * STAGE, st_a = st + a_ld, st_b = st + b_ld;
         const bf16* as = (const bf16*)(sm + stage * STAGE);
         const unsigned char* ws = sm + stage * STAGE + A_BYTES;
         stage = stage + 1 == NST ? 0 : stage + 1;
@@ -323,7 +322,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if constexpr (FP8) {
-                    ldsm_x4(st + a_ld[m] + kk * 2, af[m][0], af[m][1], af[m][2], af[m][3]);
+                    ldsm_x4(st_a + (m * 16 * AS + kk) * 2, af[m][0], af[m][1], af[m][2], af[m][3]);
                 } else {
                     const bf16* r0 = as + (r0w + m * 16 + g) * AS + kk + 2 * tg;
                     af[m][0] = *(const unsigned*)r0;
@@ -336,7 +335,7 @@ __device__ __forceinline__ void moe_gemm(const bf16* __restrict__ a, const void*
             if constexpr (B_LDSM) {
 #pragma unroll
                 for (int q = 0; q < NT / 4; q++)
-                    ldsm_x4(st + b_ld[q] + kk, bx[4 * q], bx[4 * q + 1], bx[4 * q + 2], bx[4 * q + 3]);
+                    ldsm_x4(st_b + q * 32 * WS + kk, bx[4 * q], bx[4 * q + 1], bx[4 * q + 2], bx[4 * q + 3]);
             }
 #pragma unroll
             for (int j = 0; j < NT; j++) {
