@@ -269,11 +269,13 @@ impl ExpertFormat {
     /// each be whole blocks; shapes the kernels cannot take are an error naming the reason.
     ///
     /// FP8 in 128 x 128 blocks (Qwen3-30B-A3B-FP8) climbs three tiles, as the H200 sweep of
-    /// 2026-12-03 ranked them (docs/bench/cuda-moe.md; decode step of the 30B at 4, 16 and 32
-    /// rows per expert, prefill at 120 to 960): 16 x 128 up to 12 rows per expert (13.00 ms
-    /// against 13.08 for 32 rows at 4), 32 x 128 up to 48 (16.27 against 18.68 ms at 16,
-    /// 24.17 against 25.34 for 64 rows at 32), 64 x 128 above (186 against 203 ms a prefill
-    /// round at 120). The limits 12 and 48 lie between measured points. bf16 keeps 16 x 128
+    /// 2026-12-03 ranked them (docs/bench/cuda-moe.md; decode steps of the 30B at 4, 16 and
+    /// 32 rows per expert, prefill steps of 8,192 tokens at 512): 16 x 128 up to 12 rows per
+    /// expert (13.00 ms against 13.08 for 32 rows at 4), 32 x 128 up to 48 (16.27 against
+    /// 18.68 ms at 16, 24.17 against 25.34 for 64 rows at 32), 64 x 128 above (186 against
+    /// 203 ms a prefill round). The limits 12 and 48 lie between measured points (48: where
+    /// the 32-row tile needs two blocks for most experts, re-reading their weights, and the
+    /// 64-row tile pads a quarter). bf16 keeps 16 x 128
     /// up to 24 rows per expert, then 64 x 64; 16/64 x 32 x 32 where the shapes or FP8
     /// blocks are multiples of 32 only (the tiny test checkpoints).
     pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<TileLadder> {
