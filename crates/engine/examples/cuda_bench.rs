@@ -36,7 +36,10 @@
 //! `CUDA_BENCH_MOE_TILES` (`auto` by default) lists grouped-GEMM tiles to run every MoE step
 //! in, e.g. `auto,16x128x64s3w1,64x128x64s4w2` (`moe_kernels::MoeTile` names; `auto` is the
 //! engine's pick by rows per expert), one more variant each. `CUDA_BENCH_PROFILE=0` skips
-//! the gen workloads' per-op breakdowns.
+//! the gen workloads' per-op breakdowns. `CUDA_BENCH_PROMPTS=same` gives every sequence of
+//! the gen workloads the same prompt, as the seeds' client does: they decode the same
+//! tokens, so a mixture of experts routes the whole batch to the same `top_k` experts
+//! (named `(one prompt)` in the results, its floor counting those experts only).
 
 use std::time::Instant;
 
@@ -117,12 +120,14 @@ fn measure_bandwidth() -> anyhow::Result<f64> {
     Ok(bw)
 }
 
-/// Weight bytes a decode step of `batch` sequences reads, as the engine holds them (bf16;
-/// a mixture of experts' FP8 experts in FP8): every parameter but the input embedding
-/// table (only the batch's rows of it are gathered) unless it doubles as the LM head, and
-/// of the experts only those the batch routes to, taking the routing as uniform (as random
-/// weights give): `E (1 - (1 - k/E)^batch)` experts per sparse layer.
-fn weights_read(c: &ModelConfig, batch: usize) -> f64 {
+/// Weight bytes a decode step reads, as the engine holds them (bf16; a mixture of experts'
+/// FP8 experts in FP8): every parameter but the input embedding table (only the batch's
+/// rows of it are gathered) unless it doubles as the LM head, and of the experts only those
+/// the step routes to, taking the routing of `streams` distinct sequences as uniform (as
+/// random weights give): `E (1 - (1 - k/E)^streams)` experts per sparse layer. A batch of
+/// one prompt repeated (`CUDA_BENCH_PROMPTS=same`) is one stream: every sequence routes
+/// alike.
+fn weights_read(c: &ModelConfig, streams: usize) -> f64 {
     let embed = if c.tie_word_embeddings {
         0
     } else {
@@ -134,7 +139,7 @@ fn weights_read(c: &ModelConfig, batch: usize) -> f64 {
             (3 * c.hidden_size * m.moe_intermediate_size * ExpertFormat::of(c).bytes_per_weight())
                 as f64;
         let e = m.num_experts as f64;
-        let touched = e * (1.0 - (1.0 - m.num_experts_per_tok as f64 / e).powi(batch as i32));
+        let touched = e * (1.0 - (1.0 - m.num_experts_per_tok as f64 / e).powi(streams as i32));
         let sparse = (0..c.num_hidden_layers)
             .filter(|&l| c.is_sparse_layer(l))
             .count() as f64;
@@ -143,18 +148,26 @@ fn weights_read(c: &ModelConfig, batch: usize) -> f64 {
     bytes
 }
 
-/// Floor of one decode step: the weights and the K/V of `batch` sequences of `ctx` tokens
-/// read once at `bw` bytes/s, in ms.
-fn step_floor_ms(c: &ModelConfig, batch: usize, ctx: f64, bw: f64) -> f64 {
+/// Floor of one decode step: the weights (`streams` distinct sequences routing, see
+/// [`weights_read`]) and the K/V of `batch` sequences of `ctx` tokens read once at `bw`
+/// bytes/s, in ms.
+fn step_floor_ms(c: &ModelConfig, batch: usize, streams: usize, ctx: f64, bw: f64) -> f64 {
     let kv = batch as f64 * ctx * c.kv_bytes_per_token(2) as f64;
-    (weights_read(c, batch) + kv) / bw * 1e3
+    (weights_read(c, streams) + kv) / bw * 1e3
 }
 
 /// Bandwidth limit of the gen workload: every decode step reads the weights and the KV of
 /// every sequence (mean context prompt + gen/2) at the measured bandwidth; prefill at
 /// 790 TFLOP/s over the parameters a token uses (a mixture of experts' active ones).
-fn gen_limit_tok_s(c: &ModelConfig, batch: usize, prompt: usize, gen: usize, bw: f64) -> f64 {
-    let step = step_floor_ms(c, batch, (prompt + gen / 2) as f64, bw) * 1e-3;
+fn gen_limit_tok_s(
+    c: &ModelConfig,
+    batch: usize,
+    streams: usize,
+    prompt: usize,
+    gen: usize,
+    bw: f64,
+) -> f64 {
+    let step = step_floor_ms(c, batch, streams, (prompt + gen / 2) as f64, bw) * 1e-3;
     let params = c.active_parameters() as f64;
     let prefill = 2.0 * params * (batch * prompt) as f64 / 790e12;
     (batch * gen) as f64 / (gen as f64 * step + prefill)
@@ -796,15 +809,32 @@ fn bench_gen(
     let load_s = t.elapsed().as_secs_f64();
     print_gemms(&m, name, batch, bw);
     let mut rng = Lcg(42);
+    // `CUDA_BENCH_PROMPTS=same`: one prompt for every sequence, as the seeds' client sends
+    // it, so every sequence decodes the same tokens and a mixture of experts routes them
+    // all to the same experts (the served seeds workload); else each its own.
+    let same = std::env::var("CUDA_BENCH_PROMPTS").is_ok_and(|v| v == "same");
+    let first: Vec<u32> = (0..prompt).map(|_| rng.next(150_000)).collect();
     let prompts: Vec<Vec<u32>> = (0..batch)
-        .map(|_| (0..prompt).map(|_| rng.next(150_000)).collect())
+        .map(|i| {
+            if same || i == 0 {
+                first.clone()
+            } else {
+                (0..prompt).map(|_| rng.next(150_000)).collect()
+            }
+        })
         .collect();
+    let streams = if same { 1 } else { batch };
+    let name = &if same {
+        format!("{name} (one prompt)")
+    } else {
+        name.to_string()
+    };
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
         .collect();
     let variants = &variants_for(variants, &config);
-    let limit = gen_limit_tok_s(&config, batch, prompt, gen, bw);
-    let floor = step_floor_ms(&config, batch, (prompt + gen / 2) as f64, bw);
+    let limit = gen_limit_tok_s(&config, batch, streams, prompt, gen, bw);
+    let floor = step_floor_ms(&config, batch, streams, (prompt + gen / 2) as f64, bw);
     // K/V bytes the decode attention reads in one round (contexts prompt + 1 .. prompt + gen - 1).
     let kv_round: f64 = (1..gen)
         .map(|g| (batch * (prompt + g) * config.kv_bytes_per_token(2)) as f64)
@@ -890,7 +920,7 @@ fn bench_long(
     let mut rng = Lcg(5);
     let toks: Vec<[u32; 1]> = (0..batch).map(|_| [rng.next(150_000)]).collect();
     let variants = &variants_for(variants, &config);
-    let floor = step_floor_ms(&config, batch, (ctx + steps / 2) as f64, bw);
+    let floor = step_floor_ms(&config, batch, batch, (ctx + steps / 2) as f64, bw);
     let kv_step = |pos: usize| (batch * (pos + 1) * config.kv_bytes_per_token(2)) as f64;
     for v in variants {
         apply(&mut m, v)?;
