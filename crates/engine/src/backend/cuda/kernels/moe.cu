@@ -71,6 +71,9 @@ extern "C" __global__ void moe_topk_softmax(const float* __restrict__ logits, in
 // the end), block_expert[cap / bm] the expert of each bm-row block (-1 past the end),
 // post_pad[0] the padded total. Order within an expert is that of the atomics: no sum
 // crosses rows, so results do not depend on it. Shared memory: 3 * experts + 1 ints.
+// The atomics are one per warp and expert: a batch of one prompt repeated
+// (the seeds' client) routes every token to the same k experts, and one atomic per choice
+// would queue the whole block on k counters. blockDim.x must be a multiple of 32.
 extern "C" __global__ void moe_align(const int* __restrict__ ids, int n, int experts, int bm, int cap,
                                      int* __restrict__ sorted, int* __restrict__ block_expert,
                                      int* __restrict__ post_pad) {
@@ -80,7 +83,12 @@ extern "C" __global__ void moe_align(const int* __restrict__ ids, int n, int exp
     int* cur = off + experts + 1;
     for (int e = threadIdx.x; e < experts; e += blockDim.x) count[e] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&count[ids[i]], 1);
+    const int lane = threadIdx.x & 31;
+    for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + threadIdx.x, e = i < n ? ids[i] : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, e);
+        if (e >= 0 && lane == __ffs(peers) - 1) atomicAdd(&count[e], __popc(peers));
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
         int acc = 0;
@@ -108,7 +116,16 @@ extern "C" __global__ void moe_align(const int* __restrict__ ids, int n, int exp
     }
     for (int e = threadIdx.x; e < experts; e += blockDim.x) cur[e] = off[e];
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) sorted[atomicAdd(&cur[ids[i]], 1)] = i;
+    for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + threadIdx.x, e = i < n ? ids[i] : -1;
+        // The lanes choosing expert e take consecutive places: one atomic by the first.
+        const unsigned peers = __match_any_sync(0xffffffffu, e);
+        const int leader = __ffs(peers) - 1;
+        int at = 0;
+        if (e >= 0 && lane == leader) at = atomicAdd(&cur[e], __popc(peers));
+        at = __shfl_sync(0xffffffffu, at, leader);
+        if (e >= 0) sorted[at + __popc(peers & ((1u << lane) - 1))] = i;
+    }
 }
 
 // 4 e4m3 (a 4-byte read) -> the f16x2 of bytes 0-1 (the low byte to the low half) and of
