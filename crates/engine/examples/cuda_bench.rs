@@ -854,8 +854,13 @@ fn bench_gen(
         }
         let tok_s = (rounds * batch * gen) as f64 / total;
         let step_ms = (total - pre) / (rounds * (gen - 1)) as f64 * 1e3;
+        // A mixture of experts: the rows per expert a routed row saw in the last step,
+        // by which the engine's own pick chose its tile.
+        let seen = m
+            .moe_rows_seen(batch)
+            .map_or(String::new(), |r| format!(", {r:.1} rows per expert seen"));
         println!(
-            "RESULT gen {name} batch {batch} [{}]: {tok_s:.0} tok/s ({:.1}% of the {limit:.0} tok/s bandwidth limit); prefill {:.1} ms/round, decode step {step_ms:.2} ms (graph) = {:.2}x the {floor:.2} ms floor (weights + KV over the measured bandwidth); load {load_s:.1} s (GEMM tuning {:.1} s), capture {capture_s:.1} s",
+            "RESULT gen {name} batch {batch} [{}]: {tok_s:.0} tok/s ({:.1}% of the {limit:.0} tok/s bandwidth limit); prefill {:.1} ms/round, decode step {step_ms:.2} ms (graph{seen}) = {:.2}x the {floor:.2} ms floor (weights + KV over the measured bandwidth); load {load_s:.1} s (GEMM tuning {:.1} s), capture {capture_s:.1} s",
             v.label,
             100.0 * tok_s / limit,
             pre / rounds as f64 * 1e3,

@@ -1615,6 +1615,64 @@ fn every_moe_tile_gives_the_same_logits() {
     }
 }
 
+/// A decode step reads back how its routing spread (the rows per expert a routed row saw,
+/// summed by `moe_align` on the device), and the next step of that size picks its tile by
+/// it: 32 copies of one token send every row to the same 4 of 16 experts, 32 rows each,
+/// where the mean (8) would keep the short tile; the graph of the taller tile gives the
+/// same logits. Distinct tokens spread, and see fewer.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn skewed_routing_moves_the_next_decode_step_to_a_taller_tile() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_random_moe(tmp.path(), true);
+    let config = ModelConfig::from_file(&tmp.path().join("config.json")).unwrap();
+    let weights = WeightSource::open_model(tmp.path(), &config).unwrap();
+    let batch = 32;
+    let opts = CudaOptions {
+        max_tokens: 256,
+        max_seqs: batch,
+        max_model_len: 64,
+        graph_buckets: vec![batch],
+        ..Default::default()
+    };
+    let mut m = cuda_model(&config, Task::Generate, &weights, opts);
+    m.init_kv_cache(batch * 4, 16).unwrap();
+    let tables: Vec<Vec<u32>> = (0..batch as u32).map(|i| vec![4 * i]).collect();
+    let step = |m: &mut CudaQwen3, tokens: &[[u32; 1]]| -> Vec<Vec<f32>> {
+        let seqs: Vec<SeqStep<'_>> = tokens
+            .iter()
+            .zip(&tables)
+            .map(|(t, table)| SeqStep {
+                tokens: t,
+                start_pos: 0,
+                block_table: table,
+                sample: Some(GREEDY),
+            })
+            .collect();
+        m.step_logits(&seqs).unwrap()
+    };
+    let same = vec![[7u32]; batch];
+    assert_eq!(m.moe_rows_seen(batch), None, "before any decode step");
+    let first = step(&mut m, &same); // the mean's tile (16 rows)
+    assert_eq!(m.moe_rows_seen(batch), Some(batch as f64));
+    let second = step(&mut m, &same); // the 64-row tile's graph
+    assert_eq!(m.moe_rows_seen(batch), Some(batch as f64));
+    for (i, (got, want)) in second.iter().zip(&first).enumerate() {
+        assert_logits_within(got, want, &format!("row {i}, taller tile"), 0.002);
+    }
+    let spread: Vec<[u32; 1]> = (0..batch as u32).map(|i| [3 + 13 * i]).collect();
+    step(&mut m, &spread);
+    let seen = m.moe_rows_seen(batch).unwrap();
+    // 32 tokens x top 4 over 16 experts: 8 on average; every row's experts alike would be 32
+    assert!(
+        (8.0..24.0).contains(&seen),
+        "distinct tokens saw {seen} rows per expert"
+    );
+}
+
 /// Writes a random Qwen3-MoE checkpoint (2 sparse layers) to `dir`: its linears in block
 /// FP8 (e4m3 bytes, no NaN, one scale per 128 x 128 block) when `fp8`, else the same
 /// values in f32; embeddings, norms, routers and `lm_head` in f32.

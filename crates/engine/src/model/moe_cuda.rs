@@ -12,16 +12,18 @@
 //! fast. The layer's other weights (attention, router, norms) are bf16, dequantised at
 //! load when stored in FP8.
 
+use std::collections::HashMap;
+
 use anyhow::anyhow;
 
-use crate::backend::cuda::buffer::DevBuf;
+use crate::backend::cuda::buffer::{self, DevBuf};
 use crate::backend::cuda::device::CudaDevice;
 use crate::backend::cuda::executor::ForwardCtx;
 use crate::backend::cuda::gemm::OutType;
 use crate::backend::cuda::kernels::DevPtr;
 use crate::backend::cuda::moe_kernels::{
-    compiled_tiles, sorted_len, tile_weight, ExpertFormat, GroupedGemm, MoeKernels, MoeTile,
-    Routing, TileLadder, MAX_EXPERTS,
+    compiled_tiles, rows_seen, sorted_len, tile_weight, ExpertFormat, GroupedGemm, MoeKernels,
+    MoeTile, Routing, TileLadder, MAX_EXPERTS,
 };
 use crate::backend::cuda::profile::Launcher;
 use crate::model::config::ModelConfig;
@@ -85,6 +87,8 @@ struct Scratch {
     sorted: DevBuf,
     block_expert: DevBuf,
     post_pad: DevBuf,
+    /// One u64: the experts' row counts squared, summed over a step's sparse layers.
+    sq_sum: DevBuf,
     /// `[T * k, max(2I, H)]` bf16: gate/up output, then (once `act` has consumed it) the
     /// down output.
     inter: DevBuf,
@@ -103,6 +107,7 @@ impl Scratch {
             &self.sorted,
             &self.block_expert,
             &self.post_pad,
+            &self.sq_sum,
             &self.inter,
             &self.act,
             &self.x16,
@@ -119,6 +124,7 @@ impl Scratch {
             sorted: self.sorted.ptr,
             block_expert: self.block_expert.ptr,
             post_pad: self.post_pad.ptr,
+            sq_sum: self.sq_sum.ptr,
         }
     }
 }
@@ -133,6 +139,15 @@ pub(crate) struct CudaMoe {
     /// One tile for every step instead (`set_tile`: the benchmark's sweeps).
     forced: Option<MoeTile>,
     sparse: Vec<bool>,
+    /// The first sparse layer (its `moe_align` starts the step's sum of counts squared).
+    first_sparse: Option<usize>,
+    /// Rows per expert a routed row saw ([`rows_seen`]) in the last decode step of each
+    /// graph size: the next step of that size picks its tile by them, since a batch's
+    /// routing changes slowly from one step to the next while the mean rows per expert
+    /// misjudges skewed routing (one prompt repeated sends the whole batch to the same
+    /// experts: on the H200, 17.40 ms a step at batch 512 in the 64-row tile against 19.17
+    /// in the 32-row one that the mean picks; docs/bench/cuda-moe.md, session 18).
+    seen: HashMap<usize, f64>,
     kernels: MoeKernels,
     scratch: Scratch,
 }
@@ -181,6 +196,7 @@ impl CudaMoe {
             sorted: i32s(sorted_len(t, k, e, bm_max))?,
             block_expert: i32s(sorted_len(t, k, e, bm_min) / bm_min)?,
             post_pad: i32s(1)?,
+            sq_sum: DevBuf::alloc(dev, 8)?,
             inter: DevBuf::alloc(dev, t * k * (2 * d.inter).max(d.hidden) * BF16)?,
             act: DevBuf::alloc(dev, t * k * d.inter * BF16)?,
             x16: DevBuf::alloc(
@@ -191,14 +207,17 @@ impl CudaMoe {
                 },
             )?,
         };
+        let sparse: Vec<bool> = (0..config.num_hidden_layers)
+            .map(|l| config.is_sparse_layer(l))
+            .collect();
         Ok(Some(Self {
             d,
             format,
             tiles,
             forced: None,
-            sparse: (0..config.num_hidden_layers)
-                .map(|l| config.is_sparse_layer(l))
-                .collect(),
+            first_sparse: sparse.iter().position(|&s| s),
+            sparse,
+            seen: HashMap::new(),
             kernels,
             scratch,
         }))
@@ -224,6 +243,41 @@ impl CudaMoe {
         }
         self.forced = tile;
         Ok(())
+    }
+
+    /// The tile of a step of `tokens` rows: the forced one, else the ladder's pick by the
+    /// rows per expert the last decode step of this size saw, else by the mean.
+    pub(crate) fn tile_for(&self, tokens: usize) -> MoeTile {
+        let (k, e) = (self.d.top_k, self.d.experts);
+        self.forced.unwrap_or_else(|| match self.seen.get(&tokens) {
+            Some(&rows) => self.tiles.pick_rows(rows),
+            None => self.tiles.pick(tokens, k, e),
+        })
+    }
+
+    /// Names the kernels a decode graph of `tokens` rows launches beyond its size (its
+    /// tile's place in the ladder), so that a graph is kept per tile.
+    pub(crate) fn graph_variant(&self, tokens: usize) -> u64 {
+        let tile = self.tile_for(tokens);
+        self.tiles.position(tile).map_or(u64::MAX, |p| p as u64)
+    }
+
+    /// After a decode step of `tokens` rows has been enqueued: waits for it and reads
+    /// back the rows per expert its routing gave a row, for the next step of that size.
+    pub(crate) fn observe(&mut self, dev: &CudaDevice, tokens: usize) -> anyhow::Result<()> {
+        let layers = self.sparse.iter().filter(|&&s| s).count();
+        if layers == 0 || tokens == 0 {
+            return Ok(());
+        }
+        let sq: Vec<u64> = buffer::download(dev, self.scratch.sq_sum.ptr, 1)?;
+        let choices = tokens * self.d.top_k * layers;
+        self.seen.insert(tokens, rows_seen(sq[0], choices));
+        Ok(())
+    }
+
+    /// The rows per expert the last decode step of `tokens` rows saw, once one has run.
+    pub(crate) fn rows_seen(&self, tokens: usize) -> Option<f64> {
+        self.seen.get(&tokens).copied()
     }
 
     /// Whether `layer` has the sparse block (else the dense MLP).
@@ -343,20 +397,24 @@ impl CudaMoe {
         Ok(weights)
     }
 
-    /// The sparse block over `tokens` rows of the normed hidden state `x` (`[T, H]` bf16),
-    /// its output into `out` (`[T, H]` bf16, added to the residual by the next norm).
+    /// The sparse block of `layer` over `tokens` rows of the normed hidden state `x`
+    /// (`[T, H]` bf16), its output into `out` (`[T, H]` bf16, added to the residual by the
+    /// next norm). The first sparse layer starts the step's sum of counts squared.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         cx: &ForwardCtx<'_>,
         ops: &mut Launcher<'_>,
         w: &SparseLayer,
+        layer: usize,
         x: DevPtr,
         out: DevPtr,
         tokens: usize,
     ) -> anyhow::Result<()> {
         let (d, s, mk) = (&self.d, &self.scratch, &self.kernels);
         let (t, k, e) = (tokens, d.top_k, d.experts);
-        let tile = self.forced.unwrap_or_else(|| self.tiles.pick(t, k, e));
+        let tile = self.tile_for(t);
+        let first = self.first_sparse == Some(layer);
         let r = s.routing();
         let scales = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
         ops.op("gemm router", || {
@@ -374,7 +432,7 @@ impl CudaMoe {
         ops.op("moe route", || {
             mk.topk_softmax(s.logits.ptr, &r, t, e, k, d.renormalise)
         })?;
-        ops.op("moe align", || mk.align(&r, t, k, e, tile.bm))?;
+        ops.op("moe align", || mk.align(&r, t, k, e, tile.bm, first))?;
         let fp8 = matches!(self.format, ExpertFormat::Fp8 { .. });
         // FP8 experts take f16 activations (see moe.cu's moe_gemm).
         let x = if fp8 {

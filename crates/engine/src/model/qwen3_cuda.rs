@@ -744,6 +744,13 @@ impl CudaQwen3 {
         self.drop_graphs();
         Ok(())
     }
+
+    /// The rows per expert a routed row saw in the last decode step (graph) of `batch`
+    /// rows (`moe_kernels::rows_seen`), by which the next one picks its tile; `None` for a
+    /// dense model or before such a step.
+    pub fn moe_rows_seen(&self, batch: usize) -> Option<f64> {
+        self.model().moe.as_ref()?.rows_seen(batch)
+    }
 }
 
 impl CudaModel for Qwen3Cuda {
@@ -771,6 +778,17 @@ impl CudaModel for Qwen3Cuda {
 
     fn bytes_held(&self) -> usize {
         self.w.bytes() + self.act.bytes() + self.moe.as_ref().map_or(0, CudaMoe::scratch_bytes)
+    }
+
+    fn graph_variant(&self, tokens: usize) -> u64 {
+        self.moe.as_ref().map_or(0, |m| m.graph_variant(tokens))
+    }
+
+    fn after_decode(&mut self, dev: &CudaDevice, tokens: usize) -> anyhow::Result<()> {
+        match &mut self.moe {
+            Some(m) => m.observe(dev, tokens),
+            None => Ok(()),
+        }
     }
 
     fn outputs(&self) -> Outputs {
@@ -1111,7 +1129,7 @@ impl Qwen3Cuda {
                 _,
             ) => (up, up_bias, down),
             (Mlp::Sparse(sw), Some(moe)) => {
-                return moe.forward(cx, ops, sw, a.normed.ptr, a.delta.ptr, t);
+                return moe.forward(cx, ops, sw, layer, a.normed.ptr, a.delta.ptr, t);
             }
             (Mlp::Sparse(_), None) => bail!("layer {layer} is sparse in a dense model"),
         };

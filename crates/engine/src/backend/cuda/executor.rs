@@ -130,6 +130,18 @@ pub trait CudaModel: Send {
     ) -> anyhow::Result<()>;
     /// Device bytes of weights and activations.
     fn bytes_held(&self) -> usize;
+    /// Names what a decode graph of `tokens` rows launches beyond its size, where that
+    /// follows what earlier steps saw (a mixture of experts' tile, by how its routing
+    /// spread): the executor keeps a graph per name. 0 for a model that always launches
+    /// the same.
+    fn graph_variant(&self, _tokens: usize) -> u64 {
+        0
+    }
+    /// After a decode graph of `tokens` rows has been launched: reads back what
+    /// [`Self::graph_variant`] follows (waiting for the step). Nothing by default.
+    fn after_decode(&mut self, _dev: &CudaDevice, _tokens: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
     fn outputs(&self) -> Outputs;
     /// The GEMMs of a generate pass that the executor tunes at each decode batch size:
     /// shapes, the activation buffers they read and write, and their weights.
@@ -545,14 +557,15 @@ impl<M: CudaModel> CudaExecutor<M> {
         self.bind()?;
         let (place, lay, num_blocks) = self.kv_cache()?;
         for b in self.graphs.buckets().to_vec() {
-            if !self.graphs.has(b) {
+            let v = self.model.graph_variant(b);
+            if !self.graphs.has(b, v) {
                 // Metadata of an all-padding batch: valid addresses, no KV writes.
                 let meta =
                     self.builder
                         .paged(&[], &[], place.block_size, num_blocks, self.shape.vocab)?;
                 self.step.pack(&meta, b, lay, &self.opts)?;
                 self.step.upload(&self.dev, b, lay)?;
-                self.capture(b, place, lay)?;
+                self.capture(b, v, place, lay)?;
             }
         }
         buffer::synchronize(&self.dev)
@@ -616,10 +629,12 @@ impl<M: CudaModel> CudaExecutor<M> {
         if let Some(b) = bucket {
             self.step.pack(&meta, b, lay, &self.opts)?;
             self.step.upload(&self.dev, b, lay)?;
-            if !self.graphs.has(b) {
-                self.capture(b, place, lay)?;
+            let v = self.model.graph_variant(b);
+            if !self.graphs.has(b, v) {
+                self.capture(b, v, place, lay)?;
             }
-            self.graphs.launch(b)?;
+            self.graphs.launch(b, v)?;
+            self.model.after_decode(&self.dev, b)?;
             return Ok(seqs.len());
         }
         let packed = self.step.pack(&meta, 0, lay, &self.opts)?;
@@ -633,9 +648,9 @@ impl<M: CudaModel> CudaExecutor<M> {
         Ok(packed.rows)
     }
 
-    /// Captures the decode forward for bucket `b` (after one eager warm-up run, so that
-    /// cuBLAS has picked its kernels) on the engine's own stream.
-    fn capture(&mut self, b: usize, kv: KvPlace, layout: StepLayout) -> anyhow::Result<()> {
+    /// Captures the decode forward for bucket `b` as variant `v` (after one eager warm-up
+    /// run, so that cuBLAS has picked its kernels) on the engine's own stream.
+    fn capture(&mut self, b: usize, v: u64, kv: KvPlace, layout: StepLayout) -> anyhow::Result<()> {
         let pass = Pass {
             step: PackedStep {
                 tokens: b,
@@ -653,7 +668,7 @@ impl<M: CudaModel> CudaExecutor<M> {
         buffer::synchronize(&self.dev)?;
         let stream = self.dev.stream.clone();
         let graph = graphs::capture(&stream, || self.forward(pass))?;
-        self.graphs.insert(b, graph);
+        self.graphs.insert(b, v, graph);
         Ok(())
     }
 

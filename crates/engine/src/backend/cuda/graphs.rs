@@ -1,6 +1,8 @@
 //! Decode steps as CUDA graphs, one per batch-size bucket (vLLM's design): a decode batch
 //! pads up to the next bucket, its metadata is rewritten in the step buffer, and the
-//! bucket's graph is replayed; padding rows write no KV.
+//! bucket's graph is replayed; padding rows write no KV. A model whose kernels follow what
+//! earlier steps saw (a mixture of experts' tile) names a variant, and each bucket keeps a
+//! graph per variant it has used.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,11 +39,11 @@ pub fn capture(
     Ok(DecodeGraph(graph))
 }
 
-/// The buckets and the graphs captured so far.
+/// The buckets and the graphs captured so far, by bucket and variant.
 pub struct DecodeGraphs {
     /// Batch sizes that get a graph, in the configured order (none above `max_seqs`).
     buckets: Vec<usize>,
-    graphs: HashMap<usize, DecodeGraph>,
+    graphs: HashMap<(usize, u64), DecodeGraph>,
 }
 
 impl DecodeGraphs {
@@ -61,20 +63,19 @@ impl DecodeGraphs {
         &self.buckets
     }
 
-    pub fn has(&self, bucket: usize) -> bool {
-        self.graphs.contains_key(&bucket)
+    pub fn has(&self, bucket: usize, variant: u64) -> bool {
+        self.graphs.contains_key(&(bucket, variant))
     }
 
-    pub fn insert(&mut self, bucket: usize, graph: DecodeGraph) {
-        self.graphs.insert(bucket, graph);
+    pub fn insert(&mut self, bucket: usize, variant: u64, graph: DecodeGraph) {
+        self.graphs.insert((bucket, variant), graph);
     }
 
-    /// Replays the graph of `bucket` on the stream it was captured on.
-    pub fn launch(&self, bucket: usize) -> anyhow::Result<()> {
-        let g = self
-            .graphs
-            .get(&bucket)
-            .ok_or_else(|| anyhow!("no decode graph captured for batch {bucket}"))?;
+    /// Replays the graph of `bucket` and `variant` on the stream it was captured on.
+    pub fn launch(&self, bucket: usize, variant: u64) -> anyhow::Result<()> {
+        let g = self.graphs.get(&(bucket, variant)).ok_or_else(|| {
+            anyhow!("no decode graph captured for batch {bucket} (variant {variant})")
+        })?;
         g.0.launch().map_err(|e| anyhow!("CUDA graph launch: {e}"))
     }
 
@@ -97,5 +98,18 @@ mod tests {
         assert_eq!(g.bucket_for(9), Some(16));
         assert_eq!(g.bucket_for(17), None);
         assert_eq!(DecodeGraphs::new(&[], 8).bucket_for(1), None);
+    }
+
+    #[test]
+    fn the_default_buckets_reach_512_sequences_in_steps_of_32() {
+        let b = crate::backend::cuda::step::DEFAULT_GRAPH_BUCKETS;
+        assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+        let g = DecodeGraphs::new(&b, 1024);
+        assert_eq!(g.bucket_for(512), Some(512));
+        assert_eq!(g.bucket_for(257), Some(288));
+        assert_eq!(g.bucket_for(500), Some(512));
+        assert_eq!(g.bucket_for(513), None);
+        // at most 32 padding rows past 256
+        assert!((257..=512).all(|n| g.bucket_for(n).unwrap() - n < 32));
     }
 }

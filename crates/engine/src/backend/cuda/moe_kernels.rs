@@ -197,23 +197,33 @@ fn gemm_name(fp8: bool, t: MoeTile, down: bool) -> String {
 }
 
 /// The grouped-GEMM tiles of one expert storage, shortest blocks first, each with the most
-/// rows per expert (a step's choices over the experts, on average) it is picked for: short
-/// blocks pad little when experts get few rows (decode), tall ones re-read each expert's
-/// weights fewer times when they get many (prefill). [`ExpertFormat::tiles`] builds it.
+/// rows per expert it is picked for: short blocks pad little when experts get few rows
+/// (decode), tall ones re-read each expert's weights fewer times when they get many
+/// (prefill). [`ExpertFormat::tiles`] builds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TileLadder(Vec<(MoeTile, usize)>);
 
 impl TileLadder {
-    /// The tile for a step of `tokens` tokens choosing `top_k` of `experts` experts: the
-    /// first whose limit the step's rows per expert stay within, else the tallest.
+    /// The tile for a step of `tokens` tokens choosing `top_k` of `experts` experts, when
+    /// nothing is known of its routing: by the mean rows per expert.
     pub fn pick(&self, tokens: usize, top_k: usize, experts: usize) -> MoeTile {
-        let rows = tokens * top_k;
+        self.pick_rows((tokens * top_k) as f64 / experts.max(1) as f64)
+    }
+
+    /// The tile for `rows` rows per expert: the first whose limit they stay within, else
+    /// the tallest.
+    pub fn pick_rows(&self, rows: f64) -> MoeTile {
         self.0
             .iter()
-            .find(|&&(_, up_to)| rows <= up_to.saturating_mul(experts))
+            .find(|&&(_, up_to)| rows <= up_to as f64)
             .or(self.0.last())
             .map(|&(t, _)| t)
             .expect("a ladder has a tile")
+    }
+
+    /// Where `tile` stands in the ladder, shortest first (`None`: not one of its tiles).
+    pub fn position(&self, tile: MoeTile) -> Option<usize> {
+        self.0.iter().position(|&(t, _)| t == tile)
     }
 
     /// Every tile of the ladder, shortest first.
@@ -225,6 +235,16 @@ impl TileLadder {
     pub fn depth(&self) -> usize {
         self.0[0].0.bk
     }
+}
+
+/// Rows per expert as a routed row sees them: `sq_sum` (the sum over experts of their row
+/// counts squared, over a step's sparse layers, as `moe_align` gathers it) over `choices`
+/// (the sum of the counts: tokens x top_k x sparse layers). The mean rows per expert, plus
+/// about one, where routing spreads evenly (random weights, mixed prompts); the whole batch
+/// where every row picks the same experts (one prompt repeated: the seeds' client), for
+/// which the ladder's limits, set by the mean, would pick too short a tile.
+pub fn rows_seen(sq_sum: u64, choices: usize) -> f64 {
+    sq_sum as f64 / choices.max(1) as f64
 }
 
 /// Entries of the expert-sorted index for `tokens` tokens at `bm` rows per block: every
@@ -322,6 +342,9 @@ pub struct Routing {
     pub block_expert: DevPtr,
     /// One i32: sorted entries in use (padding included).
     pub post_pad: DevPtr,
+    /// One u64: the experts' row counts squared, summed over the step's sparse layers
+    /// ([`rows_seen`]); 0: not gathered.
+    pub sq_sum: DevPtr,
 }
 
 /// One grouped GEMM: `rows` choices against the experts' `[n, k]` weights at `w` (and
@@ -428,7 +451,10 @@ impl MoeKernels {
             .map_err(launch_err)
     }
 
-    /// Groups the `tokens * top_k` choices by expert in blocks of `bm` rows.
+    /// Groups the `tokens * top_k` choices by expert in blocks of `bm` rows, and adds the
+    /// counts squared to `r.sq_sum` (stores them when `first`: the step's first sparse
+    /// layer).
+    #[allow(clippy::too_many_arguments)]
     pub fn align(
         &self,
         r: &Routing,
@@ -436,9 +462,11 @@ impl MoeKernels {
         top_k: usize,
         experts: usize,
         bm: usize,
+        first: bool,
     ) -> Result<(), CudaError> {
         let cap = sorted_len(tokens, top_k, experts, bm) as i32;
         let (n, e, bm_) = ((tokens * top_k) as i32, experts as i32, bm as i32);
+        let first = first as i32;
         let mut b = self.stream.launch_builder(&self.align);
         b.arg(&r.ids)
             .arg(&n)
@@ -447,7 +475,9 @@ impl MoeKernels {
             .arg(&cap)
             .arg(&r.sorted)
             .arg(&r.block_expert)
-            .arg(&r.post_pad);
+            .arg(&r.post_pad)
+            .arg(&r.sq_sum)
+            .arg(&first);
         let smem = ((3 * experts + 1) * 4) as u32;
         unsafe { b.launch(Kernels::cfg((1, 1), 1024, smem)) }
             .map(|_| ())
@@ -734,6 +764,44 @@ mod tests {
         for (tokens, rows) in [(1, 16), (384, 16), (385, 64), (8192, 64)] {
             assert_eq!(bm(bf16, tokens), rows, "{tokens} tokens");
         }
+    }
+
+    /// The rows a routed row sees decide the tile when routing is known: the mean where it
+    /// spreads, the whole batch where every row picks the same experts.
+    #[test]
+    fn routing_that_piles_rows_on_few_experts_takes_taller_tiles() {
+        let ladder = ExpertFormat::Fp8 { block: [128, 128] }
+            .tiles(2048, 768)
+            .unwrap();
+        let (k, e, layers) = (8usize, 128usize, 48usize);
+        // Experts' row counts of one layer -> rows seen over `layers` such layers.
+        let seen = |counts: &[usize]| {
+            let sq: u64 = counts.iter().map(|&c| (c * c) as u64).sum();
+            let n: usize = counts.iter().sum();
+            rows_seen(sq * layers as u64, n * layers)
+        };
+        for batch in [1usize, 64, 512] {
+            // one prompt repeated: the batch on k experts
+            let same = seen(&vec![batch; k]);
+            assert_eq!(same, batch as f64, "batch {batch}");
+            // evenly spread: the mean rows per expert
+            if (batch * k).is_multiple_of(e) {
+                let even = seen(&vec![batch * k / e; e]);
+                assert_eq!(even, (batch * k / e) as f64);
+                assert_eq!(ladder.pick_rows(even), ladder.pick(batch, k, e));
+            }
+        }
+        // the seeds' client at 64 and 512: the 64-row tile, where the mean picks 16 and 32
+        assert_eq!(ladder.pick(64, k, e).bm, 16);
+        assert_eq!(ladder.pick_rows(seen(&[64; 8])).bm, 64);
+        assert_eq!(ladder.pick(512, k, e).bm, 32);
+        assert_eq!(ladder.pick_rows(seen(&[512; 8])).bm, 64);
+        // a limit is inclusive, and no rows at all take the shortest tile
+        assert_eq!(ladder.pick_rows(12.0).bm, 16);
+        assert_eq!(ladder.pick_rows(12.5).bm, 32);
+        assert_eq!(ladder.pick_rows(0.0).bm, 16);
+        assert_eq!(rows_seen(0, 0), 0.0);
+        assert_eq!(ladder.position(ladder.pick_rows(1e9)), Some(2));
     }
 
     /// The sorted index holds every choice plus the worst-case padding (each expert one

@@ -21,7 +21,8 @@ pub struct CudaOptions {
     pub max_seqs: usize,
     /// Longest sequence (`--max-model-len`).
     pub max_model_len: usize,
-    /// Decode batch sizes captured as CUDA graphs (a step pads up to the next bucket).
+    /// Decode batch sizes captured as CUDA graphs (a step pads up to the next bucket;
+    /// a larger decode step runs eagerly).
     pub graph_buckets: Vec<usize>,
     /// Confine every kernel to a green context of at least this many SMs
     /// (`--sm-partition`; `backend::cuda::green`).
@@ -31,13 +32,21 @@ pub struct CudaOptions {
     pub sm_partitions: Vec<u32>,
 }
 
+/// The decode graph sizes: up to 512 sequences, as vLLM captures by default
+/// (`max_cudagraph_capture_size` 512), so that the seeds' 512-concurrent generator decodes
+/// through a graph rather than a thousand eager launches a step; within `--max-num-seqs`.
+pub const DEFAULT_GRAPH_BUCKETS: [usize; 23] = [
+    1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480,
+    512,
+];
+
 impl Default for CudaOptions {
     fn default() -> Self {
         Self {
             max_tokens: 8192,
             max_seqs: 256,
             max_model_len: 4096,
-            graph_buckets: vec![1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256],
+            graph_buckets: DEFAULT_GRAPH_BUCKETS.to_vec(),
             sm_partition: None,
             sm_partitions: Vec::new(),
         }

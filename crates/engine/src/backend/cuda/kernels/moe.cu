@@ -74,9 +74,14 @@ extern "C" __global__ void moe_topk_softmax(const float* __restrict__ logits, in
 // The atomics are one per warp and expert: a batch of one prompt repeated
 // (the seeds' client) routes every token to the same k experts, and one atomic per choice
 // would queue the whole block on k counters. blockDim.x must be a multiple of 32.
+// sq_sum (when not null) gathers the sum over experts of count^2 across a step's sparse
+// layers: the first stores it, the others add (kernels of one stream run in order). The
+// host divides it by the choices to learn how many rows per expert a row sees, and picks
+// the next step's tile by that (moe_kernels::rows_seen).
 extern "C" __global__ void moe_align(const int* __restrict__ ids, int n, int experts, int bm, int cap,
                                      int* __restrict__ sorted, int* __restrict__ block_expert,
-                                     int* __restrict__ post_pad) {
+                                     int* __restrict__ post_pad, unsigned long long* __restrict__ sq_sum,
+                                     int first) {
     extern __shared__ int sh[];
     int* count = sh;
     int* off = sh + experts;
@@ -92,12 +97,15 @@ extern "C" __global__ void moe_align(const int* __restrict__ ids, int n, int exp
     __syncthreads();
     if (threadIdx.x == 0) {
         int acc = 0;
+        unsigned long long sq = 0;
         for (int e = 0; e < experts; e++) {
             off[e] = acc;
             acc += (count[e] + bm - 1) / bm * bm;
+            sq += (unsigned long long)count[e] * (unsigned long long)count[e];
         }
         off[experts] = acc;
         post_pad[0] = acc;
+        if (sq_sum) *sq_sum = first ? sq : *sq_sum + sq;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < cap; i += blockDim.x) sorted[i] = n;
