@@ -101,15 +101,20 @@ mod tests {
     }
 
     #[test]
-    fn the_default_buckets_reach_512_sequences_in_steps_of_32() {
+    fn the_default_buckets_reach_1024_sequences() {
         let b = crate::backend::cuda::step::DEFAULT_GRAPH_BUCKETS;
         assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
         let g = DecodeGraphs::new(&b, 1024);
         assert_eq!(g.bucket_for(512), Some(512));
         assert_eq!(g.bucket_for(257), Some(288));
         assert_eq!(g.bucket_for(500), Some(512));
-        assert_eq!(g.bucket_for(513), None);
-        // at most 32 padding rows past 256
+        assert_eq!(g.bucket_for(513), Some(576));
+        assert_eq!(g.bucket_for(1024), Some(1024));
+        assert_eq!(g.bucket_for(1025), None);
+        // at most 32 padding rows from 257 to 512, 64 above
         assert!((257..=512).all(|n| g.bucket_for(n).unwrap() - n < 32));
+        assert!((513..=1024).all(|n| g.bucket_for(n).unwrap() - n < 64));
+        // within --max-num-seqs
+        assert_eq!(DecodeGraphs::new(&b, 300).buckets().last(), Some(&288));
     }
 }

@@ -32,12 +32,13 @@ pub struct CudaOptions {
     pub sm_partitions: Vec<u32>,
 }
 
-/// The decode graph sizes: up to 512 sequences, as vLLM captures by default
-/// (`max_cudagraph_capture_size` 512), so that the seeds' 512-concurrent generator decodes
-/// through a graph rather than a thousand eager launches a step; within `--max-num-seqs`.
-pub const DEFAULT_GRAPH_BUCKETS: [usize; 23] = [
+/// The decode graph sizes, within `--max-num-seqs`: up to 512 sequences in steps of 32 past
+/// 256, then to 1,024 in steps of 64, so that the seeds' generator decodes through a graph
+/// at its 512 and 1,024 concurrent rather than through a thousand eager launches a step
+/// (vLLM captures up to 512 by default, `max_cudagraph_capture_size`).
+pub const DEFAULT_GRAPH_BUCKETS: [usize; 31] = [
     1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480,
-    512,
+    512, 576, 640, 704, 768, 832, 896, 960, 1024,
 ];
 
 impl Default for CudaOptions {
