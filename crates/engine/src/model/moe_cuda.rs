@@ -129,6 +129,18 @@ impl Scratch {
     }
 }
 
+/// Which step a sparse block runs in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MoeStep {
+    /// The layer (the first sparse one starts the step's sum of counts squared).
+    pub layer: usize,
+    /// Token rows.
+    pub tokens: usize,
+    /// A decode step (every sequence one token): its tile follows the routing that the
+    /// last decode step of this size saw.
+    pub decode: bool,
+}
+
 /// A mixture-of-experts model's sparse blocks on the device: their kernels, the expert
 /// storage and tiles, which layers are sparse, and the step scratch.
 pub(crate) struct CudaMoe {
@@ -245,11 +257,13 @@ impl CudaMoe {
         Ok(())
     }
 
-    /// The tile of a step of `tokens` rows: the forced one, else the ladder's pick by the
-    /// rows per expert the last decode step of this size saw, else by the mean.
-    pub(crate) fn tile_for(&self, tokens: usize) -> MoeTile {
+    /// The tile of a step of `tokens` rows: the forced one, else, for a decode step, the
+    /// ladder's pick by the rows per expert the last decode step of this size saw, else by
+    /// the mean (prompt tokens spread over the experts whatever the batch's decode does).
+    pub(crate) fn tile_for(&self, tokens: usize, decode: bool) -> MoeTile {
         let (k, e) = (self.d.top_k, self.d.experts);
-        self.forced.unwrap_or_else(|| match self.seen.get(&tokens) {
+        let seen = self.seen.get(&tokens).filter(|_| decode);
+        self.forced.unwrap_or_else(|| match seen {
             Some(&rows) => self.tiles.pick_rows(rows),
             None => self.tiles.pick(tokens, k, e),
         })
@@ -258,7 +272,7 @@ impl CudaMoe {
     /// Names the kernels a decode graph of `tokens` rows launches beyond its size (its
     /// tile's place in the ladder), so that a graph is kept per tile.
     pub(crate) fn graph_variant(&self, tokens: usize) -> u64 {
-        let tile = self.tile_for(tokens);
+        let tile = self.tile_for(tokens, true);
         self.tiles.position(tile).map_or(u64::MAX, |p| p as u64)
     }
 
@@ -397,24 +411,22 @@ impl CudaMoe {
         Ok(weights)
     }
 
-    /// The sparse block of `layer` over `tokens` rows of the normed hidden state `x`
+    /// The sparse block over the step's token rows of the normed hidden state `x`
     /// (`[T, H]` bf16), its output into `out` (`[T, H]` bf16, added to the residual by the
-    /// next norm). The first sparse layer starts the step's sum of counts squared.
-    #[allow(clippy::too_many_arguments)]
+    /// next norm).
     pub(crate) fn forward(
         &self,
         cx: &ForwardCtx<'_>,
         ops: &mut Launcher<'_>,
         w: &SparseLayer,
-        layer: usize,
         x: DevPtr,
         out: DevPtr,
-        tokens: usize,
+        step: MoeStep,
     ) -> anyhow::Result<()> {
         let (d, s, mk) = (&self.d, &self.scratch, &self.kernels);
-        let (t, k, e) = (tokens, d.top_k, d.experts);
-        let tile = self.tile_for(t);
-        let first = self.first_sparse == Some(layer);
+        let (t, k, e) = (step.tokens, d.top_k, d.experts);
+        let tile = self.tile_for(t, step.decode);
+        let first = self.first_sparse == Some(step.layer);
         let r = s.routing();
         let scales = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
         ops.op("gemm router", || {

@@ -43,7 +43,7 @@ use crate::backend::cuda::moe_kernels::MoeTile;
 use crate::backend::cuda::profile::Launcher;
 use crate::backend::cuda::step::CudaOptions;
 use crate::model::config::{Arch, DecoderLayout, MlpKind, ModelConfig, NormKind, PositionKind};
-use crate::model::moe_cuda::{CudaMoe, SparseLayer};
+use crate::model::moe_cuda::{CudaMoe, MoeStep, SparseLayer};
 use crate::model::qwen3::param_names;
 use crate::model_api::{ModelInfo, Task};
 use crate::weights::{SafetensorsFiles, WeightSource};
@@ -1129,7 +1129,12 @@ impl Qwen3Cuda {
                 _,
             ) => (up, up_bias, down),
             (Mlp::Sparse(sw), Some(moe)) => {
-                return moe.forward(cx, ops, sw, layer, a.normed.ptr, a.delta.ptr, t);
+                let step = MoeStep {
+                    layer,
+                    tokens: t,
+                    decode: p.step.is_decode() && !p.embed,
+                };
+                return moe.forward(cx, ops, sw, a.normed.ptr, a.delta.ptr, step);
             }
             (Mlp::Sparse(_), None) => bail!("layer {layer} is sparse in a dense model"),
         };

@@ -197,6 +197,13 @@ pub struct PackedStep {
     pub items: usize,
 }
 
+impl PackedStep {
+    /// Every sequence brings one token (no prefill tiles of either kind).
+    pub fn is_decode(&self) -> bool {
+        self.tiles == 0 && self.flash_tiles == 0
+    }
+}
+
 /// Packs `meta` into `m` in `lay`'s layout. `pad_to > 0` pads a decode batch to that many rows
 /// (token 0 at position 0, no KV write, each its own sequence and output row).
 pub fn pack(
