@@ -12,6 +12,18 @@ while time.time() < end:
 sys.exit(1)
 PY
 }
+# scrape PORT FILE: http://127.0.0.1:PORT/metrics into FILE (empty when it does not answer
+# within 5 s).
+scrape() {
+  python3 - "$1" "$2" <<'PY'
+import sys, urllib.request
+try:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read()
+except Exception:
+    text = b""
+open(sys.argv[2], "wb").write(text)
+PY
+}
 # stop_group PID: SIGINT to the process group PID leads (a server started with setsid, vLLM's
 # API servers and EngineCore with it), up to 30 s for it to go, then SIGKILL; reaps PID.
 stop_group() {

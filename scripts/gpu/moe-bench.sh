@@ -5,8 +5,10 @@
 # clients: the seeds' workload (one ~30-token prompt, 512 tokens, ignore_eos) at each
 # concurrency of $CONCS, and 128 + 128 at 64 concurrent.
 #   usage: scripts/gpu/moe-bench.sh BIN_DIR OUT_DIR      (ENGINES="builtin vllm" by default)
-# Each engine's results: $OUT/moe-$ENGINE-seed-$CONC.json, moe-$ENGINE-128x128.json, and
-# its log; a summary table last.
+# Each engine's results: $OUT/moe-$ENGINE-seed-$CONC.json, moe-$ENGINE-128x128.json, its
+# /metrics before and after each concurrency (moe-$ENGINE-seed-$CONC.{before,after}.prom)
+# and its log; a summary table last, and for the built-in engine where a served step's time
+# went over each run (its step-time and host-gap histograms, after minus before).
 set -uo pipefail
 BIN=${1:-.gpu}; OUT=${2:-gpu-out}; C="$BIN/colocate"
 ENGINES=${ENGINES:-builtin vllm}
@@ -42,8 +44,10 @@ for engine in $ENGINES; do
   if wait_health 8100 $wait_s; then
     echo "$engine: healthy after $(( $(date +%s) - t0 )) s"
     for c in $CONCS; do
+      scrape 8100 "$OUT/moe-$engine-seed-$c.before.prom"
       "$C" bench --workload "seed-gen:url=http://127.0.0.1:8100,model=gen,concurrency=$c" \
         --warmup "$WARM" --duration "$DUR" --out "$OUT/moe-$engine-seed-$c.json" > "$OUT/moe-$engine-seed-$c.txt" 2>&1 || status=1
+      scrape 8100 "$OUT/moe-$engine-seed-$c.after.prom"
     done
     "$C" bench --workload "completions:url=http://127.0.0.1:8100,model=gen,concurrency=64,input=128,output=128" \
       --warmup 5s --duration 20s --out "$OUT/moe-$engine-128x128.json" > "$OUT/moe-$engine-128x128.txt" 2>&1 || status=1
@@ -68,5 +72,38 @@ for f in sorted(glob.glob(os.path.join(out, "moe-*.json"))):
               f"{p(g['ttft_ms'], 'p50'):.0f} | {p(g['ttft_ms'], 'p99'):.0f} | {sum(w['errors'].values())} |")
     except Exception as e:
         print(f"| {eng} | {rest} | unreadable: {e!r} |")
+
+# The built-in engine's own account of each run (warm-up included): decode steps, steps
+# with prompts, and the host's gap between steps, as means over the run.
+def totals(path):
+    t = {}
+    for line in open(path):
+        for name in ("colocate:engine_step_seconds", "colocate:engine_step_gap_seconds"):
+            for part in ("_sum", "_count"):
+                if line.startswith(name + part):
+                    key, _, val = line.rpartition(" ")
+                    t[key.strip()] = float(val)
+    return t
+rows = []
+for after in sorted(glob.glob(os.path.join(out, "moe-builtin-seed-*.after.prom"))):
+    before = after.replace(".after.", ".before.")
+    try:
+        a, b = totals(after), totals(before)
+    except OSError:
+        continue
+    d = lambda k: a.get(k, 0.0) - b.get(k, 0.0)
+    def mean(base, label=""):
+        n = d(f"{base}_count{label}")
+        return (f"{1e3 * d(f'{base}_sum{label}') / n:.2f} ms ({n:.0f})" if n else "-")
+    step = "colocate:engine_step_seconds"
+    rows.append((after.split("-seed-")[1].split(".")[0],
+                 mean(step, '{kind="decode"}'), mean(step, '{kind="mixed"}'),
+                 mean("colocate:engine_step_gap_seconds")))
+if rows:
+    print()
+    print("| built-in, concurrency | decode step (count) | step with prompts (count) | host gap (count) |")
+    print("|---:|---:|---:|---:|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
 PY
 exit $status
