@@ -1619,7 +1619,8 @@ fn every_moe_tile_gives_the_same_logits() {
 /// summed by `moe_align` on the device), and the next step of that size picks its tile by
 /// it: 32 copies of one token send every row to the same 4 of 16 experts, 32 rows each,
 /// where the mean (8) would keep the short tile; the graph of the taller tile gives the
-/// same logits. Distinct tokens spread, and see fewer.
+/// same logits. A batch padded to the graph's size leaves its padding rows unrouted.
+/// Distinct tokens spread, and see fewer.
 #[test]
 #[cfg_attr(
     not(feature = "gpu-tests"),
@@ -1662,6 +1663,14 @@ fn skewed_routing_moves_the_next_decode_step_to_a_taller_tile() {
     assert_eq!(m.moe_rows_seen(batch), Some(batch as f64));
     for (i, (got, want)) in second.iter().zip(&first).enumerate() {
         assert_logits_within(got, want, &format!("row {i}, taller tile"), 0.002);
+    }
+    // 30 sequences in the graph of 32: the two padding rows route nowhere, so every routed
+    // row still sees the 30 rows of its experts, and the live rows' logits stand
+    let padded = step(&mut m, &same[..batch - 2]);
+    assert_eq!(padded.len(), batch - 2);
+    assert_eq!(m.moe_rows_seen(batch), Some((batch - 2) as f64));
+    for (i, got) in padded.iter().enumerate() {
+        assert_logits_within(got, &first[i], &format!("row {i}, padded batch"), 0.002);
     }
     let spread: Vec<[u32; 1]> = (0..batch as u32).map(|i| [3 + 13 * i]).collect();
     step(&mut m, &spread);

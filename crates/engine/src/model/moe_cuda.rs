@@ -125,6 +125,7 @@ impl Scratch {
             block_expert: self.block_expert.ptr,
             post_pad: self.post_pad.ptr,
             sq_sum: self.sq_sum.ptr,
+            slots: 0,
         }
     }
 }
@@ -139,6 +140,9 @@ pub(crate) struct MoeStep {
     /// A decode step (every sequence one token): its tile follows the routing that the
     /// last decode step of this size saw.
     pub decode: bool,
+    /// The step's KV slot per token row, where a decode graph's padding rows hold -1:
+    /// they route to no expert (`Routing::slots`). `None`: every row routes.
+    pub slots: Option<DevPtr>,
 }
 
 /// A mixture-of-experts model's sparse blocks on the device: their kernels, the expert
@@ -276,15 +280,21 @@ impl CudaMoe {
         self.tiles.position(tile).map_or(u64::MAX, |p| p as u64)
     }
 
-    /// After a decode step of `tokens` rows has been enqueued: waits for it and reads
-    /// back the rows per expert its routing gave a row, for the next step of that size.
-    pub(crate) fn observe(&mut self, dev: &CudaDevice, tokens: usize) -> anyhow::Result<()> {
+    /// After a decode step of `tokens` rows (`live` of them sequences, the rest padding,
+    /// which routes nowhere) has been enqueued: waits for it and reads back the rows per
+    /// expert its routing gave a row, for the next step of that size.
+    pub(crate) fn observe(
+        &mut self,
+        dev: &CudaDevice,
+        tokens: usize,
+        live: usize,
+    ) -> anyhow::Result<()> {
         let layers = self.sparse.iter().filter(|&&s| s).count();
-        if layers == 0 || tokens == 0 {
+        if layers == 0 || live == 0 {
             return Ok(());
         }
         let sq: Vec<u64> = buffer::download(dev, self.scratch.sq_sum.ptr, 1)?;
-        let choices = tokens * self.d.top_k * layers;
+        let choices = live * self.d.top_k * layers;
         self.seen.insert(tokens, rows_seen(sq[0], choices));
         Ok(())
     }
@@ -427,7 +437,10 @@ impl CudaMoe {
         let (t, k, e) = (step.tokens, d.top_k, d.experts);
         let tile = self.tile_for(t, step.decode);
         let first = self.first_sparse == Some(step.layer);
-        let r = s.routing();
+        let r = Routing {
+            slots: step.slots.unwrap_or(0),
+            ..s.routing()
+        };
         let scales = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
         ops.op("gemm router", || {
             cx.gemm.linear(
@@ -484,7 +497,7 @@ impl CudaMoe {
         ops.op("moe gemm down", || {
             mk.gemm(&down, &r, self.format, tile, t, k, e)
         })?;
-        ops.op("moe sum", || mk.sum(s.inter.ptr, out, t, d.hidden, k))
+        ops.op("moe sum", || mk.sum(s.inter.ptr, out, &r, t, d.hidden, k))
     }
 
     /// The router GEMM's shape (`n`, `k`) and its output buffer, for tuning.

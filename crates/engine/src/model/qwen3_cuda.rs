@@ -784,9 +784,9 @@ impl CudaModel for Qwen3Cuda {
         self.moe.as_ref().map_or(0, |m| m.graph_variant(tokens))
     }
 
-    fn after_decode(&mut self, dev: &CudaDevice, tokens: usize) -> anyhow::Result<()> {
+    fn after_decode(&mut self, dev: &CudaDevice, tokens: usize, live: usize) -> anyhow::Result<()> {
         match &mut self.moe {
-            Some(m) => m.observe(dev, tokens),
+            Some(m) => m.observe(dev, tokens, live),
             None => Ok(()),
         }
     }
@@ -1129,10 +1129,12 @@ impl Qwen3Cuda {
                 _,
             ) => (up, up_bias, down),
             (Mlp::Sparse(sw), Some(moe)) => {
+                let decode = p.step.is_decode() && !p.embed;
                 let step = MoeStep {
                     layer,
                     tokens: t,
-                    decode: p.step.is_decode() && !p.embed,
+                    decode,
+                    slots: decode.then(|| cx.step.ptr(p.layout.slots)),
                 };
                 return moe.forward(cx, ops, sw, a.normed.ptr, a.delta.ptr, step);
             }

@@ -137,9 +137,15 @@ pub trait CudaModel: Send {
     fn graph_variant(&self, _tokens: usize) -> u64 {
         0
     }
-    /// After a decode graph of `tokens` rows has been launched: reads back what
-    /// [`Self::graph_variant`] follows (waiting for the step). Nothing by default.
-    fn after_decode(&mut self, _dev: &CudaDevice, _tokens: usize) -> anyhow::Result<()> {
+    /// After a decode graph of `tokens` rows, `live` of them sequences and the rest
+    /// padding, has been launched: reads back what [`Self::graph_variant`] follows
+    /// (waiting for the step). Nothing by default.
+    fn after_decode(
+        &mut self,
+        _dev: &CudaDevice,
+        _tokens: usize,
+        _live: usize,
+    ) -> anyhow::Result<()> {
         Ok(())
     }
     fn outputs(&self) -> Outputs;
@@ -634,7 +640,7 @@ impl<M: CudaModel> CudaExecutor<M> {
                 self.capture(b, v, place, lay)?;
             }
             self.graphs.launch(b, v)?;
-            self.model.after_decode(&self.dev, b)?;
+            self.model.after_decode(&self.dev, b, seqs.len())?;
             return Ok(seqs.len());
         }
         let packed = self.step.pack(&meta, 0, lay, &self.opts)?;

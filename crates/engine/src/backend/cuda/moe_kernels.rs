@@ -345,6 +345,9 @@ pub struct Routing {
     /// One u64: the experts' row counts squared, summed over the step's sparse layers
     /// ([`rows_seen`]); 0: not gathered.
     pub sq_sum: DevPtr,
+    /// The step's KV slot per token row, where -1 marks a decode graph's padding row,
+    /// which then routes to no expert; 0: every row routes.
+    pub slots: DevPtr,
 }
 
 /// One grouped GEMM: `rows` choices against the experts' `[n, k]` weights at `w` (and
@@ -445,7 +448,8 @@ impl MoeKernels {
             .arg(&t)
             .arg(&e)
             .arg(&k)
-            .arg(&rn);
+            .arg(&rn)
+            .arg(&r.slots);
         unsafe { b.launch(Kernels::cfg((tokens.div_ceil(4) as u32, 1), 128, 0)) }
             .map(|_| ())
             .map_err(launch_err)
@@ -535,18 +539,20 @@ impl MoeKernels {
             .map_err(launch_err)
     }
 
-    /// `out[t] = sum_j y[t * top_k + j]` (`[tokens, hidden]` bf16).
+    /// `out[t] = sum_j y[t * top_k + j]` (`[tokens, hidden]` bf16); zeros for a row that
+    /// routed nowhere (`r.slots`).
     pub fn sum(
         &self,
         y: DevPtr,
         out: DevPtr,
+        r: &Routing,
         tokens: usize,
         hidden: usize,
         top_k: usize,
     ) -> Result<(), CudaError> {
         let (h, k) = (hidden as i32, top_k as i32);
         let mut b = self.stream.launch_builder(&self.sum);
-        b.arg(&y).arg(&out).arg(&h).arg(&k);
+        b.arg(&y).arg(&out).arg(&h).arg(&k).arg(&r.ids);
         unsafe { b.launch(Kernels::cfg((tokens as u32, 1), 256, 0)) }
             .map(|_| ())
             .map_err(launch_err)

@@ -15,12 +15,21 @@
 
 // One warp per token: softmax of the router logits in fp32, the top k probabilities in k
 // rounds of a warp arg-max (ties to the lower expert id, as the CPU's Routing::of_logits),
-// divided by their sum when renorm (norm_topk_prob). ids/w: [tokens, k].
+// divided by their sum when renorm (norm_topk_prob). ids/w: [tokens, k]. A row whose KV
+// slot is -1 (slots not null: a decode graph's padding) routes nowhere: ids -1, weights 0,
+// so that moe_align leaves it out and no GEMM computes it.
 extern "C" __global__ void moe_topk_softmax(const float* __restrict__ logits, int* __restrict__ ids,
                                             float* __restrict__ w, int tokens, int experts, int k,
-                                            int renorm) {
+                                            int renorm, const int* __restrict__ slots) {
     int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= tokens) return;
+    if (slots && slots[t] < 0) {
+        for (int j = lane; j < k; j += 32) {
+            ids[t * k + j] = -1;
+            w[t * k + j] = 0.f;
+        }
+        return;
+    }
     const float* row = logits + (size_t)t * experts;
     float p[MOE_EPL];
     float mx = -__int_as_float(0x7f800000);
@@ -471,11 +480,15 @@ extern "C" __global__ void moe_silu_mul_f16(const bf16* __restrict__ gu, unsigne
 
 // out[t] = sum over j of y[t * k + j], in fp32 in j order (the block's output, which the
 // next add_rmsnorm adds to the residual).
-extern "C" __global__ void moe_sum(const bf16* __restrict__ y, bf16* __restrict__ out, int hidden, int k) {
+extern "C" __global__ void moe_sum(const bf16* __restrict__ y, bf16* __restrict__ out, int hidden, int k,
+                                   const int* __restrict__ ids) {
     const int t = blockIdx.x;
+    // A row that routed nowhere (padding, moe_topk_softmax) has no outputs: zeros.
+    const bool none = ids[(size_t)t * k] < 0;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
         float s = 0.f;
-        for (int j = 0; j < k; j++) s += bf2f(y[((size_t)t * k + j) * hidden + c]);
+        if (!none)
+            for (int j = 0; j < k; j++) s += bf2f(y[((size_t)t * k + j) * hidden + c]);
         out[(size_t)t * hidden + c] = f2bf(s);
     }
 }
