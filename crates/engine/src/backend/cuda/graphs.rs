@@ -1,9 +1,8 @@
 //! Decode steps as CUDA graphs, one per batch-size bucket (vLLM's design): a decode batch
 //! pads up to the next bucket, its metadata is rewritten in the step buffer, and the
 //! bucket's graph is replayed; padding rows write no KV (and a mixture of experts routes
-//! them to no expert). A model whose kernels follow what
-//! earlier steps saw (a mixture of experts' tile) names a variant, and each bucket keeps a
-//! graph per variant it has used.
+//! them to no expert). A model whose kernels follow what earlier steps saw (a mixture of
+//! experts' tile) names a variant, and each bucket keeps a graph per variant it has used.
 
 use std::collections::HashMap;
 use std::sync::Arc;
