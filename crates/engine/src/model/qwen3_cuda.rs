@@ -1014,7 +1014,7 @@ impl Qwen3Cuda {
                     a.qkv.ptr, a.attn.ptr, ft.buf.ptr, ft.count, d.heads, d.kv_heads, true,
                 )
             })?;
-        } else if p.step.tiles > 0 || p.step.flash_tiles > 0 {
+        } else if !p.step.is_decode() {
             // Prompt chunks long enough for the flash kernel, the one-token sequences on
             // the split decode kernel (`StepLayout::mixed_decode`) and the rest of the
             // step's tokens (short chunks) write disjoint rows of `attn`.

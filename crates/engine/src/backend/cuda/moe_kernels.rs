@@ -295,9 +295,9 @@ impl ExpertFormat {
     /// 18.68 ms at 16, 24.17 against 25.34 for 64 rows at 32), 64 x 128 above (186 against
     /// 203 ms a prefill round). The limits 12 and 48 lie between measured points (48: where
     /// the 32-row tile needs two blocks for most experts, re-reading their weights, and the
-    /// 64-row tile pads a quarter). bf16 keeps 16 x 128
-    /// up to 24 rows per expert, then 64 x 64; 16/64 x 32 x 32 where the shapes or FP8
-    /// blocks are multiples of 32 only (the tiny test checkpoints).
+    /// 64-row tile pads a quarter). bf16 keeps 16 x 128 up to 24 rows per expert, then
+    /// 64 x 64; 16/64 x 32 x 32 where the shapes or FP8 blocks are multiples of 32 only (the
+    /// tiny test checkpoints).
     pub fn tiles(&self, hidden: usize, inter: usize) -> anyhow::Result<TileLadder> {
         if !hidden.is_multiple_of(32) || !inter.is_multiple_of(32) {
             bail!("the CUDA MoE kernels need hidden_size ({hidden}) and moe_intermediate_size ({inter}) to be multiples of 32");
