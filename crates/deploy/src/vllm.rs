@@ -417,15 +417,15 @@ pub async fn probe_all(spec: &DeploymentSpec) -> anyhow::Result<Installs> {
         if e.kind != EngineKind::Vllm {
             continue;
         }
-        let l = launcher(e);
-        let install = found[&reach(e)].clone();
+        let key = reach(e);
+        let install = found[&key].clone();
         if let Some(pin) = &e.vllm_version {
             let want = VllmVersion::parse(pin)
                 .map_err(|why| anyhow::anyhow!("engines[{i}].vllm_version: {why}"))?;
             if !want.same_release(&install.version) {
                 bail!(
                     "engines[{i}].vllm_version: pinned {pin} but `{} --version` runs {}",
-                    crate::adapters::shell_line(&[], &l),
+                    crate::adapters::shell_line(&[], &key.0),
                     install.version_text
                 );
             }
