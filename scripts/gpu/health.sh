@@ -12,6 +12,14 @@ while time.time() < end:
 sys.exit(1)
 PY
 }
+# tokenizer_of FOLDER: `--tokenizer /tmp/vllm-models/FOLDER` when vLLM's carried model folder
+# has a tokenizer.json (installed with vLLM, ../shared/vllm/), so that a built-in preset
+# counts a prompt as the real model and vLLM do; nothing (and a note on stderr) otherwise:
+# the preset then counts one token per byte of text.
+tokenizer_of() {
+  if [ -f "/tmp/vllm-models/$1/tokenizer.json" ]; then echo "--tokenizer /tmp/vllm-models/$1"
+  else echo "note: no /tmp/vllm-models/$1/tokenizer.json: the built-in engine counts bytes as tokens" >&2; fi
+}
 # scrape PORT FILE: http://127.0.0.1:PORT/metrics into FILE (empty when it does not answer
 # within 5 s).
 scrape() {

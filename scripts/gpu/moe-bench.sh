@@ -3,7 +3,10 @@
 # by the built-in CUDA engine and (when vLLM is installed, ../shared/vllm/README.md) by
 # vLLM 0.26, one after the other in the same call, driven by the same `colocate bench`
 # clients: the seeds' workload (one ~30-token prompt, 512 tokens, ignore_eos) at each
-# concurrency of $CONCS, and 128 + 128 at 64 concurrent.
+# concurrency of $CONCS, and 128 + 128 at 64 concurrent. The built-in engine reads Qwen3's
+# tokenizer from vLLM's model folder (`--tokenizer`, health.sh's tokenizer_of), so both
+# engines count the seeds' prompt as 32 tokens; without it the preset counted 185 (bytes of
+# the chat-templated text), as in every run up to 2026-12-03.
 #   usage: scripts/gpu/moe-bench.sh BIN_DIR OUT_DIR      (ENGINES="builtin vllm" by default)
 # Each engine's results: $OUT/moe-$ENGINE-seed-$CONC.json, moe-$ENGINE-128x128.json, its
 # /metrics before and after each concurrency (moe-$ENGINE-seed-$CONC.{before,after}.prom)
@@ -27,8 +30,9 @@ for engine in $ENGINES; do
   log="$OUT/moe-$engine.log"
   case $engine in
     builtin)
+      # shellcheck disable=SC2046
       setsid "$C" serve --device cuda --model preset:qwen3-30b-a3b-fp8 --load-format dummy --port 8100 \
-        --served-model-name gen --max-num-seqs 1024 --max-num-batched-tokens 8192 --max-model-len 1024 \
+        $(tokenizer_of qwen3-30b-a3b-fp8) --served-model-name gen --max-num-seqs 1024 --max-num-batched-tokens 8192 --max-model-len 1024 \
         --gpu-memory-utilization "$MEM" > "$log" 2>&1 &
       wait_s=240 ;;
     vllm)

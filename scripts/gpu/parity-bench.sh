@@ -73,9 +73,9 @@ for model in $MODELS; do
         # builtin: the engine's defaults (prompt chunks of 16 tokens and more on the flash
         # prefill kernel); builtin-tiles: every chunk on the 8-query tiles.
         flash=16; [ "$engine" = builtin-tiles ] && flash=0
-        # shellcheck disable=SC2086
+        # shellcheck disable=SC2086,SC2046
         COLOCATE_PREFILL_FLASH_MIN=$flash setsid "$C" serve --device cuda --model "preset:$preset" --load-format dummy --port 8100 \
-          --served-model-name m --task "$task" --max-num-batched-tokens 8192 \
+          $(tokenizer_of "$folder") --served-model-name m --task "$task" --max-num-batched-tokens 8192 \
           --gpu-memory-utilization "$MEM" $args > "$log" 2>&1 &
         wait_s=300 ;;
       vllm)

@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         load_format,
         device: Device::Cpu,
         seed: 0,
+        tokenizer: None,
         gpu: Default::default(),
     };
     let t = Instant::now();
@@ -125,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             load_format: LoadFormat::Auto,
             device: Device::Cpu,
             seed: 0,
+            tokenizer: None,
             gpu: Default::default(),
         };
         let loaded = load(&opts)?;

@@ -13,6 +13,11 @@ pub struct ServeArgs {
     /// tokenizer.json).
     #[arg(long)]
     pub model: String,
+    /// The tokenizer: a `tokenizer.json` or a folder with one (default: the model
+    /// folder's). A preset ships none and counts one token per byte of text; give it the
+    /// real model's tokenizer to see the prompt lengths a real deployment sees.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
     /// What to serve: `generate` (completions, chat) or `embed` (embeddings). Default: the
     /// model's own task.
     #[arg(long, value_enum)]

@@ -64,6 +64,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         load_format: args.load_format,
         device: args.device,
         seed: args.seed,
+        tokenizer: args.tokenizer.clone(),
         gpu: GpuLoadOptions {
             sm_partition: args.sm_partition,
             sm_partitions: args.sm_partitions.clone(),

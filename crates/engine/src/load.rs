@@ -77,6 +77,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// Seed of dummy weights.
     pub seed: u64,
+    /// `--tokenizer`: a `tokenizer.json` or a folder with one, instead of the model
+    /// folder's (a preset has none and falls back to one token per byte).
+    pub tokenizer: Option<PathBuf>,
     /// Sizing of the CUDA path (ignored on the CPU).
     pub gpu: GpuLoadOptions,
 }
@@ -215,11 +218,19 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
             .unwrap_or(config.max_position_embeddings)
             .min(config.max_position_embeddings)
     });
-    let tok = match &dir {
-        Some(d) => tokenizer::load_dir(d, truncate_to)?,
-        None => None,
+    let tok = match (&opts.tokenizer, &dir) {
+        (Some(flag), _) => Some(tokenizer::load_flag(flag, truncate_to)?),
+        (None, Some(d)) => tokenizer::load_dir(d, truncate_to)?,
+        (None, None) => None,
     };
-    let tokenizer = tok.unwrap_or_else(Tokenizer::byte_level);
+    let tokenizer = tok.unwrap_or_else(|| {
+        tracing::warn!(
+            "--model {}: no tokenizer.json, so one token per byte of text (a prompt is \
+             several times longer than with the model's own tokenizer); --tokenizer names one",
+            opts.model
+        );
+        Tokenizer::byte_level()
+    });
 
     let mut eos = config.eos_token_ids.clone();
     if let Some(d) = &dir {
@@ -232,9 +243,12 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
         eos = vec![tokenizer::BYTE_LEVEL_EOS];
     }
     if tokenizer.vocab_size() > config.vocab_size && !tokenizer.is_byte_level() {
+        let whose = match &opts.tokenizer {
+            Some(flag) => format!("--tokenizer {}", flag.display()),
+            None => format!("--model {}: its tokenizer", opts.model),
+        };
         anyhow::bail!(
-            "--model {}: tokenizer has {} tokens but config.json vocab_size is {}",
-            opts.model,
+            "{whose} has {} tokens but the model's vocab_size is {}",
             tokenizer.vocab_size(),
             config.vocab_size
         );

@@ -135,6 +135,29 @@ pub fn load_dir(dir: &Path, truncate_to: Option<usize>) -> anyhow::Result<Option
         .with_context(|| format!("loading {}", path.display()))
 }
 
+/// The tokenizer `--tokenizer PATH` names: a `tokenizer.json`, or a folder holding one (a
+/// Hugging Face model folder, as vLLM's `--tokenizer` takes). Errors name the flag.
+pub fn load_flag(path: &Path, truncate_to: Option<usize>) -> anyhow::Result<Tokenizer> {
+    let file = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
+    if !file.is_file() {
+        anyhow::bail!(
+            "--tokenizer {}: {}",
+            path.display(),
+            if path.is_dir() {
+                "this folder has no tokenizer.json"
+            } else {
+                "no such file or folder"
+            }
+        );
+    }
+    Tokenizer::from_file(&file, truncate_to)
+        .with_context(|| format!("--tokenizer {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -159,6 +182,45 @@ mod tests {
         with_eos.push(BYTE_LEVEL_EOS);
         assert_eq!(t.decode(&with_eos).unwrap(), "héllo ✓");
         assert!((BYTE_LEVEL_EOS as usize) < t.vocab_size());
+    }
+
+    fn testdata(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../testdata")
+            .join(name)
+    }
+
+    #[test]
+    fn the_tokenizer_flag_takes_a_file_or_a_folder_and_names_itself_when_wrong() {
+        let dir = testdata("gpt2-tiny");
+        let by_dir = load_flag(&dir, None).unwrap();
+        let by_file = load_flag(&dir.join("tokenizer.json"), None).unwrap();
+        assert!(!by_dir.is_byte_level());
+        let ids = by_dir.encode("hello world", false).unwrap();
+        assert_eq!(ids, by_file.encode("hello world", false).unwrap());
+        assert!(ids.len() < "hello world".len(), "{ids:?}");
+
+        let empty = testdata("qwen3-tiny");
+        let e = load_flag(&empty, None).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--tokenizer ") && e.contains("no tokenizer.json"),
+            "{e}"
+        );
+        let e = load_flag(&testdata("no-such-thing"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--tokenizer") && e.contains("no such file"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            load_flag(&empty.join("config.json"), None).unwrap_err()
+        );
+        assert!(
+            e.starts_with("--tokenizer ") && e.contains("cannot read"),
+            "{e}"
+        );
     }
 
     #[test]

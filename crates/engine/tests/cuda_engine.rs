@@ -151,6 +151,7 @@ fn asking_for_cuda_opens_the_gpu_or_says_why_not() {
         load_format: LoadFormat::Dummy,
         device: Device::Cuda(0),
         seed: 1,
+        tokenizer: None,
         gpu: GpuLoadOptions {
             memory_utilization: 0.05,
             max_model_len: Some(256),
@@ -195,6 +196,7 @@ fn every_family_on_cuda_opens_the_gpu_or_says_why_not() {
             load_format: LoadFormat::Dummy,
             device: Device::Cuda(0),
             seed: 1,
+            tokenizer: None,
             gpu: GpuLoadOptions {
                 memory_utilization: 0.05,
                 max_model_len: Some(256),
@@ -245,6 +247,7 @@ fn what_cuda_does_not_run_is_refused_by_name() {
         load_format: LoadFormat::Dummy,
         device: Device::Cuda(0),
         seed: 1,
+        tokenizer: None,
         gpu: Default::default(),
     };
     let msg = format!("{:#}", load::load(&opts).err().expect("refused"));
@@ -600,6 +603,7 @@ fn cpu_logits(name: &str, ids: &[u32]) -> Vec<f32> {
         load_format: LoadFormat::Auto,
         device: Device::Cpu,
         seed: 0,
+        tokenizer: None,
         gpu: Default::default(),
     };
     let LoadedModel::Generator(mut g) = load::load(&opts).unwrap().model else {
@@ -1205,6 +1209,7 @@ fn cuda_and_cpu_encoders_agree_on_a_random_bert() {
         load_format: LoadFormat::Auto,
         device,
         seed: 0,
+        tokenizer: None,
         gpu: GpuLoadOptions {
             max_model_len: Some(256),
             ..Default::default()
@@ -1268,6 +1273,7 @@ fn cuda_encoder_presets_run_with_dummy_weights() {
         load_format: LoadFormat::Dummy,
         device: Device::Cuda(0),
         seed: 1,
+        tokenizer: None,
         gpu: GpuLoadOptions {
             max_model_len: Some(512),
             ..Default::default()
@@ -1324,6 +1330,7 @@ fn cuda_and_cpu_agree(dir: &Path, prompt: &[u32]) {
         load_format: LoadFormat::Auto,
         device,
         seed: 0,
+        tokenizer: None,
         gpu: GpuLoadOptions {
             memory_utilization: 0.05,
             max_model_len: Some(256),

@@ -50,6 +50,7 @@ async fn serve_with(name: &str, block_size: usize) -> (std::net::SocketAddr, Arc
         load_format: LoadFormat::Auto,
         device: Device::Cpu,
         seed: 0,
+        tokenizer: None,
         gpu: Default::default(),
     };
     let limits = LimitFlags {

@@ -227,6 +227,44 @@ fn load_errors_name_the_path_or_flag() {
     assert!(load(&opts(dir.path().to_str().unwrap(), None, LoadFormat::Dummy)).is_ok());
 }
 
+/// `--tokenizer` gives a preset (no files) a real tokenizer: prompts are counted as the real
+/// model counts them, and the preset keeps its own end-of-sequence ids; a tokenizer larger
+/// than the model's vocabulary is refused by the flag's name.
+#[test]
+fn the_tokenizer_flag_gives_a_preset_real_prompt_lengths() {
+    let bytes = load(&opts("preset:qwen3-tiny", None, LoadFormat::Dummy)).unwrap();
+    assert!(bytes.tokenizer.is_byte_level());
+    let mut o = opts("preset:qwen3-tiny", None, LoadFormat::Dummy);
+    o.tokenizer = Some(root().join("testdata/gpt2-tiny"));
+    let real = load(&o).unwrap();
+    assert!(!real.tokenizer.is_byte_level());
+    let text = "hello world, hello world";
+    let (n_real, n_bytes) = (
+        real.tokenizer.encode(text, false).unwrap().len(),
+        bytes.tokenizer.encode(text, false).unwrap().len(),
+    );
+    assert!(n_real < n_bytes, "{n_real} tokens against {n_bytes} bytes");
+    let preset = engine::model::config::ModelConfig::from_preset("qwen3-tiny").unwrap();
+    assert_eq!(real.info.eos_token_ids, preset.eos_token_ids);
+
+    // 600 words: more ids than qwen3-tiny's 512.
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..600).map(|i| (format!("w{i}"), i.into())).collect();
+    let big = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), big.to_string()).unwrap();
+    o.tokenizer = Some(dir.path().to_path_buf());
+    let err = format!("{:#}", load(&o).err().unwrap());
+    assert!(
+        err.starts_with("--tokenizer ") && err.contains("600 tokens") && err.contains("512"),
+        "{err}"
+    );
+}
+
 /// A BERT-family fixture (`testdata/{bert,roberta,distilbert}-tiny`, made by transformers:
 /// scripts/gpu/make-encoder-fixtures.py): every input in one batch, each embedding against
 /// the one transformers computed for that input alone.

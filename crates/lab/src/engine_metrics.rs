@@ -479,8 +479,26 @@ mod scrape {
     #[derive(Default)]
     struct Gathered {
         points: Vec<(f64, Exposition)>,
+        /// The first few distinct reasons a scrape failed.
         errors: Vec<String>,
+        tried: usize,
+        failed: usize,
     }
+
+    impl Gathered {
+        /// The errors, and how many scrapes failed when any did.
+        fn notes(&self) -> Vec<String> {
+            let mut notes = self.errors.clone();
+            if self.failed > 0 {
+                notes.push(format!("{} of {} scrapes failed", self.failed, self.tried));
+            }
+            notes
+        }
+    }
+
+    /// An engine busy with its clients (vLLM's API server under a heavy embedding load) can
+    /// take seconds to answer `/metrics`.
+    const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
     struct Target {
         engine: String,
@@ -498,11 +516,13 @@ mod scrape {
     /// One scrape of `url/metrics`.
     async fn scrape_once(client: &reqwest::Client, url: &str) -> Result<Exposition, String> {
         let metrics = format!("{}/metrics", url.trim_end_matches('/'));
+        // `{:#}` gives the causes too: reqwest's own text ("error sending request") does
+        // not say whether the connection was refused or the answer timed out.
         let resp = client
             .get(&metrics)
             .send()
             .await
-            .map_err(|e| format!("{metrics}: {e}"))?;
+            .map_err(|e| format!("{metrics}: {:#}", anyhow::Error::from(e)))?;
         if !resp.status().is_success() {
             return Err(format!("{metrics}: HTTP {}", resp.status()));
         }
@@ -514,10 +534,15 @@ mod scrape {
         let t = now();
         let r = scrape_once(client, t_url).await;
         let mut g = gathered.lock().await;
+        g.tried += 1;
         match r {
             Ok(e) => g.points.push((t, e)),
-            Err(e) if g.errors.len() < 5 => g.errors.push(e),
-            Err(_) => {}
+            Err(e) => {
+                g.failed += 1;
+                if g.errors.len() < 3 && !g.errors.contains(&e) {
+                    g.errors.push(e);
+                }
+            }
         }
     }
 
@@ -530,7 +555,7 @@ mod scrape {
             every: Duration,
         ) -> anyhow::Result<EngineScraper> {
             let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
+                .timeout(SCRAPE_TIMEOUT)
                 .no_proxy()
                 .build()?;
             let stop = CancellationToken::new();
@@ -568,7 +593,7 @@ mod scrape {
                 record(&self.client, &t.url, &t.gathered).await;
                 let g = t.gathered.lock().await;
                 let mut w = summarize(&t.engine, &t.url, &g.points, w0, w1);
-                w.notes.extend(g.errors.iter().cloned());
+                w.notes.extend(g.notes());
                 out.push(w);
             }
             out
@@ -811,6 +836,14 @@ mod tests {
             why.starts_with("no sample of /metrics; http://127.0.0.1:9/metrics"),
             "{why}"
         );
+        // The cause is said (not only reqwest's "error sending request"), once, and the
+        // failures are counted.
+        assert!(why.contains("refused"), "{why}");
+        assert_eq!(ws[1].notes.len(), 3, "{:?}", ws[1].notes);
+        let tried = ws[1].notes.last().unwrap();
+        assert!(tried.ends_with("scrapes failed"), "{tried}");
+        assert!(tried.starts_with(&format!("{} of ", tried.split(' ').next().unwrap())));
+        assert_eq!(gen.notes, Vec::<String>::new());
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub fn opts(model: impl AsRef<Path>, task: Option<Task>, load_format: LoadFormat
         load_format,
         device: Device::Cpu,
         seed: 7,
+        tokenizer: None,
         gpu: Default::default(),
     }
 }
