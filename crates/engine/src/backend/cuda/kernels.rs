@@ -38,8 +38,9 @@ pub fn flash_smem_bytes(head_dim: usize) -> usize {
     2 * 2 * 64 * (head_dim + 8) * 2
 }
 
-/// Work items (warps) per block of `decode_attention` (`DA_WARPS` in engine.cu).
-pub const DECODE_ITEMS_PER_BLOCK: usize = 4;
+/// Warps per block of `decode_attention` (`DA_WARPS` in engine.cu), each on one (work
+/// item, KV head).
+pub const DECODE_WARPS_PER_BLOCK: usize = 4;
 
 /// Where `decode_attention` puts the partial results of tokens split over several work
 /// items: fp32 `[items, kv_heads, group, head_dim]` outputs and `[items, kv_heads, group]`
@@ -652,11 +653,12 @@ impl Kernels {
             .arg(&bs)
             .arg(&nkv_)
             .arg(&scale_log2);
-        let blocks = items_cap.div_ceil(DECODE_ITEMS_PER_BLOCK).max(1) as u32;
+        // One warp per (item, KV head), the heads of an item adjacent (engine.cu).
+        let blocks = (items_cap * nkv).div_ceil(DECODE_WARPS_PER_BLOCK).max(1) as u32;
         unsafe {
             b.launch(Self::cfg(
-                (blocks, nkv as u32),
-                DECODE_ITEMS_PER_BLOCK as u32 * 32,
+                (blocks, 1),
+                DECODE_WARPS_PER_BLOCK as u32 * 32,
                 0,
             ))
         }

@@ -802,8 +802,9 @@ extern "C" __global__ void __launch_bounds__(128, FA_MIN_BLOCKS) prefill_flash_a
 // item_first[s] .. item_first[s + 1], their total is item_first[slots]; a padding row
 // has one item of no keys), sized so that a step has about as many items as the GPU holds
 // warps, whatever the batch and context. Slot s is token row dec_rows[s]: every row of a
-// decode step, or the one-token sequences of a step that also carries prompt chunks. One warp per (item, kv head), four warps per
-// block, no shared memory, GQA <= 8: the group's query heads are the 8 columns of
+// decode step, or the one-token sequences of a step that also carries prompt chunks. One
+// warp per (item, kv head), warp w of the grid on item w / nkv and head w % nkv, four warps
+// per block, no shared memory, GQA <= 8: the group's query heads are the 8 columns of
 // mma.m16n8k16 (columns >= GQA are zero).
 // Scores are computed transposed, S^T = K Q^T, 16 keys per step: K streams from the paged
 // cache straight into A fragments (lane (r, tg) loads keys r and r + 8 of the step as
@@ -857,7 +858,11 @@ extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(
     const int D = HEAD_DIM, G = GQA, NCH = HEAD_DIM / 8;
     const int nq = nkv * G, width = (nq + 2 * nkv) * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, tg = lane & 3;
-    const int item = blockIdx.x * DA_WARPS + warp, kvh = blockIdx.y;
+    // KV heads vary fastest over the warps: the heads of one work item run side by side and
+    // read each key's row of every head (nkv * D contiguous elements) at about the same
+    // time, as vLLM's grid (heads, sequences) does, rather than each head's slice of it in
+    // a different wave.
+    const int wid = blockIdx.x * DA_WARPS + warp, item = wid / nkv, kvh = wid - item * nkv;
     if (item >= item_first[slots]) return;
     const int start = work[3 * item + 1], end = start + work[3 * item + 2];
     // The slot is read again where it is needed, so that it holds no register in the loop.
