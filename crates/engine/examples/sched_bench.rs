@@ -7,8 +7,9 @@
 //!
 //! Defaults: `testdata/gpt2-tiny/tokenizer.json` (byte-level BPE, as Qwen3's), 512
 //! sequences of a 30-token prompt making 512 tokens each (the seeds' generator client).
-//! Prints the mean host time per decode step with the real tokenizer and with a
-//! detokenizer that does nothing, so that the difference is the detokenization.
+//! Prints the mean host time per decode step with the real tokenizer, streamed (text token
+//! by token) and not (the seeds' client: the text decoded once at each request's end), and
+//! with a detokenizer that does nothing, so that the differences are the detokenization.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,7 +64,13 @@ impl Detokenize for NoText {
 
 /// Runs `seqs` requests to `tokens` output tokens each; returns the mean wall time of the
 /// steps in which every sequence decoded (all running, none prefilling).
-fn run(detok: Arc<dyn Detokenize>, ids: &[u32], seqs: usize, tokens: usize) -> (Duration, usize) {
+fn run(
+    detok: Arc<dyn Detokenize>,
+    ids: &[u32],
+    seqs: usize,
+    tokens: usize,
+    streamed: bool,
+) -> (Duration, usize) {
     let prompt_len = 30;
     let block = 16;
     let blocks = seqs * (prompt_len + tokens).div_ceil(block) + 64;
@@ -93,6 +100,7 @@ fn run(detok: Arc<dyn Detokenize>, ids: &[u32], seqs: usize, tokens: usize) -> (
                 ignore_eos: true,
                 ..Default::default()
             },
+            streamed,
             events: tx,
             arrival: Instant::now(),
         });
@@ -143,8 +151,13 @@ fn main() -> anyhow::Result<()> {
     let ids = tok.encode(text, false)?;
     anyhow::ensure!(ids.len() >= 30, "the sample text makes {} ids", ids.len());
     let real: Arc<dyn Detokenize> = Arc::new(tok);
-    for (what, d) in [("tokenizer", real), ("no text", Arc::new(NoText) as _)] {
-        let (per_step, steps) = run(d, &ids, seqs, tokens);
+    let none: Arc<dyn Detokenize> = Arc::new(NoText);
+    for (what, d, streamed) in [
+        ("tokenizer, streamed", real.clone(), true),
+        ("tokenizer, not streamed", real, false),
+        ("no text", none, true),
+    ] {
+        let (per_step, steps) = run(d, &ids, seqs, tokens, streamed);
         println!(
             "RESULT sched {seqs} seqs x {tokens} tokens, {what}: {:.3} ms host time per decode step (mean of {steps})",
             per_step.as_secs_f64() * 1e3

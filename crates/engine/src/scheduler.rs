@@ -96,6 +96,10 @@ pub enum GenEvent {
 pub struct GenRequest {
     pub prompt: Vec<u32>,
     pub params: GenParams,
+    /// The client reads the text as it comes (`stream`). A request neither streamed nor
+    /// stopped by strings has its text decoded once, when it ends
+    /// ([`RequestOutput::new`]).
+    pub streamed: bool,
     pub events: UnboundedSender<GenEvent>,
     pub arrival: Instant,
 }
@@ -237,7 +241,12 @@ impl Scheduler {
             prompt_len,
             computed: 0,
             table: BlockTable::default(),
-            output: RequestOutput::new(self.detok.clone(), req.params.stop.clone(), req.events),
+            output: RequestOutput::new(
+                self.detok.clone(),
+                req.params.stop.clone(),
+                req.streamed,
+                req.events,
+            ),
             params: req.params,
             rng,
             arrival: req.arrival,
@@ -545,7 +554,11 @@ fn on_token(
             .e2e
             .observe(now.duration_since(s.arrival).as_secs_f64());
     }
-    if !s.output.emit(finish, s.prompt_len as u32, out_len as u32) {
+    let output = &s.tokens[s.prompt_len..];
+    if !s
+        .output
+        .emit(finish, output, s.prompt_len as u32, out_len as u32)
+    {
         // The client went away: free the blocks now.
         metrics.requests_aborted.fetch_add(1, Relaxed);
         s.done = true;
@@ -660,6 +673,7 @@ mod tests {
             GenRequest {
                 prompt: vec![b'x' as u32; prompt_len],
                 params,
+                streamed: true,
                 events: tx,
                 arrival: Instant::now(),
             },

@@ -135,7 +135,7 @@ pub async fn generate<R: GenRoute>(
 ) -> ApiResult<Response> {
     let ready = st.ready()?;
     let job: GenJob = st.validated(&ready, body, R::parse).await?;
-    let rx = start_generation(&st, &ready, job.prompt, job.params)?;
+    let rx = start_generation(&st, &ready, job.prompt, job.params, job.stream)?;
     let head = Head {
         id: request_id(R::ID_PREFIX),
         created: openai::unix_now(),
@@ -156,11 +156,13 @@ fn start_generation(
     ready: &Ready,
     prompt: Vec<u32>,
     params: GenParams,
+    streamed: bool,
 ) -> ApiResult<mpsc::UnboundedReceiver<GenEvent>> {
     let (tx, rx) = mpsc::unbounded_channel();
     let req = GenRequest {
         prompt,
         params,
+        streamed,
         events: tx,
         arrival: Instant::now(),
     };
