@@ -18,8 +18,9 @@
 //! the decode-step floors divide by that figure.
 //!
 //! `CUDA_BENCH_DECODE` picks the decode attention kernel of the gen and long parts: `split`
-//! (the engine's default, `decode_attention`), `paged` (the former one-block-per-token
-//! kernel) or `both`; `CUDA_BENCH_GEMM` their GEMMs: `tuned` (the
+//! (the engine's default, `decode_attention`), `pipelined` (`decode_attention_pipe`: the
+//! same through a shared-memory ring), `paged` (the former one-block-per-token kernel),
+//! `both` (paged and split) or `splits` (split and pipelined); `CUDA_BENCH_GEMM` their GEMMs: `tuned` (the
 //! algorithm timed fastest at load for each decode shape; off in the engine by default,
 //! so the benchmark sets `COLOCATE_GEMM_TUNE=1` for it), `cublas` (`cublasGemmEx`
 //! everywhere, the engine's default) or `both`. Each workload runs with every combination on
@@ -202,11 +203,18 @@ fn variants() -> anyhow::Result<Vec<Variant>> {
     let kernels: Vec<(&str, DecodeKernel)> = match decode.as_str() {
         "paged" => vec![("paged", DecodeKernel::Paged)],
         "split" => vec![("split", DecodeKernel::Split)],
+        "pipelined" => vec![("pipelined", DecodeKernel::Pipelined)],
         "both" => vec![
             ("paged", DecodeKernel::Paged),
             ("split", DecodeKernel::Split),
         ],
-        other => anyhow::bail!("CUDA_BENCH_DECODE={other:?}: paged, split or both"),
+        "splits" => vec![
+            ("split", DecodeKernel::Split),
+            ("pipelined", DecodeKernel::Pipelined),
+        ],
+        other => {
+            anyhow::bail!("CUDA_BENCH_DECODE={other:?}: paged, split, pipelined, both or splits")
+        }
     };
     let gemm = std::env::var("CUDA_BENCH_GEMM").unwrap_or_else(|_| "tuned".to_string());
     let gemms: Vec<(&str, bool)> = match gemm.as_str() {
@@ -593,6 +601,22 @@ fn attention_check() -> anyhow::Result<()> {
                     min_chunk: 64,
                 },
             ),
+            (
+                "pipelined, items of 16+ keys",
+                DecodeKernel::Pipelined,
+                DecodeSplit {
+                    items: 64,
+                    min_chunk: 16,
+                },
+            ),
+            (
+                "pipelined, 528 items (the H200's)",
+                DecodeKernel::Pipelined,
+                DecodeSplit {
+                    items: 528,
+                    min_chunk: 64,
+                },
+            ),
         ] {
             let lay = StepLayout::new(opts.max_tokens, opts.max_seqs, max_blocks, split);
             let mut builder = StepBuilder::default();
@@ -637,7 +661,8 @@ fn attention_check() -> anyhow::Result<()> {
                         bs,
                         nkv,
                     )?,
-                    DecodeKernel::Split => k.decode_attention(
+                    DecodeKernel::Split | DecodeKernel::Pipelined => k.decode_attention(
+                        kernel == DecodeKernel::Pipelined,
                         qkv_d.ptr,
                         out.ptr,
                         kc_d.ptr,

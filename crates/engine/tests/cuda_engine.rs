@@ -970,6 +970,104 @@ fn cuda_flash_prefill_matches_the_tiled_kernel() {
     }
 }
 
+/// The split decode attention through a shared-memory ring (`decode_attention_pipe`,
+/// `DecodeKernel::Pipelined`) gives the logits of the register one (`Split`: the same work
+/// items and arithmetic) and agrees with `paged_attention`, at GQA 2, 4 and 8 (Qwen3-0.6B's
+/// and 8B's shapes, and 8B's with the 30B-A3B's 4 KV heads; 4 layers, dummy weights):
+/// eight sequences of contexts from 1 to 1,000 keys decode one token in one step, the long
+/// ones cut into several work items (the merge), eagerly and through a CUDA graph.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs an NVIDIA GPU (feature gpu-tests)"
+)]
+fn cuda_pipelined_decode_attention_matches_the_register_kernel() {
+    use engine::backend::cuda::kernels::DecodeKernel;
+    let mut next = token_gen(13);
+    let lens = [1usize, 15, 16, 17, 130, 300, 640, 1000];
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .map(|&n| (0..n + 1).map(|_| next(150_000)).collect())
+        .collect();
+    let table = |slot: usize| -> Vec<u32> { (0..64).map(|b| (slot * 64 + b) as u32).collect() };
+    let tables: Vec<Vec<u32>> = (0..8).map(table).collect();
+    let four_layers = |preset: &str, kv_heads: usize| {
+        let mut c = ModelConfig::from_preset(preset).unwrap();
+        c.num_hidden_layers = 4;
+        c.num_key_value_heads = kv_heads;
+        c
+    };
+    for (what, config) in [
+        ("qwen3-0.6b (GQA 2)", four_layers("qwen3-0.6b", 8)),
+        ("qwen3-8b (GQA 4)", four_layers("qwen3-8b", 8)),
+        (
+            "qwen3-8b with 4 KV heads (GQA 8)",
+            four_layers("qwen3-8b", 4),
+        ),
+    ] {
+        for graphs in [false, true] {
+            // The prompts, 2,119 tokens, prefill in one step.
+            let opts = CudaOptions {
+                max_tokens: 2304,
+                graph_buckets: if graphs { vec![8] } else { vec![] },
+                ..eager_opts()
+            };
+            let mut m = cuda_model(
+                &config,
+                Task::Generate,
+                &WeightSource::Dummy { seed: 3 },
+                opts,
+            );
+            m.init_kv_cache(8 * 64, 16).unwrap();
+            let prefill: Vec<SeqStep<'_>> = prompts
+                .iter()
+                .zip(&tables)
+                .map(|(p, t)| SeqStep {
+                    tokens: &p[..p.len() - 1],
+                    start_pos: 0,
+                    block_table: t,
+                    sample: Some(GREEDY),
+                })
+                .collect();
+            m.step_logits(&prefill).unwrap();
+            let decode: Vec<SeqStep<'_>> = prompts
+                .iter()
+                .zip(&tables)
+                .map(|(p, t)| SeqStep {
+                    tokens: &p[p.len() - 1..],
+                    start_pos: p.len() - 1,
+                    block_table: t,
+                    sample: Some(GREEDY),
+                })
+                .collect();
+            let mut run = |kernel| {
+                m.set_decode_kernel(kernel);
+                assert_eq!(m.decode_kernel(), kernel);
+                m.step_logits(&decode).unwrap()
+            };
+            let split = run(DecodeKernel::Split);
+            let piped = run(DecodeKernel::Pipelined);
+            let paged = run(DecodeKernel::Paged);
+            for (i, n) in lens.iter().enumerate() {
+                let (s, p, r) = (&split[i], &piped[i], &paged[i]);
+                assert!(p.iter().all(|v| v.is_finite()), "{what}, context {n}");
+                let diff = s
+                    .iter()
+                    .zip(p)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                let (c, cr) = (cosine(s, p), cosine(p, r));
+                eprintln!(
+                    "{what}, graphs {graphs}, context {n}: pipelined vs split max |diff| {diff:.2e} cosine {c:.6}, vs paged cosine {cr:.6}"
+                );
+                assert!(c >= 0.99999, "{what}, context {n}: cosine {c}");
+                assert_eq!(argmax(s), argmax(p), "{what}, context {n}");
+                assert!(cr >= 0.999, "{what}, context {n}: against paged {cr}");
+            }
+        }
+    }
+}
+
 /// Prefix caching on the device: a sequence whose table starts with another sequence's
 /// blocks (its prompt's first 288 tokens, as `kv::BlockManager::match_prefix` hands them
 /// out) and computes only the rest gives the logits of the same prompt computed whole in

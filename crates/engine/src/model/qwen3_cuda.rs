@@ -973,6 +973,7 @@ impl Qwen3Cuda {
         let split_decode = |ops: &mut Launcher<'_>, parts, name| {
             ops.op(name, || {
                 k.decode_attention(
+                    cx.decode_pipelined,
                     a.qkv.ptr,
                     a.attn.ptr,
                     kc,

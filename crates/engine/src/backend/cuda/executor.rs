@@ -101,6 +101,9 @@ pub struct ForwardCtx<'a> {
     /// The split decode attention's buffers; `None`: decode steps use the
     /// one-block-per-token `paged_attention` (shapes without the split kernel, or chosen).
     pub decode: Option<DecodePartials>,
+    /// The split decode attention copies K/V through shared memory
+    /// ([`DecodeKernel::Pipelined`]).
+    pub decode_pipelined: bool,
     /// The GEMMs (`cublasGemmEx`, or the algorithm tuned for the shape).
     pub gemm: &'a Gemms,
 }
@@ -328,7 +331,7 @@ impl<M: CudaModel> CudaExecutor<M> {
             embed_kv: None,
             split,
             decode_kernel: if decode_parts.is_some() {
-                DecodeKernel::Split
+                DecodeKernel::split_from_env().map_err(anyhow::Error::msg)?
             } else {
                 DecodeKernel::Paged
             },
@@ -475,10 +478,11 @@ impl<M: CudaModel> CudaExecutor<M> {
         }
     }
 
-    /// Chooses the decode attention kernel: the split tensor-core kernel (the default
-    /// where the attention shape allows it; shapes without it keep `Paged`) or
-    /// `paged_attention`, one block per token and KV head (the reference the benchmark
-    /// compares with). Drops captured graphs.
+    /// Chooses the decode attention kernel: a split tensor-core kernel (the default
+    /// where the attention shape allows it, `Split` unless `COLOCATE_DECODE_ATTENTION`
+    /// says `pipelined`; shapes without it keep `Paged`) or `paged_attention`, one block
+    /// per token and KV head (the reference the benchmark compares with). Drops captured
+    /// graphs.
     pub fn set_decode_kernel(&mut self, kernel: DecodeKernel) {
         self.decode_kernel = if self.decode_parts.is_some() {
             kernel
@@ -499,7 +503,7 @@ impl<M: CudaModel> CudaExecutor<M> {
 
     /// The step layout's attention choices, from the executor's.
     fn relayout(&mut self) {
-        let mixed = self.mixed_decode && self.decode_kernel == DecodeKernel::Split;
+        let mixed = self.mixed_decode && self.decode_kernel.is_split();
         let min = self.prefill_flash_min;
         if let Some((_, lay)) = self.kv.as_mut() {
             *lay = lay.with_flash_prefill(min).with_mixed_decode(mixed);
@@ -745,8 +749,9 @@ impl<M: CudaModel> CudaExecutor<M> {
             decode: self
                 .decode_parts
                 .as_ref()
-                .filter(|_| self.decode_kernel == DecodeKernel::Split)
+                .filter(|_| self.decode_kernel.is_split())
                 .map(|(_, p)| *p),
+            decode_pipelined: self.decode_kernel == DecodeKernel::Pipelined,
             gemm,
         };
         let mut ops = Launcher::new(&dev.stream, &mut prof);

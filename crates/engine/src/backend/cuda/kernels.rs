@@ -42,6 +42,19 @@ pub fn flash_smem_bytes(head_dim: usize) -> usize {
 /// item, KV head).
 pub const DECODE_WARPS_PER_BLOCK: usize = 4;
 
+/// Dynamic shared memory of `decode_attention_pipe` for `head_dim`: per warp, a ring of
+/// three 16-key tiles of K and of V, rows of `head_dim / 8` 16-byte chunks, padded to 4
+/// mod 8 chunks where that is not a multiple of 8 (`DA_STAGES`, `DA_RS` in engine.cu).
+pub fn decode_pipe_smem_bytes(head_dim: usize) -> usize {
+    let chunks = head_dim / 8;
+    let row = if chunks.is_multiple_of(8) {
+        chunks
+    } else {
+        chunks + (4 + 8 - chunks % 8) % 8
+    };
+    DECODE_WARPS_PER_BLOCK * 3 * 2 * 16 * row * 16
+}
+
 /// Where `decode_attention` puts the partial results of tokens split over several work
 /// items: fp32 `[items, kv_heads, group, head_dim]` outputs and `[items, kv_heads, group]`
 /// (max, sum) pairs, for up to the capacity the buffers were sized for; and one i32
@@ -62,6 +75,29 @@ pub enum DecodeKernel {
     Paged,
     /// `decode_attention`: split over the context, tensor cores, one warp per work item.
     Split,
+    /// `decode_attention_pipe`: the same work and arithmetic, K/V tiles copied by
+    /// `cp.async` into shared memory two tiles ahead of the one computed (measured
+    /// against `Split` before it becomes the default; `COLOCATE_DECODE_ATTENTION=pipelined`).
+    Pipelined,
+}
+
+impl DecodeKernel {
+    /// Whether the kernel is a split one (work items, partials, merge).
+    pub fn is_split(self) -> bool {
+        matches!(self, DecodeKernel::Split | DecodeKernel::Pipelined)
+    }
+
+    /// The split kernel `COLOCATE_DECODE_ATTENTION` names (`split`, the default, or
+    /// `pipelined`); anything else is an error that says what it accepts.
+    pub fn split_from_env() -> Result<DecodeKernel, String> {
+        match std::env::var("COLOCATE_DECODE_ATTENTION").as_deref() {
+            Err(_) | Ok("split") => Ok(DecodeKernel::Split),
+            Ok("pipelined") => Ok(DecodeKernel::Pipelined),
+            Ok(other) => Err(format!(
+                "COLOCATE_DECODE_ATTENTION={other:?}: expected split or pipelined"
+            )),
+        }
+    }
 }
 
 /// The RoPE cos/sin table on the device: `(cos, sin)` fp32 pairs, `head_dim / 2` per
@@ -116,11 +152,20 @@ pub struct Kernels {
     flash: Option<FlashAttention>,
     /// Split decode attention: present when the head size is a multiple of 16 and the
     /// GQA group at most 8 (the tensor-core tile's columns).
-    decode_attention: Option<CudaFunction>,
+    decode_attention: Option<SplitDecode>,
     argmax_rows: CudaFunction,
     fill_uniform: CudaFunction,
     head_dim: usize,
     group: usize,
+}
+
+/// The two entry points of the split decode attention: K/V through registers
+/// (`decode_attention`) or through a shared-memory ring (`decode_attention_pipe`).
+struct SplitDecode {
+    registers: CudaFunction,
+    pipelined: CudaFunction,
+    /// Dynamic shared memory of `pipelined` ([`decode_pipe_smem_bytes`]).
+    pipe_smem: u32,
 }
 
 /// The two entry points of the tensor-core attention (`flash_attention_tile` in
@@ -197,6 +242,19 @@ pub(super) fn load_module(
     })
 }
 
+/// `func` allowed `bytes` of dynamic shared memory: above 48 KiB a kernel must be.
+fn allow_smem(func: CudaFunction, bytes: usize) -> Result<CudaFunction, CudaError> {
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map(|_| func)
+    .map_err(|source| CudaError::Driver {
+        what: "allowing a kernel its shared memory",
+        source,
+    })
+}
+
 /// Blocks per multiprocessor the flash kernels' registers are capped for
 /// (`__launch_bounds__`' second argument, `FA_MIN_BLOCKS` in engine.cu) unless
 /// `COLOCATE_FLASH_MIN_BLOCKS` says otherwise: 3 keeps the 168 registers of the kernel
@@ -249,28 +307,21 @@ impl Kernels {
             prefill_attention: f("prefill_attention")?,
             flash: if head_dim.is_multiple_of(16) {
                 let smem = flash_smem_bytes(head_dim);
-                let allow = |func: CudaFunction| {
-                    // Above 48 KiB a kernel must be allowed its dynamic shared memory.
-                    func.set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        smem as i32,
-                    )
-                    .map(|_| func)
-                    .map_err(|source| CudaError::Driver {
-                        what: "allowing the flash attention its shared memory",
-                        source,
-                    })
-                };
                 Some(FlashAttention {
-                    embed: allow(f("embed_flash_attention")?)?,
-                    prefill: allow(f("prefill_flash_attention")?)?,
+                    embed: allow_smem(f("embed_flash_attention")?, smem)?,
+                    prefill: allow_smem(f("prefill_flash_attention")?, smem)?,
                     smem: smem as u32,
                 })
             } else {
                 None
             },
             decode_attention: if head_dim.is_multiple_of(16) && group <= 8 {
-                Some(f("decode_attention")?)
+                let smem = decode_pipe_smem_bytes(head_dim);
+                Some(SplitDecode {
+                    registers: f("decode_attention")?,
+                    pipelined: allow_smem(f("decode_attention_pipe")?, smem)?,
+                    pipe_smem: smem as u32,
+                })
             } else {
                 None
             },
@@ -598,10 +649,12 @@ impl Kernels {
     /// one warp per (work item, KV head) over `items_cap` work items (the step's own count
     /// is on the device, in `item_first[slots]`; slot s is token row `dec_rows[s]`); the
     /// last warp of a split token merges its partial results. The launch shape depends
-    /// only on `slots` and `items_cap`, so it can be captured.
+    /// only on `slots` and `items_cap`, so it can be captured. `pipelined` picks
+    /// `decode_attention_pipe` ([`DecodeKernel::Pipelined`]).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         &self,
+        pipelined: bool,
         qkv: DevPtr,
         out: DevPtr,
         kcache: DevPtr,
@@ -618,7 +671,7 @@ impl Kernels {
         block_size: usize,
         nkv: usize,
     ) -> Result<(), CudaError> {
-        let f = self
+        let split = self
             .decode_attention
             .as_ref()
             .ok_or_else(|| CudaError::Compile {
@@ -628,6 +681,11 @@ impl Kernels {
                     self.head_dim, self.group
                 ),
             })?;
+        let (f, smem) = if pipelined {
+            (&split.pipelined, split.pipe_smem)
+        } else {
+            (&split.registers, 0)
+        };
         let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
         let (mb, t, bs, nkv_) = (
             max_blocks as i32,
@@ -659,7 +717,7 @@ impl Kernels {
             b.launch(Self::cfg(
                 (blocks, 1),
                 DECODE_WARPS_PER_BLOCK as u32 * 32,
-                0,
+                smem,
             ))
         }
         .map(|_| ())

@@ -847,104 +847,101 @@ __device__ __forceinline__ void da_load(uint4 (&kf)[2][DA_NCC], uint4 (&vf)[2][D
         }
     }
 }
-// Four blocks resident (at most 128 registers): the merge's per-slot sums must not cost
-// the main loop a block.
-extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(
-    const bf16* __restrict__ qkv, bf16* __restrict__ out, const bf16* __restrict__ kcache,
-    const bf16* __restrict__ vcache, const int* __restrict__ block_tables, int max_blocks,
-    const int* __restrict__ seq_of, const int* __restrict__ work, const int* __restrict__ item_first,
-    const int* __restrict__ dec_rows, float* __restrict__ part_o, float2* __restrict__ part_ml,
-    int* __restrict__ counters, int slots, int block_size, int nkv, float scale_log2) {
-    const int D = HEAD_DIM, G = GQA, NCH = HEAD_DIM / 8;
-    const int nq = nkv * G, width = (nq + 2 * nkv) * D;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, tg = lane & 3;
-    // KV heads vary fastest over the warps: the heads of one work item run side by side and
-    // read each key's row of every head (nkv * D contiguous elements) at about the same
-    // time, as vLLM's grid (heads, sequences) does, rather than each head's slice of it in
-    // a different wave.
-    const int wid = blockIdx.x * DA_WARPS + warp, item = wid / nkv, kvh = wid - item * nkv;
-    if (item >= item_first[slots]) return;
-    const int start = work[3 * item + 1], end = start + work[3 * item + 2];
-    // The slot is read again where it is needed, so that it holds no register in the loop.
-    const int t = dec_rows[work[3 * item]];  // token row in qkv and out
-    const int first = item_first[work[3 * item]], count = item_first[work[3 * item] + 1] - first;
-    const int* table = block_tables + (size_t)seq_of[t] * max_blocks;
-    const float NEG = __int_as_float(0xff800000);
-
-    // Q^T as B fragments: head r of the group (zero past GQA), this lane's chunks.
-    uint4 qb[DA_NCC];
-    const bf16* qrow = qkv + (size_t)t * width + (size_t)(kvh * G + r) * D;
+// The running state of one warp's (item, KV head): the O^T accumulators (o[cc][j] rows
+// are dims 8 (4 cc + r / 2) + 4 j + (r & 1) (+ 2 for rows 8..15), columns heads 2 tg,
+// 2 tg + 1) and the online softmax of heads 2 tg (a) and 2 tg + 1 (b); l is this lane's
+// share until da_finish sums it.
+struct DaAcc {
+    float o[DA_NCC][2][4];
+    float ma, mb, la, lb;
+};
+// Q^T as B fragments (head r of the group, zero past GQA; this lane's chunks) and an empty
+// accumulator.
+__device__ __forceinline__ void da_start(uint4 (&qb)[DA_NCC], DaAcc& acc, const bf16* __restrict__ qkv, int t,
+                                         int nkv, int kvh, int r, int tg) {
+    const int NCH = HEAD_DIM / 8, width = (nkv * GQA + 2 * nkv) * HEAD_DIM;
+    const bf16* qrow = qkv + (size_t)t * width + (size_t)(kvh * GQA + r) * HEAD_DIM;
 #pragma unroll
     for (int cc = 0; cc < DA_NCC; cc++) {
         const int ci = 4 * cc + tg;
-        qb[cc] = (r < G && ci < NCH) ? *(const uint4*)(qrow + 8 * ci) : make_uint4(0, 0, 0, 0);
+        qb[cc] = (r < GQA && ci < NCH) ? *(const uint4*)(qrow + 8 * ci) : make_uint4(0, 0, 0, 0);
     }
-    // O^T accumulators: o[cc][j] rows are dims 8 (4 cc + r / 2) + 4 j + (r & 1) (+ 2 for
-    // rows 8..15), columns heads 2 tg, 2 tg + 1.
-    float o[DA_NCC][2][4];
 #pragma unroll
     for (int cc = 0; cc < DA_NCC; cc++)
 #pragma unroll
-        for (int j = 0; j < 2; j++) o[cc][j][0] = o[cc][j][1] = o[cc][j][2] = o[cc][j][3] = 0.f;
-    // Softmax state of heads 2 tg (a) and 2 tg + 1 (b); l is this lane's share.
-    float ma = NEG, mb = NEG, la = 0.f, lb = 0.f;
-
-    for (int k0 = start; k0 < end; k0 += 16) {
-        uint4 kf[2][DA_NCC], vf[2][DA_NCC];
-        da_load(kf, vf, kcache, vcache, table, k0, end, r, tg, block_size, nkv, kvh);
-        // S^T (16 keys x 8 heads): s[0], s[1] = key k0 + r, heads 2 tg, 2 tg + 1; s[2], s[3] = key k0 + 8 + r.
-        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int j = 0; j < 2; j++) acc.o[cc][j][0] = acc.o[cc][j][1] = acc.o[cc][j][2] = acc.o[cc][j][3] = 0.f;
+    acc.ma = acc.mb = __int_as_float(0xff800000);
+    acc.la = acc.lb = 0.f;
+}
+// The 16 keys k0 .. k0 + 15 (K and V fragments as da_load gives them; keys at or past
+// `end` are masked) into the accumulator.
+__device__ __forceinline__ void da_tile(DaAcc& acc, const uint4 (&kf)[2][DA_NCC], const uint4 (&vf)[2][DA_NCC],
+                                        const uint4 (&qb)[DA_NCC], int k0, int end, int r, float scale_log2) {
+    const float NEG = __int_as_float(0xff800000);
+    // S^T (16 keys x 8 heads): s[0], s[1] = key k0 + r, heads 2 tg, 2 tg + 1; s[2], s[3] = key k0 + 8 + r.
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int cc = 0; cc < DA_NCC; cc++)
+    for (int cc = 0; cc < DA_NCC; cc++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                unsigned a[4] = {u4_word(kf[0][cc], 2 * h), u4_word(kf[1][cc], 2 * h), u4_word(kf[0][cc], 2 * h + 1),
-                                 u4_word(kf[1][cc], 2 * h + 1)};
-                mma_bf16(s, a, u4_word(qb[cc], 2 * h), u4_word(qb[cc], 2 * h + 1));
-            }
-        const bool v0 = k0 + r < end, v1 = k0 + 8 + r < end;
-        s[0] = v0 ? s[0] * scale_log2 : NEG;
-        s[1] = v0 ? s[1] * scale_log2 : NEG;
-        s[2] = v1 ? s[2] * scale_log2 : NEG;
-        s[3] = v1 ? s[3] * scale_log2 : NEG;
-        float xa = fmaxf(s[0], s[2]), xb = fmaxf(s[1], s[3]);
-#pragma unroll
-        for (int off = 4; off < 32; off <<= 1) {
-            xa = fmaxf(xa, __shfl_xor_sync(0xffffffff, xa, off));
-            xb = fmaxf(xb, __shfl_xor_sync(0xffffffff, xb, off));
+        for (int h = 0; h < 2; h++) {
+            unsigned a[4] = {u4_word(kf[0][cc], 2 * h), u4_word(kf[1][cc], 2 * h), u4_word(kf[0][cc], 2 * h + 1),
+                             u4_word(kf[1][cc], 2 * h + 1)};
+            mma_bf16(s, a, u4_word(qb[cc], 2 * h), u4_word(qb[cc], 2 * h + 1));
         }
-        // Key k0 is always inside the item, so the new maxima are finite.
-        const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
-        const float ca = exp2f(ma - na), cb = exp2f(mb - nb);
-        ma = na; mb = nb;
-        const float p0 = exp2f(s[0] - na), p1 = exp2f(s[1] - nb), p2 = exp2f(s[2] - na), p3 = exp2f(s[3] - nb);
-        la = la * ca + p0 + p2;
-        lb = lb * cb + p1 + p3;
-        // P^T as B fragments (keys x heads): transpose the 8x8 C blocks.
-        const unsigned pb0 = movm_trans(pack_bf16x2(p0, p1));
-        const unsigned pb1 = movm_trans(pack_bf16x2(p2, p3));
-#pragma unroll
-        for (int cc = 0; cc < DA_NCC; cc++)
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                o[cc][j][0] *= ca; o[cc][j][1] *= cb; o[cc][j][2] *= ca; o[cc][j][3] *= cb;
-                // V^T as A fragments (dims x keys): words 2 j (rows 0..7) and 2 j + 1 (rows 8..15).
-                unsigned a[4] = {movm_trans(u4_word(vf[0][cc], 2 * j)), movm_trans(u4_word(vf[0][cc], 2 * j + 1)),
-                                 movm_trans(u4_word(vf[1][cc], 2 * j)), movm_trans(u4_word(vf[1][cc], 2 * j + 1))};
-                mma_bf16(o[cc][j], a, pb0, pb1);
-            }
-    }
+    const bool v0 = k0 + r < end, v1 = k0 + 8 + r < end;
+    s[0] = v0 ? s[0] * scale_log2 : NEG;
+    s[1] = v0 ? s[1] * scale_log2 : NEG;
+    s[2] = v1 ? s[2] * scale_log2 : NEG;
+    s[3] = v1 ? s[3] * scale_log2 : NEG;
+    float xa = fmaxf(s[0], s[2]), xb = fmaxf(s[1], s[3]);
 #pragma unroll
     for (int off = 4; off < 32; off <<= 1) {
-        la += __shfl_xor_sync(0xffffffff, la, off);
-        lb += __shfl_xor_sync(0xffffffff, lb, off);
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffff, xa, off));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffff, xb, off));
+    }
+    // Key k0 is always inside the item, so the new maxima are finite.
+    const float na = fmaxf(acc.ma, xa), nb = fmaxf(acc.mb, xb);
+    const float ca = exp2f(acc.ma - na), cb = exp2f(acc.mb - nb);
+    acc.ma = na; acc.mb = nb;
+    const float p0 = exp2f(s[0] - na), p1 = exp2f(s[1] - nb), p2 = exp2f(s[2] - na), p3 = exp2f(s[3] - nb);
+    acc.la = acc.la * ca + p0 + p2;
+    acc.lb = acc.lb * cb + p1 + p3;
+    // P^T as B fragments (keys x heads): transpose the 8x8 C blocks.
+    const unsigned pb0 = movm_trans(pack_bf16x2(p0, p1));
+    const unsigned pb1 = movm_trans(pack_bf16x2(p2, p3));
+#pragma unroll
+    for (int cc = 0; cc < DA_NCC; cc++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            float* o = acc.o[cc][j];
+            o[0] *= ca; o[1] *= cb; o[2] *= ca; o[3] *= cb;
+            // V^T as A fragments (dims x keys): words 2 j (rows 0..7) and 2 j + 1 (rows 8..15).
+            unsigned a[4] = {movm_trans(u4_word(vf[0][cc], 2 * j)), movm_trans(u4_word(vf[0][cc], 2 * j + 1)),
+                             movm_trans(u4_word(vf[1][cc], 2 * j)), movm_trans(u4_word(vf[1][cc], 2 * j + 1))};
+            mma_bf16(o, a, pb0, pb1);
+        }
+}
+// The warp's result: a token with a single item writes its bf16 output directly; the
+// others write fp32 partials (unnormalised o, and m, l per head), and the last of a
+// token's warps to finish (a counter per (token, kv head), reset by that warp for the next
+// launch) merges them.
+__device__ __forceinline__ void da_finish(DaAcc& acc, bf16* __restrict__ out, const int* __restrict__ work,
+                                          float* __restrict__ part_o, float2* __restrict__ part_ml,
+                                          int* __restrict__ counters, int item, int kvh, int nkv, int t, int first,
+                                          int count, int lane, int r, int tg) {
+    const int D = HEAD_DIM, G = GQA, NCH = HEAD_DIM / 8, nq = nkv * G;
+    const float NEG = __int_as_float(0xff800000);
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+        acc.la += __shfl_xor_sync(0xffffffff, acc.la, off);
+        acc.lb += __shfl_xor_sync(0xffffffff, acc.lb, off);
     }
     // This lane's outputs: heads 2 tg + e, dims 8 ci + 4 j + 2 w + (r & 1), ci = 4 cc + r / 2.
 #pragma unroll
     for (int e = 0; e < 2; e++) {
         const int g = 2 * tg + e;
         if (g >= G) continue;
-        const float l = e ? lb : la, m = e ? mb : ma;
+        const float l = e ? acc.lb : acc.la, m = e ? acc.mb : acc.ma;
         const size_t row = ((size_t)item * nkv + kvh) * G + g;
         const float inv = l > 0.f ? 1.f / l : 0.f;
         bf16* dst = out + (size_t)t * nq * D + (size_t)(kvh * G + g) * D;
@@ -957,7 +954,7 @@ extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(
 #pragma unroll
                 for (int w = 0; w < 2; w++) {
                     const int d = 8 * ci + 4 * j + 2 * w + (r & 1);
-                    const float v = o[cc][j][2 * w + e];
+                    const float v = acc.o[cc][j][2 * w + e];
                     if (count == 1) dst[d] = f2bf(v * inv);
                     else part_o[row * D + d] = v;
                 }
@@ -993,11 +990,11 @@ extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(
         const size_t base = ((size_t)(first + i) * nkv + kvh) * G;
 #pragma unroll
         for (int q = 0; q < SLOTS; q++) {
-            const int slot = lane + 32 * q;
-            if (slot >= G * Q4) continue;
-            const size_t row = base + slot / Q4;
+            const int sl = lane + 32 * q;
+            if (sl >= G * Q4) continue;
+            const size_t row = base + sl / Q4;
             const float2 ml = __ldcg(part_ml + row);
-            const float4 v = __ldcg((const float4*)(part_o + row * D) + slot % Q4);
+            const float4 v = __ldcg((const float4*)(part_o + row * D) + sl % Q4);
             // Every item has a key, so ml.x and the new maximum are finite.
             const float nm = fmaxf(mx[q], ml.x), c = exp2f(mx[q] - nm), w = exp2f(ml.x - nm);
             num[q].x = num[q].x * c + w * v.x;
@@ -1010,14 +1007,111 @@ extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(
     }
 #pragma unroll
     for (int q = 0; q < SLOTS; q++) {
-        const int slot = lane + 32 * q;
-        if (slot >= G * Q4) continue;
-        const int g = slot / Q4, d4 = slot % Q4;
+        const int sl = lane + 32 * q;
+        if (sl >= G * Q4) continue;
+        const int g = sl / Q4, d4 = sl % Q4;
         const float inv = den[q] > 0.f ? 1.f / den[q] : 0.f;
         uint2 packed = make_uint2(pack_bf16x2(num[q].x * inv, num[q].y * inv), pack_bf16x2(num[q].z * inv, num[q].w * inv));
         *(uint2*)(out + (size_t)t * nq * D + (size_t)(kvh * G + g) * D + 4 * d4) = packed;
     }
     if (lane == 0) counters[slot * nkv + kvh] = 0;
+}
+// The kernels' common arguments, as both entry points take them.
+#define DA_PARAMS                                                                                                     \
+    const bf16 *__restrict__ qkv, bf16 *__restrict__ out, const bf16 *__restrict__ kcache,                          \
+        const bf16 *__restrict__ vcache, const int *__restrict__ block_tables, int max_blocks,                      \
+        const int *__restrict__ seq_of, const int *__restrict__ work, const int *__restrict__ item_first,           \
+        const int *__restrict__ dec_rows, float *__restrict__ part_o, float2 *__restrict__ part_ml,                 \
+        int *__restrict__ counters, int slots, int block_size, int nkv, float scale_log2
+// This warp's (item, KV head) and the item's token, keys and table. KV heads vary fastest
+// over the warps: the heads of one work item run side by side and read each key's row of
+// every head (nkv * D contiguous elements) at about the same time, as vLLM's grid (heads,
+// sequences) does, rather than each head's slice of it in a different wave. The slot is
+// read again where it is needed, so that it holds no register in the loop.
+#define DA_WARP_SETUP                                                                                                 \
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, tg = lane & 3;                         \
+    const int wid = blockIdx.x * DA_WARPS + warp, item = wid / nkv, kvh = wid - item * nkv;                          \
+    if (item >= item_first[slots]) return;                                                                            \
+    const int start = work[3 * item + 1], end = start + work[3 * item + 2];                                           \
+    const int t = dec_rows[work[3 * item]];                                                                           \
+    const int first = item_first[work[3 * item]], count = item_first[work[3 * item] + 1] - first;                    \
+    const int* table = block_tables + (size_t)seq_of[t] * max_blocks;
+// Four blocks resident (at most 128 registers): the merge's per-slot sums must not cost
+// the main loop a block. Each tile's K and V go from memory straight into registers.
+extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 4) decode_attention(DA_PARAMS) {
+    DA_WARP_SETUP
+    uint4 qb[DA_NCC];
+    DaAcc acc;
+    da_start(qb, acc, qkv, t, nkv, kvh, r, tg);
+    for (int k0 = start; k0 < end; k0 += 16) {
+        uint4 kf[2][DA_NCC], vf[2][DA_NCC];
+        da_load(kf, vf, kcache, vcache, table, k0, end, r, tg, block_size, nkv, kvh);
+        da_tile(acc, kf, vf, qb, k0, end, r, scale_log2);
+    }
+    da_finish(acc, out, work, part_o, part_ml, counters, item, kvh, nkv, t, first, count, lane, r, tg);
+}
+// decode_attention with the K/V tiles copied by cp.async into a ring of DA_STAGES tiles
+// per warp in dynamic shared memory (`decode_pipe_smem_bytes` in kernels.rs), so that a
+// warp has the next DA_STAGES - 1 tiles in flight while it computes one, and no
+// registers hold loads in flight. A tile is 16 keys' rows of K, then of V, DA_RS 16-byte
+// chunks a row: the fragment reads (lanes (r, tg): chunk 4 cc + tg of keys r, r + 8) must
+// put keys r and r + 1 in different bank halves, so chunks swap halves on odd keys where a
+// row is a multiple of 8 chunks (da_swz), and rows are padded to 4 mod 8 chunks otherwise.
+#define DA_STAGES 3
+#define DA_NCH (HEAD_DIM / 8)
+#define DA_RS (DA_NCH % 8 == 0 ? DA_NCH : DA_NCH + ((4 - DA_NCH % 8) & 7))
+#define DA_TILE_U4 (16 * DA_RS)
+__device__ __forceinline__ int da_swz(int key, int ch) { return DA_NCH % 8 == 0 ? ch ^ ((key & 1) << 2) : ch; }
+extern "C" __global__ void __launch_bounds__(DA_WARPS * 32, 2) decode_attention_pipe(DA_PARAMS) {
+    DA_WARP_SETUP
+    uint4 qb[DA_NCC];
+    DaAcc acc;
+    da_start(qb, acc, qkv, t, nkv, kvh, r, tg);
+    extern __shared__ uint4 da_ring[];
+    uint4* ring = da_ring + (size_t)warp * DA_STAGES * 2 * DA_TILE_U4;
+    const int tiles = (end - start + 15) / 16;
+    // Tile i into stage i % DA_STAGES: K rows then V rows, consecutive lanes on
+    // consecutive chunks of a key (coalesced). Keys past the item copy nothing and read
+    // zeros (cp_async16). Past the last tile the group is empty, which keeps the count of
+    // groups the wait leaves pending the same on every iteration.
+    auto issue = [&](int i) {
+        if (i < tiles) {
+            uint4* ks = ring + (i % DA_STAGES) * 2 * DA_TILE_U4;
+            const int k0 = start + 16 * i;
+            for (int idx = lane; idx < 16 * DA_NCH; idx += 32) {
+                const int key = idx / DA_NCH, ch = idx - key * DA_NCH, j = k0 + key;
+                const bool ok = j < end;
+                size_t at = 0;
+                if (ok) at = ((size_t)(table[j / block_size] * block_size + j % block_size) * nkv + kvh) * HEAD_DIM + 8 * ch;
+                const int p = key * DA_RS + da_swz(key, ch);
+                cp_async16(ks + p, kcache + at, ok);
+                cp_async16(ks + DA_TILE_U4 + p, vcache + at, ok);
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < DA_STAGES - 1; i++) issue(i);
+    for (int i = 0; i < tiles; i++) {
+        issue(i + DA_STAGES - 1);
+        cp_async_wait<DA_STAGES - 1>();
+        __syncwarp();  // the other lanes' copies of tile i are visible
+        const uint4* ks = ring + (i % DA_STAGES) * 2 * DA_TILE_U4;
+        uint4 kf[2][DA_NCC], vf[2][DA_NCC];
+#pragma unroll
+        for (int tt = 0; tt < 2; tt++)
+#pragma unroll
+            for (int cc = 0; cc < DA_NCC; cc++) {
+                const int key = 8 * tt + r, ci = 4 * cc + tg;
+                const bool in = ci < DA_NCH;
+                kf[tt][cc] = in ? ks[key * DA_RS + da_swz(key, ci)] : make_uint4(0, 0, 0, 0);
+                vf[tt][cc] = in ? ks[DA_TILE_U4 + key * DA_RS + da_swz(key, ci)] : make_uint4(0, 0, 0, 0);
+            }
+        __syncwarp();  // every lane has read stage i % DA_STAGES before the next issue refills it
+        da_tile(acc, kf, vf, qb, start + 16 * i, end, r, scale_log2);
+    }
+    cp_async_wait<0>();
+    da_finish(acc, out, work, part_o, part_ml, counters, item, kvh, nkv, t, first, count, lane, r, tg);
 }
 #endif
 #endif
