@@ -244,6 +244,12 @@ impl BenchResults {
                     "  tokens per request    {:.1} in / {:.1} out (server usage)",
                     g.mean_prompt_tokens, g.mean_output_tokens
                 );
+                if let Some(note) = w
+                    .preset
+                    .and_then(|p| p.prompt_length_note(g.mean_prompt_tokens))
+                {
+                    let _ = writeln!(s, "  WARNING               {note}");
+                }
                 if w.whole_requests_only() {
                     let _ = writeln!(
                         s,

@@ -568,6 +568,24 @@ impl Preset {
         ))
     }
 
+    /// A warning when a server counted a generation preset's prompt as far longer than
+    /// the seeds' tokenizer does (Qwen3's: 32 tokens with the chat template): the server
+    /// lacks the model's tokenizer, so every request carries a longer prompt than in the
+    /// seeds' runs (a colocate preset counts one token per byte unless `--tokenizer`
+    /// names one). `None` when the count is plausible, and for embeddings (whose
+    /// requests' counts depend on the batch).
+    pub fn prompt_length_note(self, server_mean_tokens: f64) -> Option<String> {
+        let nominal = f64::from(self.input_tokens());
+        (self == Preset::SeedGen && server_mean_tokens > 3.0 * nominal).then(|| {
+            format!(
+                "the server counted {server_mean_tokens:.0} prompt tokens where Qwen3's tokenizer counts 32 \
+                 (the {nominal:.0}-token prompt in its chat template): it lacks the model's tokenizer \
+                 (a colocate preset counts one token per byte unless given --tokenizer), so its \
+                 prompts are longer than the seeds' were"
+            )
+        })
+    }
+
     /// What a reader of the results must know about the figures of this preset.
     pub fn note(self) -> &'static str {
         match self {
@@ -930,6 +948,19 @@ mod tests {
         let e = format!("{:#}", BenchSpec::from_toml_file(&p).unwrap_err());
         assert!(e.contains("bogus") && e.contains("b.toml"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_server_without_the_models_tokenizer_is_named() {
+        // 185: a colocate preset without --tokenizer counting the templated prompt's bytes
+        // (H200, 2026-12-03); 32: vLLM and Qwen3's tokenizer on the same prompt.
+        let note = Preset::SeedGen.prompt_length_note(185.0).unwrap();
+        assert!(
+            note.contains("185 prompt tokens") && note.contains("--tokenizer"),
+            "{note}"
+        );
+        assert_eq!(Preset::SeedGen.prompt_length_note(32.0), None);
+        assert_eq!(Preset::SeedEmbed.prompt_length_note(8.0 * 185.0), None);
     }
 
     #[test]
