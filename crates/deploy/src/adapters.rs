@@ -76,6 +76,9 @@ pub fn command_line(input: &CommandInput<'_>) -> Vec<String> {
             if let Some(f) = &e.load_format {
                 c.extend([s("--load-format"), f.clone()]);
             }
+            if let Some(t) = &e.tokenizer {
+                c.extend([s("--tokenizer"), t.clone()]);
+            }
             c.extend(scheduler_flags(e));
             c
         }
@@ -102,6 +105,9 @@ pub fn command_line(input: &CommandInput<'_>) -> Vec<String> {
             }
             if let Some(f) = &e.load_format {
                 c.extend([s("--load-format"), f.clone()]);
+            }
+            if let Some(t) = &e.tokenizer {
+                c.extend([s("--tokenizer-path"), t.clone()]);
             }
             c
         }
@@ -188,6 +194,9 @@ fn vllm_command(e: &EngineSpec, port: &str, v: VllmVersion, tp: u32) -> Vec<Stri
     }
     if let Some(f) = &e.load_format {
         c.extend([s("--load-format"), f.clone()]);
+    }
+    if let Some(t) = &e.tokenizer {
+        c.extend([s("--tokenizer"), t.clone()]);
     }
     c.extend(scheduler_flags(e));
     if let (Some(b), true) = (
@@ -308,6 +317,27 @@ mod tests {
              --served-model-name Qwen/Qwen3-Embedding-8B --runner pooling --convert embed \
              --gpu-memory-utilization 0.3"
         );
+    }
+
+    /// `tokenizer` is each engine's own flag: `--tokenizer` for the built-in engine (a
+    /// preset with the real model's tokenizer) and vLLM, `--tokenizer-path` for SGLang.
+    #[test]
+    fn the_tokenizer_field_is_each_engines_flag() {
+        let with = |kind, model: &str| {
+            let mut e = engine(kind, model, Task::Generate);
+            e.tokenizer = Some("/tmp/vllm-models/qwen3-30b-a3b-fp8".into());
+            line(&e, "cuda", MemoryFlag::None)
+        };
+        assert_eq!(
+            with(EngineKind::Builtin, "preset:qwen3-30b-a3b-fp8"),
+            "colocate serve --model preset:qwen3-30b-a3b-fp8 --task generate --host 127.0.0.1 \
+             --port 8001 --device cuda --served-model-name preset:qwen3-30b-a3b-fp8 \
+             --tokenizer /tmp/vllm-models/qwen3-30b-a3b-fp8"
+        );
+        assert!(with(EngineKind::Vllm, "m")
+            .ends_with("--served-model-name m --tokenizer /tmp/vllm-models/qwen3-30b-a3b-fp8"));
+        assert!(with(EngineKind::Sglang, "m")
+            .ends_with(" --tokenizer-path /tmp/vllm-models/qwen3-30b-a3b-fp8"));
     }
 
     /// The seeds' pair with every vLLM option the spec has, per version: 0.26 (the H200),

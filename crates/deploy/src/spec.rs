@@ -409,6 +409,11 @@ pub struct EngineSpec {
     pub command: Option<Vec<String>>,
     /// `--load-format` (e.g. `dummy` for random weights of the real shapes).
     pub load_format: Option<String>,
+    /// The tokenizer, where it is not the model's own: `--tokenizer` (the built-in engine:
+    /// a `tokenizer.json` or a folder with one, which a preset needs to count prompts as
+    /// the real model does; vLLM) or `--tokenizer-path` (SGLang). TEI reads the model's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
     /// Override the device flag of the built-in engine (`cpu` or `cuda`).
     pub device: Option<String>,
     /// How long the engine may take to answer `/health` after it is started (default:
@@ -469,6 +474,7 @@ impl Default for EngineSpec {
             env: BTreeMap::new(),
             command: None,
             load_format: None,
+            tokenizer: None,
             device: None,
             start_timeout: Duration::from_secs(120),
             launcher: None,
@@ -844,6 +850,20 @@ fn engine_options_problems(e: &EngineSpec) -> Vec<(&'static str, String)> {
     if e.api_server_count == Some(0) {
         out.push(("api_server_count", "must be at least 1".into()));
     }
+    match &e.tokenizer {
+        Some(_) if matches!(e.kind, EngineKind::Tei | EngineKind::Command) => out.push((
+            "tokenizer",
+            format!(
+                "only kind = \"builtin\", \"vllm\" or \"sglang\" take tokenizer (kind is \"{}\")",
+                e.kind
+            ),
+        )),
+        Some(t) if t.trim().is_empty() => out.push((
+            "tokenizer",
+            "empty: a tokenizer.json, a folder with one, or a Hugging Face id".into(),
+        )),
+        _ => {}
+    }
     let scheduler = [
         ("max_num_seqs", e.max_num_seqs),
         ("max_model_len", e.max_model_len),
@@ -864,7 +884,7 @@ fn engine_options_problems(e: &EngineSpec) -> Vec<(&'static str, String)> {
     }
     if matches!(e.kind, EngineKind::Vllm | EngineKind::Builtin) {
         let given = crate::vllm::flags_in(&e.args);
-        let by_field: [(&str, &str, bool); 9] = [
+        let by_field: [(&str, &str, bool); 10] = [
             ("--max-num-seqs", "max_num_seqs", e.max_num_seqs.is_some()),
             (
                 "--max-model-len",
@@ -893,6 +913,7 @@ fn engine_options_problems(e: &EngineSpec) -> Vec<(&'static str, String)> {
             ),
             ("--gpu-memory-utilization", "memory", e.memory.is_some()),
             ("--load-format", "load_format", e.load_format.is_some()),
+            ("--tokenizer", "tokenizer", e.tokenizer.is_some()),
             ("--served-model-name", "served_model_name", true),
         ];
         for (flag, field, set) in by_field {
@@ -1562,6 +1583,21 @@ kv_cache_memory = "8GiB""#,
                 "tei",
                 "max_num_seqs = 8",
                 "engines[0].max_num_seqs: only kind = \"vllm\" or \"builtin\"",
+            ),
+            (
+                "tei",
+                "tokenizer = \"/t\"",
+                "engines[0].tokenizer: only kind = \"builtin\", \"vllm\" or \"sglang\" take tokenizer",
+            ),
+            (
+                "builtin",
+                "tokenizer = \" \"",
+                "engines[0].tokenizer: empty",
+            ),
+            (
+                "vllm",
+                "tokenizer = \"/t\"\nargs = [\"--tokenizer\", \"/u\"]",
+                "engines[0].args: --tokenizer is also set by tokenizer",
             ),
             (
                 "vllm",

@@ -256,6 +256,7 @@ pub fn field_of_flag(flag: &str, e: &EngineSpec) -> &'static str {
     match flag {
         "--task" | "--runner" | "--convert" => "task",
         "--load-format" => "load_format",
+        "--tokenizer" => "tokenizer",
         "--served-model-name" => "served_model_name",
         "--host" | "--port" => "port",
         "--max-num-seqs" => "max_num_seqs",

@@ -37,7 +37,7 @@ fn same_clients_and_embedder_as_the_vllm_study_with_the_builtin_generator() {
     // The preset counts prompts with the tokenizer of the folder vLLM serves the same model
     // from, so both generators see the seeds' prompt as the same 32 tokens.
     let vllm_gen = engine(&vllm, "gen");
-    assert_eq!(gen.args, ["--tokenizer", vllm_gen.model.as_str()]);
+    assert_eq!(gen.tokenizer.as_deref(), Some(vllm_gen.model.as_str()));
     let planned = plan(&builtin);
     // 7 co-located + implied solos (gen at 1024 and 512, embed at 64x8, 128x32, 32x64), 3 reps
     assert_eq!(
