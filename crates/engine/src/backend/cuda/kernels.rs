@@ -243,7 +243,7 @@ pub(super) fn load_module(
 }
 
 /// `func` allowed `bytes` of dynamic shared memory: above 48 KiB a kernel must be.
-fn allow_smem(func: CudaFunction, bytes: usize) -> Result<CudaFunction, CudaError> {
+pub(super) fn allow_smem(func: CudaFunction, bytes: usize) -> Result<CudaFunction, CudaError> {
     func.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         bytes as i32,

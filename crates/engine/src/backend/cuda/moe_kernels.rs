@@ -9,12 +9,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::bail;
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 use super::device::{CudaDevice, CudaError};
-use super::kernels::{compile_ptx, launch_err, load_module, DevPtr, Kernels};
+use super::kernels::{allow_smem, compile_ptx, launch_err, load_module, DevPtr, Kernels};
 use crate::model::config::ModelConfig;
 
 const SOURCE: &str = concat!(
@@ -398,16 +397,7 @@ impl MoeKernels {
         let mut gemms = HashMap::new();
         for (fp8, t) in COMPILED {
             for down in [false, true] {
-                let func = f(&gemm_name(fp8, t, down))?;
-                // Above 48 KiB a kernel must be allowed its dynamic shared memory.
-                func.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    t.smem_bytes(fp8) as i32,
-                )
-                .map_err(|source| CudaError::Driver {
-                    what: "allowing a grouped GEMM its shared memory",
-                    source,
-                })?;
+                let func = allow_smem(f(&gemm_name(fp8, t, down))?, t.smem_bytes(fp8))?;
                 gemms.insert((fp8, t, down), func);
             }
         }
