@@ -36,7 +36,9 @@ use half::bf16;
 
 use crate::backend::cuda::buffer::DevBuf;
 use crate::backend::cuda::device::CudaDevice;
-use crate::backend::cuda::executor::{CudaExecutor, CudaModel, ForwardCtx, Outputs, Pass};
+use crate::backend::cuda::executor::{
+    CudaExecutor, CudaModel, ForwardCtx, Outputs, Pass, SplitDecodePass,
+};
 use crate::backend::cuda::gemm::{GemmSpec, OutType};
 use crate::backend::cuda::kernels::{DevPtr, Kernels, NormMode};
 use crate::backend::cuda::moe_kernels::MoeTile;
@@ -970,10 +972,10 @@ impl Qwen3Cuda {
         let rope = (self.layout.positions == PositionKind::Rope).then_some(cx.rope);
         // Split decode attention over the step's decode slots' work items; the last warp
         // of a split token merges its pieces.
-        let split_decode = |ops: &mut Launcher<'_>, parts, name| {
+        let split_decode = |ops: &mut Launcher<'_>, sd: SplitDecodePass, name| {
             ops.op(name, || {
                 k.decode_attention(
-                    cx.decode_pipelined,
+                    sd.pipelined,
                     a.qkv.ptr,
                     a.attn.ptr,
                     kc,
@@ -984,7 +986,7 @@ impl Qwen3Cuda {
                     meta(lay.work),
                     meta(lay.item_first),
                     meta(lay.dec_rows),
-                    parts,
+                    sd.parts,
                     p.step.slots,
                     lay.items_cap(p.step.slots),
                     p.kv.block_size,
@@ -1020,10 +1022,10 @@ impl Qwen3Cuda {
             // the split decode kernel (`StepLayout::mixed_decode`) and the rest of the
             // step's tokens (short chunks) write disjoint rows of `attn`.
             if p.step.items > 0 {
-                let parts = cx.decode.ok_or_else(|| {
+                let sd = cx.decode.ok_or_else(|| {
                     anyhow!("decode slots in a step without the split decode kernel")
                 })?;
-                split_decode(ops, parts, "attention (decode, mixed)")?;
+                split_decode(ops, sd, "attention (decode, mixed)")?;
             }
             if p.step.flash_tiles > 0 {
                 ops.op("attention (flash, prefill)", || {
@@ -1061,8 +1063,8 @@ impl Qwen3Cuda {
                     )
                 })?;
             }
-        } else if let Some(parts) = cx.decode {
-            split_decode(ops, parts, "attention (decode)")?;
+        } else if let Some(sd) = cx.decode {
+            split_decode(ops, sd, "attention (decode)")?;
         } else {
             ops.op("attention (decode)", || {
                 k.paged_attention(

@@ -98,14 +98,19 @@ pub struct ForwardCtx<'a> {
     pub rope: &'a RopeTable,
     /// The flash kernel's query tiles when this pass (an embedding pass) attends with it.
     pub flash: Option<&'a FlashTiles>,
-    /// The split decode attention's buffers; `None`: decode steps use the
+    /// The split decode attention's buffers and kernel; `None`: decode steps use the
     /// one-block-per-token `paged_attention` (shapes without the split kernel, or chosen).
-    pub decode: Option<DecodePartials>,
-    /// The split decode attention copies K/V through shared memory
-    /// ([`DecodeKernel::Pipelined`]).
-    pub decode_pipelined: bool,
+    pub decode: Option<SplitDecodePass>,
     /// The GEMMs (`cublasGemmEx`, or the algorithm tuned for the shape).
     pub gemm: &'a Gemms,
+}
+
+/// How a pass runs the split decode attention: where its partial results go, and whether
+/// through the shared-memory ring ([`DecodeKernel::Pipelined`]) or registers (`Split`).
+#[derive(Debug, Clone, Copy)]
+pub struct SplitDecodePass {
+    pub parts: DecodePartials,
+    pub pipelined: bool,
 }
 
 /// Where a model leaves a pass's results, one row per output row of the step.
@@ -750,8 +755,10 @@ impl<M: CudaModel> CudaExecutor<M> {
                 .decode_parts
                 .as_ref()
                 .filter(|_| self.decode_kernel.is_split())
-                .map(|(_, p)| *p),
-            decode_pipelined: self.decode_kernel == DecodeKernel::Pipelined,
+                .map(|&(_, parts)| SplitDecodePass {
+                    parts,
+                    pipelined: self.decode_kernel == DecodeKernel::Pipelined,
+                }),
             gemm,
         };
         let mut ops = Launcher::new(&dev.stream, &mut prof);
