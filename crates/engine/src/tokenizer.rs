@@ -138,24 +138,16 @@ pub fn load_dir(dir: &Path, truncate_to: Option<usize>) -> anyhow::Result<Option
 /// The tokenizer `--tokenizer PATH` names: a `tokenizer.json`, or a folder holding one (a
 /// Hugging Face model folder, as vLLM's `--tokenizer` takes). Errors name the flag.
 pub fn load_flag(path: &Path, truncate_to: Option<usize>) -> anyhow::Result<Tokenizer> {
-    let file = if path.is_dir() {
-        path.join("tokenizer.json")
-    } else {
-        path.to_path_buf()
-    };
-    if !file.is_file() {
-        anyhow::bail!(
-            "--tokenizer {}: {}",
-            path.display(),
-            if path.is_dir() {
-                "this folder has no tokenizer.json"
-            } else {
-                "no such file or folder"
-            }
-        );
+    let named = || format!("--tokenizer {}", path.display());
+    if path.is_dir() {
+        return load_dir(path, truncate_to)
+            .with_context(named)?
+            .ok_or_else(|| anyhow::anyhow!("{}: this folder has no tokenizer.json", named()));
     }
-    Tokenizer::from_file(&file, truncate_to)
-        .with_context(|| format!("--tokenizer {}", path.display()))
+    if !path.is_file() {
+        anyhow::bail!("{}: no such file or folder", named());
+    }
+    Tokenizer::from_file(path, truncate_to).with_context(named)
 }
 
 #[cfg(test)]
